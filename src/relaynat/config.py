@@ -1,0 +1,127 @@
+"""Relay configuration: the guest's addressing, limits and options.
+
+One frozen `RelayConfig` describes one guest. Its defaults are slirp's addressing
+(guest 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3), which is also what qemu's
+user networking and slirp4netns users expect, and passt's MTU of 65520 so that one
+frame carries almost 64 KiB and per-frame Python costs are amortised.
+
+`validate()` refuses inconsistent settings with a message that names the field and
+what is wrong with it, so a CLI or an embedding launcher can show it as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+#: Largest MTU we accept: 65535 (IPv4 total length) minus a 14-byte Ethernet header,
+#: rounded down to a multiple of 8 as passt does (`ETH_MAX_MTU` / `MAX_MTU`).
+MAX_MTU = 65520
+#: RFC 791 §3.1: every host must accept 576-byte datagrams; below that TCP is unusable.
+MIN_MTU = 576
+
+#: Locally administered unicast MAC of the relay's side of the link (bit 1 of the first
+#: octet set, bit 0 clear). The guest sees every address we answer for at this MAC.
+DEFAULT_GATEWAY_MAC = bytes.fromhex("5255" "0a000202")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and why."""
+
+
+def parse_mac(text: str) -> bytes:
+    """Parse `aa:bb:cc:dd:ee:ff` into 6 bytes, or raise ConfigError."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ConfigError(f"MAC address {text!r} is not six colon-separated hex octets")
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ConfigError(f"MAC address {text!r} has a non-hex octet") from None
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+@dataclass(slots=True, frozen=True)
+class RelayConfig:
+    """Everything that shapes one guest's network.
+
+    Addresses are `ipaddress` objects so that IPv6 can join the same fields later
+    without changing the core, which only compares and packs them.
+    """
+
+    guest_ipv4: IPv4Address = IPv4Address("10.0.2.15")
+    prefix_len_v4: int = 24
+    gateway_ipv4: IPv4Address = IPv4Address("10.0.2.2")
+    dns_ipv4: IPv4Address = IPv4Address("10.0.2.3")
+    #: Guest address whose traffic goes to the host's loopback (slirp and passt map the
+    #: gateway there). None disables the mapping: the guest cannot reach host loopback.
+    map_host_loopback_v4: IPv4Address | None = IPv4Address("10.0.2.2")
+    host_loopback_v4: IPv4Address = IPv4Address("127.0.0.1")
+    mtu: int = MAX_MTU
+    gateway_mac: bytes = DEFAULT_GATEWAY_MAC
+    #: DHCP lease time in seconds (option 51).
+    dhcp_lease_s: int = 3600
+    #: Upper bound of concurrent TCP flows; a SYN beyond it is answered with RST.
+    max_tcp_flows: int = 16384
+    #: Upper bound of host connect() calls in progress; a SYN beyond it gets RST.
+    max_pending_connects: int = 512
+    #: How long a host connect() may take before the guest gets a RST.
+    connect_timeout_s: float = 10.0
+    #: A flow with no traffic either way for this long is reset both ways (passt: 2 h).
+    tcp_idle_timeout_s: float = 7200.0
+    #: Frames queued toward a socket transport that cannot take them yet, in bytes;
+    #: beyond it frames are dropped and counted (TCP retransmits them).
+    guest_queue_limit: int = 8 << 20
+    pcap_path: str | None = None
+
+    @property
+    def network_v4(self) -> IPv4Network:
+        return IPv4Network(f"{self.guest_ipv4}/{self.prefix_len_v4}", strict=False)
+
+    def replace(self, **changes: object) -> RelayConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def validate(self) -> RelayConfig:
+        """Check consistency; return self so calls chain. Raises ConfigError."""
+        if not 0 < self.prefix_len_v4 <= 30:
+            raise ConfigError(
+                f"IPv4 prefix length {self.prefix_len_v4} must be 1..30 "
+                "(the subnet must hold the guest, the gateway and the DNS address)"
+            )
+        net = self.network_v4
+        for name in ("guest_ipv4", "gateway_ipv4", "dns_ipv4"):
+            addr = getattr(self, name)
+            if addr not in net:
+                raise ConfigError(f"{name} {addr} is outside the guest subnet {net}")
+            if addr in (net.network_address, net.broadcast_address):
+                raise ConfigError(f"{name} {addr} is the network or broadcast address of {net}")
+        if self.guest_ipv4 in (self.gateway_ipv4, self.dns_ipv4):
+            raise ConfigError(f"guest address {self.guest_ipv4} clashes with gateway or DNS")
+        if self.map_host_loopback_v4 is not None and self.map_host_loopback_v4 == self.guest_ipv4:
+            raise ConfigError("the host-loopback mapping address cannot be the guest's address")
+        if not self.host_loopback_v4.is_loopback:
+            raise ConfigError(f"host loopback address {self.host_loopback_v4} is not loopback")
+        if not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ConfigError(f"MTU {self.mtu} must be between {MIN_MTU} and {MAX_MTU}")
+        if len(self.gateway_mac) != 6 or self.gateway_mac[0] & 1:
+            raise ConfigError("gateway MAC must be a 6-byte unicast address")
+        for name in ("max_tcp_flows", "max_pending_connects", "dhcp_lease_s", "guest_queue_limit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("connect_timeout_s", "tcp_idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        return self
+
+
+def parse_ipv4(text: str, what: str) -> IPv4Address:
+    """Parse a dotted-quad for option `what`, or raise ConfigError naming it."""
+    try:
+        return IPv4Address(text)
+    except ipaddress.AddressValueError as exc:
+        raise ConfigError(f"{what}: {text!r} is not an IPv4 address ({exc})") from None
