@@ -1,0 +1,506 @@
+"""`TcpNatEntry`: one guest-initiated TCP flow's state machine, with no I/O at all.
+
+The relay terminates the guest's TCP connection itself and splices it onto a host
+socket, like passt's tcp.c, without a payload buffer of its own:
+
+Guest -> host. `on_guest_segment` returns the in-order part of the payload that is
+new; the shell writes it straight into the host socket and reports how much the
+socket accepted with `on_host_accepted`. Only accepted bytes are acknowledged, so the
+guest's own retransmission queue is the buffer: a gap, a duplicate or a full socket
+gets a duplicate ACK and the guest resends. Nothing is ever written twice, because
+`rcv_nxt` only advances by accepted bytes.
+
+Host -> guest. The shell peeks (`MSG_PEEK` at `SO_PEEK_OFF`) at most
+`host_read_budget()` bytes, the guest's window minus what is in flight, and passes
+them to `on_host_data`, which cuts them into segments. Bytes leave the host socket
+(`ConsumeHost`, done with `recv(MSG_TRUNC)`) only once the guest ACKs them, and a
+retransmission is a rewind of the peek offset (`RewindHost`): the kernel's receive
+queue is the retransmission queue.
+
+Everything else the entry decides arrives as actions in `actions` (frames for the
+guest, bytes to drop from the host socket, shutdown, close) that the shell executes
+in order, and as one deadline (`next_deadline()`) at which the shell calls
+`on_timer`. Time is always a parameter, so hypothesis can drive thousands of lossy,
+reordered conversations without a kernel or a clock (tests/test_nat_entry.py).
+
+RFCs: RFC 9293 (TCP: §3.4 sequence numbers, §3.10.7 segment arrival, §3.8.6.1 zero
+window probing), RFC 7323 §2 (window scale), RFC 6298 (RTO), RFC 5681 §3.2 (fast
+retransmit on three duplicate ACKs), RFC 5961 §3.2 (RST only at the exact sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relaynat.packet_builder import TcpFrameTemplate, tcp_options_syn
+from relaynat.tcp_state import GUEST_SENDING, HOST_SENDING, TcpEvent, TcpState, next_state
+from relaynat.window import (
+    DATA_RETRIES_MAX,
+    DUP_ACK_THRESHOLD,
+    SYN_RETRIES_MAX,
+    SocketFacts,
+    ack_check_interval_s,
+    advertised_window,
+    encode_window,
+    mss_for_guest,
+    negotiate_wscale,
+    rto_s,
+    rtt_exponent,
+    syn_timeout_s,
+)
+from relaynat.wire import ACK, FIN, PSH, RST, SYN, TcpSegment, seq_diff, seq_le, seq_lt
+
+M32 = 0xFFFFFFFF
+#: Largest TCP payload in one IPv4 frame (65535 - 20 - 20), used for GSO frames.
+MAX_GSO_PAYLOAD = 65495
+
+
+@dataclass(slots=True)
+class SendFrame:
+    """Write `head` then `payload` to the guest as one frame."""
+
+    head: bytes
+    payload: bytes | memoryview = b""
+
+
+@dataclass(slots=True)
+class ConsumeHost:
+    """The guest acknowledged `nbytes`: drop them from the host socket's receive queue."""
+
+    nbytes: int
+
+
+@dataclass(slots=True)
+class RewindHost:
+    """Retransmit: set the host socket's peek offset back to the first unacked byte."""
+
+
+@dataclass(slots=True)
+class ShutdownHostWrite:
+    """The guest sent FIN: shutdown(SHUT_WR) the host socket (half-close)."""
+
+
+@dataclass(slots=True)
+class CloseHost:
+    """The flow is over. `abortive`: reset the peer (SO_LINGER {1, 0}) before close."""
+
+    abortive: bool
+
+
+Action = SendFrame | ConsumeHost | RewindHost | ShutdownHostWrite | CloseHost
+
+
+def rst_for_unknown(seg: TcpSegment) -> tuple[int, int, int] | None:
+    """(seq, ack, flags) of the RST answering a segment of no known flow
+    (RFC 9293 §3.10.7.1), or None when the segment is itself a RST."""
+    if seg.flags & RST:
+        return None
+    if seg.flags & ACK:
+        return seg.ack, 0, RST
+    length = len(seg.payload) + (1 if seg.flags & SYN else 0) + (1 if seg.flags & FIN else 0)
+    return 0, (seg.seq + length) & M32, RST | ACK
+
+
+class TcpNatEntry:
+    """One flow; see the module docstring for the protocol between it and the shell."""
+
+    __slots__ = (
+        "_pending_fin",
+        "_pending_len",
+        "ack_check_at",
+        "ack_pending",
+        "actions",
+        "adv_edge",
+        "adv_field",
+        "bytes_from_guest",
+        "bytes_to_guest",
+        "connect_deadline",
+        "dup_acks",
+        "dup_acks_to_send",
+        "fin_acked",
+        "fin_seq",
+        "guest_isn",
+        "guest_wnd_edge",
+        "guest_wscale",
+        "idle_at",
+        "idle_timeout_s",
+        "iss",
+        "last_ack_sent",
+        "mss",
+        "our_mss",
+        "our_wscale",
+        "persist_at",
+        "persist_count",
+        "rcv_nxt",
+        "retries",
+        "rto_at",
+        "rtt_exp",
+        "snd_max",
+        "snd_nxt",
+        "snd_una",
+        "state",
+        "syn_at",
+        "syn_retransmitted",
+        "template",
+        "write_blocked",
+    )
+
+    def __init__(self, syn: TcpSegment, *, template: TcpFrameTemplate, mtu: int, iss: int,
+                 now: float, connect_timeout_s: float = 10.0,
+                 idle_timeout_s: float = 7200.0) -> None:
+        self.template = template
+        self.state = TcpState.CONNECTING
+        self.actions: list[Action] = []
+        self.guest_isn = syn.seq
+        self.rcv_nxt = (syn.seq + 1) & M32
+        self.our_wscale, self.guest_wscale = negotiate_wscale(syn.wscale)
+        self.mss = mss_for_guest(syn.mss, mtu)
+        self.our_mss = min(mtu - 40, 0xFFFF)
+        self.iss = iss & M32
+        # Data sequence space toward the guest starts after our SYN.
+        self.snd_una = self.snd_nxt = self.snd_max = (self.iss + 1) & M32
+        # RFC 7323 §2.2: the window field of a SYN is never scaled.
+        self.guest_wnd_edge = (self.snd_una + syn.window) & M32
+        self.fin_seq: int | None = None
+        self.fin_acked = False
+        self.dup_acks = 0
+        self.dup_acks_to_send = 0
+        self.ack_pending = False
+        self.last_ack_sent = self.rcv_nxt
+        self.adv_field = 0
+        self.adv_edge = self.rcv_nxt
+        self.write_blocked = False
+        self.retries = 0
+        self.syn_retransmitted = False
+        self.rtt_exp = 0
+        self.persist_count = 0
+        self.connect_deadline: float | None = now + connect_timeout_s
+        self.syn_at: float | None = None
+        self.rto_at: float | None = None
+        self.persist_at: float | None = None
+        self.ack_check_at: float | None = None
+        self.idle_timeout_s = idle_timeout_s
+        self.idle_at = now + idle_timeout_s
+        self.bytes_from_guest = 0
+        self.bytes_to_guest = 0
+        self._pending_len = 0
+        self._pending_fin = False
+
+    # -- helpers -----------------------------------------------------------------
+
+    @property
+    def bytes_in_flight(self) -> int:
+        """Data bytes sent to the guest and not yet acknowledged."""
+        return (self.snd_nxt - self.snd_una) & M32
+
+    @property
+    def closed(self) -> bool:
+        return self.state is TcpState.CLOSED
+
+    def _event(self, event: TcpEvent) -> None:
+        self.state = next_state(self.state, event)
+
+    def _emit(self, seq: int, flags: int, payload: bytes | memoryview = b"",
+              options: bytes = b"", window_field: int | None = None) -> None:
+        field = self.adv_field if window_field is None else window_field
+        head = self.template.build(seq, self.rcv_nxt, flags, field, payload, options, self.mss)
+        self.actions.append(SendFrame(head, payload))
+        if flags & ACK:
+            self.last_ack_sent = self.rcv_nxt
+            self.ack_pending = False
+
+    def _abort(self, rst_guest: bool, abortive_host: bool = True) -> None:
+        """Reset the flow both ways (or only toward the host when the guest reset it)."""
+        if self.closed:
+            return
+        if rst_guest and self.state is not TcpState.CONNECTING:
+            self._emit(self.snd_nxt, RST | ACK)
+        elif rst_guest:
+            self._emit(0, RST | ACK)
+        self._event(TcpEvent.ABORT)
+        self.actions.append(CloseHost(abortive_host))
+
+    def _arm_rto(self, now: float) -> None:
+        in_flight = self.bytes_in_flight or (self.fin_seq is not None and not self.fin_acked)
+        self.rto_at = now + rto_s(self.retries, self.syn_retransmitted) if in_flight else None
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which `on_timer` has something to do."""
+        best = self.idle_at
+        for t in (self.connect_deadline, self.syn_at, self.rto_at, self.persist_at,
+                  self.ack_check_at):
+            if t is not None and t < best:
+                best = t
+        return best
+
+    # -- handshake -----------------------------------------------------------------
+
+    def on_connect_result(self, ok: bool, facts: SocketFacts | None, now: float) -> None:
+        """The host connect() finished: SYN-ACK the guest, or refuse it with RST."""
+        if self.state is not TcpState.CONNECTING:
+            return
+        self.connect_deadline = None
+        if not ok:
+            self._abort(rst_guest=True, abortive_host=False)
+            return
+        self._event(TcpEvent.CONNECT_OK)
+        self._send_syn_ack(facts)
+        self.syn_at = now + syn_timeout_s(0)
+
+    def _send_syn_ack(self, facts: SocketFacts | None) -> None:
+        window = advertised_window(facts)
+        field = min(window, 0xFFFF)  # unscaled in a SYN (RFC 7323 §2.2)
+        self.adv_field = encode_window(window, self.our_wscale)
+        self.adv_edge = (self.rcv_nxt + (self.adv_field << self.our_wscale)) & M32
+        wscale = self.our_wscale if self.guest_wscale or self.our_wscale else None
+        self._emit(self.iss, SYN | ACK, options=tcp_options_syn(self.our_mss, wscale),
+                   window_field=field)
+
+    # -- guest -> host ------------------------------------------------------------
+
+    def on_guest_segment(self, seg: TcpSegment, now: float) -> memoryview | None:
+        """Process one guest segment. Returns the new in-order payload to write to the
+        host socket (then call `on_host_accepted`), or None."""
+        if self.closed:
+            return None
+        self.idle_at = now + self.idle_timeout_s
+        flags = seg.flags
+        if flags & RST:
+            # RFC 5961 §3.2: only a RST at exactly rcv_nxt resets; others are ignored.
+            if seg.seq == self.rcv_nxt or self.state is TcpState.SYN_RCVD:
+                self._abort(rst_guest=False, abortive_host=True)
+            return None
+        if flags & SYN:
+            if self.state is TcpState.SYN_RCVD and seg.seq == self.guest_isn:
+                self._send_syn_ack(None)  # the guest lost our SYN-ACK
+            elif self.state is not TcpState.CONNECTING:
+                self._emit(self.snd_nxt, ACK)  # RFC 5961 §4: challenge ACK
+            return None
+        if self.state is TcpState.CONNECTING or not flags & ACK:
+            return None
+        self._process_ack(seg, now)
+        if self.closed or self.state not in GUEST_SENDING:
+            if flags & FIN or seg.payload:
+                self._emit(self.snd_nxt, ACK)  # retransmitted FIN/data after guest FIN
+            return None
+        return self._accept_payload(seg)
+
+    def _process_ack(self, seg: TcpSegment, now: float) -> None:
+        ack = seg.ack
+        if self.state is TcpState.SYN_RCVD:
+            if ack != self.snd_una:
+                return
+            self._event(TcpEvent.ACK_OF_SYN)
+            self.syn_at = None
+            self.retries = 0
+        window = seg.window << self.guest_wscale
+        fin_end = None if self.fin_seq is None else (self.fin_seq + 1) & M32
+        highest = fin_end if fin_end is not None else self.snd_max
+        if seq_lt(self.snd_una, ack) and seq_le(ack, highest):
+            if fin_end is not None and ack == fin_end:
+                data_ack = self.fin_seq
+                if not self.fin_acked:
+                    self.fin_acked = True
+                    self._event(TcpEvent.OUR_FIN_ACKED)
+            else:
+                data_ack = ack
+            acked = (data_ack - self.snd_una) & M32  # type: ignore[operator]
+            if acked:
+                self.actions.append(ConsumeHost(acked))
+                self.bytes_to_guest += acked
+            self.snd_una = data_ack  # type: ignore[assignment]
+            if seq_lt(self.snd_nxt, self.snd_una):
+                self.snd_nxt = self.snd_una  # acked beyond a rewind point
+            self.retries = 0
+            self.dup_acks = 0
+            self.persist_count = 0
+            self.persist_at = None
+            self.guest_wnd_edge = (self.snd_una + window) & M32
+            self._arm_rto(now)
+            if self.closed:
+                self.actions.append(CloseHost(False))
+            return
+        if ack == self.snd_una:
+            new_edge = (ack + window) & M32
+            if (self.bytes_in_flight and not seg.payload and not seg.flags & FIN
+                    and new_edge == self.guest_wnd_edge):
+                self.dup_acks += 1
+                if self.dup_acks == DUP_ACK_THRESHOLD:
+                    self._rewind()  # RFC 5681 §3.2 fast retransmit (go-back-N, no SACK)
+            self.guest_wnd_edge = new_edge
+
+    def _accept_payload(self, seg: TcpSegment) -> memoryview | None:
+        payload = seg.payload
+        fin = bool(seg.flags & FIN)
+        offset = seq_diff(self.rcv_nxt, seg.seq)
+        if offset < 0:
+            # A gap: data after a loss. Duplicate ACK right away (not coalesced) so the
+            # guest's fast retransmit sees one per out-of-order segment.
+            self._emit(self.snd_nxt, ACK)
+            return None
+        if offset >= len(payload) and not (fin and offset == len(payload)):
+            if payload or fin:
+                self._emit(self.snd_nxt, ACK)  # old duplicate
+            return None
+        self._pending_fin = fin
+        self._pending_len = len(payload) - offset
+        if self._pending_len == 0:
+            self.on_host_accepted(0, 0.0)
+            return None
+        return payload[offset:]
+
+    def on_host_accepted(self, nbytes: int, now: float) -> None:
+        """The host socket took `nbytes` of what `on_guest_segment` returned."""
+        del now
+        self.rcv_nxt = (self.rcv_nxt + nbytes) & M32
+        self.bytes_from_guest += nbytes
+        if nbytes:
+            self.ack_pending = True
+        if nbytes < self._pending_len:
+            # Socket full: the rest is dropped unacknowledged; the guest retransmits it.
+            self.write_blocked = True
+            self.ack_pending = True
+        elif self._pending_fin:
+            self.rcv_nxt = (self.rcv_nxt + 1) & M32
+            self._event(TcpEvent.GUEST_FIN)
+            if self.closed:
+                self._emit(self.snd_nxt, ACK)
+                self.actions.append(CloseHost(False))
+            else:
+                self.actions.append(ShutdownHostWrite())
+                self._emit(self.snd_nxt, ACK)
+        self._pending_len = 0
+        self._pending_fin = False
+
+    def on_host_writable(self, now: float) -> None:
+        """The host socket has room again after a short write: tell the guest."""
+        del now
+        if self.write_blocked and not self.closed:
+            self.write_blocked = False
+            # A window update plus duplicate ACKs, so the guest retransmits what we
+            # dropped without waiting for its RTO (RFC 5681 §3.2).
+            self.ack_pending = True
+            self.dup_acks_to_send = DUP_ACK_THRESHOLD
+
+    # -- host -> guest ------------------------------------------------------------
+
+    def host_read_budget(self) -> int:
+        """Bytes the shell may peek from the host socket now: the guest's window minus
+        bytes in flight, and nothing once our FIN is out."""
+        if self.state not in HOST_SENDING or self.fin_seq is not None:
+            return 0
+        return max(0, seq_diff(self.guest_wnd_edge, self.snd_nxt))
+
+    def on_host_data(self, data: memoryview, now: float) -> None:
+        """`data` was peeked from the host socket at the current offset: send it."""
+        if not data or self.state not in HOST_SENDING:
+            return
+        step = MAX_GSO_PAYLOAD if self.template.offload else self.mss
+        end = len(data)
+        for start in range(0, end, step):
+            chunk = data[start:start + step]
+            flags = ACK | PSH if start + step >= end else ACK
+            self._emit(self.snd_nxt, flags, chunk)
+            self.snd_nxt = (self.snd_nxt + len(chunk)) & M32
+        if seq_lt(self.snd_max, self.snd_nxt):
+            self.snd_max = self.snd_nxt
+        if self.rto_at is None:
+            self._arm_rto(now)
+
+    def on_host_blocked(self, now: float) -> None:
+        """The host has data but `host_read_budget()` is 0: probe a zero window."""
+        if self.persist_at is None and not self.bytes_in_flight and not self.closed:
+            self.persist_at = now + rto_s(self.persist_count, False)
+
+    def on_host_eof(self, now: float) -> None:
+        """The peer closed its side and every byte of it has been sent: FIN the guest."""
+        if self.state not in HOST_SENDING and self.fin_seq is None:
+            return
+        if self.fin_seq is None:
+            self.fin_seq = self.snd_nxt
+            self._event(TcpEvent.OUR_FIN_SENT)
+        elif self.fin_acked or self.snd_nxt != self.fin_seq:
+            return
+        self._emit(self.fin_seq, FIN | ACK)
+        self._arm_rto(now)
+
+    def on_host_reset(self, now: float) -> None:
+        """The peer reset the connection (or it failed): reset the guest."""
+        del now
+        self._abort(rst_guest=True, abortive_host=False)
+
+    def _rewind(self) -> None:
+        self.snd_nxt = self.snd_una
+        self.actions.append(RewindHost())
+        if self.fin_seq is not None and not self.fin_acked and self.snd_una == self.fin_seq:
+            self._emit(self.fin_seq, FIN | ACK)
+
+    # -- flush and timers -------------------------------------------------------------
+
+    def flush(self, facts: SocketFacts | None, now: float) -> None:
+        """End of a batch: send the ACK this flow owes, with a fresh window."""
+        if self.state in (TcpState.CONNECTING, TcpState.CLOSED):
+            return
+        if facts is not None:
+            self._update_window(facts)
+        if self.ack_pending or self.dup_acks_to_send:
+            self._emit(self.snd_nxt, ACK)
+            while self.dup_acks_to_send > 0:
+                self.dup_acks_to_send -= 1
+                self._emit(self.snd_nxt, ACK)
+        # The guest has (nearly) used up our window: check for a wider one at RTT/2.
+        room = seq_diff(self.adv_edge, self.rcv_nxt)
+        if self.state in GUEST_SENDING and room < 2 * self.mss and self.ack_check_at is None:
+            self.ack_check_at = now + ack_check_interval_s(self.rtt_exp)
+
+    def _update_window(self, facts: SocketFacts) -> None:
+        if facts.info is not None:
+            self.rtt_exp = rtt_exponent(facts.info.rtt_us)
+        self.adv_field = encode_window(advertised_window(facts), self.our_wscale)
+        self.adv_edge = (self.rcv_nxt + (self.adv_field << self.our_wscale)) & M32
+
+    def on_timer(self, now: float, facts: SocketFacts | None) -> None:
+        """Run whatever deadline has passed."""
+        if self.closed:
+            return
+        if self.idle_at <= now:
+            self._abort(rst_guest=True)
+            return
+        if self.connect_deadline is not None and self.connect_deadline <= now:
+            self.connect_deadline = None
+            self._abort(rst_guest=True, abortive_host=False)
+            return
+        if self.syn_at is not None and self.syn_at <= now:
+            self.retries += 1
+            if self.retries > SYN_RETRIES_MAX:
+                self._abort(rst_guest=True)
+                return
+            self.syn_retransmitted = True
+            self._send_syn_ack(facts)
+            self.syn_at = now + syn_timeout_s(self.retries)
+        if self.rto_at is not None and self.rto_at <= now:
+            self.retries += 1
+            if self.retries > DATA_RETRIES_MAX:
+                self._abort(rst_guest=True)
+                return
+            self._rewind()
+            self._arm_rto(now)
+        if self.persist_at is not None and self.persist_at <= now:
+            # RFC 9293 §3.8.6.1: probe with an old sequence number; the guest answers
+            # with its current window. Backoff as the RTO, without a reset limit.
+            self.persist_count += 1
+            self.persist_at = None
+            self._emit((self.snd_una - 1) & M32, ACK)
+        if self.ack_check_at is not None and self.ack_check_at <= now:
+            self.ack_check_at = None
+            before = self.adv_edge
+            if facts is not None:
+                self._update_window(facts)
+            if seq_lt(before, self.adv_edge):
+                self._emit(self.snd_nxt, ACK)  # window update
+            if self.state in GUEST_SENDING and seq_diff(self.adv_edge, self.rcv_nxt) < 2 * self.mss:
+                self.ack_check_at = now + ack_check_interval_s(self.rtt_exp)
+
+    def take_actions(self) -> list[Action]:
+        actions, self.actions = self.actions, []
+        return actions

@@ -1,0 +1,160 @@
+"""Frames toward the guest: Ethernet, IPv4, TCP, UDP and ARP, with checksums.
+
+The TCP data path is the hot one, so each flow owns a `TcpFrameTemplate`: the
+Ethernet, IPv4 and TCP headers are built once at flow creation and every segment
+only patches total length, IP ID, sequence, acknowledgement, flags, window and the
+two checksums. The IPv4 header checksum is incremental: the constant words are
+summed once, and each frame adds only its total length and ID (RFC 1624 §3 shows
+why sums can be updated this way).
+
+Offload: when the transport is a TAP opened with a virtio-net header
+(IFF_VNET_HDR + TUNSETOFFLOAD TUN_F_CSUM|TUN_F_TSO4), a frame can be handed to the
+guest's kernel with VIRTIO_NET_HDR_F_NEEDS_CSUM: the TCP checksum field then holds
+only the folded pseudo-header sum and the kernel treats the payload as verified
+(CHECKSUM_PARTIAL), so we never touch payload bytes. A payload larger than the MSS
+is marked GSO_TCPV4 with gso_size = MSS and the guest's kernel segments it, which is
+what lets one 64 KiB write serve a guest at MTU 1500.
+
+Without offload the checksum is computed over the payload (numpy; see checksum.py).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from relaynat.checksum import finish, fold, partial_sum
+from relaynat.wire import ETH_HLEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, IPPROTO_TCP, IPPROTO_UDP
+
+# struct virtio_net_hdr (include/uapi/linux/virtio_net.h), host byte order for a
+# legacy TAP: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset.
+VNET_HDR = struct.Struct("=BBHHHH")
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+
+IPV4_HLEN = 20
+TCP_HLEN = 20
+_TCP_CSUM_OFFSET = 16
+_IP_TOTLEN_MAX = 0xFFFF
+
+_ETH = struct.Struct("!6s6sH")
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_TCP_VAR = struct.Struct("!IIBBH")  # seq, ack, data offset, flags, window
+_U16 = struct.Struct("!H")
+_ARP = struct.Struct("!HHBBH6s4s6s4s")
+_UDP = struct.Struct("!HHHH")
+
+BROADCAST_MAC = b"\xff" * 6
+
+
+def ethernet_header(dst_mac: bytes, src_mac: bytes, ethertype: int) -> bytes:
+    return _ETH.pack(dst_mac, src_mac, ethertype)
+
+
+def ipv4_header(src: bytes, dst: bytes, proto: int, payload_len: int, ident: int = 0,
+                ttl: int = 64) -> bytes:
+    """A 20-byte IPv4 header with DF set (RFC 791 §3.1) and a valid checksum."""
+    head = bytearray(_IPV4.pack(0x45, 0, IPV4_HLEN + payload_len, ident & 0xFFFF, 0x4000, ttl,
+                                proto, 0, src, dst))
+    _U16.pack_into(head, 10, finish(partial_sum(head)))
+    return bytes(head)
+
+
+def udp_frame(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int,
+              payload: bytes, ident: int = 0) -> bytes:
+    """A complete Ethernet/IPv4/UDP frame with the UDP checksum filled in (RFC 768)."""
+    length = 8 + len(payload)
+    udp = bytearray(_UDP.pack(sport, dport, length, 0))
+    pseudo = int.from_bytes(src + dst, "big") + IPPROTO_UDP + length
+    csum = finish(pseudo + partial_sum(udp) + partial_sum(payload))
+    # RFC 768: a computed checksum of zero is sent as all ones (zero means "none").
+    _U16.pack_into(udp, 6, csum or 0xFFFF)
+    return (ethernet_header(dst_mac, src_mac, ETHERTYPE_IPV4)
+            + ipv4_header(src, dst, IPPROTO_UDP, length, ident) + bytes(udp) + payload)
+
+
+def arp_reply(our_mac: bytes, our_ip: bytes, their_mac: bytes, their_ip: bytes) -> bytes:
+    """RFC 826 reply: `our_ip` is at `our_mac`, addressed to the asker."""
+    body = _ARP.pack(1, ETHERTYPE_IPV4, 6, 4, 2, our_mac, our_ip, their_mac, their_ip)
+    return ethernet_header(their_mac, our_mac, ETHERTYPE_ARP) + body
+
+
+def tcp_options_syn(mss: int, wscale: int | None) -> bytes:
+    """SYN(-ACK) options: MSS (RFC 9293 §3.7.1) and, if offered, window scale padded
+    with a NOP to a 4-byte boundary (RFC 7323 §2.2)."""
+    opts = struct.pack("!BBH", 2, 4, mss)
+    if wscale is not None:
+        opts += struct.pack("!BBBB", 1, 3, 3, wscale)
+    return opts
+
+
+class TcpFrameTemplate:
+    """Prebuilt headers of one flow's frames toward the guest.
+
+    `src`/`sport` are the remote end as the guest sees it, `dst`/`dport` the guest.
+    `vnet_hdr_len` is 0 (no virtio-net header), 10 or 12; `offload` says the transport
+    accepts NEEDS_CSUM and GSO frames (only meaningful with a vnet header).
+    """
+
+    __slots__ = ("_head", "_ip_const", "_ip_id", "_l3", "_l4", "_offload", "_pseudo_base",
+                 "_vnet_len")
+
+    def __init__(self, *, dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport: int,
+                 dport: int, vnet_hdr_len: int = 0, offload: bool = False) -> None:
+        self._vnet_len = vnet_hdr_len
+        self._offload = offload and vnet_hdr_len > 0
+        self._l3 = vnet_hdr_len + ETH_HLEN
+        self._l4 = self._l3 + IPV4_HLEN
+        head = bytearray(self._l4 + TCP_HLEN)
+        _ETH.pack_into(head, vnet_hdr_len, dst_mac, src_mac, ETHERTYPE_IPV4)
+        _IPV4.pack_into(head, self._l3, 0x45, 0, 0, 0, 0x4000, 64, IPPROTO_TCP, 0, src, dst)
+        struct.pack_into("!HH", head, self._l4, sport, dport)
+        self._head = head
+        # Sum of the IPv4 header words that never change (length, ID, checksum = 0).
+        self._ip_const = partial_sum(head[self._l3:self._l4])
+        self._pseudo_base = int.from_bytes(src + dst, "big") + IPPROTO_TCP
+        self._ip_id = 0
+
+    @property
+    def offload(self) -> bool:
+        """True when frames go out with NEEDS_CSUM and may be GSO super-frames."""
+        return self._offload
+
+    def build(self, seq: int, ack: int, flags: int, window: int,
+              payload: bytes | memoryview = b"", options: bytes = b"", mss: int = 0) -> bytes:
+        """Return the headers (vnet header first, if any) of one segment; the payload is
+        not copied in: the transport writes `header` and `payload` with one writev/sendmsg.
+
+        `mss` is the guest's MSS; with offload, a longer payload is sent as one GSO frame.
+        """
+        l3, l4 = self._l3, self._l4
+        tcp_hlen = TCP_HLEN + len(options)
+        tcp_len = tcp_hlen + len(payload)
+        total_len = IPV4_HLEN + tcp_len
+        if total_len > _IP_TOTLEN_MAX:
+            raise ValueError(f"segment of {tcp_len} bytes does not fit one IPv4 packet")
+        head = self._head if not options else self._head + options
+        ip_id = self._ip_id
+        self._ip_id = (ip_id + 1) & 0xFFFF
+        _U16.pack_into(head, l3 + 2, total_len)
+        _U16.pack_into(head, l3 + 4, ip_id)
+        _U16.pack_into(head, l3 + 10, finish(self._ip_const + total_len + ip_id))
+        _TCP_VAR.pack_into(head, l4 + 4, seq, ack, (tcp_hlen >> 2) << 4, flags, window)
+        _U16.pack_into(head, l4 + _TCP_CSUM_OFFSET, 0)
+        pseudo = self._pseudo_base + tcp_len
+        if self._offload:
+            # CHECKSUM_PARTIAL: the field holds the folded, uncomplemented pseudo-header
+            # sum; the receiving kernel completes it (or trusts it) from csum_start.
+            _U16.pack_into(head, l4 + _TCP_CSUM_OFFSET, fold(pseudo))
+            gso = mss and len(payload) > mss
+            VNET_HDR.pack_into(head, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                               VIRTIO_NET_HDR_GSO_TCPV4 if gso else VIRTIO_NET_HDR_GSO_NONE,
+                               l4 - self._vnet_len + tcp_hlen, mss if gso else 0,
+                               ETH_HLEN + IPV4_HLEN, _TCP_CSUM_OFFSET)
+        else:
+            csum = pseudo + partial_sum(head[l4:l4 + tcp_hlen])
+            if payload:
+                csum += partial_sum(payload)
+            _U16.pack_into(head, l4 + _TCP_CSUM_OFFSET, finish(csum))
+        return bytes(head)

@@ -1,0 +1,217 @@
+"""Wire views: a guest's Ethernet frame -> the few typed fields the relay needs.
+
+Parsing follows smoltcp's split: these are read-only views with checked bounds, and
+building frames lives in `packet_builder.py`. The hot path uses `struct.unpack_from`
+on the fixed headers (0.36 µs here against 5.4-8.8 µs for a dpkt `Ethernet(frame)`);
+dpkt stays the parser of record: `tests/test_wire.py` runs a differential hypothesis
+test proving these views agree with dpkt on every frame both accept.
+
+Every check that fails raises `MalformedFrame` with a short reason that becomes a
+counter name in the relay's stats; nothing else may escape from here, whatever the
+bytes. Payloads are `memoryview` slices of the caller's buffer: no copy is made, so a
+caller that keeps a payload past the next read must copy it.
+
+RFCs: Ethernet II framing; IPv4 RFC 791 §3.1; TCP RFC 9293 §3.1 (header and options),
+RFC 7323 §2 (window scale); UDP RFC 768; ARP RFC 826.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from relaynat.checksum import partial_sum
+
+ETH_HLEN = 14
+ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_ARP = 0x0806
+ETHERTYPE_IPV6 = 0x86DD
+
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+
+# TCP flags (RFC 9293 §3.1).
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+URG = 0x20
+
+_ETH = struct.Struct("!6s6sH")
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_TCP = struct.Struct("!HHIIBBHHH")
+_UDP = struct.Struct("!HHHH")
+_ARP = struct.Struct("!HHBBH6s4s6s4s")
+
+
+class MalformedFrame(ValueError):
+    """The frame cannot be used; `reason` is a short stable token for counters."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class EthernetFrame:
+    dst_mac: bytes
+    src_mac: bytes
+    ethertype: int
+    #: The L3 payload (everything after the 14-byte header).
+    payload: memoryview
+
+
+@dataclass(slots=True)
+class Ipv4Packet:
+    src: bytes
+    dst: bytes
+    proto: int
+    ttl: int
+    ident: int
+    #: L4 bytes, trimmed to the IPv4 total length (drops Ethernet padding).
+    payload: memoryview
+    #: The whole IPv4 packet (header included), trimmed likewise.
+    packet: memoryview
+
+
+@dataclass(slots=True)
+class TcpSegment:
+    """One TCP segment as the relay sees it. Addresses are packed bytes (4 or 16)."""
+
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    payload: memoryview
+    #: Options parsed on SYN segments only (RFC 9293 §3.7.1, RFC 7323 §2.2):
+    #: None when absent.
+    mss: int | None = None
+    wscale: int | None = None
+
+
+@dataclass(slots=True)
+class UdpDatagram:
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+    payload: memoryview
+
+
+@dataclass(slots=True)
+class ArpPacket:
+    op: int
+    sender_mac: bytes
+    sender_ip: bytes
+    target_mac: bytes
+    target_ip: bytes
+
+
+def parse_ethernet(frame: memoryview) -> EthernetFrame:
+    if len(frame) < ETH_HLEN:
+        raise MalformedFrame("eth_short")
+    dst, src, ethertype = _ETH.unpack_from(frame, 0)
+    return EthernetFrame(dst, src, ethertype, frame[ETH_HLEN:])
+
+
+def parse_ipv4(data: memoryview, verify_header_checksum: bool = True) -> Ipv4Packet:
+    """Parse an IPv4 header (RFC 791 §3.1). Fragments are refused: the relay's guests
+    send with DF set and a known MTU, and reassembly is a memory-exhaustion surface."""
+    if len(data) < 20:
+        raise MalformedFrame("ip_short")
+    ver_ihl, _tos, total_len, ident, frag, ttl, proto, _csum, src, dst = _IPV4.unpack_from(data)
+    if ver_ihl >> 4 != 4:
+        raise MalformedFrame("ip_version")
+    hlen = (ver_ihl & 0x0F) * 4
+    if hlen < 20:
+        raise MalformedFrame("ip_header_len")
+    # A GSO frame from a TAP with offload carries the length of the whole super-frame;
+    # it still fits 16 bits since we never enable BIG TCP.
+    if total_len < hlen or total_len > len(data):
+        raise MalformedFrame("ip_total_len")
+    if frag & 0x3FFF:  # MF set or a non-zero fragment offset
+        raise MalformedFrame("ip_fragment")
+    if verify_header_checksum and partial_sum(data[:hlen]) != 0:
+        raise MalformedFrame("ip_checksum")
+    return Ipv4Packet(src, dst, proto, ttl, ident, data[hlen:total_len], data[:total_len])
+
+
+def _parse_syn_options(options: memoryview, seg: TcpSegment) -> None:
+    """Read MSS and window scale from a SYN's options; stop at anything that runs past
+    the end, as Linux's tcp_parse_options does, rather than refusing the segment."""
+    i, end = 0, len(options)
+    while i < end:
+        kind = options[i]
+        if kind == 0:  # end of option list
+            return
+        if kind == 1:  # no-operation
+            i += 1
+            continue
+        if i + 1 >= end:
+            return
+        length = options[i + 1]
+        if length < 2 or i + length > end:
+            return
+        if kind == 2 and length == 4:
+            seg.mss = (options[i + 2] << 8) | options[i + 3]
+        elif kind == 3 and length == 3:
+            # RFC 7323 §2.3: a shift above 14 is treated as 14.
+            seg.wscale = min(options[i + 2], 14)
+        i += length
+
+
+def parse_tcp(ip: Ipv4Packet) -> TcpSegment:
+    data = ip.payload
+    if len(data) < 20:
+        raise MalformedFrame("tcp_short")
+    sport, dport, seq, ack, off, flags, window, _csum, _urg = _TCP.unpack_from(data)
+    hlen = (off >> 4) * 4
+    if hlen < 20 or hlen > len(data):
+        raise MalformedFrame("tcp_header_len")
+    seg = TcpSegment(ip.src, ip.dst, sport, dport, seq, ack, flags, window, data[hlen:])
+    if flags & SYN and hlen > 20:
+        _parse_syn_options(data[20:hlen], seg)
+    return seg
+
+
+def parse_udp(ip: Ipv4Packet) -> UdpDatagram:
+    data = ip.payload
+    if len(data) < 8:
+        raise MalformedFrame("udp_short")
+    sport, dport, length, _csum = _UDP.unpack_from(data)
+    if length < 8 or length > len(data):
+        raise MalformedFrame("udp_len")
+    return UdpDatagram(ip.src, ip.dst, sport, dport, data[8:length])
+
+
+def parse_arp(data: memoryview) -> ArpPacket:
+    """RFC 826 for Ethernet/IPv4 only (htype 1, ptype 0x0800, hlen 6, plen 4)."""
+    if len(data) < _ARP.size:
+        raise MalformedFrame("arp_short")
+    htype, ptype, hlen, plen, op, sha, spa, tha, tpa = _ARP.unpack_from(data)
+    if htype != 1 or ptype != ETHERTYPE_IPV4 or hlen != 6 or plen != 4:
+        raise MalformedFrame("arp_format")
+    return ArpPacket(op, sha, spa, tha, tpa)
+
+
+# Sequence-number arithmetic modulo 2**32 (RFC 9293 §3.4).
+
+
+def seq_lt(a: int, b: int) -> bool:
+    return 0 < ((b - a) & 0xFFFFFFFF) < 0x80000000
+
+
+def seq_le(a: int, b: int) -> bool:
+    return ((b - a) & 0xFFFFFFFF) < 0x80000000
+
+
+def seq_diff(a: int, b: int) -> int:
+    """a - b as a signed 32-bit distance."""
+    d = (a - b) & 0xFFFFFFFF
+    return d - 0x100000000 if d >= 0x80000000 else d
