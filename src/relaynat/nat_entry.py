@@ -429,6 +429,12 @@ class TcpNatEntry:
         del now
         self._abort(rst_guest=True, abortive_host=False)
 
+    def on_guest_gone(self) -> None:
+        """The guest's transport went away: nothing more to send it; forget the flow."""
+        if not self.closed:
+            self._event(TcpEvent.ABORT)
+        self.actions.clear()
+
     def _rewind(self) -> None:
         self.snd_nxt = self.snd_una
         self.actions.append(RewindHost())

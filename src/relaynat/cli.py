@@ -1,0 +1,202 @@
+"""The `relaynat` command: `run` (namespace guest), `serve` (qemu/libkrun socket) and
+`demo`. Options are named as pasta and slirp4netns users know them where they exist
+(`-a/--address`, `-g/--gateway`, `-m/--mtu`, `--map-host-loopback`, `--pcap`).
+Bad values are refused with a message naming the option and the problem (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from relaynat import __version__
+from relaynat.config import MAX_MTU, MIN_MTU, ConfigError, RelayConfig, parse_ipv4
+
+log = logging.getLogger("relaynat")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("guest addressing (defaults as slirp: 10.0.2.0/24)")
+    g.add_argument("-a", "--address", default="10.0.2.15/24", metavar="ADDR[/PREFIX]",
+                   help="guest IPv4 address and prefix length (default %(default)s)")
+    g.add_argument("-g", "--gateway", default="10.0.2.2", metavar="ADDR",
+                   help="gateway address the guest routes through (default %(default)s)")
+    g.add_argument("-D", "--dns", default="10.0.2.3", metavar="ADDR",
+                   help="DNS address announced by DHCP (default %(default)s)")
+    g.add_argument("-m", "--mtu", type=int, default=MAX_MTU, metavar="N",
+                   help=f"guest MTU, {MIN_MTU}..{MAX_MTU} (default %(default)s, as passt)")
+    g.add_argument("--map-host-loopback", default="gateway", metavar="ADDR|none",
+                   help="guest address whose traffic goes to the host's 127.0.0.1; 'none' "
+                        "cuts the guest off from host loopback (default: the gateway)")
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-flows", type=_positive_int, default=16384, metavar="N",
+                     help="concurrent TCP flows; SYNs beyond get RST (default %(default)s)")
+    lim.add_argument("--max-pending-connects", type=_positive_int, default=512, metavar="N",
+                     help="host connects in progress (default %(default)s)")
+    out = p.add_argument_group("output")
+    out.add_argument("--pcap", metavar="FILE", help="capture the guest side to FILE")
+    out.add_argument("--log-level", default="warning",
+                     choices=["debug", "info", "warning", "error"])
+    out.add_argument("--stats", action="store_true", help="print counters on exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relaynat",
+        description="Userspace network for microVMs and namespaces: answers ARP and DHCP, "
+                    "relays the guest's TCP through host sockets (like pasta/slirp4netns).")
+    parser.add_argument("--version", action="version", version=f"relaynat {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a command in a new network namespace (pasta-style)",
+                         description="Run CMD in a new network namespace whose only "
+                                     "interface is a TAP served by the relay.")
+    _add_common(run)
+    run.add_argument("--tap-name", default="tap0", help="interface name (default %(default)s)")
+    run.add_argument("--no-offload", action="store_true",
+                     help="open the TAP without virtio-net header (no TSO/checksum offload)")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    serve = sub.add_parser("serve", help="serve a qemu/libkrun guest over a unix socket",
+                           description="qemu: -netdev stream,id=n0,server=off,addr.type=unix,"
+                                       "addr.path=PATH -device virtio-net-pci,netdev=n0")
+    _add_common(serve)
+    where = serve.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", "-s", metavar="PATH",
+                       help="listen on this unix socket (a stale file is replaced)")
+    where.add_argument("--fd", type=int, metavar="N",
+                       help="use this already-connected unix stream socket")
+
+    demo = sub.add_parser("demo", help="download through the relay and print hash and speed",
+                          description="Starts an HTTP server on host loopback, a namespace "
+                                      "guest that downloads a file through the relay, and "
+                                      "prints the SHA-256 both sides saw and the speed. "
+                                      "Needs root; runs in a private network namespace.")
+    demo.add_argument("--size-mib", type=_positive_int, default=256, metavar="N",
+                      help="file size (default %(default)s)")
+    demo.add_argument("--log-level", default="warning",
+                      choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RelayConfig:
+    """Turn parsed options into a validated RelayConfig (raises ConfigError)."""
+    addr, _, prefix = args.address.partition("/")
+    try:
+        prefix_len = int(prefix) if prefix else 24
+    except ValueError:
+        raise ConfigError(f"--address: prefix length {prefix!r} is not a number") from None
+    gateway = parse_ipv4(args.gateway, "--gateway")
+    if args.map_host_loopback == "none":
+        mapped = None
+    elif args.map_host_loopback == "gateway":
+        mapped = gateway
+    else:
+        mapped = parse_ipv4(args.map_host_loopback, "--map-host-loopback")
+    return RelayConfig(
+        guest_ipv4=parse_ipv4(addr, "--address"), prefix_len_v4=prefix_len,
+        gateway_ipv4=gateway, dns_ipv4=parse_ipv4(args.dns, "--dns"),
+        map_host_loopback_v4=mapped, mtu=args.mtu, max_tcp_flows=args.max_flows,
+        max_pending_connects=args.max_pending_connects, pcap_path=args.pcap,
+    ).validate()
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (the default dependency), stdlib asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _print_stats(stats: dict[str, int]) -> None:
+    for key in sorted(stats):
+        print(f"{key:32} {stats[key]}", file=sys.stderr)
+
+
+async def _serve(config: RelayConfig, args: argparse.Namespace) -> int:
+    from relaynat.relay import Relay
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with Relay(config) as relay:
+        if args.socket:
+            relay.serve_stream(args.socket)
+            log.info("listening on %s", args.socket)
+            await stop.wait()
+            if os.path.exists(args.socket):
+                os.unlink(args.socket)
+        else:
+            relay.attach_stream_fd(args.fd)
+            lost = asyncio.ensure_future(relay.transport_lost_event.wait())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            lost.cancel()
+            stopped.cancel()
+        if args.stats:
+            _print_stats(relay.stats())
+    return 0
+
+
+async def _run(config: RelayConfig, args: argparse.Namespace) -> int:
+    from relaynat.namespace import NamespaceSetupError, run_command
+
+    holder: list[object] = []
+    try:
+        code = await run_command(config, args.command, tap_name=args.tap_name,
+                                 offload=not args.no_offload, relay_ready=holder.append)
+    except NamespaceSetupError as exc:
+        print(f"relaynat run: {exc}", file=sys.stderr)
+        return 1
+    if args.stats and holder:
+        _print_stats(holder[0].stats())  # type: ignore[attr-defined]
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="relaynat %(levelname)s %(name)s: %(message)s")
+    if args.cmd == "demo":
+        from relaynat.demo import run_demo
+
+        return run_demo(args.size_mib)
+    if args.cmd == "run":
+        if args.command and args.command[0] == "--":
+            args.command = args.command[1:]
+        if not args.command:
+            parser.error("run: give the command to run after --, e.g. relaynat run -- curl URL")
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if args.cmd == "serve" and args.fd is not None and args.fd < 0:
+        parser.error(f"--fd {args.fd}: not a file descriptor")
+    loop = _new_loop()
+    try:
+        coro = _run(config, args) if args.cmd == "run" else _serve(config, args)
+        return loop.run_until_complete(coro)
+    except OSError as exc:
+        print(f"relaynat {args.cmd}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()

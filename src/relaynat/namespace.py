@@ -1,0 +1,141 @@
+"""Namespace mode (`relaynat run -- CMD`): a command in a new network namespace whose
+only link is the relay's TAP, pasta-style.
+
+The relay process stays in its own (host) network namespace, where its host sockets
+must live. A child process (`python -m relaynat.namespace`) unshares a new network
+namespace (plus a user namespace when not root, mapping the caller to root inside so
+that it may configure its links), creates the TAP there, configures address, route
+and MTU, and passes the TAP fd back over a unix socket with SCM_RIGHTS: a TAP fd keeps
+working from any namespace once opened. The child then waits for the relay to be
+attached before it execs the command, so the command's first packet is never lost.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from relaynat.config import RelayConfig
+from relaynat.netns_util import CLONE_NEWNET, CLONE_NEWUSER, unshare
+from relaynat.relay import Relay
+from relaynat.tap import TapTransport, open_tap
+
+_READY_TIMEOUT_S = 30.0
+
+
+class NamespaceSetupError(RuntimeError):
+    """The namespace child could not set the guest up; the message says why."""
+
+
+async def run_command(config: RelayConfig, command: list[str], *, tap_name: str = "tap0",
+                      offload: bool = True, relay_ready: Any = None) -> int:
+    """Run `command` as a namespace guest of a new relay; return its exit status
+    (128 + N if a signal N ended it), as a shell would report it."""
+    if not command:
+        raise ValueError("no command to run")
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    spec = json.dumps({
+        "tap": tap_name,
+        "address": f"{config.guest_ipv4}/{config.prefix_len_v4}",
+        "gateway": str(config.gateway_ipv4),
+        "mtu": config.mtu,
+        "vnet": offload,
+    })
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relaynat.namespace", spec, str(child_sock.fileno()), "--",
+        *command, pass_fds=[child_sock.fileno()])
+    child_sock.close()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, proc.send_signal, signum)
+    try:
+        parent_sock.settimeout(_READY_TIMEOUT_S)
+        try:
+            msg, ancdata, _, _ = await asyncio.to_thread(
+                parent_sock.recvmsg, 4096, socket.CMSG_SPACE(4))
+        except TimeoutError:
+            proc.kill()
+            raise NamespaceSetupError("namespace child did not report in time") from None
+        fds = array.array("i")
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        if not fds:
+            await proc.wait()
+            raise NamespaceSetupError(msg.decode(errors="replace") or "namespace setup failed")
+        info = json.loads(msg)
+        async with Relay(config) as relay:
+            relay.attach(TapTransport(fds[0], info["vnet_hdr_len"], info["offload"]))
+            if relay_ready is not None:
+                relay_ready(relay)
+            parent_sock.send(b"go")
+            returncode = await proc.wait()
+    finally:
+        parent_sock.close()
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _write_id_maps() -> None:
+    """Map our uid/gid to root inside a fresh user namespace (user_namespaces(7):
+    an unprivileged process may map exactly its own ids once setgroups is denied)."""
+    uid, gid = os.getuid(), os.getgid()
+    unshare(CLONE_NEWUSER | CLONE_NEWNET)
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"0 {uid} 1")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"0 {gid} 1")
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode:
+        raise NamespaceSetupError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+def _child_main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    sock = socket.socket(fileno=int(argv[1]))
+    command = argv[3:]
+    try:
+        if os.geteuid() == 0:
+            unshare(CLONE_NEWNET)
+        else:
+            _write_id_maps()
+        fd, vnet_hdr_len, offload = open_tap(spec["tap"], spec["vnet"])
+        tap = spec["tap"]
+        _ip("link", "set", "lo", "up")
+        _ip("link", "set", "dev", tap, "mtu", str(spec["mtu"]), "up")
+        _ip("addr", "add", spec["address"], "dev", tap)
+        _ip("route", "add", "default", "via", spec["gateway"], "dev", tap)
+    except (OSError, NamespaceSetupError) as exc:
+        sock.send(f"cannot set up the guest namespace: {exc}".encode())
+        return 1
+    info = json.dumps({"vnet_hdr_len": vnet_hdr_len, "offload": offload}).encode()
+    sock.sendmsg([info], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    os.close(fd)
+    if sock.recv(16) != b"go":
+        return 1
+    sock.close()
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        print(f"relaynat run: cannot execute {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

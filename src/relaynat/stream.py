@@ -1,0 +1,211 @@
+"""qemu stream transport: Ethernet frames over a unix stream socket.
+
+Wire format (qemu's `-netdev stream`, also libkrun's and passt's): each frame is a
+4-byte big-endian length followed by that many bytes of Ethernet frame; no virtio-net
+header, so no offload: frames toward the guest are at most MTU-sized segments and
+carry full checksums.
+
+A length under 14 (no Ethernet header) or over 65535 means the peer is not speaking
+this protocol or has lost framing; there is no way to resynchronise a byte stream, so
+that client is closed with a logged error and the server accepts the next one.
+
+Toward the guest, frames go out with one `sendmsg` of (length, head, payload). When
+the socket is full, the rest is queued, up to `queue_limit` bytes; beyond it frames
+are dropped and counted (TCP retransmits them; dropping instead of growing is what
+keeps a stalled guest from eating the relay's memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+import struct
+from collections import deque
+
+from relaynat.transport import FrameSink
+
+log = logging.getLogger("relaynat.stream")
+
+MIN_FRAME = 14
+MAX_FRAME = 65535
+_LEN = struct.Struct("!I")
+_RECV_BUF = 1 << 20
+_READS_PER_WAKEUP = 16
+
+
+class StreamTransport:
+    """One connected qemu-stream client."""
+
+    vnet_hdr_len = 0
+    offload = False
+
+    def __init__(self, sock: socket.socket, queue_limit: int = 8 << 20,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._loop = loop or asyncio.get_running_loop()
+        self._buf = bytearray(_RECV_BUF)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._sink: FrameSink | None = None
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._queue_limit = queue_limit
+        self._writer_on = False
+        self.frames_dropped = 0
+        self.closed = False
+
+    def start(self, sink: FrameSink) -> None:
+        self._sink = sink
+        self._loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    # -- guest -> relay --------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        sink = self._sink
+        assert sink is not None
+        for _ in range(_READS_PER_WAKEUP):
+            if self._end == len(self._buf):
+                # Move the partial frame to the front to make room.
+                pending = self._end - self._start
+                self._buf[:pending] = self._buf[self._start:self._end]
+                self._start, self._end = 0, pending
+            try:
+                n = self.sock.recv_into(self._view[self._end:])
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._lost(f"read failed: {exc}")
+                return
+            if n == 0:
+                self._lost("guest closed the connection")
+                return
+            self._end += n
+            if not self._deliver(sink):
+                return
+        sink.end_of_batch()
+
+    def _deliver(self, sink: FrameSink) -> bool:
+        view, start, end = self._view, self._start, self._end
+        while end - start >= 4:
+            length = _LEN.unpack_from(view, start)[0]
+            if length < MIN_FRAME or length > MAX_FRAME:
+                log.error("qemu stream: frame length %d outside %d..%d: closing this client",
+                          length, MIN_FRAME, MAX_FRAME)
+                self._lost(f"bad frame length {length}")
+                return False
+            if end - start - 4 < length:
+                break
+            sink.handle_frame(view[start + 4:start + 4 + length])
+            start += 4 + length
+            if self.closed:
+                return False
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
+        return True
+
+    def _lost(self, reason: str) -> None:
+        sink = self._sink
+        self.close()
+        if sink is not None:
+            sink.transport_lost(self, reason)
+
+    # -- relay -> guest --------------------------------------------------------------
+
+    def send(self, head: bytes, payload: bytes | memoryview = b"") -> None:
+        if self.closed:
+            return
+        length = len(head) + len(payload)
+        prefix = _LEN.pack(length)
+        if not self._queue:
+            try:
+                sent = self.sock.sendmsg((prefix, head, payload) if payload else (prefix, head))
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._lost(f"write failed: {exc}")
+                return
+            if sent == length + 4:
+                return
+            rest = (prefix + head + bytes(payload))[sent:]
+        else:
+            rest = prefix + head + bytes(payload)
+        # A frame partly written must still be finished, so only whole frames drop.
+        if (self._queued and self._queued + len(rest) > self._queue_limit
+                and len(rest) == length + 4):
+            self.frames_dropped += 1
+            return
+        self._queue.append(rest)
+        self._queued += len(rest)
+        if not self._writer_on:
+            self._writer_on = True
+            self._loop.add_writer(self.sock.fileno(), self._on_writable)
+
+    def _on_writable(self) -> None:
+        while self._queue:
+            chunk = self._queue[0]
+            try:
+                sent = self.sock.send(chunk)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._lost(f"write failed: {exc}")
+                return
+            self._queued -= sent
+            if sent < len(chunk):
+                self._queue[0] = chunk[sent:]
+                return
+            self._queue.popleft()
+        self._writer_on = False
+        self._loop.remove_writer(self.sock.fileno())
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self.sock.fileno())
+            if self._writer_on:
+                self._loop.remove_writer(self.sock.fileno())
+        self._sink = None
+        self._queue.clear()
+        self.sock.close()
+
+
+def bind_unix_listener(path: str) -> socket.socket:
+    """Listen on `path`, replacing a stale socket file (nobody accepting on it).
+
+    Refuses to replace a live socket (another relay is serving it) or a non-socket.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: left by a relay that is gone
+        else:
+            raise OSError(f"{path} is in use by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(4)
+    sock.setblocking(False)
+    return sock

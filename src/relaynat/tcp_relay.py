@@ -1,0 +1,424 @@
+"""The I/O side of TCP: host sockets, readiness, timers, executing `TcpNatEntry` actions.
+
+Readiness uses an edge-triggered epoll of our own, nested in the asyncio loop (its
+fd is registered with `loop.add_reader`). Edge triggering is not an optimisation
+here but a requirement of the no-buffer design: bytes sent to the guest stay in the
+host socket's receive queue until the guest ACKs them, so a level-triggered reader
+(asyncio's `add_reader`) would report the socket readable forever and spin. With
+EPOLLET we hear about *new* data only, and remember per flow whether the socket may
+still hold unread bytes (`host_readable`), clearing it when a peek returns EAGAIN.
+One nested epoll also batches: a single loop callback drains events for all flows.
+
+Per-flow timers live in one heap with lazy deletion (an entry's deadline usually
+only moves later, e.g. the idle timer on every segment, so most changes push
+nothing); one `loop.call_at` handle tracks the heap's head.
+
+Kernel facts used: SO_PEEK_OFF (socket(7), TCP since Linux 6.10; a fallback peeks
+from the start and skips what is in flight); recv(MSG_TRUNC) on TCP discards without
+copying (tcp(7)); SIOCOUTQ (tcp(7)); TCP_INFO (struct tcp_info, checked by length).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import heapq
+import itertools
+import logging
+import random
+import select
+import socket
+import struct
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from relaynat.nat_entry import (
+    CloseHost,
+    ConsumeHost,
+    RewindHost,
+    SendFrame,
+    ShutdownHostWrite,
+    TcpNatEntry,
+    rst_for_unknown,
+)
+from relaynat.packet_builder import TcpFrameTemplate
+from relaynat.window import TCP_INFO_LEN, SocketFacts, TcpInfo
+from relaynat.wire import ACK, RST, SYN
+
+if TYPE_CHECKING:
+    from relaynat.config import RelayConfig
+    from relaynat.wire import TcpSegment
+
+log = logging.getLogger("relaynat.tcp")
+
+SO_PEEK_OFF = 42
+SIOCOUTQ = 0x5411
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_EPOLL_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+#: Peeks per flow per wakeup before yielding to other flows and the guest transport.
+_PUMP_ROUNDS = 16
+_INT = struct.Struct("i")
+#: Flow key: (guest port, destination address as the guest sees it, destination port).
+FlowKey = tuple[int, bytes, int]
+SendToGuest = Callable[[bytes, "bytes | memoryview"], None]
+
+
+@dataclass(slots=True, eq=False)
+class TcpFlow:
+    key: FlowKey
+    entry: TcpNatEntry
+    sock: socket.socket
+    connecting: bool = True
+    host_readable: bool = False
+    peek_offset_supported: bool = True
+    scheduled_at: float = float("inf")
+    host_addr: tuple[str, int] = ("", 0)
+    dirty: bool = field(default=False)
+
+
+class TcpRelay:
+    """All TCP flows of one guest."""
+
+    def __init__(self, config: RelayConfig, loop: asyncio.AbstractEventLoop,
+                 send_to_guest: SendToGuest, stats: Counter[str]) -> None:
+        self._config = config
+        self._loop = loop
+        self._send = send_to_guest
+        self.stats = stats
+        self.flows: dict[FlowKey, TcpFlow] = {}
+        self._by_fd: dict[int, TcpFlow] = {}
+        self._pending_connects = 0
+        self._epoll = select.epoll()
+        loop.add_reader(self._epoll.fileno(), self._on_epoll)
+        self._heap: list[tuple[float, int, TcpFlow]] = []
+        self._heap_seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._dirty: list[TcpFlow] = []
+        self._peek_buf = bytearray(1 << 20)
+        self._peek_view = memoryview(self._peek_buf)
+        self._trunc_buf = bytearray(1 << 20)
+        self._vnet_hdr_len = 0
+        self._offload = False
+        self.guest_mac = b"\xff" * 6
+
+    def set_link(self, vnet_hdr_len: int, offload: bool) -> None:
+        """Frame format of the attached transport (applies to flows created later)."""
+        self._vnet_hdr_len = vnet_hdr_len
+        self._offload = offload
+
+    # -- guest segments ----------------------------------------------------------------
+
+    def on_segment(self, seg: TcpSegment, host_ip: str | None) -> None:
+        """A guest segment; `host_ip` is where its destination maps on the host (None:
+        nowhere, so a new connection is refused)."""
+        now = self._loop.time()
+        key = (seg.sport, seg.dst, seg.dport)
+        flow = self.flows.get(key)
+        if flow is None:
+            self._new_flow(seg, key, host_ip, now)
+            return
+        entry = flow.entry
+        data = entry.on_guest_segment(seg, now)
+        if data is not None:
+            entry.on_host_accepted(self._write_host(flow, data), now)
+        self._execute(flow)
+        self._mark_dirty(flow)
+
+    def _write_host(self, flow: TcpFlow, data: memoryview) -> int:
+        try:
+            return flow.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            log.debug("host write on %s failed: %s", flow.host_addr, exc)
+            self.stats["tcp_host_errors"] += 1
+            flow.entry.on_host_reset(self._loop.time())
+            return 0
+
+    def _new_flow(self, seg: TcpSegment, key: FlowKey, host_ip: str | None,
+                  now: float) -> None:
+        if seg.flags & (SYN | ACK | RST) != SYN:
+            self.stats["tcp_unknown_flow"] += 1
+            self._reply_rst(seg)
+            return
+        if host_ip is None:
+            self.stats["tcp_refused_unmapped"] += 1
+            self._reply_rst(seg)
+            return
+        if len(self.flows) >= self._config.max_tcp_flows:
+            self.stats["tcp_refused_flow_limit"] += 1
+            self._reply_rst(seg)
+            return
+        if self._pending_connects >= self._config.max_pending_connects:
+            self.stats["tcp_refused_connect_limit"] += 1
+            self._reply_rst(seg)
+            return
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:  # EMFILE/ENFILE/ENOBUFS: refuse this flow, keep the rest
+            log.warning("cannot open a host socket: %s", exc)
+            self.stats["tcp_refused_socket"] += 1
+            self._reply_rst(seg)
+            return
+        # The guest runs its own Nagle; a second one here would only add latency.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        template = TcpFrameTemplate(dst_mac=self.guest_mac, src_mac=self._config.gateway_mac,
+                                    src=seg.dst, dst=seg.src, sport=seg.dport, dport=seg.sport,
+                                    vnet_hdr_len=self._vnet_hdr_len, offload=self._offload)
+        entry = TcpNatEntry(seg, template=template, mtu=self._config.mtu,
+                            iss=random.getrandbits(32), now=now,
+                            connect_timeout_s=self._config.connect_timeout_s,
+                            idle_timeout_s=self._config.tcp_idle_timeout_s)
+        flow = TcpFlow(key, entry, sock, host_addr=(host_ip, seg.dport))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        except OSError:
+            flow.peek_offset_supported = False
+        err = sock.connect_ex(flow.host_addr)
+        if err not in (0, errno.EINPROGRESS):
+            self.stats["tcp_connect_failed"] += 1
+            entry.on_connect_result(False, None, now)
+            self._execute(flow)
+            sock.close()
+            return
+        self.flows[key] = flow
+        self._by_fd[sock.fileno()] = flow
+        self._pending_connects += 1
+        self._epoll.register(sock.fileno(), _EPOLL_FLAGS)
+        self.stats["tcp_flows_opened"] += 1
+        self._schedule(flow)
+
+    def _reply_rst(self, seg: TcpSegment) -> None:
+        answer = rst_for_unknown(seg)
+        if answer is None:
+            return
+        seq, ack, flags = answer
+        template = TcpFrameTemplate(dst_mac=self.guest_mac, src_mac=self._config.gateway_mac,
+                                    src=seg.dst, dst=seg.src, sport=seg.dport, dport=seg.sport,
+                                    vnet_hdr_len=self._vnet_hdr_len, offload=self._offload)
+        self._send(template.build(seq, ack, flags, 0), b"")
+        self.stats["tcp_rst_sent"] += 1
+
+    # -- host readiness ------------------------------------------------------------------
+
+    def _on_epoll(self) -> None:
+        now = self._loop.time()
+        try:
+            events = self._epoll.poll(0, 1024)
+        except InterruptedError:
+            return
+        for fd, ev in events:
+            flow = self._by_fd.get(fd)
+            if flow is None:
+                continue
+            entry = flow.entry
+            if flow.connecting:
+                if not ev & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
+                    continue
+                flow.connecting = False
+                self._pending_connects -= 1
+                err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self.stats["tcp_connect_failed"] += 1
+                    entry.on_connect_result(False, None, now)
+                else:
+                    entry.on_connect_result(True, self._facts(flow), now)
+                self._execute(flow)
+                if err:
+                    continue
+            elif ev & select.EPOLLERR:
+                err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self.stats["tcp_host_errors"] += 1
+                    entry.on_host_reset(now)
+                    self._execute(flow)
+                    continue
+            if ev & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP):
+                flow.host_readable = True
+            if ev & select.EPOLLOUT:
+                entry.on_host_writable(now)
+            self._mark_dirty(flow)
+        self.flush()
+
+    def _mark_dirty(self, flow: TcpFlow) -> None:
+        if not flow.dirty:
+            flow.dirty = True
+            self._dirty.append(flow)
+
+    def flush(self) -> None:
+        """End of a batch: move host data to the guest and send owed ACKs."""
+        dirty, self._dirty = self._dirty, []
+        now = self._loop.time()
+        for flow in dirty:
+            flow.dirty = False
+            entry = flow.entry
+            if not flow.connecting and not entry.closed:
+                self._pump(flow, now)
+                if not entry.closed:
+                    entry.flush(self._facts(flow), now)
+                    self._execute(flow)
+            self._schedule(flow)
+        if self._dirty:
+            # A flow used its share of this wakeup; finish it after others had theirs.
+            self._loop.call_soon(self.flush)
+
+    def _pump(self, flow: TcpFlow, now: float) -> None:
+        entry = flow.entry
+        sock = flow.sock
+        for _ in range(_PUMP_ROUNDS):
+            if not flow.host_readable or entry.closed:
+                return
+            budget = entry.host_read_budget()
+            if budget <= 0:
+                entry.on_host_blocked(now)
+                return
+            budget = min(budget, len(self._peek_buf))
+            try:
+                if flow.peek_offset_supported:
+                    got = sock.recv_into(self._peek_view, budget, socket.MSG_PEEK)
+                    data = self._peek_view[:got]
+                else:
+                    skip = entry.bytes_in_flight
+                    raw = sock.recv(skip + budget, socket.MSG_PEEK)
+                    got = max(0, len(raw) - skip)
+                    data = memoryview(raw)[skip:]
+                    if not raw:
+                        got = 0
+            except BlockingIOError:
+                flow.host_readable = False
+                return
+            except OSError as exc:
+                log.debug("host read on %s failed: %s", flow.host_addr, exc)
+                self.stats["tcp_host_errors"] += 1
+                entry.on_host_reset(now)
+                self._execute(flow)
+                return
+            if got == 0:
+                flow.host_readable = False
+                entry.on_host_eof(now)
+                self._execute(flow)
+                return
+            entry.on_host_data(data, now)
+            self._execute(flow)
+        self._mark_dirty(flow)
+
+    def _facts(self, flow: TcpFlow) -> SocketFacts | None:
+        sock = flow.sock
+        try:
+            info = TcpInfo.from_bytes(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
+                                                      TCP_INFO_LEN))
+            sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            outq = _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            return None
+        return SocketFacts(info, sndbuf, outq)
+
+    # -- executing actions ---------------------------------------------------------------
+
+    def _execute(self, flow: TcpFlow) -> None:
+        entry = flow.entry
+        if not entry.actions:
+            return
+        sock = flow.sock
+        for action in entry.take_actions():
+            if type(action) is SendFrame:
+                self._send(action.head, action.payload)
+            elif type(action) is ConsumeHost:
+                self._consume(flow, action.nbytes)
+            elif type(action) is RewindHost:
+                if flow.peek_offset_supported:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+                flow.host_readable = True
+                self.stats["tcp_retransmits"] += 1
+                self._mark_dirty(flow)
+            elif type(action) is ShutdownHostWrite:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+            elif type(action) is CloseHost:
+                self._close(flow, action.abortive)
+
+    def _consume(self, flow: TcpFlow, nbytes: int) -> None:
+        while nbytes > 0:
+            try:
+                got = flow.sock.recv_into(self._trunc_buf, min(nbytes, len(self._trunc_buf)),
+                                          socket.MSG_TRUNC)
+            except OSError:
+                return
+            if got <= 0:
+                return
+            nbytes -= got
+
+    def _close(self, flow: TcpFlow, abortive: bool) -> None:
+        if self.flows.get(flow.key) is not flow:
+            return
+        del self.flows[flow.key]
+        fd = flow.sock.fileno()
+        self._by_fd.pop(fd, None)
+        if flow.connecting:
+            self._pending_connects -= 1
+            flow.connecting = False
+        with contextlib.suppress(OSError):
+            self._epoll.unregister(fd)
+        if abortive:
+            with contextlib.suppress(OSError):
+                flow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            self.stats["tcp_host_resets"] += 1
+        flow.sock.close()
+        self.stats["tcp_flows_closed"] += 1
+
+    # -- timers --------------------------------------------------------------------------
+
+    def _schedule(self, flow: TcpFlow) -> None:
+        if flow.entry.closed:
+            return
+        deadline = flow.entry.next_deadline()
+        if deadline is None or deadline >= flow.scheduled_at:
+            return
+        flow.scheduled_at = deadline
+        heapq.heappush(self._heap, (deadline, next(self._heap_seq), flow))
+        if deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        now = self._loop.time()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            deadline, _, flow = heapq.heappop(heap)
+            if flow.scheduled_at != deadline or flow.entry.closed:
+                continue
+            flow.scheduled_at = float("inf")
+            entry = flow.entry
+            entry.on_timer(now, None if flow.connecting else self._facts(flow))
+            self._execute(flow)
+            if not entry.closed:
+                self._mark_dirty(flow)
+        self.flush()
+        if heap and self._timer is None:
+            self._timer_at = heap[0][0]
+            self._timer = self._loop.call_at(self._timer_at, self._on_timer)
+
+    # -- teardown ------------------------------------------------------------------------
+
+    def abort_all(self) -> None:
+        """The guest is gone: close every flow toward the host with a reset."""
+        for flow in list(self.flows.values()):
+            flow.entry.on_guest_gone()
+            self._close(flow, abortive=True)
+        self._heap.clear()
+
+    def close(self) -> None:
+        self.abort_all()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()

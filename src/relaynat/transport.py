@@ -1,0 +1,34 @@
+"""What every frame transport offers the relay, and what the relay offers it.
+
+A transport owns one guest link (a TAP fd, a qemu stream socket, ...). It reads
+frames and hands each to `FrameSink.handle_frame` as a memoryview into its own
+receive buffer, valid only during the call (the relay copies nothing it keeps); after
+draining what one wakeup had, it calls `end_of_batch`, which is where the relay sends
+coalesced ACKs and moves host data. Frames toward the guest arrive as `send(head,
+payload)`, written with one writev/sendmsg so payloads are never concatenated.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class FrameSink(Protocol):
+    def handle_frame(self, frame: memoryview) -> None: ...
+
+    def end_of_batch(self) -> None: ...
+
+    def transport_lost(self, transport: FrameTransport, reason: str) -> None: ...
+
+
+class FrameTransport(Protocol):
+    #: Bytes of virtio-net header in front of every frame both ways (0: none).
+    vnet_hdr_len: int
+    #: The guest accepts NEEDS_CSUM/GSO frames (needs a vnet header).
+    offload: bool
+
+    def start(self, sink: FrameSink) -> None: ...
+
+    def send(self, head: bytes, payload: bytes | memoryview = b"") -> None: ...
+
+    def close(self) -> None: ...
