@@ -1,0 +1,125 @@
+"""Host-side peers for integration tests, run as separate processes on 127.0.0.1.
+
+    python3 tests/host_peers.py http --root DIR --port-file F
+        GET /NAME serves DIR/NAME; PUT /anything answers the body's sha256 (hex).
+    python3 tests/host_peers.py echo --port-file F
+        echoes every byte back until the client half-closes, then closes.
+    python3 tests/host_peers.py drain-then-reply --port-file F
+        reads until EOF (the client's SHUT_WR), then sends "<sha256> <length>\\n" and closes.
+
+Each binds 127.0.0.1 port 0 and writes the chosen port to the port file, so tests never
+race for ports. They are real servers using the kernel's TCP, nothing is simulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import http.server
+import os
+import shutil
+import socketserver
+import sys
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    root = "."
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        path = os.path.join(self.root, os.path.basename(self.path))
+        try:
+            f = open(path, "rb")  # noqa: SIM115
+        except OSError:
+            self.send_error(404)
+            return
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            shutil.copyfileobj(f, self.wfile, 1 << 20)
+
+    def do_PUT(self) -> None:
+        remaining = int(self.headers.get("Content-Length", "0"))
+        digest = hashlib.sha256()
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+        body = (digest.hexdigest() + "\n").encode()
+        self.send_response(200 if remaining == 0 else 400)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_PUT
+
+
+class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def _write_port(port_file: str, port: int) -> None:
+    tmp = port_file + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(port))
+    os.replace(tmp, port_file)
+
+
+def serve_http(root: str, port_file: str) -> None:
+    _Handler.root = root
+    server = _Server(("127.0.0.1", 0), _Handler)
+    _write_port(port_file, server.server_address[1])
+    server.serve_forever()
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+async def _drain_then_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    digest, total = hashlib.sha256(), 0
+    while data := await reader.read(1 << 16):
+        digest.update(data)
+        total += len(data)
+    writer.write(f"{digest.hexdigest()} {total}\n".encode())
+    await writer.drain()
+    writer.close()
+
+
+async def serve_stream(kind: str, port_file: str) -> None:
+    handler = _echo if kind == "echo" else _drain_then_reply
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, backlog=1024)
+    _write_port(port_file, server.sockets[0].getsockname()[1])
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind", choices=["http", "echo", "drain-then-reply"])
+    parser.add_argument("--root", default=".")
+    parser.add_argument("--port-file", required=True)
+    args = parser.parse_args()
+    if args.kind == "http":
+        serve_http(args.root, args.port_file)
+    else:
+        asyncio.run(serve_stream(args.kind, args.port_file))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
