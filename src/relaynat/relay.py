@@ -305,8 +305,7 @@ class Relay:
     def stats(self) -> dict[str, int]:
         """Counters (frames, drops by reason, flows) and gauges, as a plain dict."""
         out = dict(self._stats)
-        if self._tcp is not None:
-            out["tcp_flows"] = len(self._tcp.flows)
+        out["tcp_flows"] = len(self._tcp.flows) if self._tcp is not None else 0
         for key, value in self._dhcp.counters.items():
             if value:
                 out[f"dhcp_{key}"] = value

@@ -353,7 +353,7 @@ class TcpRelay:
                 return
             nbytes -= got
 
-    def _close(self, flow: TcpFlow, abortive: bool) -> None:
+    def _close(self, flow: TcpFlow, abortive: bool, counter: str = "tcp_flows_closed") -> None:
         if self.flows.get(flow.key) is not flow:
             return
         del self.flows[flow.key]
@@ -369,7 +369,7 @@ class TcpRelay:
                 flow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             self.stats["tcp_host_resets"] += 1
         flow.sock.close()
-        self.stats["tcp_flows_closed"] += 1
+        self.stats[counter] += 1
 
     # -- timers --------------------------------------------------------------------------
 
@@ -413,7 +413,7 @@ class TcpRelay:
         """The guest is gone: close every flow toward the host with a reset."""
         for flow in list(self.flows.values()):
             flow.entry.on_guest_gone()
-            self._close(flow, abortive=True)
+            self._close(flow, abortive=True, counter="tcp_flows_closed_on_detach")
         self._heap.clear()
 
     def close(self) -> None:

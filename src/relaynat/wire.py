@@ -129,11 +129,11 @@ def parse_ipv4(data: memoryview, verify_header_checksum: bool = True) -> Ipv4Pac
     if ver_ihl >> 4 != 4:
         raise MalformedFrame("ip_version")
     hlen = (ver_ihl & 0x0F) * 4
-    if hlen < 20:
+    if hlen < 20 or hlen > total_len or hlen > len(data):
         raise MalformedFrame("ip_header_len")
     # A GSO frame from a TAP with offload carries the length of the whole super-frame;
     # it still fits 16 bits since we never enable BIG TCP.
-    if total_len < hlen or total_len > len(data):
+    if total_len > len(data):
         raise MalformedFrame("ip_total_len")
     if frag & 0x3FFF:  # MF set or a non-zero fragment offset
         raise MalformedFrame("ip_fragment")

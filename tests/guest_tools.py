@@ -1,0 +1,140 @@
+"""Programs the integration tests run *inside* a guest namespace (real kernel clients).
+
+    python3 guest_tools.py echo-many HOST PORT --conns 200 --size 1048576
+        opens N connections at once, each sends SIZE random bytes, reads them back,
+        and checks they are equal; prints "ok N" or exits 1 naming the failures.
+    python3 guest_tools.py half-close HOST PORT --size N
+        sends N bytes, shutdown(SHUT_WR), then reads the reply to EOF and prints it.
+    python3 guest_tools.py inject IFNAME --rounds N
+        writes malformed frames onto IFNAME with an AF_PACKET socket, N rounds of the
+        same set; prints how many frames went out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import socket
+import struct
+import sys
+
+
+async def _echo_one(host: str, port: int, size: int) -> bool:
+    reader, writer = await asyncio.open_connection(host, port)
+    payload = os.urandom(size)
+
+    async def send() -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    received = await reader.readexactly(size)
+    await sender
+    writer.close()
+    return received == payload
+
+
+async def echo_many(host: str, port: int, conns: int, size: int) -> int:
+    results = await asyncio.wait_for(
+        asyncio.gather(*(_echo_one(host, port, size) for _ in range(conns)),
+                       return_exceptions=True), timeout=120)
+    bad = [r for r in results if r is not True]
+    if bad:
+        print(f"{len(bad)} of {conns} failed: {bad[:3]}", file=sys.stderr)
+        return 1
+    print(f"ok {conns}")
+    return 0
+
+
+def half_close(host: str, port: int, size: int) -> int:
+    payload = os.urandom(size)
+    with socket.create_connection((host, port), timeout=30) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    expected = f"{hashlib.sha256(payload).hexdigest()} {size}\n".encode()
+    print(reply.decode(errors="replace").strip())
+    return 0 if reply == expected else 1
+
+
+def _ipv4(src: str, dst: str, proto: int, payload: bytes, *, ihl: int = 5,
+          total: int | None = None, frag: int = 0x4000, good_csum: bool = True) -> bytes:
+    total = 20 + len(payload) if total is None else total
+    head = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, 1, frag, 64, proto, 0,
+                                 socket.inet_aton(src), socket.inet_aton(dst)))
+    csum = 0
+    for i in range(0, 20, 2):
+        csum += (head[i] << 8) | head[i + 1]
+    csum = (csum & 0xFFFF) + (csum >> 16)
+    csum = ~((csum & 0xFFFF) + (csum >> 16)) & 0xFFFF
+    struct.pack_into("!H", head, 10, csum if good_csum else csum ^ 0x5A5A)
+    return bytes(head) + payload
+
+
+def malformed_frames(src_mac: bytes, guest: str, gateway: str) -> list[bytes]:
+    eth = b"\x52\x55\x0a\x00\x02\x02" + src_mac
+    tcp_ok = struct.pack("!HHIIBBHHH", 40000, 80, 1, 0, 5 << 4, 0x02, 1000, 0, 0)
+    tcp_lying_offset = struct.pack("!HHIIBBHHH", 40001, 80, 1, 0, 15 << 4, 0x02, 1000, 0, 0)
+    return [
+        eth[:10],                                                  # truncated Ethernet
+        eth + b"\x08\x00" + b"\x45\x00",                           # truncated IPv4
+        eth + b"\x08\x00" + os.urandom(60),                        # garbage "IPv4"
+        eth + b"\x08\x00" + _ipv4(guest, gateway, 6, tcp_ok, ihl=15),         # IHL lies
+        eth + b"\x08\x00" + _ipv4(guest, gateway, 6, tcp_ok, total=1400),     # length lies
+        eth + b"\x08\x00" + _ipv4(guest, gateway, 6, tcp_lying_offset),       # TCP offset lies
+        eth + b"\x08\x00" + _ipv4(guest, gateway, 6, tcp_ok[:12]),            # TCP truncated
+        eth + b"\x08\x00" + _ipv4(guest, gateway, 6, tcp_ok, good_csum=False),  # bad IP csum
+        eth + b"\x08\x00" + _ipv4(guest, gateway, 6, tcp_ok, frag=0x2000),    # fragment
+        eth + b"\x08\x00" + _ipv4("10.9.9.9", gateway, 6, tcp_ok),            # spoofed source
+        eth + b"\x08\x06" + os.urandom(8),                         # truncated ARP
+        eth + b"\x88\xb5" + os.urandom(46),                        # unknown ethertype
+    ]
+
+
+def inject(ifname: str, rounds: int) -> int:
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((ifname, 0))
+        src_mac = s.getsockname()[4]
+        frames = malformed_frames(src_mac, "10.0.2.15", "10.0.2.2")
+        sent = 0
+        for _ in range(rounds):
+            for frame in frames:
+                try:
+                    s.send(frame)
+                    sent += 1
+                except OSError as exc:  # the kernel may refuse the shortest ones
+                    print(f"not sent ({len(frame)} bytes): {exc}", file=sys.stderr)
+    print(f"sent {sent}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("echo-many")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--conns", type=int, default=200)
+    p.add_argument("--size", type=int, default=1 << 20)
+    p = sub.add_parser("half-close")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--size", type=int, default=1 << 20)
+    p = sub.add_parser("inject")
+    p.add_argument("ifname")
+    p.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    if args.cmd == "echo-many":
+        return asyncio.run(echo_many(args.host, args.port, args.conns, args.size))
+    if args.cmd == "half-close":
+        return half_close(args.host, args.port, args.size)
+    return inject(args.ifname, args.rounds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
