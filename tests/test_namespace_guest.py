@@ -99,7 +99,9 @@ def test_iperf3_5s_completes_without_stall(reverse: bool, tmp_path: Path) -> Non
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.3)
-        args = ["iperf3", "-c", GATEWAY, "-p", "5299", "-t", "5", "-J"] + (["-R"] if reverse else [])
+        args = ["iperf3", "-c", GATEWAY, "-p", "5299", "-t", "5", "-J"]
+        if reverse:
+            args.append("-R")
         done = relaynat_run(*args, timeout=60)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         total, intervals = _iperf_gbits(json.loads(done.stdout))
