@@ -197,6 +197,15 @@ class TcpNatEntry:
     def closed(self) -> bool:
         return self.state is TcpState.CLOSED
 
+    def _ack_seq(self) -> int:
+        """Sequence number for a segment without data: the highest we sent, FIN
+        included. The guest drops (and answers with a duplicate ACK) any segment
+        whose sequence is below what it already received (RFC 9293 §3.10.7.4), which
+        after a rewind `snd_nxt` can be."""
+        if self.fin_seq is not None:
+            return (self.fin_seq + 1) & M32
+        return self.snd_max
+
     def _event(self, event: TcpEvent) -> None:
         self.state = next_state(self.state, event)
 
@@ -214,7 +223,7 @@ class TcpNatEntry:
         if self.closed:
             return
         if rst_guest and self.state is not TcpState.CONNECTING:
-            self._emit(self.snd_nxt, RST | ACK)
+            self._emit(self._ack_seq(), RST | ACK)
         elif rst_guest:
             self._emit(0, RST | ACK)
         self._event(TcpEvent.ABORT)
@@ -274,14 +283,14 @@ class TcpNatEntry:
             if self.state is TcpState.SYN_RCVD and seg.seq == self.guest_isn:
                 self._send_syn_ack(None)  # the guest lost our SYN-ACK
             elif self.state is not TcpState.CONNECTING:
-                self._emit(self.snd_nxt, ACK)  # RFC 5961 §4: challenge ACK
+                self._emit(self._ack_seq(), ACK)  # RFC 5961 §4: challenge ACK
             return None
         if self.state is TcpState.CONNECTING or not flags & ACK:
             return None
         self._process_ack(seg, now)
         if self.closed or self.state not in GUEST_SENDING:
             if flags & FIN or seg.payload:
-                self._emit(self.snd_nxt, ACK)  # retransmitted FIN/data after guest FIN
+                self._emit(self._ack_seq(), ACK)  # retransmitted FIN/data after guest FIN
             return None
         return self._accept_payload(seg)
 
@@ -336,11 +345,11 @@ class TcpNatEntry:
         if offset < 0:
             # A gap: data after a loss. Duplicate ACK right away (not coalesced) so the
             # guest's fast retransmit sees one per out-of-order segment.
-            self._emit(self.snd_nxt, ACK)
+            self._emit(self._ack_seq(), ACK)
             return None
         if offset >= len(payload) and not (fin and offset == len(payload)):
             if payload or fin:
-                self._emit(self.snd_nxt, ACK)  # old duplicate
+                self._emit(self._ack_seq(), ACK)  # old duplicate
             return None
         self._pending_fin = fin
         self._pending_len = len(payload) - offset
@@ -364,11 +373,11 @@ class TcpNatEntry:
             self.rcv_nxt = (self.rcv_nxt + 1) & M32
             self._event(TcpEvent.GUEST_FIN)
             if self.closed:
-                self._emit(self.snd_nxt, ACK)
+                self._emit(self._ack_seq(), ACK)
                 self.actions.append(CloseHost(False))
             else:
                 self.actions.append(ShutdownHostWrite())
-                self._emit(self.snd_nxt, ACK)
+                self._emit(self._ack_seq(), ACK)
         self._pending_len = 0
         self._pending_fin = False
 
@@ -450,10 +459,10 @@ class TcpNatEntry:
         if facts is not None:
             self._update_window(facts)
         if self.ack_pending or self.dup_acks_to_send:
-            self._emit(self.snd_nxt, ACK)
+            self._emit(self._ack_seq(), ACK)
             while self.dup_acks_to_send > 0:
                 self.dup_acks_to_send -= 1
-                self._emit(self.snd_nxt, ACK)
+                self._emit(self._ack_seq(), ACK)
         # The guest has (nearly) used up our window: check for a wider one at RTT/2.
         room = seq_diff(self.adv_edge, self.rcv_nxt)
         if self.state in GUEST_SENDING and room < 2 * self.mss and self.ack_check_at is None:
@@ -503,7 +512,7 @@ class TcpNatEntry:
             if facts is not None:
                 self._update_window(facts)
             if seq_lt(before, self.adv_edge):
-                self._emit(self.snd_nxt, ACK)  # window update
+                self._emit(self._ack_seq(), ACK)  # window update
             if self.state in GUEST_SENDING and seq_diff(self.adv_edge, self.rcv_nxt) < 2 * self.mss:
                 self.ack_check_at = now + ack_check_interval_s(self.rtt_exp)
 
