@@ -2,7 +2,7 @@
 only link is the relay's TAP, pasta-style.
 
 The relay process stays in its own (host) network namespace, where its host sockets
-must live. A child process (`python -m relaynat.namespace`) unshares a new network
+must live. A child process (`python -m relaynat.namespace_child`) unshares a new network
 namespace (plus a user namespace when not root, mapping the caller to root inside so
 that it may configure its links), creates the TAP there, configures address, route
 and MTU, and passes the TAP fd back over a unix socket with SCM_RIGHTS: a TAP fd keeps
@@ -15,17 +15,14 @@ from __future__ import annotations
 import array
 import asyncio
 import json
-import os
 import signal
 import socket
-import subprocess
 import sys
 from typing import Any
 
 from relaynat.config import RelayConfig
-from relaynat.netns_util import CLONE_NEWNET, CLONE_NEWUSER, unshare
 from relaynat.relay import Relay
-from relaynat.tap import TapTransport, open_tap
+from relaynat.tap import TapTransport
 
 _READY_TIMEOUT_S = 30.0
 
@@ -49,7 +46,7 @@ async def run_command(config: RelayConfig, command: list[str], *, tap_name: str 
         "vnet": offload,
     })
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relaynat.namespace", spec, str(child_sock.fileno()), "--",
+        sys.executable, "-m", "relaynat.namespace_child", spec, str(child_sock.fileno()), "--",
         *command, pass_fds=[child_sock.fileno()])
     child_sock.close()
     loop = asyncio.get_running_loop()
@@ -85,57 +82,3 @@ async def run_command(config: RelayConfig, command: list[str], *, tap_name: str 
             proc.kill()
             await proc.wait()
     return 128 - returncode if returncode < 0 else returncode
-
-
-def _write_id_maps() -> None:
-    """Map our uid/gid to root inside a fresh user namespace (user_namespaces(7):
-    an unprivileged process may map exactly its own ids once setgroups is denied)."""
-    uid, gid = os.getuid(), os.getgid()
-    unshare(CLONE_NEWUSER | CLONE_NEWNET)
-    with open("/proc/self/setgroups", "w") as f:
-        f.write("deny")
-    with open("/proc/self/uid_map", "w") as f:
-        f.write(f"0 {uid} 1")
-    with open("/proc/self/gid_map", "w") as f:
-        f.write(f"0 {gid} 1")
-
-
-def _ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if done.returncode:
-        raise NamespaceSetupError(f"ip {' '.join(args)}: {done.stderr.strip()}")
-
-
-def _child_main(argv: list[str]) -> int:
-    spec = json.loads(argv[0])
-    sock = socket.socket(fileno=int(argv[1]))
-    command = argv[3:]
-    try:
-        if os.geteuid() == 0:
-            unshare(CLONE_NEWNET)
-        else:
-            _write_id_maps()
-        fd, vnet_hdr_len, offload = open_tap(spec["tap"], spec["vnet"])
-        tap = spec["tap"]
-        _ip("link", "set", "lo", "up")
-        _ip("link", "set", "dev", tap, "mtu", str(spec["mtu"]), "up")
-        _ip("addr", "add", spec["address"], "dev", tap)
-        _ip("route", "add", "default", "via", spec["gateway"], "dev", tap)
-    except (OSError, NamespaceSetupError) as exc:
-        sock.send(f"cannot set up the guest namespace: {exc}".encode())
-        return 1
-    info = json.dumps({"vnet_hdr_len": vnet_hdr_len, "offload": offload}).encode()
-    sock.sendmsg([info], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-    os.close(fd)
-    if sock.recv(16) != b"go":
-        return 1
-    sock.close()
-    try:
-        os.execvp(command[0], command)
-    except OSError as exc:
-        print(f"relaynat run: cannot execute {command[0]!r}: {exc.strerror}", file=sys.stderr)
-        return 127
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))

@@ -1,0 +1,74 @@
+"""The child side of namespace mode: set up the guest namespace, hand over the TAP,
+exec the command. Run as `python -m relaynat.namespace_child SPEC FD -- CMD...` by
+`namespace.run_command`; kept apart from the relay so it starts without importing it.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from relaynat.netns_util import CLONE_NEWNET, CLONE_NEWUSER, unshare
+from relaynat.tap import open_tap
+
+
+class NamespaceSetupError(RuntimeError):
+    """A setup step failed; the message says which and why."""
+
+
+def _write_id_maps() -> None:
+    """Map our uid/gid to root inside a fresh user namespace (user_namespaces(7):
+    an unprivileged process may map exactly its own ids once setgroups is denied)."""
+    uid, gid = os.getuid(), os.getgid()
+    unshare(CLONE_NEWUSER | CLONE_NEWNET)
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"0 {uid} 1")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"0 {gid} 1")
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode:
+        raise NamespaceSetupError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+def _child_main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    sock = socket.socket(fileno=int(argv[1]))
+    command = argv[3:]
+    try:
+        if os.geteuid() == 0:
+            unshare(CLONE_NEWNET)
+        else:
+            _write_id_maps()
+        fd, vnet_hdr_len, offload = open_tap(spec["tap"], spec["vnet"])
+        tap = spec["tap"]
+        _ip("link", "set", "lo", "up")
+        _ip("link", "set", "dev", tap, "mtu", str(spec["mtu"]), "up")
+        _ip("addr", "add", spec["address"], "dev", tap)
+        _ip("route", "add", "default", "via", spec["gateway"], "dev", tap)
+    except (OSError, NamespaceSetupError) as exc:
+        sock.send(f"cannot set up the guest namespace: {exc}".encode())
+        return 1
+    info = json.dumps({"vnet_hdr_len": vnet_hdr_len, "offload": offload}).encode()
+    sock.sendmsg([info], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    os.close(fd)
+    if sock.recv(16) != b"go":
+        return 1
+    sock.close()
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        print(f"relaynat run: cannot execute {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
