@@ -93,7 +93,8 @@ def relay_socket(tmp_path: Path) -> Iterator[str]:
 def vm_images():
     reason = vm_unavailable_reason()
     if reason:
-        pytest.skip(f"qemu guest unavailable: {reason}")
+        # install.sh builds the images; a missing one is a broken install, not a skip.
+        pytest.fail(f"qemu guest unavailable: {reason}")
     return build_vm_images(fetch=False)
 
 

@@ -19,7 +19,7 @@ Images are cached outside the repository, in $RELAYNAT_VM_CACHE or /var/cache/re
 
 Fetching the kernel needs apt's network, which the test session's private network
 namespace does not have: build once beforehand with `python3 tests/vmguest.py build`
-(tests then skip with that hint if the images are missing). The initramfs itself is built
+(install.sh does; tests fail with that hint if they are missing). The initramfs is built
 locally and needs no network, so edits to init.sh rebuild it on the next boot.
 
 The peer on the socket must already be listening: qemu 7.2 connects once at startup
