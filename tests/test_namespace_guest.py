@@ -200,3 +200,23 @@ def test_exit_status_is_the_commands() -> None:
     missing = relaynat_run("/nonexistent/cmd")
     assert missing.returncode == 127
     assert "cannot execute" in missing.stderr
+
+
+def test_flow_table_bound_refuses_with_rst_and_keeps_existing_flows(start_peer) -> None:
+    port = start_peer("echo")
+    client = ("import socket\n"
+              f"a = socket.create_connection(('{GATEWAY}', {port}), timeout=5)\n"
+              f"b = socket.create_connection(('{GATEWAY}', {port}), timeout=5)\n"
+              "try:\n"
+              f"    socket.create_connection(('{GATEWAY}', {port}), timeout=5)\n"
+              "    print('third: connected')\n"
+              "except OSError as exc:\n"
+              "    print('third:', type(exc).__name__)\n"
+              "for s in (a, b):\n"
+              "    s.sendall(b'still here')\n"
+              "    print(s.recv(100).decode())\n")
+    done = relaynat_run(sys.executable, "-c", client, options=("--max-flows", "2"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["third: ConnectionRefusedError", "still here",
+                                        "still here"]
+    assert parse_stats(done.stderr)["tcp_refused_flow_limit"] == 1
