@@ -395,14 +395,26 @@ class TcpNatEntry:
 
     def host_read_budget(self) -> int:
         """Bytes the shell may peek from the host socket now: the guest's window minus
-        bytes in flight, and nothing once our FIN is out."""
-        if self.state not in HOST_SENDING or self.fin_seq is not None:
+        bytes in flight. Once our FIN is out, only data before it that a rewind left to
+        send again (the FIN does not make those bytes any less lost)."""
+        if self.closed or self.fin_acked:
             return 0
-        return max(0, seq_diff(self.guest_wnd_edge, self.snd_nxt))
+        budget = seq_diff(self.guest_wnd_edge, self.snd_nxt)
+        if self.fin_seq is not None:
+            budget = min(budget, seq_diff(self.fin_seq, self.snd_nxt))
+        elif self.state not in HOST_SENDING:
+            return 0
+        return max(0, budget)
 
     def on_host_data(self, data: memoryview, now: float) -> None:
         """`data` was peeked from the host socket at the current offset: send it."""
-        if not data or self.state not in HOST_SENDING:
+        if not data or self.closed or self.fin_acked:
+            return
+        if self.fin_seq is not None:
+            data = data[:max(0, seq_diff(self.fin_seq, self.snd_nxt))]  # a retransmission
+            if not data:
+                return
+        elif self.state not in HOST_SENDING:
             return
         step = MAX_GSO_PAYLOAD if self.template.offload else self.mss
         end = len(data)
@@ -413,6 +425,8 @@ class TcpNatEntry:
             self.snd_nxt = (self.snd_nxt + len(chunk)) & M32
         if seq_lt(self.snd_max, self.snd_nxt):
             self.snd_max = self.snd_nxt
+        if self.fin_seq is not None and self.snd_nxt == self.fin_seq:
+            self._emit(self.fin_seq, FIN | ACK)  # retransmitted data caught up with the FIN
         if self.rto_at is None:
             self._arm_rto(now)
 
