@@ -4,8 +4,9 @@
         GET /NAME serves DIR/NAME; PUT /anything answers the body's sha256 (hex).
     python3 tests/host_peers.py echo --port-file F
         echoes every byte back until the client half-closes, then closes.
-    python3 tests/host_peers.py drain-then-reply --port-file F
-        reads until EOF (the client's SHUT_WR), then sends "<sha256> <length>\\n" and closes.
+    python3 tests/host_peers.py drain-then-reply --port-file F [--delay S]
+        waits S seconds without reading, reads until EOF (the client's SHUT_WR), then
+        sends "<sha256> <length>\\n" and closes.
 
 Each binds 127.0.0.1 port 0 and writes the chosen port to the port file, so tests never
 race for ports. They are real servers using the kernel's TCP, nothing is simulated.
@@ -90,7 +91,11 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-async def _drain_then_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _drain_then_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            delay_s: float = 0.0) -> None:
+    # With a delay, the peer does not read at first: its window and then the relay's
+    # send buffer fill up, and the guest must be held back and released cleanly.
+    await asyncio.sleep(delay_s)
     digest, total = hashlib.sha256(), 0
     while data := await reader.read(1 << 16):
         digest.update(data)
@@ -100,8 +105,13 @@ async def _drain_then_reply(reader: asyncio.StreamReader, writer: asyncio.Stream
     writer.close()
 
 
-async def serve_stream(kind: str, port_file: str) -> None:
-    handler = _echo if kind == "echo" else _drain_then_reply
+async def serve_stream(kind: str, port_file: str, delay_s: float) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if kind == "echo":
+            await _echo(reader, writer)
+        else:
+            await _drain_then_reply(reader, writer, delay_s)
+
     server = await asyncio.start_server(handler, "127.0.0.1", 0, backlog=1024)
     _write_port(port_file, server.sockets[0].getsockname()[1])
     async with server:
@@ -113,11 +123,13 @@ def main() -> int:
     parser.add_argument("kind", choices=["http", "echo", "drain-then-reply"])
     parser.add_argument("--root", default=".")
     parser.add_argument("--port-file", required=True)
+    parser.add_argument("--delay", type=float, default=0.0,
+                        help="drain-then-reply: seconds to wait before reading")
     args = parser.parse_args()
     if args.kind == "http":
         serve_http(args.root, args.port_file)
     else:
-        asyncio.run(serve_stream(args.kind, args.port_file))
+        asyncio.run(serve_stream(args.kind, args.port_file, args.delay))
     return 0
 
 

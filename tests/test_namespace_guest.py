@@ -220,3 +220,18 @@ def test_flow_table_bound_refuses_with_rst_and_keeps_existing_flows(start_peer) 
     assert done.stdout.splitlines() == ["third: ConnectionRefusedError", "still here",
                                         "still here"]
     assert parse_stats(done.stderr)["tcp_refused_flow_limit"] == 1
+
+
+def test_host_peer_that_stops_reading_holds_the_guest_back_then_resumes(start_peer) -> None:
+    # The peer reads nothing for 2 s: its receive window, then the relay's socket send
+    # buffer fill, our advertised window must close, and then reopen by itself (window
+    # update) once the peer reads: the upload finishes intact soon after.
+    port = start_peer("drain-then-reply", "--delay", "2")
+    size = 32 << 20
+    t0 = time.monotonic()
+    done = relaynat_run(sys.executable, GUEST_TOOLS, "half-close", GATEWAY, str(port),
+                        "--size", str(size), timeout=60)
+    elapsed = time.monotonic() - t0
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith(f" {size}")
+    assert elapsed < 10, elapsed

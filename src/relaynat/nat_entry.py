@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from relaynat.packet_builder import TcpFrameTemplate, tcp_options_syn
 from relaynat.tcp_state import GUEST_SENDING, HOST_SENDING, TcpEvent, TcpState, next_state
 from relaynat.window import (
+    ACK_CHECK_MAX_S,
     DATA_RETRIES_MAX,
     DUP_ACK_THRESHOLD,
     SYN_RETRIES_MAX,
@@ -108,6 +109,7 @@ class TcpNatEntry:
         "_pending_fin",
         "_pending_len",
         "ack_check_at",
+        "ack_check_s",
         "ack_pending",
         "actions",
         "adv_edge",
@@ -169,6 +171,7 @@ class TcpNatEntry:
         self.last_ack_sent = self.rcv_nxt
         self.adv_field = 0
         self.adv_edge = self.rcv_nxt
+        self.ack_check_s = 0.0
         self.write_blocked = False
         self.retries = 0
         self.syn_retransmitted = False
@@ -217,6 +220,10 @@ class TcpNatEntry:
         if flags & ACK:
             self.last_ack_sent = self.rcv_nxt
             self.ack_pending = False
+            # What the guest now believes it may send up to (RFC 7323 §2.2: the window
+            # of a SYN is never scaled).
+            shift = 0 if flags & SYN else self.our_wscale
+            self.adv_edge = (self.rcv_nxt + (field << shift)) & M32
 
     def _abort(self, rst_guest: bool, abortive_host: bool = True) -> None:
         """Reset the flow both ways (or only toward the host when the guest reset it)."""
@@ -260,7 +267,6 @@ class TcpNatEntry:
         window = advertised_window(facts)
         field = min(window, 0xFFFF)  # unscaled in a SYN (RFC 7323 §2.2)
         self.adv_field = encode_window(window, self.our_wscale)
-        self.adv_edge = (self.rcv_nxt + (self.adv_field << self.our_wscale)) & M32
         wscale = self.our_wscale if self.guest_wscale or self.our_wscale else None
         self._emit(self.iss, SYN | ACK, options=tcp_options_syn(self.our_mss, wscale),
                    window_field=field)
@@ -350,6 +356,11 @@ class TcpNatEntry:
         if offset >= len(payload) and not (fin and offset == len(payload)):
             if payload or fin:
                 self._emit(self._ack_seq(), ACK)  # old duplicate
+            elif offset > 0:
+                # A segment below rcv_nxt without data is the guest's zero-window probe
+                # or keepalive (seq = rcv_nxt - 1): RFC 9293 §3.10.7.4 wants an ACK, and it
+                # must carry a fresh window, so it goes out at flush with the socket facts.
+                self.ack_pending = True
             return None
         self._pending_fin = fin
         self._pending_len = len(payload) - offset
@@ -472,21 +483,31 @@ class TcpNatEntry:
             return
         if facts is not None:
             self._update_window(facts)
-        if self.ack_pending or self.dup_acks_to_send:
+        if self.ack_pending or self.dup_acks_to_send or self._window_update_due():
             self._emit(self._ack_seq(), ACK)
             while self.dup_acks_to_send > 0:
                 self.dup_acks_to_send -= 1
                 self._emit(self._ack_seq(), ACK)
-        # The guest has (nearly) used up our window: check for a wider one at RTT/2.
-        room = seq_diff(self.adv_edge, self.rcv_nxt)
-        if self.state in GUEST_SENDING and room < 2 * self.mss and self.ack_check_at is None:
+            self.ack_check_s = 0.0
+        # The guest has (nearly) used up the window it was told: look for a wider one
+        # at RTT/2 (the peer cannot have acked more sooner).
+        if self._window_limited() and self.ack_check_at is None:
             self.ack_check_at = now + ack_check_interval_s(self.rtt_exp)
+
+    def _window_limited(self) -> bool:
+        """The guest has less than two segments of the window we announced left."""
+        return (self.state in GUEST_SENDING
+                and seq_diff(self.adv_edge, self.rcv_nxt) < 2 * self.mss)
+
+    def _window_update_due(self) -> bool:
+        """A window-limited guest would be told more than it was: send an update."""
+        new_edge = (self.rcv_nxt + (self.adv_field << self.our_wscale)) & M32
+        return self._window_limited() and seq_lt(self.adv_edge, new_edge)
 
     def _update_window(self, facts: SocketFacts) -> None:
         if facts.info is not None:
             self.rtt_exp = rtt_exponent(facts.info.rtt_us)
         self.adv_field = encode_window(advertised_window(facts), self.our_wscale)
-        self.adv_edge = (self.rcv_nxt + (self.adv_field << self.our_wscale)) & M32
 
     def on_timer(self, now: float, facts: SocketFacts | None) -> None:
         """Run whatever deadline has passed."""
@@ -522,13 +543,17 @@ class TcpNatEntry:
             self._emit((self.snd_una - 1) & M32, ACK)
         if self.ack_check_at is not None and self.ack_check_at <= now:
             self.ack_check_at = None
-            before = self.adv_edge
             if facts is not None:
                 self._update_window(facts)
-            if seq_lt(before, self.adv_edge):
+            if self._window_update_due():
                 self._emit(self._ack_seq(), ACK)  # window update
-            if self.state in GUEST_SENDING and seq_diff(self.adv_edge, self.rcv_nxt) < 2 * self.mss:
-                self.ack_check_at = now + ack_check_interval_s(self.rtt_exp)
+                self.ack_check_s = 0.0
+            if self._window_limited():
+                # Still closed: check again, backing off (doubling) so that a peer that
+                # stopped reading costs a wakeup every ACK_CHECK_MAX_S, not every RTT/2.
+                base = ack_check_interval_s(self.rtt_exp)
+                self.ack_check_s = min(max(base, self.ack_check_s * 2), ACK_CHECK_MAX_S)
+                self.ack_check_at = now + self.ack_check_s
 
     def take_actions(self) -> list[Action]:
         actions, self.actions = self.actions, []
