@@ -235,3 +235,27 @@ def test_host_peer_that_stops_reading_holds_the_guest_back_then_resumes(start_pe
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith(f" {size}")
     assert elapsed < 10, elapsed
+
+
+def test_guest_that_stops_reading_gets_probed_then_resumes(start_peer, tmp_path) -> None:
+    # The guest application reads nothing for 2 s: the guest kernel's window closes
+    # to zero, the relay must stop sending (and probe), then deliver the rest intact.
+    data = os.urandom(48 << 20)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "f.bin").write_bytes(data)
+    port = start_peer("http", "--root", str(tmp_path / "www"))
+    client = ("import hashlib, socket, time\n"
+              f"s = socket.create_connection(('{GATEWAY}', {port}), timeout=30)\n"
+              "s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)\n"
+              "s.sendall(b'GET /f.bin HTTP/1.0\\r\\n\\r\\n')\n"
+              "time.sleep(2)\n"
+              "buf = bytearray()\n"
+              "while chunk := s.recv(1 << 20):\n"
+              "    buf += chunk\n"
+              "body = bytes(buf).split(b'\\r\\n\\r\\n', 1)[1]\n"
+              "print(hashlib.sha256(body).hexdigest(), len(body))\n")
+    t0 = time.monotonic()
+    done = relaynat_run(sys.executable, "-c", client, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [hashlib.sha256(data).hexdigest(), str(len(data))]
+    assert time.monotonic() - t0 < 15
