@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relaynat.packet_builder import TcpFrameTemplate, tcp_options_syn
+from relaynat.packet_builder import TS_OPTION_LEN, TcpFrameTemplate, tcp_options_syn
 from relaynat.tcp_state import GUEST_SENDING, HOST_SENDING, TcpEvent, TcpState, next_state
 from relaynat.window import (
     ACK_CHECK_MAX_S,
@@ -129,6 +129,7 @@ class TcpNatEntry:
         "iss",
         "last_ack_sent",
         "mss",
+        "now",
         "our_mss",
         "our_wscale",
         "persist_at",
@@ -144,6 +145,8 @@ class TcpNatEntry:
         "syn_at",
         "syn_retransmitted",
         "template",
+        "ts_offset",
+        "ts_recent",
         "write_blocked",
     )
 
@@ -156,7 +159,16 @@ class TcpNatEntry:
         self.guest_isn = syn.seq
         self.rcv_nxt = (syn.seq + 1) & M32
         self.our_wscale, self.guest_wscale = negotiate_wscale(syn.wscale)
-        self.mss = mss_for_guest(syn.mss, mtu)
+        self.now = now
+        # RFC 7323 §3: timestamps are in force when the guest's SYN offered them (the
+        # shell then built the template with room for the option). They matter for a
+        # relay that keeps no out-of-order data: every ACK of retransmitted data still
+        # gives the guest a valid RTT sample (TSecr), which is what resets its RTO
+        # backoff (RFC 6298 §5.7, Karn's rule otherwise forbids the sample).
+        self.ts_recent = syn.tsval if syn.tsval is not None else 0
+        self.ts_offset = (iss * 0x9E3779B1) & M32  # per-flow TSval offset (RFC 7323 §5.4)
+        # RFC 6691: the MSS excludes options, so each segment's payload shrinks by ours.
+        self.mss = mss_for_guest(syn.mss, mtu) - (TS_OPTION_LEN if template.timestamps else 0)
         self.our_mss = min(mtu - 40, 0xFFFF)
         self.iss = iss & M32
         # Data sequence space toward the guest starts after our SYN.
@@ -212,10 +224,15 @@ class TcpNatEntry:
     def _event(self, event: TcpEvent) -> None:
         self.state = next_state(self.state, event)
 
+    def _tsval(self) -> int:
+        """Our timestamp clock: milliseconds (RFC 7323 §5.4 allows 1 ms to 1 s ticks)."""
+        return (int(self.now * 1000) + self.ts_offset) & M32
+
     def _emit(self, seq: int, flags: int, payload: bytes | memoryview = b"",
-              options: bytes = b"", window_field: int | None = None) -> None:
+              options: bytes | None = None, window_field: int | None = None) -> None:
         field = self.adv_field if window_field is None else window_field
-        head = self.template.build(seq, self.rcv_nxt, flags, field, payload, options, self.mss)
+        head = self.template.build(seq, self.rcv_nxt, flags, field, payload, options, self.mss,
+                                   self._tsval(), self.ts_recent)
         self.actions.append(SendFrame(head, payload))
         if flags & ACK:
             self.last_ack_sent = self.rcv_nxt
@@ -255,6 +272,7 @@ class TcpNatEntry:
         """The host connect() finished: SYN-ACK the guest, or refuse it with RST."""
         if self.state is not TcpState.CONNECTING:
             return
+        self.now = now
         self.connect_deadline = None
         if not ok:
             self._abort(rst_guest=True, abortive_host=False)
@@ -268,7 +286,8 @@ class TcpNatEntry:
         field = min(window, 0xFFFF)  # unscaled in a SYN (RFC 7323 §2.2)
         self.adv_field = encode_window(window, self.our_wscale)
         wscale = self.our_wscale if self.guest_wscale or self.our_wscale else None
-        self._emit(self.iss, SYN | ACK, options=tcp_options_syn(self.our_mss, wscale),
+        ts = (self._tsval(), self.ts_recent) if self.template.timestamps else None
+        self._emit(self.iss, SYN | ACK, options=tcp_options_syn(self.our_mss, wscale, ts),
                    window_field=field)
 
     # -- guest -> host ------------------------------------------------------------
@@ -278,8 +297,15 @@ class TcpNatEntry:
         host socket (then call `on_host_accepted`), or None."""
         if self.closed:
             return None
+        self.now = now
         self.idle_at = now + self.idle_timeout_s
         flags = seg.flags
+        # RFC 7323 §4.3: remember the TSval of the segment at the left edge of what we
+        # acknowledge, so the guest's RTT sample measures the segment we really ACK.
+        tsval = seg.tsval
+        if (tsval is not None and seq_le(seg.seq, self.last_ack_sent)
+                and seq_le(self.ts_recent, tsval)):
+            self.ts_recent = tsval
         if flags & RST:
             # RFC 5961 §3.2: only a RST at exactly rcv_nxt resets; others are ignored.
             if seg.seq == self.rcv_nxt or self.state is TcpState.SYN_RCVD:
@@ -365,13 +391,13 @@ class TcpNatEntry:
         self._pending_fin = fin
         self._pending_len = len(payload) - offset
         if self._pending_len == 0:
-            self.on_host_accepted(0, 0.0)
+            self.on_host_accepted(0, self.now)
             return None
         return payload[offset:]
 
     def on_host_accepted(self, nbytes: int, now: float) -> None:
         """The host socket took `nbytes` of what `on_guest_segment` returned."""
-        del now
+        self.now = now
         self.rcv_nxt = (self.rcv_nxt + nbytes) & M32
         self.bytes_from_guest += nbytes
         if nbytes:
@@ -421,6 +447,7 @@ class TcpNatEntry:
         """`data` was peeked from the host socket at the current offset: send it."""
         if not data or self.closed or self.fin_acked:
             return
+        self.now = now
         if self.fin_seq is not None:
             data = data[:max(0, seq_diff(self.fin_seq, self.snd_nxt))]  # a retransmission
             if not data:
@@ -450,6 +477,7 @@ class TcpNatEntry:
         """The peer closed its side and every byte of it has been sent: FIN the guest."""
         if self.state not in HOST_SENDING and self.fin_seq is None:
             return
+        self.now = now
         if self.fin_seq is None:
             self.fin_seq = self.snd_nxt
             self._event(TcpEvent.OUR_FIN_SENT)
@@ -460,7 +488,7 @@ class TcpNatEntry:
 
     def on_host_reset(self, now: float) -> None:
         """The peer reset the connection (or it failed): reset the guest."""
-        del now
+        self.now = now
         self._abort(rst_guest=True, abortive_host=False)
 
     def on_guest_gone(self) -> None:
@@ -481,6 +509,7 @@ class TcpNatEntry:
         """End of a batch: send the ACK this flow owes, with a fresh window."""
         if self.state in (TcpState.CONNECTING, TcpState.CLOSED):
             return
+        self.now = now
         if facts is not None:
             self._update_window(facts)
         if self.ack_pending or self.dup_acks_to_send or self._window_update_due():
@@ -513,6 +542,7 @@ class TcpNatEntry:
         """Run whatever deadline has passed."""
         if self.closed:
             return
+        self.now = now
         if self.idle_at <= now:
             self._abort(rst_guest=True)
             return

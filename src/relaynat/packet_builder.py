@@ -35,6 +35,9 @@ VIRTIO_NET_HDR_GSO_TCPV4 = 1
 
 IPV4_HLEN = 20
 TCP_HLEN = 20
+#: NOP, NOP, kind 8, length 10, TSval, TSecr (RFC 7323 §3.2, Appendix A layout).
+TS_OPTION_LEN = 12
+_TS_VALUES = struct.Struct("!II")
 _TCP_CSUM_OFFSET = 16
 _IP_TOTLEN_MAX = 0xFFFF
 
@@ -80,12 +83,15 @@ def arp_reply(our_mac: bytes, our_ip: bytes, their_mac: bytes, their_ip: bytes) 
     return ethernet_header(their_mac, our_mac, ETHERTYPE_ARP) + body
 
 
-def tcp_options_syn(mss: int, wscale: int | None) -> bytes:
-    """SYN(-ACK) options: MSS (RFC 9293 §3.7.1) and, if offered, window scale padded
-    with a NOP to a 4-byte boundary (RFC 7323 §2.2)."""
+def tcp_options_syn(mss: int, wscale: int | None,
+                    timestamps: tuple[int, int] | None = None) -> bytes:
+    """SYN(-ACK) options: MSS (RFC 9293 §3.7.1), window scale if offered, padded with a
+    NOP to a 4-byte boundary (RFC 7323 §2.2), and (TSval, TSecr) if offered (§3.2)."""
     opts = struct.pack("!BBH", 2, 4, mss)
     if wscale is not None:
         opts += struct.pack("!BBBB", 1, 3, 3, wscale)
+    if timestamps is not None:
+        opts += b"\x01\x01\x08\x0a" + _TS_VALUES.pack(*timestamps)
     return opts
 
 
@@ -95,18 +101,24 @@ class TcpFrameTemplate:
     `src`/`sport` are the remote end as the guest sees it, `dst`/`dport` the guest.
     `vnet_hdr_len` is 0 (no virtio-net header), 10 or 12; `offload` says the transport
     accepts NEEDS_CSUM and GSO frames (only meaningful with a vnet header).
+    `timestamps`: RFC 7323 timestamps are in force, so every segment but a SYN-ACK (which
+    passes its own options) carries NOP, NOP, TS (12 bytes; RFC 7323 §3.2).
     """
 
     __slots__ = ("_head", "_ip_const", "_ip_id", "_l3", "_l4", "_offload", "_pseudo_base",
-                 "_vnet_len")
+                 "_vnet_len", "timestamps")
 
     def __init__(self, *, dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport: int,
-                 dport: int, vnet_hdr_len: int = 0, offload: bool = False) -> None:
+                 dport: int, vnet_hdr_len: int = 0, offload: bool = False,
+                 timestamps: bool = False) -> None:
         self._vnet_len = vnet_hdr_len
         self._offload = offload and vnet_hdr_len > 0
         self._l3 = vnet_hdr_len + ETH_HLEN
         self._l4 = self._l3 + IPV4_HLEN
-        head = bytearray(self._l4 + TCP_HLEN)
+        self.timestamps = timestamps
+        head = bytearray(self._l4 + TCP_HLEN + (TS_OPTION_LEN if timestamps else 0))
+        if timestamps:
+            head[self._l4 + TCP_HLEN:self._l4 + TCP_HLEN + 4] = b"\x01\x01\x08\x0a"
         _ETH.pack_into(head, vnet_hdr_len, dst_mac, src_mac, ETHERTYPE_IPV4)
         _IPV4.pack_into(head, self._l3, 0x45, 0, 0, 0, 0x4000, 64, IPPROTO_TCP, 0, src, dst)
         struct.pack_into("!HH", head, self._l4, sport, dport)
@@ -122,19 +134,27 @@ class TcpFrameTemplate:
         return self._offload
 
     def build(self, seq: int, ack: int, flags: int, window: int,
-              payload: bytes | memoryview = b"", options: bytes = b"", mss: int = 0) -> bytes:
+              payload: bytes | memoryview = b"", options: bytes | None = None, mss: int = 0,
+              tsval: int = 0, tsecr: int = 0) -> bytes:
         """Return the headers (vnet header first, if any) of one segment; the payload is
         not copied in: the transport writes `header` and `payload` with one writev/sendmsg.
 
-        `mss` is the guest's MSS; with offload, a longer payload is sent as one GSO frame.
+        `options` replaces the template's own (timestamp) option, e.g. for a SYN-ACK.
+        `mss` is the payload size per segment the guest accepts; with offload, a longer
+        payload is sent as one GSO frame of `mss`-sized segments.
         """
         l3, l4 = self._l3, self._l4
-        tcp_hlen = TCP_HLEN + len(options)
+        if options is None:
+            head = self._head
+            if self.timestamps:
+                _TS_VALUES.pack_into(head, l4 + TCP_HLEN + 4, tsval, tsecr)
+        else:
+            head = self._head[:l4 + TCP_HLEN] + options
+        tcp_hlen = len(head) - l4
         tcp_len = tcp_hlen + len(payload)
         total_len = IPV4_HLEN + tcp_len
         if total_len > _IP_TOTLEN_MAX:
             raise ValueError(f"segment of {tcp_len} bytes does not fit one IPv4 packet")
-        head = self._head if not options else self._head + options
         ip_id = self._ip_id
         self._ip_id = (ip_id + 1) & 0xFFFF
         _U16.pack_into(head, l3 + 2, total_len)

@@ -169,7 +169,8 @@ class TcpRelay:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         template = TcpFrameTemplate(dst_mac=self.guest_mac, src_mac=self._config.gateway_mac,
                                     src=seg.dst, dst=seg.src, sport=seg.dport, dport=seg.sport,
-                                    vnet_hdr_len=self._vnet_hdr_len, offload=self._offload)
+                                    vnet_hdr_len=self._vnet_hdr_len, offload=self._offload,
+                                    timestamps=seg.tsval is not None)
         entry = TcpNatEntry(seg, template=template, mtu=self._config.mtu,
                             iss=random.getrandbits(32), now=now,
                             connect_timeout_s=self._config.connect_timeout_s,

@@ -93,6 +93,9 @@ class TcpSegment:
     #: None when absent.
     mss: int | None = None
     wscale: int | None = None
+    #: RFC 7323 §3 timestamp option (TSval, TSecr) on any segment; None when absent.
+    tsval: int | None = None
+    tsecr: int | None = None
 
 
 @dataclass(slots=True)
@@ -142,9 +145,15 @@ def parse_ipv4(data: memoryview, verify_header_checksum: bool = True) -> Ipv4Pac
     return Ipv4Packet(src, dst, proto, ttl, ident, data[hlen:total_len], data[:total_len])
 
 
-def _parse_syn_options(options: memoryview, seg: TcpSegment) -> None:
-    """Read MSS and window scale from a SYN's options; stop at anything that runs past
-    the end, as Linux's tcp_parse_options does, rather than refusing the segment."""
+_TS = struct.Struct("!II")
+#: NOP, NOP, kind 8, length 10: how Linux (and most stacks) lay out a lone timestamp
+#: option (RFC 7323 Appendix A), checked first so the common case costs one compare.
+_TS_PREFIX = b"\x01\x01\x08\x0a"
+
+
+def _parse_options(options: memoryview, seg: TcpSegment, syn: bool) -> None:
+    """Read MSS and window scale (SYN only) and timestamps; stop at anything that runs
+    past the end, as Linux's tcp_parse_options does, rather than refusing the segment."""
     i, end = 0, len(options)
     while i < end:
         kind = options[i]
@@ -158,9 +167,11 @@ def _parse_syn_options(options: memoryview, seg: TcpSegment) -> None:
         length = options[i + 1]
         if length < 2 or i + length > end:
             return
-        if kind == 2 and length == 4:
+        if kind == 8 and length == 10:
+            seg.tsval, seg.tsecr = _TS.unpack_from(options, i + 2)
+        elif syn and kind == 2 and length == 4:
             seg.mss = (options[i + 2] << 8) | options[i + 3]
-        elif kind == 3 and length == 3:
+        elif syn and kind == 3 and length == 3:
             # RFC 7323 §2.3: a shift above 14 is treated as 14.
             seg.wscale = min(options[i + 2], 14)
         i += length
@@ -175,8 +186,11 @@ def parse_tcp(ip: Ipv4Packet) -> TcpSegment:
     if hlen < 20 or hlen > len(data):
         raise MalformedFrame("tcp_header_len")
     seg = TcpSegment(ip.src, ip.dst, sport, dport, seq, ack, flags, window, data[hlen:])
-    if flags & SYN and hlen > 20:
-        _parse_syn_options(data[20:hlen], seg)
+    if hlen > 20:
+        if not flags & SYN and hlen >= 32 and data[20:24] == _TS_PREFIX:
+            seg.tsval, seg.tsecr = _TS.unpack_from(data, 24)
+        else:
+            _parse_options(data[20:hlen], seg, bool(flags & SYN))
     return seg
 
 
