@@ -52,7 +52,8 @@ from relaynat.window import (
 from relaynat.wire import ACK, FIN, PSH, RST, SYN, TcpSegment, seq_diff, seq_le, seq_lt
 
 M32 = 0xFFFFFFFF
-#: Largest TCP payload in one IPv4 frame (65535 - 20 - 20), used for GSO frames.
+#: Largest TCP payload in one IPv4 frame without options (65535 - 20 - 20): the size of
+#: a GSO super-frame toward an offloading TAP.
 MAX_GSO_PAYLOAD = 65495
 
 
@@ -121,6 +122,7 @@ class TcpNatEntry:
         "dup_acks_to_send",
         "fin_acked",
         "fin_seq",
+        "frame_payload_max",
         "guest_isn",
         "guest_wnd_edge",
         "guest_wscale",
@@ -168,7 +170,11 @@ class TcpNatEntry:
         self.ts_recent = syn.tsval if syn.tsval is not None else 0
         self.ts_offset = (iss * 0x9E3779B1) & M32  # per-flow TSval offset (RFC 7323 §5.4)
         # RFC 6691: the MSS excludes options, so each segment's payload shrinks by ours.
-        self.mss = mss_for_guest(syn.mss, mtu) - (TS_OPTION_LEN if template.timestamps else 0)
+        ts_len = TS_OPTION_LEN if template.timestamps else 0
+        self.mss = mss_for_guest(syn.mss, mtu) - ts_len
+        # Payload of one frame we send: an MSS-sized segment, or with offload a GSO
+        # super-frame as large as one IPv4 packet holds.
+        self.frame_payload_max = MAX_GSO_PAYLOAD - ts_len if template.offload else self.mss
         self.our_mss = min(mtu - 40, 0xFFFF)
         self.iss = iss & M32
         # Data sequence space toward the guest starts after our SYN.
@@ -454,7 +460,7 @@ class TcpNatEntry:
                 return
         elif self.state not in HOST_SENDING:
             return
-        step = MAX_GSO_PAYLOAD if self.template.offload else self.mss
+        step = self.frame_payload_max
         end = len(data)
         for start in range(0, end, step):
             chunk = data[start:start + step]

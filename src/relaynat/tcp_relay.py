@@ -123,10 +123,14 @@ class TcpRelay:
             self._new_flow(seg, key, host_ip, now)
             return
         entry = flow.entry
-        data = entry.on_guest_segment(seg, now)
-        if data is not None:
-            entry.on_host_accepted(self._write_host(flow, data), now)
-        self._execute(flow)
+        try:
+            data = entry.on_guest_segment(seg, now)
+            if data is not None:
+                entry.on_host_accepted(self._write_host(flow, data), now)
+            self._execute(flow)
+        except Exception:
+            self._fail_flow(flow)
+            return
         self._mark_dirty(flow)
 
     def _write_host(self, flow: TcpFlow, data: memoryview) -> int:
@@ -217,34 +221,51 @@ class TcpRelay:
             flow = self._by_fd.get(fd)
             if flow is None:
                 continue
-            entry = flow.entry
-            if flow.connecting:
-                if not ev & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
-                    continue
-                flow.connecting = False
-                self._pending_connects -= 1
-                err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    self.stats["tcp_connect_failed"] += 1
-                    entry.on_connect_result(False, None, now)
-                else:
-                    entry.on_connect_result(True, self._facts(flow), now)
-                self._execute(flow)
-                if err:
-                    continue
-            elif ev & select.EPOLLERR:
-                err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    self.stats["tcp_host_errors"] += 1
-                    entry.on_host_reset(now)
-                    self._execute(flow)
-                    continue
-            if ev & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP):
-                flow.host_readable = True
-            if ev & select.EPOLLOUT:
-                entry.on_host_writable(now)
-            self._mark_dirty(flow)
+            try:
+                self._host_event(flow, ev, now)
+            except Exception:
+                self._fail_flow(flow)
         self.flush()
+
+    def _host_event(self, flow: TcpFlow, ev: int, now: float) -> None:
+        entry = flow.entry
+        if flow.connecting:
+            if not ev & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
+                return
+            flow.connecting = False
+            self._pending_connects -= 1
+            err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.stats["tcp_connect_failed"] += 1
+                entry.on_connect_result(False, None, now)
+            else:
+                entry.on_connect_result(True, self._facts(flow), now)
+            self._execute(flow)
+            if err:
+                return
+        elif ev & select.EPOLLERR:
+            err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.stats["tcp_host_errors"] += 1
+                entry.on_host_reset(now)
+                self._execute(flow)
+                return
+        if ev & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP):
+            flow.host_readable = True
+        if ev & select.EPOLLOUT:
+            entry.on_host_writable(now)
+        self._mark_dirty(flow)
+
+    def _fail_flow(self, flow: TcpFlow) -> None:
+        """A bug surfaced while handling one flow: reset that flow both ways, keep the
+        others running, and say so (logged with the traceback, counted)."""
+        log.exception("internal error on the TCP flow to %s:%d; resetting it", *flow.host_addr)
+        self.stats["tcp_internal_errors"] += 1
+        entry = flow.entry
+        with contextlib.suppress(Exception):
+            self._send(entry.template.build(entry.snd_max, entry.rcv_nxt, RST | ACK, 0), b"")
+        entry.on_guest_gone()
+        self._close(flow, abortive=True)
 
     def _mark_dirty(self, flow: TcpFlow) -> None:
         if not flow.dirty:
@@ -258,12 +279,15 @@ class TcpRelay:
         for flow in dirty:
             flow.dirty = False
             entry = flow.entry
-            if not flow.connecting and not entry.closed:
-                self._pump(flow, now)
-                if not entry.closed:
-                    entry.flush(self._facts(flow), now)
-                    self._execute(flow)
-            self._schedule(flow)
+            try:
+                if not flow.connecting and not entry.closed:
+                    self._pump(flow, now)
+                    if not entry.closed:
+                        entry.flush(self._facts(flow), now)
+                        self._execute(flow)
+                self._schedule(flow)
+            except Exception:
+                self._fail_flow(flow)
         if self._dirty:
             # A flow used its share of this wakeup; finish it after others had theirs.
             self._loop.call_soon(self.flush)
@@ -399,8 +423,12 @@ class TcpRelay:
                 continue
             flow.scheduled_at = float("inf")
             entry = flow.entry
-            entry.on_timer(now, None if flow.connecting else self._facts(flow))
-            self._execute(flow)
+            try:
+                entry.on_timer(now, None if flow.connecting else self._facts(flow))
+                self._execute(flow)
+            except Exception:
+                self._fail_flow(flow)
+                continue
             if not entry.closed:
                 self._mark_dirty(flow)
         self.flush()
