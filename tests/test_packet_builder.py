@@ -169,6 +169,46 @@ def test_offload_frames(tmpl: tuple[dict, TcpFrameTemplate], seq: int, ack: int,
     assert ones_sum(pseudo_header(kw["src"], kw["dst"], 6, len(segment)) + segment) == 0xFFFF
 
 
+TS_PREFIX = b"\x01\x01\x08\x0a"
+
+
+@settings(max_examples=100, deadline=None)
+@given(templates(), st.sampled_from([0, 10, 12]), u32, u32, flag_sets, st.integers(0, 0xFFFF),
+       payload_lengths, st.integers(0, 2**32), u32, u32, st.integers(0, 3000))
+def test_timestamp_frames(tmpl: tuple[dict, TcpFrameTemplate], vlen: int, seq: int, ack: int,
+                          flags: int, window: int, length: int, seed: int, tsval: int,
+                          tsecr: int, mss: int) -> None:
+    """A template with timestamps in force puts NOP, NOP, TS (RFC 7323 Appendix A) in
+    every segment unless the caller passes its own options (a SYN-ACK)."""
+    kw = dict(tmpl[0], vnet_hdr_len=vlen, offload=vlen > 0, timestamps=True)
+    t = TcpFrameTemplate(**kw)
+    length = min(length, MAX_PAYLOAD - 12)
+    payload = payload_of(length, seed)
+    ts_opt = TS_PREFIX + struct.pack("!II", tsval, tsecr)
+    syn_opts = tcp_options_syn(1460, 7, (tsval, tsecr))
+    assert syn_opts == b"\x02\x04\x05\xb4\x01\x03\x03\x07" + ts_opt
+    for n, (opts, expect) in enumerate([(None, ts_opt), (syn_opts, syn_opts), (None, ts_opt)]):
+        this = payload if opts is None else b""
+        head = t.build(seq, ack, flags, window, this, opts, mss, tsval, tsecr)
+        assert len(head) == vlen + 54 + len(expect)
+        if vlen:
+            v_flags, gso_type, hdr_len, gso_size, _, _ = VNET_HDR.unpack_from(head)
+            assert v_flags == VIRTIO_NET_HDR_F_NEEDS_CSUM
+            assert hdr_len == 54 + len(expect)
+            gso = mss > 0 and len(this) > mss
+            assert (gso_type, gso_size) == ((1, mss) if gso else (0, 0))
+        frame = head[vlen:] + this
+        tcp = check_common(kw, frame, seq, ack, flags, window, this, expect, ip_id=n)
+        assert dpkt.tcp.parse_opts(tcp.opts)[-1] == (8, struct.pack("!II", tsval, tsecr))
+        segment = bytearray(frame[34:])
+        pseudo = pseudo_header(kw["src"], kw["dst"], 6, len(segment))
+        if vlen:  # complete the partial checksum as the guest's kernel would
+            struct.pack_into("!H", segment, 16, 0xFFFF - ones_sum(bytes(segment)))
+        assert ones_sum(pseudo + segment) == 0xFFFF
+    with pytest.raises(ValueError):
+        t.build(0, 0, ACK, 0, bytes(MAX_PAYLOAD - 11))
+
+
 def test_template_without_offload_ignores_vnet_flag() -> None:
     t = TcpFrameTemplate(dst_mac=b"\1" * 6, src_mac=b"\2" * 6, src=b"\1\1\1\1",
                          dst=b"\2\2\2\2", sport=1, dport=2, vnet_hdr_len=0, offload=True)

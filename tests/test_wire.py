@@ -57,8 +57,10 @@ tcp_option = st.one_of(
     st.integers(0, 255).map(opt_ws),  # shifts above 14 too: wire clamps them
     st.just(b"\x01"),  # NOP
     st.just(b"\x04\x02"),  # SACK permitted
-    st.tuples(st.integers(0, M32), st.integers(0, M32)).map(
-        lambda t: struct.pack("!BBII", 8, 10, *t)),  # timestamps
+    st.tuples(u32, u32).map(lambda t: struct.pack("!BBII", 8, 10, *t)),  # timestamps
+    # Timestamps as Linux lays them out (RFC 7323 Appendix A): wire's fast path.
+    st.tuples(u32, u32).map(lambda t: b"\x01\x01" + struct.pack("!BBII", 8, 10, *t)),
+    st.sampled_from([b"\x08\x09" + bytes(7), b"\x08\x0b" + bytes(9)]),  # wrong TS length
     st.lists(st.tuples(u32, u32), min_size=1, max_size=3).map(
         lambda blocks: bytes((5, 2 + 8 * len(blocks)))
         + b"".join(struct.pack("!II", *b) for b in blocks)),  # SACK blocks
@@ -88,21 +90,30 @@ def tcp_options(draw: st.DrawFn) -> bytes:
     return opts + b"\x00" * (-len(opts) % 4)
 
 
-def reference_syn_options(opts: bytes) -> tuple[int | None, int | None]:
-    """MSS and window scale from dpkt's option list, with Linux's tcp_parse_options
-    rules: stop at EOL, take only options of the right length, the last one wins,
-    and clamp the shift to 14 (RFC 7323 §2.3)."""
-    mss = wscale = None
+TS_PREFIX = b"\x01\x01\x08\x0a"
+
+
+def reference_options(opts: bytes, syn: bool) -> tuple[int | None, ...]:
+    """(mss, wscale, tsval, tsecr) from dpkt's option list, with Linux's
+    tcp_parse_options rules: stop at EOL, take only options of the right length, the
+    last one wins, MSS and window scale only on a SYN, the shift clamped to 14
+    (RFC 7323 §2.3). Like Linux's tcp_fast_parse_options, a non-SYN whose options
+    start with NOP, NOP, TS (RFC 7323 Appendix A) is read from that option alone."""
+    mss = wscale = tsval = tsecr = None
+    if not syn and len(opts) >= 12 and opts[:4] == TS_PREFIX:
+        return (None, None, *struct.unpack("!II", opts[4:12]))
     for item in dpkt.tcp.parse_opts(opts):
         assert item is not None, "the generator only builds well-formed options"
         kind, data = item
         if kind == dpkt.tcp.TCP_OPT_EOL:
             break
-        if kind == dpkt.tcp.TCP_OPT_MSS and len(data) == 2:
+        if kind == dpkt.tcp.TCP_OPT_TIMESTAMP and len(data) == 8:
+            tsval, tsecr = struct.unpack("!II", data)
+        elif syn and kind == dpkt.tcp.TCP_OPT_MSS and len(data) == 2:
             mss = struct.unpack("!H", data)[0]
-        elif kind == dpkt.tcp.TCP_OPT_WSCALE and len(data) == 1:
+        elif syn and kind == dpkt.tcp.TCP_OPT_WSCALE and len(data) == 1:
             wscale = min(data[0], 14)
-    return mss, wscale
+    return mss, wscale, tsval, tsecr
 
 
 # -- frame builders (dpkt) ----------------------------------------------------------
@@ -195,10 +206,8 @@ def test_tcp_matches_dpkt(frame: bytes) -> None:
     # dpkt's flags field is 9 bits wide (NS included); wire reads the byte RFC 9293 names.
     assert seg.flags == rtcp.flags & 0xFF
     assert bytes(seg.payload) == rtcp.data
-    if seg.flags & wire.SYN:
-        assert (seg.mss, seg.wscale) == reference_syn_options(rtcp.opts)
-    else:
-        assert (seg.mss, seg.wscale) == (None, None)
+    assert (seg.mss, seg.wscale, seg.tsval, seg.tsecr) == reference_options(
+        rtcp.opts, bool(seg.flags & wire.SYN))
 
 
 @settings(max_examples=200, deadline=None)
@@ -262,12 +271,17 @@ def test_syn_options_examples() -> None:
 
     linux = bytes.fromhex("020405b40402080a0001e2400000000001030307")
     seg = seg_with(linux)
-    assert (seg.mss, seg.wscale) == (1460, 7)
+    assert (seg.mss, seg.wscale, seg.tsval, seg.tsecr) == (1460, 7, 123456, 0)
+    # A Linux data segment: NOP, NOP, TS.
+    seg = seg_with(TS_PREFIX + struct.pack("!II", 0xFFFFFFFF, 7), wire.ACK)
+    assert (seg.mss, seg.wscale, seg.tsval, seg.tsecr) == (None, None, 0xFFFFFFFF, 7)
+    seg = seg_with(opt_mss(1000) + b"\x01\x01" + struct.pack("!BBII", 8, 10, 5, 6), wire.ACK)
+    assert (seg.mss, seg.tsval, seg.tsecr) == (None, 5, 6)
     assert (seg_with(opt_mss(536) + b"\x01" + opt_ws(15)).wscale) == 14
     assert (seg_with(opt_mss(536) + b"\x01" + opt_ws(255)).wscale) == 14
-    # Not a SYN: options are not parsed at all.
+    # Not a SYN: MSS and window scale are ignored, timestamps are not.
     seg = seg_with(linux, wire.ACK)
-    assert (seg.mss, seg.wscale) == (None, None)
+    assert (seg.mss, seg.wscale, seg.tsval) == (None, None, 123456)
     # EOL ends the list: an MSS after it is padding.
     assert seg_with(b"\x00\x00\x00\x00" + opt_mss(1000)).mss is None
     # An option running past the header: stop, keep what came before.
@@ -292,6 +306,8 @@ def parse_all(frame: bytes | bytearray, verify: bool = True) -> object:
         assert 0 <= seg.sport <= 0xFFFF and 0 <= seg.seq <= M32 and 0 <= seg.flags <= 0xFF
         assert seg.mss is None or 0 <= seg.mss <= 0xFFFF
         assert seg.wscale is None or 0 <= seg.wscale <= 14
+        assert (seg.tsval is None) == (seg.tsecr is None)
+        assert seg.tsval is None or 0 <= seg.tsval <= M32
         assert len(seg.payload) <= len(frame)
         return seg
     if ip.proto == wire.IPPROTO_UDP:
