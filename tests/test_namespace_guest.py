@@ -282,3 +282,28 @@ def test_link_formats_carry_32mib_both_ways_intact(start_peer, tmp_path, offload
     assert lines[0] == f"mtu {mtu}"
     assert lines[1].split()[0] == digest
     assert lines[2] == digest
+
+
+def test_pcap_records_both_directions_of_the_guest_link(start_peer, tmp_path) -> None:
+    import dpkt
+
+    port = start_peer("drain-then-reply")
+    pcap = tmp_path / "guest.pcap"
+    done = relaynat_run(sys.executable, GUEST_TOOLS, "half-close", GATEWAY, str(port),
+                        "--size", "100000", options=("--pcap", str(pcap)))
+    assert done.returncode == 0, done.stderr
+    syn = syn_ack = data_to_host = 0
+    with open(pcap, "rb") as f:
+        for _, raw in dpkt.pcap.Reader(f):
+            eth = dpkt.ethernet.Ethernet(raw)
+            tcp = getattr(eth.data, "data", None)
+            if not isinstance(tcp, dpkt.tcp.TCP):
+                continue
+            if tcp.dport == port and tcp.flags & dpkt.tcp.TH_SYN:
+                syn += 1
+            elif tcp.sport == port and tcp.flags & dpkt.tcp.TH_SYN:
+                syn_ack += 1
+            elif tcp.dport == port:
+                data_to_host += len(tcp.data)
+    assert (syn, syn_ack) == (1, 1)
+    assert data_to_host == 100000
