@@ -1,0 +1,567 @@
+"""TcpNatEntry, the sans-I/O TCP flow: whole conversations under loss, duplication,
+reordering, short host writes and zero windows (tests/tcp_sim.py), plus the handshake,
+reset, timer and close rules one at a time.
+
+The conversation property: the host socket receives exactly the guest's stream, in
+order, each byte once; the guest receives exactly the host's stream; no data byte is
+ever sent beyond the right edge the guest advertised; the relay never acknowledges
+bytes the host socket did not accept; every frame parses with valid checksums;
+sequence numbers stay right across the 2**32 wrap; and with FINs from both sides, in
+whatever order, the flow ends CLOSED with one non-abortive CloseHost. tcp_sim checks
+the per-step invariants and raises SimFailure with a trace; the assertions here check
+the end state.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from tcp_sim import (
+    GUEST_IP,
+    GUEST_MAC,
+    GUEST_PORT,
+    MTU,
+    RELAY_MAC,
+    REMOTE_IP,
+    REMOTE_PORT,
+    Scenario,
+    TcpSim,
+)
+
+from relaynat.checksum import ipv4_pseudo_header_sum, verify
+from relaynat.nat_entry import (
+    CloseHost,
+    ConsumeHost,
+    RewindHost,
+    SendFrame,
+    ShutdownHostWrite,
+    TcpNatEntry,
+    rst_for_unknown,
+)
+from relaynat.packet_builder import TcpFrameTemplate, tcp_options_syn
+from relaynat.tcp_state import TcpState
+from relaynat.window import (
+    DATA_RETRIES_MAX,
+    SYN_RETRIES_MAX,
+    WINDOW_DEFAULT,
+    SocketFacts,
+    TcpInfo,
+)
+from relaynat.wire import (
+    ACK,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    TcpSegment,
+    parse_ethernet,
+    parse_ipv4,
+    parse_tcp,
+)
+
+M32 = 0xFFFFFFFF
+
+#: Initial sequence numbers: a conversation of a few KB from here crosses 2**32.
+isns = st.one_of(st.integers(2**32 - 3000, 2**32 - 1), st.integers(2**32 - 100_000, 2**32 - 1),
+                 st.integers(0, M32))
+
+
+# -- whole conversations ------------------------------------------------------------------
+
+@st.composite
+def scenarios(draw: st.DrawFn, faults: bool = True) -> Scenario:
+    size = st.one_of(st.integers(0, 3000), st.integers(0, 50_000))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rnd = random.Random(seed)
+    wscale = draw(st.one_of(st.none(), st.integers(0, 14)))
+    host_data = rnd.randbytes(draw(size))
+    sc = Scenario(
+        guest_data=rnd.randbytes(draw(size)),
+        host_data=host_data,
+        guest_isn=draw(isns),
+        relay_iss=draw(isns),
+        guest_mss=draw(st.integers(100, 1460)),
+        guest_wscale=wscale,
+        # Down to a byte of window, but not so small that a transfer takes forever.
+        guest_rcvbuf=max(len(host_data) // 200,
+                         draw(st.one_of(st.integers(1, 4000), st.integers(1, 200_000)))),
+        host_sndbuf=draw(st.integers(1000, 131_072)),
+        host_rcv_space=draw(st.integers(0, 65_535)),
+        rtt_us=draw(st.integers(1, 4_000_000)),
+        guest_fin=draw(st.booleans()),
+        host_fin=draw(st.booleans()),
+        fin_order=draw(st.sampled_from([None, "guest_first", "host_first", "crossing"])),
+        offload=draw(st.booleans()),
+        facts_on_connect=draw(st.booleans()),
+        slow_peer=draw(st.booleans()),
+        guest_timestamps=draw(st.booleans()),
+        guest_ts_base=draw(isns),
+        seed=seed,
+    )
+    if faults:
+        rates = st.sampled_from([0.0, 0.01, 0.05, 0.2, 0.5])
+        sc.loss = draw(rates)
+        sc.dup = draw(rates)
+        sc.reorder = draw(rates)
+        sc.short_write = draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]))
+        sc.premature_tick = draw(st.sampled_from([0.0, 0.02, 0.3]))
+    else:
+        sc.defer_flush = 0.0
+        # A lossless link needs no zero-window probes: the relay must announce a
+        # reopened window by itself.
+        sc.guest_probes = draw(st.booleans())
+    return sc
+
+
+def check_outcome(sim: TcpSim) -> None:
+    sc, e, h, g = sim.sc, sim.entry, sim.host, sim.guest
+    assert e is not None
+    assert bytes(h.received) == sc.guest_data
+    assert bytes(g.rcv) == sc.host_data
+    assert e.bytes_from_guest == len(sc.guest_data)
+    assert e.bytes_to_guest == len(sc.host_data)
+    assert h.consumed == len(sc.host_data)
+    if sc.guest_fin and sc.host_fin:
+        assert e.state is TcpState.CLOSED
+        assert sim.close_actions == [CloseHost(abortive=False)]
+    else:
+        assert sim.close_actions == []
+        expected = {(True, False): TcpState.CLOSE_WAIT, (False, True): TcpState.FIN_WAIT_2,
+                    (False, False): TcpState.ESTABLISHED}[(sc.guest_fin, sc.host_fin)]
+        assert e.state is expected
+    if not sc.guest_fin:
+        assert not h.shut_wr
+    elif e.state is not TcpState.CLOSED:
+        assert h.shut_wr
+    # (With both FINs the host socket was shut down, or closed at the guest's FIN.)
+    assert g.rcv_fin == sc.host_fin
+    assert not g.reset or e.closed  # only the shell's RST after the flow is gone
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+@example(Scenario(guest_data=bytes(range(256)) * 40, host_data=bytes(range(255, -1, -1)) * 60,
+                  guest_isn=M32 - 3000, relay_iss=M32 - 7000, guest_mss=100, guest_wscale=14,
+                  guest_rcvbuf=3000, host_sndbuf=1000, loss=0.2, dup=0.2, reorder=0.2,
+                  short_write=0.5, premature_tick=0.3, seed=7))
+def test_lossy_conversation(sc: Scenario) -> None:
+    check_outcome(TcpSim(sc).run())
+
+
+@settings(max_examples=40, deadline=None)
+@given(scenarios(faults=False))
+def test_clean_conversation(sc: Scenario) -> None:
+    sim = TcpSim(sc).run()
+    check_outcome(sim)
+    assert sim.stats["lost_to_guest"] == sim.stats["lost_to_relay"] == 0
+    # Nothing was lost, so nothing is sent to the guest twice.
+    assert sim.stats["rewinds"] == 0
+
+
+@pytest.mark.parametrize(("order", "path"), [
+    ("guest_first", [TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.LAST_ACK]),
+    ("host_first", [TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2]),
+    ("crossing", [TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.CLOSING]),
+])
+def test_fin_orders(order: str, path: list[TcpState]) -> None:
+    """Both FINs in each order end CLOSED with one orderly CloseHost, through the
+    states RFC 9293 §3.3.2 names for that order."""
+    hits = 0
+    for seed in range(40):
+        sc = Scenario(guest_data=b"g" * 3000, host_data=b"h" * 5000, guest_mss=500, seed=seed,
+                      guest_isn=M32 - 1000, relay_iss=M32 - 2000, fin_order=order,
+                      loss=0.05 * (seed % 3), dup=0.05 * (seed % 2))
+        sim = TcpSim(sc).run()
+        check_outcome(sim)
+        states = [st for st in sim.states if st is not TcpState.CONNECTING]
+        assert states[0] is TcpState.SYN_RCVD and states[-1] is TcpState.CLOSED
+        if order == "host_first" and states[1:-1] == path[:2]:
+            pass  # the guest's FIN also carried the ACK of ours: FIN_WAIT_2 not seen
+        elif order != "crossing":
+            assert states[1:-1] == path
+        elif states[1:-1] == path:
+            hits += 1
+        else:  # the FINs did not cross this time: one of the other two paths
+            assert states[1:-1][:2] in ([TcpState.ESTABLISHED, TcpState.CLOSE_WAIT],
+                                        [TcpState.ESTABLISHED, TcpState.FIN_WAIT_1])
+    assert order != "crossing" or hits >= 5
+
+
+# -- single steps ---------------------------------------------------------------------------
+
+GUEST_T = TcpFrameTemplate(dst_mac=RELAY_MAC, src_mac=GUEST_MAC, src=GUEST_IP, dst=REMOTE_IP,
+                           sport=GUEST_PORT, dport=REMOTE_PORT)
+
+
+def relay_template() -> TcpFrameTemplate:
+    return TcpFrameTemplate(dst_mac=GUEST_MAC, src_mac=RELAY_MAC, src=REMOTE_IP, dst=GUEST_IP,
+                            sport=REMOTE_PORT, dport=GUEST_PORT)
+
+
+def guest_seg(seq: int, ack: int, flags: int, window: int = 65535, payload: bytes = b"",
+              options: bytes = b"") -> TcpSegment:
+    head = GUEST_T.build(seq & M32, ack & M32, flags, window, payload, options)
+    return parse_tcp(parse_ipv4(parse_ethernet(memoryview(head + payload)).payload))
+
+
+def sent(actions: list) -> list[TcpSegment]:
+    """The frames among `actions`, parsed and checksum-verified."""
+    out = []
+    for a in actions:
+        if isinstance(a, SendFrame):
+            frame = a.head + bytes(a.payload)
+            ip = parse_ipv4(parse_ethernet(memoryview(frame)).payload)
+            assert verify(ip.payload, ipv4_pseudo_header_sum(REMOTE_IP, GUEST_IP, 6,
+                                                             len(ip.payload)))
+            seg = parse_tcp(ip)
+            assert (seg.sport, seg.dport) == (REMOTE_PORT, GUEST_PORT)
+            out.append(seg)
+    return out
+
+
+def syn(isn: int, wscale: int | None = 7, mss: int = 1460, window: int = 65535) -> TcpSegment:
+    return guest_seg(isn, 0, SYN, window, options=tcp_options_syn(mss, wscale))
+
+
+def established(isn: int, iss: int, wscale: int | None = 7, mss: int = 1460,
+                window: int = 65535) -> TcpNatEntry:
+    e = TcpNatEntry(syn(isn, wscale, mss), template=relay_template(), mtu=MTU, iss=iss, now=0.0)
+    e.on_connect_result(True, None, 0.0)
+    e.take_actions()
+    e.on_guest_segment(guest_seg(isn + 1, iss + 1, ACK, window), 0.0)
+    assert e.state is TcpState.ESTABLISHED
+    assert e.take_actions() == []
+    return e
+
+
+@given(isns, isns, st.one_of(st.none(), st.integers(0, 14)), st.integers(1, 65535))
+@example(M32, M32, 7, 1460)
+@example(M32, 0, None, 536)
+def test_handshake(isn: int, iss: int, wscale: int | None, mss: int) -> None:
+    e = TcpNatEntry(syn(isn, wscale, mss), template=relay_template(), mtu=MTU, iss=iss, now=0.0)
+    assert e.state is TcpState.CONNECTING
+    assert e.take_actions() == []  # nothing until the host connect() is done
+    # A retransmitted SYN while connecting changes nothing.
+    assert e.on_guest_segment(syn(isn, wscale, mss), 0.5) is None
+    assert e.take_actions() == []
+    e.on_connect_result(True, None, 1.0)
+    assert e.state is TcpState.SYN_RCVD
+    (sa,) = sent(e.take_actions())
+    assert sa.flags == SYN | ACK
+    assert (sa.seq, sa.ack) == (iss, (isn + 1) & M32)
+    assert sa.mss == MTU - 40
+    assert sa.wscale == (8 if wscale is not None else None)
+    assert sa.window == WINDOW_DEFAULT  # unscaled in a SYN (RFC 7323 §2.2)
+    # The guest lost it and sends its SYN again: the same SYN-ACK.
+    e.on_guest_segment(syn(isn, wscale, mss), 1.5)
+    (again,) = sent(e.take_actions())
+    assert (again.flags, again.seq, again.ack) == (SYN | ACK, iss, (isn + 1) & M32)
+    # An ACK of something else does not complete the handshake.
+    e.on_guest_segment(guest_seg(isn + 1, iss + 2, ACK), 1.6)
+    assert e.state is TcpState.SYN_RCVD
+    e.on_guest_segment(guest_seg(isn + 1, iss + 1, ACK, 1000), 2.0)
+    assert e.state is TcpState.ESTABLISHED
+    assert e.take_actions() == []
+    assert e.mss == min(mss, MTU - 40)
+    assert e.host_read_budget() == 1000 << (min(wscale, 14) if wscale is not None else 0)
+    assert e.syn_at is None and e.connect_deadline is None
+
+
+def test_syn_ack_retransmission_and_limit() -> None:
+    e = TcpNatEntry(syn(100), template=relay_template(), mtu=MTU, iss=200, now=0.0)
+    e.on_connect_result(True, None, 0.0)
+    e.take_actions()
+    t, expiries = 0.0, 0
+    while not e.closed:
+        t = e.next_deadline()
+        e.on_timer(t, None)
+        segs = sent(e.take_actions())
+        expiries += 1
+        if expiries <= SYN_RETRIES_MAX:
+            assert [(s.flags, s.seq) for s in segs] == [(SYN | ACK, 200)]
+    assert expiries == SYN_RETRIES_MAX + 1
+    assert t == sum(1 << i for i in range(SYN_RETRIES_MAX + 1))  # 1+2+4+8+16 s
+
+
+def test_connect_refused_and_timeout() -> None:
+    e = TcpNatEntry(syn(M32), template=relay_template(), mtu=MTU, iss=5, now=0.0)
+    e.on_connect_result(False, None, 0.1)
+    acts = e.take_actions()
+    (rst,) = sent(acts)
+    assert (rst.flags, rst.seq, rst.ack) == (RST | ACK, 0, 0)  # ack = isn + 1 wraps to 0
+    assert acts[-1] == CloseHost(abortive=False)
+    assert e.closed
+
+    e = TcpNatEntry(syn(7), template=relay_template(), mtu=MTU, iss=5, now=0.0,
+                    connect_timeout_s=10.0)
+    assert e.next_deadline() == 10.0
+    e.on_timer(9.99, None)
+    assert e.take_actions() == [] and not e.closed
+    e.on_timer(10.0, None)
+    acts = e.take_actions()
+    (rst,) = sent(acts)
+    assert (rst.flags, rst.ack) == (RST | ACK, 8)
+    assert acts[-1] == CloseHost(abortive=False)
+
+
+@given(isns, isns, st.integers(-(2**31), 2**31 - 1))
+@example(M32, M32, 0)
+@example(M32, 0, 1)
+@example(0, 0, -1)
+def test_guest_rst_only_at_rcv_nxt(isn: int, iss: int, delta: int) -> None:
+    """RFC 5961 §3.2: a RST resets only at exactly rcv_nxt; then abortively."""
+    e = established(isn, iss)
+    e.on_guest_segment(guest_seg(isn + 1, iss + 1, ACK, payload=b"abc"), 0.1)
+    e.on_host_accepted(3, 0.1)
+    e.take_actions()
+    rcv_nxt = (isn + 4) & M32
+    assert e.rcv_nxt == rcv_nxt
+    e.on_guest_segment(guest_seg(rcv_nxt + delta, iss + 1, RST | ACK), 0.2)
+    acts = e.take_actions()
+    if delta == 0:
+        assert acts == [CloseHost(abortive=True)]
+        assert e.state is TcpState.CLOSED
+        # Nothing afterwards.
+        assert e.on_guest_segment(guest_seg(rcv_nxt, iss + 1, ACK, payload=b"x"), 0.3) is None
+        e.on_timer(1e9, None)
+        assert e.take_actions() == []
+    else:
+        assert acts == []
+        assert e.state is TcpState.ESTABLISHED
+
+
+def test_rst_in_syn_rcvd_and_connecting() -> None:
+    e = TcpNatEntry(syn(10), template=relay_template(), mtu=MTU, iss=20, now=0.0)
+    e.on_connect_result(True, None, 0.0)
+    e.take_actions()
+    e.on_guest_segment(guest_seg(12345, 0, RST), 0.1)  # any sequence in SYN_RCVD
+    assert e.take_actions() == [CloseHost(abortive=True)] and e.closed
+
+    e = TcpNatEntry(syn(10), template=relay_template(), mtu=MTU, iss=20, now=0.0)
+    e.on_guest_segment(guest_seg(12345, 0, RST), 0.1)
+    assert e.take_actions() == [] and e.state is TcpState.CONNECTING
+    e.on_guest_segment(guest_seg(11, 0, RST), 0.1)
+    assert e.take_actions() == [CloseHost(abortive=True)] and e.closed
+
+
+@given(isns, isns, st.sampled_from([0, SYN, FIN, SYN | FIN, ACK, ACK | FIN, ACK | PSH, RST,
+                                    RST | ACK, SYN | ACK]),
+       st.integers(0, 3000))
+@example(M32, 77, SYN | FIN, 0)
+@example(M32 - 2, 77, FIN, 2)
+def test_rst_for_unknown(seq: int, ack: int, flags: int, length: int) -> None:
+    """RFC 9293 §3.10.7.1 (CLOSED state)."""
+    seg = guest_seg(seq, ack, flags, payload=bytes(length))
+    answer = rst_for_unknown(seg)
+    if flags & RST:
+        assert answer is None
+    elif flags & ACK:
+        assert answer == (ack, 0, RST)
+    else:
+        seg_len = length + bool(flags & SYN) + bool(flags & FIN)
+        assert answer == (0, (seq + seg_len) % 2**32, RST | ACK)
+
+
+def test_host_reset_resets_guest() -> None:
+    e = established(M32 - 1, M32 - 1)
+    e.on_host_data(memoryview(b"x" * 10), 0.1)
+    e.take_actions()
+    e.on_host_reset(0.2)
+    acts = e.take_actions()
+    (rst,) = sent(acts)
+    assert rst.flags == RST | ACK
+    assert rst.seq == (M32 - 1 + 1 + 10) & M32  # the highest sequence sent
+    assert rst.ack == M32  # guest isn + 1
+    assert acts[-1] == CloseHost(abortive=False)
+
+
+def test_host_data_respects_window_and_mss() -> None:
+    e = established(1000, M32 - 500, wscale=2, mss=300, window=100)  # 400 bytes of window
+    assert e.host_read_budget() == 400
+    e.on_host_data(memoryview(bytes(range(256)) * 2)[:400], 0.0)
+    segs = sent(e.take_actions())
+    assert [len(s.payload) for s in segs] == [300, 100]
+    assert [s.seq for s in segs] == [M32 - 499, (M32 - 199) & M32]
+    assert segs[0].flags == ACK and segs[1].flags == ACK | PSH
+    assert e.host_read_budget() == 0 and e.bytes_in_flight == 400
+    # A partial ACK across the wrap consumes exactly the acknowledged bytes.
+    e.on_guest_segment(guest_seg(1001, M32 - 499 + 300, ACK, 100), 0.1)
+    assert e.take_actions() == [ConsumeHost(300)]
+    assert e.host_read_budget() == 300
+
+
+def test_zero_window_persist_probe() -> None:
+    e = established(1, 1, wscale=None, window=0)
+    assert e.host_read_budget() == 0
+    e.on_host_blocked(5.0)
+    assert e.next_deadline() == 6.0  # RTO base, no data in flight
+    e.on_timer(6.0, None)
+    (probe,) = sent(e.take_actions())
+    assert (probe.flags, probe.seq, len(probe.payload)) == (ACK, 1, 0)  # snd_una - 1
+    e.on_host_blocked(6.0)
+    assert e.next_deadline() == 8.0  # backed off
+    # The guest answers with an open window.
+    e.on_guest_segment(guest_seg(2, 2, ACK, 500), 6.5)
+    assert e.host_read_budget() == 500
+
+
+def test_data_retransmission_limit() -> None:
+    e = established(1, 1)
+    e.on_host_data(memoryview(b"z" * 100), 0.0)
+    e.take_actions()
+    expiries = 0
+    while not e.closed:
+        e.on_timer(e.next_deadline(), None)
+        acts = e.take_actions()
+        expiries += 1
+        if not e.closed:
+            assert acts == [RewindHost()]
+            assert e.bytes_in_flight == 0 and e.host_read_budget() > 0
+            e.on_host_data(memoryview(b"z" * 100), 0.0)  # what the shell does after it
+            assert [len(s.payload) for s in sent(e.take_actions())] == [100]
+        else:
+            assert sent(acts)[0].flags == RST | ACK
+            assert acts[-1] == CloseHost(abortive=True)
+    assert expiries == DATA_RETRIES_MAX + 1
+
+
+def test_fast_retransmit_on_three_dup_acks() -> None:
+    e = established(1, 1)
+    e.on_host_data(memoryview(b"a" * 3000), 0.0)
+    e.take_actions()
+    for _ in range(2):
+        e.on_guest_segment(guest_seg(2, 2, ACK, 65535), 0.1)
+        assert e.take_actions() == []
+    e.on_guest_segment(guest_seg(2, 2, ACK, 65535), 0.1)
+    assert e.take_actions() == [RewindHost()]
+    assert e.bytes_in_flight == 0
+
+
+def test_data_lost_before_our_fin_is_sent_again() -> None:
+    """Regression: after our FIN, a rewind must still let the data before it out, then
+    the FIN again (this used to stall until the flow was reset)."""
+    e = established(1, M32 - 10)
+    e.on_host_data(memoryview(b"0123456789ABCDEFGHIJ"), 0.0)
+    e.on_host_eof(0.0)
+    segs = sent(e.take_actions())
+    assert segs[-1].flags == FIN | ACK and segs[-1].seq == (M32 - 10 + 1 + 20) & M32
+    assert e.state is TcpState.FIN_WAIT_1
+    assert e.host_read_budget() == 0
+    # The guest got the first 5 bytes only; RTO.
+    e.on_guest_segment(guest_seg(2, M32 - 10 + 1 + 5, ACK), 0.1)
+    assert e.take_actions() == [ConsumeHost(5)]
+    e.on_timer(e.rto_at, None)
+    assert e.take_actions() == [RewindHost()]
+    assert e.host_read_budget() == 15
+    e.on_host_data(memoryview(b"56789ABCDEFGHIJ-EOF-is-not-data"), 2.0)
+    segs = sent(e.take_actions())
+    assert bytes(segs[0].payload) == b"56789ABCDEFGHIJ"
+    assert segs[-1].flags == FIN | ACK and segs[-1].seq == (M32 - 10 + 1 + 20) & M32
+    assert e.host_read_budget() == 0
+    e.on_guest_segment(guest_seg(2, M32 - 10 + 1 + 21, ACK), 2.1)
+    assert e.take_actions() == [ConsumeHost(15)]
+    assert e.state is TcpState.FIN_WAIT_2 and e.host_read_budget() == 0
+
+
+def test_short_host_write_acks_only_accepted() -> None:
+    e = established(M32 - 2, 1)
+    data = e.on_guest_segment(guest_seg(M32 - 1, 2, ACK | PSH, payload=b"hello world"), 0.0)
+    assert bytes(data) == b"hello world"
+    e.on_host_accepted(4, 0.0)
+    e.flush(None, 0.0)
+    (ack,) = sent(e.take_actions())
+    assert ack.ack == (M32 - 1 + 4) & M32
+    # The guest resends from there; overlapping bytes are not returned twice.
+    data = e.on_guest_segment(guest_seg(M32 - 1, 2, ACK, payload=b"hello world!"), 0.1)
+    assert bytes(data) == b"o world!"
+    e.on_host_accepted(len(data), 0.1)
+    # Once the socket is writable again: a window update and three duplicate ACKs.
+    e.on_guest_segment(guest_seg(M32 - 1 + 12, 2, ACK, payload=b"more"), 0.2)
+    e.on_host_accepted(0, 0.2)
+    e.take_actions()
+    e.on_host_writable(0.3)
+    e.flush(None, 0.3)
+    acks = sent(e.take_actions())
+    assert len(acks) == 4 and {a.ack for a in acks} == {(M32 - 1 + 12) & M32}
+
+
+def test_window_from_socket_facts() -> None:
+    e = established(1, 1, wscale=7)
+    info = TcpInfo(rtt_us=2000, rcv_space=10_000, snd_wnd=300_000)
+    e.on_guest_segment(guest_seg(2, 2, ACK, payload=b"q"), 0.0)
+    e.on_host_accepted(1, 0.0)
+    e.flush(SocketFacts(info, sndbuf=1_000_000, outq=100_000), 0.0)
+    (ack,) = sent(e.take_actions())
+    assert ack.window == 300_000 >> 8  # our shift is 8
+    # A full send buffer closes the window; the ACK check timer watches it.
+    e.on_guest_segment(guest_seg(3, 2, ACK, payload=b"r"), 0.0)
+    e.on_host_accepted(1, 0.0)
+    e.flush(SocketFacts(info, sndbuf=1_000_000, outq=500_000), 0.0)
+    (ack,) = sent(e.take_actions())
+    assert ack.window == 0
+    assert e.ack_check_at == pytest.approx(0.0016)  # RTT 2 ms kept as 3.2 ms; half
+    e.on_timer(0.0016, SocketFacts(info, sndbuf=1_000_000, outq=0))
+    (update,) = sent(e.take_actions())
+    assert update.window == 300_000 >> 8 and update.ack == 4
+
+
+def test_guest_fin_then_host_fin() -> None:
+    e = established(M32, M32)
+    assert e.on_guest_segment(guest_seg(0, 0, ACK | FIN), 0.0) is None
+    acts = e.take_actions()
+    assert acts[0] == ShutdownHostWrite()
+    (ack,) = sent(acts)
+    assert ack.ack == 1 and e.state is TcpState.CLOSE_WAIT
+    e.on_host_eof(0.1)
+    (fin,) = sent(e.take_actions())
+    assert fin.flags == FIN | ACK and fin.seq == 0 and e.state is TcpState.LAST_ACK
+    e.on_guest_segment(guest_seg(1, 1, ACK), 0.2)
+    assert e.take_actions() == [CloseHost(abortive=False)]
+    assert e.state is TcpState.CLOSED
+
+
+def ts_opt(tsval: int, tsecr: int) -> bytes:
+    return b"\x01\x01\x08\x0a" + tsval.to_bytes(4, "big") + tsecr.to_bytes(4, "big")
+
+
+@given(isns, isns, isns)
+@example(M32, M32, M32 - 1)
+def test_timestamps(isn: int, iss: int, guest_ts: int) -> None:
+    """RFC 7323: with timestamps offered, every segment carries TSval (a ms clock that
+    never goes back) and TSecr = TS.Recent, which only follows the segment at the left
+    edge of what we acknowledge (§4.3); the payload per segment loses the option's 12
+    bytes (RFC 6691)."""
+    ts = lambda k: (guest_ts + k) & M32  # noqa: E731
+    syn_seg = guest_seg(isn, 0, SYN, 65535, options=tcp_options_syn(1460, 7, (ts(0), 0)))
+    assert syn_seg.tsval == ts(0)
+    tmpl = TcpFrameTemplate(dst_mac=GUEST_MAC, src_mac=RELAY_MAC, src=REMOTE_IP, dst=GUEST_IP,
+                            sport=REMOTE_PORT, dport=GUEST_PORT, timestamps=True)
+    e = TcpNatEntry(syn_seg, template=tmpl, mtu=MTU, iss=iss, now=0.0)
+    assert e.mss == 1460 - 12
+    e.on_connect_result(True, None, 0.0)
+    (sa,) = sent(e.take_actions())
+    assert (sa.flags, sa.tsecr, sa.mss, sa.wscale) == (SYN | ACK, ts(0), MTU - 40, 8)
+    first_tsval = sa.tsval
+    e.on_guest_segment(guest_seg(isn + 1, iss + 1, ACK, 1000, options=ts_opt(ts(5), sa.tsval)),
+                       0.010)
+    assert e.state is TcpState.ESTABLISHED
+    data = e.on_guest_segment(guest_seg(isn + 1, iss + 1, ACK, 1000, b"0123456789",
+                                        ts_opt(ts(10), sa.tsval)), 0.020)
+    e.on_host_accepted(len(data), 0.020)
+    e.flush(None, 0.020)
+    (ack,) = sent(e.take_actions())
+    assert (ack.ack, ack.tsecr) == ((isn + 11) & M32, ts(10))
+    assert (ack.tsval - first_tsval) & M32 == 20  # milliseconds
+    # Out of order (a gap before it): the duplicate ACK still echoes the left edge's TSval.
+    e.on_guest_segment(guest_seg(isn + 31, iss + 1, ACK, 1000, b"x" * 10,
+                                 ts_opt(ts(30), sa.tsval)), 0.030)
+    (dup,) = sent(e.take_actions())
+    assert (dup.ack, dup.tsecr) == ((isn + 11) & M32, ts(10))
+    # Host data: segments of mss - 12 bytes, each with the option.
+    e.on_host_data(memoryview(bytes(3000)), 2.5)
+    segs = sent(e.take_actions())
+    assert [len(s.payload) for s in segs] == [1448, 1448, 104]
+    assert all(s.tsecr == ts(10) and (s.tsval - first_tsval) & M32 == 2500 for s in segs)
