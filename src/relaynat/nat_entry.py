@@ -476,19 +476,20 @@ class TcpNatEntry:
 
     def on_host_blocked(self, now: float) -> None:
         """The host has data but `host_read_budget()` is 0: probe a zero window."""
-        if self.persist_at is None and not self.bytes_in_flight and not self.closed:
+        if (self.persist_at is None and not self.bytes_in_flight
+                and self.state in HOST_SENDING):
             self.persist_at = now + rto_s(self.persist_count, False)
 
     def on_host_eof(self, now: float) -> None:
-        """The peer closed its side and every byte of it has been sent: FIN the guest."""
-        if self.state not in HOST_SENDING and self.fin_seq is None:
+        """The peer closed its side and every byte of it has been sent: FIN the guest.
+
+        Once: a retransmitted FIN goes out from `_rewind` or `on_host_data`, because the
+        shell never peeks past the FIN again (`host_read_budget` stops there)."""
+        if self.state not in HOST_SENDING or self.fin_seq is not None:
             return
         self.now = now
-        if self.fin_seq is None:
-            self.fin_seq = self.snd_nxt
-            self._event(TcpEvent.OUR_FIN_SENT)
-        elif self.fin_acked or self.snd_nxt != self.fin_seq:
-            return
+        self.fin_seq = self.snd_nxt
+        self._event(TcpEvent.OUR_FIN_SENT)
         self._emit(self.fin_seq, FIN | ACK)
         self._arm_rto(now)
 

@@ -70,9 +70,9 @@ def udp_frame(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport: int
     length = 8 + len(payload)
     udp = bytearray(_UDP.pack(sport, dport, length, 0))
     pseudo = int.from_bytes(src + dst, "big") + IPPROTO_UDP + length
-    csum = finish(pseudo + partial_sum(udp) + partial_sum(payload))
-    # RFC 768: a computed checksum of zero is sent as all ones (zero means "none").
-    _U16.pack_into(udp, 6, csum or 0xFFFF)
+    # RFC 768: a computed checksum of zero must be sent as all ones (zero means "none");
+    # finish() already returns 0xFFFF for a zero sum, never 0.
+    _U16.pack_into(udp, 6, finish(pseudo + partial_sum(udp) + partial_sum(payload)))
     return (ethernet_header(dst_mac, src_mac, ETHERTYPE_IPV4)
             + ipv4_header(src, dst, IPPROTO_UDP, length, ident) + bytes(udp) + payload)
 
