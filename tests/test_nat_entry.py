@@ -565,3 +565,25 @@ def test_timestamps(isn: int, iss: int, guest_ts: int) -> None:
     segs = sent(e.take_actions())
     assert [len(s.payload) for s in segs] == [1448, 1448, 104]
     assert all(s.tsecr == ts(10) and (s.tsval - first_tsval) & M32 == 2500 for s in segs)
+
+
+def test_idle_timeout_resets_both_ways_and_traffic_postpones_it() -> None:
+    e = TcpNatEntry(syn(5000, 7, 1460), template=relay_template(), mtu=MTU, iss=9000,
+                    now=0.0, idle_timeout_s=30.0)
+    e.on_connect_result(True, None, 0.0)
+    e.take_actions()
+    e.on_guest_segment(guest_seg(5001, 9001, ACK, 65535), 1.0)
+    assert e.state is TcpState.ESTABLISHED
+    e.on_guest_segment(guest_seg(5001, 9001, ACK, 65535, b"hi"), 20.0)
+    e.on_host_accepted(2, 20.0)
+    e.flush(None, 20.0)
+    e.take_actions()
+    assert e.next_deadline() == 50.0  # 30 s after the last guest segment
+    e.on_timer(49.9, None)
+    assert e.state is TcpState.ESTABLISHED and e.take_actions() == []
+    e.on_timer(50.0, None)
+    acts = e.take_actions()
+    (rst,) = sent(acts)
+    assert rst.flags == RST | ACK and rst.seq == 9001 and rst.ack == 5003
+    assert acts[-1] == CloseHost(abortive=True)
+    assert e.state is TcpState.CLOSED
