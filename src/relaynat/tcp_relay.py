@@ -78,6 +78,10 @@ class TcpFlow:
     scheduled_at: float = float("inf")
     host_addr: tuple[str, int] = ("", 0)
     dirty: bool = field(default=False)
+    #: Bytes the guest acknowledged that are still in the socket's receive queue: they
+    #: are dropped once per batch (one recv(MSG_TRUNC) for many ACKs), and always before
+    #: a rewind or a fallback peek, which count from the queue's head.
+    consume_pending: int = 0
 
 
 class TcpRelay:
@@ -295,6 +299,8 @@ class TcpRelay:
     def _pump(self, flow: TcpFlow, now: float) -> None:
         entry = flow.entry
         sock = flow.sock
+        if flow.consume_pending:
+            self._consume(flow)
         for _ in range(_PUMP_ROUNDS):
             if not flow.host_readable or entry.closed:
                 return
@@ -354,8 +360,10 @@ class TcpRelay:
             if type(action) is SendFrame:
                 self._send(action.head, action.payload)
             elif type(action) is ConsumeHost:
-                self._consume(flow, action.nbytes)
+                flow.consume_pending += action.nbytes
+                self._mark_dirty(flow)
             elif type(action) is RewindHost:
+                self._consume(flow)
                 if flow.peek_offset_supported:
                     sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
                 flow.host_readable = True
@@ -367,7 +375,8 @@ class TcpRelay:
             elif type(action) is CloseHost:
                 self._close(flow, action.abortive)
 
-    def _consume(self, flow: TcpFlow, nbytes: int) -> None:
+    def _consume(self, flow: TcpFlow) -> None:
+        nbytes, flow.consume_pending = flow.consume_pending, 0
         while nbytes > 0:
             try:
                 got = flow.sock.recv_into(self._trunc_buf, min(nbytes, len(self._trunc_buf)),
