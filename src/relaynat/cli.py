@@ -11,8 +11,9 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from relaynat import __version__
 from relaynat.config import MAX_MTU, MIN_MTU, ConfigError, RelayConfig, parse_ipv4
@@ -72,15 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="open the TAP without virtio-net header (no TSO/checksum offload)")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
-    serve = sub.add_parser("serve", help="serve a qemu/libkrun guest over a unix socket",
+    serve = sub.add_parser("serve", help="serve a qemu/libkrun/vfkit guest over a unix socket",
                            description="qemu: -netdev stream,id=n0,server=off,addr.type=unix,"
-                                       "addr.path=PATH -device virtio-net-pci,netdev=n0")
+                                       "addr.path=PATH -device virtio-net-pci,netdev=n0 "
+                                       "(--socket PATH); -netdev dgram,id=n0,local.type=unix,"
+                                       "local.path=QEMU_SOCK,remote.type=unix,remote.path=PATH "
+                                       "(--unixgram PATH). vfkit/krunkit: --device virtio-net,"
+                                       "unixSocketPath=PATH (--unixgram PATH).")
     _add_common(serve)
     where = serve.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", "-s", metavar="PATH",
-                       help="listen on this unix socket (a stale file is replaced)")
+                       help="listen on this unix stream socket, qemu -netdev stream "
+                            "(a stale file is replaced)")
+    where.add_argument("--unixgram", metavar="PATH",
+                       help="bind this unix datagram socket: qemu -netdev dgram, vfkit, "
+                            "krunkit, libkrun unixgram (a leftover socket file is replaced)")
     where.add_argument("--fd", type=int, metavar="N",
-                       help="use this already-connected unix stream socket")
+                       help="use this inherited unix socket: stream (qemu stream framing) "
+                            "or datagram (one frame per datagram), by its type")
 
     demo = sub.add_parser("demo", help="download through the relay and print hash and speed",
                           description="Starts an HTTP server on host loopback, a namespace "
@@ -130,8 +140,19 @@ def _print_stats(stats: dict[str, int]) -> None:
         print(f"{key:32} {stats[key]}", file=sys.stderr)
 
 
+def _socket_type(fd: int) -> int:
+    """SOCK_STREAM or SOCK_DGRAM of an inherited fd (OSError if it is not a socket)."""
+    sock = socket.socket(fileno=fd)  # reads SO_DOMAIN/SO_TYPE; ENOTSOCK otherwise
+    kind = sock.type
+    sock.detach()
+    return kind
+
+
 async def _serve(config: RelayConfig, args: argparse.Namespace) -> int:
     from relaynat.relay import Relay
+    from relaynat.unixgram import attach_unixgram_fd, serve_unixgram
+
+    extra_stats: Callable[[], dict[str, int]] = dict
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -144,15 +165,24 @@ async def _serve(config: RelayConfig, args: argparse.Namespace) -> int:
             await stop.wait()
             if os.path.exists(args.socket):
                 os.unlink(args.socket)
+        elif args.unixgram:
+            server = serve_unixgram(relay, args.unixgram)
+            extra_stats = server.stats
+            log.info("bound %s", args.unixgram)
+            await stop.wait()
+            server.close()
         else:
-            relay.attach_stream_fd(args.fd)
+            if _socket_type(args.fd) == socket.SOCK_DGRAM:
+                extra_stats = attach_unixgram_fd(relay, args.fd).stats
+            else:
+                relay.attach_stream_fd(args.fd)
             lost = asyncio.ensure_future(relay.transport_lost_event.wait())
             stopped = asyncio.ensure_future(stop.wait())
             await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
             lost.cancel()
             stopped.cancel()
         if args.stats:
-            _print_stats(relay.stats())
+            _print_stats({**relay.stats(), **extra_stats()})
     return 0
 
 

@@ -1,0 +1,357 @@
+"""unixgram transport: one Ethernet frame per AF_UNIX SOCK_DGRAM datagram.
+
+Wire format, shared by qemu's `-netdev dgram` (net/dgram.c), vfkit's
+`virtio-net,unixSocketPath=` (Apple's VZFileHandleNetworkDeviceAttachment), krunkit
+and libkrun's `krun_add_net_unixgram`, and gvproxy's `--listen-vfkit unixgram://`:
+each datagram is exactly one Ethernet frame, no length prefix, no virtio-net header
+(so no offload: frames toward the guest are at most one MTU with full checksums).
+vfkit and libkrun/krunkit (with NET_FLAG_VFKIT) first send the 4 bytes `VFKT` as one
+datagram, so the server learns their address before any frame; a datagram that is
+exactly `VFKT` is that handshake, never a frame (14 bytes is the shortest frame).
+
+Two ways to get the socket:
+
+* server (`serve_unixgram`): bind a path; the guest's address is learned from the
+  first datagram (recvfrom) and frames go back with sendto. qemu binds its own
+  `local.path` and sends from it without a handshake; vfkit binds a temporary path
+  and connects to ours. One guest per transport: a datagram from any other address
+  is dropped and counted, unless the served peer's socket is gone (a connect() probe
+  is refused), in which case the newcomer replaces it: the old guest's flows are
+  reset and a fresh transport serves the new one, starting with that datagram.
+  Senders without an address (unbound sockets) cannot be answered and are dropped.
+* inherited fd (`attach_unixgram_fd`, `relaynat serve --fd N`): a SOCK_DGRAM socket
+  already connected by a launcher (e.g. one end of a socketpair); send/recv.
+
+Framing cannot desynchronise on datagrams, so a datagram under 14 bytes (no Ethernet
+header) or over 65535 bytes is dropped and counted and the guest stays served.
+
+Sends are non-blocking and never queued: when the peer's receive queue is full
+(EAGAIN: Linux allows net.unix.max_dgram_qlen datagrams queued toward a receiver not
+connected back to us, 10 by default) or buffers run out (ENOBUFS), the frame is
+dropped and counted, like a NIC dropping on a full ring; TCP retransmits it. Linux
+does not tell a datagram socket that its peer closed: in fd mode that shows as
+ECONNREFUSED on the next send, which ends the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Protocol
+
+from relaynat.transport import FrameSink, FrameTransport
+
+log = logging.getLogger("relaynat.unixgram")
+
+MIN_FRAME = 14
+MAX_FRAME = 65535
+VFKIT_MAGIC = b"VFKT"
+_DATAGRAMS_PER_WAKEUP = 128
+#: Asked for; Linux caps it at net.core.wmem_max * 2 (212992 * 2 by default).
+_SNDBUF = 4 << 20
+_RCVBUF = 4 << 20
+#: At most one liveness probe of the served peer per this many seconds.
+_PROBE_INTERVAL_S = 1.0
+_DROP_ERRNOS = (errno.EAGAIN, errno.ENOBUFS)
+_PEER_GONE_ERRNOS = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN)
+
+Address = str | bytes
+
+
+class RelayLike(Protocol):
+    """What the server needs of `relaynat.relay.Relay` (its public attach())."""
+
+    def attach(self, transport: FrameTransport) -> None: ...
+
+
+def _tune(sock: socket.socket) -> None:
+    for opt, size in ((socket.SO_SNDBUF, _SNDBUF), (socket.SO_RCVBUF, _RCVBUF)):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+
+
+def peer_alive(addr: Address) -> bool:
+    """Whether a unix datagram socket is bound at `addr`, by connect()ing a probe to it
+    (nothing is sent). ENOENT (no file) or ECONNREFUSED (a leftover socket file, nobody
+    bound) mean gone; EPERM means bound but connected to another socket (vfkit's end is
+    connected to ours: unix_may_send() refuses everyone else), so alive."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(addr)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
+    return True
+
+
+class UnixgramTransport:
+    """One guest on a unix datagram socket.
+
+    connected=True: the socket has a fixed peer (inherited fd); send/recv.
+    connected=False: server mode; the peer is learned from the first datagram with an
+    address and answered with sendto. `on_new_peer(data, addr)`, if given, is called
+    when a datagram comes from another address while the served peer is gone; the
+    caller replaces this transport (`UnixgramServer` does).
+    """
+
+    vnet_hdr_len = 0
+    offload = False
+
+    def __init__(self, sock: socket.socket, *, connected: bool,
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 first: tuple[bytes, Address] | None = None,
+                 on_new_peer: Callable[[bytes, Address], None] | None = None) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.connected = connected
+        self.peer: Address | None = None
+        self.counters: Counter[str] = Counter()
+        self.closed = False
+        self._loop = loop or asyncio.get_running_loop()
+        # One byte more than the largest frame: a datagram filling it is oversized.
+        self._buf = bytearray(MAX_FRAME + 1)
+        self._view = memoryview(self._buf)
+        self._sink: FrameSink | None = None
+        self._first = first
+        self._on_new_peer = on_new_peer
+        self._last_probe = -_PROBE_INTERVAL_S
+        _tune(sock)
+
+    def start(self, sink: FrameSink) -> None:
+        self._sink = sink
+        first, self._first = self._first, None
+        if first is not None:  # the datagram that made the previous transport give way
+            data, addr = first
+            self._buf[:len(data)] = data
+            self._datagram(sink, len(data), addr)
+            if self.closed:
+                return
+            sink.end_of_batch()
+        self._loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    # -- guest -> relay --------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        sink = self._sink
+        assert sink is not None
+        sock, buf = self.sock, self._buf
+        for _ in range(_DATAGRAMS_PER_WAKEUP):
+            try:
+                if self.connected:
+                    n, addr = sock.recv_into(buf), None
+                else:
+                    n, addr = sock.recvfrom_into(buf)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if self.connected and exc.errno in _PEER_GONE_ERRNOS:
+                    self._lost(f"peer gone: {exc}")
+                    return
+                # Server mode: an error queued by a failed send (ECONNREFUSED from a
+                # peer that went away) is reported once and cleared; keep serving.
+                self.counters["recv_errors"] += 1
+                log.debug("unixgram recv: %s", exc)
+                continue
+            self._datagram(sink, n, addr)
+            if self.closed:
+                return
+        sink.end_of_batch()
+
+    def _datagram(self, sink: FrameSink, n: int, addr: Address | None) -> None:
+        counters = self.counters
+        if not self.connected:
+            if not addr:  # None or "": an unbound sender we could never answer
+                counters["drop_unnamed_peer"] += 1
+                return
+            if addr != self.peer:
+                if self.peer is None:
+                    self.peer = addr
+                    counters["peers"] += 1
+                    log.info("unixgram: serving the guest at %r", addr)
+                elif not self._peer_gone():
+                    counters["drop_foreign_peer"] += 1
+                    return
+                else:
+                    counters["peers_replaced"] += 1
+                    log.info("unixgram: guest at %r is gone; now serving %r", self.peer, addr)
+                    if self._on_new_peer is not None:
+                        data = bytes(self._buf[:n])
+                        self._on_new_peer(data, addr)
+                        return
+                    self.peer = addr
+        if n == len(VFKIT_MAGIC) and self._buf[:n] == VFKIT_MAGIC:
+            counters["handshakes"] += 1
+            return
+        if n < MIN_FRAME:
+            counters["drop_short_frame"] += 1
+            return
+        if n > MAX_FRAME:
+            counters["drop_long_frame"] += 1
+            return
+        counters["frames_in"] += 1
+        sink.handle_frame(self._view[:n])
+
+    def _peer_gone(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_probe < _PROBE_INTERVAL_S:
+            return False
+        self._last_probe = now
+        assert self.peer is not None
+        return not peer_alive(self.peer)
+
+    def _lost(self, reason: str) -> None:
+        sink = self._sink
+        self.close()
+        if sink is not None:
+            sink.transport_lost(self, reason)
+
+    # -- relay -> guest --------------------------------------------------------------
+
+    def send(self, head: bytes, payload: bytes | memoryview = b"") -> None:
+        if self.closed:
+            return
+        parts = (head, payload) if payload else (head,)
+        try:
+            if self.connected:
+                self.sock.sendmsg(parts)
+            elif self.peer is not None:
+                self.sock.sendmsg(parts, (), 0, self.peer)
+            else:
+                self.counters["drop_no_peer"] += 1
+                return
+        except OSError as exc:
+            if exc.errno in _DROP_ERRNOS:
+                self.counters["drop_send_full"] += 1
+            elif self.connected and exc.errno in _PEER_GONE_ERRNOS:
+                self._lost(f"peer gone: {exc}")
+            else:
+                # Server mode: a peer that went away (ECONNREFUSED/ENOENT) loses frames
+                # until a new one replaces it; anything else is lost like on a wire.
+                self.counters["drop_send_error"] += 1
+                log.debug("unixgram send: %s", exc)
+            return
+        self.counters["frames_out"] += 1
+
+    def stats(self) -> dict[str, int]:
+        return {f"unixgram_{k}": v for k, v in self.counters.items()}
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._sink is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self.sock.fileno())
+        self._sink = None
+        self.sock.close()
+
+
+def bind_unixgram(path: str) -> socket.socket:
+    """Bind a unix datagram socket at `path`, replacing a leftover socket file.
+
+    For a datagram socket there is no listener to probe: a socket file at the path is
+    taken as left behind (a relay that exited) and unlinked. A non-socket file is
+    refused. The socket is made 0600: whoever can send to it is the guest.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class UnixgramServer:
+    """`relay` serves one guest at a time on the unix datagram socket bound at `path`.
+
+    The bound socket stays with the server; each transport works on a dup of it, so
+    when a new guest replaces a gone one (the relay's attach() closes the previous
+    transport) no queued datagram is lost and the path never disappears.
+    """
+
+    def __init__(self, relay: RelayLike, path: str) -> None:
+        self.relay = relay
+        self.path = path
+        self.sock = bind_unixgram(path)
+        self.transport: UnixgramTransport | None = None
+        self.counters: Counter[str] = Counter()
+        self._attach(None)
+
+    def _attach(self, first: tuple[bytes, Address] | None) -> None:
+        old = self.transport
+        if old is not None:
+            self.counters.update(old.counters)
+        dup = socket.socket(fileno=os.dup(self.sock.fileno()))
+        self.transport = UnixgramTransport(dup, connected=False, first=first,
+                                           on_new_peer=self._new_peer)
+        self.relay.attach(self.transport)
+
+    def _new_peer(self, data: bytes, addr: Address) -> None:
+        self._attach((data, addr))
+
+    def stats(self) -> dict[str, int]:
+        total = Counter(self.counters)
+        if self.transport is not None:
+            total.update(self.transport.counters)
+        return {f"unixgram_{k}": v for k, v in total.items()}
+
+    def close(self, unlink: bool = True) -> None:
+        if self.transport is not None:
+            self.counters.update(self.transport.counters)
+            self.transport.close()
+            self.transport = None
+        self.sock.close()
+        if unlink:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def serve_unixgram(relay: RelayLike, path: str) -> UnixgramServer:
+    """Serve one guest at a time on a unix datagram socket bound at `path`."""
+    return UnixgramServer(relay, path)
+
+
+def attach_unixgram_fd(relay: RelayLike, fd: int) -> UnixgramTransport:
+    """Serve the guest on an inherited unix datagram socket (`--fd N`).
+
+    The socket should be connected (a socketpair end, or connect()ed by the launcher);
+    an unconnected one is served like a server socket: its peer is learned from the
+    first datagram.
+    """
+    sock = socket.socket(fileno=fd)
+    if sock.type != socket.SOCK_DGRAM or sock.family != socket.AF_UNIX:
+        sock.detach()
+        raise ValueError(f"fd {fd} is not a unix datagram socket")
+    try:
+        sock.getpeername()
+        connected = True
+    except OSError:
+        connected = False
+    transport = UnixgramTransport(sock, connected=connected)
+    relay.attach(transport)
+    return transport
+
