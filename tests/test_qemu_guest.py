@@ -1,4 +1,6 @@
-"""A real Linux guest under qemu (TCG) on `relaynat serve`'s qemu-stream socket.
+"""A real Linux guest under qemu (TCG) on `relaynat serve`'s sockets: the qemu-stream
+socket (`--socket`, qemu `-netdev stream`) and the unix datagram socket (`--unixgram`,
+qemu `-netdev dgram`, the wire format vfkit and libkrun also speak).
 
 The guest (tests/vmguest.py) gets its address by DHCP from the relay and downloads a
 random file from an HTTP server on the host's 127.0.0.1 via the gateway 10.0.2.2, which
@@ -55,14 +57,20 @@ def http_file(tmp_path: Path) -> Iterator[tuple[int, str, str]]:
         thread.join(5)
 
 
-@pytest.fixture
-def relay_socket(tmp_path: Path) -> Iterator[str]:
-    """`relaynat serve --socket <tmp>/q.sock` running; yields the socket path."""
+# qemu -netdev kind -> relaynat serve option
+SERVE_OPTION = {"stream": "--socket", "dgram": "--unixgram"}
+
+
+@pytest.fixture(params=["stream", "dgram"])
+def relay_socket(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """`relaynat serve --socket|--unixgram <tmp>/q.sock` running; yields (netdev, path)."""
+    netdev = request.param
     sock = tmp_path / "q.sock"
     log = tmp_path / "relay.log"
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "relaynat", "serve", "--socket", str(sock)],
+            [sys.executable, "-m", "relaynat", "serve", "--stats", "--log-level", "info",
+             SERVE_OPTION[netdev], str(sock)],
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,
@@ -76,7 +84,7 @@ def relay_socket(tmp_path: Path) -> Iterator[str]:
             if time.monotonic() > deadline:
                 pytest.fail(f"relaynat serve did not create {sock}:\n{log.read_text()}")
             time.sleep(0.05)
-        yield str(sock)
+        yield netdev, str(sock)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -99,13 +107,14 @@ def vm_images():
 
 
 def test_guest_dhcp_and_download_through_relay(vm_images, http_file, relay_socket) -> None:
+    netdev, path = relay_socket
     port, name, digest = http_file
     command = (
         "ip -4 addr show dev eth0\n"
         f"wget -q -O /tmp/{name} http://10.0.2.2:{port}/{name} || exit 10\n"
         f"sha256sum /tmp/{name}\n"
     )
-    result = boot_vm(relay_socket, command, timeout=BOOT_TIMEOUT, images=vm_images)
+    result = boot_vm(path, command, timeout=BOOT_TIMEOUT, images=vm_images, netdev=netdev)
     print(f"--- guest console ({result.duration:.1f}s, times {result.times}) ---")
     print(result.console)
 

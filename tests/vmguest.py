@@ -1,11 +1,13 @@
-"""Boot a tiny Linux guest under qemu (TCG) whose only NIC is a `-netdev stream` socket.
+"""Boot a tiny Linux guest under qemu (TCG) whose only NIC is a `-netdev stream` socket
+(or, with netdev="dgram", a `-netdev dgram` unix datagram socket).
 
-Used by integration tests of the relay's qemu-stream transport:
+Used by integration tests of the relay's qemu-stream and unixgram transports:
 
     from vmguest import boot_vm, vm_unavailable_reason
 
     result = boot_vm("/tmp/x/q.sock", "wget -O /tmp/f http://10.0.2.2:8000/f && sha256sum /tmp/f")
     assert result.exit_status == 0, result.console
+    result = boot_vm("/tmp/x/relay.dgram", "...", netdev="dgram")
 
 The guest is a Debian cloud kernel plus a busybox initramfs whose /init (tests/vm/init.sh)
 loads virtio-net, configures eth0 by DHCP, runs the command, prints its output between
@@ -25,7 +27,10 @@ locally and needs no network, so edits to init.sh rebuild it on the next boot.
 The peer on the socket must already be listening: qemu 7.2 connects once at startup
 (`server=off`, no reconnect option before qemu 8.0). If nobody is listening qemu does not
 fail; the guest boots with a dead link and reports RN-DHCP-FAIL. boot_vm therefore
-refuses a path that is not a socket yet.
+refuses a path that is not a socket yet. With `-netdev dgram` qemu binds its own
+`local.path` (in boot_vm's temporary directory) and sends every frame as one datagram
+to `remote.path`, the relay's socket; there is no connection, and the relay answers
+whichever address the frames come from.
 """
 
 from __future__ import annotations
@@ -338,9 +343,12 @@ def qemu_command(
     memory_mb: int = 256,
     mac: str = "52:54:00:12:34:56",
     extra_args: Sequence[str] = (),
+    netdev: str = "stream",
+    local_path: str | os.PathLike[str] | None = None,
 ) -> list[str]:
     """The qemu argv: q35 under TCG, serial console on stdout, one virtio-net NIC on a
-    `-netdev stream` unix socket (qemu is the client), nothing else."""
+    `-netdev stream` unix socket (qemu is the client) or, with netdev="dgram", a
+    `-netdev dgram` socket bound at `local_path` sending to `socket_path`; nothing else."""
     return [
         QEMU,
         "-machine", "q35",
@@ -357,11 +365,28 @@ def qemu_command(
         "-kernel", str(images.kernel),
         "-initrd", str(initrd or images.initrd),
         "-append", " ".join([*DEFAULT_APPEND, *append]),
-        "-netdev",
-        f"stream,id=n0,server=off,addr.type=unix,addr.path={os.fspath(socket_path)}",
+        "-netdev", netdev_spec(netdev, socket_path, local_path),
         "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile=",
         *extra_args,
     ]  # fmt: skip
+
+
+def netdev_spec(
+    netdev: str,
+    socket_path: str | os.PathLike[str],
+    local_path: str | os.PathLike[str] | None = None,
+) -> str:
+    """The `-netdev` value for the relay's socket: "stream" or "dgram" (needs local_path)."""
+    if netdev == "stream":
+        return f"stream,id=n0,server=off,addr.type=unix,addr.path={os.fspath(socket_path)}"
+    if netdev == "dgram":
+        if local_path is None:
+            raise ValueError("-netdev dgram needs a local path for qemu's own socket")
+        return (
+            f"dgram,id=n0,local.type=unix,local.path={os.fspath(local_path)},"
+            f"remote.type=unix,remote.path={os.fspath(socket_path)}"
+        )
+    raise ValueError(f"unknown netdev {netdev!r} (stream or dgram)")
 
 
 _LEASE_RE = re.compile(r"^RN-LEASE (.*)$", re.M)
@@ -403,9 +428,13 @@ def boot_vm(
     memory_mb: int = 256,
     extra_args: Sequence[str] = (),
     images: VmImages | None = None,
+    netdev: str = "stream",
 ) -> VmResult:
     """Boot the guest connected to `socket_path`, run `command` (a /bin/sh script run by
     busybox in /root, after DHCP unless dhcp=False) and return what happened.
+
+    netdev: "stream" (the relay listens on a stream socket) or "dgram" (the relay is
+    bound at a datagram socket; qemu binds its own in a temporary directory).
 
     qemu is killed after `timeout` seconds (then timed_out=True, exit_status None); the
     process and any temporary files are always cleaned up.
@@ -428,6 +457,8 @@ def boot_vm(
             initrd=initrd,
             memory_mb=memory_mb,
             extra_args=extra_args,
+            netdev=netdev,
+            local_path=Path(tmp) / "qemu.sock",
         )
         t0 = time.monotonic()
         timed_out = False
@@ -478,12 +509,14 @@ def _main(argv: list[str]) -> int:
     run.add_argument("command")
     run.add_argument("--timeout", type=float, default=60.0)
     run.add_argument("--no-dhcp", action="store_true")
+    run.add_argument("--netdev", choices=["stream", "dgram"], default="stream")
     args = p.parse_args(argv)
     if args.cmd == "build":
         im = build_vm_images()
         print(f"kernel  {im.kernel} ({im.kernel_version})\ninitrd  {im.initrd}")
         return 0
-    r = boot_vm(args.socket, args.command, args.timeout, dhcp=not args.no_dhcp)
+    r = boot_vm(args.socket, args.command, args.timeout, dhcp=not args.no_dhcp,
+                netdev=args.netdev)
     sys.stdout.write(r.console)
     print(
         f"\n[vmguest] exit_status={r.exit_status} lease={r.lease} "
