@@ -78,6 +78,20 @@ class RelayConfig:
     #: beyond it frames are dropped and counted (TCP retransmits them).
     guest_queue_limit: int = 8 << 20
     pcap_path: str | None = None
+    #: Upper bound of concurrent UDP flows (guest port, destination, destination port);
+    #: a datagram that would open one more is dropped and counted.
+    max_udp_flows: int = 4096
+    #: A UDP flow idle this long is closed (conntrack's nf_conntrack_udp_timeout, passt);
+    #: once it has seen traffic both ways, the longer stream timeout applies
+    #: (nf_conntrack_udp_timeout_stream).
+    udp_idle_timeout_s: float = 30.0
+    udp_stream_timeout_s: float = 120.0
+    #: Where the guest's DNS traffic (dns_ipv4, port 53, UDP and TCP) goes on the host.
+    #: None: the first IPv4 nameserver of the host's /etc/resolv.conf, read at start.
+    dns_upstream: IPv4Address | None = None
+    #: Static records (name, IPv4 address) answered by the relay itself for A queries
+    #: over UDP, gvproxy-style; names compare case-insensitively, without a final dot.
+    dns_records: tuple[tuple[str, str], ...] = ()
 
     @property
     def network_v4(self) -> IPv4Network:
@@ -110,12 +124,18 @@ class RelayConfig:
             raise ConfigError(f"MTU {self.mtu} must be between {MIN_MTU} and {MAX_MTU}")
         if len(self.gateway_mac) != 6 or self.gateway_mac[0] & 1:
             raise ConfigError("gateway MAC must be a 6-byte unicast address")
-        for name in ("max_tcp_flows", "max_pending_connects", "dhcp_lease_s", "guest_queue_limit"):
+        for name in ("max_tcp_flows", "max_pending_connects", "dhcp_lease_s", "guest_queue_limit",
+                     "max_udp_flows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("connect_timeout_s", "tcp_idle_timeout_s"):
+        for name in ("connect_timeout_s", "tcp_idle_timeout_s", "udp_idle_timeout_s",
+                     "udp_stream_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        for record in self.dns_records:
+            if len(record) != 2 or not str(record[0]).strip(".") or len(str(record[0])) > 253:
+                raise ConfigError(f"DNS record {record!r} is not (name, IPv4 address)")
+            parse_ipv4(str(record[1]), f"DNS record {record[0]}")
         return self
 
 

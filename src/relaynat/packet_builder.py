@@ -23,7 +23,14 @@ from __future__ import annotations
 import struct
 
 from relaynat.checksum import finish, fold, partial_sum
-from relaynat.wire import ETH_HLEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, IPPROTO_TCP, IPPROTO_UDP
+from relaynat.wire import (
+    ETH_HLEN,
+    ETHERTYPE_ARP,
+    ETHERTYPE_IPV4,
+    IPPROTO_ICMP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+)
 
 # struct virtio_net_hdr (include/uapi/linux/virtio_net.h), host byte order for a
 # legacy TAP: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset.
@@ -178,3 +185,20 @@ class TcpFrameTemplate:
                 csum += partial_sum(payload)
             _U16.pack_into(head, l4 + _TCP_CSUM_OFFSET, finish(csum))
         return bytes(head)
+
+
+#: ICMP destination unreachable (RFC 792) and its port-unreachable code.
+ICMP_DEST_UNREACH = 3
+ICMP_PORT_UNREACH = 3
+_ICMP_HEAD = struct.Struct("!BBHI")
+
+
+def icmp_unreachable_frame(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes,
+                           quote: bytes, code: int = ICMP_PORT_UNREACH, ident: int = 0) -> bytes:
+    """An ICMP destination-unreachable frame (RFC 792: type 3, `code`, 4 unused bytes,
+    then `quote`: the offending datagram's IP header and first 8 bytes of its data,
+    which is what the receiving kernel matches to a socket)."""
+    icmp = bytearray(_ICMP_HEAD.pack(ICMP_DEST_UNREACH, code, 0, 0)) + quote
+    _U16.pack_into(icmp, 2, finish(partial_sum(icmp)))
+    return (ethernet_header(dst_mac, src_mac, ETHERTYPE_IPV4)
+            + ipv4_header(src, dst, IPPROTO_ICMP, len(icmp), ident) + bytes(icmp))

@@ -1,9 +1,10 @@
 """`Relay`: one guest's network, executed in asyncio.
 
 It receives the guest's frames from a transport (TAP, qemu stream socket), answers
-ARP and DHCP itself, and hands TCP segments to `TcpRelay`, which splices them onto
-host sockets. Everything protocol-level is decided by the sans-I/O modules (wire,
-dhcp, nat_entry); this module dispatches and executes.
+ARP and DHCP itself, hands TCP segments to `TcpRelay`, which splices them onto host
+sockets, and UDP datagrams to `UdpRelay` (one connected host socket per flow).
+Everything protocol-level is decided by the sans-I/O modules (wire, dhcp, dns,
+nat_entry, udp_flow); this module dispatches and executes.
 
 Frames from anything but the guest's address are dropped (the guest may only speak as
 itself), and every malformed or unsupported frame is dropped and counted under a
@@ -12,6 +13,9 @@ stable reason in `stats()`, never raised: one bad frame must not disturb any flo
 Addressing follows slirp: the gateway address answers ARP, serves DHCP, and by default
 stands for the host's loopback (`map_host_loopback_v4`), as in slirp4netns and passt.
 Any other destination is connected to as is, from the host's network namespace.
+The DNS address (10.0.2.3) port 53, UDP and TCP, goes to the host's resolver (the
+first nameserver of its resolv.conf, or `dns_upstream`), except static records, which
+`dns.answer_static` answers here.
 
 Embedding::
 
@@ -33,11 +37,13 @@ from typing import Any
 
 from relaynat.config import RelayConfig
 from relaynat.dhcp import DhcpServer
+from relaynat.dns import answer_static, host_upstream, static_table
 from relaynat.packet_builder import BROADCAST_MAC, arp_reply, udp_frame
 from relaynat.pcap import PcapWriter
 from relaynat.stream import StreamTransport, bind_unix_listener
 from relaynat.tcp_relay import TcpRelay
 from relaynat.transport import FrameTransport
+from relaynat.udp_relay import UdpRelay
 from relaynat.wire import (
     ETHERTYPE_ARP,
     ETHERTYPE_IPV4,
@@ -56,6 +62,7 @@ log = logging.getLogger("relaynat")
 
 DHCP_SERVER_PORT = 67
 DHCP_CLIENT_PORT = 68
+DNS_PORT = 53
 _ZERO_IP = bytes(4)
 _BROADCAST_IP = b"\xff" * 4
 
@@ -69,6 +76,7 @@ class Relay:
         self._transport: FrameTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tcp: TcpRelay | None = None
+        self._udp_relay: UdpRelay | None = None
         self._dhcp = DhcpServer(self.config)
         self._pcap: PcapWriter | None = None
         self._listener: socket.socket | None = None
@@ -81,6 +89,10 @@ class Relay:
         self._mask = int(c.network_v4.netmask)
         self._map_from = c.map_host_loopback_v4.packed if c.map_host_loopback_v4 else None
         self._host_loopback = str(c.host_loopback_v4)
+        self._dns_ip = c.dns_ipv4.packed
+        upstream = c.dns_upstream or host_upstream()
+        self._dns_upstream = str(upstream) if upstream is not None else None
+        self._dns_static = static_table(c.dns_records)
         self.transport_lost_event = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -96,6 +108,7 @@ class Relay:
         """Bind to the running loop. Called by `async with`."""
         self._loop = asyncio.get_running_loop()
         self._tcp = TcpRelay(self.config, self._loop, self._send_raw, self._stats)
+        self._udp_relay = UdpRelay(self.config, self._loop, self._send_frame, self._stats)
         if self.config.pcap_path:
             self._pcap = PcapWriter(self.config.pcap_path)
 
@@ -109,6 +122,9 @@ class Relay:
         if self._tcp is not None:
             self._tcp.close()
             self._tcp = None
+        if self._udp_relay is not None:
+            self._udp_relay.close()
+            self._udp_relay = None
         if self._pcap is not None:
             self._pcap.close()
             self._pcap = None
@@ -130,6 +146,8 @@ class Relay:
             self._transport = None
         if self._tcp is not None:
             self._tcp.abort_all()
+        if self._udp_relay is not None:
+            self._udp_relay.abort_all()
         self._guest_mac = None
 
     # -- socket transports -------------------------------------------------------------
@@ -211,7 +229,7 @@ class Relay:
             if ip.proto == IPPROTO_TCP:
                 seg = parse_tcp(ip)
                 assert self._tcp is not None
-                self._tcp.on_segment(seg, self._host_ip_for(seg.dst))
+                self._tcp.on_segment(seg, self._host_ip_for(seg.dst, seg.dport))
             elif ip.proto == IPPROTO_UDP:
                 self._udp(ip)
             else:
@@ -231,13 +249,18 @@ class Relay:
         self._guest_mac = mac
         if self._tcp is not None:
             self._tcp.guest_mac = mac
+        if self._udp_relay is not None:
+            self._udp_relay.guest_mac = mac
 
-    def _host_ip_for(self, dst: bytes) -> str | None:
+    def _host_ip_for(self, dst: bytes, dport: int) -> str | None:
         """Where a guest destination is on the host: the mapped address goes to host
-        loopback, everything else stays itself. None: nothing there (the gateway when
-        the mapping is off, the guest's own address); the guest gets a RST."""
+        loopback, the DNS address port 53 to the upstream resolver, everything else
+        stays itself. None: nothing there (the gateway when the mapping is off, the
+        guest's own address, the DNS address on another port or without upstream)."""
         if dst == self._map_from:
             return self._host_loopback
+        if dst == self._dns_ip:
+            return self._dns_upstream if dport == DNS_PORT else None
         if dst == self._gateway_ip or dst == self._guest_ip:
             return None
         return str(IPv4Address(dst))
@@ -260,8 +283,33 @@ class Relay:
 
     def _udp(self, ip: Any) -> None:
         dgram = parse_udp(ip)
-        if dgram.dport != DHCP_SERVER_PORT:
-            raise MalformedFrame("udp_unsupported")
+        if dgram.dport == DHCP_SERVER_PORT and (ip.src == _ZERO_IP or dgram.dst
+                                                in (self._gateway_ip, _BROADCAST_IP)):
+            self._dhcp_request(dgram)
+            return
+        if ip.src == _ZERO_IP:
+            raise MalformedFrame("ip_spoofed_source")
+        if dgram.dst == _BROADCAST_IP or dgram.dst[0] >= 224:
+            raise MalformedFrame("udp_multicast_or_broadcast")
+        if dgram.dst == self._dns_ip and dgram.dport == DNS_PORT and self._dns_static:
+            answer = answer_static(dgram.payload, self._dns_static)
+            if answer is not None:
+                self._stats["dns_static_answers"] += 1
+                self._ip_id = (self._ip_id + 1) & 0xFFFF
+                self._send_frame(udp_frame(self._guest_mac or BROADCAST_MAC,
+                                           self.config.gateway_mac, self._dns_ip,
+                                           self._guest_ip, DNS_PORT, dgram.sport, answer,
+                                           self._ip_id))
+                return
+        host_ip = self._host_ip_for(dgram.dst, dgram.dport)
+        if host_ip is None:
+            raise MalformedFrame("udp_unmapped_destination")
+        if dgram.dst == self._dns_ip:
+            self._stats["dns_forwarded_udp"] += 1
+        assert self._udp_relay is not None
+        self._udp_relay.on_datagram(ip, dgram, host_ip)
+
+    def _dhcp_request(self, dgram: Any) -> None:
         reply = self._dhcp.handle(dgram.payload)
         if reply is None:
             self._stats["dhcp_no_reply"] += 1

@@ -1,0 +1,181 @@
+"""`UdpRelay`: the guest's UDP flows on connected, non-blocking host sockets.
+
+Each flow (udp_flow.py) gets its own socket, connected to where the guest's destination
+is on the host, so the kernel filters replies to that peer (as a NAT would) and reports
+an ICMP port unreachable from it as ECONNREFUSED on the next send or recv (udp(7)).
+We turn that back into an ICMP port unreachable toward the guest (RFC 792, RFC 1122
+§4.1.3.1), quoting the guest's last datagram of the flow, so a connected guest socket
+sees ECONNREFUSED too, as it would on a real network.
+
+Datagrams are never fragmented: the guest can send at most its MTU, and a host datagram
+that does not fit the guest's MTU in one frame is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections import Counter
+from collections.abc import Callable
+
+from relaynat.config import RelayConfig
+from relaynat.packet_builder import icmp_unreachable_frame, udp_frame
+from relaynat.udp_flow import UdpFlow, UdpFlowTable
+from relaynat.wire import Ipv4Packet, UdpDatagram
+
+#: Datagrams read per flow per wakeup before other work gets its turn.
+_RECV_ROUNDS = 64
+_RECV_SIZE = 65536
+#: IPv4 header (no options) + UDP header, per datagram toward the guest.
+_OVERHEAD = 20 + 8
+
+
+class UdpRelay:
+    """All UDP flows of one guest. `send_frame` takes a frame without a vnet header."""
+
+    def __init__(self, config: RelayConfig, loop: asyncio.AbstractEventLoop,
+                 send_frame: Callable[[bytes], None], stats: Counter[str]) -> None:
+        self._config = config
+        self._loop = loop
+        self._send_frame = send_frame
+        self.stats = stats
+        self.table = UdpFlowTable(config.max_udp_flows, config.udp_idle_timeout_s,
+                                  config.udp_stream_timeout_s)
+        self._guest_ip = config.guest_ipv4.packed
+        self._max_payload = config.mtu - _OVERHEAD
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._ip_id = 0
+        self.guest_mac: bytes | None = None
+
+    # -- guest -> host ---------------------------------------------------------------
+
+    def on_datagram(self, ip: Ipv4Packet, dgram: UdpDatagram, host_ip: str,
+                    host_port: int | None = None) -> None:
+        """A guest datagram to `dgram.dst`, which is `host_ip` on the host."""
+        stats = self.stats
+        key = (dgram.sport, dgram.dst, dgram.dport)
+        now = self._loop.time()
+        flow = self.table.get(key)
+        if flow is None:
+            flow = self._open(key, host_ip, host_port or dgram.dport, now)
+            if flow is None:
+                return
+        hlen = len(ip.packet) - len(ip.payload)
+        flow.from_guest(now, bytes(ip.packet[:hlen + 8]))
+        try:
+            flow.sock.send(dgram.payload)
+        except ConnectionRefusedError:  # an earlier datagram's ICMP error, reported now
+            self._unreachable(flow)
+            return
+        except BlockingIOError:
+            stats["udp_drop_host_busy"] += 1
+            return
+        except OSError:
+            stats["udp_send_errors"] += 1
+            return
+        stats["udp_to_host"] += 1
+        stats["udp_to_host_bytes"] += len(dgram.payload)
+
+    def _open(self, key: tuple[int, bytes, int], host_ip: str, host_port: int,
+              now: float) -> UdpFlow | None:
+        flow = self.table.open(key, now)
+        if flow is None:
+            self.stats["udp_drop_flow_limit"] += 1
+            return None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.connect((host_ip, host_port))  # UDP: no packet, just routing and binding
+        except OSError:
+            sock.close()
+            self.table.remove(flow)
+            self.stats["udp_connect_failed"] += 1
+            return None
+        flow.sock = sock
+        self._loop.add_reader(sock.fileno(), self._on_readable, flow)
+        self.stats["udp_flows_opened"] += 1
+        self._arm_timer(flow.deadline(self.table.idle_s, self.table.stream_s))
+        return flow
+
+    # -- host -> guest ---------------------------------------------------------------
+
+    def _on_readable(self, flow: UdpFlow) -> None:
+        sock = flow.sock
+        stats = self.stats
+        for _ in range(_RECV_ROUNDS):
+            try:
+                data = sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                return
+            except ConnectionRefusedError:
+                self._unreachable(flow)
+                continue
+            except OSError:
+                stats["udp_recv_errors"] += 1
+                return
+            if len(data) > self._max_payload:
+                stats["udp_drop_too_big_for_mtu"] += 1
+                continue
+            flow.from_host(self._loop.time())
+            if self.guest_mac is None:
+                stats["udp_drop_no_guest_mac"] += 1
+                continue
+            guest_port, src, src_port = flow.key
+            self._ip_id = (self._ip_id + 1) & 0xFFFF
+            self._send_frame(udp_frame(self.guest_mac, self._config.gateway_mac, src,
+                                       self._guest_ip, src_port, guest_port, data, self._ip_id))
+            stats["udp_to_guest"] += 1
+            stats["udp_to_guest_bytes"] += len(data)
+
+    def _unreachable(self, flow: UdpFlow) -> None:
+        """The host peer's port is closed: tell the guest with ICMP port unreachable,
+        from the address the guest sent to (as that host's kernel would)."""
+        if self.guest_mac is None or not flow.quote:
+            self.stats["udp_refused_unreported"] += 1
+            return
+        self._ip_id = (self._ip_id + 1) & 0xFFFF
+        self._send_frame(icmp_unreachable_frame(self.guest_mac, self._config.gateway_mac,
+                                                flow.key[1], self._guest_ip, flow.quote,
+                                                ident=self._ip_id))
+        self.stats["udp_icmp_port_unreachable"] += 1
+
+    # -- timeouts and teardown ---------------------------------------------------------
+
+    def _arm_timer(self, deadline: float | None = None) -> None:
+        """Wake up at the earliest deadline: `deadline` of a new flow, or the table's."""
+        if deadline is None:
+            deadline = self.table.next_deadline()
+        if deadline is None or (self._timer is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        # At least 1 s apart: timeouts are tens of seconds, sweeping is O(flows).
+        self._timer_at = max(deadline, self._loop.time() + 1.0)
+        self._timer = self._loop.call_at(self._timer_at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        for flow in self.table.expired(self._loop.time()):
+            self._close_sock(flow)
+            self.stats["udp_flows_expired"] += 1
+        self._arm_timer()
+
+    def _close_sock(self, flow: UdpFlow) -> None:
+        if flow.sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(flow.sock.fileno())
+            flow.sock.close()
+            flow.sock = None
+
+    def abort_all(self) -> None:
+        """Close every flow (the guest went away)."""
+        for flow in list(self.table.flows.values()):
+            self._close_sock(flow)
+            self.table.remove(flow)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    close = abort_all

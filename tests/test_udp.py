@@ -1,0 +1,212 @@
+"""UDP through the relay: a real guest kernel (namespace guest) against real host sockets.
+
+The echo server is a thread of the pytest process, on 127.0.0.1 of the test's private
+network namespace (conftest.py); the guest reaches it as the gateway, 10.0.2.2. The
+pure flow-table logic (udp_flow.py) is tested directly at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+from test_namespace_guest import parse_stats, relaynat_run
+
+from relaynat.config import RelayConfig
+from relaynat.namespace import run_command
+from relaynat.udp_flow import UdpFlowTable
+
+GATEWAY = "10.0.2.2"
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[int]:
+    """Echoes each datagram; b"big N" is answered with N bytes instead."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+
+    def loop() -> None:
+        while True:
+            try:
+                data, peer = sock.recvfrom(65536)
+            except OSError:
+                return
+            if data.startswith(b"big "):
+                data = b"B" * int(data[4:])
+            sock.sendto(data, peer)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield sock.getsockname()[1]
+    sock.close()
+    thread.join(timeout=2)
+
+
+def _guest_echo(port: int, sizes: list[int]) -> str:
+    """Guest script: one connected socket, each size sent (with random content) and
+    verified on the echo; prints 'ok SIZE' or 'timeout SIZE' per size."""
+    return (
+        "import os, socket\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"s.connect(('{GATEWAY}', {port}))\n"
+        "s.settimeout(2)\n"
+        f"for size in {sizes!r}:\n"
+        "    data = os.urandom(size)\n"
+        "    for attempt in range(3):\n"
+        "        s.send(data)\n"
+        "        try:\n"
+        "            got = s.recv(70000)\n"
+        "        except TimeoutError:\n"
+        "            continue\n"
+        "        print('ok' if got == data else 'corrupt', size)\n"
+        "        break\n"
+        "    else:\n"
+        "        print('timeout', size)\n")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("mtu", "offload", "sizes"), [
+    (65520, True, [1, 100, 1472, 8000, 65000, 65492]),
+    (65520, False, [1, 65000]),
+    (1500, True, [1, 512, 1472]),
+], ids=["vnet-65520", "plain-65520", "vnet-1500"])
+def test_udp_echo_small_and_mtu_sized(udp_echo: int, mtu: int, offload: bool,
+                                      sizes: list[int]) -> None:
+    options = ("--mtu", str(mtu)) + (() if offload else ("--no-offload",))
+    done = relaynat_run(sys.executable, "-c", _guest_echo(udp_echo, sizes), options=options,
+                        timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:-1] == [f"ok {n}" for n in sizes], done.stdout
+    stats = parse_stats(done.stderr)
+    assert stats["udp_flows_opened"] == 1
+    assert stats["udp_to_guest_bytes"] >= sum(sizes)
+
+
+@pytest.mark.integration
+def test_host_datagram_larger_than_guest_mtu_is_dropped_and_counted(udp_echo: int) -> None:
+    client = ("import socket\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              f"s.connect(('{GATEWAY}', {udp_echo}))\n"
+              "s.settimeout(1)\n"
+              "s.send(b'big 1473')\n"
+              "try:\n"
+              "    print('got', len(s.recv(70000)))\n"
+              "except TimeoutError:\n"
+              "    print('nothing')\n"
+              "s.send(b'big 1472')\n"
+              "print('got', len(s.recv(70000)))\n")
+    done = relaynat_run(sys.executable, "-c", client, options=("--mtu", "1500"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:-1] == ["nothing", "got 1472"]
+    assert parse_stats(done.stderr)["udp_drop_too_big_for_mtu"] == 1
+
+
+@pytest.mark.integration
+def test_closed_port_gives_the_guest_econnrefused(udp_echo: int) -> None:
+    # A port that is surely closed: bind one, note it, close it.
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    closed = probe.getsockname()[1]
+    probe.close()
+    client = ("import socket\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              f"s.connect(('{GATEWAY}', {closed}))\n"
+              "s.settimeout(5)\n"
+              "s.send(b'anyone?')\n"
+              "try:\n"
+              "    s.recv(100)\n"
+              "except OSError as exc:\n"
+              "    print(type(exc).__name__)\n")
+    done = relaynat_run(sys.executable, "-c", client)
+    assert done.returncode == 0, done.stderr
+    # Only an ICMP port unreachable that the guest kernel matched to this connected
+    # socket (RFC 792 quote: our IP header + UDP ports) turns into ECONNREFUSED.
+    assert done.stdout.strip() == "ConnectionRefusedError", done.stdout + done.stderr
+    assert parse_stats(done.stderr)["udp_icmp_port_unreachable"] == 1
+
+
+def _run_in_process(config: RelayConfig, script: str) -> tuple[int, dict[str, int]]:
+    holder: list = []
+    code = asyncio.run(run_command(config, [sys.executable, "-c", script],
+                                   relay_ready=holder.append))
+    return code, holder[0].stats()
+
+
+@pytest.mark.integration
+def test_flow_table_limit_drops_and_counts_and_keeps_existing_flows(
+        udp_echo: int, capfd: pytest.CaptureFixture[str]) -> None:
+    script = ("import socket\n"
+              "socks = []\n"
+              "for i in range(3):\n"
+              "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              f"    s.connect(('{GATEWAY}', {udp_echo}))\n"
+              "    s.settimeout(1)\n"
+              "    s.send(b'hello %d' % i)\n"
+              "    socks.append(s)\n"
+              "for s in socks + socks[:2]:\n"
+              "    try:\n"
+              "        print(s.recv(100).decode())\n"
+              "    except TimeoutError:\n"
+              "        print('timeout')\n"
+              "    s.send(b'again')\n")
+    code, stats = _run_in_process(RelayConfig(max_udp_flows=2), script)
+    assert code == 0
+    assert stats["udp_flows_opened"] == 2
+    assert stats["udp_drop_flow_limit"] == 2  # the third socket's two datagrams
+    assert stats["udp_to_host"] == 6  # hello + 2 x again on each of the first two
+    out = capfd.readouterr().out.split("\n")[:-1]
+    assert out == ["hello 0", "hello 1", "timeout", "again", "again"]
+
+
+@pytest.mark.integration
+def test_idle_flows_expire_and_a_new_datagram_reopens(udp_echo: int) -> None:
+    script = ("import socket, time\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              f"s.connect(('{GATEWAY}', {udp_echo}))\n"
+              "s.settimeout(2)\n"
+              "s.send(b'one'); print(s.recv(10))\n"
+              "time.sleep(2.5)\n"
+              "s.send(b'two'); print(s.recv(10))\n")
+    config = RelayConfig(udp_idle_timeout_s=0.5, udp_stream_timeout_s=1.0)
+    code, stats = _run_in_process(config, script)
+    assert code == 0
+    assert stats["udp_flows_opened"] == 2
+    assert stats["udp_flows_expired"] == 1
+
+
+# -- the pure flow table -------------------------------------------------------------------
+
+
+def test_table_limit_and_remove() -> None:
+    table = UdpFlowTable(limit=2, idle_s=30, stream_s=120)
+    a = table.open((1, b"\x0a\x00\x02\x02", 53), 0.0)
+    b = table.open((2, b"\x0a\x00\x02\x02", 53), 0.0)
+    assert a is not None and b is not None
+    assert table.open((3, b"\x0a\x00\x02\x02", 53), 0.0) is None
+    table.remove(a)
+    assert table.open((3, b"\x0a\x00\x02\x02", 53), 0.0) is not None
+    with pytest.raises(KeyError):
+        table.open((2, b"\x0a\x00\x02\x02", 53), 0.0)
+
+
+def test_timeouts_one_way_30s_both_ways_120s_from_last_activity() -> None:
+    table = UdpFlowTable(limit=10, idle_s=30, stream_s=120)
+    one_way = table.open((1, b"\x01\x02\x03\x04", 9), 0.0)
+    stream = table.open((2, b"\x01\x02\x03\x04", 9), 0.0)
+    assert one_way is not None and stream is not None
+    one_way.from_guest(10.0, b"q")
+    stream.from_guest(10.0, b"q")
+    stream.from_host(20.0)
+    assert table.next_deadline() == 40.0
+    assert list(table.expired(39.9)) == []
+    assert list(table.expired(40.0)) == [one_way]
+    assert list(table.expired(139.9)) == []
+    stream.from_guest(130.0, b"q")  # traffic postpones it
+    assert table.next_deadline() == 250.0
+    assert list(table.expired(250.0)) == [stream]
+    assert len(table) == 0 and table.next_deadline() is None
