@@ -39,6 +39,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="gateway address the guest routes through (default %(default)s)")
     g.add_argument("-D", "--dns", default="10.0.2.3", metavar="ADDR",
                    help="DNS address announced by DHCP (default %(default)s)")
+    g.add_argument("--dns-upstream", metavar="ADDR",
+                   help="resolver the DNS address forwards to, port 53 (default: the "
+                        "first nameserver of the host's /etc/resolv.conf)")
+    g.add_argument("--dns-record", action="append", default=[], metavar="NAME=ADDR",
+                   help="answer A queries for NAME with ADDR at the DNS address (repeatable)")
     g.add_argument("-m", "--mtu", type=int, default=MAX_MTU, metavar="N",
                    help=f"guest MTU, {MIN_MTU}..{MAX_MTU} (default %(default)s, as passt)")
     g.add_argument("--map-host-loopback", default="gateway", metavar="ADDR|none",
@@ -104,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dns_records(items: list[str]) -> tuple[tuple[str, str], ...]:
+    records = []
+    for item in items:
+        name, sep, addr = item.partition("=")
+        if not sep or not name.strip("."):
+            raise ConfigError(f"--dns-record {item!r}: expected NAME=ADDR")
+        records.append((name, str(parse_ipv4(addr, f"--dns-record {name}"))))
+    return tuple(records)
+
+
 def config_from_args(args: argparse.Namespace) -> RelayConfig:
     """Turn parsed options into a validated RelayConfig (raises ConfigError)."""
     addr, _, prefix = args.address.partition("/")
@@ -121,6 +136,8 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
     return RelayConfig(
         guest_ipv4=parse_ipv4(addr, "--address"), prefix_len_v4=prefix_len,
         gateway_ipv4=gateway, dns_ipv4=parse_ipv4(args.dns, "--dns"),
+        dns_upstream=parse_ipv4(args.dns_upstream, "--dns-upstream") if args.dns_upstream
+        else None, dns_records=_dns_records(args.dns_record),
         map_host_loopback_v4=mapped, mtu=args.mtu, max_tcp_flows=args.max_flows,
         max_pending_connects=args.max_pending_connects, pcap_path=args.pcap,
     ).validate()

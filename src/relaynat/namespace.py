@@ -8,6 +8,8 @@ that it may configure its links), creates the TAP there, configures address, rou
 and MTU, and passes the TAP fd back over a unix socket with SCM_RIGHTS: a TAP fd keeps
 working from any namespace once opened. The child then waits for the relay to be
 attached before it execs the command, so the command's first packet is never lost.
+The child also gets a private mount namespace in which /etc/resolv.conf names the
+relay's DNS address, so the command resolves names through the relay.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ async def run_command(config: RelayConfig, command: list[str], *, tap_name: str 
         "gateway": str(config.gateway_ipv4),
         "mtu": config.mtu,
         "vnet": offload,
+        "dns": str(config.dns_ipv4),
     })
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relaynat.namespace_child", spec, str(child_sock.fileno()), "--",

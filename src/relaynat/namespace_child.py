@@ -6,13 +6,16 @@ exec the command. Run as `python -m relaynat.namespace_child SPEC FD -- CMD...` 
 from __future__ import annotations
 
 import array
+import ctypes
+import ctypes.util
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 
-from relaynat.netns_util import CLONE_NEWNET, CLONE_NEWUSER, unshare
+from relaynat.netns_util import CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUSER, unshare
 from relaynat.tap import open_tap
 
 
@@ -24,7 +27,7 @@ def _write_id_maps() -> None:
     """Map our uid/gid to root inside a fresh user namespace (user_namespaces(7):
     an unprivileged process may map exactly its own ids once setgroups is denied)."""
     uid, gid = os.getuid(), os.getgid()
-    unshare(CLONE_NEWUSER | CLONE_NEWNET)
+    unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS)
     with open("/proc/self/setgroups", "w") as f:
         f.write("deny")
     with open("/proc/self/uid_map", "w") as f:
@@ -33,10 +36,43 @@ def _write_id_maps() -> None:
         f.write(f"0 {gid} 1")
 
 
+# mount(2) flags (include/uapi/linux/mount.h).
+_MS_BIND = 4096
+_MS_REC = 16384
+_MS_PRIVATE = 1 << 18
+
+
+def _mount(source: str | None, target: str, flags: int) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.mount(source.encode() if source else None, target.encode(), None,
+                  ctypes.c_ulong(flags), None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source or ''} on {target}: {os.strerror(err)}")
+
+
+def _point_resolv_conf_at(dns: str) -> None:
+    """In our own mount namespace (already unshared), bind-mount a file naming the
+    relay's DNS address over /etc/resolv.conf. Mounts are made private first (as
+    `mount --make-rprivate /`), so nothing propagates back to the host's namespace."""
+    _mount(None, "/", _MS_REC | _MS_PRIVATE)
+    fd, path = tempfile.mkstemp(prefix="relaynat-resolv-")
+    try:
+        os.write(fd, f"# written by relaynat run\nnameserver {dns}\n".encode())
+        os.fchmod(fd, 0o644)
+        os.close(fd)
+        _mount(path, "/etc/resolv.conf", _MS_BIND)
+    finally:
+        os.unlink(path)  # the bind mount keeps the inode alive
+
+
 def _ip(*args: str) -> None:
     done = subprocess.run(["ip", *args], capture_output=True, text=True)
     if done.returncode:
         raise NamespaceSetupError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+def _warn(text: str) -> None:
+    print(f"relaynat run: warning: {text}", file=sys.stderr)
 
 
 def _child_main(argv: list[str]) -> int:
@@ -46,8 +82,18 @@ def _child_main(argv: list[str]) -> int:
     try:
         if os.geteuid() == 0:
             unshare(CLONE_NEWNET)
+            try:
+                unshare(CLONE_NEWNS)
+            except OSError as exc:
+                _warn(f"no private mount namespace ({exc}); /etc/resolv.conf left as is")
+                spec["dns"] = None
         else:
             _write_id_maps()
+        if spec.get("dns"):
+            try:
+                _point_resolv_conf_at(spec["dns"])
+            except OSError as exc:
+                _warn(f"cannot point /etc/resolv.conf at {spec['dns']}: {exc}")
         fd, vnet_hdr_len, offload = open_tap(spec["tap"], spec["vnet"])
         tap = spec["tap"]
         _ip("link", "set", "lo", "up")
