@@ -354,6 +354,7 @@ class Relay:
         """Counters (frames, drops by reason, flows) and gauges, as a plain dict."""
         out = dict(self._stats)
         out["tcp_flows"] = len(self._tcp.flows) if self._tcp is not None else 0
+        out["udp_flows"] = len(self._udp_relay.table) if self._udp_relay is not None else 0
         for key, value in self._dhcp.counters.items():
             if value:
                 out[f"dhcp_{key}"] = value
