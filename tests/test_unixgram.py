@@ -178,6 +178,51 @@ def test_a_gone_peer_is_replaced_by_the_next(tmp_path, serve) -> None:
     assert stats["unixgram_peers"] == 2, stats
 
 
+def test_qemu_style_peer_is_not_flooded_into_drops(tmp_path, serve) -> None:
+    """qemu's socket is not connected to ours, so Linux queues at most
+    net.unix.max_dgram_qlen (10) datagrams toward it; the relay connects to it and waits
+    for writability instead of dropping. 60 replies, nothing read until all are sent."""
+    relay, proc = serve
+    with unixgram_client(tmp_path / "qemu.sock", relay, vfkit=False) as client:
+        assert offer_for(client, relay, 1).xid == 1
+        for xid in range(100, 160):
+            client.sendto(discover(xid), relay)
+        time.sleep(0.5)
+        got = set()
+        client.settimeout(5)
+        while len(got) < 60:
+            eth = dpkt.ethernet.Ethernet(client.recv(70000))
+            got.add(dpkt.dhcp.DHCP(eth.data.data.data).xid)
+        assert got == set(range(100, 160))
+    stats, _ = stop_and_stats(proc)
+    assert stats.get("unixgram_drop_send_full", 0) == 0, stats
+    assert stats["unixgram_frames_out"] == 61, stats
+
+
+def test_qemu_style_peers_one_at_a_time(tmp_path, serve) -> None:
+    """While a qemu-style guest is served the relay's socket is connected to it: the
+    kernel refuses other senders (EPERM). Once the guest's socket is gone the relay
+    notices within a second and serves the next one."""
+    relay, proc = serve
+    with unixgram_client(tmp_path / "a.sock", relay, vfkit=False) as first:
+        assert offer_for(first, relay, 20).xid == 20
+        with (unixgram_client(tmp_path / "b.sock", relay, vfkit=False) as second,
+              pytest.raises(PermissionError)):
+            second.sendto(discover(21), relay)
+    os.unlink(tmp_path / "a.sock")
+    with unixgram_client(tmp_path / "c.sock", relay, vfkit=False) as third:
+        deadline = time.monotonic() + 5
+        while True:
+            with contextlib.suppress(PermissionError):
+                assert offer_for(third, relay, 22).xid == 22
+                break
+            assert time.monotonic() < deadline, "the relay never let the next guest in"
+            time.sleep(0.1)
+    stats, _ = stop_and_stats(proc)
+    assert stats["unixgram_peers_replaced"] == 1, stats
+    assert stats["unixgram_peers"] == 2, stats
+
+
 def test_serve_on_an_inherited_datagram_fd() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     proc = start_relay(["--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()])
