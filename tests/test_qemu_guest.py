@@ -11,6 +11,7 @@ namespace (tests/conftest.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -57,20 +58,50 @@ def http_file(tmp_path: Path) -> Iterator[tuple[int, str, str]]:
         thread.join(5)
 
 
-# qemu -netdev kind -> relaynat serve option
-SERVE_OPTION = {"stream": "--socket", "dgram": "--unixgram"}
+# variant -> (qemu -netdev kind, relaynat serve options before the socket path)
+VARIANTS = {
+    "stream": ("stream", ["--socket"]),
+    "dgram": ("dgram", ["--unixgram"]),
+    # 1500-byte frames: ~6000 datagrams toward qemu, whose socket queues only 10.
+    "dgram-mtu1500": ("dgram", ["--mtu", "1500", "--unixgram"]),
+}
 
 
-@pytest.fixture(params=["stream", "dgram"])
-def relay_socket(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """`relaynat serve --socket|--unixgram <tmp>/q.sock` running; yields (netdev, path)."""
-    netdev = request.param
+@dataclasses.dataclass
+class RelayServe:
+    netdev: str
+    path: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM the relay; its --stats counters."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        stats = {}
+        for line in self.log.read_text(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit():
+                stats[parts[0]] = int(parts[1])
+        return stats
+
+
+@pytest.fixture(params=list(VARIANTS))
+def relay_socket(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RelayServe]:
+    """`relaynat serve --socket|--unixgram <tmp>/q.sock` running."""
+    netdev, options = VARIANTS[request.param]
     sock = tmp_path / "q.sock"
     log = tmp_path / "relay.log"
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "relaynat", "serve", "--stats", "--log-level", "info",
-             SERVE_OPTION[netdev], str(sock)],
+             *options, str(sock)],
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,
@@ -84,16 +115,9 @@ def relay_socket(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tup
             if time.monotonic() > deadline:
                 pytest.fail(f"relaynat serve did not create {sock}:\n{log.read_text()}")
             time.sleep(0.05)
-        yield netdev, str(sock)
+        yield RelayServe(netdev, str(sock), proc, log)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        RelayServe(netdev, str(sock), proc, log).stop()
         print(f"--- relay log ---\n{log.read_text(errors='replace')}")
 
 
@@ -107,14 +131,15 @@ def vm_images():
 
 
 def test_guest_dhcp_and_download_through_relay(vm_images, http_file, relay_socket) -> None:
-    netdev, path = relay_socket
+    relay = relay_socket
     port, name, digest = http_file
     command = (
         "ip -4 addr show dev eth0\n"
         f"wget -q -O /tmp/{name} http://10.0.2.2:{port}/{name} || exit 10\n"
         f"sha256sum /tmp/{name}\n"
     )
-    result = boot_vm(path, command, timeout=BOOT_TIMEOUT, images=vm_images, netdev=netdev)
+    result = boot_vm(relay.path, command, timeout=BOOT_TIMEOUT, images=vm_images,
+                     netdev=relay.netdev)
     print(f"--- guest console ({result.duration:.1f}s, times {result.times}) ---")
     print(result.console)
 
@@ -126,3 +151,7 @@ def test_guest_dhcp_and_download_through_relay(vm_images, http_file, relay_socke
     assert addrs == [("10.0.2.15", "24")], result.output
     assert result.exit_status == 0, result.console
     assert f"{digest}  /tmp/{name}" in result.output, result.output
+    stats = relay.stop()
+    if relay.netdev == "dgram":
+        assert stats.get("unixgram_peers") == 1, stats
+        assert stats.get("unixgram_drop_send_full", 0) == 0, stats
