@@ -179,3 +179,19 @@ def test_resolv_conf_first_ipv4_nameserver(tmp_path: Path) -> None:
 
     assert host_upstream(str(path)) == IPv4Address("127.0.0.53")
     assert host_upstream(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.integration
+def test_forwarded_query_flows_expire_fast(resolver: Path) -> None:
+    import asyncio
+
+    from relaynat.config import RelayConfig
+    from relaynat.namespace import run_command
+
+    holder: list = []
+    config = RelayConfig(dns_upstream=IPv4Address(UPSTREAM), dns_udp_timeout_s=0.5)
+    script = f"dig @10.0.2.3 +short +tries=1 {UPSTREAM_NAME} && sleep 2"
+    code = asyncio.run(run_command(config, ["sh", "-c", script], relay_ready=holder.append))
+    assert code == 0
+    stats = holder[0].stats()
+    assert stats["udp_flows_opened"] == 1 and stats["udp_flows_expired"] == 1

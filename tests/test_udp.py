@@ -357,3 +357,12 @@ async def test_relay_udp_to_a_host_peer_and_back_in_process() -> None:
     assert stats["udp_drop_too_big_for_mtu"] == 1 and stats["udp_flows"] == 1
     udp = dpkt.ethernet.Ethernet(transport.frames[0][12:]).data.data
     assert (udp.sport, udp.dport) == (port, 40000)
+
+
+def test_a_fixed_timeout_overrides_idle_and_stream() -> None:
+    table = UdpFlowTable(limit=10, idle_s=30, stream_s=120)
+    dns = table.open((1, b"\x0a\x00\x02\x03", 53), 0.0, fixed_timeout=10.0)
+    assert dns is not None
+    dns.from_host(5.0)
+    assert table.next_deadline() == 15.0
+    assert list(table.expired(15.0)) == [dns]

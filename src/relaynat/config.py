@@ -86,6 +86,9 @@ class RelayConfig:
     #: (nf_conntrack_udp_timeout_stream).
     udp_idle_timeout_s: float = 30.0
     udp_stream_timeout_s: float = 120.0
+    #: Lifetime of a forwarded DNS query's UDP flow past its last datagram (slirp's
+    #: SO_EXPIREFAST): resolvers use a fresh port per query.
+    dns_udp_timeout_s: float = 10.0
     #: Where the guest's DNS traffic (dns_ipv4, port 53, UDP and TCP) goes on the host.
     #: None: the first IPv4 nameserver of the host's /etc/resolv.conf, read at start.
     dns_upstream: IPv4Address | None = None
@@ -129,7 +132,7 @@ class RelayConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("connect_timeout_s", "tcp_idle_timeout_s", "udp_idle_timeout_s",
-                     "udp_stream_timeout_s"):
+                     "udp_stream_timeout_s", "dns_udp_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
         for record in self.dns_records:

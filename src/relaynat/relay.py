@@ -304,10 +304,12 @@ class Relay:
         host_ip = self._host_ip_for(dgram.dst, dgram.dport)
         if host_ip is None:
             raise MalformedFrame("udp_unmapped_destination")
+        assert self._udp_relay is not None
         if dgram.dst == self._dns_ip:
             self._stats["dns_forwarded_udp"] += 1
-        assert self._udp_relay is not None
-        self._udp_relay.on_datagram(ip, dgram, host_ip)
+            self._udp_relay.on_datagram(ip, dgram, host_ip, self.config.dns_udp_timeout_s)
+        else:
+            self._udp_relay.on_datagram(ip, dgram, host_ip)
 
     def _dhcp_request(self, dgram: Any) -> None:
         reply = self._dhcp.handle(dgram.payload)

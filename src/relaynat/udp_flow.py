@@ -5,7 +5,10 @@ shell (udp_relay.py) gives each a connected host socket. Timeouts follow Linux
 conntrack and passt: a flow that has only seen one direction expires after
 `udp_idle_timeout_s` (nf_conntrack_udp_timeout, 30 s); once the host has answered it
 is a "stream" and lives `udp_stream_timeout_s` (nf_conntrack_udp_timeout_stream,
-120 s) past its last datagram either way.
+120 s) past its last datagram either way. A flow may carry its own fixed timeout
+instead: DNS flows live 10 s past their last datagram, as slirp's SO_EXPIREFAST, since
+every resolver query comes from a fresh port and would otherwise hold a table slot
+for two minutes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class UdpFlow:
     #: IPv4 header + first 8 bytes of the guest's last datagram, quoted in an ICMP
     #: port unreachable (RFC 792) so the guest kernel can match it to its socket.
     quote: bytes = b""
+    #: Overrides both timeouts when set (DNS flows).
+    fixed_timeout: float | None = None
     #: The shell's I/O object (the host socket); never touched here.
     sock: Any = field(default=None)
 
@@ -39,6 +44,8 @@ class UdpFlow:
         self.replied = True
 
     def deadline(self, idle_s: float, stream_s: float) -> float:
+        if self.fixed_timeout is not None:
+            return self.last_activity + self.fixed_timeout
         return self.last_activity + (stream_s if self.replied else idle_s)
 
 
@@ -57,13 +64,14 @@ class UdpFlowTable:
     def get(self, key: UdpFlowKey) -> UdpFlow | None:
         return self.flows.get(key)
 
-    def open(self, key: UdpFlowKey, now: float) -> UdpFlow | None:
+    def open(self, key: UdpFlowKey, now: float,
+             fixed_timeout: float | None = None) -> UdpFlow | None:
         """A new flow, or None when the table is full (the caller drops the datagram)."""
         if key in self.flows:
             raise KeyError(f"flow {key!r} exists")
         if len(self.flows) >= self.limit:
             return None
-        flow = self.flows[key] = UdpFlow(key, now)
+        flow = self.flows[key] = UdpFlow(key, now, fixed_timeout=fixed_timeout)
         return flow
 
     def remove(self, flow: UdpFlow) -> None:

@@ -52,14 +52,15 @@ class UdpRelay:
     # -- guest -> host ---------------------------------------------------------------
 
     def on_datagram(self, ip: Ipv4Packet, dgram: UdpDatagram, host_ip: str,
-                    host_port: int | None = None) -> None:
-        """A guest datagram to `dgram.dst`, which is `host_ip` on the host."""
+                    fixed_timeout: float | None = None) -> None:
+        """A guest datagram to `dgram.dst`, which is `host_ip` on the host; a new flow
+        gets `fixed_timeout` instead of the idle/stream timeouts when given."""
         stats = self.stats
         key = (dgram.sport, dgram.dst, dgram.dport)
         now = self._loop.time()
         flow = self.table.get(key)
         if flow is None:
-            flow = self._open(key, host_ip, host_port or dgram.dport, now)
+            flow = self._open(key, host_ip, dgram.dport, now, fixed_timeout)
             if flow is None:
                 return
         hlen = len(ip.packet) - len(ip.payload)
@@ -79,8 +80,8 @@ class UdpRelay:
         stats["udp_to_host_bytes"] += len(dgram.payload)
 
     def _open(self, key: tuple[int, bytes, int], host_ip: str, host_port: int,
-              now: float) -> UdpFlow | None:
-        flow = self.table.open(key, now)
+              now: float, fixed_timeout: float | None) -> UdpFlow | None:
+        flow = self.table.open(key, now, fixed_timeout)
         if flow is None:
             self.stats["udp_drop_flow_limit"] += 1
             return None
