@@ -15,21 +15,33 @@ Two ways to get the socket:
   first datagram (recvfrom) and frames go back with sendto. qemu binds its own
   `local.path` and sends from it without a handshake; vfkit binds a temporary path
   and connects to ours. One guest per transport: a datagram from any other address
-  is dropped and counted, unless the served peer's socket is gone (a connect() probe
-  is refused), in which case the newcomer replaces it: the old guest's flows are
-  reset and a fresh transport serves the new one, starting with that datagram.
-  Senders without an address (unbound sockets) cannot be answered and are dropped.
+  is dropped and counted (or refused by the kernel, see below), unless the served
+  peer's socket is gone (a connect() probe is refused), in which case the newcomer
+  replaces it: the old guest's flows are reset and a fresh transport serves the new
+  one, starting with that datagram. Senders without an address (unbound sockets)
+  cannot be answered and are dropped.
 * inherited fd (`attach_unixgram_fd`, `relaynat serve --fd N`): a SOCK_DGRAM socket
   already connected by a launcher (e.g. one end of a socketpair); send/recv.
 
 Framing cannot desynchronise on datagrams, so a datagram under 14 bytes (no Ethernet
 header) or over 65535 bytes is dropped and counted and the guest stays served.
 
-Sends are non-blocking and never queued: when the peer's receive queue is full
-(EAGAIN: Linux allows net.unix.max_dgram_qlen datagrams queued toward a receiver not
-connected back to us, 10 by default) or buffers run out (ENOBUFS), the frame is
-dropped and counted, like a NIC dropping on a full ring; TCP retransmits it. Linux
-does not tell a datagram socket that its peer closed: in fd mode that shows as
+Backpressure toward the guest. Linux lets at most net.unix.max_dgram_qlen (10)
+datagrams wait in a receiver that is not connected back to the sender; beyond that a
+non-blocking send fails with EAGAIN, and poll() reports the queue draining only to a
+sender *connected* to that receiver (unix_dgram_poll). qemu's dgram socket is such a
+receiver, so the server connects to a peer whose socket is unconnected (probe: OPEN);
+EAGAIN then parks frames in a bounded queue until the socket is writable. Dropping
+them instead, as a NIC drops on a full ring, lost two thirds of the frames of a qemu
+guest's download at MTU 1500 (32 MiB in 105 s; queued: no drops, 3.8 s). While
+connected, the kernel refuses other senders itself (EPERM, not counted here); a timer
+probes the peer every second and disconnects once it is gone, so the next guest can be
+learned. vfkit's end is connected to ours (probe: CONNECTED): the queue limit does not
+apply, EAGAIN means our send buffer is full and poll() reports it freeing. ENOBUFS, a
+full queue, and EAGAIN toward a peer of unknown kind drop the frame and count it; TCP
+retransmits it.
+
+Linux does not tell a datagram socket that its peer closed: in fd mode that shows as
 ECONNREFUSED on the next send, which ends the transport.
 """
 
@@ -63,7 +75,7 @@ _RCVBUF = 4 << 20
 #: At most one liveness probe of the served peer per this many seconds.
 _PROBE_INTERVAL_S = 1.0
 _DROP_ERRNOS = (errno.EAGAIN, errno.ENOBUFS)
-_PEER_GONE_ERRNOS = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN)
+_PEER_GONE_ERRNOS = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ENOENT, errno.ENOTCONN)
 
 Address = str | bytes
 
@@ -126,20 +138,8 @@ class UnixgramTransport:
     connected=False: server mode; the peer is learned from the first datagram with an
     address and answered with sendto. `on_new_peer(data, addr)`, if given, is called
     when a datagram comes from another address while the served peer is gone; the
-    caller replaces this transport (`UnixgramServer` does).
-
-    Backpressure: Linux lets at most net.unix.max_dgram_qlen (10) datagrams wait in a
-    receiver that is not connected back to the sender, and sendto() to it just fails
-    with EAGAIN; poll() says when that queue drains only to a sender *connected* to it.
-    qemu's dgram socket is such a receiver, so a server learning an unconnected peer
-    (probe: OPEN) connects to it; then EAGAIN queues frames (up to `queue_limit` bytes)
-    until the socket is writable instead of dropping them (measured with a qemu guest
-    at MTU 1500: two thirds of the frames dropped, 30x slower, without this). While
-    connected, the kernel refuses other senders itself (EPERM, not counted here); a
-    timer probes the peer every second and disconnects once it is gone, so the next
-    guest can be learned. vfkit's end is connected to ours (probe: CONNECTED): no
-    queue limit applies there, EAGAIN only means our send buffer is full and poll()
-    reports it freeing. An unknown kind of peer gets drop-on-EAGAIN.
+    caller replaces this transport (`UnixgramServer` does). Frames that meet a full
+    socket wait in a queue of up to `queue_limit` bytes (module docstring).
     """
 
     vnet_hdr_len = 0
