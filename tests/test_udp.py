@@ -366,3 +366,25 @@ def test_a_fixed_timeout_overrides_idle_and_stream() -> None:
     dns.from_host(5.0)
     assert table.next_deadline() == 15.0
     assert list(table.expired(15.0)) == [dns]
+
+
+@pytest.mark.integration
+def test_no_route_gives_a_recverr_guest_net_unreachable() -> None:
+    # The test namespace has only `lo`: 192.0.2.1 (TEST-NET-1) has no route, so the
+    # relay's connect() fails with ENETUNREACH and the guest gets ICMP net unreachable.
+    # Linux reports that to a UDP socket only with IP_RECVERR (udp(7)).
+    client = ("import socket\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              "s.setsockopt(socket.SOL_IP, 11, 1)  # IP_RECVERR\n"
+              "s.connect(('192.0.2.1', 9))\n"
+              "s.settimeout(5)\n"
+              "s.send(b'hello?')\n"
+              "try:\n"
+              "    s.recv(100)\n"
+              "except OSError as exc:\n"
+              "    print(exc.errno == __import__('errno').ENETUNREACH)\n")
+    done = relaynat_run(sys.executable, "-c", client)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True", done.stdout + done.stderr
+    stats = parse_stats(done.stderr)
+    assert stats["udp_icmp_no_route"] == 1 and stats["udp_connect_failed"] == 1

@@ -189,6 +189,8 @@ class TcpFrameTemplate:
 
 #: ICMP destination unreachable (RFC 792) and its port-unreachable code.
 ICMP_DEST_UNREACH = 3
+ICMP_NET_UNREACH = 0
+ICMP_HOST_UNREACH = 1
 ICMP_PORT_UNREACH = 3
 _ICMP_HEAD = struct.Struct("!BBHI")
 

@@ -92,6 +92,10 @@ class Relay:
         self._dns_ip = c.dns_ipv4.packed
         upstream = c.dns_upstream or host_upstream()
         self._dns_upstream = str(upstream) if upstream is not None else None
+        if upstream is None:
+            log.warning("no IPv4 nameserver in /etc/resolv.conf and no dns_upstream: "
+                        "DNS queries to %s are dropped (static records still answer)",
+                        c.dns_ipv4)
         self._dns_static = static_table(c.dns_records)
         self.transport_lost_event = asyncio.Event()
 

@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 from collections import Counter
 from collections.abc import Callable
 
 from relaynat.config import RelayConfig
-from relaynat.packet_builder import icmp_unreachable_frame, udp_frame
+from relaynat.packet_builder import (
+    ICMP_HOST_UNREACH,
+    ICMP_NET_UNREACH,
+    ICMP_PORT_UNREACH,
+    icmp_unreachable_frame,
+    udp_frame,
+)
 from relaynat.udp_flow import UdpFlow, UdpFlowTable
 from relaynat.wire import Ipv4Packet, UdpDatagram
 
@@ -29,6 +36,8 @@ _RECV_ROUNDS = 64
 _RECV_SIZE = 65536
 #: IPv4 header (no options) + UDP header, per datagram toward the guest.
 _OVERHEAD = 20 + 8
+#: Host errors meaning "no route", and the ICMP unreachable code for each (RFC 792).
+_NO_ROUTE_CODES = {errno.ENETUNREACH: ICMP_NET_UNREACH, errno.EHOSTUNREACH: ICMP_HOST_UNREACH}
 
 
 class UdpRelay:
@@ -43,6 +52,7 @@ class UdpRelay:
         self.table = UdpFlowTable(config.max_udp_flows, config.udp_idle_timeout_s,
                                   config.udp_stream_timeout_s)
         self._guest_ip = config.guest_ipv4.packed
+        self._gateway_ip = config.gateway_ipv4.packed
         self._max_payload = config.mtu - _OVERHEAD
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -58,29 +68,33 @@ class UdpRelay:
         stats = self.stats
         key = (dgram.sport, dgram.dst, dgram.dport)
         now = self._loop.time()
+        hlen = len(ip.packet) - len(ip.payload)
+        quote = bytes(ip.packet[:hlen + 8])
         flow = self.table.get(key)
         if flow is None:
-            flow = self._open(key, host_ip, dgram.dport, now, fixed_timeout)
+            flow = self._open(key, host_ip, dgram.dport, now, fixed_timeout, quote)
             if flow is None:
                 return
-        hlen = len(ip.packet) - len(ip.payload)
-        flow.from_guest(now, bytes(ip.packet[:hlen + 8]))
+        flow.from_guest(now, quote)
         try:
             flow.sock.send(dgram.payload)
         except ConnectionRefusedError:  # an earlier datagram's ICMP error, reported now
             self._unreachable(flow)
             return
-        except BlockingIOError:
+        except BlockingIOError:  # the socket's send buffer is full: UDP may drop
             stats["udp_drop_host_busy"] += 1
             return
-        except OSError:
+        except OSError as exc:
+            if exc.errno in _NO_ROUTE_CODES:
+                self._report_no_route(exc.errno, quote)
+                return
             stats["udp_send_errors"] += 1
             return
         stats["udp_to_host"] += 1
         stats["udp_to_host_bytes"] += len(dgram.payload)
 
     def _open(self, key: tuple[int, bytes, int], host_ip: str, host_port: int,
-              now: float, fixed_timeout: float | None) -> UdpFlow | None:
+              now: float, fixed_timeout: float | None, quote: bytes) -> UdpFlow | None:
         flow = self.table.open(key, now, fixed_timeout)
         if flow is None:
             self.stats["udp_drop_flow_limit"] += 1
@@ -89,10 +103,12 @@ class UdpRelay:
         sock.setblocking(False)
         try:
             sock.connect((host_ip, host_port))  # UDP: no packet, just routing and binding
-        except OSError:
+        except OSError as exc:
             sock.close()
             self.table.remove(flow)
             self.stats["udp_connect_failed"] += 1
+            if exc.errno in _NO_ROUTE_CODES:
+                self._report_no_route(exc.errno, quote)
             return None
         flow.sock = sock
         self._loop.add_reader(sock.fileno(), self._on_readable, flow)
@@ -136,11 +152,24 @@ class UdpRelay:
         if self.guest_mac is None or not flow.quote:
             self.stats["udp_refused_unreported"] += 1
             return
+        self._send_icmp(flow.key[1], flow.quote, ICMP_PORT_UNREACH)
+        self.stats["udp_icmp_port_unreachable"] += 1
+
+    def _report_no_route(self, err: int, quote: bytes) -> None:
+        """The host has no route to the destination: ICMP net/host unreachable from
+        the gateway, as a router would send (RFC 1812 §5.2.7.1). Linux reports these
+        to a UDP socket only with IP_RECVERR (udp(7)); others time out as before."""
+        if self.guest_mac is None:
+            return
+        self._send_icmp(self._gateway_ip, quote, _NO_ROUTE_CODES[err])
+        self.stats["udp_icmp_no_route"] += 1
+
+    def _send_icmp(self, src: bytes, quote: bytes, code: int) -> None:
+        assert self.guest_mac is not None
         self._ip_id = (self._ip_id + 1) & 0xFFFF
         self._send_frame(icmp_unreachable_frame(self.guest_mac, self._config.gateway_mac,
-                                                flow.key[1], self._guest_ip, flow.quote,
+                                                src, self._guest_ip, quote, code,
                                                 ident=self._ip_id))
-        self.stats["udp_icmp_port_unreachable"] += 1
 
     # -- timeouts and teardown ---------------------------------------------------------
 
