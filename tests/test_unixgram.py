@@ -285,6 +285,14 @@ def test_inherited_datagram_fd_exits_when_the_guest_is_gone() -> None:
             proc.wait()
 
 
+def test_unixgram_refuses_a_path_in_use(serve) -> None:
+    path, _ = serve
+    second = subprocess.run([sys.executable, "-m", "relaynat", "serve", "--unixgram", path],
+                            capture_output=True, text=True, timeout=20)
+    assert second.returncode == 1
+    assert "in use" in second.stderr
+
+
 def test_unixgram_replaces_a_leftover_socket_and_refuses_other_files(tmp_path) -> None:
     stale = tmp_path / "stale.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:

@@ -409,8 +409,8 @@ class UnixgramTransport:
 def bind_unixgram(path: str) -> socket.socket:
     """Bind a unix datagram socket at `path`, replacing a leftover socket file.
 
-    For a datagram socket there is no listener to probe: a socket file at the path is
-    taken as left behind (a relay that exited) and unlinked. A non-socket file is
+    A socket file nobody is bound to (connect() refused: a relay that exited) is
+    unlinked; one that is bound (another relay serving it) or a non-socket file is
     refused. The socket is made 0600: whoever can send to it is the guest.
     """
     try:
@@ -420,6 +420,8 @@ def bind_unixgram(path: str) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        if peer_alive(path):
+            raise OSError(f"{path} is in use by another process")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
