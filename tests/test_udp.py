@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import sys
 import threading
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from test_namespace_guest import parse_stats, relaynat_run
 
 from relaynat.config import RelayConfig
 from relaynat.namespace import run_command
-from relaynat.packet_builder import icmp_unreachable_frame, udp_frame
+from relaynat.packet_builder import icmp_unreachable_frame, udp_frame, udp_frame_head
 from relaynat.relay import Relay
 from relaynat.udp_flow import UdpFlowTable
 
@@ -388,3 +389,25 @@ def test_no_route_gives_a_recverr_guest_net_unreachable() -> None:
     assert done.stdout.strip() == "True", done.stdout + done.stderr
     stats = parse_stats(done.stderr)
     assert stats["udp_icmp_no_route"] == 1 and stats["udp_connect_failed"] == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=3000), st.integers(0, 0xFFFF), st.integers(1, 0xFFFF))
+def test_udp_frame_head_full_and_partial_checksums(payload: bytes, ident: int,
+                                                   port: int) -> None:
+    from relaynat.checksum import finish, partial_sum
+
+    args = (b"\x02" * 6, b"\x52" * 6, bytes([127, 0, 0, 1]), bytes([10, 0, 2, 15]), port, 53,
+            payload, ident)
+    # No vnet header: exactly what udp_frame builds, payload excluded.
+    assert udp_frame_head(*args) + payload == udp_frame(*args)
+    assert udp_frame_head(*args, vnet_hdr_len=12) == bytes(12) + udp_frame_head(*args)
+    # Offload: NEEDS_CSUM from byte 34, field at +6 holds the folded pseudo-header sum;
+    # completing it over the UDP header and payload (what the guest kernel or a NIC does)
+    # gives udp_frame's checksum.
+    head = udp_frame_head(*args, vnet_hdr_len=12, offload=True)
+    flags, _gso, _hl, _gs, csum_start, csum_offset = struct.unpack_from("=BBHHHH", head)
+    assert (flags, csum_start, csum_offset) == (1, 34, 6)
+    udp = head[12 + 34:]
+    done = finish(partial_sum(udp + payload))
+    assert done == struct.unpack_from("!H", udp_frame(*args), 40)[0]

@@ -204,3 +204,27 @@ def icmp_unreachable_frame(dst_mac: bytes, src_mac: bytes, src: bytes, dst: byte
     _U16.pack_into(icmp, 2, finish(partial_sum(icmp)))
     return (ethernet_header(dst_mac, src_mac, ETHERTYPE_IPV4)
             + ipv4_header(src, dst, IPPROTO_ICMP, len(icmp), ident) + bytes(icmp))
+
+
+def udp_frame_head(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport: int,
+                   dport: int, payload: bytes | memoryview, ident: int = 0,
+                   vnet_hdr_len: int = 0, offload: bool = False) -> bytes:
+    """The headers of a UDP frame (vnet header first, if any) for `payload`, which the
+    transport writes after them, uncopied. With `offload` (a vnet header the guest
+    accepts NEEDS_CSUM on), the UDP checksum field holds the folded pseudo-header sum
+    and the guest's kernel takes the payload as verified (CHECKSUM_PARTIAL), as for
+    TCP; otherwise the checksum is computed over the payload (RFC 768)."""
+    length = 8 + len(payload)
+    pseudo = int.from_bytes(src + dst, "big") + IPPROTO_UDP + length
+    offload = offload and vnet_hdr_len > 0
+    if offload:
+        udp = _UDP.pack(sport, dport, length, fold(pseudo))
+        vnet = bytearray(vnet_hdr_len)
+        VNET_HDR.pack_into(vnet, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE,
+                           0, 0, ETH_HLEN + IPV4_HLEN, 6)
+    else:
+        udp0 = _UDP.pack(sport, dport, length, 0)
+        udp = udp0[:6] + _U16.pack(finish(pseudo + partial_sum(udp0) + partial_sum(payload)))
+        vnet = bytearray(vnet_hdr_len)
+    return (bytes(vnet) + ethernet_header(dst_mac, src_mac, ETHERTYPE_IPV4)
+            + ipv4_header(src, dst, IPPROTO_UDP, length, ident) + udp)

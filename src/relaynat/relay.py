@@ -112,7 +112,8 @@ class Relay:
         """Bind to the running loop. Called by `async with`."""
         self._loop = asyncio.get_running_loop()
         self._tcp = TcpRelay(self.config, self._loop, self._send_raw, self._stats)
-        self._udp_relay = UdpRelay(self.config, self._loop, self._send_frame, self._stats)
+        self._udp_relay = UdpRelay(self.config, self._loop, self._send_frame, self._send_raw,
+                                   self._stats)
         if self.config.pcap_path:
             self._pcap = PcapWriter(self.config.pcap_path)
 
@@ -140,6 +141,8 @@ class Relay:
         self.detach()
         self._transport = transport
         self._tcp.set_link(transport.vnet_hdr_len, transport.offload)
+        if self._udp_relay is not None:
+            self._udp_relay.set_link(transport.vnet_hdr_len, transport.offload)
         self.transport_lost_event.clear()
         transport.start(self)
 

@@ -26,7 +26,7 @@ from relaynat.packet_builder import (
     ICMP_NET_UNREACH,
     ICMP_PORT_UNREACH,
     icmp_unreachable_frame,
-    udp_frame,
+    udp_frame_head,
 )
 from relaynat.udp_flow import UdpFlow, UdpFlowTable
 from relaynat.wire import Ipv4Packet, UdpDatagram
@@ -41,13 +41,19 @@ _NO_ROUTE_CODES = {errno.ENETUNREACH: ICMP_NET_UNREACH, errno.EHOSTUNREACH: ICMP
 
 
 class UdpRelay:
-    """All UDP flows of one guest. `send_frame` takes a frame without a vnet header."""
+    """All UDP flows of one guest. `send_frame` takes a complete frame without a vnet
+    header; `send_raw(head, payload)` headers as the link wants them (see set_link)."""
 
     def __init__(self, config: RelayConfig, loop: asyncio.AbstractEventLoop,
-                 send_frame: Callable[[bytes], None], stats: Counter[str]) -> None:
+                 send_frame: Callable[[bytes], None],
+                 send_raw: Callable[[bytes, bytes | memoryview], None],
+                 stats: Counter[str]) -> None:
         self._config = config
         self._loop = loop
         self._send_frame = send_frame
+        self._send_raw = send_raw
+        self._vnet_hdr_len = 0
+        self._offload = False
         self.stats = stats
         self.table = UdpFlowTable(config.max_udp_flows, config.udp_idle_timeout_s,
                                   config.udp_stream_timeout_s)
@@ -58,6 +64,11 @@ class UdpRelay:
         self._timer_at = float("inf")
         self._ip_id = 0
         self.guest_mac: bytes | None = None
+
+    def set_link(self, vnet_hdr_len: int, offload: bool) -> None:
+        """Frame format of the attached transport."""
+        self._vnet_hdr_len = vnet_hdr_len
+        self._offload = offload
 
     # -- guest -> host ---------------------------------------------------------------
 
@@ -141,8 +152,10 @@ class UdpRelay:
                 continue
             guest_port, src, src_port = flow.key
             self._ip_id = (self._ip_id + 1) & 0xFFFF
-            self._send_frame(udp_frame(self.guest_mac, self._config.gateway_mac, src,
-                                       self._guest_ip, src_port, guest_port, data, self._ip_id))
+            self._send_raw(udp_frame_head(self.guest_mac, self._config.gateway_mac, src,
+                                          self._guest_ip, src_port, guest_port, data,
+                                          self._ip_id, self._vnet_hdr_len, self._offload),
+                           data)
             stats["udp_to_guest"] += 1
             stats["udp_to_guest_bytes"] += len(data)
 
