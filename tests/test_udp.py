@@ -319,11 +319,15 @@ async def test_relay_routes_udp_dns_and_dhcp_and_drops_what_has_no_destination()
         relay.handle_frame(_guest_udp("10.0.2.2", 9, b"x", src="0.0.0.0"))  # not DHCP
         stats = relay.stats()
     assert stats["dns_static_answers"] == 1
-    assert stats["drop_udp_unmapped_destination"] == 2
+    assert stats["drop_udp_unmapped_destination"] == 1  # to the guest's own address
+    assert stats["udp_refused_unmapped"] == 1  # the DNS address on port 54
     assert stats["drop_udp_multicast_or_broadcast"] == 1
     assert stats["drop_ip_spoofed_source"] == 1
     assert stats.get("udp_flows_opened", 0) == 0
-    (frame,) = transport.frames
+    frame, refusal = transport.frames
+    icmp = bytes(dpkt.ethernet.Ethernet(refusal[12:]).data.data)
+    assert icmp[:2] == b"\x03\x03"  # destination unreachable, port unreachable
+    assert dpkt.ip.IP(icmp[8:] + b"x").udp.dport == 54
     assert frame[:12] == bytes(12)  # a zero virtio-net header: nothing to offload
     eth = dpkt.ethernet.Ethernet(frame[12:])
     assert eth.dst == GUEST_MAC
@@ -411,3 +415,21 @@ def test_udp_frame_head_full_and_partial_checksums(payload: bytes, ident: int,
     udp = head[12 + 34:]
     done = finish(partial_sum(udp + payload))
     assert done == struct.unpack_from("!H", udp_frame(*args), 40)[0]
+
+
+@pytest.mark.integration
+def test_gateway_without_the_loopback_mapping_refuses_udp(udp_echo: int) -> None:
+    client = ("import socket\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              f"s.connect(('{GATEWAY}', {udp_echo}))\n"
+              "s.settimeout(5)\n"
+              "s.send(b'x')\n"
+              "try:\n"
+              "    s.recv(100)\n"
+              "except OSError as exc:\n"
+              "    print(type(exc).__name__)\n")
+    done = relaynat_run(sys.executable, "-c", client, options=("--map-host-loopback", "none"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ConnectionRefusedError"
+    stats = parse_stats(done.stderr)
+    assert stats["udp_refused_unmapped"] == 1 and stats.get("udp_flows_opened", 0) == 0

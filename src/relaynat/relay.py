@@ -309,9 +309,14 @@ class Relay:
                                            self._ip_id))
                 return
         host_ip = self._host_ip_for(dgram.dst, dgram.dport)
-        if host_ip is None:
-            raise MalformedFrame("udp_unmapped_destination")
         assert self._udp_relay is not None
+        if host_ip is None:
+            if dgram.dst == self._guest_ip:
+                raise MalformedFrame("udp_unmapped_destination")
+            # Nothing listens there (gateway without the mapping, the DNS address on
+            # another port or without upstream): port unreachable, as TCP gets a RST.
+            self._udp_relay.refuse(ip)
+            return
         if dgram.dst == self._dns_ip:
             self._stats["dns_forwarded_udp"] += 1
             self._udp_relay.on_datagram(ip, dgram, host_ip, self.config.dns_udp_timeout_s)

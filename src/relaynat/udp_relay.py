@@ -168,6 +168,15 @@ class UdpRelay:
         self._send_icmp(flow.key[1], flow.quote, ICMP_PORT_UNREACH)
         self.stats["udp_icmp_port_unreachable"] += 1
 
+    def refuse(self, ip: Ipv4Packet) -> None:
+        """No host destination for this guest datagram: ICMP port unreachable from the
+        address it was sent to (udp(7): a connected guest socket sees ECONNREFUSED)."""
+        if self.guest_mac is None:
+            return
+        hlen = len(ip.packet) - len(ip.payload)
+        self._send_icmp(ip.dst, bytes(ip.packet[:hlen + 8]), ICMP_PORT_UNREACH)
+        self.stats["udp_refused_unmapped"] += 1
+
     def _report_no_route(self, err: int, quote: bytes) -> None:
         """The host has no route to the destination: ICMP net/host unreachable from
         the gateway, as a router would send (RFC 1812 §5.2.7.1). Linux reports these
