@@ -450,3 +450,28 @@ async def test_idle_timeout_bound_unreachable_and_close() -> None:
         assert stats["drop_icmp_closed"] == 1 and relay.socket_count == 0
         await asyncio.sleep(0.05)
         assert guest.frames.qsize() <= 1  # at most the reply to seq 9, read before close
+
+
+@pytest.mark.integration
+def test_namespace_guest_pings_the_gateway_mapped_to_host_loopback() -> None:
+    """iputils ping in a real guest kernel, through `relaynat run`, to 10.0.2.2: the
+    relay sends the echoes from a ping socket to the host's 127.0.0.1 and the replies
+    come back with the guest's identifier, sequence numbers and payload."""
+    import subprocess
+    import sys
+
+    with ping_group_range("0 2147483647"):
+        done = subprocess.run(
+            [sys.executable, "-m", "relaynat", "run", "--stats", "--",
+             "ping", "-c", "3", "-i", "0.2", "-s", "1000", "-W", "2", "10.0.2.2"],
+            capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 packets transmitted, 3 received" in done.stdout
+    assert "1008 bytes from 10.0.2.2: icmp_seq=3" in done.stdout
+    stats = {}
+    for line in done.stderr.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            stats[parts[0]] = int(parts[1])
+    assert stats["icmp_echo_requests"] == 3
+    assert stats["icmp_echo_replies"] == 3

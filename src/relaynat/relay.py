@@ -38,6 +38,7 @@ from typing import Any
 from relaynat.config import RelayConfig
 from relaynat.dhcp import DhcpServer
 from relaynat.dns import answer_static, host_upstream, static_table
+from relaynat.icmp_echo import IcmpEchoRelay
 from relaynat.packet_builder import BROADCAST_MAC, arp_reply, udp_frame
 from relaynat.pcap import PcapWriter
 from relaynat.stream import StreamTransport, bind_unix_listener
@@ -48,6 +49,7 @@ from relaynat.wire import (
     ETHERTYPE_ARP,
     ETHERTYPE_IPV4,
     ETHERTYPE_IPV6,
+    IPPROTO_ICMP,
     IPPROTO_TCP,
     IPPROTO_UDP,
     MalformedFrame,
@@ -77,6 +79,7 @@ class Relay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tcp: TcpRelay | None = None
         self._udp_relay: UdpRelay | None = None
+        self._icmp: IcmpEchoRelay | None = None
         self._dhcp = DhcpServer(self.config)
         self._pcap: PcapWriter | None = None
         self._listener: socket.socket | None = None
@@ -114,6 +117,7 @@ class Relay:
         self._tcp = TcpRelay(self.config, self._loop, self._send_raw, self._stats)
         self._udp_relay = UdpRelay(self.config, self._loop, self._send_frame, self._send_raw,
                                    self._stats)
+        self._icmp = IcmpEchoRelay(self.config, self._loop, self._send_frame, self._stats)
         if self.config.pcap_path:
             self._pcap = PcapWriter(self.config.pcap_path)
 
@@ -130,6 +134,9 @@ class Relay:
         if self._udp_relay is not None:
             self._udp_relay.close()
             self._udp_relay = None
+        if self._icmp is not None:
+            self._icmp.close()
+            self._icmp = None
         if self._pcap is not None:
             self._pcap.close()
             self._pcap = None
@@ -239,6 +246,10 @@ class Relay:
                 self._tcp.on_segment(seg, self._host_ip_for(seg.dst, seg.dport))
             elif ip.proto == IPPROTO_UDP:
                 self._udp(ip)
+            elif ip.proto == IPPROTO_ICMP:
+                assert self._icmp is not None
+                # Echo only; port 0 maps nothing special (the DNS address has no echo).
+                self._icmp.on_packet(ip, self._host_ip_for(ip.dst, 0), src_mac)
             else:
                 raise MalformedFrame("ip_proto_unsupported")
         elif ethertype == ETHERTYPE_ARP:
@@ -369,6 +380,7 @@ class Relay:
         out = dict(self._stats)
         out["tcp_flows"] = len(self._tcp.flows) if self._tcp is not None else 0
         out["udp_flows"] = len(self._udp_relay.table) if self._udp_relay is not None else 0
+        out["icmp_sockets"] = self._icmp.socket_count if self._icmp is not None else 0
         for key, value in self._dhcp.counters.items():
             if value:
                 out[f"dhcp_{key}"] = value
