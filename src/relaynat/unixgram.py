@@ -61,6 +61,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Protocol
 
+from relaynat.config import RelayConfig
 from relaynat.transport import FrameSink, FrameTransport
 
 log = logging.getLogger("relaynat.unixgram")
@@ -81,7 +82,9 @@ Address = str | bytes
 
 
 class RelayLike(Protocol):
-    """What the server needs of `relaynat.relay.Relay` (its public attach())."""
+    """What the server needs of `relaynat.relay.Relay`: attach() and the config."""
+
+    config: RelayConfig
 
     def attach(self, transport: FrameTransport) -> None: ...
 
@@ -149,7 +152,7 @@ class UnixgramTransport:
                  loop: asyncio.AbstractEventLoop | None = None,
                  first: tuple[bytes, Address] | None = None,
                  on_new_peer: Callable[[bytes, Address], None] | None = None,
-                 queue_limit: int = 1 << 20) -> None:
+                 queue_limit: int = 8 << 20) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.connected = connected
@@ -456,6 +459,7 @@ class UnixgramServer:
             self.counters.update(old.counters)
         dup = socket.socket(fileno=os.dup(self.sock.fileno()))
         self.transport = UnixgramTransport(dup, connected=False, first=first,
+                                           queue_limit=self.relay.config.guest_queue_limit,
                                            on_new_peer=self._new_peer)
         self.relay.attach(self.transport)
 
@@ -500,7 +504,8 @@ def attach_unixgram_fd(relay: RelayLike, fd: int) -> UnixgramTransport:
         connected = True
     except OSError:
         connected = False
-    transport = UnixgramTransport(sock, connected=connected)
+    transport = UnixgramTransport(sock, connected=connected,
+                                  queue_limit=relay.config.guest_queue_limit)
     relay.attach(transport)
     return transport
 
