@@ -26,7 +26,7 @@ import stat
 import struct
 from collections import deque
 
-from relaynat.transport import FrameSink
+from relaynat.transport import FrameSink, TransportBase
 
 log = logging.getLogger("relaynat.stream")
 
@@ -37,7 +37,7 @@ _RECV_BUF = 1 << 20
 _READS_PER_WAKEUP = 16
 
 
-class StreamTransport:
+class StreamTransport(TransportBase):
     """One connected qemu-stream client."""
 
     vnet_hdr_len = 0
@@ -109,12 +109,6 @@ class StreamTransport:
             start = end = 0
         self._start, self._end = start, end
         return True
-
-    def _lost(self, reason: str) -> None:
-        sink = self._sink
-        self.close()
-        if sink is not None:
-            sink.transport_lost(self, reason)
 
     # -- relay -> guest --------------------------------------------------------------
 

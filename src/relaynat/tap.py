@@ -19,7 +19,7 @@ import logging
 import os
 import struct
 
-from relaynat.transport import FrameSink
+from relaynat.transport import FrameSink, TransportBase
 
 log = logging.getLogger("relaynat.tap")
 
@@ -66,7 +66,7 @@ def open_tap(name: str, want_vnet_hdr: bool = True) -> tuple[int, int, bool]:
         raise
 
 
-class TapTransport:
+class TapTransport(TransportBase):
     """A TAP fd (opened by `open_tap` here or by the caller, e.g. a launcher)."""
 
     def __init__(self, fd: int, vnet_hdr_len: int = 0, offload: bool = False,
@@ -104,12 +104,6 @@ class TapTransport:
                 return
             sink.handle_frame(view[skip:n])
         sink.end_of_batch()
-
-    def _lost(self, reason: str) -> None:
-        sink = self._sink
-        self.close()
-        if sink is not None:
-            sink.transport_lost(self, reason)
 
     def send(self, head: bytes, payload: bytes | memoryview = b"") -> None:
         try:

@@ -32,3 +32,20 @@ class FrameTransport(Protocol):
     def send(self, head: bytes, payload: bytes | memoryview = b"") -> None: ...
 
     def close(self) -> None: ...
+
+
+class TransportBase:
+    """What every transport does the same way when its guest link dies."""
+
+    _sink: FrameSink | None
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _lost(self, reason: str) -> None:
+        """Close, then tell the sink why; the sink is taken first, as close() drops it."""
+        sink = self._sink
+        self.close()
+        if sink is not None:
+            sink.transport_lost(self, reason)  # type: ignore[arg-type]
+

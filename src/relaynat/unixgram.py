@@ -62,7 +62,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from relaynat.config import RelayConfig
-from relaynat.transport import FrameSink, FrameTransport
+from relaynat.transport import FrameSink, FrameTransport, TransportBase
 
 log = logging.getLogger("relaynat.unixgram")
 
@@ -134,7 +134,7 @@ def _disconnect(sock: socket.socket) -> None:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class UnixgramTransport:
+class UnixgramTransport(TransportBase):
     """One guest on a unix datagram socket.
 
     connected=True: the socket has a fixed peer (inherited fd); send/recv.
@@ -299,12 +299,6 @@ class UnixgramTransport:
         self._last_probe = now
         assert self.peer is not None
         return not peer_alive(self.peer)
-
-    def _lost(self, reason: str) -> None:
-        sink = self._sink
-        self.close()
-        if sink is not None:
-            sink.transport_lost(self, reason)
 
     # -- relay -> guest --------------------------------------------------------------
 
