@@ -19,7 +19,7 @@ import dpkt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_namespace_guest import parse_stats, relaynat_run
+from relaynat_cli import parse_stats, relaynat_run
 
 from relaynat.dns import answer_static, static_table, upstream_from_resolv_conf
 

@@ -460,6 +460,8 @@ def test_namespace_guest_pings_the_gateway_mapped_to_host_loopback() -> None:
     import subprocess
     import sys
 
+    from relaynat_cli import parse_stats
+
     with ping_group_range("0 2147483647"):
         done = subprocess.run(
             [sys.executable, "-m", "relaynat", "run", "--stats", "--",
@@ -468,10 +470,6 @@ def test_namespace_guest_pings_the_gateway_mapped_to_host_loopback() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 packets transmitted, 3 received" in done.stdout
     assert "1008 bytes from 10.0.2.2: icmp_seq=3" in done.stdout
-    stats = {}
-    for line in done.stderr.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            stats[parts[0]] = int(parts[1])
+    stats = parse_stats(done.stderr)
     assert stats["icmp_echo_requests"] == 3
     assert stats["icmp_echo_replies"] == 3

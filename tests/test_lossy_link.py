@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 from netshim import GATEWAY_IP, GUEST_IP, Impairment, ImpairSpec, LossyGuest
+from relaynat_cli import parse_stats
 
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
@@ -122,13 +123,10 @@ class RelayProc:
 
     def stats(self) -> dict[str, int]:
         """Counters printed by --stats on exit (after `_stop`)."""
-        out: dict[str, int] = {}
-        with contextlib.suppress(OSError):
-            for line in self.log.read_text(errors="replace").splitlines():
-                parts = line.split()
-                if len(parts) == 2 and parts[1].isdigit():
-                    out[parts[0]] = int(parts[1])
-        return out
+        try:
+            return parse_stats(self.log.read_text(errors="replace"))
+        except OSError:
+            return {}
 
 
 @pytest.fixture

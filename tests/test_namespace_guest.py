@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from relaynat_cli import parse_stats, relaynat_run
 
 pytestmark = pytest.mark.integration
 
@@ -25,22 +26,6 @@ TESTS = Path(__file__).parent
 GUEST_TOOLS = str(TESTS / "guest_tools.py")
 GATEWAY = "10.0.2.2"
 BIG = 256 << 20
-
-
-def relaynat_run(*command: str, options: tuple[str, ...] = (), timeout: float = 120,
-                 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relaynat", "run", "--stats", *options, "--", *command],
-        capture_output=True, text=True, timeout=timeout)
-
-
-def parse_stats(stderr: str) -> dict[str, int]:
-    stats = {}
-    for line in stderr.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            stats[parts[0]] = int(parts[1])
-    return stats
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from relaynat_cli import parse_stats
 from vmguest import boot_vm, build_vm_images, vm_unavailable_reason
 
 pytestmark = [pytest.mark.vm, pytest.mark.integration]
@@ -84,12 +85,7 @@ class RelayServe:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        stats = {}
-        for line in self.log.read_text(errors="replace").splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[1].isdigit():
-                stats[parts[0]] = int(parts[1])
-        return stats
+        return parse_stats(self.log.read_text(errors="replace"))
 
 
 @pytest.fixture(params=list(VARIANTS))

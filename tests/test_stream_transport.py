@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import dpkt
 import pytest
+from relaynat_cli import stop_and_stats
 
 pytestmark = pytest.mark.integration
 
@@ -100,18 +100,6 @@ def connect(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
     return s
-
-
-def stop_and_stats(proc: subprocess.Popen[str]) -> tuple[dict[str, int], str]:
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=10)
-    assert proc.returncode == 0, err
-    stats = {}
-    for line in err.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            stats[parts[0]] = int(parts[1])
-    return stats, err
 
 
 def test_dhcp_offer_over_stream_and_second_client_refused(serve) -> None:

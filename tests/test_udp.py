@@ -19,7 +19,7 @@ import dpkt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_namespace_guest import parse_stats, relaynat_run
+from relaynat_cli import parse_stats, relaynat_run
 
 from relaynat.config import RelayConfig
 from relaynat.namespace import run_command

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import dpkt
 import pytest
+from relaynat_cli import stop_and_stats
 from test_stream_transport import GUEST_MAC, discover
 
 pytestmark = pytest.mark.integration
@@ -92,18 +92,6 @@ def serve(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     if proc.poll() is None:
         proc.kill()
     proc.wait()
-
-
-def stop_and_stats(proc: subprocess.Popen[str]) -> tuple[dict[str, int], str]:
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=10)
-    assert proc.returncode == 0, err
-    stats = {}
-    for line in err.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            stats[parts[0]] = int(parts[1])
-    return stats, err
 
 
 def test_vfkit_client_gets_an_offer_and_a_second_peer_is_ignored(tmp_path, serve) -> None:
