@@ -175,10 +175,7 @@ class TcpRelay:
             return
         # The guest runs its own Nagle; a second one here would only add latency.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        template = TcpFrameTemplate(dst_mac=self.guest_mac, src_mac=self._config.gateway_mac,
-                                    src=seg.dst, dst=seg.src, sport=seg.dport, dport=seg.sport,
-                                    vnet_hdr_len=self._vnet_hdr_len, offload=self._offload,
-                                    timestamps=seg.tsval is not None)
+        template = self._template_answering(seg, timestamps=seg.tsval is not None)
         entry = TcpNatEntry(seg, template=template, mtu=self._config.mtu,
                             iss=random.getrandbits(32), now=now,
                             connect_timeout_s=self._config.connect_timeout_s,
@@ -202,15 +199,19 @@ class TcpRelay:
         self.stats["tcp_flows_opened"] += 1
         self._schedule(flow)
 
+    def _template_answering(self, seg: TcpSegment, timestamps: bool) -> TcpFrameTemplate:
+        """Headers of frames toward the guest on the connection `seg` belongs to."""
+        return TcpFrameTemplate(dst_mac=self.guest_mac, src_mac=self._config.gateway_mac,
+                                src=seg.dst, dst=seg.src, sport=seg.dport, dport=seg.sport,
+                                vnet_hdr_len=self._vnet_hdr_len, offload=self._offload,
+                                timestamps=timestamps)
+
     def _reply_rst(self, seg: TcpSegment) -> None:
         answer = rst_for_unknown(seg)
         if answer is None:
             return
         seq, ack, flags = answer
-        template = TcpFrameTemplate(dst_mac=self.guest_mac, src_mac=self._config.gateway_mac,
-                                    src=seg.dst, dst=seg.src, sport=seg.dport, dport=seg.sport,
-                                    vnet_hdr_len=self._vnet_hdr_len, offload=self._offload)
-        self._send(template.build(seq, ack, flags, 0), b"")
+        self._send(self._template_answering(seg, False).build(seq, ack, flags, 0), b"")
         self.stats["tcp_rst_sent"] += 1
 
     # -- host readiness ------------------------------------------------------------------
