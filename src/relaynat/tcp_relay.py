@@ -315,12 +315,16 @@ class TcpRelay:
                     got = sock.recv_into(self._peek_view, budget, socket.MSG_PEEK)
                     data = self._peek_view[:got]
                 else:
+                    # No peek offset: peek from the queue's head and skip what the guest
+                    # already has. Only an empty peek is EOF; a peek that holds nothing
+                    # beyond the bytes in flight just means no new data yet.
                     skip = entry.bytes_in_flight
                     raw = sock.recv(skip + budget, socket.MSG_PEEK)
-                    got = max(0, len(raw) - skip)
+                    if raw and len(raw) <= skip:
+                        flow.host_readable = False
+                        return
+                    got = len(raw) - skip if raw else 0
                     data = memoryview(raw)[skip:]
-                    if not raw:
-                        got = 0
             except BlockingIOError:
                 flow.host_readable = False
                 return
