@@ -205,8 +205,9 @@ async def _serve(config: RelayConfig, args: argparse.Namespace) -> int:
 
 async def _run(config: RelayConfig, args: argparse.Namespace) -> int:
     from relaynat.namespace import NamespaceSetupError, run_command
+    from relaynat.relay import Relay
 
-    holder: list[object] = []
+    holder: list[Relay] = []
     try:
         code = await run_command(config, args.command, tap_name=args.tap_name,
                                  offload=not args.no_offload, relay_ready=holder.append)
@@ -214,7 +215,7 @@ async def _run(config: RelayConfig, args: argparse.Namespace) -> int:
         print(f"relaynat run: {exc}", file=sys.stderr)
         return 1
     if args.stats and holder:
-        _print_stats(holder[0].stats())  # type: ignore[attr-defined]
+        _print_stats(holder[0].stats())
     return code
 
 

@@ -20,7 +20,7 @@ import json
 import signal
 import socket
 import sys
-from typing import Any
+from collections.abc import Callable
 
 from relaynat.config import RelayConfig
 from relaynat.relay import Relay
@@ -34,7 +34,8 @@ class NamespaceSetupError(RuntimeError):
 
 
 async def run_command(config: RelayConfig, command: list[str], *, tap_name: str = "tap0",
-                      offload: bool = True, relay_ready: Any = None) -> int:
+                      offload: bool = True,
+                      relay_ready: Callable[[Relay], object] | None = None) -> int:
     """Run `command` as a namespace guest of a new relay; return its exit status
     (128 + N if a signal N ended it), as a shell would report it."""
     if not command:

@@ -33,7 +33,6 @@ import logging
 import socket
 from collections import Counter
 from ipaddress import IPv4Address
-from typing import Any
 
 from relaynat.config import RelayConfig
 from relaynat.dhcp import DhcpServer
@@ -52,7 +51,9 @@ from relaynat.wire import (
     IPPROTO_ICMP,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    Ipv4Packet,
     MalformedFrame,
+    UdpDatagram,
     parse_arp,
     parse_ethernet,
     parse_ipv4,
@@ -299,7 +300,7 @@ class Relay:
         self._send_frame(arp_reply(self.config.gateway_mac, arp.target_ip, arp.sender_mac,
                                    arp.sender_ip))
 
-    def _udp(self, ip: Any) -> None:
+    def _udp(self, ip: Ipv4Packet) -> None:
         dgram = parse_udp(ip)
         if dgram.dport == DHCP_SERVER_PORT and (ip.src == _ZERO_IP or dgram.dst
                                                 in (self._gateway_ip, _BROADCAST_IP)):
@@ -334,7 +335,7 @@ class Relay:
         else:
             self._udp_relay.on_datagram(ip, dgram, host_ip)
 
-    def _dhcp_request(self, dgram: Any) -> None:
+    def _dhcp_request(self, dgram: UdpDatagram) -> None:
         reply = self._dhcp.handle(dgram.payload)
         if reply is None:
             self._stats["dhcp_no_reply"] += 1
