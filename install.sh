@@ -9,6 +9,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-pip iproute2 iperf3 curl socat tcpdump dnsutils \
     iputils-ping busybox-static cpio qemu-system-x86 slirp4netns passt ca-certificates \
+    ndisc6 isc-dhcp-client \
     >/dev/null
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
