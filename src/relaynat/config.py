@@ -14,13 +14,15 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 #: Largest MTU we accept: 65535 (IPv4 total length) minus a 14-byte Ethernet header,
 #: rounded down to a multiple of 8 as passt does (`ETH_MAX_MTU` / `MAX_MTU`).
 MAX_MTU = 65520
 #: RFC 791 §3.1: every host must accept 576-byte datagrams; below that TCP is unusable.
 MIN_MTU = 576
+#: RFC 8200 §5: every IPv6 link has an MTU of at least 1280.
+MIN_MTU_V6 = 1280
 
 #: Locally administered unicast MAC of the relay's side of the link (bit 1 of the first
 #: octet set, bit 0 clear). The guest sees every address we answer for at this MAC.
@@ -50,9 +52,15 @@ def format_mac(mac: bytes) -> str:
 class RelayConfig:
     """Everything that shapes one guest's network.
 
-    Addresses are `ipaddress` objects so that IPv6 can join the same fields later
-    without changing the core, which only compares and packs them.
+    Addresses are `ipaddress` objects; the core only compares and packs them. IPv6
+    defaults are slirp's (fd00::/64, gateway fd00::2, DNS fd00::3); the guest picks its
+    own addresses by SLAAC from the router advertisement, and DHCPv6 hands out
+    `guest_ipv6` (as 10.0.2.15 by DHCP), so any address of the prefix is the guest's.
     """
+
+    #: Serve IPv4 / IPv6 (`-4` / `-6` on the command line turn the other one off).
+    ipv4: bool = True
+    ipv6: bool = True
 
     guest_ipv4: IPv4Address = IPv4Address("10.0.2.15")
     prefix_len_v4: int = 24
@@ -91,14 +99,34 @@ class RelayConfig:
     dns_udp_timeout_s: float = 10.0
     #: Where the guest's DNS traffic (dns_ipv4, port 53, UDP and TCP) goes on the host.
     #: None: the first IPv4 nameserver of the host's /etc/resolv.conf, read at start.
-    dns_upstream: IPv4Address | None = None
-    #: Static records (name, IPv4 address) answered by the relay itself for A queries
-    #: over UDP, gvproxy-style; names compare case-insensitively, without a final dot.
+    dns_upstream: IPv4Address | IPv6Address | None = None
+    #: Static records (name, IPv4 or IPv6 address) answered by the relay itself for A and
+    #: AAAA queries, gvproxy-style; names compare case-insensitively, without a final dot.
     dns_records: tuple[tuple[str, str], ...] = ()
+    #: The /64 the router advertisement offers for SLAAC (RFC 4862 §5.5.3 needs 64 bits
+    #: of interface identifier on Ethernet, RFC 2464 §4).
+    prefix_v6: IPv6Network = IPv6Network("fd00::/64")
+    #: Address DHCPv6 assigns (IA_NA) and namespace mode configures.
+    guest_ipv6: IPv6Address = IPv6Address("fd00::15")
+    gateway_ipv6: IPv6Address = IPv6Address("fd00::2")
+    dns_ipv6: IPv6Address = IPv6Address("fd00::3")
+    #: As map_host_loopback_v4, for IPv6: the gateway stands for the host's ::1.
+    map_host_loopback_v6: IPv6Address | None = IPv6Address("fd00::2")
+    host_loopback_v6: IPv6Address = IPv6Address("::1")
+    #: Lifetimes in router advertisements (RFC 4861 §4.2, §4.6.2) and DHCPv6 leases.
+    ra_router_lifetime_s: int = 9000
+    prefix_valid_lifetime_s: int = 86400
+    prefix_preferred_lifetime_s: int = 14400
 
     @property
     def network_v4(self) -> IPv4Network:
         return IPv4Network(f"{self.guest_ipv4}/{self.prefix_len_v4}", strict=False)
+
+    @property
+    def gateway_link_local(self) -> IPv6Address:
+        """fe80::/64 with the modified EUI-64 of the gateway MAC (RFC 4291 Appendix A):
+        router advertisements must come from a link-local address (RFC 4861 §6.1.2)."""
+        return IPv6Address(b"\xfe\x80" + bytes(6) + eui64(self.gateway_mac))
 
     def replace(self, **changes: object) -> RelayConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -137,9 +165,61 @@ class RelayConfig:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
         for record in self.dns_records:
             if len(record) != 2 or not str(record[0]).strip(".") or len(str(record[0])) > 253:
-                raise ConfigError(f"DNS record {record!r} is not (name, IPv4 address)")
-            parse_ipv4(str(record[1]), f"DNS record {record[0]}")
+                raise ConfigError(f"DNS record {record!r} is not (name, IP address)")
+            parse_ip(str(record[1]), f"DNS record {record[0]}")
+        if not (self.ipv4 or self.ipv6):
+            raise ConfigError("at least one of IPv4 and IPv6 must be enabled")
+        if self.ipv6:
+            self._validate_v6()
         return self
+
+    def _validate_v6(self) -> None:
+        if self.mtu < MIN_MTU_V6:
+            raise ConfigError(f"MTU {self.mtu} is below IPv6's minimum of {MIN_MTU_V6}; "
+                              "raise it or run IPv4 only")
+        net = self.prefix_v6
+        if net.prefixlen != 64:
+            raise ConfigError(f"IPv6 prefix {net} must be a /64 (SLAAC, RFC 4862)")
+        if net.is_multicast or net.is_link_local:
+            raise ConfigError(f"IPv6 prefix {net} must be a unicast, non-link-local prefix")
+        for name in ("guest_ipv6", "gateway_ipv6", "dns_ipv6"):
+            addr = getattr(self, name)
+            if addr not in net:
+                raise ConfigError(f"{name} {addr} is outside the IPv6 prefix {net}")
+            if addr == net.network_address:
+                raise ConfigError(f"{name} {addr} is the subnet-router anycast address of {net}")
+        if self.guest_ipv6 in (self.gateway_ipv6, self.dns_ipv6):
+            raise ConfigError(f"guest address {self.guest_ipv6} clashes with gateway or DNS")
+        if self.map_host_loopback_v6 is not None and self.map_host_loopback_v6 == self.guest_ipv6:
+            raise ConfigError("the host-loopback mapping address cannot be the guest's address")
+        if not self.host_loopback_v6.is_loopback:
+            raise ConfigError(f"host loopback address {self.host_loopback_v6} is not loopback")
+        if not 0 < self.prefix_preferred_lifetime_s <= self.prefix_valid_lifetime_s:
+            raise ConfigError("prefix preferred lifetime must be positive and not above the "
+                              "valid lifetime (RFC 4861 §4.6.2)")
+        if not 0 <= self.ra_router_lifetime_s <= 9000:
+            raise ConfigError("router lifetime must be 0..9000 s (RFC 4861 §6.2.1)")
+
+
+def eui64(mac: bytes) -> bytes:
+    """Modified EUI-64 interface identifier of a MAC (RFC 4291 Appendix A)."""
+    return bytes([mac[0] ^ 2]) + mac[1:3] + b"\xff\xfe" + mac[3:6]
+
+
+def parse_ip(text: str, what: str) -> IPv4Address | IPv6Address:
+    """Parse an IPv4 or IPv6 address for option `what`, or raise ConfigError naming it."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{what}: {text!r} is not an IPv4 or IPv6 address") from None
+
+
+def parse_ipv6(text: str, what: str) -> IPv6Address:
+    """Parse an IPv6 address for option `what`, or raise ConfigError naming it."""
+    try:
+        return IPv6Address(text)
+    except ipaddress.AddressValueError as exc:
+        raise ConfigError(f"{what}: {text!r} is not an IPv6 address ({exc})") from None
 
 
 def parse_ipv4(text: str, what: str) -> IPv4Address:
