@@ -372,7 +372,7 @@ def mutated(draw: st.DrawFn) -> bytes:
     return bytes(msg)
 
 
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_mutated_messages_never_raise(data: bytes) -> None:
     server = Dhcpv6Server(CFG)

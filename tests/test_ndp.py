@@ -404,3 +404,17 @@ def test_any_prefix_target_answered_or_guest(iid: int, src_mac: bytes) -> None:
         [reply] = replies
         check_na(reply, target, to_mac=":".join(f"{b:02x}" for b in src_mac),
                  override=target in ("fd00::2", "fd00::3"))
+
+
+def test_linux_boot_sequence() -> None:
+    """What a Linux guest sends after link-up (seen with a veth peer and the kernel's
+    SLAAC): DAD for its link-local, RS, DAD for the SLAAC address, NS for the router."""
+    ndp = NdpResponder(CFG)
+    assert feed(ndp, ns(GUEST_LL, src="::", slla=None)) == []
+    [ra] = feed(ndp, rs())
+    check_ra(ra)
+    assert feed(ndp, ns(GUEST_SLAAC, src="::", slla=None)) == []
+    [na] = feed(ndp, ns(GW_LL, src=GUEST_LL))
+    check_na(na, GW_LL)
+    assert feed(ndp, ns(GUEST_SLAAC, src="fd00::2")) == []  # never proxy the guest's own
+    assert ndp.counters["ns_dad_ignored"] == 2 and ndp.counters["ns_answered"] == 1
