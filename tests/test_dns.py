@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import dpkt
@@ -88,8 +88,9 @@ def test_getent_in_the_namespace_resolves_through_the_relay(resolver: Path) -> N
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [line.split() for line in done.stdout.splitlines()]
     assert lines[0] == ["nameserver", "10.0.2.3"]
-    assert lines[1] == [UPSTREAM_ADDR, UPSTREAM_NAME]
-    assert lines[2] == [STATIC_ADDR, STATIC_NAME]
+    assert lines[1] == ["nameserver", "fd00::3"]
+    assert lines[2] == [UPSTREAM_ADDR, UPSTREAM_NAME]
+    assert lines[3] == [STATIC_ADDR, STATIC_NAME]
     assert any(line.startswith(f"udp {UPSTREAM_NAME}") for line in
                resolver.read_text().splitlines())
     # The bind mount lives only in the guest's mount namespace.
@@ -115,6 +116,19 @@ def test_static_a_answer_parses_and_echoes_id_and_question() -> None:
     assert [q.name for q in msg.qd] == ["mixed.case.TEST"]
     assert [(rr.type, IPv4Address(rr.rdata)) for rr in msg.an] == [
         (dpkt.dns.DNS_A, IPv4Address("198.51.100.1"))]
+
+
+def test_static_aaaa_answers_every_address_of_the_name_and_a_only_the_ipv4_ones() -> None:
+    table = static_table([("dual.test", "192.0.2.1"), ("dual.test", "fd00::99"),
+                          ("dual.test", "2001:db8::7"), ("v6only.test", "fd00::5")])
+    msg = dpkt.dns.DNS(answer_static(_query("dual.test", dpkt.dns.DNS_AAAA), table))
+    assert [(rr.type, IPv6Address(rr.rdata)) for rr in msg.an] == [
+        (dpkt.dns.DNS_AAAA, IPv6Address("fd00::99")),
+        (dpkt.dns.DNS_AAAA, IPv6Address("2001:db8::7"))]
+    msg = dpkt.dns.DNS(answer_static(_query("dual.test"), table))
+    assert [IPv4Address(rr.rdata) for rr in msg.an] == [IPv4Address("192.0.2.1")]
+    msg = dpkt.dns.DNS(answer_static(_query("v6only.test"), table))
+    assert msg.rcode == 0 and msg.an == []
 
 
 def test_other_types_of_a_static_name_get_nodata_and_other_names_are_forwarded() -> None:
@@ -168,10 +182,12 @@ def test_answer_static_never_raises_and_answers_parse(data: bytes) -> None:
     assert len(msg.an) <= 1
 
 
-def test_resolv_conf_first_ipv4_nameserver(tmp_path: Path) -> None:
-    text = ("# generated\nsearch example\nnameserver ::1\n"
+def test_resolv_conf_first_nameserver_of_either_family(tmp_path: Path) -> None:
+    text = ("# generated\nsearch example\nnameserver not-an-address\n"
             "nameserver 127.0.0.53\nnameserver 10.1.1.1\noptions edns0\n")
     assert upstream_from_resolv_conf(text) == IPv4Address("127.0.0.53")
+    assert upstream_from_resolv_conf("nameserver ::1\nnameserver 127.0.0.53\n") == \
+        IPv6Address("::1")
     assert upstream_from_resolv_conf("search x\n") is None
     path = tmp_path / "resolv.conf"
     path.write_text(text)

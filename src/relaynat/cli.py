@@ -14,9 +14,18 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 
 from relaynat import __version__
-from relaynat.config import MAX_MTU, MIN_MTU, ConfigError, RelayConfig, parse_ipv4
+from relaynat.config import (
+    MAX_MTU,
+    MIN_MTU,
+    ConfigError,
+    RelayConfig,
+    parse_ip,
+    parse_ipv4,
+    parse_ipv6,
+)
 
 log = logging.getLogger("relaynat")
 
@@ -40,15 +49,31 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("-D", "--dns", default="10.0.2.3", metavar="ADDR",
                    help="DNS address announced by DHCP (default %(default)s)")
     g.add_argument("--dns-upstream", metavar="ADDR",
-                   help="resolver the DNS address forwards to, port 53 (default: the "
-                        "first nameserver of the host's /etc/resolv.conf)")
+                   help="resolver (IPv4 or IPv6) the DNS addresses forward to, port 53 "
+                        "(default: the first nameserver of the host's /etc/resolv.conf)")
     g.add_argument("--dns-record", action="append", default=[], metavar="NAME=ADDR",
-                   help="answer A queries for NAME with ADDR at the DNS address (repeatable)")
+                   help="answer A (IPv4 ADDR) or AAAA (IPv6 ADDR) queries for NAME at the "
+                        "DNS addresses (repeatable; a name may have several)")
     g.add_argument("-m", "--mtu", type=int, default=MAX_MTU, metavar="N",
                    help=f"guest MTU, {MIN_MTU}..{MAX_MTU} (default %(default)s, as passt)")
     g.add_argument("--map-host-loopback", default="gateway", metavar="ADDR|none",
-                   help="guest address whose traffic goes to the host's 127.0.0.1; 'none' "
-                        "cuts the guest off from host loopback (default: the gateway)")
+                   help="guest address whose traffic goes to the host's 127.0.0.1 (an "
+                        "IPv6 ADDR: to ::1); 'none' cuts the guest off from host loopback "
+                        "(default: the gateway, fd00::2 for IPv6)")
+    v6 = p.add_argument_group("IPv6 (defaults as slirp: fd00::/64, SLAAC, DHCPv6)")
+    family = v6.add_mutually_exclusive_group()
+    family.add_argument("-4", "--ipv4-only", action="store_true",
+                        help="serve IPv4 only: IPv6 frames are dropped and counted")
+    family.add_argument("-6", "--ipv6-only", action="store_true",
+                        help="serve IPv6 only: no ARP, DHCP or IPv4 relaying")
+    v6.add_argument("--prefix6", default="fd00::/64", metavar="PREFIX/64",
+                    help="prefix the router advertisement offers (default %(default)s)")
+    v6.add_argument("--address6", default="fd00::15", metavar="ADDR",
+                    help="address DHCPv6 assigns and `run` configures (default %(default)s)")
+    v6.add_argument("--gateway6", default="fd00::2", metavar="ADDR",
+                    help="IPv6 gateway address (default %(default)s)")
+    v6.add_argument("--dns6", default="fd00::3", metavar="ADDR",
+                    help="IPv6 DNS address announced by RA and DHCPv6 (default %(default)s)")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-flows", type=_positive_int, default=16384, metavar="N",
                      help="concurrent TCP flows; SYNs beyond get RST (default %(default)s)")
@@ -115,7 +140,7 @@ def _dns_records(items: list[str]) -> tuple[tuple[str, str], ...]:
         name, sep, addr = item.partition("=")
         if not sep or not name.strip("."):
             raise ConfigError(f"--dns-record {item!r}: expected NAME=ADDR")
-        records.append((name, str(parse_ipv4(addr, f"--dns-record {name}"))))
+        records.append((name, str(parse_ip(addr, f"--dns-record {name}"))))
     return tuple(records)
 
 
@@ -127,19 +152,31 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
     except ValueError:
         raise ConfigError(f"--address: prefix length {prefix!r} is not a number") from None
     gateway = parse_ipv4(args.gateway, "--gateway")
+    gateway6 = parse_ipv6(args.gateway6, "--gateway6")
+    mapped: IPv4Address | None = gateway
+    mapped6: IPv6Address | None = gateway6
     if args.map_host_loopback == "none":
-        mapped = None
-    elif args.map_host_loopback == "gateway":
-        mapped = gateway
-    else:
-        mapped = parse_ipv4(args.map_host_loopback, "--map-host-loopback")
+        mapped = mapped6 = None
+    elif args.map_host_loopback != "gateway":
+        chosen = parse_ip(args.map_host_loopback, "--map-host-loopback")
+        if isinstance(chosen, IPv6Address):
+            mapped6 = chosen
+        else:
+            mapped = chosen
+    try:
+        prefix6 = IPv6Network(args.prefix6, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"--prefix6: {args.prefix6!r} is not an IPv6 prefix ({exc})") from None
     return RelayConfig(
         guest_ipv4=parse_ipv4(addr, "--address"), prefix_len_v4=prefix_len,
         gateway_ipv4=gateway, dns_ipv4=parse_ipv4(args.dns, "--dns"),
-        dns_upstream=parse_ipv4(args.dns_upstream, "--dns-upstream") if args.dns_upstream
+        dns_upstream=parse_ip(args.dns_upstream, "--dns-upstream") if args.dns_upstream
         else None, dns_records=_dns_records(args.dns_record),
         map_host_loopback_v4=mapped, mtu=args.mtu, max_tcp_flows=args.max_flows,
         max_pending_connects=args.max_pending_connects, pcap_path=args.pcap,
+        ipv4=not args.ipv6_only, ipv6=not args.ipv4_only, prefix_v6=prefix6,
+        guest_ipv6=parse_ipv6(args.address6, "--address6"), gateway_ipv6=gateway6,
+        dns_ipv6=parse_ipv6(args.dns6, "--dns6"), map_host_loopback_v6=mapped6,
     ).validate()
 
 

@@ -1,10 +1,11 @@
 """DNS, the sans-I/O part: static records answered by the relay, and the upstream.
 
-The guest's DNS address (slirp's 10.0.2.3) forwards to the host's resolver; only names
-configured as static records (gvproxy-style `name -> IPv4`) are answered here. A query
-for such a name gets its A record (type A, class IN), and NOERROR with no answers for any
-other type (RFC 2308 §2.2 "NODATA": the name exists, the type does not), so that a
-resolver asking AAAA first does not conclude the name is missing.
+The guest's DNS addresses (slirp's 10.0.2.3 and fd00::3) forward to the host's resolver;
+only names configured as static records (gvproxy-style `name -> address`) are answered
+here. A query for such a name gets its A or AAAA records (class IN; RFC 3596 §2.1), and
+NOERROR with no answers for any other type (RFC 2308 §2.2 "NODATA": the name exists,
+the type does not), so that a resolver asking AAAA first does not conclude the name is
+missing when it only has an IPv4 address.
 
 `answer_static` parses only what it needs (RFC 1035 §4.1: a 12-byte header, one
 question of uncompressed labels) with explicit bounds checks, and returns None (forward
@@ -16,9 +17,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 TYPE_A = 1
+TYPE_AAAA = 28
 CLASS_IN = 1
 #: TTL of static answers: short, so that a changed configuration is seen soon.
 STATIC_TTL = 60
@@ -49,9 +51,19 @@ def normalize_name(name: str) -> str:
     return name.strip().rstrip(".").lower()
 
 
-def static_table(records: Iterable[tuple[str, str]]) -> dict[str, bytes]:
-    """Config records -> {normalized name: packed IPv4}; a later record wins."""
-    return {normalize_name(n): IPv4Address(a).packed for n, a in records}
+#: {normalized name: {TYPE_A or TYPE_AAAA: [packed addresses]}}
+StaticTable = Mapping[str, Mapping[int, list[bytes]]]
+
+
+def static_table(records: Iterable[tuple[str, str]]) -> dict[str, dict[int, list[bytes]]]:
+    """Config records -> {normalized name: {record type: [packed addresses]}}; a name
+    may have several addresses of each family (all are answered, in config order)."""
+    table: dict[str, dict[int, list[bytes]]] = {}
+    for name, addr in records:
+        packed = ip_address(addr).packed
+        rtype = TYPE_AAAA if len(packed) == 16 else TYPE_A
+        table.setdefault(normalize_name(name), {}).setdefault(rtype, []).append(packed)
+    return table
 
 
 def parse_question(msg: bytes | memoryview) -> DnsQuestion | None:
@@ -86,7 +98,7 @@ def parse_question(msg: bytes | memoryview) -> DnsQuestion | None:
     return DnsQuestion(ident, flags, ".".join(labels), qtype, qclass, pos + 4)
 
 
-def answer_static(msg: bytes | memoryview, table: Mapping[str, bytes]) -> bytes | None:
+def answer_static(msg: bytes | memoryview, table: StaticTable) -> bytes | None:
     """The relay's own answer when `msg` asks for a static name, else None."""
     try:
         q = parse_question(msg)
@@ -95,31 +107,32 @@ def answer_static(msg: bytes | memoryview, table: Mapping[str, bytes]) -> bytes 
     if q is None or q.name not in table:
         return None
     answers = b""
-    ancount = 0
-    if q.qtype == TYPE_A and q.qclass == CLASS_IN:
+    addresses = table[q.name].get(q.qtype, []) if q.qclass == CLASS_IN else []
+    for packed in addresses:
         # Owner name as a pointer to the question's name at offset 12 (RFC 1035 §4.1.4).
-        answers = struct.pack("!HHHIH", 0xC000 | _HEADER.size, TYPE_A, CLASS_IN, STATIC_TTL,
-                              4) + table[q.name]
-        ancount = 1
+        answers += struct.pack("!HHHIH", 0xC000 | _HEADER.size, q.qtype, CLASS_IN,
+                               STATIC_TTL, len(packed)) + packed
+    ancount = len(addresses)
     flags = _QR | _AA | _RA | (q.flags & _RD)  # opcode 0, RCODE 0 (NOERROR)
     # Additional records of the query (an EDNS OPT) are not echoed: ARCOUNT 0.
     return (_HEADER.pack(q.ident, flags, 1, ancount, 0, 0)
             + bytes(msg[_HEADER.size:q.end]) + answers)
 
 
-def upstream_from_resolv_conf(text: str) -> IPv4Address | None:
-    """The first IPv4 `nameserver` of a resolv.conf (resolv.conf(5)), or None."""
+def upstream_from_resolv_conf(text: str) -> IPv4Address | IPv6Address | None:
+    """The first `nameserver` of a resolv.conf (resolv.conf(5)), IPv4 or IPv6, or None.
+    A link-local IPv6 server needs its zone (fe80::1%eth0), which ip_address keeps."""
     for line in text.splitlines():
         fields = line.split()
         if len(fields) >= 2 and fields[0] == "nameserver":
             try:
-                return IPv4Address(fields[1])
+                return ip_address(fields[1])
             except ValueError:
-                continue  # IPv6 or garbage: the relay forwards over IPv4 for now
+                continue  # garbage: try the next line
     return None
 
 
-def host_upstream(path: str = "/etc/resolv.conf") -> IPv4Address | None:
+def host_upstream(path: str = "/etc/resolv.conf") -> IPv4Address | IPv6Address | None:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return upstream_from_resolv_conf(f.read())

@@ -1,13 +1,16 @@
-"""ICMP echo (ping) for the guest over IPv4, through unprivileged ping sockets.
+"""ICMP echo (ping) for the guest over IPv4 and IPv6, through unprivileged ping sockets.
 
-This module owns the guest's ICMP: it validates echo requests (RFC 792: type 8, code 0,
-Internet checksum over the whole ICMP message, no pseudo-header), sends them to the host
-through ping sockets, and turns the host's echo replies back into Ethernet/IPv4/ICMP
-frames toward the guest. Every other ICMP type from the guest is dropped and counted.
+This module owns the guest's echo requests: it validates them (RFC 792: type 8, code 0,
+Internet checksum over the whole ICMP message, no pseudo-header; RFC 4443 §4.1: type
+128, code 0, checksum with the IPv6 pseudo-header, §2.3), sends them to the host
+through ping sockets of the same family, and turns the host's echo replies back into
+frames toward the guest. Every other ICMP type from the guest is dropped and counted
+(ICMPv6 neighbour discovery never gets here: the relay answers it, ndp.py).
 
 Kernel behaviour relied on (net/ipv4/ping.c, icmp(7) "ping sockets"):
 
-* `socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)` needs no privilege, but only if the
+* `socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)` (and `AF_INET6, IPPROTO_ICMPV6`, checked
+  against the same sysctl, net/ipv6/ping.c) needs no privilege, but only if the
   caller's gid (or a supplementary group) is inside `net.ipv4.ping_group_range`
   (per network namespace); otherwise it fails with EACCES. The default of a new network
   namespace is "1 0", which allows nobody -- and that includes root: CAP_NET_RAW does
@@ -39,17 +42,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from relaynat.checksum import finish, partial_sum, verify
-from relaynat.packet_builder import IPV4_HLEN, ethernet_header, ipv4_header
-from relaynat.wire import ETHERTYPE_IPV4, IPPROTO_ICMP, MalformedFrame
+from relaynat.packet_builder import IPV4_HLEN, ip_frame, pseudo_header_sum
+from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPV6_HLEN, MalformedFrame
 
 if TYPE_CHECKING:
     from relaynat.config import RelayConfig
-    from relaynat.wire import Ipv4Packet
+    from relaynat.wire import IpPacket
 
 log = logging.getLogger("relaynat.icmp")
 
 ICMP_ECHO_REPLY = 0
 ICMP_ECHO_REQUEST = 8
+ICMPV6_ECHO_REQUEST = 128
+ICMPV6_ECHO_REPLY = 129
 ICMP_HLEN = 8
 #: Largest ICMP message one IPv4 packet carries (65535 minus a 20-byte header).
 ICMP_MAX = 0xFFFF - IPV4_HLEN
@@ -80,8 +85,8 @@ class EchoMessage:
     dst: bytes | None = None
 
 
-def parse_echo_request(ip: Ipv4Packet) -> EchoMessage:
-    """Validate the guest's ICMP message (RFC 792) as an echo request.
+def parse_echo_request(ip: IpPacket) -> EchoMessage:
+    """Validate the guest's ICMP (RFC 792) or ICMPv6 (RFC 4443) message as an echo request.
 
     Raises `MalformedFrame` with reason `icmp_short`, `icmp_checksum`, `icmp_type` (any
     type but echo request, e.g. the guest's own replies or errors) or `icmp_code` (the
@@ -91,9 +96,11 @@ def parse_echo_request(ip: Ipv4Packet) -> EchoMessage:
     if len(data) < ICMP_HLEN:
         raise MalformedFrame("icmp_short")
     icmp_type, code, _csum, ident, seq = _ICMP.unpack_from(data)
-    if not verify(data):
+    v6 = len(ip.src) == 16
+    pseudo = pseudo_header_sum(ip.src, ip.dst, IPPROTO_ICMPV6, len(data)) if v6 else 0
+    if not verify(data, pseudo % 0xFFFF):
         raise MalformedFrame("icmp_checksum")
-    if icmp_type != ICMP_ECHO_REQUEST:
+    if icmp_type != (ICMPV6_ECHO_REQUEST if v6 else ICMP_ECHO_REQUEST):
         raise MalformedFrame("icmp_type")
     if code != 0:
         raise MalformedFrame("icmp_code")
@@ -109,7 +116,7 @@ def parse_echo_reply(data: bytes | bytearray | memoryview) -> EchoMessage:
     if len(data) < ICMP_HLEN:
         raise MalformedFrame("icmp_reply_short")
     icmp_type, code, _csum, ident, seq = _ICMP.unpack_from(data)
-    if icmp_type != ICMP_ECHO_REPLY or code != 0:
+    if icmp_type not in (ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY) or code != 0:
         raise MalformedFrame("icmp_reply_type")
     return EchoMessage(ident, seq, bytes(data[ICMP_HLEN:]))
 
@@ -117,20 +124,23 @@ def parse_echo_reply(data: bytes | bytearray | memoryview) -> EchoMessage:
 def echo_reply_frame(*, dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, ident: int,
                      seq: int, payload: bytes | memoryview, ip_ident: int = 0,
                      ttl: int = 64) -> bytes:
-    """A complete Ethernet/IPv4/ICMP echo reply frame with both checksums filled in.
+    """A complete Ethernet/IP/ICMP (or ICMPv6, by the address length) echo reply frame
+    with the checksums filled in.
 
     `src` is the address the guest pinged (not where it maps on the host), `dst` the
     guest; `ident`/`seq` are the guest's own. Raises ValueError if the payload cannot
-    fit one IPv4 packet.
+    fit one IP packet.
     """
     length = ICMP_HLEN + len(payload)
     if length > ICMP_MAX:
-        raise ValueError(f"ICMP message of {length} bytes does not fit one IPv4 packet")
-    head = bytearray(_ICMP.pack(ICMP_ECHO_REPLY, 0, 0, ident & 0xFFFF, seq & 0xFFFF))
-    struct.pack_into("!H", head, 2, finish(partial_sum(head) + partial_sum(payload)))
-    return (ethernet_header(dst_mac, src_mac, ETHERTYPE_IPV4)
-            + ipv4_header(src, dst, IPPROTO_ICMP, length, ip_ident, ttl)
-            + bytes(head) + bytes(payload))
+        raise ValueError(f"ICMP message of {length} bytes does not fit one IP packet")
+    v6 = len(src) == 16
+    head = bytearray(_ICMP.pack(ICMPV6_ECHO_REPLY if v6 else ICMP_ECHO_REPLY, 0, 0,
+                                ident & 0xFFFF, seq & 0xFFFF))
+    pseudo = pseudo_header_sum(src, dst, IPPROTO_ICMPV6, length) if v6 else 0
+    struct.pack_into("!H", head, 2, finish(pseudo + partial_sum(head) + partial_sum(payload)))
+    return ip_frame(dst_mac, src_mac, src, dst, IPPROTO_ICMPV6 if v6 else IPPROTO_ICMP,
+                    bytes(head) + bytes(payload), ip_ident, ttl)
 
 
 K = TypeVar("K", bound=Hashable)
@@ -206,8 +216,9 @@ class EchoTable(Generic[K, V]):
 
 # -- I/O ----------------------------------------------------------------------------------
 
-#: Session key: (the guest's ICMP identifier, the destination as the guest sees it).
-EchoKey = tuple[int, bytes]
+#: Session key: (the guest's ICMP identifier, the destination as the guest sees it, the
+#: guest's source address: an IPv6 guest may ping from several).
+EchoKey = tuple[int, bytes, bytes]
 
 
 @dataclass(slots=True, eq=False)
@@ -241,16 +252,17 @@ class IcmpEchoRelay:
         self._ip_ident = 0
         self._warned_permission = False
         self._recv_buf = bytearray(0x10000)
-        #: Largest ICMP message a reply frame may carry toward the guest.
+        #: Largest ICMP message a reply frame may carry toward the guest, per family.
         self._max_icmp = config.mtu - IPV4_HLEN
+        self._max_icmp6 = config.mtu - IPV6_HLEN
         self._subnet_broadcast = config.network_v4.broadcast_address.packed
         self._closed = False
 
     # -- guest side ---------------------------------------------------------------------
 
-    def on_packet(self, ip: Ipv4Packet, host_ip: str | None, guest_mac: bytes) -> None:
-        """An IPv4 packet with protocol 1 from the guest. `host_ip` is where its
-        destination is on the host (None: nowhere, the request is dropped)."""
+    def on_packet(self, ip: IpPacket, host_ip: str | None, guest_mac: bytes) -> None:
+        """An ICMP or ICMPv6 packet from the guest. `host_ip` is where its destination
+        is on the host, in the same family (None: nowhere, the request is dropped)."""
         stats = self.stats
         try:
             req = parse_echo_request(ip)
@@ -261,7 +273,8 @@ class IcmpEchoRelay:
         if host_ip is None:
             stats["drop_icmp_no_host"] += 1
             return
-        if ip.dst[0] >= 224 or ip.dst == self._subnet_broadcast:
+        if (ip.dst[0] == 0xFF if len(ip.dst) == 16
+                else ip.dst[0] >= 224 or ip.dst == self._subnet_broadcast):
             # Multicast, class E, limited and subnet broadcast: a ping socket would need
             # SO_BROADCAST, and one request could draw many replies from the host's LAN.
             stats["drop_icmp_not_unicast"] += 1
@@ -270,7 +283,7 @@ class IcmpEchoRelay:
             stats["drop_icmp_closed"] += 1
             return
         now = self._loop.time()
-        key = (req.ident, ip.dst)
+        key = (req.ident, ip.dst, ip.src)
         session = self.sessions.get(key)
         if session is None:
             session = self._open(key, host_ip, ip.src, guest_mac, now)
@@ -302,7 +315,10 @@ class IcmpEchoRelay:
             stats["drop_icmp_table_full"] += 1
             return None
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+            if len(guest_ip) == 16:
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
+            else:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM):
                 stats["drop_icmp_not_permitted"] += 1
@@ -358,11 +374,12 @@ class IcmpEchoRelay:
         except MalformedFrame as exc:
             stats["drop_" + exc.reason] += 1
             return
-        if ICMP_HLEN + len(reply.payload) > self._max_icmp:
+        limit = self._max_icmp6 if len(session.guest_ip) == 16 else self._max_icmp
+        if ICMP_HLEN + len(reply.payload) > limit:
             stats["drop_icmp_reply_too_big"] += 1
             return
         self._ip_ident = (self._ip_ident + 1) & 0xFFFF
-        guest_ident, guest_dst = session.key
+        guest_ident, guest_dst, _ = session.key
         frame = echo_reply_frame(
             dst_mac=session.guest_mac, src_mac=self._config.gateway_mac, src=guest_dst,
             dst=session.guest_ip, ident=guest_ident, seq=reply.seq, payload=reply.payload,

@@ -41,13 +41,17 @@ async def run_command(config: RelayConfig, command: list[str], *, tap_name: str 
     if not command:
         raise ValueError("no command to run")
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    dns = ([str(config.dns_ipv4)] if config.ipv4 else []) + \
+        ([str(config.dns_ipv6)] if config.ipv6 else [])
     spec = json.dumps({
         "tap": tap_name,
-        "address": f"{config.guest_ipv4}/{config.prefix_len_v4}",
+        "address": f"{config.guest_ipv4}/{config.prefix_len_v4}" if config.ipv4 else None,
         "gateway": str(config.gateway_ipv4),
+        "address6": f"{config.guest_ipv6}/64" if config.ipv6 else None,
+        "gateway6": str(config.gateway_ipv6),
         "mtu": config.mtu,
         "vnet": offload,
-        "dns": str(config.dns_ipv4),
+        "dns": dns,
     })
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relaynat.namespace_child", spec, str(child_sock.fileno()), "--",

@@ -50,14 +50,15 @@ def _mount(source: str | None, target: str, flags: int) -> None:
         raise OSError(err, f"mount {source or ''} on {target}: {os.strerror(err)}")
 
 
-def _point_resolv_conf_at(dns: str) -> None:
+def _point_resolv_conf_at(servers: list[str]) -> None:
     """In our own mount namespace (already unshared), bind-mount a file naming the
     relay's DNS address over /etc/resolv.conf. Mounts are made private first (as
     `mount --make-rprivate /`), so nothing propagates back to the host's namespace."""
     _mount(None, "/", _MS_REC | _MS_PRIVATE)
     fd, path = tempfile.mkstemp(prefix="relaynat-resolv-")
     try:
-        os.write(fd, f"# written by relaynat run\nnameserver {dns}\n".encode())
+        lines = "".join(f"nameserver {server}\n" for server in servers)
+        os.write(fd, f"# written by relaynat run\n{lines}".encode())
         os.fchmod(fd, 0o644)
         os.close(fd)
         _mount(path, "/etc/resolv.conf", _MS_BIND)
@@ -93,13 +94,24 @@ def _child_main(argv: list[str]) -> int:
             try:
                 _point_resolv_conf_at(spec["dns"])
             except OSError as exc:
-                _warn(f"cannot point /etc/resolv.conf at {spec['dns']}: {exc}")
+                _warn(f"cannot point /etc/resolv.conf at {', '.join(spec['dns'])}: {exc}")
         fd, vnet_hdr_len, offload = open_tap(spec["tap"], spec["vnet"])
         tap = spec["tap"]
+        if not spec["address6"]:
+            # -4: keep the kernel from autoconfiguring and soliciting on the link.
+            with open(f"/proc/sys/net/ipv6/conf/{tap}/disable_ipv6", "w") as f:
+                f.write("1")
         _ip("link", "set", "lo", "up")
         _ip("link", "set", "dev", tap, "mtu", str(spec["mtu"]), "up")
-        _ip("addr", "add", spec["address"], "dev", tap)
-        _ip("route", "add", "default", "via", spec["gateway"], "dev", tap)
+        if spec["address"]:
+            _ip("addr", "add", spec["address"], "dev", tap)
+            _ip("route", "add", "default", "via", spec["gateway"], "dev", tap)
+        if spec["address6"]:
+            # Configured statically so the command's first packet has an address (as
+            # pasta does); the kernel still autoconfigures its own SLAAC address from
+            # the relay's router advertisement. No DAD: the relay owns the link.
+            _ip("-6", "addr", "add", spec["address6"], "dev", tap, "nodad")
+            _ip("-6", "route", "add", "default", "via", spec["gateway6"], "dev", tap)
     except (OSError, NamespaceSetupError) as exc:
         sock.send(f"cannot set up the guest namespace: {exc}".encode())
         return 1

@@ -171,11 +171,12 @@ class TcpNatEntry:
         self.ts_offset = (iss * 0x9E3779B1) & M32  # per-flow TSval offset (RFC 7323 §5.4)
         # RFC 6691: the MSS excludes options, so each segment's payload shrinks by ours.
         ts_len = TS_OPTION_LEN if template.timestamps else 0
-        self.mss = mss_for_guest(syn.mss, mtu) - ts_len
+        ip_hlen = 40 if template.ipv6 else 20
+        self.mss = mss_for_guest(syn.mss, mtu, ip_hlen) - ts_len
         # Payload of one frame we send: an MSS-sized segment, or with offload a GSO
-        # super-frame as large as one IPv4 packet holds.
+        # super-frame as large as one IPv4 packet holds (IPv6 could hold 20 bytes more).
         self.frame_payload_max = MAX_GSO_PAYLOAD - ts_len if template.offload else self.mss
-        self.our_mss = min(mtu - 40, 0xFFFF)
+        self.our_mss = min(mtu - ip_hlen - 20, 0xFFFF)
         self.iss = iss & M32
         # Data sequence space toward the guest starts after our SYN.
         self.snd_una = self.snd_nxt = self.snd_max = (self.iss + 1) & M32

@@ -1,4 +1,9 @@
-"""Frames toward the guest: Ethernet, IPv4, TCP, UDP and ARP, with checksums.
+"""Frames toward the guest: Ethernet, IPv4/IPv6, TCP, UDP, ICMP and ARP, with checksums.
+
+The address family follows the addresses: 4-byte addresses build IPv4 (RFC 791),
+16-byte ones IPv6 (RFC 8200), with the same pseudo-header sum for TCP/UDP/ICMPv6
+checksums (RFC 8200 §8.1: source, destination, length, next header; in the mod-0xffff
+domain of checksum.py that is the same sum as IPv4's pseudo-header).
 
 The TCP data path is the hot one, so each flow owns a `TcpFrameTemplate`: the
 Ethernet, IPv4 and TCP headers are built once at flow creation and every segment
@@ -27,9 +32,12 @@ from relaynat.wire import (
     ETH_HLEN,
     ETHERTYPE_ARP,
     ETHERTYPE_IPV4,
+    ETHERTYPE_IPV6,
     IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    IPV6_HLEN,
 )
 
 # struct virtio_net_hdr (include/uapi/linux/virtio_net.h), host byte order for a
@@ -39,6 +47,7 @@ VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_F_DATA_VALID = 2
 VIRTIO_NET_HDR_GSO_NONE = 0
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
 
 IPV4_HLEN = 20
 TCP_HLEN = 20
@@ -54,6 +63,9 @@ _TCP_VAR = struct.Struct("!IIBBH")  # seq, ack, data offset, flags, window
 _U16 = struct.Struct("!H")
 _ARP = struct.Struct("!HHBBH6s4s6s4s")
 _UDP = struct.Struct("!HHHH")
+_IPV6 = struct.Struct("!IHBB16s16s")
+#: Version 6, traffic class 0, flow label 0 (RFC 8200 §3).
+_IPV6_VTF = 6 << 28
 
 BROADCAST_MAC = b"\xff" * 6
 
@@ -71,17 +83,51 @@ def ipv4_header(src: bytes, dst: bytes, proto: int, payload_len: int, ident: int
     return bytes(head)
 
 
+def ipv6_header(src: bytes, dst: bytes, proto: int, payload_len: int,
+                hop_limit: int = 64) -> bytes:
+    """A 40-byte IPv6 header without extension headers (RFC 8200 §3)."""
+    return _IPV6.pack(_IPV6_VTF, payload_len, proto, hop_limit, src, dst)
+
+
+def ip_header(src: bytes, dst: bytes, proto: int, payload_len: int, ident: int = 0,
+              ttl: int = 64) -> bytes:
+    """An IPv4 or IPv6 header, by the length of the addresses."""
+    if len(src) == 16:
+        return ipv6_header(src, dst, proto, payload_len, ttl)
+    return ipv4_header(src, dst, proto, payload_len, ident, ttl)
+
+
+def ip_header_len(addr: bytes) -> int:
+    return IPV6_HLEN if len(addr) == 16 else IPV4_HLEN
+
+
+def ethertype_of(addr: bytes) -> int:
+    return ETHERTYPE_IPV6 if len(addr) == 16 else ETHERTYPE_IPV4
+
+
+def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """Unreduced pseudo-header sum for TCP/UDP/ICMPv6 over either family (RFC 9293
+    §3.1, RFC 8200 §8.1); ICMP over IPv4 has none (RFC 792)."""
+    return int.from_bytes(src + dst, "big") + proto + length
+
+
+def ip_frame(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, proto: int,
+             l4: bytes, ident: int = 0, ttl: int = 64) -> bytes:
+    """Ethernet + IP header + `l4` (complete, checksummed by the caller)."""
+    return (ethernet_header(dst_mac, src_mac, ethertype_of(src))
+            + ip_header(src, dst, proto, len(l4), ident, ttl) + l4)
+
+
 def udp_frame(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int,
               payload: bytes, ident: int = 0) -> bytes:
-    """A complete Ethernet/IPv4/UDP frame with the UDP checksum filled in (RFC 768)."""
+    """A complete Ethernet/IP/UDP frame with the UDP checksum filled in (RFC 768)."""
     length = 8 + len(payload)
     udp = bytearray(_UDP.pack(sport, dport, length, 0))
-    pseudo = int.from_bytes(src + dst, "big") + IPPROTO_UDP + length
-    # RFC 768: a computed checksum of zero must be sent as all ones (zero means "none");
-    # finish() already returns 0xFFFF for a zero sum, never 0.
+    pseudo = pseudo_header_sum(src, dst, IPPROTO_UDP, length)
+    # RFC 768: a computed checksum of zero must be sent as all ones (zero means "none",
+    # which RFC 8200 §8.1 forbids over IPv6); finish() returns 0xFFFF, never 0.
     _U16.pack_into(udp, 6, finish(pseudo + partial_sum(udp) + partial_sum(payload)))
-    return (ethernet_header(dst_mac, src_mac, ETHERTYPE_IPV4)
-            + ipv4_header(src, dst, IPPROTO_UDP, length, ident) + bytes(udp) + payload)
+    return ip_frame(dst_mac, src_mac, src, dst, IPPROTO_UDP, bytes(udp) + payload, ident)
 
 
 def arp_reply(our_mac: bytes, our_ip: bytes, their_mac: bytes, their_ip: bytes) -> bytes:
@@ -113,7 +159,7 @@ class TcpFrameTemplate:
     """
 
     __slots__ = ("_head", "_ip_const", "_ip_id", "_l3", "_l4", "_offload", "_pseudo_base",
-                 "_vnet_len", "timestamps")
+                 "_vnet_len", "ipv6", "timestamps")
 
     def __init__(self, *, dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport: int,
                  dport: int, vnet_hdr_len: int = 0, offload: bool = False,
@@ -121,18 +167,23 @@ class TcpFrameTemplate:
         self._vnet_len = vnet_hdr_len
         self._offload = offload and vnet_hdr_len > 0
         self._l3 = vnet_hdr_len + ETH_HLEN
-        self._l4 = self._l3 + IPV4_HLEN
+        self.ipv6 = len(src) == 16
+        self._l4 = self._l3 + (IPV6_HLEN if self.ipv6 else IPV4_HLEN)
         self.timestamps = timestamps
         head = bytearray(self._l4 + TCP_HLEN + (TS_OPTION_LEN if timestamps else 0))
         if timestamps:
             head[self._l4 + TCP_HLEN:self._l4 + TCP_HLEN + 4] = b"\x01\x01\x08\x0a"
-        _ETH.pack_into(head, vnet_hdr_len, dst_mac, src_mac, ETHERTYPE_IPV4)
-        _IPV4.pack_into(head, self._l3, 0x45, 0, 0, 0, 0x4000, 64, IPPROTO_TCP, 0, src, dst)
+        if self.ipv6:
+            _ETH.pack_into(head, vnet_hdr_len, dst_mac, src_mac, ETHERTYPE_IPV6)
+            _IPV6.pack_into(head, self._l3, _IPV6_VTF, 0, IPPROTO_TCP, 64, src, dst)
+        else:
+            _ETH.pack_into(head, vnet_hdr_len, dst_mac, src_mac, ETHERTYPE_IPV4)
+            _IPV4.pack_into(head, self._l3, 0x45, 0, 0, 0, 0x4000, 64, IPPROTO_TCP, 0, src, dst)
         struct.pack_into("!HH", head, self._l4, sport, dport)
         self._head = head
         # Sum of the IPv4 header words that never change (length, ID, checksum = 0).
-        self._ip_const = partial_sum(head[self._l3:self._l4])
-        self._pseudo_base = int.from_bytes(src + dst, "big") + IPPROTO_TCP
+        self._ip_const = 0 if self.ipv6 else partial_sum(head[self._l3:self._l4])
+        self._pseudo_base = pseudo_header_sum(src, dst, IPPROTO_TCP, 0)
         self._ip_id = 0
 
     @property
@@ -159,14 +210,20 @@ class TcpFrameTemplate:
             head = self._head[:l4 + TCP_HLEN] + options
         tcp_hlen = len(head) - l4
         tcp_len = tcp_hlen + len(payload)
-        total_len = IPV4_HLEN + tcp_len
-        if total_len > _IP_TOTLEN_MAX:
-            raise ValueError(f"segment of {tcp_len} bytes does not fit one IPv4 packet")
-        ip_id = self._ip_id
-        self._ip_id = (ip_id + 1) & 0xFFFF
-        _U16.pack_into(head, l3 + 2, total_len)
-        _U16.pack_into(head, l3 + 4, ip_id)
-        _U16.pack_into(head, l3 + 10, finish(self._ip_const + total_len + ip_id))
+        if self.ipv6:
+            # RFC 8200 §3: the payload length excludes the fixed header.
+            if tcp_len > _IP_TOTLEN_MAX:
+                raise ValueError(f"segment of {tcp_len} bytes does not fit one IPv6 packet")
+            _U16.pack_into(head, l3 + 4, tcp_len)
+        else:
+            total_len = IPV4_HLEN + tcp_len
+            if total_len > _IP_TOTLEN_MAX:
+                raise ValueError(f"segment of {tcp_len} bytes does not fit one IPv4 packet")
+            ip_id = self._ip_id
+            self._ip_id = (ip_id + 1) & 0xFFFF
+            _U16.pack_into(head, l3 + 2, total_len)
+            _U16.pack_into(head, l3 + 4, ip_id)
+            _U16.pack_into(head, l3 + 10, finish(self._ip_const + total_len + ip_id))
         _TCP_VAR.pack_into(head, l4 + 4, seq, ack, (tcp_hlen >> 2) << 4, flags, window)
         _U16.pack_into(head, l4 + _TCP_CSUM_OFFSET, 0)
         pseudo = self._pseudo_base + tcp_len
@@ -175,10 +232,12 @@ class TcpFrameTemplate:
             # sum; the receiving kernel completes it (or trusts it) from csum_start.
             _U16.pack_into(head, l4 + _TCP_CSUM_OFFSET, fold(pseudo))
             gso = mss and len(payload) > mss
-            VNET_HDR.pack_into(head, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM,
-                               VIRTIO_NET_HDR_GSO_TCPV4 if gso else VIRTIO_NET_HDR_GSO_NONE,
+            gso_type = VIRTIO_NET_HDR_GSO_NONE
+            if gso:
+                gso_type = VIRTIO_NET_HDR_GSO_TCPV6 if self.ipv6 else VIRTIO_NET_HDR_GSO_TCPV4
+            VNET_HDR.pack_into(head, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type,
                                l4 - self._vnet_len + tcp_hlen, mss if gso else 0,
-                               ETH_HLEN + IPV4_HLEN, _TCP_CSUM_OFFSET)
+                               l4 - self._vnet_len, _TCP_CSUM_OFFSET)
         else:
             csum = pseudo + partial_sum(head[l4:l4 + tcp_hlen])
             if payload:
@@ -187,23 +246,38 @@ class TcpFrameTemplate:
         return bytes(head)
 
 
-#: ICMP destination unreachable (RFC 792) and its port-unreachable code.
+#: ICMP destination unreachable (RFC 792) and the codes the relay sends; callers use
+#: these for both families and icmp_unreachable_frame translates them for ICMPv6.
 ICMP_DEST_UNREACH = 3
 ICMP_NET_UNREACH = 0
 ICMP_HOST_UNREACH = 1
 ICMP_PORT_UNREACH = 3
+#: RFC 1812 §5.2.7.1: communication administratively prohibited.
+ICMP_ADMIN_PROHIBITED = 13
+#: ICMPv6 destination unreachable (RFC 4443 §3.1) and the code for each of the above.
+ICMPV6_DEST_UNREACH = 1
+_ICMPV6_CODE = {ICMP_NET_UNREACH: 0, ICMP_HOST_UNREACH: 3, ICMP_PORT_UNREACH: 4,
+                ICMP_ADMIN_PROHIBITED: 1}
+#: RFC 4443 §2.4(c): an ICMPv6 error must not make its packet exceed the minimum MTU.
+_ICMPV6_ERROR_MAX = 1280 - IPV6_HLEN - 8
 _ICMP_HEAD = struct.Struct("!BBHI")
 
 
 def icmp_unreachable_frame(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes,
                            quote: bytes, code: int = ICMP_PORT_UNREACH, ident: int = 0) -> bytes:
-    """An ICMP destination-unreachable frame (RFC 792: type 3, `code`, 4 unused bytes,
-    then `quote`: the offending datagram's IP header and first 8 bytes of its data,
-    which is what the receiving kernel matches to a socket)."""
+    """A destination-unreachable frame, ICMP (RFC 792: type 3, `code`, 4 unused bytes)
+    or ICMPv6 (RFC 4443 §3.1: type 1, the matching code) by the address family, then
+    `quote`: the offending datagram's IP header and first bytes of its data, which is
+    what the receiving kernel matches to a socket."""
+    if len(src) == 16:
+        icmp = bytearray(_ICMP_HEAD.pack(ICMPV6_DEST_UNREACH, _ICMPV6_CODE[code], 0, 0))
+        icmp += quote[:_ICMPV6_ERROR_MAX]
+        pseudo = pseudo_header_sum(src, dst, IPPROTO_ICMPV6, len(icmp))
+        _U16.pack_into(icmp, 2, finish(pseudo + partial_sum(icmp)))
+        return ip_frame(dst_mac, src_mac, src, dst, IPPROTO_ICMPV6, bytes(icmp))
     icmp = bytearray(_ICMP_HEAD.pack(ICMP_DEST_UNREACH, code, 0, 0)) + quote
     _U16.pack_into(icmp, 2, finish(partial_sum(icmp)))
-    return (ethernet_header(dst_mac, src_mac, ETHERTYPE_IPV4)
-            + ipv4_header(src, dst, IPPROTO_ICMP, len(icmp), ident) + bytes(icmp))
+    return ip_frame(dst_mac, src_mac, src, dst, IPPROTO_ICMP, bytes(icmp), ident)
 
 
 def udp_frame_head(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport: int,
@@ -215,16 +289,16 @@ def udp_frame_head(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport
     and the guest's kernel takes the payload as verified (CHECKSUM_PARTIAL), as for
     TCP; otherwise the checksum is computed over the payload (RFC 768)."""
     length = 8 + len(payload)
-    pseudo = int.from_bytes(src + dst, "big") + IPPROTO_UDP + length
+    pseudo = pseudo_header_sum(src, dst, IPPROTO_UDP, length)
     offload = offload and vnet_hdr_len > 0
     if offload:
         udp = _UDP.pack(sport, dport, length, fold(pseudo))
         vnet = bytearray(vnet_hdr_len)
         VNET_HDR.pack_into(vnet, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE,
-                           0, 0, ETH_HLEN + IPV4_HLEN, 6)
+                           0, 0, ETH_HLEN + ip_header_len(src), 6)
     else:
         udp0 = _UDP.pack(sport, dport, length, 0)
         udp = udp0[:6] + _U16.pack(finish(pseudo + partial_sum(udp0) + partial_sum(payload)))
         vnet = bytearray(vnet_hdr_len)
-    return (bytes(vnet) + ethernet_header(dst_mac, src_mac, ETHERTYPE_IPV4)
-            + ipv4_header(src, dst, IPPROTO_UDP, length, ident) + udp)
+    return (bytes(vnet) + ethernet_header(dst_mac, src_mac, ethertype_of(src))
+            + ip_header(src, dst, IPPROTO_UDP, length, ident) + udp)

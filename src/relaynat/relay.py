@@ -32,13 +32,22 @@ import contextlib
 import logging
 import socket
 from collections import Counter
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from relaynat.config import RelayConfig
 from relaynat.dhcp import DhcpServer
+from relaynat.dhcpv6 import Dhcpv6Server
 from relaynat.dns import answer_static, host_upstream, static_table
 from relaynat.icmp_echo import IcmpEchoRelay
-from relaynat.packet_builder import BROADCAST_MAC, arp_reply, udp_frame
+from relaynat.ndp import MAX_RTR_ADV_INTERVAL_S, NDP_TYPES, NdpReply, NdpResponder
+from relaynat.packet_builder import (
+    BROADCAST_MAC,
+    ICMP_PORT_UNREACH,
+    arp_reply,
+    ethernet_header,
+    ipv6_header,
+    udp_frame,
+)
 from relaynat.pcap import PcapWriter
 from relaynat.stream import StreamTransport, bind_unix_listener
 from relaynat.tcp_relay import TcpRelay
@@ -49,14 +58,18 @@ from relaynat.wire import (
     ETHERTYPE_IPV4,
     ETHERTYPE_IPV6,
     IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    IpPacket,
     Ipv4Packet,
+    Ipv6Packet,
     MalformedFrame,
     UdpDatagram,
     parse_arp,
     parse_ethernet,
     parse_ipv4,
+    parse_ipv6,
     parse_tcp,
     parse_udp,
 )
@@ -65,9 +78,13 @@ log = logging.getLogger("relaynat")
 
 DHCP_SERVER_PORT = 67
 DHCP_CLIENT_PORT = 68
+DHCPV6_CLIENT_PORT = 546
+DHCPV6_SERVER_PORT = 547
 DNS_PORT = 53
 _ZERO_IP = bytes(4)
 _BROADCAST_IP = b"\xff" * 4
+_ZERO_IP6 = bytes(16)
+_LINK_LOCAL_PREFIX = b"\xfe\x80" + bytes(6)
 
 
 class Relay:
@@ -82,6 +99,9 @@ class Relay:
         self._udp_relay: UdpRelay | None = None
         self._icmp: IcmpEchoRelay | None = None
         self._dhcp = DhcpServer(self.config)
+        self._ndp = NdpResponder(self.config)
+        self._dhcp6 = Dhcpv6Server(self.config)
+        self._ra_timer: asyncio.TimerHandle | None = None
         self._pcap: PcapWriter | None = None
         self._listener: socket.socket | None = None
         self._guest_mac: bytes | None = None
@@ -94,12 +114,19 @@ class Relay:
         self._map_from = c.map_host_loopback_v4.packed if c.map_host_loopback_v4 else None
         self._host_loopback = str(c.host_loopback_v4)
         self._dns_ip = c.dns_ipv4.packed
+        # IPv6 addressing (RFC 4291): the /64 the guest autoconfigures in, and the
+        # addresses the relay itself answers for on it.
+        self._prefix6 = c.prefix_v6.network_address.packed[:8]
+        self._gateway_ip6 = c.gateway_ipv6.packed
+        self._dns_ip6 = c.dns_ipv6.packed
+        self._map_from6 = c.map_host_loopback_v6.packed if c.map_host_loopback_v6 else None
+        self._host_loopback6 = str(c.host_loopback_v6)
         upstream = c.dns_upstream or host_upstream()
         self._dns_upstream = str(upstream) if upstream is not None else None
         if upstream is None:
-            log.warning("no IPv4 nameserver in /etc/resolv.conf and no dns_upstream: "
-                        "DNS queries to %s are dropped (static records still answer)",
-                        c.dns_ipv4)
+            log.warning("no nameserver in /etc/resolv.conf and no dns_upstream: DNS "
+                        "queries to the relay's DNS address are dropped (static records "
+                        "still answer)")
         self._dns_static = static_table(c.dns_records)
         self.transport_lost_event = asyncio.Event()
 
@@ -153,9 +180,14 @@ class Relay:
             self._udp_relay.set_link(transport.vnet_hdr_len, transport.offload)
         self.transport_lost_event.clear()
         transport.start(self)
+        if self.config.ipv6:
+            self._advertise_router()
 
     def detach(self) -> None:
         """Drop the current transport and every flow of its guest (reset toward hosts)."""
+        if self._ra_timer is not None:
+            self._ra_timer.cancel()
+            self._ra_timer = None
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -234,7 +266,13 @@ class Relay:
         if src_mac != self._guest_mac:
             self._learn_guest_mac(src_mac)
         ethertype = eth.ethertype
-        if ethertype == ETHERTYPE_IPV4:
+        if ethertype == ETHERTYPE_IPV6:
+            if not self.config.ipv6:
+                raise MalformedFrame("ipv6_disabled")
+            self._ipv6(parse_ipv6(eth.payload), src_mac)
+        elif ethertype == ETHERTYPE_IPV4:
+            if not self.config.ipv4:
+                raise MalformedFrame("ipv4_disabled")
             ip = parse_ipv4(eth.payload)
             if ip.src != self._guest_ip:
                 if ip.proto == IPPROTO_UDP and ip.src == _ZERO_IP:
@@ -254,9 +292,9 @@ class Relay:
             else:
                 raise MalformedFrame("ip_proto_unsupported")
         elif ethertype == ETHERTYPE_ARP:
+            if not self.config.ipv4:
+                raise MalformedFrame("ipv4_disabled")
             self._arp(eth.payload)
-        elif ethertype == ETHERTYPE_IPV6:
-            raise MalformedFrame("ipv6_unsupported")
         else:
             raise MalformedFrame("ethertype_unsupported")
 
@@ -276,6 +314,8 @@ class Relay:
         loopback, the DNS address port 53 to the upstream resolver, everything else
         stays itself. None: nothing there (the gateway when the mapping is off, the
         guest's own address, the DNS address on another port or without upstream)."""
+        if len(dst) == 16:
+            return self._host_ip6_for(dst, dport)
         if dst == self._map_from:
             return self._host_loopback
         if dst == self._dns_ip:
@@ -283,6 +323,100 @@ class Relay:
         if dst == self._gateway_ip or dst == self._guest_ip:
             return None
         return str(IPv4Address(dst))
+
+    def _host_ip6_for(self, dst: bytes, dport: int) -> str | None:
+        """As `_host_ip_for`, for IPv6. Nothing on the guest's own /64 but the mapped
+        and DNS addresses is on the host (the rest is the guest itself), and link-local
+        or multicast destinations have no meaning beyond the link."""
+        if dst == self._map_from6:
+            return self._host_loopback6
+        if dst == self._dns_ip6:
+            return self._dns_upstream if dport == DNS_PORT else None
+        if dst[:8] == self._prefix6 or dst[:8] == _LINK_LOCAL_PREFIX or dst[0] == 0xFF:
+            return None
+        return str(IPv6Address(dst))
+
+    # -- IPv6 ----------------------------------------------------------------------------
+
+    def _ipv6(self, ip: Ipv6Packet, src_mac: bytes) -> None:
+        """Dispatch one IPv6 packet: neighbour discovery and DHCPv6 are answered here,
+        TCP/UDP/ICMPv6 echo go through the same relays as IPv4.
+
+        The guest may use any address of the prefix (SLAAC picks its own interface
+        identifier, RFC 4862 §5.5.3; privacy addresses, RFC 8981) and, for neighbour
+        discovery and DHCPv6 only, its link-local address or :: (DAD, RFC 4862 §5.4)."""
+        src, proto = ip.src, ip.proto
+        on_link_only = src[:8] == _LINK_LOCAL_PREFIX or src == _ZERO_IP6
+        if src[:8] != self._prefix6 and not on_link_only:
+            raise MalformedFrame("ip_spoofed_source")
+        if proto == IPPROTO_ICMPV6 and self._ndp6(ip, src_mac):
+            return
+        if ip.dst[0] == 0xFF:
+            if proto == IPPROTO_UDP and self._dhcp6(ip, src_mac):
+                return
+            # MLD reports, mDNS, LLMNR...: meant for the link, nothing to relay.
+            self._stats["ipv6_multicast_ignored"] += 1
+            return
+        if on_link_only:
+            raise MalformedFrame("ip6_link_local_source")
+        if proto == IPPROTO_TCP:
+            seg = parse_tcp(ip)
+            assert self._tcp is not None
+            self._tcp.on_segment(seg, self._host_ip6_for(seg.dst, seg.dport))
+        elif proto == IPPROTO_UDP:
+            self._udp_relayed(ip, parse_udp(ip))
+        elif proto == IPPROTO_ICMPV6:
+            assert self._icmp is not None
+            self._icmp.on_packet(ip, self._host_ip6_for(ip.dst, 0), src_mac)
+        else:
+            raise MalformedFrame("ip_proto_unsupported")
+
+    def _ndp6(self, ip: Ipv6Packet, src_mac: bytes) -> bool:
+        """Neighbour discovery (ndp.py); True when the message was NDP (answered or
+        counted), False for other ICMPv6 (echo), which is relayed."""
+        payload = ip.payload
+        if not payload or payload[0] not in NDP_TYPES:
+            return False
+        if ip.src != _ZERO_IP6:
+            self._ndp.note_guest_address(ip.src)
+        for reply in self._ndp.handle(ip.src, ip.dst, ip.ttl, payload, src_mac):
+            self._send_ndp(reply)
+        return True
+
+    def _send_ndp(self, reply: NdpReply) -> None:
+        self._stats["ndp_replies"] += 1
+        self._send_frame(ethernet_header(reply.dst_mac, self.config.gateway_mac,
+                                         ETHERTYPE_IPV6)
+                         + ipv6_header(reply.src, reply.dst, IPPROTO_ICMPV6,
+                                       len(reply.message), reply.hop_limit)
+                         + reply.message)
+
+    def _dhcp6(self, ip: Ipv6Packet, src_mac: bytes) -> bool:
+        """DHCPv6 to the servers' multicast group (RFC 8415 §7.1: clients send from
+        their link-local address, port 546, to ff02::1:2 port 547); True when handled.
+        The reply goes from our link-local address to the client's, unicast."""
+        dgram = parse_udp(ip)
+        if dgram.dport != DHCPV6_SERVER_PORT or dgram.sport != DHCPV6_CLIENT_PORT:
+            return False
+        reply = self._dhcp6.handle(dgram.payload)
+        if reply is None:
+            self._stats["dhcp6_no_reply"] += 1
+            return True
+        self._stats["dhcp6_replies"] += 1
+        self._send_frame(udp_frame(src_mac, self.config.gateway_mac,
+                                   self.config.gateway_link_local.packed, ip.src,
+                                   DHCPV6_SERVER_PORT, DHCPV6_CLIENT_PORT, reply))
+        return True
+
+    def _advertise_router(self) -> None:
+        """Unsolicited router advertisement to all nodes (RFC 4861 §6.2.4), repeated at
+        the longest interval §6.2.1 allows: a guest that missed our answer to its
+        solicitation (or never sent one) still configures itself."""
+        self._ra_timer = None
+        if self._transport is None or not self.config.ipv6 or self._loop is None:
+            return
+        self._send_ndp(self._ndp.router_advertisement())
+        self._ra_timer = self._loop.call_later(MAX_RTR_ADV_INTERVAL_S, self._advertise_router)
 
     def _arp(self, payload: memoryview) -> None:
         arp = parse_arp(payload)
@@ -310,26 +444,30 @@ class Relay:
             raise MalformedFrame("ip_spoofed_source")
         if dgram.dst == _BROADCAST_IP or dgram.dst[0] >= 224:
             raise MalformedFrame("udp_multicast_or_broadcast")
-        if dgram.dst == self._dns_ip and dgram.dport == DNS_PORT and self._dns_static:
+        self._udp_relayed(ip, dgram)
+
+    def _udp_relayed(self, ip: IpPacket, dgram: UdpDatagram) -> None:
+        """A unicast guest datagram of either family: static DNS answers, else relayed."""
+        dns_ip = self._dns_ip6 if len(dgram.dst) == 16 else self._dns_ip
+        if dgram.dst == dns_ip and dgram.dport == DNS_PORT and self._dns_static:
             answer = answer_static(dgram.payload, self._dns_static)
             if answer is not None:
                 self._stats["dns_static_answers"] += 1
                 self._ip_id = (self._ip_id + 1) & 0xFFFF
                 self._send_frame(udp_frame(self._guest_mac or BROADCAST_MAC,
-                                           self.config.gateway_mac, self._dns_ip,
-                                           self._guest_ip, DNS_PORT, dgram.sport, answer,
-                                           self._ip_id))
+                                           self.config.gateway_mac, dns_ip, dgram.src,
+                                           DNS_PORT, dgram.sport, answer, self._ip_id))
                 return
         host_ip = self._host_ip_for(dgram.dst, dgram.dport)
         assert self._udp_relay is not None
         if host_ip is None:
-            if dgram.dst == self._guest_ip:
+            if dgram.dst == self._guest_ip or dgram.dst[:8] == _LINK_LOCAL_PREFIX:
                 raise MalformedFrame("udp_unmapped_destination")
             # Nothing listens there (gateway without the mapping, the DNS address on
             # another port or without upstream): port unreachable, as TCP gets a RST.
-            self._udp_relay.refuse(ip)
+            self._udp_relay.refuse(ip, ICMP_PORT_UNREACH)
             return
-        if dgram.dst == self._dns_ip:
+        if dgram.dst == dns_ip:
             self._stats["dns_forwarded_udp"] += 1
             self._udp_relay.on_datagram(ip, dgram, host_ip, self.config.dns_udp_timeout_s)
         else:
@@ -382,7 +520,9 @@ class Relay:
         out["tcp_flows"] = len(self._tcp.flows) if self._tcp is not None else 0
         out["udp_flows"] = len(self._udp_relay.table) if self._udp_relay is not None else 0
         out["icmp_sockets"] = self._icmp.socket_count if self._icmp is not None else 0
-        for key, value in self._dhcp.counters.items():
-            if value:
-                out[f"dhcp_{key}"] = value
+        for prefix, counters in (("dhcp", self._dhcp.counters), ("ndp", self._ndp.counters),
+                                 ("dhcp6", self._dhcp6.counters)):
+            for key, value in counters.items():
+                if value:
+                    out[f"{prefix}_{key}"] = value
         return out

@@ -62,8 +62,9 @@ _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPO
 #: Peeks per flow per wakeup before yielding to other flows and the guest transport.
 _PUMP_ROUNDS = 16
 _INT = struct.Struct("i")
-#: Flow key: (guest port, destination address as the guest sees it, destination port).
-FlowKey = tuple[int, bytes, int]
+#: Flow key: (guest port, destination address as the guest sees it, destination port,
+#: guest address); an IPv6 guest may use several source addresses at once.
+FlowKey = tuple[int, bytes, int, bytes]
 SendToGuest = Callable[[bytes, "bytes | memoryview"], None]
 
 
@@ -121,7 +122,7 @@ class TcpRelay:
         """A guest segment; `host_ip` is where its destination maps on the host (None:
         nowhere, so a new connection is refused)."""
         now = self._loop.time()
-        key = (seg.sport, seg.dst, seg.dport)
+        key = (seg.sport, seg.dst, seg.dport, seg.src)
         flow = self.flows.get(key)
         if flow is None:
             self._new_flow(seg, key, host_ip, now)
@@ -166,8 +167,11 @@ class TcpRelay:
             self.stats["tcp_refused_connect_limit"] += 1
             self._reply_rst(seg)
             return
+        # The host side's family follows the host address, not the guest's (a guest's
+        # IPv6 DNS-over-TCP query may go to an IPv4 resolver).
+        family = socket.AF_INET6 if ":" in host_ip else socket.AF_INET
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:  # EMFILE/ENFILE/ENOBUFS: refuse this flow, keep the rest
             log.warning("cannot open a host socket: %s", exc)
             self.stats["tcp_refused_socket"] += 1

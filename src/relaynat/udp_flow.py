@@ -1,6 +1,7 @@
 """UDP flows, the sans-I/O part: the bounded flow table and its idle timeouts.
 
-A flow is one (guest port, destination as the guest sees it, destination port); the
+A flow is one (guest port, destination as the guest sees it, destination port, guest
+address); the
 shell (udp_relay.py) gives each a connected host socket. Timeouts follow Linux
 conntrack and passt: a flow that has only seen one direction expires after
 `udp_idle_timeout_s` (nf_conntrack_udp_timeout, 30 s); once the host has answered it
@@ -17,8 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-#: (guest port, destination address as the guest sees it, destination port).
-UdpFlowKey = tuple[int, bytes, int]
+#: (guest port, destination address as the guest sees it, destination port, guest
+#: address): an IPv6 guest may use several source addresses at once (SLAAC, DHCPv6).
+UdpFlowKey = tuple[int, bytes, int, bytes]
 
 
 @dataclass(slots=True, eq=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import socket
 from collections import Counter
 from collections.abc import Callable
@@ -29,13 +30,17 @@ from relaynat.packet_builder import (
     udp_frame_head,
 )
 from relaynat.udp_flow import UdpFlow, UdpFlowTable
-from relaynat.wire import Ipv4Packet, UdpDatagram
+from relaynat.wire import IpPacket, UdpDatagram
+
+log = logging.getLogger("relaynat.udp")
 
 #: Datagrams read per flow per wakeup before other work gets its turn.
 _RECV_ROUNDS = 64
 _RECV_SIZE = 65536
-#: IPv4 header (no options) + UDP header, per datagram toward the guest.
-_OVERHEAD = 20 + 8
+#: IP header (IPv4 without options, IPv6 without extensions) + UDP header, per datagram
+#: toward the guest.
+_OVERHEAD_V4 = 20 + 8
+_OVERHEAD_V6 = 40 + 8
 #: Host errors meaning "no route", and the ICMP unreachable code for each (RFC 792).
 _NO_ROUTE_CODES = {errno.ENETUNREACH: ICMP_NET_UNREACH, errno.EHOSTUNREACH: ICMP_HOST_UNREACH}
 
@@ -57,9 +62,10 @@ class UdpRelay:
         self.stats = stats
         self.table = UdpFlowTable(config.max_udp_flows, config.udp_idle_timeout_s,
                                   config.udp_stream_timeout_s)
-        self._guest_ip = config.guest_ipv4.packed
         self._gateway_ip = config.gateway_ipv4.packed
-        self._max_payload = config.mtu - _OVERHEAD
+        self._gateway_ip6 = config.gateway_ipv6.packed
+        self._max_payload_v4 = config.mtu - _OVERHEAD_V4
+        self._max_payload_v6 = config.mtu - _OVERHEAD_V6
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._ip_id = 0
@@ -72,12 +78,12 @@ class UdpRelay:
 
     # -- guest -> host ---------------------------------------------------------------
 
-    def on_datagram(self, ip: Ipv4Packet, dgram: UdpDatagram, host_ip: str,
+    def on_datagram(self, ip: IpPacket, dgram: UdpDatagram, host_ip: str,
                     fixed_timeout: float | None = None) -> None:
         """A guest datagram to `dgram.dst`, which is `host_ip` on the host; a new flow
         gets `fixed_timeout` instead of the idle/stream timeouts when given."""
         stats = self.stats
-        key = (dgram.sport, dgram.dst, dgram.dport)
+        key = (dgram.sport, dgram.dst, dgram.dport, dgram.src)
         now = self._loop.time()
         hlen = len(ip.packet) - len(ip.payload)
         quote = bytes(ip.packet[:hlen + 8])
@@ -97,20 +103,29 @@ class UdpRelay:
             return
         except OSError as exc:
             if exc.errno in _NO_ROUTE_CODES:
-                self._report_no_route(exc.errno, quote)
+                self._report_no_route(exc.errno, dgram.src, quote)
                 return
             stats["udp_send_errors"] += 1
             return
         stats["udp_to_host"] += 1
         stats["udp_to_host_bytes"] += len(dgram.payload)
 
-    def _open(self, key: tuple[int, bytes, int], host_ip: str, host_port: int,
+    def _open(self, key: tuple[int, bytes, int, bytes], host_ip: str, host_port: int,
               now: float, fixed_timeout: float | None, quote: bytes) -> UdpFlow | None:
         flow = self.table.open(key, now, fixed_timeout)
         if flow is None:
             self.stats["udp_drop_flow_limit"] += 1
             return None
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # The host side's family follows the host address, not the guest's: a guest's
+        # IPv6 query to the DNS address may go to an IPv4 resolver and back.
+        family = socket.AF_INET6 if ":" in host_ip else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError as exc:  # EMFILE/ENFILE/EAFNOSUPPORT: drop this flow, keep the rest
+            self.table.remove(flow)
+            self.stats["udp_socket_failed"] += 1
+            log.warning("cannot open a host UDP socket: %s", exc)
+            return None
         sock.setblocking(False)
         try:
             sock.connect((host_ip, host_port))  # UDP: no packet, just routing and binding
@@ -119,7 +134,7 @@ class UdpRelay:
             self.table.remove(flow)
             self.stats["udp_connect_failed"] += 1
             if exc.errno in _NO_ROUTE_CODES:
-                self._report_no_route(exc.errno, quote)
+                self._report_no_route(exc.errno, key[3], quote)
             return None
         flow.sock = sock
         self._loop.add_reader(sock.fileno(), self._on_readable, flow)
@@ -143,17 +158,18 @@ class UdpRelay:
             except OSError:
                 stats["udp_recv_errors"] += 1
                 return
-            if len(data) > self._max_payload:
+            guest_port, src, src_port, guest_ip = flow.key
+            limit = self._max_payload_v6 if len(src) == 16 else self._max_payload_v4
+            if len(data) > limit:
                 stats["udp_drop_too_big_for_mtu"] += 1
                 continue
             flow.from_host(self._loop.time())
             if self.guest_mac is None:
                 stats["udp_drop_no_guest_mac"] += 1
                 continue
-            guest_port, src, src_port = flow.key
             self._ip_id = (self._ip_id + 1) & 0xFFFF
             self._send_raw(udp_frame_head(self.guest_mac, self._config.gateway_mac, src,
-                                          self._guest_ip, src_port, guest_port, data,
+                                          guest_ip, src_port, guest_port, data,
                                           self._ip_id, self._vnet_hdr_len, self._offload),
                            data)
             stats["udp_to_guest"] += 1
@@ -165,32 +181,34 @@ class UdpRelay:
         if self.guest_mac is None or not flow.quote:
             self.stats["udp_refused_unreported"] += 1
             return
-        self._send_icmp(flow.key[1], flow.quote, ICMP_PORT_UNREACH)
+        self._send_icmp(flow.key[1], flow.key[3], flow.quote, ICMP_PORT_UNREACH)
         self.stats["udp_icmp_port_unreachable"] += 1
 
-    def refuse(self, ip: Ipv4Packet) -> None:
-        """No host destination for this guest datagram: ICMP port unreachable from the
-        address it was sent to (udp(7): a connected guest socket sees ECONNREFUSED)."""
+    def refuse(self, ip: IpPacket, code: int = ICMP_PORT_UNREACH) -> None:
+        """No host destination for this guest datagram: ICMP port unreachable (or
+        `code`) from the address it was sent to (udp(7): a connected guest socket sees
+        ECONNREFUSED)."""
         if self.guest_mac is None:
             return
         hlen = len(ip.packet) - len(ip.payload)
-        self._send_icmp(ip.dst, bytes(ip.packet[:hlen + 8]), ICMP_PORT_UNREACH)
+        self._send_icmp(ip.dst, ip.src, bytes(ip.packet[:hlen + 8]), code)
         self.stats["udp_refused_unmapped"] += 1
 
-    def _report_no_route(self, err: int, quote: bytes) -> None:
+    def _report_no_route(self, err: int, guest_ip: bytes, quote: bytes) -> None:
         """The host has no route to the destination: ICMP net/host unreachable from
         the gateway, as a router would send (RFC 1812 §5.2.7.1). Linux reports these
         to a UDP socket only with IP_RECVERR (udp(7)); others time out as before."""
         if self.guest_mac is None:
             return
-        self._send_icmp(self._gateway_ip, quote, _NO_ROUTE_CODES[err])
+        gateway = self._gateway_ip6 if len(guest_ip) == 16 else self._gateway_ip
+        self._send_icmp(gateway, guest_ip, quote, _NO_ROUTE_CODES[err])
         self.stats["udp_icmp_no_route"] += 1
 
-    def _send_icmp(self, src: bytes, quote: bytes, code: int) -> None:
+    def _send_icmp(self, src: bytes, dst: bytes, quote: bytes, code: int) -> None:
         assert self.guest_mac is not None
         self._ip_id = (self._ip_id + 1) & 0xFFFF
         self._send_frame(icmp_unreachable_frame(self.guest_mac, self._config.gateway_mac,
-                                                src, self._guest_ip, quote, code,
+                                                src, dst, quote, code,
                                                 ident=self._ip_id))
 
     # -- timeouts and teardown ---------------------------------------------------------

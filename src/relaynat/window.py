@@ -53,6 +53,7 @@ OUR_WSCALE = 8
 WINDOW_DEFAULT = 14600
 #: RFC 9293 §3.7.1: MSS assumed when the SYN has no MSS option.
 DEFAULT_MSS_V4 = 536
+DEFAULT_MSS_V6 = 1220
 
 RTO_INITIAL_S = 1.0
 RTO_AFTER_SYN_RETRY_S = 3.0
@@ -114,7 +115,9 @@ def mss_for_guest(guest_mss: int | None, mtu: int, ip_header_len: int = 20) -> i
     """MSS for segments we send: no more than the guest announced (or 536 if it did
     not, RFC 9293 §3.7.1) and no more than our link MTU allows."""
     ours = mtu - ip_header_len - 20
-    return max(1, min(guest_mss if guest_mss else DEFAULT_MSS_V4, ours))
+    # RFC 9293 §3.7.1: without the option assume 536 (IPv4) or 1220 (IPv6, 1280 - 60).
+    default = DEFAULT_MSS_V4 if ip_header_len == 20 else DEFAULT_MSS_V6
+    return max(1, min(guest_mss if guest_mss else default, ours))
 
 
 def advertised_window(facts: SocketFacts | None) -> int:

@@ -11,8 +11,9 @@ counter name in the relay's stats; nothing else may escape from here, whatever t
 bytes. Payloads are `memoryview` slices of the caller's buffer: no copy is made, so a
 caller that keeps a payload past the next read must copy it.
 
-RFCs: Ethernet II framing; IPv4 RFC 791 §3.1; TCP RFC 9293 §3.1 (header and options),
-RFC 7323 §2 (window scale); UDP RFC 768; ARP RFC 826.
+RFCs: Ethernet II framing; IPv4 RFC 791 §3.1; IPv6 RFC 8200 §3-4 (header, extension
+headers); TCP RFC 9293 §3.1 (header and options), RFC 7323 §2 (window scale); UDP RFC
+768; ARP RFC 826.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ ETHERTYPE_IPV6 = 0x86DD
 IPPROTO_ICMP = 1
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
+IPPROTO_ICMPV6 = 58
+IPV6_HLEN = 40
 
 # TCP flags (RFC 9293 §3.1).
 FIN = 0x01
@@ -44,6 +47,14 @@ _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIBBHHH")
 _UDP = struct.Struct("!HHHH")
 _ARP = struct.Struct("!HHBBH6s4s6s4s")
+_IPV6 = struct.Struct("!IHBB16s16s")
+#: IPv6 extension headers skipped on the way to the upper layer (RFC 8200 §4.1):
+#: Hop-by-Hop Options (which MLD reports carry), Routing and Destination Options.
+#: Fragment (44) is refused like IPv4 fragments; the rest is not an upper layer we serve.
+_IPV6_SKIPPABLE = frozenset((0, 43, 60))
+_IPV6_FRAGMENT = 44
+#: More extension headers than this in one packet is an attack, not a guest.
+_IPV6_MAX_EXT = 8
 
 
 class MalformedFrame(ValueError):
@@ -74,6 +85,26 @@ class Ipv4Packet:
     payload: memoryview
     #: The whole IPv4 packet (header included), trimmed likewise.
     packet: memoryview
+
+
+@dataclass(slots=True)
+class Ipv6Packet:
+    """The fields of an IPv6 packet the relay uses; the same shape as `Ipv4Packet`, so
+    parse_tcp/parse_udp and the flow cores take either. `proto` is the upper-layer
+    protocol after any skipped extension headers, `ttl` the hop limit."""
+
+    src: bytes
+    dst: bytes
+    proto: int
+    ttl: int
+    #: Upper-layer bytes, trimmed to the payload length (drops Ethernet padding).
+    payload: memoryview
+    #: The whole IPv6 packet (header included), trimmed likewise.
+    packet: memoryview
+    ident: int = 0
+
+
+IpPacket = Ipv4Packet | Ipv6Packet
 
 
 @dataclass(slots=True)
@@ -145,6 +176,38 @@ def parse_ipv4(data: memoryview, verify_header_checksum: bool = True) -> Ipv4Pac
     return Ipv4Packet(src, dst, proto, ttl, ident, data[hlen:total_len], data[:total_len])
 
 
+def parse_ipv6(data: memoryview) -> Ipv6Packet:
+    """Parse an IPv6 header (RFC 8200 §3) and skip Hop-by-Hop, Routing and Destination
+    Options headers (§4). Fragments are refused, as for IPv4: guests learn the MTU
+    from our router advertisement and never need to fragment toward us."""
+    if len(data) < IPV6_HLEN:
+        raise MalformedFrame("ip6_short")
+    vtf, payload_len, next_header, hop_limit, src, dst = _IPV6.unpack_from(data)
+    if vtf >> 28 != 6:
+        raise MalformedFrame("ip6_version")
+    end = IPV6_HLEN + payload_len
+    # A GSO frame from a TAP with TSO6 carries the length of the whole super-frame; a
+    # jumbogram (payload length 0, RFC 2675) is never sent by guests at our MTU.
+    if end > len(data):
+        raise MalformedFrame("ip6_payload_len")
+    offset = IPV6_HLEN
+    for _ in range(_IPV6_MAX_EXT):
+        if next_header not in _IPV6_SKIPPABLE:
+            break
+        if offset + 8 > end:
+            raise MalformedFrame("ip6_ext_header")
+        header_len = (data[offset + 1] + 1) * 8
+        next_header = data[offset]
+        offset += header_len
+        if offset > end:
+            raise MalformedFrame("ip6_ext_header")
+    else:
+        raise MalformedFrame("ip6_ext_header")
+    if next_header == _IPV6_FRAGMENT:
+        raise MalformedFrame("ip6_fragment")
+    return Ipv6Packet(src, dst, next_header, hop_limit, data[offset:end], data[:end])
+
+
 _TS = struct.Struct("!II")
 #: NOP, NOP, kind 8, length 10: how Linux (and most stacks) lay out a lone timestamp
 #: option (RFC 7323 Appendix A), checked first so the common case costs one compare.
@@ -177,7 +240,7 @@ def _parse_options(options: memoryview, seg: TcpSegment, syn: bool) -> None:
         i += length
 
 
-def parse_tcp(ip: Ipv4Packet) -> TcpSegment:
+def parse_tcp(ip: IpPacket) -> TcpSegment:
     data = ip.payload
     if len(data) < 20:
         raise MalformedFrame("tcp_short")
@@ -194,7 +257,7 @@ def parse_tcp(ip: Ipv4Packet) -> TcpSegment:
     return seg
 
 
-def parse_udp(ip: Ipv4Packet) -> UdpDatagram:
+def parse_udp(ip: IpPacket) -> UdpDatagram:
     data = ip.payload
     if len(data) < 8:
         raise MalformedFrame("udp_short")
