@@ -9,12 +9,21 @@ Integration tests need root; without it they are skipped with that reason, visib
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from relaynat.netns_util import isolate_network
 
+TESTS = Path(__file__).parent
+#: Size of the `big_file` fixture: large enough that a transfer spans many windows.
+BIG = 256 << 20
 IS_ROOT = os.geteuid() == 0
 if IS_ROOT and os.environ.get("RELAYNAT_TEST_NETNS_DONE") != "1":
     isolate_network()
@@ -29,3 +38,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "integration" in item.keywords or "vm" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def start_peer(tmp_path: Path) -> Iterator[Callable[..., int]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> int:
+        port_file = tmp_path / f"port-{len(procs)}"
+        procs.append(subprocess.Popen(
+            [sys.executable, str(TESTS / "host_peers.py"), *args, "--port-file", str(port_file)]))
+        deadline = time.monotonic() + 10
+        while not port_file.exists():
+            if time.monotonic() > deadline or procs[-1].poll() is not None:
+                raise RuntimeError(f"host peer {args} did not start")
+            time.sleep(0.02)
+        return int(port_file.read_text())
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    path = tmp_path_factory.mktemp("data") / "big.bin"
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(BIG >> 20):
+            chunk = os.urandom(1 << 20)
+            digest.update(chunk)
+            f.write(chunk)
+    return path, digest.hexdigest()

@@ -8,8 +8,9 @@
         waits S seconds without reading, reads until EOF (the client's SHUT_WR), then
         sends "<sha256> <length>\\n" and closes.
 
-Each binds 127.0.0.1 port 0 and writes the chosen port to the port file, so tests never
-race for ports. They are real servers using the kernel's TCP, nothing is simulated.
+Each binds 127.0.0.1 (or `--bind ADDR`, e.g. ::1) port 0 and writes the chosen port to
+the port file, so tests never race for ports. They are real servers using the kernel's
+TCP, nothing is simulated.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import http.server
 import os
 import shutil
+import socket
 import socketserver
 import sys
 
@@ -68,6 +70,10 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 def _write_port(port_file: str, port: int) -> None:
     tmp = port_file + ".tmp"
     with open(tmp, "w") as f:
@@ -75,9 +81,9 @@ def _write_port(port_file: str, port: int) -> None:
     os.replace(tmp, port_file)
 
 
-def serve_http(root: str, port_file: str) -> None:
+def serve_http(root: str, port_file: str, bind: str) -> None:
     _Handler.root = root
-    server = _Server(("127.0.0.1", 0), _Handler)
+    server = (_Server6 if ":" in bind else _Server)((bind, 0), _Handler)
     _write_port(port_file, server.server_address[1])
     server.serve_forever()
 
@@ -105,14 +111,14 @@ async def _drain_then_reply(reader: asyncio.StreamReader, writer: asyncio.Stream
     writer.close()
 
 
-async def serve_stream(kind: str, port_file: str, delay_s: float) -> None:
+async def serve_stream(kind: str, port_file: str, delay_s: float, bind: str) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if kind == "echo":
             await _echo(reader, writer)
         else:
             await _drain_then_reply(reader, writer, delay_s)
 
-    server = await asyncio.start_server(handler, "127.0.0.1", 0, backlog=1024)
+    server = await asyncio.start_server(handler, bind, 0, backlog=1024)
     _write_port(port_file, server.sockets[0].getsockname()[1])
     async with server:
         await server.serve_forever()
@@ -123,13 +129,14 @@ def main() -> int:
     parser.add_argument("kind", choices=["http", "echo", "drain-then-reply"])
     parser.add_argument("--root", default=".")
     parser.add_argument("--port-file", required=True)
+    parser.add_argument("--bind", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--delay", type=float, default=0.0,
                         help="drain-then-reply: seconds to wait before reading")
     args = parser.parse_args()
     if args.kind == "http":
-        serve_http(args.root, args.port_file)
+        serve_http(args.root, args.port_file, args.bind)
     else:
-        asyncio.run(serve_stream(args.kind, args.port_file, args.delay))
+        asyncio.run(serve_stream(args.kind, args.port_file, args.delay, args.bind))
     return 0
 
 

@@ -67,6 +67,31 @@ def test_dig_through_the_forwarder(resolver: Path, proto: str) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_dig_over_ipv6_to_the_forwarder_reaches_the_ipv4_resolver(resolver: Path,
+                                                                  proto: str) -> None:
+    flags = ["+tcp"] if proto == "tcp" else []
+    done = relaynat_run("dig", "@fd00::3", "+short", "+tries=1", "+time=3", *flags,
+                        UPSTREAM_NAME, "A", options=DNS_OPTS)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == UPSTREAM_ADDR
+    assert f"{proto} {UPSTREAM_NAME} 1" in resolver.read_text().splitlines()
+
+
+@pytest.mark.integration
+def test_static_aaaa_record_over_ipv6(resolver: Path) -> None:
+    options = (*DNS_OPTS, "--dns-record", f"{STATIC_NAME}=fd00::77")
+    done = relaynat_run("sh", "-c", f"dig @fd00::3 +short +tries=1 {STATIC_NAME} AAAA; "
+                                    f"getent ahostsv6 {STATIC_NAME} | head -1",
+                        options=options)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "fd00::77"
+    assert lines[1].split()[0] == "fd00::77"
+    assert resolver.read_text() == ""
+
+
+@pytest.mark.integration
 def test_static_record_is_answered_by_the_relay(resolver: Path) -> None:
     done = relaynat_run("sh", "-c", f"dig @10.0.2.3 +short +tries=1 {STATIC_NAME} A; "
                                     f"dig @10.0.2.3 +tries=1 {STATIC_NAME} AAAA",

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,39 +25,6 @@ TESTS = Path(__file__).parent
 GUEST_TOOLS = str(TESTS / "guest_tools.py")
 GATEWAY = "10.0.2.2"
 BIG = 256 << 20
-
-
-@pytest.fixture
-def start_peer(tmp_path: Path) -> Iterator[Callable[..., int]]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str) -> int:
-        port_file = tmp_path / f"port-{len(procs)}"
-        procs.append(subprocess.Popen(
-            [sys.executable, str(TESTS / "host_peers.py"), *args, "--port-file", str(port_file)]))
-        deadline = time.monotonic() + 10
-        while not port_file.exists():
-            if time.monotonic() > deadline or procs[-1].poll() is not None:
-                raise RuntimeError(f"host peer {args} did not start")
-            time.sleep(0.02)
-        return int(port_file.read_text())
-
-    yield start
-    for proc in procs:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def big_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    path = tmp_path_factory.mktemp("data") / "big.bin"
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        for _ in range(BIG >> 20):
-            chunk = os.urandom(1 << 20)
-            digest.update(chunk)
-            f.write(chunk)
-    return path, digest.hexdigest()
 
 
 def test_download_and_upload_256mib_hash_equal(start_peer, big_file) -> None:

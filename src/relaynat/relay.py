@@ -352,7 +352,7 @@ class Relay:
         if proto == IPPROTO_ICMPV6 and self._ndp6(ip, src_mac):
             return
         if ip.dst[0] == 0xFF:
-            if proto == IPPROTO_UDP and self._dhcp6(ip, src_mac):
+            if proto == IPPROTO_UDP and self._dhcpv6_request(ip, src_mac):
                 return
             # MLD reports, mDNS, LLMNR...: meant for the link, nothing to relay.
             self._stats["ipv6_multicast_ignored"] += 1
@@ -391,7 +391,7 @@ class Relay:
                                        len(reply.message), reply.hop_limit)
                          + reply.message)
 
-    def _dhcp6(self, ip: Ipv6Packet, src_mac: bytes) -> bool:
+    def _dhcpv6_request(self, ip: Ipv6Packet, src_mac: bytes) -> bool:
         """DHCPv6 to the servers' multicast group (RFC 8415 §7.1: clients send from
         their link-local address, port 546, to ff02::1:2 port 547); True when handled.
         The reply goes from our link-local address to the client's, unicast."""
