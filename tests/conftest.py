@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,3 +73,38 @@ def big_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
             digest.update(chunk)
             f.write(chunk)
     return path, digest.hexdigest()
+
+
+def _udp_echo_server(family: socket.AddressFamily, addr: str) -> Iterator[int]:
+    """Echoes each datagram; b"big N" is answered with N bytes instead."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((addr, 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+
+    def loop() -> None:
+        while True:
+            try:
+                data, peer = sock.recvfrom(65536)
+            except OSError:
+                return
+            if data.startswith(b"big "):
+                data = b"B" * int(data[4:])
+            sock.sendto(data, peer)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield sock.getsockname()[1]
+    sock.close()
+    thread.join(timeout=2)
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[int]:
+    """A UDP echo server on 127.0.0.1 (a thread of this process); yields its port."""
+    yield from _udp_echo_server(socket.AF_INET, "127.0.0.1")
+
+
+@pytest.fixture
+def udp6_echo() -> Iterator[int]:
+    """The same on ::1."""
+    yield from _udp_echo_server(socket.AF_INET6, "::1")

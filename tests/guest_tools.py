@@ -5,6 +5,9 @@
         and checks they are equal; prints "ok N" or exits 1 naming the failures.
     python3 guest_tools.py half-close HOST PORT --size N
         sends N bytes, shutdown(SHUT_WR), then reads the reply to EOF and prints it.
+    python3 guest_tools.py udp-echo HOST PORT SIZE...
+        one connected UDP socket (IPv4 or IPv6, by HOST); each SIZE is sent with random
+        content, up to 3 tries, and checked on the echo; prints "ok|corrupt|timeout SIZE".
     python3 guest_tools.py inject IFNAME --rounds N
         writes malformed frames onto IFNAME with an AF_PACKET socket, N rounds of the
         same set; prints how many frames went out.
@@ -113,6 +116,26 @@ def inject(ifname: str, rounds: int) -> int:
     return 0
 
 
+def udp_echo(host: str, port: int, sizes: list[int]) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.connect((host, port))
+    s.settimeout(2)
+    for size in sizes:
+        data = os.urandom(size)
+        for _ in range(3):
+            s.send(data)
+            try:
+                got = s.recv(70000)
+            except TimeoutError:
+                continue
+            print("ok" if got == data else "corrupt", size)
+            break
+        else:
+            print("timeout", size)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -125,6 +148,10 @@ def main() -> int:
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("--size", type=int, default=1 << 20)
+    p = sub.add_parser("udp-echo")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("sizes", type=int, nargs="+")
     p = sub.add_parser("inject")
     p.add_argument("ifname")
     p.add_argument("--rounds", type=int, default=10)
@@ -133,6 +160,8 @@ def main() -> int:
         return asyncio.run(echo_many(args.host, args.port, args.conns, args.size))
     if args.cmd == "half-close":
         return half_close(args.host, args.port, args.size)
+    if args.cmd == "udp-echo":
+        return udp_echo(args.host, args.port, args.sizes)
     return inject(args.ifname, args.rounds)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from relaynat_cli import parse_stats, relaynat_run
 pytestmark = pytest.mark.integration
 
 GATEWAY6 = "fd00::2"
+GUEST_TOOLS = str(Path(__file__).parent / "guest_tools.py")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,48 +92,12 @@ def test_ping6_the_gateway_mapped_host() -> None:
     assert stats["icmp_echo_replies"] == 3
 
 
-@pytest.fixture
-def udp6_echo() -> Iterator[int]:
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    sock.bind(("::1", 0))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-
-    def loop() -> None:
-        while True:
-            try:
-                data, peer = sock.recvfrom(65536)
-            except OSError:
-                return
-            sock.sendto(data, peer)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    yield sock.getsockname()[1]
-    sock.close()
-    thread.join(timeout=2)
-
-
 @pytest.mark.parametrize(("mtu", "sizes"), [(65520, [1, 1452, 30000, 65472]),
                                             (1500, [1, 1452])])
 def test_udp6_echo_small_and_mtu_sized(udp6_echo: int, mtu: int, sizes: list[int]) -> None:
     # 65472 = 65520 - 40 (IPv6) - 8 (UDP); 1452 = 1500 - 48: the largest that fit.
-    script = ("import os, socket\n"
-              "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
-              f"s.connect(('{GATEWAY6}', {udp6_echo}))\n"
-              "s.settimeout(2)\n"
-              f"for size in {sizes!r}:\n"
-              "    data = os.urandom(size)\n"
-              "    for _ in range(3):\n"
-              "        s.send(data)\n"
-              "        try:\n"
-              "            got = s.recv(70000)\n"
-              "        except TimeoutError:\n"
-              "            continue\n"
-              "        print('ok' if got == data else 'corrupt', size)\n"
-              "        break\n"
-              "    else:\n"
-              "        print('timeout', size)\n")
-    done = relaynat_run(sys.executable, "-c", script, options=("--mtu", str(mtu)))
+    done = relaynat_run(sys.executable, GUEST_TOOLS, "udp-echo", GATEWAY6, str(udp6_echo),
+                        *map(str, sizes), options=("--mtu", str(mtu)))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:-1] == [f"ok {n}" for n in sizes]
 

@@ -11,9 +11,8 @@ import asyncio
 import socket
 import struct
 import sys
-import threading
-from collections.abc import Iterator
 from ipaddress import IPv4Address
+from pathlib import Path
 
 import dpkt
 import pytest
@@ -28,52 +27,7 @@ from relaynat.relay import Relay
 from relaynat.udp_flow import UdpFlowTable
 
 GATEWAY = "10.0.2.2"
-
-
-@pytest.fixture
-def udp_echo() -> Iterator[int]:
-    """Echoes each datagram; b"big N" is answered with N bytes instead."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-
-    def loop() -> None:
-        while True:
-            try:
-                data, peer = sock.recvfrom(65536)
-            except OSError:
-                return
-            if data.startswith(b"big "):
-                data = b"B" * int(data[4:])
-            sock.sendto(data, peer)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    yield sock.getsockname()[1]
-    sock.close()
-    thread.join(timeout=2)
-
-
-def _guest_echo(port: int, sizes: list[int]) -> str:
-    """Guest script: one connected socket, each size sent (with random content) and
-    verified on the echo; prints 'ok SIZE' or 'timeout SIZE' per size."""
-    return (
-        "import os, socket\n"
-        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-        f"s.connect(('{GATEWAY}', {port}))\n"
-        "s.settimeout(2)\n"
-        f"for size in {sizes!r}:\n"
-        "    data = os.urandom(size)\n"
-        "    for attempt in range(3):\n"
-        "        s.send(data)\n"
-        "        try:\n"
-        "            got = s.recv(70000)\n"
-        "        except TimeoutError:\n"
-        "            continue\n"
-        "        print('ok' if got == data else 'corrupt', size)\n"
-        "        break\n"
-        "    else:\n"
-        "        print('timeout', size)\n")
+GUEST_TOOLS = str(Path(__file__).parent / "guest_tools.py")
 
 
 @pytest.mark.integration
@@ -85,7 +39,8 @@ def _guest_echo(port: int, sizes: list[int]) -> str:
 def test_udp_echo_small_and_mtu_sized(udp_echo: int, mtu: int, offload: bool,
                                       sizes: list[int]) -> None:
     options = ("--mtu", str(mtu)) + (() if offload else ("--no-offload",))
-    done = relaynat_run(sys.executable, "-c", _guest_echo(udp_echo, sizes), options=options,
+    done = relaynat_run(sys.executable, GUEST_TOOLS, "udp-echo", GATEWAY, str(udp_echo),
+                        *map(str, sizes), options=options,
                         timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:-1] == [f"ok {n}" for n in sizes], done.stdout
@@ -292,6 +247,11 @@ class _FakeTransport:
     def close(self) -> None:
         pass
 
+    @property
+    def ipv4(self) -> list[bytes]:
+        """The IPv4 frames (attach also sends an IPv6 router advertisement)."""
+        return [f for f in self.frames if f[24:26] == b"\x08\x00"]
+
 
 GUEST_MAC = b"\x02\x00\x00\x00\x00\x0f"
 
@@ -324,7 +284,7 @@ async def test_relay_routes_udp_dns_and_dhcp_and_drops_what_has_no_destination()
     assert stats["drop_udp_multicast_or_broadcast"] == 1
     assert stats["drop_ip_spoofed_source"] == 1
     assert stats.get("udp_flows_opened", 0) == 0
-    frame, refusal = transport.frames
+    frame, refusal = transport.ipv4
     icmp = bytes(dpkt.ethernet.Ethernet(refusal[12:]).data.data)
     assert icmp[:2] == b"\x03\x03"  # destination unreachable, port unreachable
     assert dpkt.ip.IP(icmp[8:] + b"x").udp.dport == 54
@@ -352,15 +312,15 @@ async def test_relay_udp_to_a_host_peer_and_back_in_process() -> None:
         peer.sendto(b"x" * 1473, addr)  # does not fit MTU 1500 in one frame
         peer.sendto(b"y" * 1472, addr)
         for _ in range(100):
-            if len(transport.frames) >= 2:
+            if len(transport.ipv4) >= 2:
                 break
             await asyncio.sleep(0.01)
         stats = relay.stats()
     peer.close()
-    payloads = [dpkt.ethernet.Ethernet(f[12:]).data.data.data for f in transport.frames]
+    payloads = [dpkt.ethernet.Ethernet(f[12:]).data.data.data for f in transport.ipv4]
     assert payloads == [b"pong", b"y" * 1472]
     assert stats["udp_drop_too_big_for_mtu"] == 1 and stats["udp_flows"] == 1
-    udp = dpkt.ethernet.Ethernet(transport.frames[0][12:]).data.data
+    udp = dpkt.ethernet.Ethernet(transport.ipv4[0][12:]).data.data
     assert (udp.sport, udp.dport) == (port, 40000)
 
 
