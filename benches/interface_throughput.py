@@ -4,13 +4,13 @@
 Usage (as root)::
 
     python benches/interface_throughput.py [--duration 3] [--repeats 2]
-        [--mtus 1500,65520] [--variants vnet,plain,vnet+bypass]
+        [--mtus 1500,65520] [--variants vnet,plain]
 
 A guest namespace holds the far end of a veth pair (static 10.0.2.15/24, default route
 via 10.0.2.2, both ends at the MTU); the relay serves the near end with the options of
-each variant (`vnet`: PACKET_VNET_HDR, the default; `plain`: `--no-vnet-hdr`;
-`+bypass`: `--qdisc-bypass`); the iperf3 client in the guest dials 10.0.2.2, which the
-relay maps to the iperf3 server on host 127.0.0.1. Variants alternate within each
+each variant (`vnet`: PACKET_VNET_HDR, the default; `plain`: `--no-vnet-hdr`); the
+iperf3 client in the guest dials 10.0.2.2, which the relay maps to the iperf3 server
+on host 127.0.0.1. Variants alternate within each
 repeat; the script prints the median (min-max) in Gbit/s per variant and direction.
 
 Network rule: the script first moves into a private network namespace
@@ -33,8 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from relaynat.netns_util import isolate_network
 
 NS, NEAR, PORT = "rnbench", "rnbench0", 5301
-VARIANTS = {"vnet": [], "plain": ["--no-vnet-hdr"], "vnet+bypass": ["--qdisc-bypass"],
-            "plain+bypass": ["--no-vnet-hdr", "--qdisc-bypass"]}
+VARIANTS = {"vnet": [], "plain": ["--no-vnet-hdr"]}
 
 
 def sh(*args: str) -> None:
@@ -87,7 +86,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--mtus", default="1500,65520")
-    parser.add_argument("--variants", default="vnet,plain,vnet+bypass")
+    parser.add_argument("--variants", default="vnet,plain")
     opts = parser.parse_args()
     isolate_network()
     variants = opts.variants.split(",")

@@ -107,8 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     iface.add_argument("--no-vnet-hdr", action="store_true",
                        help="exchange plain frames (no PACKET_VNET_HDR: no GSO, no "
                             "checksum offload toward the guest)")
-    iface.add_argument("--qdisc-bypass", action="store_true",
-                       help="send with PACKET_QDISC_BYPASS (skips the interface's qdisc)")
 
     demo = sub.add_parser("demo", help="download through the relay and print hash and speed",
                           description="Starts an HTTP server on host loopback, a namespace "
@@ -249,8 +247,7 @@ def _open_interface(args: argparse.Namespace,
     """Attach to `--interface` and fit the guest MTU to it: without `--mtu` the
     interface's own MTU (the VMM gave the guest a NIC of that size); a larger `--mtu`
     is refused, as the kernel refuses plain frames over the MTU (EMSGSIZE)."""
-    interface = InterfaceTransport.open(args.interface, vnet_hdr=not args.no_vnet_hdr,
-                                        qdisc_bypass=args.qdisc_bypass)
+    interface = InterfaceTransport.open(args.interface, vnet_hdr=not args.no_vnet_hdr)
     try:
         if args.mtu is None:
             config = dataclasses.replace(config, mtu=min(interface.mtu, MAX_MTU)).validate()

@@ -28,6 +28,15 @@ behaves the same way. So the relay attaches to the interface with a packet socke
   the VMM's TAP took the offload): one `sendmsg` per 64 KiB at any MTU. See the
   module docstring of packet_builder.py; the header we receive is skipped (the relay
   does not verify TCP/UDP checksums, and a GSO frame from the guest arrives whole).
+- Not used, measured (benches/interface_throughput.py, README): without the header,
+  plain MSS-sized frames toward a guest at MTU 1500 cost one checksum and one syscall
+  each (several times slower); `PACKET_QDISC_BYPASS` drops every GSO frame the device
+  must segment in software (`__dev_direct_xmit` gives up when validate_xmit_skb
+  replaces the skb, and packet-socket GSO is SKB_GSO_DODGY), so host->guest stalls,
+  and without the header it gained nothing on veth (noqueue); a `PACKET_RX_RING`
+  (TPACKET_V2, 64 KiB slots) was within noise of `recv_into` here, for 16 MiB of
+  kernel memory per guest. TPACKET_V3 hands over blocks only when full or at a
+  millisecond timer, which would delay the guest's ACKs.
 - `SO_RCVBUF`/`SO_SNDBUF` forced large: the packet socket's default (rmem_default,
   ~208 KiB) holds only three 64 KiB super-frames, and a frame that does not fit is
   dropped by the kernel, which the guest's TCP pays for with a retransmission.
@@ -60,7 +69,6 @@ SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
 PACKET_VNET_HDR = 15
-PACKET_QDISC_BYPASS = 20
 PACKET_IGNORE_OUTGOING = 23
 PACKET_OUTGOING = 4
 ETH_P_ALL = 0x0003
@@ -143,15 +151,13 @@ class InterfaceTransport(TransportBase):
         self.frames_outgoing_ignored = 0
 
     @classmethod
-    def open(cls, name: str, *, vnet_hdr: bool = True, qdisc_bypass: bool = False,
-             promisc: bool = True,
+    def open(cls, name: str, *, vnet_hdr: bool = True, promisc: bool = True,
              loop: asyncio.AbstractEventLoop | None = None) -> InterfaceTransport:
         """Attach to interface `name` in the current network namespace.
 
         Raises ValueError for a name the kernel could never accept and InterfaceError
         (an OSError) when the interface is missing or down, or the socket is refused
-        (packet sockets need CAP_NET_RAW). `qdisc_bypass` sends with
-        PACKET_QDISC_BYPASS (straight to the driver, no qdisc, no tc on egress).
+        (packet sockets need CAP_NET_RAW).
         """
         check_interface_name(name)
         try:
@@ -178,8 +184,6 @@ class InterfaceTransport(TransportBase):
                             "interface without addresses", name, address)
             if vnet_hdr:
                 sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
-            if qdisc_bypass:
-                sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
             try:
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
                 ignores_outgoing = True
@@ -203,9 +207,8 @@ class InterfaceTransport(TransportBase):
         except OSError as exc:
             sock.close()
             raise InterfaceError(exc.errno, f"interface {name!r}: {exc.strerror}") from None
-        log.info("serving interface %s (ifindex %d, mtu %d, vnet header %s, promisc %s, "
-                 "qdisc bypass %s)", name, ifindex, mtu, "on" if vnet_hdr else "off",
-                 "on" if promisc else "off", "on" if qdisc_bypass else "off")
+        log.info("serving interface %s (ifindex %d, mtu %d, vnet header %s, promisc %s)",
+                 name, ifindex, mtu, "on" if vnet_hdr else "off", "on" if promisc else "off")
         return cls(sock, name, ifindex, mtu, vnet_hdr, ignores_outgoing, loop)
 
     def start(self, sink: FrameSink) -> None:
