@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from relaynat.config import (
     parse_ipv4,
     parse_ipv6,
 )
+from relaynat.interface import InterfaceError, InterfaceTransport, check_interface_name
 
 log = logging.getLogger("relaynat")
 
@@ -54,8 +56,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dns-record", action="append", default=[], metavar="NAME=ADDR",
                    help="answer A (IPv4 ADDR) or AAAA (IPv6 ADDR) queries for NAME at the "
                         "DNS addresses (repeatable; a name may have several)")
-    g.add_argument("-m", "--mtu", type=int, default=MAX_MTU, metavar="N",
-                   help=f"guest MTU, {MIN_MTU}..{MAX_MTU} (default %(default)s, as passt)")
+    g.add_argument("-m", "--mtu", type=int, default=None, metavar="N",
+                   help=f"guest MTU, {MIN_MTU}..{MAX_MTU} (default {MAX_MTU}, as passt; "
+                        "with --interface, the interface's MTU)")
     g.add_argument("--map-host-loopback", default="gateway", metavar="ADDR|none",
                    help="guest address whose traffic goes to the host's 127.0.0.1 (an "
                         "IPv6 ADDR: to ::1); 'none' cuts the guest off from host loopback "
@@ -121,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--fd", type=int, metavar="N",
                        help="use this inherited unix socket: stream (qemu stream framing) "
                             "or datagram (one frame per datagram), by its type")
+    where.add_argument("--interface", type=_interface_name, metavar="NAME",
+                       help="attach to this host interface with a packet socket: the TAP "
+                            "a Firecracker or cloud-hypervisor VM uses, or a veth end "
+                            "(it should carry no address); exits when it goes away")
+    iface = serve.add_argument_group("--interface options")
+    iface.add_argument("--no-vnet-hdr", action="store_true",
+                       help="exchange plain frames (no PACKET_VNET_HDR: no GSO, no "
+                            "checksum offload toward the guest)")
 
     demo = sub.add_parser("demo", help="download through the relay and print hash and speed",
                           description="Starts an HTTP server on host loopback, a namespace "
@@ -132,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", default="warning",
                       choices=["debug", "info", "warning", "error"])
     return parser
+
+
+def _interface_name(text: str) -> str:
+    try:
+        return check_interface_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _dns_records(items: list[str]) -> tuple[tuple[str, str], ...]:
@@ -172,7 +190,8 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         gateway_ipv4=gateway, dns_ipv4=parse_ipv4(args.dns, "--dns"),
         dns_upstream=parse_ip(args.dns_upstream, "--dns-upstream") if args.dns_upstream
         else None, dns_records=_dns_records(args.dns_record),
-        map_host_loopback_v4=mapped, mtu=args.mtu, max_tcp_flows=args.max_flows,
+        map_host_loopback_v4=mapped, mtu=MAX_MTU if args.mtu is None else args.mtu,
+        max_tcp_flows=args.max_flows,
         max_pending_connects=args.max_pending_connects, pcap_path=args.pcap,
         ipv4=not args.ipv6_only, ipv6=not args.ipv4_only, prefix_v6=prefix6,
         guest_ipv6=parse_ipv6(args.address6, "--address6"), gateway_ipv6=gateway6,
@@ -202,7 +221,8 @@ def _socket_type(fd: int) -> int:
     return kind
 
 
-async def _serve(config: RelayConfig, args: argparse.Namespace) -> int:
+async def _serve(config: RelayConfig, args: argparse.Namespace,
+                 interface: InterfaceTransport | None = None) -> int:
     from relaynat.relay import Relay
     from relaynat.unixgram import attach_unixgram_fd, serve_unixgram
 
@@ -226,7 +246,10 @@ async def _serve(config: RelayConfig, args: argparse.Namespace) -> int:
             await stop.wait()
             server.close()
         else:
-            if _socket_type(args.fd) == socket.SOCK_DGRAM:
+            if interface is not None:
+                relay.attach(interface)
+                extra_stats = interface.stats
+            elif _socket_type(args.fd) == socket.SOCK_DGRAM:
                 extra_stats = attach_unixgram_fd(relay, args.fd).stats
             else:
                 relay.attach_stream_fd(args.fd)
@@ -256,6 +279,25 @@ async def _run(config: RelayConfig, args: argparse.Namespace) -> int:
     return code
 
 
+def _open_interface(args: argparse.Namespace,
+                    config: RelayConfig) -> tuple[InterfaceTransport, RelayConfig]:
+    """Attach to `--interface` and fit the guest MTU to it: without `--mtu` the
+    interface's own MTU (the VMM gave the guest a NIC of that size); a larger `--mtu`
+    is refused, as the kernel refuses plain frames over the MTU (EMSGSIZE)."""
+    interface = InterfaceTransport.open(args.interface, vnet_hdr=not args.no_vnet_hdr)
+    try:
+        if args.mtu is None:
+            config = dataclasses.replace(config, mtu=min(interface.mtu, MAX_MTU)).validate()
+        elif args.mtu > interface.mtu:
+            raise ConfigError(f"--mtu {args.mtu} is larger than the MTU of interface "
+                              f"{args.interface} ({interface.mtu}): give --mtu "
+                              f"{interface.mtu} or raise the interface's MTU")
+    except ConfigError:
+        interface.close()
+        raise
+    return interface, config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -276,9 +318,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if args.cmd == "serve" and args.fd is not None and args.fd < 0:
         parser.error(f"--fd {args.fd}: not a file descriptor")
+    interface = None
+    if args.cmd == "serve" and args.interface is not None:
+        try:
+            interface, config = _open_interface(args, config)
+        except InterfaceError as exc:
+            print(f"relaynat serve: {exc.strerror}", file=sys.stderr)
+            return 1
+        except ConfigError as exc:
+            parser.error(str(exc))
     loop = _new_loop()
     try:
-        coro = _run(config, args) if args.cmd == "run" else _serve(config, args)
+        coro = _run(config, args) if args.cmd == "run" else _serve(config, args, interface)
         return loop.run_until_complete(coro)
     except OSError as exc:
         print(f"relaynat {args.cmd}: {exc}", file=sys.stderr)
