@@ -79,6 +79,22 @@ def test_dig_over_ipv6_to_the_forwarder_reaches_the_ipv4_resolver(resolver: Path
 
 
 @pytest.mark.integration
+def test_static_records_over_tcp_with_several_queries_on_one_connection(
+        resolver: Path) -> None:
+    # dig +keepopen sends its queries over one TCP connection (RFC 7766 §6.2.1): a
+    # static one answered by the relay, a forwarded one, then the static one again.
+    done = relaynat_run("dig", "@10.0.2.3", "+tcp", "+keepopen", "+short", "+tries=1",
+                        STATIC_NAME, "A", UPSTREAM_NAME, "A", STATIC_NAME, "A",
+                        options=DNS_OPTS)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split() == [STATIC_ADDR, UPSTREAM_ADDR, STATIC_ADDR]
+    assert resolver.read_text().splitlines() == [f"tcp {UPSTREAM_NAME} 1"]
+    stats = parse_stats(done.stderr)
+    assert stats["dns_tcp_static"] == 2 and stats["dns_tcp_forwarded"] == 1
+    assert stats["tcp_flows_opened"] == 1
+
+
+@pytest.mark.integration
 def test_static_aaaa_record_over_ipv6(resolver: Path) -> None:
     options = (*DNS_OPTS, "--dns-record", f"{STATIC_NAME}=fd00::77")
     done = relaynat_run("sh", "-c", f"dig @fd00::3 +short +tries=1 {STATIC_NAME} AAAA; "

@@ -38,6 +38,7 @@ from relaynat.config import RelayConfig
 from relaynat.dhcp import DhcpServer
 from relaynat.dhcpv6 import Dhcpv6Server
 from relaynat.dns import answer_static, host_upstream, static_table
+from relaynat.dns_tcp import DnsTcpResponder
 from relaynat.icmp_echo import IcmpEchoRelay
 from relaynat.ndp import MAX_RTR_ADV_INTERVAL_S, NDP_TYPES, NdpReply, NdpResponder
 from relaynat.packet_builder import (
@@ -65,6 +66,7 @@ from relaynat.wire import (
     Ipv4Packet,
     Ipv6Packet,
     MalformedFrame,
+    TcpSegment,
     UdpDatagram,
     parse_arp,
     parse_ethernet,
@@ -102,6 +104,7 @@ class Relay:
         self._ndp = NdpResponder(self.config)
         self._dhcp6 = Dhcpv6Server(self.config)
         self._ra_timer: asyncio.TimerHandle | None = None
+        self._dns_tcp: DnsTcpResponder | None = None
         self._pcap: PcapWriter | None = None
         self._listener: socket.socket | None = None
         self._guest_mac: bytes | None = None
@@ -146,6 +149,9 @@ class Relay:
         self._udp_relay = UdpRelay(self.config, self._loop, self._send_frame, self._send_raw,
                                    self._stats)
         self._icmp = IcmpEchoRelay(self.config, self._loop, self._send_frame, self._stats)
+        if self._dns_static:
+            self._dns_tcp = DnsTcpResponder(self._dns_static, self._dns_upstream, self._loop,
+                                            self._stats)
         if self.config.pcap_path:
             self._pcap = PcapWriter(self.config.pcap_path)
 
@@ -168,6 +174,9 @@ class Relay:
         if self._pcap is not None:
             self._pcap.close()
             self._pcap = None
+        if self._dns_tcp is not None:
+            self._dns_tcp.close()
+            self._dns_tcp = None
 
     def attach(self, transport: FrameTransport) -> None:
         """Serve the guest behind `transport`; replaces (and closes) a previous one."""
@@ -282,7 +291,7 @@ class Relay:
             if ip.proto == IPPROTO_TCP:
                 seg = parse_tcp(ip)
                 assert self._tcp is not None
-                self._tcp.on_segment(seg, self._host_ip_for(seg.dst, seg.dport))
+                self._tcp_segment(seg)
             elif ip.proto == IPPROTO_UDP:
                 self._udp(ip)
             elif ip.proto == IPPROTO_ICMP:
@@ -308,6 +317,17 @@ class Relay:
             self._tcp.guest_mac = mac
         if self._udp_relay is not None:
             self._udp_relay.guest_mac = mac
+
+    def _tcp_segment(self, seg: TcpSegment) -> None:
+        """TCP of either family. With static DNS records, a connection to a DNS address
+        port 53 goes to our own DNS-over-TCP server (dns_tcp.py), which answers them
+        and forwards the rest, as the UDP path does."""
+        assert self._tcp is not None
+        if (self._dns_tcp is not None and seg.dport == DNS_PORT
+                and seg.dst in (self._dns_ip, self._dns_ip6)):
+            self._tcp.on_segment(seg, "127.0.0.1", self._dns_tcp.port)
+            return
+        self._tcp.on_segment(seg, self._host_ip_for(seg.dst, seg.dport))
 
     def _host_ip_for(self, dst: bytes, dport: int) -> str | None:
         """Where a guest destination is on the host: the mapped address goes to host
@@ -362,7 +382,7 @@ class Relay:
         if proto == IPPROTO_TCP:
             seg = parse_tcp(ip)
             assert self._tcp is not None
-            self._tcp.on_segment(seg, self._host_ip6_for(seg.dst, seg.dport))
+            self._tcp_segment(seg)
         elif proto == IPPROTO_UDP:
             self._udp_relayed(ip, parse_udp(ip))
         elif proto == IPPROTO_ICMPV6:

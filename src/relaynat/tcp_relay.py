@@ -118,14 +118,17 @@ class TcpRelay:
 
     # -- guest segments ----------------------------------------------------------------
 
-    def on_segment(self, seg: TcpSegment, host_ip: str | None) -> None:
+    def on_segment(self, seg: TcpSegment, host_ip: str | None,
+                   host_port: int | None = None) -> None:
         """A guest segment; `host_ip` is where its destination maps on the host (None:
-        nowhere, so a new connection is refused)."""
+        nowhere, so a new connection is refused), at `host_port` (default: the
+        segment's destination port)."""
         now = self._loop.time()
         key = (seg.sport, seg.dst, seg.dport, seg.src)
         flow = self.flows.get(key)
         if flow is None:
-            self._new_flow(seg, key, host_ip, now)
+            self._new_flow(seg, key, host_ip, seg.dport if host_port is None else host_port,
+                           now)
             return
         entry = flow.entry
         try:
@@ -149,7 +152,7 @@ class TcpRelay:
             flow.entry.on_host_reset(self._loop.time())
             return 0
 
-    def _new_flow(self, seg: TcpSegment, key: FlowKey, host_ip: str | None,
+    def _new_flow(self, seg: TcpSegment, key: FlowKey, host_ip: str | None, host_port: int,
                   now: float) -> None:
         if seg.flags & (SYN | ACK | RST) != SYN:
             self.stats["tcp_unknown_flow"] += 1
@@ -184,7 +187,7 @@ class TcpRelay:
                             iss=random.getrandbits(32), now=now,
                             connect_timeout_s=self._config.connect_timeout_s,
                             idle_timeout_s=self._config.tcp_idle_timeout_s)
-        flow = TcpFlow(key, entry, sock, host_addr=(host_ip, seg.dport))
+        flow = TcpFlow(key, entry, sock, host_addr=(host_ip, host_port))
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         except OSError:
