@@ -42,7 +42,7 @@ import struct
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 
-from relaynat.checksum import fold, ipv4_pseudo_header_sum, verify
+from relaynat.checksum import fold, pseudo_header_sum, verify
 from relaynat.nat_entry import (
     CloseHost,
     ConsumeHost,
@@ -553,7 +553,7 @@ class TcpSim:
                                                                  ETHERTYPE_IPV4), "ethernet")
         self.check((seg.src, seg.dst, seg.sport, seg.dport) == (
             REMOTE_IP, GUEST_IP, REMOTE_PORT, GUEST_PORT), "addresses or ports")
-        pseudo = ipv4_pseudo_header_sum(REMOTE_IP, GUEST_IP, IPPROTO_TCP, len(ip.payload))
+        pseudo = pseudo_header_sum(REMOTE_IP, GUEST_IP, IPPROTO_TCP, len(ip.payload))
         n = len(seg.payload)
         if sc.offload:
             vflags, gso_type, hdr_len, gso_size, csum_start, csum_off = VNET_HDR.unpack_from(frame)

@@ -31,7 +31,7 @@ from tcp_sim import (
     TcpSim,
 )
 
-from relaynat.checksum import ipv4_pseudo_header_sum, verify
+from relaynat.checksum import pseudo_header_sum, verify
 from relaynat.nat_entry import (
     CloseHost,
     ConsumeHost,
@@ -214,7 +214,7 @@ def sent(actions: list) -> list[TcpSegment]:
         if isinstance(a, SendFrame):
             frame = a.head + bytes(a.payload)
             ip = parse_ipv4(parse_ethernet(memoryview(frame)).payload)
-            assert verify(ip.payload, ipv4_pseudo_header_sum(REMOTE_IP, GUEST_IP, 6,
+            assert verify(ip.payload, pseudo_header_sum(REMOTE_IP, GUEST_IP, 6,
                                                              len(ip.payload)))
             seg = parse_tcp(ip)
             assert (seg.sport, seg.dport) == (REMOTE_PORT, GUEST_PORT)

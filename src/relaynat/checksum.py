@@ -58,8 +58,11 @@ def fold(total: int) -> int:
     return total % 0xFFFF
 
 
-def ipv4_pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """RFC 793 §3.1 pseudo-header: source, destination, zero, protocol, TCP length."""
+def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """Pseudo-header sum of TCP/UDP/ICMPv6 over IPv4 (RFC 9293 §3.1: source,
+    destination, zero, protocol, length) or IPv6 (RFC 8200 §8.1: source, destination,
+    32-bit length, three zeros, next header). A 32-bit length is congruent mod 0xffff to
+    the sum of its 16-bit halves, so both are the same sum in this domain."""
     return (int.from_bytes(src + dst, "big") + proto + length) % 0xFFFF
 
 

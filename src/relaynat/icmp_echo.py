@@ -41,8 +41,8 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from relaynat.checksum import finish, partial_sum, verify
-from relaynat.packet_builder import IPV4_HLEN, ip_frame, pseudo_header_sum
+from relaynat.checksum import finish, partial_sum, pseudo_header_sum, verify
+from relaynat.packet_builder import IPV4_HLEN, ip_frame
 from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPV6_HLEN, MalformedFrame
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def parse_echo_request(ip: IpPacket) -> EchoMessage:
     icmp_type, code, _csum, ident, seq = _ICMP.unpack_from(data)
     v6 = len(ip.src) == 16
     pseudo = pseudo_header_sum(ip.src, ip.dst, IPPROTO_ICMPV6, len(data)) if v6 else 0
-    if not verify(data, pseudo % 0xFFFF):
+    if not verify(data, pseudo):
         raise MalformedFrame("icmp_checksum")
     if icmp_type != (ICMPV6_ECHO_REQUEST if v6 else ICMP_ECHO_REQUEST):
         raise MalformedFrame("icmp_type")

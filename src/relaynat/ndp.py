@@ -48,11 +48,10 @@ from collections import Counter
 from ipaddress import IPv6Address
 from typing import NamedTuple
 
-from relaynat.checksum import partial_sum, verify
+from relaynat.checksum import partial_sum, pseudo_header_sum, verify
 from relaynat.config import ConfigError, RelayConfig
-from relaynat.wire import MalformedFrame
+from relaynat.wire import IPPROTO_ICMPV6, MalformedFrame
 
-IPPROTO_ICMPV6 = 58
 # RFC 4861 §4: message types.
 RS, RA, NS, NA, REDIRECT = 133, 134, 135, 136, 137
 NDP_TYPES = frozenset((RS, RA, NS, NA, REDIRECT))
@@ -98,15 +97,6 @@ class NdpReply(NamedTuple):
     hop_limit: int = NDP_HOP_LIMIT  #: RFC 4861 §4: every NDP message is sent with 255
 
 
-def _pseudo_header_sum(src: bytes, dst: bytes, length: int) -> int:
-    """RFC 8200 §8.1 / RFC 4443 §2.3: src, dst, 32-bit length, 3 zeros, next header 58.
-
-    A 32-bit length is congruent mod 0xffff to the sum of its two 16-bit halves, so it
-    can be added as an integer (see checksum.py on the mod-0xffff domain).
-    """
-    return (int.from_bytes(src + dst, "big") + length + IPPROTO_ICMPV6) % 0xFFFF
-
-
 def icmpv6_checksum(src: bytes, dst: bytes, message: bytes | bytearray | memoryview) -> int:
     """The checksum field value for `message` sent from `src` to `dst` (RFC 4443 §2.3).
 
@@ -114,14 +104,14 @@ def icmpv6_checksum(src: bytes, dst: bytes, message: bytes | bytearray | memoryv
     is never all zero (next header 58), so a sum congruent to 0 is the ones'-complement
     0xffff and the field is 0x0000, exactly what a 16-bit ones'-complement adder gives.
     """
-    total = _pseudo_header_sum(src, dst, len(message)) + partial_sum(message[:2])
+    total = pseudo_header_sum(src, dst, IPPROTO_ICMPV6, len(message)) + partial_sum(message[:2])
     total = (total + partial_sum(message[4:])) % 0xFFFF
     return 0xFFFF - total if total else 0
 
 
 def verify_icmpv6_checksum(src: bytes, dst: bytes, message: bytes | bytearray | memoryview) -> bool:
     """True if `message` (checksum field included) checks out for `src` -> `dst`."""
-    return verify(message, _pseudo_header_sum(src, dst, len(message)))
+    return verify(message, pseudo_header_sum(src, dst, IPPROTO_ICMPV6, len(message)))
 
 
 def with_checksum(src: bytes, dst: bytes, message: bytes | bytearray) -> bytes:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 
-from relaynat.checksum import finish, fold, partial_sum
+from relaynat.checksum import finish, fold, partial_sum, pseudo_header_sum
 from relaynat.wire import (
     ETH_HLEN,
     ETHERTYPE_ARP,
@@ -103,12 +103,6 @@ def ip_header_len(addr: bytes) -> int:
 
 def ethertype_of(addr: bytes) -> int:
     return ETHERTYPE_IPV6 if len(addr) == 16 else ETHERTYPE_IPV4
-
-
-def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """Unreduced pseudo-header sum for TCP/UDP/ICMPv6 over either family (RFC 9293
-    §3.1, RFC 8200 §8.1); ICMP over IPv4 has none (RFC 792)."""
-    return int.from_bytes(src + dst, "big") + proto + length
 
 
 def ip_frame(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, proto: int,
