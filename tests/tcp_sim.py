@@ -43,15 +43,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 
 from relaynat.checksum import fold, pseudo_header_sum, verify
-from relaynat.nat_entry import (
-    CloseHost,
-    ConsumeHost,
-    RewindHost,
-    SendFrame,
-    ShutdownHostWrite,
-    TcpNatEntry,
-    rst_for_unknown,
-)
+from relaynat.nat_entry import TcpNatEntry
 from relaynat.packet_builder import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
@@ -59,6 +51,14 @@ from relaynat.packet_builder import (
     VNET_HDR,
     TcpFrameTemplate,
     tcp_options_syn,
+)
+from relaynat.tcp_actions import (
+    CloseHost,
+    ConsumeHost,
+    RewindHost,
+    SendFrame,
+    ShutdownHostWrite,
+    rst_for_unknown,
 )
 from relaynat.tcp_state import GUEST_SENDING, TcpState
 from relaynat.window import OUR_WSCALE, SocketFacts, TcpInfo

@@ -32,16 +32,16 @@ from tcp_sim import (
 )
 
 from relaynat.checksum import pseudo_header_sum, verify
-from relaynat.nat_entry import (
+from relaynat.nat_entry import TcpNatEntry
+from relaynat.packet_builder import TcpFrameTemplate, tcp_options_syn
+from relaynat.tcp_actions import (
     CloseHost,
     ConsumeHost,
     RewindHost,
     SendFrame,
     ShutdownHostWrite,
-    TcpNatEntry,
     rst_for_unknown,
 )
-from relaynat.packet_builder import TcpFrameTemplate, tcp_options_syn
 from relaynat.tcp_state import TcpState
 from relaynat.window import (
     DATA_RETRIES_MAX,

@@ -30,9 +30,16 @@ retransmit on three duplicate ACKs), RFC 5961 §3.2 (RST only at the exact seque
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from relaynat.packet_builder import TS_OPTION_LEN, TcpFrameTemplate, tcp_options_syn
+from relaynat.tcp_actions import (
+    M32,
+    Action,
+    CloseHost,
+    ConsumeHost,
+    RewindHost,
+    SendFrame,
+    ShutdownHostWrite,
+)
 from relaynat.tcp_state import GUEST_SENDING, HOST_SENDING, TcpEvent, TcpState, next_state
 from relaynat.window import (
     ACK_CHECK_MAX_S,
@@ -51,56 +58,9 @@ from relaynat.window import (
 )
 from relaynat.wire import ACK, FIN, PSH, RST, SYN, TcpSegment, seq_diff, seq_le, seq_lt
 
-M32 = 0xFFFFFFFF
 #: Largest TCP payload in one IPv4 frame without options (65535 - 20 - 20): the size of
 #: a GSO super-frame toward an offloading TAP.
 MAX_GSO_PAYLOAD = 65495
-
-
-@dataclass(slots=True)
-class SendFrame:
-    """Write `head` then `payload` to the guest as one frame."""
-
-    head: bytes
-    payload: bytes | memoryview = b""
-
-
-@dataclass(slots=True)
-class ConsumeHost:
-    """The guest acknowledged `nbytes`: drop them from the host socket's receive queue."""
-
-    nbytes: int
-
-
-@dataclass(slots=True)
-class RewindHost:
-    """Retransmit: set the host socket's peek offset back to the first unacked byte."""
-
-
-@dataclass(slots=True)
-class ShutdownHostWrite:
-    """The guest sent FIN: shutdown(SHUT_WR) the host socket (half-close)."""
-
-
-@dataclass(slots=True)
-class CloseHost:
-    """The flow is over. `abortive`: reset the peer (SO_LINGER {1, 0}) before close."""
-
-    abortive: bool
-
-
-Action = SendFrame | ConsumeHost | RewindHost | ShutdownHostWrite | CloseHost
-
-
-def rst_for_unknown(seg: TcpSegment) -> tuple[int, int, int] | None:
-    """(seq, ack, flags) of the RST answering a segment of no known flow
-    (RFC 9293 §3.10.7.1), or None when the segment is itself a RST."""
-    if seg.flags & RST:
-        return None
-    if seg.flags & ACK:
-        return seg.ack, 0, RST
-    length = len(seg.payload) + (1 if seg.flags & SYN else 0) + (1 if seg.flags & FIN else 0)
-    return 0, (seg.seq + length) & M32, RST | ACK
 
 
 class TcpNatEntry:

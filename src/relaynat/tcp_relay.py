@@ -36,16 +36,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from relaynat.nat_entry import (
+from relaynat.nat_entry import TcpNatEntry
+from relaynat.packet_builder import TcpFrameTemplate
+from relaynat.tcp_actions import (
     CloseHost,
     ConsumeHost,
     RewindHost,
     SendFrame,
     ShutdownHostWrite,
-    TcpNatEntry,
     rst_for_unknown,
 )
-from relaynat.packet_builder import TcpFrameTemplate
 from relaynat.window import TCP_INFO_LEN, SocketFacts, TcpInfo
 from relaynat.wire import ACK, RST, SYN
 
