@@ -45,6 +45,7 @@ from relaynat.window import (
     ACK_CHECK_MAX_S,
     DATA_RETRIES_MAX,
     DUP_ACK_THRESHOLD,
+    OUR_WSCALE,
     SYN_RETRIES_MAX,
     SocketFacts,
     ack_check_interval_s,
@@ -91,6 +92,7 @@ class TcpNatEntry:
         "iss",
         "last_ack_sent",
         "mss",
+        "mtu",
         "now",
         "our_mss",
         "our_wscale",
@@ -112,44 +114,27 @@ class TcpNatEntry:
         "write_blocked",
     )
 
-    def __init__(self, syn: TcpSegment, *, template: TcpFrameTemplate, mtu: int, iss: int,
-                 now: float, connect_timeout_s: float = 10.0,
+    def __init__(self, syn: TcpSegment | None, *, template: TcpFrameTemplate, mtu: int,
+                 iss: int, now: float, connect_timeout_s: float = 10.0,
                  idle_timeout_s: float = 7200.0) -> None:
+        """A flow opened by the guest's `syn` (outbound). `TcpNatEntry.inbound` opens
+        one toward the guest instead (syn None here)."""
         self.template = template
         self.state = TcpState.CONNECTING
         self.actions: list[Action] = []
-        self.guest_isn = syn.seq
-        self.rcv_nxt = (syn.seq + 1) & M32
-        self.our_wscale, self.guest_wscale = negotiate_wscale(syn.wscale)
         self.now = now
-        # RFC 7323 §3: timestamps are in force when the guest's SYN offered them (the
-        # shell then built the template with room for the option). They matter for a
-        # relay that keeps no out-of-order data: every ACK of retransmitted data still
-        # gives the guest a valid RTT sample (TSecr), which is what resets its RTO
-        # backoff (RFC 6298 §5.7, Karn's rule otherwise forbids the sample).
-        self.ts_recent = syn.tsval if syn.tsval is not None else 0
+        self.mtu = mtu
         self.ts_offset = (iss * 0x9E3779B1) & M32  # per-flow TSval offset (RFC 7323 §5.4)
-        # RFC 6691: the MSS excludes options, so each segment's payload shrinks by ours.
-        ts_len = TS_OPTION_LEN if template.timestamps else 0
-        ip_hlen = 40 if template.ipv6 else 20
-        self.mss = mss_for_guest(syn.mss, mtu, ip_hlen) - ts_len
-        # Payload of one frame we send: an MSS-sized segment, or with offload a GSO
-        # super-frame as large as one IPv4 packet holds (IPv6 could hold 20 bytes more).
-        self.frame_payload_max = MAX_GSO_PAYLOAD - ts_len if template.offload else self.mss
-        self.our_mss = min(mtu - ip_hlen - 20, 0xFFFF)
+        self.our_mss = min(mtu - (40 if template.ipv6 else 20) - 20, 0xFFFF)
         self.iss = iss & M32
         # Data sequence space toward the guest starts after our SYN.
         self.snd_una = self.snd_nxt = self.snd_max = (self.iss + 1) & M32
-        # RFC 7323 §2.2: the window field of a SYN is never scaled.
-        self.guest_wnd_edge = (self.snd_una + syn.window) & M32
         self.fin_seq: int | None = None
         self.fin_acked = False
         self.dup_acks = 0
         self.dup_acks_to_send = 0
         self.ack_pending = False
-        self.last_ack_sent = self.rcv_nxt
         self.adv_field = 0
-        self.adv_edge = self.rcv_nxt
         self.ack_check_s = 0.0
         self.write_blocked = False
         self.retries = 0
@@ -167,6 +152,52 @@ class TcpNatEntry:
         self.bytes_to_guest = 0
         self._pending_len = 0
         self._pending_fin = False
+        self.guest_isn = self.rcv_nxt = self.last_ack_sent = self.adv_edge = 0
+        self.our_wscale = self.guest_wscale = 0
+        self.ts_recent = 0
+        self.mss = self.frame_payload_max = 0
+        self.guest_wnd_edge = self.snd_una
+        if syn is not None:
+            self._learn_guest_syn(syn)
+
+    @classmethod
+    def inbound(cls, *, template: TcpFrameTemplate, mtu: int, iss: int, now: float,
+                facts: SocketFacts | None, idle_timeout_s: float = 7200.0) -> TcpNatEntry:
+        """A flow a host client opened on a forwarded port: SYN the guest now, offering
+        our MSS, window scale and (if `template` has room for them) timestamps; the
+        guest's SYN-ACK decides what is in force (RFC 7323 §2.2, §3.2). The host socket
+        is connected already, so there is no connect deadline."""
+        entry = cls(None, template=template, mtu=mtu, iss=iss, now=now,
+                    idle_timeout_s=idle_timeout_s)
+        entry.state = TcpState.SYN_SENT
+        entry.connect_deadline = None
+        entry.our_wscale = OUR_WSCALE
+        entry._send_syn(facts)
+        entry.syn_at = now + syn_timeout_s(0)
+        return entry
+
+    def _learn_guest_syn(self, syn: TcpSegment) -> None:
+        """What the guest's SYN (outbound) or SYN-ACK (inbound) tells: its ISN, options
+        and window."""
+        self.guest_isn = syn.seq
+        self.rcv_nxt = self.last_ack_sent = self.adv_edge = (syn.seq + 1) & M32
+        self.our_wscale, self.guest_wscale = negotiate_wscale(syn.wscale)
+        # RFC 7323 §3: timestamps are in force when the guest's SYN offered them (the
+        # shell then built the template with room for the option). They matter for a
+        # relay that keeps no out-of-order data: every ACK of retransmitted data still
+        # gives the guest a valid RTT sample (TSecr), which is what resets its RTO
+        # backoff (RFC 6298 §5.7, Karn's rule otherwise forbids the sample).
+        self.ts_recent = syn.tsval if syn.tsval is not None else 0
+        # RFC 6691: the MSS excludes options, so each segment's payload shrinks by ours.
+        ts_len = TS_OPTION_LEN if self.template.timestamps else 0
+        ip_hlen = 40 if self.template.ipv6 else 20
+        self.mss = mss_for_guest(syn.mss, self.mtu, ip_hlen) - ts_len
+        # Payload of one frame we send: an MSS-sized segment, or with offload a GSO
+        # super-frame as large as one IPv4 packet holds (IPv6 could hold 20 bytes more).
+        self.frame_payload_max = (MAX_GSO_PAYLOAD - ts_len if self.template.offload
+                                  else self.mss)
+        # RFC 7323 §2.2: the window field of a SYN is never scaled.
+        self.guest_wnd_edge = (self.snd_una + syn.window) & M32
 
     # -- helpers -----------------------------------------------------------------
 
@@ -248,6 +279,31 @@ class TcpNatEntry:
         self._send_syn_ack(facts)
         self.syn_at = now + syn_timeout_s(0)
 
+    def _send_syn(self, facts: SocketFacts | None) -> None:
+        """Our SYN to the guest (inbound flows): window unscaled (RFC 7323 §2.2), and
+        every option offered; timestamps only if the template has room for them."""
+        window = advertised_window(facts)
+        self.adv_field = min(window, 0xFFFF)
+        ts = (self._tsval(), 0) if self.template.timestamps else None
+        self._emit(self.iss, SYN, options=tcp_options_syn(self.our_mss, OUR_WSCALE, ts),
+                   window_field=self.adv_field)
+
+    def _on_guest_syn_ack(self, seg: TcpSegment, now: float) -> None:
+        """The guest answered our SYN (RFC 9293 §3.10.7.3): take its options, ACK it."""
+        if seg.ack != self.snd_una:
+            # Not an answer to our SYN: reset it (§3.10.7.3, "a RST with seq = SEG.ACK").
+            self._emit(seg.ack, RST, window_field=0)
+            return
+        if seg.tsval is None and self.template.timestamps:
+            self.template = self.template.with_timestamps(False)
+        self._learn_guest_syn(seg)
+        self._event(TcpEvent.GUEST_SYN_ACK)
+        self.syn_at = None
+        self.retries = 0
+        self.adv_field = encode_window(self.adv_field, self.our_wscale)
+        self._emit(self.snd_nxt, ACK)
+        self._arm_rto(now)
+
     def _send_syn_ack(self, facts: SocketFacts | None) -> None:
         window = advertised_window(facts)
         field = min(window, 0xFFFF)  # unscaled in a SYN (RFC 7323 §2.2)
@@ -273,6 +329,9 @@ class TcpNatEntry:
         if (tsval is not None and seq_le(seg.seq, self.last_ack_sent)
                 and seq_le(self.ts_recent, tsval)):
             self.ts_recent = tsval
+        if self.state is TcpState.SYN_SENT:
+            self._in_syn_sent(seg, now)
+            return None
         if flags & RST:
             # RFC 5961 §3.2: only a RST at exactly rcv_nxt resets; others are ignored.
             if seg.seq == self.rcv_nxt or self.state is TcpState.SYN_RCVD:
@@ -292,6 +351,18 @@ class TcpNatEntry:
                 self._emit(self._ack_seq(), ACK)  # retransmitted FIN/data after guest FIN
             return None
         return self._accept_payload(seg)
+
+    def _in_syn_sent(self, seg: TcpSegment, now: float) -> None:
+        """RFC 9293 §3.10.7.3: in SYN-SENT a RST counts only if it acknowledges our SYN
+        (the guest refused: the host client is reset at once), and only a SYN-ACK
+        establishes; anything else is dropped."""
+        flags = seg.flags
+        if flags & RST:
+            if flags & ACK and seg.ack == self.snd_una:
+                self._abort(rst_guest=False, abortive_host=True)
+            return
+        if flags & SYN and flags & ACK:
+            self._on_guest_syn_ack(seg, now)
 
     def _process_ack(self, seg: TcpSegment, now: float) -> None:
         ack = seg.ack
@@ -475,7 +546,7 @@ class TcpNatEntry:
 
     def flush(self, facts: SocketFacts | None, now: float) -> None:
         """End of a batch: send the ACK this flow owes, with a fresh window."""
-        if self.state in (TcpState.CONNECTING, TcpState.CLOSED):
+        if self.state in (TcpState.CONNECTING, TcpState.SYN_SENT, TcpState.CLOSED):
             return
         self.now = now
         if facts is not None:
@@ -521,10 +592,15 @@ class TcpNatEntry:
         if self.syn_at is not None and self.syn_at <= now:
             self.retries += 1
             if self.retries > SYN_RETRIES_MAX:
-                self._abort(rst_guest=True)
+                # Inbound: the guest never answered; the host client is reset. Nothing
+                # toward a guest that has no connection yet.
+                self._abort(rst_guest=self.state is not TcpState.SYN_SENT)
                 return
             self.syn_retransmitted = True
-            self._send_syn_ack(facts)
+            if self.state is TcpState.SYN_SENT:
+                self._send_syn(facts)
+            else:
+                self._send_syn_ack(facts)
             self.syn_at = now + syn_timeout_s(self.retries)
         if self.rto_at is not None and self.rto_at <= now:
             self.retries += 1

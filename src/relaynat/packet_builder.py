@@ -152,12 +152,15 @@ class TcpFrameTemplate:
     passes its own options) carries NOP, NOP, TS (12 bytes; RFC 7323 §3.2).
     """
 
-    __slots__ = ("_head", "_ip_const", "_ip_id", "_l3", "_l4", "_offload", "_pseudo_base",
-                 "_vnet_len", "ipv6", "timestamps")
+    __slots__ = ("_head", "_ip_const", "_ip_id", "_l3", "_l4", "_offload", "_params",
+                 "_pseudo_base", "_vnet_len", "ipv6", "timestamps")
 
     def __init__(self, *, dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport: int,
                  dport: int, vnet_hdr_len: int = 0, offload: bool = False,
                  timestamps: bool = False) -> None:
+        self._params = {"dst_mac": dst_mac, "src_mac": src_mac, "src": src, "dst": dst,
+                        "sport": sport, "dport": dport, "vnet_hdr_len": vnet_hdr_len,
+                        "offload": offload}
         self._vnet_len = vnet_hdr_len
         self._offload = offload and vnet_hdr_len > 0
         self._l3 = vnet_hdr_len + ETH_HLEN
@@ -184,6 +187,14 @@ class TcpFrameTemplate:
     def offload(self) -> bool:
         """True when frames go out with NEEDS_CSUM and may be GSO super-frames."""
         return self._offload
+
+    def with_timestamps(self, timestamps: bool) -> TcpFrameTemplate:
+        """The same flow's template with or without room for the timestamp option: an
+        inbound flow offers timestamps in its SYN and learns from the guest's SYN-ACK
+        whether they are in force (RFC 7323 §3.2)."""
+        if timestamps == self.timestamps:
+            return self
+        return TcpFrameTemplate(**self._params, timestamps=timestamps)  # type: ignore[arg-type]
 
     def build(self, seq: int, ack: int, flags: int, window: int,
               payload: bytes | memoryview = b"", options: bytes | None = None, mss: int = 0,

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 from collections import Counter
 from ipaddress import IPv4Address, IPv6Address
 
@@ -39,6 +40,7 @@ from relaynat.dhcp import DhcpServer
 from relaynat.dhcpv6 import Dhcpv6Server
 from relaynat.dns import answer_static, host_upstream, static_table
 from relaynat.dns_tcp import DnsTcpResponder
+from relaynat.forward import Forward, ForwardError, TcpForwarder
 from relaynat.icmp_echo import IcmpEchoRelay
 from relaynat.ndp import MAX_RTR_ADV_INTERVAL_S, NDP_TYPES, NdpReply, NdpResponder
 from relaynat.packet_builder import (
@@ -105,6 +107,10 @@ class Relay:
         self._dhcp6 = Dhcpv6Server(self.config)
         self._ra_timer: asyncio.TimerHandle | None = None
         self._dns_tcp: DnsTcpResponder | None = None
+        self._tcp_forwards: TcpForwarder | None = None
+        #: The guest's IPv6 address as last seen (SLAAC picks it; passt's addr_seen):
+        #: where inbound IPv6 connections go.
+        self._guest_addr6 = self.config.guest_ipv6.packed
         self._pcap: PcapWriter | None = None
         self._listener: socket.socket | None = None
         self._guest_mac: bytes | None = None
@@ -149,6 +155,7 @@ class Relay:
         self._udp_relay = UdpRelay(self.config, self._loop, self._send_frame, self._send_raw,
                                    self._stats)
         self._icmp = IcmpEchoRelay(self.config, self._loop, self._send_frame, self._stats)
+        self._tcp_forwards = TcpForwarder(self._loop, self._open_inbound)
         if self._dns_static:
             self._dns_tcp = DnsTcpResponder(self._dns_static, self._dns_upstream, self._loop,
                                             self._stats)
@@ -177,6 +184,9 @@ class Relay:
         if self._dns_tcp is not None:
             self._dns_tcp.close()
             self._dns_tcp = None
+        if self._tcp_forwards is not None:
+            self._tcp_forwards.close()
+            self._tcp_forwards = None
 
     def attach(self, transport: FrameTransport) -> None:
         """Serve the guest behind `transport`; replaces (and closes) a previous one."""
@@ -205,6 +215,48 @@ class Relay:
         if self._udp_relay is not None:
             self._udp_relay.abort_all()
         self._guest_mac = None
+
+    # -- inbound forwards ----------------------------------------------------------------
+
+    def add_forward(self, proto: str, host_addr: str | None, host_port: int,
+                    guest_port: int) -> Forward:
+        """Forward host `host_addr` (None: all, both families) port `host_port` (0: pick
+        one; the returned Forward says which) to the guest's `guest_port`. Raises
+        ForwardError saying why not (port in use, bad address, unknown protocol)."""
+        if self._tcp_forwards is None:
+            raise RuntimeError("Relay.start() (or `async with`) must come first")
+        if proto != "tcp":
+            raise ForwardError(f"protocol {proto!r} cannot be forwarded (tcp only)")
+        return self._tcp_forwards.add(host_addr, host_port, guest_port)
+
+    def remove_forward(self, proto: str, host_addr: str | None, host_port: int) -> Forward:
+        """Stop forwarding; connections already open stay. Raises ForwardError."""
+        if self._tcp_forwards is None or proto != "tcp":
+            raise ForwardError(f"no {proto} forward on {host_addr or '*'} port {host_port}")
+        return self._tcp_forwards.remove(host_addr, host_port)
+
+    def forwards(self) -> list[dict[str, object]]:
+        """The forwards in force, with the host ports the kernel chose for port 0."""
+        if self._tcp_forwards is None:
+            return []
+        return [f.describe() for f in self._tcp_forwards.forwards]
+
+    def _open_inbound(self, sock: socket.socket, client: bytes, client_port: int,
+                      guest_port: int) -> bool:
+        """An accepted client: reach the guest in the client's family (the other one if
+        the guest runs only that), from the gateway address, as passt does."""
+        c = self.config
+        v6 = (len(client) == 16 and c.ipv6) or not c.ipv4
+        if self._tcp is None or self._transport is None:
+            self._stats["tcp_inbound_no_guest"] += 1
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            return False
+        if v6:
+            return self._tcp.open_inbound(sock, self._guest_addr6, guest_port,
+                                          self._gateway_ip6, client_port)
+        return self._tcp.open_inbound(sock, self._guest_ip, guest_port, self._gateway_ip,
+                                      client_port)
 
     # -- socket transports -------------------------------------------------------------
 
@@ -379,6 +431,7 @@ class Relay:
             return
         if on_link_only:
             raise MalformedFrame("ip6_link_local_source")
+        self._guest_addr6 = src
         if proto == IPPROTO_TCP:
             seg = parse_tcp(ip)
             assert self._tcp is not None

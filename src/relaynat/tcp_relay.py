@@ -206,6 +206,44 @@ class TcpRelay:
         self.stats["tcp_flows_opened"] += 1
         self._schedule(flow)
 
+    def open_inbound(self, sock: socket.socket, guest_ip: bytes, guest_port: int,
+                     src_ip: bytes, src_port: int) -> bool:
+        """A host client connected to a forwarded port (`sock`, accepted): open the
+        guest side with our own SYN from `src_ip` (as the guest will see it) to
+        `guest_ip:guest_port`. `src_port` is a wish: if that flow key is taken, another
+        port is chosen. False (and `sock` closed) when the table is full."""
+        if len(self.flows) >= self._config.max_tcp_flows:
+            self.stats["tcp_inbound_refused_flow_limit"] += 1
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.close()
+            return False
+        key = (guest_port, src_ip, src_port, guest_ip)
+        while key in self.flows:  # another client already holds this port toward the guest
+            key = (guest_port, src_ip, random.randint(32768, 60999), guest_ip)
+        now = self._loop.time()
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        template = TcpFrameTemplate(dst_mac=self.guest_mac, src_mac=self._config.gateway_mac,
+                                    src=src_ip, dst=guest_ip, sport=key[2], dport=guest_port,
+                                    vnet_hdr_len=self._vnet_hdr_len, offload=self._offload,
+                                    timestamps=True)
+        flow = TcpFlow(key, TcpNatEntry.inbound(template=template, mtu=self._config.mtu,
+                                                iss=random.getrandbits(32), now=now,
+                                                facts=None,
+                                                idle_timeout_s=self._config.tcp_idle_timeout_s),
+                       sock, connecting=False, host_addr=sock.getpeername()[:2])
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        except OSError:
+            flow.peek_offset_supported = False
+        self.flows[key] = flow
+        self._by_fd[sock.fileno()] = flow
+        self._epoll.register(sock.fileno(), _EPOLL_FLAGS)
+        self.stats["tcp_inbound_opened"] += 1
+        self._execute(flow)
+        self._schedule(flow)
+        return True
+
     def _template_answering(self, seg: TcpSegment, timestamps: bool) -> TcpFrameTemplate:
         """Headers of frames toward the guest on the connection `seg` belongs to."""
         return TcpFrameTemplate(dst_mac=self.guest_mac, src_mac=self._config.gateway_mac,

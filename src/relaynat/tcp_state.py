@@ -6,7 +6,9 @@ of silently driving a flow into a state nobody designed.
 
 The states are the relay's view of its connection with the guest (RFC 9293 §3.3.2),
 with CONNECTING in front: the guest's SYN has arrived and the host-side connect() is
-in progress; the SYN-ACK is sent only once it succeeded (DESIGN.md). Half-close is
+in progress; the SYN-ACK is sent only once it succeeded (DESIGN.md). An inbound flow
+(a host client on a forwarded port) starts in SYN_SENT instead: our SYN is out to the
+guest, and its SYN-ACK establishes the flow. Half-close is
 tracked by the usual FIN states: CLOSE_WAIT is "the guest finished sending", FIN_WAIT
 "the host peer finished and we sent the guest our FIN".
 """
@@ -18,6 +20,7 @@ import enum
 
 class TcpState(enum.Enum):
     CONNECTING = "connecting"
+    SYN_SENT = "syn_sent"
     SYN_RCVD = "syn_rcvd"
     ESTABLISHED = "established"
     CLOSE_WAIT = "close_wait"
@@ -31,6 +34,7 @@ class TcpState(enum.Enum):
 class TcpEvent(enum.Enum):
     CONNECT_OK = "connect_ok"
     ACK_OF_SYN = "ack_of_syn"
+    GUEST_SYN_ACK = "guest_syn_ack"
     GUEST_FIN = "guest_fin"
     OUR_FIN_SENT = "our_fin_sent"
     OUR_FIN_ACKED = "our_fin_acked"
@@ -47,6 +51,7 @@ S, E = TcpState, TcpEvent
 TRANSITIONS: dict[tuple[TcpState, TcpEvent], TcpState] = {
     (S.CONNECTING, E.CONNECT_OK): S.SYN_RCVD,
     (S.SYN_RCVD, E.ACK_OF_SYN): S.ESTABLISHED,
+    (S.SYN_SENT, E.GUEST_SYN_ACK): S.ESTABLISHED,
     (S.ESTABLISHED, E.GUEST_FIN): S.CLOSE_WAIT,
     (S.ESTABLISHED, E.OUR_FIN_SENT): S.FIN_WAIT_1,
     (S.CLOSE_WAIT, E.OUR_FIN_SENT): S.LAST_ACK,

@@ -1,0 +1,142 @@
+"""Inbound port forwarding: host ports whose connections the relay opens toward the guest.
+
+A TCP forward is a listening socket on the host side. Each accepted connection becomes
+an inbound flow (`TcpRelay.open_inbound`): the relay SYNs the guest from the gateway
+address (as passt does by default: the guest sees the connection come from the host
+through its router), and from then on the flow is relayed by the same core and window
+rules as an outbound one. A client on an IPv4 address reaches the guest over IPv4,
+one on IPv6 over IPv6 (passt's rule), unless the guest runs only the other family.
+
+Host port 0 asks the kernel for a free port; `Forward.host_port` is the one it chose,
+and listing the forwards reports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv6Address, ip_address
+
+log = logging.getLogger("relaynat.forward")
+
+#: Connections accepted per listener per wakeup before other work gets its turn.
+_ACCEPTS_PER_WAKEUP = 64
+_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+#: Opens the guest side of an accepted connection: (socket, client address packed,
+#: client port, guest port) -> True if a flow was opened (the callee owns the socket
+#: either way).
+InboundOpener = Callable[[socket.socket, bytes, int, int], bool]
+
+
+class ForwardError(ValueError):
+    """A forward cannot be added or removed; the message says why."""
+
+
+@dataclass(slots=True, eq=False)
+class Forward:
+    proto: str
+    #: Listening address on the host; None: every address of both families.
+    host_addr: str | None
+    host_port: int
+    guest_port: int
+    sock: socket.socket | None = field(default=None, repr=False)
+
+    def describe(self) -> dict[str, object]:
+        return {"proto": self.proto, "host_addr": self.host_addr, "host_port": self.host_port,
+                "guest_port": self.guest_port}
+
+
+def client_address(peer: tuple) -> bytes:  # type: ignore[type-arg]
+    """The packed address of an accepted client, an IPv4-mapped IPv6 address (from a
+    dual-stack listener, RFC 4291 §2.5.5.2) unwrapped to IPv4."""
+    packed = ip_address(peer[0].split("%")[0]).packed
+    if len(packed) == 16 and packed[:12] == _V4_MAPPED_PREFIX:
+        return packed[12:]
+    return packed
+
+
+class TcpForwarder:
+    """The TCP forwards of one relay: listeners, and their accepted connections handed
+    to `open_inbound`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, open_inbound: InboundOpener) -> None:
+        self._loop = loop
+        self._open_inbound = open_inbound
+        self.forwards: list[Forward] = []
+
+    def add(self, host_addr: str | None, host_port: int, guest_port: int) -> Forward:
+        """Listen on `host_addr` (None: all addresses, IPv4 and IPv6) port `host_port`
+        (0: any free one) and forward to the guest's `guest_port`."""
+        if not 0 <= host_port <= 0xFFFF or not 1 <= guest_port <= 0xFFFF:
+            raise ForwardError(f"ports out of range: host {host_port}, guest {guest_port}")
+        sock = _listen(host_addr, host_port)
+        forward = Forward("tcp", host_addr, sock.getsockname()[1], guest_port, sock)
+        self._loop.add_reader(sock.fileno(), self._on_accept, forward)
+        self.forwards.append(forward)
+        log.info("forwarding tcp %s port %d to guest port %d", host_addr or "*",
+                 forward.host_port, guest_port)
+        return forward
+
+    def remove(self, host_addr: str | None, host_port: int) -> Forward:
+        """Stop listening; connections already forwarded stay as they are."""
+        for forward in self.forwards:
+            if forward.host_port == host_port and forward.host_addr == host_addr:
+                self._close(forward)
+                self.forwards.remove(forward)
+                return forward
+        raise ForwardError(f"no tcp forward on {host_addr or '*'} port {host_port}")
+
+    def _on_accept(self, forward: Forward) -> None:
+        assert forward.sock is not None
+        for _ in range(_ACCEPTS_PER_WAKEUP):
+            try:
+                conn, peer = forward.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE/ENFILE: the client waits in the backlog
+                log.warning("accept on tcp port %d: %s", forward.host_port, exc)
+                return
+            self._open_inbound(conn, client_address(peer), peer[1], forward.guest_port)
+
+    def _close(self, forward: Forward) -> None:
+        if forward.sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(forward.sock.fileno())
+            forward.sock.close()
+            forward.sock = None
+
+    def close(self) -> None:
+        for forward in self.forwards:
+            self._close(forward)
+        self.forwards.clear()
+
+
+def _listen(host_addr: str | None, port: int) -> socket.socket:
+    if host_addr is None:
+        # One dual-stack socket serves both families (ipv6(7): IPV6_V6ONLY off).
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        bind_to: tuple[str, int] = ("::", port)
+    else:
+        try:
+            addr = ip_address(host_addr)
+        except ValueError:
+            raise ForwardError(f"{host_addr!r} is not an IP address") from None
+        family = socket.AF_INET6 if isinstance(addr, IPv6Address) else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        bind_to = (str(addr), port)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(bind_to)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        where = f"[{bind_to[0]}]" if ":" in bind_to[0] else bind_to[0]
+        raise ForwardError(f"cannot listen on {where}:{port}: {exc.strerror}") from None
+    return sock
