@@ -223,6 +223,23 @@ def _kernel_builtin_modules(kdir: Path) -> bool:
     return all(f"CONFIG_{opt}=y" in cfg for opt in ("VIRTIO", "VIRTIO_PCI", "VIRTIO_NET"))
 
 
+def _guest_modules(kdir: Path) -> tuple[str, ...]:
+    """The modules to load: virtio-net unless built in, and ipv6 where it is a module.
+
+    The tests check SLAAC, ping6 and TCP over IPv6 in the guest; Debian's cloud kernel
+    builds IPv6 in (CONFIG_IPV6=y), but a kernel with it as a module would otherwise boot
+    without IPv6 and fail those checks with no hint why.
+    """
+    try:
+        cfg = (kdir / "config").read_text()
+    except FileNotFoundError:
+        cfg = ""
+    wanted = () if _kernel_builtin_modules(kdir) else GUEST_MODULES
+    if "CONFIG_IPV6=m" in cfg:
+        wanted = ("ipv6", *wanted)
+    return wanted
+
+
 class _Cpio:
     """Minimal writer for the "newc" cpio format the kernel's initramfs unpacker reads."""
 
@@ -298,11 +315,7 @@ def build_vm_images(*, fetch: bool = True) -> VmImages:
         version, kdir = cur
         busybox = _find_busybox().read_bytes()
         init = INIT_SCRIPT.read_bytes()
-        modules = (
-            []
-            if _kernel_builtin_modules(kdir)
-            else (_resolve_modules(kdir / "modules", GUEST_MODULES))
-        )
+        modules = _resolve_modules(kdir / "modules", _guest_modules(kdir))
         h = hashlib.sha256()
         for part in (BUILDER_VERSION.encode(), version.encode(), init, busybox):
             h.update(hashlib.sha256(part).digest())
