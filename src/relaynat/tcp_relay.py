@@ -452,6 +452,11 @@ class TcpRelay:
             with contextlib.suppress(OSError):
                 flow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             self.stats["tcp_host_resets"] += 1
+        elif flow.consume_pending:
+            # Bytes the guest acknowledged may still sit in the receive queue (dropped
+            # once per batch): close() with unread data sends the peer a RST instead of
+            # a FIN (tcp(7), RFC 2525 §2.17), which would destroy our last data in flight.
+            self._consume(flow)
         flow.sock.close()
         self.stats[counter] += 1
 
