@@ -415,11 +415,11 @@ class Relay:
         TCP/UDP/ICMPv6 echo go through the same relays as IPv4.
 
         The guest may use any address of the prefix (SLAAC picks its own interface
-        identifier, RFC 4862 §5.5.3; privacy addresses, RFC 8981) and, for neighbour
-        discovery and DHCPv6 only, its link-local address or :: (DAD, RFC 4862 §5.4)."""
+        identifier, RFC 4862 §5.5.3; privacy addresses, RFC 8981), its link-local
+        address, and for neighbour discovery and DHCPv6 only :: (DAD, RFC 4862 §5.4)."""
         src, proto = ip.src, ip.proto
-        on_link_only = src[:8] == _LINK_LOCAL_PREFIX or src == _ZERO_IP6
-        if src[:8] != self._prefix6 and not on_link_only:
+        link_local = src[:8] == _LINK_LOCAL_PREFIX
+        if src[:8] != self._prefix6 and not link_local and src != _ZERO_IP6:
             raise MalformedFrame("ip_spoofed_source")
         if proto == IPPROTO_ICMPV6 and self._ndp6(ip, src_mac):
             return
@@ -429,9 +429,12 @@ class Relay:
             # MLD reports, mDNS, LLMNR...: meant for the link, nothing to relay.
             self._stats["ipv6_multicast_ignored"] += 1
             return
-        if on_link_only:
-            raise MalformedFrame("ip6_link_local_source")
-        self._guest_addr6 = src
+        if src == _ZERO_IP6:
+            raise MalformedFrame("ip6_unspecified_source")
+        # A guest whose global address is still tentative (RFC 4862 §5.4) speaks from
+        # its link-local one: relayed as well, and answered at that address.
+        if not link_local:
+            self._guest_addr6 = src
         if proto == IPPROTO_TCP:
             seg = parse_tcp(ip)
             assert self._tcp is not None
