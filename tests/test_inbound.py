@@ -1,0 +1,186 @@
+"""Inbound TCP (a host client on a forwarded port): the handshake `TcpNatEntry.inbound`
+runs with the guest (RFC 9293 §3.5, §3.10.7.3; RFC 7323 §2.2, §3.2), driven without I/O,
+and the whole path with real kernels at the end (namespace guest, host clients)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relaynat.config import RelayConfig
+from relaynat.namespace import run_command
+from relaynat.nat_entry import TcpNatEntry
+from relaynat.packet_builder import TcpFrameTemplate
+from relaynat.tcp_actions import CloseHost, SendFrame
+from relaynat.tcp_state import TcpState
+from relaynat.window import OUR_WSCALE, SYN_RETRIES_MAX, syn_timeout_s
+from relaynat.wire import ACK, RST, SYN, TcpSegment, parse_ethernet, parse_ipv4, parse_tcp
+
+GW, GUEST = bytes([10, 0, 2, 2]), bytes([10, 0, 2, 15])
+M32 = 0xFFFFFFFF
+
+
+def _entry(iss: int = 1000, timestamps: bool = True) -> TcpNatEntry:
+    template = TcpFrameTemplate(dst_mac=b"\x02" * 6, src_mac=b"\x52" * 6, src=GW, dst=GUEST,
+                                sport=40000, dport=8080, timestamps=timestamps)
+    return TcpNatEntry.inbound(template=template, mtu=65520, iss=iss, now=0.0, facts=None)
+
+
+def _sent(entry: TcpNatEntry) -> list[TcpSegment]:
+    out = []
+    for action in entry.take_actions():
+        if isinstance(action, SendFrame):
+            frame = bytes(action.head) + bytes(action.payload)
+            out.append(parse_tcp(parse_ipv4(parse_ethernet(memoryview(frame)).payload)))
+    return out
+
+
+def _from_guest(flags: int, seq: int, ack: int, *, mss: int | None = 1460,
+                wscale: int | None = 7, tsval: int | None = 55, window: int = 64240,
+                payload: bytes = b"") -> TcpSegment:
+    return TcpSegment(GUEST, GW, 8080, 40000, seq & M32, ack & M32, flags, window,
+                      memoryview(payload), mss=mss, wscale=wscale, tsval=tsval,
+                      tsecr=None if tsval is None else 1)
+
+
+def test_our_syn_offers_mss_window_scale_and_timestamps() -> None:
+    (syn,) = _sent(_entry(iss=1000))
+    assert syn.flags == SYN and syn.seq == 1000
+    assert (syn.mss, syn.wscale) == (65520 - 40, OUR_WSCALE) and syn.tsval is not None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, M32), st.integers(0, M32), st.one_of(st.none(), st.integers(0, 14)),
+       st.booleans(), st.one_of(st.none(), st.integers(88, 65495)))
+def test_syn_ack_establishes_with_what_the_guest_accepted(iss: int, guest_isn: int,
+                                                          wscale: int | None, ts: bool,
+                                                          mss: int | None) -> None:
+    entry = _entry(iss)
+    _sent(entry)
+    entry.on_guest_segment(_from_guest(SYN | ACK, guest_isn, iss + 1, mss=mss, wscale=wscale,
+                                       tsval=55 if ts else None), 0.1)
+    assert entry.state is TcpState.ESTABLISHED
+    (ack,) = _sent(entry)
+    assert ack.flags == ACK and ack.seq == (iss + 1) & M32 and ack.ack == (guest_isn + 1) & M32
+    # RFC 7323 §2.2: scaling only when both SYNs carried the option.
+    assert (entry.our_wscale, entry.guest_wscale) == ((OUR_WSCALE, min(wscale, 14))
+                                                      if wscale is not None else (0, 0))
+    # RFC 7323 §3.2: timestamps only when the SYN-ACK carried them too.
+    assert entry.template.timestamps is ts and (ack.tsval is not None) is ts
+    assert entry.mss == min(mss or 536, 65520 - 40) - (12 if ts else 0)
+    assert entry.host_read_budget() > 0
+
+
+def test_guest_rst_resets_the_host_client_and_a_stray_rst_does_not() -> None:
+    entry = _entry(iss=500)
+    _sent(entry)
+    entry.on_guest_segment(_from_guest(RST | ACK, 0, 999), 0.1)  # does not ack our SYN
+    assert entry.state is TcpState.SYN_SENT
+    entry.on_guest_segment(_from_guest(RST | ACK, 0, 501), 0.1)
+    assert entry.closed
+    assert [a for a in entry.take_actions() if isinstance(a, CloseHost)] == [CloseHost(True)]
+
+
+def test_syn_ack_for_another_syn_is_reset() -> None:
+    entry = _entry(iss=500)
+    _sent(entry)
+    entry.on_guest_segment(_from_guest(SYN | ACK, 77, 12345), 0.1)
+    (rst,) = _sent(entry)
+    assert rst.flags == RST and rst.seq == 12345
+    assert entry.state is TcpState.SYN_SENT
+
+
+def test_silent_guest_gets_syn_retries_then_the_client_is_reset() -> None:
+    entry = _entry(iss=9)
+    _sent(entry)
+    now = 0.0
+    for retry in range(SYN_RETRIES_MAX):
+        now += syn_timeout_s(retry)
+        entry.on_timer(now, None)
+        (syn,) = _sent(entry)
+        assert syn.flags == SYN and syn.seq == 9
+    entry.on_timer(now + syn_timeout_s(SYN_RETRIES_MAX), None)
+    assert entry.closed
+    actions = entry.take_actions()
+    assert CloseHost(True) in actions
+    assert not any(isinstance(a, SendFrame) for a in actions)  # no RST to a guest never met
+
+
+def test_host_data_waits_for_the_handshake() -> None:
+    entry = _entry()
+    _sent(entry)
+    assert entry.host_read_budget() == 0
+    entry.on_host_data(memoryview(b"early"), 0.05)
+    assert _sent(entry) == []
+
+
+# -- real kernels -------------------------------------------------------------------------
+
+GUEST_SERVER = (
+    "import hashlib, socket, sys\n"
+    "s = socket.socket(socket.AF_INET6)\n"
+    "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+    "s.bind(('::', 8080))\n"
+    "s.listen(8)\n"
+    "print('listening', flush=True)\n"
+    "for _ in range(int(sys.argv[1])):\n"
+    "    c, peer = s.accept()\n"
+    "    h, n = hashlib.sha256(), 0\n"
+    "    while d := c.recv(1 << 20):\n"
+    "        h.update(d)\n"
+    "        n += len(d)\n"
+    "    c.sendall(f'{h.hexdigest()} {n} {peer[0]}'.encode())\n"
+    "    c.close()\n")
+
+
+def _upload(addr: str, port: int, data: bytes) -> str:
+    """Send `data`, half-close, return the reply; "" when the guest refused (reset)."""
+    try:
+        with socket.create_connection((addr, port), 10) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+    except ConnectionResetError:
+        return ""
+    return reply.decode()
+
+
+@pytest.mark.integration
+async def test_forwarded_uploads_over_ipv4_and_ipv6_arrive_intact() -> None:
+    data = os.urandom(64 << 20)
+    digest = hashlib.sha256(data).hexdigest()
+    ports: dict[str, int] = {}
+
+    def ready(relay: object) -> None:
+        ports["v4"] = relay.add_forward("tcp", "127.0.0.1", 0, 8080).host_port  # type: ignore[attr-defined]
+        ports["v6"] = relay.add_forward("tcp", "::1", 0, 8080).host_port  # type: ignore[attr-defined]
+
+    guest = asyncio.ensure_future(run_command(RelayConfig(), [sys.executable, "-c",
+                                                              GUEST_SERVER, "2"],
+                                              relay_ready=ready))
+    try:
+        replies = []
+        for addr, key in (("127.0.0.1", "v4"), ("::1", "v6")):
+            for _ in range(50):  # the guest's server may not listen yet: retry refusals
+                while key not in ports:
+                    await asyncio.sleep(0.05)
+                reply = await asyncio.to_thread(_upload, addr, ports[key], data)
+                if reply:
+                    break
+                await asyncio.sleep(0.1)
+            replies.append(reply.split())
+        assert await asyncio.wait_for(guest, 30) == 0
+    finally:
+        guest.cancel()
+    # The guest saw each connection come from the gateway, in the client's family.
+    assert replies == [[digest, str(len(data)), "::ffff:10.0.2.2"],
+                       [digest, str(len(data)), "fd00::2"]]
