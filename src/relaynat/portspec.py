@@ -121,13 +121,14 @@ def parse_portspec(spec: str, proto: str = "tcp", *,
                           f"{glast - gfirst + 1} guest ports")
         else:
             gfirst, glast = first, last
+        where = "" if item == body else f" in {item!r}"
         if first == 0 and last != 0:
-            raise bad(f"{item!r}: port 0 (let the kernel pick) cannot start a range")
+            raise bad(f"port 0 (let the kernel pick) cannot start a range{where}")
         if first == 0 and not colon:
-            raise bad(f"{item!r}: host port 0 (let the kernel pick) needs a guest port, "
-                      "e.g. '0:8080'")
+            raise bad(f"host port 0 (let the kernel pick) needs a guest port, e.g. '0:8080'"
+                      f"{where}")
         if gfirst == 0:
-            raise bad(f"{item!r}: guest port 0 is not a port")
+            raise bad(f"guest port 0 is not a port{where}")
         bases.append((first, last, gfirst))
 
     if not bases:  # only exclusions: everything else that `all` would forward
