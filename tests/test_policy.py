@@ -31,7 +31,9 @@ def pk(addr: str) -> bytes:
 
 
 def deny_to(*to: str, proto: str = "any", ports: str = "") -> Policy:
-    rule: dict[str, object] = {"action": "deny", "proto": proto, "to": list(to)}
+    rule: dict[str, object] = {"action": "deny", "proto": proto}
+    if to:
+        rule["to"] = list(to)
     if ports:
         rule["ports"] = ports
     return Policy([rule], "allow", CFG)
@@ -136,6 +138,8 @@ def test_rule_without_to_matches_everything() -> None:
     ({"action": "deny", "proto": "sctp"}, "policy rule 1: unknown proto 'sctp'"),
     ({"action": "deny", "proto": "icmp", "ports": "1"}, "policy rule 1: ports apply to tcp"),
     ({"action": "deny", "to": 7}, "policy rule 1: 'to' must be"),
+    ({"action": "deny", "to": []}, "policy rule 1: 'to' is empty"),
+    ({"action": "deny", "proto": ["tcp"]}, "policy rule 1: unknown proto ['tcp']"),
     ({"action": "deny", "ports": True}, "policy rule 1: ports must be"),
 ])
 def test_rule_errors_name_the_rule(rule: dict[str, object], message: str) -> None:
@@ -262,8 +266,8 @@ def edges(net_text: str) -> list[bytes]:
 @given(rules=rules_st, default=st.sampled_from(["allow", "deny"]),
        proto=st.sampled_from([6, 17, 1, 58]), port=st.integers(0, 65535), data=st.data())
 def test_first_match_matches_reference(rules, default, proto, port, data) -> None:
-    policy = Policy([{**r, "ports": ",".join(f"{a}-{b}" for a, b in r["ports"])}
-                     for r in rules], default, CFG)
+    policy = Policy([{k: v for k, v in r.items() if v} | {
+        "ports": ",".join(f"{a}-{b}" for a, b in r["ports"])} for r in rules], default, CFG)
     candidates = [e for r in rules for t in r["to"] for e in edges(t)]
     candidates += [pk("8.8.8.8"), pk("2001:db8::1")]
     dst = data.draw(st.sampled_from(candidates))
@@ -296,8 +300,9 @@ def test_port_range_edges(lo: int, hi: int) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=12),
                     lambda inner: st.lists(inner, max_size=3)
-                    | st.dictionaries(st.sampled_from(["action", "proto", "to", "ports",
-                                                       "comment", "x"]), inner, max_size=4),
+                    | st.fixed_dictionaries({"action": st.sampled_from(["allow", "deny"])},
+                                            optional={k: inner for k in ("proto", "to", "ports",
+                                                                         "comment", "x")}),
                     max_leaves=8))
 def test_arbitrary_input_raises_only_config_error(data) -> None:
     with contextlib.suppress(ConfigError):

@@ -138,7 +138,7 @@ class Rule:
         if action not in ACTIONS:
             raise ConfigError(f"{where}: action must be 'allow' or 'deny', not {action!r}")
         proto = data.get("proto", "any")
-        if proto not in PROTOS:
+        if not isinstance(proto, str) or proto not in PROTOS:
             raise ConfigError(f"{where}: unknown proto {proto!r} (known: tcp, udp, icmp, any)")
         to = _parse_to(data.get("to", ()), where)
         ports = parse_ports(data.get("ports", ()), where)
@@ -164,6 +164,9 @@ def _parse_to(value: object, where: str) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list | tuple):
         raise ConfigError(f"{where}: 'to' must be a CIDR, a group or a list of them")
+    if not items and value != ():
+        # An empty list would silently mean "any destination": make the user say so.
+        raise ConfigError(f"{where}: 'to' is empty (leave it out for any destination)")
     out = []
     for item in items:
         if not isinstance(item, str):
@@ -187,7 +190,7 @@ def parse_ports(value: object, where: str = "ports") -> tuple[_Range, ...]:
     if isinstance(value, int):
         value = [value]
     elif isinstance(value, str):
-        value = [part for part in value.split(",")] if value.strip() else []
+        value = value.split(",") if value.strip() else []
     if not isinstance(value, list | tuple):
         raise ConfigError(f"{where}: ports must be a string like '22,80-90' or a list")
     ranges = []
