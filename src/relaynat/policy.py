@@ -49,7 +49,7 @@ import json
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, IPv6Network, ip_network
+from ipaddress import IPv4Address, IPv6Address, ip_network
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -97,7 +97,7 @@ GROUPS = (*_STATIC_GROUPS, "public")
 _SPECIAL = ("0.0.0.0/8", "192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24",
             "203.0.113.0/24", "240.0.0.0/4",
             "2001:db8::/32", "3fff::/20", "2001:2::/48")
-_GLOBAL_UNICAST_V6 = IPv6Network("2000::/3")
+_GLOBAL_UNICAST_V6 = (int(IPv6Address("2000::")), int(IPv6Address("3fff:" + "ffff:" * 6 + "ffff")))
 _V4_MAPPED_PREFIX = 0xFFFF  # ::ffff:0:0/96, RFC 4291 §2.5.5.2, as the top 96 bits
 
 _Range = tuple[int, int]  # inclusive (first, last) address or port as ints
@@ -288,12 +288,12 @@ class Policy:
     def decide(self, proto: int, dst: bytes, dport: int = 0) -> Decision:
         """Verdict for a new flow: IP protocol number (6, 17, 1, 58), packed destination as
         the guest addressed it (4 or 16 bytes), destination port (ignored for ICMP)."""
-        i = self._first_match(self._compiled, self, proto, dst, dport)
+        i = self._first_match(self._compiled, proto, dst, dport)
         return self._default if i < 0 else self._decisions[i]
 
-    @staticmethod
-    def _first_match(compiled: Sequence[_Compiled], policy: Policy, proto: int, dst: bytes,
+    def _first_match(self, compiled: Sequence[_Compiled], proto: int, dst: bytes,
                      dport: int) -> int:
+        """Index of the first rule of `compiled` matching the flow, or -1."""
         addr = int.from_bytes(dst, "big")
         v6 = len(dst) == 16
         if v6 and addr >> 32 == _V4_MAPPED_PREFIX:
@@ -317,17 +317,15 @@ class Policy:
                     if not rule.public:
                         continue
                     if public is None:
-                        public = policy._is_public(addr, v6)
+                        public = self._is_public(addr, v6)
                     if not public:
                         continue
             return i
         return -1
 
     def _is_public(self, addr: int, v6: bool) -> bool:
-        if v6:
-            net = _GLOBAL_UNICAST_V6
-            if not int(net.network_address) <= addr <= int(net.broadcast_address):
-                return False
+        if v6 and not _GLOBAL_UNICAST_V6[0] <= addr <= _GLOBAL_UNICAST_V6[1]:
+            return False
         return all(not lo <= addr <= hi
                    for lo, hi in (self._nonpublic_v6 if v6 else self._nonpublic_v4))
 
@@ -337,7 +335,7 @@ class Policy:
         if group not in GROUPS:
             raise ConfigError(f"policy: unknown group {group!r}")
         rule = self._compile(Rule("deny", "any", (group,)), self._groups())
-        return Policy._first_match((rule,), self, PROTO_TCP, addr.packed, 1) == 0
+        return self._first_match((rule,), PROTO_TCP, addr.packed, 1) == 0
 
     def _groups(self) -> dict[str, list[str]]:
         groups = {name: list(cidrs) for name, cidrs in _STATIC_GROUPS.items()}
