@@ -1,0 +1,415 @@
+"""Egress policy for guest-initiated flows: an ordered, first-match list of allow/deny rules.
+
+passt, slirp4netns and gvproxy relay whatever the guest asks for; a sandbox runtime needs to
+say "not the cloud metadata service, not the host's loopback, not the LAN". This module owns
+that decision and nothing else. It is pure: no sockets, no clock, no file I/O except the
+`load` convenience, which only reads the file it is given.
+
+How the relay uses it (the relay engineer wires this in):
+
+- Call `Policy.decide(proto, dst, dport)` once per NEW flow, before any host socket exists:
+  on a guest SYN for an unknown TCP flow, on the first datagram of a UDP flow (before
+  `UdpFlowTable.open`), on the first echo request of an ICMP/ICMPv6 echo flow. `dst` is the
+  packed destination as the guest sent it (before the mapped gateway is turned into host
+  loopback), so the `host` and `loopback` groups can refuse the mapping. Established flows
+  are never re-checked, so the cost is paid once per flow (a handful of int compares per rule).
+- On deny: TCP gets a RST (as for a refused connect), UDP and ICMP get an ICMP destination
+  unreachable with code `ICMP_ADMIN_PROHIBITED` (RFC 1812 §5.2.7.1; ICMPv6 code 1, RFC 4443
+  §3.1), rate-limited like the relay's other ICMP errors. Count by `Decision.rule` (-1 is the
+  default action) for stats.
+- Traffic the relay answers itself is NOT subject to the policy: ARP, NDP, DHCP, DHCPv6, and
+  the DNS address (`dns_ipv4`/`dns_ipv6`) port 53, which the relay serves or forwards to the
+  host's resolver on its own behalf. The policy governs only flows relayed to host sockets at
+  the guest's chosen destination. So `--sandbox`, which denies the private ranges containing
+  10.0.2.3 and fd00::3, never breaks name resolution. As belt and braces (and so that a
+  listing of the profile is self-explanatory), the sandbox profile also begins with an
+  explicit allow for the DNS addresses, port 53, should a relay ever consult it there.
+
+IPv4-mapped IPv6 destinations (::ffff:a.b.c.d, RFC 4291 §2.5.5.2) are judged as the IPv4
+address they stand for: a host AF_INET6 socket connecting there reaches the IPv4 host, so
+"::ffff:169.254.169.254" must not slip past a rule for 169.254.169.254.
+
+File format (TOML; JSON has the same shape, with "rule" a list of objects)::
+
+    default = "allow"            # or "deny"; the action when no rule matches
+    [[rule]]
+    action = "deny"              # required: allow | deny
+    proto = "tcp"                # tcp | udp | icmp | any (default any); icmp covers ICMPv6
+    to = "metadata"              # CIDR, address, group name, or a list of them (default: any)
+    ports = "22,80-90"           # TCP/UDP destination ports: "N", "N-M", lists, or ints
+    comment = "free text"        # optional, kept for listings
+
+Groups: loopback, host, private, link-local, metadata, multicast, public (see GROUPS).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_network
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from relaynat.config import ConfigError, RelayConfig
+
+PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6 = 1, 6, 17, 58
+#: Rule protocol names and the IP protocol numbers each one matches.
+PROTOS: dict[str, frozenset[int]] = {
+    "tcp": frozenset({PROTO_TCP}),
+    "udp": frozenset({PROTO_UDP}),
+    "icmp": frozenset({PROTO_ICMP, PROTO_ICMPV6}),
+    "any": frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6}),
+}
+ACTIONS = ("allow", "deny")
+RULE_KEYS = frozenset({"action", "proto", "to", "ports", "comment"})
+TOP_KEYS = frozenset({"default", "rule"})
+
+#: Static members of the named groups. `loopback` and `host` also get the config's mapped
+#: host-loopback addresses (the guest-visible gateway), added per Policy.
+_STATIC_GROUPS: dict[str, tuple[str, ...]] = {
+    # RFC 1122 §3.2.1.3 (127/8) and RFC 4291 §2.5.3 (::1).
+    "loopback": ("127.0.0.0/8", "::1/128"),
+    "host": (),
+    # RFC 1918 private IPv4; RFC 6598 shared address space 100.64/10, because carrier-grade
+    # NAT and many cloud VPCs put internal, non-Internet hosts there that a sandbox must not
+    # reach either; RFC 4193 unique local IPv6 fc00::/7. Not included: the RFC 6890
+    # documentation and benchmarking ranges, which are nobody's network (see _SPECIAL).
+    "private": ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"),
+    # RFC 3927 IPv4 link-local, RFC 4291 §2.5.6 IPv6 link-local.
+    "link-local": ("169.254.0.0/16", "fe80::/10"),
+    # The cloud instance metadata service (AWS, GCP, Azure, OpenStack on IPv4; AWS IMDS on
+    # IPv6). Both also lie in link-local / private: a rule on `metadata` is the narrow one.
+    "metadata": ("169.254.169.254/32", "fd00:ec2::254/128"),
+    # RFC 5771 IPv4 multicast, RFC 4291 §2.7 IPv6 multicast.
+    "multicast": ("224.0.0.0/4", "ff00::/8"),
+}
+GROUPS = (*_STATIC_GROUPS, "public")
+
+#: RFC 6890 special-purpose blocks that are neither in a group above nor globally
+#: reachable, so they are not `public` either: "this network" (RFC 791), IETF protocol
+#: assignments (RFC 6890 §2.2.2), documentation (RFC 5737), benchmarking (RFC 2544),
+#: reserved 240/4 incl. limited broadcast (RFC 1112 §4). IPv6 `public` is only global
+#: unicast 2000::/3 (RFC 4291 §2.4) minus documentation (RFC 3849, RFC 9637) and
+#: benchmarking (RFC 5180).
+_SPECIAL = ("0.0.0.0/8", "192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24",
+            "203.0.113.0/24", "240.0.0.0/4",
+            "2001:db8::/32", "3fff::/20", "2001:2::/48")
+_GLOBAL_UNICAST_V6 = (int(IPv6Address("2000::")), int(IPv6Address("3fff:" + "ffff:" * 6 + "ffff")))
+_V4_MAPPED_PREFIX = 0xFFFF  # ::ffff:0:0/96, RFC 4291 §2.5.5.2, as the top 96 bits
+
+_Range = tuple[int, int]  # inclusive (first, last) address or port as ints
+
+
+class Decision(NamedTuple):
+    """What `Policy.decide` returns: the verdict and which rule gave it (-1: the default)."""
+
+    allow: bool
+    rule: int
+
+
+@dataclass(slots=True, frozen=True)
+class Rule:
+    """One validated rule, in the canonical form `to_dict` writes.
+
+    `to` is empty for "any destination"; `ports` is empty for "any port" and, when not
+    empty, restricts the rule to TCP and UDP flows.
+    """
+
+    action: str
+    proto: str = "any"
+    to: tuple[str, ...] = ()
+    ports: tuple[_Range, ...] = ()
+    comment: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], index: int = 0) -> Rule:
+        """Validate one rule mapping; ConfigError names the rule `index` and the problem."""
+        where = f"policy rule {index}"
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a table of keys, not {type(data).__name__}")
+        unknown = sorted(set(map(str, data)) - RULE_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r} "
+                              f"(known: {', '.join(sorted(RULE_KEYS))})")
+        action = data.get("action")
+        if action not in ACTIONS:
+            raise ConfigError(f"{where}: action must be 'allow' or 'deny', not {action!r}")
+        proto = data.get("proto", "any")
+        if not isinstance(proto, str) or proto not in PROTOS:
+            raise ConfigError(f"{where}: unknown proto {proto!r} (known: tcp, udp, icmp, any)")
+        to = _parse_to(data.get("to", ()), where)
+        ports = parse_ports(data.get("ports", ()), where)
+        if ports and proto == "icmp":
+            raise ConfigError(f"{where}: ports apply to tcp and udp only, not to icmp")
+        comment = data.get("comment", "")
+        if not isinstance(comment, str):
+            raise ConfigError(f"{where}: comment must be a string")
+        return cls(action, proto, to, ports, comment)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"action": self.action, "proto": self.proto}
+        if self.to:
+            out["to"] = self.to[0] if len(self.to) == 1 else list(self.to)
+        if self.ports:
+            out["ports"] = format_ports(self.ports)
+        if self.comment:
+            out["comment"] = self.comment
+        return out
+
+
+def _parse_to(value: object, where: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"{where}: 'to' must be a CIDR, a group or a list of them")
+    if not items and value != ():
+        # An empty list would silently mean "any destination": make the user say so.
+        raise ConfigError(f"{where}: 'to' is empty (leave it out for any destination)")
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}: destination {item!r} is not a string")
+        if item in GROUPS:
+            out.append(item)
+            continue
+        try:
+            out.append(str(ip_network(item, strict=True)))
+        except ValueError as exc:
+            kind = "bad CIDR" if any(c in item for c in "./:") else "unknown group"
+            raise ConfigError(f"{where}: {kind} {item!r} ({exc}; groups: "
+                              f"{', '.join(GROUPS)})") from None
+    return tuple(out)
+
+
+def parse_ports(value: object, where: str = "ports") -> tuple[_Range, ...]:
+    """"22,80-90", 22, or a list of ints and such strings -> sorted inclusive ranges."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: ports must be numbers or ranges, not {value!r}")
+    if isinstance(value, int):
+        value = [value]
+    elif isinstance(value, str):
+        value = value.split(",") if value.strip() else []
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{where}: ports must be a string like '22,80-90' or a list")
+    ranges = []
+    for item in value:
+        if isinstance(item, int) and not isinstance(item, bool):
+            first = last = item
+        elif isinstance(item, str):
+            lo, sep, hi = item.strip().partition("-")
+            first = _port_number(lo, item, where)
+            last = _port_number(hi, item, where) if sep else first
+        else:
+            raise ConfigError(f"{where}: port {item!r} is not a number or a range")
+        for port in (first, last):
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{where}: port {port} is out of range 0..65535")
+        if first > last:
+            raise ConfigError(f"{where}: port range {item!r} is reversed ({first} > {last})")
+        ranges.append((first, last))
+    return tuple(sorted(ranges))
+
+
+def _port_number(text: str, item: str, where: str) -> int:
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 6:
+        raise ConfigError(f"{where}: port {item!r} is not a number or a range N-M")
+    return int(text)
+
+
+def format_ports(ranges: Iterable[_Range]) -> str:
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def _to_ranges(cidrs: Iterable[str]) -> tuple[list[_Range], list[_Range]]:
+    """Split CIDRs into inclusive integer ranges per family (v4, v6)."""
+    v4: list[_Range] = []
+    v6: list[_Range] = []
+    for cidr in cidrs:
+        net = ip_network(cidr)
+        span = (int(net.network_address), int(net.broadcast_address))
+        (v4 if net.version == 4 else v6).append(span)
+    return v4, v6
+
+
+@dataclass(slots=True, frozen=True)
+class _Compiled:
+    protos: frozenset[int]
+    any_dst: bool
+    public: bool
+    v4: tuple[_Range, ...]
+    v6: tuple[_Range, ...]
+    ports: tuple[_Range, ...]
+
+
+class Policy:
+    """An ordered rule list plus a default action, compiled for `decide`.
+
+    `config` supplies the mapped host-loopback addresses for the `host` and `loopback`
+    groups (`map_host_loopback_v4/_v6`; None there leaves `host` empty). Immutable: the
+    control socket replaces the whole Policy, which keeps decide() lock-free and atomic.
+    """
+
+    __slots__ = ("_compiled", "_decisions", "_default", "_mapped", "_nonpublic_v4",
+                 "_nonpublic_v6", "default", "rules")
+
+    def __init__(self, rules: Sequence[Rule | Mapping[str, Any]] = (), default: str = "allow",
+                 config: RelayConfig | None = None) -> None:
+        if default not in ACTIONS:
+            raise ConfigError(f"policy: default must be 'allow' or 'deny', not {default!r}")
+        cfg = config if config is not None else RelayConfig()
+        self.rules: tuple[Rule, ...] = tuple(
+            r if isinstance(r, Rule) else Rule.from_dict(r, i) for i, r in enumerate(rules))
+        self.default = default
+        self._mapped = tuple(str(ipaddress.ip_network(a)) for a in
+                             (cfg.map_host_loopback_v4, cfg.map_host_loopback_v6)
+                             if a is not None)
+        groups = self._groups()
+        nonpublic = [c for cidrs in groups.values() for c in cidrs] + list(_SPECIAL)
+        v4, v6 = _to_ranges(nonpublic)
+        self._nonpublic_v4 = tuple(v4)
+        self._nonpublic_v6 = tuple(v6)
+        self._compiled = tuple(self._compile(r, groups) for r in self.rules)
+        self._decisions = tuple(Decision(r.action == "allow", i) for i, r in enumerate(self.rules))
+        self._default = Decision(default == "allow", -1)
+
+    @staticmethod
+    def _compile(rule: Rule, groups: dict[str, list[str]]) -> _Compiled:
+        cidrs = [c for t in rule.to for c in (groups.get(t, ()) if t in GROUPS else (t,))]
+        v4, v6 = _to_ranges(cidrs)
+        protos = PROTOS[rule.proto]
+        if rule.ports:  # ports only make sense for TCP and UDP
+            protos = protos & PROTOS["tcp"] | protos & PROTOS["udp"]
+        return _Compiled(protos, not rule.to, "public" in rule.to, tuple(v4), tuple(v6),
+                         rule.ports)
+
+    def decide(self, proto: int, dst: bytes, dport: int = 0) -> Decision:
+        """Verdict for a new flow: IP protocol number (6, 17, 1, 58), packed destination as
+        the guest addressed it (4 or 16 bytes), destination port (ignored for ICMP)."""
+        i = self._first_match(self._compiled, proto, dst, dport)
+        return self._default if i < 0 else self._decisions[i]
+
+    def _first_match(self, compiled: Sequence[_Compiled], proto: int, dst: bytes,
+                     dport: int) -> int:
+        """Index of the first rule of `compiled` matching the flow, or -1."""
+        addr = int.from_bytes(dst, "big")
+        v6 = len(dst) == 16
+        if v6 and addr >> 32 == _V4_MAPPED_PREFIX:
+            addr &= 0xFFFFFFFF
+            v6 = False
+        public: bool | None = None
+        for i, rule in enumerate(compiled):
+            if proto not in rule.protos:
+                continue
+            if rule.ports:
+                for lo, hi in rule.ports:
+                    if lo <= dport <= hi:
+                        break
+                else:
+                    continue
+            if not rule.any_dst:
+                for lo, hi in rule.v6 if v6 else rule.v4:
+                    if lo <= addr <= hi:
+                        break
+                else:
+                    if not rule.public:
+                        continue
+                    if public is None:
+                        public = self._is_public(addr, v6)
+                    if not public:
+                        continue
+            return i
+        return -1
+
+    def _is_public(self, addr: int, v6: bool) -> bool:
+        if v6 and not _GLOBAL_UNICAST_V6[0] <= addr <= _GLOBAL_UNICAST_V6[1]:
+            return False
+        return all(not lo <= addr <= hi
+                   for lo, hi in (self._nonpublic_v6 if v6 else self._nonpublic_v4))
+
+    def in_group(self, group: str, addr: IPv4Address | IPv6Address) -> bool:
+        """Whether `addr` is in a named group under this policy's config (for tests and for
+        explaining a decision)."""
+        if group not in GROUPS:
+            raise ConfigError(f"policy: unknown group {group!r}")
+        rule = self._compile(Rule("deny", "any", (group,)), self._groups())
+        return self._first_match((rule,), PROTO_TCP, addr.packed, 1) == 0
+
+    def _groups(self) -> dict[str, list[str]]:
+        groups = {name: list(cidrs) for name, cidrs in _STATIC_GROUPS.items()}
+        groups["loopback"] += self._mapped
+        groups["host"] += self._mapped
+        return groups
+
+    # --- construction and serialisation ---------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], config: RelayConfig | None = None) -> Policy:
+        """From the file/JSON shape: {"default": "allow", "rule": [{...}, ...]}."""
+        if not isinstance(data, Mapping):
+            raise ConfigError("policy: expected a table with 'default' and 'rule'")
+        unknown = sorted(set(map(str, data)) - TOP_KEYS)
+        if unknown:
+            raise ConfigError(f"policy: unknown key {unknown[0]!r} (known: default, rule)")
+        rules = data.get("rule", [])
+        if not isinstance(rules, list):
+            raise ConfigError("policy: 'rule' must be a list of rules ([[rule]] in TOML)")
+        return cls(rules, data.get("default", "allow"), config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"default": self.default, "rule": [r.to_dict() for r in self.rules]}
+
+    @classmethod
+    def from_toml(cls, text: str, config: RelayConfig | None = None) -> Policy:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"policy: not valid TOML: {exc}") from None
+        return cls.from_dict(data, config)
+
+    @classmethod
+    def from_json(cls, text: str, config: RelayConfig | None = None) -> Policy:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"policy: not valid JSON: {exc}") from None
+        return cls.from_dict(data, config)
+
+    @classmethod
+    def load(cls, path: str | Path, config: RelayConfig | None = None) -> Policy:
+        """Read a policy file: JSON if it ends in .json, TOML otherwise."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"policy file {path}: {exc}") from None
+        if str(path).endswith(".json"):
+            return cls.from_json(text, config)
+        return cls.from_toml(text, config)
+
+    @classmethod
+    def sandbox(cls, config: RelayConfig | None = None) -> Policy:
+        """The `--sandbox` profile: no metadata service, no link-local, no private ranges,
+        no host loopback (direct or through the mapped gateway); everything else allowed.
+        The DNS addresses' port 53 stays reachable (see the module docstring)."""
+        cfg = config if config is not None else RelayConfig()
+        return cls([
+            Rule("allow", "any", (f"{cfg.dns_ipv4}/32", f"{cfg.dns_ipv6}/128"), ((53, 53),),
+                 "the relay's own DNS forwarder"),
+            Rule("deny", "any", ("metadata",), comment="cloud instance metadata"),
+            Rule("deny", "any", ("link-local",)),
+            Rule("deny", "any", ("host", "loopback"), comment="host loopback"),
+            Rule("deny", "any", ("private",), comment="RFC 1918, RFC 6598, RFC 4193"),
+        ], "allow", cfg)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Policy):
+            return NotImplemented
+        return (self.rules, self.default, self._mapped) == (other.rules, other.default,
+                                                            other._mapped)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Policy({len(self.rules)} rules, default={self.default!r})"

@@ -1,0 +1,313 @@
+"""Tests for relaynat.policy: groups, validation messages, file formats, the sandbox
+profile, and hypothesis checks of first-match semantics against a plain list scan."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relaynat.config import ConfigError, RelayConfig
+from relaynat.policy import (
+    GROUPS,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    Decision,
+    Policy,
+    Rule,
+)
+
+CFG = RelayConfig()
+
+
+def pk(addr: str) -> bytes:
+    return ip_address(addr).packed
+
+
+def deny_to(*to: str, proto: str = "any", ports: str = "") -> Policy:
+    rule: dict[str, object] = {"action": "deny", "proto": proto}
+    if to:
+        rule["to"] = list(to)
+    if ports:
+        rule["ports"] = ports
+    return Policy([rule], "allow", CFG)
+
+
+# --- groups ---------------------------------------------------------------------------
+
+GROUP_MEMBERS = {
+    "loopback": ["127.0.0.1", "127.255.255.255", "::1", "10.0.2.2", "fd00::2"],
+    "host": ["10.0.2.2", "fd00::2"],
+    "private": ["10.0.0.0", "10.255.255.255", "172.16.0.1", "172.31.255.255", "192.168.1.1",
+                "100.64.0.1", "100.127.255.255", "fc00::1", "fdff:ffff::1", "10.0.2.3"],
+    "link-local": ["169.254.0.1", "169.254.169.254", "fe80::1", "febf::1"],
+    "metadata": ["169.254.169.254", "fd00:ec2::254"],
+    "multicast": ["224.0.0.1", "239.255.255.255", "ff02::1", "ff0e::1"],
+    "public": ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "2a00::1", "172.32.0.0",
+               "100.128.0.0", "::ffff:8.8.8.8"],
+}
+GROUP_NONMEMBERS = {
+    "loopback": ["128.0.0.1", "::2", "10.0.2.3"],
+    "host": ["127.0.0.1", "::1", "10.0.2.15"],
+    "private": ["11.0.0.0", "172.15.255.255", "172.32.0.0", "192.169.0.0", "100.63.255.255",
+                "fe00::1"],
+    "link-local": ["169.253.255.255", "169.255.0.0", "fec0::1"],
+    "metadata": ["169.254.169.253", "fd00:ec2::253"],
+    "multicast": ["223.255.255.255", "240.0.0.0", "fe80::1"],
+    "public": ["10.0.0.1", "127.0.0.1", "169.254.1.1", "224.0.0.1", "192.0.2.1",
+               "198.51.100.1", "203.0.113.1", "255.255.255.255", "0.0.0.1", "::", "::1",
+               "fe80::1", "fc00::1", "2001:db8::1", "ff02::1", "198.18.0.1", "3fff::1",
+               "::ffff:10.0.2.2"],
+}
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_group_membership(group: str) -> None:
+    policy = deny_to(group)
+    for addr in GROUP_MEMBERS[group]:
+        assert policy.decide(PROTO_TCP, pk(addr), 80) == Decision(False, 0), addr
+        assert policy.in_group(group, ip_address(addr)), addr
+    for addr in GROUP_NONMEMBERS[group]:
+        assert policy.decide(PROTO_TCP, pk(addr), 80) == Decision(True, -1), addr
+        assert not policy.in_group(group, ip_address(addr)), addr
+
+
+def test_host_group_follows_config() -> None:
+    cfg = CFG.replace(map_host_loopback_v4=IPv4Address("10.0.2.9"), map_host_loopback_v6=None)
+    policy = Policy([{"action": "deny", "to": "host"}], "allow", cfg)
+    assert not policy.decide(PROTO_TCP, pk("10.0.2.9"), 1).allow
+    assert policy.decide(PROTO_TCP, pk("10.0.2.2"), 1).allow
+    assert policy.decide(PROTO_TCP, pk("fd00::2"), 1).allow
+    assert not Policy([{"action": "deny", "to": "loopback"}], "allow", cfg).decide(
+        PROTO_UDP, pk("10.0.2.9"), 1).allow
+
+
+def test_v4_mapped_v6_is_judged_as_v4() -> None:
+    policy = deny_to("169.254.169.254/32")
+    assert not policy.decide(PROTO_TCP, pk("::ffff:169.254.169.254"), 80).allow
+    assert policy.decide(PROTO_TCP, pk("::ffff:169.254.169.253"), 80).allow
+
+
+# --- protocols and ports ---------------------------------------------------------------
+
+def test_protocols() -> None:
+    for proto, denied in [("tcp", {PROTO_TCP}), ("udp", {PROTO_UDP}),
+                          ("icmp", {PROTO_ICMP, PROTO_ICMPV6}),
+                          ("any", {PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6})]:
+        policy = deny_to("0.0.0.0/0", "::/0", proto=proto)
+        for number in (PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6):
+            assert policy.decide(number, pk("1.2.3.4"), 7).allow == (number not in denied)
+
+
+def test_ports_restrict_to_tcp_udp() -> None:
+    policy = deny_to("10.0.0.0/8", ports="22,80-90")
+    for port, allowed in [(21, True), (22, False), (23, True), (79, True), (80, False),
+                          (90, False), (91, True)]:
+        assert policy.decide(PROTO_TCP, pk("10.1.2.3"), port).allow == allowed, port
+        assert policy.decide(PROTO_UDP, pk("10.1.2.3"), port).allow == allowed, port
+    assert policy.decide(PROTO_ICMP, pk("10.1.2.3"), 22).allow
+
+
+def test_rule_without_to_matches_everything() -> None:
+    policy = Policy([{"action": "deny", "proto": "udp"}], "allow", CFG)
+    assert not policy.decide(PROTO_UDP, pk("::1"), 5).allow
+    assert policy.decide(PROTO_TCP, pk("::1"), 5).allow
+    assert Policy([], "deny").decide(PROTO_TCP, pk("8.8.8.8"), 1) == Decision(False, -1)
+
+
+# --- validation --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("rule", "message"), [
+    ({"action": "deny", "to": "intranet"}, "policy rule 1: unknown group 'intranet'"),
+    ({"action": "deny", "to": "10.0.0.1/8"}, "policy rule 1: bad CIDR '10.0.0.1/8'"),
+    ({"action": "deny", "to": "300.0.0.0/8"}, "policy rule 1: bad CIDR"),
+    ({"action": "deny", "to": "fd00::/129"}, "policy rule 1: bad CIDR"),
+    ({"action": "deny", "ports": "65536"}, "policy rule 1: port 65536 is out of range"),
+    ({"action": "deny", "ports": [70000]}, "policy rule 1: port 70000 is out of range"),
+    ({"action": "deny", "ports": "90-80"}, "policy rule 1: port range '90-80' is reversed"),
+    ({"action": "deny", "ports": "http"}, "policy rule 1: port 'http' is not a number"),
+    ({"action": "deny", "port": "22"}, "policy rule 1: unknown key 'port'"),
+    ({"action": "reject"}, "policy rule 1: action must be 'allow' or 'deny', not 'reject'"),
+    ({}, "policy rule 1: action must be"),
+    ({"action": "deny", "proto": "sctp"}, "policy rule 1: unknown proto 'sctp'"),
+    ({"action": "deny", "proto": "icmp", "ports": "1"}, "policy rule 1: ports apply to tcp"),
+    ({"action": "deny", "to": 7}, "policy rule 1: 'to' must be"),
+    ({"action": "deny", "to": []}, "policy rule 1: 'to' is empty"),
+    ({"action": "deny", "proto": ["tcp"]}, "policy rule 1: unknown proto ['tcp']"),
+    ({"action": "deny", "ports": True}, "policy rule 1: ports must be"),
+])
+def test_rule_errors_name_the_rule(rule: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Policy([{"action": "allow"}, rule])
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_top_level_errors() -> None:
+    with pytest.raises(ConfigError, match="default must be"):
+        Policy.from_dict({"default": "maybe"})
+    with pytest.raises(ConfigError, match="unknown key 'rules'"):
+        Policy.from_dict({"rules": []})
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        Policy.from_toml("default = ")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        Policy.from_json("{")
+    with pytest.raises(ConfigError, match="'rule' must be a list"):
+        Policy.from_json('{"rule": {}}')
+
+
+# --- files and serialisation ------------------------------------------------------------
+
+TOML = """
+default = "allow"
+[[rule]]
+action = "deny"
+proto = "tcp"
+to = "metadata"
+[[rule]]
+action = "deny"
+to = "10.0.0.0/8"
+ports = "22,80-90"
+comment = "no ssh or web to the LAN"
+"""
+
+
+def test_toml_and_json_files(tmp_path) -> None:
+    toml_file = tmp_path / "policy.toml"
+    toml_file.write_text(TOML)
+    policy = Policy.load(toml_file, CFG)
+    assert policy.decide(PROTO_TCP, pk("169.254.169.254"), 80) == Decision(False, 0)
+    assert policy.decide(PROTO_UDP, pk("169.254.169.254"), 80) == Decision(True, -1)
+    assert policy.decide(PROTO_UDP, pk("10.9.9.9"), 85) == Decision(False, 1)
+    json_file = tmp_path / "policy.json"
+    json_file.write_text(json.dumps(policy.to_dict()))
+    assert Policy.load(json_file, CFG) == policy
+    with pytest.raises(ConfigError, match="policy file"):
+        Policy.load(tmp_path / "missing.toml")
+
+
+def test_dict_round_trip_and_rule_objects() -> None:
+    policy = Policy([Rule("deny", "udp", ("private", "::/0"), ((53, 53), (1000, 2000))),
+                     {"action": "allow", "to": ["public"], "ports": [443, "8000-8100"]}],
+                    "deny", CFG)
+    data = json.loads(json.dumps(policy.to_dict()))
+    assert data["rule"][0] == {"action": "deny", "proto": "udp", "to": ["private", "::/0"],
+                               "ports": "53,1000-2000"}
+    assert data["rule"][1]["ports"] == "443,8000-8100"
+    assert Policy.from_dict(data, CFG) == policy
+
+
+# --- sandbox ------------------------------------------------------------------------------
+
+def test_sandbox_profile() -> None:
+    policy = Policy.sandbox(CFG)
+    for addr in ("169.254.169.254", "fd00:ec2::254", "169.254.3.4", "fe80::1", "10.0.2.2",
+                 "fd00::2", "127.0.0.1", "::1", "192.168.1.1", "172.20.0.1", "10.0.2.3",
+                 "100.64.1.1", "fd12::1"):
+        for proto in (PROTO_TCP, PROTO_UDP):
+            assert not policy.decide(proto, pk(addr), 80).allow, addr
+    for addr in ("8.8.8.8", "2606:4700::1111"):
+        assert policy.decide(PROTO_TCP, pk(addr), 443) == Decision(True, -1)
+    # The relay's DNS addresses stay reachable on port 53 even if the relay consults it.
+    for addr in ("10.0.2.3", "fd00::3"):
+        assert policy.decide(PROTO_UDP, pk(addr), 53).allow
+        assert policy.decide(PROTO_TCP, pk(addr), 53).allow
+    assert Policy.from_dict(policy.to_dict(), CFG) == policy
+
+
+# --- hypothesis: first-match against a reference scan -------------------------------------
+
+def reference(rules: list[dict], default: str, proto: int, dst: bytes, port: int) -> Decision:
+    """A literal reading of the spec with ipaddress, for CIDR rules only."""
+    addr = ip_address(dst)
+    names = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
+    for i, rule in enumerate(rules):
+        if rule["proto"] not in ("any", names[proto]):
+            continue
+        if rule["ports"] and (proto not in (6, 17)
+                              or not any(lo <= port <= hi for lo, hi in rule["ports"])):
+            continue
+        nets = [ip_network(t) for t in rule["to"]]
+        if nets and not any(addr.version == n.version and addr in n for n in nets):
+            continue
+        return Decision(rule["action"] == "allow", i)
+    return Decision(default == "allow", -1)
+
+
+v4_nets = st.builds(lambda a, n: ip_network((a, n), strict=False),
+                    st.integers(0, 2**32 - 1), st.integers(0, 32))
+v6_nets = st.builds(lambda a, n: ip_network((IPv6Address(a), n), strict=False),
+                    st.integers(2**48, 2**128 - 1), st.integers(0, 128))
+port_ranges = st.tuples(st.integers(0, 65535), st.integers(0, 65535)).map(sorted).map(tuple)
+rules_st = st.lists(st.fixed_dictionaries({
+    "action": st.sampled_from(["allow", "deny"]),
+    "proto": st.sampled_from(["tcp", "udp", "icmp", "any"]),
+    "to": st.lists(st.one_of(v4_nets, v6_nets).map(str), max_size=3),
+    "ports": st.lists(port_ranges, max_size=3),
+}), max_size=6).map(lambda rules: [r | {"ports": [] if r["proto"] == "icmp" else r["ports"]}
+                                   for r in rules])
+
+
+def edges(net_text: str) -> list[bytes]:
+    """First and last address of a prefix and their neighbours just outside."""
+    net = ip_network(net_text)
+    top = 2**net.max_prefixlen - 1
+    first, last = int(net.network_address), int(net.broadcast_address)
+    width = net.max_prefixlen // 8
+    return [a.to_bytes(width, "big") for a in (first - 1, first, last, last + 1) if 0 <= a <= top]
+
+
+@settings(max_examples=100, deadline=None)
+@given(rules=rules_st, default=st.sampled_from(["allow", "deny"]),
+       proto=st.sampled_from([6, 17, 1, 58]), port=st.integers(0, 65535), data=st.data())
+def test_first_match_matches_reference(rules, default, proto, port, data) -> None:
+    policy = Policy([{k: v for k, v in r.items() if v} | {
+        "ports": ",".join(f"{a}-{b}" for a, b in r["ports"])} for r in rules], default, CFG)
+    candidates = [e for r in rules for t in r["to"] for e in edges(t)]
+    candidates += [pk("8.8.8.8"), pk("2001:db8::1")]
+    dst = data.draw(st.sampled_from(candidates))
+    dst = dst if not (len(dst) == 16 and dst[:12] == bytes(10) + b"\xff\xff") else pk("1.1.1.1")
+    ports = [p for r in rules for lo, hi in r["ports"] for p in (lo - 1, lo, hi, hi + 1)]
+    port = data.draw(st.sampled_from([port, *[p for p in ports if 0 <= p <= 65535]]))
+    assert policy.decide(proto, dst, port) == reference(rules, default, proto, dst, port)
+    assert Policy.from_dict(json.loads(json.dumps(policy.to_dict())), CFG) == policy
+
+
+@settings(max_examples=100, deadline=None)
+@given(net=st.one_of(v4_nets, v6_nets))
+def test_cidr_edges(net) -> None:
+    policy = deny_to(str(net))
+    for dst in edges(str(net)):
+        inside = ip_address(dst) in net
+        assert policy.decide(PROTO_TCP, dst, 1).allow == (not inside)
+
+
+@settings(max_examples=100, deadline=None)
+@given(lo=st.integers(0, 65535), hi=st.integers(0, 65535))
+def test_port_range_edges(lo: int, hi: int) -> None:
+    lo, hi = min(lo, hi), max(lo, hi)
+    policy = deny_to(ports=f"{lo}-{hi}")
+    for port in (lo - 1, lo, hi, hi + 1):
+        if 0 <= port <= 65535:
+            assert policy.decide(PROTO_UDP, pk("1.2.3.4"), port).allow == (not lo <= port <= hi)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.fixed_dictionaries({"action": st.sampled_from(["allow", "deny"])},
+                                            optional={k: inner for k in ("proto", "to", "ports",
+                                                                         "comment", "x")}),
+                    max_leaves=8))
+def test_arbitrary_input_raises_only_config_error(data) -> None:
+    with contextlib.suppress(ConfigError):
+        Policy.from_dict({"default": "allow", "rule": [data]})
+
+
+def test_decide_accepts_ipv4_and_ipv6_bytes() -> None:
+    assert isinstance(Policy.sandbox().decide(PROTO_ICMPV6, IPv6Address("::1").packed), Decision)
