@@ -16,6 +16,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
+from typing import TYPE_CHECKING
 
 from relaynat import __version__
 from relaynat.config import (
@@ -27,7 +28,14 @@ from relaynat.config import (
     parse_ipv4,
     parse_ipv6,
 )
+from relaynat.forward import ForwardError
 from relaynat.interface import InterfaceError, InterfaceTransport, check_interface_name
+from relaynat.policy import Policy
+from relaynat.portspec import Forward as PortForward
+from relaynat.portspec import parse_portspec
+
+if TYPE_CHECKING:
+    from relaynat.relay import Relay
 
 log = logging.getLogger("relaynat")
 
@@ -77,6 +85,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                     help="IPv6 gateway address (default %(default)s)")
     v6.add_argument("--dns6", default="fd00::3", metavar="ADDR",
                     help="IPv6 DNS address announced by RA and DHCPv6 (default %(default)s)")
+    fw = p.add_argument_group("inbound forwards and egress policy")
+    fw.add_argument("-t", "--tcp-ports", action="append", default=[], metavar="SPEC",
+                    help="forward host TCP ports to the guest, passt's syntax: "
+                         "[ADDR[%%IF]/]PORT[-PORT][:GUESTPORT[-GUESTPORT]], comma lists, "
+                         "~EXCLUDE, all; host port 0 picks a free one (repeatable)")
+    policy = fw.add_mutually_exclusive_group()
+    policy.add_argument("--policy", metavar="FILE",
+                        help="egress policy for the guest's flows (TOML, or JSON if FILE "
+                             "ends in .json): first-match allow/deny rules")
+    policy.add_argument("--sandbox", action="store_true",
+                        help="deny the metadata address, link-local and private ranges and "
+                             "host loopback; allow the rest")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-flows", type=_positive_int, default=16384, metavar="N",
                      help="concurrent TCP flows; SYNs beyond get RST (default %(default)s)")
@@ -221,8 +241,35 @@ def _socket_type(fd: int) -> int:
     return kind
 
 
+def policy_from_args(args: argparse.Namespace, config: RelayConfig) -> Policy | None:
+    """The egress policy the options ask for (raises ConfigError naming the problem)."""
+    if args.sandbox:
+        return Policy.sandbox(config)
+    if args.policy:
+        return Policy.load(args.policy, config)
+    return None
+
+
+def forwards_from_args(args: argparse.Namespace) -> list[PortForward]:
+    """Every `-t` spec parsed (raises ConfigError quoting the bad one)."""
+    return [fwd for spec in args.tcp_ports for fwd in parse_portspec(spec, "tcp")]
+
+
+def add_forwards(relay: Relay, forwards: list[PortForward]) -> None:
+    """Listen on every forwarded port; say on stderr which port a 0 became."""
+    for fwd in forwards:
+        address = str(fwd.address) if fwd.address is not None else None
+        for host_port, guest_port in fwd.pairs():
+            added = relay.add_forward("tcp", address, host_port, guest_port,
+                                      interface=fwd.interface)
+            if host_port == 0:
+                print(f"relaynat: forwarding tcp {address or '*'} port {added.host_port} "
+                      f"to guest port {guest_port}", file=sys.stderr, flush=True)
+
+
 async def _serve(config: RelayConfig, args: argparse.Namespace,
-                 interface: InterfaceTransport | None = None) -> int:
+                 interface: InterfaceTransport | None, policy: Policy | None,
+                 forwards: list[PortForward]) -> int:
     from relaynat.relay import Relay
     from relaynat.unixgram import attach_unixgram_fd, serve_unixgram
 
@@ -232,7 +279,8 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    async with Relay(config) as relay:
+    async with Relay(config, policy) as relay:
+        add_forwards(relay, forwards)
         if args.socket:
             relay.serve_stream(args.socket)
             log.info("listening on %s", args.socket)
@@ -263,14 +311,20 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
     return 0
 
 
-async def _run(config: RelayConfig, args: argparse.Namespace) -> int:
+async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | None,
+               forwards: list[PortForward]) -> int:
     from relaynat.namespace import NamespaceSetupError, run_command
-    from relaynat.relay import Relay
 
     holder: list[Relay] = []
+
+    def ready(relay: Relay) -> None:
+        holder.append(relay)
+        add_forwards(relay, forwards)
+
     try:
         code = await run_command(config, args.command, tap_name=args.tap_name,
-                                 offload=not args.no_offload, relay_ready=holder.append)
+                                 offload=not args.no_offload, relay_ready=ready,
+                                 policy=policy)
     except NamespaceSetupError as exc:
         print(f"relaynat run: {exc}", file=sys.stderr)
         return 1
@@ -314,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("run: give the command to run after --, e.g. relaynat run -- curl URL")
     try:
         config = config_from_args(args)
+        policy = policy_from_args(args, config)
+        forwards = forwards_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
     if args.cmd == "serve" and args.fd is not None and args.fd < 0:
@@ -329,9 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
     loop = _new_loop()
     try:
-        coro = _run(config, args) if args.cmd == "run" else _serve(config, args, interface)
+        coro = (_run(config, args, policy, forwards) if args.cmd == "run"
+                else _serve(config, args, interface, policy, forwards))
         return loop.run_until_complete(coro)
-    except OSError as exc:
+    except (OSError, ForwardError) as exc:
         print(f"relaynat {args.cmd}: {exc}", file=sys.stderr)
         return 1
     finally:

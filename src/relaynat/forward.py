@@ -44,11 +44,13 @@ class Forward:
     host_addr: str | None
     host_port: int
     guest_port: int
+    #: Listen on this interface only (SO_BINDTODEVICE), passt's ADDR%IF.
+    interface: str | None = None
     sock: socket.socket | None = field(default=None, repr=False)
 
     def describe(self) -> dict[str, object]:
         return {"proto": self.proto, "host_addr": self.host_addr, "host_port": self.host_port,
-                "guest_port": self.guest_port}
+                "guest_port": self.guest_port, "interface": self.interface}
 
 
 def client_address(peer: tuple) -> bytes:  # type: ignore[type-arg]
@@ -69,13 +71,15 @@ class TcpForwarder:
         self._open_inbound = open_inbound
         self.forwards: list[Forward] = []
 
-    def add(self, host_addr: str | None, host_port: int, guest_port: int) -> Forward:
+    def add(self, host_addr: str | None, host_port: int, guest_port: int,
+            interface: str | None = None) -> Forward:
         """Listen on `host_addr` (None: all addresses, IPv4 and IPv6) port `host_port`
-        (0: any free one) and forward to the guest's `guest_port`."""
+        (0: any free one), on `interface` only if given, and forward to the guest's
+        `guest_port`."""
         if not 0 <= host_port <= 0xFFFF or not 1 <= guest_port <= 0xFFFF:
             raise ForwardError(f"ports out of range: host {host_port}, guest {guest_port}")
-        sock = _listen(host_addr, host_port)
-        forward = Forward("tcp", host_addr, sock.getsockname()[1], guest_port, sock)
+        sock = _listen(host_addr, host_port, interface)
+        forward = Forward("tcp", host_addr, sock.getsockname()[1], guest_port, interface, sock)
         self._loop.add_reader(sock.fileno(), self._on_accept, forward)
         self.forwards.append(forward)
         log.info("forwarding tcp %s port %d to guest port %d", host_addr or "*",
@@ -116,7 +120,7 @@ class TcpForwarder:
         self.forwards.clear()
 
 
-def _listen(host_addr: str | None, port: int) -> socket.socket:
+def _listen(host_addr: str | None, port: int, interface: str | None) -> socket.socket:
     if host_addr is None:
         # One dual-stack socket serves both families (ipv6(7): IPV6_V6ONLY off).
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -132,6 +136,8 @@ def _listen(host_addr: str | None, port: int) -> socket.socket:
         bind_to = (str(addr), port)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if interface is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         sock.bind(bind_to)
         sock.listen(128)
         sock.setblocking(False)

@@ -257,6 +257,9 @@ class IcmpEchoRelay:
         self._max_icmp6 = config.mtu - IPV6_HLEN
         self._subnet_broadcast = config.network_v4.broadcast_address.packed
         self._closed = False
+        #: Egress check for a new echo session (protocol, destination, 0) -> allow; set
+        #: by the relay when a policy is in force. Denied requests are dropped, counted.
+        self.admit: Callable[[int, bytes, int], bool] | None = None
 
     # -- guest side ---------------------------------------------------------------------
 
@@ -286,6 +289,9 @@ class IcmpEchoRelay:
         key = (req.ident, ip.dst, ip.src)
         session = self.sessions.get(key)
         if session is None:
+            if self.admit is not None and not self.admit(ip.proto, ip.dst, 0):
+                stats["drop_icmp_policy"] += 1
+                return
             session = self._open(key, host_ip, ip.src, guest_mac, now)
             if session is None:
                 return

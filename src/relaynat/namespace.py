@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable
 
 from relaynat.config import RelayConfig
+from relaynat.policy import Policy
 from relaynat.relay import Relay
 from relaynat.tap import TapTransport
 
@@ -35,9 +36,12 @@ class NamespaceSetupError(RuntimeError):
 
 async def run_command(config: RelayConfig, command: list[str], *, tap_name: str = "tap0",
                       offload: bool = True,
-                      relay_ready: Callable[[Relay], object] | None = None) -> int:
+                      relay_ready: Callable[[Relay], object] | None = None,
+                      policy: Policy | None = None) -> int:
     """Run `command` as a namespace guest of a new relay; return its exit status
-    (128 + N if a signal N ended it), as a shell would report it."""
+    (128 + N if a signal N ended it), as a shell would report it. `relay_ready` is
+    called with the relay once the guest's link is attached (e.g. to add forwards);
+    `policy` is the egress policy for the guest's flows."""
     if not command:
         raise ValueError("no command to run")
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -76,7 +80,7 @@ async def run_command(config: RelayConfig, command: list[str], *, tap_name: str 
             await proc.wait()
             raise NamespaceSetupError(msg.decode(errors="replace") or "namespace setup failed")
         info = json.loads(msg)
-        async with Relay(config) as relay:
+        async with Relay(config, policy) as relay:
             relay.attach(TapTransport(fds[0], info["vnet_hdr_len"], info["offload"]))
             if relay_ready is not None:
                 relay_ready(relay)

@@ -52,6 +52,7 @@ from relaynat.packet_builder import (
     udp_frame,
 )
 from relaynat.pcap import PcapWriter
+from relaynat.policy import Policy
 from relaynat.stream import StreamTransport, bind_unix_listener
 from relaynat.tcp_relay import TcpRelay
 from relaynat.transport import FrameTransport
@@ -94,8 +95,9 @@ _LINK_LOCAL_PREFIX = b"\xfe\x80" + bytes(6)
 class Relay:
     """The network of one guest: one transport at a time, any number of flows."""
 
-    def __init__(self, config: RelayConfig | None = None) -> None:
+    def __init__(self, config: RelayConfig | None = None, policy: Policy | None = None) -> None:
         self.config = (config or RelayConfig()).validate()
+        self._policy = policy
         self._stats: Counter[str] = Counter()
         self._transport: FrameTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,6 +157,7 @@ class Relay:
         self._udp_relay = UdpRelay(self.config, self._loop, self._send_frame, self._send_raw,
                                    self._stats)
         self._icmp = IcmpEchoRelay(self.config, self._loop, self._send_frame, self._stats)
+        self.set_policy(self._policy)
         self._tcp_forwards = TcpForwarder(self._loop, self._open_inbound)
         if self._dns_static:
             self._dns_tcp = DnsTcpResponder(self._dns_static, self._dns_upstream, self._loop,
@@ -216,10 +219,40 @@ class Relay:
             self._udp_relay.abort_all()
         self._guest_mac = None
 
+    # -- egress policy -------------------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy | None:
+        return self._policy
+
+    def set_policy(self, policy: Policy | None) -> None:
+        """Put `policy` in force for new guest flows (None: allow everything). Flows
+        already open stay as they are."""
+        self._policy = policy
+        admit = self._admit if policy is not None else None
+        for part in (self._tcp, self._udp_relay, self._icmp):
+            if part is not None:
+                part.admit = admit
+
+    def _admit(self, proto: int, dst: bytes, dport: int) -> bool:
+        """The policy's word on a new guest flow, counted. The DNS addresses' port 53 is
+        the relay's own service and never asked about (policy.py explains why)."""
+        if dport == DNS_PORT and dst in (self._dns_ip, self._dns_ip6):
+            return True
+        assert self._policy is not None
+        decision = self._policy.decide(proto, dst, dport)
+        rule = "default" if decision.rule < 0 else f"rule{decision.rule}"
+        if decision.allow:
+            self._stats["policy_allowed"] += 1
+        else:
+            self._stats["policy_denied"] += 1
+            self._stats[f"policy_denied_{rule}"] += 1
+        return decision.allow
+
     # -- inbound forwards ----------------------------------------------------------------
 
     def add_forward(self, proto: str, host_addr: str | None, host_port: int,
-                    guest_port: int) -> Forward:
+                    guest_port: int, interface: str | None = None) -> Forward:
         """Forward host `host_addr` (None: all, both families) port `host_port` (0: pick
         one; the returned Forward says which) to the guest's `guest_port`. Raises
         ForwardError saying why not (port in use, bad address, unknown protocol)."""
@@ -227,7 +260,7 @@ class Relay:
             raise RuntimeError("Relay.start() (or `async with`) must come first")
         if proto != "tcp":
             raise ForwardError(f"protocol {proto!r} cannot be forwarded (tcp only)")
-        return self._tcp_forwards.add(host_addr, host_port, guest_port)
+        return self._tcp_forwards.add(host_addr, host_port, guest_port, interface)
 
     def remove_forward(self, proto: str, host_addr: str | None, host_port: int) -> Forward:
         """Stop forwarding; connections already open stay. Raises ForwardError."""

@@ -110,6 +110,9 @@ class TcpRelay:
         self._vnet_hdr_len = 0
         self._offload = False
         self.guest_mac = b"\xff" * 6
+        #: Egress check for a new guest connection (protocol, destination, port) -> allow;
+        #: set by the relay when a policy is in force.
+        self.admit: Callable[[int, bytes, int], bool] | None = None
 
     def set_link(self, vnet_hdr_len: int, offload: bool) -> None:
         """Frame format of the attached transport (applies to flows created later)."""
@@ -161,6 +164,9 @@ class TcpRelay:
         if host_ip is None:
             self.stats["tcp_refused_unmapped"] += 1
             self._reply_rst(seg)
+            return
+        if self.admit is not None and not self.admit(6, seg.dst, seg.dport):
+            self._reply_rst(seg)  # as a refused connection: the guest sees ECONNREFUSED
             return
         if len(self.flows) >= self._config.max_tcp_flows:
             self.stats["tcp_refused_flow_limit"] += 1

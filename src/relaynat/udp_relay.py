@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from relaynat.config import RelayConfig
 from relaynat.packet_builder import (
+    ICMP_ADMIN_PROHIBITED,
     ICMP_HOST_UNREACH,
     ICMP_NET_UNREACH,
     ICMP_PORT_UNREACH,
@@ -70,6 +71,9 @@ class UdpRelay:
         self._timer_at = float("inf")
         self._ip_id = 0
         self.guest_mac: bytes | None = None
+        #: Egress check for a new flow (protocol, destination, port) -> allow; set by
+        #: the relay when a policy is in force.
+        self.admit: Callable[[int, bytes, int], bool] | None = None
 
     def set_link(self, vnet_hdr_len: int, offload: bool) -> None:
         """Frame format of the attached transport."""
@@ -89,6 +93,9 @@ class UdpRelay:
         quote = bytes(ip.packet[:hlen + 8])
         flow = self.table.get(key)
         if flow is None:
+            if self.admit is not None and not self.admit(17, dgram.dst, dgram.dport):
+                self.refuse(ip, ICMP_ADMIN_PROHIBITED)  # RFC 1812 §5.2.7.1
+                return
             flow = self._open(key, host_ip, dgram.dport, now, fixed_timeout, quote)
             if flow is None:
                 return
