@@ -81,9 +81,9 @@ def _write_port(port_file: str, port: int) -> None:
     os.replace(tmp, port_file)
 
 
-def serve_http(root: str, port_file: str, bind: str) -> None:
+def serve_http(root: str, port_file: str, bind: str, port: int = 0) -> None:
     _Handler.root = root
-    server = (_Server6 if ":" in bind else _Server)((bind, 0), _Handler)
+    server = (_Server6 if ":" in bind else _Server)((bind, port), _Handler)
     _write_port(port_file, server.server_address[1])
     server.serve_forever()
 
@@ -130,11 +130,12 @@ def main() -> int:
     parser.add_argument("--root", default=".")
     parser.add_argument("--port-file", required=True)
     parser.add_argument("--bind", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="http: port (default: any)")
     parser.add_argument("--delay", type=float, default=0.0,
                         help="drain-then-reply: seconds to wait before reading")
     args = parser.parse_args()
     if args.kind == "http":
-        serve_http(args.root, args.port_file, args.bind)
+        serve_http(args.root, args.port_file, args.bind, args.port)
     else:
         asyncio.run(serve_stream(args.kind, args.port_file, args.delay, args.bind))
     return 0
