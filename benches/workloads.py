@@ -138,32 +138,29 @@ def failed_figure(reason: str) -> FailedFigure:
 def udp_workload(guest: Guest, opts: WorkloadOptions, ctx: Context) -> Figures:
     """iperf3 -u at a fixed offered rate: the received rate and the loss, both ways.
 
-    iperf3 3.12's UDP summary is the client's view with the receiver's loss count
-    (exchanged at the end), so received = sent x (1 - lost/packets). Per-second
-    intervals are the receiver's only with -R; only those count for stall detection.
+    Figures are iperf3's receiver summary (end.sum_received; 3.12 has it for UDP).
+    No -O warm-up: UDP has no slow start, and with -O iperf3 3.12 counts losses from
+    the start but packets only after it (loss over 100%). Per-second intervals are the
+    receiver's only with -R; only those count for stall detection.
     """
     require("iperf3")
     out: Figures = {}
     for d, rev in DIRS.items():
         server = f"iperf3 -s -1 -B {guest.server_bind} -p {IPERF_PORT}".split()
         client = [*f"iperf3 -c {guest.target} -p {IPERF_PORT} -u -b {opts.udp_rate}".split(),
-                  *f"-l {opts.udp_len} -t {opts.duration:g} -O {opts.omit} -J".split(),
+                  *f"-l {opts.udp_len} -t {opts.duration:g} -J".split(),
                   *(["-R"] if rev else [])]
         try:
             with _server(server, IPERF_PORT, opts):
-                stdout, rc, tail = _guest_run(guest, client,
-                                              opts.duration + opts.omit + CLIENT_GRACE, opts)
+                stdout, rc, tail = _guest_run(guest, client, opts.duration + CLIENT_GRACE, opts)
             report = _iperf_json(stdout, rc, tail)
-            summary = report["end"]["sum"]
-            packets = summary.get("packets") or 0
-            lost = summary.get("lost_packets") or 0
-            if not packets:
+            received = report["end"]["sum_received"]
+            if not received.get("packets"):
                 raise BenchError("no UDP packets counted")
-            received = summary["bits_per_second"] / 1e9 * (1 - lost / packets)
-            intervals = ([i["sum"]["bits_per_second"] / 1e9 for i in report["intervals"]
-                          if not i["sum"].get("omitted")] if rev else [])
-            out[f"udp_{d}_gbps"] = Figure(received, intervals)
-            out[f"udp_{d}_loss_pct"] = Figure(100.0 * lost / packets)
+            intervals = ([i["sum"]["bits_per_second"] / 1e9 for i in report["intervals"]]
+                         if rev else [])
+            out[f"udp_{d}_gbps"] = Figure(received["bits_per_second"] / 1e9, intervals)
+            out[f"udp_{d}_loss_pct"] = Figure(float(received["lost_percent"]))
         except (BenchError, KeyError, TypeError) as exc:
             reason = str(exc) if isinstance(exc, BenchError) else f"bad iperf3 JSON: {exc}"
             out[f"udp_{d}_gbps"] = out[f"udp_{d}_loss_pct"] = failed_figure(reason)
