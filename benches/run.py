@@ -248,7 +248,7 @@ def run_vm_part(opts: Options) -> dict[str, dict[str, Cell]]:
             try:
                 if reason:
                     raise BenchError(reason)
-                figures = vm.run_vm(relay, opts.vm_mib, 240.0, opts.wopts.verbose)
+                figures = vm.run_vm(relay, opts.vm_mib, 90.0, opts.wopts.verbose)
             except BenchError as exc:
                 print(f"    failed: {exc}", file=sys.stderr)
                 figures = {k: FailedFigure(str(exc)) for k in cells}

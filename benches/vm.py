@@ -45,7 +45,9 @@ class _Peer(threading.Thread):
         self.srv.bind(("127.0.0.1", port))
         self.srv.listen(1)
         self.srv.settimeout(timeout)
+        self.timeout = timeout
         self.gbps: float | None = None
+        self.done = 0  # bytes moved so far (for the error message)
         self.error = "no connection"
 
     def run(self) -> None:
@@ -59,29 +61,29 @@ class _Peer(threading.Thread):
             try:
                 self._transfer(conn)
             except OSError as exc:
-                self.error = f"{type(exc).__name__}: {exc}"
+                self.error = (f"{type(exc).__name__} after {self.done} of {self.nbytes} bytes"
+                              f"{' sent' if self.send else ' received'}")
 
     def _transfer(self, conn: socket.socket) -> None:
-        done = 0
         if self.send:
             block = b"\0" * CHUNK
             t0 = time.monotonic()
-            while done < self.nbytes:
-                done += conn.send(block[:min(CHUNK, self.nbytes - done)])
+            while self.done < self.nbytes:
+                self.done += conn.send(block[:min(CHUNK, self.nbytes - self.done)])
             conn.shutdown(socket.SHUT_WR)
             while conn.recv(CHUNK):  # the guest's nc closes once it read everything
                 pass
         else:
             buf = bytearray(CHUNK)
             t0 = 0.0
-            while done < self.nbytes:
+            while self.done < self.nbytes:
                 n = conn.recv_into(buf)
                 if not n:
-                    self.error = f"EOF after {done} of {self.nbytes} bytes"
+                    self.error = f"EOF after {self.done} of {self.nbytes} bytes"
                     return
-                if not done:
+                if not self.done:
                     t0 = time.monotonic()
-                done += n
+                self.done += n
         self.gbps = self.nbytes * 8 / (time.monotonic() - t0) / 1e9
 
     def close(self) -> None:
@@ -141,11 +143,14 @@ def run_vm(relay: str, mib: int, timeout: float, verbose: bool) -> Figures:
                 result = vmguest.boot_vm(sock, command, timeout=timeout)
         if verbose:
             print(result.output, file=sys.stderr)
-        if result.timed_out or result.exit_status is None:
-            why = "timed out" if result.timed_out else "no exit status"
-            raise BenchError(f"VM {why}; DHCP {result.dhcp_ok}; {result.console[-200:]!r}")
+        if result.dhcp_ok is not True:
+            raise BenchError(f"VM without network: {result.console[-200:]!r}")
         sink.join(5)
         source.join(5)
+        if result.timed_out:  # a direction that finished still counts; the other says why
+            for peer in (sink, source):
+                peer.error = (f"VM timed out after {timeout:.0f}s with {peer.done} of"
+                              f" {nbytes} bytes moved")
     finally:
         sink.close()
         source.close()
