@@ -105,6 +105,7 @@ class Options:
     out: Path
     stall_gbps: float
     vm_mib: int
+    from_json: Path | None
 
 
 def metrics_for(opts: Options) -> list[Metric]:
@@ -367,22 +368,26 @@ def chart(summary: dict[str, Any], vm_summary: dict[str, Any], metrics: list[Met
     matplotlib.use("Agg")  # no display; we only write a file
     import matplotlib.pyplot as plt
 
+    vm_metrics = [Metric(k, k.replace("_gbps", ""), "Gbit/s") for k in vm_summary]
     groups = [
-        ("Throughput (Gbit/s)", [m for m in metrics if m.unit == "Gbit/s"], summary, setups),
-        ("Latency (µs, lower is better)", [m for m in metrics if m.unit == "µs"], summary,
-         setups),
-        ("Connect rate (conn/s) and RSS (MiB)",
-         [m for m in metrics if m.unit in ("conn/s", "MiB")], summary, setups),
-        ("qemu stream VM under TCG (Gbit/s)",
-         [Metric(k, k.replace("_gbps", ""), "Gbit/s") for k in vm_summary], vm_summary,
-         ["relaynat", "passt"]),
+        (title, ms, summ, names) for title, ms, summ, names in (
+            ("Throughput (Gbit/s)", [m for m in metrics if m.unit == "Gbit/s"], summary,
+             setups),
+            ("Latency (µs, lower is better)", [m for m in metrics if m.unit == "µs"],
+             summary, setups),
+            ("Connect+request+response+close rate (conn/s)",
+             [m for m in metrics if m.unit == "conn/s"], summary, setups),
+            ("Relay RSS with idle flows (MiB)", [m for m in metrics if m.unit == "MiB"],
+             summary, [s for s in setups if s != "veth"]),
+            ("qemu stream VM under TCG (Gbit/s)", vm_metrics, vm_summary,
+             ["relaynat", "passt"]),
+        ) if ms
     ]
-    fig, axes = plt.subplots(4, 1, figsize=(14, 22))
-    for ax, (title, ms, summ, names) in zip(axes, groups, strict=True):
+    if not groups:
+        return
+    fig, axes = plt.subplots(len(groups), 1, figsize=(14, 4.5 * len(groups)), squeeze=False)
+    for ax, (title, ms, summ, names) in zip(axes[:, 0], groups, strict=True):
         ax.set_title(title)
-        if not ms:
-            ax.set_visible(False)
-            continue
         width = 0.8 / len(names)
         for i, name in enumerate(names):
             meds, lo, hi = [], [], []
@@ -422,6 +427,8 @@ def parse_args(argv: list[str] | None) -> Options:
                    help="a 1 s interval below this counts as a stall (default 10 Mbit/s)")
     p.add_argument("--vm-mib", type=int, default=64, help="MiB each way through the VM")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--from-json", type=Path,
+                   help="measure nothing: print and chart a results.json again into --out")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     setups = [s.strip() for s in a.only.split(",") if s.strip()]
@@ -438,11 +445,14 @@ def parse_args(argv: list[str] | None) -> Options:
                             tuple(int(n) for n in a.idle_flows.split(",") if n),
                             a.verbose)
     return Options(wopts, a.repeats, setups, [int(m) for m in a.mtus.split(",")], workloads,
-                   a.pasta_bin, a.out, a.stall_gbps, a.vm_mib)
+                   a.pasta_bin, a.out, a.stall_gbps, a.vm_mib, a.from_json)
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    if opts.from_json is not None:  # re-render a finished run (table, targets, chart)
+        report(json.loads(opts.from_json.read_text()), opts.out)
+        return 0
     if os.geteuid() != 0:
         print("run.py must run as root (network namespaces, veth, TAP)", file=sys.stderr)
         return 2
@@ -467,27 +477,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     summary, vm_summary = summarise(cells), summarise(vm_cells)
     w = opts.wopts
-    lines = [f"relaynat benchmark suite: {w.duration:g}s runs (+{w.omit}s iperf3 warm-up), "
-             f"{opts.repeats} repeats, {os.cpu_count()} CPUs, kernel {platform.release()}; "
-             "median (min-max) and ratio to slirp4netns", "",
-             *table(summary, metrics, opts.setups)]
-    if vm_summary:
-        vm_metrics = [Metric("vm_g2h_gbps", f"VM (TCG) guest->host {opts.vm_mib} MiB", "Gbit/s"),
-                      Metric("vm_h2g_gbps", f"VM (TCG) host->guest {opts.vm_mib} MiB", "Gbit/s")]
-        lines += ["", *table(vm_summary, vm_metrics, ["relaynat", "passt"])]
-    goals = targets(summary)
-    lines += ["", "targets (relaynat, medians):"]
-    for g in goals:
-        state = {True: "met", False: "MISSED", None: "n/a"}[g["met"]]
-        value = "-" if g["value"] is None else f"{g['value']:.3g}"
-        lines.append(f"  [{state:6}] {g['target']}: {value}" +
-                     (f" {g['where']}" if g.get("where") else ""))
-    failures = [f"  {s} {k}: {e}" for k, ss in {**summary, **vm_summary}.items()
-                for s, c in ss.items() for e in dict.fromkeys(c["errors"])]
-    if failures:
-        lines += ["", "failures:", *failures]
-    print("\n".join(lines))
-    opts.out.mkdir(parents=True, exist_ok=True)
     document = {
         "benchmark": "relaynat suite (benches/run.py)",
         "started": started,
@@ -504,17 +493,45 @@ def main(argv: list[str] | None = None) -> int:
                             "higher_is_better": m.higher_is_better} for m in metrics},
         "results": summary,
         "vm": vm_summary,
-        "targets": goals,
+        "targets": targets(summary),
         "commands": commands,
-        "table": lines,
     }
-    (opts.out / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+    report(document, opts.out)
+    return 0
+
+
+def report(document: dict[str, Any], out: Path) -> None:
+    """Print the table and targets, write OUT/results.json and OUT/results.png."""
+    o, summary, vm_summary = document["options"], document["results"], document["vm"]
+    metrics = [Metric(k, m["label"], m["unit"], m["higher_is_better"])
+               for k, m in document["metrics"].items()]
+    lines = [f"relaynat benchmark suite: {o['duration']:g}s runs (+{o['omit']}s iperf3 "
+             f"warm-up), {o['repeats']} repeats, {document['host']['cpus']} CPUs, kernel "
+             f"{document['host']['kernel']}; median (min-max) and ratio to slirp4netns", "",
+             *table(summary, metrics, o["setups"])]
+    if vm_summary:
+        vm_metrics = [Metric("vm_g2h_gbps", f"VM (TCG) guest->host {o['vm_mib']} MiB", "Gbit/s"),
+                      Metric("vm_h2g_gbps", f"VM (TCG) host->guest {o['vm_mib']} MiB", "Gbit/s")]
+        lines += ["", *table(vm_summary, vm_metrics, ["relaynat", "passt"])]
+    lines += ["", "targets (relaynat, medians):"]
+    for g in document["targets"]:
+        state = {True: "met", False: "MISSED", None: "n/a"}[g["met"]]
+        value = "-" if g["value"] is None else f"{g['value']:.3g}"
+        lines.append(f"  [{state:6}] {g['target']}: {value}" +
+                     (f" {g['where']}" if g.get("where") else ""))
+    failures = [f"  {s} {k}: {e}" for k, ss in {**summary, **vm_summary}.items()
+                for s, c in ss.items() for e in dict.fromkeys(c["errors"])]
+    if failures:
+        lines += ["", "failures:", *failures]
+    print("\n".join(lines))
+    document["table"] = lines
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(document, indent=2) + "\n")
     try:
-        chart(summary, vm_summary, metrics, opts.setups, opts.out / "results.png")
+        chart(summary, vm_summary, metrics, o["setups"], out / "results.png")
     except ImportError as exc:  # matplotlib is the bench extra; the figures still count
         print(f"no chart: {exc}", file=sys.stderr)
-    print(f"\nwrote {opts.out / 'results.json'} and {opts.out / 'results.png'}")
-    return 0
+    print(f"\nwrote {out / 'results.json'} and {out / 'results.png'}")
 
 
 if __name__ == "__main__":
