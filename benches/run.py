@@ -427,6 +427,8 @@ def parse_args(argv: list[str] | None) -> Options:
                    help="a 1 s interval below this counts as a stall (default 10 Mbit/s)")
     p.add_argument("--vm-mib", type=int, default=64, help="MiB each way through the VM")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--py-spy", type=Path, metavar="DIR",
+                   help="profile relaynat with py-spy during each workload into DIR")
     p.add_argument("--from-json", type=Path,
                    help="measure nothing: print and chart a results.json again into --out")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -443,7 +445,7 @@ def parse_args(argv: list[str] | None) -> Options:
         p.error("need --duration > 0, --repeats >= 1, --omit >= 0")
     wopts = WorkloadOptions(a.duration, a.omit, a.udp_rate, a.udp_len,
                             tuple(int(n) for n in a.idle_flows.split(",") if n),
-                            a.verbose)
+                            a.verbose, a.py_spy)
     return Options(wopts, a.repeats, setups, [int(m) for m in a.mtus.split(",")], workloads,
                    a.pasta_bin, a.out, a.stall_gbps, a.vm_mib, a.from_json)
 

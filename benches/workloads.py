@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyspy import profiled
 from setups import Guest, rss_bytes
 from throughput import (
     CLIENT_GRACE,
@@ -49,6 +50,7 @@ class WorkloadOptions:
     udp_len: int  # datagram payload (iperf3 -l), below MTU 1500 so it is the same everywhere
     idle_counts: tuple[int, ...]
     verbose: bool
+    profile_dir: Path | None = None  # py-spy profiles of relaynat per workload (pyspy.py)
 
 
 @dataclass
@@ -92,13 +94,19 @@ def _server(argv: list[str], port: int, opts: WorkloadOptions) -> Any:
 # --------------------------------------------------------------------------- iperf3
 
 
+def _profiled(guest: Guest, opts: WorkloadOptions, tag: str, seconds: float) -> Any:
+    pid = guest.relay_pid if guest.name == "relaynat" else None
+    return profiled(pid, opts.profile_dir, tag, seconds)
+
+
 def iperf_tcp(guest: Guest, reverse: bool, streams: int, opts: WorkloadOptions,
-              extra: tuple[str, ...] = ()) -> Figure:
+              extra: tuple[str, ...] = (), tag: str = "iperf3") -> Figure:
     require("iperf3")
     server = f"iperf3 -s -1 -B {guest.server_bind} -p {IPERF_PORT}".split()
     client = [*f"iperf3 -c {guest.target} -p {IPERF_PORT} -t {opts.duration:g}".split(),
               *f"-O {opts.omit} -J -P {streams}".split(), *(["-R"] if reverse else []), *extra]
-    with _server(server, IPERF_PORT, opts) as srv:
+    with (_server(server, IPERF_PORT, opts) as srv,
+          _profiled(guest, opts, tag, opts.duration + opts.omit)):
         stdout, rc, tail = _guest_run(guest, client, opts.duration + opts.omit + CLIENT_GRACE,
                                       opts)
         try:
@@ -115,7 +123,7 @@ def tcp_workload(streams: int, mtu: int) -> Callable[[Guest, WorkloadOptions, Co
         for d, rev in DIRS.items():
             key = f"tcp{streams}_{d}_{mtu}"
             try:
-                out[key] = iperf_tcp(guest, rev, streams, opts)
+                out[key] = iperf_tcp(guest, rev, streams, opts, tag=key)
             except BenchError as exc:  # the other direction is still worth measuring
                 out[key] = failed_figure(str(exc))
         return out
@@ -194,7 +202,8 @@ def latency_workload(guest: Guest, opts: WorkloadOptions, ctx: Context) -> Figur
     server = f"sockperf server --tcp -i {guest.server_bind} -p {SOCKPERF_PORT}".split()
     client = (f"sockperf ping-pong --tcp -i {guest.target} -p {SOCKPERF_PORT}"
               f" -t {max(1, round(opts.duration))} -m 64").split()
-    with _server(server, SOCKPERF_PORT, opts):
+    with (_server(server, SOCKPERF_PORT, opts),
+          _profiled(guest, opts, "latency", opts.duration)):
         stdout, rc, tail = _guest_run(guest, client, opts.duration + CLIENT_GRACE, opts)
     pct = {float(p): float(v) for p, v in _PERCENTILE.findall(stdout.decode(errors="replace"))}
     if 50.0 not in pct or 99.0 not in pct:
@@ -208,7 +217,7 @@ def crr_workload(guest: Guest, opts: WorkloadOptions, ctx: Context) -> Figures:
               "--port", str(CRR_PORT), "--seconds", str(opts.duration + CLIENT_GRACE + 10)]
     client = [sys.executable, LOADTOOLS, "crr-client", "--target", guest.target,
               "--port", str(CRR_PORT), "--duration", str(opts.duration)]
-    with _server(server, CRR_PORT, opts):
+    with _server(server, CRR_PORT, opts), _profiled(guest, opts, "crr", opts.duration):
         stdout, rc, tail = _guest_run(guest, client, opts.duration + CLIENT_GRACE, opts)
     try:
         res = json.loads(stdout)
@@ -262,7 +271,7 @@ def idle_workload(count: int) -> Callable[[Guest, WorkloadOptions, Context], Fig
                 for d, rev in DIRS.items():
                     key = f"idle{count}_{d}_gbps"
                     try:
-                        fig = iperf_tcp(guest, rev, 1, opts)
+                        fig = iperf_tcp(guest, rev, 1, opts, tag=key)
                     except BenchError as exc:
                         out[key] = out[f"idle{count}_{d}_vs_solo"] = failed_figure(str(exc))
                         continue
