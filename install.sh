@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs relaynat with everything its tests and benchmarks use, on Debian 12, as root:
 # Debian packages (real peers and tools: iperf3, curl, socat, qemu, busybox, slirp4netns,
-# pasta), then a virtualenv in .venv with relaynat and its test dependencies from PyPI.
+# pasta, sockperf), then a virtualenv in .venv with relaynat and its test and benchmark
+# dependencies from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")"
 export DEBIAN_FRONTEND=noninteractive
@@ -9,11 +10,11 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-pip iproute2 iperf3 curl socat tcpdump dnsutils \
     iputils-ping busybox-static cpio qemu-system-x86 slirp4netns passt ca-certificates \
-    ndisc6 isc-dhcp-client \
+    ndisc6 isc-dhcp-client sockperf \
     >/dev/null
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[test]'
+.venv/bin/pip install -q -e '.[test,bench]'
 # The qemu guest of the VM tests: Debian's cloud kernel (apt-get download, unpacked, not
 # installed) and a busybox initramfs, cached in /var/cache/relaynat-vm.
 .venv/bin/python tests/vmguest.py build
