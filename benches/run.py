@@ -4,7 +4,7 @@ plain veth pair, plus the qemu stream VM through relaynat vs passt, in one run.
 
 Usage (as root, from a checkout)::
 
-    python benches/run.py [--duration 5] [--repeats 3] [--out bench-results]
+    python benches/run.py [--duration 5] [--repeats 3] [--out benches/results]
                           [--only relaynat,slirp4netns,pasta,veth] [--pasta-bin PATH]
                           [--workloads tcp1,tcp4,udp,latency,crr,idle,vm]
 
@@ -428,7 +428,8 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--stall-gbps", type=float, default=0.01,
                    help="a 1 s interval below this counts as a stall (default 10 Mbit/s)")
     p.add_argument("--vm-mib", type=int, default=64, help="MiB each way through the VM")
-    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                   help="directory for results.json and results.png (git-ignored default)")
     p.add_argument("--py-spy", type=Path, metavar="DIR",
                    help="profile relaynat with py-spy during each workload into DIR")
     p.add_argument("--from-json", type=Path,
