@@ -4,7 +4,7 @@ plain veth pair, plus the qemu stream VM through relaynat vs passt, in one run.
 
 Usage (as root, from a checkout)::
 
-    python benches/run.py [--duration 5] [--repeats 3] [--out bench-results]
+    python benches/run.py [--duration 5] [--repeats 3] [--out benches/results]
                           [--only relaynat,slirp4netns,pasta,veth] [--pasta-bin PATH]
                           [--workloads tcp1,tcp4,udp,latency,crr,idle,vm]
 
@@ -290,8 +290,10 @@ def fmt(v: float) -> str:
 
 def cell_text(s: dict[str, Any], ratio: bool) -> str:
     if "median" not in s:
-        reason = s["errors"][-1] if s["errors"] else "not run"
-        return f"failed: {reason}"[:44]
+        if not s["errors"]:
+            return "-"  # not applicable (no relay process for veth's RSS, say)
+        # The short form; the full reason is in the failures list below the table.
+        return f"failed: {s['errors'][-1].split(' (')[0]}"[:52]
     text = f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])})"
     if ratio and s.get("ratio_to_slirp4netns") is not None:
         text += f" {s['ratio_to_slirp4netns']:.2f}x"
@@ -426,7 +428,8 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--stall-gbps", type=float, default=0.01,
                    help="a 1 s interval below this counts as a stall (default 10 Mbit/s)")
     p.add_argument("--vm-mib", type=int, default=64, help="MiB each way through the VM")
-    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                   help="directory for results.json and results.png (git-ignored default)")
     p.add_argument("--py-spy", type=Path, metavar="DIR",
                    help="profile relaynat with py-spy during each workload into DIR")
     p.add_argument("--from-json", type=Path,
@@ -521,8 +524,14 @@ def report(document: dict[str, Any], out: Path) -> None:
         value = "-" if g["value"] is None else f"{g['value']:.3g}"
         lines.append(f"  [{state:6}] {g['target']}: {value}" +
                      (f" {g['where']}" if g.get("where") else ""))
-    failures = [f"  {s} {k}: {e}" for k, ss in {**summary, **vm_summary}.items()
-                for s, c in ss.items() for e in dict.fromkeys(c["errors"])]
+    # One line per setup and reason, naming the figures it cost (a failed workload
+    # fails all its figures, and each repeat may fail alike).
+    reasons: dict[tuple[str, str], list[str]] = {}
+    for k, ss in {**summary, **vm_summary}.items():
+        for s, c in ss.items():
+            for e in dict.fromkeys(c["errors"]):
+                reasons.setdefault((s, e), []).append(k)
+    failures = [f"  {s}: {e} ({', '.join(keys)})" for (s, e), keys in reasons.items()]
     if failures:
         lines += ["", "failures:", *failures]
     print("\n".join(lines))
