@@ -184,3 +184,29 @@ async def test_forwarded_uploads_over_ipv4_and_ipv6_arrive_intact() -> None:
     # The guest saw each connection come from the gateway, in the client's family.
     assert replies == [[digest, str(len(data)), "::ffff:10.0.2.2"],
                        [digest, str(len(data)), "fd00::2"]]
+
+
+def test_an_idle_flow_stops_checking_its_window() -> None:
+    """A fresh loopback peer offers ~64 KiB, less than two segments at MTU 65520, so the
+    window always looks "limited"; with no guest data the checks must stop (10,000 idle
+    flows once spent 3/4 of the relay's time in them)."""
+    from relaynat.window import SocketFacts, TcpInfo
+
+    facts = SocketFacts(TcpInfo(rtt_us=50, rcv_space=65495, snd_wnd=65483), 2_626_560, 0)
+    entry = _entry(iss=1)
+    _sent(entry)
+    entry.on_guest_segment(_from_guest(SYN | ACK, 100, 2, mss=65460), 0.0)
+    assert entry._window_limited()  # the premise: the whole window is under 2 MSS
+    entry.flush(facts, 0.0)
+    checks, now = 0, 0.0
+    while entry.ack_check_at is not None and entry.ack_check_at <= 10.0:
+        now = entry.ack_check_at
+        entry.on_timer(now, facts)
+        checks += 1
+    # Before: a check every 0.2 s at most (57 in 10 s). Now 1, 2, 4, 8 s apart.
+    assert checks <= 6 and entry.ack_check_s >= 4.0
+    # The guest sends a segment: the window is watched again for that burst.
+    entry.on_guest_segment(_from_guest(ACK, 101, 2, payload=b"x" * 1000), now)
+    entry.on_host_accepted(1000, now)
+    entry.flush(facts, now)
+    assert entry.ack_check_at is not None and entry.ack_check_at - now < 0.2

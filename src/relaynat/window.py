@@ -70,6 +70,8 @@ RTT_MIN_US = 100
 RTT_EXP_MAX = 15
 ACK_CHECK_MIN_S = 0.001
 ACK_CHECK_MAX_S = 0.2
+#: The same for a flow whose guest sent nothing since the last check (nat_entry.py).
+ACK_CHECK_IDLE_MAX_S = 30.0
 
 TCP_INFO_LEN = 280
 _U32 = struct.Struct("=I")
