@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from throughput import spawned
+from common import spawned
 
 TOP = 25
 

@@ -27,7 +27,7 @@ A figure a setup cannot produce (a tool missing, a crash, a timeout, 10,000 flow
 its limits) is a "failed: reason" cell; the run goes on. A stall, a one-second interval
 under --stall-gbps (or with zero connections for CRR), is counted per cell and listed.
 
-Network rule: like throughput.py, the script first moves itself into a private network
+Network rule: before anything else the script moves itself into a private network
 namespace (relaynat.netns_util.isolate_network); all servers listen there, guests are
 namespaces it creates, and all children are killed by process group in finally blocks.
 """
@@ -49,15 +49,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from setups import SETUPS, SetupOptions
-from throughput import (
+from common import (
     REPO_SRC,
     STOP_SIGNALS,
     BenchError,
     Interrupted,
-    _raise_interrupted,
+    raise_interrupted,
     tool_versions,
 )
+from setups import SETUPS, SetupOptions
 from workloads import (
     DIRS,
     Context,
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, _raise_interrupted)
+            signal.signal(sig, raise_interrupted)
     metrics = metrics_for(opts)
     started = time.time()
     try:

@@ -1,13 +1,21 @@
 """The compared setups of the benchmark suite (benches/run.py), each kept up for a whole
 series of workloads: a guest network namespace that lives as long as the context.
 
-Unlike throughput.py, whose relaynat and pasta setups wrap a single iperf3 command, every
-setup here starts a guest that only sleeps (`... -- sleep infinity`) and each workload
+Every setup starts a guest that only sleeps (`... -- sleep infinity`) and each workload
 enters its network namespace with `nsenter -n`. That is what lets one workload hold
 10,000 idle connections open while another runs iperf3 through the same relay, and lets
 us read the relay process's RSS between workloads.
 
-Process and namespace helpers (spawned, guest_netns, stub_uplink, ...) are throughput.py's.
+pasta (passt 0.0~git20230309) needs three things here. It maps the gateway address to the
+host's loopback by default, so the guest dials 10.0.2.2 through pasta's tap path (its
+loopback "splice" path only serves ports forwarded with -T); automatic forwarding
+(-t/-u/-T/-U, default auto) is turned off since nothing needs it. It refuses to start
+without a host interface that has a default route, so `common.stub_uplink` adds a veth
+pair with 192.0.2.1/24 (TEST-NET-1) and a default route to nowhere inside the private
+namespace. And as root it needs `--runas 0:0`: as "nobody" it cannot set up the user
+namespace it creates for the command.
+
+Process and namespace helpers (spawned, guest_netns, stub_uplink, ...) are common.py's.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from throughput import (
+from common import (
     REPO_SRC,
     SETUP_TIMEOUT,
     VETH_GUEST,
@@ -164,8 +172,8 @@ def _pasta(name: str, binary: str, opts: SetupOptions) -> contextlib.AbstractCon
     @contextlib.contextmanager
     def run() -> Iterator[Guest]:
         require(binary, "ip")
-        # See throughput.py's docstring for why each option (--runas 0:0, the stub
-        # uplink, -t/-u/-T/-U none; the gateway maps to host loopback by default).
+        # See the module docstring for why each option (--runas 0:0, the stub uplink,
+        # -t/-u/-T/-U none; the gateway maps to host loopback by default).
         argv = [binary, *(
             "--config-net --foreground --quiet --runas 0:0 --ipv4-only"
             f" -a {RELAY_GUEST} -n 24 -g {RELAY_GATEWAY} -m {opts.mtu}"

@@ -23,8 +23,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from common import REPO_SRC, SETUP_TIMEOUT, BenchError, require, spawned, stub_uplink
 from setups import RELAY_GATEWAY, RELAY_GUEST
-from throughput import REPO_SRC, SETUP_TIMEOUT, BenchError, require, spawned, stub_uplink
 from workloads import Figure, Figures, failed_figure
 
 sys.path.insert(0, str(REPO_SRC.parent / "tests"))
@@ -103,7 +103,7 @@ def _passt(sock: Path) -> Iterator[list[str]]:
     require("passt")
     # Same addressing as relaynat's, so the guest command is the same. The gateway maps
     # to the host's loopback by default; --runas 0:0 and the stub uplink as for pasta
-    # (see throughput.py).
+    # (see setups.py).
     argv = ["passt", *(f"--foreground --quiet --runas 0:0 --ipv4-only --socket {sock}"
                        f" -a {RELAY_GUEST} -n 24 -g {RELAY_GATEWAY} -t none -u none").split()]
     with stub_uplink(), spawned(argv):

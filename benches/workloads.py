@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyspy import profiled
-from setups import Guest, rss_bytes
-from throughput import (
+from common import (
     CLIENT_GRACE,
     SETUP_TIMEOUT,
     BenchError,
@@ -35,6 +33,8 @@ from throughput import (
     tcp_listening,
     wait_until,
 )
+from pyspy import profiled
+from setups import Guest, rss_bytes
 
 LOADTOOLS = str(Path(__file__).resolve().parent / "loadtools.py")
 IPERF_PORT, SOCKPERF_PORT, CRR_PORT, IDLE_PORT = 5201, 11111, 5301, 5401
