@@ -15,19 +15,17 @@ open ping sockets, root included), and restore it afterwards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import socket
 import struct
 from collections import Counter
-from collections.abc import Iterator
 from ipaddress import IPv4Address
 
 import dpkt
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from sysctl import ALL_GROUPS, ping_group_range
 
 from relaynat.config import RelayConfig
 from relaynat.icmp_echo import (
@@ -304,25 +302,6 @@ async def test_drops_without_opening_sockets() -> None:
 
 # -- integration: real ping sockets ------------------------------------------------------
 
-PING_RANGE = "/proc/sys/net/ipv4/ping_group_range"
-
-
-@contextlib.contextmanager
-def ping_group_range(value: str) -> Iterator[None]:
-    """Set the sysctl in the suite's private namespace only, and restore it."""
-    if os.environ.get("RELAYNAT_TEST_NETNS_DONE") != "1":
-        pytest.skip("not in the suite's private network namespace; not touching sysctls")
-    with open(PING_RANGE) as f:
-        old = f.read().split()
-    with open(PING_RANGE, "w") as f:
-        f.write(value)
-    try:
-        yield
-    finally:
-        with open(PING_RANGE, "w") as f:
-            f.write(" ".join(old))
-
-
 class Guest:
     """Collects the frames the relay sends toward the guest."""
 
@@ -344,7 +323,7 @@ def ping(relay: IcmpEchoRelay, ident: int, seq: int, payload: bytes,
 
 @pytest.mark.integration
 async def test_echo_through_a_real_ping_socket() -> None:
-    with ping_group_range("0 2147483647"):
+    with ping_group_range(ALL_GROUPS):
         guest, stats = Guest(), Counter[str]()
         relay = IcmpEchoRelay(CONFIG, asyncio.get_running_loop(), guest.send, stats)
         try:
@@ -374,7 +353,7 @@ async def test_echo_through_a_real_ping_socket() -> None:
 async def test_real_kernel_reply_id_is_not_the_guests() -> None:
     """What the relay relies on: the kernel replaces the identifier by the socket's
     bound port, and delivers the reply (ICMP header + payload) with seq intact."""
-    with ping_group_range("0 2147483647"):
+    with ping_group_range(ALL_GROUPS):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
         with sock:
             sock.settimeout(5)
@@ -406,7 +385,7 @@ async def test_not_permitted_warns_once_and_recovers(caplog: pytest.LogCaptureFi
             assert 'net.ipv4.ping_group_range="0 2147483647"' in warnings[0].getMessage()
             assert stats["drop_icmp_not_permitted"] == 2 and relay.socket_count == 0
         # The sysctl is read at every socket creation: widening it fixes pings live.
-        with ping_group_range("0 2147483647"):
+        with ping_group_range(ALL_GROUPS):
             ping(relay, 5, 3, b"c")
             check_reply(await guest.next(), src=GATEWAY_IP, dst=GUEST_IP, ident=5, seq=3,
                         payload=b"c")
@@ -416,7 +395,7 @@ async def test_not_permitted_warns_once_and_recovers(caplog: pytest.LogCaptureFi
 
 @pytest.mark.integration
 async def test_idle_timeout_bound_unreachable_and_close() -> None:
-    with ping_group_range("0 2147483647"):
+    with ping_group_range(ALL_GROUPS):
         guest, stats = Guest(), Counter[str]()
         loop = asyncio.get_running_loop()
         relay = IcmpEchoRelay(CONFIG, loop, guest.send, stats, idle_timeout_s=0.3,
@@ -462,7 +441,7 @@ def test_namespace_guest_pings_the_gateway_mapped_to_host_loopback() -> None:
 
     from relaynat_cli import parse_stats
 
-    with ping_group_range("0 2147483647"):
+    with ping_group_range(ALL_GROUPS):
         done = subprocess.run(
             [sys.executable, "-m", "relaynat", "run", "--stats", "--",
              "ping", "-c", "3", "-i", "0.2", "-s", "1000", "-W", "2", "10.0.2.2"],

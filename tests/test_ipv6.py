@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from relaynat_cli import parse_stats, relaynat_run
+from sysctl import ALL_GROUPS, ping_group_range
 
 pytestmark = pytest.mark.integration
 
@@ -26,12 +27,9 @@ GUEST_TOOLS = str(Path(__file__).parent / "guest_tools.py")
 
 @pytest.fixture(scope="module", autouse=True)
 def _ping_sockets_allowed() -> Iterator[None]:
-    """Ping sockets in the test namespace (a new one allows nobody; icmp_echo.py)."""
-    path = "/proc/sys/net/ipv4/ping_group_range"
-    old = Path(path).read_text()
-    Path(path).write_text("0 2147483647")
-    yield
-    Path(path).write_text(old)
+    """The relay answers the guest's pings through host ping sockets (icmp_echo.py)."""
+    with ping_group_range(ALL_GROUPS):
+        yield
 
 
 def test_router_advertisement_as_rdisc6_reads_it_and_slaac_address_appears() -> None:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import pytest
 from relaynat_cli import parse_stats
+from sysctl import ALL_GROUPS, ping_group_range
 from vmguest import boot_vm, build_vm_images, vm_unavailable_reason
 
 pytestmark = [pytest.mark.vm, pytest.mark.integration]
@@ -55,13 +56,9 @@ STATIC_NAME, STATIC_A, STATIC_AAAA = "static.test", "192.0.2.77", "fd00::77"
 
 @pytest.fixture(scope="module", autouse=True)
 def _ping_sockets_allowed() -> Iterator[None]:
-    """The relay answers the guest's ping6 through a host ping socket, which a new
-    network namespace allows to nobody (see tests/test_ipv6.py)."""
-    path = Path("/proc/sys/net/ipv4/ping_group_range")
-    old = path.read_text()
-    path.write_text("0 2147483647")
-    yield
-    path.write_text(old)
+    """The relay answers the guest's pings through host ping sockets (icmp_echo.py)."""
+    with ping_group_range(ALL_GROUPS):
+        yield
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
