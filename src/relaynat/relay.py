@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import struct
 from collections import Counter
 from ipaddress import IPv4Address, IPv6Address
 
@@ -47,14 +46,13 @@ from relaynat.packet_builder import (
     BROADCAST_MAC,
     ICMP_PORT_UNREACH,
     arp_reply,
-    ethernet_header,
-    ipv6_header,
+    ip_frame,
     udp_frame,
 )
 from relaynat.pcap import PcapWriter
 from relaynat.policy import Policy
 from relaynat.stream import StreamTransport, bind_unix_listener
-from relaynat.tcp_relay import TcpRelay
+from relaynat.tcp_relay import TcpRelay, close_with_reset
 from relaynat.transport import FrameTransport
 from relaynat.udp_relay import UdpRelay
 from relaynat.wire import (
@@ -282,8 +280,7 @@ class Relay:
         v6 = (len(client) == 16 and c.ipv6) or not c.ipv4
         if self._tcp is None or self._transport is None:
             self._stats["tcp_inbound_no_guest"] += 1
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
+            close_with_reset(sock)
             return False
         if v6:
             return self._tcp.open_inbound(sock, self._guest_addr6, guest_port,
@@ -494,11 +491,9 @@ class Relay:
 
     def _send_ndp(self, reply: NdpReply) -> None:
         self._stats["ndp_replies"] += 1
-        self._send_frame(ethernet_header(reply.dst_mac, self.config.gateway_mac,
-                                         ETHERTYPE_IPV6)
-                         + ipv6_header(reply.src, reply.dst, IPPROTO_ICMPV6,
-                                       len(reply.message), reply.hop_limit)
-                         + reply.message)
+        self._send_frame(ip_frame(reply.dst_mac, self.config.gateway_mac, reply.src,
+                                  reply.dst, IPPROTO_ICMPV6, reply.message,
+                                  ttl=reply.hop_limit))
 
     def _dhcpv6_request(self, ip: Ipv6Packet, src_mac: bytes) -> bool:
         """DHCPv6 to the servers' multicast group (RFC 8415 §7.1: clients send from

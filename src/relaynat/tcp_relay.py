@@ -58,6 +58,14 @@ log = logging.getLogger("relaynat.tcp")
 SO_PEEK_OFF = 42
 SIOCOUTQ = 0x5411
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def close_with_reset(sock: socket.socket) -> None:
+    """Close so that the peer gets a RST, not a FIN (SO_LINGER {1, 0}, socket(7)):
+    a refused or aborted flow must look refused to the host peer."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 #: Peeks per flow per wakeup before yielding to other flows and the guest transport.
 _PUMP_ROUNDS = 16
@@ -220,8 +228,7 @@ class TcpRelay:
         port is chosen. False (and `sock` closed) when the table is full."""
         if len(self.flows) >= self._config.max_tcp_flows:
             self.stats["tcp_inbound_refused_flow_limit"] += 1
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            sock.close()
+            close_with_reset(sock)
             return False
         key = (guest_port, src_ip, src_port, guest_ip)
         while key in self.flows:  # another client already holds this port toward the guest
@@ -455,15 +462,16 @@ class TcpRelay:
         with contextlib.suppress(OSError):
             self._epoll.unregister(fd)
         if abortive:
-            with contextlib.suppress(OSError):
-                flow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             self.stats["tcp_host_resets"] += 1
-        elif flow.consume_pending:
-            # Bytes the guest acknowledged may still sit in the receive queue (dropped
-            # once per batch): close() with unread data sends the peer a RST instead of
-            # a FIN (tcp(7), RFC 2525 §2.17), which would destroy our last data in flight.
-            self._consume(flow)
-        flow.sock.close()
+            close_with_reset(flow.sock)
+        else:
+            if flow.consume_pending:
+                # Bytes the guest acknowledged may still sit in the receive queue
+                # (dropped once per batch): close() with unread data sends the peer a
+                # RST instead of a FIN (tcp(7), RFC 2525 §2.17), which would destroy our
+                # last data in flight.
+                self._consume(flow)
+            flow.sock.close()
         self.stats[counter] += 1
 
     # -- timers --------------------------------------------------------------------------
