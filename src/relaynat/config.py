@@ -117,6 +117,13 @@ class RelayConfig:
     ra_router_lifetime_s: int = 9000
     prefix_valid_lifetime_s: int = 86400
     prefix_preferred_lifetime_s: int = 14400
+    #: Source address the guest sees on a forwarded (inbound) flow: "gateway" (passt's
+    #: and slirp's default: every client seems to be the host) or "client" (its real
+    #: address, where that can travel on the guest's link; addressing.py).
+    inbound_source: str = "gateway"
+    #: Lifetime of an inbound UDP flow (a forwarded port's client) past its last
+    #: datagram either way; passt uses 180 s for its UDP flows.
+    udp_inbound_timeout_s: float = 180.0
 
     @property
     def network_v4(self) -> IPv4Network:
@@ -160,13 +167,16 @@ class RelayConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("connect_timeout_s", "tcp_idle_timeout_s", "udp_idle_timeout_s",
-                     "udp_stream_timeout_s", "dns_udp_timeout_s"):
+                     "udp_stream_timeout_s", "dns_udp_timeout_s", "udp_inbound_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
         for record in self.dns_records:
             if len(record) != 2 or not str(record[0]).strip(".") or len(str(record[0])) > 253:
                 raise ConfigError(f"DNS record {record!r} is not (name, IP address)")
             parse_ip(str(record[1]), f"DNS record {record[0]}")
+        if self.inbound_source not in ("gateway", "client"):
+            raise ConfigError(f"inbound source {self.inbound_source!r} must be 'gateway' or "
+                              "'client'")
         if not (self.ipv4 or self.ipv6):
             raise ConfigError("at least one of IPv4 and IPv6 must be enabled")
         if self.ipv6:

@@ -32,23 +32,21 @@ import contextlib
 import logging
 import socket
 from collections import Counter
-from ipaddress import IPv4Address, IPv6Address
 
+from relaynat.addressing import DNS_PORT, LINK_LOCAL_PREFIX, AddressMap
 from relaynat.config import RelayConfig
-from relaynat.dhcp import DhcpServer
-from relaynat.dhcpv6 import Dhcpv6Server
 from relaynat.dns import answer_static, host_upstream, static_table
 from relaynat.dns_tcp import DnsTcpResponder
-from relaynat.forward import Forward, ForwardError, TcpForwarder
+from relaynat.forward import Forward, Forwarder, ForwardError, client_address
 from relaynat.icmp_echo import IcmpEchoRelay
-from relaynat.ndp import MAX_RTR_ADV_INTERVAL_S, NDP_TYPES, NdpReply, NdpResponder
-from relaynat.packet_builder import (
-    BROADCAST_MAC,
-    ICMP_PORT_UNREACH,
-    arp_reply,
-    ip_frame,
-    udp_frame,
+from relaynat.link_services import (
+    BROADCAST_IP,
+    DHCP_SERVER_PORT,
+    ZERO_IP,
+    ZERO_IP6,
+    LinkServices,
 )
+from relaynat.packet_builder import BROADCAST_MAC, ICMP_PORT_UNREACH, udp_frame
 from relaynat.pcap import PcapWriter
 from relaynat.policy import Policy
 from relaynat.stream import StreamTransport, bind_unix_listener
@@ -69,7 +67,6 @@ from relaynat.wire import (
     MalformedFrame,
     TcpSegment,
     UdpDatagram,
-    parse_arp,
     parse_ethernet,
     parse_ipv4,
     parse_ipv6,
@@ -79,15 +76,6 @@ from relaynat.wire import (
 
 log = logging.getLogger("relaynat")
 
-DHCP_SERVER_PORT = 67
-DHCP_CLIENT_PORT = 68
-DHCPV6_CLIENT_PORT = 546
-DHCPV6_SERVER_PORT = 547
-DNS_PORT = 53
-_ZERO_IP = bytes(4)
-_BROADCAST_IP = b"\xff" * 4
-_ZERO_IP6 = bytes(16)
-_LINK_LOCAL_PREFIX = b"\xfe\x80" + bytes(6)
 
 
 class Relay:
@@ -102,12 +90,8 @@ class Relay:
         self._tcp: TcpRelay | None = None
         self._udp_relay: UdpRelay | None = None
         self._icmp: IcmpEchoRelay | None = None
-        self._dhcp = DhcpServer(self.config)
-        self._ndp = NdpResponder(self.config)
-        self._dhcp6 = Dhcpv6Server(self.config)
-        self._ra_timer: asyncio.TimerHandle | None = None
         self._dns_tcp: DnsTcpResponder | None = None
-        self._tcp_forwards: TcpForwarder | None = None
+        self._forwarder: Forwarder | None = None
         #: The guest's IPv6 address as last seen (SLAAC picks it; passt's addr_seen):
         #: where inbound IPv6 connections go.
         self._guest_addr6 = self.config.guest_ipv6.packed
@@ -116,26 +100,15 @@ class Relay:
         self._guest_mac: bytes | None = None
         self._ip_id = 0
         c = self.config
-        self._guest_ip = c.guest_ipv4.packed
-        self._gateway_ip = c.gateway_ipv4.packed
-        self._net = int(c.network_v4.network_address)
-        self._mask = int(c.network_v4.netmask)
-        self._map_from = c.map_host_loopback_v4.packed if c.map_host_loopback_v4 else None
-        self._host_loopback = str(c.host_loopback_v4)
-        self._dns_ip = c.dns_ipv4.packed
-        # IPv6 addressing (RFC 4291): the /64 the guest autoconfigures in, and the
-        # addresses the relay itself answers for on it.
-        self._prefix6 = c.prefix_v6.network_address.packed[:8]
-        self._gateway_ip6 = c.gateway_ipv6.packed
-        self._dns_ip6 = c.dns_ipv6.packed
-        self._map_from6 = c.map_host_loopback_v6.packed if c.map_host_loopback_v6 else None
-        self._host_loopback6 = str(c.host_loopback_v6)
         upstream = c.dns_upstream or host_upstream()
-        self._dns_upstream = str(upstream) if upstream is not None else None
         if upstream is None:
             log.warning("no nameserver in /etc/resolv.conf and no dns_upstream: DNS "
                         "queries to the relay's DNS address are dropped (static records "
                         "still answer)")
+        self._addr = AddressMap(c, str(upstream) if upstream is not None else None)
+        self._guest_ip = self._addr.guest_ip
+        self._prefix6 = self._addr.prefix6
+        self._link = LinkServices(c, self._addr, self._send_frame, self._stats)
         self._dns_static = static_table(c.dns_records)
         self.transport_lost_event = asyncio.Event()
 
@@ -156,9 +129,9 @@ class Relay:
                                    self._stats)
         self._icmp = IcmpEchoRelay(self.config, self._loop, self._send_frame, self._stats)
         self.set_policy(self._policy)
-        self._tcp_forwards = TcpForwarder(self._loop, self._open_inbound)
+        self._forwarder = Forwarder(self._loop, self._open_inbound, self._forwarded_datagram)
         if self._dns_static:
-            self._dns_tcp = DnsTcpResponder(self._dns_static, self._dns_upstream, self._loop,
+            self._dns_tcp = DnsTcpResponder(self._dns_static, self._addr.dns_upstream, self._loop,
                                             self._stats)
         if self.config.pcap_path:
             self._pcap = PcapWriter(self.config.pcap_path)
@@ -185,9 +158,9 @@ class Relay:
         if self._dns_tcp is not None:
             self._dns_tcp.close()
             self._dns_tcp = None
-        if self._tcp_forwards is not None:
-            self._tcp_forwards.close()
-            self._tcp_forwards = None
+        if self._forwarder is not None:
+            self._forwarder.close()
+            self._forwarder = None
 
     def attach(self, transport: FrameTransport) -> None:
         """Serve the guest behind `transport`; replaces (and closes) a previous one."""
@@ -201,13 +174,12 @@ class Relay:
         self.transport_lost_event.clear()
         transport.start(self)
         if self.config.ipv6:
-            self._advertise_router()
+            assert self._loop is not None
+            self._link.start_router_adverts(self._loop)
 
     def detach(self) -> None:
         """Drop the current transport and every flow of its guest (reset toward hosts)."""
-        if self._ra_timer is not None:
-            self._ra_timer.cancel()
-            self._ra_timer = None
+        self._link.stop_router_adverts()
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -235,7 +207,7 @@ class Relay:
     def _admit(self, proto: int, dst: bytes, dport: int) -> bool:
         """The policy's word on a new guest flow, counted. The DNS addresses' port 53 is
         the relay's own service and never asked about (policy.py explains why)."""
-        if dport == DNS_PORT and dst in (self._dns_ip, self._dns_ip6):
+        if dport == DNS_PORT and dst in (self._addr.dns_ip, self._addr.dns_ip6):
             return True
         assert self._policy is not None
         decision = self._policy.decide(proto, dst, dport)
@@ -251,42 +223,58 @@ class Relay:
 
     def add_forward(self, proto: str, host_addr: str | None, host_port: int,
                     guest_port: int, interface: str | None = None) -> Forward:
-        """Forward host `host_addr` (None: all, both families) port `host_port` (0: pick
-        one; the returned Forward says which) to the guest's `guest_port`. Raises
-        ForwardError saying why not (port in use, bad address, unknown protocol)."""
-        if self._tcp_forwards is None:
+        """Forward `proto` ("tcp" or "udp") host `host_addr` (None: all, both families)
+        port `host_port` (0: pick one; the returned Forward says which) to the guest's
+        `guest_port`. Raises ForwardError saying why not (port in use, bad address,
+        unknown protocol, already forwarded)."""
+        if self._forwarder is None:
             raise RuntimeError("Relay.start() (or `async with`) must come first")
-        if proto != "tcp":
-            raise ForwardError(f"protocol {proto!r} cannot be forwarded (tcp only)")
-        return self._tcp_forwards.add(host_addr, host_port, guest_port, interface)
+        return self._forwarder.add(proto, host_addr, host_port, guest_port, interface)
 
     def remove_forward(self, proto: str, host_addr: str | None, host_port: int) -> Forward:
-        """Stop forwarding; connections already open stay. Raises ForwardError."""
-        if self._tcp_forwards is None or proto != "tcp":
+        """Stop forwarding; TCP connections already open stay, the UDP flows of the
+        forward end with its socket. Raises ForwardError."""
+        if self._forwarder is None:
             raise ForwardError(f"no {proto} forward on {host_addr or '*'} port {host_port}")
-        return self._tcp_forwards.remove(host_addr, host_port)
+        forward = self._forwarder.find(proto, host_addr, host_port)
+        if forward is not None and forward.sock is not None and self._udp_relay is not None:
+            self._udp_relay.forward_closed(forward.sock)
+        return self._forwarder.remove(proto, host_addr, host_port)
 
     def forwards(self) -> list[dict[str, object]]:
         """The forwards in force, with the host ports the kernel chose for port 0."""
-        if self._tcp_forwards is None:
+        if self._forwarder is None:
             return []
-        return [f.describe() for f in self._tcp_forwards.forwards]
+        return [f.describe() for f in self._forwarder.forwards]
+
+    def _inbound_ends(self, client: bytes) -> tuple[bytes, bytes] | None:
+        """(guest address, source the guest sees) for a client of a forward: the guest
+        is reached in the client's family (the other one if it runs only that), passt's
+        rule. None when no guest is attached."""
+        if self._transport is None:
+            return None
+        c = self.config
+        v6 = (len(client) == 16 and c.ipv6) or not c.ipv4
+        guest = self._guest_addr6 if v6 else self._guest_ip
+        return guest, self._addr.inbound_source(client, v6)
 
     def _open_inbound(self, sock: socket.socket, client: bytes, client_port: int,
                       guest_port: int) -> bool:
-        """An accepted client: reach the guest in the client's family (the other one if
-        the guest runs only that), from the gateway address, as passt does."""
-        c = self.config
-        v6 = (len(client) == 16 and c.ipv6) or not c.ipv4
-        if self._tcp is None or self._transport is None:
+        ends = self._inbound_ends(client)
+        if ends is None or self._tcp is None:
             self._stats["tcp_inbound_no_guest"] += 1
             close_with_reset(sock)
             return False
-        if v6:
-            return self._tcp.open_inbound(sock, self._guest_addr6, guest_port,
-                                          self._gateway_ip6, client_port)
-        return self._tcp.open_inbound(sock, self._guest_ip, guest_port, self._gateway_ip,
-                                      client_port)
+        return self._tcp.open_inbound(sock, ends[0], guest_port, ends[1], client_port)
+
+    def _forwarded_datagram(self, forward: Forward, data: bytes,
+                            peer: tuple) -> None:  # type: ignore[type-arg]
+        ends = self._inbound_ends(client_address(peer))
+        if ends is None or self._udp_relay is None or forward.sock is None:
+            self._stats["udp_inbound_no_guest"] += 1
+            return
+        self._udp_relay.on_forwarded(forward.sock, peer, data, ends[0], forward.guest_port,
+                                     ends[1], peer[1])
 
     # -- socket transports -------------------------------------------------------------
 
@@ -366,7 +354,7 @@ class Relay:
                 raise MalformedFrame("ipv4_disabled")
             ip = parse_ipv4(eth.payload)
             if ip.src != self._guest_ip:
-                if ip.proto == IPPROTO_UDP and ip.src == _ZERO_IP:
+                if ip.proto == IPPROTO_UDP and ip.src == ZERO_IP:
                     self._udp(ip)  # DHCP before the guest has an address
                     return
                 raise MalformedFrame("ip_spoofed_source")
@@ -379,13 +367,13 @@ class Relay:
             elif ip.proto == IPPROTO_ICMP:
                 assert self._icmp is not None
                 # Echo only; port 0 maps nothing special (the DNS address has no echo).
-                self._icmp.on_packet(ip, self._host_ip_for(ip.dst, 0), src_mac)
+                self._icmp.on_packet(ip, self._addr.host_ip_for(ip.dst, 0), src_mac)
             else:
                 raise MalformedFrame("ip_proto_unsupported")
         elif ethertype == ETHERTYPE_ARP:
             if not self.config.ipv4:
                 raise MalformedFrame("ipv4_disabled")
-            self._arp(eth.payload)
+            self._link.arp(eth.payload)
         else:
             raise MalformedFrame("ethertype_unsupported")
 
@@ -406,37 +394,10 @@ class Relay:
         and forwards the rest, as the UDP path does."""
         assert self._tcp is not None
         if (self._dns_tcp is not None and seg.dport == DNS_PORT
-                and seg.dst in (self._dns_ip, self._dns_ip6)):
+                and seg.dst in (self._addr.dns_ip, self._addr.dns_ip6)):
             self._tcp.on_segment(seg, "127.0.0.1", self._dns_tcp.port)
             return
-        self._tcp.on_segment(seg, self._host_ip_for(seg.dst, seg.dport))
-
-    def _host_ip_for(self, dst: bytes, dport: int) -> str | None:
-        """Where a guest destination is on the host: the mapped address goes to host
-        loopback, the DNS address port 53 to the upstream resolver, everything else
-        stays itself. None: nothing there (the gateway when the mapping is off, the
-        guest's own address, the DNS address on another port or without upstream)."""
-        if len(dst) == 16:
-            return self._host_ip6_for(dst, dport)
-        if dst == self._map_from:
-            return self._host_loopback
-        if dst == self._dns_ip:
-            return self._dns_upstream if dport == DNS_PORT else None
-        if dst == self._gateway_ip or dst == self._guest_ip:
-            return None
-        return str(IPv4Address(dst))
-
-    def _host_ip6_for(self, dst: bytes, dport: int) -> str | None:
-        """As `_host_ip_for`, for IPv6. Nothing on the guest's own /64 but the mapped
-        and DNS addresses is on the host (the rest is the guest itself), and link-local
-        or multicast destinations have no meaning beyond the link."""
-        if dst == self._map_from6:
-            return self._host_loopback6
-        if dst == self._dns_ip6:
-            return self._dns_upstream if dport == DNS_PORT else None
-        if dst[:8] == self._prefix6 or dst[:8] == _LINK_LOCAL_PREFIX or dst[0] == 0xFF:
-            return None
-        return str(IPv6Address(dst))
+        self._tcp.on_segment(seg, self._addr.host_ip_for(seg.dst, seg.dport))
 
     # -- IPv6 ----------------------------------------------------------------------------
 
@@ -448,18 +409,18 @@ class Relay:
         identifier, RFC 4862 §5.5.3; privacy addresses, RFC 8981), its link-local
         address, and for neighbour discovery and DHCPv6 only :: (DAD, RFC 4862 §5.4)."""
         src, proto = ip.src, ip.proto
-        link_local = src[:8] == _LINK_LOCAL_PREFIX
-        if src[:8] != self._prefix6 and not link_local and src != _ZERO_IP6:
+        link_local = src[:8] == LINK_LOCAL_PREFIX
+        if src[:8] != self._prefix6 and not link_local and src != ZERO_IP6:
             raise MalformedFrame("ip_spoofed_source")
-        if proto == IPPROTO_ICMPV6 and self._ndp6(ip, src_mac):
+        if proto == IPPROTO_ICMPV6 and self._link.ndp6(ip, src_mac):
             return
         if ip.dst[0] == 0xFF:
-            if proto == IPPROTO_UDP and self._dhcpv6_request(ip, src_mac):
+            if proto == IPPROTO_UDP and self._link.dhcpv6_request(ip, src_mac):
                 return
             # MLD reports, mDNS, LLMNR...: meant for the link, nothing to relay.
             self._stats["ipv6_multicast_ignored"] += 1
             return
-        if src == _ZERO_IP6:
+        if src == ZERO_IP6:
             raise MalformedFrame("ip6_unspecified_source")
         # A guest whose global address is still tentative (RFC 4862 §5.4) speaks from
         # its link-local one: relayed as well, and answered at that address.
@@ -473,86 +434,25 @@ class Relay:
             self._udp_relayed(ip, parse_udp(ip))
         elif proto == IPPROTO_ICMPV6:
             assert self._icmp is not None
-            self._icmp.on_packet(ip, self._host_ip6_for(ip.dst, 0), src_mac)
+            self._icmp.on_packet(ip, self._addr.host_ip_for(ip.dst, 0), src_mac)
         else:
             raise MalformedFrame("ip_proto_unsupported")
 
-    def _ndp6(self, ip: Ipv6Packet, src_mac: bytes) -> bool:
-        """Neighbour discovery (ndp.py); True when the message was NDP (answered or
-        counted), False for other ICMPv6 (echo), which is relayed."""
-        payload = ip.payload
-        if not payload or payload[0] not in NDP_TYPES:
-            return False
-        if ip.src != _ZERO_IP6:
-            self._ndp.note_guest_address(ip.src)
-        for reply in self._ndp.handle(ip.src, ip.dst, ip.ttl, payload, src_mac):
-            self._send_ndp(reply)
-        return True
-
-    def _send_ndp(self, reply: NdpReply) -> None:
-        self._stats["ndp_replies"] += 1
-        self._send_frame(ip_frame(reply.dst_mac, self.config.gateway_mac, reply.src,
-                                  reply.dst, IPPROTO_ICMPV6, reply.message,
-                                  ttl=reply.hop_limit))
-
-    def _dhcpv6_request(self, ip: Ipv6Packet, src_mac: bytes) -> bool:
-        """DHCPv6 to the servers' multicast group (RFC 8415 §7.1: clients send from
-        their link-local address, port 546, to ff02::1:2 port 547); True when handled.
-        The reply goes from our link-local address to the client's, unicast."""
-        dgram = parse_udp(ip)
-        if dgram.dport != DHCPV6_SERVER_PORT or dgram.sport != DHCPV6_CLIENT_PORT:
-            return False
-        reply = self._dhcp6.handle(dgram.payload)
-        if reply is None:
-            self._stats["dhcp6_no_reply"] += 1
-            return True
-        self._stats["dhcp6_replies"] += 1
-        self._send_frame(udp_frame(src_mac, self.config.gateway_mac,
-                                   self.config.gateway_link_local.packed, ip.src,
-                                   DHCPV6_SERVER_PORT, DHCPV6_CLIENT_PORT, reply))
-        return True
-
-    def _advertise_router(self) -> None:
-        """Unsolicited router advertisement to all nodes (RFC 4861 §6.2.4), repeated at
-        the longest interval §6.2.1 allows: a guest that missed our answer to its
-        solicitation (or never sent one) still configures itself."""
-        self._ra_timer = None
-        if self._transport is None or not self.config.ipv6 or self._loop is None:
-            return
-        self._send_ndp(self._ndp.router_advertisement())
-        self._ra_timer = self._loop.call_later(MAX_RTR_ADV_INTERVAL_S, self._advertise_router)
-
-    def _arp(self, payload: memoryview) -> None:
-        arp = parse_arp(payload)
-        if arp.op != 1:  # only requests need an answer (RFC 826)
-            return
-        target = int.from_bytes(arp.target_ip, "big")
-        # Proxy ARP for every in-subnet address but the guest's own: a gratuitous ARP or
-        # duplicate-address probe for its own address must stay unanswered.
-        if target & self._mask != self._net or arp.target_ip == self._guest_ip:
-            self._stats["arp_ignored"] += 1
-            return
-        if arp.sender_ip not in (self._guest_ip, _ZERO_IP):
-            raise MalformedFrame("arp_spoofed_sender")
-        self._stats["arp_replies"] += 1
-        self._send_frame(arp_reply(self.config.gateway_mac, arp.target_ip, arp.sender_mac,
-                                   arp.sender_ip))
-
     def _udp(self, ip: Ipv4Packet) -> None:
         dgram = parse_udp(ip)
-        if dgram.dport == DHCP_SERVER_PORT and (ip.src == _ZERO_IP or dgram.dst
-                                                in (self._gateway_ip, _BROADCAST_IP)):
-            self._dhcp_request(dgram)
+        if dgram.dport == DHCP_SERVER_PORT and (ip.src == ZERO_IP or dgram.dst
+                                                in (self._addr.gateway_ip, BROADCAST_IP)):
+            self._link.dhcp_request(dgram)
             return
-        if ip.src == _ZERO_IP:
+        if ip.src == ZERO_IP:
             raise MalformedFrame("ip_spoofed_source")
-        if dgram.dst == _BROADCAST_IP or dgram.dst[0] >= 224:
+        if dgram.dst == BROADCAST_IP or dgram.dst[0] >= 224:
             raise MalformedFrame("udp_multicast_or_broadcast")
         self._udp_relayed(ip, dgram)
 
     def _udp_relayed(self, ip: IpPacket, dgram: UdpDatagram) -> None:
         """A unicast guest datagram of either family: static DNS answers, else relayed."""
-        dns_ip = self._dns_ip6 if len(dgram.dst) == 16 else self._dns_ip
+        dns_ip = self._addr.dns_ip6 if len(dgram.dst) == 16 else self._addr.dns_ip
         if dgram.dst == dns_ip and dgram.dport == DNS_PORT and self._dns_static:
             answer = answer_static(dgram.payload, self._dns_static)
             if answer is not None:
@@ -562,10 +462,11 @@ class Relay:
                                            self.config.gateway_mac, dns_ip, dgram.src,
                                            DNS_PORT, dgram.sport, answer, self._ip_id))
                 return
-        host_ip = self._host_ip_for(dgram.dst, dgram.dport)
+        host_ip = self._addr.host_ip_for(dgram.dst, dgram.dport)
         assert self._udp_relay is not None
-        if host_ip is None:
-            if dgram.dst == self._guest_ip or dgram.dst[:8] == _LINK_LOCAL_PREFIX:
+        if host_ip is None and (dgram.sport, dgram.dst, dgram.dport,
+                                dgram.src) not in self._udp_relay.table.flows:
+            if dgram.dst == self._guest_ip or dgram.dst[:8] == LINK_LOCAL_PREFIX:
                 raise MalformedFrame("udp_unmapped_destination")
             # Nothing listens there (gateway without the mapping, the DNS address on
             # another port or without upstream): port unreachable, as TCP gets a RST.
@@ -576,23 +477,6 @@ class Relay:
             self._udp_relay.on_datagram(ip, dgram, host_ip, self.config.dns_udp_timeout_s)
         else:
             self._udp_relay.on_datagram(ip, dgram, host_ip)
-
-    def _dhcp_request(self, dgram: UdpDatagram) -> None:
-        reply = self._dhcp.handle(dgram.payload)
-        if reply is None:
-            self._stats["dhcp_no_reply"] += 1
-            return
-        payload = reply.payload
-        chaddr = payload[28:34]
-        if reply.broadcast:
-            dst_mac, dst_ip = BROADCAST_MAC, _BROADCAST_IP
-        else:
-            dst_mac = chaddr
-            dst_ip = payload[12:16] if payload[12:16] != _ZERO_IP else payload[16:20]
-        self._ip_id = (self._ip_id + 1) & 0xFFFF
-        self._stats["dhcp_replies"] += 1
-        self._send_frame(udp_frame(dst_mac, self.config.gateway_mac, self._gateway_ip, dst_ip,
-                                   DHCP_SERVER_PORT, DHCP_CLIENT_PORT, payload, self._ip_id))
 
     # -- frames to the guest -------------------------------------------------------------
 
@@ -624,9 +508,5 @@ class Relay:
         out["tcp_flows"] = len(self._tcp.flows) if self._tcp is not None else 0
         out["udp_flows"] = len(self._udp_relay.table) if self._udp_relay is not None else 0
         out["icmp_sockets"] = self._icmp.socket_count if self._icmp is not None else 0
-        for prefix, counters in (("dhcp", self._dhcp.counters), ("ndp", self._ndp.counters),
-                                 ("dhcp6", self._dhcp6.counters)):
-            for key, value in counters.items():
-                if value:
-                    out[f"{prefix}_{key}"] = value
+        out.update(self._link.counters())
         return out

@@ -1,0 +1,91 @@
+"""Where a guest's destination is on the host, and how a host client appears to the
+guest: the address translation of the relay, with no I/O.
+
+Outbound (slirp's and passt's mapping): the mapped address (the gateway by default)
+stands for the host's loopback, the DNS address port 53 for the upstream resolver, and
+every other address outside the guest's own network is itself. Inbound, the reverse:
+a forwarded connection comes from the gateway (passt's default), or with
+`inbound_source="client"` from the client's real address, unless that address could
+not travel on the guest's link (loopback is a martian source to the guest's kernel,
+RFC 1122 §3.2.1.3; an address of the guest's own network would be answered locally),
+in which case the mapped address stands for it, as it stands for host loopback
+outbound.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv6Address
+
+from relaynat.config import RelayConfig
+
+DNS_PORT = 53
+LINK_LOCAL_PREFIX = b"\xfe\x80" + bytes(6)
+_LOOPBACK_V6 = bytes(15) + b"\x01"
+_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
+class AddressMap:
+    """The relay's address translation for one guest (a frozen RelayConfig's view)."""
+
+    def __init__(self, config: RelayConfig, dns_upstream: str | None) -> None:
+        c = config
+        self.guest_ip = c.guest_ipv4.packed
+        self.gateway_ip = c.gateway_ipv4.packed
+        self.dns_ip = c.dns_ipv4.packed
+        self._net = int(c.network_v4.network_address)
+        self._mask = int(c.network_v4.netmask)
+        self._map_from = c.map_host_loopback_v4.packed if c.map_host_loopback_v4 else None
+        self._host_loopback = str(c.host_loopback_v4)
+        self.prefix6 = c.prefix_v6.network_address.packed[:8]
+        self.gateway_ip6 = c.gateway_ipv6.packed
+        self.dns_ip6 = c.dns_ipv6.packed
+        self._map_from6 = c.map_host_loopback_v6.packed if c.map_host_loopback_v6 else None
+        self._host_loopback6 = str(c.host_loopback_v6)
+        self.dns_upstream = dns_upstream
+        self._client_source = c.inbound_source == "client"
+
+    def in_subnet_v4(self, addr: bytes) -> bool:
+        return int.from_bytes(addr, "big") & self._mask == self._net
+
+    def host_ip_for(self, dst: bytes, dport: int) -> str | None:
+        """Where a guest destination is on the host: the mapped address goes to host
+        loopback, the DNS address port 53 to the upstream resolver, everything else
+        stays itself. None: nothing there (the gateway when the mapping is off, the
+        guest's own address, the DNS address on another port or without upstream)."""
+        if len(dst) == 16:
+            return self._host_ip6_for(dst, dport)
+        if dst == self._map_from:
+            return self._host_loopback
+        if dst == self.dns_ip:
+            return self.dns_upstream if dport == DNS_PORT else None
+        if dst == self.gateway_ip or dst == self.guest_ip:
+            return None
+        return str(IPv4Address(dst))
+
+    def _host_ip6_for(self, dst: bytes, dport: int) -> str | None:
+        """As `host_ip_for`, for IPv6. Nothing on the guest's own /64 but the mapped
+        and DNS addresses is on the host (the rest is the guest itself), and link-local
+        or multicast destinations have no meaning beyond the link."""
+        if dst == self._map_from6:
+            return self._host_loopback6
+        if dst == self.dns_ip6:
+            return self.dns_upstream if dport == DNS_PORT else None
+        if dst[:8] == self.prefix6 or dst[:8] == LINK_LOCAL_PREFIX or dst[0] == 0xFF:
+            return None
+        return str(IPv6Address(dst))
+
+    def inbound_source(self, client: bytes, v6: bool) -> bytes:
+        """The source address the guest sees on a forwarded flow from host `client`
+        (packed; an IPv4-mapped IPv6 client already unwrapped), reaching the guest over
+        IPv6 when `v6`."""
+        gateway = self.gateway_ip6 if v6 else self.gateway_ip
+        if not self._client_source or (len(client) == 16) != v6:
+            return gateway
+        if v6:
+            if (client == _LOOPBACK_V6 or client[:8] in (self.prefix6, LINK_LOCAL_PREFIX)
+                    or client[0] == 0xFF or client[:12] == _V4_MAPPED_PREFIX):
+                return self._map_from6 or gateway
+            return client
+        if client[0] == 127 or self.in_subnet_v4(client) or client[0] >= 224 or client[0] == 0:
+            return self._map_from or gateway
+        return client

@@ -1,0 +1,158 @@
+"""The link-level services the relay answers itself: ARP and DHCP for IPv4, neighbour
+discovery, router advertisements and DHCPv6 for IPv6.
+
+The protocol logic is in the sans-I/O servers (dhcp.py, ndp.py, dhcpv6.py); this module
+turns their answers into frames from the gateway's MAC and keeps the one timer the link
+needs: the periodic unsolicited router advertisement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+
+from relaynat.addressing import AddressMap
+from relaynat.config import RelayConfig
+from relaynat.dhcp import DhcpServer
+from relaynat.dhcpv6 import Dhcpv6Server
+from relaynat.ndp import MAX_RTR_ADV_INTERVAL_S, NDP_TYPES, NdpReply, NdpResponder
+from relaynat.packet_builder import BROADCAST_MAC, arp_reply, ip_frame, udp_frame
+from relaynat.wire import (
+    IPPROTO_ICMPV6,
+    Ipv6Packet,
+    MalformedFrame,
+    UdpDatagram,
+    parse_arp,
+    parse_udp,
+)
+
+DHCP_SERVER_PORT = 67
+DHCP_CLIENT_PORT = 68
+DHCPV6_CLIENT_PORT = 546
+DHCPV6_SERVER_PORT = 547
+ZERO_IP = bytes(4)
+BROADCAST_IP = b"\xff" * 4
+ZERO_IP6 = bytes(16)
+
+
+class LinkServices:
+    """ARP, DHCP, NDP, RA and DHCPv6 for one guest; `send_frame` takes a complete
+    frame without a vnet header."""
+
+    def __init__(self, config: RelayConfig, addresses: AddressMap,
+                 send_frame: Callable[[bytes], None], stats: Counter[str]) -> None:
+        self.config = config
+        self._addr = addresses
+        self._send_frame = send_frame
+        self._stats = stats
+        self.dhcp = DhcpServer(config)
+        self.ndp = NdpResponder(config)
+        self.dhcp6 = Dhcpv6Server(config)
+        self._ra_timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ip_id = 0
+
+    # -- IPv4 ----------------------------------------------------------------------------
+
+    def arp(self, payload: memoryview) -> None:
+        arp = parse_arp(payload)
+        if arp.op != 1:  # only requests need an answer (RFC 826)
+            return
+        guest_ip = self._addr.guest_ip
+        # Proxy ARP for every in-subnet address but the guest's own: a gratuitous ARP or
+        # duplicate-address probe for its own address must stay unanswered.
+        if not self._addr.in_subnet_v4(arp.target_ip) or arp.target_ip == guest_ip:
+            self._stats["arp_ignored"] += 1
+            return
+        if arp.sender_ip not in (guest_ip, ZERO_IP):
+            raise MalformedFrame("arp_spoofed_sender")
+        self._stats["arp_replies"] += 1
+        self._send_frame(arp_reply(self.config.gateway_mac, arp.target_ip, arp.sender_mac,
+                                   arp.sender_ip))
+
+    def dhcp_request(self, dgram: UdpDatagram) -> None:
+        reply = self.dhcp.handle(dgram.payload)
+        if reply is None:
+            self._stats["dhcp_no_reply"] += 1
+            return
+        payload = reply.payload
+        chaddr = payload[28:34]
+        if reply.broadcast:
+            dst_mac, dst_ip = BROADCAST_MAC, BROADCAST_IP
+        else:
+            dst_mac = chaddr
+            dst_ip = payload[12:16] if payload[12:16] != ZERO_IP else payload[16:20]
+        self._ip_id = (self._ip_id + 1) & 0xFFFF
+        self._stats["dhcp_replies"] += 1
+        self._send_frame(udp_frame(dst_mac, self.config.gateway_mac, self._addr.gateway_ip,
+                                   dst_ip, DHCP_SERVER_PORT, DHCP_CLIENT_PORT, payload,
+                                   self._ip_id))
+
+    # -- IPv6 ----------------------------------------------------------------------------
+
+    def ndp6(self, ip: Ipv6Packet, src_mac: bytes) -> bool:
+        """Neighbour discovery (ndp.py); True when the message was NDP (answered or
+        counted), False for other ICMPv6 (echo), which is relayed."""
+        payload = ip.payload
+        if not payload or payload[0] not in NDP_TYPES:
+            return False
+        if ip.src != ZERO_IP6:
+            self.ndp.note_guest_address(ip.src)
+        for reply in self.ndp.handle(ip.src, ip.dst, ip.ttl, payload, src_mac):
+            self._send_ndp(reply)
+        return True
+
+    def _send_ndp(self, reply: NdpReply) -> None:
+        self._stats["ndp_replies"] += 1
+        self._send_frame(ip_frame(reply.dst_mac, self.config.gateway_mac, reply.src,
+                                  reply.dst, IPPROTO_ICMPV6, reply.message,
+                                  ttl=reply.hop_limit))
+
+    def dhcpv6_request(self, ip: Ipv6Packet, src_mac: bytes) -> bool:
+        """DHCPv6 to the servers' multicast group (RFC 8415 §7.1: clients send from
+        their link-local address, port 546, to ff02::1:2 port 547); True when handled.
+        The reply goes from our link-local address to the client's, unicast."""
+        dgram = parse_udp(ip)
+        if dgram.dport != DHCPV6_SERVER_PORT or dgram.sport != DHCPV6_CLIENT_PORT:
+            return False
+        reply = self.dhcp6.handle(dgram.payload)
+        if reply is None:
+            self._stats["dhcp6_no_reply"] += 1
+            return True
+        self._stats["dhcp6_replies"] += 1
+        self._send_frame(udp_frame(src_mac, self.config.gateway_mac,
+                                   self.config.gateway_link_local.packed, ip.src,
+                                   DHCPV6_SERVER_PORT, DHCPV6_CLIENT_PORT, reply))
+        return True
+
+    def start_router_adverts(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Advertise now and every MAX_RTR_ADV_INTERVAL_S while a guest is attached."""
+        self.stop_router_adverts()
+        self._loop = loop
+        self._advertise_router()
+
+    def stop_router_adverts(self) -> None:
+        if self._ra_timer is not None:
+            self._ra_timer.cancel()
+            self._ra_timer = None
+        self._loop = None
+
+    def _advertise_router(self) -> None:
+        """Unsolicited router advertisement to all nodes (RFC 4861 §6.2.4), repeated at
+        the longest interval §6.2.1 allows: a guest that missed our answer to its
+        solicitation (or never sent one) still configures itself."""
+        if self._loop is None:
+            return
+        self._send_ndp(self.ndp.router_advertisement())
+        self._ra_timer = self._loop.call_later(MAX_RTR_ADV_INTERVAL_S, self._advertise_router)
+
+    def counters(self) -> dict[str, int]:
+        """The servers' own counters, prefixed by service, nonzero ones only."""
+        out = {}
+        for prefix, counters in (("dhcp", self.dhcp.counters), ("ndp", self.ndp.counters),
+                                 ("dhcp6", self.dhcp6.counters)):
+            for key, value in counters.items():
+                if value:
+                    out[f"{prefix}_{key}"] = value
+        return out
