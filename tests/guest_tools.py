@@ -8,6 +8,11 @@
     python3 guest_tools.py udp-echo HOST PORT SIZE...
         one connected UDP socket (IPv4 or IPv6, by HOST); each SIZE is sent with random
         content, up to 3 tries, and checked on the echo; prints "ok|corrupt|timeout SIZE".
+    python3 guest_tools.py peer-echo PORT --events N --ready FILE
+        serves TCP and UDP on [::]:PORT (both families) for N events, then exits: a TCP
+        client's bytes (to EOF) are answered "PEER SHA256 LENGTH", a UDP datagram is
+        echoed as "PEER " + payload; PEER is the source address the guest saw. FILE is
+        created once both sockets listen.
     python3 guest_tools.py inject IFNAME --rounds N
         writes malformed frames onto IFNAME with an AF_PACKET socket, N rounds of the
         same set; prints how many frames went out.
@@ -136,6 +141,36 @@ def udp_echo(host: str, port: int, sizes: list[int]) -> int:
     return 0
 
 
+def peer_echo(port: int, events: int, ready: str) -> int:
+    import selectors
+
+    tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    for s in (tcp, udp):
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", port))
+    tcp.listen(16)
+    sel = selectors.DefaultSelector()
+    sel.register(tcp, selectors.EVENT_READ)
+    sel.register(udp, selectors.EVENT_READ)
+    open(ready, "w").close()
+    for _ in range(events):
+        key = sel.select(timeout=60)[0][0]
+        if key.fileobj is udp:
+            data, peer = udp.recvfrom(70000)
+            udp.sendto(peer[0].encode() + b" " + data, peer)
+            continue
+        conn, peer = tcp.accept()
+        with conn:
+            conn.settimeout(30)
+            digest, n = hashlib.sha256(), 0
+            while chunk := conn.recv(1 << 20):
+                digest.update(chunk)
+                n += len(chunk)
+            conn.sendall(f"{peer[0]} {digest.hexdigest()} {n}".encode())
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -152,6 +187,10 @@ def main() -> int:
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("sizes", type=int, nargs="+")
+    p = sub.add_parser("peer-echo")
+    p.add_argument("port", type=int)
+    p.add_argument("--events", type=int, required=True)
+    p.add_argument("--ready", required=True)
     p = sub.add_parser("inject")
     p.add_argument("ifname")
     p.add_argument("--rounds", type=int, default=10)
@@ -162,6 +201,8 @@ def main() -> int:
         return half_close(args.host, args.port, args.size)
     if args.cmd == "udp-echo":
         return udp_echo(args.host, args.port, args.sizes)
+    if args.cmd == "peer-echo":
+        return peer_echo(args.port, args.events, args.ready)
     return inject(args.ifname, args.rounds)
 
 

@@ -90,6 +90,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                     help="forward host TCP ports to the guest, passt's syntax: "
                          "[ADDR[%%IF]/]PORT[-PORT][:GUESTPORT[-GUESTPORT]], comma lists, "
                          "~EXCLUDE, all; host port 0 picks a free one (repeatable)")
+    fw.add_argument("-u", "--udp-ports", action="append", default=[], metavar="SPEC",
+                    help="forward host UDP ports to the guest, same syntax as -t "
+                         "(repeatable)")
+    fw.add_argument("--inbound-source", choices=["gateway", "client"], default="gateway",
+                    help="source address the guest sees on forwarded connections: the "
+                         "gateway (default, as passt) or the client's real address "
+                         "(host-loopback clients still appear as the gateway)")
     policy = fw.add_mutually_exclusive_group()
     policy.add_argument("--policy", metavar="FILE",
                         help="egress policy for the guest's flows (TOML, or JSON if FILE "
@@ -216,6 +223,7 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         ipv4=not args.ipv6_only, ipv6=not args.ipv4_only, prefix_v6=prefix6,
         guest_ipv6=parse_ipv6(args.address6, "--address6"), gateway_ipv6=gateway6,
         dns_ipv6=parse_ipv6(args.dns6, "--dns6"), map_host_loopback_v6=mapped6,
+        inbound_source=args.inbound_source,
     ).validate()
 
 
@@ -251,8 +259,9 @@ def policy_from_args(args: argparse.Namespace, config: RelayConfig) -> Policy | 
 
 
 def forwards_from_args(args: argparse.Namespace) -> list[PortForward]:
-    """Every `-t` spec parsed (raises ConfigError quoting the bad one)."""
-    return [fwd for spec in args.tcp_ports for fwd in parse_portspec(spec, "tcp")]
+    """Every `-t` and `-u` spec parsed (raises ConfigError quoting the bad one)."""
+    return [fwd for proto, specs in (("tcp", args.tcp_ports), ("udp", args.udp_ports))
+            for spec in specs for fwd in parse_portspec(spec, proto)]
 
 
 def add_forwards(relay: Relay, forwards: list[PortForward]) -> None:
@@ -260,10 +269,10 @@ def add_forwards(relay: Relay, forwards: list[PortForward]) -> None:
     for fwd in forwards:
         address = str(fwd.address) if fwd.address is not None else None
         for host_port, guest_port in fwd.pairs():
-            added = relay.add_forward("tcp", address, host_port, guest_port,
+            added = relay.add_forward(fwd.proto, address, host_port, guest_port,
                                       interface=fwd.interface)
             if host_port == 0:
-                print(f"relaynat: forwarding tcp {address or '*'} port {added.host_port} "
+                print(f"relaynat: forwarding {fwd.proto} {address or '*'} port {added.host_port} "
                       f"to guest port {guest_port}", file=sys.stderr, flush=True)
 
 

@@ -7,6 +7,14 @@ through its router), and from then on the flow is relayed by the same core and w
 rules as an outbound one. A client on an IPv4 address reaches the guest over IPv4,
 one on IPv6 over IPv6 (passt's rule), unless the guest runs only the other family.
 
+A UDP forward is a bound socket. Each new client (address and port) becomes an
+inbound UDP flow toward the guest (`UdpRelay.on_forwarded`), and the guest's replies
+go back to that client through the same socket, so they come from the port the client
+sent to. Inbound UDP flows end after `udp_inbound_timeout_s` without traffic.
+
+With `inbound_source="client"`, the guest sees the client's real address instead of
+the gateway's (addressing.py says when it cannot).
+
 Host port 0 asks the kernel for a free port; `Forward.host_port` is the one it chose,
 and listing the forwards reports it.
 """
@@ -23,14 +31,20 @@ from ipaddress import IPv6Address, ip_address
 
 log = logging.getLogger("relaynat.forward")
 
-#: Connections accepted per listener per wakeup before other work gets its turn.
+#: Connections accepted (or datagrams read) per forward per wakeup before other work
+#: gets its turn.
 _ACCEPTS_PER_WAKEUP = 64
+#: Largest UDP payload over IPv6 (65535 minus the UDP header); IPv4's is smaller.
+_DATAGRAM_MAX = 65527
 _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
-#: Opens the guest side of an accepted connection: (socket, client address packed,
+#: Opens the guest side of an accepted TCP connection: (socket, client address packed,
 #: client port, guest port) -> True if a flow was opened (the callee owns the socket
 #: either way).
 InboundOpener = Callable[[socket.socket, bytes, int, int], bool]
+#: Takes one datagram a host client sent to a UDP forward: (forward, payload, the
+#: client's socket address as recvfrom gave it).
+DatagramSink = Callable[["Forward", bytes, tuple], None]  # type: ignore[type-arg]
 
 
 class ForwardError(ValueError):
@@ -62,38 +76,56 @@ def client_address(peer: tuple) -> bytes:  # type: ignore[type-arg]
     return packed
 
 
-class TcpForwarder:
-    """The TCP forwards of one relay: listeners, and their accepted connections handed
-    to `open_inbound`."""
+class Forwarder:
+    """The forwards of one relay: TCP listeners, whose accepted connections go to
+    `open_inbound`, and bound UDP sockets, whose datagrams go to `on_datagram` (the
+    UDP relay answers through the same socket, so replies come from the port the
+    client sent to)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, open_inbound: InboundOpener) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, open_inbound: InboundOpener,
+                 on_datagram: DatagramSink) -> None:
         self._loop = loop
         self._open_inbound = open_inbound
+        self._on_datagram = on_datagram
         self.forwards: list[Forward] = []
 
-    def add(self, host_addr: str | None, host_port: int, guest_port: int,
+    def add(self, proto: str, host_addr: str | None, host_port: int, guest_port: int,
             interface: str | None = None) -> Forward:
         """Listen on `host_addr` (None: all addresses, IPv4 and IPv6) port `host_port`
         (0: any free one), on `interface` only if given, and forward to the guest's
         `guest_port`."""
+        if proto not in ("tcp", "udp"):
+            raise ForwardError(f"protocol {proto!r} cannot be forwarded (tcp or udp)")
         if not 0 <= host_port <= 0xFFFF or not 1 <= guest_port <= 0xFFFF:
             raise ForwardError(f"ports out of range: host {host_port}, guest {guest_port}")
-        sock = _listen(host_addr, host_port, interface)
-        forward = Forward("tcp", host_addr, sock.getsockname()[1], guest_port, interface, sock)
-        self._loop.add_reader(sock.fileno(), self._on_accept, forward)
+        if self.find(proto, host_addr, host_port) is not None:
+            raise ForwardError(f"{proto} {host_addr or '*'} port {host_port} is already "
+                               "forwarded")
+        sock = _bind(proto, host_addr, host_port, interface)
+        forward = Forward(proto, host_addr, sock.getsockname()[1], guest_port, interface, sock)
+        ready = self._on_accept if proto == "tcp" else self._on_readable
+        self._loop.add_reader(sock.fileno(), ready, forward)
         self.forwards.append(forward)
-        log.info("forwarding tcp %s port %d to guest port %d", host_addr or "*",
+        log.info("forwarding %s %s port %d to guest port %d", proto, host_addr or "*",
                  forward.host_port, guest_port)
         return forward
 
-    def remove(self, host_addr: str | None, host_port: int) -> Forward:
-        """Stop listening; connections already forwarded stay as they are."""
+    def find(self, proto: str, host_addr: str | None, host_port: int) -> Forward | None:
         for forward in self.forwards:
-            if forward.host_port == host_port and forward.host_addr == host_addr:
-                self._close(forward)
-                self.forwards.remove(forward)
+            if (forward.proto, forward.host_addr, forward.host_port) == (proto, host_addr,
+                                                                          host_port):
                 return forward
-        raise ForwardError(f"no tcp forward on {host_addr or '*'} port {host_port}")
+        return None
+
+    def remove(self, proto: str, host_addr: str | None, host_port: int) -> Forward:
+        """Stop listening. TCP connections already forwarded stay as they are; the
+        caller ends the UDP flows of the socket (they cannot answer without it)."""
+        forward = self.find(proto, host_addr, host_port)
+        if forward is None:
+            raise ForwardError(f"no {proto} forward on {host_addr or '*'} port {host_port}")
+        self.forwards.remove(forward)
+        self._close(forward)
+        return forward
 
     def _on_accept(self, forward: Forward) -> None:
         assert forward.sock is not None
@@ -106,6 +138,19 @@ class TcpForwarder:
                 log.warning("accept on tcp port %d: %s", forward.host_port, exc)
                 return
             self._open_inbound(conn, client_address(peer), peer[1], forward.guest_port)
+
+    def _on_readable(self, forward: Forward) -> None:
+        sock = forward.sock
+        assert sock is not None
+        for _ in range(_ACCEPTS_PER_WAKEUP):
+            try:
+                data, peer = sock.recvfrom(_DATAGRAM_MAX)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error for an earlier reply (udp(7))
+                log.debug("udp forward port %d: %s", forward.host_port, exc)
+                continue
+            self._on_datagram(forward, data, peer)
 
     def _close(self, forward: Forward) -> None:
         if forward.sock is not None:
@@ -120,10 +165,11 @@ class TcpForwarder:
         self.forwards.clear()
 
 
-def _listen(host_addr: str | None, port: int, interface: str | None) -> socket.socket:
+def _bind(proto: str, host_addr: str | None, port: int, interface: str | None) -> socket.socket:
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     if host_addr is None:
         # One dual-stack socket serves both families (ipv6(7): IPV6_V6ONLY off).
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET6, kind)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         bind_to: tuple[str, int] = ("::", port)
     else:
@@ -132,17 +178,18 @@ def _listen(host_addr: str | None, port: int, interface: str | None) -> socket.s
         except ValueError:
             raise ForwardError(f"{host_addr!r} is not an IP address") from None
         family = socket.AF_INET6 if isinstance(addr, IPv6Address) else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, kind)
         bind_to = (str(addr), port)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if interface is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         sock.bind(bind_to)
-        sock.listen(128)
+        if kind == socket.SOCK_STREAM:
+            sock.listen(128)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
         where = f"[{bind_to[0]}]" if ":" in bind_to[0] else bind_to[0]
-        raise ForwardError(f"cannot listen on {where}:{port}: {exc.strerror}") from None
+        raise ForwardError(f"cannot bind {proto} {where}:{port}: {exc.strerror}") from None
     return sock

@@ -36,6 +36,9 @@ class UdpFlow:
     fixed_timeout: float | None = None
     #: The shell's I/O object (the host socket); never touched here.
     sock: Any = field(default=None)
+    #: An inbound flow (a client of a forwarded port): the client's socket address,
+    #: and `sock` is the forward's socket, shared by all its clients.
+    peer: Any = field(default=None)
 
     def from_guest(self, now: float, quote: bytes) -> None:
         self.last_activity = now

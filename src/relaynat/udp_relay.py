@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import random
 import socket
 from collections import Counter
 from collections.abc import Callable
@@ -71,6 +72,8 @@ class UdpRelay:
         self._timer_at = float("inf")
         self._ip_id = 0
         self.guest_mac: bytes | None = None
+        #: Inbound flows by (forward socket, client socket address).
+        self._inbound: dict[tuple[socket.socket, tuple], UdpFlow] = {}  # type: ignore[type-arg]
         #: Egress check for a new flow (protocol, destination, port) -> allow; set by
         #: the relay when a policy is in force.
         self.admit: Callable[[int, bytes, int], bool] | None = None
@@ -82,10 +85,11 @@ class UdpRelay:
 
     # -- guest -> host ---------------------------------------------------------------
 
-    def on_datagram(self, ip: IpPacket, dgram: UdpDatagram, host_ip: str,
+    def on_datagram(self, ip: IpPacket, dgram: UdpDatagram, host_ip: str | None,
                     fixed_timeout: float | None = None) -> None:
-        """A guest datagram to `dgram.dst`, which is `host_ip` on the host; a new flow
-        gets `fixed_timeout` instead of the idle/stream timeouts when given."""
+        """A guest datagram to `dgram.dst`, which is `host_ip` on the host (None only
+        for a flow that exists: an inbound one's far end may be nowhere outbound); a new
+        flow gets `fixed_timeout` instead of the idle/stream timeouts when given."""
         stats = self.stats
         key = (dgram.sport, dgram.dst, dgram.dport, dgram.src)
         now = self._loop.time()
@@ -96,12 +100,16 @@ class UdpRelay:
             if self.admit is not None and not self.admit(17, dgram.dst, dgram.dport):
                 self.refuse(ip, ICMP_ADMIN_PROHIBITED)  # RFC 1812 §5.2.7.1
                 return
+            assert host_ip is not None
             flow = self._open(key, host_ip, dgram.dport, now, fixed_timeout, quote)
             if flow is None:
                 return
         flow.from_guest(now, quote)
         try:
-            flow.sock.send(dgram.payload)
+            if flow.peer is None:
+                flow.sock.send(dgram.payload)
+            else:  # a forwarded port's client: answered from the port it sent to
+                flow.sock.sendto(dgram.payload, flow.peer)
         except ConnectionRefusedError:  # an earlier datagram's ICMP error, reported now
             self._unreachable(flow)
             return
@@ -165,22 +173,59 @@ class UdpRelay:
             except OSError:
                 stats["udp_recv_errors"] += 1
                 return
-            guest_port, src, src_port, guest_ip = flow.key
-            limit = self._max_payload_v6 if len(src) == 16 else self._max_payload_v4
-            if len(data) > limit:
-                stats["udp_drop_too_big_for_mtu"] += 1
-                continue
-            flow.from_host(self._loop.time())
-            if self.guest_mac is None:
-                stats["udp_drop_no_guest_mac"] += 1
-                continue
-            self._ip_id = (self._ip_id + 1) & 0xFFFF
-            self._send_raw(udp_frame_head(self.guest_mac, self._config.gateway_mac, src,
-                                          guest_ip, src_port, guest_port, data,
-                                          self._ip_id, self._vnet_hdr_len, self._offload),
-                           data)
-            stats["udp_to_guest"] += 1
-            stats["udp_to_guest_bytes"] += len(data)
+            self._to_guest(flow, data)
+
+    def _to_guest(self, flow: UdpFlow, data: bytes) -> None:
+        """One host datagram of `flow` toward the guest, from the address and port the
+        guest sees the flow's far end at."""
+        stats = self.stats
+        guest_port, src, src_port, guest_ip = flow.key
+        limit = self._max_payload_v6 if len(src) == 16 else self._max_payload_v4
+        if len(data) > limit:
+            stats["udp_drop_too_big_for_mtu"] += 1
+            return
+        flow.from_host(self._loop.time())
+        if self.guest_mac is None:
+            stats["udp_drop_no_guest_mac"] += 1
+            return
+        self._ip_id = (self._ip_id + 1) & 0xFFFF
+        self._send_raw(udp_frame_head(self.guest_mac, self._config.gateway_mac, src,
+                                      guest_ip, src_port, guest_port, data,
+                                      self._ip_id, self._vnet_hdr_len, self._offload),
+                       data)
+        stats["udp_to_guest"] += 1
+        stats["udp_to_guest_bytes"] += len(data)
+
+    # -- inbound: clients of forwarded ports -----------------------------------------
+
+    def on_forwarded(self, sock: socket.socket, peer: tuple, data: bytes,  # type: ignore[type-arg]
+                     guest_ip: bytes, guest_port: int, src_ip: bytes, src_port: int) -> None:
+        """A datagram from host client `peer` to the forward socket `sock`: toward
+        `guest_ip:guest_port`, seen by the guest as from `src_ip:src_port`. The client's
+        first datagram opens the flow; `src_port` is a wish, and if another client holds
+        that flow key already, another port is chosen (as TcpRelay.open_inbound)."""
+        flow = self._inbound.get((sock, peer))
+        if flow is None:
+            now = self._loop.time()
+            key = (guest_port, src_ip, src_port, guest_ip)
+            while key in self.table.flows:
+                key = (guest_port, src_ip, random.randint(32768, 60999), guest_ip)
+            flow = self.table.open(key, now, self._config.udp_inbound_timeout_s)
+            if flow is None:
+                self.stats["udp_inbound_drop_flow_limit"] += 1
+                return
+            flow.sock, flow.peer = sock, peer
+            self._inbound[(sock, peer)] = flow
+            self.stats["udp_inbound_opened"] += 1
+            self._arm_timer(flow.deadline(self.table.idle_s, self.table.stream_s))
+        self._to_guest(flow, data)
+
+    def forward_closed(self, sock: socket.socket) -> None:
+        """The forward owning `sock` was removed: its clients' flows end with it."""
+        for (owner, _peer), flow in list(self._inbound.items()):
+            if owner is sock:
+                self._close_sock(flow)
+                self.table.remove(flow)
 
     def _unreachable(self, flow: UdpFlow) -> None:
         """The host peer's port is closed: tell the guest with ICMP port unreachable,
@@ -240,6 +285,10 @@ class UdpRelay:
         self._arm_timer()
 
     def _close_sock(self, flow: UdpFlow) -> None:
+        if flow.peer is not None:  # the forward's socket stays; only the flow ends
+            self._inbound.pop((flow.sock, flow.peer), None)
+            flow.sock = None
+            return
         if flow.sock is not None:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(flow.sock.fileno())
