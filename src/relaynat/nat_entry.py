@@ -23,6 +23,14 @@ in order, and as one deadline (`next_deadline()`) at which the shell calls
 `on_timer`. Time is always a parameter, so hypothesis can drive thousands of lossy,
 reordered conversations without a kernel or a clock (tests/test_nat_entry.py).
 
+The machine is in two modules. tcp_handshake.py (`TcpHandshake`, the base class)
+establishes the flow: the guest's SYN, the host connect() result and our SYN-ACK
+(outbound), our SYN and the guest's SYN-ACK (inbound), and the SYN retransmission
+timer; it also declares the flow's state and the primitives that emit segments and
+abort. This module is the rest: `on_guest_segment` (which hands a segment that
+arrives in SYN-SENT to the handshake), data both ways, FINs, the flush, and the
+timers (`on_timer` leaves the SYN's to the handshake).
+
 RFCs: RFC 9293 (TCP: §3.4 sequence numbers, §3.10.7 segment arrival, §3.8.6.1 zero
 window probing), RFC 7323 §2 (window scale), RFC 6298 (RTO), RFC 5681 §3.2 (fast
 retransmit on three duplicate ACKs), RFC 5961 §3.2 (RST only at the exact sequence).
@@ -30,291 +38,37 @@ retransmit on three duplicate ACKs), RFC 5961 §3.2 (RST only at the exact seque
 
 from __future__ import annotations
 
-from relaynat.packet_builder import TS_OPTION_LEN, TcpFrameTemplate, tcp_options_syn
 from relaynat.tcp_actions import (
     M32,
     Action,
     CloseHost,
     ConsumeHost,
     RewindHost,
-    SendFrame,
     ShutdownHostWrite,
 )
-from relaynat.tcp_state import GUEST_SENDING, HOST_SENDING, TcpEvent, TcpState, next_state
+from relaynat.tcp_handshake import TcpHandshake
+from relaynat.tcp_state import GUEST_SENDING, HOST_SENDING, TcpEvent, TcpState
 from relaynat.window import (
     ACK_CHECK_IDLE_MAX_S,
     ACK_CHECK_MAX_S,
     DATA_RETRIES_MAX,
     DUP_ACK_THRESHOLD,
-    OUR_WSCALE,
-    SYN_RETRIES_MAX,
     SocketFacts,
     ack_check_interval_s,
     advertised_window,
     encode_window,
-    mss_for_guest,
-    negotiate_wscale,
     rto_s,
     rtt_exponent,
-    syn_timeout_s,
 )
 from relaynat.wire import ACK, FIN, PSH, RST, SYN, TcpSegment, seq_diff, seq_le, seq_lt
 
-#: Largest TCP payload in one IPv4 frame without options (65535 - 20 - 20): the size of
-#: a GSO super-frame toward an offloading TAP.
-MAX_GSO_PAYLOAD = 65495
 
+class TcpNatEntry(TcpHandshake):
+    """One flow; see the module docstring for the protocol between it and the shell.
 
-class TcpNatEntry:
-    """One flow; see the module docstring for the protocol between it and the shell."""
+    Its state and handshake come from `TcpHandshake` (tcp_handshake.py)."""
 
-    __slots__ = (
-        "_pending_fin",
-        "_pending_len",
-        "ack_check_at",
-        "ack_check_rcv",
-        "ack_check_s",
-        "ack_pending",
-        "actions",
-        "adv_edge",
-        "adv_field",
-        "bytes_from_guest",
-        "bytes_to_guest",
-        "connect_deadline",
-        "dup_acks",
-        "dup_acks_to_send",
-        "fin_acked",
-        "fin_seq",
-        "frame_payload_max",
-        "guest_isn",
-        "guest_wnd_edge",
-        "guest_wscale",
-        "idle_at",
-        "idle_timeout_s",
-        "iss",
-        "last_ack_sent",
-        "mss",
-        "mtu",
-        "now",
-        "our_mss",
-        "our_wscale",
-        "persist_at",
-        "persist_count",
-        "rcv_nxt",
-        "retries",
-        "rto_at",
-        "rtt_exp",
-        "snd_max",
-        "snd_nxt",
-        "snd_una",
-        "state",
-        "syn_at",
-        "syn_retransmitted",
-        "template",
-        "ts_offset",
-        "ts_recent",
-        "write_blocked",
-    )
-
-    def __init__(self, syn: TcpSegment | None, *, template: TcpFrameTemplate, mtu: int,
-                 iss: int, now: float, connect_timeout_s: float = 10.0,
-                 idle_timeout_s: float = 7200.0) -> None:
-        """A flow opened by the guest's `syn` (outbound). `TcpNatEntry.inbound` opens
-        one toward the guest instead (syn None here)."""
-        self.template = template
-        self.state = TcpState.CONNECTING
-        self.actions: list[Action] = []
-        self.now = now
-        self.mtu = mtu
-        self.ts_offset = (iss * 0x9E3779B1) & M32  # per-flow TSval offset (RFC 7323 §5.4)
-        self.our_mss = min(mtu - (40 if template.ipv6 else 20) - 20, 0xFFFF)
-        self.iss = iss & M32
-        # Data sequence space toward the guest starts after our SYN.
-        self.snd_una = self.snd_nxt = self.snd_max = (self.iss + 1) & M32
-        self.fin_seq: int | None = None
-        self.fin_acked = False
-        self.dup_acks = 0
-        self.dup_acks_to_send = 0
-        self.ack_pending = False
-        self.adv_field = 0
-        self.ack_check_s = 0.0
-        self.ack_check_rcv = 0
-        self.write_blocked = False
-        self.retries = 0
-        self.syn_retransmitted = False
-        self.rtt_exp = 0
-        self.persist_count = 0
-        self.connect_deadline: float | None = now + connect_timeout_s
-        self.syn_at: float | None = None
-        self.rto_at: float | None = None
-        self.persist_at: float | None = None
-        self.ack_check_at: float | None = None
-        self.idle_timeout_s = idle_timeout_s
-        self.idle_at = now + idle_timeout_s
-        self.bytes_from_guest = 0
-        self.bytes_to_guest = 0
-        self._pending_len = 0
-        self._pending_fin = False
-        self.guest_isn = self.rcv_nxt = self.last_ack_sent = self.adv_edge = 0
-        self.our_wscale = self.guest_wscale = 0
-        self.ts_recent = 0
-        self.mss = self.frame_payload_max = 0
-        self.guest_wnd_edge = self.snd_una
-        if syn is not None:
-            self._learn_guest_syn(syn)
-
-    @classmethod
-    def inbound(cls, *, template: TcpFrameTemplate, mtu: int, iss: int, now: float,
-                facts: SocketFacts | None, idle_timeout_s: float = 7200.0) -> TcpNatEntry:
-        """A flow a host client opened on a forwarded port: SYN the guest now, offering
-        our MSS, window scale and (if `template` has room for them) timestamps; the
-        guest's SYN-ACK decides what is in force (RFC 7323 §2.2, §3.2). The host socket
-        is connected already, so there is no connect deadline."""
-        entry = cls(None, template=template, mtu=mtu, iss=iss, now=now,
-                    idle_timeout_s=idle_timeout_s)
-        entry.state = TcpState.SYN_SENT
-        entry.connect_deadline = None
-        entry.our_wscale = OUR_WSCALE
-        entry._send_syn(facts)
-        entry.syn_at = now + syn_timeout_s(0)
-        return entry
-
-    def _learn_guest_syn(self, syn: TcpSegment) -> None:
-        """What the guest's SYN (outbound) or SYN-ACK (inbound) tells: its ISN, options
-        and window."""
-        self.guest_isn = syn.seq
-        self.rcv_nxt = self.last_ack_sent = self.adv_edge = (syn.seq + 1) & M32
-        self.our_wscale, self.guest_wscale = negotiate_wscale(syn.wscale)
-        # RFC 7323 §3: timestamps are in force when the guest's SYN offered them (the
-        # shell then built the template with room for the option). They matter for a
-        # relay that keeps no out-of-order data: every ACK of retransmitted data still
-        # gives the guest a valid RTT sample (TSecr), which is what resets its RTO
-        # backoff (RFC 6298 §5.7, Karn's rule otherwise forbids the sample).
-        self.ts_recent = syn.tsval if syn.tsval is not None else 0
-        # RFC 6691: the MSS excludes options, so each segment's payload shrinks by ours.
-        ts_len = TS_OPTION_LEN if self.template.timestamps else 0
-        ip_hlen = 40 if self.template.ipv6 else 20
-        self.mss = mss_for_guest(syn.mss, self.mtu, ip_hlen) - ts_len
-        # Payload of one frame we send: an MSS-sized segment, or with offload a GSO
-        # super-frame as large as one IPv4 packet holds (IPv6 could hold 20 bytes more).
-        self.frame_payload_max = (MAX_GSO_PAYLOAD - ts_len if self.template.offload
-                                  else self.mss)
-        # RFC 7323 §2.2: the window field of a SYN is never scaled.
-        self.guest_wnd_edge = (self.snd_una + syn.window) & M32
-
-    # -- helpers -----------------------------------------------------------------
-
-    @property
-    def bytes_in_flight(self) -> int:
-        """Data bytes sent to the guest and not yet acknowledged."""
-        return (self.snd_nxt - self.snd_una) & M32
-
-    @property
-    def closed(self) -> bool:
-        return self.state is TcpState.CLOSED
-
-    def _ack_seq(self) -> int:
-        """Sequence number for a segment without data: the highest we sent, FIN
-        included. The guest drops (and answers with a duplicate ACK) any segment
-        whose sequence is below what it already received (RFC 9293 §3.10.7.4), which
-        after a rewind `snd_nxt` can be."""
-        if self.fin_seq is not None:
-            return (self.fin_seq + 1) & M32
-        return self.snd_max
-
-    def _event(self, event: TcpEvent) -> None:
-        self.state = next_state(self.state, event)
-
-    def _tsval(self) -> int:
-        """Our timestamp clock: milliseconds (RFC 7323 §5.4 allows 1 ms to 1 s ticks)."""
-        return (int(self.now * 1000) + self.ts_offset) & M32
-
-    def _emit(self, seq: int, flags: int, payload: bytes | memoryview = b"",
-              options: bytes | None = None, window_field: int | None = None) -> None:
-        field = self.adv_field if window_field is None else window_field
-        head = self.template.build(seq, self.rcv_nxt, flags, field, payload, options, self.mss,
-                                   self._tsval(), self.ts_recent)
-        self.actions.append(SendFrame(head, payload))
-        if flags & ACK:
-            self.last_ack_sent = self.rcv_nxt
-            self.ack_pending = False
-            # What the guest now believes it may send up to (RFC 7323 §2.2: the window
-            # of a SYN is never scaled).
-            shift = 0 if flags & SYN else self.our_wscale
-            self.adv_edge = (self.rcv_nxt + (field << shift)) & M32
-
-    def _abort(self, rst_guest: bool, abortive_host: bool = True) -> None:
-        """Reset the flow both ways (or only toward the host when the guest reset it)."""
-        if self.closed:
-            return
-        if rst_guest and self.state is not TcpState.CONNECTING:
-            self._emit(self._ack_seq(), RST | ACK)
-        elif rst_guest:
-            self._emit(0, RST | ACK)
-        self._event(TcpEvent.ABORT)
-        self.actions.append(CloseHost(abortive_host))
-
-    def _arm_rto(self, now: float) -> None:
-        in_flight = self.bytes_in_flight or (self.fin_seq is not None and not self.fin_acked)
-        self.rto_at = now + rto_s(self.retries, self.syn_retransmitted) if in_flight else None
-
-    def next_deadline(self) -> float | None:
-        """The earliest time at which `on_timer` has something to do."""
-        best = self.idle_at
-        for t in (self.connect_deadline, self.syn_at, self.rto_at, self.persist_at,
-                  self.ack_check_at):
-            if t is not None and t < best:
-                best = t
-        return best
-
-    # -- handshake -----------------------------------------------------------------
-
-    def on_connect_result(self, ok: bool, facts: SocketFacts | None, now: float) -> None:
-        """The host connect() finished: SYN-ACK the guest, or refuse it with RST."""
-        if self.state is not TcpState.CONNECTING:
-            return
-        self.now = now
-        self.connect_deadline = None
-        if not ok:
-            self._abort(rst_guest=True, abortive_host=False)
-            return
-        self._event(TcpEvent.CONNECT_OK)
-        self._send_syn_ack(facts)
-        self.syn_at = now + syn_timeout_s(0)
-
-    def _send_syn(self, facts: SocketFacts | None) -> None:
-        """Our SYN to the guest (inbound flows): window unscaled (RFC 7323 §2.2), and
-        every option offered; timestamps only if the template has room for them."""
-        window = advertised_window(facts)
-        self.adv_field = min(window, 0xFFFF)
-        ts = (self._tsval(), 0) if self.template.timestamps else None
-        self._emit(self.iss, SYN, options=tcp_options_syn(self.our_mss, OUR_WSCALE, ts),
-                   window_field=self.adv_field)
-
-    def _on_guest_syn_ack(self, seg: TcpSegment, now: float) -> None:
-        """The guest answered our SYN (RFC 9293 §3.10.7.3): take its options, ACK it."""
-        if seg.ack != self.snd_una:
-            # Not an answer to our SYN: reset it (§3.10.7.3, "a RST with seq = SEG.ACK").
-            self._emit(seg.ack, RST, window_field=0)
-            return
-        if seg.tsval is None and self.template.timestamps:
-            self.template = self.template.with_timestamps(False)
-        self._learn_guest_syn(seg)
-        self._event(TcpEvent.GUEST_SYN_ACK)
-        self.syn_at = None
-        self.retries = 0
-        self.adv_field = encode_window(self.adv_field, self.our_wscale)
-        self._emit(self.snd_nxt, ACK)
-        self._arm_rto(now)
-
-    def _send_syn_ack(self, facts: SocketFacts | None) -> None:
-        window = advertised_window(facts)
-        field = min(window, 0xFFFF)  # unscaled in a SYN (RFC 7323 §2.2)
-        self.adv_field = encode_window(window, self.our_wscale)
-        wscale = self.our_wscale if self.guest_wscale or self.our_wscale else None
-        ts = (self._tsval(), self.ts_recent) if self.template.timestamps else None
-        self._emit(self.iss, SYN | ACK, options=tcp_options_syn(self.our_mss, wscale, ts),
-                   window_field=field)
+    __slots__ = ()  # all declared in TcpHandshake
 
     # -- guest -> host ------------------------------------------------------------
 
@@ -354,18 +108,6 @@ class TcpNatEntry:
                 self._emit(self._ack_seq(), ACK)  # retransmitted FIN/data after guest FIN
             return None
         return self._accept_payload(seg)
-
-    def _in_syn_sent(self, seg: TcpSegment, now: float) -> None:
-        """RFC 9293 §3.10.7.3: in SYN-SENT a RST counts only if it acknowledges our SYN
-        (the guest refused: the host client is reset at once), and only a SYN-ACK
-        establishes; anything else is dropped."""
-        flags = seg.flags
-        if flags & RST:
-            if flags & ACK and seg.ack == self.snd_una:
-                self._abort(rst_guest=False, abortive_host=True)
-            return
-        if flags & SYN and flags & ACK:
-            self._on_guest_syn_ack(seg, now)
 
     def _process_ack(self, seg: TcpSegment, now: float) -> None:
         ack = seg.ack
@@ -586,6 +328,15 @@ class TcpNatEntry:
             self.rtt_exp = rtt_exponent(facts.info.rtt_us)
         self.adv_field = encode_window(advertised_window(facts), self.our_wscale)
 
+    def next_deadline(self) -> float | None:
+        """The earliest time at which `on_timer` has something to do."""
+        best = self.idle_at
+        for t in (self.connect_deadline, self.syn_at, self.rto_at, self.persist_at,
+                  self.ack_check_at):
+            if t is not None and t < best:
+                best = t
+        return best
+
     def on_timer(self, now: float, facts: SocketFacts | None) -> None:
         """Run whatever deadline has passed."""
         if self.closed:
@@ -599,18 +350,9 @@ class TcpNatEntry:
             self._abort(rst_guest=True, abortive_host=False)
             return
         if self.syn_at is not None and self.syn_at <= now:
-            self.retries += 1
-            if self.retries > SYN_RETRIES_MAX:
-                # Inbound: the guest never answered; the host client is reset. Nothing
-                # toward a guest that has no connection yet.
-                self._abort(rst_guest=self.state is not TcpState.SYN_SENT)
+            self._on_syn_timeout(now, facts)
+            if self.closed:
                 return
-            self.syn_retransmitted = True
-            if self.state is TcpState.SYN_SENT:
-                self._send_syn(facts)
-            else:
-                self._send_syn_ack(facts)
-            self.syn_at = now + syn_timeout_s(self.retries)
         if self.rto_at is not None and self.rto_at <= now:
             self.retries += 1
             if self.retries > DATA_RETRIES_MAX:
