@@ -1,0 +1,149 @@
+"""Flow limits and the new-flow rate, through a real namespace guest (`relaynat run`).
+
+The guest's own kernel reports the outcome: a SYN over the rate must come back as
+ECONNREFUSED (the relay's RST), not a timeout; UDP and ping over a limit get nothing.
+The relay's `--stats` must count each refusal under its reason. Servers listen on the
+suite's private 127.0.0.1, which the guest reaches as 10.0.2.2 (fd00::2 for IPv6).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from relaynat_cli import parse_stats, relaynat_run
+from sysctl import ALL_GROUPS, ping_group_range
+
+GUEST = str(Path(__file__).parent / "limits_guest.py")
+GATEWAY = "10.0.2.2"
+GATEWAY6 = "fd00::2"
+
+
+def _guest_json(done: subprocess.CompletedProcess[str]) -> dict:  # type: ignore[type-arg]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.integration
+def test_syns_over_the_rate_get_rst_and_are_counted(start_peer) -> None:
+    rate, burst, count, after = 20, 5, 100, 5
+    port = start_peer("echo")
+    done = relaynat_run(sys.executable, GUEST, "connect-burst", GATEWAY, str(port),
+                        "--count", str(count), "--pause", "0.3", "--after", str(after),
+                        options=("--new-flow-rate", f"{rate}/s",
+                                 "--new-flow-burst", str(burst)))
+    out = _guest_json(done)
+    stats = parse_stats(done.stderr)
+    first, elapsed = out["first"], out["elapsed"]
+    ok, refused = first.count("ok"), first.count("refused")
+    # Every attempt either connected or was refused by RST: none timed out.
+    assert ok + refused == count, first
+    # The bucket starts full, and the relay saw every SYN between the guest's first
+    # connect() and its last one's return (one CLOCK_MONOTONIC for both), so no more
+    # than burst + rate * elapsed of them can have found a token. uvloop's loop.time()
+    # is libuv's millisecond-truncated uv_now(): up to 1 ms of slack at each end.
+    assert burst <= ok <= burst + rate * (elapsed + 0.002), (ok, elapsed)
+    assert refused >= 1
+    assert stats["tcp_refused_rate_limit"] == refused
+    # 0.3 s idle refills 6 tokens, capped at the burst: the next `burst` connect.
+    assert out["second"] == ["ok"] * after
+    assert stats["tcp_flows_opened"] == ok + after
+
+
+@pytest.mark.integration
+def test_the_rate_is_one_bucket_for_tcp_udp_and_ping(start_peer, udp_echo: int) -> None:
+    """Burst 2 at 0.01/s (one token per 100 s, so none comes back during the test):
+    a TCP connection and a UDP flow take the two tokens; then a second UDP flow, a
+    second TCP connection and a ping are all over the rate."""
+    port = start_peer("echo")
+    script = (f"{sys.executable} {GUEST} connect-burst {GATEWAY} {port} --count 1; "
+              f"{sys.executable} {GUEST} udp-flows {GATEWAY} {udp_echo} --flows 2 --tries 2; "
+              f"{sys.executable} {GUEST} connect-burst {GATEWAY} {port} --count 1; "
+              f"ping -c 1 -W 1 {GATEWAY}; true")
+    with ping_group_range(ALL_GROUPS):
+        done = relaynat_run("sh", "-c", script,
+                            options=("--new-flow-rate", "0.01", "--new-flow-burst", "2"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines[0]["first"] == ["ok"]
+    assert lines[1] == {"first": [True, False], "again": [True, False]}
+    assert lines[2]["first"] == ["refused"]
+    assert "1 packets transmitted, 0 received" in done.stdout
+    stats = parse_stats(done.stderr)
+    assert stats["udp_drop_rate_limit"] == 4  # flow 2: two tries, twice
+    assert stats["tcp_refused_rate_limit"] == 1
+    assert stats["drop_icmp_rate_limit"] == 1
+
+
+@pytest.mark.integration
+def test_fourth_udp_flow_is_dropped_and_counted_first_three_still_echo(udp_echo: int) -> None:
+    tries = 3
+    done = relaynat_run(sys.executable, GUEST, "udp-flows", GATEWAY, str(udp_echo),
+                        "--flows", "4", "--tries", str(tries),
+                        options=("--max-udp-flows", "3"))
+    out = _guest_json(done)
+    assert out == {"first": [True, True, True, False], "again": [True, True, True, False]}
+    stats = parse_stats(done.stderr)
+    assert stats["udp_drop_flow_limit"] == 2 * tries
+    assert stats["udp_flows_opened"] == 3
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("limit", [1, 2])
+def test_max_icmp_flows_drops_a_second_ping_session(limit: int) -> None:
+    """Two ping sessions, 10.0.2.2 and then fd00::2 (host 127.0.0.1 and ::1, both
+    answering): with room for one, the second gets no reply and is counted; with room
+    for two (the control), both are answered."""
+    script = (f"ping -c 2 -i 0.2 -W 2 {GATEWAY}; echo rc4=$?; "
+              f"ping -6 -c 2 -i 0.2 -W 1 {GATEWAY6}; echo rc6=$?")
+    with ping_group_range(ALL_GROUPS):
+        done = relaynat_run("sh", "-c", script, options=("--max-icmp-flows", str(limit)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rc4=0" in done.stdout, done.stdout
+    stats = parse_stats(done.stderr)
+    if limit == 1:
+        assert "rc6=1" in done.stdout, done.stdout
+        assert "2 packets transmitted, 0 received" in done.stdout
+        assert stats["drop_icmp_table_full"] == 2
+        assert stats["icmp_sockets_opened"] == 1
+    else:
+        assert "rc6=0" in done.stdout, done.stdout
+        assert stats.get("drop_icmp_table_full", 0) == 0
+        assert stats["icmp_sockets_opened"] == 2
+
+
+@pytest.mark.parametrize("args,option,says", [
+    # `-4`/`-6` exist, so argparse takes "-1" for an option and reports the missing value;
+    # with "=" the value reaches the option's own check.
+    (["--new-flow-rate", "-1"], "--new-flow-rate", "expected one argument"),
+    (["--new-flow-rate=-1"], "--new-flow-rate", "must be a positive number"),
+    (["--new-flow-rate", "0"], "--new-flow-rate", "must be a positive number"),
+    (["--new-flow-rate", "abc"], "--new-flow-rate", "is not a number of flows per second"),
+    (["--new-flow-rate", "inf"], "--new-flow-rate", "must be a positive number"),
+    (["--max-udp-flows", "0"], "--max-udp-flows", "must be at least 1"),
+    (["--max-icmp-flows", "x"], "--max-icmp-flows", "is not a whole number"),
+    (["--new-flow-burst", "0", "--new-flow-rate", "5"], "--new-flow-burst", "at least 1"),
+    (["--new-flow-burst", "3"], "--new-flow-burst", "needs --new-flow-rate"),
+])
+def test_cli_refuses_bad_limits_naming_the_option(args: list[str], option: str,
+                                                  says: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "relaynat", "run", *args, "--", "true"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert option in done.stderr and says in done.stderr, done.stderr
+
+
+def test_cli_limits_reach_the_config() -> None:
+    from relaynat.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["run", "--max-tcp-flows", "7", "--max-udp-flows", "8", "--max-icmp-flows", "9",
+         "--new-flow-rate", "2.5/s", "--new-flow-burst", "4", "--", "true"])
+    config = config_from_args(args)
+    assert (config.max_tcp_flows, config.max_udp_flows, config.max_icmp_flows) == (7, 8, 9)
+    assert (config.new_flow_rate, config.new_flow_burst) == (2.5, 4)
+    legacy = config_from_args(build_parser().parse_args(["run", "--max-flows", "3", "--", "x"]))
+    assert legacy.max_tcp_flows == 3 and legacy.new_flow_rate is None
