@@ -29,7 +29,7 @@ class TokenBucket:
     (a browser's parallel connections, a resolver's A and AAAA queries).
     """
 
-    __slots__ = ("rate", "burst", "_tokens", "_last")
+    __slots__ = ("_last", "_tokens", "burst", "rate")
 
     def __init__(self, rate: float | Fraction, burst: int) -> None:
         if not rate > 0 or not math.isfinite(rate):
