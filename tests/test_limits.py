@@ -147,3 +147,19 @@ def test_cli_limits_reach_the_config() -> None:
     assert (config.new_flow_rate, config.new_flow_burst) == (2.5, 4)
     legacy = config_from_args(build_parser().parse_args(["run", "--max-flows", "3", "--", "x"]))
     assert legacy.max_tcp_flows == 3 and legacy.new_flow_rate is None
+
+
+@pytest.mark.parametrize("changes,says", [
+    ({"new_flow_rate": 0}, "new_flow_rate must be a positive number"),
+    ({"new_flow_rate": -2.0}, "new_flow_rate must be a positive number"),
+    ({"new_flow_rate": float("nan")}, "new_flow_rate must be a positive number"),
+    ({"new_flow_burst": 4}, "new_flow_burst needs new_flow_rate"),
+    ({"new_flow_rate": 1.0, "new_flow_burst": 0}, "new_flow_burst must be a whole number"),
+    ({"new_flow_rate": 1.0, "new_flow_burst": 2.5}, "new_flow_burst must be a whole number"),
+    ({"max_icmp_flows": 0}, "max_icmp_flows must be at least 1"),
+])
+def test_config_refuses_bad_limits_naming_the_field(changes: dict, says: str) -> None:  # type: ignore[type-arg]
+    from relaynat.config import ConfigError, RelayConfig
+
+    with pytest.raises(ConfigError, match=says):
+        RelayConfig().replace(**changes).validate()
