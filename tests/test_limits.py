@@ -8,9 +8,12 @@ suite's private 127.0.0.1, which the guest reaches as 10.0.2.2 (fd00::2 for IPv6
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from relaynat_cli import parse_stats, relaynat_run
 from sysctl import ALL_GROUPS, ping_group_range
 
 GUEST = str(Path(__file__).parent / "limits_guest.py")
+GUEST_TOOLS = str(Path(__file__).parent / "guest_tools.py")
 GATEWAY = "10.0.2.2"
 GATEWAY6 = "fd00::2"
 
@@ -76,6 +80,69 @@ def test_the_rate_is_one_bucket_for_tcp_udp_and_ping(start_peer, udp_echo: int) 
     assert stats["udp_drop_rate_limit"] == 4  # flow 2: two tries, twice
     assert stats["tcp_refused_rate_limit"] == 1
     assert stats["drop_icmp_rate_limit"] == 1
+
+
+def _wait_file(path: Path) -> None:
+    deadline = time.monotonic() + 20
+    while not path.exists():
+        assert time.monotonic() < deadline, "guest server did not start"
+        time.sleep(0.05)
+
+
+def _inbound_tcp(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), 10) as s:
+        s.sendall(b"hello")
+        s.shutdown(socket.SHUT_WR)
+        return s.recv(4096)
+
+
+def _inbound_udp(port: int) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        for _ in range(3):
+            s.sendto(b"hi", ("127.0.0.1", port))
+            try:
+                return s.recv(4096)
+            except TimeoutError:
+                continue
+    return b""
+
+
+@pytest.mark.integration
+async def test_inbound_flows_do_not_spend_the_guests_rate(start_peer, tmp_path: Path) -> None:
+    """Burst 1 at 0.01/s: two forwarded TCP clients and two UDP clients reach the guest,
+    and afterwards the guest's own token is still there (its first connect succeeds,
+    its second is refused): the rate bounds the guest's egress, not who calls it."""
+    from relaynat.config import RelayConfig
+    from relaynat.namespace import run_command
+
+    host_port = start_peer("echo")
+    ready, out = tmp_path / "ready", tmp_path / "out.json"
+    forwards: dict[str, int] = {}
+    relays: list = []  # type: ignore[type-arg]
+
+    def relay_ready(relay) -> None:  # type: ignore[no-untyped-def]
+        forwards["tcp"] = relay.add_forward("tcp", "127.0.0.1", 0, 5353).host_port
+        forwards["udp"] = relay.add_forward("udp", "127.0.0.1", 0, 5353).host_port
+        relays.append(relay)
+
+    script = (f"{sys.executable} {GUEST_TOOLS} peer-echo 5353 --events 4 --ready {ready} && "
+              f"{sys.executable} {GUEST} connect-burst {GATEWAY} {host_port} --count 2 > {out}")
+    config = RelayConfig(new_flow_rate=0.01, new_flow_burst=1).validate()
+    guest = asyncio.ensure_future(run_command(config, ["sh", "-c", script],
+                                              relay_ready=relay_ready))
+    try:
+        await asyncio.to_thread(_wait_file, ready)
+        for _ in range(2):
+            assert (await asyncio.to_thread(_inbound_tcp, forwards["tcp"])).endswith(b" 5")
+            assert (await asyncio.to_thread(_inbound_udp, forwards["udp"])).endswith(b" hi")
+        assert await asyncio.wait_for(guest, 30) == 0
+    finally:
+        guest.cancel()
+    assert json.loads(out.read_text())["first"] == ["ok", "refused"]
+    stats = relays[0].stats()
+    assert stats["tcp_inbound_opened"] == 2 and stats["udp_inbound_opened"] == 2
+    assert stats["tcp_refused_rate_limit"] == 1
 
 
 @pytest.mark.integration
