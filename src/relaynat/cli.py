@@ -50,6 +50,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _flow_rate(text: str) -> float:
+    """`N` or `N/s`: new flows per second, positive and finite (no option: unlimited)."""
+    number = text[:-2] if text.endswith("/s") else text
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of flows per second "
+                                         "(N or N/s)") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of flows per "
+                                         "second (leave the option out for no limit)")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("guest addressing (defaults as slirp: 10.0.2.0/24)")
     g.add_argument("-a", "--address", default="10.0.2.15/24", metavar="ADDR[/PREFIX]",
@@ -105,8 +119,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         help="deny the metadata address, link-local and private ranges and "
                              "host loopback; allow the rest")
     lim = p.add_argument_group("limits")
-    lim.add_argument("--max-flows", type=_positive_int, default=16384, metavar="N",
+    lim.add_argument("--max-tcp-flows", "--max-flows", dest="max_flows", type=_positive_int,
+                     default=16384, metavar="N",
                      help="concurrent TCP flows; SYNs beyond get RST (default %(default)s)")
+    lim.add_argument("--max-udp-flows", type=_positive_int, default=4096, metavar="N",
+                     help="concurrent UDP flows; datagrams that would open more are dropped "
+                          "(default %(default)s)")
+    lim.add_argument("--max-icmp-flows", type=_positive_int, default=1024, metavar="N",
+                     help="concurrent ping sessions (identifier, destination); echo "
+                          "requests that would open more are dropped (default %(default)s)")
+    lim.add_argument("--new-flow-rate", type=_flow_rate, metavar="N[/s]",
+                     help="new guest flows per second, TCP, UDP (DNS included) and ping "
+                          "together: SYNs over it get RST, datagrams are dropped "
+                          "(default: unlimited; forwarded inbound flows do not count)")
+    lim.add_argument("--new-flow-burst", type=_positive_int, metavar="N",
+                     help="new flows allowed at once after a quiet spell (default: one "
+                          "second's worth of --new-flow-rate)")
     lim.add_argument("--max-pending-connects", type=_positive_int, default=512, metavar="N",
                      help="host connects in progress (default %(default)s)")
     out = p.add_argument_group("output")
@@ -208,6 +236,9 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
             mapped6 = chosen
         else:
             mapped = chosen
+    if args.new_flow_burst is not None and args.new_flow_rate is None:
+        raise ConfigError("--new-flow-burst needs --new-flow-rate (without a rate, new flows "
+                          "are unlimited)")
     try:
         prefix6 = IPv6Network(args.prefix6, strict=True)
     except ValueError as exc:
@@ -218,7 +249,9 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         dns_upstream=parse_ip(args.dns_upstream, "--dns-upstream") if args.dns_upstream
         else None, dns_records=_dns_records(args.dns_record),
         map_host_loopback_v4=mapped, mtu=MAX_MTU if args.mtu is None else args.mtu,
-        max_tcp_flows=args.max_flows,
+        max_tcp_flows=args.max_flows, max_udp_flows=args.max_udp_flows,
+        max_icmp_flows=args.max_icmp_flows, new_flow_rate=args.new_flow_rate,
+        new_flow_burst=args.new_flow_burst,
         max_pending_connects=args.max_pending_connects, pcap_path=args.pcap,
         ipv4=not args.ipv6_only, ipv6=not args.ipv4_only, prefix_v6=prefix6,
         guest_ipv6=parse_ipv6(args.address6, "--address6"), gateway_ipv6=gateway6,

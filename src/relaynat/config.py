@@ -89,6 +89,19 @@ class RelayConfig:
     #: Upper bound of concurrent UDP flows (guest port, destination, destination port);
     #: a datagram that would open one more is dropped and counted.
     max_udp_flows: int = 4096
+    #: Upper bound of concurrent ICMP echo sessions (one ping socket per identifier and
+    #: destination); an echo request that would open one more is dropped and counted.
+    max_icmp_flows: int = 1024
+    #: New guest-initiated flows per second, TCP, UDP and ICMP echo together (one token
+    #: bucket, so switching protocol buys nothing), including queries forwarded from the
+    #: DNS address (each opens a host socket; only static answers are free). Inbound
+    #: (forwarded) flows do not spend it: they count toward the max_*_flows bounds only.
+    #: None: unlimited (passt and slirp have no such limit). Over it: TCP SYN gets RST,
+    #: UDP and ICMP are dropped, each counted.
+    new_flow_rate: float | None = None
+    #: Flows that may open at once after a quiet spell (the bucket's size); None: one
+    #: second's worth, ceil(new_flow_rate), at least 1.
+    new_flow_burst: int | None = None
     #: A UDP flow idle this long is closed (conntrack's nf_conntrack_udp_timeout, passt);
     #: once it has seen traffic both ways, the longer stream timeout applies
     #: (nf_conntrack_udp_timeout_stream).
@@ -163,13 +176,14 @@ class RelayConfig:
         if len(self.gateway_mac) != 6 or self.gateway_mac[0] & 1:
             raise ConfigError("gateway MAC must be a 6-byte unicast address")
         for name in ("max_tcp_flows", "max_pending_connects", "dhcp_lease_s", "guest_queue_limit",
-                     "max_udp_flows"):
+                     "max_udp_flows", "max_icmp_flows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("connect_timeout_s", "tcp_idle_timeout_s", "udp_idle_timeout_s",
                      "udp_stream_timeout_s", "dns_udp_timeout_s", "udp_inbound_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        self._validate_rate()
         for record in self.dns_records:
             if len(record) != 2 or not str(record[0]).strip(".") or len(str(record[0])) > 253:
                 raise ConfigError(f"DNS record {record!r} is not (name, IP address)")
@@ -182,6 +196,19 @@ class RelayConfig:
         if self.ipv6:
             self._validate_v6()
         return self
+
+    def _validate_rate(self) -> None:
+        rate, burst = self.new_flow_rate, self.new_flow_burst
+        if rate is not None and not (0 < rate < float("inf")):
+            raise ConfigError(f"new_flow_rate must be a positive number of flows per second, "
+                              f"not {rate} (None means unlimited)")
+        if burst is not None:
+            if rate is None:
+                raise ConfigError("new_flow_burst needs new_flow_rate (without a rate new "
+                                  "flows are unlimited)")
+            if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+                raise ConfigError(f"new_flow_burst must be a whole number of at least 1, "
+                                  f"not {burst!r}")
 
     def _validate_v6(self) -> None:
         if self.mtu < MIN_MTU_V6:

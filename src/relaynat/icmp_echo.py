@@ -47,6 +47,7 @@ from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPV6_HLEN, MalformedFram
 
 if TYPE_CHECKING:
     from relaynat.config import RelayConfig
+    from relaynat.ratelimit import TokenBucket
     from relaynat.wire import IpPacket
 
 log = logging.getLogger("relaynat.icmp")
@@ -58,11 +59,11 @@ ICMPV6_ECHO_REPLY = 129
 ICMP_HLEN = 8
 #: Largest ICMP message one IPv4 packet carries (65535 minus a 20-byte header).
 ICMP_MAX = 0xFFFF - IPV4_HLEN
-#: Defaults of `IcmpEchoRelay`: an echo "session" without traffic either way for this
-#: long is closed (Linux conntrack keeps ICMP for 30 s, passt 60 s), and at most this
-#: many ping sockets are open at once; a request that would need another is dropped.
+#: Default of `IcmpEchoRelay`: an echo "session" without traffic either way for this
+#: long is closed (Linux conntrack keeps ICMP for 30 s, passt 60 s). How many ping
+#: sockets may be open at once is `RelayConfig.max_icmp_flows`; a request that would
+#: need another is dropped and counted.
 DEFAULT_IDLE_TIMEOUT_S = 60.0
-DEFAULT_MAX_SOCKETS = 1024
 #: Replies read per socket per readiness callback, so one chatty peer cannot starve
 #: the loop.
 _RECV_ROUNDS = 64
@@ -242,12 +243,13 @@ class IcmpEchoRelay:
     def __init__(self, config: RelayConfig, loop: asyncio.AbstractEventLoop,
                  send_frame: Callable[[bytes], None], stats: Counter[str], *,
                  idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
-                 max_sockets: int = DEFAULT_MAX_SOCKETS) -> None:
+                 max_sockets: int | None = None) -> None:
         self._config = config
         self._loop = loop
         self._send_frame = send_frame
         self.stats = stats
-        self.sessions: EchoTable[EchoKey, EchoSession] = EchoTable(max_sockets, idle_timeout_s)
+        self.sessions: EchoTable[EchoKey, EchoSession] = EchoTable(
+            config.max_icmp_flows if max_sockets is None else max_sockets, idle_timeout_s)
         self._timer: asyncio.TimerHandle | None = None
         self._ip_ident = 0
         self._warned_permission = False
@@ -260,6 +262,9 @@ class IcmpEchoRelay:
         #: Egress check for a new echo session (protocol, destination, 0) -> allow; set
         #: by the relay when a policy is in force. Denied requests are dropped, counted.
         self.admit: Callable[[int, bytes, int], bool] | None = None
+        #: The guest's new-flow rate, shared with TCP and UDP (set by the relay; None:
+        #: unlimited): a new echo session spends a token, later echoes in it do not.
+        self.rate_limit: TokenBucket | None = None
 
     # -- guest side ---------------------------------------------------------------------
 
@@ -319,6 +324,9 @@ class IcmpEchoRelay:
         self._expire(now)
         if self.sessions.full:
             stats["drop_icmp_table_full"] += 1
+            return None
+        if self.rate_limit is not None and not self.rate_limit.allow(now):
+            stats["drop_icmp_rate_limit"] += 1
             return None
         try:
             if len(guest_ip) == 16:

@@ -49,6 +49,7 @@ from relaynat.link_services import (
 from relaynat.packet_builder import BROADCAST_MAC, ICMP_PORT_UNREACH, udp_frame
 from relaynat.pcap import PcapWriter
 from relaynat.policy import Policy
+from relaynat.ratelimit import TokenBucket
 from relaynat.stream import StreamTransport, bind_unix_listener
 from relaynat.tcp_relay import TcpRelay, close_with_reset
 from relaynat.transport import FrameTransport
@@ -128,6 +129,9 @@ class Relay:
         self._udp_relay = UdpRelay(self.config, self._loop, self._send_frame, self._send_raw,
                                    self._stats)
         self._icmp = IcmpEchoRelay(self.config, self._loop, self._send_frame, self._stats)
+        # One bucket for all three: the rate bounds the guest's new flows, whatever protocol.
+        self._tcp.rate_limit = self._udp_relay.rate_limit = self._icmp.rate_limit = (
+            TokenBucket.from_limits(self.config.new_flow_rate, self.config.new_flow_burst))
         self.set_policy(self._policy)
         self._forwarder = Forwarder(self._loop, self._open_inbound, self._forwarded_datagram)
         if self._dns_static:

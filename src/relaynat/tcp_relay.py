@@ -51,6 +51,7 @@ from relaynat.wire import ACK, RST, SYN
 
 if TYPE_CHECKING:
     from relaynat.config import RelayConfig
+    from relaynat.ratelimit import TokenBucket
     from relaynat.wire import TcpSegment
 
 log = logging.getLogger("relaynat.tcp")
@@ -121,6 +122,9 @@ class TcpRelay:
         #: Egress check for a new guest connection (protocol, destination, port) -> allow;
         #: set by the relay when a policy is in force.
         self.admit: Callable[[int, bytes, int], bool] | None = None
+        #: The guest's new-flow rate, shared with UDP and ICMP (set by the relay; None:
+        #: unlimited). Spent only by SYNs that passed every other check.
+        self.rate_limit: TokenBucket | None = None
 
     def set_link(self, vnet_hdr_len: int, offload: bool) -> None:
         """Frame format of the attached transport (applies to flows created later)."""
@@ -183,6 +187,10 @@ class TcpRelay:
         if self._pending_connects >= self._config.max_pending_connects:
             self.stats["tcp_refused_connect_limit"] += 1
             self._reply_rst(seg)
+            return
+        if self.rate_limit is not None and not self.rate_limit.allow(now):
+            self.stats["tcp_refused_rate_limit"] += 1
+            self._reply_rst(seg)  # ECONNREFUSED at once, rather than a SYN timeout
             return
         # The host side's family follows the host address, not the guest's (a guest's
         # IPv6 DNS-over-TCP query may go to an IPv4 resolver).

@@ -31,6 +31,7 @@ from relaynat.packet_builder import (
     icmp_unreachable_frame,
     udp_frame_head,
 )
+from relaynat.ratelimit import TokenBucket
 from relaynat.udp_flow import UdpFlow, UdpFlowTable
 from relaynat.wire import IpPacket, UdpDatagram
 
@@ -77,6 +78,9 @@ class UdpRelay:
         #: Egress check for a new flow (protocol, destination, port) -> allow; set by
         #: the relay when a policy is in force.
         self.admit: Callable[[int, bytes, int], bool] | None = None
+        #: The guest's new-flow rate, shared with TCP and ICMP (set by the relay; None:
+        #: unlimited). Inbound flows (on_forwarded) never spend it.
+        self.rate_limit: TokenBucket | None = None
 
     def set_link(self, vnet_hdr_len: int, offload: bool) -> None:
         """Frame format of the attached transport."""
@@ -130,6 +134,12 @@ class UdpRelay:
         flow = self.table.open(key, now, fixed_timeout)
         if flow is None:
             self.stats["udp_drop_flow_limit"] += 1
+            return None
+        if self.rate_limit is not None and not self.rate_limit.allow(now):
+            # Dropped silently, as a congested path would: an ICMP error would tell a
+            # scanner what it wants to know, and the guest's UDP stack retries anyway.
+            self.table.remove(flow)
+            self.stats["udp_drop_rate_limit"] += 1
             return None
         # The host side's family follows the host address, not the guest's: a guest's
         # IPv6 query to the DNS address may go to an IPv4 resolver and back.
