@@ -21,6 +21,7 @@ from relaynat.config import RelayConfig
 DNS_PORT = 53
 LINK_LOCAL_PREFIX = b"\xfe\x80" + bytes(6)
 _LOOPBACK_V6 = bytes(15) + b"\x01"
+_UNSPECIFIED_V6 = bytes(16)
 _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
 
@@ -82,7 +83,8 @@ class AddressMap:
         if not self._client_source or (len(client) == 16) != v6:
             return gateway
         if v6:
-            if (client == _LOOPBACK_V6 or client[:8] in (self.prefix6, LINK_LOCAL_PREFIX)
+            if (client in (_LOOPBACK_V6, _UNSPECIFIED_V6)
+                    or client[:8] in (self.prefix6, LINK_LOCAL_PREFIX)
                     or client[0] == 0xFF or client[:12] == _V4_MAPPED_PREFIX):
                 return self._map_from6 or gateway
             return client
