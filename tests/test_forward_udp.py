@@ -159,3 +159,40 @@ def test_udp_port_spec_errors_name_the_option() -> None:
                              "true"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "port spec '70000'" in result.stderr
+
+
+def test_a_wide_port_range_raises_the_descriptor_limit(tmp_path: Path) -> None:
+    """10,000 forwarded ports need a descriptor each, far past a soft RLIMIT_NOFILE of
+    1024; the relay raises its soft limit toward the hard one (passt does the same),
+    and a port in the range reaches the guest."""
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        ["prlimit", "--nofile=1024:20000", "--", sys.executable, "-m", "relaynat", "run",
+         "--stats", "-t", "1-10000", "--", sys.executable, GUEST_TOOLS, "peer-echo", "4242",
+         "--events", "1", "--ready", str(ready)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_file(ready)
+        data = os.urandom(1 << 16)
+        reply: list[str] = []
+        for _ in range(100):  # the relay may still be binding while the guest is ready
+            try:
+                reply = _tcp_upload("127.0.0.1", ("127.0.0.1", 4242), data)
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.1)
+        assert reply == ["::ffff:10.0.2.2", hashlib.sha256(data).hexdigest(), str(len(data))]
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert parse_stats(err)["tcp_inbound_opened"] == 1
+
+
+def test_too_many_ports_for_the_hard_limit_is_refused_clearly() -> None:
+    result = subprocess.run(
+        ["prlimit", "--nofile=1024:1024", "--", sys.executable, "-m", "relaynat", "run",
+         "-t", "2000-4000", "--", "true"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "forwarding 2001 ports takes a descriptor each, beyond the limit of 1024" in \
+        result.stderr

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -302,8 +304,17 @@ def add_forwards(relay: Relay, forwards: list[PortForward]) -> None:
     for fwd in forwards:
         address = str(fwd.address) if fwd.address is not None else None
         for host_port, guest_port in fwd.pairs():
-            added = relay.add_forward(fwd.proto, address, host_port, guest_port,
-                                      interface=fwd.interface)
+            try:
+                added = relay.add_forward(fwd.proto, address, host_port, guest_port,
+                                          interface=fwd.interface)
+            except OSError as exc:
+                if exc.errno != errno.EMFILE:
+                    raise
+                ports = sum(len(f) for f in forwards)
+                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                raise ForwardError(f"forwarding {ports} ports takes a descriptor each, "
+                                   f"beyond the limit of {limit} open files (ulimit -n; "
+                                   "the hard limit could not be raised)") from None
             if host_port == 0:
                 print(f"relaynat: forwarding {fwd.proto} {address or '*'} port {added.host_port} "
                       f"to guest port {guest_port}", file=sys.stderr, flush=True)
@@ -394,6 +405,33 @@ def _open_interface(args: argparse.Namespace,
     return interface, config
 
 
+#: Descriptors beside the flows and forwards: transports, epoll, timers, the DNS
+#: server, stdio, the control socket.
+_FD_HEADROOM = 256
+
+
+def raise_fd_limit(config: RelayConfig, forwards: list[PortForward]) -> None:
+    """Make RLIMIT_NOFILE cover what the options ask for: one socket per forwarded
+    port (`-t all` alone is 49151) and per flow at the configured maxima. passt raises
+    its limit the same way; a process that may not (no CAP_SYS_RESOURCE past the hard
+    limit) keeps what it has, and a bind or flow beyond it is refused with EMFILE."""
+    need = (sum(len(f) for f in forwards) + config.max_tcp_flows + config.max_udp_flows
+            + config.max_icmp_flows + _FD_HEADROOM)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                ceiling = int(f.read())
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, ceiling),
+                                                        min(need, ceiling)))
+            return
+        except (OSError, ValueError):
+            need = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -414,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         forwards = forwards_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
+    raise_fd_limit(config, forwards)
     if args.cmd == "serve" and args.fd is not None and args.fd < 0:
         parser.error(f"--fd {args.fd}: not a file descriptor")
     interface = None
