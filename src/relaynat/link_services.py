@@ -9,15 +9,18 @@ needs: the periodic unsolicited router advertisement.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable
+from fractions import Fraction
 
 from relaynat.addressing import AddressMap
 from relaynat.config import RelayConfig
 from relaynat.dhcp import DhcpServer
 from relaynat.dhcpv6 import Dhcpv6Server
-from relaynat.ndp import MAX_RTR_ADV_INTERVAL_S, NDP_TYPES, NdpReply, NdpResponder
+from relaynat.ndp import MAX_RTR_ADV_INTERVAL_S, NDP_TYPES, RA, NdpReply, NdpResponder
 from relaynat.packet_builder import BROADCAST_MAC, arp_reply, ip_frame, udp_frame
+from relaynat.ratelimit import TokenBucket
 from relaynat.wire import (
     IPPROTO_ICMPV6,
     Ipv6Packet,
@@ -41,7 +44,8 @@ class LinkServices:
     frame without a vnet header."""
 
     def __init__(self, config: RelayConfig, addresses: AddressMap,
-                 send_frame: Callable[[bytes], None], stats: Counter[str]) -> None:
+                 send_frame: Callable[[bytes], None], stats: Counter[str],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._addr = addresses
         self._send_frame = send_frame
@@ -52,6 +56,11 @@ class LinkServices:
         self._ra_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ip_id = 0
+        self._clock = clock
+        # Answers to router solicitations: a booting guest sends at most
+        # MAX_RTR_SOLICITATIONS (3) of them, 4 s apart (RFC 4861 §10), all answered; a
+        # guest soliciting in a loop gets one RA per MIN_DELAY_BETWEEN_RAS (3 s).
+        self._solicited_ras = TokenBucket(Fraction(1, 3), 3)
 
     # -- IPv4 ----------------------------------------------------------------------------
 
@@ -100,6 +109,9 @@ class LinkServices:
         if ip.src != ZERO_IP6:
             self.ndp.note_guest_address(ip.src)
         for reply in self.ndp.handle(ip.src, ip.dst, ip.ttl, payload, src_mac):
+            if reply.message[0] == RA and not self._solicited_ras.allow(self._clock()):
+                self._stats["ndp_ra_rate_limited"] += 1
+                continue
             self._send_ndp(reply)
         return True
 

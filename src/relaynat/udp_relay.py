@@ -44,6 +44,8 @@ _RECV_SIZE = 65536
 #: toward the guest.
 _OVERHEAD_V4 = 20 + 8
 _OVERHEAD_V6 = 40 + 8
+ICMP_ERRORS_PER_S = 1000
+ICMP_ERRORS_BURST = 50
 #: Host errors meaning "no route", and the ICMP unreachable code for each (RFC 792).
 _NO_ROUTE_CODES = {errno.ENETUNREACH: ICMP_NET_UNREACH, errno.EHOSTUNREACH: ICMP_HOST_UNREACH}
 
@@ -72,6 +74,11 @@ class UdpRelay:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._ip_id = 0
+        # ICMP errors toward the guest are rate limited, as RFC 4443 §2.4(f) requires
+        # for ICMPv6 and RFC 1812 §4.3.2.8 allows for IPv4, at Linux's defaults
+        # (net.ipv4.icmp_msgs_per_sec, icmp_msgs_burst): a guest spraying closed ports
+        # gets no more than that back.
+        self._icmp_errors = TokenBucket(ICMP_ERRORS_PER_S, ICMP_ERRORS_BURST)
         self.guest_mac: bytes | None = None
         #: Inbound flows by (forward socket, client socket address).
         self._inbound: dict[tuple[socket.socket, tuple], UdpFlow] = {}  # type: ignore[type-arg]
@@ -268,6 +275,9 @@ class UdpRelay:
 
     def _send_icmp(self, src: bytes, dst: bytes, quote: bytes, code: int) -> None:
         assert self.guest_mac is not None
+        if not self._icmp_errors.allow(self._loop.time()):
+            self.stats["udp_icmp_rate_limited"] += 1
+            return
         self._ip_id = (self._ip_id + 1) & 0xFFFF
         self._send_frame(icmp_unreachable_frame(self.guest_mac, self._config.gateway_mac,
                                                 src, dst, quote, code,
