@@ -205,7 +205,8 @@ class ControlServer:
 
     def _request(self, line: bytes) -> object:
         try:
-            request = json.loads(line)
+            # UTF-8 only: json.loads on bytes would guess UTF-16/32 from the first bytes.
+            request = json.loads(line.decode().rstrip("\r\n"))
         except UnicodeDecodeError:
             raise RequestError("request is not UTF-8 text") from None
         except ValueError as exc:
