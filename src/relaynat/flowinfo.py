@@ -34,9 +34,13 @@ def _ip(packed: bytes) -> str:
 
 
 def _host_peer(addr: object) -> list[object] | None:
-    """A socket address as [host, port] (JSON has no tuples); None if unknown."""
+    """A socket address as [host, port] (JSON has no tuples); None if unknown. An
+    IPv4 client of a dual-stack forward shows as IPv4, not ::ffff:a.b.c.d."""
     if isinstance(addr, tuple) and len(addr) >= 2:
-        return [str(addr[0]), int(addr[1])]
+        host = str(addr[0])
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        return [host, int(addr[1])]
     return None
 
 
