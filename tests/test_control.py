@@ -486,3 +486,79 @@ def test_ctl_usage_errors_exit_2_and_unreachable_socket_exits_1(tmp_path: Path) 
         result = _ctl(tmp_path / "none.sock", *args)
         assert result.returncode == 2, (args, result)
         assert "usage: relaynat ctl" in result.stderr
+
+
+_GUEST_UDP = """
+import errno, os, socket, sys, time
+port, ready, cut = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.connect(("10.0.2.2", port))
+s.send(b"a")
+assert s.recv(10) == b"a"
+open(ready, "w").close()
+for _ in range(200):
+    if os.path.exists(cut):
+        break
+    time.sleep(0.05)
+s.send(b"b")
+try:
+    print("answer", s.recv(10))
+except OSError as exc:
+    print(errno.errorcode.get(exc.errno, exc))
+"""
+
+
+@pytest.mark.integration
+async def test_relay_flows_lists_a_udp_flow_and_cut_closes_it(tmp_path: Path,
+                                                              udp_echo: int) -> None:
+    from relaynat.namespace import run_command
+    from relaynat.policy import Policy
+
+    ready, cut_file = tmp_path / "ready", tmp_path / "cut"
+    relays: list[Relay] = []
+    out_path = tmp_path / "out"
+    guest = asyncio.ensure_future(run_command(
+        RelayConfig(), ["sh", "-c", f"exec {sys.executable} -c '{_GUEST_UDP}' {udp_echo} "
+                                    f"{ready} {cut_file} > {out_path}"],
+        relay_ready=relays.append))
+    try:
+        for _ in range(400):
+            if ready.exists():
+                break
+            assert not guest.done(), guest
+            await asyncio.sleep(0.05)
+        relay = relays[0]
+        udp = [f for f in relay.flows() if f["protocol"] == "udp"]
+        assert udp == [{"protocol": "udp", "direction": "outbound",
+                        "guest": ["10.0.2.15", udp[0]["guest"][1]],
+                        "far": ["10.0.2.2", udp_echo], "host_peer": ["127.0.0.1", udp_echo],
+                        "state": "answered", "bytes_from_guest": 1, "bytes_to_guest": 1,
+                        "guest_window": None, "rtt_us": None}]
+        assert relay.set_policy(Policy.sandbox(relay.config), cut=True) == 1
+        assert [f for f in relay.flows() if f["protocol"] == "udp"] == []
+        assert relay.stats()["policy_cut_udp"] == 1
+        cut_file.touch()
+        assert await asyncio.wait_for(guest, 30) == 0
+    finally:
+        guest.cancel()
+    # The next datagram needed a new flow, which the sandbox refused with ICMP
+    # administratively prohibited: the guest's connected socket reports it.
+    assert out_path.read_text().split() == ["EHOSTUNREACH"]
+
+
+def test_an_echo_session_is_described_like_the_other_flows() -> None:
+    from ipaddress import ip_address as ip
+
+    from relaynat.flowinfo import describe_echo
+    from relaynat.icmp_echo import EchoSession
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        session = EchoSession((7, ip("10.0.2.2").packed, ip("10.0.2.15").packed), sock,
+                              "127.0.0.1", ip("10.0.2.15").packed, b"\x02" * 6)
+        session.bytes_from_guest, session.bytes_to_guest = 64, 64
+        assert describe_echo(session) == {
+            "protocol": "icmp", "direction": "outbound", "guest": ["10.0.2.15", 7],
+            "far": ["10.0.2.2", None], "host_peer": ["127.0.0.1", None], "state": "open",
+            "bytes_from_guest": 64, "bytes_to_guest": 64, "guest_window": None,
+            "rtt_us": None}
