@@ -355,6 +355,8 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
         print(f"relaynat run: {exc}", file=sys.stderr)
         return 1
     finally:
+        for task in started:  # a start still pending would serve a closed socket
+            task.cancel()
         if control is not None:
             control.close()
     if args.stats and holder:
