@@ -30,6 +30,8 @@ from relaynat.config import (
     parse_ipv4,
     parse_ipv6,
 )
+from relaynat.control import ControlServer
+from relaynat.ctl import add_parser as add_ctl_parser
 from relaynat.forward import ForwardError
 from relaynat.interface import InterfaceError, InterfaceTransport, check_interface_name
 from relaynat.policy import Policy
@@ -139,6 +141,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                           "second's worth of --new-flow-rate)")
     lim.add_argument("--max-pending-connects", type=_positive_int, default=512, metavar="N",
                      help="host connects in progress (default %(default)s)")
+    p.add_argument("--control-socket", metavar="PATH",
+                   help="serve runtime control (relaynat ctl) on this unix socket, mode "
+                        "0600 (a stale socket file is replaced)")
     out = p.add_argument_group("output")
     out.add_argument("--pcap", metavar="FILE", help="capture the guest side to FILE")
     out.add_argument("--log-level", default="warning",
@@ -189,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     iface.add_argument("--no-vnet-hdr", action="store_true",
                        help="exchange plain frames (no PACKET_VNET_HDR: no GSO, no "
                             "checksum offload toward the guest)")
+
+    add_ctl_parser(sub)
 
     demo = sub.add_parser("demo", help="download through the relay and print hash and speed",
                           description="Starts an HTTP server on host loopback, a namespace "
@@ -332,8 +339,11 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    control = ControlServer(args.control_socket) if args.control_socket else None
     async with Relay(config, policy) as relay:
         add_forwards(relay, forwards)
+        if control is not None:
+            await control.start(relay)
         if args.socket:
             relay.serve_stream(args.socket)
             log.info("listening on %s", args.socket)
@@ -359,6 +369,8 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
             await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
             lost.cancel()
             stopped.cancel()
+        if control is not None:
+            control.close()
         if args.stats:
             _print_stats({**relay.stats(), **extra_stats()})
     return 0
@@ -369,10 +381,15 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
     from relaynat.namespace import NamespaceSetupError, run_command
 
     holder: list[Relay] = []
+    # Bound before the guest starts, so a bad path fails first; served once the relay is.
+    control = ControlServer(args.control_socket) if args.control_socket else None
+    started: set[asyncio.Task[None]] = set()
 
     def ready(relay: Relay) -> None:
         holder.append(relay)
         add_forwards(relay, forwards)
+        if control is not None:
+            started.add(asyncio.ensure_future(control.start(relay)))
 
     try:
         code = await run_command(config, args.command, tap_name=args.tap_name,
@@ -381,6 +398,11 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
     except NamespaceSetupError as exc:
         print(f"relaynat run: {exc}", file=sys.stderr)
         return 1
+    finally:
+        for task in started:  # a start still pending would serve a closed socket
+            task.cancel()
+        if control is not None:
+            control.close()
     if args.stats and holder:
         _print_stats(holder[0].stats())
     return code
@@ -435,6 +457,10 @@ def raise_fd_limit(config: RelayConfig, forwards: list[PortForward]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cmd == "ctl":
+        from relaynat.ctl import main as ctl_main
+
+        return ctl_main(args)
     logging.basicConfig(level=args.log_level.upper(),
                         format="relaynat %(levelname)s %(name)s: %(message)s")
     if args.cmd == "demo":

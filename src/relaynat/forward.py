@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 from collections.abc import Callable
@@ -61,10 +62,14 @@ class Forward:
     #: Listen on this interface only (SO_BINDTODEVICE), passt's ADDR%IF.
     interface: str | None = None
     sock: socket.socket | None = field(default=None, repr=False)
+    #: Small per-relay number, increasing, never reused: a handle for removal that
+    #: stays valid however the address was spelled (the control socket's `id`).
+    id: int = 0
 
     def describe(self) -> dict[str, object]:
-        return {"proto": self.proto, "host_addr": self.host_addr, "host_port": self.host_port,
-                "guest_port": self.guest_port, "interface": self.interface}
+        return {"id": self.id, "proto": self.proto, "host_addr": self.host_addr,
+                "host_port": self.host_port, "guest_port": self.guest_port,
+                "interface": self.interface}
 
 
 def client_address(peer: tuple) -> bytes:  # type: ignore[type-arg]
@@ -88,6 +93,7 @@ class Forwarder:
         self._open_inbound = open_inbound
         self._on_datagram = on_datagram
         self.forwards: list[Forward] = []
+        self._ids = itertools.count(1)
 
     def add(self, proto: str, host_addr: str | None, host_port: int, guest_port: int,
             interface: str | None = None) -> Forward:
@@ -102,7 +108,8 @@ class Forwarder:
             raise ForwardError(f"{proto} {host_addr or '*'} port {host_port} is already "
                                "forwarded")
         sock = _bind(proto, host_addr, host_port, interface)
-        forward = Forward(proto, host_addr, sock.getsockname()[1], guest_port, interface, sock)
+        forward = Forward(proto, host_addr, sock.getsockname()[1], guest_port, interface, sock,
+                          next(self._ids))
         ready = self._on_accept if proto == "tcp" else self._on_readable
         self._loop.add_reader(sock.fileno(), ready, forward)
         self.forwards.append(forward)
@@ -117,15 +124,27 @@ class Forwarder:
                 return forward
         return None
 
-    def remove(self, proto: str, host_addr: str | None, host_port: int) -> Forward:
-        """Stop listening. TCP connections already forwarded stay as they are; the
-        caller ends the UDP flows of the socket (they cannot answer without it)."""
+    def lookup(self, proto: str | None, host_addr: str | None, host_port: int | None,
+               forward_id: int | None) -> Forward:
+        """The forward with `forward_id`, or else the one on (proto, host_addr,
+        host_port); raises ForwardError naming what was asked for."""
+        if forward_id is not None:
+            for forward in self.forwards:
+                if forward.id == forward_id:
+                    return forward
+            raise ForwardError(f"no forward with id {forward_id}")
+        if proto is None or host_port is None:
+            raise ForwardError("give a forward id, or the protocol and host port")
         forward = self.find(proto, host_addr, host_port)
         if forward is None:
             raise ForwardError(f"no {proto} forward on {host_addr or '*'} port {host_port}")
+        return forward
+
+    def remove(self, forward: Forward) -> None:
+        """Stop listening. TCP connections already forwarded stay as they are; the
+        caller ends the UDP flows of the socket (they cannot answer without it)."""
         self.forwards.remove(forward)
         self._close(forward)
-        return forward
 
     def _on_accept(self, forward: Forward) -> None:
         assert forward.sock is not None

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from relaynat.checksum import finish, partial_sum, pseudo_header_sum, verify
+from relaynat.flowinfo import describe_echo
 from relaynat.packet_builder import IPV4_HLEN, ip_frame
 from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPV6_HLEN, MalformedFrame
 
@@ -230,6 +231,9 @@ class EchoSession:
     host_ip: str
     guest_ip: bytes
     guest_mac: bytes
+    #: ICMP message bytes each way (header and payload), for listings.
+    bytes_from_guest: int = 0
+    bytes_to_guest: int = 0
 
 
 class IcmpEchoRelay:
@@ -317,6 +321,7 @@ class IcmpEchoRelay:
             stats["drop_icmp_send_error"] += 1
             return
         stats["icmp_echo_sent"] += 1
+        session.bytes_from_guest += len(ip.payload)
 
     def _open(self, key: EchoKey, host_ip: str, guest_ip: bytes, guest_mac: bytes,
               now: float) -> EchoSession | None:
@@ -399,6 +404,7 @@ class IcmpEchoRelay:
             dst=session.guest_ip, ident=guest_ident, seq=reply.seq, payload=reply.payload,
             ip_ident=self._ip_ident)
         stats["icmp_echo_replies"] += 1
+        session.bytes_to_guest += ICMP_HLEN + len(reply.payload)
         self._send_frame(frame)
 
     # -- timers and teardown ------------------------------------------------------------
@@ -426,6 +432,20 @@ class IcmpEchoRelay:
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(session.sock.fileno())
         session.sock.close()
+
+    def describe_flows(self) -> list[dict[str, object]]:
+        return [describe_echo(session) for _key, session in self.sessions.items()]
+
+    def cut(self, denied: Callable[[int, bytes, int], bool]) -> int:
+        """Close every session whose destination `denied(proto, dst, 0)` now refuses;
+        returns how many."""
+        gone = [session for _key, session in self.sessions.items()
+                if denied(IPPROTO_ICMPV6 if len(session.key[1]) == 16 else IPPROTO_ICMP,
+                          session.key[1], 0)]
+        for session in gone:
+            self.sessions.pop(session.key)
+            self._close_session(session)
+        return len(gone)
 
     def close(self) -> None:
         """Close every ping socket and the timer; later requests are dropped."""

@@ -275,6 +275,11 @@ class TcpNatEntry(TcpHandshake):
         self.now = now
         self._abort(rst_guest=True, abortive_host=False)
 
+    def on_cut(self, now: float) -> None:
+        """The relay ends the flow on its own (a policy change): reset both ways."""
+        self.now = now
+        self._abort(rst_guest=True)
+
     def on_guest_gone(self) -> None:
         """The guest's transport went away: nothing more to send it; forget the flow."""
         if not self.closed:

@@ -199,19 +199,41 @@ class Relay:
     def policy(self) -> Policy | None:
         return self._policy
 
-    def set_policy(self, policy: Policy | None) -> None:
+    def set_policy(self, policy: Policy | None, cut: bool = False) -> int:
         """Put `policy` in force for new guest flows (None: allow everything). Flows
-        already open stay as they are."""
+        already open stay as they are, unless `cut`: then the guest-opened flows the new
+        policy denies end now (TCP: RST to the guest and to the host peer; UDP and ICMP
+        sessions: closed), counted as `policy_cut_<proto>`. Returns how many ended."""
         self._policy = policy
         admit = self._admit if policy is not None else None
-        for part in (self._tcp, self._udp_relay, self._icmp):
+        parts = (("tcp", self._tcp), ("udp", self._udp_relay), ("icmp", self._icmp))
+        for _name, part in parts:
             if part is not None:
                 part.admit = admit
+        if not cut or policy is None:
+            return 0
+        ended = 0
+        for name, part in parts:
+            if part is not None:
+                n = part.cut(self._denies)
+                self._stats[f"policy_cut_{name}"] += n
+                ended += n
+        return ended
+
+    def _exempt(self, dst: bytes, dport: int) -> bool:
+        """The DNS addresses' port 53 is the relay's own service and never asked about
+        (policy.py explains why)."""
+        return dport == DNS_PORT and dst in (self._addr.dns_ip, self._addr.dns_ip6)
+
+    def _denies(self, proto: int, dst: bytes, dport: int) -> bool:
+        """The policy's word on an open flow (not counted as a decision: cut counts)."""
+        assert self._policy is not None
+        return not self._exempt(dst, dport) and not self._policy.decide(proto, dst,
+                                                                           dport).allow
 
     def _admit(self, proto: int, dst: bytes, dport: int) -> bool:
-        """The policy's word on a new guest flow, counted. The DNS addresses' port 53 is
-        the relay's own service and never asked about (policy.py explains why)."""
-        if dport == DNS_PORT and dst in (self._addr.dns_ip, self._addr.dns_ip6):
+        """The policy's word on a new guest flow, counted."""
+        if self._exempt(dst, dport):
             return True
         assert self._policy is not None
         decision = self._policy.decide(proto, dst, dport)
@@ -235,15 +257,19 @@ class Relay:
             raise RuntimeError("Relay.start() (or `async with`) must come first")
         return self._forwarder.add(proto, host_addr, host_port, guest_port, interface)
 
-    def remove_forward(self, proto: str, host_addr: str | None, host_port: int) -> Forward:
-        """Stop forwarding; TCP connections already open stay, the UDP flows of the
+    def remove_forward(self, proto: str | None = None, host_addr: str | None = None,
+                       host_port: int | None = None, *,
+                       forward_id: int | None = None) -> Forward:
+        """Stop forwarding: the forward with `forward_id`, or the one on (proto,
+        host_addr, host_port). TCP connections already open stay, the UDP flows of the
         forward end with its socket. Raises ForwardError."""
         if self._forwarder is None:
-            raise ForwardError(f"no {proto} forward on {host_addr or '*'} port {host_port}")
-        forward = self._forwarder.find(proto, host_addr, host_port)
-        if forward is not None and forward.sock is not None and self._udp_relay is not None:
+            raise ForwardError("the relay is not running")
+        forward = self._forwarder.lookup(proto, host_addr, host_port, forward_id)
+        if forward.sock is not None and self._udp_relay is not None:
             self._udp_relay.forward_closed(forward.sock)
-        return self._forwarder.remove(proto, host_addr, host_port)
+        self._forwarder.remove(forward)
+        return forward
 
     def forwards(self) -> list[dict[str, object]]:
         """The forwards in force, with the host ports the kernel chose for port 0."""
@@ -505,6 +531,17 @@ class Relay:
         transport.send(head, payload)
 
     # -- introspection -------------------------------------------------------------------
+
+    def flows(self) -> list[dict[str, object]]:
+        """Every open flow as a dict (flowinfo.py lists the keys): protocol, direction,
+        both ends as the guest sees them, the host-side peer, state, bytes each way,
+        the guest's window and, for TCP, the host socket's RTT as the kernel measured
+        it (TCP_INFO's tcpi_rtt, microseconds)."""
+        out: list[dict[str, object]] = []
+        for part in (self._tcp, self._udp_relay, self._icmp):
+            if part is not None:
+                out.extend(part.describe_flows())
+        return out
 
     def stats(self) -> dict[str, int]:
         """Counters (frames, drops by reason, flows) and gauges, as a plain dict."""

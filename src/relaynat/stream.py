@@ -176,10 +176,13 @@ class StreamTransport(TransportBase):
         self.sock.close()
 
 
-def bind_unix_listener(path: str) -> socket.socket:
+def bind_unix_listener(path: str, backlog: int = 4) -> socket.socket:
     """Listen on `path`, replacing a stale socket file (nobody accepting on it).
 
     Refuses to replace a live socket (another relay is serving it) or a non-socket.
+    The file is mode 0600 from the moment it exists: Linux gives a bound socket file
+    the mode of the socket's inode (less the umask), so fchmod before bind leaves no
+    window in which another user could connect.
     """
     try:
         st = os.lstat(path)
@@ -198,8 +201,12 @@ def bind_unix_listener(path: str) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, 0o600)
-    sock.listen(4)
+    try:
+        os.fchmod(sock.fileno(), 0o600)
+        sock.bind(path)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from relaynat.flowinfo import describe_tcp
 from relaynat.nat_entry import TcpNatEntry
 from relaynat.packet_builder import TcpFrameTemplate
 from relaynat.tcp_actions import (
@@ -92,6 +93,9 @@ class TcpFlow:
     #: are dropped once per batch (one recv(MSG_TRUNC) for many ACKs), and always before
     #: a rewind or a fallback peek, which count from the queue's head.
     consume_pending: int = 0
+    #: Opened by a client of a forwarded port, not by the guest (the egress policy
+    #: does not apply to it).
+    inbound: bool = False
 
 
 class TcpRelay:
@@ -252,7 +256,7 @@ class TcpRelay:
                                                 iss=random.getrandbits(32), now=now,
                                                 facts=None,
                                                 idle_timeout_s=self._config.tcp_idle_timeout_s),
-                       sock, connecting=False, host_addr=sock.getpeername()[:2])
+                       sock, connecting=False, host_addr=sock.getpeername()[:2], inbound=True)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         except OSError:
@@ -521,6 +525,24 @@ class TcpRelay:
         if heap and self._timer is None:
             self._timer_at = heap[0][0]
             self._timer = self._loop.call_at(self._timer_at, self._on_timer)
+
+    # -- control -------------------------------------------------------------------------
+
+    def describe_flows(self) -> list[dict[str, object]]:
+        return [describe_tcp(flow) for flow in self.flows.values()]
+
+    def cut(self, denied: Callable[[int, bytes, int], bool]) -> int:
+        """Reset (guest and host peer) every guest-opened flow that `denied(6, dst,
+        dport)` now refuses; returns how many."""
+        now = self._loop.time()
+        cut = 0
+        for flow in list(self.flows.values()):
+            if flow.inbound or flow.entry.closed or not denied(6, flow.key[1], flow.key[2]):
+                continue
+            flow.entry.on_cut(now)
+            self._execute(flow)  # the RST to the guest, then CloseHost(abortive)
+            cut += 1
+        return cut
 
     # -- teardown ------------------------------------------------------------------------
 

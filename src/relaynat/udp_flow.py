@@ -39,6 +39,9 @@ class UdpFlow:
     #: An inbound flow (a client of a forwarded port): the client's socket address,
     #: and `sock` is the forward's socket, shared by all its clients.
     peer: Any = field(default=None)
+    #: Payload bytes relayed each way (for listings; the relay's stats sum all flows).
+    bytes_from_guest: int = 0
+    bytes_to_guest: int = 0
 
     def from_guest(self, now: float, quote: bytes) -> None:
         self.last_activity = now

@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from relaynat.config import RelayConfig
+from relaynat.flowinfo import describe_udp
 from relaynat.packet_builder import (
     ICMP_ADMIN_PROHIBITED,
     ICMP_HOST_UNREACH,
@@ -135,6 +136,7 @@ class UdpRelay:
             return
         stats["udp_to_host"] += 1
         stats["udp_to_host_bytes"] += len(dgram.payload)
+        flow.bytes_from_guest += len(dgram.payload)
 
     def _open(self, key: tuple[int, bytes, int, bytes], host_ip: str, host_port: int,
               now: float, fixed_timeout: float | None, quote: bytes) -> UdpFlow | None:
@@ -212,6 +214,7 @@ class UdpRelay:
                        data)
         stats["udp_to_guest"] += 1
         stats["udp_to_guest_bytes"] += len(data)
+        flow.bytes_to_guest += len(data)
 
     # -- inbound: clients of forwarded ports -----------------------------------------
 
@@ -314,6 +317,20 @@ class UdpRelay:
                 self._loop.remove_reader(flow.sock.fileno())
             flow.sock.close()
             flow.sock = None
+
+    def describe_flows(self) -> list[dict[str, object]]:
+        return [describe_udp(flow) for flow in self.table.flows.values()]
+
+    def cut(self, denied: Callable[[int, bytes, int], bool]) -> int:
+        """Close every guest-opened flow that `denied(17, dst, dport)` now refuses
+        (UDP has nothing to reset: the next datagram opens a flow, which the policy
+        refuses); returns how many."""
+        gone = [flow for flow in self.table.flows.values()
+                if flow.peer is None and denied(17, flow.key[1], flow.key[2])]
+        for flow in gone:
+            self._close_sock(flow)
+            self.table.remove(flow)
+        return len(gone)
 
     def abort_all(self) -> None:
         """Close every flow (the guest went away)."""
