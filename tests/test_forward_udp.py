@@ -196,3 +196,51 @@ def test_too_many_ports_for_the_hard_limit_is_refused_clearly() -> None:
     assert result.returncode == 1
     assert "forwarding 2001 ports takes a descriptor each, beyond the limit of 1024" in \
         result.stderr
+
+
+#: A guest serving TCP ports 6000-6009: each connection is answered with the port it
+#: reached, then closed; exits after as many connections as argv[2] says.
+RANGE_GUEST = """
+import pathlib, selectors, socket, sys
+sel = selectors.DefaultSelector()
+for port in range(6000, 6010):
+    sel.register(socket.create_server(("0.0.0.0", port)), selectors.EVENT_READ)
+pathlib.Path(sys.argv[1]).touch()
+served = 0
+while served < int(sys.argv[2]):
+    for key, _ in sel.select(30):
+        conn, _ = key.fileobj.accept()
+        conn.sendall(str(key.fileobj.getsockname()[1]).encode())
+        conn.close()
+        served += 1
+"""
+
+
+def test_port_range_with_exclusions_maps_as_specified(tmp_path: Path) -> None:
+    """`5000-5009:6000-6009,~5003-5004`: eight host ports, each to its own guest port
+    (host port + 1000), and the excluded two not listening at all."""
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relaynat", "run", "-t",
+         "127.0.0.1/5000-5009:6000-6009,~5003-5004", "--", sys.executable, "-c", RANGE_GUEST,
+         str(ready), "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_file(ready)
+        answers: dict[int, str | None] = {}
+        for port in range(5000, 5010):
+            for _ in range(50):  # the relay may still be binding
+                try:
+                    with socket.create_connection(("127.0.0.1", port), 5) as s:
+                        answers[port] = s.recv(16).decode()
+                    break
+                except ConnectionRefusedError:
+                    answers[port] = None
+                    if port in (5003, 5004):
+                        break
+                    time.sleep(0.1)
+        assert answers == {port: None if port in (5003, 5004) else str(port + 1000)
+                           for port in range(5000, 5010)}
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
