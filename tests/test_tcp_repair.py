@@ -126,10 +126,15 @@ def test_connection_moves_between_namespaces_with_both_queues(
     # Linux negotiates all three by default: their restore paths are exercised.
     assert state.timestamp is not None and state.snd_wscale is not None and state.sack
     wire = json.dumps(state.to_dict())
+    # B's socket must exist before the link carries traffic: a peer segment reaching
+    # B first (a zero-window probe, say) would be answered with a RST by B's kernel.
+    # So the peer's end stays down (no carrier) until B has restored the socket.
+    _sh("ip", "-n", PEER, "link", "set", "eth0", "down")
     _sh("ip", "-n", HOST_A, "link", "set", "uplink", "netns", HOST_B)
     _sh("ip", "-n", HOST_B, "addr", "add", f"{HOST_IP}/24", "dev", "uplink")
     _sh("ip", "-n", HOST_B, "link", "set", "uplink", "up")
     moved = _in_netns(HOST_B, lambda: restore(RepairState.from_dict(json.loads(wire))))
+    _sh("ip", "-n", PEER, "link", "set", "eth0", "up")
     moved.settimeout(30)
     echoed = bytearray()
 

@@ -23,6 +23,10 @@ Why each piece moves (as CRIU's and passt's migration code found):
 - Leaving repair mode with 0 (not TCP_REPAIR_OFF_NO_WP) sends a window probe, so the
   peer learns at once that the connection lives on and resumes sending.
 
+Restore before the new host's link carries the connection's traffic: a peer segment
+that arrives first (a retransmission, a zero-window probe) finds no socket and the
+kernel answers it with a RST, which ends the connection at the peer.
+
 Only ESTABLISHED sockets move: a half-closed or half-open one raises RepairError.
 """
 
