@@ -27,10 +27,19 @@ from relaynat.checksum import finish, partial_sum
 from relaynat.config import RelayConfig, eui64
 from relaynat.dhcpv6 import ALL_DHCP_SERVERS
 from relaynat.dhcpv6 import option as dhcp6_option
-from relaynat.link_services import BROADCAST_IP, DHCP_CLIENT_PORT, DHCP_SERVER_PORT, ZERO_IP
+from relaynat.link_services import (
+    BROADCAST_IP,
+    DHCP_CLIENT_PORT,
+    DHCP_SERVER_PORT,
+    DHCPV6_CLIENT_PORT,
+    DHCPV6_SERVER_PORT,
+    ZERO_IP,
+)
 from relaynat.ndp import (
     ALL_ROUTERS,
     NDP_HOP_LIMIT,
+    NS,
+    RS,
     multicast_mac,
     solicited_node,
     with_checksum,
@@ -51,10 +60,6 @@ GUEST_MAC = bytes.fromhex("525400123456")
 DEFAULTS = RelayConfig()
 ICMP_ECHO_REQUEST = 8
 ICMPV6_ECHO_REQUEST = 128
-ND_ROUTER_SOLICIT = 133
-ND_NEIGHBOR_SOLICIT = 135
-DHCPV6_CLIENT_PORT = 546
-DHCPV6_SERVER_PORT = 547
 _U16 = struct.Struct("!H")
 
 
@@ -132,7 +137,7 @@ def _icmpv6_frame(a: Addressing, src: bytes, dst: bytes, dst_mac: bytes, message
 
 def router_solicitation(a: Addressing, hop_limit: int = NDP_HOP_LIMIT) -> bytes:
     """RFC 4861 §4.1 with a source link-layer address option (§4.6.1)."""
-    msg = struct.pack("!BBHI", ND_ROUTER_SOLICIT, 0, 0, 0) + b"\x01\x01" + a.guest_mac
+    msg = struct.pack("!BBHI", RS, 0, 0, 0) + b"\x01\x01" + a.guest_mac
     return _icmpv6_frame(a, a.link_local6, ALL_ROUTERS, multicast_mac(ALL_ROUTERS), msg,
                          hop_limit)
 
@@ -142,7 +147,7 @@ def neighbour_solicitation(a: Addressing, target: bytes | None = None,
     """RFC 4861 §4.3 for `target` (default: the gateway) to its solicited-node group."""
     target = target or a.gateway6
     group = solicited_node(target)
-    msg = struct.pack("!BBHI", ND_NEIGHBOR_SOLICIT, 0, 0, 0) + target + b"\x01\x01" + a.guest_mac
+    msg = struct.pack("!BBHI", NS, 0, 0, 0) + target + b"\x01\x01" + a.guest_mac
     return _icmpv6_frame(a, a.guest6, group, multicast_mac(group), msg, hop_limit)
 
 
