@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -562,3 +563,28 @@ def test_an_echo_session_is_described_like_the_other_flows() -> None:
             "far": ["10.0.2.2", None], "host_peer": ["127.0.0.1", None], "state": "open",
             "bytes_from_guest": 64, "bytes_to_guest": 64, "guest_window": None,
             "rtt_us": None}
+
+
+#: Run inside the guest: try the control socket by its path, print what happened.
+_GUEST_TRIES_THE_CONTROL_SOCKET = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+    s.sendall(b'{"execute": "list_hostfwd"}\\n')
+    print("reached:", s.recv(100))
+except OSError as exc:
+    print("refused:", exc.errno)
+"""
+
+
+def test_a_namespace_guest_cannot_reach_the_control_socket(tmp_path: Path) -> None:
+    """The guest shares the host's filesystem, and here even its uid: the socket is
+    covered by /dev/null in the guest's mount namespace, while the host reaches it."""
+    ctl_sock = tmp_path / "ctl.sock"
+    result = subprocess.run(
+        [sys.executable, "-m", "relaynat", "run", "--control-socket", str(ctl_sock), "--",
+         sys.executable, "-c", _GUEST_TRIES_THE_CONTROL_SOCKET, str(ctl_sock)],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"refused: {errno.ECONNREFUSED}"

@@ -394,7 +394,9 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
     try:
         code = await run_command(config, args.command, tap_name=args.tap_name,
                                  offload=not args.no_offload, relay_ready=ready,
-                                 policy=policy)
+                                 policy=policy,
+                                 hide_paths=[os.path.abspath(args.control_socket)]
+                                 if args.control_socket else ())
     except NamespaceSetupError as exc:
         print(f"relaynat run: {exc}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ import json
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from relaynat.config import RelayConfig
 from relaynat.policy import Policy
@@ -37,11 +37,12 @@ class NamespaceSetupError(RuntimeError):
 async def run_command(config: RelayConfig, command: list[str], *, tap_name: str = "tap0",
                       offload: bool = True,
                       relay_ready: Callable[[Relay], object] | None = None,
-                      policy: Policy | None = None) -> int:
+                      policy: Policy | None = None, hide_paths: Sequence[str] = ()) -> int:
     """Run `command` as a namespace guest of a new relay; return its exit status
     (128 + N if a signal N ended it), as a shell would report it. `relay_ready` is
     called with the relay once the guest's link is attached (e.g. to add forwards);
-    `policy` is the egress policy for the guest's flows."""
+    `policy` is the egress policy for the guest's flows; `hide_paths` (the control
+    socket) are covered by /dev/null in the guest's mount namespace."""
     if not command:
         raise ValueError("no command to run")
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -56,6 +57,7 @@ async def run_command(config: RelayConfig, command: list[str], *, tap_name: str 
         "mtu": config.mtu,
         "vnet": offload,
         "dns": dns,
+        "hide": list(hide_paths),
     })
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relaynat.namespace_child", spec, str(child_sock.fileno()), "--",

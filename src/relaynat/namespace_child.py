@@ -72,6 +72,16 @@ def _ip(*args: str) -> None:
         raise NamespaceSetupError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
 
+def _hide(paths: list[str]) -> None:
+    """Bind-mount /dev/null over each of `paths` in our own mount namespace: the
+    relay's control socket stays out of the guest's reach even though the guest shares
+    the host's filesystem (connect(2) on a character device fails with ECONNREFUSED).
+    Mounts are private first, so nothing propagates back."""
+    _mount(None, "/", _MS_REC | _MS_PRIVATE)
+    for path in paths:
+        _mount("/dev/null", path, _MS_BIND)
+
+
 def _warn(text: str) -> None:
     print(f"relaynat run: warning: {text}", file=sys.stderr)
 
@@ -86,10 +96,15 @@ def _child_main(argv: list[str]) -> int:
             try:
                 unshare(CLONE_NEWNS)
             except OSError as exc:
+                if spec.get("hide"):  # never run the guest with the control socket in reach
+                    raise OSError(exc.errno, "no private mount namespace to hide the "
+                                  f"control socket in: {exc}") from None
                 _warn(f"no private mount namespace ({exc}); /etc/resolv.conf left as is")
                 spec["dns"] = None
         else:
             _write_id_maps()
+        if spec.get("hide"):
+            _hide(spec["hide"])
         if spec.get("dns"):
             try:
                 _point_resolv_conf_at(spec["dns"])
