@@ -39,16 +39,19 @@ amounts = st.integers(1, 5000)
 picks = st.integers(0, 1 << 16)
 
 
-#: tcp_sim's checks that an abort breaks: the RST toward the guest and the RST-close
-#: (SO_LINGER 0) of the host socket.
-ABORT_CHECKS = ("the entry reset the flow", "abortive close")
+#: tcp_sim's checks that an abort breaks: the RST toward the guest, the RST-close
+#: (SO_LINGER 0) of the host socket, and the guest's own give-up (tcp_retries2) when the
+#: rules keep the relay's RST from it while it retransmits into the closed flow.
+ABORT_CHECKS = ("the entry reset the flow", "abortive close",
+                "the guest's retransmissions made no progress")
 
 
 class AbortableSim(TcpSim):
     """tcp_sim treats any RST from the entry as a failure, since its scheduler keeps
     faults below the give-up thresholds. Here the rules may reset the flow from the
     guest, or starve it until the entry gives up (RFC 9293 §3.8.3: R2 reached, the
-    connection is aborted with a RST). A RST is allowed in exactly those two cases."""
+    connection is aborted with a RST). A RST, and the guest then timing out against
+    the closed flow, are allowed in exactly those two cases."""
 
     def check(self, cond: object, msg: str) -> None:
         e = self.entry
