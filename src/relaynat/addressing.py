@@ -14,6 +14,8 @@ outbound.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Container
 from ipaddress import IPv4Address, IPv6Address
 
 from relaynat.config import RelayConfig
@@ -23,6 +25,22 @@ LINK_LOCAL_PREFIX = b"\xfe\x80" + bytes(6)
 _LOOPBACK_V6 = bytes(15) + b"\x01"
 _UNSPECIFIED_V6 = bytes(16)
 _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+#: Linux's default ip_local_port_range: where a forwarded client's source port comes
+#: from when its own port is already taken toward the guest.
+EPHEMERAL_FIRST, EPHEMERAL_LAST = 32768, 60999
+
+
+def inbound_flow_key(guest_ip: bytes, guest_port: int, src_ip: bytes, src_port: int,
+                     taken: Container[tuple[int, bytes, int, bytes]]
+                     ) -> tuple[int, bytes, int, bytes]:
+    """The flow key (guest port, source as the guest sees it, source port, guest
+    address) of a new forwarded flow. `src_port` (the client's own) is a wish: two
+    clients on different hosts may share a port but both appear from the same source
+    address, so a key already in `taken` gets another port."""
+    key = (guest_port, src_ip, src_port, guest_ip)
+    while key in taken:
+        key = (guest_port, src_ip, random.randint(EPHEMERAL_FIRST, EPHEMERAL_LAST), guest_ip)
+    return key
 
 
 class AddressMap:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from relaynat.addressing import inbound_flow_key
 from relaynat.flowinfo import describe_tcp
 from relaynat.nat_entry import TcpNatEntry
 from relaynat.packet_builder import TcpFrameTemplate
@@ -242,9 +243,7 @@ class TcpRelay:
             self.stats["tcp_inbound_refused_flow_limit"] += 1
             close_with_reset(sock)
             return False
-        key = (guest_port, src_ip, src_port, guest_ip)
-        while key in self.flows:  # another client already holds this port toward the guest
-            key = (guest_port, src_ip, random.randint(32768, 60999), guest_ip)
+        key = inbound_flow_key(guest_ip, guest_port, src_ip, src_port, self.flows)
         now = self._loop.time()
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -17,11 +17,11 @@ import asyncio
 import contextlib
 import errno
 import logging
-import random
 import socket
 from collections import Counter
 from collections.abc import Callable
 
+from relaynat.addressing import inbound_flow_key
 from relaynat.config import RelayConfig
 from relaynat.flowinfo import describe_udp
 from relaynat.packet_builder import (
@@ -227,9 +227,7 @@ class UdpRelay:
         flow = self._inbound.get((sock, peer))
         if flow is None:
             now = self._loop.time()
-            key = (guest_port, src_ip, src_port, guest_ip)
-            while key in self.table.flows:
-                key = (guest_port, src_ip, random.randint(32768, 60999), guest_ip)
+            key = inbound_flow_key(guest_ip, guest_port, src_ip, src_port, self.table.flows)
             flow = self.table.open(key, now, self._config.udp_inbound_timeout_s)
             if flow is None:
                 self.stats["udp_inbound_drop_flow_limit"] += 1
@@ -244,8 +242,7 @@ class UdpRelay:
         """The forward owning `sock` was removed: its clients' flows end with it."""
         for (owner, _peer), flow in list(self._inbound.items()):
             if owner is sock:
-                self._close_sock(flow)
-                self.table.remove(flow)
+                self._end(flow)
 
     def _unreachable(self, flow: UdpFlow) -> None:
         """The host peer's port is closed: tell the guest with ICMP port unreachable,
@@ -318,6 +315,11 @@ class UdpRelay:
             flow.sock.close()
             flow.sock = None
 
+    def _end(self, flow: UdpFlow) -> None:
+        """Close `flow` now (its socket, or its share of a forward's) and forget it."""
+        self._close_sock(flow)
+        self.table.remove(flow)
+
     def describe_flows(self) -> list[dict[str, object]]:
         return [describe_udp(flow) for flow in self.table.flows.values()]
 
@@ -328,15 +330,13 @@ class UdpRelay:
         gone = [flow for flow in self.table.flows.values()
                 if flow.peer is None and denied(17, flow.key[1], flow.key[2])]
         for flow in gone:
-            self._close_sock(flow)
-            self.table.remove(flow)
+            self._end(flow)
         return len(gone)
 
     def abort_all(self) -> None:
         """Close every flow (the guest went away)."""
         for flow in list(self.table.flows.values()):
-            self._close_sock(flow)
-            self.table.remove(flow)
+            self._end(flow)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
