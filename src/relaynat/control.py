@@ -195,9 +195,7 @@ class ControlServer:
         """One request line -> one answer line; never raises."""
         try:
             return _line({"return": self._request(line)})
-        except RequestError as exc:
-            return _error(str(exc))
-        except (ForwardError, ConfigError) as exc:
+        except (RequestError, ForwardError, ConfigError) as exc:
             return _error(str(exc))
         except Exception as exc:
             log.exception("control request failed")
