@@ -13,6 +13,11 @@
         client's bytes (to EOF) are answered "PEER SHA256 LENGTH", a UDP datagram is
         echoed as "PEER " + payload; PEER is the source address the guest saw. FILE is
         created once both sockets listen.
+    python3 guest_tools.py connect-burst HOST PORT --count N [--pause S --after M]
+        N TCP connects back to back, then after S seconds M more; prints JSON with each
+        outcome (ok, refused, timeout, errno name) and the first burst's duration.
+    python3 guest_tools.py udp-flows HOST PORT --flows N [--tries T]
+        N UDP sockets, one flow each, each echo-checked twice; prints JSON of which worked.
     python3 guest_tools.py inject IFNAME --rounds N
         writes malformed frames onto IFNAME with an AF_PACKET socket, N rounds of the
         same set; prints how many frames went out.
@@ -22,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import hashlib
+import json
 import os
 import socket
 import struct
 import sys
+import time
 
 
 async def _echo_one(host: str, port: int, size: int) -> bool:
@@ -171,6 +179,62 @@ def peer_echo(port: int, events: int, ready: str) -> int:
     return 0
 
 
+def _connect(host: str, port: int, timeout: float) -> str:
+    """"ok", "refused" (the relay's RST: ECONNREFUSED) or the other outcome's name."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+        return "ok"
+    except ConnectionRefusedError:
+        return "refused"
+    except TimeoutError:
+        return "timeout"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, str(exc))
+    finally:
+        s.close()
+
+
+def connect_burst(host: str, port: int, count: int, pause: float, after: int) -> int:
+    """`count` connects back to back, timed on CLOCK_MONOTONIC (the relay's loop clock
+    too: namespaces share it), then, after `pause` seconds, `after` more."""
+    start = time.monotonic()
+    first = [_connect(host, port, 5.0) for _ in range(count)]
+    elapsed = time.monotonic() - start
+    time.sleep(pause)
+    second = [_connect(host, port, 5.0) for _ in range(after)]
+    print(json.dumps({"first": first, "elapsed": elapsed, "second": second}))
+    return 0
+
+
+def udp_flows(host: str, port: int, flows: int, tries: int) -> int:
+    """Open `flows` UDP sockets (one flow each: distinct source ports) and for each,
+    up to `tries` times, send a datagram and wait 0.5 s for its echo; then once more on
+    every socket, to see which flows still work."""
+    socks = []
+    for _ in range(flows):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect((host, port))
+        s.settimeout(0.5)
+        socks.append(s)
+
+    def echo(s: socket.socket, data: bytes) -> bool:
+        for _ in range(tries):
+            s.send(data)
+            try:
+                if s.recv(2048) == data:
+                    return True
+            except TimeoutError:
+                continue
+        return False
+
+    first = [echo(s, b"flow %d" % i) for i, s in enumerate(socks)]
+    again = [echo(s, b"again %d" % i) for i, s in enumerate(socks)]
+    print(json.dumps({"first": first, "again": again}))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -191,6 +255,17 @@ def main() -> int:
     p.add_argument("port", type=int)
     p.add_argument("--events", type=int, required=True)
     p.add_argument("--ready", required=True)
+    p = sub.add_parser("connect-burst")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--pause", type=float, default=0.0)
+    p.add_argument("--after", type=int, default=0)
+    p = sub.add_parser("udp-flows")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--flows", type=int, required=True)
+    p.add_argument("--tries", type=int, default=3)
     p = sub.add_parser("inject")
     p.add_argument("ifname")
     p.add_argument("--rounds", type=int, default=10)
@@ -201,6 +276,10 @@ def main() -> int:
         return half_close(args.host, args.port, args.size)
     if args.cmd == "udp-echo":
         return udp_echo(args.host, args.port, args.sizes)
+    if args.cmd == "connect-burst":
+        return connect_burst(args.host, args.port, args.count, args.pause, args.after)
+    if args.cmd == "udp-flows":
+        return udp_flows(args.host, args.port, args.flows, args.tries)
     if args.cmd == "peer-echo":
         return peer_echo(args.port, args.events, args.ready)
     return inject(args.ifname, args.rounds)

@@ -20,7 +20,7 @@ import pytest
 from relaynat_cli import parse_stats, relaynat_run
 from sysctl import ALL_GROUPS, ping_group_range
 
-GUEST = str(Path(__file__).parent / "limits_guest.py")
+GUEST = str(Path(__file__).parent / "guest_tools.py")
 GUEST_TOOLS = str(Path(__file__).parent / "guest_tools.py")
 GATEWAY = "10.0.2.2"
 GATEWAY6 = "fd00::2"
