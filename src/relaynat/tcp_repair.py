@@ -212,18 +212,22 @@ def dump(sock: socket.socket) -> RepairState:
         rcvbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
 
-def _fill(sock: socket.socket, queue: int, data: bytes) -> None:
-    """Write a queue's bytes in repair mode; the socket is non-blocking, so a queue
-    that does not fit raises instead of waiting for room nothing will make."""
-    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+def _write_all(sock: socket.socket, data: bytes, what: str) -> None:
+    """Write all of `data` (to the selected queue in repair mode); the socket is
+    non-blocking, so bytes that do not fit raise instead of waiting for room nothing
+    will make."""
     view = memoryview(data)
     while view:
         try:
-            sent = sock.send(view)
+            view = view[sock.send(view):]
         except BlockingIOError:
-            raise RepairError(f"{len(view)} of {len(data)} queued bytes do not fit the "
+            raise RepairError(f"{len(view)} of {len(data)} {what} bytes do not fit the "
                               "socket's buffer") from None
-        view = view[sent:]
+
+
+def _fill(sock: socket.socket, queue: int, data: bytes) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+    _write_all(sock, data, "queued")
 
 
 def restore(state: RepairState) -> socket.socket:
@@ -280,11 +284,5 @@ def _restore_into(sock: socket.socket, state: RepairState) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _WINDOW.pack(*state.window))
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)  # leaves with a window probe
-    unsent = memoryview(state.send_queue)[transmitted:]
-    while unsent:
-        try:
-            unsent = unsent[sock.send(unsent):]
-        except BlockingIOError:
-            raise RepairError(f"{len(unsent)} unsent bytes do not fit the socket's "
-                              "buffer") from None
+    _write_all(sock, state.send_queue[transmitted:], "unsent")
     sock.setblocking(True)
