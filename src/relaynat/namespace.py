@@ -34,6 +34,95 @@ class NamespaceSetupError(RuntimeError):
     """The namespace child could not set the guest up; the message says why."""
 
 
+class NamespaceGuest:
+    """A command in a new network namespace whose only link is a TAP, not started yet.
+
+    `spawn` creates it and hands back its link as `transport`; attach that to a
+    `Relay`, then call `go()` so the command starts (its first packet then finds the
+    relay listening), and `wait()` for its exit status. Many may run in one loop, each
+    attached to its own relay (`relaynat.guests.Guests`).
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process, sock: socket.socket,
+                 transport: TapTransport) -> None:
+        self.proc = proc
+        self.transport = transport
+        self._sock = sock
+
+    @classmethod
+    async def spawn(cls, config: RelayConfig, command: Sequence[str], *, tap_name: str = "tap0",
+                    offload: bool = True, hide_paths: Sequence[str] = ()) -> NamespaceGuest:
+        """Create the namespace, its TAP (addressed from `config`) and a private
+        resolv.conf; `hide_paths` (the control socket) are covered by /dev/null in the
+        guest's mount namespace. Raises NamespaceSetupError saying what failed."""
+        if not command:
+            raise ValueError("no command to run")
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        dns = ([str(config.dns_ipv4)] if config.ipv4 else []) + \
+            ([str(config.dns_ipv6)] if config.ipv6 else [])
+        spec = json.dumps({
+            "tap": tap_name,
+            "address": f"{config.guest_ipv4}/{config.prefix_len_v4}" if config.ipv4 else None,
+            "gateway": str(config.gateway_ipv4),
+            "address6": f"{config.guest_ipv6}/64" if config.ipv6 else None,
+            "gateway6": str(config.gateway_ipv6),
+            "mtu": config.mtu,
+            "vnet": offload,
+            "dns": dns,
+            "hide": list(hide_paths),
+        })
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relaynat.namespace_child", spec,
+                str(child_sock.fileno()), "--", *command, pass_fds=[child_sock.fileno()])
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            child_sock.close()
+        try:
+            parent_sock.settimeout(_READY_TIMEOUT_S)
+            try:
+                msg, ancdata, _, _ = await asyncio.to_thread(
+                    parent_sock.recvmsg, 4096, socket.CMSG_SPACE(4))
+            except TimeoutError:
+                raise NamespaceSetupError("namespace child did not report in time") from None
+            fds = array.array("i")
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            if not fds:
+                await proc.wait()
+                raise NamespaceSetupError(msg.decode(errors="replace")
+                                          or "namespace setup failed")
+            info = json.loads(msg)
+        except BaseException:
+            parent_sock.close()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            raise
+        return cls(proc, parent_sock, TapTransport(fds[0], info["vnet_hdr_len"], info["offload"]))
+
+    def go(self) -> None:
+        """Let the command start: call once its relay has the transport attached."""
+        self._sock.send(b"go")
+
+    async def wait(self) -> int:
+        """The command's exit status as a shell reports it (128 + N for signal N)."""
+        try:
+            returncode = await self.proc.wait()
+        finally:
+            self.close()
+        return 128 - returncode if returncode < 0 else returncode
+
+    def close(self) -> None:
+        """Kill the command if it still runs; the TAP goes with its relay's transport."""
+        self._sock.close()
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+
 async def run_command(config: RelayConfig, command: list[str], *, tap_name: str = "tap0",
                       offload: bool = True,
                       relay_ready: Callable[[Relay], object] | None = None,
@@ -43,56 +132,21 @@ async def run_command(config: RelayConfig, command: list[str], *, tap_name: str 
     called with the relay once the guest's link is attached (e.g. to add forwards);
     `policy` is the egress policy for the guest's flows; `hide_paths` (the control
     socket) are covered by /dev/null in the guest's mount namespace."""
-    if not command:
-        raise ValueError("no command to run")
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    dns = ([str(config.dns_ipv4)] if config.ipv4 else []) + \
-        ([str(config.dns_ipv6)] if config.ipv6 else [])
-    spec = json.dumps({
-        "tap": tap_name,
-        "address": f"{config.guest_ipv4}/{config.prefix_len_v4}" if config.ipv4 else None,
-        "gateway": str(config.gateway_ipv4),
-        "address6": f"{config.guest_ipv6}/64" if config.ipv6 else None,
-        "gateway6": str(config.gateway_ipv6),
-        "mtu": config.mtu,
-        "vnet": offload,
-        "dns": dns,
-        "hide": list(hide_paths),
-    })
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relaynat.namespace_child", spec, str(child_sock.fileno()), "--",
-        *command, pass_fds=[child_sock.fileno()])
-    child_sock.close()
+    guest = await NamespaceGuest.spawn(config, command, tap_name=tap_name, offload=offload,
+                                       hide_paths=hide_paths)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(signum, proc.send_signal, signum)
+        loop.add_signal_handler(signum, guest.proc.send_signal, signum)
     try:
-        parent_sock.settimeout(_READY_TIMEOUT_S)
-        try:
-            msg, ancdata, _, _ = await asyncio.to_thread(
-                parent_sock.recvmsg, 4096, socket.CMSG_SPACE(4))
-        except TimeoutError:
-            proc.kill()
-            raise NamespaceSetupError("namespace child did not report in time") from None
-        fds = array.array("i")
-        for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-        if not fds:
-            await proc.wait()
-            raise NamespaceSetupError(msg.decode(errors="replace") or "namespace setup failed")
-        info = json.loads(msg)
         async with Relay(config, policy) as relay:
-            relay.attach(TapTransport(fds[0], info["vnet_hdr_len"], info["offload"]))
+            relay.attach(guest.transport)
             if relay_ready is not None:
                 relay_ready(relay)
-            parent_sock.send(b"go")
-            returncode = await proc.wait()
+            guest.go()
+            return await guest.wait()
     finally:
-        parent_sock.close()
         for signum in (signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signum)
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return 128 - returncode if returncode < 0 else returncode
+        guest.close()
+        if guest.proc.returncode is None:
+            await guest.proc.wait()
