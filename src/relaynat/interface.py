@@ -60,7 +60,7 @@ import logging
 import socket
 import struct
 
-from relaynat.transport import FrameSink, TransportBase
+from relaynat.transport import WAKEUP_SLICE_S, FrameSink, TransportBase, slice_clock
 
 log = logging.getLogger("relaynat.interface")
 
@@ -222,6 +222,7 @@ class InterfaceTransport(TransportBase):
         assert sink is not None
         sock, buf, view, skip = self.sock, self._buf, self._view, self.vnet_hdr_len
         size = len(buf)
+        deadline = slice_clock() + WAKEUP_SLICE_S
         for _ in range(_FRAMES_PER_WAKEUP):
             try:
                 if self._ignores_outgoing:
@@ -247,6 +248,8 @@ class InterfaceTransport(TransportBase):
                 continue
             if n > skip:
                 sink.handle_frame(view[skip:n])
+                if slice_clock() > deadline:
+                    break
         sink.end_of_batch()
 
     def send(self, head: bytes, payload: bytes | memoryview = b"") -> None:

@@ -26,7 +26,7 @@ import stat
 import struct
 from collections import deque
 
-from relaynat.transport import FrameSink, TransportBase
+from relaynat.transport import WAKEUP_SLICE_S, FrameSink, TransportBase, slice_clock
 
 log = logging.getLogger("relaynat.stream")
 
@@ -69,6 +69,7 @@ class StreamTransport(TransportBase):
     def _on_readable(self) -> None:
         sink = self._sink
         assert sink is not None
+        deadline = slice_clock() + WAKEUP_SLICE_S
         for _ in range(_READS_PER_WAKEUP):
             if self._end == len(self._buf):
                 # Move the partial frame to the front to make room.
@@ -88,6 +89,8 @@ class StreamTransport(TransportBase):
             self._end += n
             if not self._deliver(sink):
                 return
+            if slice_clock() > deadline:
+                break
         sink.end_of_batch()
 
     def _deliver(self, sink: FrameSink) -> bool:

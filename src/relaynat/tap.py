@@ -19,7 +19,7 @@ import logging
 import os
 import struct
 
-from relaynat.transport import FrameSink, TransportBase
+from relaynat.transport import WAKEUP_SLICE_S, FrameSink, TransportBase, slice_clock
 
 log = logging.getLogger("relaynat.tap")
 
@@ -89,6 +89,7 @@ class TapTransport(TransportBase):
         sink = self._sink
         assert sink is not None
         view, skip = self._view, self.vnet_hdr_len
+        deadline = slice_clock() + WAKEUP_SLICE_S
         for _ in range(_FRAMES_PER_WAKEUP):
             try:
                 n = os.readv(self.fd, (self._buf,))
@@ -103,6 +104,8 @@ class TapTransport(TransportBase):
                 self._lost("TAP closed")
                 return
             sink.handle_frame(view[skip:n])
+            if slice_clock() > deadline:
+                break
         sink.end_of_batch()
 
     def send(self, head: bytes, payload: bytes | memoryview = b"") -> None:

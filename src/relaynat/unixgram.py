@@ -62,7 +62,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from relaynat.config import RelayConfig
-from relaynat.transport import FrameSink, FrameTransport, TransportBase
+from relaynat.transport import WAKEUP_SLICE_S, FrameSink, FrameTransport, TransportBase, slice_clock
 
 log = logging.getLogger("relaynat.unixgram")
 
@@ -197,6 +197,7 @@ class UnixgramTransport(TransportBase):
         sink = self._sink
         assert sink is not None
         sock, buf = self.sock, self._buf
+        deadline = slice_clock() + WAKEUP_SLICE_S
         for _ in range(_DATAGRAMS_PER_WAKEUP):
             try:
                 if self.connected:
@@ -219,6 +220,8 @@ class UnixgramTransport(TransportBase):
             self._datagram(sink, n, addr)
             if self.closed:
                 return
+            if slice_clock() > deadline:
+                break
         sink.end_of_batch()
 
     def _datagram(self, sink: FrameSink, n: int, addr: Address | None) -> None:
