@@ -18,6 +18,11 @@ initrd=${2:-}
 append=${3:-console=ttyS0}
 read -ra relaynat <<<"${RELAYNAT:-relaynat}"
 read -ra extra <<<"${QEMU_EXTRA:-}"
+# Waiting for the socket file proves the relay is ready only if the file is new.
+if [ -e "${RELAYNAT_SOCK:-}" ]; then
+    echo "$0: $RELAYNAT_SOCK exists (another relay's?); remove it or pick another" >&2
+    exit 1
+fi
 workdir=$(mktemp -d)
 sock=${RELAYNAT_SOCK:-$workdir/relay.sock}
 relay_pid=""

@@ -32,6 +32,11 @@ case "$(basename "$vmm")" in
     *) echo "$0: unknown VMM $vmm (vfkit or krunkit)" >&2; exit 2 ;;
 esac
 
+# Waiting for the socket file proves the relay is ready only if the file is new.
+if [ -e "$sock" ]; then
+    echo "$0: $sock exists (another relay's?); remove it or pick another" >&2
+    exit 1
+fi
 relay_pid=""
 vmm_pid=""
 cleanup() {
