@@ -58,6 +58,14 @@ class VethGuest:
         sh("ip", "-n", self.ns, "link", "set", "lo", "up")
         sh("ip", "-n", self.ns, "link", "set", "eth0", "up")
 
+    @classmethod
+    def adopt(cls, workdir: Path, ns: str, near: str) -> VethGuest:
+        """A guest namespace and veth that something else wired up (the example recipe
+        examples/container_netns.sh); close() removes them all the same."""
+        guest = cls.__new__(cls)
+        guest.ns, guest.near, guest.workdir = ns, near, workdir
+        return guest
+
     def run(self, *args: str, timeout: float = 60,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ip", "netns", "exec", self.ns, *args], capture_output=True,

@@ -111,6 +111,25 @@ class VmResult:
     def ok(self) -> bool:
         return self.exit_status == 0
 
+    @classmethod
+    def from_console(cls, out: bytes, *, timed_out: bool, returncode: int | None,
+                     duration: float, command_line: list[str]) -> VmResult:
+        """What the guest reported on its serial console (qemu's stdout, `out`)."""
+        console = out.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
+        exit_status, output, lease, dhcp_ok = _parse(console)
+        return cls(
+            exit_status=exit_status,
+            output=output,
+            console=console,
+            lease=lease,
+            dhcp_ok=dhcp_ok,
+            times={m.group(1): float(m.group(2)) for m in _TIME_RE.finditer(console)},
+            timed_out=timed_out,
+            returncode=returncode,
+            duration=duration,
+            command_line=command_line,
+        )
+
 
 # --------------------------------------------------------------------------- images
 
@@ -351,7 +370,7 @@ def qemu_command(
     images: VmImages,
     socket_path: str | os.PathLike[str],
     *,
-    append: Sequence[str] = (),
+    append: Sequence[str] = DEFAULT_APPEND,
     initrd: Path | None = None,
     memory_mb: int = 256,
     mac: str = "52:54:00:12:34:56",
@@ -377,7 +396,7 @@ def qemu_command(
         "-no-reboot",
         "-kernel", str(images.kernel),
         "-initrd", str(initrd or images.initrd),
-        "-append", " ".join([*DEFAULT_APPEND, *append]),
+        "-append", " ".join(append),
         "-netdev", netdev_spec(netdev, socket_path, local_path),
         "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile=",
         *extra_args,
@@ -432,6 +451,19 @@ def _overlay_initrd(base: Path, command: str, directory: Path) -> Path:
     return out
 
 
+def guest_boot_args(
+    images: VmImages, command: str, directory: Path, *, dhcp: bool = True,
+) -> tuple[list[str], Path]:
+    """The whole kernel command line (qemu's `-append`, as words) and the initrd that
+    make the guest run `command`: on the command line while it fits, else in an initrd
+    overlay written to `directory`. For launchers other than boot_vm (examples/)."""
+    encoded = base64.b64encode(command.encode()).decode()
+    append = [*DEFAULT_APPEND, *([] if dhcp else ["rn.dhcp=0"])]
+    if len(encoded) <= MAX_CMDLINE_COMMAND:
+        return [*append, f"rn.cmd={encoded}"], images.initrd
+    return append, _overlay_initrd(images.initrd, command, directory)
+
+
 def boot_vm(
     socket_path: str | os.PathLike[str],
     command: str,
@@ -455,14 +487,8 @@ def boot_vm(
     if not stat.S_ISSOCK(os.stat(socket_path).st_mode):  # FileNotFoundError if absent
         raise ValueError(f"{os.fspath(socket_path)} is not a unix socket")
     images = images or build_vm_images(fetch=False)
-    encoded = base64.b64encode(command.encode()).decode()
-    append = [] if dhcp else ["rn.dhcp=0"]
     with tempfile.TemporaryDirectory(prefix="rn-vm-") as tmp:
-        initrd = None
-        if len(encoded) <= MAX_CMDLINE_COMMAND:
-            append.append(f"rn.cmd={encoded}")
-        else:
-            initrd = _overlay_initrd(images.initrd, command, Path(tmp))
+        append, initrd = guest_boot_args(images, command, Path(tmp), dhcp=dhcp)
         argv = qemu_command(
             images,
             socket_path,
@@ -495,20 +521,8 @@ def boot_vm(
             proc.wait()
             raise
         duration = time.monotonic() - t0
-    console = out.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
-    exit_status, output, lease, dhcp_ok = _parse(console)
-    return VmResult(
-        exit_status=exit_status,
-        output=output,
-        console=console,
-        lease=lease,
-        dhcp_ok=dhcp_ok,
-        times={m.group(1): float(m.group(2)) for m in _TIME_RE.finditer(console)},
-        timed_out=timed_out,
-        returncode=proc.returncode,
-        duration=duration,
-        command_line=argv,
-    )
+    return VmResult.from_console(out, timed_out=timed_out, returncode=proc.returncode,
+                                 duration=duration, command_line=argv)
 
 
 def _main(argv: list[str]) -> int:
