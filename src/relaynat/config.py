@@ -15,6 +15,7 @@ import dataclasses
 import ipaddress
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
 
 #: Largest MTU we accept: 65535 (IPv4 total length) minus a 14-byte Ethernet header,
 #: rounded down to a multiple of 8 as passt does (`ETH_MAX_MTU` / `MAX_MTU`).
@@ -148,8 +149,9 @@ class RelayConfig:
         router advertisements must come from a link-local address (RFC 4861 §6.1.2)."""
         return IPv6Address(b"\xfe\x80" + bytes(6) + eui64(self.gateway_mac))
 
-    def replace(self, **changes: object) -> RelayConfig:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+    def replace(self, **changes: Any) -> RelayConfig:
+        """A copy with `changes` (field=value) applied; not validated, call `validate()`."""
+        return dataclasses.replace(self, **changes)
 
     def validate(self) -> RelayConfig:
         """Check consistency; return self so calls chain. Raises ConfigError."""

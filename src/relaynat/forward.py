@@ -43,9 +43,12 @@ _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 #: client port, guest port) -> True if a flow was opened (the callee owns the socket
 #: either way).
 InboundOpener = Callable[[socket.socket, bytes, int, int], bool]
+#: A host client's inet socket address as accept() and recvfrom() give it: (host, port),
+#: then flowinfo and scope id for IPv6.
+SockAddr = tuple[str, int, *tuple[int, ...]]
 #: Takes one datagram a host client sent to a UDP forward: (forward, payload, the
 #: client's socket address as recvfrom gave it).
-DatagramSink = Callable[["Forward", bytes, tuple], None]  # type: ignore[type-arg]
+DatagramSink = Callable[["Forward", bytes, SockAddr], None]
 
 
 class ForwardError(ValueError):
@@ -72,7 +75,7 @@ class Forward:
                 "interface": self.interface}
 
 
-def client_address(peer: tuple) -> bytes:  # type: ignore[type-arg]
+def client_address(peer: SockAddr) -> bytes:
     """The packed address of an accepted client, an IPv4-mapped IPv6 address (from a
     dual-stack listener, RFC 4291 §2.5.5.2) unwrapped to IPv4."""
     packed = ip_address(peer[0].split("%")[0]).packed
@@ -135,10 +138,10 @@ class Forwarder:
             raise ForwardError(f"no forward with id {forward_id}")
         if proto is None or host_port is None:
             raise ForwardError("give a forward id, or the protocol and host port")
-        forward = self.find(proto, host_addr, host_port)
-        if forward is None:
+        found = self.find(proto, host_addr, host_port)
+        if found is None:
             raise ForwardError(f"no {proto} forward on {host_addr or '*'} port {host_port}")
-        return forward
+        return found
 
     def remove(self, forward: Forward) -> None:
         """Stop listening. TCP connections already forwarded stay as they are; the

@@ -409,7 +409,7 @@ class Policy:
         return (self.rules, self.default, self._mapped) == (other.rules, other.default,
                                                             other._mapped)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # __eq__ without __hash__: unhashable
 
     def __repr__(self) -> str:
         return f"Policy({len(self.rules)} rules, default={self.default!r})"
