@@ -57,19 +57,27 @@ class ForwardError(ValueError):
 
 @dataclass(slots=True, eq=False)
 class Forward:
+    """One inbound forward, as `Relay.add_forward` returns it and `Relay.forwards`
+    lists it."""
+
     proto: str
-    #: Listening address on the host; None: every address of both families.
+    """"tcp" or "udp"."""
     host_addr: str | None
+    """Listening address on the host; None: every address of both families."""
     host_port: int
+    """The host port; the one the kernel chose when 0 was asked for."""
     guest_port: int
-    #: Listen on this interface only (SO_BINDTODEVICE), passt's ADDR%IF.
+    """The guest's port the connections and datagrams go to."""
     interface: str | None = None
+    """Listen on this interface only (SO_BINDTODEVICE), passt's ADDR%IF."""
     sock: socket.socket | None = field(default=None, repr=False)
-    #: Small per-relay number, increasing, never reused: a handle for removal that
-    #: stays valid however the address was spelled (the control socket's `id`).
+    """The listening (TCP) or bound (UDP) host socket; None once removed."""
     id: int = 0
+    """Small per-relay number, increasing, never reused: a handle for removal that
+    stays valid however the address was spelled (the control socket's `id`)."""
 
     def describe(self) -> dict[str, object]:
+        """The forward as a JSON-ready dict (the control socket's shape), without the socket."""
         return {"id": self.id, "proto": self.proto, "host_addr": self.host_addr,
                 "host_port": self.host_port, "guest_port": self.guest_port,
                 "interface": self.interface}

@@ -127,7 +127,8 @@ def _ipv4_address(name: str) -> str | None:
 
 
 class InterfaceTransport(TransportBase):
-    """A packet socket on one interface; build it with `InterfaceTransport.open(name)`."""
+    """A packet socket on one interface; build it with `InterfaceTransport.open(name)`,
+    which sets the socket up and passes what it found out to the constructor."""
 
     def __init__(self, sock: socket.socket, name: str, ifindex: int, mtu: int,
                  vnet_hdr: bool, ignores_outgoing: bool,

@@ -30,10 +30,10 @@ class FrameSink(Protocol):
 class FrameTransport(Protocol):
     """One guest link, as `relaynat.Relay.attach` takes it."""
 
-    #: Bytes of virtio-net header in front of every frame both ways (0: none).
     vnet_hdr_len: int
-    #: The guest accepts NEEDS_CSUM/GSO frames (needs a vnet header).
+    """Bytes of virtio-net header in front of every frame both ways (0: none)."""
     offload: bool
+    """The guest accepts NEEDS_CSUM/GSO frames (needs a vnet header)."""
 
     def start(self, sink: FrameSink) -> None:
         """Start reading the guest's frames into `sink` (the relay calls it in attach)."""
