@@ -1,10 +1,136 @@
 """relaynat: a userspace network relay (NAT) for microVMs and network-namespace guests.
 
-It reads a guest's raw Ethernet frames, answers ARP and DHCP itself, and relays the
-guest's TCP flows through ordinary host sockets, as passt/pasta and slirp4netns do.
+It reads a guest's raw Ethernet frames, answers ARP, NDP, DHCP, DHCPv6 and DNS itself,
+and relays the guest's TCP, UDP and ICMP echo flows through ordinary host sockets, as
+passt/pasta and slirp4netns do.
+
+The names below are the public API; everything else in the package is internal and
+may change. A `Relay` serves one guest, shaped by a `RelayConfig`, over one transport
+at a time:
+
+```python
+import asyncio
+from relaynat import Relay, RelayConfig, TapTransport, open_tap
+
+async def main() -> None:
+    config = RelayConfig(mtu=65520, max_tcp_flows=4096)  # ConfigError says what is wrong
+    async with Relay(config) as relay:
+        relay.serve_stream("/tmp/vm0.sock")               # qemu -netdev stream client
+        # or a TAP in this namespace:
+        #     relay.attach(TapTransport(*open_tap("tap0")))
+        await asyncio.sleep(3600)
+        print(relay.stats())
+
+asyncio.run(main())
+```
+
+Transports: `StreamTransport` (qemu `-netdev stream`, libkrun, passt's framing; usually
+through `Relay.serve_stream`), `UnixgramTransport` (qemu `-netdev dgram`, vfkit,
+krunkit; through `serve_unixgram` or `attach_unixgram_fd`), `TapTransport` (a TAP fd,
+from `open_tap` or a launcher) and `InterfaceTransport` (the host side of a TAP that
+Firecracker or cloud-hypervisor opened). A transport of your own implements
+`FrameTransport` and feeds the `FrameSink` it is started with.
+
+`Policy` is the egress policy for the guest's new flows; `Relay.add_forward` opens an
+inbound `Forward`. `run_command` runs a command as a namespace guest.
+
+`relaynat.testing` (the `testing` extra, which needs hypothesis) has an in-memory
+guest and hypothesis strategies of guest frames for tests of your own integration. It
+is imported on its own (`from relaynat.testing import InMemoryGuest`), so it is not in
+`__all__`.
+
+Importing `relaynat` is cheap: the names below load their modules (and numpy, dpkt,
+asyncio) on first use, so a process that needs only the configuration or the CLI's
+control client does not pay for the relay.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from relaynat.config import ConfigError, RelayConfig
 
-__all__ = ["ConfigError", "RelayConfig"]
+if TYPE_CHECKING:
+    # What the lazy __getattr__ below returns, spelled out for type checkers.
+    from relaynat.forward import Forward, ForwardError
+    from relaynat.interface import InterfaceError, InterfaceTransport
+    from relaynat.namespace import run_command
+    from relaynat.policy import Decision, Policy, Rule
+    from relaynat.relay import Relay
+    from relaynat.stream import StreamTransport
+    from relaynat.tap import TapTransport, open_tap
+    from relaynat.transport import FrameSink, FrameTransport
+    from relaynat.unixgram import (
+        UnixgramServer,
+        UnixgramTransport,
+        attach_unixgram_fd,
+        serve_unixgram,
+    )
+
+# Grouped by use, not sorted: pdoc lists the names in this order.
+__all__ = [  # noqa: RUF022
+    # One guest's relay and its configuration.
+    "ConfigError",
+    "Relay",
+    "RelayConfig",
+    # Multi-guest API (relaynat.guests): its names go here once that branch is merged.
+    # Egress policy and inbound forwards.
+    "Decision",
+    "Forward",
+    "ForwardError",
+    "Policy",
+    "Rule",
+    # Transports.
+    "FrameSink",
+    "FrameTransport",
+    "InterfaceError",
+    "InterfaceTransport",
+    "StreamTransport",
+    "TapTransport",
+    "UnixgramServer",
+    "UnixgramTransport",
+    "attach_unixgram_fd",
+    "open_tap",
+    "serve_unixgram",
+    # Namespace guests.
+    "run_command",
+]
 __version__ = "0.1.0"
+__docformat__ = "markdown"
+
+#: Public name -> the module that defines it, imported on first access (PEP 562).
+_LAZY = {
+    "Decision": "relaynat.policy",
+    "Forward": "relaynat.forward",
+    "ForwardError": "relaynat.forward",
+    "FrameSink": "relaynat.transport",
+    "FrameTransport": "relaynat.transport",
+    "InterfaceError": "relaynat.interface",
+    "InterfaceTransport": "relaynat.interface",
+    "Policy": "relaynat.policy",
+    "Relay": "relaynat.relay",
+    "Rule": "relaynat.policy",
+    "StreamTransport": "relaynat.stream",
+    "TapTransport": "relaynat.tap",
+    "UnixgramServer": "relaynat.unixgram",
+    "UnixgramTransport": "relaynat.unixgram",
+    "attach_unixgram_fd": "relaynat.unixgram",
+    "open_tap": "relaynat.tap",
+    "run_command": "relaynat.namespace",
+    "serve_unixgram": "relaynat.unixgram",
+}
+
+if not TYPE_CHECKING:
+    # Hidden from type checkers, which see the imports above instead: a module-level
+    # __getattr__ would make every misspelt `relaynat.X` type-check as valid.
+    def __getattr__(name: str) -> object:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'relaynat' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later lookups skip __getattr__ (and pdoc finds it)
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(globals()) | set(__all__))

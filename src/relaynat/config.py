@@ -15,6 +15,7 @@ import dataclasses
 import ipaddress
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
 
 #: Largest MTU we accept: 65535 (IPv4 total length) minus a 14-byte Ethernet header,
 #: rounded down to a multiple of 8 as passt does (`ETH_MAX_MTU` / `MAX_MTU`).
@@ -58,88 +59,106 @@ class RelayConfig:
     `guest_ipv6` (as 10.0.2.15 by DHCP), so any address of the prefix is the guest's.
     """
 
-    #: Serve IPv4 / IPv6 (`-4` / `-6` on the command line turn the other one off).
     ipv4: bool = True
+    """Serve IPv4 (`-6` on the command line turns it off)."""
     ipv6: bool = True
+    """Serve IPv6 (`-4` on the command line turns it off)."""
 
     guest_ipv4: IPv4Address = IPv4Address("10.0.2.15")
+    """The guest's address: DHCP hands it out, and frames from any other source are dropped."""
     prefix_len_v4: int = 24
+    """Prefix length of the guest's subnet, which holds the guest, gateway and DNS addresses."""
     gateway_ipv4: IPv4Address = IPv4Address("10.0.2.2")
+    """The relay's address on the link: answers ARP, serves DHCP, is the default route."""
     dns_ipv4: IPv4Address = IPv4Address("10.0.2.3")
-    #: Guest address whose traffic goes to the host's loopback (slirp and passt map the
-    #: gateway there). None disables the mapping: the guest cannot reach host loopback.
+    """The DNS address DHCP announces; its port 53 (UDP and TCP) goes to `dns_upstream`."""
     map_host_loopback_v4: IPv4Address | None = IPv4Address("10.0.2.2")
+    """Guest address whose traffic goes to the host's loopback (slirp and passt map the
+    gateway there). None disables the mapping: the guest cannot reach host loopback."""
     host_loopback_v4: IPv4Address = IPv4Address("127.0.0.1")
+    """Where `map_host_loopback_v4` traffic goes on the host."""
     mtu: int = MAX_MTU
+    """The link MTU DHCP and router advertisements offer, `MIN_MTU` to `MAX_MTU`
+    (at least `MIN_MTU_V6` with IPv6)."""
     gateway_mac: bytes = DEFAULT_GATEWAY_MAC
-    #: DHCP lease time in seconds (option 51).
+    """The relay's MAC address on the link (6 bytes, unicast)."""
     dhcp_lease_s: int = 3600
-    #: Upper bound of concurrent TCP flows; a SYN beyond it is answered with RST.
+    """DHCP lease time in seconds (option 51)."""
     max_tcp_flows: int = 16384
-    #: Upper bound of host connect() calls in progress; a SYN beyond it gets RST.
+    """Upper bound of concurrent TCP flows; a SYN beyond it is answered with RST."""
     max_pending_connects: int = 512
-    #: How long a host connect() may take before the guest gets a RST.
+    """Upper bound of host connect() calls in progress; a SYN beyond it gets RST."""
     connect_timeout_s: float = 10.0
-    #: A flow with no traffic either way for this long is reset both ways (passt: 2 h).
+    """How long a host connect() may take before the guest gets a RST."""
     tcp_idle_timeout_s: float = 7200.0
-    #: Frames queued toward a socket transport that cannot take them yet, in bytes;
-    #: beyond it frames are dropped and counted (TCP retransmits them).
+    """A flow with no traffic either way for this long is reset both ways (passt: 2 h)."""
     guest_queue_limit: int = 8 << 20
+    """Frames queued toward a socket transport that cannot take them yet, in bytes;
+    beyond it frames are dropped and counted (TCP retransmits them)."""
     pcap_path: str | None = None
-    #: Upper bound of concurrent UDP flows (guest port, destination, destination port);
-    #: a datagram that would open one more is dropped and counted.
+    """Write every frame both ways to this pcap file (None: no capture)."""
     max_udp_flows: int = 4096
-    #: Upper bound of concurrent ICMP echo sessions (one ping socket per identifier and
-    #: destination); an echo request that would open one more is dropped and counted.
+    """Upper bound of concurrent UDP flows (guest port, destination, destination port);
+    a datagram that would open one more is dropped and counted."""
     max_icmp_flows: int = 1024
-    #: New guest-initiated flows per second, TCP, UDP and ICMP echo together (one token
-    #: bucket, so switching protocol buys nothing), including queries forwarded from the
-    #: DNS address (each opens a host socket; only static answers are free). Inbound
-    #: (forwarded) flows do not spend it: they count toward the max_*_flows bounds only.
-    #: None: unlimited (passt and slirp have no such limit). Over it: TCP SYN gets RST,
-    #: UDP and ICMP are dropped, each counted.
+    """Upper bound of concurrent ICMP echo sessions (one ping socket per identifier and
+    destination); an echo request that would open one more is dropped and counted."""
     new_flow_rate: float | None = None
-    #: Flows that may open at once after a quiet spell (the bucket's size); None: one
-    #: second's worth, ceil(new_flow_rate), at least 1.
+    """New guest-initiated flows per second, TCP, UDP and ICMP echo together (one token
+    bucket, so switching protocol buys nothing), including queries forwarded from the
+    DNS address (each opens a host socket; only static answers are free). Inbound
+    (forwarded) flows do not spend it: they count toward the max_*_flows bounds only.
+    None: unlimited (passt and slirp have no such limit). Over it: TCP SYN gets RST,
+    UDP and ICMP are dropped, each counted."""
     new_flow_burst: int | None = None
-    #: A UDP flow idle this long is closed (conntrack's nf_conntrack_udp_timeout, passt);
-    #: once it has seen traffic both ways, the longer stream timeout applies
-    #: (nf_conntrack_udp_timeout_stream).
+    """Flows that may open at once after a quiet spell (the bucket's size); None: one
+    second's worth, ceil(new_flow_rate), at least 1."""
     udp_idle_timeout_s: float = 30.0
+    """A UDP flow idle this long is closed (conntrack's nf_conntrack_udp_timeout, passt);
+    once it has seen traffic both ways, `udp_stream_timeout_s` applies instead."""
     udp_stream_timeout_s: float = 120.0
-    #: Lifetime of a forwarded DNS query's UDP flow past its last datagram (slirp's
-    #: SO_EXPIREFAST): resolvers use a fresh port per query.
+    """Idle timeout of a UDP flow that has seen traffic both ways
+    (nf_conntrack_udp_timeout_stream)."""
     dns_udp_timeout_s: float = 10.0
-    #: Where the guest's DNS traffic (dns_ipv4, port 53, UDP and TCP) goes on the host.
-    #: None: the first IPv4 nameserver of the host's /etc/resolv.conf, read at start.
+    """Lifetime of a forwarded DNS query's UDP flow past its last datagram (slirp's
+    SO_EXPIREFAST): resolvers use a fresh port per query."""
     dns_upstream: IPv4Address | IPv6Address | None = None
-    #: Static records (name, IPv4 or IPv6 address) answered by the relay itself for A and
-    #: AAAA queries, gvproxy-style; names compare case-insensitively, without a final dot.
+    """Where the guest's DNS traffic (dns_ipv4, port 53, UDP and TCP) goes on the host.
+    None: the first IPv4 nameserver of the host's /etc/resolv.conf, read at start."""
     dns_records: tuple[tuple[str, str], ...] = ()
-    #: The /64 the router advertisement offers for SLAAC (RFC 4862 §5.5.3 needs 64 bits
-    #: of interface identifier on Ethernet, RFC 2464 §4).
+    """Static records (name, IPv4 or IPv6 address) answered by the relay itself for A and
+    AAAA queries, gvproxy-style; names compare case-insensitively, without a final dot."""
     prefix_v6: IPv6Network = IPv6Network("fd00::/64")
-    #: Address DHCPv6 assigns (IA_NA) and namespace mode configures.
+    """The /64 the router advertisement offers for SLAAC (RFC 4862 §5.5.3 needs 64 bits
+    of interface identifier on Ethernet, RFC 2464 §4)."""
     guest_ipv6: IPv6Address = IPv6Address("fd00::15")
+    """Address DHCPv6 assigns (IA_NA) and namespace mode configures."""
     gateway_ipv6: IPv6Address = IPv6Address("fd00::2")
+    """The relay's global IPv6 address on the link (its router advertisements come from
+    `gateway_link_local`)."""
     dns_ipv6: IPv6Address = IPv6Address("fd00::3")
-    #: As map_host_loopback_v4, for IPv6: the gateway stands for the host's ::1.
+    """The IPv6 DNS address (RDNSS and DHCPv6 announce it), served like `dns_ipv4`."""
     map_host_loopback_v6: IPv6Address | None = IPv6Address("fd00::2")
+    """As map_host_loopback_v4, for IPv6: the gateway stands for the host's ::1."""
     host_loopback_v6: IPv6Address = IPv6Address("::1")
-    #: Lifetimes in router advertisements (RFC 4861 §4.2, §4.6.2) and DHCPv6 leases.
+    """Where `map_host_loopback_v6` traffic goes on the host."""
     ra_router_lifetime_s: int = 9000
+    """Router lifetime in router advertisements, 0..9000 s (RFC 4861 §4.2)."""
     prefix_valid_lifetime_s: int = 86400
+    """Valid lifetime of the prefix (RFC 4861 §4.6.2) and of DHCPv6 leases."""
     prefix_preferred_lifetime_s: int = 14400
-    #: Source address the guest sees on a forwarded (inbound) flow: "gateway" (passt's
-    #: and slirp's default: every client seems to be the host) or "client" (its real
-    #: address, where that can travel on the guest's link; addressing.py).
+    """Preferred lifetime of the prefix and of DHCPv6 leases; at most the valid one."""
     inbound_source: str = "gateway"
-    #: Lifetime of an inbound UDP flow (a forwarded port's client) past its last
-    #: datagram either way; passt uses 180 s for its UDP flows.
+    """Source address the guest sees on a forwarded (inbound) flow: "gateway" (passt's
+    and slirp's default: every client seems to be the host) or "client" (its real
+    address, where that can travel on the guest's link; addressing.py)."""
     udp_inbound_timeout_s: float = 180.0
+    """Lifetime of an inbound UDP flow (a forwarded port's client) past its last
+    datagram either way; passt uses 180 s for its UDP flows."""
 
     @property
     def network_v4(self) -> IPv4Network:
+        """The guest's IPv4 subnet (`guest_ipv4`/`prefix_len_v4`)."""
         return IPv4Network(f"{self.guest_ipv4}/{self.prefix_len_v4}", strict=False)
 
     @property
@@ -148,8 +167,9 @@ class RelayConfig:
         router advertisements must come from a link-local address (RFC 4861 §6.1.2)."""
         return IPv6Address(b"\xfe\x80" + bytes(6) + eui64(self.gateway_mac))
 
-    def replace(self, **changes: object) -> RelayConfig:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+    def replace(self, **changes: Any) -> RelayConfig:
+        """A copy with `changes` (field=value) applied; not validated, call `validate()`."""
+        return dataclasses.replace(self, **changes)
 
     def validate(self) -> RelayConfig:
         """Check consistency; return self so calls chain. Raises ConfigError."""

@@ -143,8 +143,10 @@ class DhcpServer:
             self.counters["error"] += 1
             return None
 
-    def _drop(self, why: str) -> None:
+    def _drop(self, why: str) -> DhcpReply | None:
+        """Count `why`; no reply (typed as _handle's result, which it is returned as)."""
         self.counters[why] += 1
+        return None
 
     def _handle(self, payload: bytes | memoryview) -> DhcpReply | None:
         try:

@@ -149,8 +149,10 @@ class Dhcpv6Server:
             self.counters["error"] += 1
         return None
 
-    def _ignore(self, why: str) -> None:
+    def _ignore(self, why: str) -> bytes | None:
+        """Count `why`; no reply (typed as _handle's result, which it is returned as)."""
         self.counters[why] += 1
+        return None
 
     def _handle(self, msg: bytes) -> bytes | None:
         if len(msg) < 4:  # §8: msg-type and a 3-octet transaction-id

@@ -43,9 +43,12 @@ _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 #: client port, guest port) -> True if a flow was opened (the callee owns the socket
 #: either way).
 InboundOpener = Callable[[socket.socket, bytes, int, int], bool]
+#: A host client's inet socket address as accept() and recvfrom() give it: (host, port),
+#: then flowinfo and scope id for IPv6.
+SockAddr = tuple[str, int, *tuple[int, ...]]
 #: Takes one datagram a host client sent to a UDP forward: (forward, payload, the
 #: client's socket address as recvfrom gave it).
-DatagramSink = Callable[["Forward", bytes, tuple], None]  # type: ignore[type-arg]
+DatagramSink = Callable[["Forward", bytes, SockAddr], None]
 
 
 class ForwardError(ValueError):
@@ -54,25 +57,33 @@ class ForwardError(ValueError):
 
 @dataclass(slots=True, eq=False)
 class Forward:
+    """One inbound forward, as `Relay.add_forward` returns it and `Relay.forwards`
+    lists it."""
+
     proto: str
-    #: Listening address on the host; None: every address of both families.
+    """"tcp" or "udp"."""
     host_addr: str | None
+    """Listening address on the host; None: every address of both families."""
     host_port: int
+    """The host port; the one the kernel chose when 0 was asked for."""
     guest_port: int
-    #: Listen on this interface only (SO_BINDTODEVICE), passt's ADDR%IF.
+    """The guest's port the connections and datagrams go to."""
     interface: str | None = None
+    """Listen on this interface only (SO_BINDTODEVICE), passt's ADDR%IF."""
     sock: socket.socket | None = field(default=None, repr=False)
-    #: Small per-relay number, increasing, never reused: a handle for removal that
-    #: stays valid however the address was spelled (the control socket's `id`).
+    """The listening (TCP) or bound (UDP) host socket; None once removed."""
     id: int = 0
+    """Small per-relay number, increasing, never reused: a handle for removal that
+    stays valid however the address was spelled (the control socket's `id`)."""
 
     def describe(self) -> dict[str, object]:
+        """The forward as a JSON-ready dict (the control socket's shape), without the socket."""
         return {"id": self.id, "proto": self.proto, "host_addr": self.host_addr,
                 "host_port": self.host_port, "guest_port": self.guest_port,
                 "interface": self.interface}
 
 
-def client_address(peer: tuple) -> bytes:  # type: ignore[type-arg]
+def client_address(peer: SockAddr) -> bytes:
     """The packed address of an accepted client, an IPv4-mapped IPv6 address (from a
     dual-stack listener, RFC 4291 §2.5.5.2) unwrapped to IPv4."""
     packed = ip_address(peer[0].split("%")[0]).packed
@@ -135,10 +146,10 @@ class Forwarder:
             raise ForwardError(f"no forward with id {forward_id}")
         if proto is None or host_port is None:
             raise ForwardError("give a forward id, or the protocol and host port")
-        forward = self.find(proto, host_addr, host_port)
-        if forward is None:
+        found = self.find(proto, host_addr, host_port)
+        if found is None:
             raise ForwardError(f"no {proto} forward on {host_addr or '*'} port {host_port}")
-        return forward
+        return found
 
     def remove(self, forward: Forward) -> None:
         """Stop listening. TCP connections already forwarded stay as they are; the

@@ -112,7 +112,8 @@ def check_interface_name(name: str) -> str:
 def _ifreq_int(sock: socket.socket, request: int, name: str) -> int:
     """An int-valued SIOCGIF* ioctl (struct ifreq: 16-byte name, then the union)."""
     ifreq = struct.pack("16s16x", name.encode())
-    return struct.unpack_from("i", fcntl.ioctl(sock.fileno(), request, ifreq), 16)[0]
+    value: int = struct.unpack_from("i", fcntl.ioctl(sock.fileno(), request, ifreq), 16)[0]
+    return value
 
 
 def _ipv4_address(name: str) -> str | None:
@@ -126,7 +127,8 @@ def _ipv4_address(name: str) -> str | None:
 
 
 class InterfaceTransport(TransportBase):
-    """A packet socket on one interface; build it with `InterfaceTransport.open(name)`."""
+    """A packet socket on one interface; build it with `InterfaceTransport.open(name)`,
+    which sets the socket up and passes what it found out to the constructor."""
 
     def __init__(self, sock: socket.socket, name: str, ifindex: int, mtu: int,
                  vnet_hdr: bool, ignores_outgoing: bool,

@@ -118,21 +118,22 @@ class TcpNatEntry(TcpHandshake):
             self.syn_at = None
             self.retries = 0
         window = seg.window << self.guest_wscale
-        fin_end = None if self.fin_seq is None else (self.fin_seq + 1) & M32
+        fin_seq = self.fin_seq
+        fin_end = None if fin_seq is None else (fin_seq + 1) & M32
         highest = fin_end if fin_end is not None else self.snd_max
         if seq_lt(self.snd_una, ack) and seq_le(ack, highest):
-            if fin_end is not None and ack == fin_end:
-                data_ack = self.fin_seq
+            if fin_seq is not None and ack == fin_end:
+                data_ack = fin_seq
                 if not self.fin_acked:
                     self.fin_acked = True
                     self._event(TcpEvent.OUR_FIN_ACKED)
             else:
                 data_ack = ack
-            acked = (data_ack - self.snd_una) & M32  # type: ignore[operator]
+            acked = (data_ack - self.snd_una) & M32
             if acked:
                 self.actions.append(ConsumeHost(acked))
                 self.bytes_to_guest += acked
-            self.snd_una = data_ack  # type: ignore[assignment]
+            self.snd_una = data_ack
             if seq_lt(self.snd_nxt, self.snd_una):
                 self.snd_nxt = self.snd_una  # acked beyond a rewind point
             self.retries = 0

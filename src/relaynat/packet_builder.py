@@ -26,6 +26,7 @@ Without offload the checksum is computed over the payload (numpy; see checksum.p
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from relaynat.checksum import finish, fold, partial_sum, pseudo_header_sum
 from relaynat.wire import (
@@ -158,9 +159,10 @@ class TcpFrameTemplate:
     def __init__(self, *, dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport: int,
                  dport: int, vnet_hdr_len: int = 0, offload: bool = False,
                  timestamps: bool = False) -> None:
-        self._params = {"dst_mac": dst_mac, "src_mac": src_mac, "src": src, "dst": dst,
-                        "sport": sport, "dport": dport, "vnet_hdr_len": vnet_hdr_len,
-                        "offload": offload}
+        # The constructor's keyword arguments, for with_timestamps() to rebuild from.
+        self._params: dict[str, Any] = {
+            "dst_mac": dst_mac, "src_mac": src_mac, "src": src, "dst": dst, "sport": sport,
+            "dport": dport, "vnet_hdr_len": vnet_hdr_len, "offload": offload}
         self._vnet_len = vnet_hdr_len
         self._offload = offload and vnet_hdr_len > 0
         self._l3 = vnet_hdr_len + ETH_HLEN
@@ -194,7 +196,7 @@ class TcpFrameTemplate:
         whether they are in force (RFC 7323 §3.2)."""
         if timestamps == self.timestamps:
             return self
-        return TcpFrameTemplate(**self._params, timestamps=timestamps)  # type: ignore[arg-type]
+        return TcpFrameTemplate(**self._params, timestamps=timestamps)
 
     def build(self, seq: int, ack: int, flags: int, window: int,
               payload: bytes | memoryview = b"", options: bytes | None = None, mss: int = 0,

@@ -119,10 +119,15 @@ class Rule:
     """
 
     action: str
+    """"allow" or "deny"."""
     proto: str = "any"
+    """"tcp", "udp", "icmp" (ICMP and ICMPv6 echo) or "any"."""
     to: tuple[str, ...] = ()
+    """CIDRs and group names (canonical: an address is its /32 or /128)."""
     ports: tuple[_Range, ...] = ()
+    """Inclusive (first, last) destination port ranges."""
     comment: str = ""
+    """Free text, kept for listings."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], index: int = 0) -> Rule:
@@ -150,6 +155,7 @@ class Rule:
         return cls(action, proto, to, ports, comment)
 
     def to_dict(self) -> dict[str, Any]:
+        """The rule as a policy file writes it (`from_dict` reads it back)."""
         out: dict[str, Any] = {"action": self.action, "proto": self.proto}
         if self.to:
             out["to"] = self.to[0] if len(self.to) == 1 else list(self.to)
@@ -247,6 +253,13 @@ class _Compiled:
 class Policy:
     """An ordered rule list plus a default action, compiled for `decide`.
 
+    Build one from `Rule`s or rule mappings, or load the file format (`load`,
+    `from_toml`, `from_json`, `from_dict`): a `default` ("allow" or "deny") and
+    `[[rule]]` tables with `action`, optional `proto` (tcp, udp, icmp, any), `to`
+    (CIDR, address or group, or a list: loopback, host, private, link-local, metadata,
+    multicast, public) and `ports` ("22,80-90"). Malformed input raises ConfigError
+    naming the rule and what is wrong. `sandbox` is the `--sandbox` profile.
+
     `config` supplies the mapped host-loopback addresses for the `host` and `loopback`
     groups (`map_host_loopback_v4/_v6`; None there leaves `host` empty). Immutable: the
     control socket replaces the whole Policy, which keeps decide() lock-free and atomic.
@@ -262,7 +275,9 @@ class Policy:
         cfg = config if config is not None else RelayConfig()
         self.rules: tuple[Rule, ...] = tuple(
             r if isinstance(r, Rule) else Rule.from_dict(r, i) for i, r in enumerate(rules))
+        """The rules, validated, in the order they are tried (the first match decides)."""
         self.default = default
+        """The action when no rule matches: "allow" or "deny"."""
         self._mapped = tuple(str(ipaddress.ip_network(a)) for a in
                              (cfg.map_host_loopback_v4, cfg.map_host_loopback_v6)
                              if a is not None)
@@ -359,10 +374,13 @@ class Policy:
         return cls(rules, data.get("default", "allow"), config)
 
     def to_dict(self) -> dict[str, Any]:
+        """The file/JSON shape, which `from_dict` (with the same config) reads back into an
+        equal Policy."""
         return {"default": self.default, "rule": [r.to_dict() for r in self.rules]}
 
     @classmethod
     def from_toml(cls, text: str, config: RelayConfig | None = None) -> Policy:
+        """From a policy file's text (TOML); ConfigError says what is wrong."""
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
@@ -371,6 +389,7 @@ class Policy:
 
     @classmethod
     def from_json(cls, text: str, config: RelayConfig | None = None) -> Policy:
+        """From the JSON form of the file's shape; ConfigError says what is wrong."""
         try:
             data = json.loads(text)
         except ValueError as exc:
@@ -409,7 +428,7 @@ class Policy:
         return (self.rules, self.default, self._mapped) == (other.rules, other.default,
                                                             other._mapped)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # __eq__ without __hash__: unhashable
 
     def __repr__(self) -> str:
         return f"Policy({len(self.rules)} rules, default={self.default!r})"

@@ -80,7 +80,17 @@ log = logging.getLogger("relaynat")
 
 
 class Relay:
-    """The network of one guest: one transport at a time, any number of flows."""
+    """The network of one guest: one transport at a time, any number of flows.
+
+    `config` (default `RelayConfig()`) is validated here (ConfigError says what is
+    wrong); `policy` (None: allow everything) governs the guest's new flows. Use as
+    `async with Relay(config) as relay:` (or `start()` and `close()` in a running event
+    loop), then `attach` a transport or `serve_stream`.
+
+    `relay.config` is the validated configuration. `relay.transport_lost_event` is set
+    when the attached transport goes away (the guest exited or its link failed) and
+    cleared by the next `attach`: `await relay.transport_lost_event.wait()`.
+    """
 
     def __init__(self, config: RelayConfig | None = None, policy: Policy | None = None) -> None:
         self.config = (config or RelayConfig()).validate()
@@ -141,6 +151,8 @@ class Relay:
             self._pcap = PcapWriter(self.config.pcap_path)
 
     def close(self) -> None:
+        """Detach the guest, stop every forward and listener and close the host sockets.
+        Called by `async with`."""
         self.detach()
         if self._listener is not None:
             with contextlib.suppress(ValueError, OSError):
@@ -197,6 +209,7 @@ class Relay:
 
     @property
     def policy(self) -> Policy | None:
+        """The egress policy in force (None: every new flow is allowed)."""
         return self._policy
 
     def set_policy(self, policy: Policy | None, cut: bool = False) -> int:
@@ -344,6 +357,8 @@ class Relay:
         self.attach(StreamTransport(client, self.config.guest_queue_limit, self._loop))
 
     def transport_lost(self, transport: FrameTransport, reason: str) -> None:
+        """`FrameSink`: the guest's transport closed itself; its flows are reset and
+        `transport_lost_event` is set."""
         if transport is not self._transport:
             return
         log.info("guest transport lost: %s", reason)
@@ -355,6 +370,8 @@ class Relay:
     # -- frames from the guest -----------------------------------------------------------
 
     def handle_frame(self, frame: memoryview) -> None:
+        """`FrameSink`: one frame from the guest. A frame the relay cannot use is dropped
+        and counted in `stats()` under its reason, never raised."""
         stats = self._stats
         stats["frames_in"] += 1
         if self._pcap is not None:
@@ -408,6 +425,8 @@ class Relay:
             raise MalformedFrame("ethertype_unsupported")
 
     def end_of_batch(self) -> None:
+        """`FrameSink`: the transport delivered what one wakeup had; coalesced ACKs and
+        host data go out now."""
         if self._tcp is not None:
             self._tcp.flush()
 

@@ -38,7 +38,14 @@ _READS_PER_WAKEUP = 16
 
 
 class StreamTransport(TransportBase):
-    """One connected qemu-stream client."""
+    """One connected qemu-stream client.
+
+    `sock` is a connected AF_UNIX stream socket (made non-blocking, closed with the
+    transport); `queue_limit` bounds the bytes queued while it is full (the module
+    docstring says why frames beyond it drop), as `RelayConfig.guest_queue_limit` does
+    for the transports the relay makes itself. `loop` defaults to the running loop.
+    `Relay.serve_stream` and `Relay.attach_stream_fd` build it for you.
+    """
 
     vnet_hdr_len = 0
     offload = False
@@ -164,6 +171,7 @@ class StreamTransport(TransportBase):
 
     @property
     def queued_bytes(self) -> int:
+        """Bytes waiting for the socket to take them."""
         return self._queued
 
     def close(self) -> None:

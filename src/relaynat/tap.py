@@ -67,7 +67,14 @@ def open_tap(name: str, want_vnet_hdr: bool = True) -> tuple[int, int, bool]:
 
 
 class TapTransport(TransportBase):
-    """A TAP fd (opened by `open_tap` here or by the caller, e.g. a launcher)."""
+    """A TAP fd (opened by `open_tap` here or by the caller, e.g. a launcher).
+
+    `vnet_hdr_len` is the virtio-net header size the fd was set up with (TUNSETVNETHDRSZ;
+    0: none) and `offload` whether TUNSETOFFLOAD accepted checksum and TSO offloads (only
+    with a header): exactly what `open_tap` returns, so `TapTransport(*open_tap(name))`.
+    The fd is made non-blocking and closed with the transport. `loop` defaults to the
+    running loop.
+    """
 
     def __init__(self, fd: int, vnet_hdr_len: int = 0, offload: bool = False,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:

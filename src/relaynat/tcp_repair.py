@@ -125,7 +125,7 @@ class RepairState:
                 mss=int(data["mss"]), snd_wscale=_opt_shift(data["snd_wscale"]),
                 rcv_wscale=_opt_shift(data["rcv_wscale"]), sack=bool(data["sack"]),
                 timestamp=None if data["timestamp"] is None else _u32(data["timestamp"]),
-                window=tuple(_u32(v) for v in data["window"]),  # type: ignore[arg-type]
+                window=tuple(_u32(v) for v in data["window"]),  # type: ignore[arg-type]  # 5: checked below
                 sndbuf=_u32(data["sndbuf"]), rcvbuf=_u32(data["rcvbuf"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise RepairError(f"TCP repair state field is malformed: {exc!r}") from None
@@ -158,7 +158,8 @@ def _endpoint(value: Any) -> tuple[str, int]:
 
 
 def _ioctl_int(sock: socket.socket, request: int) -> int:
-    return struct.unpack("=i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+    value: int = struct.unpack("=i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+    return value
 
 
 def _queue(sock: socket.socket, queue: int) -> tuple[int, bytes, int]:

@@ -26,38 +26,52 @@ slice_clock = time.perf_counter
 
 
 class FrameSink(Protocol):
-    def handle_frame(self, frame: memoryview) -> None: ...
+    """What a transport feeds: the `relaynat.Relay` it is attached to."""
 
-    def end_of_batch(self) -> None: ...
+    def handle_frame(self, frame: memoryview) -> None:
+        """One Ethernet frame from the guest (after the vnet header, if any, was
+        skipped); the view is valid only during the call."""
 
-    def transport_lost(self, transport: FrameTransport, reason: str) -> None: ...
+    def end_of_batch(self) -> None:
+        """The frames one wakeup had are delivered: time to send coalesced replies."""
+
+    def transport_lost(self, transport: FrameTransport, reason: str) -> None:
+        """`transport` has closed itself (the guest is gone or its link failed)."""
 
 
 class FrameTransport(Protocol):
-    #: Bytes of virtio-net header in front of every frame both ways (0: none).
+    """One guest link, as `relaynat.Relay.attach` takes it."""
+
     vnet_hdr_len: int
-    #: The guest accepts NEEDS_CSUM/GSO frames (needs a vnet header).
+    """Bytes of virtio-net header in front of every frame both ways (0: none)."""
     offload: bool
+    """The guest accepts NEEDS_CSUM/GSO frames (needs a vnet header)."""
 
-    def start(self, sink: FrameSink) -> None: ...
+    def start(self, sink: FrameSink) -> None:
+        """Start reading the guest's frames into `sink` (the relay calls it in attach)."""
 
-    def send(self, head: bytes, payload: bytes | memoryview = b"") -> None: ...
-
-    def close(self) -> None: ...
-
-
-class TransportBase:
-    """What every transport does the same way when its guest link dies."""
-
-    _sink: FrameSink | None
+    def send(self, head: bytes, payload: bytes | memoryview = b"") -> None:
+        """Send one frame to the guest: `head` (the vnet header, if any, and the
+        protocol headers) then `payload`, in one writev/sendmsg, so the payload is never
+        copied. Never raises: a frame the link cannot take now is queued or dropped and
+        counted (TCP retransmits it); a link that is gone ends the transport, which
+        tells the sink (`FrameSink.transport_lost`)."""
 
     def close(self) -> None:
-        raise NotImplementedError
+        """Stop reading and release the link; idempotent."""
+
+
+class TransportBase(FrameTransport):
+    """What every transport does the same way when its guest link dies.
+
+    Subclassing the protocol makes a transport that lacks one of its methods a type
+    error (an abstract class), and lends the protocol's docstrings to its methods."""
+
+    _sink: FrameSink | None
 
     def _lost(self, reason: str) -> None:
         """Close, then tell the sink why; the sink is taken first, as close() drops it."""
         sink = self._sink
         self.close()
         if sink is not None:
-            sink.transport_lost(self, reason)  # type: ignore[arg-type]
-
+            sink.transport_lost(self, reason)

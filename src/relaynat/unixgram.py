@@ -142,7 +142,10 @@ class UnixgramTransport(TransportBase):
     address and answered with sendto. `on_new_peer(data, addr)`, if given, is called
     when a datagram comes from another address while the served peer is gone; the
     caller replaces this transport (`UnixgramServer` does). Frames that meet a full
-    socket wait in a queue of up to `queue_limit` bytes (module docstring).
+    socket wait in a queue of up to `queue_limit` bytes (module docstring). `first`,
+    a (datagram, address) pair, is served before anything is read (the datagram that
+    made a previous transport give way). `serve_unixgram` and `attach_unixgram_fd`
+    build it for you.
     """
 
     vnet_hdr_len = 0
@@ -384,9 +387,11 @@ class UnixgramTransport(TransportBase):
 
     @property
     def queued_bytes(self) -> int:
+        """Bytes waiting for the socket to take them."""
         return self._queued
 
     def stats(self) -> dict[str, int]:
+        """The transport's counters (drops by reason), prefixed `unixgram_`."""
         return {f"unixgram_{k}": v for k, v in self.counters.items()}
 
     def close(self) -> None:
@@ -464,12 +469,14 @@ class UnixgramServer:
         self._attach((data, addr))
 
     def stats(self) -> dict[str, int]:
+        """The counters of every transport the server has had, prefixed `unixgram_`."""
         total = Counter(self.counters)
         if self.transport is not None:
             total.update(self.transport.counters)
         return {f"unixgram_{k}": v for k, v in total.items()}
 
     def close(self, unlink: bool = True) -> None:
+        """Close the transport and the bound socket, and remove the path if `unlink`."""
         if self.transport is not None:
             self.counters.update(self.transport.counters)
             self.transport.close()

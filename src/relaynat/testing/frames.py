@@ -54,8 +54,8 @@ from relaynat.packet_builder import (
 )
 from relaynat.wire import ETH_HLEN, ETHERTYPE_ARP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPV6_HLEN
 
-#: The MAC the kit's guest speaks from (locally administered, unicast).
 GUEST_MAC = bytes.fromhex("525400123456")
+"""The MAC the kit's guest speaks from (locally administered, unicast)."""
 #: The relay's default addressing (RelayConfig's defaults, slirp's plan).
 DEFAULTS = RelayConfig()
 ICMP_ECHO_REQUEST = 8
@@ -89,6 +89,8 @@ class Addressing:
 
     @classmethod
     def of(cls, config: RelayConfig = DEFAULTS, guest_mac: bytes = GUEST_MAC) -> Addressing:
+        """The addressing of a relay with `config`, seen by a guest at `guest_mac`
+        (its link-local IPv6 address is that MAC's EUI-64)."""
         return cls(guest_mac, config.gateway_mac, config.guest_ipv4.packed,
                    config.gateway_ipv4.packed, config.dns_ipv4.packed, config.guest_ipv6.packed,
                    config.gateway_ipv6.packed, config.dns_ipv6.packed,
@@ -96,6 +98,7 @@ class Addressing:
 
 
 DEFAULT_ADDRESSING = Addressing.of()
+"""`RelayConfig()`'s addressing with `GUEST_MAC`: what the strategies build frames for."""
 
 
 # -- valid frames ----------------------------------------------------------------------

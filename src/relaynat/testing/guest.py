@@ -107,6 +107,7 @@ class InMemoryGuest:
         self.close()
 
     def start(self) -> None:
+        """Start the relay and attach the link (`async with` calls it)."""
         self.relay.start()
         relay_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         guest_end.setblocking(False)
@@ -114,12 +115,14 @@ class InMemoryGuest:
         self.relay.attach(StreamTransport(relay_end, self.config.guest_queue_limit))
 
     def close(self) -> None:
+        """Close the relay and the guest's end of the link."""
         self.relay.close()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
 
     def stats(self) -> dict[str, int]:
+        """The relay's `stats()`."""
         return self.relay.stats()
 
     # -- frames ------------------------------------------------------------------------
@@ -199,11 +202,14 @@ class GuestTcp:
         self.received = bytearray()
 
     def matches(self, reply: Reply) -> bool:
+        """Whether `reply` is a segment of this connection."""
         seg = reply.tcp
         return seg is not None and seg.sport == self.dport and seg.dport == self.sport
 
     def frame(self, flags: int, payload: bytes = b"", *, seq: int | None = None,
               ack: int | None = None, options: bytes = b"") -> bytes:
+        """A segment of this connection with `flags` and `payload`, at `snd_nxt` and
+        acknowledging `rcv_nxt` unless `seq`/`ack` say otherwise; nothing is sent."""
         return f.tcp_segment(self.guest.addressing, self.v6, self.sport, self.dport,
                              self.snd_nxt if seq is None else seq,
                              self.rcv_nxt if ack is None else ack, flags, 65535, payload,

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import partial
 from ipaddress import IPv4Address
 
 from hypothesis import strategies as st
 
 from relaynat.testing import frames as f
 from relaynat.testing.frames import DEFAULT_ADDRESSING, Addressing, LabeledFrame
-from relaynat.wire import ACK, FIN, PSH, RST, SYN
+from relaynat.wire import ACK, ETH_HLEN, FIN, PSH, RST, SYN
 
 M32 = 0xFFFFFFFF
 ports = st.one_of(st.sampled_from([0, 1, 1023, 1024, 65535]), st.integers(1, 65535))
@@ -95,7 +96,7 @@ def valid_frames(a: Addressing = DEFAULT_ADDRESSING, *, tcp_port: int | None = N
     """Well-formed guest frames of every protocol; TCP/UDP go to the gateway at
     `tcp_port`/`udp_port` when given (the mapped host loopback), else to any port."""
     b = _bases(a, tcp_port, udp_port)
-    plain = st.one_of(*(s.map(lambda d, k=k: LabeledFrame(d, k)) for k, s in b.items()))
+    plain = st.one_of(*(s.map(partial(LabeledFrame, kind=k)) for k, s in b.items()))
     # RFC 8200 §4.1 order is only a recommendation; receivers must accept any order.
     ext = st.tuples(_ipv6_upper(a, tcp_port, udp_port),
                     st.lists(st.sampled_from([0, 60, 43]), min_size=1, max_size=4)).map(
@@ -118,13 +119,13 @@ def _mutation(draw: st.DrawFn, a: Addressing) -> LabeledFrame:
         return f.truncated(frame, draw(st.integers(0, len(frame) - 1)))
     if kind == "ihl":
         frame = draw(v4)
-        total = len(frame) - f.ETH_HLEN
+        total = len(frame) - ETH_HLEN
         return f.ipv4_bad_ihl(frame, draw(st.sampled_from(
             [i for i in range(16) if i < 5 or i * 4 > total])))
     if kind == "total_len":
         frame = draw(v4)
         return f.ipv4_bad_total_length(frame, draw(st.one_of(
-            st.integers(0, 19), st.integers(len(frame) - f.ETH_HLEN + 1, 0xFFFF))))
+            st.integers(0, 19), st.integers(len(frame) - ETH_HLEN + 1, 0xFFFF))))
     if kind == "fragment":
         more, offset = draw(st.tuples(st.booleans(), st.integers(0, 0x1FFF)).filter(any))
         return f.ipv4_fragment(draw(v4), more, offset)
@@ -175,7 +176,7 @@ def _mutation(draw: st.DrawFn, a: Addressing) -> LabeledFrame:
     if kind == "ip_proto":
         proto = draw(st.integers(0, 255).filter(lambda p: p not in (1, 6, 17)))
         frame = bytearray(draw(b["icmp_echo"].filter(f.is_ipv4)))
-        frame[f.ETH_HLEN + 9] = proto
+        frame[ETH_HLEN + 9] = proto
         f._fix_ipv4_checksum(frame)
         return LabeledFrame(bytes(frame), "ip_proto", "drop_ip_proto_unsupported")
     frame = draw(v6)
@@ -187,7 +188,7 @@ def _mutation(draw: st.DrawFn, a: Addressing) -> LabeledFrame:
         return LabeledFrame(f.with_ipv6_extensions(frame, [60] * 9), kind,
                             "drop_ip6_ext_header")
     out = bytearray(f.with_ipv6_extensions(frame, [draw(st.sampled_from([0, 60]))]))
-    out[f.ETH_HLEN + 40 + 1] = 255  # Hdr Ext Len: 2 KiB, past the payload
+    out[ETH_HLEN + 40 + 1] = 255  # Hdr Ext Len: 2 KiB, past the payload
     return LabeledFrame(bytes(out), kind, "drop_ip6_ext_header")
 
 
@@ -226,11 +227,18 @@ class TcpConversation:
                               s.payload, s.options) for s in self.segments]
 
 
+def tcp_conversations(dport: int | None = None, v6: bool | None = None
+                      ) -> st.SearchStrategy[TcpConversation]:
+    """Handshake, data in segments of up to an MSS drawn from 1..1460 with loss,
+    duplication and reordering, then a FIN (half-close), a RST, or nothing; to port
+    `dport` and in family `v6` when given, else drawn."""
+    # A plain function around the composite: hypothesis's composite wrapper lives in a
+    # generated module, where documentation tools cannot resolve its annotations.
+    return _conversation(dport, v6)
+
+
 @st.composite
-def tcp_conversations(draw: st.DrawFn, dport: int | None = None,
-                      v6: bool | None = None) -> TcpConversation:
-    """Handshake, data in segments of up to `mss` with loss, duplication and
-    reordering, then a FIN (half-close), a RST, or nothing."""
+def _conversation(draw: st.DrawFn, dport: int | None, v6: bool | None) -> TcpConversation:
     fam = draw(families) if v6 is None else v6
     port = draw(ports) if dport is None else dport
     isn = draw(seqs)
