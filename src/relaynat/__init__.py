@@ -32,7 +32,9 @@ Firecracker or cloud-hypervisor opened). A transport of your own implements
 `FrameTransport` and feeds the `FrameSink` it is started with.
 
 `Policy` is the egress policy for the guest's new flows; `Relay.add_forward` opens an
-inbound `Forward`. `run_command` runs a command as a namespace guest.
+inbound `Forward`. `run_command` runs a command as a namespace guest; `NamespaceGuest`
+is such a guest apart from its relay. `Guests` serves many guests, each a `Relay`
+with its own configuration, policy, forwards, limits and stats, from one event loop.
 
 `relaynat.testing` (the `testing` extra, which needs hypothesis) has an in-memory
 guest and hypothesis strategies of guest frames for tests of your own integration. It
@@ -54,8 +56,9 @@ from relaynat.config import ConfigError, RelayConfig
 if TYPE_CHECKING:
     # What the lazy __getattr__ below returns, spelled out for type checkers.
     from relaynat.forward import Forward, ForwardError
+    from relaynat.guests import Guests
     from relaynat.interface import InterfaceError, InterfaceTransport
-    from relaynat.namespace import run_command
+    from relaynat.namespace import NamespaceGuest, run_command
     from relaynat.policy import Decision, Policy, Rule
     from relaynat.relay import Relay
     from relaynat.stream import StreamTransport
@@ -74,7 +77,8 @@ __all__ = [  # noqa: RUF022
     "ConfigError",
     "Relay",
     "RelayConfig",
-    # Multi-guest API (relaynat.guests): its names go here once that branch is merged.
+    # Many guests, one event loop.
+    "Guests",
     # Egress policy and inbound forwards.
     "Decision",
     "Forward",
@@ -94,6 +98,7 @@ __all__ = [  # noqa: RUF022
     "open_tap",
     "serve_unixgram",
     # Namespace guests.
+    "NamespaceGuest",
     "run_command",
 ]
 __version__ = "0.1.0"
@@ -106,8 +111,10 @@ _LAZY = {
     "ForwardError": "relaynat.forward",
     "FrameSink": "relaynat.transport",
     "FrameTransport": "relaynat.transport",
+    "Guests": "relaynat.guests",
     "InterfaceError": "relaynat.interface",
     "InterfaceTransport": "relaynat.interface",
+    "NamespaceGuest": "relaynat.namespace",
     "Policy": "relaynat.policy",
     "Relay": "relaynat.relay",
     "Rule": "relaynat.policy",

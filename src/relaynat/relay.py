@@ -37,7 +37,7 @@ from relaynat.addressing import DNS_PORT, LINK_LOCAL_PREFIX, AddressMap
 from relaynat.config import RelayConfig
 from relaynat.dns import answer_static, host_upstream, static_table
 from relaynat.dns_tcp import DnsTcpResponder
-from relaynat.forward import Forward, Forwarder, ForwardError, client_address
+from relaynat.forward import Forward, Forwarder, ForwardError, SockAddr, client_address
 from relaynat.icmp_echo import IcmpEchoRelay
 from relaynat.link_services import (
     BROADCAST_IP,
@@ -155,8 +155,9 @@ class Relay:
         Called by `async with`."""
         self.detach()
         if self._listener is not None:
+            assert self._loop is not None  # a listener exists only once started
             with contextlib.suppress(ValueError, OSError):
-                self._loop.remove_reader(self._listener.fileno())  # type: ignore[union-attr]
+                self._loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
         if self._tcp is not None:
@@ -311,7 +312,7 @@ class Relay:
         return self._tcp.open_inbound(sock, ends[0], guest_port, ends[1], client_port)
 
     def _forwarded_datagram(self, forward: Forward, data: bytes,
-                            peer: tuple) -> None:  # type: ignore[type-arg]
+                            peer: SockAddr) -> None:
         ends = self._inbound_ends(client_address(peer))
         if ends is None or self._udp_relay is None or forward.sock is None:
             self._stats["udp_inbound_no_guest"] += 1

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from relaynat.addressing import inbound_flow_key
 from relaynat.config import RelayConfig
 from relaynat.flowinfo import describe_udp
+from relaynat.forward import SockAddr
 from relaynat.packet_builder import (
     ICMP_ADMIN_PROHIBITED,
     ICMP_HOST_UNREACH,
@@ -82,7 +83,7 @@ class UdpRelay:
         self._icmp_errors = TokenBucket(ICMP_ERRORS_PER_S, ICMP_ERRORS_BURST)
         self.guest_mac: bytes | None = None
         #: Inbound flows by (forward socket, client socket address).
-        self._inbound: dict[tuple[socket.socket, tuple], UdpFlow] = {}  # type: ignore[type-arg]
+        self._inbound: dict[tuple[socket.socket, SockAddr], UdpFlow] = {}
         #: Egress check for a new flow (protocol, destination, port) -> allow; set by
         #: the relay when a policy is in force.
         self.admit: Callable[[int, bytes, int], bool] | None = None
@@ -218,7 +219,7 @@ class UdpRelay:
 
     # -- inbound: clients of forwarded ports -----------------------------------------
 
-    def on_forwarded(self, sock: socket.socket, peer: tuple, data: bytes,  # type: ignore[type-arg]
+    def on_forwarded(self, sock: socket.socket, peer: SockAddr, data: bytes,
                      guest_ip: bytes, guest_port: int, src_ip: bytes, src_port: int) -> None:
         """A datagram from host client `peer` to the forward socket `sock`: toward
         `guest_ip:guest_port`, seen by the guest as from `src_ip:src_port`. The client's
