@@ -209,7 +209,7 @@ class InterfaceTransport(TransportBase):
         except OSError as exc:
             sock.close()
             raise InterfaceError(exc.errno, f"interface {name!r}: {exc.strerror}") from None
-        log.info("serving interface %s (ifindex %d, mtu %d, vnet header %s, promisc %s)",
+        log.info("opened interface %s (ifindex %d, mtu %d, vnet header %s, promisc %s)",
                  name, ifindex, mtu, "on" if vnet_hdr else "off", "on" if promisc else "off")
         return cls(sock, name, ifindex, mtu, vnet_hdr, ignores_outgoing, loop)
 
@@ -218,6 +218,9 @@ class InterfaceTransport(TransportBase):
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.sock.fileno(), self._on_readable)
+        # Said once the guest is served: `serve` installs its signal handlers before
+        # attaching, so a launcher that waits for this line may stop it right after.
+        log.info("serving interface %s", self.name)
 
     def _on_readable(self) -> None:
         sink = self._sink
