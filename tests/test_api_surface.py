@@ -100,3 +100,19 @@ def test_importing_relaynat_loads_no_relay_machinery() -> None:
                 "sys.modules, Relay.__module__)")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "relaynat.relay"], done.stdout
+
+
+def test_readme_programs_type_check_against_the_api(tmp_path: Path) -> None:
+    # The README's complete programs (those that end in asyncio.run) must keep matching
+    # the API they show; fragments between them are not programs and are left out.
+    text = (ROOT / "README.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+    programs = [block for block in blocks if "asyncio.run(" in block]
+    assert len(programs) >= 2, "the README lost its embedding programs"
+    files = []
+    for i, program in enumerate(programs):
+        files.append(tmp_path / f"readme_{i}.py")
+        files[-1].write_text(program)
+    done = _run("-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"),
+                "--no-color-output", *map(str, files))
+    assert done.returncode == 0, f"README programs fail mypy:\n{done.stdout}{done.stderr}"
