@@ -1,10 +1,12 @@
 """Many guests in one process and one event loop (`relaynat.guests.Guests`).
 
-Twenty real namespace guests share one relay process: nineteen download a file from a
-server on host loopback while the twentieth floods its link with SYNs, UDP, ARP, DHCP
-and malformed frames. Their downloads must stay intact and keep 80% of the throughput
-they had without the flood (the same downloads, measured in the same test). Guests come
-and go at runtime without disturbing the others.
+Guests on a TAP, a stream socket and a unixgram socket share one loop, each with
+its own addressing, policy and counters. Twenty real namespace guests share one relay
+process: nineteen download a file from a server on host loopback while the twentieth
+floods its link with SYNs, UDP, ARP, DHCP and malformed frames. Their downloads must
+stay intact and keep 80% of the throughput they had without the flood (the same
+downloads, measured in the same test). Guests come and go at runtime without
+disturbing the others.
 """
 
 from __future__ import annotations
@@ -16,18 +18,24 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 
+import dpkt
 import pytest
 
-from relaynat import RelayConfig
+from relaynat import Policy, RelayConfig
 from relaynat.guests import Guests
 from relaynat.namespace import NamespaceGuest
 from relaynat.relay import Relay
+from relaynat.testing import frames
+from relaynat.testing.guest import InMemoryGuest, Reply
+from relaynat.unixgram import serve_unixgram
 
 pytestmark = pytest.mark.integration
 
@@ -175,6 +183,65 @@ def test_guests_come_and_go_while_the_others_transfer(
     asyncio.run(main())
     for name in ["keep-0", "keep-1", "keep-2", "added"]:
         assert (tmp_path / name).read_text().split()[0] == digest, name
+
+
+def _addressing(subnet: int) -> RelayConfig:
+    """Guest, gateway and DNS addresses of 10.0.SUBNET.0/24, DNS upstream on loopback."""
+    net = f"10.0.{subnet}"
+    return RelayConfig(guest_ipv4=IPv4Address(f"{net}.15"), gateway_ipv4=IPv4Address(f"{net}.2"),
+                       dns_ipv4=IPv4Address(f"{net}.3"),
+                       map_host_loopback_v4=IPv4Address(f"{net}.2"),
+                       dns_upstream=IPv4Address("127.0.0.1"), ipv6=False)
+
+
+def test_a_tap_a_stream_and_a_unixgram_guest_each_with_its_own_network(
+        start_peer, tmp_path: Path) -> None:
+    echo = start_peer("echo")
+    deny_host = Policy.from_toml('default = "allow"\n[[rule]]\naction = "deny"\nto = "host"\n',
+                                 _addressing(5))
+
+    async def main() -> dict[str, dict[str, int]]:
+        async with Guests() as guests:
+            # A namespace guest on 10.0.4.0/24 echoes through host loopback ...
+            tap = await NamespaceGuest.spawn(_addressing(4), [
+                sys.executable, str(TESTS / "guest_tools.py"), "echo-many", "10.0.4.2",
+                str(echo), "--conns", "4", "--size", "65536"])
+            guests.add("tap", _addressing(4)).attach(tap.transport)
+            tap.go()
+            # ... a stream guest on 10.0.5.0/24, whose policy denies the host, is refused
+            # the same port ...
+            async with InMemoryGuest(relay=guests.add("stream", _addressing(5),
+                                                      deny_host)) as stream:
+                with pytest.raises(ConnectionRefusedError):
+                    await stream.tcp_connect(echo)
+            # ... and a unixgram guest on 10.0.6.0/24 is offered its own address.
+            relay = guests.add("dgram", _addressing(6))
+            server = serve_unixgram(relay, str(tmp_path / "relay.dgram"))
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            client.bind(str(tmp_path / "vm.dgram"))
+            client.connect(str(tmp_path / "relay.dgram"))
+            client.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(client, frames.dhcp_discover(
+                frames.Addressing.of(relay.config, frames.GUEST_MAC), xid=7))
+            while True:
+                reply = Reply.parse(await asyncio.wait_for(loop.sock_recv(client, 65536), 5))
+                if reply.udp is not None and reply.udp.sport == 67:
+                    break
+            assert reply.udp is not None
+            assert IPv4Address(dpkt.dhcp.DHCP(bytes(reply.udp.payload)).yiaddr) == \
+                IPv4Address("10.0.6.15")
+            client.close()
+            assert await asyncio.wait_for(tap.wait(), 60) == 0
+            server.close()
+            return guests.stats()
+
+    stats = asyncio.run(main())
+    # Each guest's counters are its own: the denial is the stream guest's alone.
+    assert stats["stream"].get("policy_denied", 0) == 1, stats["stream"]
+    assert stats["tap"].get("policy_denied", 0) == 0
+    assert stats["tap"]["tcp_flows_opened"] == 4 and stats["dgram"].get("tcp_flows_opened", 0) == 0
+    assert stats["dgram"]["dhcp_offer"] == 1 and stats["tap"].get("dhcp_offer", 0) == 0
 
 
 async def test_guest_names_are_unique_and_each_guest_has_its_own_config() -> None:

@@ -88,12 +88,18 @@ class InMemoryGuest:
 
     `config` defaults to `RelayConfig(dns_upstream=127.0.0.1)`; `guest_mac` is the
     MAC the kit's frames come from. Use as ``async with`` inside a running loop.
+    With `relay`, the guest drives that started relay (say one of a `Guests`), which
+    keeps its own config and policy and stays open when the guest closes.
     """
 
     def __init__(self, config: RelayConfig | None = None, *, policy: Policy | None = None,
-                 guest_mac: bytes = f.GUEST_MAC) -> None:
-        self.config = config or RelayConfig(dns_upstream=IPv4Address("127.0.0.1"))
-        self.relay = Relay(self.config, policy)
+                 guest_mac: bytes = f.GUEST_MAC, relay: Relay | None = None) -> None:
+        if relay is not None and (config is not None or policy is not None):
+            raise ValueError("a given relay brings its own config and policy")
+        self._owns_relay = relay is None
+        self.relay = relay or Relay(config or RelayConfig(dns_upstream=IPv4Address("127.0.0.1")),
+                                    policy)
+        self.config = self.relay.config
         self.addressing = f.Addressing.of(self.config, guest_mac)
         self._sock: socket.socket | None = None
         self._buf = bytearray()
@@ -108,15 +114,19 @@ class InMemoryGuest:
 
     def start(self) -> None:
         """Start the relay and attach the link (`async with` calls it)."""
-        self.relay.start()
+        if self._owns_relay:
+            self.relay.start()
         relay_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         guest_end.setblocking(False)
         self._sock = guest_end
         self.relay.attach(StreamTransport(relay_end, self.config.guest_queue_limit))
 
     def close(self) -> None:
-        """Close the relay and the guest's end of the link."""
-        self.relay.close()
+        """Close the relay (or, given one, detach from it) and the guest's end of the link."""
+        if self._owns_relay:
+            self.relay.close()
+        else:
+            self.relay.detach()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
