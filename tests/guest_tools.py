@@ -21,6 +21,13 @@
     python3 guest_tools.py inject IFNAME --rounds N
         writes malformed frames onto IFNAME with an AF_PACKET socket, N rounds of the
         same set; prints how many frames went out.
+    python3 guest_tools.py tcp-reset HOST PORT (--send|--recv) [--reset-after N]
+        one TCP connection that sends (or receives) until an error, EOF or --limit
+        bytes; with --reset-after it stops after N bytes and closes with SO_LINGER 0
+        (a RST); prints JSON {"bytes": moved, "outcome": errno name | "eof" | "reset-sent"}.
+    python3 guest_tools.py hold HOST PORT --conns N --ready FILE --go FILE
+        N TCP connections, each sending one byte; FILE --ready gets their outcomes
+        (JSON), then they stay open until FILE --go appears (at most 120 s).
 """
 
 from __future__ import annotations
@@ -235,6 +242,71 @@ def udp_flows(host: str, port: int, flows: int, tries: int) -> int:
     return 0
 
 
+def linger0_close(s: socket.socket) -> None:
+    """close() with SO_LINGER {on, 0}: the kernel sends RST, not FIN (socket(7))."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def errno_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc))
+
+
+def move_bytes(s: socket.socket, send: bool, reset_after: int | None,
+               limit: int) -> tuple[str, int]:
+    """Send (or receive) on `s` until EOF, an error or `limit` bytes; with
+    `reset_after`, stop after that many and close with a RST. Returns the outcome
+    ("eof", "limit", "reset-sent" or the errno's name) and the bytes moved; `s` is
+    closed either way."""
+    chunk, moved = os.urandom(1 << 16), 0
+    try:
+        while moved < limit:
+            if reset_after is not None and moved >= reset_after:
+                linger0_close(s)
+                return "reset-sent", moved
+            want = len(chunk) if reset_after is None else min(len(chunk), reset_after - moved)
+            n = s.send(chunk[:want]) if send else len(s.recv(want))
+            if n == 0:
+                return "eof", moved
+            moved += n
+        return "limit", moved
+    except OSError as exc:
+        return errno_name(exc), moved
+    finally:
+        s.close()
+
+
+def tcp_reset(host: str, port: int, send: bool, reset_after: int | None, limit: int) -> int:
+    s = socket.create_connection((host, port), timeout=30)
+    outcome, moved = move_bytes(s, send, reset_after, limit)
+    print(json.dumps({"bytes": moved, "outcome": outcome}))
+    return 0
+
+
+def hold(host: str, port: int, conns: int, ready: str, go: str) -> int:
+    socks, outcomes = [], []
+    for _ in range(conns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(10)
+        try:
+            s.connect((host, port))
+            s.sendall(b"x")
+            socks.append(s)
+            outcomes.append("ok")
+        except OSError as exc:
+            outcomes.append(errno_name(exc))
+            s.close()
+    with open(ready + ".tmp", "w") as f:
+        json.dump(outcomes, f)
+    os.replace(ready + ".tmp", ready)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for s in socks:
+        s.close()
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -266,6 +338,20 @@ def main() -> int:
     p.add_argument("port", type=int)
     p.add_argument("--flows", type=int, required=True)
     p.add_argument("--tries", type=int, default=3)
+    p = sub.add_parser("tcp-reset")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--send", action="store_true")
+    way.add_argument("--recv", action="store_true")
+    p.add_argument("--reset-after", type=int)
+    p.add_argument("--limit", type=int, default=1 << 30)
+    p = sub.add_parser("hold")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--conns", type=int, required=True)
+    p.add_argument("--ready", required=True)
+    p.add_argument("--go", required=True)
     p = sub.add_parser("inject")
     p.add_argument("ifname")
     p.add_argument("--rounds", type=int, default=10)
@@ -280,6 +366,10 @@ def main() -> int:
         return connect_burst(args.host, args.port, args.count, args.pause, args.after)
     if args.cmd == "udp-flows":
         return udp_flows(args.host, args.port, args.flows, args.tries)
+    if args.cmd == "tcp-reset":
+        return tcp_reset(args.host, args.port, args.send, args.reset_after, args.limit)
+    if args.cmd == "hold":
+        return hold(args.host, args.port, args.conns, args.ready, args.go)
     if args.cmd == "peer-echo":
         return peer_echo(args.port, args.events, args.ready)
     return inject(args.ifname, args.rounds)
