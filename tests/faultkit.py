@@ -1,7 +1,8 @@
 """What the fault and flood tests (and benches/soak.py, benches/faults.py) share.
 
-- `rss_kib(pid)` and `fd_count(pid)`: the relay process's resident memory (VmRSS in
-  /proc/PID/status; kernel socket buffers are not in it) and open descriptors.
+- `rss_kib(pid)`, `fd_count(pid)`, `cpu_seconds(pid)`: the relay process's resident
+  memory (VmRSS in /proc/PID/status; kernel socket buffers are not in it), open
+  descriptors and CPU time used.
 - `LiveRun`: `relaynat run --stats [options] -- CMD` as a live process, so a test can
   act while the guest runs (sample the relay, lower its RLIMIT_NOFILE, wait for a file
   the guest writes: `relaynat run` shares the filesystem with its guest) and then read
@@ -38,6 +39,19 @@ def rss_kib(pid: int) -> int:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used (proc(5): stat fields 14, 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def lowest_free_fd(pid: int) -> int:
+    """The descriptor number the process's next socket() gets (the lowest unused)."""
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return min(set(range(len(used) + 1)) - used)
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str,

@@ -26,8 +26,13 @@
         bytes; with --reset-after it stops after N bytes and closes with SO_LINGER 0
         (a RST); prints JSON {"bytes": moved, "outcome": errno name | "eof" | "reset-sent"}.
     python3 guest_tools.py hold HOST PORT --conns N --ready FILE --go FILE
-        N TCP connections, each sending one byte; FILE --ready gets their outcomes
+        N TCP connections (nothing sent); FILE --ready gets their outcomes
         (JSON), then they stay open until FILE --go appears (at most 120 s).
+    python3 guest_tools.py fd-exhaust HOST PORT --conns N --ready F --go F --udp-port P
+        an echo connection runs across a burst of N more connections and a UDP
+        datagram made while the test holds the relay at its descriptor limit; prints
+        JSON: the echo checks, each connection's outcome, the UDP one, and whether a
+        new connection works once the burst is closed.
 """
 
 from __future__ import annotations
@@ -283,27 +288,91 @@ def tcp_reset(host: str, port: int, send: bool, reset_after: int | None, limit: 
     return 0
 
 
-def hold(host: str, port: int, conns: int, ready: str, go: str) -> int:
+def _open_many(host: str, port: int, conns: int) -> tuple[list[socket.socket], list[str]]:
+    """`conns` TCP connections (nothing sent); the open ones and every outcome
+    ("ok", "ECONNREFUSED" for the relay's RST, "timeout", other errno names)."""
     socks, outcomes = [], []
     for _ in range(conns):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.settimeout(10)
         try:
             s.connect((host, port))
-            s.sendall(b"x")
             socks.append(s)
             outcomes.append("ok")
+        except TimeoutError:
+            outcomes.append("timeout")
+            s.close()
         except OSError as exc:
             outcomes.append(errno_name(exc))
             s.close()
-    with open(ready + ".tmp", "w") as f:
-        json.dump(outcomes, f)
-    os.replace(ready + ".tmp", ready)
-    deadline = time.monotonic() + 120
-    while not os.path.exists(go) and time.monotonic() < deadline:
+    return socks, outcomes
+
+
+def _write_json(path: str, value: object) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)
+
+
+def _wait_path(path: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def hold(host: str, port: int, conns: int, ready: str, go: str) -> int:
+    socks, outcomes = _open_many(host, port, conns)
+    _write_json(ready, outcomes)
+    _wait_path(go)
     for s in socks:
         s.close()
+    return 0
+
+
+def _echo_check(s: socket.socket, size: int) -> bool:
+    """`size` random bytes through an echo peer, 256 KiB at a time; equal?"""
+    ok = True
+    for _ in range(size >> 18):
+        block = os.urandom(1 << 18)
+        s.sendall(block)
+        got = bytearray()
+        while len(got) < len(block):
+            chunk = s.recv(len(block) - len(got))
+            if not chunk:
+                return False
+            got += chunk
+        ok = ok and got == block
+    return ok
+
+
+def fd_exhaust(host: str, port: int, conns: int, ready: str, go: str, udp_port: int) -> int:
+    """An echo connection A runs; then (once FILE --go appears: the test has lowered
+    the relay's descriptor limit) `conns` more connections and one UDP flow are tried,
+    and A must still echo intact; once those close, a new connection must work."""
+    a = socket.create_connection((host, port), timeout=30)
+    before = _echo_check(a, 2 << 20)
+    _write_json(ready, {"phase": "a-open"})
+    _wait_path(go)
+    socks, outcomes = _open_many(host, port, conns)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.settimeout(1)
+    udp.connect((host, udp_port))
+    udp.send(b"over the limit")
+    try:
+        udp_outcome = "answered" if udp.recv(100) else "empty"
+    except TimeoutError:
+        udp_outcome = "timeout"
+    except OSError as exc:
+        udp_outcome = errno_name(exc)
+    udp.close()
+    during = _echo_check(a, 16 << 20)
+    for s in socks:
+        s.close()
+    time.sleep(1)  # the relay ends those flows (FIN both ways) and frees their sockets
+    after = _open_many(host, port, 1)[1][0]
+    a.close()
+    print(json.dumps({"before": before, "outcomes": outcomes, "udp": udp_outcome,
+                      "during": during, "after": after}))
     return 0
 
 
@@ -352,6 +421,13 @@ def main() -> int:
     p.add_argument("--conns", type=int, required=True)
     p.add_argument("--ready", required=True)
     p.add_argument("--go", required=True)
+    p = sub.add_parser("fd-exhaust")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--conns", type=int, required=True)
+    p.add_argument("--ready", required=True)
+    p.add_argument("--go", required=True)
+    p.add_argument("--udp-port", type=int, required=True)
     p = sub.add_parser("inject")
     p.add_argument("ifname")
     p.add_argument("--rounds", type=int, default=10)
@@ -370,6 +446,9 @@ def main() -> int:
         return tcp_reset(args.host, args.port, args.send, args.reset_after, args.limit)
     if args.cmd == "hold":
         return hold(args.host, args.port, args.conns, args.ready, args.go)
+    if args.cmd == "fd-exhaust":
+        return fd_exhaust(args.host, args.port, args.conns, args.ready, args.go,
+                          args.udp_port)
     if args.cmd == "peer-echo":
         return peer_echo(args.port, args.events, args.ready)
     return inject(args.ifname, args.rounds)
