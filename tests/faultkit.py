@@ -10,11 +10,14 @@
 - `OneShotPeer`: a host-side TCP server (a thread of the test process, on 127.0.0.1)
   for one connection that sends or receives, optionally resetting after N bytes, and
   records what its kernel reported (the reset tests read it).
+- `HoldingPeer`: a host-side TCP server that holds many idle connections and records
+  how and when each one ends.
 """
 
 from __future__ import annotations
 
 import os
+import selectors
 import socket
 import subprocess
 import sys
@@ -23,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from guest_tools import move_bytes
+from guest_tools import errno_name, move_bytes
 from relaynat_cli import parse_stats
 
 MIB = 1 << 20
@@ -132,3 +135,49 @@ class OneShotPeer:
     def result(self, timeout_s: float = 30) -> tuple[str, int]:
         self._thread.join(timeout_s)
         return self.outcome, self.moved
+
+
+class HoldingPeer:
+    """A TCP server on 127.0.0.1 that accepts up to `count` clients, sends nothing,
+    and records how each connection ends: `ended[i]` is ("eof" | errno name, the
+    monotonic time it was seen)."""
+
+    def __init__(self, count: int) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=count)
+        self.port = self._listener.getsockname()[1]
+        self.count = count
+        self.accepted = 0
+        self.ended: list[tuple[str, float]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
+        deadline = time.monotonic() + 300  # bounded even if a test forgets close()
+        while not self._stop and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.05):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock is self._listener:
+                    conn, _ = sock.accept()
+                    self.accepted += 1
+                    sel.register(conn, selectors.EVENT_READ)
+                    if self.accepted == self.count:
+                        sel.unregister(sock)
+                    continue
+                try:
+                    outcome = "eof" if not sock.recv(65536) else ""
+                except OSError as exc:
+                    outcome = errno_name(exc)
+                if outcome:
+                    self.ended.append((outcome, time.monotonic()))
+                    sel.unregister(sock)
+                    sock.close()
+        sel.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(5)
+        self._listener.close()
