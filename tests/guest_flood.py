@@ -24,6 +24,9 @@ refuses (its queue full) is retried after a short pause, and the sender slows do
 while the TAP drops frames (the relay's reading lags), but some may still be lost on
 the link. Prints JSON: frames sent per kind, frames the link dropped, the seconds
 taken; touches FILE when done.
+
+`flood_script()` is the guest shell script tests/test_floods.py and benches/floods.py
+run: a download beside the floods.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import struct
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from guest_tools import _ipv4
 
@@ -144,6 +148,26 @@ def _send_all(s: socket.socket, ifname: str, frames: Iterator[bytes]) -> int:
             raise RuntimeError("the link refused a frame for 1 s")
         sent += 1
     return sent
+
+
+def flood_script(http_port: int, open_port: int, done: Path, counts: tuple[int, ...],
+                 limit_rate: str | None) -> str:
+    """The guest's shell script: a download over IPv6 that starts first (its sha256
+    printed last, curl's speed and time in DONE.speed), and the floods beside it.
+    IPv4 to the gateway is blackholed in the guest so its kernel's RSTs to SYN-ACKs it
+    never asked for go nowhere (see above)."""
+    syns, udp, arps, dhcps = counts
+    rate = f"--limit-rate {limit_rate} " if limit_rate else ""
+    return (
+        "ip route add blackhole 10.0.2.2/32 && ip link set tap0 txqueuelen 20000 && "
+        f"(curl -6 -sS --fail {rate}-o /dev/stdout http://[fd00::2]:{http_port}/f.bin "
+        "-w '%{stderr}%{speed_download} %{time_total}\\n' 2>{done}.speed "
+        "| sha256sum > {done}.sha) & "
+        "sleep 0.5; "
+        f"{sys.executable} {Path(__file__).resolve()} tap0 --syns {syns} "
+        f"--open-port {open_port} --udp {udp} --arp {arps} --dhcp {dhcps} --done {done} "
+        "--started {done}.start; "
+        "wait; cat {done}.sha").replace("{done}", str(done))
 
 
 def main() -> int:

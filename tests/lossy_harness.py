@@ -84,12 +84,13 @@ def make_payloads(root: Path, sizes_mib: Sequence[int]) -> dict[str, Payload]:
 
 
 @contextlib.contextmanager
-def http_peer(root: Path, work: Path) -> Iterator[int]:
-    """tests/host_peers.py http on 127.0.0.1, serving the files in `root`; its port."""
+def http_peer(root: Path, work: Path, bind: str = "127.0.0.1") -> Iterator[int]:
+    """tests/host_peers.py http on `bind`, serving the files in `root`; its port."""
     port_file = work / "http.port"
     with open(work / "http.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, str(HERE / "host_peers.py"), "http",
-                                 "--root", str(root), "--port-file", str(port_file)],
+                                 "--root", str(root), "--port-file", str(port_file),
+                                 "--bind", bind],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
