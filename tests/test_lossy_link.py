@@ -208,3 +208,26 @@ def test_impairment_held_frame_released_after_k_frames_or_timeout() -> None:
     assert imp.push(b"d", 0.003) == []
     assert imp.expire(0.0079) == []
     assert imp.expire(0.0081) == [b"d"]  # quiet wire: released by the timer
+
+
+def test_impairment_corruption_flips_one_bit_past_the_ethernet_header() -> None:
+    imp = Impairment(ImpairSpec.parse("corrupt=1"), random.Random(3))
+    frames = [bytes(range(256)) * 4 for _ in range(200)]
+    for frame in frames:
+        (out,) = imp.push(frame, 0.0)
+        diff = [i for i in range(len(frame)) if out[i] != frame[i]]
+        assert len(diff) == 1 and diff[0] >= 14
+        assert bin(out[diff[0]] ^ frame[diff[0]]).count("1") == 1
+    assert imp.stats.corrupted == len(frames)
+
+
+def test_impairment_delay_with_jitter_holds_every_frame_within_its_bounds() -> None:
+    imp = Impairment(ImpairSpec.parse("delay_ms=50,jitter_ms=10"), random.Random(5))
+    frames = [i.to_bytes(4, "big") * 8 for i in range(500)]
+    assert [f for i, fr in enumerate(frames) for f in imp.push(fr, i * 1e-5)] == []
+    assert imp.next_deadline() >= 0.040
+    assert imp.expire(0.0399) == []
+    out = imp.expire(0.0651)
+    assert sorted(out) == sorted(frames)  # every frame, once
+    assert out != frames  # jitter larger than the spacing: some overtook others
+    assert not imp.delayed
