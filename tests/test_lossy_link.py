@@ -44,7 +44,7 @@ from netshim import GATEWAY_IP, Impairment, ImpairSpec, LossyGuest
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Payload]:
-    return make_payloads(tmp_path_factory.mktemp("lossy-files"), (16, 64))
+    return make_payloads(tmp_path_factory.mktemp("lossy-files"), (4, 16, 64))
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,28 @@ def test_five_percent_loss_16mib_both_ways(relay: RelayProc, http_port: int,
     g = transfer_both_ways(relay, http_port, tmp_path, files["down-16"], files["up-16"],
                             "loss=0.05", dhcp=False, budget_s=120)
     _assert_impaired(g, ("dropped",))
+
+
+@pytest.mark.integration
+def test_corruption_16mib_both_ways(relay: RelayProc, http_port: int,
+                                    files: dict[str, Payload], tmp_path: Path) -> None:
+    """Bits flipped on the wire both ways: the guest's kernel drops damaged segments
+    from the relay, the relay drops damaged ones from the guest (its TCP checksum), and
+    the retransmissions make both streams whole."""
+    g = transfer_both_ways(relay, http_port, tmp_path, files["down-16"], files["up-16"],
+                           "corrupt=0.03", dhcp=False, budget_s=120)
+    _assert_impaired(g, ("corrupted",))
+    assert relay.stats()["drop_tcp_checksum"] > 0
+
+
+@pytest.mark.integration
+def test_delay_with_jitter_4mib_both_ways(relay: RelayProc, http_port: int,
+                                          files: dict[str, Payload], tmp_path: Path) -> None:
+    """50 ms each way with 10 ms of jitter: frames overtake each other all the time.
+    The relay keeps no out-of-order queue (it acknowledges only what it wrote), so the
+    guest's retransmissions fill the gaps: slow (benches/faults.py), but intact."""
+    transfer_both_ways(relay, http_port, tmp_path, files["down-4"], files["up-4"],
+                       "delay_ms=50,jitter_ms=10", dhcp=False, budget_s=120)
 
 
 _SINK = """\
