@@ -84,21 +84,26 @@ def make_payloads(root: Path, sizes_mib: Sequence[int]) -> dict[str, Payload]:
 
 
 @contextlib.contextmanager
-def http_peer(root: Path, work: Path, bind: str = "127.0.0.1") -> Iterator[int]:
-    """tests/host_peers.py http on `bind`, serving the files in `root`; its port."""
-    port_file = work / "http.port"
-    with open(work / "http.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(HERE / "host_peers.py"), "http",
-                                 "--root", str(root), "--port-file", str(port_file),
-                                 "--bind", bind],
+def host_peer(kind: str, work: Path, *args: str) -> Iterator[int]:
+    """tests/host_peers.py KIND (its own process, logging to WORK/KIND.log); its port."""
+    port_file = work / f"{kind}.port"
+    with open(work / f"{kind}.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(HERE / "host_peers.py"), kind, *args,
+                                 "--port-file", str(port_file)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        wait_for(lambda: port_file.exists() or proc.poll() is not None, 10, "http peer")
-        assert proc.poll() is None, (work / "http.log").read_text()
+        wait_for(lambda: port_file.exists() or proc.poll() is not None, 10, f"{kind} peer")
+        assert proc.poll() is None, (work / f"{kind}.log").read_text()
         yield int(port_file.read_text())
     finally:
         stop_proc(proc)
+
+
+def http_peer(root: Path, work: Path, bind: str = "127.0.0.1",
+              ) -> contextlib.AbstractContextManager[int]:
+    """tests/host_peers.py http on `bind`, serving the files in `root`; its port."""
+    return host_peer("http", work, "--root", str(root), "--bind", bind)
 
 
 @dataclass
