@@ -26,6 +26,18 @@
         ports of the gateway, UDP datagrams to successive ports, ARP requests, DHCP
         discovers from new client MACs and the malformed set of `inject`; prints how
         many frames went out.
+    python3 guest_tools.py tcp-reset HOST PORT (--send|--recv) [--reset-after N]
+        one TCP connection that sends (or receives) until an error, EOF or --limit
+        bytes; with --reset-after it stops after N bytes and closes with SO_LINGER 0
+        (a RST); prints JSON {"bytes": moved, "outcome": errno name | "eof" | "reset-sent"}.
+    python3 guest_tools.py hold HOST PORT --conns N --ready FILE --go FILE
+        N TCP connections (nothing sent); FILE --ready gets their outcomes
+        (JSON), then they stay open until FILE --go appears (at most 120 s).
+    python3 guest_tools.py fd-exhaust HOST PORT --conns N --ready F --go F --udp-port P
+        an echo connection runs across a burst of N more connections and a UDP
+        datagram made while the test holds the relay at its descriptor limit; prints
+        JSON: the echo checks, each connection's outcome, the UDP one, and whether a
+        new connection works once the burst is closed.
 """
 
 from __future__ import annotations
@@ -295,6 +307,135 @@ def udp_flows(host: str, port: int, flows: int, tries: int) -> int:
     return 0
 
 
+def linger0_close(s: socket.socket) -> None:
+    """close() with SO_LINGER {on, 0}: the kernel sends RST, not FIN (socket(7))."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def errno_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc))
+
+
+def move_bytes(s: socket.socket, send: bool, reset_after: int | None,
+               limit: int) -> tuple[str, int]:
+    """Send (or receive) on `s` until EOF, an error or `limit` bytes; with
+    `reset_after`, stop after that many and close with a RST. Returns the outcome
+    ("eof", "limit", "reset-sent" or the errno's name) and the bytes moved; `s` is
+    closed either way."""
+    chunk, moved = os.urandom(1 << 16), 0
+    try:
+        while moved < limit:
+            if reset_after is not None and moved >= reset_after:
+                linger0_close(s)
+                return "reset-sent", moved
+            want = len(chunk) if reset_after is None else min(len(chunk), reset_after - moved)
+            n = s.send(chunk[:want]) if send else len(s.recv(want))
+            if n == 0:
+                return "eof", moved
+            moved += n
+        return "limit", moved
+    except OSError as exc:
+        return errno_name(exc), moved
+    finally:
+        s.close()
+
+
+def tcp_reset(host: str, port: int, send: bool, reset_after: int | None, limit: int) -> int:
+    s = socket.create_connection((host, port), timeout=30)
+    outcome, moved = move_bytes(s, send, reset_after, limit)
+    print(json.dumps({"bytes": moved, "outcome": outcome}))
+    return 0
+
+
+def _open_many(host: str, port: int, conns: int) -> tuple[list[socket.socket], list[str]]:
+    """`conns` TCP connections (nothing sent); the open ones and every outcome
+    ("ok", "ECONNREFUSED" for the relay's RST, "timeout", other errno names)."""
+    socks, outcomes = [], []
+    for _ in range(conns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(10)
+        try:
+            s.connect((host, port))
+            socks.append(s)
+            outcomes.append("ok")
+        except TimeoutError:
+            outcomes.append("timeout")
+            s.close()
+        except OSError as exc:
+            outcomes.append(errno_name(exc))
+            s.close()
+    return socks, outcomes
+
+
+def _write_json(path: str, value: object) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)
+
+
+def _wait_path(path: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def hold(host: str, port: int, conns: int, ready: str, go: str) -> int:
+    socks, outcomes = _open_many(host, port, conns)
+    _write_json(ready, outcomes)
+    _wait_path(go)
+    for s in socks:
+        s.close()
+    return 0
+
+
+def _echo_check(s: socket.socket, size: int) -> bool:
+    """`size` random bytes through an echo peer, 256 KiB at a time; equal?"""
+    ok = True
+    for _ in range(size >> 18):
+        block = os.urandom(1 << 18)
+        s.sendall(block)
+        got = bytearray()
+        while len(got) < len(block):
+            chunk = s.recv(len(block) - len(got))
+            if not chunk:
+                return False
+            got += chunk
+        ok = ok and got == block
+    return ok
+
+
+def fd_exhaust(host: str, port: int, conns: int, ready: str, go: str, udp_port: int) -> int:
+    """An echo connection A runs; then (once FILE --go appears: the test has lowered
+    the relay's descriptor limit) `conns` more connections and one UDP flow are tried,
+    and A must still echo intact; once those close, a new connection must work."""
+    a = socket.create_connection((host, port), timeout=30)
+    before = _echo_check(a, 2 << 20)
+    _write_json(ready, {"phase": "a-open"})
+    _wait_path(go)
+    socks, outcomes = _open_many(host, port, conns)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.settimeout(1)
+    udp.connect((host, udp_port))
+    udp.send(b"over the limit")
+    try:
+        udp_outcome = "answered" if udp.recv(100) else "empty"
+    except TimeoutError:
+        udp_outcome = "timeout"
+    except OSError as exc:
+        udp_outcome = errno_name(exc)
+    udp.close()
+    during = _echo_check(a, 16 << 20)
+    for s in socks:
+        s.close()
+    time.sleep(1)  # the relay ends those flows (FIN both ways) and frees their sockets
+    after = _open_many(host, port, 1)[1][0]
+    a.close()
+    print(json.dumps({"before": before, "outcomes": outcomes, "udp": udp_outcome,
+                      "during": during, "after": after}))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -326,6 +467,27 @@ def main() -> int:
     p.add_argument("port", type=int)
     p.add_argument("--flows", type=int, required=True)
     p.add_argument("--tries", type=int, default=3)
+    p = sub.add_parser("tcp-reset")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--send", action="store_true")
+    way.add_argument("--recv", action="store_true")
+    p.add_argument("--reset-after", type=int)
+    p.add_argument("--limit", type=int, default=1 << 30)
+    p = sub.add_parser("hold")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--conns", type=int, required=True)
+    p.add_argument("--ready", required=True)
+    p.add_argument("--go", required=True)
+    p = sub.add_parser("fd-exhaust")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--conns", type=int, required=True)
+    p.add_argument("--ready", required=True)
+    p.add_argument("--go", required=True)
+    p.add_argument("--udp-port", type=int, required=True)
     p = sub.add_parser("inject")
     p.add_argument("ifname")
     p.add_argument("--rounds", type=int, default=10)
@@ -343,6 +505,13 @@ def main() -> int:
         return connect_burst(args.host, args.port, args.count, args.pause, args.after)
     if args.cmd == "udp-flows":
         return udp_flows(args.host, args.port, args.flows, args.tries)
+    if args.cmd == "tcp-reset":
+        return tcp_reset(args.host, args.port, args.send, args.reset_after, args.limit)
+    if args.cmd == "hold":
+        return hold(args.host, args.port, args.conns, args.ready, args.go)
+    if args.cmd == "fd-exhaust":
+        return fd_exhaust(args.host, args.port, args.conns, args.ready, args.go,
+                          args.udp_port)
     if args.cmd == "peer-echo":
         return peer_echo(args.port, args.events, args.ready)
     if args.cmd == "flood":

@@ -27,9 +27,14 @@ Impairment spec per direction (comma-separated key=value, all default 0/off):
                   milliseconds, whichever comes first (so a quiet link still drains)
     hold=K        frames a held frame waits for (default 3)
     hold_ms=T     longest hold in milliseconds (default 5)
+    corrupt=P     flip one bit of a frame, past its Ethernet header, with probability P
+                  (the checksums must catch it: no receiver may take it as data)
+    delay_ms=D    deliver every frame D milliseconds late
+    jitter_ms=J   plus or minus up to J ms, uniformly, per frame (frames overtake each
+                  other when J exceeds their spacing, as with netem's jitter)
 
 Each direction draws from its own `random.Random(f"{seed}:{direction}")` with exactly
-three draws per frame, so a seed reproduces the same decisions for the same frame
+six draws per frame, so a seed reproduces the same decisions for the same frame
 sequence; the seed is printed on stderr at start and stored in the stats file. The
 frame sequence itself depends on timing (the guest's TSO autosizing, pacing, when held
 frames time out), so a replay reproduces the fault pattern statistically, not exactly.
@@ -52,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import heapq
 import itertools
 import json
 import os
@@ -94,30 +100,41 @@ class ImpairSpec:
     reorder: float = 0.0
     hold: int = 3
     hold_ms: float = 5.0
+    corrupt: float = 0.0
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+
+    _PROBABILITIES = ("loss", "dup", "reorder", "corrupt")
+    _KEYS = (*_PROBABILITIES, "hold", "hold_ms", "delay_ms", "jitter_ms")
 
     @classmethod
     def parse(cls, text: str) -> ImpairSpec:
         spec = cls()
         for item in filter(None, (part.strip() for part in text.split(","))):
             key, sep, value = item.partition("=")
-            if not sep or key not in ("loss", "dup", "reorder", "hold", "hold_ms"):
-                raise ValueError(f"bad impairment item {item!r} (loss|dup|reorder|hold|hold_ms)")
+            if not sep or key not in cls._KEYS:
+                raise ValueError(f"bad impairment item {item!r} ({'|'.join(cls._KEYS)})")
             if key == "hold":
                 spec.hold = int(value)
                 if spec.hold < 1:
                     raise ValueError("hold must be at least 1")
-            else:
-                number = float(value)
-                if key != "hold_ms" and not 0.0 <= number <= 1.0:
-                    raise ValueError(f"{key}={value}: a probability is in 0..1")
-                if key == "hold_ms" and number <= 0:
-                    raise ValueError("hold_ms must be positive")
-                setattr(spec, key, number)
+                continue
+            number = float(value)
+            if key in cls._PROBABILITIES and not 0.0 <= number <= 1.0:
+                raise ValueError(f"{key}={value}: a probability is in 0..1")
+            if key == "hold_ms" and number <= 0:
+                raise ValueError("hold_ms must be positive")
+            if key in ("delay_ms", "jitter_ms") and number < 0:
+                raise ValueError(f"{key} must not be negative")
+            setattr(spec, key, number)
+        if spec.jitter_ms > spec.delay_ms:
+            raise ValueError("jitter_ms must not exceed delay_ms")
         return spec
 
     def __str__(self) -> str:
         return (f"loss={self.loss},dup={self.dup},reorder={self.reorder},"
-                f"hold={self.hold},hold_ms={self.hold_ms}")
+                f"hold={self.hold},hold_ms={self.hold_ms},corrupt={self.corrupt},"
+                f"delay_ms={self.delay_ms},jitter_ms={self.jitter_ms}")
 
 
 @dataclass
@@ -129,6 +146,7 @@ class DirectionStats:
     dropped: int = 0
     duplicated: int = 0
     reordered: int = 0
+    corrupted: int = 0
     write_errors: int = 0
     max_frame: int = 0
 
@@ -148,6 +166,9 @@ class Impairment:
     rng: random.Random
     stats: DirectionStats = field(default_factory=DirectionStats)
     held: list[_Held] = field(default_factory=list)
+    #: Frames in flight on a delaying wire: (release time, sequence, frame), a heap.
+    delayed: list[tuple[float, int, bytes]] = field(default_factory=list)
+    _seq: itertools.count = field(default_factory=itertools.count)  # type: ignore[type-arg]
 
     def push(self, frame: bytes, now: float) -> list[bytes]:
         """A frame enters the wire; returns the frames that leave it now, in order."""
@@ -155,11 +176,18 @@ class Impairment:
         st.frames_in += 1
         st.bytes_in += len(frame)
         st.max_frame = max(st.max_frame, len(frame))
-        # Always three draws, so decisions line up with the frame sequence.
-        r_loss, r_dup, r_reorder = self.rng.random(), self.rng.random(), self.rng.random()
+        # Always six draws, so decisions line up with the frame sequence.
+        r_loss, r_dup, r_reorder, r_corrupt, r_where, r_jitter = (
+            self.rng.random() for _ in range(6))
         if r_loss < self.spec.loss:
             st.dropped += 1
             return self.expire(now)
+        if r_corrupt < self.spec.corrupt and len(frame) > 14:
+            st.corrupted += 1
+            bit = int(r_where * (len(frame) - 14) * 8)
+            damaged = bytearray(frame)
+            damaged[14 + bit // 8] ^= 1 << (bit % 8)
+            frame = bytes(damaged)
         copies = 2 if r_dup < self.spec.dup else 1
         if copies == 2:
             st.duplicated += 1
@@ -171,8 +199,8 @@ class Impairment:
         for _ in range(copies):
             out.append(frame)
             self._tick(out)
-        out.extend(self.expire(now))
-        return out
+        out.extend(self._expire_held(now))
+        return self._delay(out, now, r_jitter)
 
     def _tick(self, out: list[bytes]) -> None:
         """One frame went out: held frames waiting for it move closer to release."""
@@ -187,16 +215,36 @@ class Impairment:
                 keep.append(h)
         self.held = keep
 
-    def expire(self, now: float) -> list[bytes]:
-        """Frames whose hold time is over."""
+    def _expire_held(self, now: float) -> list[bytes]:
         if not self.held or min(h.deadline for h in self.held) > now:
             return []
         out = [h.frame for h in self.held if h.deadline <= now]
         self.held = [h for h in self.held if h.deadline > now]
         return out
 
+    def _delay(self, frames: list[bytes], now: float, r_jitter: float = 0.5) -> list[bytes]:
+        """Frames leaving the loss/reorder stage enter the delay line (if any); returns
+        those whose time has come."""
+        spec = self.spec
+        if spec.delay_ms <= 0:
+            return frames
+        at = now + (spec.delay_ms + spec.jitter_ms * (2 * r_jitter - 1)) / 1000
+        for frame in frames:
+            heapq.heappush(self.delayed, (at, next(self._seq), frame))
+        out: list[bytes] = []
+        while self.delayed and self.delayed[0][0] <= now:
+            out.append(heapq.heappop(self.delayed)[2])
+        return out
+
+    def expire(self, now: float) -> list[bytes]:
+        """Frames whose hold or delay time is over."""
+        return self._delay(self._expire_held(now), now)
+
     def next_deadline(self) -> float | None:
-        return min((h.deadline for h in self.held), default=None)
+        deadlines = [h.deadline for h in self.held]
+        if self.delayed:
+            deadlines.append(self.delayed[0][0])
+        return min(deadlines, default=None)
 
 
 # --------------------------------------------------------------------------------------

@@ -17,244 +17,48 @@ to show that the impairments are ones standard TCP gets through quickly.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
 import random
-import re
-import shlex
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netshim import GATEWAY_IP, GUEST_IP, Impairment, ImpairSpec, LossyGuest
-from relaynat_cli import parse_stats
-
-HERE = Path(__file__).resolve().parent
-MIB = 1 << 20
-CURL = ["curl", "-sS", "--fail", "--noproxy", "*"]
-#: A transfer that moves no byte for this long has stalled (checked once a second).
-STALL_S = 30.0
-
-
-def _seed() -> int:
-    env = os.environ.get("RELAYNAT_LOSSY_SEED")
-    return int(env) if env else random.SystemRandom().randrange(1 << 32)
-
-
-def _wait_for(pred: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not after {timeout_s} s")
-        time.sleep(0.02)
-
-
-def _stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout_s: float = 10) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=timeout_s)
-
-
-@dataclass(frozen=True)
-class Payload:
-    name: str
-    path: Path
-    size: int
-    sha256: str
+from lossy_harness import (
+    Payload,
+    RelayProc,
+    http_peer,
+    make_payloads,
+    report,
+    seed_from_env,
+    serve_relay,
+    stop_proc,
+    transfer_both_ways,
+    wait_for,
+    watched,
+)
+from netshim import GATEWAY_IP, Impairment, ImpairSpec, LossyGuest
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Payload]:
-    """Random payloads: down-N / up-N of N MiB (different contents each way)."""
-    root = tmp_path_factory.mktemp("lossy-files")
-    out: dict[str, Payload] = {}
-    for direction in ("down", "up"):
-        for mib in (16, 64):
-            name = f"{direction}-{mib}"
-            digest = hashlib.sha256()
-            path = root / name
-            with open(path, "wb") as f:
-                for _ in range(mib):
-                    chunk = os.urandom(MIB)
-                    digest.update(chunk)
-                    f.write(chunk)
-            out[name] = Payload(name, path, mib * MIB, digest.hexdigest())
-    return out
+    return make_payloads(tmp_path_factory.mktemp("lossy-files"), (4, 16, 64))
 
 
 @pytest.fixture(scope="module")
 def http_port(files: dict[str, Payload],
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """tests/host_peers.py http on 127.0.0.1, serving the payload files."""
-    work = tmp_path_factory.mktemp("lossy-http")
-    port_file = work / "port"
     root = next(iter(files.values())).path.parent
-    with open(work / "http.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(HERE / "host_peers.py"), "http",
-                                 "--root", str(root), "--port-file", str(port_file)],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        _wait_for(lambda: port_file.exists() or proc.poll() is not None, 10, "http peer")
-        assert proc.poll() is None, (work / "http.log").read_text()
-        yield int(port_file.read_text())
-    finally:
-        _stop(proc)
-
-
-@dataclass
-class RelayProc:
-    socket: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def stats(self) -> dict[str, int]:
-        """Counters printed by --stats on exit (after `_stop`)."""
-        try:
-            return parse_stats(self.log.read_text(errors="replace"))
-        except OSError:
-            return {}
+    with http_peer(root, tmp_path_factory.mktemp("lossy-http")) as port:
+        yield port
 
 
 @pytest.fixture
 def relay(tmp_path: Path) -> Iterator[RelayProc]:
-    """`relaynat serve --socket` as its own process (the real CLI)."""
-    sock = str(tmp_path / "relay.sock")
-    log = tmp_path / "relay.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "relaynat", "serve", "--socket", sock,
-                                 "--stats", "--log-level", "info"],
-                                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    r = RelayProc(sock, proc, log)
-    try:
-        _wait_for(lambda: os.path.exists(sock) or proc.poll() is not None, 10, "relay socket")
-        assert proc.poll() is None, log.read_text()
+    with serve_relay(tmp_path) as r:
         yield r
-    finally:
-        _stop(proc)
-
-
-class TransferFailed(AssertionError):
-    pass
-
-
-def _watched(g: LossyGuest, argv: Sequence[str], peer: str, deadline: float) -> str:
-    """Run `argv` in the guest until it exits; returns its stdout.
-
-    Once a second the guest's TCP sockets toward `peer` are read with `ss -ti`: if
-    their byte counters do not move for STALL_S seconds, or `deadline` passes, the
-    command is killed and TransferFailed carries the last `ss` snapshot.
-    """
-    proc = subprocess.Popen(["ip", "netns", "exec", g.name, *argv], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    progress, since, snapshot = -1, time.monotonic(), ""
-    try:
-        while True:
-            try:
-                out, err = proc.communicate(timeout=1.0)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            now = time.monotonic()
-            snapshot = g.run(["ss", "-tinH", "dst", peer], timeout=10, check=False).stdout
-            moved = sum(map(int, re.findall(r"bytes_(?:acked|received):(\d+)", snapshot)))
-            if moved != progress:
-                progress, since = moved, now
-            elif now - since > STALL_S:
-                raise TransferFailed(f"stalled: no byte moved for {now - since:.0f} s\n"
-                                     f"guest ss -ti: {snapshot.strip()}")
-            if now > deadline:
-                raise TransferFailed(f"over the time budget\nguest ss -ti: {snapshot.strip()}")
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate(timeout=10)
-    if proc.returncode != 0:
-        raise TransferFailed(f"{shlex.join(argv)} exited {proc.returncode}: {err.strip()}\n"
-                             f"guest ss -ti (last): {snapshot.strip()}")
-    return out
-
-
-def _download(g: LossyGuest, port: int, p: Payload, deadline: float) -> tuple[str, float]:
-    url = f"http://{GATEWAY_IP}:{port}/{p.name}"
-    t0 = time.monotonic()
-    out = _watched(g, ["bash", "-o", "pipefail", "-c",
-                       f"{shlex.join(CURL)} {shlex.quote(url)} | sha256sum"],
-                   GATEWAY_IP, deadline)
-    return out.split()[0], time.monotonic() - t0
-
-
-def _upload(g: LossyGuest, port: int, p: Payload, deadline: float) -> tuple[str, float]:
-    url = f"http://{GATEWAY_IP}:{port}/upload-{p.name}"
-    t0 = time.monotonic()
-    out = _watched(g, [*CURL, "-T", str(p.path), url], GATEWAY_IP, deadline)
-    return out.split()[0], time.monotonic() - t0
-
-
-def _report(label: str, p: Payload, seconds: float) -> None:
-    print(f"{label}: {p.size // MIB} MiB in {seconds:.2f} s = "
-          f"{p.size / seconds / MIB:.1f} MiB/s")
-
-
-def _context(g: LossyGuest, relay: RelayProc) -> str:
-    return (f"seed={g.seed} (replay: RELAYNAT_LOSSY_SEED={g.seed})\n"
-            f"shim: {json.dumps(g.shim_stats)}\n"
-            f"relay log: {relay.log.read_text(errors='replace')[-3000:]}")
-
-
-def _transfer_both_ways(relay: RelayProc, http_port: int, tmp_path: Path, down: Payload,
-                        up: Payload, spec: str, dhcp: bool, budget_s: float) -> LossyGuest:
-    """Guest downloads `down` then uploads `up` over a wire impaired by `spec` both ways;
-    both must arrive intact within `budget_s` in total."""
-    seed = _seed()
-    print(f"\nlossy link seed={seed} spec=[{spec}] both directions")
-    g = LossyGuest(tmp_path, relay.socket, seed, to_relay=spec, to_guest=spec)
-    try:
-        with g:
-            if dhcp:
-                lease = g.dhcp()
-                assert lease.get("ip") == GUEST_IP, lease
-                assert lease.get("router") == GATEWAY_IP, lease
-                assert lease.get("mtu") == "65520", lease
-                link = g.run(["ip", "-o", "link", "show", "tap0"], timeout=10).stdout
-                assert " mtu 65520 " in link, link
-                addr = g.run(["ip", "-o", "-4", "addr", "show", "tap0"], timeout=10).stdout
-                assert f"inet {GUEST_IP}/24" in addr, addr
-                route = g.run(["ip", "route", "show", "default"], timeout=10).stdout
-                assert f"via {GATEWAY_IP}" in route, route
-            else:
-                g.static()
-            deadline = time.monotonic() + budget_s
-            got, secs = _download(g, http_port, down, deadline)
-            _report("download", down, secs)
-            assert got == down.sha256, f"download corrupted: {got} != {down.sha256}"
-            got, secs = _upload(g, http_port, up, deadline)
-            _report("upload", up, secs)
-            assert got == up.sha256, f"upload corrupted: {got} != {up.sha256}"
-    except BaseException as exc:
-        _stop(relay.proc)
-        raise AssertionError(f"{exc}\n{_context(g, relay)}") from exc
-    _stop(relay.proc)
-    print(f"shim counters: {json.dumps(g.shim_stats)}")
-    stats = relay.stats()
-    print("relay counters: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
-    return g
 
 
 def _direction_stats(g: LossyGuest, direction: str) -> dict[str, int]:
@@ -274,7 +78,7 @@ def _assert_impaired(g: LossyGuest, kinds: tuple[str, ...]) -> None:
 @pytest.mark.integration
 def test_clean_wire_dhcp_and_64mib_both_ways(relay: RelayProc, http_port: int,
                                              files: dict[str, Payload], tmp_path: Path) -> None:
-    g = _transfer_both_ways(relay, http_port, tmp_path, files["down-64"], files["up-64"],
+    g = transfer_both_ways(relay, http_port, tmp_path, files["down-64"], files["up-64"],
                             "", dhcp=True, budget_s=60)
     for direction in ("to_relay", "to_guest"):
         st = _direction_stats(g, direction)
@@ -287,7 +91,7 @@ def test_clean_wire_dhcp_and_64mib_both_ways(relay: RelayProc, http_port: int,
 def test_loss_reorder_duplication_64mib_both_ways(relay: RelayProc, http_port: int,
                                                   files: dict[str, Payload],
                                                   tmp_path: Path) -> None:
-    g = _transfer_both_ways(relay, http_port, tmp_path, files["down-64"], files["up-64"],
+    g = transfer_both_ways(relay, http_port, tmp_path, files["down-64"], files["up-64"],
                             "loss=0.01,dup=0.01,reorder=0.02,hold=3,hold_ms=5",
                             dhcp=True, budget_s=120)
     _assert_impaired(g, ("dropped", "duplicated", "reordered"))
@@ -296,9 +100,31 @@ def test_loss_reorder_duplication_64mib_both_ways(relay: RelayProc, http_port: i
 @pytest.mark.integration
 def test_five_percent_loss_16mib_both_ways(relay: RelayProc, http_port: int,
                                            files: dict[str, Payload], tmp_path: Path) -> None:
-    g = _transfer_both_ways(relay, http_port, tmp_path, files["down-16"], files["up-16"],
+    g = transfer_both_ways(relay, http_port, tmp_path, files["down-16"], files["up-16"],
                             "loss=0.05", dhcp=False, budget_s=120)
     _assert_impaired(g, ("dropped",))
+
+
+@pytest.mark.integration
+def test_corruption_16mib_both_ways(relay: RelayProc, http_port: int,
+                                    files: dict[str, Payload], tmp_path: Path) -> None:
+    """Bits flipped on the wire both ways: the guest's kernel drops damaged segments
+    from the relay, the relay drops damaged ones from the guest (its TCP checksum), and
+    the retransmissions make both streams whole."""
+    g = transfer_both_ways(relay, http_port, tmp_path, files["down-16"], files["up-16"],
+                           "corrupt=0.03", dhcp=False, budget_s=120)
+    _assert_impaired(g, ("corrupted",))
+    assert relay.stats()["drop_tcp_checksum"] > 0
+
+
+@pytest.mark.integration
+def test_delay_with_jitter_4mib_both_ways(relay: RelayProc, http_port: int,
+                                          files: dict[str, Payload], tmp_path: Path) -> None:
+    """50 ms each way with 10 ms of jitter: frames overtake each other all the time.
+    The relay keeps no out-of-order queue (it acknowledges only what it wrote), so the
+    guest's retransmissions fill the gaps: slow (benches/faults.py), but intact."""
+    transfer_both_ways(relay, http_port, tmp_path, files["down-4"], files["up-4"],
+                       "delay_ms=50,jitter_ms=10", dhcp=False, budget_s=120)
 
 
 _SINK = """\
@@ -331,7 +157,7 @@ def test_control_two_kernels_same_faults(files: dict[str, Payload], tmp_path: Pa
     them is at fault, not the wire."""
     up = files["up-64"]
     for spec in ("loss=0.05", "loss=0.01,dup=0.01,reorder=0.02,hold=3,hold_ms=5"):
-        seed = _seed()
+        seed = seed_from_env()
         print(f"\ncontrol seed={seed} spec=[{spec}]")
         wire = str(tmp_path / "wire.sock")
         with LossyGuest(tmp_path, wire, seed, listen=True) as host, \
@@ -342,15 +168,15 @@ def test_control_two_kernels_same_faults(files: dict[str, Payload], tmp_path: Pa
                                      _SINK % GATEWAY_IP], stdout=subprocess.PIPE, text=True,
                                     start_new_session=True)
             try:
-                _wait_for(lambda: ":5001 " in host.run(["ss", "-Htln"], timeout=10).stdout,
+                wait_for(lambda: ":5001 " in host.run(["ss", "-Htln"], timeout=10).stdout,
                           10, "control sink")
                 t0 = time.monotonic()
-                out = _watched(g, [sys.executable, "-c", _SEND % GATEWAY_IP, str(up.path)],
+                out = watched(g, [sys.executable, "-c", _SEND % GATEWAY_IP, str(up.path)],
                                GATEWAY_IP, time.monotonic() + 60)
                 secs = time.monotonic() - t0
-                _report("control upload", up, secs)
+                report("control upload", up, secs)
             finally:
-                _stop(sink)
+                stop_proc(sink)
                 sink.communicate(timeout=10)
         assert out.split() == [up.sha256, str(up.size)], f"seed={seed}: {out!r}"
         assert secs < 30, f"seed={seed}: control transfer took {secs:.1f} s"
@@ -404,3 +230,26 @@ def test_impairment_held_frame_released_after_k_frames_or_timeout() -> None:
     assert imp.push(b"d", 0.003) == []
     assert imp.expire(0.0079) == []
     assert imp.expire(0.0081) == [b"d"]  # quiet wire: released by the timer
+
+
+def test_impairment_corruption_flips_one_bit_past_the_ethernet_header() -> None:
+    imp = Impairment(ImpairSpec.parse("corrupt=1"), random.Random(3))
+    frames = [bytes(range(256)) * 4 for _ in range(200)]
+    for frame in frames:
+        (out,) = imp.push(frame, 0.0)
+        diff = [i for i in range(len(frame)) if out[i] != frame[i]]
+        assert len(diff) == 1 and diff[0] >= 14
+        assert bin(out[diff[0]] ^ frame[diff[0]]).count("1") == 1
+    assert imp.stats.corrupted == len(frames)
+
+
+def test_impairment_delay_with_jitter_holds_every_frame_within_its_bounds() -> None:
+    imp = Impairment(ImpairSpec.parse("delay_ms=50,jitter_ms=10"), random.Random(5))
+    frames = [i.to_bytes(4, "big") * 8 for i in range(500)]
+    assert [f for i, fr in enumerate(frames) for f in imp.push(fr, i * 1e-5)] == []
+    assert imp.next_deadline() >= 0.040
+    assert imp.expire(0.0399) == []
+    out = imp.expire(0.0651)
+    assert sorted(out) == sorted(frames)  # every frame, once
+    assert out != frames  # jitter larger than the spacing: some overtook others
+    assert not imp.delayed

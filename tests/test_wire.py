@@ -499,3 +499,20 @@ def test_seq_helpers_examples() -> None:
     # Exactly half the space apart: neither is "before" the other; the distance is -2**31.
     assert not seq_lt(0, 2**31) and not seq_lt(2**31, 0)
     assert seq_diff(2**31, 0) == -(2**31)
+
+
+def test_segment_checksum_ok_takes_full_and_partial_sums_and_catches_a_flipped_bit() -> None:
+    from relaynat.checksum import finish, partial_sum, pseudo_header_sum, segment_checksum_ok
+
+    src, dst = bytes([10, 0, 2, 15]), bytes([10, 0, 2, 2])
+    seg = bytearray(struct.pack("!HHIIBBHHH", 40000, 80, 1, 2, 5 << 4, 0x18, 1000, 0, 0)
+                    + bytes(range(256)) * 5)
+    pseudo = pseudo_header_sum(src, dst, 6, len(seg))
+    partial = bytes(seg[:16]) + struct.pack("!H", pseudo) + bytes(seg[18:])
+    struct.pack_into("!H", seg, 16, finish(pseudo + partial_sum(seg)))
+    assert segment_checksum_ok(src, dst, 6, seg, 16)
+    assert segment_checksum_ok(src, dst, 6, partial, 16)  # offload: nothing to verify
+    for at, bit in ((2, 0), (13, 2), (20, 7), (120, 3), (len(seg) - 1, 5)):
+        damaged = bytearray(seg)
+        damaged[at] ^= 1 << bit  # a port, the flags, the payload: one bit each
+        assert not segment_checksum_ok(src, dst, 6, damaged, 16), (at, bit)

@@ -74,3 +74,16 @@ def internet_checksum(data: bytes | bytearray | memoryview) -> int:
 def verify(data: bytes | bytearray | memoryview, initial: int = 0) -> bool:
     """True if `data` (checksum field included) sums to ones'-complement zero."""
     return (initial + partial_sum(data)) % 0xFFFF == 0
+
+
+def segment_checksum_ok(src: bytes, dst: bytes, proto: int,
+                        segment: bytes | bytearray | memoryview, field_at: int) -> bool:
+    """True if the TCP/UDP `segment` (checksum field at `field_at`) sums to zero over
+    the pseudo-header, or if the field holds only the pseudo-header's sum: the
+    partial checksum a sender with checksum offload leaves (virtio's NEEDS_CSUM,
+    Linux's CHECKSUM_PARTIAL), which carries no integrity check to verify."""
+    pseudo = pseudo_header_sum(src, dst, proto, len(segment))
+    if (pseudo + partial_sum(segment)) % 0xFFFF == 0:
+        return True
+    field = int.from_bytes(segment[field_at:field_at + 2], "big")
+    return field % 0xFFFF == pseudo

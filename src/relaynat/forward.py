@@ -35,6 +35,9 @@ log = logging.getLogger("relaynat.forward")
 #: Connections accepted (or datagrams read) per forward per wakeup before other work
 #: gets its turn.
 _ACCEPTS_PER_WAKEUP = 64
+#: After accept() fails for want of descriptors, the pause before trying again
+#: (asyncio's ACCEPT_RETRY_DELAY).
+_ACCEPT_RETRY_S = 1.0
 #: Largest UDP payload over IPv6 (65535 minus the UDP header); IPv4's is smaller.
 _DATAGRAM_MAX = 65527
 _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
@@ -165,9 +168,24 @@ class Forwarder:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE/ENFILE: the client waits in the backlog
-                log.warning("accept on tcp port %d: %s", forward.host_port, exc)
+                self._pause_accepting(forward, exc)
                 return
             self._open_inbound(conn, client_address(peer), peer[1], forward.guest_port)
+
+    def _pause_accepting(self, forward: Forward, exc: OSError) -> None:
+        """accept() failed (descriptors exhausted): the connection stays in the backlog
+        and the listener stays readable, so a level-triggered reader would spin at
+        full CPU. Stop watching it for a while, as asyncio's own servers do."""
+        assert forward.sock is not None
+        log.warning("accept on tcp port %d: %s; retrying in %.0f s", forward.host_port, exc,
+                    _ACCEPT_RETRY_S)
+        self._loop.remove_reader(forward.sock.fileno())
+
+        def resume() -> None:
+            if forward in self.forwards and forward.sock is not None:
+                self._loop.add_reader(forward.sock.fileno(), self._on_accept, forward)
+
+        self._loop.call_later(_ACCEPT_RETRY_S, resume)
 
     def _on_readable(self, forward: Forward) -> None:
         sock = forward.sock

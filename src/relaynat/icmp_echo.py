@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from relaynat.checksum import finish, partial_sum, pseudo_header_sum, verify
 from relaynat.flowinfo import describe_echo
 from relaynat.packet_builder import IPV4_HLEN, ip_frame
+from relaynat.sockfail import count_socket_failure
 from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPV6_HLEN, MalformedFrame
 
 if TYPE_CHECKING:
@@ -349,8 +350,8 @@ class IcmpEchoRelay:
                         "namespace allows nobody, not even root). To allow it, run: %s "
                         "(in the relay's network namespace)", _SYSCTL_HINT)
             else:
-                stats["drop_icmp_socket_error"] += 1
-                log.debug("cannot open a ping socket: %s", exc)
+                count_socket_failure(stats, exc, "drop_icmp_fd_limit",
+                                     "drop_icmp_socket_error", "ping")
             return None
         sock.setblocking(False)
         session = EchoSession(key, sock, host_ip, guest_ip, guest_mac)

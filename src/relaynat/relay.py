@@ -109,6 +109,10 @@ class Relay:
         self._pcap: PcapWriter | None = None
         self._listener: socket.socket | None = None
         self._guest_mac: bytes | None = None
+        #: Verify the guest's TCP checksums: on transports without a virtio-net header
+        #: (stream and datagram sockets, a plain TAP) the guest's frames carry full
+        #: checksums, and nothing else would catch a frame damaged on the way.
+        self._verify_tcp = False
         self._ip_id = 0
         c = self.config
         upstream = c.dns_upstream or host_upstream()
@@ -185,6 +189,7 @@ class Relay:
             raise RuntimeError("Relay.start() (or `async with`) must come before attach()")
         self.detach()
         self._transport = transport
+        self._verify_tcp = transport.vnet_hdr_len == 0
         self._tcp.set_link(transport.vnet_hdr_len, transport.offload)
         if self._udp_relay is not None:
             self._udp_relay.set_link(transport.vnet_hdr_len, transport.offload)
@@ -407,7 +412,7 @@ class Relay:
                     return
                 raise MalformedFrame("ip_spoofed_source")
             if ip.proto == IPPROTO_TCP:
-                seg = parse_tcp(ip)
+                seg = parse_tcp(ip, self._verify_tcp)
                 assert self._tcp is not None
                 self._tcp_segment(seg)
             elif ip.proto == IPPROTO_UDP:
@@ -477,7 +482,7 @@ class Relay:
         if not link_local:
             self._guest_addr6 = src
         if proto == IPPROTO_TCP:
-            seg = parse_tcp(ip)
+            seg = parse_tcp(ip, self._verify_tcp)
             assert self._tcp is not None
             self._tcp_segment(seg)
         elif proto == IPPROTO_UDP:

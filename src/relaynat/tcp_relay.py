@@ -40,6 +40,7 @@ from relaynat.addressing import inbound_flow_key
 from relaynat.flowinfo import describe_tcp
 from relaynat.nat_entry import TcpNatEntry
 from relaynat.packet_builder import TcpFrameTemplate
+from relaynat.sockfail import count_socket_failure
 from relaynat.tcp_actions import (
     CloseHost,
     ConsumeHost,
@@ -203,8 +204,8 @@ class TcpRelay:
         try:
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:  # EMFILE/ENFILE/ENOBUFS: refuse this flow, keep the rest
-            log.warning("cannot open a host socket: %s", exc)
-            self.stats["tcp_refused_socket"] += 1
+            count_socket_failure(self.stats, exc, "tcp_refused_fd_limit",
+                                 "tcp_refused_socket", "TCP")
             self._reply_rst(seg)
             return
         # The guest runs its own Nagle; a second one here would only add latency.

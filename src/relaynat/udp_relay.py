@@ -34,6 +34,7 @@ from relaynat.packet_builder import (
     udp_frame_head,
 )
 from relaynat.ratelimit import TokenBucket
+from relaynat.sockfail import count_socket_failure
 from relaynat.udp_flow import UdpFlow, UdpFlowTable
 from relaynat.wire import IpPacket, UdpDatagram
 
@@ -158,8 +159,8 @@ class UdpRelay:
             sock = socket.socket(family, socket.SOCK_DGRAM)
         except OSError as exc:  # EMFILE/ENFILE/EAFNOSUPPORT: drop this flow, keep the rest
             self.table.remove(flow)
-            self.stats["udp_socket_failed"] += 1
-            log.warning("cannot open a host UDP socket: %s", exc)
+            count_socket_failure(self.stats, exc, "udp_drop_fd_limit", "udp_socket_failed",
+                                 "UDP")
             return None
         sock.setblocking(False)
         try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from relaynat.checksum import partial_sum
+from relaynat.checksum import partial_sum, segment_checksum_ok
 
 ETH_HLEN = 14
 ETHERTYPE_IPV4 = 0x0800
@@ -240,7 +240,10 @@ def _parse_options(options: memoryview, seg: TcpSegment, syn: bool) -> None:
         i += length
 
 
-def parse_tcp(ip: IpPacket) -> TcpSegment:
+def parse_tcp(ip: IpPacket, verify_checksum: bool = False) -> TcpSegment:
+    """The segment in `ip`. With `verify_checksum`, one whose checksum is wrong (and not
+    a sender's partial offload value) is dropped as "tcp_checksum": where frames
+    crossed a socket rather than kernel memory, a damaged one must not become data."""
     data = ip.payload
     if len(data) < 20:
         raise MalformedFrame("tcp_short")
@@ -248,6 +251,8 @@ def parse_tcp(ip: IpPacket) -> TcpSegment:
     hlen = (off >> 4) * 4
     if hlen < 20 or hlen > len(data):
         raise MalformedFrame("tcp_header_len")
+    if verify_checksum and not segment_checksum_ok(ip.src, ip.dst, 6, data, 16):
+        raise MalformedFrame("tcp_checksum")
     seg = TcpSegment(ip.src, ip.dst, sport, dport, seq, ack, flags, window, data[hlen:])
     if hlen > 20:
         if not flags & SYN and hlen >= 32 and data[20:24] == _TS_PREFIX:

@@ -23,7 +23,7 @@ from ipaddress import IPv4Address
 import dpkt
 
 from relaynat.addressing import DNS_PORT
-from relaynat.checksum import finish, partial_sum
+from relaynat.checksum import finish, partial_sum, pseudo_header_sum
 from relaynat.config import RelayConfig, eui64
 from relaynat.dhcpv6 import ALL_DHCP_SERVERS
 from relaynat.dhcpv6 import option as dhcp6_option
@@ -346,14 +346,24 @@ def udp_bad_length(frame: bytes, length: int) -> LabeledFrame:
 
 
 def l4_bad_checksum(frame: bytes, expect: str | None) -> LabeledFrame:
-    """The upper-layer checksum complemented (never equal to the right one)."""
+    """The upper-layer checksum damaged: never equal to the right one, nor (for TCP and
+    UDP) to the pseudo-header-only value a sender with checksum offload leaves."""
     l4 = transport_offset(frame)
-    proto = frame[ETH_HLEN + 6] if is_ipv6(frame) else frame[ETH_HLEN + 9]
+    v6 = is_ipv6(frame)
+    proto = frame[ETH_HLEN + 6] if v6 else frame[ETH_HLEN + 9]
     at = l4 + {6: 16, 17: 6}.get(proto, 2)
     out = bytearray(frame)
     old = _U16.unpack_from(out, at)[0]
-    # old ^ 0x00ff keeps it away from both representations of the right sum.
-    _U16.pack_into(out, at, old ^ 0x00FF)
+    # A change below 0x100 keeps it away from both representations of the right sum.
+    new = old ^ 0x00FF
+    if proto in (6, 17):
+        addrs = (ETH_HLEN + 8, ETH_HLEN + 40) if v6 else (ETH_HLEN + 12, ETH_HLEN + 20)
+        half = (addrs[1] - addrs[0]) // 2
+        partial = pseudo_header_sum(frame[addrs[0]:addrs[0] + half],
+                                    frame[addrs[0] + half:addrs[1]], proto, len(frame) - l4)
+        if new % 0xFFFF == partial:
+            new = old ^ 0x007F
+    _U16.pack_into(out, at, new)
     return LabeledFrame(bytes(out), "l4_bad_checksum", expect)
 
 

@@ -153,9 +153,12 @@ def _mutation(draw: st.DrawFn, a: Addressing) -> LabeledFrame:
         return LabeledFrame(f.router_solicitation(a, draw(st.integers(0, 254))),
                             "ndp_hop_limit", "ndp_bad_hop_limit")
     if kind == "l4_checksum":
-        # Tolerated: relaynat trusts TCP/UDP checksums as passt does (a virtio guest with
-        # offload leaves them partial, and the host kernel checksums what we send on).
-        return f.l4_bad_checksum(draw(st.one_of(b["tcp"], b["udp"])), None)
+        # On a socket transport (InMemoryGuest's stream) a TCP checksum that is neither
+        # right nor a partial offload value is dropped: a damaged segment must not
+        # become stream data. UDP checksums are trusted as passt does.
+        if draw(st.booleans()):
+            return f.l4_bad_checksum(draw(b["tcp"]), "drop_tcp_checksum")
+        return f.l4_bad_checksum(draw(b["udp"]), None)
     if kind == "bad_src_mac":
         mac = draw(st.one_of(st.just(a.gateway_mac), st.just(b"\xff" * 6),
                              st.binary(min_size=6, max_size=6).map(
