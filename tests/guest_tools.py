@@ -22,10 +22,9 @@
         writes malformed frames onto IFNAME with an AF_PACKET socket, N rounds of the
         same set; prints how many frames went out.
     python3 guest_tools.py flood IFNAME --seconds S
-        writes as fast as it can for S seconds, round after round: SYNs to successive
-        ports of the gateway, UDP datagrams to successive ports, ARP requests, DHCP
-        discovers from new client MACs and the malformed set of `inject`; prints how
-        many frames went out.
+        writes as fast as it can for S seconds, round after round: one each of
+        guest_flood.py's SYNs, UDP datagrams, ARP requests and DHCP discovers, and the
+        malformed set of `inject`; prints how many frames went out.
     python3 guest_tools.py tcp-reset HOST PORT (--send|--recv) [--reset-after N]
         one TCP connection that sends (or receives) until an error, EOF or --limit
         bytes; with --reset-after it stops after N bytes and closes with SO_LINGER 0
@@ -52,6 +51,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 
 async def _echo_one(host: str, port: int, size: int) -> bool:
@@ -146,57 +146,32 @@ def inject(ifname: str, rounds: int) -> int:
     return 0
 
 
-def _l4_checksum(src: str, dst: str, proto: int, segment: bytes) -> int:
-    """RFC 793/768 checksum over the IPv4 pseudo-header and `segment`."""
-    data = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, proto,
-                                                                       len(segment)) + segment
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def _flood_round(src_mac: bytes, n: int) -> list[bytes]:
-    """One round of `flood`: valid-looking work for the relay, each round new ports."""
-    guest, gateway = "10.0.2.15", "10.0.2.2"
-    eth = b"\x52\x55\x0a\x00\x02\x02" + src_mac
-    port = 1 + n % 65535
-    syn = struct.pack("!HHIIBBHHH", 10000 + n % 50000, port, n, 0, 5 << 4, 0x02, 64240, 0, 0)
-    syn = syn[:16] + struct.pack("!H", _l4_checksum(guest, gateway, 6, syn)) + syn[18:]
-    udp = struct.pack("!HHHH", 20000 + n % 40000, port, 8 + 32, 0) + os.urandom(32)
-    udp = udp[:6] + struct.pack("!H", _l4_checksum(guest, gateway, 17, udp)) + udp[8:]
-    arp = (b"\xff" * 6 + src_mac + b"\x08\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
-           + src_mac + socket.inet_aton(guest) + b"\0" * 6
-           + socket.inet_aton(f"10.0.2.{1 + n % 254}"))
-    client = b"\x02" + struct.pack("!IB", n, 0)
-    bootp = (struct.pack("!BBBBIHH", 1, 1, 6, 0, n, 0, 0x8000) + b"\0" * 16 + client
-             + b"\0" * 10 + b"\0" * 192 + b"\x63\x82\x53\x63" + b"\x35\x01\x01\xff")
-    dhcp = struct.pack("!HHHH", 68, 67, 8 + len(bootp), 0) + bootp
-    return [
-        eth + b"\x08\x00" + _ipv4(guest, gateway, 6, syn),
-        eth + b"\x08\x00" + _ipv4(guest, gateway, 17, udp),
-        arp,
-        b"\xff" * 6 + src_mac + b"\x08\x00" + _ipv4("0.0.0.0", "255.255.255.255", 17, dhcp),
-        *malformed_frames(src_mac, guest, gateway),
-    ]
-
-
 def flood(ifname: str, seconds: float) -> int:
+    # guest_flood's builders, endlessly: SYNs (to a closed port, closed ports and
+    # unrouted addresses), UDP to distinct ports, ARP requests, DHCP discovers.
+    from guest_flood import arp_frames, dhcp_frames, syn_frames, udp_frames
+
+    def endless(make: Callable[[], Iterator[bytes]]) -> Iterator[bytes]:
+        while True:
+            yield from make()
+
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
         s.bind((ifname, 0))
-        src_mac = s.getsockname()[4]
+        mac = s.getsockname()[4]
+        kinds = [endless(lambda: syn_frames(mac, 30000, open_port=9)),
+                 endless(lambda: udp_frames(mac, 30000)),
+                 endless(lambda: arp_frames(mac, 30000)),
+                 endless(lambda: dhcp_frames(mac, 30000))]
+        malformed = malformed_frames(mac, "10.0.2.15", "10.0.2.2")
         deadline = time.monotonic() + seconds
-        sent = n = 0
+        sent = 0
         while time.monotonic() < deadline:
-            for frame in _flood_round(src_mac, n):
+            for frame in [*(next(kind) for kind in kinds), *malformed]:
                 try:
                     s.send(frame)
                     sent += 1
                 except OSError:  # TAP queue full (the relay is behind) or a too-short frame
                     pass
-            n += 1
     print(f"sent {sent}")
     return 0
 
