@@ -33,6 +33,7 @@ import logging
 import socket
 from collections import Counter
 
+from relaynat import flow_move
 from relaynat.addressing import DNS_PORT, LINK_LOCAL_PREFIX, AddressMap
 from relaynat.config import RelayConfig
 from relaynat.dns import answer_static, host_upstream, static_table
@@ -52,7 +53,7 @@ from relaynat.policy import Policy
 from relaynat.ratelimit import TokenBucket
 from relaynat.stream import StreamTransport, bind_unix_listener
 from relaynat.tcp_relay import TcpRelay, close_with_reset
-from relaynat.transport import FrameTransport
+from relaynat.transport import FrameTransport, HandoverTransport
 from relaynat.udp_relay import UdpRelay
 from relaynat.wire import (
     ETHERTYPE_ARP,
@@ -76,7 +77,6 @@ from relaynat.wire import (
 )
 
 log = logging.getLogger("relaynat")
-
 
 
 class Relay:
@@ -122,6 +122,7 @@ class Relay:
         self._link = LinkServices(c, self._addr, self._send_frame, self._stats)
         self._dns_static = static_table(c.dns_records)
         self.transport_lost_event = asyncio.Event()
+        self._exported = flow_move.ExportedSockets()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -152,8 +153,9 @@ class Relay:
 
     def close(self) -> None:
         """Detach the guest, stop every forward and listener and close the host sockets.
-        Called by `async with`."""
+        Called by `async with`. Exported sockets are released silently."""
         self.detach()
+        self._exported.release()
         if self._listener is not None:
             assert self._loop is not None  # a listener exists only once started
             with contextlib.suppress(ValueError, OSError):
@@ -183,7 +185,8 @@ class Relay:
         """Serve the guest behind `transport`; replaces (and closes) a previous one."""
         if self._tcp is None:
             raise RuntimeError("Relay.start() (or `async with`) must come before attach()")
-        self.detach()
+        if self._transport is not None:  # flows imported without a transport stay
+            self.detach()
         self._transport = transport
         self._tcp.set_link(transport.vnet_hdr_len, transport.offload)
         if self._udp_relay is not None:
@@ -194,17 +197,53 @@ class Relay:
             assert self._loop is not None
             self._link.start_router_adverts(self._loop)
 
-    def detach(self) -> None:
-        """Drop the current transport and every flow of its guest (reset toward hosts)."""
+    def detach(self, keep_transport: bool = False) -> FrameTransport | None:
+        """Drop the current transport and every flow of its guest (reset toward hosts).
+        `keep_transport`: the transport stops serving this relay but stays open, and is
+        returned, for another relay to `attach` (after `export_flows`)."""
         self._link.stop_router_adverts()
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        transport, self._transport = self._transport, None
+        if transport is not None and keep_transport:
+            if not isinstance(transport, HandoverTransport):
+                raise TypeError(f"{type(transport).__name__} cannot be handed over")
+            transport.stop()
+        elif transport is not None:
+            transport.close()
+            transport = None
         if self._tcp is not None:
             self._tcp.abort_all()
         if self._udp_relay is not None:
             self._udp_relay.abort_all()
         self._guest_mac = None
+        return transport
+
+    # -- moving flows to another relay (flow_move.py, flow_state.py) ---------------------
+
+    def export_flows(self) -> dict[str, object]:
+        """Take every ESTABLISHED TCP flow out of this relay, silently, and return them
+        as a "relaynat-flows" document for `import_flows` (flow_state.py); the flows
+        that cannot move are listed under "not_moved" and stay. The host sockets are
+        held in repair mode until `release_exported` (flow_move.py: hold the host
+        side's traffic meanwhile)."""
+        assert self._tcp is not None and self._loop is not None, "start() first"
+        others = [f for p in (self._udp_relay, self._icmp) if p for f in p.describe_flows()]
+        own = ("127.0.0.1", self._dns_tcp.port) if self._dns_tcp is not None else None
+        return flow_move.export_flows(self._tcp, self._loop.time(), self._exported, others,
+                                      own)
+
+    def release_exported(self, reset: bool = False) -> int:
+        """Close the exported host sockets (silently; `reset`: RST their peers)."""
+        return self._exported.release(reset)
+
+    def import_flows(self, doc: object) -> list[dict[str, object]]:
+        """Serve the flows of `export_flows`' document (checked whole first:
+        FlowStateError, a ValueError, and nothing imported). Returns them described."""
+        assert self._tcp is not None and self._loop is not None, "start() first"
+        c, addr = self.config, self._addr
+        return flow_move.import_flows(
+            self._tcp, doc, self._loop.time(), lambda ip: ip == addr.guest_ip or ip[:8] in (
+                addr.prefix6, LINK_LOCAL_PREFIX), mtu=c.mtu, max_flows=c.max_tcp_flows,
+            idle_timeout_s=c.tcp_idle_timeout_s)
 
     # -- egress policy -------------------------------------------------------------------
 
