@@ -197,7 +197,7 @@ def test_download_and_upload_survive_five_moves(
     after = _tcp_counters()
     print(f"{MOVES} moves of 2 flows during {SIZE >> 20} MiB down + {SIZE >> 20} MiB up: "
           f"{elapsed:.2f} s in all; host traffic held {[round(h * 1000, 1) for h in holds]} "
-          f"ms; peer retransmitted {after['RetransSegs'] - before['RetransSegs']} segments")
+          f"ms; host side retransmitted {after['RetransSegs'] - before['RetransSegs']} segments")
     assert code == 0
     for doc in docs:
         assert len(doc["flows"]) == 2, doc["not_moved"]  # type: ignore[arg-type]
@@ -212,3 +212,46 @@ def test_download_and_upload_survive_five_moves(
     assert after["EstabResets"] - before["EstabResets"] == 2 * MOVES
     assert stats["tcp_flows_exported"] == stats["tcp_flows_imported"] == 2 * MOVES
     assert stats.get("tcp_host_resets", 0) == 0
+
+
+def _flow(guest_port: int, local: str) -> dict[str, object]:
+    """A flow document entry whose host socket would be `local`:40000 -> 127.0.0.1:9."""
+    repair = {"version": 1, "family": "ipv4", "local": [local, 40000 + guest_port],
+              "peer": ["127.0.0.1", 9], "send_seq": 1000, "recv_seq": 2000, "send_queue": "",
+              "unsent": 0, "recv_queue": "", "mss": 1460, "snd_wscale": 7, "rcv_wscale": 7,
+              "sack": True, "timestamp": 1, "window": [2000, 65535, 65535, 65535, 2000],
+              "sndbuf": 1 << 16, "rcvbuf": 1 << 16}
+    return {"guest": ["10.0.2.15", guest_port], "far": ["10.0.2.2", 9], "inbound": False,
+            "guest_mac": "02:00:00:00:00:01", "gateway_mac": "52:56:00:00:00:02", "iss": 5,
+            "snd_una": 6, "snd_nxt": 6, "snd_max": 6, "guest_isn": 9, "rcv_nxt": 10,
+            "last_ack_sent": 10, "guest_wnd_edge": 65542, "guest_wscale": 7,
+            "our_wscale": 8, "adv_edge": 70000, "adv_field": 200, "mss": 1448,
+            "our_mss": 65480, "timestamps": True, "tsval": 77, "ts_recent": 88,
+            "retries": 0, "syn_retransmitted": False, "rtt_exp": 0, "write_blocked": False,
+            "ack_pending": False, "bytes_from_guest": 0, "bytes_to_guest": 0,
+            "socket": repair}
+
+
+@pytest.mark.parametrize(("second", "error"), [
+    # The kernel refuses the second socket (no such local address): the first one,
+    # restored in repair mode, is closed again silently.
+    (_flow(2, "10.9.9.9"), "restoring"),
+    (_flow(2, "127.0.0.1") | {"guest": ["10.0.2.99", 2]}, "not this relay's guest"),
+    (_flow(2, "127.0.0.1") | {"version": 2}, "unknown field"),
+])
+def test_a_failed_import_imports_nothing(second: dict[str, object], error: str) -> None:
+    doc = {"format": "relaynat-flows", "version": 1, "flows": [_flow(1, "127.0.0.1"), second],
+           "not_moved": []}
+    before = _tcp_counters()
+
+    async def main() -> tuple[list[dict[str, object]], dict[str, int]]:
+        async with Relay(RelayConfig(ipv6=False)) as relay:
+            with pytest.raises((ValueError, OSError), match=error):
+                relay.import_flows(doc)
+            return relay.flows(), relay.stats()
+
+    flows, stats = asyncio.run(main())
+    assert flows == []
+    assert "tcp_flows_imported" not in stats
+    after = _tcp_counters()
+    assert after["OutSegs"] == before["OutSegs"]  # not a packet: no probe, no RST

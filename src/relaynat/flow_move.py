@@ -56,6 +56,7 @@ from relaynat.tcp_repair import (
     restore,
 )
 from relaynat.tcp_state import TcpState
+from relaynat.transport import FrameTransport, HandoverTransport
 
 log = logging.getLogger("relaynat.tcp")
 
@@ -82,6 +83,19 @@ class ExportedSockets:
         count = len(self.socks)
         self.socks.clear()
         return count
+
+
+def let_go(transport: FrameTransport | None, keep: bool) -> FrameTransport | None:
+    """A relay lets its transport go: closed, or (`keep`) only stopped and returned,
+    its link open for another relay."""
+    if transport is None or not keep:
+        if transport is not None:
+            transport.close()
+        return None
+    if not isinstance(transport, HandoverTransport):
+        raise TypeError(f"{type(transport).__name__} cannot be handed to another relay")
+    transport.stop()
+    return transport
 
 
 def not_moved(info: FlowInfo, reason: str) -> dict[str, Any]:
@@ -111,9 +125,11 @@ def _give_back(flow: TcpFlow) -> None:
 
 
 def export_flows(tcp: TcpRelay, now: float, held: ExportedSockets, others: list[FlowInfo],
-                 own_service: tuple[str, int] | None) -> dict[str, Any]:
+                 dns_tcp_port: int | None) -> dict[str, Any]:
     """Export every ESTABLISHED flow of `tcp` (sockets into `held`); `others` (UDP and
-    ICMP flows) are listed as not moved. Returns the document."""
+    ICMP flows) and flows to the relay's own DNS-over-TCP responder on 127.0.0.1
+    `dns_tcp_port` are listed as not moved. Returns the document."""
+    own_service = ("127.0.0.1", dns_tcp_port) if dns_tcp_port is not None else None
     states: list[TcpFlowState] = []
     skipped = [not_moved(info, f"{info['protocol']} flows do not move") for info in others]
     for flow in list(tcp.flows.values()):

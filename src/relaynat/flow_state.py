@@ -171,8 +171,8 @@ def _u32(value: Any) -> int:
 
 
 def _count(value: Any) -> int:
-    if type(value) is not int or value < 0:
-        raise ValueError(f"{value!r} is not a non-negative integer")
+    if type(value) is not int or not 0 <= value < 1 << 64:
+        raise ValueError(f"{value!r} is not a 64-bit unsigned count")
     return value
 
 
@@ -236,7 +236,7 @@ def parse_document(doc: Any) -> list[TcpFlowState]:
     if extra or not isinstance(doc.get("flows"), list) or not isinstance(
             doc.get("not_moved"), list):
         raise FlowStateError(f"{FORMAT} document needs lists 'flows' and 'not_moved' "
-                             f"and nothing else (unknown: {extra})")
+                             f"and nothing else (unknown: {', '.join(extra) or 'none'})")
     states: list[TcpFlowState] = []
     keys: set[FlowKey] = set()
     for i, data in enumerate(doc["flows"]):

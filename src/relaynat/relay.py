@@ -53,7 +53,7 @@ from relaynat.policy import Policy
 from relaynat.ratelimit import TokenBucket
 from relaynat.stream import StreamTransport, bind_unix_listener
 from relaynat.tcp_relay import TcpRelay, close_with_reset
-from relaynat.transport import FrameTransport, HandoverTransport
+from relaynat.transport import FrameTransport
 from relaynat.udp_relay import UdpRelay
 from relaynat.wire import (
     ETHERTYPE_ARP,
@@ -198,18 +198,11 @@ class Relay:
             self._link.start_router_adverts(self._loop)
 
     def detach(self, keep_transport: bool = False) -> FrameTransport | None:
-        """Drop the current transport and every flow of its guest (reset toward hosts).
-        `keep_transport`: the transport stops serving this relay but stays open, and is
-        returned, for another relay to `attach` (after `export_flows`)."""
+        """Drop the current transport and every flow of its guest (reset toward hosts);
+        `keep_transport`: only stop it and return it, for another relay's `attach`."""
         self._link.stop_router_adverts()
-        transport, self._transport = self._transport, None
-        if transport is not None and keep_transport:
-            if not isinstance(transport, HandoverTransport):
-                raise TypeError(f"{type(transport).__name__} cannot be handed over")
-            transport.stop()
-        elif transport is not None:
-            transport.close()
-            transport = None
+        transport = flow_move.let_go(self._transport, keep_transport)
+        self._transport = None
         if self._tcp is not None:
             self._tcp.abort_all()
         if self._udp_relay is not None:
@@ -217,33 +210,28 @@ class Relay:
         self._guest_mac = None
         return transport
 
-    # -- moving flows to another relay (flow_move.py, flow_state.py) ---------------------
+    # -- moving flows to another relay (flow_move.py) ------------------------------------
 
     def export_flows(self) -> dict[str, object]:
-        """Take every ESTABLISHED TCP flow out of this relay, silently, and return them
-        as a "relaynat-flows" document for `import_flows` (flow_state.py); the flows
-        that cannot move are listed under "not_moved" and stay. The host sockets are
-        held in repair mode until `release_exported` (flow_move.py: hold the host
-        side's traffic meanwhile)."""
+        """Take every ESTABLISHED TCP flow out, silently, as a "relaynat-flows" document
+        for `import_flows` (others stay, under "not_moved"); see flow_move.py."""
         assert self._tcp is not None and self._loop is not None, "start() first"
         others = [f for p in (self._udp_relay, self._icmp) if p for f in p.describe_flows()]
-        own = ("127.0.0.1", self._dns_tcp.port) if self._dns_tcp is not None else None
         return flow_move.export_flows(self._tcp, self._loop.time(), self._exported, others,
-                                      own)
+                                      self._dns_tcp.port if self._dns_tcp else None)
 
     def release_exported(self, reset: bool = False) -> int:
         """Close the exported host sockets (silently; `reset`: RST their peers)."""
         return self._exported.release(reset)
 
     def import_flows(self, doc: object) -> list[dict[str, object]]:
-        """Serve the flows of `export_flows`' document (checked whole first:
-        FlowStateError, a ValueError, and nothing imported). Returns them described."""
+        """Serve the flows of an `export_flows` document, checked whole first (else
+        FlowStateError, a ValueError, and nothing imported); returns them described."""
         assert self._tcp is not None and self._loop is not None, "start() first"
-        c, addr = self.config, self._addr
-        return flow_move.import_flows(
-            self._tcp, doc, self._loop.time(), lambda ip: ip == addr.guest_ip or ip[:8] in (
-                addr.prefix6, LINK_LOCAL_PREFIX), mtu=c.mtu, max_flows=c.max_tcp_flows,
-            idle_timeout_s=c.tcp_idle_timeout_s)
+        c = self.config
+        return flow_move.import_flows(self._tcp, doc, self._loop.time(), self._addr.is_guest,
+                                      mtu=c.mtu, max_flows=c.max_tcp_flows,
+                                      idle_timeout_s=c.tcp_idle_timeout_s)
 
     # -- egress policy -------------------------------------------------------------------
 
