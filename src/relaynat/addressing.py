@@ -63,6 +63,11 @@ class AddressMap:
         self.dns_upstream = dns_upstream
         self._client_source = c.inbound_source == "client"
 
+    def is_guest(self, addr: bytes) -> bool:
+        """`addr` may be the guest's: its IPv4 address, or IPv6 in the prefix (SLAAC
+        chooses) or link-local."""
+        return addr == self.guest_ip or addr[:8] in (self.prefix6, LINK_LOCAL_PREFIX)
+
     def in_subnet_v4(self, addr: bytes) -> bool:
         return int.from_bytes(addr, "big") & self._mask == self._net
 

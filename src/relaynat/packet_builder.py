@@ -198,6 +198,17 @@ class TcpFrameTemplate:
             return self
         return TcpFrameTemplate(**self._params, timestamps=timestamps)
 
+    def with_link(self, vnet_hdr_len: int, offload: bool) -> TcpFrameTemplate:
+        """The same flow's template for another link's frame format: a flow moved to
+        another relay (flow_move.py) before its transport was attached."""
+        params = {**self._params, "vnet_hdr_len": vnet_hdr_len, "offload": offload}
+        return TcpFrameTemplate(**params, timestamps=self.timestamps)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The constructor's keyword arguments (timestamps aside)."""
+        return dict(self._params)
+
     def build(self, seq: int, ack: int, flags: int, window: int,
               payload: bytes | memoryview = b"", options: bytes | None = None, mss: int = 0,
               tsval: int = 0, tsecr: int = 0) -> bytes:

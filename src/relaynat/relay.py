@@ -33,6 +33,7 @@ import logging
 import socket
 from collections import Counter
 
+from relaynat import flow_move
 from relaynat.addressing import DNS_PORT, LINK_LOCAL_PREFIX, AddressMap
 from relaynat.config import RelayConfig
 from relaynat.dns import answer_static, host_upstream, static_table
@@ -76,7 +77,6 @@ from relaynat.wire import (
 )
 
 log = logging.getLogger("relaynat")
-
 
 
 class Relay:
@@ -126,6 +126,7 @@ class Relay:
         self._link = LinkServices(c, self._addr, self._send_frame, self._stats)
         self._dns_static = static_table(c.dns_records)
         self.transport_lost_event = asyncio.Event()
+        self._exported = flow_move.ExportedSockets()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -156,8 +157,9 @@ class Relay:
 
     def close(self) -> None:
         """Detach the guest, stop every forward and listener and close the host sockets.
-        Called by `async with`."""
+        Called by `async with`. Exported sockets are released silently."""
         self.detach()
+        self._exported.release()
         if self._listener is not None:
             assert self._loop is not None  # a listener exists only once started
             with contextlib.suppress(ValueError, OSError):
@@ -187,7 +189,8 @@ class Relay:
         """Serve the guest behind `transport`; replaces (and closes) a previous one."""
         if self._tcp is None:
             raise RuntimeError("Relay.start() (or `async with`) must come before attach()")
-        self.detach()
+        if self._transport is not None:  # flows imported without a transport stay
+            self.detach()
         self._transport = transport
         self._verify_tcp = transport.vnet_hdr_len == 0
         self._tcp.set_link(transport.vnet_hdr_len, transport.offload)
@@ -199,17 +202,41 @@ class Relay:
             assert self._loop is not None
             self._link.start_router_adverts(self._loop)
 
-    def detach(self) -> None:
-        """Drop the current transport and every flow of its guest (reset toward hosts)."""
+    def detach(self, keep_transport: bool = False) -> FrameTransport | None:
+        """Drop the current transport and every flow of its guest (reset toward hosts);
+        `keep_transport`: only stop it and return it, for another relay's `attach`."""
         self._link.stop_router_adverts()
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        transport = flow_move.let_go(self._transport, keep_transport)
+        self._transport = None
         if self._tcp is not None:
             self._tcp.abort_all()
         if self._udp_relay is not None:
             self._udp_relay.abort_all()
         self._guest_mac = None
+        return transport
+
+    # -- moving flows to another relay (flow_move.py) ------------------------------------
+
+    def export_flows(self) -> dict[str, object]:
+        """Take every ESTABLISHED TCP flow out, silently, as a "relaynat-flows" document
+        for `import_flows` (others stay, under "not_moved"); see flow_move.py."""
+        assert self._tcp is not None and self._loop is not None, "start() first"
+        others = [f for p in (self._udp_relay, self._icmp) if p for f in p.describe_flows()]
+        return flow_move.export_flows(self._tcp, self._loop.time(), self._exported, others,
+                                      self._dns_tcp.port if self._dns_tcp else None)
+
+    def release_exported(self, reset: bool = False) -> int:
+        """Close the exported host sockets (silently; `reset`: RST their peers)."""
+        return self._exported.release(reset)
+
+    def import_flows(self, doc: object) -> list[dict[str, object]]:
+        """Serve the flows of an `export_flows` document, checked whole first (else
+        FlowStateError, a ValueError, and nothing imported); returns them described."""
+        assert self._tcp is not None and self._loop is not None, "start() first"
+        c = self.config
+        return flow_move.import_flows(self._tcp, doc, self._loop.time(), self._addr.is_guest,
+                                      mtu=c.mtu, max_flows=c.max_tcp_flows,
+                                      idle_timeout_s=c.tcp_idle_timeout_s)
 
     # -- egress policy -------------------------------------------------------------------
 

@@ -174,6 +174,13 @@ class StreamTransport(TransportBase):
         """Bytes waiting for the socket to take them."""
         return self._queued
 
+    def stop(self) -> None:
+        """`HandoverTransport`: stop reading, the socket open (queued frames still go
+        out); a frame read in part is finished by the next relay's reads."""
+        if self._sink is not None and not self.closed:
+            self._loop.remove_reader(self.sock.fileno())
+        self._sink = None
+
     def close(self) -> None:
         if self.closed:
             return

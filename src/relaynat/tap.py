@@ -127,6 +127,12 @@ class TapTransport(TransportBase):
             self.send_errors += 1
             log.debug("TAP write failed: %s", exc)
 
+    def stop(self) -> None:
+        """`HandoverTransport`: stop reading, the fd open; frames wait in the TAP's queue."""
+        if self._sink is not None:
+            self._loop.remove_reader(self.fd)
+            self._sink = None
+
     def close(self) -> None:
         if self._sink is not None:
             self._loop.remove_reader(self.fd)

@@ -34,9 +34,10 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from relaynat.addressing import inbound_flow_key
+from relaynat.flow_state import relink
 from relaynat.flowinfo import describe_tcp
 from relaynat.nat_entry import TcpNatEntry
 from relaynat.packet_builder import TcpFrameTemplate
@@ -78,6 +79,7 @@ _INT = struct.Struct("i")
 #: guest address); an IPv6 guest may use several source addresses at once.
 FlowKey = tuple[int, bytes, int, bytes]
 SendToGuest = Callable[[bytes, "bytes | memoryview"], None]
+T = TypeVar("T")
 
 
 @dataclass(slots=True, eq=False)
@@ -133,9 +135,17 @@ class TcpRelay:
         self.rate_limit: TokenBucket | None = None
 
     def set_link(self, vnet_hdr_len: int, offload: bool) -> None:
-        """Frame format of the attached transport (applies to flows created later)."""
+        """Frame format of the attached transport, for new flows and for the flows
+        imported before it was attached (flow_move.py)."""
         self._vnet_hdr_len = vnet_hdr_len
         self._offload = offload
+        for flow in self.flows.values():
+            relink(flow.entry, vnet_hdr_len, offload)
+
+    @property
+    def link(self) -> tuple[int, bool]:
+        """(vnet header length, offload) of the frames toward the guest."""
+        return self._vnet_hdr_len, self._offload
 
     # -- guest segments ----------------------------------------------------------------
 
@@ -543,6 +553,33 @@ class TcpRelay:
             self._execute(flow)  # the RST to the guest, then CloseHost(abortive)
             cut += 1
         return cut
+
+    # -- moving flows (flow_move.py) -------------------------------------------------------
+
+    def forget(self, flow: TcpFlow, dump: Callable[[socket.socket], T]) -> T:
+        """Take `flow` out, its socket open and without a packet either way, and return
+        `dump(socket)`: its state, for another relay. The bytes the guest acknowledged
+        are dropped before the dump, so the socket's receive queue starts at the guest's
+        first unacknowledged byte. If `dump` raises, the flow stays here."""
+        self._consume(flow)
+        state = dump(flow.sock)
+        flow.entry.on_guest_gone()
+        del self.flows[flow.key]
+        fd = flow.sock.fileno()
+        self._by_fd.pop(fd, None)
+        with contextlib.suppress(OSError):
+            self._epoll.unregister(fd)
+        self.stats["tcp_flows_exported"] += 1
+        return state
+
+    def adopt(self, flow: TcpFlow) -> None:
+        """Serve `flow` (moved here from another relay) as if it had been opened here."""
+        self.flows[flow.key] = flow
+        self._by_fd[flow.sock.fileno()] = flow
+        self._epoll.register(flow.sock.fileno(), _EPOLL_FLAGS)
+        self.stats["tcp_flows_imported"] += 1
+        self._mark_dirty(flow)
+        self._schedule(flow)
 
     # -- teardown ------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ Only ESTABLISHED sockets move: a half-closed or half-open one raises RepairError
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import socket
 import struct
@@ -54,6 +55,9 @@ TCP_ESTABLISHED = 1
 #: Unsent bytes of the send queue (linux/sockios.h); SIOCOUTQ is TIOCOUTQ.
 SIOCOUTQNSD = 0x894B
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+SO_PEEK_OFF = 42
+#: Leave repair mode without the window probe (linux/tcp.h).
+TCP_REPAIR_OFF_NO_WP = -1
 _WINDOW = struct.Struct("=5I")  # struct tcp_repair_window
 _OPT = struct.Struct("=2I")  # struct tcp_repair_opt
 #: Serialized format version: bump on any change of the fields' meaning.
@@ -189,6 +193,11 @@ def dump(sock: socket.socket) -> RepairState:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
     except PermissionError:
         raise RepairError("TCP_REPAIR needs CAP_NET_ADMIN") from None
+    # A peek offset (SO_PEEK_OFF, TCP since Linux 6.10) also moves a repair-mode
+    # MSG_PEEK of the receive queue (tcp_recvmsg_locked): the dump would start past
+    # the queue's head. -1 switches it off.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
     send_end, send_queue, unsent = _queue(sock, TCP_SEND_QUEUE)
     recv_end, recv_queue, _ = _queue(sock, TCP_RECV_QUEUE)
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
@@ -231,12 +240,18 @@ def _fill(sock: socket.socket, queue: int, data: bytes) -> None:
     _write_all(sock, data, "queued")
 
 
-def restore(state: RepairState) -> socket.socket:
+def restore(state: RepairState, *, stay_in_repair: bool = False) -> socket.socket:
     """A socket carrying `state`'s connection, out of repair mode, blocking. Raises
-    RepairError (nothing half-restored stays open)."""
+    RepairError (nothing half-restored stays open).
+
+    `stay_in_repair`: stop just before leaving repair mode, non-blocking, so that a
+    caller restoring many connections can give up on all of them silently (closing a
+    socket in repair mode sends nothing) if one fails; `leave_repair` finishes it."""
     sock = socket.socket(state.family, socket.SOCK_STREAM)
     try:
         _restore_into(sock, state)
+        if not stay_in_repair:
+            leave_repair(sock, state)
     except OSError as exc:
         sock.close()
         if isinstance(exc, RepairError):
@@ -246,11 +261,13 @@ def restore(state: RepairState) -> socket.socket:
 
 
 def _restore_into(sock: socket.socket, state: RepairState) -> None:
+    # TCP_REPAIR also lets the socket bind a port in use (sk_reuse = SK_FORCE_REUSE):
+    # an accepted connection's port is its listener's. SO_REUSEADDR must not follow:
+    # it would set sk_reuse back to 1, and bind() then fails with EADDRINUSE.
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
     except PermissionError:
         raise RepairError("TCP_REPAIR needs CAP_NET_ADMIN") from None
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # The kernel reports twice what was set (socket(7)); the FORCE variants pass
     # wmem_max/rmem_max, as CAP_NET_ADMIN (which repair needs anyway) allows. Setting
     # them stops autotuning for this socket, the price of carrying full queues over.
@@ -284,6 +301,12 @@ def _restore_into(sock: socket.socket, state: RepairState) -> None:
     _fill(sock, TCP_SEND_QUEUE, state.send_queue[:transmitted])
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _WINDOW.pack(*state.window))
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+
+
+def leave_repair(sock: socket.socket, state: RepairState) -> None:
+    """Finish `restore(state, stay_in_repair=True)`: out of repair mode (with a window
+    probe), the never-transmitted bytes queued, blocking."""
+    transmitted = len(state.send_queue) - state.unsent
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)  # leaves with a window probe
     _write_all(sock, state.send_queue[transmitted:], "unsent")
     sock.setblocking(True)

@@ -11,7 +11,7 @@ payload)`, written with one writev/sendmsg so payloads are never concatenated.
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 #: The longest one transport keeps handling frames in one wakeup; with the frame count
 #: per wakeup, it is each guest's turn in a loop shared by many guests (`Guests`): a
@@ -59,6 +59,16 @@ class FrameTransport(Protocol):
 
     def close(self) -> None:
         """Stop reading and release the link; idempotent."""
+
+
+@runtime_checkable
+class HandoverTransport(FrameTransport, Protocol):
+    """A transport that can pass from one relay to another, its link open
+    (`Relay.detach(keep_transport=True)`, when flows move between relays)."""
+
+    def stop(self) -> None:
+        """Stop reading and forget the sink, keeping the link open: the next `start`
+        (by another relay) resumes. Frames the guest sends meanwhile wait in the link."""
 
 
 class TransportBase(FrameTransport):
