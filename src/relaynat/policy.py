@@ -47,6 +47,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import tomllib
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_network
@@ -432,3 +433,38 @@ class Policy:
 
     def __repr__(self) -> str:
         return f"Policy({len(self.rules)} rules, default={self.default!r})"
+
+
+class EgressGate:
+    """`policy` applied to one relay's new guest flows: what `TcpRelay`, `UdpRelay` and
+    `IcmpEchoRelay` ask (`admit`, counted into `stats`) and what `set_policy(cut=True)`
+    asks of open flows (`denies`, not counted: the cut is). The DNS addresses' port 53
+    is the relay's own service and never asked about (see the module docstring)."""
+
+    def __init__(self, policy: Policy, dns_addresses: tuple[bytes, ...], dns_port: int,
+                 stats: Counter[str]) -> None:
+        self.policy = policy
+        self._dns_addresses = dns_addresses
+        self._dns_port = dns_port
+        self._stats = stats
+
+    def _exempt(self, dst: bytes, dport: int) -> bool:
+        return dport == self._dns_port and dst in self._dns_addresses
+
+    def denies(self, proto: int, dst: bytes, dport: int) -> bool:
+        """The policy's word on an open flow."""
+        return not self._exempt(dst, dport) and not self.policy.decide(proto, dst,
+                                                                        dport).allow
+
+    def admit(self, proto: int, dst: bytes, dport: int) -> bool:
+        """The policy's word on a new guest flow, counted per rule."""
+        if self._exempt(dst, dport):
+            return True
+        decision = self.policy.decide(proto, dst, dport)
+        if decision.allow:
+            self._stats["policy_allowed"] += 1
+        else:
+            rule = "default" if decision.rule < 0 else f"rule{decision.rule}"
+            self._stats["policy_denied"] += 1
+            self._stats[f"policy_denied_{rule}"] += 1
+        return decision.allow

@@ -49,7 +49,7 @@ from relaynat.link_services import (
 )
 from relaynat.packet_builder import BROADCAST_MAC, ICMP_PORT_UNREACH, udp_frame
 from relaynat.pcap import PcapWriter
-from relaynat.policy import Policy
+from relaynat.policy import EgressGate, Policy
 from relaynat.ratelimit import TokenBucket
 from relaynat.stream import StreamTransport, bind_unix_listener
 from relaynat.tcp_relay import TcpRelay, close_with_reset
@@ -251,45 +251,21 @@ class Relay:
         policy denies end now (TCP: RST to the guest and to the host peer; UDP and ICMP
         sessions: closed), counted as `policy_cut_<proto>`. Returns how many ended."""
         self._policy = policy
-        admit = self._admit if policy is not None else None
+        gate = None if policy is None else EgressGate(
+            policy, (self._addr.dns_ip, self._addr.dns_ip6), DNS_PORT, self._stats)
         parts = (("tcp", self._tcp), ("udp", self._udp_relay), ("icmp", self._icmp))
         for _name, part in parts:
             if part is not None:
-                part.admit = admit
-        if not cut or policy is None:
+                part.admit = gate.admit if gate is not None else None
+        if not cut or gate is None:
             return 0
         ended = 0
         for name, part in parts:
             if part is not None:
-                n = part.cut(self._denies)
+                n = part.cut(gate.denies)
                 self._stats[f"policy_cut_{name}"] += n
                 ended += n
         return ended
-
-    def _exempt(self, dst: bytes, dport: int) -> bool:
-        """The DNS addresses' port 53 is the relay's own service and never asked about
-        (policy.py explains why)."""
-        return dport == DNS_PORT and dst in (self._addr.dns_ip, self._addr.dns_ip6)
-
-    def _denies(self, proto: int, dst: bytes, dport: int) -> bool:
-        """The policy's word on an open flow (not counted as a decision: cut counts)."""
-        assert self._policy is not None
-        return not self._exempt(dst, dport) and not self._policy.decide(proto, dst,
-                                                                           dport).allow
-
-    def _admit(self, proto: int, dst: bytes, dport: int) -> bool:
-        """The policy's word on a new guest flow, counted."""
-        if self._exempt(dst, dport):
-            return True
-        assert self._policy is not None
-        decision = self._policy.decide(proto, dst, dport)
-        rule = "default" if decision.rule < 0 else f"rule{decision.rule}"
-        if decision.allow:
-            self._stats["policy_allowed"] += 1
-        else:
-            self._stats["policy_denied"] += 1
-            self._stats[f"policy_denied_{rule}"] += 1
-        return decision.allow
 
     # -- inbound forwards ----------------------------------------------------------------
 
