@@ -533,9 +533,9 @@ class TcpRelay:
         self._timer = None
         self._timer_at = float("inf")
         now = self._loop.time()
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            deadline, _, flow = heapq.heappop(heap)
+        # self._heap each time round: a _schedule from _execute may rebuild it.
+        while self._heap and self._heap[0][0] <= now:
+            deadline, _, flow = heapq.heappop(self._heap)
             if flow.scheduled_at != deadline or flow.entry.closed:
                 continue
             flow.scheduled_at = float("inf")
@@ -549,8 +549,14 @@ class TcpRelay:
             if not entry.closed:
                 self._mark_dirty(flow)
         self.flush()
-        if heap and self._timer is None:
-            self._timer_at = heap[0][0]
+        # Re-arm for the heap's head. The flows this run rescheduled (in _execute and
+        # flush) armed the timer for their own deadlines only, with _timer_at reset
+        # above: an earlier deadline of a flow not touched here, another flow's RTO
+        # or window check, would otherwise wait for theirs (up to the idle timeout).
+        if self._heap and self._heap[0][0] < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = self._heap[0][0]
             self._timer = self._loop.call_at(self._timer_at, self._on_timer)
 
     # -- control -------------------------------------------------------------------------
