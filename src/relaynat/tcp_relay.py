@@ -476,9 +476,8 @@ class TcpRelay:
                 return
             nbytes -= got
 
-    def _close(self, flow: TcpFlow, abortive: bool, counter: str = "tcp_flows_closed") -> None:
-        if self.flows.get(flow.key) is not flow:
-            return
+    def _untrack(self, flow: TcpFlow) -> None:
+        """Take `flow` out of the tables and the epoll set; its socket stays open."""
         del self.flows[flow.key]
         fd = flow.sock.fileno()
         self._by_fd.pop(fd, None)
@@ -487,6 +486,11 @@ class TcpRelay:
             flow.connecting = False
         with contextlib.suppress(OSError):
             self._epoll.unregister(fd)
+
+    def _close(self, flow: TcpFlow, abortive: bool, counter: str = "tcp_flows_closed") -> None:
+        if self.flows.get(flow.key) is not flow:
+            return
+        self._untrack(flow)
         if abortive:
             self.stats["tcp_host_resets"] += 1
             close_with_reset(flow.sock)
@@ -587,11 +591,7 @@ class TcpRelay:
         self._consume(flow)
         state = dump(flow.sock)
         flow.entry.on_guest_gone()
-        del self.flows[flow.key]
-        fd = flow.sock.fileno()
-        self._by_fd.pop(fd, None)
-        with contextlib.suppress(OSError):
-            self._epoll.unregister(fd)
+        self._untrack(flow)
         self.stats["tcp_flows_exported"] += 1
         return state
 
