@@ -41,8 +41,8 @@ from relaynat.relay import Relay
 
 log = logging.getLogger("relaynat")
 
-#: Descriptors a guest holds besides its flows: its transport, a stream listener, the
-#: pcap file, DNS-over-TCP and forward listeners are few; flows are what count.
+#: The RelayConfig maxima of flows that each hold a host socket. A guest's other
+#: descriptors (transport, listeners, pcap file) are few; flows are what count.
 _FLOW_LIMITS = ("max_tcp_flows", "max_udp_flows", "max_icmp_flows")
 
 

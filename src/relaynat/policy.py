@@ -54,6 +54,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_network
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from relaynat.addressing import DNS_PORT
 from relaynat.config import ConfigError, RelayConfig
 
 PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6 = 1, 6, 17, 58
@@ -441,15 +442,14 @@ class EgressGate:
     asks of open flows (`denies`, not counted: the cut is). The DNS addresses' port 53
     is the relay's own service and never asked about (see the module docstring)."""
 
-    def __init__(self, policy: Policy, dns_addresses: tuple[bytes, ...], dns_port: int,
+    def __init__(self, policy: Policy, dns_addresses: tuple[bytes, ...],
                  stats: Counter[str]) -> None:
         self.policy = policy
         self._dns_addresses = dns_addresses
-        self._dns_port = dns_port
         self._stats = stats
 
     def _exempt(self, dst: bytes, dport: int) -> bool:
-        return dport == self._dns_port and dst in self._dns_addresses
+        return dport == DNS_PORT and dst in self._dns_addresses
 
     def denies(self, proto: int, dst: bytes, dport: int) -> bool:
         """The policy's word on an open flow."""

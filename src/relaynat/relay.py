@@ -252,7 +252,7 @@ class Relay:
         sessions: closed), counted as `policy_cut_<proto>`. Returns how many ended."""
         self._policy = policy
         gate = None if policy is None else EgressGate(
-            policy, (self._addr.dns_ip, self._addr.dns_ip6), DNS_PORT, self._stats)
+            policy, (self._addr.dns_ip, self._addr.dns_ip6), self._stats)
         parts = (("tcp", self._tcp), ("udp", self._udp_relay), ("icmp", self._icmp))
         for _name, part in parts:
             if part is not None:
