@@ -24,6 +24,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 REQUEST = RESPONSE = 64  # bytes per request and per response (a small RPC)
 #: The idle client gives up when no connect completed for this long (a relay that hit
@@ -47,12 +48,13 @@ def listener(bind: str, port: int) -> socket.socket:
     return srv
 
 
-def crr_server(bind: str, port: int, seconds: float) -> None:
-    """Answer each connection's 64-byte request with 64 bytes; the client closes."""
-    srv = listener(bind, port)
+def _serve_connections(srv: socket.socket, seconds: float,
+                       on_data: Callable[[socket.socket, bytes], None],
+                       on_close: Callable[[socket.socket], None] = lambda sock: None) -> None:
+    """Accept on `srv` and read every connection until `seconds` pass: each chunk goes to
+    `on_data`; a connection that ends (EOF or error) to `on_close`, then it is closed."""
     sel = selectors.DefaultSelector()
     sel.register(srv, selectors.EVENT_READ)
-    pending: dict[socket.socket, int] = {}
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         for key, _ in sel.select(0.2):
@@ -63,7 +65,6 @@ def crr_server(bind: str, port: int, seconds: float) -> None:
                     while True:
                         conn, _ = srv.accept()
                         conn.setblocking(False)
-                        pending[conn] = 0
                         sel.register(conn, selectors.EVENT_READ)
                 continue
             try:
@@ -71,15 +72,27 @@ def crr_server(bind: str, port: int, seconds: float) -> None:
             except OSError:
                 data = b""
             if data:
-                pending[sock] += len(data)
-                if pending[sock] >= REQUEST:
-                    pending[sock] -= REQUEST
-                    with contextlib.suppress(OSError):
-                        sock.send(b"r" * RESPONSE)  # 64 bytes always fit an empty buffer
+                on_data(sock, data)
                 continue
             sel.unregister(sock)
-            del pending[sock]
+            on_close(sock)
             sock.close()
+
+
+def crr_server(bind: str, port: int, seconds: float) -> None:
+    """Answer each connection's 64-byte request with 64 bytes; the client closes."""
+    pending: dict[socket.socket, int] = {}
+
+    def on_data(sock: socket.socket, data: bytes) -> None:
+        got = pending.get(sock, 0) + len(data)
+        if got >= REQUEST:
+            got -= REQUEST
+            with contextlib.suppress(OSError):
+                sock.send(b"r" * RESPONSE)  # 64 bytes always fit an empty buffer
+        pending[sock] = got
+
+    _serve_connections(listener(bind, port), seconds, on_data,
+                       lambda sock: pending.pop(sock, None))
 
 
 def crr_client(target: str, port: int, duration: float) -> dict[str, object]:
@@ -123,28 +136,7 @@ def crr_client(target: str, port: int, duration: float) -> dict[str, object]:
 def idle_server(bind: str, port: int, seconds: float) -> None:
     """Accept and hold connections (reading and discarding) until `seconds` pass."""
     raise_nofile()
-    srv = listener(bind, port)
-    sel = selectors.DefaultSelector()
-    sel.register(srv, selectors.EVENT_READ)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        for key, _ in sel.select(0.2):
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
-            if sock is srv:
-                with contextlib.suppress(BlockingIOError):
-                    while True:
-                        conn, _ = srv.accept()
-                        conn.setblocking(False)
-                        sel.register(conn, selectors.EVENT_READ)
-                continue
-            try:
-                data = sock.recv(4096)
-            except OSError:
-                data = b""
-            if not data:
-                sel.unregister(sock)
-                sock.close()
+    _serve_connections(listener(bind, port), seconds, lambda sock, data: None)
 
 
 def idle_client(target: str, port: int, count: int, hold: float, concurrency: int) -> int:
