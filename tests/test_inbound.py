@@ -113,6 +113,35 @@ def test_silent_guest_gets_syn_retries_then_the_client_is_reset() -> None:
     assert not any(isinstance(a, SendFrame) for a in actions)  # no RST to a guest never met
 
 
+def test_our_syn_goes_again_at_once_to_the_guest_mac_once_learned() -> None:
+    """A host client connected before the guest's first frame: the SYN went to the
+    broadcast address, which the guest's TCP discards. When the MAC is learned the SYN
+    goes again at once, to it, with the same ISN; established flows only change
+    address."""
+    mac = bytes.fromhex("020000000042")
+    template = TcpFrameTemplate(dst_mac=b"\xff" * 6, src_mac=b"\x52" * 6, src=GW, dst=GUEST,
+                                sport=40000, dport=8080, timestamps=True)
+    entry = TcpNatEntry.inbound(template=template, mtu=65520, iss=77, now=0.0, facts=None)
+    entry.take_actions()
+    entry.on_guest_mac(mac, 0.1)
+    (action,) = [a for a in entry.take_actions() if isinstance(a, SendFrame)]
+    assert bytes(action.head)[:6] == mac
+    syn = parse_tcp(parse_ipv4(parse_ethernet(memoryview(bytes(action.head))).payload))
+    assert syn.flags == SYN and syn.seq == 77
+    entry.on_guest_mac(mac, 0.2)  # the same MAC again: nothing to do
+    assert entry.take_actions() == []
+
+    entry = _entry(iss=5)
+    _sent(entry)
+    entry.on_guest_segment(_from_guest(SYN | ACK, 100, 6), 0.0)
+    _sent(entry)
+    entry.on_guest_mac(mac, 0.1)
+    assert _sent(entry) == []
+    entry.on_host_data(memoryview(b"data"), 0.2)
+    entry.flush(None, 0.2)
+    assert [a.head[:6] for a in entry.take_actions() if isinstance(a, SendFrame)] == [mac]
+
+
 def test_host_data_waits_for_the_handshake() -> None:
     entry = _entry()
     _sent(entry)
@@ -138,6 +167,53 @@ GUEST_SERVER = (
     "        n += len(d)\n"
     "    c.sendall(f'{h.hexdigest()} {n} {peer[0]}'.encode())\n"
     "    c.close()\n")
+
+
+QUIET_GUEST_SERVER = (
+    "import os, socket, sys\n"
+    "s = socket.create_server(('0.0.0.0', 8080))\n"
+    "open(sys.argv[1], 'w').close()\n"
+    "c, _ = s.accept()\n"
+    "c.sendall(c.recv(100).upper())\n")
+
+
+@pytest.mark.integration
+async def test_a_client_connecting_before_the_guest_spoke_reaches_it(tmp_path) -> None:
+    """An IPv4-only guest with a static address sends nothing at link-up, so when a
+    forward's client connects the relay does not know the guest's MAC. It asks (an ARP
+    request) and SYNs the guest once the answer teaches it the MAC. It used to SYN the
+    broadcast address, every retry too, which the guest's TCP discards: the client
+    hung (test_forwarded_uploads' flaky stall, when its client won the race against
+    the guest's first frame)."""
+    listening = tmp_path / "listening"
+    relays = []
+
+    def ready(relay: object) -> None:
+        relays.append(relay)
+
+    guest = asyncio.ensure_future(run_command(
+        RelayConfig(ipv6=False), [sys.executable, "-c", QUIET_GUEST_SERVER, str(listening)],
+        relay_ready=ready))
+    try:
+        for _ in range(200):
+            if listening.exists():
+                break
+            await asyncio.sleep(0.05)
+        relay = relays[0]
+        assert relay.stats().get("frames_in", 0) == 0  # the premise: the guest never spoke
+        port = relay.add_forward("tcp", "127.0.0.1", 0, 8080).host_port
+
+        def talk() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), 5) as s:
+                s.sendall(b"hello")
+                return s.recv(100)
+
+        assert await asyncio.to_thread(talk) == b"HELLO"
+        assert await asyncio.wait_for(guest, 10) == 0
+    finally:
+        guest.cancel()
+    stats = relay.stats()
+    assert stats["guest_solicits"] == 1 and stats["frames_in"] > 0
 
 
 def _upload(addr: str, port: int, data: bytes) -> str:

@@ -289,6 +289,17 @@ def test_unsolicited_ra_with_other_config() -> None:
     assert frame[ICMPv6NDOptRDNSS].lifetime == 1800  # never 0, even with lifetime 0
 
 
+def test_our_solicitation_for_the_guest_is_a_valid_ns(ndp: NdpResponder) -> None:
+    """The relay asks a guest that never spoke for its MAC (RFC 4861 §7.2.2): an NS
+    for its address, to the solicited-node group, from our link-local address, with
+    our link-layer address so the guest can answer without asking back."""
+    reply = ndp.neighbour_solicitation(ip6(GUEST_SLAAC))
+    frame = parse(reply)
+    assert frame[ICMPv6ND_NS].tgt == GUEST_SLAAC and frame[ICMPv6ND_NS].code == 0
+    assert frame[ICMPv6NDOptSrcLLAddr].lladdr == GW_MAC
+    assert reply.dst == ip6(sol(GUEST_SLAAC)) and reply.src == ip6(GW_LL)
+
+
 INVALID_RS = {
     "hop-limit-254": (rs(hlim=254), "bad_hop_limit"),
     "code-3": (IPv6(src=GUEST_LL, dst="ff02::2", hlim=255) / ICMPv6ND_RS(code=3), "bad_code"),

@@ -19,7 +19,7 @@ from relaynat.config import RelayConfig
 from relaynat.dhcp import DhcpServer
 from relaynat.dhcpv6 import Dhcpv6Server
 from relaynat.ndp import MAX_RTR_ADV_INTERVAL_S, NDP_TYPES, RA, NdpReply, NdpResponder
-from relaynat.packet_builder import BROADCAST_MAC, arp_reply, ip_frame, udp_frame
+from relaynat.packet_builder import BROADCAST_MAC, arp_reply, arp_request, ip_frame, udp_frame
 from relaynat.ratelimit import TokenBucket
 from relaynat.wire import (
     IPPROTO_ICMPV6,
@@ -61,6 +61,24 @@ class LinkServices:
         # MAX_RTR_SOLICITATIONS (3) of them, 4 s apart (RFC 4861 §10), all answered; a
         # guest soliciting in a loop gets one RA per MIN_DELAY_BETWEEN_RAS (3 s).
         self._solicited_ras = TokenBucket(Fraction(1, 3), 3)
+        # Our own solicitations for the guest's MAC: Linux's default too (neigh
+        # mcast_solicit 3, retrans_time 1 s), so a host client connecting in a loop
+        # before the guest's first frame makes no flood.
+        self._guest_solicits = TokenBucket(Fraction(1), 3)
+
+    def solicit_guest(self, guest: bytes) -> None:
+        """Ask the guest for its MAC (ARP request, or NS for an IPv6 `guest`): a frame
+        must reach it before it sent any, a host client of a forward connecting before
+        the guest spoke. Its answer teaches the relay the MAC as any frame does."""
+        if not self._guest_solicits.allow(self._clock()):
+            self._stats["guest_solicit_rate_limited"] += 1
+            return
+        self._stats["guest_solicits"] += 1
+        if len(guest) == 16:
+            self._send_ndp(self.ndp.neighbour_solicitation(guest))
+        else:
+            self._send_frame(arp_request(self.config.gateway_mac, self._addr.gateway_ip,
+                                         guest))
 
     # -- IPv4 ----------------------------------------------------------------------------
 

@@ -246,6 +246,17 @@ class NdpResponder:
         message = with_checksum(self._link_local, dst, header + self._ra_options)
         return NdpReply(dst, dst_mac, self._link_local, message)
 
+    def neighbour_solicitation(self, target: bytes) -> NdpReply:
+        """Our NS for the guest's address `target` (RFC 4861 §7.2.2), multicast to its
+        solicited-node group, from our link-local address with our link-layer address
+        (§4.3): the guest's NA tells the relay its MAC. The NA layout serves: an NS is
+        type, code, checksum, 4 reserved bytes, target."""
+        dst = solicited_node(target)
+        ns = _NA.pack(NS, 0, 0, 0, target) + bytes((OPT_SLLA, 1)) + self._mac
+        self.counters["ns_sent"] += 1
+        return NdpReply(dst, multicast_mac(dst), self._link_local,
+                        with_checksum(self._link_local, dst, ns))
+
     def handle(
         self, src: bytes, dst: bytes, hop_limit: int, message: bytes | memoryview,
         src_mac: bytes,

@@ -131,6 +131,12 @@ def arp_reply(our_mac: bytes, our_ip: bytes, their_mac: bytes, their_ip: bytes) 
     return ethernet_header(their_mac, our_mac, ETHERTYPE_ARP) + body
 
 
+def arp_request(our_mac: bytes, our_ip: bytes, target_ip: bytes) -> bytes:
+    """RFC 826 request, broadcast: who has `target_ip`? (target hardware address 0)."""
+    body = _ARP.pack(1, ETHERTYPE_IPV4, 6, 4, 1, our_mac, our_ip, bytes(6), target_ip)
+    return ethernet_header(BROADCAST_MAC, our_mac, ETHERTYPE_ARP) + body
+
+
 def tcp_options_syn(mss: int, wscale: int | None,
                     timestamps: tuple[int, int] | None = None) -> bytes:
     """SYN(-ACK) options: MSS (RFC 9293 §3.7.1), window scale if offered, padded with a
@@ -197,6 +203,15 @@ class TcpFrameTemplate:
         if timestamps == self.timestamps:
             return self
         return TcpFrameTemplate(**self._params, timestamps=timestamps)
+
+    def with_guest_mac(self, mac: bytes) -> TcpFrameTemplate:
+        """The same flow's template toward another guest MAC: the relay learned the
+        guest's (a flow opened before its first frame went to broadcast, which the
+        guest's TCP discards) or the guest changed it."""
+        if mac == self._params["dst_mac"]:
+            return self
+        return TcpFrameTemplate(**{**self._params, "dst_mac": mac},
+                                timestamps=self.timestamps)
 
     def with_link(self, vnet_hdr_len: int, offload: bool) -> TcpFrameTemplate:
         """The same flow's template for another link's frame format: a flow moved to

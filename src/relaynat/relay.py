@@ -317,6 +317,8 @@ class Relay:
             self._stats["tcp_inbound_no_guest"] += 1
             close_with_reset(sock)
             return False
+        if self._guest_mac is None:
+            self._link.solicit_guest(ends[0])
         return self._tcp.open_inbound(sock, ends[0], guest_port, ends[1], client_port)
 
     def _forwarded_datagram(self, forward: Forward, data: bytes,
@@ -325,6 +327,8 @@ class Relay:
         if ends is None or self._udp_relay is None or forward.sock is None:
             self._stats["udp_inbound_no_guest"] += 1
             return
+        if self._guest_mac is None:
+            self._link.solicit_guest(ends[0])
         self._udp_relay.on_forwarded(forward.sock, peer, data, ends[0], forward.guest_port,
                                      ends[1], peer[1])
 
@@ -442,7 +446,7 @@ class Relay:
     def _learn_guest_mac(self, mac: bytes) -> None:
         self._guest_mac = mac
         if self._tcp is not None:
-            self._tcp.guest_mac = mac
+            self._tcp.set_guest_mac(mac)
         if self._udp_relay is not None:
             self._udp_relay.guest_mac = mac
 

@@ -146,6 +146,15 @@ class TcpRelay:
         for flow in self.flows.values():
             relink(flow.entry, vnet_hdr_len, offload)
 
+    def set_guest_mac(self, mac: bytes) -> None:
+        """The relay learned the guest's MAC (its first frame, or a new one): every
+        flow's frames go there from now on (TcpHandshake.on_guest_mac)."""
+        self.guest_mac = mac
+        now = self._loop.time()
+        for flow in list(self.flows.values()):
+            flow.entry.on_guest_mac(mac, now)
+            self._execute(flow)
+
     @property
     def link(self) -> tuple[int, bool]:
         """(vnet header length, offload) of the frames toward the guest."""
