@@ -107,7 +107,8 @@ def main() -> int:
             holder.close()
     stats = flooded["stats"]
     assert isinstance(stats, dict)
-    shown = ("tcp_flows_opened", "tcp_refused_flow_limit", "tcp_refused_connect_limit",
+    shown = ("tcp_flows_opened", "tcp_syn_deferred", "tcp_syn_backlog_dropped",
+             "tcp_syn_backlog_repeated", "tcp_refused_flow_limit", "tcp_refused_connect_limit",
              "tcp_connect_failed", "tcp_flows_closed_on_detach", "udp_flows_opened",
              "udp_drop_flow_limit", "tcp_refused_fd_limit", "udp_drop_fd_limit",
              "arp_replies", "dhcp_replies", "frames_in")

@@ -164,7 +164,7 @@ def flood_script(http_port: int, open_port: int, done: Path, counts: tuple[int, 
         "-w '%{stderr}%{speed_download} %{time_total}\\n' 2>{done}.speed "
         "| sha256sum > {done}.sha) & "
         "sleep 0.5; "
-        f"{sys.executable} {Path(__file__).resolve()} tap0 --syns {syns} "
+        f"nice -n 19 {sys.executable} {Path(__file__).resolve()} tap0 --syns {syns} "
         f"--open-port {open_port} --udp {udp} --arp {arps} --dhcp {dhcps} --done {done} "
         "--started {done}.start; "
         "wait; cat {done}.sha").replace("{done}", str(done))

@@ -37,6 +37,7 @@ from relaynat.interface import InterfaceError, InterfaceTransport, check_interfa
 from relaynat.policy import Policy
 from relaynat.portspec import Forward as PortForward
 from relaynat.portspec import parse_portspec
+from relaynat.syn_backlog import SYN_RATE
 
 if TYPE_CHECKING:
     from relaynat.relay import Relay
@@ -139,6 +140,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--new-flow-burst", type=_positive_int, metavar="N",
                      help="new flows allowed at once after a quiet spell (default: one "
                           "second's worth of --new-flow-rate)")
+    lim.add_argument("--syn-rate", type=_flow_rate, default=SYN_RATE, metavar="N[/s]",
+                     help="guest TCP flows opened per second under a stream of SYNs, after "
+                          "a burst of 256; the SYNs beyond wait (up to 1024), then are "
+                          "dropped for the guest to retransmit (default %(default)g)")
     lim.add_argument("--max-pending-connects", type=_positive_int, default=512, metavar="N",
                      help="host connects in progress (default %(default)s)")
     p.add_argument("--control-socket", metavar="PATH",
@@ -260,7 +265,7 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         map_host_loopback_v4=mapped, mtu=MAX_MTU if args.mtu is None else args.mtu,
         max_tcp_flows=args.max_flows, max_udp_flows=args.max_udp_flows,
         max_icmp_flows=args.max_icmp_flows, new_flow_rate=args.new_flow_rate,
-        new_flow_burst=args.new_flow_burst,
+        new_flow_burst=args.new_flow_burst, syn_rate=args.syn_rate,
         max_pending_connects=args.max_pending_connects, pcap_path=args.pcap,
         ipv4=not args.ipv6_only, ipv6=not args.ipv4_only, prefix_v6=prefix6,
         guest_ipv6=parse_ipv6(args.address6, "--address6"), gateway_ipv6=gateway6,

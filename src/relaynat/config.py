@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
+from relaynat.syn_backlog import SYN_RATE
+
 #: Largest MTU we accept: 65535 (IPv4 total length) minus a 14-byte Ethernet header,
 #: rounded down to a multiple of 8 as passt does (`ETH_MAX_MTU` / `MAX_MTU`).
 MAX_MTU = 65520
@@ -113,6 +115,11 @@ class RelayConfig:
     new_flow_burst: int | None = None
     """Flows that may open at once after a quiet spell (the bucket's size); None: one
     second's worth, ceil(new_flow_rate), at least 1."""
+    syn_rate: float = SYN_RATE
+    """Guest TCP flows opened per second under a sustained stream of SYNs (after a
+    burst of 256): the SYNs beyond wait in a backlog of 1024, then are dropped and
+    retransmitted by the guest; nothing is refused (syn_backlog.py). It keeps a SYN
+    flood from taking the relay's thread from the flows already open."""
     udp_idle_timeout_s: float = 30.0
     """A UDP flow idle this long is closed (conntrack's nf_conntrack_udp_timeout, passt);
     once it has seen traffic both ways, `udp_stream_timeout_s` applies instead."""
@@ -218,6 +225,9 @@ class RelayConfig:
         return self
 
     def _validate_rate(self) -> None:
+        if not 0 < self.syn_rate < float("inf"):
+            raise ConfigError(f"syn_rate must be a positive number of flows per second, "
+                              f"not {self.syn_rate}")
         rate, burst = self.new_flow_rate, self.new_flow_burst
         if rate is not None and not (0 < rate < float("inf")):
             raise ConfigError(f"new_flow_rate must be a positive number of flows per second, "

@@ -42,6 +42,7 @@ from relaynat.flowinfo import describe_tcp
 from relaynat.nat_entry import TcpNatEntry
 from relaynat.packet_builder import TcpFrameTemplate
 from relaynat.sockfail import count_socket_failure
+from relaynat.syn_backlog import SynBacklog
 from relaynat.tcp_actions import (
     CloseHost,
     ConsumeHost,
@@ -125,6 +126,9 @@ class TcpRelay:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._dirty: list[TcpFlow] = []
+        self._backlog = SynBacklog(stats, config.syn_rate)
+        self._backlog_timer: asyncio.TimerHandle | None = None
+        self._flush_soon = False
         self._peek_buf = bytearray(1 << 20)
         self._peek_view = memoryview(self._peek_buf)
         self._trunc_buf = bytearray(1 << 20)
@@ -167,13 +171,20 @@ class TcpRelay:
         """A guest segment; `host_ip` is where its destination maps on the host (None:
         nowhere, so a new connection is refused), at `host_port` (default: the
         segment's destination port)."""
-        now = self._loop.time()
         key = (seg.sport, seg.dst, seg.dport, seg.src)
         flow = self.flows.get(key)
         if flow is None:
+            if (seg.flags & (SYN | ACK | RST) == SYN
+                    and not self._backlog.may_open(self._loop.time())):
+                self._backlog.defer(seg, host_ip, host_port)
+                return
             self._new_flow(seg, key, host_ip, seg.dport if host_port is None else host_port,
-                           now)
+                           self._loop.time())
             return
+        self._on_flow_segment(flow, seg)
+
+    def _on_flow_segment(self, flow: TcpFlow, seg: TcpSegment) -> None:
+        now = self._loop.time()
         entry = flow.entry
         try:
             data = entry.on_guest_segment(seg, now)
@@ -372,6 +383,15 @@ class TcpRelay:
 
     def flush(self) -> None:
         """End of a batch: move host data to the guest and send owed ACKs."""
+        for seg, host_ip, host_port in self._backlog.ready(self._loop.time()):
+            key = (seg.sport, seg.dst, seg.dport, seg.src)
+            flow = self.flows.get(key)
+            if flow is not None:  # the guest sent its SYN again while the first waited
+                self._on_flow_segment(flow, seg)
+            else:
+                self._new_flow(seg, key, host_ip,
+                               seg.dport if host_port is None else host_port,
+                               self._loop.time())
         dirty, self._dirty = self._dirty, []
         now = self._loop.time()
         for flow in dirty:
@@ -386,9 +406,23 @@ class TcpRelay:
                 self._schedule(flow)
             except Exception:
                 self._fail_flow(flow)
-        if self._dirty:
-            # A flow used its share of this wakeup; finish it after others had theirs.
-            self._loop.call_soon(self.flush)
+        if self._dirty and not self._flush_soon:
+            # A flow used its share of this wakeup; finish it after others had theirs
+            # (one pending call, whichever batch asked).
+            self._flush_soon = True
+            self._loop.call_soon(self._flush_again)
+        if self._backlog and self._backlog_timer is None:
+            # SYNs wait for the new-flow bucket (syn_backlog.py): come back with a token.
+            self._backlog_timer = self._loop.call_later(self._backlog.retry_s,
+                                                        self._backlog_due)
+
+    def _flush_again(self) -> None:
+        self._flush_soon = False
+        self.flush()
+
+    def _backlog_due(self) -> None:
+        self._backlog_timer = None
+        self.flush()
 
     def _pump(self, flow: TcpFlow, now: float) -> None:
         entry = flow.entry
@@ -621,10 +655,12 @@ class TcpRelay:
             flow.entry.on_guest_gone()
             self._close(flow, abortive=True, counter="tcp_flows_closed_on_detach")
         self._heap.clear()
+        self._backlog.clear()
 
     def close(self) -> None:
         self.abort_all()
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._backlog_timer):
+            if timer is not None:
+                timer.cancel()
         self._loop.remove_reader(self._epoll.fileno())
         self._epoll.close()

@@ -1,0 +1,106 @@
+"""The new-flow rate and the SYN backlog (syn_backlog.py): driven without I/O by
+hypothesis, then a real guest kernel's burst of connections larger than the burst the
+bucket allows, every one of which must connect (the SYNs wait, none is refused)."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from relaynat_cli import parse_stats, relaynat_run
+
+from relaynat.syn_backlog import SynBacklog
+from relaynat.wire import SYN, TcpSegment
+
+GUEST, GW = bytes([10, 0, 2, 15]), bytes([10, 0, 2, 2])
+
+
+def _syn(port: int, payload: bytearray) -> TcpSegment:
+    return TcpSegment(GUEST, GW, port, 80, 1, 0, SYN, 64240, memoryview(payload))
+
+
+@settings(max_examples=300, deadline=None)
+@given(rate=st.integers(1, 50), burst=st.integers(1, 20), capacity=st.integers(0, 30),
+       steps=st.lists(st.tuples(st.floats(0, 0.5), st.integers(0, 10)), max_size=40))
+def test_flows_open_within_the_rate_in_arrival_order_and_the_rest_is_counted(
+        rate: int, burst: int, capacity: int, steps: list[tuple[float, int]]) -> None:
+    stats: Counter[str] = Counter()
+    backlog = SynBacklog(stats, rate=rate, burst=burst, capacity=capacity)
+    now, arrived, opened, at_once, again = 0.0, 0, [], 0, 0
+    buf = bytearray(b"tfo")
+    for gap, syns in steps:
+        now += gap
+        opened += [seg.sport for seg, _, _ in backlog.ready(now)]
+        for _ in range(syns):
+            port = arrived
+            arrived += 1
+            if backlog.may_open(now):
+                opened.append(port)
+                at_once += 1
+            else:
+                backlog.defer(_syn(port, buf), "127.0.0.1", None)
+                backlog.defer(_syn(port, buf), "127.0.0.1", None)  # sent again: one kept
+                again += 1
+        # Never more than the bucket allows since the start (it starts full).
+        assert len(opened) <= burst + rate * now + 1e-9
+        assert len(backlog) <= capacity
+    buf[:] = b"new"  # the transport reuses its buffer: kept SYNs hold their own copy
+    while len(backlog):
+        now += 1 / rate
+        waiting = backlog.ready(now)
+        assert all(bytes(seg.payload) == b"tfo" for seg, _, _ in waiting)
+        opened += [seg.sport for seg, _, _ in waiting]
+    # First come, first opened, once; every SYN opened, or dropped and counted.
+    assert opened == sorted(set(opened))
+    dropped, repeated = stats["tcp_syn_backlog_dropped"], stats["tcp_syn_backlog_repeated"]
+    assert len(opened) + dropped + repeated == arrived + again
+    assert stats["tcp_syn_deferred"] == len(opened) - at_once
+
+
+GUEST_BURST = textwrap.dedent("""
+    import socket, sys, selectors
+    port, count = int(sys.argv[1]), int(sys.argv[2])
+    sel, done = selectors.DefaultSelector(), 0
+    for i in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("10.0.2.2", port))
+        sel.register(s, selectors.EVENT_WRITE, i)
+    while done < count:
+        events = sel.select(timeout=20)
+        assert events, f"only {done} of {count} connected"
+        for key, _ in events:
+            s = key.fileobj
+            if key.events == selectors.EVENT_WRITE:
+                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                s.send(f"{key.data}\\n".encode())
+                sel.modify(s, selectors.EVENT_READ, key.data)
+            else:
+                assert s.recv(100) == f"{key.data}\\n".encode()
+                sel.unregister(s)
+                s.close()
+                done += 1
+    print("connected", done)
+""")
+
+
+@pytest.mark.integration
+def test_a_burst_beyond_the_bucket_waits_and_every_connection_opens(start_peer) -> None:
+    """600 connections at once at 200 new flows a second after a burst of 256: the
+    SYNs beyond wait (up to about 1.7 s, past the guest's 1 s SYN retransmission, so
+    some arrive twice) and every connection opens once and echoes."""
+    port = start_peer("echo")
+    count = 600
+    result = relaynat_run(sys.executable, "-c", GUEST_BURST, str(port), str(count),
+                          options=("--syn-rate", "200"), timeout=60)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"connected {count}" in result.stdout
+    stats = parse_stats(result.stderr)
+    assert stats["tcp_flows_opened"] == count
+    assert stats["tcp_syn_deferred"] > 0
+    assert stats.get("tcp_syn_backlog_dropped", 0) == 0
+    assert stats.get("tcp_refused_flow_limit", 0) == 0 and stats.get("tcp_rst_sent", 0) == 0
