@@ -1,15 +1,17 @@
 """The guest's transport disappears while it has flows open.
 
-A real guest kernel on `relaynat serve --socket` (through tests/netshim.py with a
-clean wire: a qemu-style stream client with a TAP behind it) holds N TCP connections
-to a host peer. Then its end of the stream socket dies with it (the shim is
-SIGKILLed, as a killed qemu would be). Every host peer connection must see its end
-within a bounded time, the relay's descriptors must return to what they were before
-the guest came, and the next guest must be accepted and get its DHCP lease.
+A real guest kernel on `relaynat serve --socket` holds N TCP connections to a host
+peer; then its end of the stream socket dies with it. The guest is a namespace behind
+tests/netshim.py on a clean wire (a qemu-style stream client with a TAP behind it,
+SIGKILLed as a killed qemu would be), and then qemu itself: the TCG VM of
+tests/vmguest.py, SIGKILLed. Every host peer connection must see its end within a
+bounded time, the relay's descriptors must return to what they were before the guest
+came, and the next guest must be accepted and get its DHCP lease.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -23,6 +25,7 @@ import pytest
 from faultkit import HoldingPeer, fd_count, wait_until
 from lossy_harness import serve_relay, stop_proc
 from netshim import GATEWAY_IP, GUEST_IP, LossyGuest
+from vmguest import build_vm_images, guest_boot_args, qemu_command, vm_unavailable_reason
 
 pytestmark = pytest.mark.integration
 
@@ -75,5 +78,61 @@ def test_guest_socket_gone_closes_its_flows_frees_fds_and_next_guest_is_served(
     assert {o for o, _ in peer.ended} == {"ECONNRESET"}, peer.ended
     assert lease.get("ip") == GUEST_IP and lease.get("router") == GATEWAY_IP, lease
     assert stats["tcp_flows_closed_on_detach"] == FLOWS, stats
+    assert stats["stream_clients"] == 2, stats
+    assert "Traceback" not in relay.log.read_text(errors="replace")
+
+
+VM_FLOWS = 20
+
+
+@pytest.mark.vm
+def test_qemu_killed_closes_its_flows_frees_fds_and_next_guest_is_served(
+        tmp_path: Path) -> None:
+    reason = vm_unavailable_reason()
+    if reason is not None:
+        pytest.fail(f"the qemu guest cannot run here: {reason}")
+    images = build_vm_images(fetch=False)
+    peer = HoldingPeer(VM_FLOWS)
+    # busybox nc holds each connection open while its stdin (a sleep) lasts.
+    command = (f"i=0; while [ $i -lt {VM_FLOWS} ]; do sleep 600 | nc {GATEWAY_IP} "
+               f"{peer.port} >/dev/null & i=$((i+1)); done; sleep 600")
+    with serve_relay(tmp_path) as relay:
+        baseline = fd_count(relay.proc.pid)
+        append, initrd = guest_boot_args(images, command, tmp_path)
+        console = tmp_path / "console.log"
+        with open(console, "wb") as out:
+            qemu = subprocess.Popen(qemu_command(images, relay.socket, append=append,
+                                                 initrd=initrd),
+                                    stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            try:
+                wait_until(lambda: peer.accepted == VM_FLOWS, 120, "the VM's connections",
+                           qemu)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{console.read_text(errors='replace')[-3000:]}")
+            during = fd_count(relay.proc.pid)
+            os.killpg(qemu.pid, signal.SIGKILL)
+            gone_at = time.monotonic()
+            wait_until(lambda: len(peer.ended) == VM_FLOWS, CLOSE_BOUND_S,
+                       "every host peer connection closed")
+            wait_until(lambda: fd_count(relay.proc.pid) == baseline, CLOSE_BOUND_S,
+                       "relay descriptors back to the baseline")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(qemu.pid, signal.SIGKILL)
+            qemu.wait()
+        slowest = max(t for _, t in peer.ended) - gone_at
+        with LossyGuest(tmp_path, relay.socket, 1) as second:
+            lease = second.dhcp()
+        stop_proc(relay.proc)
+    peer.close()
+    stats = relay.stats()
+    print(f"qemu with {VM_FLOWS} flows killed: relay fds {baseline} -> {during} -> "
+          f"{baseline}; every peer closed {slowest * 1000:.0f} ms after")
+    assert during >= baseline + VM_FLOWS
+    assert {o for o, _ in peer.ended} == {"ECONNRESET"}, peer.ended
+    assert lease.get("ip") == GUEST_IP and lease.get("router") == GATEWAY_IP, lease
+    assert stats["tcp_flows_closed_on_detach"] == VM_FLOWS, stats
     assert stats["stream_clients"] == 2, stats
     assert "Traceback" not in relay.log.read_text(errors="replace")
