@@ -110,7 +110,8 @@ def test_qemu_killed_closes_its_flows_frees_fds_and_next_guest_is_served(
                 wait_until(lambda: peer.accepted == VM_FLOWS, 120, "the VM's connections",
                            qemu)
             except AssertionError as exc:
-                raise AssertionError(f"{exc}\n{console.read_text(errors='replace')[-3000:]}")
+                tail = console.read_text(errors="replace")[-3000:]
+                raise AssertionError(f"{exc}\n{tail}") from None
             during = fd_count(relay.proc.pid)
             os.killpg(qemu.pid, signal.SIGKILL)
             gone_at = time.monotonic()
