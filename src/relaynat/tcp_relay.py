@@ -9,9 +9,8 @@ EPOLLET we hear about *new* data only, and remember per flow whether the socket 
 still hold unread bytes (`host_readable`), clearing it when a peek returns EAGAIN.
 One nested epoll also batches: a single loop callback drains events for all flows.
 
-Per-flow timers live in one heap with lazy deletion (an entry's deadline usually
-only moves later, e.g. the idle timer on every segment, so most changes push
-nothing); one `loop.call_at` handle tracks the heap's head.
+Per-flow timers live in one heap with lazy deletion (flow_timers.py); new flows open
+at a bounded rate, the SYNs beyond waiting in a backlog (syn_backlog.py).
 
 Kernel facts used: SO_PEEK_OFF (socket(7), TCP since Linux 6.10; a fallback peeks
 from the start and skips what is in flight); recv(MSG_TRUNC) on TCP discards without
@@ -24,8 +23,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import heapq
-import itertools
 import logging
 import random
 import select
@@ -38,6 +35,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from relaynat.addressing import inbound_flow_key
 from relaynat.flow_state import relink
+from relaynat.flow_timers import FlowTimers
 from relaynat.flowinfo import describe_tcp
 from relaynat.nat_entry import TcpNatEntry
 from relaynat.packet_builder import TcpFrameTemplate
@@ -103,10 +101,6 @@ class TcpFlow:
     inbound: bool = False
 
 
-#: Stale timer-heap entries tolerated beyond twice the live flows before a rebuild.
-_HEAP_SLACK = 256
-
-
 class TcpRelay:
     """All TCP flows of one guest."""
 
@@ -121,10 +115,7 @@ class TcpRelay:
         self._pending_connects = 0
         self._epoll = select.epoll()
         loop.add_reader(self._epoll.fileno(), self._on_epoll)
-        self._heap: list[tuple[float, int, TcpFlow]] = []
-        self._heap_seq = itertools.count()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = float("inf")
+        self._timers = FlowTimers(loop, self._on_timers, lambda: len(self.flows))
         self._dirty: list[TcpFlow] = []
         self._backlog = SynBacklog(stats, config.syn_rate)
         self._backlog_timer: asyncio.TimerHandle | None = None
@@ -266,7 +257,7 @@ class TcpRelay:
         self._pending_connects += 1
         self._epoll.register(sock.fileno(), _EPOLL_FLAGS)
         self.stats["tcp_flows_opened"] += 1
-        self._schedule(flow)
+        self._timers.schedule(flow)
 
     def open_inbound(self, sock: socket.socket, guest_ip: bytes, guest_port: int,
                      src_ip: bytes, src_port: int) -> bool:
@@ -300,7 +291,7 @@ class TcpRelay:
         self._epoll.register(sock.fileno(), _EPOLL_FLAGS)
         self.stats["tcp_inbound_opened"] += 1
         self._execute(flow)
-        self._schedule(flow)
+        self._timers.schedule(flow)
         return True
 
     def _template_answering(self, seg: TcpSegment, timestamps: bool) -> TcpFrameTemplate:
@@ -403,7 +394,7 @@ class TcpRelay:
                     if not entry.closed:
                         entry.flush(self._facts(flow), now)
                         self._execute(flow)
-                self._schedule(flow)
+                self._timers.schedule(flow)
             except Exception:
                 self._fail_flow(flow)
         if self._dirty and not self._flush_soon:
@@ -549,44 +540,12 @@ class TcpRelay:
 
     # -- timers --------------------------------------------------------------------------
 
-    def _schedule(self, flow: TcpFlow) -> None:
-        if flow.entry.closed:
-            return
-        deadline = flow.entry.next_deadline()
-        if deadline is None or deadline >= flow.scheduled_at:
-            return
-        flow.scheduled_at = deadline
-        heapq.heappush(self._heap, (deadline, next(self._heap_seq), flow))
-        if len(self._heap) > 2 * len(self.flows) + _HEAP_SLACK:
-            self._compact_heap()
-        if deadline < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-
-    def _compact_heap(self) -> None:
-        """Drop the heap's stale entries: those of closed flows and deadlines a flow has
-        since moved earlier. Entries are deleted lazily (skipped when popped), and a
-        closed flow's entry would otherwise hold it until its deadline, as far off as
-        the idle timeout (2 h), so every flow of a connect-heavy guest stayed in
-        memory that long (the soak's RSS grew with the flows it had closed). Rebuilt
-        once the heap is twice the live flows: amortized O(1) per push."""
-        self._heap = [item for item in self._heap
-                      if item[2].scheduled_at == item[0] and not item[2].entry.closed]
-        heapq.heapify(self._heap)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = float("inf")
-        now = self._loop.time()
-        # self._heap each time round: a _schedule from _execute may rebuild it.
-        while self._heap and self._heap[0][0] <= now:
-            deadline, _, flow = heapq.heappop(self._heap)
-            if flow.scheduled_at != deadline or flow.entry.closed:
-                continue
-            flow.scheduled_at = float("inf")
+    def _on_timers(self, due: list[TcpFlow], now: float) -> None:
+        """FlowTimers: the deadlines of `due` passed."""
+        for flow in due:
             entry = flow.entry
+            if entry.closed:  # closed by an earlier flow's handling in this run
+                continue
             try:
                 entry.on_timer(now, None if flow.connecting else self._facts(flow))
                 self._execute(flow)
@@ -596,15 +555,6 @@ class TcpRelay:
             if not entry.closed:
                 self._mark_dirty(flow)
         self.flush()
-        # Re-arm for the heap's head. The flows this run rescheduled (in _execute and
-        # flush) armed the timer for their own deadlines only, with _timer_at reset
-        # above: an earlier deadline of a flow not touched here, another flow's RTO
-        # or window check, would otherwise wait for theirs (up to the idle timeout).
-        if self._heap and self._heap[0][0] < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = self._heap[0][0]
-            self._timer = self._loop.call_at(self._timer_at, self._on_timer)
 
     # -- control -------------------------------------------------------------------------
 
@@ -645,7 +595,7 @@ class TcpRelay:
         self._epoll.register(flow.sock.fileno(), _EPOLL_FLAGS)
         self.stats["tcp_flows_imported"] += 1
         self._mark_dirty(flow)
-        self._schedule(flow)
+        self._timers.schedule(flow)
 
     # -- teardown ------------------------------------------------------------------------
 
@@ -654,13 +604,13 @@ class TcpRelay:
         for flow in list(self.flows.values()):
             flow.entry.on_guest_gone()
             self._close(flow, abortive=True, counter="tcp_flows_closed_on_detach")
-        self._heap.clear()
+        self._timers.clear()
         self._backlog.clear()
 
     def close(self) -> None:
         self.abort_all()
-        for timer in (self._timer, self._backlog_timer):
-            if timer is not None:
-                timer.cancel()
+        self._timers.cancel()
+        if self._backlog_timer is not None:
+            self._backlog_timer.cancel()
         self._loop.remove_reader(self._epoll.fileno())
         self._epoll.close()
