@@ -58,7 +58,7 @@ def _add_flow_commands(cmds: Any) -> None:
     """Moving the guest's flows to a relay on another host (control_flows.py)."""
     exp = cmds.add_parser("export", help="move the established TCP flows out to FILE; the "
                                          "relay lets the guest go and holds the flows' host "
-                                         "sockets silently until release or quit")
+                                         "sockets in repair mode until release or quit")
     exp.add_argument("file", metavar="FILE")
     imp = cmds.add_parser("import", help="serve the flows of an export FILE (all or none)")
     imp.add_argument("file", metavar="FILE")
