@@ -7,8 +7,9 @@
   and its link must be free for the target relay), and the document is written to
   PATH (mode 0600). The answer lists what moved and what did not, with reasons; flows
   that could not move end with the transport, as when a guest goes away. The moved
-  flows' host sockets stay open in repair mode, silent, until ``release_exported`` or
-  the relay exits (`ctl quit`, SIGTERM).
+  flows' host sockets stay open in repair mode until ``release_exported`` or the relay
+  exits (`ctl quit`, SIGTERM); they still retransmit on their timers (flow_move.py),
+  so the source should have lost its route to the peers before the export.
 - ``import_flows`` ``{"file": PATH}``: the document at PATH, checked whole first; a
   fault anywhere is refused naming the flow and the field, and nothing is imported.
   A relay started with ``serve --incoming`` attaches its guest after the first import
