@@ -33,60 +33,14 @@ from relaynat.relay import Relay
 
 pytestmark = pytest.mark.integration
 
+PACED_PEER = Path(__file__).parent / "paced_peer.py"
+
 SIZE = 64 << 20
 MOVES = 5
 #: The peer sends (and reads) 256 KiB per 10 ms: each transfer lasts 2.6 s or more, so
 #: all moves (one every 0.3 s) happen while both flows carry data.
 CHUNK, PAUSE_S, MOVE_EVERY_S = 256 << 10, 0.01, 0.3
 
-#: argv: data file. Serves one download (the file, paced, then FIN) and one upload
-#: (read paced to EOF, hashed); prints the ports, then one JSON line per transfer with
-#: its own view of how it ended ("error": null, or the exception it got).
-PEER = """
-import hashlib, json, socket, sys, threading, time
-data = open(sys.argv[1], "rb").read()
-CHUNK, PAUSE = int(sys.argv[2]), float(sys.argv[3])
-down = socket.create_server(("127.0.0.1", 0))
-up = socket.socket()
-# A small receive buffer here keeps the relay's host socket's send queue full, so its
-# bytes move in the repair dump too.
-up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
-up.bind(("127.0.0.1", 0))
-up.listen()
-print(json.dumps([down.getsockname()[1], up.getsockname()[1]]), flush=True)
-
-def serve_down():
-    c, _ = down.accept()
-    sent, error = 0, None
-    try:
-        while sent < len(data):
-            sent += c.send(data[sent:sent + CHUNK])
-            time.sleep(PAUSE)
-        c.shutdown(socket.SHUT_WR)
-        rest = c.recv(1)  # b"": the guest closed in order; a reset raises
-    except OSError as exc:
-        error = repr(exc)
-    print(json.dumps({"kind": "down", "sent": sent, "error": error}), flush=True)
-
-def serve_up():
-    c, _ = up.accept()
-    h, n, error = hashlib.sha256(), 0, None
-    try:
-        while chunk := c.recv(CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-            time.sleep(PAUSE)
-    except OSError as exc:
-        error = repr(exc)
-    print(json.dumps({"kind": "up", "length": n, "sha256": h.hexdigest(), "error": error}),
-          flush=True)
-
-threads = [threading.Thread(target=f) for f in (serve_down, serve_up)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-"""
 
 
 def _tcp_counters() -> dict[str, int]:
@@ -111,8 +65,8 @@ def data_file(tmp_path: Path) -> tuple[Path, str]:
 
 @pytest.fixture
 def peer(data_file: tuple[Path, str]) -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
-    proc = subprocess.Popen([sys.executable, "-c", PEER, str(data_file[0]), str(CHUNK),
-                             str(PAUSE_S)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(PACED_PEER), str(data_file[0]), str(CHUNK),
+                             str(PAUSE_S), "127.0.0.1"], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     yield proc, json.loads(proc.stdout.readline())
     proc.kill()

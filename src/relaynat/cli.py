@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     iface.add_argument("--no-vnet-hdr", action="store_true",
                        help="exchange plain frames (no PACKET_VNET_HDR: no GSO, no "
                             "checksum offload toward the guest)")
+    serve.add_argument("--incoming", action="store_true",
+                       help="with --interface or --fd: serve the guest only after `relaynat "
+                            "ctl import` of flows moving here (needs --control-socket)")
 
     add_ctl_parser(sub)
 
@@ -348,6 +351,7 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
     async with Relay(config, policy) as relay:
         add_forwards(relay, forwards)
         if control is not None:
+            control.on_quit = stop.set
             await control.start(relay)
         if args.socket:
             relay.serve_stream(args.socket)
@@ -362,23 +366,41 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
             await stop.wait()
             server.close()
         else:
-            if interface is not None:
-                relay.attach(interface)
-                extra_stats = interface.stats
-            elif _socket_type(args.fd) == socket.SOCK_DGRAM:
-                extra_stats = attach_unixgram_fd(relay, args.fd).stats
-            else:
-                relay.attach_stream_fd(args.fd)
+            attached: list[Callable[[], dict[str, int]]] = []
+
+            def attach() -> None:
+                if interface is not None:
+                    relay.attach(interface)
+                    attached.append(interface.stats)
+                elif _socket_type(args.fd) == socket.SOCK_DGRAM:
+                    attached.append(attach_unixgram_fd(relay, args.fd).stats)
+                else:
+                    relay.attach_stream_fd(args.fd)
+
+            _attach_or_wait(control, attach, args.incoming)
             lost = asyncio.ensure_future(relay.transport_lost_event.wait())
             stopped = asyncio.ensure_future(stop.wait())
             await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
             lost.cancel()
             stopped.cancel()
+            extra_stats = attached[0] if attached else dict
         if control is not None:
             control.close()
         if args.stats:
             _print_stats({**relay.stats(), **extra_stats()})
     return 0
+
+
+def _attach_or_wait(control: ControlServer | None, attach: Callable[[], None],
+                    incoming: bool) -> None:
+    """Attach the guest now, or (`--incoming`) once flows moving here are imported:
+    a guest frame of a flow not imported yet would be answered with a RST."""
+    if incoming:
+        assert control is not None  # main() refuses --incoming without it
+        control.after_import = attach
+        log.info("waiting for `relaynat ctl import` before serving the guest")
+    else:
+        attach()
 
 
 async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | None,
@@ -432,6 +454,15 @@ def _open_interface(args: argparse.Namespace,
         interface.close()
         raise
     return interface, config
+
+
+def _check_incoming(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.interface is None and args.fd is None:
+        parser.error("--incoming needs --interface or --fd (a guest link that exists "
+                     "before the import); with --socket or --unixgram, import before the "
+                     "guest connects")
+    if not args.control_socket:
+        parser.error("--incoming needs --control-socket (the import comes through it)")
 
 
 #: Descriptors beside the flows and forwards: transports, epoll, timers, the DNS
@@ -488,6 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_fd_limit(config, forwards)
     if args.cmd == "serve" and args.fd is not None and args.fd < 0:
         parser.error(f"--fd {args.fd}: not a file descriptor")
+    if args.cmd == "serve" and args.incoming:
+        _check_incoming(args, parser)
     interface = None
     if args.cmd == "serve" and args.interface is not None:
         try:

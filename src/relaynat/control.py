@@ -9,7 +9,9 @@ object per line, any number per connection, each answered by one line::
 
 Commands: add_hostfwd, list_hostfwd, remove_hostfwd (`id`, or `proto`, `host_addr`,
 `host_port`), stats, flows, get_policy, set_policy (`policy`: a policy dict as
-`Policy.from_dict` takes, or null for none; or `sandbox`: true; and `cut`: bool).
+`Policy.from_dict` takes, or null for none; or `sandbox`: true; and `cut`: bool),
+export_flows, import_flows (`file`), release_exported (`reset`: bool) and quit
+(control_flows.py).
 A request that cannot be served gets `{"error": {"desc": "..."}}` saying why, and the
 connection stays usable.
 
@@ -40,6 +42,7 @@ from collections.abc import Callable
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
 
+from relaynat import control_flows
 from relaynat.config import ConfigError
 from relaynat.forward import ForwardError
 from relaynat.policy import Policy
@@ -77,6 +80,7 @@ _SPECS: dict[str, _Spec] = {
     "get_policy": {},
     "set_policy": {"policy": ((dict, type(None)), False), "sandbox": ((bool,), False),
                    "cut": ((bool,), False)},
+    **control_flows.SPECS,
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
                type(None): "null"}
@@ -136,7 +140,34 @@ class ControlServer:
             "add_hostfwd": _add_hostfwd, "list_hostfwd": _list_hostfwd,
             "remove_hostfwd": _remove_hostfwd, "stats": _stats, "flows": _flows,
             "get_policy": _get_policy, "set_policy": _set_policy,
+            **self._flow_handlers(),
         }
+        #: `quit` calls it (the serving loop's stop); None: this relay cannot quit so.
+        self.on_quit: Callable[[], None] | None = None
+        #: Called once, after the first `import_flows` that succeeds (`serve
+        #: --incoming` attaches its guest then, so that no frame of an imported flow
+        #: arrives before its flow exists and gets a RST).
+        self.after_import: Callable[[], None] | None = None
+
+    def _flow_handlers(self) -> dict[str, Callable[[Relay, dict[str, Any]], object]]:
+        return {"export_flows": _export_flows, "import_flows": self._import_flows,
+                "release_exported": _release_exported, "quit": self._quit}
+
+    def _import_flows(self, relay: Relay, args: dict[str, Any]) -> object:
+        try:
+            answer = control_flows.import_from(relay, args["file"])
+        except control_flows.FlowFileError as exc:
+            raise RequestError(f"import_flows: {exc}") from None
+        attach, self.after_import = self.after_import, None
+        if attach is not None:
+            attach()
+        return answer
+
+    def _quit(self, relay: Relay, args: dict[str, Any]) -> object:
+        if self.on_quit is None:
+            raise RequestError("quit: this relay ends with its command, not on request")
+        self.on_quit()
+        return {"quitting": True}
 
     async def start(self, relay: Relay) -> None:
         self._relay = relay
@@ -292,3 +323,15 @@ def _set_policy(relay: Relay, args: dict[str, Any]) -> object:
                            "\"sandbox\": true")
     cut = relay.set_policy(policy, cut=args.get("cut", False))
     return {"policy": policy.to_dict() if policy is not None else None, "cut": cut}
+
+
+def _export_flows(relay: Relay, args: dict[str, Any]) -> object:
+    try:
+        return control_flows.export_to(relay, args["file"])
+    except control_flows.FlowFileError as exc:
+        raise RequestError(f"export_flows: {exc}") from None
+
+
+def _release_exported(relay: Relay, args: dict[str, Any]) -> object:
+    reset = args.get("reset", False)
+    return {"released": relay.release_exported(reset), "reset": reset}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import tomllib
@@ -28,7 +29,7 @@ def add_parser(sub: Any) -> None:
     ctl = sub.add_parser("ctl", help="control a running relay through its --control-socket",
                          description="Send one request to a relay started with "
                                      "--control-socket PATH and print the answer.")
-    ctl.add_argument("--socket", "-s", required=True, metavar="PATH",
+    ctl.add_argument("--socket", "-s", "--control-socket", required=True, metavar="PATH",
                      help="the relay's control socket")
     ctl.add_argument("--json", action="store_true", help="print the raw JSON answer")
     ctl.add_argument("--timeout", type=float, default=10.0, metavar="S",
@@ -50,6 +51,21 @@ def add_parser(sub: Any) -> None:
                           "sandbox profile, or none (allow all)")
     pol.add_argument("--cut", action="store_true",
                      help="set: also end the open flows the new policy denies")
+    _add_flow_commands(cmds)
+
+
+def _add_flow_commands(cmds: Any) -> None:
+    """Moving the guest's flows to a relay on another host (control_flows.py)."""
+    exp = cmds.add_parser("export", help="move the established TCP flows out to FILE; the "
+                                         "relay lets the guest go and holds the flows' host "
+                                         "sockets in repair mode until release or quit")
+    exp.add_argument("file", metavar="FILE")
+    imp = cmds.add_parser("import", help="serve the flows of an export FILE (all or none)")
+    imp.add_argument("file", metavar="FILE")
+    rel = cmds.add_parser("release", help="close the host sockets held since export")
+    rel.add_argument("--reset", action="store_true",
+                     help="reset their peers (for flows that did not move elsewhere)")
+    cmds.add_parser("quit", help="make the relay exit (held sockets are released silently)")
 
 
 def _port(text: str, parser: argparse.ArgumentParser) -> int:
@@ -61,6 +77,9 @@ def _port(text: str, parser: argparse.ArgumentParser) -> int:
 def build_request(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The request the command line asks for; bad usage exits 2 through `parser`."""
     cmd = args.ctl_cmd
+    flow_request = _flow_request(args)
+    if flow_request is not None:
+        return flow_request
     if cmd == "add":
         try:
             specs = parse_portspec(args.spec, args.proto)
@@ -107,6 +126,19 @@ def build_request(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             arguments["policy"] = _read_policy(args.source, parser)
         return {"execute": "set_policy", "arguments": arguments}
     return {"execute": {"list": "list_hostfwd", "stats": "stats", "flows": "flows"}[cmd]}
+
+
+def _flow_request(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The request of a flow-moving command; None for the others. The file's path is
+    made absolute here: the relay's working directory is not ours."""
+    cmd = args.ctl_cmd
+    if cmd in ("export", "import"):
+        return {"execute": f"{cmd}_flows", "arguments": {"file": os.path.abspath(args.file)}}
+    if cmd == "release":
+        return {"execute": "release_exported", "arguments": {"reset": args.reset}}
+    if cmd == "quit":
+        return {"execute": "quit"}
+    return None
 
 
 def _read_policy(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -162,8 +194,33 @@ def _print_forward(fwd: dict[str, Any], verb: str = "") -> None:
           f"guest port {fwd['guest_port']}")
 
 
+def _ends(flow: dict[str, Any]) -> str:
+    return f"{flow['protocol']} {_peer(flow['guest'])} -> {_peer(flow['far'])}"
+
+
+def _print_flow_answer(cmd: str, result: Any) -> None:
+    if cmd == "export":
+        print(f"exported {len(result['moved'])} flows to {result['file']}; their host "
+              "sockets are held until `relaynat ctl release` or `quit`")
+        for flow in result["moved"]:
+            print(f"  moved      {_ends(flow)}")
+        for flow in result["not_moved"]:
+            print(f"  not moved  {_ends(flow)}: {flow['reason']}")
+    elif cmd == "import":
+        print(f"imported {len(result['imported'])} flows from {result['file']}")
+        for flow in result["imported"]:
+            print(f"  {_ends(flow)}  host peer {_peer(flow['host_peer'])}")
+    elif cmd == "release":
+        how = "with a reset to each peer" if result["reset"] else "silently"
+        print(f"released {result['released']} held sockets {how}")
+    elif cmd == "quit":
+        print("the relay is exiting")
+
+
 def print_answer(cmd: str, result: Any) -> None:
-    if cmd in ("add", "remove"):
+    if cmd in ("export", "import", "release", "quit"):
+        _print_flow_answer(cmd, result)
+    elif cmd in ("add", "remove"):
         _print_forward(result, "added " if cmd == "add" else "removed ")
     elif cmd == "list":
         for fwd in result["entries"]:

@@ -16,8 +16,8 @@ repair mode, and only when all of them are does any leave repair mode (closing a
 socket still in repair mode sends nothing, so a failure leaves no trace); then each
 flow is served as if it had been opened here.
 
-Two kernel facts (Linux 6.18, checked by tests/test_flow_move.py) shape how callers
-must move flows:
+Three kernel facts (Linux 6.18, checked by tests/test_flow_move.py and
+tests/test_migration.py) shape how callers must move flows:
 - A socket in repair mode still accepts and acknowledges its peer's data: bytes
   arriving after the dump are acknowledged to the peer and missing from the copy. The
   host side's traffic must be held while flows move: by the network in a real
@@ -26,6 +26,12 @@ must move flows:
 - One network namespace cannot hold two connected sockets with one address and port
   pair: importing where the exported sockets still exist fails (EADDRNOTAVAIL). Within
   one namespace, `release_exported` comes before `import_flows`.
+- A socket in repair mode still runs its timers: its retransmission timer fires and
+  sends with the socket's live timestamp clock, newer than the TSval the document
+  carries. A source that can still reach the peers would then move their PAWS
+  (RFC 7323 §5) ts_recent past the target's clock, and the target's segments would
+  be dropped; across hosts, the source loses its route to the peers before it exports
+  (control_flows.py, README "Migrating a guest to another host").
 """
 
 from __future__ import annotations
@@ -65,7 +71,8 @@ _HALF_OPEN = frozenset({TcpState.CONNECTING, TcpState.SYN_SENT, TcpState.SYN_RCV
 
 class ExportedSockets:
     """Host sockets of exported flows, held open in repair mode, where closing them
-    sends nothing (tcp_close() in repair mode only disconnects)."""
+    sends nothing (tcp_close() in repair mode only disconnects). Held, they still
+    retransmit on their timers (module docstring)."""
 
     def __init__(self) -> None:
         self.socks: list[socket.socket] = []
