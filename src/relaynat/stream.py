@@ -228,8 +228,10 @@ class StreamTransport(TransportBase):
         self.sock.close()
 
 
-def bind_unix_listener(path: str, backlog: int = 4) -> socket.socket:
-    """Listen on `path`, replacing a stale socket file (nobody accepting on it).
+def bind_unix_listener(path: str, backlog: int = 4,
+                       kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """Listen on `path` (a `kind` socket: stream, or seqpacket), replacing a stale
+    socket file (nobody accepting on it).
 
     Refuses to replace a live socket (another relay is serving it) or a non-socket.
     The file is mode 0600 from the moment it exists: Linux gives a bound socket file
@@ -243,7 +245,7 @@ def bind_unix_listener(path: str, backlog: int = 4) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe = socket.socket(socket.AF_UNIX, kind)
         try:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
@@ -252,7 +254,7 @@ def bind_unix_listener(path: str, backlog: int = 4) -> socket.socket:
             raise OSError(f"{path} is in use by another process")
         finally:
             probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, kind)
     try:
         os.fchmod(sock.fileno(), 0o600)
         sock.bind(path)
