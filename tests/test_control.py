@@ -117,7 +117,8 @@ BAD_REQUESTS: list[tuple[bytes, str]] = [
     (b'{"execute": 7}', 'request needs "execute": a command name'),
     (b'{"execute": "stats", "id": 1}', "unknown request key 'id' (known: execute, arguments)"),
     (b'{"execute": "reboot"}', "unknown command 'reboot' (known: add_hostfwd, flows, "
-                               "get_policy, handover, list_hostfwd, remove_hostfwd, set_policy, stats)"),
+                               "get_policy, handover, list_hostfwd, remove_hostfwd, "
+                               "set_policy, stats)"),
     (b'{"execute": "stats", "arguments": [1]}', 'stats: "arguments" must be an object'),
     (b'{"execute": "stats", "arguments": {"x": 1}}',
      "stats: unknown argument 'x' (known: none)"),

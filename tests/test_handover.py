@@ -330,16 +330,21 @@ def test_stream_guest_keeps_its_connection(
             assert isinstance(transport, StreamTransport)
             while transport.handover_state()[0] != framed[:30]:
                 await asyncio.sleep(0.01)
+            forward = guest.relay.add_forward("tcp", "127.0.0.1", 0, 8080)
             result = await Source(guest.relay).hand_over(str(path))
             await loop.sock_sendall(link, framed[30:])
             conn.snd_nxt += len(b"split across relays")
             assert await asyncio.to_thread(host.recv, 100) == b"split across relays"
             guest.relay.close()  # the old relay's end: nothing reaches the peer
             await _round_trip(conn, host, b"after")
+            # The forward moved too: its next client reaches the guest from the new relay.
+            with socket.create_connection(("127.0.0.1", forward.host_port)):
+                await guest.expect(lambda r: r.tcp is not None and r.tcp.dport == 8080
+                                   and r.tcp.flags & 0x02 != 0)
             return result
 
     result = asyncio.run(main())
-    assert result["moved_tcp"] == 1
+    assert result["moved_tcp"] == 1 and result["forwards"] == 1
     assert receiver.wait(timeout=10) == 0  # it served until the guest's link closed
 
 

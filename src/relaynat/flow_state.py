@@ -62,6 +62,7 @@ A document is checked entirely before anything is imported: `parse_document` rai
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from ipaddress import ip_address
 from typing import Any
@@ -294,7 +295,7 @@ _LIVE_PARSERS: dict[str, Any] = _PARSERS | {
 }
 
 
-def make_document(flows: list[TcpFlowState], not_moved: list[dict[str, Any]],
+def make_document(flows: Sequence[TcpFlowState], not_moved: list[dict[str, Any]],
                   kind: str = KIND_REPAIR) -> dict[str, Any]:
     """A document of `kind` (a repair document has no "kind" key, as before kinds)."""
     doc: dict[str, Any] = {"format": FORMAT, "version": VERSION}

@@ -72,7 +72,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import ip_address
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from relaynat import __version__
 from relaynat.config import RelayConfig
@@ -324,9 +324,13 @@ class Source:
             if reason is not None:
                 skipped.append(not_moved(describe_tcp(flow), reason))
                 continue
-            index = len(fds)
-            state = tcp.forget(flow, lambda _s, f=flow, i=index, p=peer: live_state_of(
-                f.entry, f.key, f.inbound, now, LiveSocket(i, p)))
+            live = LiveSocket(len(fds), peer)
+
+            def snapshot(_sock: socket.socket, flow: TcpFlow = flow,
+                         live: LiveSocket = live) -> LiveFlowState:
+                return live_state_of(flow.entry, flow.key, flow.inbound, now, live)
+
+            state = tcp.forget(flow, snapshot)
             fd(flow.sock)
             states.append(state)
             moved.append((state, flow.sock))
@@ -516,7 +520,7 @@ def _plan(data: bytes, fds: list[int], relay: Relay) -> _Plan:
     if differs:
         raise HandoverError(differs)
     try:
-        flows = parse_document(doc["tcp"], KIND_LIVE)
+        flows = cast(list[LiveFlowState], parse_document(doc["tcp"], KIND_LIVE))
     except FlowStateError as exc:
         raise HandoverError(f"tcp: {exc}") from None
     assert relay._tcp is not None
@@ -713,4 +717,4 @@ async def serve_taken(relay: Relay, taken: Taken, stop: asyncio.Event) -> Source
 
 def _forward_signal(pidfd: int, signum: int) -> None:
     with contextlib.suppress(OSError):
-        signal.pidfd_send_signal(pidfd, signum)  # type: ignore[attr-defined]  # Linux
+        signal.pidfd_send_signal(pidfd, signum)

@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from relaynat.config import RelayConfig
 from relaynat.policy import Policy
@@ -53,6 +54,7 @@ class NamespaceGuest:
 
     @property
     def released(self) -> bool:
+        """`release` was called: the command is no longer this process's to end."""
         return self._released.done()
 
     def release(self) -> None:
@@ -124,8 +126,9 @@ class NamespaceGuest:
         """The command's exit status as a shell reports it (128 + N for signal N); 0
         once `release`d (its status is no longer ours to learn)."""
         exited = asyncio.ensure_future(self.proc.wait())
+        either: set[asyncio.Future[Any]] = {exited, self._released}
         try:
-            await asyncio.wait({exited, self._released}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not exited.done():
                 exited.cancel()
