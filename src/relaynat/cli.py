@@ -345,7 +345,7 @@ async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
                              policy: Policy | None) -> int:
     """`serve --receive-handover PATH`: wait for a relay's handover, then serve what it
     handed over, until it ends or is handed over in turn (handover.py)."""
-    from relaynat.handover import Receiver, serve_taken
+    from relaynat.handover_receive import Receiver, serve_taken
     from relaynat.relay import Relay
 
     stop = _stop_event()
