@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -191,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--fd", type=int, metavar="N",
                        help="use this inherited unix socket: stream (qemu stream framing) "
                             "or datagram (one frame per datagram), by its type")
+    where.add_argument("--receive-handover", metavar="PATH",
+                       help="wait on this unix socket for a running relay to hand its "
+                            "guest over (relaynat ctl handover --to PATH): its transport, "
+                            "flows, forwards and control socket")
     where.add_argument("--interface", type=_interface_name, metavar="NAME",
                        help="attach to this host interface with a packet socket: the TAP "
                             "a Firecracker or cloud-hypervisor VM uses, or a veth end "
@@ -335,29 +340,72 @@ def add_forwards(relay: Relay, forwards: list[PortForward]) -> None:
                       f"to guest port {guest_port}", file=sys.stderr, flush=True)
 
 
+def _stop_event() -> asyncio.Event:
+    """Set by SIGINT and SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
+                             policy: Policy | None) -> int:
+    """`serve --receive-handover PATH`: wait for a relay's handover, then serve what it
+    handed over, until it ends or is handed over in turn (handover.py)."""
+    from relaynat.handover_receive import Receiver, serve_taken
+    from relaynat.relay import Relay
+
+    stop = _stop_event()
+    receiver = Receiver(args.receive_handover)
+    async with Relay(config, policy) as relay:
+        taking = asyncio.ensure_future(receiver.take_over(relay))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({taking, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        receiver.close()
+        if not taking.done():
+            taking.cancel()
+        else:
+            taken = taking.result()
+            handed = (await serve_taken(relay, taken, stop)).done
+            if taken.control is not None:
+                taken.control.close(unlink=not handed)
+            if taken.stream_path is not None and not handed:
+                with contextlib.suppress(OSError):
+                    os.unlink(taken.stream_path)
+        if args.stats:
+            _print_stats(relay.stats())
+    return 0
+
+
 async def _serve(config: RelayConfig, args: argparse.Namespace,
                  interface: InterfaceTransport | None, policy: Policy | None,
                  forwards: list[PortForward]) -> int:
+    from relaynat.handover import Source
     from relaynat.relay import Relay
     from relaynat.unixgram import attach_unixgram_fd, serve_unixgram
 
     extra_stats: Callable[[], dict[str, int]] = dict
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    stop = _stop_event()
     control = ControlServer(args.control_socket) if args.control_socket else None
+    handed = asyncio.Event() if control is None else control.handed_over
     async with Relay(config, policy) as relay:
         add_forwards(relay, forwards)
         if control is not None:
             control.on_quit = stop.set
             await control.start(relay)
+            if args.socket or args.fd is not None:  # TAP and stream transports move
+                control.on_handover = Source(relay, control,
+                                             stream_path=args.socket).hand_over
+        watch = asyncio.ensure_future(handed.wait())
+        watch.add_done_callback(lambda _: stop.set())
         if args.socket:
             relay.serve_stream(args.socket)
             log.info("listening on %s", args.socket)
             await stop.wait()
-            if os.path.exists(args.socket):
+            if os.path.exists(args.socket) and not handed.is_set():
                 os.unlink(args.socket)
         elif args.unixgram:
             server = serve_unixgram(relay, args.unixgram)
@@ -384,8 +432,9 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
             lost.cancel()
             stopped.cancel()
             extra_stats = attached[0] if attached else dict
+        watch.cancel()
         if control is not None:
-            control.close()
+            control.close(unlink=not handed.is_set())
         if args.stats:
             _print_stats({**relay.stats(), **extra_stats()})
     return 0
@@ -405,9 +454,11 @@ def _attach_or_wait(control: ControlServer | None, attach: Callable[[], None],
 
 async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | None,
                forwards: list[PortForward]) -> int:
-    from relaynat.namespace import NamespaceSetupError, run_command
+    from relaynat.handover import Source
+    from relaynat.namespace import NamespaceGuest, NamespaceSetupError, run_command
 
     holder: list[Relay] = []
+    guests: list[NamespaceGuest] = []
     # Bound before the guest starts, so a bad path fails first; served once the relay is.
     control = ControlServer(args.control_socket) if args.control_socket else None
     started: set[asyncio.Task[None]] = set()
@@ -417,13 +468,14 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
         add_forwards(relay, forwards)
         if control is not None:
             started.add(asyncio.ensure_future(control.start(relay)))
+            control.on_handover = Source(relay, control, guest=guests[0]).hand_over
 
     try:
         code = await run_command(config, args.command, tap_name=args.tap_name,
                                  offload=not args.no_offload, relay_ready=ready,
                                  policy=policy,
                                  hide_paths=[os.path.abspath(args.control_socket)]
-                                 if args.control_socket else ())
+                                 if args.control_socket else (), guest_ready=guests.append)
     except NamespaceSetupError as exc:
         print(f"relaynat run: {exc}", file=sys.stderr)
         return 1
@@ -431,7 +483,11 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
         for task in started:  # a start still pending would serve a closed socket
             task.cancel()
         if control is not None:
-            control.close()
+            handed = guests and guests[0].released
+            if handed:  # the command is the new relay's: answer the handover, go
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(control.handed_over.wait(), 5)
+            control.close(unlink=not handed)
     if args.stats and holder:
         _print_stats(holder[0].stats())
     return code
@@ -517,6 +573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     raise_fd_limit(config, forwards)
+    if args.cmd == "serve" and args.receive_handover and (forwards or args.control_socket):
+        parser.error("--receive-handover: the forwards and the control socket come from "
+                     "the relay that hands over (change forwards with relaynat ctl after)")
     if args.cmd == "serve" and args.fd is not None and args.fd < 0:
         parser.error(f"--fd {args.fd}: not a file descriptor")
     if args.cmd == "serve" and args.incoming:
@@ -532,8 +591,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
     loop = _new_loop()
     try:
-        coro = (_run(config, args, policy, forwards) if args.cmd == "run"
-                else _serve(config, args, interface, policy, forwards))
+        if args.cmd == "run":
+            coro = _run(config, args, policy, forwards)
+        elif args.receive_handover:
+            coro = _serve_handed_over(config, args, policy)
+        else:
+            coro = _serve(config, args, interface, policy, forwards)
         return loop.run_until_complete(coro)
     except (OSError, ForwardError) as exc:
         print(f"relaynat {args.cmd}: {exc}", file=sys.stderr)

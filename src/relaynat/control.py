@@ -11,7 +11,8 @@ Commands: add_hostfwd, list_hostfwd, remove_hostfwd (`id`, or `proto`, `host_add
 `host_port`), stats, flows, get_policy, set_policy (`policy`: a policy dict as
 `Policy.from_dict` takes, or null for none; or `sandbox`: true; and `cut`: bool),
 export_flows, import_flows (`file`), release_exported (`reset`: bool) and quit
-(control_flows.py).
+(control_flows.py); handover (`to`: the path where a new relay process waits,
+handover.py; the relay answers once the new one took over, then exits).
 A request that cannot be served gets `{"error": {"desc": "..."}}` saying why, and the
 connection stays usable.
 
@@ -35,10 +36,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
-from collections.abc import Callable
+import socket
+from collections.abc import Awaitable, Callable
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +84,7 @@ _SPECS: dict[str, _Spec] = {
     "set_policy": {"policy": ((dict, type(None)), False), "sandbox": ((bool,), False),
                    "cut": ((bool,), False)},
     **control_flows.SPECS,
+    "handover": {"to": ((str,), True)},
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
                type(None): "null"}
@@ -124,15 +128,24 @@ def _address(value: str | None) -> str | None:
 class ControlServer:
     """The control socket of one relay. `ControlServer(path)` binds at once (so a bad
     path fails before anything starts; clients wait in the backlog), `start(relay)`
-    serves, `close()` stops and removes the socket file."""
+    serves, `close()` stops and removes the socket file. `sock`: serve this listening
+    socket on `path` instead (taken over from another process, handover.py).
+
+    `on_handover(to)`, when set, serves the handover command; `handed_over` is set once
+    its answer was sent, and `close(unlink=False)` then leaves the socket file to the
+    relay that took over."""
 
     def __init__(self, path: str, *, idle_timeout_s: float = IDLE_TIMEOUT_S,
-                 max_clients: int = MAX_CLIENTS, max_line: int = MAX_LINE) -> None:
+                 max_clients: int = MAX_CLIENTS, max_line: int = MAX_LINE,
+                 sock: socket.socket | None = None) -> None:
         self.path = path
         self.idle_timeout_s = idle_timeout_s
         self.max_clients = max_clients
         self.max_line = max_line
-        self._sock = bind_unix_listener(path, backlog=max_clients)
+        self._sock = sock or bind_unix_listener(path, backlog=max_clients)
+        self.on_handover: Callable[[str], Awaitable[object]] | None = None
+        self.handed_over = asyncio.Event()
+        self._handing_over: set[asyncio.Task[Any] | None] = set()
         self._relay: Relay | None = None
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
@@ -141,6 +154,7 @@ class ControlServer:
             "remove_hostfwd": _remove_hostfwd, "stats": _stats, "flows": _flows,
             "get_policy": _get_policy, "set_policy": _set_policy,
             **self._flow_handlers(),
+            "handover": self._handover,
         }
         #: `quit` calls it (the serving loop's stop); None: this relay cannot quit so.
         self.on_quit: Callable[[], None] | None = None
@@ -169,6 +183,24 @@ class ControlServer:
         self.on_quit()
         return {"quitting": True}
 
+    @property
+    def sock(self) -> socket.socket:
+        """The listening socket (for the relay that takes over)."""
+        return self._sock
+
+    async def _handover_answered(self, to: str) -> object:
+        assert self.on_handover is not None
+        result = await self.on_handover(to)
+        # This connection's task sets handed_over once the answer is out.
+        self._handing_over.add(asyncio.current_task())
+        return result
+
+    def _handover(self, relay: Relay, args: dict[str, Any]) -> object:
+        if self.on_handover is None:
+            raise RequestError("handover: this relay cannot hand over (relaynat run or "
+                               "serve with --socket, or a --fd stream socket, or a TAP)")
+        return self._handover_answered(args["to"])
+
     async def start(self, relay: Relay) -> None:
         self._relay = relay
         # The reader's limit is the line bound: a longer line raises at once instead
@@ -176,15 +208,18 @@ class ControlServer:
         self._server = await asyncio.start_unix_server(self._client, sock=self._sock,
                                                        limit=self.max_line)
 
-    def close(self) -> None:
+    def close(self, unlink: bool = True) -> None:
+        """Stop serving; `unlink`: remove the socket file (not after a handover: the
+        new relay serves it)."""
         if self._server is not None:
             self._server.close()
         else:
             self._sock.close()
         for task in self._clients:
             task.cancel()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        if unlink:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -219,18 +254,34 @@ class ControlServer:
                 return
             if not line.strip():
                 continue
-            writer.write(self.handle_line(line))
+            writer.write(await self.answer(line))
             await asyncio.wait_for(writer.drain(), timeout)
+            if asyncio.current_task() in self._handing_over:
+                self.handed_over.set()
+                return
 
     def handle_line(self, line: bytes) -> bytes:
-        """One request line -> one answer line; never raises."""
+        """One request line -> one answer line, for the commands answered at once;
+        never raises."""
         try:
-            return _line({"return": self._request(line)})
-        except (RequestError, ForwardError, ConfigError) as exc:
-            return _error(str(exc))
+            result = self._request(line)
+            if inspect.isawaitable(result):
+                result.close()  # type: ignore[attr-defined]  # a coroutine, never run
+                raise RequestError("this command needs a control connection")
         except Exception as exc:
-            log.exception("control request failed")
-            return _error(f"internal error: {type(exc).__name__}: {exc}")
+            return _failure(exc)
+        return _line({"return": result})
+
+    async def answer(self, line: bytes) -> bytes:
+        """One request line -> one answer line, waiting for a command that takes time
+        (handover); never raises."""
+        try:
+            result = self._request(line)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            return _failure(exc)
+        return _line({"return": result})
 
     def _request(self, line: bytes) -> object:
         try:
@@ -267,6 +318,14 @@ def _line(obj: object) -> bytes:
 
 def _error(desc: str) -> bytes:
     return _line({"error": {"desc": desc}})
+
+
+def _failure(exc: Exception) -> bytes:
+    """The answer to a request that raised: its reason, or an internal error."""
+    if isinstance(exc, RequestError | ForwardError | ConfigError):
+        return _error(str(exc))
+    log.error("control request failed", exc_info=exc)
+    return _error(f"internal error: {type(exc).__name__}: {exc}")
 
 
 # -- the commands ---------------------------------------------------------------------------

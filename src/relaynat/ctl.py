@@ -51,6 +51,10 @@ def add_parser(sub: Any) -> None:
                           "sandbox profile, or none (allow all)")
     pol.add_argument("--cut", action="store_true",
                      help="set: also end the open flows the new policy denies")
+    hand = cmds.add_parser("handover", help="hand the relay over to a new relaynat process "
+                                            "waiting with serve --receive-handover PATH")
+    hand.add_argument("--to", required=True, metavar="PATH",
+                      help="the new relay's --receive-handover socket")
     _add_flow_commands(cmds)
 
 
@@ -125,6 +129,8 @@ def build_request(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         else:
             arguments["policy"] = _read_policy(args.source, parser)
         return {"execute": "set_policy", "arguments": arguments}
+    if cmd == "handover":
+        return {"execute": "handover", "arguments": {"to": args.to}}
     return {"execute": {"list": "list_hostfwd", "stats": "stats", "flows": "flows"}[cmd]}
 
 
@@ -238,6 +244,12 @@ def print_answer(cmd: str, result: Any) -> None:
                   f"{_peer(f['far']):26} {_peer(f['host_peer']):26} {f['state']:11} "
                   f"{f['bytes_from_guest']:>12} {f['bytes_to_guest']:>12} {window:>10} "
                   f"{rtt:>8}")
+    elif cmd == "handover":
+        print(f"handed over to {result['to']}: {result['moved_tcp']} TCP flows, "
+              f"{result['forwards']} forwards")
+        for left in result["not_moved"]:
+            print(f"not moved: {left['protocol']} {_peer(left['guest'])} -> "
+                  f"{_peer(left['far'])}: {left['reason']}")
     elif cmd == "policy":
         policy = result["policy"]
         print("none (allow all)" if policy is None else json.dumps(policy, indent=2))

@@ -178,16 +178,14 @@ def import_flows(tcp: TcpRelay, doc: Any, now: float, is_guest: Callable[[bytes]
             sock.close()  # still in repair mode: the peers see nothing
         raise
     imported: list[FlowInfo] = []
-    vnet_hdr_len, offload = tcp.link
     for state, sock in zip(states, socks, strict=True):
-        flow = _serve(tcp, state, sock, now, vnet_hdr_len, offload, mtu, idle_timeout_s)
+        flow = _serve(tcp, state, sock, now, mtu, idle_timeout_s)
         if flow is not None:
             imported.append(describe_tcp(flow))
     return imported
 
 
-def _serve(tcp: TcpRelay, state: TcpFlowState, sock: socket.socket, now: float,
-           vnet_hdr_len: int, offload: bool, mtu: int,
+def _serve(tcp: TcpRelay, state: TcpFlowState, sock: socket.socket, now: float, mtu: int,
            idle_timeout_s: float) -> TcpFlow | None:
     repair: RepairState = state.socket
     try:
@@ -202,12 +200,21 @@ def _serve(tcp: TcpRelay, state: TcpFlowState, sock: socket.socket, now: float,
         tcp.stats["tcp_import_failed"] += 1
         close_with_reset(sock)
         return None
+    return adopt_flow(tcp, state, sock, now, mtu=mtu, idle_timeout_s=idle_timeout_s,
+                      host_addr=repair.peer)
+
+
+def adopt_flow(tcp: TcpRelay, state: TcpFlowState, sock: socket.socket, now: float, *,
+               mtu: int, idle_timeout_s: float, host_addr: tuple[str, int]) -> TcpFlow:
+    """Serve `state`'s flow in `tcp` on `sock`, connected and non-blocking: restored
+    here, or passed live from another process (handover.py)."""
+    vnet_hdr_len, offload = tcp.link
     entry = entry_from(state, mtu=mtu, vnet_hdr_len=vnet_hdr_len, offload=offload, now=now,
                        idle_timeout_s=idle_timeout_s)
     flow = TcpFlow(state.key, entry, sock, connecting=False, host_readable=True,
-                   host_addr=repair.peer, inbound=state.inbound)
+                   host_addr=host_addr, inbound=state.inbound)
     try:
-        # What was sent to the guest and not acknowledged heads the restored receive
+        # What was sent to the guest and not acknowledged heads the socket's receive
         # queue: peek past it, as the source did.
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, entry.bytes_in_flight)
     except OSError:

@@ -43,12 +43,26 @@ backoff, and the kernel's own SACK scoreboard, congestion and RTO state of the h
 socket (TCP_REPAIR has no way to set them: the new socket starts its congestion
 control from scratch and retransmits unacknowledged data on its own RTO).
 
+Kind "live" (key ``"kind": "live"``; absent means ``"repair"``, the kind above). A
+handover to a new process on the same host (handover.py) passes each flow's live host
+socket itself over SCM_RIGHTS, so no TCP_REPAIR dump is needed: its kernel queues stay
+where they are. A live FLOW has the same fields, except that ``socket`` is
+``{"fd": N, "peer": [address, port]}`` (N: the socket's index among the descriptors
+passed with the document, ``peer``: where it is connected, checked by the receiver),
+plus three, since a live socket may be half-closed too:
+
+- ``state``: the relay's TCP state of the flow with the guest, one of "established",
+  "close_wait", "fin_wait_1", "fin_wait_2", "closing", "last_ack" (tcp_state.py).
+- ``fin_seq``: the sequence number of the FIN we sent the guest (null: none sent; set
+  exactly in the states after our FIN), ``fin_acked``: the guest acknowledged it.
+
 A document is checked entirely before anything is imported: `parse_document` raises
 `FlowStateError` (a ValueError) naming the flow and the field.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from ipaddress import ip_address
 from typing import Any
@@ -64,6 +78,7 @@ from relaynat.wire import seq_diff, seq_le
 
 FORMAT = "relaynat-flows"
 VERSION = 1
+KIND_REPAIR, KIND_LIVE = "repair", "live"
 #: Key of a flow in `TcpRelay.flows`: (guest port, far address, far port, guest address).
 FlowKey = tuple[int, bytes, int, bytes]
 
@@ -121,8 +136,10 @@ class TcpFlowState:
                 value = list(value)
             elif isinstance(value, bytes):
                 value = value.hex(":")
-            elif isinstance(value, RepairState):
+            elif isinstance(value, RepairState | LiveSocket):
                 value = value.to_dict()
+            elif isinstance(value, TcpState):
+                value = value.value
             out[f.name] = value
         return out
 
@@ -139,9 +156,10 @@ class TcpFlowState:
         if extra:
             raise FlowStateError(f"unknown field(s) {', '.join(extra)}")
         values: dict[str, Any] = {}
+        parsers = _LIVE_PARSERS if cls is LiveFlowState else _PARSERS
         for name in names:
             try:
-                values[name] = _PARSERS[name](data[name])
+                values[name] = parsers[name](data[name])
             except (RepairError, TypeError, ValueError) as exc:
                 raise FlowStateError(f"field {name}: {exc}") from None
         state = cls(**values)
@@ -156,12 +174,67 @@ class TcpFlowState:
                 and seq_diff(self.snd_max, self.snd_una) >= 0):
             raise FlowStateError("fields snd_una, snd_nxt, snd_max: not in order")
         peeked = seq_diff(self.snd_max, self.snd_una)
-        if peeked > len(self.socket.recv_queue):
+        if isinstance(self.socket, RepairState) and peeked > len(self.socket.recv_queue):
             raise FlowStateError(f"field socket: {peeked} bytes were sent to the guest "
                                  f"unacknowledged, but its receive queue holds only "
                                  f"{len(self.socket.recv_queue)}")
         if not seq_le(self.last_ack_sent, self.rcv_nxt):
             raise FlowStateError("fields last_ack_sent, rcv_nxt: acknowledged beyond rcv_nxt")
+
+
+@dataclass(frozen=True, slots=True)
+class LiveSocket:
+    """The host socket of a live flow: its index among the descriptors passed with the
+    document, and the peer it is connected to (module docstring, kind "live")."""
+
+    fd: int
+    peer: tuple[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fd": self.fd, "peer": list(self.peer)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LiveSocket:
+        if not isinstance(data, dict) or set(data) != {"fd", "peer"}:
+            raise ValueError(f"{data!r} is not {{\"fd\": N, \"peer\": [address, port]}}")
+        if type(data["fd"]) is not int or data["fd"] < 0:
+            raise ValueError(f"fd {data['fd']!r} is not a descriptor index")
+        return cls(data["fd"], _endpoint(data["peer"]))
+
+
+#: The relay's states a live flow may be in: established or half-closed either way.
+LIVE_STATES = frozenset({TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.FIN_WAIT_1,
+                         TcpState.FIN_WAIT_2, TcpState.CLOSING, TcpState.LAST_ACK})
+#: The states after our FIN to the guest, exactly those with a `fin_seq`.
+_OUR_FIN_SENT = frozenset({TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2, TcpState.CLOSING,
+                           TcpState.LAST_ACK})
+
+
+@dataclass(frozen=True, slots=True)
+class LiveFlowState(TcpFlowState):
+    """One flow of a "live" document: its host socket travels beside it (module
+    docstring), so it may be half-closed as well."""
+
+    socket: LiveSocket  # type: ignore[assignment]  # the live kind's socket
+    state: TcpState
+    fin_seq: int | None
+    fin_acked: bool
+
+    def _check(self) -> None:
+        TcpFlowState._check(self)
+        if (self.fin_seq is not None) != (self.state in _OUR_FIN_SENT):
+            raise FlowStateError(f"fields state, fin_seq: {self.state.value} with fin_seq "
+                                 f"{self.fin_seq}")
+        if self.fin_acked and self.fin_seq is None:
+            raise FlowStateError("fields fin_acked, fin_seq: a FIN acknowledged, none sent")
+
+
+def _live_state(value: Any) -> TcpState:
+    state = TcpState(value) if isinstance(value, str) else None
+    if state not in LIVE_STATES:
+        raise ValueError(f"{value!r} is not one of "
+                         f"{', '.join(sorted(s.value for s in LIVE_STATES))}")
+    return state
 
 
 def _u32(value: Any) -> int:
@@ -216,23 +289,35 @@ _PARSERS: dict[str, Any] = {
     "ack_pending": _bool, "bytes_from_guest": _count, "bytes_to_guest": _count,
     "socket": RepairState.from_dict,
 }
+_LIVE_PARSERS: dict[str, Any] = _PARSERS | {
+    "socket": LiveSocket.from_dict, "state": _live_state,
+    "fin_seq": lambda v: None if v is None else _u32(v), "fin_acked": _bool,
+}
 
 
-def make_document(flows: list[TcpFlowState],
-                  not_moved: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"format": FORMAT, "version": VERSION, "flows": [f.to_dict() for f in flows],
-            "not_moved": not_moved}
+def make_document(flows: Sequence[TcpFlowState], not_moved: list[dict[str, Any]],
+                  kind: str = KIND_REPAIR) -> dict[str, Any]:
+    """A document of `kind` (a repair document has no "kind" key, as before kinds)."""
+    doc: dict[str, Any] = {"format": FORMAT, "version": VERSION}
+    if kind != KIND_REPAIR:
+        doc["kind"] = kind
+    return doc | {"flows": [f.to_dict() for f in flows], "not_moved": not_moved}
 
 
-def parse_document(doc: Any) -> list[TcpFlowState]:
-    """The flows of a document, all checked (FlowStateError on the first fault, with
-    the flow's index); two flows with one key are refused too."""
+def parse_document(doc: Any, kind: str = KIND_REPAIR) -> list[TcpFlowState]:
+    """The flows of a document of `kind`, all checked (FlowStateError on the first
+    fault, with the flow's index); two flows with one key are refused too."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise FlowStateError(f"not a {FORMAT} document")
     if doc.get("version") != VERSION:
         raise FlowStateError(f"{FORMAT} version {doc.get('version')!r} is not supported "
                              f"(this relaynat reads version {VERSION})")
-    extra = sorted(set(doc) - {"format", "version", "flows", "not_moved"})
+    if doc.get("kind", KIND_REPAIR) != kind:
+        raise FlowStateError(f"a {FORMAT} document of kind {doc.get('kind')!r}, not {kind!r}"
+                             f" ({KIND_LIVE!r}: a same-host handover's, whose sockets "
+                             f"travel beside it)")
+    record = LiveFlowState if kind == KIND_LIVE else TcpFlowState
+    extra = sorted(set(doc) - {"format", "version", "kind", "flows", "not_moved"})
     if extra or not isinstance(doc.get("flows"), list) or not isinstance(
             doc.get("not_moved"), list):
         raise FlowStateError(f"{FORMAT} document needs lists 'flows' and 'not_moved' "
@@ -241,7 +326,7 @@ def parse_document(doc: Any) -> list[TcpFlowState]:
     keys: set[FlowKey] = set()
     for i, data in enumerate(doc["flows"]):
         try:
-            state = TcpFlowState.from_dict(data)
+            state = record.from_dict(data)
         except FlowStateError as exc:
             raise FlowStateError(f"flows[{i}]: {exc}") from None
         if state.key in keys:
@@ -275,6 +360,15 @@ def state_of(entry: TcpNatEntry, key: FlowKey, inbound: bool, now: float,
         bytes_to_guest=entry.bytes_to_guest, socket=sock)
 
 
+def live_state_of(entry: TcpNatEntry, key: FlowKey, inbound: bool, now: float,
+                  sock: LiveSocket) -> LiveFlowState:
+    """A live flow's state (ESTABLISHED or half-closed; the caller dropped from its
+    socket the bytes the guest acknowledged)."""
+    base = state_of(entry, key, inbound, now, sock)  # type: ignore[arg-type]  # live
+    return LiveFlowState(**{f.name: getattr(base, f.name) for f in fields(TcpFlowState)},
+                         state=entry.state, fin_seq=entry.fin_seq, fin_acked=entry.fin_acked)
+
+
 def entry_from(state: TcpFlowState, *, mtu: int, vnet_hdr_len: int, offload: bool,
                now: float, idle_timeout_s: float) -> TcpNatEntry:
     """A TcpNatEntry continuing `state` at `now`, its frames in the given link format."""
@@ -286,6 +380,9 @@ def entry_from(state: TcpFlowState, *, mtu: int, vnet_hdr_len: int, offload: boo
     entry = TcpNatEntry(None, template=template, mtu=mtu, iss=state.iss, now=now,
                         idle_timeout_s=idle_timeout_s)
     entry.state = TcpState.ESTABLISHED
+    if isinstance(state, LiveFlowState):
+        entry.state, entry.fin_seq, entry.fin_acked = (state.state, state.fin_seq,
+                                                       state.fin_acked)
     entry.connect_deadline = None
     for name in ("snd_una", "snd_nxt", "snd_max", "guest_isn", "rcv_nxt", "last_ack_sent",
                  "guest_wnd_edge", "guest_wscale", "our_wscale", "adv_edge", "adv_field",

@@ -122,14 +122,37 @@ class Forwarder:
             raise ForwardError(f"{proto} {host_addr or '*'} port {host_port} is already "
                                "forwarded")
         sock = _bind(proto, host_addr, host_port, interface)
-        forward = Forward(proto, host_addr, sock.getsockname()[1], guest_port, interface, sock,
-                          next(self._ids))
-        ready = self._on_accept if proto == "tcp" else self._on_readable
-        self._loop.add_reader(sock.fileno(), ready, forward)
-        self.forwards.append(forward)
+        forward = self.adopt(proto, host_addr, guest_port, interface, sock)
         log.info("forwarding %s %s port %d to guest port %d", proto, host_addr or "*",
                  forward.host_port, guest_port)
         return forward
+
+    def adopt(self, proto: str, host_addr: str | None, guest_port: int,
+              interface: str | None, sock: socket.socket) -> Forward:
+        """Forward from `sock`, bound (and listening, for TCP) already: by `add`, or by
+        the relay this one took over from (handover.py)."""
+        forward = Forward(proto, host_addr, sock.getsockname()[1], guest_port, interface, sock,
+                          next(self._ids))
+        self._watch(forward)
+        self.forwards.append(forward)
+        return forward
+
+    def _watch(self, forward: Forward) -> None:
+        assert forward.sock is not None
+        ready = self._on_accept if forward.proto == "tcp" else self._on_readable
+        self._loop.add_reader(forward.sock.fileno(), ready, forward)
+
+    def pause(self) -> None:
+        """Stop accepting and reading (clients wait in the backlog, datagrams in the
+        socket) until `resume`: the forwards are being handed to another process."""
+        for forward in self.forwards:
+            if forward.sock is not None:
+                self._loop.remove_reader(forward.sock.fileno())
+
+    def resume(self) -> None:
+        for forward in self.forwards:
+            if forward.sock is not None:
+                self._watch(forward)
 
     def find(self, proto: str, host_addr: str | None, host_port: int) -> Forward | None:
         for forward in self.forwards:
@@ -183,7 +206,7 @@ class Forwarder:
 
         def resume() -> None:
             if forward in self.forwards and forward.sock is not None:
-                self._loop.add_reader(forward.sock.fileno(), self._on_accept, forward)
+                self._watch(forward)
 
         self._loop.call_later(_ACCEPT_RETRY_S, resume)
 

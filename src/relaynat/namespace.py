@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from relaynat.config import RelayConfig
 from relaynat.policy import Policy
@@ -48,6 +49,19 @@ class NamespaceGuest:
         self.proc = proc
         self.transport = transport
         self._sock = sock
+        #: Resolved by `release`: the command is another relay's now (handover.py).
+        self._released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def released(self) -> bool:
+        """`release` was called: the command is no longer this process's to end."""
+        return self._released.done()
+
+    def release(self) -> None:
+        """Let the command go on without this process (its relay handed the guest to
+        another process): `wait` returns 0 at once, `close` no longer kills it."""
+        if not self._released.done():
+            self._released.set_result(None)
 
     @classmethod
     async def spawn(cls, config: RelayConfig, command: Sequence[str], *, tap_name: str = "tap0",
@@ -109,31 +123,45 @@ class NamespaceGuest:
         self._sock.send(b"go")
 
     async def wait(self) -> int:
-        """The command's exit status as a shell reports it (128 + N for signal N)."""
+        """The command's exit status as a shell reports it (128 + N for signal N); 0
+        once `release`d (its status is no longer ours to learn)."""
+        exited = asyncio.ensure_future(self.proc.wait())
+        either: set[asyncio.Future[Any]] = {exited, self._released}
         try:
-            returncode = await self.proc.wait()
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if not exited.done():
+                exited.cancel()
             self.close()
+        if not exited.done() or exited.cancelled():
+            return 0
+        returncode = exited.result()
         return 128 - returncode if returncode < 0 else returncode
 
     def close(self) -> None:
-        """Kill the command if it still runs; the TAP goes with its relay's transport."""
+        """Kill the command if it still runs (unless released); the TAP goes with its
+        relay's transport."""
         self._sock.close()
-        if self.proc.returncode is None:
+        if self.proc.returncode is None and not self.released:
             self.proc.kill()
 
 
 async def run_command(config: RelayConfig, command: list[str], *, tap_name: str = "tap0",
                       offload: bool = True,
                       relay_ready: Callable[[Relay], object] | None = None,
-                      policy: Policy | None = None, hide_paths: Sequence[str] = ()) -> int:
+                      policy: Policy | None = None, hide_paths: Sequence[str] = (),
+                      guest_ready: Callable[[NamespaceGuest], object] | None = None) -> int:
     """Run `command` as a namespace guest of a new relay; return its exit status
     (128 + N if a signal N ended it), as a shell would report it. `relay_ready` is
     called with the relay once the guest's link is attached (e.g. to add forwards);
     `policy` is the egress policy for the guest's flows; `hide_paths` (the control
-    socket) are covered by /dev/null in the guest's mount namespace."""
+    socket) are covered by /dev/null in the guest's mount namespace. `guest_ready` is
+    called with the guest as soon as it exists: releasing it (after a handover) ends
+    the run at once with 0, the command left running."""
     guest = await NamespaceGuest.spawn(config, command, tap_name=tap_name, offload=offload,
                                        hide_paths=hide_paths)
+    if guest_ready is not None:
+        guest_ready(guest)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, guest.proc.send_signal, signum)
@@ -148,5 +176,5 @@ async def run_command(config: RelayConfig, command: list[str], *, tap_name: str 
         for signum in (signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         guest.close()
-        if guest.proc.returncode is None:
+        if guest.proc.returncode is None and not guest.released:
             await guest.proc.wait()

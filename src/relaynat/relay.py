@@ -334,14 +334,15 @@ class Relay:
 
     # -- socket transports -------------------------------------------------------------
 
-    def serve_stream(self, path: str) -> None:
-        """Listen on unix socket `path` for qemu stream clients, one guest at a time.
+    def serve_stream(self, path: str, listener: socket.socket | None = None) -> None:
+        """Listen on unix socket `path` (or serve `listener`, listening on it already)
+        for qemu stream clients, one guest at a time.
 
         A second client while one is served is closed at once with a logged warning;
         when the served client goes away its flows are closed and the next is accepted.
         """
         assert self._loop is not None, "start() first"
-        self._listener = bind_unix_listener(path)
+        self._listener = listener or bind_unix_listener(path)
         self._loop.add_reader(self._listener.fileno(), self._on_stream_client)
 
     def attach_stream_fd(self, fd: int) -> StreamTransport:

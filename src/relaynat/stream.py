@@ -45,13 +45,18 @@ class StreamTransport(TransportBase):
     docstring says why frames beyond it drop), as `RelayConfig.guest_queue_limit` does
     for the transports the relay makes itself. `loop` defaults to the running loop.
     `Relay.serve_stream` and `Relay.attach_stream_fd` build it for you.
+
+    `pending_in` and `pending_out` continue another process's transport on the same
+    socket (handover.py): the bytes of a frame it had read in part, and what it had
+    queued toward the guest, sent before anything else (`handover_state` gives them).
     """
 
     vnet_hdr_len = 0
     offload = False
 
     def __init__(self, sock: socket.socket, queue_limit: int = 8 << 20,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, *, pending_in: bytes = b"",
+                 pending_out: bytes = b"") -> None:
         sock.setblocking(False)
         self.sock = sock
         self._loop = loop or asyncio.get_running_loop()
@@ -66,10 +71,32 @@ class StreamTransport(TransportBase):
         self._writer_on = False
         self.frames_dropped = 0
         self.closed = False
+        if len(pending_in) > _RECV_BUF:
+            raise ValueError(f"{len(pending_in)} bytes of a partial frame do not fit")
+        self._buf[:len(pending_in)] = pending_in
+        self._end = len(pending_in)
+        if pending_out:
+            self._queue.append(pending_out)
+            self._queued = len(pending_out)
 
     def start(self, sink: FrameSink) -> None:
         self._sink = sink
         self._loop.add_reader(self.sock.fileno(), self._on_readable)
+        if self._queue and not self._writer_on:
+            self._writer_on = True
+            self._loop.add_writer(self.sock.fileno(), self._on_writable)
+        if self._end - self._start >= 4:  # a whole frame handed over unread
+            self._loop.call_soon(self._deliver_pending)
+
+    def _deliver_pending(self) -> None:
+        sink = self._sink
+        if sink is not None and self._deliver(sink):
+            sink.end_of_batch()
+
+    def handover_state(self) -> tuple[bytes, bytes]:
+        """(pending_in, pending_out) for a transport continuing on this socket in
+        another process; call once stopped (`stop`), the frames read so far delivered."""
+        return (bytes(self._buf[self._start:self._end]), b"".join(self._queue))
 
     # -- guest -> relay --------------------------------------------------------------
 
@@ -181,6 +208,13 @@ class StreamTransport(TransportBase):
             self._loop.remove_reader(self.sock.fileno())
         self._sink = None
 
+    def stop_writing(self) -> None:
+        """Stop sending the queued bytes too (they go to another process with
+        `handover_state`); `start` resumes both."""
+        if self._writer_on and not self.closed:
+            self._loop.remove_writer(self.sock.fileno())
+        self._writer_on = False
+
     def close(self) -> None:
         if self.closed:
             return
@@ -194,8 +228,10 @@ class StreamTransport(TransportBase):
         self.sock.close()
 
 
-def bind_unix_listener(path: str, backlog: int = 4) -> socket.socket:
-    """Listen on `path`, replacing a stale socket file (nobody accepting on it).
+def bind_unix_listener(path: str, backlog: int = 4,
+                       kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """Listen on `path` (a `kind` socket: stream, or seqpacket), replacing a stale
+    socket file (nobody accepting on it).
 
     Refuses to replace a live socket (another relay is serving it) or a non-socket.
     The file is mode 0600 from the moment it exists: Linux gives a bound socket file
@@ -209,7 +245,7 @@ def bind_unix_listener(path: str, backlog: int = 4) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe = socket.socket(socket.AF_UNIX, kind)
         try:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
@@ -218,7 +254,7 @@ def bind_unix_listener(path: str, backlog: int = 4) -> socket.socket:
             raise OSError(f"{path} is in use by another process")
         finally:
             probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, kind)
     try:
         os.fchmod(sock.fileno(), 0o600)
         sock.bind(path)
