@@ -40,6 +40,7 @@ from relaynat.addressing import inbound_flow_key
 from relaynat.flow_state import relink
 from relaynat.flowinfo import describe_tcp
 from relaynat.nat_entry import TcpNatEntry
+from relaynat.ooo_queue import OooBudget
 from relaynat.packet_builder import TcpFrameTemplate
 from relaynat.sockfail import count_socket_failure
 from relaynat.tcp_actions import (
@@ -115,6 +116,8 @@ class TcpRelay:
         self._loop = loop
         self._send = send_to_guest
         self.stats = stats
+        #: Out-of-order guest data held by all flows together (ooo_queue.py).
+        self.ooo_budget = OooBudget(config.tcp_ooo_budget, stats)
         self.flows: dict[FlowKey, TcpFlow] = {}
         self._by_fd: dict[int, TcpFlow] = {}
         self._pending_connects = 0
@@ -170,15 +173,22 @@ class TcpRelay:
             data = entry.on_guest_segment(seg, now)
             if data is not None:
                 entry.on_host_accepted(self._write_host(flow, data), now)
+                self._write_backlog(flow, now)
             self._execute(flow)
         except Exception:
             self._fail_flow(flow)
             return
         self._mark_dirty(flow)
 
-    def _write_host(self, flow: TcpFlow, data: memoryview) -> int:
+    def _write_backlog(self, flow: TcpFlow, now: float) -> None:
+        """Write what the flow held out of order and a filled hole made in order."""
+        entry = flow.entry
+        while (chunks := entry.host_backlog()) is not None:
+            entry.on_host_accepted(self._write_host(flow, chunks) if chunks else 0, now)
+
+    def _write_host(self, flow: TcpFlow, data: memoryview | list[bytes]) -> int:
         try:
-            return flow.sock.send(data)
+            return flow.sock.send(data) if type(data) is memoryview else flow.sock.sendmsg(data)
         except BlockingIOError:
             return 0
         except OSError as exc:
@@ -228,7 +238,8 @@ class TcpRelay:
         entry = TcpNatEntry(seg, template=template, mtu=self._config.mtu,
                             iss=random.getrandbits(32), now=now,
                             connect_timeout_s=self._config.connect_timeout_s,
-                            idle_timeout_s=self._config.tcp_idle_timeout_s)
+                            idle_timeout_s=self._config.tcp_idle_timeout_s,
+                            ooo_budget=self.ooo_budget)
         flow = TcpFlow(key, entry, sock, host_addr=(host_ip, host_port))
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
@@ -268,7 +279,7 @@ class TcpRelay:
                                     timestamps=True)
         flow = TcpFlow(key, TcpNatEntry.inbound(template=template, mtu=self._config.mtu,
                                                 iss=random.getrandbits(32), now=now,
-                                                facts=None,
+                                                facts=None, ooo_budget=self.ooo_budget,
                                                 idle_timeout_s=self._config.tcp_idle_timeout_s),
                        sock, connecting=False, host_addr=sock.getpeername()[:2], inbound=True)
         try:
@@ -370,6 +381,8 @@ class TcpRelay:
             entry = flow.entry
             try:
                 if not flow.connecting and not entry.closed:
+                    if entry.ooo is not None:
+                        self._write_backlog(flow, now)  # the socket may have room again
                     self._pump(flow, now)
                     if not entry.closed:
                         entry.flush(self._facts(flow), now)
