@@ -116,8 +116,7 @@ class TcpRelay:
         self._loop = loop
         self._send = send_to_guest
         self.stats = stats
-        #: Out-of-order guest data held by all flows together (ooo_queue.py).
-        self.ooo_budget = OooBudget(config.tcp_ooo_budget, stats)
+        self.ooo_budget = OooBudget(config.tcp_ooo_budget, stats)  # for all flows' held data
         self.flows: dict[FlowKey, TcpFlow] = {}
         self._by_fd: dict[int, TcpFlow] = {}
         self._pending_connects = 0
@@ -252,10 +251,8 @@ class TcpRelay:
             self._execute(flow)
             sock.close()
             return
-        self.flows[key] = flow
-        self._by_fd[sock.fileno()] = flow
+        self._track(flow)
         self._pending_connects += 1
-        self._epoll.register(sock.fileno(), _EPOLL_FLAGS)
         self.stats["tcp_flows_opened"] += 1
         self._schedule(flow)
 
@@ -286,9 +283,7 @@ class TcpRelay:
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         except OSError:
             flow.peek_offset_supported = False
-        self.flows[key] = flow
-        self._by_fd[sock.fileno()] = flow
-        self._epoll.register(sock.fileno(), _EPOLL_FLAGS)
+        self._track(flow)
         self.stats["tcp_inbound_opened"] += 1
         self._execute(flow)
         self._schedule(flow)
@@ -381,8 +376,7 @@ class TcpRelay:
             entry = flow.entry
             try:
                 if not flow.connecting and not entry.closed:
-                    if entry.ooo is not None:
-                        self._write_backlog(flow, now)  # the socket may have room again
+                    self._write_backlog(flow, now)  # held data, if the socket has room now
                     self._pump(flow, now)
                     if not entry.closed:
                         entry.flush(self._facts(flow), now)
@@ -488,6 +482,11 @@ class TcpRelay:
             if got <= 0:
                 return
             nbytes -= got
+
+    def _track(self, flow: TcpFlow) -> None:
+        self.flows[flow.key] = flow
+        self._by_fd[flow.sock.fileno()] = flow
+        self._epoll.register(flow.sock.fileno(), _EPOLL_FLAGS)
 
     def _untrack(self, flow: TcpFlow) -> None:
         """Take `flow` out of the tables and the epoll set; its socket stays open."""
@@ -610,9 +609,7 @@ class TcpRelay:
 
     def adopt(self, flow: TcpFlow) -> None:
         """Serve `flow` (moved here from another relay) as if it had been opened here."""
-        self.flows[flow.key] = flow
-        self._by_fd[flow.sock.fileno()] = flow
-        self._epoll.register(flow.sock.fileno(), _EPOLL_FLAGS)
+        self._track(flow)
         self.stats["tcp_flows_imported"] += 1
         self._mark_dirty(flow)
         self._schedule(flow)
