@@ -238,6 +238,7 @@ def transfer_both_ways(relay: RelayProc, http_port: int, tmp_path: Path, down: P
             got, secs = upload(g, http_port, up, deadline)
             report("upload", up, secs)
             assert got == up.sha256, f"upload corrupted: {got} != {up.sha256}"
+            g.read_nstat()
     except BaseException as exc:
         stop_proc(relay.proc)
         raise AssertionError(f"{exc}\n{failure_context(g, relay)}") from exc

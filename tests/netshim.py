@@ -586,6 +586,8 @@ class LossyGuest:
         self.lease_file = self.workdir / f"{self.name}.lease"
         self.listen = listen
         self.shim_stats: dict[str, object] = {}
+        #: The guest kernel's TCP counters (`nstat`), as `read_nstat` last found them.
+        self.nstat: dict[str, int] = {}
         self._ns_created = False
 
     def __enter__(self) -> LossyGuest:
@@ -640,6 +642,14 @@ class LossyGuest:
             raise GuestError(f"{' '.join(argv)} exited {proc.returncode}\n"
                              f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}")
         return proc
+
+    def read_nstat(self) -> dict[str, int]:
+        """The guest kernel's SNMP and netstat counters (per namespace, from zero), e.g.
+        TcpExtTCPSACKReorder: what its TCP did, as seen from inside. Kept in `nstat`."""
+        out = self.run(["nstat", "-az"], timeout=10).stdout
+        self.nstat = {w[0]: int(w[1]) for w in map(str.split, out.splitlines())
+                      if len(w) >= 2 and w[1].isdigit()}
+        return self.nstat
 
     def sh(self, script: str, timeout: float) -> subprocess.CompletedProcess[str]:
         return self.run(["sh", "-ec", script], timeout=timeout)

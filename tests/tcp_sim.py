@@ -13,12 +13,16 @@ The pieces:
   every data segment at once and never shrinks its window, window scaling, go-back-N
   retransmission on RTO and on three duplicate ACKs, zero-window probes at
   snd_una - 1 (as Linux's tcp_probe_timer sends them), and rate-limited answers to
-  out-of-window segments (Linux's tcp_invalid_ratelimit). No SACK, no timestamps.
+  out-of-window segments (Linux's tcp_invalid_ratelimit). Optionally timestamps, and
+  SACK (RFC 2018): a scoreboard of the blocks the relay reports, skipped when it
+  retransmits, and cleared on an RTO (§8: the receiver may renege).
 * `HostSocket`: the host socket as the relay's shell sees it. Writes accept some
   prefix (bounded by the send buffer, or any length the scenario's short-write rate
   picks); the receive queue is peeked at `SO_PEEK_OFF` semantics (peeking advances
   the offset, `ConsumeHost` drops from the head and moves the offset back with it,
   never below 0, `RewindHost` sets it to 0); EOF arrives after the peer's last byte.
+* The relay's out-of-order queue (ooo_queue.py) gets its own `OooBudget`; the shell
+  writes what `host_backlog()` hands it, as tcp_relay does.
 * `TcpSim`: links in both directions that lose, duplicate and reorder frames, a shell
   that mirrors `tcp_relay.TcpRelay` (pump the host socket, then `flush` with fresh
   `SocketFacts`; `on_timer` at `next_deadline()`), and a scheduler that runs a chaos
@@ -32,7 +36,11 @@ sent to the guest is the right byte of the host stream and lies inside the right
 the guest advertised; the relay never acknowledges guest bytes the host socket has not
 accepted; the host socket receives the guest's stream in order, each byte once; the
 peek offset equals `bytes_in_flight`; `ConsumeHost` only drops bytes the guest has
-received; nothing happens after `CloseHost`.
+received; nothing happens after `CloseHost`; the out-of-order queue holds exactly the
+guest's bytes at their offsets, beyond rcv_nxt, within its budget (which is all given
+back once the guest can send no more); SACK blocks go out only when negotiated, on
+segments without data, and cover only bytes the guest sent and the relay holds or
+delivered.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from dataclasses import dataclass, field, replace
 
 from relaynat.checksum import fold, pseudo_header_sum, verify
 from relaynat.nat_entry import TcpNatEntry
+from relaynat.ooo_queue import CHUNK_OVERHEAD, OooBudget
 from relaynat.packet_builder import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
@@ -142,6 +151,10 @@ class Scenario:
     #: The guest's SYN offers RFC 7323 timestamps (TSval clock: ms + guest_ts_base).
     guest_timestamps: bool = False
     guest_ts_base: int = 0
+    #: The guest's SYN offers SACK (RFC 2018 §2).
+    guest_sack: bool = False
+    #: The relay's budget for out-of-order data (0: it holds none and offers no SACK).
+    ooo_budget: int = 1 << 20
     #: Pass SocketFacts (instead of None) with the connect result.
     facts_on_connect: bool = False
     chaos_events: int = 3000
@@ -199,6 +212,9 @@ class GuestTcp:
         self.ts_base = sc.guest_ts_base
         self.ts_recent = 0
         self.tsvals_sent: set[int] = set()
+        # RFC 2018 SACK: in force, and the scoreboard as sorted [start, end) offsets.
+        self.sack_on = False
+        self.sacked: list[tuple[int, int]] = []
         self.now = 0.0
 
     # -- helpers ------------------------------------------------------------------------
@@ -256,7 +272,8 @@ class GuestTcp:
         self.adv_edge = max(self.adv_edge, window)
         ts = (self._tsval(), 0) if self.sim.sc.guest_timestamps else None
         head = self.template.build(self.isn, 0, SYN, window, b"",
-                                   tcp_options_syn(self.mss, self.offer_ws, ts))
+                                   tcp_options_syn(self.mss, self.offer_ws, ts,
+                                                   self.sim.sc.guest_sack))
         self.sim.guest_sends(head)
 
     def app_write(self, nbytes: int, now: float) -> None:
@@ -290,6 +307,10 @@ class GuestTcp:
         end = len(self.data)
         while True:
             limit = min(self.written, self.peer_edge)
+            skip = self._sacked_end(self.nxt) if self.nxt < self.max_sent else None
+            if skip is not None:
+                self.nxt = skip  # the relay holds these bytes: resend only the holes
+                continue
             if self.nxt < limit:
                 n = min(self.snd_mss, limit - self.nxt)
                 fin = self.fin_wanted and self.nxt + n == end
@@ -313,6 +334,28 @@ class GuestTcp:
             self.persist_at = None
             self.persist_backoff = 0
 
+    def _sacked_end(self, off: int) -> int | None:
+        for start, end in self.sacked:
+            if start <= off < end:
+                return end
+        return None
+
+    def _on_sack(self, blocks: list[tuple[int, int]], ack: int) -> None:
+        isn1 = (self.isn + 1) & M32
+        for left, right in blocks:
+            lo, hi = seq_diff(left, isn1), seq_diff(right, isn1)
+            self.sim.check(ack <= lo < hi <= min(self.max_sent, len(self.data)),
+                           f"SACK block +{lo}..+{hi} outside what the guest sent "
+                           f"(ack +{ack}, sent +{self.max_sent})")
+            self.sacked.append((lo, hi))
+        merged: list[tuple[int, int]] = []
+        for start, end in sorted(self.sacked):
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+            else:
+                merged.append((start, end))
+        self.sacked = merged
+
     def on_timer(self, now: float) -> None:
         self.now = now
         if self.reset:
@@ -327,6 +370,7 @@ class GuestTcp:
             self.sim.check(self.backoff <= 15, "the guest's retransmissions made no progress")
             self.rto_at = None
             self.nxt = self.una  # go-back-N
+            self.sacked.clear()  # RFC 2018 §8: the relay may have reneged
             self.dupacks = 0
             self.output(now)
             if self.rto_at is None and self.una < self.max_sent:
@@ -359,6 +403,7 @@ class GuestTcp:
                     self.snd_mss -= len(TS_PREFIX) + 8  # RFC 6691
                 if self.offer_ws is not None and seg.wscale is not None:
                     self.peer_ws, self.ws = seg.wscale, self.offer_ws
+                self.sack_on = self.sim.sc.guest_sack and seg.sack_permitted
                 self.peer_edge = seg.window  # unscaled in a SYN
                 self.state = "ESTABLISHED"
                 self.syn_at = None
@@ -390,8 +435,12 @@ class GuestTcp:
     def _on_ack(self, seg: TcpSegment, now: float) -> None:
         ack = seq_diff(seg.ack, (self.isn + 1) & M32)
         edge = ack + (seg.window << self.peer_ws)
+        if seg.sack:
+            self.sim.check(self.sack_on, "SACK blocks without SACK-permitted both ways")
+            self._on_sack(seg.sack, ack)
         if ack > self.una:
             self.una = ack
+            self.sacked = [(max(a, ack), b) for a, b in self.sacked if b > ack]
             self.nxt = max(self.nxt, ack)
             self.dupacks = 0
             self.backoff = 0
@@ -455,6 +504,7 @@ class TcpSim:
         self.guest = GuestTcp(self, sc)
         self.host = HostSocket(capacity=sc.host_sndbuf, data=sc.host_data)
         self.entry: TcpNatEntry | None = None
+        self.ooo_budget = OooBudget(sc.ooo_budget)
         self.relay_template = self._template(timestamps=False)
         self.ts_in_use = False
         self.last_relay_tsval: int | None = None
@@ -588,6 +638,8 @@ class TcpSim:
             self.check(seg.mss == MTU - 40, "SYN-ACK MSS")
             self.check(seg.wscale == (OUR_WSCALE if sc.guest_wscale is not None else None),
                        "SYN-ACK window scale")
+            self.check(seg.sack_permitted == (sc.guest_sack and sc.ooo_budget > 0),
+                       "SYN-ACK SACK-permitted")
             return seg
         off = seq_diff(seg.seq, iss1)
         if n:
@@ -608,7 +660,24 @@ class TcpSim:
             self.check(ack <= len(h.received) + fin_ok,
                        f"ACK +{ack} of bytes the host socket did not accept "
                        f"({len(h.received)})")
+        if seg.sack is not None:
+            self._check_sack(seg, n)
         return seg
+
+    def _check_sack(self, seg: TcpSegment, n: int) -> None:
+        """SACK blocks (RFC 2018 §3, §4): negotiated, on segments without data (their
+        size left no room), as many as fit, each held by the relay or delivered."""
+        e, isn1 = self.entry, (self.sc.guest_isn + 1) & M32
+        self.check(self.sc.guest_sack and not n and 0 < len(seg.sack) <= (
+            3 if self.ts_in_use else 4), f"SACK option {seg.sack} on {seg}")
+        held = [] if e is None or e.ooo is None else [
+            (seq_diff(a, isn1), seq_diff(b, isn1)) for a, b, _ in e.ooo.blocks()]
+        for left, right in seg.sack:
+            lo, hi = seq_diff(left, isn1), seq_diff(right, isn1)
+            self.check(hi <= len(self.host.received) or any(
+                a <= max(lo, len(self.host.received)) and hi <= b for a, b in held),
+                f"SACK block +{lo}..+{hi}: the relay holds {held}, "
+                f"the host has {len(self.host.received)}")
 
     def entry_mss(self) -> int:
         """Payload per segment toward the guest (RFC 6691: options come off the MSS)."""
@@ -665,6 +734,8 @@ class TcpSim:
             return
         self.states.setdefault(e.state)
         if e.closed:
+            self.check(e.ooo is None and self.ooo_budget.used == 0,
+                       "held data outlived the flow")
             return
         h, g, sc = self.host, self.guest, self.sc
         iss1 = (sc.relay_iss + 1) & M32
@@ -674,6 +745,27 @@ class TcpSim:
         self.check(seq_diff(e.snd_nxt, iss1) <= g.adv_edge,
                    "bytes in flight beyond the guest's window")
         self.check(e.bytes_from_guest == len(h.received), "bytes_from_guest")
+        self._check_ooo()
+
+    def _check_ooo(self) -> None:
+        e, b, sc = self.entry, self.ooo_budget, self.sc
+        assert e is not None
+        if e.ooo is None:
+            self.check(b.used == 0, f"budget {b.used} used with nothing held")
+            return
+        self.check(e.state in GUEST_SENDING, "data held after the guest's FIN")
+        isn1 = (sc.guest_isn + 1) & M32
+        rcv = seq_diff(e.rcv_nxt, isn1)
+        cost = 0
+        for start, end, data in e.ooo.blocks():
+            off = seq_diff(start, isn1)
+            self.check(rcv <= off and seq_diff(end, start) == len(data) > 0
+                       and off + len(data) <= len(sc.guest_data),
+                       f"held block +{off}..+{off + len(data)} (rcv_nxt +{rcv})")
+            self.check(data == sc.guest_data[off:off + len(data)], f"held wrong bytes at +{off}")
+        for chunks in e.ooo._chunks:
+            cost += sum(map(len, chunks)) + CHUNK_OVERHEAD * len(chunks)
+        self.check(b.used == cost <= b.limit, f"budget {b.used} for {cost} (limit {b.limit})")
 
     # -- the shell ---------------------------------------------------------------------
 
@@ -699,7 +791,8 @@ class TcpSim:
                 self.ts_in_use = seg.tsval is not None
                 self.relay_template = self._template(self.ts_in_use)
                 self.entry = TcpNatEntry(seg, template=self.relay_template, mtu=MTU,
-                                         iss=sc.relay_iss, now=self.now)
+                                         iss=sc.relay_iss, now=self.now,
+                                         ooo_budget=self.ooo_budget)
                 self.connect_pending = True
             else:
                 self._reply_rst(seg)
@@ -715,7 +808,9 @@ class TcpSim:
             self.owed_ack = self.trace[-1]
         data = e.on_guest_segment(seg, self.now)
         if data is not None:
-            e.on_host_accepted(self._host_write(seg, data), self.now)
+            start = seq_diff(seg.seq, (sc.guest_isn + 1) & M32) + len(seg.payload) - len(data)
+            e.on_host_accepted(self._host_write(start, data), self.now)
+            self._write_backlog()
         self._run_actions()
         self.dirty = True
 
@@ -730,10 +825,19 @@ class TcpSim:
         self.stats["unknown_flow_rst"] += 1
         self.to_guest.append((head, reply))
 
-    def _host_write(self, seg: TcpSegment, data: memoryview) -> int:
+    def _write_backlog(self) -> None:
+        """tcp_relay.TcpRelay._write_backlog: held data a filled hole made in order."""
+        e = self.entry
+        assert e is not None
+        while (chunks := e.host_backlog()) is not None:
+            start = seq_diff(e.rcv_nxt, (self.sc.guest_isn + 1) & M32)
+            data = memoryview(b"".join(chunks))
+            e.on_host_accepted(self._host_write(start, data) if chunks else 0, self.now)
+            self.stats["backlog_writes"] += 1
+
+    def _host_write(self, start: int, data: memoryview) -> int:
         h, sc = self.host, self.sc
         self.check(h.closed is None and not h.shut_wr, "write after shutdown or close")
-        start = seq_diff(seg.seq, (sc.guest_isn + 1) & M32) + len(seg.payload) - len(data)
         self.check(start == len(h.received),
                    f"entry returned bytes at +{start}, the host has {len(h.received)}")
         n = min(len(data), max(0, h.capacity - h.outq))
@@ -783,6 +887,9 @@ class TcpSim:
         e = self.entry
         if e is None or e.closed or self.connect_pending:
             return
+        if e.ooo is not None:
+            self._write_backlog()
+            self._run_actions()
         self._pump()
         if not e.closed:
             e.flush(self._facts(), self.now)

@@ -124,3 +124,30 @@ def test_two_flows_with_one_key_are_refused(state: TcpFlowState) -> None:
 
 def test_flow_state_error_is_a_value_error() -> None:
     assert issubclass(FlowStateError, ValueError)
+
+
+@given(flow_states())
+def test_a_moved_flow_holds_out_of_order_data_in_the_importers_budget(
+        state: TcpFlowState) -> None:
+    """entry_from gives the continued flow the importing relay's out-of-order budget
+    (without it a moved flow went back to go-back-N); out-of-order data beyond its
+    rcv_nxt is then held, charged to that budget."""
+    from collections import Counter
+
+    from relaynat.flow_state import entry_from
+    from relaynat.ooo_queue import OooBudget
+    from relaynat.wire import ACK, TcpSegment
+
+    budget = OooBudget(1 << 20, Counter())
+    entry = entry_from(state, mtu=65520, vnet_hdr_len=0, offload=False, now=1.0,
+                       idle_timeout_s=60.0, ooo_budget=budget)
+    assert entry.ooo_budget is budget
+    guest, far = entry.template.params["dst"], entry.template.params["src"]
+    ahead = TcpSegment(guest, far, state.guest[1], state.far[1],
+                       (state.rcv_nxt + 100) % 2**32, state.snd_una, ACK, 0xFFFF,
+                       memoryview(b"x" * 10))
+    assert entry.on_guest_segment(ahead, 1.1) is None  # beyond a hole: held, not written
+    held = entry.ooo is not None and entry.ooo.nbytes > 0
+    # Held only inside the window the relay advertised (adv_edge, from the document).
+    in_window = (state.adv_edge - (state.rcv_nxt + 110)) % 2**32 < 2**31
+    assert held == in_window

@@ -44,7 +44,7 @@ from netshim import GATEWAY_IP, Impairment, ImpairSpec, LossyGuest
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Payload]:
-    return make_payloads(tmp_path_factory.mktemp("lossy-files"), (4, 16, 64))
+    return make_payloads(tmp_path_factory.mktemp("lossy-files"), (16, 64))
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +118,22 @@ def test_corruption_16mib_both_ways(relay: RelayProc, http_port: int,
 
 
 @pytest.mark.integration
-def test_delay_with_jitter_4mib_both_ways(relay: RelayProc, http_port: int,
-                                          files: dict[str, Payload], tmp_path: Path) -> None:
+def test_delay_with_jitter_16mib_both_ways_with_sack(relay: RelayProc, http_port: int,
+                                                     files: dict[str, Payload],
+                                                     tmp_path: Path) -> None:
     """50 ms each way with 10 ms of jitter: frames overtake each other all the time.
-    The relay keeps no out-of-order queue (it acknowledges only what it wrote), so the
-    guest's retransmissions fill the gaps: slow (benches/faults.py), but intact."""
-    transfer_both_ways(relay, http_port, tmp_path, files["down-4"], files["up-4"],
-                       "delay_ms=50,jitter_ms=10", dhcp=False, budget_s=120)
+    The relay holds what arrives beyond a hole (ooo_queue.py) and tells the guest in
+    SACK blocks, so the guest's kernel sees reordering, not loss: its counters say it
+    learned of the reordering from SACK blocks (TCPSACKReorder, which a guest without
+    SACK never counts; it would count TCPRenoReorder and enter Reno recovery)."""
+    g = transfer_both_ways(relay, http_port, tmp_path, files["down-16"], files["up-16"],
+                           "delay_ms=50,jitter_ms=10", dhcp=False, budget_s=120)
+    tcp = g.nstat
+    assert tcp.get("TcpExtTCPSACKReorder", 0) > 0, tcp
+    assert tcp.get("TcpExtTCPRenoReorder", 0) == tcp.get("TcpExtTCPRenoRecovery", 0) == 0, tcp
+    stats = relay.stats()
+    assert stats["tcp_ooo_segments"] > 0, stats
+    assert stats.get("tcp_ooo_drop_budget", 0) == 0, stats
 
 
 _SINK = """\

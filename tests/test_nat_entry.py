@@ -99,6 +99,9 @@ def scenarios(draw: st.DrawFn, faults: bool = True) -> Scenario:
         slow_peer=draw(st.booleans()),
         guest_timestamps=draw(st.booleans()),
         guest_ts_base=draw(isns),
+        guest_sack=draw(st.booleans()),
+        # None held, a budget a few segments use up (drops and reneging), plenty.
+        ooo_budget=draw(st.sampled_from([0, 1500, 20_000, 1 << 20])),
         seed=seed,
     )
     if faults:
@@ -139,6 +142,8 @@ def check_outcome(sim: TcpSim) -> None:
     # (With both FINs the host socket was shut down, or closed at the guest's FIN.)
     assert g.rcv_fin == sc.host_fin
     assert not g.reset or e.closed  # only the shell's RST after the flow is gone
+    # Everything the guest sent is in the host socket: nothing left held.
+    assert e.ooo is None and sim.ooo_budget.used == 0
 
 
 @settings(max_examples=200, deadline=None)

@@ -72,13 +72,16 @@ class OneTcpFlow(RuleBasedStateMachine):
     @initialize(guest_data=streams, host_data=streams,
                 isn=seqs, iss=seqs, mss=st.integers(64, 1460),
                 wscale=st.one_of(st.none(), st.integers(0, 14)),
-                rcvbuf=st.integers(512, 65535), sndbuf=st.integers(256, 65536))
+                rcvbuf=st.integers(512, 65535), sndbuf=st.integers(256, 65536),
+                sack=st.booleans(), ooo_budget=st.sampled_from([0, 1000, 1 << 20]))
     def open(self, guest_data: bytes, host_data: bytes, isn: int, iss: int, mss: int,
-             wscale: int | None, rcvbuf: int, sndbuf: int) -> None:
+             wscale: int | None, rcvbuf: int, sndbuf: int, sack: bool,
+             ooo_budget: int) -> None:
         # chaos_events=0: tcp_sim's own fault injection stays off; the rules are the faults.
         sc = Scenario(guest_data=guest_data, host_data=host_data, guest_isn=isn,
                       relay_iss=iss, guest_mss=mss, guest_wscale=wscale, guest_rcvbuf=rcvbuf,
-                      host_sndbuf=sndbuf, chaos_events=0, max_events=100_000)
+                      host_sndbuf=sndbuf, guest_sack=sack, ooo_budget=ooo_budget,
+                      chaos_events=0, max_events=100_000)
         self.sim = AbortableSim(sc)
         self.sim.guest.connect(self.sim.now)
 

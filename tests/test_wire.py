@@ -97,10 +97,11 @@ def reference_options(opts: bytes, syn: bool) -> tuple[int | None, ...]:
     """(mss, wscale, tsval, tsecr) from dpkt's option list, with Linux's
     tcp_parse_options rules: stop at EOL, take only options of the right length, the
     last one wins, MSS and window scale only on a SYN, the shift clamped to 14
-    (RFC 7323 §2.3). Like Linux's tcp_fast_parse_options, a non-SYN whose options
-    start with NOP, NOP, TS (RFC 7323 Appendix A) is read from that option alone."""
+    (RFC 7323 §2.3). Like Linux's tcp_fast_parse_options, a non-SYN whose only
+    option is NOP, NOP, TS (RFC 7323 Appendix A) is read from that option alone; any
+    more options (SACK blocks after the TS) take the full parse."""
     mss = wscale = tsval = tsecr = None
-    if not syn and len(opts) >= 12 and opts[:4] == TS_PREFIX:
+    if not syn and len(opts) == 12 and opts[:4] == TS_PREFIX:
         return (None, None, *struct.unpack("!II", opts[4:12]))
     for item in dpkt.tcp.parse_opts(opts):
         assert item is not None, "the generator only builds well-formed options"

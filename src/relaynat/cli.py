@@ -46,6 +46,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("relaynat")
 
 
+def _mib(text: str) -> int:
+    """A size in MiB, 0 allowed (fractions too), as bytes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB") from None
+    if not 0 <= value <= 1 << 20:
+        raise argparse.ArgumentTypeError(f"{value} MiB is out of range")
+    return int(value * (1 << 20))
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text, 0)
@@ -147,6 +158,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                           "dropped for the guest to retransmit (default %(default)g)")
     lim.add_argument("--max-pending-connects", type=_positive_int, default=512, metavar="N",
                      help="host connects in progress (default %(default)s)")
+    lim.add_argument("--tcp-ooo-budget", type=_mib, default="16", metavar="MIB",
+                     help="out-of-order guest TCP data held by all flows together, in MiB; "
+                          "0: none, and no SACK (default %(default)s)")
     p.add_argument("--control-socket", metavar="PATH",
                    help="serve runtime control (relaynat ctl) on this unix socket, mode "
                         "0600 (a stale socket file is replaced)")
@@ -275,6 +289,7 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         max_icmp_flows=args.max_icmp_flows, new_flow_rate=args.new_flow_rate,
         new_flow_burst=args.new_flow_burst, syn_rate=args.syn_rate,
         max_pending_connects=args.max_pending_connects, pcap_path=args.pcap,
+        tcp_ooo_budget=args.tcp_ooo_budget,
         ipv4=not args.ipv6_only, ipv6=not args.ipv4_only, prefix_v6=prefix6,
         guest_ipv6=parse_ipv6(args.address6, "--address6"), gateway_ipv6=gateway6,
         dns_ipv6=parse_ipv6(args.dns6, "--dns6"), map_host_loopback_v6=mapped6,

@@ -94,6 +94,11 @@ class RelayConfig:
     """How long a host connect() may take before the guest gets a RST."""
     tcp_idle_timeout_s: float = 7200.0
     """A flow with no traffic either way for this long is reset both ways (passt: 2 h)."""
+    tcp_ooo_budget: int = 16 << 20
+    """Bytes of out-of-order guest TCP data all flows may hold together, waiting for a
+    hole to fill (ooo_queue.py: each held segment is charged its length plus 64); 0
+    holds none, and SACK is then not offered: every segment beyond a hole is dropped
+    and retransmitted by the guest."""
     guest_queue_limit: int = 8 << 20
     """Frames queued toward a socket transport that cannot take them yet, in bytes;
     beyond it frames are dropped and counted (TCP retransmits them)."""
@@ -210,6 +215,8 @@ class RelayConfig:
                      "udp_stream_timeout_s", "dns_udp_timeout_s", "udp_inbound_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.tcp_ooo_budget < 0:
+            raise ConfigError(f"tcp_ooo_budget must be at least 0, not {self.tcp_ooo_budget}")
         self._validate_rate()
         for record in self.dns_records:
             if len(record) != 2 or not str(record[0]).strip(".") or len(str(record[0])) > 253:

@@ -210,7 +210,7 @@ def adopt_flow(tcp: TcpRelay, state: TcpFlowState, sock: socket.socket, now: flo
     here, or passed live from another process (handover.py)."""
     vnet_hdr_len, offload = tcp.link
     entry = entry_from(state, mtu=mtu, vnet_hdr_len=vnet_hdr_len, offload=offload, now=now,
-                       idle_timeout_s=idle_timeout_s)
+                       idle_timeout_s=idle_timeout_s, ooo_budget=tcp.ooo_budget)
     flow = TcpFlow(state.key, entry, sock, connecting=False, host_readable=True,
                    host_addr=host_addr, inbound=state.inbound)
     try:

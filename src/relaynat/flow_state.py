@@ -68,6 +68,7 @@ from ipaddress import ip_address
 from typing import Any
 
 from relaynat.nat_entry import TcpNatEntry
+from relaynat.ooo_queue import OooBudget
 from relaynat.packet_builder import TS_OPTION_LEN, TcpFrameTemplate
 from relaynat.tcp_actions import M32
 from relaynat.tcp_handshake import MAX_GSO_PAYLOAD
@@ -370,15 +371,20 @@ def live_state_of(entry: TcpNatEntry, key: FlowKey, inbound: bool, now: float,
 
 
 def entry_from(state: TcpFlowState, *, mtu: int, vnet_hdr_len: int, offload: bool,
-               now: float, idle_timeout_s: float) -> TcpNatEntry:
-    """A TcpNatEntry continuing `state` at `now`, its frames in the given link format."""
+               now: float, idle_timeout_s: float,
+               ooo_budget: OooBudget | None = None) -> TcpNatEntry:
+    """A TcpNatEntry continuing `state` at `now`, its frames in the given link format,
+    holding out-of-order guest data within `ooo_budget` (the importing relay's). The
+    source's held out-of-order data is not moved (dropping SACKed data is reneging,
+    which RFC 2018 §8 allows: the guest sends it again) and SACK-permitted is not in
+    the document: a moved flow acknowledges cumulatively, without SACK blocks."""
     template = TcpFrameTemplate(
         dst_mac=state.guest_mac, src_mac=state.gateway_mac,
         src=ip_address(state.far[0]).packed, dst=ip_address(state.guest[0]).packed,
         sport=state.far[1], dport=state.guest[1], vnet_hdr_len=vnet_hdr_len,
         offload=offload, timestamps=state.timestamps)
     entry = TcpNatEntry(None, template=template, mtu=mtu, iss=state.iss, now=now,
-                        idle_timeout_s=idle_timeout_s)
+                        idle_timeout_s=idle_timeout_s, ooo_budget=ooo_budget)
     entry.state = TcpState.ESTABLISHED
     if isinstance(state, LiveFlowState):
         entry.state, entry.fin_seq, entry.fin_acked = (state.state, state.fin_seq,

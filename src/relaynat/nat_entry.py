@@ -6,9 +6,13 @@ socket, like passt's tcp.c, without a payload buffer of its own:
 Guest -> host. `on_guest_segment` returns the in-order part of the payload that is
 new; the shell writes it straight into the host socket and reports how much the
 socket accepted with `on_host_accepted`. Only accepted bytes are acknowledged, so the
-guest's own retransmission queue is the buffer: a gap, a duplicate or a full socket
-gets a duplicate ACK and the guest resends. Nothing is ever written twice, because
-`rcv_nxt` only advances by accepted bytes.
+guest's own retransmission queue is the buffer: a duplicate or a full socket gets a
+duplicate ACK and the guest resends. Nothing is ever written twice, because
+`rcv_nxt` only advances by accepted bytes. A segment beyond a hole is the exception:
+it is held in a bounded out-of-order queue (ooo_queue.py) and reported to the guest in
+SACK blocks (RFC 2018); once the hole fills, `host_backlog()` hands the now in-order
+data to the shell, which writes it and reports with `on_host_accepted` as well. Held
+data is not acknowledged (cumulatively) until the host socket took it.
 
 Host -> guest. The shell peeks (`MSG_PEEK` at `SO_PEEK_OFF`) at most
 `host_read_budget()` bytes, the guest's window minus what is in flight, and passes
@@ -38,6 +42,7 @@ retransmit on three duplicate ACKs), RFC 5961 §3.2 (RST only at the exact seque
 
 from __future__ import annotations
 
+from relaynat.ooo_queue import OooQueue
 from relaynat.tcp_actions import (
     M32,
     Action,
@@ -159,8 +164,15 @@ class TcpNatEntry(TcpHandshake):
         fin = bool(seg.flags & FIN)
         offset = seq_diff(self.rcv_nxt, seg.seq)
         if offset < 0:
-            # A gap: data after a loss. Duplicate ACK right away (not coalesced) so the
-            # guest's fast retransmit sees one per out-of-order segment.
+            # A gap: data after a loss, or one that overtook another. Hold what fits the
+            # window we advertised (RFC 9293 §3.10.7.4), then a duplicate ACK right away
+            # (RFC 5681 §4.2, not coalesced), its SACK blocks saying what we hold.
+            if self.ooo_budget is not None and (payload or fin):
+                if self.ooo is None:
+                    self.ooo = OooQueue(self.ooo_budget, self.rcv_nxt)
+                self.ooo.insert(seg.seq, payload, fin, self.adv_edge)
+                if not self.ooo:
+                    self.ooo = None
             self._emit(self._ack_seq(), ACK)
             return None
         if offset >= len(payload) and not (fin and offset == len(payload)):
@@ -186,6 +198,10 @@ class TcpNatEntry(TcpHandshake):
         self.bytes_from_guest += nbytes
         if nbytes:
             self.ack_pending = True
+            if self.ooo is not None:
+                self.ooo.advance(self.rcv_nxt)
+                if not self.ooo:
+                    self.ooo = None
         if nbytes < self._pending_len:
             # Socket full: the rest is dropped unacknowledged; the guest retransmits it.
             self.write_blocked = True
@@ -202,15 +218,31 @@ class TcpNatEntry(TcpHandshake):
         self._pending_len = 0
         self._pending_fin = False
 
+    def host_backlog(self) -> list[bytes] | None:
+        """Held out-of-order data that is in order now (a hole filled): the shell
+        writes these chunks (one sendmsg) and reports `on_host_accepted`, and asks
+        again until None. An empty list: only the guest's FIN was waiting."""
+        ooo = self.ooo
+        if ooo is None or self.write_blocked or self.state not in GUEST_SENDING:
+            return None
+        ready = ooo.ready()
+        if ready is None:
+            return None
+        chunks, self._pending_fin = ready
+        self._pending_len = sum(map(len, chunks))
+        return chunks
+
     def on_host_writable(self, now: float) -> None:
         """The host socket has room again after a short write: tell the guest."""
         del now
         if self.write_blocked and not self.closed:
             self.write_blocked = False
-            # A window update plus duplicate ACKs, so the guest retransmits what we
-            # dropped without waiting for its RTO (RFC 5681 §3.2).
             self.ack_pending = True
-            self.dup_acks_to_send = DUP_ACK_THRESHOLD
+            if self.ooo is None or self.ooo.ready() is None:
+                # A window update plus duplicate ACKs, so the guest retransmits what we
+                # dropped without waiting for its RTO (RFC 5681 §3.2). Not when what
+                # follows rcv_nxt is held here: the shell writes it (host_backlog).
+                self.dup_acks_to_send = DUP_ACK_THRESHOLD
 
     # -- host -> guest ------------------------------------------------------------
 

@@ -138,14 +138,32 @@ def arp_request(our_mac: bytes, our_ip: bytes, target_ip: bytes) -> bytes:
 
 
 def tcp_options_syn(mss: int, wscale: int | None,
-                    timestamps: tuple[int, int] | None = None) -> bytes:
+                    timestamps: tuple[int, int] | None = None,
+                    sack_permitted: bool = False) -> bytes:
     """SYN(-ACK) options: MSS (RFC 9293 §3.7.1), window scale if offered, padded with a
-    NOP to a 4-byte boundary (RFC 7323 §2.2), and (TSval, TSecr) if offered (§3.2)."""
+    NOP to a 4-byte boundary (RFC 7323 §2.2), (TSval, TSecr) if offered (§3.2), and
+    SACK-permitted (RFC 2018 §2) in the two bytes that pad the timestamps otherwise,
+    as Linux lays them out."""
     opts = struct.pack("!BBH", 2, 4, mss)
     if wscale is not None:
         opts += struct.pack("!BBBB", 1, 3, 3, wscale)
+    pad = b"\x04\x02" if sack_permitted else b"\x01\x01"
     if timestamps is not None:
-        opts += b"\x01\x01\x08\x0a" + _TS_VALUES.pack(*timestamps)
+        opts += pad + b"\x08\x0a" + _TS_VALUES.pack(*timestamps)
+    elif sack_permitted:
+        opts += b"\x01\x01\x04\x02"
+    return opts
+
+
+def tcp_options_sack(blocks: list[tuple[int, int]],
+                     timestamps: tuple[int, int] | None = None) -> bytes:
+    """Options of an ACK carrying SACK blocks (RFC 2018 §3): NOP, NOP, TS (when in
+    force), then NOP, NOP, kind 5 and the (left, right) edges. The 40 bytes of option
+    space hold 3 blocks beside timestamps, 4 without; the caller passes no more."""
+    opts = b"" if timestamps is None else b"\x01\x01\x08\x0a" + _TS_VALUES.pack(*timestamps)
+    opts += struct.pack("!BBBB", 1, 1, 5, 2 + 8 * len(blocks))
+    for left, right in blocks:
+        opts += _TS_VALUES.pack(left, right)
     return opts
 
 

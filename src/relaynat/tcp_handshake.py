@@ -27,9 +27,15 @@ from __future__ import annotations
 
 from typing import Self
 
-from relaynat.packet_builder import TS_OPTION_LEN, TcpFrameTemplate, tcp_options_syn
+from relaynat.ooo_queue import OooBudget, OooQueue
+from relaynat.packet_builder import (
+    TS_OPTION_LEN,
+    TcpFrameTemplate,
+    tcp_options_sack,
+    tcp_options_syn,
+)
 from relaynat.tcp_actions import M32, Action, CloseHost, SendFrame
-from relaynat.tcp_state import TcpEvent, TcpState, next_state
+from relaynat.tcp_state import GUEST_SENDING, TcpEvent, TcpState, next_state
 from relaynat.window import (
     OUR_WSCALE,
     SYN_RETRIES_MAX,
@@ -42,6 +48,11 @@ from relaynat.window import (
     syn_timeout_s,
 )
 from relaynat.wire import ACK, RST, SYN, TcpSegment
+
+#: SACK blocks that fit the 40 bytes of option space beside timestamps, and without
+#: them (RFC 2018 §3).
+SACK_BLOCKS_WITH_TS = 3
+SACK_BLOCKS_NO_TS = 4
 
 #: Largest TCP payload in one IPv4 frame without options (65535 - 20 - 20): the size of
 #: a GSO super-frame toward an offloading TAP.
@@ -79,6 +90,8 @@ class TcpHandshake:
         "mss",
         "mtu",
         "now",
+        "ooo",
+        "ooo_budget",
         "our_mss",
         "our_wscale",
         "persist_at",
@@ -87,6 +100,7 @@ class TcpHandshake:
         "retries",
         "rto_at",
         "rtt_exp",
+        "sack_ok",
         "snd_max",
         "snd_nxt",
         "snd_una",
@@ -101,10 +115,15 @@ class TcpHandshake:
 
     def __init__(self, syn: TcpSegment | None, *, template: TcpFrameTemplate, mtu: int,
                  iss: int, now: float, connect_timeout_s: float = 10.0,
-                 idle_timeout_s: float = 7200.0) -> None:
+                 idle_timeout_s: float = 7200.0, ooo_budget: OooBudget | None = None) -> None:
         """A flow opened by the guest's `syn` (outbound). `TcpNatEntry.inbound` opens
-        one toward the guest instead (syn None here)."""
+        one toward the guest instead (syn None here). `ooo_budget`: the relay's budget
+        for out-of-order guest data (ooo_queue.py); None or a zero limit keeps none,
+        and SACK is then not offered."""
         self.template = template
+        self.ooo_budget = ooo_budget if ooo_budget is not None and ooo_budget.limit else None
+        self.ooo: OooQueue | None = None
+        self.sack_ok = False
         self.state = TcpState.CONNECTING
         self.actions: list[Action] = []
         self.now = now
@@ -148,13 +167,14 @@ class TcpHandshake:
 
     @classmethod
     def inbound(cls, *, template: TcpFrameTemplate, mtu: int, iss: int, now: float,
-                facts: SocketFacts | None, idle_timeout_s: float = 7200.0) -> Self:
+                facts: SocketFacts | None, idle_timeout_s: float = 7200.0,
+                ooo_budget: OooBudget | None = None) -> Self:
         """A flow a host client opened on a forwarded port: SYN the guest now, offering
         our MSS, window scale and (if `template` has room for them) timestamps; the
         guest's SYN-ACK decides what is in force (RFC 7323 §2.2, §3.2). The host socket
         is connected already, so there is no connect deadline."""
         entry = cls(None, template=template, mtu=mtu, iss=iss, now=now,
-                    idle_timeout_s=idle_timeout_s)
+                    idle_timeout_s=idle_timeout_s, ooo_budget=ooo_budget)
         entry.state = TcpState.SYN_SENT
         entry.connect_deadline = None
         entry.our_wscale = OUR_WSCALE
@@ -174,6 +194,9 @@ class TcpHandshake:
         # gives the guest a valid RTT sample (TSecr), which is what resets its RTO
         # backoff (RFC 6298 §5.7, Karn's rule otherwise forbids the sample).
         self.ts_recent = syn.tsval if syn.tsval is not None else 0
+        # RFC 2018 §2: SACK blocks may be sent once the guest's SYN permitted them (for
+        # an inbound flow, its SYN-ACK answering ours); only with a queue to report.
+        self.sack_ok = syn.sack_permitted and self.ooo_budget is not None
         # RFC 6691: the MSS excludes options, so each segment's payload shrinks by ours.
         ts_len = TS_OPTION_LEN if self.template.timestamps else 0
         ip_hlen = 40 if self.template.ipv6 else 20
@@ -207,6 +230,10 @@ class TcpHandshake:
 
     def _event(self, event: TcpEvent) -> None:
         self.state = next_state(self.state, event)
+        if self.ooo is not None and self.state not in GUEST_SENDING:
+            # The guest's FIN was taken (or the flow ended): nothing held is data now.
+            self.ooo.clear()
+            self.ooo = None
 
     def _tsval(self) -> int:
         """Our timestamp clock: milliseconds (RFC 7323 §5.4 allows 1 ms to 1 s ticks)."""
@@ -215,6 +242,11 @@ class TcpHandshake:
     def _emit(self, seq: int, flags: int, payload: bytes | memoryview = b"",
               options: bytes | None = None, window_field: int | None = None) -> None:
         field = self.adv_field if window_field is None else window_field
+        if (self.ooo is not None and self.sack_ok and not payload and options is None
+                and not flags & RST):
+            # RFC 2018 §4: every ACK while data is held reports it. Not on data frames:
+            # their size was fixed by the MSS with the timestamp option only.
+            options = self._sack_options()
         head = self.template.build(seq, self.rcv_nxt, flags, field, payload, options, self.mss,
                                    self._tsval(), self.ts_recent)
         self.actions.append(SendFrame(head, payload))
@@ -225,6 +257,14 @@ class TcpHandshake:
             # of a SYN is never scaled).
             shift = 0 if flags & SYN else self.our_wscale
             self.adv_edge = (self.rcv_nxt + (field << shift)) & M32
+
+    def _sack_options(self) -> bytes | None:
+        assert self.ooo is not None
+        ts = self.template.timestamps
+        blocks = self.ooo.sack_blocks(SACK_BLOCKS_WITH_TS if ts else SACK_BLOCKS_NO_TS)
+        if not blocks:
+            return None
+        return tcp_options_sack(blocks, (self._tsval(), self.ts_recent) if ts else None)
 
     def _abort(self, rst_guest: bool, abortive_host: bool = True) -> None:
         """Reset the flow both ways (or only toward the host when the guest reset it)."""
@@ -262,8 +302,8 @@ class TcpHandshake:
         window = advertised_window(facts)
         self.adv_field = min(window, 0xFFFF)
         ts = (self._tsval(), 0) if self.template.timestamps else None
-        self._emit(self.iss, SYN, options=tcp_options_syn(self.our_mss, OUR_WSCALE, ts),
-                   window_field=self.adv_field)
+        options = tcp_options_syn(self.our_mss, OUR_WSCALE, ts, self.ooo_budget is not None)
+        self._emit(self.iss, SYN, options=options, window_field=self.adv_field)
 
     def _on_guest_syn_ack(self, seg: TcpSegment, now: float) -> None:
         """The guest answered our SYN (RFC 9293 §3.10.7.3): take its options, ACK it."""
@@ -287,7 +327,8 @@ class TcpHandshake:
         self.adv_field = encode_window(window, self.our_wscale)
         wscale = self.our_wscale if self.guest_wscale or self.our_wscale else None
         ts = (self._tsval(), self.ts_recent) if self.template.timestamps else None
-        self._emit(self.iss, SYN | ACK, options=tcp_options_syn(self.our_mss, wscale, ts),
+        self._emit(self.iss, SYN | ACK,
+                   options=tcp_options_syn(self.our_mss, wscale, ts, self.sack_ok),
                    window_field=field)
 
     def _in_syn_sent(self, seg: TcpSegment, now: float) -> None:

@@ -38,6 +38,7 @@ from relaynat.flow_state import relink
 from relaynat.flow_timers import FlowTimers
 from relaynat.flowinfo import describe_tcp
 from relaynat.nat_entry import TcpNatEntry
+from relaynat.ooo_queue import OooBudget
 from relaynat.packet_builder import TcpFrameTemplate
 from relaynat.sockfail import count_socket_failure
 from relaynat.syn_backlog import SynBacklog
@@ -110,6 +111,7 @@ class TcpRelay:
         self._loop = loop
         self._send = send_to_guest
         self.stats = stats
+        self.ooo_budget = OooBudget(config.tcp_ooo_budget, stats)  # for all flows' held data
         self.flows: dict[FlowKey, TcpFlow] = {}
         self._by_fd: dict[int, TcpFlow] = {}
         self._pending_connects = 0
@@ -181,15 +183,22 @@ class TcpRelay:
             data = entry.on_guest_segment(seg, now)
             if data is not None:
                 entry.on_host_accepted(self._write_host(flow, data), now)
+                self._write_backlog(flow, now)
             self._execute(flow)
         except Exception:
             self._fail_flow(flow)
             return
         self._mark_dirty(flow)
 
-    def _write_host(self, flow: TcpFlow, data: memoryview) -> int:
+    def _write_backlog(self, flow: TcpFlow, now: float) -> None:
+        """Write what the flow held out of order and a filled hole made in order."""
+        entry = flow.entry
+        while (chunks := entry.host_backlog()) is not None:
+            entry.on_host_accepted(self._write_host(flow, chunks) if chunks else 0, now)
+
+    def _write_host(self, flow: TcpFlow, data: memoryview | list[bytes]) -> int:
         try:
-            return flow.sock.send(data)
+            return flow.sock.send(data) if type(data) is memoryview else flow.sock.sendmsg(data)
         except BlockingIOError:
             return 0
         except OSError as exc:
@@ -239,7 +248,8 @@ class TcpRelay:
         entry = TcpNatEntry(seg, template=template, mtu=self._config.mtu,
                             iss=random.getrandbits(32), now=now,
                             connect_timeout_s=self._config.connect_timeout_s,
-                            idle_timeout_s=self._config.tcp_idle_timeout_s)
+                            idle_timeout_s=self._config.tcp_idle_timeout_s,
+                            ooo_budget=self.ooo_budget)
         flow = TcpFlow(key, entry, sock, host_addr=(host_ip, host_port))
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
@@ -252,10 +262,8 @@ class TcpRelay:
             self._execute(flow)
             sock.close()
             return
-        self.flows[key] = flow
-        self._by_fd[sock.fileno()] = flow
+        self._track(flow)
         self._pending_connects += 1
-        self._epoll.register(sock.fileno(), _EPOLL_FLAGS)
         self.stats["tcp_flows_opened"] += 1
         self._timers.schedule(flow)
 
@@ -279,16 +287,14 @@ class TcpRelay:
                                     timestamps=True)
         flow = TcpFlow(key, TcpNatEntry.inbound(template=template, mtu=self._config.mtu,
                                                 iss=random.getrandbits(32), now=now,
-                                                facts=None,
+                                                facts=None, ooo_budget=self.ooo_budget,
                                                 idle_timeout_s=self._config.tcp_idle_timeout_s),
                        sock, connecting=False, host_addr=sock.getpeername()[:2], inbound=True)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         except OSError:
             flow.peek_offset_supported = False
-        self.flows[key] = flow
-        self._by_fd[sock.fileno()] = flow
-        self._epoll.register(sock.fileno(), _EPOLL_FLAGS)
+        self._track(flow)
         self.stats["tcp_inbound_opened"] += 1
         self._execute(flow)
         self._timers.schedule(flow)
@@ -390,6 +396,7 @@ class TcpRelay:
             entry = flow.entry
             try:
                 if not flow.connecting and not entry.closed:
+                    self._write_backlog(flow, now)  # held data, if the socket has room now
                     self._pump(flow, now)
                     if not entry.closed:
                         entry.flush(self._facts(flow), now)
@@ -510,6 +517,11 @@ class TcpRelay:
                 return
             nbytes -= got
 
+    def _track(self, flow: TcpFlow) -> None:
+        self.flows[flow.key] = flow
+        self._by_fd[flow.sock.fileno()] = flow
+        self._epoll.register(flow.sock.fileno(), _EPOLL_FLAGS)
+
     def _untrack(self, flow: TcpFlow) -> None:
         """Take `flow` out of the tables and the epoll set; its socket stays open."""
         del self.flows[flow.key]
@@ -590,9 +602,7 @@ class TcpRelay:
 
     def adopt(self, flow: TcpFlow) -> None:
         """Serve `flow` (moved here from another relay) as if it had been opened here."""
-        self.flows[flow.key] = flow
-        self._by_fd[flow.sock.fileno()] = flow
-        self._epoll.register(flow.sock.fileno(), _EPOLL_FLAGS)
+        self._track(flow)
         self.stats["tcp_flows_imported"] += 1
         self._mark_dirty(flow)
         self._timers.schedule(flow)

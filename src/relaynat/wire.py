@@ -124,9 +124,13 @@ class TcpSegment:
     #: None when absent.
     mss: int | None = None
     wscale: int | None = None
+    #: RFC 2018 §2: the SYN offers SACK.
+    sack_permitted: bool = False
     #: RFC 7323 §3 timestamp option (TSval, TSecr) on any segment; None when absent.
     tsval: int | None = None
     tsecr: int | None = None
+    #: RFC 2018 §3 SACK blocks (left, right) as sent; None when absent.
+    sack: list[tuple[int, int]] | None = None
 
 
 @dataclass(slots=True)
@@ -215,8 +219,9 @@ _TS_PREFIX = b"\x01\x01\x08\x0a"
 
 
 def _parse_options(options: memoryview, seg: TcpSegment, syn: bool) -> None:
-    """Read MSS and window scale (SYN only) and timestamps; stop at anything that runs
-    past the end, as Linux's tcp_parse_options does, rather than refusing the segment."""
+    """Read MSS, window scale and SACK-permitted (SYN only), timestamps and SACK blocks;
+    stop at anything that runs past the end, as Linux's tcp_parse_options does, rather
+    than refusing the segment."""
     i, end = 0, len(options)
     while i < end:
         kind = options[i]
@@ -237,6 +242,10 @@ def _parse_options(options: memoryview, seg: TcpSegment, syn: bool) -> None:
         elif syn and kind == 3 and length == 3:
             # RFC 7323 §2.3: a shift above 14 is treated as 14.
             seg.wscale = min(options[i + 2], 14)
+        elif syn and kind == 4 and length == 2:
+            seg.sack_permitted = True
+        elif kind == 5 and length >= 10 and (length - 2) % 8 == 0:
+            seg.sack = [_TS.unpack_from(options, j) for j in range(i + 2, i + length, 8)]
         i += length
 
 
@@ -255,7 +264,9 @@ def parse_tcp(ip: IpPacket, verify_checksum: bool = False) -> TcpSegment:
         raise MalformedFrame("tcp_checksum")
     seg = TcpSegment(ip.src, ip.dst, sport, dport, seq, ack, flags, window, data[hlen:])
     if hlen > 20:
-        if not flags & SYN and hlen >= 32 and data[20:24] == _TS_PREFIX:
+        # Linux's tcp_fast_parse_options: a lone aligned timestamp is read directly;
+        # anything more (SACK blocks after it) takes the full parse.
+        if not flags & SYN and hlen == 32 and data[20:24] == _TS_PREFIX:
             seg.tsval, seg.tsecr = _TS.unpack_from(data, 24)
         else:
             _parse_options(data[20:hlen], seg, bool(flags & SYN))
