@@ -129,7 +129,16 @@ def test_nineteen_downloads_keep_their_speed_beside_a_flooding_guest(
                                              flood_s=2 * solo + 5)
             for out in outs:
                 assert out.read_text().split()[0] == digest, out
-            return solo, flooded, guests.stats()
+            stats = guests.stats()
+            for name in list(guests):
+                guests.remove(name)
+            # Solo again after the flood, and the mean of both: this 2-core VM's own
+            # speed drifts by a fifth from one phase to the next, which one solo run
+            # before the flood measured as the flood's doing.
+            again, outs = await _downloads(guests, file_server, tmp_path, "again", None)
+            for out in outs:
+                assert out.read_text().split()[0] == digest, out
+            return (solo + again) / 2, flooded, stats
 
     solo, flooded, stats = asyncio.run(main())
     print(f"19 downloads of {FILE_MIB} MiB: solo {size * 8 / solo / 1e9:.2f} Gbit/s, "
@@ -137,7 +146,8 @@ def test_nineteen_downloads_keep_their_speed_beside_a_flooding_guest(
           f"({solo / flooded:.2f} of solo)")
     flood = stats.pop("flood-flooder")
     sent = int((tmp_path / "flood-sent").read_text().split()[1])
-    print(f"flooder frames sent {sent}, handled {flood['frames_in']}")
+    print(f"flooder frames sent {sent}, handled {flood['frames_in']}; TCP flows opened "
+          f"{flood.get('tcp_flows_opened', 0)}, SYNs waited {flood.get('tcp_syn_deferred', 0)}")
     # A real flood: it offered more than the relay took from it (the TAP queue dropped
     # the rest), and what it took was handled as the bad input it is.
     assert sent > flood["frames_in"] > 10_000, (sent, flood)

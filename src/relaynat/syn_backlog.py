@@ -8,7 +8,9 @@ the frames behind them (the ACKs of the guest's own download) waited in the TAP 
 for thousands of SYNs' work: a download beside 100,000 SYNs kept 13-41% of its speed.
 
 Now flows open at up to `rate` a second (a token bucket: `burst` at once after a quiet
-spell); the SYNs beyond wait here in arrival order and open as tokens come; beyond
+spell); the SYNs beyond wait here in arrival order and open as tokens come (one per
+guest frame while the guest sends, so in its own turn of the loop; from a timer once it
+stopped); beyond
 `capacity` they are dropped and counted, as a kernel drops SYNs for a full listen
 queue (the guest's TCP sends its SYN again after its 1 s RTO, RFC 6298 §2.1 and
 RFC 9293 §3.8.1). A dropped SYN costs its parse only, so the relay drains the link
@@ -39,6 +41,11 @@ SYN_BURST = 256
 #: guest's 1 s SYN retransmission, so a kept SYN is worth keeping.
 BACKLOG_CAPACITY = 1024
 
+#: Once the guest stops sending, what still waits opens from a timer: this many SYNs
+#: (tokens allowing) every BACKLOG_TIMER_S, 800 a second.
+BACKLOG_TIMER_S = 0.02
+BACKLOG_TIMER_OPENS = 16
+
 Deferred = tuple["TcpSegment", "str | None", "int | None"]
 
 
@@ -52,7 +59,7 @@ class SynBacklog:
         self._capacity = capacity
         self._waiting: deque[Deferred] = deque()
         self._keys: set[tuple[int, bytes, int, bytes]] = set()
-        self.retry_s = 1.0 / rate
+        self._pulled = False
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -80,14 +87,22 @@ class SynBacklog:
         self._waiting.append((dataclasses.replace(seg, payload=memoryview(bytes(seg.payload))),
                               host_ip, host_port))
 
-    def ready(self, now: float) -> list[Deferred]:
-        """The waiting SYNs that may open at `now`, oldest first (tokens spent)."""
-        out = []
-        while self._waiting and self._bucket.allow(now):
+    def ready(self, now: float, limit: int) -> list[Deferred]:
+        """Up to `limit` waiting SYNs that may open at `now`, oldest first (tokens
+        spent)."""
+        out: list[Deferred] = []
+        while len(out) < limit and self._waiting and self._bucket.allow(now):
             seg, host_ip, host_port = self._waiting.popleft()
             self._keys.discard((seg.sport, seg.dst, seg.dport, seg.src))
             out.append((seg, host_ip, host_port))
+        self._pulled = True
         return out
+
+    def take_pulled(self) -> bool:
+        """True if `ready` was called since the last call of this (and clears it): the
+        guest is still sending, so its own frames open what waits."""
+        pulled, self._pulled = self._pulled, False
+        return pulled
 
     def clear(self) -> None:
         self._waiting.clear()

@@ -41,7 +41,7 @@ from relaynat.nat_entry import TcpNatEntry
 from relaynat.ooo_queue import OooBudget
 from relaynat.packet_builder import TcpFrameTemplate
 from relaynat.sockfail import count_socket_failure
-from relaynat.syn_backlog import SynBacklog
+from relaynat.syn_backlog import BACKLOG_TIMER_OPENS, BACKLOG_TIMER_S, Deferred, SynBacklog
 from relaynat.tcp_actions import (
     CloseHost,
     ConsumeHost,
@@ -167,14 +167,29 @@ class TcpRelay:
         key = (seg.sport, seg.dst, seg.dport, seg.src)
         flow = self.flows.get(key)
         if flow is None:
-            if (seg.flags & (SYN | ACK | RST) == SYN
-                    and not self._backlog.may_open(self._loop.time())):
+            now = self._loop.time()
+            if seg.flags & (SYN | ACK | RST) == SYN and not self._backlog.may_open(now):
                 self._backlog.defer(seg, host_ip, host_port)
+                # The oldest waiting SYN opens now if a token came: in this guest's own
+                # turn, under its transport's time slice (transport.WAKEUP_SLICE_S),
+                # so a flooding guest's opens are not taken from the other guests.
+                self._open_waiting(self._backlog.ready(now, limit=1))
                 return
             self._new_flow(seg, key, host_ip, seg.dport if host_port is None else host_port,
-                           self._loop.time())
+                           now)
             return
         self._on_flow_segment(flow, seg)
+
+    def _open_waiting(self, waiting: list[Deferred]) -> None:
+        for seg, host_ip, host_port in waiting:
+            key = (seg.sport, seg.dst, seg.dport, seg.src)
+            flow = self.flows.get(key)
+            if flow is not None:  # the guest sent its SYN again while the first waited
+                self._on_flow_segment(flow, seg)
+            else:
+                self._new_flow(seg, key, host_ip,
+                               seg.dport if host_port is None else host_port,
+                               self._loop.time())
 
     def _on_flow_segment(self, flow: TcpFlow, seg: TcpSegment) -> None:
         now = self._loop.time()
@@ -380,15 +395,6 @@ class TcpRelay:
 
     def flush(self) -> None:
         """End of a batch: move host data to the guest and send owed ACKs."""
-        for seg, host_ip, host_port in self._backlog.ready(self._loop.time()):
-            key = (seg.sport, seg.dst, seg.dport, seg.src)
-            flow = self.flows.get(key)
-            if flow is not None:  # the guest sent its SYN again while the first waited
-                self._on_flow_segment(flow, seg)
-            else:
-                self._new_flow(seg, key, host_ip,
-                               seg.dport if host_port is None else host_port,
-                               self._loop.time())
         dirty, self._dirty = self._dirty, []
         now = self._loop.time()
         for flow in dirty:
@@ -410,9 +416,9 @@ class TcpRelay:
             self._flush_soon = True
             self._loop.call_soon(self._flush_again)
         if self._backlog and self._backlog_timer is None:
-            # SYNs wait for the new-flow bucket (syn_backlog.py): come back with a token.
-            self._backlog_timer = self._loop.call_later(self._backlog.retry_s,
-                                                        self._backlog_due)
+            # SYNs wait for the new-flow bucket (syn_backlog.py); a guest that goes on
+            # sending opens them in its turn, one that went quiet gets them opened here.
+            self._backlog_timer = self._loop.call_later(BACKLOG_TIMER_S, self._backlog_due)
 
     def _flush_again(self) -> None:
         self._flush_soon = False
@@ -420,6 +426,8 @@ class TcpRelay:
 
     def _backlog_due(self) -> None:
         self._backlog_timer = None
+        if not self._backlog.take_pulled():
+            self._open_waiting(self._backlog.ready(self._loop.time(), limit=BACKLOG_TIMER_OPENS))
         self.flush()
 
     def _pump(self, flow: TcpFlow, now: float) -> None:
