@@ -37,9 +37,10 @@ from netshim import LossyGuest
 from relaynat_cli import parse_stats
 from test_interface import VethGuest
 
+from relaynat.config import RelayConfig
 from relaynat.control import ControlServer
 from relaynat.ctl import call
-from relaynat.handover import HandoverError, Source
+from relaynat.handover import HandoverError, Source, addressing_of
 from relaynat.stream import StreamTransport
 from relaynat.testing import InMemoryGuest
 from relaynat.testing.guest import GuestTcp
@@ -593,6 +594,27 @@ def test_a_corrupt_document_is_refused_with_nothing_kept(
             await _round_trip(conn, host, b"taken")
 
     asyncio.run(main())
+
+
+def test_a_link_the_new_relay_cannot_serve_is_refused_at_the_offer(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    """An offer naming a guest-link kind this relaynat does not know (a later
+    version's) is refused before the old relay stops anything, naming the kind; the
+    new relay waits for the next offer. (A relay that predates the "transport" field
+    refuses at the document instead: "transport kind 'unixgram' is not tap or
+    stream".)"""
+    receiver, path = _receiver(tmp_path, "b")
+    procs.append(receiver)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        addressing = addressing_of(RelayConfig())  # the receiver runs with the defaults
+        sock.sendall(json.dumps({"offer": {"format": "relaynat-handover", "version": 1,
+                                           "relaynat": "test", "addressing": addressing,
+                                           "transport": "vsock"}}).encode())
+        answer = json.loads(sock.recv(1 << 16))
+    assert "'vsock' guest link cannot be taken over" in answer.get("error", ""), answer
+    assert receiver.poll() is None
 
 
 def _send_by_hand(path: Path, doc: dict[str, object], fds: list[int]) -> str:
