@@ -8,8 +8,13 @@ userspace, by this shim sitting on the wire::
 
 It is a real client of qemu's stream wire format (each frame: a 4-byte big-endian
 length, then the Ethernet frame), implemented here independently of relaynat.stream,
-with a real kernel behind it. Nothing is mocked: the guest's TCP, ARP and DHCP client,
-the relay process and the host-side servers are all real; only the wire misbehaves.
+with a real kernel behind it; with `--unixgram` it speaks the datagram wire instead, as
+vfkit does (its own socket bound at the path `--unixgram` names, connected to the
+relay's, `VFKT` sent first, then one frame per datagram), independently of
+relaynat.unixgram; adding `--qemu-dgram`, as qemu's `-netdev dgram` does (bound,
+not connected: every frame sent to the relay's path, no handshake). Nothing is
+mocked: the guest's TCP, ARP and DHCP client, the relay process and the host-side
+servers are all real; only the wire misbehaves.
 
 Command line (run *inside* the guest's network namespace, so the TAP is created
 there; the unix socket is a filesystem object and reaches the relay in any netns)::
@@ -254,9 +259,14 @@ class Impairment:
 
 class Shim:
     def __init__(self, tap_fd: int, sock: socket.socket, to_relay: Impairment,
-                 to_guest: Impairment) -> None:
+                 to_guest: Impairment, dgram: bool = False,
+                 send_to: str | None = None) -> None:
         self.tap_fd = tap_fd
         self.sock = sock
+        #: One frame per datagram, no length prefix (the unixgram wire).
+        self.dgram = dgram
+        #: The relay's path, for a socket that is not connected to it (qemu's dgram).
+        self.send_to = send_to
         self.to_relay = to_relay
         self.to_guest = to_guest
         self.out: deque[bytes] = deque()
@@ -295,12 +305,15 @@ class Shim:
                 return
 
     def _queue_to_relay(self, frame: bytes) -> None:
-        self.out.append(_LEN.pack(len(frame)) + frame)
-        self.out_bytes += len(frame) + 4
+        self.out.append(frame if self.dgram else _LEN.pack(len(frame)) + frame)
+        self.out_bytes += len(self.out[-1])
         self.to_relay.stats.frames_out += 1
         self.to_relay.stats.bytes_out += len(frame)
 
     def _flush_to_relay(self) -> None:
+        if self.dgram:
+            self._flush_datagrams()
+            return
         while self.out:
             batch = list(itertools.islice(self.out, 64))
             try:
@@ -322,8 +335,27 @@ class Shim:
             if self.out and len(batch) < 64:
                 return  # short write: the socket is full
 
+    def _flush_datagrams(self) -> None:
+        # EAGAIN: the relay's socket holds net.unix.max_dgram_qlen datagrams; poll()
+        # reports it draining to us, as we are connected to it.
+        while self.out:
+            try:
+                if self.send_to is None:
+                    self.sock.send(self.out[0])
+                else:
+                    self.sock.sendto(self.out[0], self.send_to)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._stop(f"relay socket write failed: {exc}", 3)
+                return
+            self.out_bytes -= len(self.out.popleft())
+
     # relay -> guest
     def _read_sock(self, now: float) -> None:
+        if self.dgram:
+            self._read_datagrams(now)
+            return
         for _ in range(_SOCK_READS_PER_WAKEUP):
             if self.in_end == len(self.inbuf):
                 pending = self.in_end - self.in_start
@@ -343,6 +375,21 @@ class Shim:
             self._parse(now)
             if self.stop_reason:
                 return
+
+    def _read_datagrams(self, now: float) -> None:
+        for _ in range(_SOCK_READS_PER_WAKEUP * 8):
+            try:
+                frame = self.sock.recv(MAX_FRAME + 1)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._stop(f"relay socket read failed: {exc}", 3)
+                return
+            if not MIN_FRAME <= len(frame) <= MAX_FRAME:
+                self._stop(f"relay sent a datagram of {len(frame)} bytes, not a frame", 4)
+                return
+            for f in self.to_guest.push(frame, now):
+                self._write_tap(f)
 
     def _parse(self, now: float) -> None:
         view, start, end = self.inview, self.in_start, self.in_end
@@ -445,6 +492,29 @@ def _connect(path: str, timeout_s: float) -> socket.socket:
             time.sleep(0.02)
 
 
+def _connect_dgram(path: str, bind: str, timeout_s: float, qemu: bool) -> socket.socket:
+    """vfkit's end: bound at `bind`, connected to the relay's path, `VFKT` sent;
+    `qemu`: only bound, once the relay's path exists."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind(bind)
+    if qemu:
+        return sock
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            sock.connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                sock.close()
+                raise
+            time.sleep(0.02)
+    sock.send(b"VFKT")
+    return sock
+
+
 def _accept_one(path: str, ready_file: str | None, timeout_s: float) -> socket.socket:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -472,6 +542,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="lossy wire between a TAP and a relay socket")
     p.add_argument("--tap", default="tap0", help="TAP to create in this netns")
     p.add_argument("--socket", required=True, help="relay's unix stream socket")
+    p.add_argument("--unixgram", metavar="BIND",
+                   help="--socket is the relay's unix datagram socket: bind ours at BIND, "
+                        "connect, send VFKT, one frame per datagram (vfkit's wire)")
+    p.add_argument("--qemu-dgram", action="store_true",
+                   help="with --unixgram: do not connect, send each frame to --socket, no "
+                        "VFKT (qemu's -netdev dgram)")
     p.add_argument("--listen", action="store_true",
                    help="listen on --socket and serve one peer (e.g. another shim: a "
                         "kernel-to-kernel control wire without the relay)")
@@ -498,13 +574,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     tap_fd = _open_tap(args.tap)
-    if args.listen:
+    if args.unixgram:
+        sock = _connect_dgram(args.socket, args.unixgram, args.connect_timeout,
+                              args.qemu_dgram)
+    elif args.listen:
         sock = _accept_one(args.socket, args.ready_file, args.connect_timeout)
     else:
         sock = _connect(args.socket, args.connect_timeout)
     shim = Shim(tap_fd, sock,
                 Impairment(args.to_relay, random.Random(f"{seed}:to_relay")),
-                Impairment(args.to_guest, random.Random(f"{seed}:to_guest")))
+                Impairment(args.to_guest, random.Random(f"{seed}:to_guest")),
+                dgram=bool(args.unixgram),
+                send_to=args.socket if args.qemu_dgram else None)
     if args.ready_file:
         _write_atomic(args.ready_file, f"{seed}\n")
     try:
@@ -566,12 +647,14 @@ class LossyGuest:
 
     With `listen=True` the shim listens on the socket path instead of connecting, so a
     second LossyGuest can connect to it: two real kernels on one (impaired) wire, the
-    control experiment that shows what standard TCP makes of the same faults.
+    control experiment that shows what standard TCP makes of the same faults. With
+    `unixgram="vfkit"` or `"qemu"` the relay socket is a unix datagram socket (`serve
+    --unixgram`), spoken to as vfkit or qemu's `-netdev dgram` does.
     """
 
     def __init__(self, workdir: Path, relay_socket: str, seed: int,
                  to_relay: str = "", to_guest: str = "", tap: str = "tap0",
-                 listen: bool = False) -> None:
+                 listen: bool = False, unixgram: str | None = None) -> None:
         self.workdir = Path(workdir)
         self.relay_socket = relay_socket
         self.seed = seed
@@ -585,6 +668,7 @@ class LossyGuest:
         self.ready_file = self.workdir / f"{self.name}.ready"
         self.lease_file = self.workdir / f"{self.name}.lease"
         self.listen = listen
+        self.unixgram = unixgram
         self.shim_stats: dict[str, object] = {}
         #: The guest kernel's TCP counters (`nstat`), as `read_nstat` last found them.
         self.nstat: dict[str, int] = {}
@@ -609,7 +693,10 @@ class LossyGuest:
                "--tap", self.tap, "--socket", self.relay_socket, "--seed", str(self.seed),
                "--to-relay", self.to_relay, "--to-guest", self.to_guest,
                "--ready-file", str(self.ready_file), "--stats-file", str(self.stats_file),
-               *(["--listen"] if self.listen else [])]
+               *(["--listen"] if self.listen else []),
+               *(["--unixgram", str(self.workdir / f"{self.name}.dgram")]
+                 if self.unixgram else []),
+               *(["--qemu-dgram"] if self.unixgram == "qemu" else [])]
         with open(self.shim_log, "wb") as log:
             self.shim = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)

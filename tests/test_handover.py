@@ -22,19 +22,25 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from netshim import LossyGuest
+from relaynat_cli import parse_stats
+from test_interface import VethGuest
 
+from relaynat.config import RelayConfig
 from relaynat.control import ControlServer
 from relaynat.ctl import call
-from relaynat.handover import HandoverError, Source
+from relaynat.handover import HandoverError, Source, addressing_of
 from relaynat.stream import StreamTransport
 from relaynat.testing import InMemoryGuest
 from relaynat.testing.guest import GuestTcp
@@ -207,66 +213,196 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     _stop(started)
 
 
+class Transfers:
+    """The PEER on this namespace's loopback and the GUEST program, `size` bytes each
+    way, paced at `rate` until `TAIL` bytes are left, then held until `go`."""
+
+    def __init__(self, tmp_path: Path, size: int, rate: int) -> None:
+        self.size, self.go = size, tmp_path / "go"
+        self.result_file = tmp_path / "guest.json"
+        self.peer = subprocess.Popen([sys.executable, "-c", PEER, str(size), str(rate),
+                                      str(min(TAIL, size // 4)), str(self.go)],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.peer.stdout is not None
+        self.down_port, self.up_port = json.loads(self.peer.stdout.readline())
+        self.before = _tcp_counters()
+        self.last_handover = 0.0
+
+    def guest_argv(self) -> list[str]:
+        return [sys.executable, "-c", GUEST, str(self.down_port), str(self.up_port),
+                str(self.size), str(self.result_file)]
+
+    def release(self) -> None:
+        """The handovers are done: let both transfers end."""
+        self.last_handover = time.monotonic()
+        self.go.touch()
+
+    def finish(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The guest's result and the peer's reports, once both transfers ended."""
+        assert self.peer.stdout is not None
+        reports = {r["kind"]: r for r in map(json.loads, self.peer.stdout.read().splitlines())}
+        assert self.peer.wait(timeout=60) == 0
+        return json.loads(self.result_file.read_text()), reports
+
+    def check(self, guest: dict[str, Any], reports: dict[str, Any]) -> None:
+        """Both transfers whole and equal at both ends, across the last handover, and
+        no reset from either end or either namespace's kernel."""
+        after = _tcp_counters()
+        for kind in ("down", "up"):
+            assert guest[kind]["error"] is None and reports[kind]["error"] is None, \
+                (guest, reports)
+            assert guest[kind]["length"] == reports[kind]["length"] == self.size
+            assert guest[kind]["sha256"] == reports[kind]["sha256"]
+            assert reports[kind]["end"] > self.last_handover  # it ran across the handovers
+        assert guest["tcp"]["OutRsts"] == 0 and guest["tcp"]["EstabResets"] == 0, guest["tcp"]
+        assert after["OutRsts"] == self.before["OutRsts"], "this namespace's kernel sent a RST"
+        assert after["EstabResets"] == self.before["EstabResets"]
+
+    def close(self) -> None:
+        self.peer.kill()
+        self.peer.wait()
+
+
+def _wait_for_transfers(control: Path) -> None:
+    """Until both of the guest's flows carry data."""
+    deadline = time.monotonic() + 30
+    while sum(f["state"] == "established" and f["bytes_to_guest"] + f["bytes_from_guest"]
+              > 0 for f in call(str(control), {"execute": "flows"})["return"]["flows"]) < 2:
+        assert time.monotonic() < deadline, "the transfers did not start"
+        time.sleep(0.05)
+
+
+def _hand_over(control: Path, to: Path, old: subprocess.Popen[bytes],
+               log: Path) -> float:
+    """`relaynat ctl handover`: both flows move, the old relay exits 0; the guest's
+    wait in ms, as the new relay counted it."""
+    done = subprocess.run([sys.executable, "-m", "relaynat", "ctl", "-s", str(control),
+                           "--json", "handover", "--to", str(to)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)["return"]
+    assert answer["moved_tcp"] == 2 and answer["not_moved"] == [], answer
+    assert old.wait(timeout=20) == 0, log.read_text()
+    stats = call(str(control), {"execute": "stats"})["return"]
+    return float(stats["handover_pause_us"]) / 1000
+
+
 def test_512_mib_both_ways_survive_ten_handovers(
         tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
-    go = tmp_path / "go"
-    peer = subprocess.Popen([sys.executable, "-c", PEER, str(SIZE), str(RATE), str(TAIL),
-                             str(go)], stdout=subprocess.PIPE, text=True)
-    assert peer.stdout is not None
+    transfers = Transfers(tmp_path, SIZE, RATE)
     try:
-        down_port, up_port = json.loads(peer.stdout.readline())
         # The new relays first, so that their start-up does not compete with the run.
         receivers = [_receiver(tmp_path, f"b{i}") for i in range(HANDOVERS)]
         procs.extend(proc for proc, _ in receivers)
         control = tmp_path / "control.sock"
-        result_file = tmp_path / "guest.json"
-        before = _tcp_counters()
-        relay_a = _relaynat("run", "--control-socket", str(control), "--", sys.executable,
-                            "-c", GUEST, str(down_port), str(up_port), str(SIZE),
-                            str(result_file), log=tmp_path / "a.log")
+        relay_a = _relaynat("run", "--control-socket", str(control), "--",
+                            *transfers.guest_argv(), log=tmp_path / "a.log")
         procs.append(relay_a)
         _wait_for(control, relay_a)
-        deadline = time.monotonic() + 30
-        while sum(f["state"] == "established" and f["bytes_to_guest"] + f["bytes_from_guest"]
-                  > 0 for f in call(str(control), {"execute": "flows"})["return"]["flows"]) < 2:
-            assert time.monotonic() < deadline, "the transfers did not start"
-            time.sleep(0.05)
-        pauses, old = [], relay_a
-        for proc, path in receivers:
-            done = subprocess.run([sys.executable, "-m", "relaynat", "ctl", "-s", str(control),
-                                   "--json", "handover", "--to", str(path)],
-                                  capture_output=True, text=True, timeout=30)
-            assert done.returncode == 0, done.stderr
-            answer = json.loads(done.stdout)["return"]
-            assert answer["moved_tcp"] == 2 and answer["not_moved"] == [], answer
-            assert old.wait(timeout=20) == 0, (tmp_path / "a.log").read_text()
-            stats = call(str(control), {"execute": "stats"})["return"]
-            pauses.append(stats["handover_pause_us"] / 1000)
-            old = proc
+        _wait_for_transfers(control)
+        pauses, old, log = [], relay_a, tmp_path / "a.log"
+        for i, (proc, path) in enumerate(receivers):
+            pauses.append(_hand_over(control, path, old, log))
+            old, log = proc, tmp_path / f"b{i}.log"
             time.sleep(0.2)
-        last_handover = time.monotonic()
-        go.touch()
+        transfers.release()
         assert old.wait(timeout=60) == 0  # the last relay ends with the guest's command
-        reports = {r["kind"]: r for r in map(json.loads, peer.stdout.read().splitlines())}
-        assert peer.wait(timeout=10) == 0
+        guest, reports = transfers.finish()
     finally:
-        peer.kill()
-        peer.wait()
-    after = _tcp_counters()
-    guest = json.loads(result_file.read_text())
+        transfers.close()
     print(f"{HANDOVERS} handovers during {SIZE >> 20} MiB down and up; the guest waited "
-          f"{[round(p, 1) for p in pauses]} ms; host side retransmitted "
-          f"{after['RetransSegs'] - before['RetransSegs']} segments, the guest "
-          f"{guest['tcp']['RetransSegs']}")
-    for kind in ("down", "up"):
-        assert guest[kind]["error"] is None and reports[kind]["error"] is None, (guest, reports)
-        assert guest[kind]["length"] == reports[kind]["length"] == SIZE
-        assert guest[kind]["sha256"] == reports[kind]["sha256"]
-        assert reports[kind]["end"] > last_handover  # both ran across every handover
-    assert guest["tcp"]["OutRsts"] == 0 and guest["tcp"]["EstabResets"] == 0, guest["tcp"]
-    assert after["OutRsts"] == before["OutRsts"], "this namespace's kernel sent a RST"
-    assert after["EstabResets"] == before["EstabResets"]
+          f"{[round(p, 1) for p in pauses]} ms; the guest retransmitted "
+          f"{guest['tcp']['RetransSegs']} segments")
+    transfers.check(guest, reports)
     assert not control.exists()  # the last relay took the control socket, and removed it
+
+
+#: The unixgram and --interface tests: small, paced so that the handover comes while
+#: both transfers carry data (they wait at their tail for it).
+LINK_SIZE = 32 << 20
+LINK_RATE = 16 << 20
+
+
+def _serve_and_hand_over(tmp_path: Path, procs: list[subprocess.Popen[bytes]],
+                         serve: list[str], receiver_options: tuple[str, ...],
+                         start_guest: Callable[[list[str]], subprocess.Popen[bytes]],
+                         ) -> subprocess.Popen[bytes]:
+    """`relaynat serve SERVE --control-socket`, a guest running both transfers through
+    it, handed over to a new relay mid-transfer; both transfers checked. Returns the
+    new relay, serving on."""
+    transfers = Transfers(tmp_path, LINK_SIZE, LINK_RATE)
+    try:
+        receiver, path = _receiver(tmp_path, "b", *receiver_options)
+        procs.append(receiver)
+        control = tmp_path / "control.sock"
+        relay_a = _relaynat("serve", *serve, "--control-socket", str(control),
+                            "--log-level", "info", log=tmp_path / "a.log")
+        procs.append(relay_a)
+        _wait_for(control, relay_a)
+        guest = start_guest(transfers.guest_argv())
+        procs.append(guest)
+        _wait_for_transfers(control)
+        _hand_over(control, path, relay_a, tmp_path / "a.log")
+        transfers.release()
+        result, reports = transfers.finish()
+        assert guest.wait(timeout=30) == 0
+    finally:
+        transfers.close()
+    transfers.check(result, reports)
+    return receiver
+
+
+def _stop_for_stats(relay: subprocess.Popen[bytes], log: Path) -> dict[str, int]:
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait(timeout=10) == 0
+    return parse_stats(log.read_text())
+
+
+@pytest.mark.parametrize("wire", ["vfkit", "qemu"])
+def test_unixgram_guest_keeps_its_transfers(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]], wire: str) -> None:
+    """A real kernel behind the datagram wire of vfkit (connected to the relay, VFKT
+    first) or qemu (sendto; the relay connects its socket back to it), netshim.py
+    --unixgram: the bound path, the learned peer and the socket's queue move to the
+    new relay."""
+    path = tmp_path / "relay.dgram"
+    with contextlib.ExitStack() as stack:
+
+        def start_guest(argv: list[str]) -> subprocess.Popen[bytes]:
+            guest = stack.enter_context(LossyGuest(tmp_path, str(path), 1, unixgram=wire))
+            guest.dhcp()
+            return subprocess.Popen(["ip", "netns", "exec", guest.name, *argv])
+
+        relay_b = _serve_and_hand_over(tmp_path, procs, ["--unixgram", str(path)], (),
+                                       start_guest)
+        assert path.exists()  # A left it to B, which serves it until it ends
+        stats = _stop_for_stats(relay_b, tmp_path / "b.log")
+    assert stats["unixgram_frames_in"] > 0 and stats["unixgram_frames_out"] > 0, stats
+    assert stats["handovers_received"] == 1
+    assert not path.exists()  # B removed it at its end
+
+
+def test_interface_guest_keeps_its_transfers(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    """A veth-backed guest namespace served with `serve --interface`: the packet
+    socket moves, the new relay never opens the interface itself."""
+    veth = VethGuest(tmp_path, 1500)
+    try:
+
+        def start_guest(argv: list[str]) -> subprocess.Popen[bytes]:
+            veth.dhcp()
+            return subprocess.Popen(["ip", "netns", "exec", veth.ns, *argv])
+
+        relay_b = _serve_and_hand_over(tmp_path, procs, ["--interface", veth.near],
+                                       ("-m", "1500"), start_guest)
+        stats = _stop_for_stats(relay_b, tmp_path / "b.log")
+    finally:
+        veth.close()
+    assert stats["handovers_received"] == 1
+    assert stats["interface_send_errors"] == 0, stats
+    log = (tmp_path / "b.log").read_text()
+    assert f"opened interface {veth.near}" not in log  # it took A's socket
+    assert f"serving interface {veth.near}" in log
 
 
 @pytest.fixture
@@ -458,6 +594,27 @@ def test_a_corrupt_document_is_refused_with_nothing_kept(
             await _round_trip(conn, host, b"taken")
 
     asyncio.run(main())
+
+
+def test_a_link_the_new_relay_cannot_serve_is_refused_at_the_offer(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    """An offer naming a guest-link kind this relaynat does not know (a later
+    version's) is refused before the old relay stops anything, naming the kind; the
+    new relay waits for the next offer. (A relay that predates the "transport" field
+    refuses at the document instead: "transport kind 'unixgram' is not tap or
+    stream".)"""
+    receiver, path = _receiver(tmp_path, "b")
+    procs.append(receiver)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        addressing = addressing_of(RelayConfig())  # the receiver runs with the defaults
+        sock.sendall(json.dumps({"offer": {"format": "relaynat-handover", "version": 1,
+                                           "relaynat": "test", "addressing": addressing,
+                                           "transport": "vsock"}}).encode())
+        answer = json.loads(sock.recv(1 << 16))
+    assert "'vsock' guest link cannot be taken over" in answer.get("error", ""), answer
+    assert receiver.poll() is None
 
 
 def _send_by_hand(path: Path, doc: dict[str, object], fds: list[int]) -> str:

@@ -373,6 +373,7 @@ async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
 
     stop = _stop_event()
     receiver = Receiver(args.receive_handover)
+    transport_stats: Callable[[], dict[str, int]] = dict
     async with Relay(config, policy) as relay:
         taking = asyncio.ensure_future(receiver.take_over(relay))
         stopped = asyncio.ensure_future(stop.wait())
@@ -389,8 +390,11 @@ async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
             if taken.stream_path is not None and not handed:
                 with contextlib.suppress(OSError):
                     os.unlink(taken.stream_path)
+            if taken.unixgram is not None:
+                taken.unixgram.close(unlink=not handed)
+            transport_stats = taken.transport_stats
         if args.stats:
-            _print_stats(relay.stats())
+            _print_stats({**relay.stats(), **transport_stats()})
     return 0
 
 
@@ -408,12 +412,11 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
     handed = asyncio.Event() if control is None else control.handed_over
     async with Relay(config, policy) as relay:
         add_forwards(relay, forwards)
+        source = Source(relay, control, stream_path=args.socket)
         if control is not None:
             control.on_quit = stop.set
             await control.start(relay)
-            if args.socket or args.fd is not None:  # TAP and stream transports move
-                control.on_handover = Source(relay, control,
-                                             stream_path=args.socket).hand_over
+            control.on_handover = source.hand_over  # every transport of serve moves
         watch = asyncio.ensure_future(handed.wait())
         watch.add_done_callback(lambda _: stop.set())
         if args.socket:
@@ -423,11 +426,11 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
             if os.path.exists(args.socket) and not handed.is_set():
                 os.unlink(args.socket)
         elif args.unixgram:
-            server = serve_unixgram(relay, args.unixgram)
+            server = source.unixgram = serve_unixgram(relay, args.unixgram)
             extra_stats = server.stats
             log.info("bound %s", args.unixgram)
             await stop.wait()
-            server.close()
+            server.close(unlink=not handed.is_set())  # else the path is the new relay's
         else:
             attached: list[Callable[[], dict[str, int]]] = []
 

@@ -6,10 +6,12 @@ The new relay (B) waits on a unix seqpacket socket (`Receiver`, `relaynat serve
 --receive-handover PATH`, mode 0600, only its own user or root may connect). The
 running one (A, `Source`) connects and:
 
-1. offers: ``{"offer": {"format", "version", "relaynat", "addressing"}}``; B answers
-   ``{"ready": {"relaynat": VERSION}}`` or ``{"error": DESC}`` (its guest-visible
-   addressing differs: the guest would lose its address, routes or flows). A refusal
-   here leaves A untouched.
+1. offers: ``{"offer": {"format", "version", "relaynat", "addressing", "transport"}}``
+   (``transport``: the kind of A's guest link, or null; relays before the unixgram and
+   interface kinds send none); B answers ``{"ready": {"relaynat": VERSION}}`` or
+   ``{"error": DESC}`` (its guest-visible addressing differs: the guest would lose its
+   address, routes or flows; or it cannot serve that kind of link). A refusal here
+   leaves A untouched.
 2. stops (`Source._take_out`): the guest transport stops reading at a frame boundary and
    sends nothing more; forwards stop accepting; every established or half-closed TCP
    flow leaves A's tables, its host socket open and untouched (A has dropped the bytes
@@ -35,9 +37,11 @@ The document (``"format": "relaynat-handover"``, ``"version": 1``):
 
 - ``relaynat``: A's version; ``addressing``: `addressing_of` A's config.
 - ``guest``: ``{"mac": "02:..." or null, "address6": ADDR}``, as A learned them.
-- ``transport``: null (no guest attached), ``{"kind": "tap", "fd", "vnet_hdr_len",
-  "offload"}``, or ``{"kind": "stream", "fd", "pending_in", "pending_out"}`` (base64:
-  the bytes of a frame A had read in part, and what A had queued toward the guest).
+- ``transport``: null (no guest attached) or the guest link: a TAP, a qemu stream
+  socket, a unix datagram socket or the packet socket of `serve --interface`, with
+  what A had read in part or queued toward the guest (handover_transport.py lists
+  the kinds and their fields; kinds were added in a backward-compatible way: a relay
+  that does not know one refuses the document, and A serves on).
 - ``stream_listener``, ``control``: null or ``{"fd", "path"}``: the listening socket
   of `serve --socket` and the control socket; B serves them on the same paths.
 - ``command``: null or ``{"fd"}``, a pidfd of `relaynat run`'s command: B ends when it
@@ -61,18 +65,16 @@ handover_receive.py is the new relay's (`Receiver`).
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
 
-from relaynat import __version__
+from relaynat import __version__, handover_transport
 from relaynat.config import RelayConfig
 from relaynat.control import ControlServer
 from relaynat.flow_move import adopt_flow, not_moved
@@ -85,14 +87,13 @@ from relaynat.flow_state import (
     make_document,
 )
 from relaynat.flowinfo import describe_tcp
-from relaynat.stream import StreamTransport
-from relaynat.tap import TapTransport
 from relaynat.tcp_relay import TcpFlow
 
 if TYPE_CHECKING:
     from relaynat.namespace import NamespaceGuest
     from relaynat.relay import Relay
     from relaynat.transport import FrameTransport
+    from relaynat.unixgram import UnixgramServer
 
 log = logging.getLogger("relaynat.handover")
 
@@ -211,17 +212,20 @@ class _Held:
 
 class Source:
     """A running relay that can hand itself over (`hand_over`), with what its process
-    owns beside it: the control server, `serve --socket`'s listener path, and the
-    command of `relaynat run` (`guest`, or `command_fd`: a pidfd, after a handover)."""
+    owns beside it: the control server, `serve --socket`'s listener path, the server of
+    `serve --unixgram` (`unixgram`: its path moves with its socket), and the command of
+    `relaynat run` (`guest`, or `command_fd`: a pidfd, after a handover)."""
 
     def __init__(self, relay: Relay, control: ControlServer | None = None, *,
                  stream_path: str | None = None, guest: NamespaceGuest | None = None,
-                 command_fd: int | None = None) -> None:
+                 command_fd: int | None = None,
+                 unixgram: UnixgramServer | None = None) -> None:
         self.relay = relay
         self.control = control
         self.stream_path = stream_path
         self.guest = guest
         self.command_fd = command_fd
+        self.unixgram = unixgram
         self.done = False
         self._busy = False
 
@@ -230,25 +234,25 @@ class Source:
         did not. Raises HandoverError (and serves on) when it did not happen."""
         if self.done or self._busy:
             raise HandoverError("a handover is already done or under way")
-        transport = self.relay._transport
-        if transport is not None and not isinstance(transport, TapTransport
-                                                    | StreamTransport):
-            raise HandoverError(f"a {type(transport).__name__} cannot be handed over yet "
-                                "(TAP and stream sockets can)")
+        try:
+            kind = handover_transport.kind_of(self.relay._transport)
+        except TypeError as exc:
+            raise HandoverError(str(exc)) from None
         self._busy = True
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.settimeout(timeout)
         try:
-            return await self._hand_over(sock, path)
+            return await self._hand_over(sock, path, kind)
         except OSError as exc:
             raise HandoverError(f"{path}: {exc.strerror or exc}") from None
         finally:
             sock.close()
             self._busy = False
 
-    async def _hand_over(self, sock: socket.socket, path: str) -> dict[str, Any]:
+    async def _hand_over(self, sock: socket.socket, path: str,
+                         kind: str | None) -> dict[str, Any]:
         offer = {"format": FORMAT, "version": VERSION, "relaynat": __version__,
-                 "addressing": addressing_of(self.relay.config)}
+                 "addressing": addressing_of(self.relay.config), "transport": kind}
 
         def offer_it() -> Any:
             sock.connect(path)
@@ -287,9 +291,7 @@ class Source:
         stopped_at = time.monotonic()
         transport, relay._transport = relay._transport, None
         if transport is not None:
-            transport.stop()  # type: ignore[attr-defined]  # Tap or Stream, checked
-            if isinstance(transport, StreamTransport):
-                transport.stop_writing()
+            handover_transport.stop(transport)  # a kind that moves: checked
         relay._link.stop_router_adverts()
         forwarder.pause()
         if relay._listener is not None:  # the next stream guest waits in the backlog
@@ -340,7 +342,7 @@ class Source:
             "addressing": addressing_of(relay.config),
             "guest": {"mac": relay._guest_mac.hex(":") if relay._guest_mac else None,
                       "address6": str(ip_address(relay._guest_addr6))},
-            "transport": _describe_transport(transport, fd),
+            "transport": handover_transport.describe(transport, fd, self.unixgram),
             "stream_listener": None if listener is None or self.stream_path is None
             else {"fd": fd(listener), "path": self.stream_path},
             "control": None if self.control is None
@@ -398,15 +400,3 @@ def _unmovable(flow: TcpFlow, own_dns: tuple[str, int] | None) -> str | None:
         return "served by the old relay's own DNS-over-TCP responder"
     return None
 
-
-def _describe_transport(transport: FrameTransport | None,
-                        fd: Callable[[socket.socket | int], int]) -> dict[str, Any] | None:
-    if isinstance(transport, TapTransport):
-        return {"kind": "tap", "fd": fd(transport.fd), "vnet_hdr_len": transport.vnet_hdr_len,
-                "offload": transport.offload}
-    if isinstance(transport, StreamTransport):
-        pending_in, pending_out = transport.handover_state()
-        return {"kind": "stream", "fd": fd(transport.sock),
-                "pending_in": base64.b64encode(pending_in).decode(),
-                "pending_out": base64.b64encode(pending_out).decode()}
-    return None

@@ -7,22 +7,19 @@ ends or is handed over in its turn.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import signal
 import socket
-import stat
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any, cast
 
-from relaynat import __version__
+from relaynat import __version__, handover_transport
 from relaynat.control import ControlServer
 from relaynat.flow_move import adopt_flow
 from relaynat.flow_state import KIND_LIVE, FlowStateError, LiveFlowState, parse_document
@@ -38,15 +35,14 @@ from relaynat.handover import (
     recv_message,
     send_message,
 )
-from relaynat.stream import StreamTransport, bind_unix_listener
-from relaynat.tap import TapTransport
+from relaynat.stream import bind_unix_listener
 
 if TYPE_CHECKING:
     from relaynat.relay import Relay
+    from relaynat.unixgram import UnixgramServer
 
 log = logging.getLogger("relaynat.handover")
 
-_TUNGETIFF = 0x800454D2
 _KEYS = {"format", "version", "relaynat", "addressing", "guest", "transport",
          "stream_listener", "control", "command", "forwards", "tcp", "stats"}
 
@@ -54,12 +50,15 @@ _KEYS = {"format", "version", "relaynat", "addressing", "guest", "transport",
 @dataclass
 class Taken:
     """What a relay took over, beside what `Relay` serves itself: the control server
-    (serving), `serve --socket`'s path, the pidfd of `relaynat run`'s command."""
+    (serving), `serve --socket`'s path, `serve --unixgram`'s server, the pidfd of
+    `relaynat run`'s command, and the transport's own counters."""
 
     control: ControlServer | None
     stream_path: str | None
     command_fd: int | None
     pause_s: float
+    unixgram: UnixgramServer | None = None
+    transport_stats: handover_transport.Stats = field(default=dict)
 
 
 class Receiver:
@@ -111,6 +110,10 @@ class Receiver:
         differs = addressing_differs(addressing_of(relay.config), offer.get("addressing"))
         if differs:
             raise HandoverError(differs)
+        kind = offer.get("transport")
+        if kind is not None and kind not in handover_transport.KINDS:
+            raise HandoverError(f"a {kind!r} guest link cannot be taken over by relaynat "
+                                f"{__version__} (it takes {', '.join(handover_transport.KINDS)})")
         send_message(conn, {"ready": {"relaynat": __version__}})
         doc = recv_document(conn, fds)
         plan = _plan(doc, fds, relay)
@@ -164,6 +167,10 @@ def _plan(data: bytes, fds: list[int], relay: Relay) -> _Plan:
     check = _Checker(fds, used)
     try:
         _check_parts(doc, flows, check)
+        if doc["transport"] is not None:
+            handover_transport.check(doc["transport"], check, relay.config.mtu)
+    except handover_transport.TransportError as exc:
+        raise HandoverError(str(exc)) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise HandoverError(f"malformed {FORMAT} document: {exc!r}") from None
     if sorted(used) != list(range(len(fds))):
@@ -241,25 +248,6 @@ def _check_parts(doc: dict[str, Any], flows: list[LiveFlowState], check: _Checke
         fd = check.index(doc["command"]["fd"], "command")
         if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[pidfd]":
             raise HandoverError("command: descriptor is not a pidfd")
-    transport = doc["transport"]
-    if transport is None:
-        return
-    if transport["kind"] == "tap":
-        fd = check.index(transport["fd"], "transport")
-        try:
-            if not stat.S_ISCHR(os.fstat(fd).st_mode):
-                raise OSError("not a character device")
-            fcntl.ioctl(fd, _TUNGETIFF, bytes(18))
-        except OSError as exc:
-            raise HandoverError(f"transport: descriptor is not a TAP ({exc})") from None
-        if type(transport["vnet_hdr_len"]) is not int or type(transport["offload"]) is not bool:
-            raise HandoverError("transport: vnet_hdr_len or offload malformed")
-    elif transport["kind"] == "stream":
-        check.socket(transport["fd"], "transport", (socket.AF_UNIX,), socket.SOCK_STREAM, False)
-        for key in ("pending_in", "pending_out"):
-            base64.b64decode(transport[key], validate=True)
-    else:
-        raise HandoverError(f"transport kind {transport['kind']!r} is not tap or stream")
     mac = doc["guest"]["mac"]
     if mac is not None and len(bytes.fromhex(mac.replace(":", ""))) != 6:
         raise HandoverError(f"guest mac {mac!r}")
@@ -276,14 +264,7 @@ async def _build(plan: _Plan, relay: Relay) -> Taken:
     if guest["mac"] is not None:
         relay._learn_guest_mac(bytes.fromhex(guest["mac"].replace(":", "")))
     relay._guest_addr6 = ip_address(guest["address6"]).packed
-    spec = doc["transport"]
-    if spec is not None and spec["kind"] == "tap":
-        relay.attach(TapTransport(fds[spec["fd"]], spec["vnet_hdr_len"], spec["offload"]))
-    elif spec is not None:
-        relay.attach(StreamTransport(
-            socket.socket(fileno=fds[spec["fd"]]), relay.config.guest_queue_limit,
-            pending_in=base64.b64decode(spec["pending_in"]),
-            pending_out=base64.b64decode(spec["pending_out"])))
+    unixgram, transport_stats = handover_transport.build(doc["transport"], fds, relay)
     now, c = loop.time(), relay.config
     for state in plan.flows:
         sock = socket.socket(fileno=fds[state.socket.fd])
@@ -309,7 +290,8 @@ async def _build(plan: _Plan, relay: Relay) -> Taken:
     log.info("took over: %d TCP flows, %d not moved; the guest waited %.1f ms",
              len(plan.flows), len(doc["tcp"]["not_moved"]), pause * 1000)
     return Taken(control, stream["path"] if stream else None,
-                 fds[doc["command"]["fd"]] if doc["command"] else None, pause)
+                 fds[doc["command"]["fd"]] if doc["command"] else None, pause, unixgram,
+                 transport_stats)
 
 
 async def serve_taken(relay: Relay, taken: Taken, stop: asyncio.Event) -> Source:
@@ -318,7 +300,7 @@ async def serve_taken(relay: Relay, taken: Taken, stop: asyncio.Event) -> Source
     or this relay hands over in its turn; returns its `Source` (`done`: handed over)."""
     loop = asyncio.get_running_loop()
     source = Source(relay, taken.control, stream_path=taken.stream_path,
-                    command_fd=taken.command_fd)
+                    command_fd=taken.command_fd, unixgram=taken.unixgram)
     waits = [stop.wait()]
     if taken.stream_path is None:
         waits.append(relay.transport_lost_event.wait())

@@ -257,6 +257,20 @@ class InterfaceTransport(TransportBase):
                     break
         sink.end_of_batch()
 
+    def stop(self) -> None:
+        """`HandoverTransport`: stop reading, the socket open and bound. Frames the
+        interface receives meanwhile wait in the socket's receive queue (SO_RCVBUF);
+        its options and the promiscuous membership belong to the socket, so whoever
+        holds it next serves the same interface as it is."""
+        if self._sink is not None and self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+        self._sink = None
+
+    @property
+    def ignores_outgoing(self) -> bool:
+        """PACKET_IGNORE_OUTGOING is set (else outgoing frames are filtered per read)."""
+        return self._ignores_outgoing
+
     def send(self, head: bytes, payload: bytes | memoryview = b"") -> None:
         try:
             if payload:

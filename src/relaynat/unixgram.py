@@ -59,6 +59,7 @@ import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from relaynat.config import RelayConfig
@@ -134,6 +135,22 @@ def _disconnect(sock: socket.socket) -> None:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+@dataclass
+class UnixgramState:
+    """What a transport continuing on the same socket in another process needs
+    (`UnixgramTransport.handover_state`): the socket itself keeps the rest (its bound
+    path, its connection to a qemu-style peer, the datagrams queued in it)."""
+
+    peer: Address | None
+    #: The socket is connected to `peer` (a qemu-style peer; see the module docstring).
+    sock_peer: bool
+    #: EAGAIN means "wait for writability" for this peer.
+    can_wait: bool
+    peer_dead: bool
+    #: Frames queued toward the guest, not yet taken by the socket.
+    pending_out: list[bytes] = field(default_factory=list)
+
+
 class UnixgramTransport(TransportBase):
     """One guest on a unix datagram socket.
 
@@ -144,7 +161,8 @@ class UnixgramTransport(TransportBase):
     caller replaces this transport (`UnixgramServer` does). Frames that meet a full
     socket wait in a queue of up to `queue_limit` bytes (module docstring). `first`,
     a (datagram, address) pair, is served before anything is read (the datagram that
-    made a previous transport give way). `serve_unixgram` and `attach_unixgram_fd`
+    made a previous transport give way); `state`, what another process's transport
+    on this socket had learned (a handover). `serve_unixgram` and `attach_unixgram_fd`
     build it for you.
     """
 
@@ -155,7 +173,7 @@ class UnixgramTransport(TransportBase):
                  loop: asyncio.AbstractEventLoop | None = None,
                  first: tuple[bytes, Address] | None = None,
                  on_new_peer: Callable[[bytes, Address], None] | None = None,
-                 queue_limit: int = 8 << 20) -> None:
+                 queue_limit: int = 8 << 20, state: UnixgramState | None = None) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.connected = connected
@@ -181,6 +199,11 @@ class UnixgramTransport(TransportBase):
         self._queue_limit = queue_limit
         self._writer_on = False
         _tune(sock)
+        if state is not None:
+            self.peer, self._sock_peer = state.peer, state.sock_peer
+            self._can_wait, self._peer_dead = state.can_wait, state.peer_dead
+            self._queue.extend(state.pending_out)
+            self._queued = sum(map(len, state.pending_out))
 
     def start(self, sink: FrameSink) -> None:
         self._sink = sink
@@ -193,6 +216,35 @@ class UnixgramTransport(TransportBase):
                 return
             sink.end_of_batch()
         self._loop.add_reader(self.sock.fileno(), self._on_readable)
+        if self._queue and not self._writer_on:  # resumed after a stop, or handed over
+            self._writer_on = True
+            self._loop.add_writer(self.sock.fileno(), self._on_writable)
+        if self._sock_peer and self._timer is None:
+            self._timer = self._loop.call_later(_PROBE_INTERVAL_S, self._check_peer)
+
+    def stop(self) -> None:
+        """`HandoverTransport`: stop reading and sending, the socket open. Each read
+        takes one whole datagram, so this is a frame boundary: what the guest sends
+        meanwhile waits in the socket, and the frames queued toward it stay queued
+        (`handover_state` hands them on; `start` resumes)."""
+        if self.closed:
+            return
+        with contextlib.suppress(ValueError, OSError):
+            if self._sink is not None:
+                self._loop.remove_reader(self.sock.fileno())
+            if self._writer_on:
+                self._loop.remove_writer(self.sock.fileno())
+        self._writer_on = False
+        self._sink = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def handover_state(self) -> UnixgramState:
+        """What a transport on this socket in another process continues from; call
+        once stopped."""
+        return UnixgramState(self.peer, self._sock_peer, self._can_wait, self._peer_dead,
+                             list(self._queue))
 
     # -- guest -> relay --------------------------------------------------------------
 
@@ -444,25 +496,29 @@ class UnixgramServer:
 
     The bound socket stays with the server; each transport works on a dup of it, so
     when a new guest replaces a gone one (the relay's attach() closes the previous
-    transport) no queued datagram is lost and the path never disappears.
+    transport) no queued datagram is lost and the path never disappears. `sock` and
+    `state`: a socket already bound at `path` and what the previous process's
+    transport on it had learned (a handover, handover_transport.py).
     """
 
-    def __init__(self, relay: RelayLike, path: str) -> None:
+    def __init__(self, relay: RelayLike, path: str, sock: socket.socket | None = None,
+                 state: UnixgramState | None = None) -> None:
         self.relay = relay
         self.path = path
-        self.sock = bind_unixgram(path)
+        self.sock = bind_unixgram(path) if sock is None else sock
         self.transport: UnixgramTransport | None = None
         self.counters: Counter[str] = Counter()
-        self._attach(None)
+        self._attach(None, state)
 
-    def _attach(self, first: tuple[bytes, Address] | None) -> None:
+    def _attach(self, first: tuple[bytes, Address] | None,
+                state: UnixgramState | None = None) -> None:
         old = self.transport
         if old is not None:
             self.counters.update(old.counters)
         dup = socket.socket(fileno=os.dup(self.sock.fileno()))
         self.transport = UnixgramTransport(dup, connected=False, first=first,
                                            queue_limit=self.relay.config.guest_queue_limit,
-                                           on_new_peer=self._new_peer)
+                                           on_new_peer=self._new_peer, state=state)
         self.relay.attach(self.transport)
 
     def _new_peer(self, data: bytes, addr: Address) -> None:
