@@ -108,3 +108,12 @@ def udp_echo() -> Iterator[int]:
 def udp6_echo() -> Iterator[int]:
     """The same on ::1."""
     yield from _udp_echo_server(socket.AF_INET6, "::1")
+
+
+@pytest.fixture
+def data_file(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, str]:
+    """Random bytes, the size of the test module's SIZE, in a file; (path, sha256)."""
+    data = os.urandom(request.module.SIZE)
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -53,14 +52,6 @@ def _tcp_counters() -> dict[str, int]:
 
 def _tc(*args: str) -> None:
     subprocess.run(["tc", "qdisc", *args], check=True, capture_output=True, timeout=10)
-
-
-@pytest.fixture
-def data_file(tmp_path: Path) -> tuple[Path, str]:
-    data = os.urandom(SIZE)
-    path = tmp_path / "data"
-    path.write_bytes(data)
-    return path, hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture

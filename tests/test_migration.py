@@ -282,14 +282,6 @@ def _after(a: int, b: int) -> bool:
     return (a - b) & M32 < 1 << 31
 
 
-@pytest.fixture
-def data_file(tmp_path: Path) -> tuple[Path, str]:
-    data = os.urandom(SIZE)
-    path = tmp_path / "data"
-    path.write_bytes(data)
-    return path, hashlib.sha256(data).hexdigest()
-
-
 def _wait_flowing(sock: Path, count: int) -> None:
     """Until the relay has `count` established flows that carried data (bounded)."""
     deadline = time.monotonic() + 20
