@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from faultkit import HoldingPeer, fd_count, wait_until
-from lossy_harness import serve_relay, stop_proc
+from lossy_harness import RelayProc, serve_relay, stop_proc
 from netshim import GATEWAY_IP, GUEST_IP, LossyGuest
 from vmguest import build_vm_images, guest_boot_args, qemu_command, vm_unavailable_reason
 
@@ -57,29 +57,44 @@ def test_guest_socket_gone_closes_its_flows_frees_fds_and_next_guest_is_served(
                 assert g.shim is not None
                 os.kill(g.shim.pid, signal.SIGKILL)  # the guest's transport, gone
                 gone_at = time.monotonic()
-                wait_until(lambda: len(peer.ended) == FLOWS, CLOSE_BOUND_S,
-                           "every host peer connection closed")
-                wait_until(lambda: fd_count(relay.proc.pid) == baseline, CLOSE_BOUND_S,
-                           "relay descriptors back to the baseline")
+                _wait_released(peer, relay, FLOWS, baseline)
             finally:
                 go.touch()
                 stop_proc(holder)
-        slowest = max(t for _, t in peer.ended) - gone_at
-        with LossyGuest(tmp_path, relay.socket, seed) as second:
-            lease = second.dhcp()
-        stop_proc(relay.proc)
-    peer.close()
-    stats = relay.stats()
+        slowest = _next_guest_served(tmp_path, relay, peer, FLOWS, seed, gone_at)
     print(f"{FLOWS} flows: relay fds {baseline} -> {during} -> {baseline}; every peer "
           f"closed {slowest * 1000:.0f} ms after the guest's socket died; "
           f"outcomes {sorted({o for o, _ in peer.ended})}")
     assert during >= baseline + FLOWS
+
+
+def _wait_released(peer: HoldingPeer, relay: RelayProc, flows: int, baseline: int) -> None:
+    """The guest's transport is gone: every host peer sees its connection end and the
+    relay's descriptors return to what they were before the guest came."""
+    wait_until(lambda: len(peer.ended) == flows, CLOSE_BOUND_S,
+               "every host peer connection closed")
+    wait_until(lambda: fd_count(relay.proc.pid) == baseline, CLOSE_BOUND_S,
+               "relay descriptors back to the baseline")
+
+
+def _next_guest_served(tmp_path: Path, relay: RelayProc, peer: HoldingPeer, flows: int,
+                       seed: int, gone_at: float) -> float:
+    """A second guest gets its lease from the same relay; then the relay is stopped and
+    its counters and the peers' outcomes checked. Returns how long after `gone_at` the
+    last peer saw its connection end."""
+    slowest = max(t for _, t in peer.ended) - gone_at
+    with LossyGuest(tmp_path, relay.socket, seed) as second:
+        lease = second.dhcp()
+    stop_proc(relay.proc)
+    peer.close()
+    stats = relay.stats()
     # The relay resets them toward the hosts (their guest can no longer close them).
     assert {o for o, _ in peer.ended} == {"ECONNRESET"}, peer.ended
     assert lease.get("ip") == GUEST_IP and lease.get("router") == GATEWAY_IP, lease
-    assert stats["tcp_flows_closed_on_detach"] == FLOWS, stats
+    assert stats["tcp_flows_closed_on_detach"] == flows, stats
     assert stats["stream_clients"] == 2, stats
     assert "Traceback" not in relay.log.read_text(errors="replace")
+    return slowest
 
 
 VM_FLOWS = 20
@@ -115,25 +130,12 @@ def test_qemu_killed_closes_its_flows_frees_fds_and_next_guest_is_served(
             during = fd_count(relay.proc.pid)
             os.killpg(qemu.pid, signal.SIGKILL)
             gone_at = time.monotonic()
-            wait_until(lambda: len(peer.ended) == VM_FLOWS, CLOSE_BOUND_S,
-                       "every host peer connection closed")
-            wait_until(lambda: fd_count(relay.proc.pid) == baseline, CLOSE_BOUND_S,
-                       "relay descriptors back to the baseline")
+            _wait_released(peer, relay, VM_FLOWS, baseline)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(qemu.pid, signal.SIGKILL)
             qemu.wait()
-        slowest = max(t for _, t in peer.ended) - gone_at
-        with LossyGuest(tmp_path, relay.socket, 1) as second:
-            lease = second.dhcp()
-        stop_proc(relay.proc)
-    peer.close()
-    stats = relay.stats()
+        slowest = _next_guest_served(tmp_path, relay, peer, VM_FLOWS, 1, gone_at)
     print(f"qemu with {VM_FLOWS} flows killed: relay fds {baseline} -> {during} -> "
           f"{baseline}; every peer closed {slowest * 1000:.0f} ms after")
     assert during >= baseline + VM_FLOWS
-    assert {o for o, _ in peer.ended} == {"ECONNRESET"}, peer.ended
-    assert lease.get("ip") == GUEST_IP and lease.get("router") == GATEWAY_IP, lease
-    assert stats["tcp_flows_closed_on_detach"] == VM_FLOWS, stats
-    assert stats["stream_clients"] == 2, stats
-    assert "Traceback" not in relay.log.read_text(errors="replace")
