@@ -302,12 +302,15 @@ class Relay:
     def _inbound_ends(self, client: bytes) -> tuple[bytes, bytes] | None:
         """(guest address, source the guest sees) for a client of a forward: the guest
         is reached in the client's family (the other one if it runs only that), passt's
-        rule. None when no guest is attached."""
+        rule. None when no guest is attached. A guest that has not spoken yet is asked
+        for its MAC (LinkServices.solicit_guest): the flow's first frame is on its way."""
         if self._transport is None:
             return None
         c = self.config
         v6 = (len(client) == 16 and c.ipv6) or not c.ipv4
         guest = self._guest_addr6 if v6 else self._guest_ip
+        if self._guest_mac is None:
+            self._link.solicit_guest(guest)
         return guest, self._addr.inbound_source(client, v6)
 
     def _open_inbound(self, sock: socket.socket, client: bytes, client_port: int,
@@ -317,8 +320,6 @@ class Relay:
             self._stats["tcp_inbound_no_guest"] += 1
             close_with_reset(sock)
             return False
-        if self._guest_mac is None:
-            self._link.solicit_guest(ends[0])
         return self._tcp.open_inbound(sock, ends[0], guest_port, ends[1], client_port)
 
     def _forwarded_datagram(self, forward: Forward, data: bytes,
@@ -327,8 +328,6 @@ class Relay:
         if ends is None or self._udp_relay is None or forward.sock is None:
             self._stats["udp_inbound_no_guest"] += 1
             return
-        if self._guest_mac is None:
-            self._link.solicit_guest(ends[0])
         self._udp_relay.on_forwarded(forward.sock, peer, data, ends[0], forward.guest_port,
                                      ends[1], peer[1])
 
