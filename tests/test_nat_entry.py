@@ -513,6 +513,30 @@ def test_window_from_socket_facts() -> None:
     assert update.window == 300_000 >> 8 and update.ack == 4
 
 
+def test_window_check_keeps_watching_a_host_socket_that_drains() -> None:
+    """A guest held by a full host socket sends nothing, like an idle one; but while the
+    socket holds unacknowledged data the checks must not back off to the idle 1 s:
+    the window reopens as it drains, and only our update tells the guest."""
+    e = established(1, 1, wscale=7)
+    info = TcpInfo(rtt_us=2000, rcv_space=10_000, snd_wnd=300_000)
+    full = SocketFacts(info, sndbuf=1_000_000, outq=500_000)
+    e.on_guest_segment(guest_seg(2, 2, ACK, payload=b"r"), 0.0)
+    e.on_host_accepted(1, 0.0)
+    e.flush(full, 0.0)
+    (ack,) = sent(e.take_actions())
+    assert ack.window == 0
+    # The peer reads nothing for 50 ms, then everything.
+    now = 0.0
+    while True:
+        assert e.ack_check_at is not None
+        now = e.ack_check_at
+        e.on_timer(now, full if now < 0.05 else SocketFacts(info, 1_000_000, 0))
+        if updates := sent(e.take_actions()):
+            break
+    assert updates[0].window == 300_000 >> 8
+    assert now < 0.2  # doubling from RTT/2: 0.1008 s; idle backoff: 1.0016 s
+
+
 def test_guest_fin_then_host_fin() -> None:
     e = established(M32, M32)
     assert e.on_guest_segment(guest_seg(0, 0, ACK | FIN), 0.0) is None

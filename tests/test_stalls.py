@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -107,3 +110,57 @@ def test_guest_that_stops_reading_is_probed_with_flat_relay_memory(
     print(f"\nrelay RSS during the stall: {min(samples)}..{max(samples)} KiB; "
           f"{zero_windows} zero windows from the guest, {probes} probes")
     assert zero_windows > 0 and probes >= 2, (zero_windows, probes)
+
+
+def _bursty_reader(listener: socket.socket, pause_s: float, out: dict[str, object]) -> None:
+    """Accept one client; read it to EOF in bursts of up to 512 KiB, pausing `pause_s`
+    after each: a peer that is descheduled for a moment, over and over."""
+    listener.settimeout(60)
+    conn, _ = listener.accept()
+    conn.settimeout(60)
+    digest, n = hashlib.sha256(), 0
+    while chunk := conn.recv(1 << 19):
+        digest.update(chunk)
+        n += len(chunk)
+        time.sleep(pause_s)
+    out["result"] = (digest.hexdigest(), n)
+    conn.close()
+
+
+def test_guest_held_by_a_pausing_host_peer_resumes_without_probing() -> None:
+    """The host peer pauses 30 ms between reads, so the relay's host socket fills and
+    our window to the guest shuts, again and again. Each time the socket drains the
+    relay must tell the guest: left to its own zero-window probe (RFC 9293 §3.8.6.1,
+    at least Linux's 200 ms RTO) every pause became a 0.2 s stall. The guest's kernel
+    counts those probes (TcpExtTCPWinProbe); none may be sent."""
+    data = os.urandom(16 * MIB)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 18)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    out: dict[str, object] = {}
+    reader = threading.Thread(target=_bursty_reader, args=(listener, 0.03, out), daemon=True)
+    reader.start()
+    sender = ("import socket, sys\n"
+              f"s = socket.create_connection(('{GATEWAY}', {port}), timeout=60)\n"
+              "s.sendall(sys.stdin.buffer.read())\n"
+              "s.shutdown(socket.SHUT_WR)\n"
+              "s.recv(1)\n")  # the peer read it all: `run` ends with the command
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        run = LiveRun(["sh", "-c", f"{sys.executable} -c \"{sender}\" < {f.name} && "
+                                   "nstat -asz TcpExtTCPWinProbe"])
+        try:
+            status, stats = run.finish(timeout_s=120)
+        finally:
+            run.kill()
+            reader.join(30)
+            listener.close()
+    assert status == 0, run.stderr[-2000:]
+    assert out.get("result") == (hashlib.sha256(data).hexdigest(), len(data))
+    probes = int(run.stdout.split("TcpExtTCPWinProbe")[1].split()[0])
+    print(f"\nguest zero-window probes: {probes}")
+    assert probes == 0
+    assert stats.get("tcp_internal_errors", 0) == 0

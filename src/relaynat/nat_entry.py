@@ -418,9 +418,15 @@ class TcpNatEntry(TcpHandshake):
                 # fresh loopback peer's 64 KiB is under two segments at MTU 65520, so
                 # every idle flow looks limited): back off from 1 s to ACK_CHECK_IDLE_MAX_S
                 # instead; measured with 10,000 idle flows, the RTT/2 checks took 3/4 of
-                # the relay's time. Its next segment brings the short interval back, and
-                # a guest held at zero window probes us itself (RFC 9293 §3.8.6.1).
-                if self.rcv_nxt != self.ack_check_rcv:
+                # the relay's time. Its next segment brings the short interval back.
+                # But while the host socket still holds unacknowledged data the guest is
+                # held by us, not idle: the window reopens as that data drains, and
+                # only a check tells it so. Left to its own zero-window probe (RFC 9293
+                # §3.8.6.1, at least Linux's 200 ms RTO) or a TSO send it defers until
+                # an ACK (tcp_tso_should_defer), the guest stalled for 0.2 s several
+                # times a second whenever the host peer was descheduled for a moment.
+                host_draining = facts is not None and facts.outq > 0
+                if self.rcv_nxt != self.ack_check_rcv or host_draining:
                     base = ack_check_interval_s(self.rtt_exp)
                     self.ack_check_s = min(max(base, self.ack_check_s * 2), ACK_CHECK_MAX_S)
                 else:
