@@ -157,6 +157,9 @@ class Scenario:
     ooo_budget: int = 1 << 20
     #: Pass SocketFacts (instead of None) with the connect result.
     facts_on_connect: bool = False
+    #: The shell gathers back-to-back payloads and writes them at the end of the batch,
+    #: as tcp_relay does for a transport that keeps its frames.
+    gather: bool = False
     chaos_events: int = 3000
     max_events: int = 200_000
     #: Fail when nothing moves (bytes, acknowledgements, states) for this long.
@@ -520,6 +523,8 @@ class TcpSim:
         self.trace: deque[str] = deque(maxlen=60)
         self._scratch = bytearray(PEEK_BUF)
         self._drained_at = -1.0
+        #: (offset in the guest's stream, payload) gathered for one host write.
+        self.gathered: list[tuple[int, memoryview]] = []
         #: A guest segment arrived that RFC 9293 §3.10.7.4 says must be acknowledged
         #: (data, FIN, or a sequence below rcv_nxt such as a zero-window probe); the
         #: entry owes an ACK by the end of the batch.
@@ -806,13 +811,33 @@ class TcpSim:
                     # A zero-window probe: only while the guest may still send data.
                     e.state in GUEST_SENDING and seq_diff(seg.seq, e.rcv_nxt) < 0))):
             self.owed_ack = self.trace[-1]
+        if self.gathered and not e.continues_pending(seg):
+            self._write_gathered()
         data = e.on_guest_segment(seg, self.now)
         if data is not None:
             start = seq_diff(seg.seq, (sc.guest_isn + 1) & M32) + len(seg.payload) - len(data)
-            e.on_host_accepted(self._host_write(start, data), self.now)
-            self._write_backlog()
+            if sc.gather and not e.closed:
+                self.gathered.append((start, data))
+            else:
+                e.on_host_accepted(self._host_write(start, data), self.now)
+                self._write_backlog()
         self._run_actions()
         self.dirty = True
+
+    def _write_gathered(self) -> None:
+        """tcp_relay.TcpRelay._write_gathered: one write of the batch's payloads."""
+        e = self.entry
+        if not self.gathered or e is None:
+            return
+        start = self.gathered[0][0]
+        for (at, data), (nxt, _) in zip(self.gathered, self.gathered[1:], strict=False):
+            self.check(at + len(data) == nxt, f"gathered payloads not back to back at +{nxt}")
+        data = memoryview(b"".join(d for _, d in self.gathered))
+        self.stats["gathered_writes" if len(self.gathered) > 1 else "single_writes"] += 1
+        self.gathered = []
+        e.on_host_accepted(self._host_write(start, data), self.now)
+        self._write_backlog()
+        self._run_actions()
 
     def _reply_rst(self, seg: TcpSegment) -> None:
         answer = rst_for_unknown(seg)
@@ -884,6 +909,7 @@ class TcpSim:
     def _flush(self) -> None:
         """tcp_relay.TcpRelay.flush for our one flow."""
         self.dirty = False
+        self._write_gathered()
         e = self.entry
         if e is None or e.closed or self.connect_pending:
             return
@@ -1014,6 +1040,10 @@ class TcpSim:
             kind = rng.choices([o[0] for o in options], [o[1] for o in options])[0]
         else:
             kind = options[rng.randrange(len(options))][0]
+        if kind != "to_relay":
+            # Only guest frames arrive within a batch; anything else (a timer, the
+            # host socket) comes after its end, when the relay wrote what it gathered.
+            self._write_gathered()
         getattr(self, "_ev_" + kind)()
         if self.dirty and (not self.chaos or rng.random() >= sc.defer_flush):
             self._flush()

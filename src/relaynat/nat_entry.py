@@ -12,7 +12,9 @@ duplicate ACK and the guest resends. Nothing is ever written twice, because
 it is held in a bounded out-of-order queue (ooo_queue.py) and reported to the guest in
 SACK blocks (RFC 2018); once the hole fills, `host_backlog()` hands the now in-order
 data to the shell, which writes it and reports with `on_host_accepted` as well. Held
-data is not acknowledged (cumulatively) until the host socket took it.
+data is not acknowledged (cumulatively) until the host socket took it. The shell may
+also gather the payloads of back-to-back segments from one wakeup and write them with
+one sendmsg (`continues_pending`), reporting once.
 
 Host -> guest. The shell peeks (`MSG_PEEK` at `SO_PEEK_OFF`) at most
 `host_read_budget()` bytes, the guest's window minus what is in flight, and passes
@@ -162,7 +164,8 @@ class TcpNatEntry(TcpHandshake):
     def _accept_payload(self, seg: TcpSegment) -> memoryview | None:
         payload = seg.payload
         fin = bool(seg.flags & FIN)
-        offset = seq_diff(self.rcv_nxt, seg.seq)
+        # Past what the shell already holds for one write (`continues_pending`).
+        offset = seq_diff((self.rcv_nxt + self._pending_len) & M32, seg.seq)
         if offset < 0:
             # A gap: data after a loss, or one that overtook another. Hold what fits the
             # window we advertised (RFC 9293 §3.10.7.4), then a duplicate ACK right away
@@ -185,14 +188,23 @@ class TcpNatEntry(TcpHandshake):
                 self.ack_pending = True
             return None
         self._pending_fin = fin
-        self._pending_len = len(payload) - offset
-        if self._pending_len == 0:
+        if offset == len(payload):  # a bare FIN, nothing held before it
             self.on_host_accepted(0, self.now)
             return None
+        self._pending_len += len(payload) - offset
         return payload[offset:]
 
+    def continues_pending(self, seg: TcpSegment) -> bool:
+        """`seg` is plain data (ACK, maybe PSH) that starts right where the payload the
+        shell holds but has not written ends: `on_guest_segment` may hand its payload
+        out too, and one `on_host_accepted` then reports on all of it. Anything else
+        must wait until the shell has written and reported what it holds."""
+        return (seg.flags & ~PSH == ACK and bool(seg.payload) and not self._pending_fin
+                and seg.seq == (self.rcv_nxt + self._pending_len) & M32)
+
     def on_host_accepted(self, nbytes: int, now: float) -> None:
-        """The host socket took `nbytes` of what `on_guest_segment` returned."""
+        """The host socket took `nbytes` of what `on_guest_segment` returned (of all
+        of it, when the shell wrote several segments' payloads at once)."""
         self.now = now
         self.rcv_nxt = (self.rcv_nxt + nbytes) & M32
         self.bytes_from_guest += nbytes
@@ -215,6 +227,12 @@ class TcpNatEntry(TcpHandshake):
             else:
                 self.actions.append(ShutdownHostWrite())
                 self._emit(self._ack_seq(), ACK)
+        self._pending_len = 0
+        self._pending_fin = False
+
+    def drop_pending(self) -> None:
+        """The shell let go of the payload it held unwritten (the flow is leaving it):
+        nothing of it was acknowledged, so the guest sends it again, to whoever."""
         self._pending_len = 0
         self._pending_fin = False
 

@@ -193,7 +193,9 @@ class Relay:
             self.detach()
         self._transport = transport
         self._verify_tcp = transport.vnet_hdr_len == 0
-        self._tcp.set_link(transport.vnet_hdr_len, transport.offload)
+        # getattr: a transport written before `keeps_frames` existed keeps nothing.
+        self._tcp.set_link(transport.vnet_hdr_len, transport.offload,
+                           getattr(transport, "keeps_frames", False))
         if self._udp_relay is not None:
             self._udp_relay.set_link(transport.vnet_hdr_len, transport.offload)
         self.transport_lost_event.clear()

@@ -53,6 +53,9 @@ class StreamTransport(TransportBase):
 
     vnet_hdr_len = 0
     offload = False
+    #: Frames stay where they were read until the batch ends: the buffer is rewound or
+    #: compacted only after `end_of_batch`.
+    keeps_frames = True
 
     def __init__(self, sock: socket.socket, queue_limit: int = 8 << 20,
                  loop: asyncio.AbstractEventLoop | None = None, *, pending_in: bytes = b"",
@@ -106,7 +109,11 @@ class StreamTransport(TransportBase):
         deadline = slice_clock() + WAKEUP_SLICE_S
         for _ in range(_READS_PER_WAKEUP):
             if self._end == len(self._buf):
-                # Move the partial frame to the front to make room.
+                # Move the partial frame to the front to make room, once the frames
+                # delivered before it are done with (`keeps_frames`).
+                sink.end_of_batch()
+                if self.closed:
+                    return
                 pending = self._end - self._start
                 self._buf[:pending] = self._buf[self._start:self._end]
                 self._start, self._end = 0, pending
@@ -126,6 +133,8 @@ class StreamTransport(TransportBase):
             if slice_clock() > deadline:
                 break
         sink.end_of_batch()
+        if self._start == self._end:  # every frame read is delivered and done with
+            self._start = self._end = 0
 
     def _deliver(self, sink: FrameSink) -> bool:
         view, start, end = self._view, self._start, self._end
@@ -142,8 +151,6 @@ class StreamTransport(TransportBase):
             start += 4 + length
             if self.closed:
                 return False
-        if start == end:
-            start = end = 0
         self._start, self._end = start, end
         return True
 

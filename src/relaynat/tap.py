@@ -7,7 +7,9 @@ with partial checksums even at MTU 1500, and accepts the same from us. Without t
 header, each read/write is exactly one Ethernet frame.
 
 Reads are drained per wakeup into one preallocated buffer (`readv` into it: no
-allocation per frame), up to a bound so that other work gets its turn.
+allocation per frame), up to a bound so that other work gets its turn. Each frame of a
+wakeup gets its own stretch of the buffer, so frames stay valid until the end of the
+batch (`keeps_frames`) and the relay writes their payloads to a host socket at once.
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ TUN_F_TSO6 = 0x04
 VNET_HDR_LEN = 12
 
 _FRAMES_PER_WAKEUP = 128
-_BUF_SIZE = 65536 + 256
+#: The most one read returns: a 64 KiB GSO frame and its vnet header.
+_FRAME_MAX = 65536 + 256
+#: Frames one batch keeps: about twice what a 0.5 ms slice reads of 64 KiB frames here
+#: (transport.WAKEUP_SLICE_S); a batch that fills it ends early. Pages never touched
+#: (small frames) cost no memory.
+_BUF_SIZE = 16 * _FRAME_MAX
 
 
 def open_tap(name: str, want_vnet_hdr: bool = True) -> tuple[int, int, bool]:
@@ -76,6 +83,8 @@ class TapTransport(TransportBase):
     running loop.
     """
 
+    keeps_frames = True
+
     def __init__(self, fd: int, vnet_hdr_len: int = 0, offload: bool = False,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.fd = fd
@@ -96,10 +105,15 @@ class TapTransport(TransportBase):
         sink = self._sink
         assert sink is not None
         view, skip = self._view, self.vnet_hdr_len
+        end = len(view) - _FRAME_MAX
+        at = 0
         deadline = slice_clock() + WAKEUP_SLICE_S
         for _ in range(_FRAMES_PER_WAKEUP):
+            if at > end:
+                sink.end_of_batch()  # the frames read so far are done with
+                at = 0
             try:
-                n = os.readv(self.fd, (self._buf,))
+                n = os.readv(self.fd, (view[at:at + _FRAME_MAX],))
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -110,7 +124,9 @@ class TapTransport(TransportBase):
             if n == 0:
                 self._lost("TAP closed")
                 return
-            sink.handle_frame(view[skip:n])
+            sink.handle_frame(view[at + skip:at + n])
+            # The next frame starts on a cache line of its own.
+            at += (n + 63) & ~63
             if slice_clock() > deadline:
                 break
         sink.end_of_batch()

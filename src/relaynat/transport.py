@@ -2,9 +2,10 @@
 
 A transport owns one guest link (a TAP fd, a qemu stream socket, ...). It reads
 frames and hands each to `FrameSink.handle_frame` as a memoryview into its own
-receive buffer, valid only during the call (the relay copies nothing it keeps); after
-draining what one wakeup had, it calls `end_of_batch`, which is where the relay sends
-coalesced ACKs and moves host data. Frames toward the guest arrive as `send(head,
+receive buffer, valid only during the call (the relay copies nothing it keeps) or, for
+a transport that `keeps_frames`, until the batch ends; after draining what one wakeup
+had, it calls `end_of_batch`, which is where the relay writes gathered guest data,
+sends coalesced ACKs and moves host data. Frames toward the guest arrive as `send(head,
 payload)`, written with one writev/sendmsg so payloads are never concatenated.
 """
 
@@ -30,7 +31,8 @@ class FrameSink(Protocol):
 
     def handle_frame(self, frame: memoryview) -> None:
         """One Ethernet frame from the guest (after the vnet header, if any, was
-        skipped); the view is valid only during the call."""
+        skipped); the view is valid only during the call, or until `end_of_batch` if
+        the transport `keeps_frames`."""
 
     def end_of_batch(self) -> None:
         """The frames one wakeup had are delivered: time to send coalesced replies."""
@@ -46,6 +48,10 @@ class FrameTransport(Protocol):
     """Bytes of virtio-net header in front of every frame both ways (0: none)."""
     offload: bool
     """The guest accepts NEEDS_CSUM/GSO frames (needs a vnet header)."""
+    keeps_frames: bool
+    """Every frame handed to `FrameSink.handle_frame` stays valid (its bytes untouched)
+    until the `end_of_batch` that follows, not only during the call: the relay may then
+    gather a wakeup's payloads for one host write."""
 
     def start(self, sink: FrameSink) -> None:
         """Start reading the guest's frames into `sink` (the relay calls it in attach)."""
@@ -78,6 +84,7 @@ class TransportBase(FrameTransport):
     error (an abstract class), and lends the protocol's docstrings to its methods."""
 
     _sink: FrameSink | None
+    keeps_frames = False
 
     def _lost(self, reason: str) -> None:
         """Close, then tell the sink why; the sink is taken first, as close() drops it."""
