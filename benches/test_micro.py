@@ -21,7 +21,16 @@ from relaynat.nat_entry import TcpNatEntry
 from relaynat.packet_builder import TcpFrameTemplate, tcp_options_syn
 from relaynat.tcp_state import TcpState
 from relaynat.window import SocketFacts, TcpInfo
-from relaynat.wire import ACK, PSH, SYN, TcpSegment, parse_ethernet, parse_ipv4, parse_tcp
+from relaynat.wire import (
+    ACK,
+    PSH,
+    SYN,
+    TcpSegment,
+    parse_ethernet,
+    parse_ipv4,
+    parse_tcp,
+    parse_tcp4_fast,
+)
 
 GUEST_MAC, RELAY_MAC = b"\x52\x54\x00\x12\x34\x56", b"\x52\x55\x0a\x00\x02\x02"
 GUEST_IP, REMOTE_IP = bytes([10, 0, 2, 15]), bytes([10, 0, 2, 2])
@@ -64,6 +73,22 @@ def test_parse_tcp_frame(benchmark: Any, size: str) -> None:
 
     seg = benchmark(parse)
     assert len(seg.payload) == SIZES[size]
+
+
+@pytest.mark.parametrize("timestamps", [False, True], ids=["plain", "ts"])
+def test_parse_tcp_frame_fast(benchmark: Any, timestamps: bool) -> None:
+    """wire.parse_tcp4_fast, the data path's parser (relay.handle_frame), on a 64 KiB
+    data segment: one unpack, the IPv4 header checksum verified."""
+    payload = random.randbytes(SIZES["64KiB"])
+    frame = memoryview(guest_template(timestamps=timestamps).build(
+        1000, 5000, ACK | PSH, 0xFFFF, payload, None) + payload)
+
+    def parse() -> tuple[bytes, TcpSegment] | None:
+        return parse_tcp4_fast(frame)
+
+    out = benchmark(parse)
+    assert out is not None and len(out[1].payload) == len(payload)
+    assert (out[1].tsval is not None) == timestamps
 
 
 def test_parse_syn_with_options(benchmark: Any) -> None:

@@ -517,3 +517,140 @@ def test_segment_checksum_ok_takes_full_and_partial_sums_and_catches_a_flipped_b
         damaged = bytearray(seg)
         damaged[at] ^= 1 << bit  # a port, the flags, the payload: one bit each
         assert not segment_checksum_ok(src, dst, 6, damaged, 16), (at, bit)
+
+
+# -- the fast path ----------------------------------------------------------------------
+
+@st.composite
+def data_segment_frames(draw: st.DrawFn) -> bytes:
+    """What an established flow sends: no IP options, no SYN, no TCP options or a lone
+    NOP, NOP, TS (with SACK blocks after it now and then: the general path's)."""
+    opts = draw(st.sampled_from([b"", "ts", "ts+sack"]))
+    if opts:
+        ts = TS_PREFIX + struct.pack("!II", draw(u32), draw(u32))
+        opts = ts if opts == "ts" else ts + b"\x01\x01\x05\x0a" + struct.pack("!II", draw(u32),
+                                                                             draw(u32))
+    tcp = dpkt.tcp.TCP(sport=draw(ports), dport=draw(ports), seq=draw(u32), ack=draw(u32),
+                       win=draw(st.integers(0, 0xFFFF)), opts=opts, data=draw(payloads),
+                       flags=draw(st.integers(0, 0xFF)) & ~wire.SYN)
+    tcp.off = 5 + len(opts) // 4
+    fields = draw(ipv4_fields())
+    fields["opts"] = b""
+    ip = build_ip(fields, dpkt.ip.IP_PROTO_TCP, tcp)
+    return build_eth(draw(macs), draw(macs), dpkt.ethernet.ETH_TYPE_IP, ip, draw(eth_padding))
+
+
+def _general(frame: bytes | bytearray, verify: bool) -> tuple[bytes, wire.TcpSegment] | None:
+    try:
+        eth = wire.parse_ethernet(memoryview(frame))
+        if eth.ethertype != wire.ETHERTYPE_IPV4:
+            return None
+        ip = wire.parse_ipv4(eth.payload)
+        if ip.proto != wire.IPPROTO_TCP:
+            return None
+        return eth.src_mac, wire.parse_tcp(ip, verify)
+    except MalformedFrame:
+        return None
+
+
+def _fields(seg: wire.TcpSegment) -> tuple:
+    return (seg.src, seg.dst, seg.sport, seg.dport, seg.seq, seg.ack, seg.flags, seg.window,
+            bytes(seg.payload), seg.mss, seg.wscale, seg.sack_permitted, seg.tsval, seg.tsecr,
+            seg.sack)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.one_of(data_segment_frames(), data_segment_frames(), tcp_frames(), udp_frames()),
+       st.data(), st.booleans())
+def test_fast_path_agrees_with_the_general_parsers(frame: bytes, data: st.DataObject,
+                                                   verify: bool) -> None:
+    """`parse_tcp4_fast` vouches only for frames the general parsers (proved against
+    dpkt above) accept, and reads them field for field as they do; it declines nothing
+    but what is not a plain data segment. Frames are also damaged (a byte, a length, the
+    data offset, truncation) and then the IP header checksum repaired or not."""
+    raw = bytearray(frame)
+    for _ in range(data.draw(st.integers(0, 3))):
+        kind = data.draw(st.sampled_from(["truncate", "byte", "totlen", "doff", "frag", "ihl",
+                                          "proto", "etype"]))
+        if kind == "truncate":
+            del raw[data.draw(st.integers(0, len(raw))):]
+        elif kind == "byte" and raw:
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+        elif kind == "totlen" and len(raw) >= 18:
+            value = data.draw(st.one_of(st.integers(0, 60), st.integers(0, 0xFFFF)))
+            struct.pack_into("!H", raw, 16, value)
+        elif kind == "doff" and len(raw) >= 47:
+            raw[46] = (data.draw(st.integers(0, 15)) << 4) | (raw[46] & 0x0F)
+        elif kind == "frag" and len(raw) >= 22:
+            struct.pack_into("!H", raw, 20, data.draw(st.integers(0, 0xFFFF)))
+        elif kind == "ihl" and len(raw) > 14:
+            raw[14] = data.draw(st.one_of(st.integers(0x40, 0x4F), st.integers(0, 255)))
+        elif kind == "proto" and len(raw) > 23:
+            raw[23] = data.draw(st.sampled_from([1, 6, 17, 255]))
+        elif kind == "etype" and len(raw) >= 14:
+            raw[12:14] = data.draw(st.sampled_from([b"\x08\x00", b"\x86\xdd", b"\x81\x00"]))
+    if len(raw) >= 34 and data.draw(st.booleans()):
+        fix_ip_checksum(raw)  # so that a damaged header is judged by more than its sum
+    fast = wire.parse_tcp4_fast(memoryview(raw), verify)
+    general = _general(raw, verify)
+    if fast is not None:
+        assert general is not None
+        assert fast[0] == general[0] and _fields(fast[1]) == _fields(general[1])
+        return
+    if general is None:
+        return
+    seg = general[1]
+    plain_options = len(raw) >= 47 and (raw[46] >> 4 == 5 or (
+        raw[46] >> 4 == 8 and raw[54:58] == TS_PREFIX))
+    common = raw[14] == 0x45 and not seg.flags & wire.SYN and plain_options
+    assert not common, "a plain data segment the fast path declined"
+
+
+def test_fast_path_takes_a_timestamped_data_segment() -> None:
+    opts = TS_PREFIX + struct.pack("!II", 7, 9)
+    tcp = dpkt.tcp.TCP(sport=40000, dport=5201, seq=M32, ack=1, win=512, opts=opts,
+                       data=b"x" * 1000, flags=wire.ACK | wire.PSH)
+    tcp.off = 8
+    ip = build_ip({"src": b"\x0a\x00\x02\x0f", "dst": b"\x0a\x00\x02\x02", "ttl": 64, "id": 1,
+                   "tos": 0, "df": True, "opts": b""}, dpkt.ip.IP_PROTO_TCP, tcp)
+    frame = build_eth(b"\x02" * 6, b"\x52\x54\x00\x12\x34\x56", dpkt.ethernet.ETH_TYPE_IP,
+                      ip, b"")
+    fast = wire.parse_tcp4_fast(memoryview(frame), True)
+    assert fast is not None
+    mac, seg = fast
+    assert mac == b"\x52\x54\x00\x12\x34\x56"
+    assert (seg.seq, seg.ack, seg.tsval, seg.tsecr, bytes(seg.payload)) == (M32, 1, 7, 9,
+                                                                           b"x" * 1000)
+    assert wire.parse_tcp4_fast(memoryview(frame[:-1]), False) is None  # cut short
+
+
+def test_fast_path_declines_edge_headers() -> None:
+    """Headers the random frames reach only rarely: a total length that ends inside the
+    TCP header, IP options of zeros (the first 20 bytes still sum right) and data
+    offsets between 20 and 32 bytes. The general parsers decide them all."""
+    opts = TS_PREFIX + struct.pack("!II", 7, 9)
+    tcp = dpkt.tcp.TCP(sport=1, dport=2, seq=3, ack=4, win=5, opts=opts, data=b"y" * 64,
+                       flags=wire.ACK)
+    tcp.off = 8
+    fields = {"src": b"\x0a\x00\x02\x0f", "dst": b"\x0a\x00\x02\x02", "ttl": 64, "id": 1,
+              "tos": 0, "df": True, "opts": b""}
+    eth_src = b"\x52\x54\x00\x12\x34\x56"
+    good = bytearray(build_eth(b"\x02" * 6, eth_src, dpkt.ethernet.ETH_TYPE_IP,
+                               build_ip(fields, dpkt.ip.IP_PROTO_TCP, tcp), b""))
+    assert wire.parse_tcp4_fast(memoryview(good)) is not None
+    for total_len in (20, 39, 40, 51):  # inside the TCP header or its options
+        raw = bytearray(good)
+        struct.pack_into("!H", raw, 16, total_len)
+        fix_ip_checksum(raw)
+        assert wire.parse_tcp4_fast(memoryview(raw)) is None
+        assert _general(raw, False) is None
+    zero_opts = bytearray(build_eth(b"\x02" * 6, eth_src, dpkt.ethernet.ETH_TYPE_IP,
+                                    build_ip({**fields, "opts": b"\x00" * 4},
+                                             dpkt.ip.IP_PROTO_TCP, tcp), b""))
+    assert wire.parse_tcp4_fast(memoryview(zero_opts)) is None
+    general = _general(zero_opts, True)
+    assert general is not None and general[1].tsval == 7
+    for off in (6, 7, 9, 15):
+        raw = bytearray(good)
+        raw[46] = (off << 4) | (raw[46] & 0x0F)
+        assert wire.parse_tcp4_fast(memoryview(raw)) is None

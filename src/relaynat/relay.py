@@ -73,6 +73,7 @@ from relaynat.wire import (
     parse_ipv4,
     parse_ipv6,
     parse_tcp,
+    parse_tcp4_fast,
     parse_udp,
 )
 
@@ -122,6 +123,8 @@ class Relay:
                         "still answer)")
         self._addr = AddressMap(c, str(upstream) if upstream is not None else None)
         self._guest_ip = self._addr.guest_ip
+        #: IPv4 TCP frames of known flows take `parse_tcp4_fast` (IPv4 may be off).
+        self._fast_ipv4 = c.ipv4
         self._prefix6 = self._addr.prefix6
         self._link = LinkServices(c, self._addr, self._send_frame, self._stats)
         self._dns_static = static_table(c.dns_records)
@@ -392,6 +395,14 @@ class Relay:
         if self._pcap is not None:
             self._pcap.write(frame)
         try:
+            # The data path first: one unpack for a plain IPv4 TCP segment from the
+            # guest, handed to its flow; anything else, or anything the fast parser
+            # does not vouch for, takes the general path, which parses it afresh.
+            fast = parse_tcp4_fast(frame, self._verify_tcp) if self._fast_ipv4 else None
+            if (fast is not None and fast[0] == self._guest_mac
+                    and fast[1].src == self._guest_ip):
+                self._tcp_segment(fast[1])
+                return
             self._dispatch(frame)
         except MalformedFrame as exc:
             stats["drop_" + exc.reason] += 1
@@ -457,6 +468,8 @@ class Relay:
         port 53 goes to our own DNS-over-TCP server (dns_tcp.py), which answers them
         and forwards the rest, as the UDP path does."""
         assert self._tcp is not None
+        if self._tcp.on_known(seg):  # a flow's segment: where it maps is settled
+            return
         if (self._dns_tcp is not None and seg.dport == DNS_PORT
                 and seg.dst in (self._addr.dns_ip, self._addr.dns_ip6)):
             self._tcp.on_segment(seg, "127.0.0.1", self._dns_tcp.port)

@@ -187,6 +187,15 @@ class TcpRelay:
             return
         self._on_flow_segment(flow, seg)
 
+    def on_known(self, seg: TcpSegment) -> bool:
+        """Hand `seg` to its flow and return True, or return False if it has none (then
+        `on_segment`, with where a new flow would go)."""
+        flow = self.flows.get((seg.sport, seg.dst, seg.dport, seg.src))
+        if flow is None:
+            return False
+        self._on_flow_segment(flow, seg)
+        return True
+
     def _open_waiting(self, waiting: list[Deferred]) -> None:
         for seg, host_ip, host_port in waiting:
             key = (seg.sport, seg.dst, seg.dport, seg.src)
