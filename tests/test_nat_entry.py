@@ -14,7 +14,9 @@ the end state.
 
 from __future__ import annotations
 
+import copy
 import random
+from unittest import mock
 
 import pytest
 from hypothesis import example, given, settings
@@ -42,6 +44,7 @@ from relaynat.tcp_actions import (
     ShutdownHostWrite,
     rst_for_unknown,
 )
+from relaynat.tcp_handshake import TcpHandshake
 from relaynat.tcp_state import TcpState
 from relaynat.window import (
     DATA_RETRIES_MAX,
@@ -181,6 +184,67 @@ def test_gathered_writes_under_faults() -> None:
         check_outcome(sim)
         gathered += sim.stats["gathered_writes"]
     assert gathered > 0
+
+
+class CheckedEntry(TcpNatEntry):
+    """A `TcpNatEntry` that runs every guest segment twice: through `on_guest_segment`
+    (its data fast path included) and, on a copy taken before, through the general
+    `_on_segment` alone; both must return the same bytes and leave the same state."""
+
+    __slots__ = ()
+    fast = 0
+    general = 0
+
+    def _on_segment(self, seg: TcpSegment, now: float) -> memoryview | None:
+        CheckedEntry.general += 1
+        return super()._on_segment(seg, now)
+
+    def on_guest_segment(self, seg: TcpSegment, now: float) -> memoryview | None:
+        twin = TcpNatEntry.__new__(TcpNatEntry)
+        for name in TcpNatEntry.__slots__ + TcpHandshake.__slots__:
+            setattr(twin, name, getattr(self, name))
+        twin.actions = list(self.actions)
+        # The queue and the relay-wide budget it charges, copied together.
+        twin.ooo, twin.ooo_budget = copy.deepcopy((self.ooo, self.ooo_budget))
+        twin.template = copy.deepcopy(self.template)  # it numbers the frames it builds
+        general_before = CheckedEntry.general
+        got = super().on_guest_segment(seg, now)
+        if CheckedEntry.general == general_before:
+            CheckedEntry.fast += 1
+        want = TcpNatEntry._on_segment(twin, seg, now)
+        assert (None if got is None else bytes(got)) == (None if want is None else bytes(want))
+        for name in TcpHandshake.__slots__:
+            if name not in ("actions", "ooo", "ooo_budget", "template"):
+                assert getattr(self, name) == getattr(twin, name), name
+        assert [_plain(a) for a in self.actions] == [_plain(a) for a in twin.actions]
+        assert (self.ooo is None) == (twin.ooo is None)
+        return got
+
+
+def _plain(action: object) -> object:
+    if isinstance(action, SendFrame):
+        return action.head, bytes(action.payload)
+    return action
+
+
+@settings(max_examples=80, deadline=None)
+@given(scenarios())
+def test_data_fast_path_agrees_with_the_general_path(sc: Scenario) -> None:
+    """Whole lossy conversations (tcp_sim) in which every guest segment is checked both
+    ways."""
+    with mock.patch("tcp_sim.TcpNatEntry", CheckedEntry):
+        check_outcome(TcpSim(sc).run())
+
+
+def test_data_fast_path_carries_an_upload() -> None:
+    """An upload on a clean link goes (almost) all through the fast path, checked."""
+    fast, general = CheckedEntry.fast, CheckedEntry.general
+    sc = Scenario(guest_data=random.Random(5).randbytes(200_000), guest_mss=1000,
+                  host_sndbuf=50_000, gather=True, fin_order="guest_first", seed=5)
+    with mock.patch("tcp_sim.TcpNatEntry", CheckedEntry):
+        check_outcome(TcpSim(sc).run())
+    assert CheckedEntry.fast - fast > 150  # of the 200 data segments
+    assert CheckedEntry.general - general < CheckedEntry.fast - fast
 
 
 @pytest.mark.parametrize(("order", "path"), [

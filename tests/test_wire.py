@@ -559,19 +559,13 @@ def _fields(seg: wire.TcpSegment) -> tuple:
             seg.sack)
 
 
-@settings(max_examples=1500, deadline=None)
-@given(st.one_of(data_segment_frames(), data_segment_frames(), tcp_frames(), udp_frames()),
-       st.data(), st.booleans())
-def test_fast_path_agrees_with_the_general_parsers(frame: bytes, data: st.DataObject,
-                                                   verify: bool) -> None:
-    """`parse_tcp4_fast` vouches only for frames the general parsers (proved against
-    dpkt above) accept, and reads them field for field as they do; it declines nothing
-    but what is not a plain data segment. Frames are also damaged (a byte, a length, the
-    data offset, truncation) and then the IP header checksum repaired or not."""
+def damaged(frame: bytes, data: st.DataObject) -> bytearray:
+    """`frame` with up to three faults in the fields the fast parsers read, and then
+    the IP header checksum repaired or not."""
     raw = bytearray(frame)
     for _ in range(data.draw(st.integers(0, 3))):
         kind = data.draw(st.sampled_from(["truncate", "byte", "totlen", "doff", "frag", "ihl",
-                                          "proto", "etype"]))
+                                          "proto", "etype", "udplen"]))
         if kind == "truncate":
             del raw[data.draw(st.integers(0, len(raw))):]
         elif kind == "byte" and raw:
@@ -583,6 +577,9 @@ def test_fast_path_agrees_with_the_general_parsers(frame: bytes, data: st.DataOb
             raw[46] = (data.draw(st.integers(0, 15)) << 4) | (raw[46] & 0x0F)
         elif kind == "frag" and len(raw) >= 22:
             struct.pack_into("!H", raw, 20, data.draw(st.integers(0, 0xFFFF)))
+        elif kind == "udplen" and len(raw) >= 40:
+            struct.pack_into("!H", raw, 38, data.draw(st.one_of(st.integers(0, 40),
+                                                                st.integers(0, 0xFFFF))))
         elif kind == "ihl" and len(raw) > 14:
             raw[14] = data.draw(st.one_of(st.integers(0x40, 0x4F), st.integers(0, 255)))
         elif kind == "proto" and len(raw) > 23:
@@ -591,6 +588,19 @@ def test_fast_path_agrees_with_the_general_parsers(frame: bytes, data: st.DataOb
             raw[12:14] = data.draw(st.sampled_from([b"\x08\x00", b"\x86\xdd", b"\x81\x00"]))
     if len(raw) >= 34 and data.draw(st.booleans()):
         fix_ip_checksum(raw)  # so that a damaged header is judged by more than its sum
+    return raw
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.one_of(data_segment_frames(), data_segment_frames(), tcp_frames(), udp_frames()),
+       st.data(), st.booleans())
+def test_fast_path_agrees_with_the_general_parsers(frame: bytes, data: st.DataObject,
+                                                   verify: bool) -> None:
+    """`parse_tcp4_fast` vouches only for frames the general parsers (proved against
+    dpkt above) accept, and reads them field for field as they do; it declines nothing
+    but what is not a plain data segment. Frames are also damaged (a byte, a length, the
+    data offset, truncation) and then the IP header checksum repaired or not."""
+    raw = damaged(frame, data)
     fast = wire.parse_tcp4_fast(memoryview(raw), verify)
     general = _general(raw, verify)
     if fast is not None:
@@ -654,3 +664,48 @@ def test_fast_path_declines_edge_headers() -> None:
         raw = bytearray(good)
         raw[46] = (off << 4) | (raw[46] & 0x0F)
         assert wire.parse_tcp4_fast(memoryview(raw)) is None
+
+
+def _general_udp(frame: bytes | bytearray) -> tuple[bytes, wire.UdpDatagram, bytes] | None:
+    try:
+        eth = wire.parse_ethernet(memoryview(frame))
+        if eth.ethertype != wire.ETHERTYPE_IPV4:
+            return None
+        ip = wire.parse_ipv4(eth.payload)
+        if ip.proto != wire.IPPROTO_UDP:
+            return None
+        return eth.src_mac, wire.parse_udp(ip), bytes(ip.packet)
+    except MalformedFrame:
+        return None
+
+
+@st.composite
+def plain_udp_frames(draw: st.DrawFn) -> bytes:
+    data = draw(payloads)
+    udp = dpkt.udp.UDP(sport=draw(ports), dport=draw(ports), ulen=8 + len(data), data=data)
+    fields = draw(ipv4_fields())
+    fields["opts"] = b""
+    ip = build_ip(fields, dpkt.ip.IP_PROTO_UDP, udp)
+    return build_eth(draw(macs), draw(macs), dpkt.ethernet.ETH_TYPE_IP, ip, draw(eth_padding))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.one_of(plain_udp_frames(), plain_udp_frames(), udp_frames(), tcp_frames()),
+       st.data())
+def test_udp_fast_path_agrees_with_the_general_parsers(frame: bytes,
+                                                       data: st.DataObject) -> None:
+    """As for TCP: `parse_udp4_fast` accepts only what the general parsers accept, reads
+    the same fields and the same IPv4 packet (the ICMP quote comes from it), and
+    declines no plain datagram."""
+    raw = damaged(frame, data)
+    fast = wire.parse_udp4_fast(memoryview(raw))
+    general = _general_udp(raw)
+    if fast is not None:
+        assert general is not None
+        mac, dgram, packet = fast
+        ref_mac, ref, ref_packet = general
+        assert (mac, dgram.src, dgram.dst, dgram.sport, dgram.dport, bytes(dgram.payload),
+                bytes(packet)) == (ref_mac, ref.src, ref.dst, ref.sport, ref.dport,
+                                   bytes(ref.payload), ref_packet)
+        return
+    assert general is None or raw[14] != 0x45, "a plain datagram the fast path declined"

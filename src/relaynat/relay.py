@@ -63,6 +63,7 @@ from relaynat.wire import (
     IPPROTO_ICMPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    IPV4_PROTO_AT,
     IpPacket,
     Ipv4Packet,
     Ipv6Packet,
@@ -75,6 +76,7 @@ from relaynat.wire import (
     parse_tcp,
     parse_tcp4_fast,
     parse_udp,
+    parse_udp4_fast,
 )
 
 log = logging.getLogger("relaynat")
@@ -398,11 +400,16 @@ class Relay:
             # The data path first: one unpack for a plain IPv4 TCP segment from the
             # guest, handed to its flow; anything else, or anything the fast parser
             # does not vouch for, takes the general path, which parses it afresh.
-            fast = parse_tcp4_fast(frame, self._verify_tcp) if self._fast_ipv4 else None
-            if (fast is not None and fast[0] == self._guest_mac
-                    and fast[1].src == self._guest_ip):
-                self._tcp_segment(fast[1])
-                return
+            if self._fast_ipv4 and len(frame) > IPV4_PROTO_AT:
+                proto = frame[IPV4_PROTO_AT]
+                if proto == IPPROTO_TCP:
+                    fast = parse_tcp4_fast(frame, self._verify_tcp)
+                    if (fast is not None and fast[0] == self._guest_mac
+                            and fast[1].src == self._guest_ip):
+                        self._tcp_segment(fast[1])
+                        return
+                elif proto == IPPROTO_UDP and self._known_udp(frame):
+                    return
             self._dispatch(frame)
         except MalformedFrame as exc:
             stats["drop_" + exc.reason] += 1
@@ -514,6 +521,21 @@ class Relay:
             self._icmp.on_packet(ip, self._addr.host_ip_for(ip.dst, 0), src_mac)
         else:
             raise MalformedFrame("ip_proto_unsupported")
+
+    def _known_udp(self, frame: memoryview) -> bool:
+        """Relay a guest datagram of an open IPv4 flow straight away (parse_udp4_fast);
+        False if it is anything else. The DNS address and the DHCP port are left to the
+        general path: static records answer there, its DNS flows count what they
+        forward, and a datagram to port 67 of the gateway is a DHCP request."""
+        fast = parse_udp4_fast(frame)
+        if fast is None:
+            return False
+        src_mac, dgram, packet = fast
+        if (src_mac != self._guest_mac or dgram.src != self._guest_ip
+                or dgram.dst == self._addr.dns_ip or dgram.dport == DHCP_SERVER_PORT):
+            return False
+        assert self._udp_relay is not None
+        return self._udp_relay.on_known(dgram, packet)
 
     def _udp(self, ip: Ipv4Packet) -> None:
         dgram = parse_udp(ip)

@@ -104,7 +104,6 @@ class UdpRelay:
         """A guest datagram to `dgram.dst`, which is `host_ip` on the host (None only
         for a flow that exists: an inbound one's far end may be nowhere outbound); a new
         flow gets `fixed_timeout` instead of the idle/stream timeouts when given."""
-        stats = self.stats
         key = (dgram.sport, dgram.dst, dgram.dport, dgram.src)
         now = self._loop.time()
         hlen = len(ip.packet) - len(ip.payload)
@@ -118,6 +117,19 @@ class UdpRelay:
             flow = self._open(key, host_ip, dgram.dport, now, fixed_timeout, quote)
             if flow is None:
                 return
+        self._relay(flow, dgram, now, quote)
+
+    def on_known(self, dgram: UdpDatagram, packet: memoryview) -> bool:
+        """Relay `dgram` (IPv4 `packet`, without options) on its flow and return True, or
+        return False if it has none (then `on_datagram`, which opens one)."""
+        flow = self.table.get((dgram.sport, dgram.dst, dgram.dport, dgram.src))
+        if flow is None:
+            return False
+        self._relay(flow, dgram, self._loop.time(), bytes(packet[:28]))
+        return True
+
+    def _relay(self, flow: UdpFlow, dgram: UdpDatagram, now: float, quote: bytes) -> None:
+        stats = self.stats
         flow.from_guest(now, quote)
         try:
             if flow.peer is None:
