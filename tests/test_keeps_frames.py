@@ -160,56 +160,53 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True)
 
 
-def test_tap_transport_keeps_frames() -> None:
-    # Frames the stack sends out of the TAP interface arrive at its fd: a packet socket
-    # on the interface is the guest here. 16 MiB of socket buffers hold them all.
-    sent = frames(3, 1514)
-    fd, vnet_hdr_len, offload = open_tap("kf0")
-    try:
-        _ip("link", "set", "kf0", "up")
-        _ip("link", "set", "kf0", "txqueuelen", "10000")
-        with _packet_socket("kf0") as s:
-            def feed() -> None:
-                for f in sent:
-                    s.send(f)
+def _fed_by_packet_socket(ifname: str, transport: Callable[[], FrameTransport],
+                          sent: list[bytes]) -> None:
+    """Send `sent` through a packet socket on `ifname` into the transport `transport()`
+    builds (reading the other end), then check what came out. 16 MiB of socket
+    buffers hold the frames until it starts."""
+    with _packet_socket(ifname) as s:
+        def feed() -> None:
+            for f in sent:
+                s.send(f)
 
-            async def main() -> KeepingSink:
-                sink = KeepingSink(len(sent))
-                transport = TapTransport(fd, vnet_hdr_len, offload)
-                await _serve(transport, sink, feed)
-                return sink
+        async def main() -> KeepingSink:
+            sink = KeepingSink(len(sent))
+            await _serve(transport(), sink, feed)
+            return sink
 
-            sink = asyncio.run(main())
-            fd = -1  # closed with the transport
-    finally:
-        if fd >= 0:
-            os.close(fd)
+        sink = asyncio.run(main())
     # The interface's own frames (router solicitations, MLD) may come first.
     assert not sink.broken, sink.broken[:5]
     assert [f for f in sink.seen if f[6:12] == GUEST_MAC] == sent
     assert sink.largest_batch > 1
 
 
+def test_tap_transport_keeps_frames() -> None:
+    # Frames the stack sends out of the TAP interface arrive at its fd: a packet socket
+    # on the interface is the guest here.
+    fd, vnet_hdr_len, offload = open_tap("kf0")
+    made: list[TapTransport] = []  # the transport closes the fd
+
+    def transport() -> TapTransport:
+        made.append(TapTransport(fd, vnet_hdr_len, offload))
+        return made[-1]
+
+    try:
+        _ip("link", "set", "kf0", "up")
+        _ip("link", "set", "kf0", "txqueuelen", "10000")
+        _fed_by_packet_socket("kf0", transport, frames(3, 1514))
+    finally:
+        if not made:
+            os.close(fd)
+
+
 def test_interface_transport_keeps_frames() -> None:
-    sent = frames(4, 1514)
     _ip("link", "add", "kfa", "type", "veth", "peer", "name", "kfb")
     try:
         for name in ("kfa", "kfb"):
             _ip("link", "set", name, "up")
-        with _packet_socket("kfb") as s:
-            def feed() -> None:
-                for f in sent:
-                    s.send(f)
-
-            async def main() -> KeepingSink:
-                sink = KeepingSink(len(sent))
-                transport = InterfaceTransport.open("kfa", vnet_hdr=False)
-                await _serve(transport, sink, feed)
-                return sink
-
-            sink = asyncio.run(main())
+        _fed_by_packet_socket("kfb", lambda: InterfaceTransport.open("kfa", vnet_hdr=False),
+                              frames(4, 1514))
     finally:
         _ip("link", "del", "kfa")
-    assert not sink.broken, sink.broken[:5]
-    assert [f for f in sink.seen if f[6:12] == GUEST_MAC] == sent
-    assert sink.largest_batch > 1

@@ -11,6 +11,8 @@ lying IHL, total length and data offset, fragments) may only ever raise
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import TypeVar
 
 import dpkt
 import pytest
@@ -21,6 +23,7 @@ from relaynat import wire
 from relaynat.wire import MalformedFrame, seq_diff, seq_le, seq_lt
 
 M32 = 0xFFFFFFFF
+T = TypeVar("T")
 
 #: Every reason wire.py may give; a new one must be added here deliberately.
 REASONS = {
@@ -540,17 +543,25 @@ def data_segment_frames(draw: st.DrawFn) -> bytes:
     return build_eth(draw(macs), draw(macs), dpkt.ethernet.ETH_TYPE_IP, ip, draw(eth_padding))
 
 
-def _general(frame: bytes | bytearray, verify: bool) -> tuple[bytes, wire.TcpSegment] | None:
+def _general(frame: bytes | bytearray, proto: int,
+             parse: Callable[[wire.Ipv4Packet], T]) -> tuple[bytes, wire.Ipv4Packet, T] | None:
+    """(source MAC, packet, `parse(packet)`) by the general parsers for an IPv4 frame of
+    protocol `proto`, or None for anything else, valid or not."""
     try:
         eth = wire.parse_ethernet(memoryview(frame))
         if eth.ethertype != wire.ETHERTYPE_IPV4:
             return None
         ip = wire.parse_ipv4(eth.payload)
-        if ip.proto != wire.IPPROTO_TCP:
+        if ip.proto != proto:
             return None
-        return eth.src_mac, wire.parse_tcp(ip, verify)
+        return eth.src_mac, ip, parse(ip)
     except MalformedFrame:
         return None
+
+
+def _general_tcp(frame: bytes | bytearray,
+                 verify: bool) -> tuple[bytes, wire.Ipv4Packet, wire.TcpSegment] | None:
+    return _general(frame, wire.IPPROTO_TCP, lambda ip: wire.parse_tcp(ip, verify))
 
 
 def _fields(seg: wire.TcpSegment) -> tuple:
@@ -602,14 +613,14 @@ def test_fast_path_agrees_with_the_general_parsers(frame: bytes, data: st.DataOb
     data offset, truncation) and then the IP header checksum repaired or not."""
     raw = damaged(frame, data)
     fast = wire.parse_tcp4_fast(memoryview(raw), verify)
-    general = _general(raw, verify)
+    general = _general_tcp(raw, verify)
     if fast is not None:
         assert general is not None
-        assert fast[0] == general[0] and _fields(fast[1]) == _fields(general[1])
+        assert fast[0] == general[0] and _fields(fast[1]) == _fields(general[2])
         return
     if general is None:
         return
-    seg = general[1]
+    seg = general[2]
     plain_options = len(raw) >= 47 and (raw[46] >> 4 == 5 or (
         raw[46] >> 4 == 8 and raw[54:58] == TS_PREFIX))
     common = raw[14] == 0x45 and not seg.flags & wire.SYN and plain_options
@@ -653,30 +664,17 @@ def test_fast_path_declines_edge_headers() -> None:
         struct.pack_into("!H", raw, 16, total_len)
         fix_ip_checksum(raw)
         assert wire.parse_tcp4_fast(memoryview(raw)) is None
-        assert _general(raw, False) is None
+        assert _general_tcp(raw, False) is None
     zero_opts = bytearray(build_eth(b"\x02" * 6, eth_src, dpkt.ethernet.ETH_TYPE_IP,
                                     build_ip({**fields, "opts": b"\x00" * 4},
                                              dpkt.ip.IP_PROTO_TCP, tcp), b""))
     assert wire.parse_tcp4_fast(memoryview(zero_opts)) is None
-    general = _general(zero_opts, True)
-    assert general is not None and general[1].tsval == 7
+    general = _general_tcp(zero_opts, True)
+    assert general is not None and general[2].tsval == 7
     for off in (6, 7, 9, 15):
         raw = bytearray(good)
         raw[46] = (off << 4) | (raw[46] & 0x0F)
         assert wire.parse_tcp4_fast(memoryview(raw)) is None
-
-
-def _general_udp(frame: bytes | bytearray) -> tuple[bytes, wire.UdpDatagram, bytes] | None:
-    try:
-        eth = wire.parse_ethernet(memoryview(frame))
-        if eth.ethertype != wire.ETHERTYPE_IPV4:
-            return None
-        ip = wire.parse_ipv4(eth.payload)
-        if ip.proto != wire.IPPROTO_UDP:
-            return None
-        return eth.src_mac, wire.parse_udp(ip), bytes(ip.packet)
-    except MalformedFrame:
-        return None
 
 
 @st.composite
@@ -699,13 +697,13 @@ def test_udp_fast_path_agrees_with_the_general_parsers(frame: bytes,
     declines no plain datagram."""
     raw = damaged(frame, data)
     fast = wire.parse_udp4_fast(memoryview(raw))
-    general = _general_udp(raw)
+    general = _general(raw, wire.IPPROTO_UDP, wire.parse_udp)
     if fast is not None:
         assert general is not None
         mac, dgram, packet = fast
-        ref_mac, ref, ref_packet = general
+        ref_mac, ref_ip, ref = general
         assert (mac, dgram.src, dgram.dst, dgram.sport, dgram.dport, bytes(dgram.payload),
                 bytes(packet)) == (ref_mac, ref.src, ref.dst, ref.sport, ref.dport,
-                                   bytes(ref.payload), ref_packet)
+                                   bytes(ref.payload), bytes(ref_ip.packet))
         return
     assert general is None or raw[14] != 0x45, "a plain datagram the fast path declined"
