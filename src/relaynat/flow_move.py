@@ -51,7 +51,8 @@ from relaynat.flow_state import (
     state_of,
 )
 from relaynat.flowinfo import FlowInfo, describe_tcp
-from relaynat.tcp_relay import SO_PEEK_OFF, TcpFlow, TcpRelay, close_with_reset
+from relaynat.tcp_flow import SO_PEEK_OFF, TcpFlow, close_with_reset
+from relaynat.tcp_relay import TcpRelay
 from relaynat.tcp_repair import (
     TCP_REPAIR,
     TCP_REPAIR_OFF_NO_WP,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from relaynat.tcp_relay import TcpFlow
+    from relaynat.tcp_flow import TcpFlow
 
 #: Stale heap entries tolerated beyond twice the live flows before a rebuild.
 HEAP_SLACK = 256

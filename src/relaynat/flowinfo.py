@@ -23,7 +23,7 @@ from relaynat.window import TCP_INFO_LEN, TcpInfo
 
 if TYPE_CHECKING:
     from relaynat.icmp_echo import EchoSession
-    from relaynat.tcp_relay import TcpFlow
+    from relaynat.tcp_flow import TcpFlow
     from relaynat.udp_flow import UdpFlow
 
 FlowInfo = dict[str, object]

@@ -87,7 +87,7 @@ from relaynat.flow_state import (
     make_document,
 )
 from relaynat.flowinfo import describe_tcp
-from relaynat.tcp_relay import TcpFlow
+from relaynat.tcp_flow import TcpFlow
 
 if TYPE_CHECKING:
     from relaynat.namespace import NamespaceGuest

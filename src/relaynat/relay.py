@@ -52,7 +52,8 @@ from relaynat.pcap import PcapWriter
 from relaynat.policy import EgressGate, Policy
 from relaynat.ratelimit import TokenBucket
 from relaynat.stream import StreamTransport, bind_unix_listener
-from relaynat.tcp_relay import TcpRelay, close_with_reset
+from relaynat.tcp_flow import close_with_reset
+from relaynat.tcp_relay import TcpRelay
 from relaynat.transport import FrameTransport
 from relaynat.udp_relay import UdpRelay
 from relaynat.wire import (

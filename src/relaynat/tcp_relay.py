@@ -12,9 +12,9 @@ One nested epoll also batches: a single loop callback drains events for all flow
 Per-flow timers live in one heap with lazy deletion (flow_timers.py); new flows open
 at a bounded rate, the SYNs beyond waiting in a backlog (syn_backlog.py).
 
-Kernel facts used: SO_PEEK_OFF (socket(7), TCP since Linux 6.10; a fallback peeks
-from the start and skips what is in flight); recv(MSG_TRUNC) on TCP discards without
-copying (tcp(7)); SIOCOUTQ (tcp(7)); TCP_INFO (struct tcp_info, checked by length).
+A flow's record and the plain calls on its host socket are in tcp_flow.py. Without
+SO_PEEK_OFF (TCP since Linux 6.10) a fallback peeks from the start of the receive queue
+and skips what is in flight.
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import logging
 import random
 import select
 import socket
-import struct
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from relaynat.addressing import inbound_flow_key
@@ -50,7 +47,14 @@ from relaynat.tcp_actions import (
     ShutdownHostWrite,
     rst_for_unknown,
 )
-from relaynat.window import TCP_INFO_LEN, SocketFacts, TcpInfo
+from relaynat.tcp_flow import (
+    SO_PEEK_OFF,
+    FlowKey,
+    TcpFlow,
+    close_with_reset,
+    discard,
+    socket_facts,
+)
 from relaynat.wire import ACK, RST, SYN
 
 if TYPE_CHECKING:
@@ -60,49 +64,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relaynat.tcp")
 
-SO_PEEK_OFF = 42
-SIOCOUTQ = 0x5411
-_LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-def close_with_reset(sock: socket.socket) -> None:
-    """Close so that the peer gets a RST, not a FIN (SO_LINGER {1, 0}, socket(7)):
-    a refused or aborted flow must look refused to the host peer."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    sock.close()
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 #: Peeks per flow per wakeup before yielding to other flows and the guest transport.
 _PUMP_ROUNDS = 16
-_INT = struct.Struct("i")
-#: Flow key: (guest port, destination address as the guest sees it, destination port,
-#: guest address); an IPv6 guest may use several source addresses at once.
-FlowKey = tuple[int, bytes, int, bytes]
 SendToGuest = Callable[[bytes, "bytes | memoryview"], None]
 T = TypeVar("T")
-
-
-@dataclass(slots=True, eq=False)
-class TcpFlow:
-    key: FlowKey
-    entry: TcpNatEntry
-    sock: socket.socket
-    connecting: bool = True
-    host_readable: bool = False
-    peek_offset_supported: bool = True
-    scheduled_at: float = float("inf")
-    host_addr: tuple[str, int] = ("", 0)
-    dirty: bool = field(default=False)
-    #: Bytes the guest acknowledged that are still in the socket's receive queue: they
-    #: are dropped once per batch (one recv(MSG_TRUNC) for many ACKs), and always before
-    #: a rewind or a fallback peek, which count from the queue's head.
-    consume_pending: int = 0
-    #: Opened by a client of a forwarded port, not by the guest (the egress policy
-    #: does not apply to it).
-    inbound: bool = False
-    #: Guest payloads of this wakeup not yet written to the socket (views into the
-    #: transport's buffer, valid until its end of batch): one sendmsg at flush.
-    gathered: list[memoryview] | None = None
 
 
 class TcpRelay:
@@ -400,7 +366,7 @@ class TcpRelay:
                 self.stats["tcp_connect_failed"] += 1
                 entry.on_connect_result(False, None, now)
             else:
-                entry.on_connect_result(True, self._facts(flow), now)
+                entry.on_connect_result(True, socket_facts(flow.sock), now)
             self._execute(flow)
             if err:
                 return
@@ -447,7 +413,7 @@ class TcpRelay:
                     self._write_backlog(flow, now)  # held data, if the socket has room now
                     self._pump(flow, now)
                     if not entry.closed:
-                        entry.flush(self._facts(flow), now)
+                        entry.flush(socket_facts(flow.sock), now)
                         self._execute(flow)
                 self._timers.schedule(flow)
             except Exception:
@@ -518,17 +484,6 @@ class TcpRelay:
             self._execute(flow)
         self._mark_dirty(flow)
 
-    def _facts(self, flow: TcpFlow) -> SocketFacts | None:
-        sock = flow.sock
-        try:
-            info = TcpInfo.from_bytes(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
-                                                      TCP_INFO_LEN))
-            sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-            outq = _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
-        except OSError:
-            return None
-        return SocketFacts(info, sndbuf, outq)
-
     # -- executing actions ---------------------------------------------------------------
 
     def _execute(self, flow: TcpFlow) -> None:
@@ -557,15 +512,7 @@ class TcpRelay:
 
     def _consume(self, flow: TcpFlow) -> None:
         nbytes, flow.consume_pending = flow.consume_pending, 0
-        while nbytes > 0:
-            try:
-                got = flow.sock.recv_into(self._trunc_buf, min(nbytes, len(self._trunc_buf)),
-                                          socket.MSG_TRUNC)
-            except OSError:
-                return
-            if got <= 0:
-                return
-            nbytes -= got
+        discard(flow.sock, nbytes, self._trunc_buf)
 
     def _track(self, flow: TcpFlow) -> None:
         self.flows[flow.key] = flow
@@ -612,7 +559,7 @@ class TcpRelay:
             if entry.closed:  # closed by an earlier flow's handling in this run
                 continue
             try:
-                entry.on_timer(now, None if flow.connecting else self._facts(flow))
+                entry.on_timer(now, None if flow.connecting else socket_facts(flow.sock))
                 self._execute(flow)
             except Exception:
                 self._fail_flow(flow)

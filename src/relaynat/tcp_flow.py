@@ -1,0 +1,87 @@
+"""`TcpFlow`, the TCP shell's record of one flow (tcp_relay.py), and the calls on a flow's
+host socket that need nothing but the socket.
+
+Kernel facts used: SO_PEEK_OFF (socket(7), TCP since Linux 6.10); recv(MSG_TRUNC) on
+TCP discards without copying (tcp(7)); SIOCOUTQ (tcp(7)); TCP_INFO (struct tcp_info,
+checked by length, window.TcpInfo); SO_LINGER {1, 0} makes close() send a RST
+(socket(7)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from relaynat.window import TCP_INFO_LEN, SocketFacts, TcpInfo
+
+if TYPE_CHECKING:
+    from relaynat.nat_entry import TcpNatEntry
+
+SO_PEEK_OFF = 42
+SIOCOUTQ = 0x5411
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_INT = struct.Struct("i")
+#: Flow key: (guest port, destination address as the guest sees it, destination port,
+#: guest address); an IPv6 guest may use several source addresses at once.
+FlowKey = tuple[int, bytes, int, bytes]
+
+
+@dataclass(slots=True, eq=False)
+class TcpFlow:
+    key: FlowKey
+    entry: TcpNatEntry
+    sock: socket.socket
+    connecting: bool = True
+    host_readable: bool = False
+    peek_offset_supported: bool = True
+    scheduled_at: float = float("inf")
+    host_addr: tuple[str, int] = ("", 0)
+    dirty: bool = field(default=False)
+    #: Bytes the guest acknowledged that are still in the socket's receive queue: they
+    #: are dropped once per batch (one recv(MSG_TRUNC) for many ACKs), and always before
+    #: a rewind or a fallback peek, which count from the queue's head.
+    consume_pending: int = 0
+    #: Opened by a client of a forwarded port, not by the guest (the egress policy
+    #: does not apply to it).
+    inbound: bool = False
+    #: Guest payloads of this wakeup not yet written to the socket (views into the
+    #: transport's buffer, valid until its end of batch): one sendmsg at flush.
+    gathered: list[memoryview] | None = None
+
+
+def close_with_reset(sock: socket.socket) -> None:
+    """Close so that the peer gets a RST, not a FIN (SO_LINGER {1, 0}, socket(7)):
+    a refused or aborted flow must look refused to the host peer."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
+
+
+def socket_facts(sock: socket.socket) -> SocketFacts | None:
+    """What the window toward the guest is computed from (window.advertised_window);
+    None if the socket cannot say (it failed)."""
+    try:
+        info = TcpInfo.from_bytes(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
+                                                  TCP_INFO_LEN))
+        sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        outq = _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return None
+    return SocketFacts(info, sndbuf, outq)
+
+
+def discard(sock: socket.socket, nbytes: int, scratch: bytearray) -> None:
+    """Drop `nbytes` from the head of the receive queue: bytes the guest acknowledged.
+    recv(MSG_TRUNC) copies nothing; `scratch` only bounds each call."""
+    while nbytes > 0:
+        try:
+            got = sock.recv_into(scratch, min(nbytes, len(scratch)), socket.MSG_TRUNC)
+        except OSError:
+            return
+        if got <= 0:
+            return
+        nbytes -= got
