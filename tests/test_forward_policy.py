@@ -80,10 +80,13 @@ def test_guest_refusing_closes_the_host_client_within_a_second(tmp_path: Path) -
         import socket
 
         start = time.monotonic()
-        with socket.create_connection(("127.0.0.1", port), 5) as client:
+        # Closed or reset: both are fine. On a busy machine the relay's reset can even land
+        # between the kernel finishing the handshake and connect() returning, which then
+        # raises ECONNRESET (inet_wait_for_connect finds the socket closed): the same answer.
+        with (contextlib.suppress(ConnectionResetError),
+              socket.create_connection(("127.0.0.1", port), 5) as client):
             client.settimeout(5)
-            with contextlib.suppress(ConnectionResetError):  # closed or reset: both are fine
-                assert client.recv(1) == b""
+            assert client.recv(1) == b""
         assert time.monotonic() - start < 1.0
     finally:
         proc.terminate()
