@@ -433,6 +433,24 @@ def test_rst_in_syn_rcvd_and_connecting() -> None:
     assert e.take_actions() == [CloseHost(abortive=True)] and e.closed
 
 
+@given(isns, isns, st.sampled_from([ACK | FIN, ACK | PSH | FIN, ACK | PSH, ACK]),
+       st.integers(1, 5), st.binary(max_size=64))
+def test_segment_whose_ack_does_not_complete_the_handshake_is_not_accepted(
+        isn: int, iss: int, flags: int, off: int, payload: bytes) -> None:
+    """Data or FIN with an ACK of something other than our SYN-ACK, in SYN_RCVD (a
+    fuzzing guest did this): dropped, the handshake still open; the right ACK then
+    completes it. It used to raise TcpStateError (GUEST_FIN in SYN_RCVD)."""
+    e = TcpNatEntry(syn(isn), template=relay_template(), mtu=MTU, iss=iss, now=0.0)
+    e.on_connect_result(True, None, 0.0)
+    e.take_actions()
+    assert e.on_guest_segment(guest_seg(isn + 1, iss + 1 + off, flags, payload=payload),
+                              0.1) is None
+    assert e.state is TcpState.SYN_RCVD and not e.closed
+    assert [a for a in e.take_actions() if isinstance(a, CloseHost)] == []
+    e.on_guest_segment(guest_seg(isn + 1, iss + 1, ACK), 0.2)
+    assert e.state is TcpState.ESTABLISHED
+
+
 @given(isns, isns, st.sampled_from([0, SYN, FIN, SYN | FIN, ACK, ACK | FIN, ACK | PSH, RST,
                                     RST | ACK, SYN | ACK]),
        st.integers(0, 3000))

@@ -132,6 +132,11 @@ class TcpNatEntry(TcpHandshake):
         if self.state is TcpState.CONNECTING or not flags & ACK:
             return None
         self._process_ack(seg, now)
+        if self.state is TcpState.SYN_RCVD:
+            # The ACK did not complete the handshake (RFC 9293 §3.10.7.4: text and FIN
+            # are processed only once ESTABLISHED); a FIN here hit the state machine as
+            # GUEST_FIN in SYN_RCVD and reset the flow as an internal error.
+            return None
         if self.closed or self.state not in GUEST_SENDING:
             if flags & FIN or seg.payload:
                 self._emit(self._ack_seq(), ACK)  # retransmitted FIN/data after guest FIN
