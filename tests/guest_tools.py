@@ -18,7 +18,7 @@
         outcome (ok, refused, timeout, errno name) and the first burst's duration.
     python3 guest_tools.py udp-flows HOST PORT --flows N [--tries T]
         N UDP sockets, one flow each, each echo-checked twice; prints JSON of which worked.
-    python3 guest_tools.py inject IFNAME --rounds N
+    python3 guest_tools.py inject IFNAME --rounds N [--pause S]
         writes malformed frames onto IFNAME with an AF_PACKET socket, N rounds of the
         same set; prints how many frames went out.
     python3 guest_tools.py flood IFNAME --seconds S
@@ -129,7 +129,7 @@ def malformed_frames(src_mac: bytes, guest: str, gateway: str) -> list[bytes]:
     ]
 
 
-def inject(ifname: str, rounds: int) -> int:
+def inject(ifname: str, rounds: int, pause: float = 0.0) -> int:
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
         s.bind((ifname, 0))
         src_mac = s.getsockname()[4]
@@ -142,6 +142,10 @@ def inject(ifname: str, rounds: int) -> int:
                     sent += 1
                 except OSError as exc:  # the kernel may refuse the shortest ones
                     print(f"not sent ({len(frame)} bytes): {exc}", file=sys.stderr)
+            if pause:
+                # A TAP drops what its queue (tx_queue_len frames) cannot hold without
+                # telling the sender; paced rounds stay within it beside a download.
+                time.sleep(pause)
     print(f"sent {sent}")
     return 0
 
@@ -466,6 +470,7 @@ def main() -> int:
     p = sub.add_parser("inject")
     p.add_argument("ifname")
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--pause", type=float, default=0.0, help="seconds between rounds")
     p = sub.add_parser("flood")
     p.add_argument("ifname")
     p.add_argument("--seconds", type=float, required=True)
@@ -491,7 +496,7 @@ def main() -> int:
         return peer_echo(args.port, args.events, args.ready)
     if args.cmd == "flood":
         return flood(args.ifname, args.seconds)
-    return inject(args.ifname, args.rounds)
+    return inject(args.ifname, args.rounds, args.pause)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ def test_malformed_frames_are_counted_and_a_transfer_beside_them_is_intact(
     path, digest = big_file
     port = start_peer("http", "--root", str(path.parent))
     url = f"http://{GATEWAY}:{port}/{path.name}"
-    script = (f"{sys.executable} {GUEST_TOOLS} inject tap0 --rounds 200 >/dev/null & "
+    script = (f"{sys.executable} {GUEST_TOOLS} inject tap0 --rounds 200 --pause 0.002 >/dev/null & "
               f"curl -sS --fail {url} | sha256sum; wait")
     done = relaynat_run("sh", "-c", script)
     assert done.returncode == 0, done.stderr
