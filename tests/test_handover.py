@@ -344,8 +344,10 @@ def _serve_and_hand_over(tmp_path: Path, procs: list[subprocess.Popen[bytes]],
         _wait_for_transfers(control)
         _hand_over(control, path, relay_a, tmp_path / "a.log")
         transfers.release()
+        # The guest writes its result file after its transfers end, which can be after
+        # the peer's: wait for it before reading the file (CI read it half-written).
+        assert guest.wait(timeout=60) == 0
         result, reports = transfers.finish()
-        assert guest.wait(timeout=30) == 0
     finally:
         transfers.close()
     transfers.check(result, reports)
