@@ -61,6 +61,32 @@ def test_flows_open_within_the_rate_in_arrival_order_and_the_rest_is_counted(
     assert stats["tcp_syn_deferred"] == len(opened) - at_once
 
 
+@settings(max_examples=300, deadline=None)
+@given(rate=st.integers(1, 5000), burst=st.integers(1, 20),
+       steps=st.lists(st.tuples(st.floats(0, 0.01), st.integers(0, 10)), max_size=40))
+def test_wait_s_is_when_the_oldest_waiting_syn_may_open(
+        rate: int, burst: int, steps: list[tuple[float, int]]) -> None:
+    """The relay's quiet-guest timer is set for `wait_s`: by then a SYN opens, and
+    before it none could (a sequential client's SYN waited 20-40 ms for a fixed timer
+    when its token was due in 0.5 ms)."""
+    backlog = SynBacklog(Counter(), rate=rate, burst=burst)
+    now, buf, port = 0.0, bytearray(), 0
+    for gap, syns in steps:
+        now += gap
+        for _ in range(syns):
+            port += 1
+            if not backlog.may_open(now):
+                backlog.defer(_syn(port, buf), "127.0.0.1", None)
+        if not len(backlog):
+            continue
+        wait = backlog.wait_s(now)
+        assert 0 <= wait <= 1 / rate
+        if wait > 0:
+            assert backlog.ready(now, limit=1) == []
+        now += wait + 1e-9  # the float sum may round a hair below the exact token time
+        assert len(backlog.ready(now, limit=1)) == 1
+
+
 GUEST_BURST = textwrap.dedent("""
     import socket, sys, selectors
     port, count = int(sys.argv[1]), int(sys.argv[2])

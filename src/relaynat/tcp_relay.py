@@ -38,7 +38,13 @@ from relaynat.nat_entry import TcpNatEntry
 from relaynat.ooo_queue import OooBudget
 from relaynat.packet_builder import TcpFrameTemplate
 from relaynat.sockfail import count_socket_failure
-from relaynat.syn_backlog import BACKLOG_TIMER_OPENS, BACKLOG_TIMER_S, Deferred, SynBacklog
+from relaynat.syn_backlog import (
+    BACKLOG_TIMER_MIN_S,
+    BACKLOG_TIMER_OPENS,
+    BACKLOG_TIMER_S,
+    Deferred,
+    SynBacklog,
+)
 from relaynat.tcp_actions import (
     CloseHost,
     ConsumeHost,
@@ -447,8 +453,11 @@ class TcpRelay:
             self._loop.call_soon(self._flush_again)
         if self._backlog and self._backlog_timer is None:
             # SYNs wait for the new-flow bucket (syn_backlog.py); a guest that goes on
-            # sending opens them in its turn, one that went quiet gets them opened here.
-            self._backlog_timer = self._loop.call_later(BACKLOG_TIMER_S, self._backlog_due)
+            # sending opens them in its turn, one that went quiet gets them opened here
+            # when the next token is due. Pulls so far are this batch's own.
+            self._backlog.take_pulled()
+            delay = max(BACKLOG_TIMER_MIN_S, self._backlog.wait_s(now))
+            self._backlog_timer = self._loop.call_later(delay, self._backlog_due)
 
     def _flush_again(self) -> None:
         self._flush_soon = False
@@ -456,7 +465,10 @@ class TcpRelay:
 
     def _backlog_due(self) -> None:
         self._backlog_timer = None
-        if not self._backlog.take_pulled():
+        if self._backlog.take_pulled():
+            # The guest sent since: its frames open what waits, in its own turn.
+            self._backlog_timer = self._loop.call_later(BACKLOG_TIMER_S, self._backlog_due)
+        else:
             self._open_waiting(self._backlog.ready(self._loop.time(), limit=BACKLOG_TIMER_OPENS))
         self.flush()
 
