@@ -76,7 +76,7 @@ from typing import TYPE_CHECKING, Any
 
 from relaynat import __version__, handover_transport
 from relaynat.config import RelayConfig
-from relaynat.control import ControlServer
+from relaynat.control import ControlServer, RequestError
 from relaynat.flow_move import adopt_flow, not_moved
 from relaynat.flow_state import (
     KIND_LIVE,
@@ -107,9 +107,10 @@ _MAX_DOCUMENT = 256 << 20
 _MAX_FDS = 1 << 20
 
 
-class HandoverError(Exception):
+class HandoverError(RequestError):
     """A handover that did not happen; the message says why. The relay that offered
-    it serves on as before."""
+    it serves on as before. A RequestError, so `relaynat ctl handover` gets the reason
+    as its answer, not an internal error."""
 
 
 def addressing_of(config: RelayConfig) -> dict[str, object]:
