@@ -594,12 +594,21 @@ class TcpRelay:
                 continue
             try:
                 entry.on_timer(now, None if flow.connecting else socket_facts(flow.sock))
+                acted = bool(entry.actions)
                 self._execute(flow)
             except Exception:
                 self._fail_flow(flow)
                 continue
-            if not entry.closed:
+            if entry.closed:
+                continue
+            if acted:
                 self._mark_dirty(flow)
+            else:
+                # A window check that found nothing to say (most of them: a ping-pong
+                # flow at MTU 65520 always looks window-limited and is checked every
+                # millisecond): the next deadline is all it needs, not a flush that
+                # reads the socket's facts a second time.
+                self._timers.schedule(flow)
         self.flush()
 
     # -- control -------------------------------------------------------------------------
