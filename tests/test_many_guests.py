@@ -285,3 +285,41 @@ async def test_flow_maxima_beyond_the_descriptor_limit_are_warned_about(
             assert "RLIMIT_NOFILE" not in caplog.text
             guests.add("big", RelayConfig(max_tcp_flows=soft))
             assert "RLIMIT_NOFILE" in caplog.text and str(soft) in caplog.text
+
+
+async def test_log_lines_name_the_guest_they_are_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two guests on qemu stream sockets in one loop: a second client refused by one, a
+    client sending a bad frame length to the other. Each line names its guest (the
+    readers that log were registered by callbacks of the relay's own listener, two
+    handles away from `serve_stream`), and a '%' in a name stays literal."""
+    with caplog.at_level(logging.INFO, logger="relaynat"):
+        async with Guests() as guests:
+            paths = {name: str(tmp_path / f"{i}.sock") for i, name in enumerate(("a", "b%s"))}
+            for name, path in paths.items():
+                guests.add(name).serve_stream(path)
+            loop = asyncio.get_running_loop()
+            clients = []
+            for name in ("a", "a", "b%s"):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                await loop.sock_connect(sock, paths[name])
+                clients.append(sock)
+                await asyncio.sleep(0.1)  # accepted in this order
+            await loop.sock_sendall(clients[2], b"\xff\xff\xff\xff")  # no such frame length
+            await asyncio.wait_for(guests["b%s"].transport_lost_event.wait(), 5)
+            for sock in clients:
+                sock.close()
+    lines = [(getattr(r, "guest", None), r.getMessage()) for r in caplog.records]
+    # The records name the line that logged, not guest_log.py's adapter.
+    assert {r.filename for r in caplog.records} <= {"relay.py", "stream.py", "guests.py"}
+    assert ("a", "guest a: guest connected on the stream socket") in lines, lines
+    assert ("a", "guest a: a second guest tried to connect while one is served; refused"
+            ) in lines, lines
+    assert ("b%s", "guest b%s: guest connected on the stream socket") in lines, lines
+    assert any(guest == "b%s" and msg.startswith("guest b%s: qemu stream: frame length "
+                                                 "4294967295 outside")
+               for guest, msg in lines), lines
+    assert ("b%s", "guest b%s: guest transport lost: bad frame length 4294967295") in lines
+    # Nothing about one guest is told as the other's.
+    assert not [line for line in lines if line[0] == "a" and "b%s" in line[1]]

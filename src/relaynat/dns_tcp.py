@@ -18,14 +18,14 @@ the guest's connection (its resolver retries, as after a lost UDP answer).
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import struct
 from collections import Counter
 
 from relaynat.dns import StaticTable, answer_static
+from relaynat.guest_log import guest_logger
 
-log = logging.getLogger("relaynat.dns")
+log = guest_logger("relaynat.dns")
 
 MAX_CLIENTS = 64
 IDLE_TIMEOUT_S = 10.0

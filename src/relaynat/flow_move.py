@@ -37,7 +37,6 @@ tests/test_migration.py) shape how callers must move flows:
 from __future__ import annotations
 
 import contextlib
-import logging
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +50,7 @@ from relaynat.flow_state import (
     state_of,
 )
 from relaynat.flowinfo import FlowInfo, describe_tcp
+from relaynat.guest_log import guest_logger
 from relaynat.tcp_flow import SO_PEEK_OFF, TcpFlow, close_with_reset
 from relaynat.tcp_relay import TcpRelay
 from relaynat.tcp_repair import (
@@ -65,7 +65,7 @@ from relaynat.tcp_repair import (
 from relaynat.tcp_state import TcpState
 from relaynat.transport import FrameTransport, HandoverTransport
 
-log = logging.getLogger("relaynat.tcp")
+log = guest_logger("relaynat.tcp")
 
 _HALF_OPEN = frozenset({TcpState.CONNECTING, TcpState.SYN_SENT, TcpState.SYN_RCVD})
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address
 
-log = logging.getLogger("relaynat.forward")
+from relaynat.guest_log import guest_logger
+
+log = guest_logger("relaynat.forward")
 
 #: Connections accepted (or datagrams read) per forward per wakeup before other work
 #: gets its turn.

@@ -80,7 +80,7 @@ class Guests:
             raise ValueError("a guest needs a non-empty name")
         if name in self._relays:
             raise ValueError(f"a guest named {name!r} already exists")
-        relay = Relay(config, policy)
+        relay = Relay(config, policy, name=name)
         if self._loop is not None:
             relay.start()
         self._relays[name] = relay

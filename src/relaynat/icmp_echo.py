@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import socket
 import struct
 from collections import Counter
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from relaynat.checksum import finish, partial_sum, pseudo_header_sum, verify
 from relaynat.flowinfo import describe_echo
+from relaynat.guest_log import guest_logger
 from relaynat.packet_builder import IPV4_HLEN, ip_frame
 from relaynat.sockfail import count_socket_failure
 from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPV6_HLEN, MalformedFrame
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from relaynat.ratelimit import TokenBucket
     from relaynat.wire import IpPacket
 
-log = logging.getLogger("relaynat.icmp")
+log = guest_logger("relaynat.icmp")
 
 ICMP_ECHO_REPLY = 0
 ICMP_ECHO_REQUEST = 8

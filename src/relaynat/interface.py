@@ -56,13 +56,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
-import logging
 import socket
 import struct
 
+from relaynat.guest_log import guest_logger
 from relaynat.transport import WAKEUP_SLICE_S, FrameSink, TransportBase, slice_clock
 
-log = logging.getLogger("relaynat.interface")
+log = guest_logger("relaynat.interface")
 
 # <linux/if_packet.h> and <linux/if_ether.h>; Python's socket module lacks most.
 SOL_PACKET = 263

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 from collections import Counter
 
@@ -39,6 +38,7 @@ from relaynat.config import RelayConfig
 from relaynat.dns import answer_static, host_upstream, static_table
 from relaynat.dns_tcp import DnsTcpResponder
 from relaynat.forward import Forward, Forwarder, ForwardError, SockAddr, client_address
+from relaynat.guest_log import guest_logger, guest_scope, in_guest_scope
 from relaynat.icmp_echo import IcmpEchoRelay
 from relaynat.link_services import (
     BROADCAST_IP,
@@ -80,7 +80,7 @@ from relaynat.wire import (
     parse_udp4_fast,
 )
 
-log = logging.getLogger("relaynat")
+log = guest_logger("relaynat")
 
 
 class Relay:
@@ -96,7 +96,10 @@ class Relay:
     cleared by the next `attach`: `await relay.transport_lost_event.wait()`.
     """
 
-    def __init__(self, config: RelayConfig | None = None, policy: Policy | None = None) -> None:
+    def __init__(self, config: RelayConfig | None = None, policy: Policy | None = None,
+                 name: str | None = None) -> None:
+        #: The guest's name in log lines (guest_log.py); `Guests` sets it.
+        self.name = name
         self.config = (config or RelayConfig()).validate()
         self._policy = policy
         self._stats: Counter[str] = Counter()
@@ -121,9 +124,10 @@ class Relay:
         c = self.config
         upstream = c.dns_upstream or host_upstream()
         if upstream is None:
-            log.warning("no nameserver in /etc/resolv.conf and no dns_upstream: DNS "
-                        "queries to the relay's DNS address are dropped (static records "
-                        "still answer)")
+            with guest_scope(name):
+                log.warning("no nameserver in /etc/resolv.conf and no dns_upstream: DNS "
+                            "queries to the relay's DNS address are dropped (static "
+                            "records still answer)")
         self._addr = AddressMap(c, str(upstream) if upstream is not None else None)
         self._guest_ip = self._addr.guest_ip
         #: IPv4 TCP frames of known flows take `parse_tcp4_fast` (IPv4 may be off).
@@ -143,6 +147,7 @@ class Relay:
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
+    @in_guest_scope
     def start(self) -> None:
         """Bind to the running loop. Called by `async with`."""
         self._loop = asyncio.get_running_loop()
@@ -161,6 +166,7 @@ class Relay:
         if self.config.pcap_path:
             self._pcap = PcapWriter(self.config.pcap_path)
 
+    @in_guest_scope
     def close(self) -> None:
         """Detach the guest, stop every forward and listener and close the host sockets.
         Called by `async with`. Exported sockets are released silently."""
@@ -191,6 +197,7 @@ class Relay:
             self._forwarder.close()
             self._forwarder = None
 
+    @in_guest_scope
     def attach(self, transport: FrameTransport) -> None:
         """Serve the guest behind `transport`; replaces (and closes) a previous one."""
         if self._tcp is None:
@@ -210,6 +217,7 @@ class Relay:
             assert self._loop is not None
             self._link.start_router_adverts(self._loop)
 
+    @in_guest_scope
     def detach(self, keep_transport: bool = False) -> FrameTransport | None:
         """Drop the current transport and every flow of its guest (reset toward hosts);
         `keep_transport`: only stop it and return it, for another relay's `attach`."""
@@ -225,6 +233,7 @@ class Relay:
 
     # -- moving flows to another relay (flow_move.py) ------------------------------------
 
+    @in_guest_scope
     def export_flows(self) -> dict[str, object]:
         """Take every ESTABLISHED TCP flow out, silently, as a "relaynat-flows" document
         for `import_flows` (others stay, under "not_moved"); see flow_move.py."""
@@ -233,10 +242,12 @@ class Relay:
         return flow_move.export_flows(self._tcp, self._loop.time(), self._exported, others,
                                       self._dns_tcp.port if self._dns_tcp else None)
 
+    @in_guest_scope
     def release_exported(self, reset: bool = False) -> int:
         """Close the exported host sockets (silently; `reset`: RST their peers)."""
         return self._exported.release(reset)
 
+    @in_guest_scope
     def import_flows(self, doc: object) -> list[dict[str, object]]:
         """Serve the flows of an `export_flows` document, checked whole first (else
         FlowStateError, a ValueError, and nothing imported); returns them described."""
@@ -253,6 +264,7 @@ class Relay:
         """The egress policy in force (None: every new flow is allowed)."""
         return self._policy
 
+    @in_guest_scope
     def set_policy(self, policy: Policy | None, cut: bool = False) -> int:
         """Put `policy` in force for new guest flows (None: allow everything). Flows
         already open stay as they are, unless `cut`: then the guest-opened flows the new
@@ -277,6 +289,7 @@ class Relay:
 
     # -- inbound forwards ----------------------------------------------------------------
 
+    @in_guest_scope
     def add_forward(self, proto: str, host_addr: str | None, host_port: int,
                     guest_port: int, interface: str | None = None) -> Forward:
         """Forward `proto` ("tcp" or "udp") host `host_addr` (None: all, both families)
@@ -287,6 +300,7 @@ class Relay:
             raise RuntimeError("Relay.start() (or `async with`) must come first")
         return self._forwarder.add(proto, host_addr, host_port, guest_port, interface)
 
+    @in_guest_scope
     def remove_forward(self, proto: str | None = None, host_addr: str | None = None,
                        host_port: int | None = None, *,
                        forward_id: int | None = None) -> Forward:
@@ -341,6 +355,7 @@ class Relay:
 
     # -- socket transports -------------------------------------------------------------
 
+    @in_guest_scope
     def serve_stream(self, path: str, listener: socket.socket | None = None) -> None:
         """Listen on unix socket `path` (or serve `listener`, listening on it already)
         for qemu stream clients, one guest at a time.
@@ -352,6 +367,7 @@ class Relay:
         self._listener = listener or bind_unix_listener(path)
         self._loop.add_reader(self._listener.fileno(), self._on_stream_client)
 
+    @in_guest_scope
     def attach_stream_fd(self, fd: int) -> StreamTransport:
         """Serve an already-connected qemu stream socket (`--fd N`)."""
         sock = socket.socket(fileno=fd)

@@ -10,11 +10,12 @@ flow: a flood must not become a log flood.
 from __future__ import annotations
 
 import errno
-import logging
 import time
 from collections import Counter
 
-log = logging.getLogger("relaynat.sockets")
+from relaynat.guest_log import guest_logger
+
+log = guest_logger("relaynat.sockets")
 
 #: socket(2): the process's descriptor limit, or the system's.
 FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE})

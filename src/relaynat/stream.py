@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import socket
 import stat
 import struct
 from collections import deque
 
+from relaynat.guest_log import guest_logger
 from relaynat.transport import WAKEUP_SLICE_S, FrameSink, TransportBase, slice_clock
 
-log = logging.getLogger("relaynat.stream")
+log = guest_logger("relaynat.stream")
 
 MIN_FRAME = 14
 MAX_FRAME = 65535

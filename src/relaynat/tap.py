@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
-import logging
 import os
 import struct
 
+from relaynat.guest_log import guest_logger
 from relaynat.transport import WAKEUP_SLICE_S, FrameSink, TransportBase, slice_clock
 
-log = logging.getLogger("relaynat.tap")
+log = guest_logger("relaynat.tap")
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0

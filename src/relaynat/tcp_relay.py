@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import random
 import select
 import socket
@@ -34,6 +33,7 @@ from relaynat.addressing import inbound_flow_key
 from relaynat.flow_state import relink
 from relaynat.flow_timers import FlowTimers
 from relaynat.flowinfo import describe_tcp
+from relaynat.guest_log import guest_logger
 from relaynat.nat_entry import TcpNatEntry
 from relaynat.ooo_queue import OooBudget
 from relaynat.packet_builder import TcpFrameTemplate
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
     from relaynat.ratelimit import TokenBucket
     from relaynat.wire import TcpSegment
 
-log = logging.getLogger("relaynat.tcp")
+log = guest_logger("relaynat.tcp")
 
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 #: Peeks per flow per wakeup before yielding to other flows and the guest transport.

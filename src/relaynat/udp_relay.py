@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import socket
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from relaynat.addressing import inbound_flow_key
 from relaynat.config import RelayConfig
 from relaynat.flowinfo import describe_udp
 from relaynat.forward import SockAddr
+from relaynat.guest_log import guest_logger
 from relaynat.packet_builder import (
     ICMP_ADMIN_PROHIBITED,
     ICMP_HOST_UNREACH,
@@ -38,7 +38,7 @@ from relaynat.sockfail import count_socket_failure
 from relaynat.udp_flow import UdpFlow, UdpFlowTable
 from relaynat.wire import IpPacket, UdpDatagram
 
-log = logging.getLogger("relaynat.udp")
+log = guest_logger("relaynat.udp")
 
 #: Datagrams read per flow per wakeup before other work gets its turn.
 _RECV_ROUNDS = 64

@@ -51,7 +51,6 @@ import asyncio
 import contextlib
 import ctypes
 import errno
-import logging
 import os
 import socket
 import stat
@@ -63,9 +62,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from relaynat.config import RelayConfig
+from relaynat.guest_log import guest_logger
 from relaynat.transport import WAKEUP_SLICE_S, FrameSink, FrameTransport, TransportBase, slice_clock
 
-log = logging.getLogger("relaynat.unixgram")
+log = guest_logger("relaynat.unixgram")
 
 MIN_FRAME = 14
 MAX_FRAME = 65535
