@@ -190,6 +190,9 @@ def test_max_icmp_flows_drops_a_second_ping_session(limit: int) -> None:
     (["--new-flow-rate", "0"], "--new-flow-rate", "must be a positive number"),
     (["--new-flow-rate", "abc"], "--new-flow-rate", "is not a number of flows per second"),
     (["--new-flow-rate", "inf"], "--new-flow-rate", "must be a positive number"),
+    # The SYN backlog is never off: its refusal says the default, not "leave it out".
+    (["--syn-rate", "0"], "--syn-rate", "(default 4000; a large number lifts it)"),
+    (["--syn-rate", "x/s"], "--syn-rate", "is not a number of flows per second"),
     (["--max-udp-flows", "0"], "--max-udp-flows", "must be at least 1"),
     (["--max-icmp-flows", "x"], "--max-icmp-flows", "is not a whole number"),
     (["--new-flow-burst", "0", "--new-flow-rate", "5"], "--new-flow-burst", "at least 1"),
@@ -204,7 +207,7 @@ def test_cli_refuses_bad_limits_naming_the_option(args: list[str], option: str,
 
 
 def test_cli_limits_reach_the_config() -> None:
-    from relaynat.cli import build_parser, config_from_args
+    from relaynat.cli_options import build_parser, config_from_args
 
     args = build_parser().parse_args(
         ["run", "--max-tcp-flows", "7", "--max-udp-flows", "8", "--max-icmp-flows", "9",
