@@ -14,12 +14,11 @@ host sockets (about half a microsecond each, DESIGN.md).
 
 from __future__ import annotations
 
-import socket
 from ipaddress import ip_address
 from typing import TYPE_CHECKING
 
 from relaynat.tcp_actions import M32
-from relaynat.window import TCP_INFO_LEN, TcpInfo
+from relaynat.tcp_flow import tcp_info
 
 if TYPE_CHECKING:
     from relaynat.icmp_echo import EchoSession
@@ -55,8 +54,7 @@ def describe_tcp(flow: TcpFlow) -> FlowInfo:
     rtt = None
     if not flow.connecting and flow.sock.fileno() >= 0:
         try:
-            info = TcpInfo.from_bytes(flow.sock.getsockopt(socket.IPPROTO_TCP,
-                                                           socket.TCP_INFO, TCP_INFO_LEN))
+            info = tcp_info(flow.sock)
         except OSError:
             info = None
         rtt = info.rtt_us if info is not None else None

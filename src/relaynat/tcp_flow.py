@@ -61,14 +61,26 @@ def close_with_reset(sock: socket.socket) -> None:
     sock.close()
 
 
+def tcp_info(sock: socket.socket) -> TcpInfo | None:
+    """The kernel's struct tcp_info of `sock` (None if its struct is too short for the
+    fields we read). Raises OSError."""
+    return TcpInfo.from_bytes(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
+                                              TCP_INFO_LEN))
+
+
+def ioctl_int(sock: socket.socket, request: int) -> int:
+    """An ioctl of `sock` that answers one int (SIOCOUTQ, FIONREAD, ...). Raises OSError."""
+    value: int = _INT.unpack(fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0]
+    return value
+
+
 def socket_facts(sock: socket.socket) -> SocketFacts | None:
     """What the window toward the guest is computed from (window.advertised_window);
     None if the socket cannot say (it failed)."""
     try:
-        info = TcpInfo.from_bytes(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
-                                                  TCP_INFO_LEN))
+        info = tcp_info(sock)
         sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        outq = _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+        outq = ioctl_int(sock, SIOCOUTQ)
     except OSError:
         return None
     return SocketFacts(info, sndbuf, outq)

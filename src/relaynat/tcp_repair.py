@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import socket
 import struct
 import termios
 from dataclasses import dataclass
 from typing import Any
+
+from relaynat.tcp_flow import ioctl_int
 
 TCP_REPAIR = 19
 TCP_REPAIR_QUEUE = 20
@@ -161,19 +162,14 @@ def _endpoint(value: Any) -> tuple[str, int]:
     return addr, port
 
 
-def _ioctl_int(sock: socket.socket, request: int) -> int:
-    value: int = struct.unpack("=i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
-    return value
-
-
 def _queue(sock: socket.socket, queue: int) -> tuple[int, bytes, int]:
     """(TCP_QUEUE_SEQ, the queue's bytes, unsent bytes) of one queue, in repair mode."""
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
     seq = struct.unpack("=I", sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0]
     if queue == TCP_SEND_QUEUE:
-        length, unsent = _ioctl_int(sock, termios.TIOCOUTQ), _ioctl_int(sock, SIOCOUTQNSD)
+        length, unsent = ioctl_int(sock, termios.TIOCOUTQ), ioctl_int(sock, SIOCOUTQNSD)
     else:
-        length, unsent = _ioctl_int(sock, termios.FIONREAD), 0
+        length, unsent = ioctl_int(sock, termios.FIONREAD), 0
     # In repair mode, MSG_PEEK reads the selected queue (tcp_peek_sndq for the send
     # queue), all of it in one call.
     data = sock.recv(length, socket.MSG_PEEK | socket.MSG_DONTWAIT) if length else b""
