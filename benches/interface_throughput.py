@@ -11,7 +11,8 @@ via 10.0.2.2, both ends at the MTU); the relay serves the near end with the opti
 each variant (`vnet`: PACKET_VNET_HDR, the default; `plain`: `--no-vnet-hdr`); the
 iperf3 client in the guest dials 10.0.2.2, which the relay maps to the iperf3 server
 on host 127.0.0.1. Variants alternate within each
-repeat; the script prints the median (min-max) in Gbit/s per variant and direction.
+repeat; the script prints the median (min-max) in Gbit/s per variant and direction, and
+the slowest 0.1 s interval of any of its runs (bursts and stalls).
 
 Network rule: the script first moves into a private network namespace
 (`relaynat.netns_util.isolate_network`), so nothing reaches beyond this machine.
@@ -57,7 +58,9 @@ def teardown() -> None:
     subprocess.run(["ip", "netns", "del", NS], capture_output=True, timeout=10)
 
 
-def one_run(extra: list[str], reverse: bool, duration: float) -> float:
+def one_run(extra: list[str], reverse: bool, duration: float) -> tuple[float, float]:
+    """(Gbit/s over the run, Gbit/s of its slowest 0.1 s interval): the second shows
+    bursts and stalls that the average hides."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
     relay = subprocess.Popen([sys.executable, "-m", "relaynat", "serve", "--interface", NEAR,
                               *extra], env=env)
@@ -66,11 +69,14 @@ def one_run(extra: list[str], reverse: bool, duration: float) -> float:
     try:
         time.sleep(0.5)
         args = ["ip", "netns", "exec", NS, "iperf3", "-c", "10.0.2.2", "-p", str(PORT),
-                "-t", str(duration), "-J"] + (["-R"] if reverse else [])
+                "-t", str(duration), "-i", "0.1", "-J"] + (["-R"] if reverse else [])
         done = subprocess.run(args, capture_output=True, text=True, timeout=duration + 30)
         if done.returncode != 0:
-            return float("nan")
-        return json.loads(done.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+            return float("nan"), float("nan")
+        result = json.loads(done.stdout)
+        # The first interval holds the connection's slow start: not a burst.
+        slowest = min(i["sum"]["bits_per_second"] for i in result["intervals"][1:])
+        return result["end"]["sum_received"]["bits_per_second"] / 1e9, slowest / 1e9
     finally:
         for proc in (server, relay):
             proc.terminate()
@@ -91,24 +97,27 @@ def main() -> int:
     isolate_network()
     variants = opts.variants.split(",")
     for mtu in (int(m) for m in opts.mtus.split(",")):
-        samples: dict[tuple[str, bool], list[float]] = {}
+        samples: dict[tuple[str, bool], list[tuple[float, float]]] = {}
         setup(mtu)
         try:
             for rep in range(opts.repeats):
                 order = variants[rep % len(variants):] + variants[:rep % len(variants)]
                 for name in order:
                     for reverse in (False, True):
-                        gbits = one_run(VARIANTS[name], reverse, opts.duration)
-                        samples.setdefault((name, reverse), []).append(gbits)
+                        samples.setdefault((name, reverse), []).append(
+                            one_run(VARIANTS[name], reverse, opts.duration))
         finally:
             teardown()
-        print(f"MTU {mtu}: Gbit/s, median (min-max) of {opts.repeats} x {opts.duration} s")
+        print(f"MTU {mtu}: Gbit/s, median (min-max) of {opts.repeats} x {opts.duration} s; "
+              "[the slowest 0.1 s interval of any run]")
         for name in variants:
             cells = []
             for reverse in (False, True):
-                xs = samples[(name, reverse)]
+                xs = [gbits for gbits, _ in samples[(name, reverse)]]
+                slowest = min(low for _, low in samples[(name, reverse)])
                 cells.append(f"{'host->guest' if reverse else 'guest->host'} "
-                             f"{statistics.median(xs):6.2f} ({min(xs):.2f}-{max(xs):.2f})")
+                             f"{statistics.median(xs):6.2f} ({min(xs):.2f}-{max(xs):.2f}) "
+                             f"[{slowest:.2f}]")
             print(f"  {name:13} " + "   ".join(cells))
     return 0
 
