@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address
 
 from relaynat.guest_log import guest_logger
+from relaynat.udp_flow import size_udp_rcvbuf
 
 log = guest_logger("relaynat.forward")
 
@@ -259,6 +260,8 @@ def _bind(proto: str, host_addr: str | None, port: int, interface: str | None) -
         sock.bind(bind_to)
         if kind == socket.SOCK_STREAM:
             sock.listen(128)
+        else:
+            size_udp_rcvbuf(sock)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()

@@ -35,7 +35,7 @@ from relaynat.packet_builder import (
 )
 from relaynat.ratelimit import TokenBucket
 from relaynat.sockfail import count_socket_failure
-from relaynat.udp_flow import UdpFlow, UdpFlowTable
+from relaynat.udp_flow import UdpFlow, UdpFlowTable, size_udp_rcvbuf
 from relaynat.wire import IpPacket, UdpDatagram
 
 log = guest_logger("relaynat.udp")
@@ -43,8 +43,6 @@ log = guest_logger("relaynat.udp")
 #: Datagrams read per flow per wakeup before other work gets its turn.
 _RECV_ROUNDS = 64
 _RECV_SIZE = 65536
-#: SO_RCVBUF asked for each host UDP socket (see UdpRelay._open).
-UDP_RCVBUF = 1 << 20
 #: IP header (IPv4 without options, IPv6 without extensions) + UDP header, per datagram
 #: toward the guest.
 _OVERHEAD_V4 = 20 + 8
@@ -177,11 +175,7 @@ class UdpRelay:
                                  "UDP")
             return None
         sock.setblocking(False)
-        # Room for the datagrams that arrive while the loop serves others: the default
-        # (rmem_default, 208 KiB here) lost 0.5-1 % of a 1 Gbit/s host->guest stream,
-        # 1 MiB (the kernel doubles it, within rmem_max) 0.1-0.2 % (benches/run.py udp).
-        # A limit, not an allocation; the kernel's udp_mem bounds all of them together.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+        size_udp_rcvbuf(sock)
         try:
             sock.connect((host_ip, host_port))  # UDP: no packet, just routing and binding
         except OSError as exc:
