@@ -453,7 +453,7 @@ class TcpRelay:
             # (one pending call, whichever batch asked).
             self._flush_soon = True
             self._loop.call_soon(self._flush_again)
-        if self._backlog and self._backlog_timer is None:
+        if self._backlog.waiting and self._backlog_timer is None:
             # SYNs wait for the new-flow bucket (syn_backlog.py); a guest that goes on
             # sending opens them in its turn, one that went quiet gets them opened here
             # when the next token is due. Pulls so far are this batch's own.
