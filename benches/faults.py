@@ -43,6 +43,9 @@ from lossy_harness import (  # noqa: E402
 
 from relaynat.netns_util import isolate_network  # noqa: E402
 
+_RECOVERY_COUNTERS = ("tcp_retransmits=", "tcp_sack_resends=", "drop_tcp_checksum=",
+                      "tcp_ooo_segments=")
+
 DEFAULT_SPECS = (
     "loss=0.05",
     "reorder=0.05,hold=3,hold_ms=5",
@@ -101,6 +104,10 @@ def run_one(work: Path, port: int, down: Payload, up: Payload, spec: str, varian
         print(str(exc)[-3000:], file=sys.stderr)
     lines = [line for line in log.getvalue().splitlines()
              if line.startswith(("download:", "upload:", "lossy link seed"))]
+    # How the relay recovered: go-back-N rewinds against holes resent by SACK.
+    lines += ["relay: " + ", ".join(part for part in line.split(": ", 1)[1].split(", ")
+                                    if part.startswith(_RECOVERY_COUNTERS))
+              for line in log.getvalue().splitlines() if line.startswith("relay counters:")]
     label = f" relay [{variant}]" if variant else ""
     print(f"[{spec}]{label} {args.size_mib} MiB each way: {outcome} "
           f"({time.monotonic() - t0:.1f} s)", flush=True)

@@ -59,11 +59,13 @@ from relaynat.packet_builder import (
     VIRTIO_NET_HDR_GSO_TCPV4,
     VNET_HDR,
     TcpFrameTemplate,
+    tcp_options_sack,
     tcp_options_syn,
 )
 from relaynat.tcp_actions import (
     CloseHost,
     ConsumeHost,
+    ResendHost,
     RewindHost,
     SendFrame,
     ShutdownHostWrite,
@@ -218,6 +220,12 @@ class GuestTcp:
         # RFC 2018 SACK: in force, and the scoreboard as sorted [start, end) offsets.
         self.sack_on = False
         self.sacked: list[tuple[int, int]] = []
+        # As a SACK receiver: data beyond a hole, {offset: bytes}, the FIN's offset if it
+        # came beyond one, and the offset of the newest such arrival (RFC 2018 §4 puts
+        # its block first).
+        self.held: dict[int, bytes] = {}
+        self.held_fin: int | None = None
+        self.held_newest = 0
         self.now = 0.0
 
     # -- helpers ------------------------------------------------------------------------
@@ -253,10 +261,34 @@ class GuestTcp:
         assert self.irs is not None
         seq = (self.isn + 1 + off) & M32
         ack = (self.irs + 1 + self.rcv_nxt) & M32
-        opts = (TS_PREFIX + struct.pack("!II", self._tsval(), self.ts_recent)
-                if self.ts_on else b"")
+        blocks = self._sack_blocks() if not payload else []
+        if blocks:
+            opts = tcp_options_sack(blocks, (self._tsval(), self.ts_recent)
+                                    if self.ts_on else None)
+        else:
+            opts = (TS_PREFIX + struct.pack("!II", self._tsval(), self.ts_recent)
+                    if self.ts_on else b"")
         head = self.template.build(seq, ack, flags, self._window_field(), payload, opts)
         self.sim.guest_sends(head + payload)
+
+    def _sack_blocks(self) -> list[tuple[int, int]]:
+        """What we hold beyond a hole, as RFC 2018 §4 orders it: the block holding the
+        newest arrival first, then the others (highest first), as many as fit."""
+        if not self.held:
+            return []
+        ranges: list[list[int]] = []
+        for off in sorted(self.held):
+            end = off + len(self.held[off])
+            if ranges and off <= ranges[-1][1]:
+                ranges[-1][1] = max(ranges[-1][1], end)
+            else:
+                ranges.append([off, end])
+        newest = [r for r in ranges if r[0] <= self.held_newest < r[1]]
+        ordered = newest + [r for r in reversed(ranges) if r not in newest]
+        assert self.irs is not None
+        irs1 = (self.irs + 1) & M32
+        fit = 3 if self.ts_on else 4
+        return [((irs1 + lo) & M32, (irs1 + hi) & M32) for lo, hi in ordered[:fit]]
 
     def _send_ack(self) -> None:
         # Like Linux, a segment without data carries snd_nxt, which never moves back.
@@ -467,15 +499,46 @@ class GuestTcp:
                 self.last_oow_ack = now
                 self._send_ack()
             return
+        if (self.sack_on and not self.rcv_fin and off > self.rcv_nxt
+                and off + n <= self.adv_edge):
+            # Beyond a hole: held, and reported in SACK blocks (RFC 2018), as Linux's
+            # out-of-order queue does.
+            if n:
+                self.held[off] = bytes(seg.payload)
+                self.held_newest = off
+            if fin:
+                self.held_fin = off + n
         if n and off <= self.rcv_nxt < off + n and not self.rcv_fin:
             new = seg.payload[self.rcv_nxt - off:]
             self.rcv += new
             self.unread += len(new)
             self.rcv_nxt = off + n
+            self._take_held()
         if fin and not self.rcv_fin and self.rcv_nxt == off + n:
             self.rcv_fin = True
             self.rcv_nxt += 1
         self._send_ack()
+
+    def _take_held(self) -> None:
+        """The hole before held data filled: receive what now follows in order."""
+        moved = True
+        while moved:
+            moved = False
+            for off in sorted(self.held):
+                data = self.held[off]
+                if off + len(data) <= self.rcv_nxt:
+                    del self.held[off]
+                elif off <= self.rcv_nxt:
+                    del self.held[off]
+                    new = data[self.rcv_nxt - off:]
+                    self.rcv += new
+                    self.unread += len(new)
+                    self.rcv_nxt = off + len(data)
+                    moved = True
+        if self.held_fin is not None and self.held_fin == self.rcv_nxt and not self.rcv_fin:
+            self.rcv_fin = True
+            self.rcv_nxt += 1
+            self.held.clear()
 
 
 @dataclass
@@ -711,6 +774,20 @@ class TcpSim:
                 h.consumed += a.nbytes
                 h.peek_off = max(0, h.peek_off - a.nbytes)
                 self.trace.append(f"{self.now:.3f} consume {a.nbytes}")
+            elif type(a) is ResendHost:
+                self.check(self.guest.sack_on, "a SACK resend without SACK in force")
+                self.check(a.length > 0 and a.offset >= 0 and a.offset + a.length <= h.peek_off,
+                           f"ResendHost({a.offset}, {a.length}) outside the bytes in flight "
+                           f"({h.peek_off})")
+                n = min(a.length, PEEK_BUF)
+                start = h.consumed + a.offset
+                scratch = self._scratch
+                scratch[:n] = h.data[start:start + n]
+                self.stats["sack_resends"] += 1
+                self.trace.append(f"{self.now:.3f} resend {n} at +{a.offset}")
+                e.on_host_resend(a.offset, memoryview(scratch)[:n])
+                self._run_actions()
+                scratch[:n] = b"\xa5" * n
             elif type(a) is RewindHost:
                 h.peek_off = 0
                 h.readable = True

@@ -19,9 +19,11 @@ one sendmsg (`continues_pending`), reporting once.
 Host -> guest. The shell peeks (`MSG_PEEK` at `SO_PEEK_OFF`) at most
 `host_read_budget()` bytes, the guest's window minus what is in flight, and passes
 them to `on_host_data`, which cuts them into segments. Bytes leave the host socket
-(`ConsumeHost`, done with `recv(MSG_TRUNC)`) only once the guest ACKs them, and a
-retransmission is a rewind of the peek offset (`RewindHost`): the kernel's receive
-queue is the retransmission queue.
+(`ConsumeHost`, done with `recv(MSG_TRUNC)`) only once the guest ACKs them: the
+kernel's receive queue is the retransmission queue. A hole the guest's SACK blocks
+reveal is peeked again at its offset and sent alone (`ResendHost`, then
+`on_host_resend`; sack_scoreboard.py says when); without SACK, or on the RTO, the
+retransmission is a rewind of the peek offset to snd_una (`RewindHost`, go-back-N).
 
 Everything else the entry decides arrives as actions in `actions` (frames for the
 guest, bytes to drop from the host socket, shutdown, close) that the shell executes
@@ -39,17 +41,20 @@ timers (`on_timer` leaves the SYN's to the handshake).
 
 RFCs: RFC 9293 (TCP: §3.4 sequence numbers, §3.10.7 segment arrival, §3.8.6.1 zero
 window probing), RFC 7323 §2 (window scale), RFC 6298 (RTO), RFC 5681 §3.2 (fast
-retransmit on three duplicate ACKs), RFC 5961 §3.2 (RST only at the exact sequence).
+retransmit on three duplicate ACKs), RFC 2018 and RFC 6675 (SACK and recovery with it),
+RFC 5961 §3.2 (RST only at the exact sequence).
 """
 
 from __future__ import annotations
 
 from relaynat.ooo_queue import OooQueue
+from relaynat.sack_scoreboard import SackScoreboard
 from relaynat.tcp_actions import (
     M32,
     Action,
     CloseHost,
     ConsumeHost,
+    ResendHost,
     RewindHost,
     ShutdownHostWrite,
 )
@@ -170,6 +175,10 @@ class TcpNatEntry(TcpHandshake):
             self.snd_una = data_ack
             if seq_lt(self.snd_nxt, self.snd_una):
                 self.snd_nxt = self.snd_una  # acked beyond a rewind point
+            if self.sacked is not None:
+                self.sacked.advance(acked)
+            if seg.sack is not None and self.sack_ok and self.bytes_in_flight:
+                self._on_sack(seg.sack)  # a partial ACK: what is still missing
             self.retries = 0
             self.dup_acks = 0
             self.persist_count = 0
@@ -181,12 +190,28 @@ class TcpNatEntry(TcpHandshake):
             return
         if ack == self.snd_una:
             new_edge = (ack + window) & M32
-            if (self.bytes_in_flight and not seg.payload and not seg.flags & FIN
-                    and new_edge == self.guest_wnd_edge):
+            dup = (self.bytes_in_flight and not seg.payload and not seg.flags & FIN
+                   and new_edge == self.guest_wnd_edge)
+            if dup:
                 self.dup_acks += 1
-                if self.dup_acks == DUP_ACK_THRESHOLD:
-                    self._rewind()  # RFC 5681 §3.2 fast retransmit (go-back-N, no SACK)
+            if seg.sack is not None and self.sack_ok and self.bytes_in_flight:
+                self._on_sack(seg.sack)
+            elif dup and self.dup_acks == DUP_ACK_THRESHOLD:
+                # RFC 5681 §3.2 fast retransmit, go-back-N: the guest reports no SACK
+                # blocks, so which bytes it misses is unknown.
+                self._rewind()
             self.guest_wnd_edge = new_edge
+
+    def _on_sack(self, sack: list[tuple[int, int]]) -> None:
+        """RFC 6675 §5 with the guest's SACK blocks: resend each hole that is lost
+        (sack_scoreboard.py) from the host socket's queue."""
+        board = self.sacked
+        if board is None:
+            board = self.sacked = SackScoreboard()
+        sent = (self.snd_max - self.snd_una) & M32
+        board.add(sack, self.snd_una, sent)
+        for start, end in board.lost_holes(self.bytes_in_flight, sent):
+            self.actions.append(ResendHost(start, end - start))
 
     def _accept_payload(self, seg: TcpSegment) -> memoryview | None:
         payload = seg.payload
@@ -364,7 +389,20 @@ class TcpNatEntry(TcpHandshake):
             self._event(TcpEvent.ABORT)
         self.actions.clear()
 
+    def on_host_resend(self, offset: int, data: memoryview) -> None:
+        """`data` was peeked at `offset` from snd_una for a `ResendHost`: send it again."""
+        if self.closed or not data:
+            return
+        seq = (self.snd_una + offset) & M32
+        step = self.frame_payload_max
+        end = len(data)
+        for start in range(0, end, step):
+            chunk = data[start:start + step]
+            self._emit((seq + start) & M32, ACK | PSH if start + step >= end else ACK, chunk)
+
     def _rewind(self) -> None:
+        if self.sacked is not None:
+            self.sacked.clear()  # RFC 6675 §5.1: after an RTO, trust no SACK block
         self.snd_nxt = self.snd_una
         self.actions.append(RewindHost())
         if self.fin_seq is not None and not self.fin_acked and self.snd_una == self.fin_seq:

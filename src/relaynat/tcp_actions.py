@@ -1,9 +1,9 @@
 """What the TCP core (`TcpNatEntry`) asks the shell (`TcpRelay`) to do, as plain data.
 
 The core decides and the shell executes, in order: frames for the guest, bytes to drop
-from the host socket, a rewind of the peek offset, a half-close, a close. Keeping these
-apart from the state machine lets tests and simulators (tests/tcp_sim.py) read the
-decisions without importing the machinery that makes them.
+from the host socket, a rewind of the peek offset, the resend of one hole, a half-close,
+a close. Keeping these apart from the state machine lets tests and simulators
+(tests/tcp_sim.py) read the decisions without importing the machinery that makes them.
 """
 
 from __future__ import annotations
@@ -36,6 +36,16 @@ class RewindHost:
 
 
 @dataclass(slots=True)
+class ResendHost:
+    """Retransmit one hole the guest's SACK blocks left: peek `length` bytes at `offset`
+    from the first unacked byte (once the pending `ConsumeHost`s are done), hand them to
+    `TcpNatEntry.on_host_resend`, and put the peek offset back where it was."""
+
+    offset: int
+    length: int
+
+
+@dataclass(slots=True)
 class ShutdownHostWrite:
     """The guest sent FIN: shutdown(SHUT_WR) the host socket (half-close)."""
 
@@ -47,7 +57,7 @@ class CloseHost:
     abortive: bool
 
 
-Action = SendFrame | ConsumeHost | RewindHost | ShutdownHostWrite | CloseHost
+Action = SendFrame | ConsumeHost | RewindHost | ResendHost | ShutdownHostWrite | CloseHost
 
 
 def rst_for_unknown(seg: TcpSegment) -> tuple[int, int, int] | None:

@@ -86,6 +86,24 @@ def socket_facts(sock: socket.socket) -> SocketFacts | None:
     return SocketFacts(info, sndbuf, outq)
 
 
+def peek_at(flow: TcpFlow, offset: int, length: int, view: memoryview, send_pos: int
+            ) -> memoryview:
+    """Up to `length` bytes at `offset` from the head of the receive queue, peeked into
+    `view` without moving the flow's send position: SO_PEEK_OFF is set to the offset
+    and then back to `send_pos` (it counts from the head too). Without SO_PEEK_OFF,
+    a peek from the head, sliced. Raises OSError."""
+    sock = flow.sock
+    length = min(length, len(view))
+    if not flow.peek_offset_supported:
+        return memoryview(sock.recv(offset + length, socket.MSG_PEEK))[offset:]
+    sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
+    try:
+        got = sock.recv_into(view, length, socket.MSG_PEEK)
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, send_pos)
+    return view[:got]
+
+
 def discard(sock: socket.socket, nbytes: int, scratch: bytearray) -> None:
     """Drop `nbytes` from the head of the receive queue: bytes the guest acknowledged.
     recv(MSG_TRUNC) copies nothing; `scratch` only bounds each call."""

@@ -34,6 +34,7 @@ from relaynat.packet_builder import (
     tcp_options_sack,
     tcp_options_syn,
 )
+from relaynat.sack_scoreboard import SackScoreboard
 from relaynat.tcp_actions import M32, Action, CloseHost, SendFrame
 from relaynat.tcp_state import GUEST_SENDING, TcpEvent, TcpState, next_state
 from relaynat.window import (
@@ -101,6 +102,7 @@ class TcpHandshake:
         "rto_at",
         "rtt_exp",
         "sack_ok",
+        "sacked",
         "snd_max",
         "snd_nxt",
         "snd_una",
@@ -124,6 +126,8 @@ class TcpHandshake:
         self.ooo_budget = ooo_budget if ooo_budget is not None and ooo_budget.limit else None
         self.ooo: OooQueue | None = None
         self.sack_ok = False
+        #: The guest's SACK blocks of our data (sack_scoreboard.py); made on first use.
+        self.sacked: SackScoreboard | None = None
         self.state = TcpState.CONNECTING
         self.actions: list[Action] = []
         self.now = now

@@ -48,6 +48,7 @@ from relaynat.syn_backlog import (
 from relaynat.tcp_actions import (
     CloseHost,
     ConsumeHost,
+    ResendHost,
     RewindHost,
     SendFrame,
     ShutdownHostWrite,
@@ -59,6 +60,7 @@ from relaynat.tcp_flow import (
     TcpFlow,
     close_with_reset,
     discard,
+    peek_at,
     socket_facts,
 )
 from relaynat.wire import ACK, RST, SYN
@@ -540,11 +542,29 @@ class TcpRelay:
                 flow.host_readable = True
                 self.stats["tcp_retransmits"] += 1
                 self._mark_dirty(flow)
+            elif type(action) is ResendHost:
+                self._resend(flow, action.offset, action.length)
             elif type(action) is ShutdownHostWrite:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_WR)
             elif type(action) is CloseHost:
                 self._close(flow, action.abortive)
+
+    def _resend(self, flow: TcpFlow, offset: int, length: int) -> None:
+        """Send one hole the guest's SACK blocks left again, peeked from the queue's
+        head once the acknowledged bytes are dropped."""
+        self._consume(flow)
+        entry = flow.entry
+        try:
+            data = peek_at(flow, offset, length, self._peek_view, entry.bytes_in_flight)
+        except OSError as exc:
+            # The queue holds every unacked byte, so this is the socket failing; the
+            # RTO's go-back-N (or the reset the next read meets) takes it from here.
+            log.debug("host peek for a resend on %s failed: %s", flow.host_addr, exc)
+            return
+        self.stats["tcp_sack_resends"] += 1
+        entry.on_host_resend(offset, data)
+        self._execute(flow)
 
     def _consume(self, flow: TcpFlow) -> None:
         nbytes, flow.consume_pending = flow.consume_pending, 0
