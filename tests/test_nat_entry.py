@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import random
+from itertools import pairwise
 from unittest import mock
 
 import pytest
@@ -49,7 +50,8 @@ from relaynat.tcp_actions import (
 from relaynat.tcp_handshake import TcpHandshake
 from relaynat.tcp_state import TcpState
 from relaynat.window import (
-    DATA_RETRIES_MAX,
+    DATA_GIVE_UP_S,
+    RTO_MIN_S,
     SYN_RETRIES_MAX,
     WINDOW_DEFAULT,
     SocketFacts,
@@ -515,24 +517,69 @@ def test_zero_window_persist_probe() -> None:
     assert e.host_read_budget() == 500
 
 
-def test_data_retransmission_limit() -> None:
-    e = established(1, 1)
-    e.on_host_data(memoryview(b"z" * 100), 0.0)
+def _expire_until_reset(e: TcpNatEntry) -> list[float]:
+    """Let the data RTO expire until the flow is reset; the expiry times."""
+    e.on_host_data(memoryview(b"z" * 100), e.now)
     e.take_actions()
-    expiries = 0
+    times = []
     while not e.closed:
-        e.on_timer(e.next_deadline(), None)
+        now = e.next_deadline()
+        assert now is not None
+        e.on_timer(now, None)
+        times.append(now)
         acts = e.take_actions()
-        expiries += 1
         if not e.closed:
             assert acts == [RewindHost()]
             assert e.bytes_in_flight == 0 and e.host_read_budget() > 0
-            e.on_host_data(memoryview(b"z" * 100), 0.0)  # what the shell does after it
+            e.on_host_data(memoryview(b"z" * 100), now)  # what the shell does after it
             assert [len(s.payload) for s in sent(e.take_actions())] == [100]
         else:
             assert sent(acts)[0].flags == RST | ACK
             assert acts[-1] == CloseHost(abortive=True)
-    assert expiries == DATA_RETRIES_MAX + 1
+    return times
+
+
+def test_data_retransmission_limit() -> None:
+    """RFC 6298 from 1 s, doubling to 60 s; reset once DATA_GIVE_UP_S passed since the
+    first expiry: the ninth."""
+    times = _expire_until_reset(established(1, 1))
+    assert [round(b - a, 3) for a, b in pairwise(times)] == [
+        2, 4, 8, 16, 32, 60, 60, 60]
+    assert times[-1] - times[0] >= DATA_GIVE_UP_S > times[-2] - times[0]
+
+
+def test_rto_from_the_guests_round_trip() -> None:
+    """With timestamps, ACKs of new data echo our TSval: the RTO follows the guest's
+    round trip (RFC 6298 §2.3) with Linux's 200 ms floor under the variation, and a
+    silent guest is given as long as with the 1 s RTO all the same."""
+    tmpl = TcpFrameTemplate(dst_mac=GUEST_MAC, src_mac=RELAY_MAC, src=REMOTE_IP, dst=GUEST_IP,
+                            sport=REMOTE_PORT, dport=GUEST_PORT, timestamps=True)
+    e = TcpNatEntry(guest_seg(1, 0, SYN, options=tcp_options_syn(1460, 7, (1000, 0))),
+                    template=tmpl, mtu=MTU, iss=1, now=0.0)
+    e.on_connect_result(True, None, 0.0)
+    synack = sent(e.take_actions())[0]
+    assert synack.tsval is not None
+    ts = ts_opt
+    e.on_guest_segment(guest_seg(2, 2, ACK, options=ts(1001, synack.tsval)), 0.003)
+    e.take_actions()
+    assert e.guest_srtt is None  # the ACK of our SYN acknowledges no data
+    now = 0.01
+    for _ in range(4):  # data, and its ACK 2 ms later
+        e.on_host_data(memoryview(b"d" * 100), now)
+        data = sent(e.take_actions())[0]
+        assert e.rto_at is not None
+        now += 0.002
+        e.on_guest_segment(guest_seg(2, data.seq + 100, ACK, options=ts(1002, data.tsval)),
+                           now)
+        assert e.take_actions() == [ConsumeHost(100)]
+    assert e.guest_srtt == pytest.approx(0.002, abs=0.0011)
+    e.on_host_data(memoryview(b"d" * 100), now)
+    e.take_actions()
+    assert e.guest_srtt is not None
+    assert e.rto_at == pytest.approx(now + e.guest_srtt + RTO_MIN_S)
+    times = _expire_until_reset(e)
+    assert times[0] == pytest.approx(now + e.guest_srtt + RTO_MIN_S)
+    assert times[-1] - times[0] >= DATA_GIVE_UP_S > times[-2] - times[0]
 
 
 def test_fast_retransmit_on_three_dup_acks() -> None:
@@ -605,6 +652,36 @@ def test_sack_recovery_resends_each_hole_of_a_flight() -> None:
     assert e.take_actions() == [ConsumeHost(4000)]
     e.on_guest_segment(guest_seg(2, 10002, ACK), 0.3)
     assert e.take_actions() == [ConsumeHost(6000)]
+
+
+def test_rto_in_sack_recovery_resends_the_holes_then_rewinds() -> None:
+    """A resend lost with nothing sent after it: the RTO sends the holes again and keeps
+    what the guest SACKed (as Linux's tcp_enter_loss does); a second expiry in a row
+    rewinds, in case the guest dropped what it SACKed (RFC 2018 §8)."""
+    e = TcpNatEntry(guest_seg(1, 0, SYN, options=tcp_options_syn(1000, 7, None, True)),
+                    template=relay_template(), mtu=MTU, iss=1, now=0.0,
+                    ooo_budget=OooBudget(1 << 20))
+    e.on_connect_result(True, None, 0.0)
+    e.take_actions()
+    e.on_guest_segment(guest_seg(2, 2, ACK), 0.0)
+    e.on_host_data(memoryview(bytes(5000)), 0.0)  # 2 .. 5002
+    e.take_actions()
+    e.on_guest_segment(guest_seg(2, 2, ACK, options=tcp_options_sack([(1002, 5002)])), 0.1)
+    assert e.take_actions() == [ResendHost(0, 1000)]
+    e.on_host_resend(0, memoryview(bytes(1000)))
+    e.take_actions()
+    deadline = e.next_deadline()
+    assert deadline is not None
+    e.on_timer(deadline, None)
+    assert e.take_actions() == [ResendHost(0, 1000)]
+    assert e.bytes_in_flight == 5000  # no rewind: the guest's blocks still count
+    e.on_host_resend(0, memoryview(bytes(1000)))
+    e.take_actions()
+    deadline = e.next_deadline()
+    assert deadline is not None
+    e.on_timer(deadline, None)
+    assert e.take_actions() == [RewindHost()]
+    assert e.bytes_in_flight == 0 and e.sacked is not None and e.sacked.blocks == []
 
 
 def test_sack_recovery_sends_less_than_go_back_n() -> None:

@@ -154,6 +154,29 @@ def test_rto_bounds(retries: int, after_syn_retry: bool) -> None:
     assert W.rto_s(retries + 1, after_syn_retry) in (2 * rto, 60.0)
 
 
+def test_rto_from_a_measured_round_trip() -> None:
+    # RFC 6298 §2.3: SRTT + 4 RTTVAR, the second term at least 200 ms as in Linux.
+    assert W.rto_s(0, False, 0.001, 0.0005) == pytest.approx(0.201)
+    assert W.rto_s(0, True, 0.3, 0.1) == pytest.approx(0.7)
+    assert W.rto_s(3, False, 0.3, 0.1) == pytest.approx(5.6)
+    assert W.rto_s(10, False, 0.3, 0.05) == W.RTO_MAX_S
+
+
+@given(st.lists(st.floats(0.0, 60.0), min_size=1, max_size=50))
+def test_rtt_update_follows_rfc_6298(samples: list[float]) -> None:
+    srtt, rttvar = W.rtt_update(None, 0.0, samples[0])
+    # §2.2: the first sample sets SRTT to it and RTTVAR to half of it.
+    assert (srtt, rttvar) == (samples[0], samples[0] / 2)
+    for r in samples[1:]:
+        new_srtt, new_rttvar = W.rtt_update(srtt, rttvar, r)
+        # §2.3, RTTVAR before SRTT, with alpha 1/8 and beta 1/4.
+        assert new_rttvar == pytest.approx(0.75 * rttvar + 0.25 * abs(srtt - r))
+        assert new_srtt == pytest.approx(0.875 * srtt + 0.125 * r)
+        srtt, rttvar = new_srtt, new_rttvar
+        assert min(samples) - 1e-9 <= srtt <= max(samples) + 1e-9
+    assert W.RTO_MIN_S <= W.rto_s(0, False, srtt, rttvar) <= W.RTO_MAX_S
+
+
 def test_syn_timeout() -> None:
     assert [W.syn_timeout_s(n) for n in range(5)] == [1, 2, 4, 8, 16]
 

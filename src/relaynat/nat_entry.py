@@ -63,7 +63,7 @@ from relaynat.tcp_state import GUEST_SENDING, HOST_SENDING, TcpEvent, TcpState
 from relaynat.window import (
     ACK_CHECK_IDLE_MAX_S,
     ACK_CHECK_MAX_S,
-    DATA_RETRIES_MAX,
+    DATA_GIVE_UP_S,
     DUP_ACK_THRESHOLD,
     SocketFacts,
     ack_check_interval_s,
@@ -71,10 +71,14 @@ from relaynat.window import (
     encode_window,
     rto_s,
     rtt_exponent,
+    rtt_update,
 )
 from relaynat.wire import ACK, FIN, PSH, RST, SYN, TcpSegment, seq_diff, seq_le, seq_lt
 
 _ESTABLISHED = TcpState.ESTABLISHED
+#: A TSecr further back than this is not one of ours from this flow's life (a guest
+#: echoing garbage, or a clock wrap): no round-trip sample from it.
+RTT_SAMPLE_MAX_MS = 60_000
 
 
 class TcpNatEntry(TcpHandshake):
@@ -173,6 +177,16 @@ class TcpNatEntry(TcpHandshake):
                 self.actions.append(ConsumeHost(acked))
                 self.bytes_to_guest += acked
             self.snd_una = data_ack
+            tsecr = seg.tsecr
+            if tsecr is not None and tsecr != self.rtt_tsecr and self.template.timestamps:
+                # RFC 7323 §4.1: an ACK of new data echoes the TSval of the segment that
+                # made it (§4.3), so now minus TSecr is a round trip of the guest's. One
+                # sample per TSval (a 1 ms tick), not per ACK of a download's many.
+                self.rtt_tsecr = tsecr
+                sample_ms = (self._tsval() - tsecr) & M32
+                if sample_ms < RTT_SAMPLE_MAX_MS:
+                    self.guest_srtt, self.guest_rttvar = rtt_update(
+                        self.guest_srtt, self.guest_rttvar, sample_ms / 1000)
             if seq_lt(self.snd_nxt, self.snd_una):
                 self.snd_nxt = self.snd_una  # acked beyond a rewind point
             if self.sacked is not None:
@@ -394,6 +408,10 @@ class TcpNatEntry(TcpHandshake):
         if self.closed or not data:
             return
         seq = (self.snd_una + offset) & M32
+        if offset == 0:
+            # The head went out again: its RTO counts from now, as Linux rearms it
+            # (tcp_xmit_retransmit_queue); the old deadline is the original's.
+            self._arm_rto(self.now)
         step = self.frame_payload_max
         end = len(data)
         for start in range(0, end, step):
@@ -475,11 +493,24 @@ class TcpNatEntry(TcpHandshake):
             if self.closed:
                 return
         if self.rto_at is not None and self.rto_at <= now:
+            if self.retries == 0 or self.stalled_since is None:
+                self.stalled_since = now
             self.retries += 1
-            if self.retries > DATA_RETRIES_MAX:
+            if now - self.stalled_since >= DATA_GIVE_UP_S:
                 self._abort(rst_guest=True)
                 return
-            self._rewind()
+            board = self.sacked
+            if self.retries == 1 and board is not None and board.blocks:
+                # The guest said what it holds: what is lost is the holes (a resend of
+                # one lost again, with nothing sent after it to tell). Send them all
+                # again, as Linux marks only un-SACKed data lost at an RTO
+                # (tcp_enter_loss); RFC 6675 §5.1 keeps the SACK information in use
+                # after an RTO too. Should the guest have dropped what it SACKed
+                # (reneging, RFC 2018 §8), the next expiry rewinds.
+                board.restart()
+                self._on_sack([])
+            else:
+                self._rewind()
             self._arm_rto(now)
         if self.persist_at is not None and self.persist_at <= now:
             # RFC 9293 §3.8.6.1: probe with an old sequence number; the guest answers

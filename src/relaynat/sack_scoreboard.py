@@ -112,6 +112,11 @@ class SackScoreboard:
             self.fence = sent
         return holes
 
+    def restart(self) -> None:
+        """Count every hole as not resent yet (after an RTO)."""
+        self.rxt_next = 0
+        self.fence = None
+
     def clear(self) -> None:
         self.blocks = []
         self.rxt_next = 0

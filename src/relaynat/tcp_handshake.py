@@ -82,6 +82,8 @@ class TcpHandshake:
         "fin_seq",
         "frame_payload_max",
         "guest_isn",
+        "guest_rttvar",
+        "guest_srtt",
         "guest_wnd_edge",
         "guest_wscale",
         "idle_at",
@@ -101,11 +103,13 @@ class TcpHandshake:
         "retries",
         "rto_at",
         "rtt_exp",
+        "rtt_tsecr",
         "sack_ok",
         "sacked",
         "snd_max",
         "snd_nxt",
         "snd_una",
+        "stalled_since",
         "state",
         "syn_at",
         "syn_retransmitted",
@@ -147,6 +151,13 @@ class TcpHandshake:
         self.ack_check_rcv = 0
         self.write_blocked = False
         self.retries = 0
+        #: When the data RTO first expired without an ACK since (window.DATA_GIVE_UP_S).
+        self.stalled_since: float | None = None
+        #: The guest's smoothed round trip and its variation, seconds (window.rto_s);
+        #: None until the timestamps it echoes gave a sample.
+        self.guest_srtt: float | None = None
+        self.guest_rttvar = 0.0
+        self.rtt_tsecr: int | None = None  # the TSecr of the last sample
         self.syn_retransmitted = False
         self.rtt_exp = 0
         self.persist_count = 0
@@ -283,7 +294,8 @@ class TcpHandshake:
 
     def _arm_rto(self, now: float) -> None:
         in_flight = self.bytes_in_flight or (self.fin_seq is not None and not self.fin_acked)
-        self.rto_at = now + rto_s(self.retries, self.syn_retransmitted) if in_flight else None
+        self.rto_at = (now + rto_s(self.retries, self.syn_retransmitted, self.guest_srtt,
+                                   self.guest_rttvar) if in_flight else None)
 
     # -- handshake -----------------------------------------------------------------
 

@@ -38,7 +38,13 @@ cannot have acked new data sooner), within the event loop's millisecond granular
 
 Retransmission toward the guest follows RFC 6298: the RTO starts at 1 s (§2.1) and
 doubles on each expiry (§5.5) up to 60 s (§2.5); if the SYN-ACK had to be
-retransmitted, the first data RTO is 3 s (§5.7).
+retransmitted, the first data RTO is 3 s (§5.7). Once the guest's round trip is
+measured (from the timestamps it echoes, RFC 7323 §4.1) the RTO is SRTT + 4 RTTVAR
+(§2.2, §2.3), the variation term at least 200 ms as Linux has it (tcp_set_rto,
+TCP_RTO_MIN) instead of §2.4's floor of 1 s for the whole: the guest is on this
+machine, and every expiry is a stall of the whole flow (what the guest's SACK blocks
+cannot reveal, a lost tail, waits for it). How long an unanswered
+flow lives does not depend on it (`DATA_GIVE_UP_S`).
 """
 
 from __future__ import annotations
@@ -58,11 +64,16 @@ DEFAULT_MSS_V6 = 1220
 RTO_INITIAL_S = 1.0
 RTO_AFTER_SYN_RETRY_S = 3.0
 RTO_MAX_S = 60.0
+#: Linux's TCP_RTO_MIN: the floor of the variation term of a measured RTO.
+RTO_MIN_S = 0.2
 #: SYN-ACK retransmissions before the flow is reset (1+2+4+8 s, as Linux's tcp_synack_retries
 #: spirit with a shorter tail: the guest is on the same machine).
 SYN_RETRIES_MAX = 4
-#: Data retransmissions toward the guest before the flow is reset.
-DATA_RETRIES_MAX = 8
+#: Seconds of RTO expiries without an acknowledgement (from the first) after which the
+#: flow is reset: what 9 expiries from 1 s take (1 + 2 + ... + 32 + 60 + 60 + 60, less
+#: the first), however short a measured RTO made them. RFC 9293 §3.8.3 asks for R2 of
+#: at least 100 s.
+DATA_GIVE_UP_S = 242.0
 #: Duplicate ACKs that trigger fast retransmit (RFC 5681 §3.2).
 DUP_ACK_THRESHOLD = 3
 
@@ -154,10 +165,24 @@ def ack_check_interval_s(rtt_exp: int) -> float:
     return min(max(half, ACK_CHECK_MIN_S), ACK_CHECK_MAX_S)
 
 
-def rto_s(retries: int, syn_was_retransmitted: bool) -> float:
-    """RTO after `retries` consecutive expiries (RFC 6298 §2.1, §5.5, §5.7, §2.5)."""
-    base = RTO_AFTER_SYN_RETRY_S if syn_was_retransmitted else RTO_INITIAL_S
+def rto_s(retries: int, syn_was_retransmitted: bool, srtt_s: float | None = None,
+          rttvar_s: float = 0.0) -> float:
+    """RTO after `retries` consecutive expiries (RFC 6298 §2.1, §5.5, §5.7, §2.5), from
+    the smoothed round trip when there is one (§2.3, 4 RTTVAR at least RTO_MIN_S)."""
+    if srtt_s is not None:
+        base = srtt_s + max(RTO_MIN_S, 4 * rttvar_s)
+    else:
+        base = RTO_AFTER_SYN_RETRY_S if syn_was_retransmitted else RTO_INITIAL_S
     return min(base * (1 << min(retries, 16)), RTO_MAX_S)
+
+
+def rtt_update(srtt_s: float | None, rttvar_s: float, sample_s: float) -> tuple[float, float]:
+    """(SRTT, RTTVAR) after one round-trip sample (RFC 6298 §2.2, §2.3: alpha 1/8,
+    beta 1/4)."""
+    if srtt_s is None:
+        return sample_s, sample_s / 2
+    rttvar_s = 0.75 * rttvar_s + 0.25 * abs(srtt_s - sample_s)
+    return 0.875 * srtt_s + 0.125 * sample_s, rttvar_s
 
 
 def syn_timeout_s(retries: int) -> float:
