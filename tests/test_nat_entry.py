@@ -594,16 +594,24 @@ def test_fast_retransmit_on_three_dup_acks() -> None:
     assert e.bytes_in_flight == 0
 
 
-def test_sack_resends_the_hole_and_nothing_else() -> None:
-    """RFC 6675 with the guest's SACK blocks: the frame lost at snd_una is sent again
-    alone, from the host socket's queue, once; no go-back-N rewind."""
-    e = TcpNatEntry(guest_seg(1, 0, SYN, options=tcp_options_syn(1460, 7, None, True)),
+def sack_established(mss: int) -> TcpNatEntry:
+    """`established(1, 1)` with SACK permitted by the guest and an out-of-order queue,
+    so SACK is in force both ways."""
+    e = TcpNatEntry(guest_seg(1, 0, SYN, options=tcp_options_syn(mss, 7, None, True)),
                     template=relay_template(), mtu=MTU, iss=1, now=0.0,
                     ooo_budget=OooBudget(1 << 20))
     e.on_connect_result(True, None, 0.0)
     e.take_actions()
     e.on_guest_segment(guest_seg(2, 2, ACK), 0.0)
-    assert e.sack_ok
+    assert e.state is TcpState.ESTABLISHED and e.sack_ok
+    assert e.take_actions() == []
+    return e
+
+
+def test_sack_resends_the_hole_and_nothing_else() -> None:
+    """RFC 6675 with the guest's SACK blocks: the frame lost at snd_una is sent again
+    alone, from the host socket's queue, once; no go-back-N rewind."""
+    e = sack_established(1460)
     e.on_host_data(memoryview(b"x" * 14600), 0.0)  # ten segments, 2 .. 14602
     assert len(sent(e.take_actions())) == 10
     # The guest lost the second segment (1462 .. 2922): it acks the first, then the
@@ -631,12 +639,7 @@ def test_sack_resends_the_hole_and_nothing_else() -> None:
 def test_sack_recovery_resends_each_hole_of_a_flight() -> None:
     """Two holes; a partial ACK that fills the first leaves the second to resend, and a
     block beyond what we sent, or below snd_una (a D-SACK, RFC 2883), counts for nothing."""
-    e = TcpNatEntry(guest_seg(1, 0, SYN, options=tcp_options_syn(1000, 7, None, True)),
-                    template=relay_template(), mtu=MTU, iss=1, now=0.0,
-                    ooo_budget=OooBudget(1 << 20))
-    e.on_connect_result(True, None, 0.0)
-    e.take_actions()
-    e.on_guest_segment(guest_seg(2, 2, ACK), 0.0)
+    e = sack_established(1000)
     e.on_host_data(memoryview(bytes(10000)), 0.0)  # 2 .. 10002 in ten segments
     e.take_actions()
     bogus = [(10002, 20002), (1, 2)]
@@ -658,12 +661,7 @@ def test_rto_in_sack_recovery_resends_the_holes_then_rewinds() -> None:
     """A resend lost with nothing sent after it: the RTO sends the holes again and keeps
     what the guest SACKed (as Linux's tcp_enter_loss does); a second expiry in a row
     rewinds, in case the guest dropped what it SACKed (RFC 2018 §8)."""
-    e = TcpNatEntry(guest_seg(1, 0, SYN, options=tcp_options_syn(1000, 7, None, True)),
-                    template=relay_template(), mtu=MTU, iss=1, now=0.0,
-                    ooo_budget=OooBudget(1 << 20))
-    e.on_connect_result(True, None, 0.0)
-    e.take_actions()
-    e.on_guest_segment(guest_seg(2, 2, ACK), 0.0)
+    e = sack_established(1000)
     e.on_host_data(memoryview(bytes(5000)), 0.0)  # 2 .. 5002
     e.take_actions()
     e.on_guest_segment(guest_seg(2, 2, ACK, options=tcp_options_sack([(1002, 5002)])), 0.1)

@@ -354,13 +354,8 @@ class TcpNatEntry(TcpHandshake):
                 return
         elif self.state not in HOST_SENDING:
             return
-        step = self.frame_payload_max
-        end = len(data)
-        for start in range(0, end, step):
-            chunk = data[start:start + step]
-            flags = ACK | PSH if start + step >= end else ACK
-            self._emit(self.snd_nxt, flags, chunk)
-            self.snd_nxt = (self.snd_nxt + len(chunk)) & M32
+        self._emit_data(self.snd_nxt, data)
+        self.snd_nxt = (self.snd_nxt + len(data)) & M32
         if seq_lt(self.snd_max, self.snd_nxt):
             self.snd_max = self.snd_nxt
         if self.fin_seq is not None and self.snd_nxt == self.fin_seq:
@@ -412,15 +407,22 @@ class TcpNatEntry(TcpHandshake):
             # The head went out again: its RTO counts from now, as Linux rearms it
             # (tcp_xmit_retransmit_queue); the old deadline is the original's.
             self._arm_rto(self.now)
+        self._emit_data(seq, data)
+
+    def _emit_data(self, seq: int, data: memoryview) -> None:
+        """`data` from `seq` on, in frames of at most `frame_payload_max`, PSH on the
+        last."""
         step = self.frame_payload_max
         end = len(data)
         for start in range(0, end, step):
-            chunk = data[start:start + step]
-            self._emit((seq + start) & M32, ACK | PSH if start + step >= end else ACK, chunk)
+            self._emit((seq + start) & M32, ACK | PSH if start + step >= end else ACK,
+                       data[start:start + step])
 
     def _rewind(self) -> None:
         if self.sacked is not None:
-            self.sacked.clear()  # RFC 6675 §5.1: after an RTO, trust no SACK block
+            # Without blocks, or at a second RTO in a row: the guest may have dropped
+            # what it SACKed (RFC 2018 §8), so none of it counts (RFC 6675 §5.1).
+            self.sacked.clear()
         self.snd_nxt = self.snd_una
         self.actions.append(RewindHost())
         if self.fin_seq is not None and not self.fin_acked and self.snd_una == self.fin_seq:

@@ -15,9 +15,9 @@ RFC 8985 (RACK) in when a hole counts as lost (`lost_holes`):
   yet retransmitted); `rxt_next` marks how far that went, `fence` how far we had sent
   when it did.
 * What no SACK block can reveal, a hole at the tail with nothing SACKed above it or
-  a resend lost while the window allows nothing new, is left to the RTO, which falls
-  back to go-back-N and clears the board (RFC 6675 §5.1: the receiver may have
-  reneged, RFC 2018 §8).
+  a resend lost while the window allows nothing new, is left to the RTO: the first
+  expiry sends the holes again (`restart`), the next falls back to go-back-N and
+  clears the board (RFC 6675 §5.1: the receiver may have reneged, RFC 2018 §8).
 
 Offsets are bytes from snd_una, so sequence wrap-around never enters the arithmetic;
 `advance` moves them when the cumulative ACK moves.
@@ -92,7 +92,7 @@ class SackScoreboard:
 
         A resend can be lost as well: once a byte sent after a round of resends (beyond
         `sent` as it was then) is SACKed, the holes that round left are lost again and go
-        out once more, where RFC 6675 would wait for the RTO, a second at least."""
+        out once more, where RFC 6675 would wait for the RTO (200 ms at least)."""
         holes: list[tuple[int, int]] = []
         blocks = self.blocks
         if not blocks:

@@ -43,8 +43,8 @@ measured (from the timestamps it echoes, RFC 7323 §4.1) the RTO is SRTT + 4 RTT
 (§2.2, §2.3), the variation term at least 200 ms as Linux has it (tcp_set_rto,
 TCP_RTO_MIN) instead of §2.4's floor of 1 s for the whole: the guest is on this
 machine, and every expiry is a stall of the whole flow (what the guest's SACK blocks
-cannot reveal, a lost tail, waits for it). How long an unanswered
-flow lives does not depend on it (`DATA_GIVE_UP_S`).
+cannot reveal, a lost tail, waits for it). How long an unanswered flow lives does not
+depend on it (`DATA_GIVE_UP_S`).
 """
 
 from __future__ import annotations
