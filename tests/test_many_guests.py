@@ -5,7 +5,8 @@ its own addressing, policy and counters. Twenty real namespace guests share one 
 process: nineteen download a file from a server on host loopback while the twentieth
 floods its link with SYNs, UDP, ARP, DHCP and malformed frames. Their downloads must
 stay intact and keep 80% of the throughput they had without the flood (the same
-downloads, measured in the same test). Guests come and go at runtime without
+downloads, measured in solo phases alternating with the flooded ones in the same test).
+Guests come and go at runtime without
 disturbing the others.
 """
 
@@ -100,7 +101,7 @@ async def _downloads(guests: Guests, port: int, out_dir: Path, phase: str,
         # the relay's share. It still offers the relay more frames than it takes.
         flooder = await _spawn(guests, f"{phase}-flooder", ["sh", "-c",
             f"nice -n 19 {sys.executable} {TESTS / 'guest_tools.py'} flood tap0 "
-            f"--seconds {flood_s} > {out_dir / 'flood-sent'}"])
+            f"--seconds {flood_s} > {out_dir / f'{phase}-sent'}"])
         flooder.go()
         await asyncio.sleep(0.5)  # the flood is under way before the downloads begin
     start = time.monotonic()
@@ -120,44 +121,50 @@ def test_nineteen_downloads_keep_their_speed_beside_a_flooding_guest(
     _, digest = payload
     size = (FILE_MIB << 20) * (GUESTS - 1)
 
-    async def main() -> tuple[float, float, dict[str, dict[str, int]]]:
+    async def main() -> tuple[list[float], list[float], dict[str, dict[str, int]]]:
+        solos: list[float] = []
+        floods: list[float] = []
+        stats: dict[str, dict[str, int]] = {}
         async with Guests() as guests:
-            solo, outs = await _downloads(guests, file_server, tmp_path, "solo", None)
-            for out in outs:
-                assert out.read_text().split()[0] == digest, out
-            for name in list(guests):
-                guests.remove(name)
-            flooded, outs = await _downloads(guests, file_server, tmp_path, "flood",
-                                             flood_s=2 * solo + 5)
-            for out in outs:
-                assert out.read_text().split()[0] == digest, out
-            stats = guests.stats()
-            for name in list(guests):
-                guests.remove(name)
-            # Solo again after the flood, and the mean of both: this 2-core VM's own
-            # speed drifts by a fifth from one phase to the next, which one solo run
-            # before the flood measured as the flood's doing.
-            again, outs = await _downloads(guests, file_server, tmp_path, "again", None)
-            for out in outs:
-                assert out.read_text().split()[0] == digest, out
-            return (solo + again) / 2, flooded, stats
+            # Solo and flooded phases alternate, solo first and last, and the means are
+            # compared: this 2-core VM's own speed drifts by a fifth from one phase to the
+            # next, and one flooded phase between two solo ones once measured that drift
+            # as the flood's doing inside the full suite (0.78; alone it measured 0.91-0.96).
+            for i, flooding in enumerate([False, True, False, True, False]):
+                phase = f"{'flood' if flooding else 'solo'}{i}"
+                elapsed, outs = await _downloads(
+                    guests, file_server, tmp_path, phase,
+                    flood_s=2 * solos[0] + 5 if flooding else None)
+                for out in outs:
+                    assert out.read_text().split()[0] == digest, out
+                (floods if flooding else solos).append(elapsed)
+                if flooding:
+                    flood_stats = guests.stats()
+                    stats[f"{phase}-flooder"] = flood_stats.pop(f"{phase}-flooder")
+                    for name, counters in flood_stats.items():
+                        assert counters.get("drop_internal_error", 0) == 0, (name, counters)
+                for name in list(guests):
+                    guests.remove(name)
+        return solos, floods, stats
 
-    solo, flooded, stats = asyncio.run(main())
+    solos, floods, stats = asyncio.run(main())
+    solo, flooded = sum(solos) / len(solos), sum(floods) / len(floods)
     print(f"19 downloads of {FILE_MIB} MiB: solo {size * 8 / solo / 1e9:.2f} Gbit/s, "
           f"beside the flood {size * 8 / flooded / 1e9:.2f} Gbit/s "
-          f"({solo / flooded:.2f} of solo)")
-    flood = stats.pop("flood-flooder")
-    sent = int((tmp_path / "flood-sent").read_text().split()[1])
-    print(f"flooder frames sent {sent}, handled {flood['frames_in']}; TCP flows opened "
-          f"{flood.get('tcp_flows_opened', 0)}, SYNs waited {flood.get('tcp_syn_deferred', 0)}")
-    # A real flood: it offered more than the relay took from it (the TAP queue dropped
-    # the rest), and what it took was handled as the bad input it is.
-    assert sent > flood["frames_in"] > 10_000, (sent, flood)
-    assert sum(v for k, v in flood.items() if k.startswith("drop_")) > 1_000, flood
-    assert flood.get("drop_internal_error", 0) == 0, flood
-    for name, counters in stats.items():
-        assert counters.get("drop_internal_error", 0) == 0, (name, counters)
-    assert solo / flooded >= 0.8, (solo, flooded)
+          f"({solo / flooded:.2f} of solo); phases (s): solo "
+          f"{' '.join(f'{t:.2f}' for t in solos)}, flooded {' '.join(f'{t:.2f}' for t in floods)}")
+    for phase, flood in stats.items():
+        sent = int((tmp_path / f"{phase.removesuffix('-flooder')}-sent").read_text()
+                   .split()[1])
+        print(f"{phase} frames sent {sent}, handled {flood['frames_in']}; TCP flows opened "
+              f"{flood.get('tcp_flows_opened', 0)}, SYNs waited "
+              f"{flood.get('tcp_syn_deferred', 0)}")
+        # A real flood: it offered more than the relay took from it (the TAP queue
+        # dropped the rest), and what it took was handled as the bad input it is.
+        assert sent > flood["frames_in"] > 10_000, (sent, flood)
+        assert sum(v for k, v in flood.items() if k.startswith("drop_")) > 1_000, flood
+        assert flood.get("drop_internal_error", 0) == 0, flood
+    assert solo / flooded >= 0.8, (solos, floods)
 
 
 def test_guests_come_and_go_while_the_others_transfer(
