@@ -6,8 +6,7 @@ process: nineteen download a file from a server on host loopback while the twent
 floods its link with SYNs, UDP, ARP, DHCP and malformed frames. Their downloads must
 stay intact and keep 80% of the throughput they had without the flood (the same
 downloads, measured in solo phases alternating with the flooded ones in the same test).
-Guests come and go at runtime without
-disturbing the others.
+Guests come and go at runtime without disturbing the others.
 """
 
 from __future__ import annotations
