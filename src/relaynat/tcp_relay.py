@@ -12,9 +12,9 @@ One nested epoll also batches: a single loop callback drains events for all flow
 Per-flow timers live in one heap with lazy deletion (flow_timers.py); new flows open
 at a bounded rate, the SYNs beyond waiting in a backlog (syn_backlog.py).
 
-A flow's record and the plain calls on its host socket are in tcp_flow.py. Without
-SO_PEEK_OFF (TCP since Linux 6.10) a fallback peeks from the start of the receive queue
-and skips what is in flight.
+A flow's record and the plain calls on its host socket are in tcp_flow.py; reading the
+host socket (peeks toward the guest, SACK resends, dropping acknowledged bytes) is
+host_pump.py.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from relaynat.flow_state import relink
 from relaynat.flow_timers import FlowTimers
 from relaynat.flowinfo import describe_tcp
 from relaynat.guest_log import guest_logger
+from relaynat.host_pump import HostPump
 from relaynat.nat_entry import TcpNatEntry
 from relaynat.ooo_queue import OooBudget
 from relaynat.packet_builder import TcpFrameTemplate
@@ -59,8 +60,6 @@ from relaynat.tcp_flow import (
     FlowKey,
     TcpFlow,
     close_with_reset,
-    discard,
-    peek_at,
     socket_facts,
 )
 from relaynat.wire import ACK, RST, SYN
@@ -73,8 +72,6 @@ if TYPE_CHECKING:
 log = guest_logger("relaynat.tcp")
 
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
-#: Peeks per flow per wakeup before yielding to other flows and the guest transport.
-_PUMP_ROUNDS = 16
 _CONNECT_ENDED = select.POLLOUT | select.POLLERR | select.POLLHUP
 
 
@@ -109,9 +106,7 @@ class TcpRelay:
         self._backlog = SynBacklog(stats, config.syn_rate)
         self._backlog_timer: asyncio.TimerHandle | None = None
         self._flush_soon = False
-        self._peek_buf = bytearray(1 << 20)
-        self._peek_view = memoryview(self._peek_buf)
-        self._trunc_buf = bytearray(1 << 20)
+        self._host = HostPump(stats, self._execute)
         self._vnet_hdr_len = 0
         self._offload = False
         self._gather = False
@@ -443,7 +438,8 @@ class TcpRelay:
                     self._write_gathered(flow, now)
                 if not flow.connecting and not entry.closed:
                     self._write_backlog(flow, now)  # held data, if the socket has room now
-                    self._pump(flow, now)
+                    if self._host.pump(flow, now):
+                        self._mark_dirty(flow)
                     if not entry.closed:
                         entry.flush(socket_facts(flow.sock), now)
                         self._execute(flow)
@@ -476,52 +472,6 @@ class TcpRelay:
             self._open_waiting(self._backlog.ready(self._loop.time(), limit=BACKLOG_TIMER_OPENS))
         self.flush()
 
-    def _pump(self, flow: TcpFlow, now: float) -> None:
-        entry = flow.entry
-        sock = flow.sock
-        if flow.consume_pending:
-            self._consume(flow)
-        for _ in range(_PUMP_ROUNDS):
-            if not flow.host_readable or entry.closed:
-                return
-            budget = entry.host_read_budget()
-            if budget <= 0:
-                entry.on_host_blocked(now)
-                return
-            budget = min(budget, len(self._peek_buf))
-            try:
-                if flow.peek_offset_supported:
-                    got = sock.recv_into(self._peek_view, budget, socket.MSG_PEEK)
-                    data = self._peek_view[:got]
-                else:
-                    # No peek offset: peek from the queue's head and skip what the guest
-                    # already has. Only an empty peek is EOF; a peek that holds nothing
-                    # beyond the bytes in flight just means no new data yet.
-                    skip = entry.bytes_in_flight
-                    raw = sock.recv(skip + budget, socket.MSG_PEEK)
-                    if raw and len(raw) <= skip:
-                        flow.host_readable = False
-                        return
-                    got = len(raw) - skip if raw else 0
-                    data = memoryview(raw)[skip:]
-            except BlockingIOError:
-                flow.host_readable = False
-                return
-            except OSError as exc:
-                log.debug("host read on %s failed: %s", flow.host_addr, exc)
-                self.stats["tcp_host_errors"] += 1
-                entry.on_host_reset(now)
-                self._execute(flow)
-                return
-            if got == 0:
-                flow.host_readable = False
-                entry.on_host_eof(now)
-                self._execute(flow)
-                return
-            entry.on_host_data(data, now)
-            self._execute(flow)
-        self._mark_dirty(flow)
-
     # -- executing actions ---------------------------------------------------------------
 
     def _execute(self, flow: TcpFlow) -> None:
@@ -536,39 +486,19 @@ class TcpRelay:
                 flow.consume_pending += action.nbytes
                 self._mark_dirty(flow)
             elif type(action) is RewindHost:
-                self._consume(flow)
+                self._host.consume(flow)
                 if flow.peek_offset_supported:
                     sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
                 flow.host_readable = True
                 self.stats["tcp_retransmits"] += 1
                 self._mark_dirty(flow)
             elif type(action) is ResendHost:
-                self._resend(flow, action.offset, action.length)
+                self._host.resend(flow, action.offset, action.length)
             elif type(action) is ShutdownHostWrite:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_WR)
             elif type(action) is CloseHost:
                 self._close(flow, action.abortive)
-
-    def _resend(self, flow: TcpFlow, offset: int, length: int) -> None:
-        """Send one hole the guest's SACK blocks left again, peeked from the queue's
-        head once the acknowledged bytes are dropped."""
-        self._consume(flow)
-        entry = flow.entry
-        try:
-            data = peek_at(flow, offset, length, self._peek_view, entry.bytes_in_flight)
-        except OSError as exc:
-            # The queue holds every unacked byte, so this is the socket failing; the
-            # RTO's go-back-N (or the reset the next read meets) takes it from here.
-            log.debug("host peek for a resend on %s failed: %s", flow.host_addr, exc)
-            return
-        self.stats["tcp_sack_resends"] += 1
-        entry.on_host_resend(offset, data)
-        self._execute(flow)
-
-    def _consume(self, flow: TcpFlow) -> None:
-        nbytes, flow.consume_pending = flow.consume_pending, 0
-        discard(flow.sock, nbytes, self._trunc_buf)
 
     def _track(self, flow: TcpFlow) -> None:
         self.flows[flow.key] = flow
@@ -602,7 +532,7 @@ class TcpRelay:
                 # (dropped once per batch): close() with unread data sends the peer a
                 # RST instead of a FIN (tcp(7), RFC 2525 §2.17), which would destroy our
                 # last data in flight.
-                self._consume(flow)
+                self._host.consume(flow)
             flow.sock.close()
         self.stats[counter] += 1
 
@@ -658,7 +588,7 @@ class TcpRelay:
         `dump(socket)`: its state, for another relay. The bytes the guest acknowledged
         are dropped before the dump, so the socket's receive queue starts at the guest's
         first unacknowledged byte. If `dump` raises, the flow stays here."""
-        self._consume(flow)
+        self._host.consume(flow)
         state = dump(flow.sock)
         flow.entry.on_guest_gone()
         self._untrack(flow)
