@@ -43,8 +43,8 @@ from lossy_harness import (  # noqa: E402
 
 from relaynat.netns_util import isolate_network  # noqa: E402
 
-_RECOVERY_COUNTERS = ("tcp_retransmits=", "tcp_sack_resends=", "drop_tcp_checksum=",
-                      "tcp_ooo_segments=")
+_RECOVERY_COUNTERS = ("tcp_retransmits=", "tcp_rto_expiries=", "tcp_sack_resends=",
+                      "drop_tcp_checksum=", "tcp_ooo_segments=")
 
 DEFAULT_SPECS = (
     "loss=0.05",

@@ -544,6 +544,10 @@ class TcpRelay:
             entry = flow.entry
             if entry.closed:  # closed by an earlier flow's handling in this run
                 continue
+            if entry.rto_at is not None and entry.rto_at <= now:
+                # Counted here rather than by RewindHost: a first expiry in SACK recovery
+                # resends the holes, not everything in flight.
+                self.stats["tcp_rto_expiries"] += 1
             try:
                 entry.on_timer(now, None if flow.connecting else socket_facts(flow.sock))
                 acted = bool(entry.actions)
