@@ -147,6 +147,13 @@ def test_download_and_upload_survive_five_moves(
     for doc in docs:
         assert len(doc["flows"]) == 2, doc["not_moved"]  # type: ignore[arg-type]
         assert doc["not_moved"] == []
+        # The guest's SACK permission moves with every flow, the last move's included (the
+        # flows it carries were imported four times), and so does the round trip the
+        # download's ACKs measured (the upload sends the guest no data to time).
+        flows = doc["flows"]
+        assert all(f["sack_ok"] for f in flows), flows  # type: ignore[attr-defined]
+        down = [f for f in flows if f["far"][1] == down_port]  # type: ignore[attr-defined]
+        assert len(down) == 1 and down[0]["guest_srtt_us"] is not None, flows
     assert reports["down"] == {"kind": "down", "sent": SIZE, "error": None}
     assert reports["up"] == {"kind": "up", "length": SIZE, "sha256": digest, "error": None}
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest

@@ -55,7 +55,8 @@ def flow_states(draw: st.DrawFn) -> TcpFlowState:
         our_mss=draw(st.integers(1, 65535)), timestamps=draw(st.booleans()), tsval=draw(U32),
         ts_recent=draw(U32), retries=draw(st.integers(0, 255)),
         syn_retransmitted=draw(st.booleans()), rtt_exp=draw(st.integers(0, 15)),
-        write_blocked=draw(st.booleans()), ack_pending=draw(st.booleans()),
+        sack_ok=draw(st.booleans()), guest_srtt_us=draw(st.none() | st.integers(0, 10**7)),
+        guest_rttvar_us=draw(st.integers(0, 10**7)), write_blocked=draw(st.booleans()), ack_pending=draw(st.booleans()),
         bytes_from_guest=draw(st.integers(0, 2**64 - 1)), bytes_to_guest=draw(
             st.integers(0, 2**64 - 1)), socket=repair)
 
@@ -105,7 +106,9 @@ def test_peeked_bytes_must_travel_in_the_receive_queue(state: TcpFlowState) -> N
 
 @pytest.mark.parametrize(("doc", "message"), [
     ({"format": "other", "version": 1, "flows": [], "not_moved": []}, "not a relaynat-flows"),
-    ({"format": FORMAT, "version": 2, "flows": [], "not_moved": []}, "version 2 is not"),
+    ({"format": FORMAT, "version": 3, "flows": [], "not_moved": []}, "version 3 is not"),
+    ({"format": FORMAT, "version": 0, "flows": [], "not_moved": []}, "version 0 is not"),
+    ({"format": FORMAT, "version": "2", "flows": [], "not_moved": []}, "version '2' is not"),
     ({"format": FORMAT, "version": 1, "flows": {}, "not_moved": []}, "needs lists"),
     ({"format": FORMAT, "version": 1, "flows": [], "not_moved": [], "x": 1}, "unknown: x"),
     ({"format": FORMAT, "version": 1, "flows": [7], "not_moved": []}, "not an object"),
@@ -120,6 +123,53 @@ def test_a_foreign_document_is_refused(doc: Any, message: str) -> None:
 def test_two_flows_with_one_key_are_refused(state: TcpFlowState) -> None:
     with pytest.raises(FlowStateError, match=r"flows\[1\]: a second flow"):
         parse_document(_wire(make_document([state, state], [])))
+
+
+@given(flow_states())
+def test_a_version_1_flow_goes_on_without_sack_and_round_trip(state: TcpFlowState) -> None:
+    """A document of an older relaynat (before SACK and the round trip were carried) is
+    still read; with the new fields it is refused, as any field its version lacks."""
+    flow = state.to_dict()
+    for name in ("sack_ok", "guest_srtt_us", "guest_rttvar_us"):
+        del flow[name]
+    doc = {"format": FORMAT, "version": 1, "flows": [flow], "not_moved": []}
+    [parsed] = parse_document(_wire(doc))
+    assert (parsed.sack_ok, parsed.guest_srtt_us, parsed.guest_rttvar_us) == (False, None, 0)
+    assert parsed.to_dict() | {"sack_ok": state.sack_ok, "guest_srtt_us": state.guest_srtt_us,
+                               "guest_rttvar_us": state.guest_rttvar_us} == state.to_dict()
+    with pytest.raises(FlowStateError, match=r"flows\[0\]: unknown field\(s\) sack_ok$"):
+        parse_document(_wire(doc | {"flows": [flow | {"sack_ok": True}]}))
+
+
+@given(flow_states(), st.booleans())
+def test_a_moved_flow_keeps_sack_and_the_guests_round_trip(state: TcpFlowState,
+                                                          budget: bool) -> None:
+    """entry_from continues SACK (when the importer holds out-of-order data at all, as
+    for a new flow) and the RTO from the guest's measured round trip, not the initial
+    1 s; state_of writes back what it read."""
+    from collections import Counter
+
+    from relaynat.flow_state import entry_from, state_of
+    from relaynat.ooo_queue import OooBudget
+    from relaynat.window import rto_s
+
+    entry = entry_from(state, mtu=65520, vnet_hdr_len=0, offload=False, now=1.0,
+                       idle_timeout_s=60.0,
+                       ooo_budget=OooBudget(1 << 20, Counter()) if budget else None)
+    assert entry.sack_ok == (state.sack_ok and budget)
+    if state.guest_srtt_us is None:
+        assert entry.guest_srtt is None
+    else:
+        assert entry.guest_srtt == pytest.approx(state.guest_srtt_us / 1e6)
+        assert entry.guest_rttvar == pytest.approx(state.guest_rttvar_us / 1e6)
+    rto = rto_s(state.retries, state.syn_retransmitted, entry.guest_srtt, entry.guest_rttvar)
+    if state.snd_nxt != state.snd_una:  # data in flight: the RTO is armed at once
+        assert entry.rto_at == pytest.approx(1.0 + rto)
+    again = state_of(entry, state.key, state.inbound, 1.0, state.socket)
+    assert again.guest_srtt_us == state.guest_srtt_us
+    if state.guest_srtt_us is not None:
+        assert again.guest_rttvar_us == state.guest_rttvar_us
+    assert again.sack_ok == entry.sack_ok
 
 
 def test_flow_state_error_is_a_value_error() -> None:

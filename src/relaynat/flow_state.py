@@ -4,9 +4,9 @@ No I/O: this module turns a flow's relay-side state (`TcpNatEntry`) plus its hos
 socket's kernel state (`tcp_repair.RepairState`) into a plain JSON-able document and
 back, checking every field. flow_move.py does the socket work around it.
 
-The document (version 1)::
+The document (version 2)::
 
-    {"format": "relaynat-flows", "version": 1,
+    {"format": "relaynat-flows", "version": 2,
      "flows": [FLOW, ...],
      "not_moved": [{"protocol": "tcp"|"udp"|"icmp", "guest": [ip, port],
                     "far": [ip, port or null], "reason": "..."}, ...]}
@@ -31,7 +31,10 @@ Each FLOW is one ESTABLISHED TCP flow, every field required, no other field allo
 - Timestamps (RFC 7323): ``timestamps`` (in force), ``tsval`` (our TSval clock at export:
   the importer continues from it, so PAWS, §5, never sees it go back), ``ts_recent``.
 - Recovery: ``retries`` (consecutive RTO expiries), ``syn_retransmitted`` (RFC 6298
-  §5.7's 3 s base), ``rtt_exp`` (the host RTT exponent, window.py), ``write_blocked``
+  §5.7's 3 s base), ``rtt_exp`` (the host RTT exponent, window.py), ``sack_ok`` (the
+  guest's SYN permitted SACK, RFC 2018 §2: blocks both ways), ``guest_srtt_us`` and
+  ``guest_rttvar_us`` (the guest's smoothed round trip and its variation, RFC 6298 §2,
+  in microseconds; the round trip is null before a first sample), ``write_blocked``
   (guest data was refused by a full host socket: the guest is owed duplicate ACKs),
   ``ack_pending``; counters ``bytes_from_guest``, ``bytes_to_guest``.
 - ``socket``: `RepairState.to_dict()` (tcp_repair.py) of the host socket.
@@ -56,6 +59,9 @@ plus three, since a live socket may be half-closed too:
 - ``fin_seq``: the sequence number of the FIN we sent the guest (null: none sent; set
   exactly in the states after our FIN), ``fin_acked``: the guest acknowledged it.
 
+Version 1, written by relaynat before the last three recovery fields, is still read:
+its flows go on without SACK and with the initial RTO until a first round trip.
+
 A document is checked entirely before anything is imported: `parse_document` raises
 `FlowStateError` (a ValueError) naming the flow and the field.
 """
@@ -78,7 +84,10 @@ from relaynat.window import RTT_EXP_MAX
 from relaynat.wire import seq_diff, seq_le
 
 FORMAT = "relaynat-flows"
-VERSION = 1
+VERSION = 2
+#: The fields version 2 added, and the value a version 1 flow continues with.
+_V1_DEFAULTS: dict[str, Any] = {"sack_ok": False, "guest_srtt_us": None,
+                                "guest_rttvar_us": 0}
 KIND_REPAIR, KIND_LIVE = "repair", "live"
 #: Key of a flow in `TcpRelay.flows`: (guest port, far address, far port, guest address).
 FlowKey = tuple[int, bytes, int, bytes]
@@ -118,6 +127,9 @@ class TcpFlowState:
     retries: int
     syn_retransmitted: bool
     rtt_exp: int
+    sack_ok: bool
+    guest_srtt_us: int | None
+    guest_rttvar_us: int
     write_blocked: bool
     ack_pending: bool
     bytes_from_guest: int
@@ -145,11 +157,14 @@ class TcpFlowState:
         return out
 
     @classmethod
-    def from_dict(cls, data: Any) -> TcpFlowState:
-        """Parse and check `to_dict`'s output; FlowStateError names what is wrong."""
+    def from_dict(cls, data: Any, version: int = VERSION) -> TcpFlowState:
+        """Parse and check `to_dict`'s output (of document `version`); FlowStateError
+        names what is wrong."""
         if not isinstance(data, dict):
             raise FlowStateError("a flow is not an object")
         names = [f.name for f in fields(cls)]
+        if version == 1:
+            names = [n for n in names if n not in _V1_DEFAULTS]
         missing = [n for n in names if n not in data]
         if missing:
             raise FlowStateError(f"missing field(s) {', '.join(missing)}")
@@ -163,6 +178,8 @@ class TcpFlowState:
                 values[name] = parsers[name](data[name])
             except (RepairError, TypeError, ValueError) as exc:
                 raise FlowStateError(f"field {name}: {exc}") from None
+        if version == 1:
+            values |= _V1_DEFAULTS
         state = cls(**values)
         state._check()
         return state
@@ -286,7 +303,9 @@ _PARSERS: dict[str, Any] = {
     "guest_wscale": _ranged(0, 14), "our_wscale": _ranged(0, 14), "adv_edge": _u32,
     "adv_field": _ranged(0, 0xFFFF), "mss": _ranged(1, 0xFFFF), "our_mss": _ranged(1, 0xFFFF),
     "timestamps": _bool, "tsval": _u32, "ts_recent": _u32, "retries": _ranged(0, 255),
-    "syn_retransmitted": _bool, "rtt_exp": _ranged(0, RTT_EXP_MAX), "write_blocked": _bool,
+    "syn_retransmitted": _bool, "rtt_exp": _ranged(0, RTT_EXP_MAX), "sack_ok": _bool,
+    "guest_srtt_us": lambda v: None if v is None else _u32(v), "guest_rttvar_us": _u32,
+    "write_blocked": _bool,
     "ack_pending": _bool, "bytes_from_guest": _count, "bytes_to_guest": _count,
     "socket": RepairState.from_dict,
 }
@@ -310,9 +329,10 @@ def parse_document(doc: Any, kind: str = KIND_REPAIR) -> list[TcpFlowState]:
     fault, with the flow's index); two flows with one key are refused too."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise FlowStateError(f"not a {FORMAT} document")
-    if doc.get("version") != VERSION:
-        raise FlowStateError(f"{FORMAT} version {doc.get('version')!r} is not supported "
-                             f"(this relaynat reads version {VERSION})")
+    version = doc.get("version")
+    if type(version) is not int or not 1 <= version <= VERSION:
+        raise FlowStateError(f"{FORMAT} version {version!r} is not supported "
+                             f"(this relaynat reads versions 1 to {VERSION})")
     if doc.get("kind", KIND_REPAIR) != kind:
         raise FlowStateError(f"a {FORMAT} document of kind {doc.get('kind')!r}, not {kind!r}"
                              f" ({KIND_LIVE!r}: a same-host handover's, whose sockets "
@@ -327,7 +347,7 @@ def parse_document(doc: Any, kind: str = KIND_REPAIR) -> list[TcpFlowState]:
     keys: set[FlowKey] = set()
     for i, data in enumerate(doc["flows"]):
         try:
-            state = record.from_dict(data)
+            state = record.from_dict(data, version)
         except FlowStateError as exc:
             raise FlowStateError(f"flows[{i}]: {exc}") from None
         if state.key in keys:
@@ -356,7 +376,9 @@ def state_of(entry: TcpNatEntry, key: FlowKey, inbound: bool, now: float,
         mss=entry.mss, our_mss=entry.our_mss, timestamps=entry.template.timestamps,
         tsval=(int(now * 1000) + entry.ts_offset) & M32, ts_recent=entry.ts_recent,
         retries=min(entry.retries, 255), syn_retransmitted=entry.syn_retransmitted,
-        rtt_exp=entry.rtt_exp, write_blocked=entry.write_blocked,
+        rtt_exp=entry.rtt_exp, sack_ok=entry.sack_ok,
+        guest_srtt_us=None if entry.guest_srtt is None else round(entry.guest_srtt * 1e6),
+        guest_rttvar_us=round(entry.guest_rttvar * 1e6), write_blocked=entry.write_blocked,
         ack_pending=entry.ack_pending, bytes_from_guest=entry.bytes_from_guest,
         bytes_to_guest=entry.bytes_to_guest, socket=sock)
 
@@ -376,8 +398,9 @@ def entry_from(state: TcpFlowState, *, mtu: int, vnet_hdr_len: int, offload: boo
     """A TcpNatEntry continuing `state` at `now`, its frames in the given link format,
     holding out-of-order guest data within `ooo_budget` (the importing relay's). The
     source's held out-of-order data is not moved (dropping SACKed data is reneging,
-    which RFC 2018 §8 allows: the guest sends it again) and SACK-permitted is not in
-    the document: a moved flow acknowledges cumulatively, without SACK blocks."""
+    which RFC 2018 §8 allows: the guest sends it again), nor the blocks the guest
+    SACKed toward it: its next ACKs tell them again. Without a budget SACK goes off, as
+    for a new flow (tcp_handshake.py)."""
     template = TcpFrameTemplate(
         dst_mac=state.guest_mac, src_mac=state.gateway_mac,
         src=ip_address(state.far[0]).packed, dst=ip_address(state.guest[0]).packed,
@@ -395,6 +418,11 @@ def entry_from(state: TcpFlowState, *, mtu: int, vnet_hdr_len: int, offload: boo
                  "mss", "our_mss", "ts_recent", "retries", "syn_retransmitted", "rtt_exp",
                  "write_blocked", "bytes_from_guest", "bytes_to_guest"):
         setattr(entry, name, getattr(state, name))
+    entry.sack_ok = state.sack_ok and ooo_budget is not None
+    if state.guest_srtt_us is not None:
+        # The RTO goes on from the guest's measured round trip, not the initial 1 s.
+        entry.guest_srtt = state.guest_srtt_us / 1e6
+        entry.guest_rttvar = state.guest_rttvar_us / 1e6
     # Our clock goes on from the exported TSval (RFC 7323 §5.4: any offset will do, as
     # long as it never goes back).
     entry.ts_offset = (state.tsval - int(now * 1000)) & M32
