@@ -56,7 +56,8 @@ def flow_states(draw: st.DrawFn) -> TcpFlowState:
         ts_recent=draw(U32), retries=draw(st.integers(0, 255)),
         syn_retransmitted=draw(st.booleans()), rtt_exp=draw(st.integers(0, 15)),
         sack_ok=draw(st.booleans()), guest_srtt_us=draw(st.none() | st.integers(0, 10**7)),
-        guest_rttvar_us=draw(st.integers(0, 10**7)), write_blocked=draw(st.booleans()), ack_pending=draw(st.booleans()),
+        guest_rttvar_us=draw(st.integers(0, 10**7)), write_blocked=draw(st.booleans()),
+        ack_pending=draw(st.booleans()),
         bytes_from_guest=draw(st.integers(0, 2**64 - 1)), bytes_to_guest=draw(
             st.integers(0, 2**64 - 1)), socket=repair)
 
