@@ -783,8 +783,9 @@ class TcpSim:
                 start = h.consumed + a.offset
                 scratch = self._scratch
                 scratch[:n] = h.data[start:start + n]
-                self.stats["sack_resends"] += 1
-                self.trace.append(f"{self.now:.3f} resend {n} at +{a.offset}")
+                self.stats["loss_probes" if a.probe else "sack_resends"] += 1
+                self.trace.append(f"{self.now:.3f} {'probe' if a.probe else 'resend'} {n} "
+                                  f"at +{a.offset}")
                 e.on_host_resend(a.offset, memoryview(scratch)[:n])
                 self._run_actions()
                 scratch[:n] = b"\xa5" * n

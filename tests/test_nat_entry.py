@@ -53,6 +53,7 @@ from relaynat.window import (
     DATA_GIVE_UP_S,
     RTO_MIN_S,
     SYN_RETRIES_MAX,
+    TLP_MIN_S,
     WINDOW_DEFAULT,
     SocketFacts,
     TcpInfo,
@@ -680,6 +681,68 @@ def test_rto_in_sack_recovery_resends_the_holes_then_rewinds() -> None:
     e.on_timer(deadline, None)
     assert e.take_actions() == [RewindHost()]
     assert e.bytes_in_flight == 0 and e.sacked is not None and e.sacked.blocks == []
+
+
+def test_tail_loss_probe_sends_the_last_segment_and_its_sack_shows_the_hole() -> None:
+    """RFC 8985 §7: the tail of a flight is lost, so the guest has nothing beyond it to
+    SACK. Two round trips (at least TLP_MIN_S) after the last ACK, the last segment goes
+    out again, once; the guest's SACK of it marks the hole lost, long before the RTO."""
+    e = sack_established(1000)
+    e.guest_srtt, e.guest_rttvar = 0.002, 0.001  # as the guest's timestamps measured
+    e.on_host_data(memoryview(bytes(5000)), 0.0)  # 2 .. 5002 in five segments
+    e.take_actions()
+    e.on_guest_segment(guest_seg(2, 3002, ACK), 0.002)  # 3002 .. 5002 were lost
+    assert e.take_actions() == [ConsumeHost(3000)]
+    assert e.rto_at == pytest.approx(0.002 + 0.002 + RTO_MIN_S)
+    assert e.next_deadline() == pytest.approx(0.002 + TLP_MIN_S)
+    e.on_timer(0.002 + TLP_MIN_S, None)
+    assert e.take_actions() == [ResendHost(1000, 1000, probe=True)]
+    e.on_host_resend(1000, memoryview(b"p" * 1000))
+    [probe] = sent(e.take_actions())
+    assert (probe.seq, len(probe.payload)) == (4002, 1000)
+    assert e.tlp_at is None  # one probe per flight: the RTO is next
+    e.on_guest_segment(guest_seg(2, 3002, ACK, options=tcp_options_sack([(4002, 5002)])),
+                       0.014)
+    assert e.take_actions() == [ResendHost(0, 1000)]
+    e.on_host_resend(0, memoryview(bytes(1000)))
+    e.take_actions()
+    e.on_guest_segment(guest_seg(2, 5002, ACK), 0.016)
+    assert e.take_actions() == [ConsumeHost(2000)]
+    assert e.tlp_at is None and e.rto_at is None and e.bytes_in_flight == 0
+
+
+def test_no_tail_loss_probe_where_it_would_not_come_before_the_rto() -> None:
+    """No probe without SACK or a measured round trip, for a single segment in flight
+    (the guest may delay its ACK, WCDelAckT, which leaves the RTO first), in SACK
+    recovery, or after an RTO until an ACK of new data."""
+    plain = established(1, 1)
+    plain.guest_srtt = 0.002
+    plain.on_host_data(memoryview(bytes(5000)), 0.0)
+    assert plain.tlp_at is None
+    e = sack_established(1000)
+    e.on_host_data(memoryview(bytes(5000)), 0.0)
+    assert e.tlp_at is None  # no round trip measured yet
+    e.guest_srtt = 0.002
+    e.on_guest_segment(guest_seg(2, 4002, ACK), 0.001)
+    assert e.bytes_in_flight == 1000 and e.tlp_at is None
+    e = sack_established(1000)
+    e.guest_srtt = 0.002
+    e.on_host_data(memoryview(bytes(5000)), 0.0)
+    assert e.tlp_at == pytest.approx(TLP_MIN_S)
+    e.on_guest_segment(guest_seg(2, 1002, ACK, options=tcp_options_sack([(2002, 3002)])),
+                       0.001)
+    assert e.tlp_at is None  # recovery: the holes are resent from the SACK blocks
+    e = sack_established(1000)
+    e.guest_srtt = 0.002
+    e.on_host_data(memoryview(bytes(5000)), 0.0)
+    e.take_actions()
+    e.tlp_at = None
+    deadline = e.next_deadline()
+    assert deadline is not None
+    e.on_timer(deadline, None)  # the RTO
+    assert e.take_actions() == [RewindHost()]
+    e.on_host_data(memoryview(bytes(5000)), deadline)
+    assert e.tlp_at is None
 
 
 def test_sack_recovery_sends_less_than_go_back_n() -> None:

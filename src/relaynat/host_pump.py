@@ -89,9 +89,10 @@ class HostPump:
             self._execute(flow)
         return True
 
-    def resend(self, flow: TcpFlow, offset: int, length: int) -> None:
-        """Send one hole the guest's SACK blocks left again, peeked from the queue's
-        head once the acknowledged bytes are dropped."""
+    def resend(self, flow: TcpFlow, offset: int, length: int, probe: bool = False) -> None:
+        """Send one hole the guest's SACK blocks left again, or the tail loss probe
+        (`probe`), peeked from the queue's head once the acknowledged bytes are
+        dropped."""
         self.consume(flow)
         entry = flow.entry
         try:
@@ -101,7 +102,7 @@ class HostPump:
             # RTO's go-back-N (or the reset the next read meets) takes it from here.
             log.debug("host peek for a resend on %s failed: %s", flow.host_addr, exc)
             return
-        self.stats["tcp_sack_resends"] += 1
+        self.stats["tcp_loss_probes" if probe else "tcp_sack_resends"] += 1
         entry.on_host_resend(offset, data)
         self._execute(flow)
 

@@ -24,6 +24,9 @@ kernel's receive queue is the retransmission queue. A hole the guest's SACK bloc
 reveal is peeked again at its offset and sent alone (`ResendHost`, then
 `on_host_resend`; sack_scoreboard.py says when); without SACK, or on the RTO, the
 retransmission is a rewind of the peek offset to snd_una (`RewindHost`, go-back-N).
+A flight whose tail was lost leaves the guest nothing to SACK: two round trips after
+the last ACK, the last segment goes out again as a probe (RFC 8985 §7), whose SACK
+then shows the hole, instead of waiting for the RTO.
 
 Everything else the entry decides arrives as actions in `actions` (frames for the
 guest, bytes to drop from the host socket, shutdown, close) that the shell executes
@@ -42,6 +45,7 @@ timers (`on_timer` leaves the SYN's to the handshake).
 RFCs: RFC 9293 (TCP: §3.4 sequence numbers, §3.10.7 segment arrival, §3.8.6.1 zero
 window probing), RFC 7323 §2 (window scale), RFC 6298 (RTO), RFC 5681 §3.2 (fast
 retransmit on three duplicate ACKs), RFC 2018 and RFC 6675 (SACK and recovery with it),
+RFC 8985 §7 (tail loss probe),
 RFC 5961 §3.2 (RST only at the exact sequence).
 """
 
@@ -69,6 +73,7 @@ from relaynat.window import (
     ack_check_interval_s,
     advertised_window,
     encode_window,
+    pto_s,
     rto_s,
     rtt_exponent,
     rtt_update,
@@ -199,6 +204,7 @@ class TcpNatEntry(TcpHandshake):
             self.persist_at = None
             self.guest_wnd_edge = (self.snd_una + window) & M32
             self._arm_rto(now)
+            self._arm_tlp(now)
             if self.closed:
                 self.actions.append(CloseHost(False))
             return
@@ -362,6 +368,25 @@ class TcpNatEntry(TcpHandshake):
             self._emit(self.fin_seq, FIN | ACK)  # retransmitted data caught up with the FIN
         if self.rto_at is None:
             self._arm_rto(now)
+        self._arm_tlp(now)  # RFC 8985 §7.2: after new data, from the last one sent
+
+    def _arm_tlp(self, now: float) -> None:
+        """Schedule a tail loss probe (RFC 8985 §7.2): with SACK and a measured round
+        trip, data in flight, not in recovery (no blocks, no RTO since the last ACK),
+        before our FIN, and only if it comes before the RTO."""
+        self.tlp_at = None
+        srtt = self.guest_srtt
+        rto_at = self.rto_at
+        if (srtt is None or rto_at is None or not self.sack_ok or self.retries
+                or self.fin_seq is not None):
+            return
+        flight = self.bytes_in_flight
+        board = self.sacked
+        if not flight or (board is not None and board.blocks):
+            return
+        at = now + pto_s(srtt, flight, self.mss)
+        if at < rto_at:
+            self.tlp_at = at
 
     def on_host_blocked(self, now: float) -> None:
         """The host has data but `host_read_budget()` is 0: probe a zero window."""
@@ -473,7 +498,7 @@ class TcpNatEntry(TcpHandshake):
         """The earliest time at which `on_timer` has something to do."""
         best = self.idle_at
         for t in (self.connect_deadline, self.syn_at, self.rto_at, self.persist_at,
-                  self.ack_check_at):
+                  self.ack_check_at, self.tlp_at):
             if t is not None and t < best:
                 best = t
         return best
@@ -494,7 +519,18 @@ class TcpNatEntry(TcpHandshake):
             self._on_syn_timeout(now, facts)
             if self.closed:
                 return
+        if self.tlp_at is not None and self.tlp_at <= now:
+            self.tlp_at = None  # one probe until an ACK of new data (RFC 8985 §7.3)
+            flight = self.bytes_in_flight
+            if flight and self.state in HOST_SENDING:
+                # RFC 8985 §7.3: new data if the window allows, else the last segment
+                # again. The shell sends new data whenever the host has some and the
+                # window room, so what is left to probe with is the last segment.
+                length = min(self.mss, flight)
+                self.actions.append(ResendHost(flight - length, length, probe=True))
+                self._arm_rto(now)
         if self.rto_at is not None and self.rto_at <= now:
+            self.tlp_at = None
             if self.retries == 0 or self.stalled_since is None:
                 self.stalled_since = now
             self.retries += 1

@@ -37,12 +37,14 @@ class RewindHost:
 
 @dataclass(slots=True)
 class ResendHost:
-    """Retransmit one hole the guest's SACK blocks left: peek `length` bytes at `offset`
-    from the first unacked byte (once the pending `ConsumeHost`s are done), hand them to
+    """Retransmit one hole the guest's SACK blocks left, or the last segment sent as a
+    tail loss probe (`probe`): peek `length` bytes at `offset` from the first unacked
+    byte (once the pending `ConsumeHost`s are done), hand them to
     `TcpNatEntry.on_host_resend`, and put the peek offset back where it was."""
 
     offset: int
     length: int
+    probe: bool = False
 
 
 @dataclass(slots=True)

@@ -114,6 +114,7 @@ class TcpHandshake:
         "syn_at",
         "syn_retransmitted",
         "template",
+        "tlp_at",
         "ts_offset",
         "ts_recent",
         "write_blocked",
@@ -158,6 +159,8 @@ class TcpHandshake:
         self.guest_srtt: float | None = None
         self.guest_rttvar = 0.0
         self.rtt_tsecr: int | None = None  # the TSecr of the last sample
+        #: When a tail loss probe is due (RFC 8985 §7); None: none armed.
+        self.tlp_at: float | None = None
         self.syn_retransmitted = False
         self.rtt_exp = 0
         self.persist_count = 0

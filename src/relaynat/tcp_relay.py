@@ -62,7 +62,7 @@ from relaynat.tcp_flow import (
     close_with_reset,
     socket_facts,
 )
-from relaynat.wire import ACK, RST, SYN
+from relaynat.wire import ACK, RST, SYN, seq_diff
 
 if TYPE_CHECKING:
     from relaynat.config import RelayConfig
@@ -493,7 +493,7 @@ class TcpRelay:
                 self.stats["tcp_retransmits"] += 1
                 self._mark_dirty(flow)
             elif type(action) is ResendHost:
-                self._host.resend(flow, action.offset, action.length)
+                self._host.resend(flow, action.offset, action.length, action.probe)
             elif type(action) is ShutdownHostWrite:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_WR)
@@ -548,6 +548,13 @@ class TcpRelay:
                 # Counted here rather than by RewindHost: a first expiry in SACK recovery
                 # resends the holes, not everything in flight.
                 self.stats["tcp_rto_expiries"] += 1
+                board = entry.sacked
+                log.debug("RTO on the flow to %s:%d after %d expiries: %d bytes in flight, "
+                          "guest window %d, SACKed %s, holes resent below %d",
+                          *flow.host_addr, entry.retries, entry.bytes_in_flight,
+                          seq_diff(entry.guest_wnd_edge, entry.snd_una),
+                          board.blocks if board is not None else None,
+                          board.rxt_next if board is not None else 0)
             try:
                 entry.on_timer(now, None if flow.connecting else socket_facts(flow.sock))
                 acted = bool(entry.actions)

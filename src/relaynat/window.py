@@ -74,6 +74,13 @@ SYN_RETRIES_MAX = 4
 #: the first), however short a measured RTO made them. RFC 9293 §3.8.3 asks for R2 of
 #: at least 100 s.
 DATA_GIVE_UP_S = 242.0
+#: RFC 8985 §7.2 tail loss probe: the floor of the probe timeout. Two round trips of a
+#: guest on this host are a fraction of a millisecond, less than a guest descheduled for
+#: a moment takes to ACK; the TLP draft this section grew from used max(2 SRTT, 10 ms).
+TLP_MIN_S = 0.010
+#: RFC 8985 §7.2 WCDelAckT: with one segment in flight the guest may delay its ACK (Linux
+#: up to 200 ms, TCP_DELACK_MAX), so the probe waits for that as well.
+TLP_DELACK_S = 0.2
 #: Duplicate ACKs that trigger fast retransmit (RFC 5681 §3.2).
 DUP_ACK_THRESHOLD = 3
 
@@ -174,6 +181,12 @@ def rto_s(retries: int, syn_was_retransmitted: bool, srtt_s: float | None = None
     else:
         base = RTO_AFTER_SYN_RETRY_S if syn_was_retransmitted else RTO_INITIAL_S
     return min(base * (1 << min(retries, 16)), RTO_MAX_S)
+
+
+def pto_s(srtt_s: float, flight: int, mss: int) -> float:
+    """The tail loss probe's timeout with `flight` bytes in flight (RFC 8985 §7.2)."""
+    pto = max(2 * srtt_s, TLP_MIN_S)
+    return pto + TLP_DELACK_S if flight <= mss else pto
 
 
 def rtt_update(srtt_s: float | None, rttvar_s: float, sample_s: float) -> tuple[float, float]:
