@@ -56,6 +56,19 @@ def test_our_syn_offers_mss_window_scale_and_timestamps() -> None:
     assert (syn.mss, syn.wscale) == (65520 - 40, OUR_WSCALE) and syn.tsval is not None
 
 
+def test_the_guests_syn_ack_gives_the_first_round_trip() -> None:
+    """Its TSecr echoes our SYN's TSval (RFC 7323 §4.1): the RTO starts from the guest's
+    round trip rather than the initial 1 s."""
+    entry = _entry()
+    (syn,) = _sent(entry)
+    assert syn.tsval is not None and entry.guest_srtt is None
+    synack = TcpSegment(GUEST, GW, 8080, 40000, 5000, 1001, SYN | ACK, 64240, memoryview(b""),
+                        mss=1460, wscale=7, tsval=55, tsecr=syn.tsval)
+    entry.on_guest_segment(synack, 0.005)
+    assert entry.state is TcpState.ESTABLISHED
+    assert entry.guest_srtt == pytest.approx(0.005)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, M32), st.integers(0, M32), st.one_of(st.none(), st.integers(0, 14)),
        st.booleans(), st.one_of(st.none(), st.integers(88, 65495)))

@@ -563,7 +563,9 @@ def test_rto_from_the_guests_round_trip() -> None:
     ts = ts_opt
     e.on_guest_segment(guest_seg(2, 2, ACK, options=ts(1001, synack.tsval)), 0.003)
     e.take_actions()
-    assert e.guest_srtt is None  # the ACK of our SYN acknowledges no data
+    # Our SYN takes a sequence number: the ACK of the SYN-ACK is the first sample, as
+    # in Linux (tcp_synack_rtt_meas), so a first data loss waits SRTT + 200 ms, not 1 s.
+    assert e.guest_srtt == pytest.approx(0.003)
     now = 0.01
     for _ in range(4):  # data, and its ACK 2 ms later
         e.on_host_data(memoryview(b"d" * 100), now)

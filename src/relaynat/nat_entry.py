@@ -76,14 +76,10 @@ from relaynat.window import (
     pto_s,
     rto_s,
     rtt_exponent,
-    rtt_update,
 )
 from relaynat.wire import ACK, FIN, PSH, RST, SYN, TcpSegment, seq_diff, seq_le, seq_lt
 
 _ESTABLISHED = TcpState.ESTABLISHED
-#: A TSecr further back than this is not one of ours from this flow's life (a guest
-#: echoing garbage, or a clock wrap): no round-trip sample from it.
-RTT_SAMPLE_MAX_MS = 60_000
 
 
 class TcpNatEntry(TcpHandshake):
@@ -165,6 +161,7 @@ class TcpNatEntry(TcpHandshake):
             self._event(TcpEvent.ACK_OF_SYN)
             self.syn_at = None
             self.retries = 0
+            self._sample_rtt(seg.tsecr)  # our SYN-ACK's round trip, as Linux's first
         window = seg.window << self.guest_wscale
         fin_seq = self.fin_seq
         fin_end = None if fin_seq is None else (fin_seq + 1) & M32
@@ -182,16 +179,7 @@ class TcpNatEntry(TcpHandshake):
                 self.actions.append(ConsumeHost(acked))
                 self.bytes_to_guest += acked
             self.snd_una = data_ack
-            tsecr = seg.tsecr
-            if tsecr is not None and tsecr != self.rtt_tsecr and self.template.timestamps:
-                # RFC 7323 §4.1: an ACK of new data echoes the TSval of the segment that
-                # made it (§4.3), so now minus TSecr is a round trip of the guest's. One
-                # sample per TSval (a 1 ms tick), not per ACK of a download's many.
-                self.rtt_tsecr = tsecr
-                sample_ms = (self._tsval() - tsecr) & M32
-                if sample_ms < RTT_SAMPLE_MAX_MS:
-                    self.guest_srtt, self.guest_rttvar = rtt_update(
-                        self.guest_srtt, self.guest_rttvar, sample_ms / 1000)
+            self._sample_rtt(seg.tsecr)
             if seq_lt(self.snd_nxt, self.snd_una):
                 self.snd_nxt = self.snd_una  # acked beyond a rewind point
             if self.sacked is not None:

@@ -46,6 +46,7 @@ from relaynat.window import (
     mss_for_guest,
     negotiate_wscale,
     rto_s,
+    rtt_update,
     syn_timeout_s,
 )
 from relaynat.wire import ACK, RST, SYN, TcpSegment
@@ -58,6 +59,9 @@ SACK_BLOCKS_NO_TS = 4
 #: Largest TCP payload in one IPv4 frame without options (65535 - 20 - 20): the size of
 #: a GSO super-frame toward an offloading TAP.
 MAX_GSO_PAYLOAD = 65495
+#: A TSecr further back than this is not one of ours from this flow's life (a guest
+#: echoing garbage, or a clock wrap): no round-trip sample from it.
+RTT_SAMPLE_MAX_MS = 60_000
 
 
 class TcpHandshake:
@@ -253,6 +257,20 @@ class TcpHandshake:
             self.ooo.clear()
             self.ooo = None
 
+    def _sample_rtt(self, tsecr: int | None) -> None:
+        """RFC 7323 §4.1: an ACK of new data (our SYN included: it takes a sequence
+        number) echoes the TSval of the segment that made it (§4.3), so now minus TSecr
+        is a round trip of the guest's (RFC 6298 §2). One sample per TSval (a 1 ms
+        tick), not per ACK of a download's many. A TSecr echoes one transmission, so
+        Karn's rule does not hold a retransmitted SYN-ACK's back (§4.1)."""
+        if tsecr is None or tsecr == self.rtt_tsecr or not self.template.timestamps:
+            return
+        self.rtt_tsecr = tsecr
+        sample_ms = (self._tsval() - tsecr) & M32
+        if sample_ms < RTT_SAMPLE_MAX_MS:
+            self.guest_srtt, self.guest_rttvar = rtt_update(
+                self.guest_srtt, self.guest_rttvar, sample_ms / 1000)
+
     def _tsval(self) -> int:
         """Our timestamp clock: milliseconds (RFC 7323 §5.4 allows 1 ms to 1 s ticks)."""
         return (int(self.now * 1000) + self.ts_offset) & M32
@@ -333,6 +351,7 @@ class TcpHandshake:
         if seg.tsval is None and self.template.timestamps:
             self.template = self.template.with_timestamps(False)
         self._learn_guest_syn(seg)
+        self._sample_rtt(seg.tsecr)
         self._event(TcpEvent.GUEST_SYN_ACK)
         self.syn_at = None
         self.retries = 0
