@@ -516,6 +516,15 @@ def test_zero_window_persist_probe() -> None:
     # The guest answers with an open window.
     e.on_guest_segment(guest_seg(2, 2, ACK, 500), 6.5)
     assert e.host_read_budget() == 500
+    # With the guest's round trip measured, the interval is that RTO, backed off alike.
+    e = established(1, 1, wscale=None, window=0)
+    e.guest_srtt, e.guest_rttvar = 0.002, 0.001
+    e.on_host_blocked(5.0)
+    assert e.next_deadline() == pytest.approx(5.0 + 0.002 + RTO_MIN_S)
+    e.on_timer(5.0 + 0.002 + RTO_MIN_S, None)
+    e.take_actions()
+    e.on_host_blocked(5.5)
+    assert e.next_deadline() == pytest.approx(5.5 + 2 * (0.002 + RTO_MIN_S))
 
 
 def _expire_until_reset(e: TcpNatEntry) -> list[float]:

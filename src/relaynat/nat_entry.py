@@ -380,7 +380,10 @@ class TcpNatEntry(TcpHandshake):
         """The host has data but `host_read_budget()` is 0: probe a zero window."""
         if (self.persist_at is None and not self.bytes_in_flight
                 and self.state in HOST_SENDING):
-            self.persist_at = now + rto_s(self.persist_count, False)
+            # RFC 9293 §3.8.6.1 leaves the interval to the RTO; Linux's is the flow's RTO,
+            # backed off (tcp_probe0_base), so the guest's measured round trip counts.
+            self.persist_at = now + rto_s(self.persist_count, False, self.guest_srtt,
+                                          self.guest_rttvar)
 
     def on_host_eof(self, now: float) -> None:
         """The peer closed its side and every byte of it has been sent: FIN the guest.
