@@ -44,8 +44,8 @@ from lossy_harness import (  # noqa: E402
 from relaynat.netns_util import isolate_network  # noqa: E402
 
 _RECOVERY_COUNTERS = ("tcp_retransmits=", "tcp_rto_expiries=", "tcp_sack_resends=",
-                      "tcp_loss_probes=",
-                      "drop_tcp_checksum=", "tcp_ooo_segments=")
+                      "tcp_loss_probes=", "tcp_rcvbuf_grown=", "drop_tcp_checksum=",
+                      "tcp_ooo_segments=")
 
 DEFAULT_SPECS = (
     "loss=0.05",

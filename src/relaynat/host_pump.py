@@ -10,6 +10,18 @@ skips what is in flight.
 A peek fills one buffer shared by every flow of the relay, and the frames built from
 it point into that buffer, so the flow's actions are executed after each peek, before
 the next one overwrites it.
+
+The receive queue holds every byte in flight toward the guest, so its buffer bounds
+the flight: the host peer stops once it is full. Linux sizes it by what the reader
+took per round trip of the *host* connection (tcp_rcv_space_adjust), a fraction of a
+millisecond on loopback, while bytes leave only a guest round trip later; with a
+guest 100 ms away it stayed at 750 KB, and downloads at 6 MiB/s. So when the socket
+ran dry while the guest's window had room and the flight fills half the buffer, the
+buffer is doubled: it grows with what the guest takes in one of its round trips. This
+ends the kernel's own tuning of that socket, so it is done only where the buffer may
+grow to RCVBUF_MIN_CEILING at least: with CAP_NET_ADMIN (SO_RCVBUFFORCE) or a
+net.core.rmem_max that allows it, as passt sizes its buffers only then (its low_rmem);
+Debian's default rmem_max (208 KiB) would cap it below what the kernel tunes to.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from collections.abc import Callable
 
 from relaynat.guest_log import guest_logger
 from relaynat.tcp_flow import TcpFlow, discard, peek_at
+from relaynat.tcp_repair import SO_RCVBUFFORCE
 
 log = guest_logger("relaynat.tcp")
 
@@ -27,6 +40,20 @@ log = guest_logger("relaynat.tcp")
 PUMP_ROUNDS = 16
 #: The most one peek takes; a larger read budget is peeked over more rounds.
 _BUF_BYTES = 1 << 20
+#: The largest receive buffer (as SO_RCVBUF reports it) grown to: Linux's own default
+#: tcp_rmem maximum (6 MiB) and then some, for a guest window of several MiB.
+RCVBUF_MAX = 32 << 20
+#: A ceiling below this leaves the buffers to the kernel (module docstring).
+RCVBUF_MIN_CEILING = 4 << 20
+
+
+def _rmem_max() -> int:
+    """net.core.rmem_max: SO_RCVBUF's ceiling for an unprivileged process."""
+    try:
+        with open("/proc/sys/net/core/rmem_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
 
 
 class HostPump:
@@ -39,6 +66,10 @@ class HostPump:
         self._peek_buf = bytearray(_BUF_BYTES)
         self._peek_view = memoryview(self._peek_buf)
         self._trunc_buf = bytearray(_BUF_BYTES)
+        # The kernel doubles what SO_RCVBUF is given (socket(7)), so twice rmem_max;
+        # SO_RCVBUFFORCE (CAP_NET_ADMIN) goes beyond it, until it is refused once.
+        self._rcvbuf_force = True
+        self._rcvbuf_max = RCVBUF_MAX
 
     def pump(self, flow: TcpFlow, now: float) -> bool:
         """Move what the host sent to the guest, within the entry's read budget and
@@ -68,11 +99,15 @@ class HostPump:
                     raw = sock.recv(skip + budget, socket.MSG_PEEK)
                     if raw and len(raw) <= skip:
                         flow.host_readable = False
+                        if skip >= flow.rcvbuf_watch:
+                            self._grow_rcvbuf(flow)
                         return False
                     got = len(raw) - skip if raw else 0
                     data = memoryview(raw)[skip:]
             except BlockingIOError:
                 flow.host_readable = False
+                if entry.bytes_in_flight >= flow.rcvbuf_watch:
+                    self._grow_rcvbuf(flow)  # dry with room in the guest's window
                 return False
             except OSError as exc:
                 log.debug("host read on %s failed: %s", flow.host_addr, exc)
@@ -88,6 +123,40 @@ class HostPump:
             entry.on_host_data(data, now)
             self._execute(flow)
         return True
+
+    def _grow_rcvbuf(self, flow: TcpFlow) -> None:
+        """The socket ran dry with room left in the guest's window and a flight that
+        may fill its receive buffer: double the buffer if the flight fills half of it."""
+        sock = flow.sock
+        try:
+            size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            if flow.entry.bytes_in_flight < size // 2:
+                flow.rcvbuf_watch = size // 2  # the peer is slow, not held back
+                return
+            want = min(2 * size, self._rcvbuf_max)
+            if want <= size:
+                flow.rcvbuf_watch = 1 << 62  # at the ceiling: no more checks
+                return
+            self._set_rcvbuf(sock, want)
+        except OSError as exc:
+            log.debug("growing the receive buffer on %s failed: %s", flow.host_addr, exc)
+            flow.rcvbuf_watch = 1 << 62
+            return
+        flow.rcvbuf_watch = want // 2
+        self.stats["tcp_rcvbuf_grown"] += 1
+
+    def _set_rcvbuf(self, sock: socket.socket, size: int) -> None:
+        if self._rcvbuf_force:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size // 2)
+                return
+            except PermissionError:
+                self._rcvbuf_force = False
+                ceiling = min(2 * _rmem_max(), RCVBUF_MAX)
+                self._rcvbuf_max = ceiling if ceiling >= RCVBUF_MIN_CEILING else 0
+                if size > self._rcvbuf_max:
+                    raise
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size // 2)
 
     def resend(self, flow: TcpFlow, offset: int, length: int, probe: bool = False) -> None:
         """Send one hole the guest's SACK blocks left again, or the tail loss probe

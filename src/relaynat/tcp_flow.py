@@ -51,6 +51,9 @@ class TcpFlow:
     #: Guest payloads of this wakeup not yet written to the socket (views into the
     #: transport's buffer, valid until its end of batch): one sendmsg at flush.
     gathered: list[memoryview] | None = None
+    #: Bytes in flight toward the guest from which the socket's receive buffer may be
+    #: what holds the host peer back (host_pump.py grows it then).
+    rcvbuf_watch: int = 1 << 16
 
 
 def close_with_reset(sock: socket.socket) -> None:

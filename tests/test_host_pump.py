@@ -1,0 +1,134 @@
+"""host_pump: a flow's host socket receive buffer grows with the flight toward the guest.
+
+Real loopback TCP sockets and a real `TcpNatEntry`; the pump runs dry on an empty
+socket (EAGAIN) while the entry has bytes in flight, as it does when the host peer is
+held back by a full receive buffer. Without CAP_NET_ADMIN (a child process whose
+capabilities `setpriv` dropped) the buffer grows within net.core.rmem_max, or not at
+all where that is too small to beat the kernel's own tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_nat_entry import established
+
+from relaynat.host_pump import RCVBUF_MAX, RCVBUF_MIN_CEILING, HostPump
+from relaynat.tcp_flow import SO_PEEK_OFF, TcpFlow
+
+
+@pytest.fixture
+def connection() -> Iterator[socket.socket]:
+    """The relay's end of a loopback connection whose peer sends nothing."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sock = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        peer.close()
+
+
+def _flow(sock: socket.socket, in_flight: int) -> TcpFlow:
+    entry = established(1, 1, window=0xFFFF)
+    entry.guest_wscale = 14  # a window of 1 GiB, so every byte below is in flight
+    entry.guest_wnd_edge = (entry.snd_una + (0xFFFF << 14)) & 0xFFFFFFFF
+    entry.on_host_data(memoryview(bytes(in_flight)), 0.0)
+    assert entry.bytes_in_flight == in_flight
+    entry.take_actions()
+    flow = TcpFlow((40000, b"\x7f\0\0\1", 1, b"\x0a\0\2\x0f"), entry, sock, connecting=False,
+                   host_readable=True)
+    return flow
+
+
+def _rcvbuf(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+def test_a_flight_that_fills_half_the_buffer_doubles_it(connection: socket.socket) -> None:
+    stats: Counter[str] = Counter()
+    pump = HostPump(stats, lambda flow: None)
+    size = _rcvbuf(connection)
+    flow = _flow(connection, size // 2)
+    assert not pump.pump(flow, 0.0)  # dry: nothing to peek
+    assert _rcvbuf(connection) == 2 * size
+    assert stats["tcp_rcvbuf_grown"] == 1 and flow.rcvbuf_watch == size
+    # It goes on doubling with the flight, beyond rmem_max (as root: SO_RCVBUFFORCE), up
+    # to RCVBUF_MAX, and then stops asking.
+    grown = 2 * size
+    while grown < RCVBUF_MAX:
+        flow.entry.on_host_data(memoryview(bytes(grown // 2 - flow.entry.bytes_in_flight)), 0)
+        flow.host_readable = True
+        pump.pump(flow, 0.0)
+        grown = min(2 * grown, RCVBUF_MAX)
+        assert _rcvbuf(connection) == grown
+    flow.entry.on_host_data(memoryview(bytes(RCVBUF_MAX // 2 - flow.entry.bytes_in_flight)), 0)
+    flow.host_readable = True
+    pump.pump(flow, 0.0)
+    assert flow.rcvbuf_watch > 1 << 40 and _rcvbuf(connection) == RCVBUF_MAX
+
+
+def test_a_flight_below_half_the_buffer_leaves_it(connection: socket.socket) -> None:
+    """The peer is slow, not held back: the buffer stays, and the next look waits for
+    a flight of half of it."""
+    stats: Counter[str] = Counter()
+    pump = HostPump(stats, lambda flow: None)
+    size = _rcvbuf(connection)
+    flow = _flow(connection, size // 2 - 1000)
+    pump.pump(flow, 0.0)
+    assert _rcvbuf(connection) == size and stats["tcp_rcvbuf_grown"] == 0
+    assert flow.rcvbuf_watch == size // 2
+
+
+_UNPRIVILEGED = """
+import json, socket, sys
+from collections import Counter
+sys.path.insert(0, sys.argv[1])
+from test_host_pump import _flow, _rcvbuf
+from relaynat.host_pump import HostPump
+from relaynat.tcp_flow import SO_PEEK_OFF
+server = socket.create_server(("127.0.0.1", 0))
+sock = socket.create_connection(server.getsockname())
+sock.setblocking(False)
+sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+stats = Counter()
+pump = HostPump(stats, lambda flow: None)
+before = _rcvbuf(sock)
+flow = _flow(sock, before)
+pump.pump(flow, 0.0)
+after = _rcvbuf(sock)
+while flow.rcvbuf_watch < 1 << 40:  # on with the flight until it stops growing
+    flow.entry.on_host_data(memoryview(bytes(flow.rcvbuf_watch - flow.entry.bytes_in_flight)), 0)
+    flow.host_readable = True
+    pump.pump(flow, 0.0)
+print(json.dumps({"before": before, "after": after, "last": _rcvbuf(sock),
+                  "grown": stats["tcp_rcvbuf_grown"]}))
+"""
+
+
+def test_without_cap_net_admin_it_grows_within_rmem_max_or_not_at_all() -> None:
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv (util-linux) is missing")
+    tests = Path(__file__).parent
+    out = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-all",
+                          sys.executable, "-c", _UNPRIVILEGED, str(tests)],
+                         capture_output=True, text=True, check=True, timeout=60)
+    figures = json.loads(out.stdout)
+    ceiling = min(2 * int(Path("/proc/sys/net/core/rmem_max").read_text()), RCVBUF_MAX)
+    if ceiling >= RCVBUF_MIN_CEILING:
+        assert figures["after"] == min(2 * figures["before"], ceiling), figures
+        assert figures["last"] == ceiling and figures["grown"] >= 1, figures
+    else:  # Debian's default rmem_max: SO_RCVBUF would cap it below the kernel's tuning
+        assert figures["after"] == figures["last"] == figures["before"], figures
+        assert figures["grown"] == 0, figures
