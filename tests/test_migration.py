@@ -442,7 +442,7 @@ def test_ctl_refusals_name_the_problem_and_import_nothing(tmp_path: Path) -> Non
                "flows": [_flow(1, "127.0.0.1"), _flow(2, "127.0.0.1") | {"mss": 0}]}
         cases = {
             "field": (doc, "flows[1]: field mss: 0 is not in 1..65535; nothing imported"),
-            "version": (doc | {"version": 2}, "relaynat-flows version 2 is not supported"),
+            "version": (doc | {"version": 3}, "relaynat-flows version 3 is not supported"),
             "json": ("{not json", "is not JSON"),
         }
         for name, (content, error) in cases.items():
