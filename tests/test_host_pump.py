@@ -21,18 +21,23 @@ from pathlib import Path
 import pytest
 from test_nat_entry import established
 
-from relaynat.host_pump import RCVBUF_MAX, RCVBUF_MIN_CEILING, HostPump
+from relaynat.host_pump import RCVBUF_BUDGET, RCVBUF_MAX, RCVBUF_MIN_CEILING, HostPump
 from relaynat.tcp_flow import SO_PEEK_OFF, TcpFlow
 
 
-@pytest.fixture
-def connection() -> Iterator[socket.socket]:
-    """The relay's end of a loopback connection whose peer sends nothing."""
+def _loopback() -> tuple[socket.socket, socket.socket]:
+    """The relay's end of a loopback connection whose peer sends nothing, and the peer."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         sock = socket.create_connection(server.getsockname())
         peer, _ = server.accept()
     sock.setblocking(False)
     sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    return sock, peer
+
+
+@pytest.fixture
+def connection() -> Iterator[socket.socket]:
+    sock, peer = _loopback()
     try:
         yield sock
     finally:
@@ -89,6 +94,45 @@ def test_a_flight_below_half_the_buffer_leaves_it(connection: socket.socket) -> 
     pump.pump(flow, 0.0)
     assert _rcvbuf(connection) == size and stats["tcp_rcvbuf_grown"] == 0
     assert flow.rcvbuf_watch == size // 2
+
+
+def _grow_to_the_end(pump: HostPump, flow: TcpFlow) -> None:
+    """Keep the flight at what the pump watches for, until it stops asking."""
+    for _ in range(20):
+        need = flow.rcvbuf_watch - flow.entry.bytes_in_flight
+        if need > RCVBUF_MAX:
+            return
+        if need > 0:
+            flow.entry.on_host_data(memoryview(bytes(need)), 0.0)
+        flow.host_readable = True
+        pump.pump(flow, 0.0)
+
+
+def test_a_relays_flows_grow_their_buffers_within_one_budget() -> None:
+    """A guest that keeps a wide window and never acknowledges must not pin RCVBUF_MAX
+    of host memory in every flow: growth beyond RCVBUF_BUDGET waits until a flow that
+    grew leaves (closed or moved) and gives its share back."""
+    stats: Counter[str] = Counter()
+    pump = HostPump(stats, lambda flow: None)
+    pairs = [_loopback() for _ in range(3)]
+    try:
+        flows = [_flow(sock, 0) for sock, _ in pairs]
+        start = [_rcvbuf(sock) for sock, _ in pairs]
+        for flow in flows:
+            _grow_to_the_end(pump, flow)
+        grown = [_rcvbuf(sock) - before for (sock, _), before in zip(pairs, start, strict=True)]
+        assert sum(grown) <= RCVBUF_BUDGET < sum(grown) + RCVBUF_MAX, grown
+        assert grown[0] == RCVBUF_MAX - start[0] and grown[2] < grown[0], grown
+        assert stats["tcp_rcvbuf_budget_full"] >= 1
+        assert [f.rcvbuf_granted for f in flows] == grown
+        pump.release(flows[0])  # its flow closed
+        flows[2].rcvbuf_watch = _rcvbuf(pairs[2][0]) // 2
+        _grow_to_the_end(pump, flows[2])
+        assert _rcvbuf(pairs[2][0]) == RCVBUF_MAX
+    finally:
+        for sock, peer in pairs:
+            sock.close()
+            peer.close()
 
 
 _UNPRIVILEGED = """

@@ -22,6 +22,9 @@ ends the kernel's own tuning of that socket, so it is done only where the buffer
 grow to RCVBUF_MIN_CEILING at least: with CAP_NET_ADMIN (SO_RCVBUFFORCE) or a
 net.core.rmem_max that allows it, as passt sizes its buffers only then (its low_rmem);
 Debian's default rmem_max (208 KiB) would cap it below what the kernel tunes to.
+What a relay's flows grew their buffers by is bounded together (RCVBUF_BUDGET): a
+guest that keeps a wide window and never acknowledges would otherwise pin that much
+of the host's TCP memory in every flow it opens.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ _BUF_BYTES = 1 << 20
 RCVBUF_MAX = 32 << 20
 #: A ceiling below this leaves the buffers to the kernel (module docstring).
 RCVBUF_MIN_CEILING = 4 << 20
+#: What one relay's flows may have grown their receive buffers by, together: two flows
+#: at RCVBUF_MAX, or many at a few MiB.
+RCVBUF_BUDGET = 64 << 20
 
 
 def _rmem_max() -> int:
@@ -70,6 +76,7 @@ class HostPump:
         # SO_RCVBUFFORCE (CAP_NET_ADMIN) goes beyond it, until it is refused once.
         self._rcvbuf_force = True
         self._rcvbuf_max = RCVBUF_MAX
+        self._rcvbuf_granted = 0  # of RCVBUF_BUDGET
 
     def pump(self, flow: TcpFlow, now: float) -> bool:
         """Move what the host sent to the guest, within the entry's read budget and
@@ -137,13 +144,26 @@ class HostPump:
             if want <= size:
                 flow.rcvbuf_watch = 1 << 62  # at the ceiling: no more checks
                 return
+            if self._rcvbuf_granted + want - size > RCVBUF_BUDGET:
+                # Until other flows give theirs back; asked again only when the flight
+                # fills the whole buffer, not on every dry read.
+                flow.rcvbuf_watch = size
+                self.stats["tcp_rcvbuf_budget_full"] += 1
+                return
             self._set_rcvbuf(sock, want)
         except OSError as exc:
             log.debug("growing the receive buffer on %s failed: %s", flow.host_addr, exc)
             flow.rcvbuf_watch = 1 << 62
             return
+        self._rcvbuf_granted += want - size
+        flow.rcvbuf_granted += want - size
         flow.rcvbuf_watch = want // 2
         self.stats["tcp_rcvbuf_grown"] += 1
+
+    def release(self, flow: TcpFlow) -> None:
+        """`flow` leaves this relay (closed or moved): its growth leaves the budget."""
+        self._rcvbuf_granted -= flow.rcvbuf_granted
+        flow.rcvbuf_granted = 0
 
     def _set_rcvbuf(self, sock: socket.socket, size: int) -> None:
         if self._rcvbuf_force:

@@ -54,6 +54,8 @@ class TcpFlow:
     #: Bytes in flight toward the guest from which the socket's receive buffer may be
     #: what holds the host peer back (host_pump.py grows it then).
     rcvbuf_watch: int = 1 << 16
+    #: Bytes by which host_pump.py grew that buffer (counted in its relay's budget).
+    rcvbuf_granted: int = 0
 
 
 def close_with_reset(sock: socket.socket) -> None:

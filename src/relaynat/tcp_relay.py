@@ -508,6 +508,7 @@ class TcpRelay:
     def _untrack(self, flow: TcpFlow) -> None:
         """Take `flow` out of the tables and the epoll set; its socket stays open."""
         del self.flows[flow.key]
+        self._host.release(flow)
         if flow.gathered is not None:  # unacknowledged: the guest sends it again
             flow.gathered = None
             flow.entry.drop_pending()
