@@ -139,7 +139,7 @@ _UNPRIVILEGED = """
 import json, socket, sys
 from collections import Counter
 sys.path.insert(0, sys.argv[1])
-from test_host_pump import _flow, _rcvbuf
+from test_host_pump import _flow, _grow_to_the_end, _rcvbuf
 from relaynat.host_pump import HostPump
 from relaynat.tcp_flow import SO_PEEK_OFF
 server = socket.create_server(("127.0.0.1", 0))
@@ -152,10 +152,7 @@ before = _rcvbuf(sock)
 flow = _flow(sock, before)
 pump.pump(flow, 0.0)
 after = _rcvbuf(sock)
-while flow.rcvbuf_watch < 1 << 40:  # on with the flight until it stops growing
-    flow.entry.on_host_data(memoryview(bytes(flow.rcvbuf_watch - flow.entry.bytes_in_flight)), 0)
-    flow.host_readable = True
-    pump.pump(flow, 0.0)
+_grow_to_the_end(pump, flow)  # on with the flight until it stops growing
 print(json.dumps({"before": before, "after": after, "last": _rcvbuf(sock),
                   "grown": stats["tcp_rcvbuf_grown"]}))
 """

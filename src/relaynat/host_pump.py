@@ -105,16 +105,12 @@ class HostPump:
                     skip = entry.bytes_in_flight
                     raw = sock.recv(skip + budget, socket.MSG_PEEK)
                     if raw and len(raw) <= skip:
-                        flow.host_readable = False
-                        if skip >= flow.rcvbuf_watch:
-                            self._grow_rcvbuf(flow)
+                        self._ran_dry(flow)
                         return False
                     got = len(raw) - skip if raw else 0
                     data = memoryview(raw)[skip:]
             except BlockingIOError:
-                flow.host_readable = False
-                if entry.bytes_in_flight >= flow.rcvbuf_watch:
-                    self._grow_rcvbuf(flow)  # dry with room in the guest's window
+                self._ran_dry(flow)
                 return False
             except OSError as exc:
                 log.debug("host read on %s failed: %s", flow.host_addr, exc)
@@ -130,6 +126,14 @@ class HostPump:
             entry.on_host_data(data, now)
             self._execute(flow)
         return True
+
+    def _ran_dry(self, flow: TcpFlow) -> None:
+        """No new data, though the guest's window had room (the read budget was not
+        0): wait for the next readiness, and grow the receive buffer if the flight may
+        be what fills it."""
+        flow.host_readable = False
+        if flow.entry.bytes_in_flight >= flow.rcvbuf_watch:
+            self._grow_rcvbuf(flow)
 
     def _grow_rcvbuf(self, flow: TcpFlow) -> None:
         """The socket ran dry with room left in the guest's window and a flight that
