@@ -464,7 +464,7 @@ class Relay:
             elif ip.proto == IPPROTO_ICMP:
                 assert self._icmp is not None
                 # Echo only; port 0 maps nothing special (the DNS address has no echo).
-                self._icmp.on_packet(ip, self._addr.host_ip_for(ip.dst, 0), src_mac)
+                self._icmp.on_packet(ip, self._addr.host_ip_for(ip.dst, 0, self._stats), src_mac)
             else:
                 raise MalformedFrame("ip_proto_unsupported")
         elif ethertype == ETHERTYPE_ARP:
@@ -498,7 +498,7 @@ class Relay:
                 and seg.dst in (self._addr.dns_ip, self._addr.dns_ip6)):
             self._tcp.on_segment(seg, "127.0.0.1", self._dns_tcp.port)
             return
-        self._tcp.on_segment(seg, self._addr.host_ip_for(seg.dst, seg.dport))
+        self._tcp.on_segment(seg, self._addr.host_ip_for(seg.dst, seg.dport, self._stats))
 
     # -- IPv6 ----------------------------------------------------------------------------
 
@@ -535,7 +535,7 @@ class Relay:
             self._udp_relayed(ip, parse_udp(ip))
         elif proto == IPPROTO_ICMPV6:
             assert self._icmp is not None
-            self._icmp.on_packet(ip, self._addr.host_ip_for(ip.dst, 0), src_mac)
+            self._icmp.on_packet(ip, self._addr.host_ip_for(ip.dst, 0, self._stats), src_mac)
         else:
             raise MalformedFrame("ip_proto_unsupported")
 
@@ -578,14 +578,15 @@ class Relay:
                                            self.config.gateway_mac, dns_ip, dgram.src,
                                            DNS_PORT, dgram.sport, answer, self._ip_id))
                 return
-        host_ip = self._addr.host_ip_for(dgram.dst, dgram.dport)
+        host_ip = self._addr.host_ip_for(dgram.dst, dgram.dport, self._stats)
         assert self._udp_relay is not None
         if host_ip is None and (dgram.sport, dgram.dst, dgram.dport,
                                 dgram.src) not in self._udp_relay.table.flows:
             if dgram.dst == self._guest_ip or dgram.dst[:8] == LINK_LOCAL_PREFIX:
                 raise MalformedFrame("udp_unmapped_destination")
             # Nothing listens there (gateway without the mapping, the DNS address on
-            # another port or without upstream): port unreachable, as TCP gets a RST.
+            # another port or without upstream, a host-local address): port unreachable,
+            # as TCP gets a RST.
             self._udp_relay.refuse(ip, ICMP_PORT_UNREACH)
             return
         if dgram.dst == dns_ip:
