@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 import pytest
 from hypothesis import given, settings
@@ -42,7 +42,10 @@ def deny_to(*to: str, proto: str = "any", ports: str = "") -> Policy:
 # --- groups ---------------------------------------------------------------------------
 
 GROUP_MEMBERS = {
-    "loopback": ["127.0.0.1", "127.255.255.255", "::1", "10.0.2.2", "fd00::2"],
+    "loopback": ["127.0.0.1", "127.255.255.255", "::1", "10.0.2.2", "fd00::2",
+                 # Connected to, these reach host loopback too (addressing.py).
+                 "0.0.0.0", "0.255.255.255", "::", "::ffff:0.0.0.0", "::ffff:127.0.0.2",
+                 "::127.0.0.1", "64:ff9b::7f00:1", "64:ff9b::1"],
     "host": ["10.0.2.2", "fd00::2"],
     "private": ["10.0.0.0", "10.255.255.255", "172.16.0.1", "172.31.255.255", "192.168.1.1",
                 "100.64.0.1", "100.127.255.255", "fc00::1", "fdff:ffff::1", "10.0.2.3"],
@@ -50,10 +53,10 @@ GROUP_MEMBERS = {
     "metadata": ["169.254.169.254", "fd00:ec2::254"],
     "multicast": ["224.0.0.1", "239.255.255.255", "ff02::1", "ff0e::1"],
     "public": ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "2a00::1", "172.32.0.0",
-               "100.128.0.0", "::ffff:8.8.8.8"],
+               "100.128.0.0", "::ffff:8.8.8.8", "64:ff9b::808:808", "::8.8.8.8"],
 }
 GROUP_NONMEMBERS = {
-    "loopback": ["128.0.0.1", "::2", "10.0.2.3"],
+    "loopback": ["128.0.0.1", "::2", "10.0.2.3", "1.0.0.0", "::1.0.0.0", "64:ff9b::1:0:1"],
     "host": ["127.0.0.1", "::1", "10.0.2.15"],
     "private": ["11.0.0.0", "172.15.255.255", "172.32.0.0", "192.169.0.0", "100.63.255.255",
                 "fe00::1"],
@@ -63,7 +66,7 @@ GROUP_NONMEMBERS = {
     "public": ["10.0.0.1", "127.0.0.1", "169.254.1.1", "224.0.0.1", "192.0.2.1",
                "198.51.100.1", "203.0.113.1", "255.255.255.255", "0.0.0.1", "::", "::1",
                "fe80::1", "fc00::1", "2001:db8::1", "ff02::1", "198.18.0.1", "3fff::1",
-               "::ffff:10.0.2.2"],
+               "::ffff:10.0.2.2", "64:ff9b::a9fe:a9fe", "::10.0.0.1"],
 }
 
 
@@ -92,6 +95,39 @@ def test_v4_mapped_v6_is_judged_as_v4() -> None:
     policy = deny_to("169.254.169.254/32")
     assert not policy.decide(PROTO_TCP, pk("::ffff:169.254.169.254"), 80).allow
     assert policy.decide(PROTO_TCP, pk("::ffff:169.254.169.253"), 80).allow
+
+
+def test_rules_in_v4_mapped_form_match_both_spellings() -> None:
+    """Issue 18 item 3: a rule written as ::ffff:a.b.c.d is the IPv4 rule it embeds."""
+    policy = deny_to("::ffff:169.254.169.254")
+    for dst in ("169.254.169.254", "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe"):
+        assert policy.decide(PROTO_TCP, pk(dst), 80) == Decision(False, 0), dst
+    assert policy.decide(PROTO_TCP, pk("169.254.169.253"), 80).allow
+    everything_v4 = deny_to("::ffff:0:0/96")
+    for dst in ("8.8.8.8", "::ffff:8.8.8.8", "0.0.0.0", "255.255.255.255"):
+        assert not everything_v4.decide(PROTO_UDP, pk(dst), 53).allow, dst
+    assert everything_v4.decide(PROTO_UDP, pk("2001:db8::1"), 53).allow
+    assert not deny_to("::ffff:10.0.0.0/104").decide(PROTO_TCP, pk("10.9.8.7"), 1).allow
+    # A wider IPv6 rule stays an IPv6 rule: it does not take all of IPv4 with it.
+    all_v6 = deny_to("::/0")
+    assert all_v6.decide(PROTO_TCP, pk("8.8.8.8"), 1).allow
+    assert all_v6.decide(PROTO_TCP, pk("::ffff:8.8.8.8"), 1).allow
+    assert not all_v6.decide(PROTO_TCP, pk("2001:db8::1"), 1).allow
+
+
+def test_nat64_and_v4_compatible_match_rules_on_either_form() -> None:
+    metadata = deny_to("169.254.169.254")
+    for dst in ("64:ff9b::a9fe:a9fe", "::169.254.169.254"):
+        assert metadata.decide(PROTO_TCP, pk(dst), 80) == Decision(False, 0), dst
+    assert metadata.decide(PROTO_TCP, pk("64:ff9b::a9fe:a9fd"), 80).allow
+    assert metadata.decide(PROTO_TCP, pk("64:ff9b:1::a9fe:a9fe"), 80).allow  # not /96
+    assert not deny_to("64:ff9b::/96").decide(PROTO_TCP, pk("64:ff9b::a9fe:a9fe"), 80).allow
+    assert not deny_to("::/96").decide(PROTO_TCP, pk("::169.254.169.254"), 80).allow
+    # :: and ::1 are not IPv4-compatible addresses: an IPv4 rule does not take them.
+    only_v4 = Policy([{"action": "allow", "to": "0.0.0.0/0"}], "deny", CFG)
+    for dst in ("::", "::1", "::2"):
+        assert only_v4.decide(PROTO_TCP, pk(dst), 80) == Decision(False, -1), dst
+    assert only_v4.decide(PROTO_TCP, pk("::8.8.8.8"), 80).allow
 
 
 # --- protocols and ports ---------------------------------------------------------------
@@ -141,6 +177,11 @@ def test_rule_without_to_matches_everything() -> None:
     ({"action": "deny", "to": []}, "policy rule 1: 'to' is empty"),
     ({"action": "deny", "proto": ["tcp"]}, "policy rule 1: unknown proto ['tcp']"),
     ({"action": "deny", "ports": True}, "policy rule 1: ports must be"),
+    ({"action": "deny", "ports": ""}, "policy rule 1: ports is empty"),
+    ({"action": "deny", "ports": " "}, "policy rule 1: ports is empty"),
+    ({"action": "deny", "ports": []}, "policy rule 1: ports is empty"),
+    ({"action": "deny", "to": "fe80::1%eth0"}, "policy rule 1: 'fe80::1%eth0' has a zone"),
+    ({"action": "deny", "to": ["fe80::%1/64"]}, "policy rule 1: 'fe80::%1/64' has a zone"),
 ])
 def test_rule_errors_name_the_rule(rule: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -159,6 +200,21 @@ def test_top_level_errors() -> None:
         Policy.from_json("{")
     with pytest.raises(ConfigError, match="'rule' must be a list"):
         Policy.from_json('{"rule": {}}')
+
+
+def test_duplicate_json_keys_are_refused(tmp_path) -> None:
+    # json.loads keeps the last of two equal keys: this rule would silently allow.
+    text = '{"rule": [{"action": "deny", "to": "metadata", "action": "allow"}]}'
+    with pytest.raises(ConfigError, match="duplicate key 'action'"):
+        Policy.from_json(text)
+    with pytest.raises(ConfigError, match="duplicate key 'default'"):
+        Policy.from_json('{"default": "deny", "rule": [], "default": "allow"}')
+    path = tmp_path / "policy.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="duplicate key"):
+        Policy.load(path)
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        Policy.from_toml('default = "deny"\ndefault = "allow"\n')
 
 
 # --- files and serialisation ------------------------------------------------------------
@@ -208,7 +264,9 @@ def test_sandbox_profile() -> None:
     policy = Policy.sandbox(CFG)
     for addr in ("169.254.169.254", "fd00:ec2::254", "169.254.3.4", "fe80::1", "10.0.2.2",
                  "fd00::2", "127.0.0.1", "::1", "192.168.1.1", "172.20.0.1", "10.0.2.3",
-                 "100.64.1.1", "fd12::1"):
+                 "100.64.1.1", "fd12::1", "0.0.0.0", "::", "::ffff:0.0.0.0",
+                 "::ffff:127.0.0.1", "::127.0.0.1", "64:ff9b::7f00:1",
+                 "64:ff9b::a9fe:a9fe", "::ffff:10.0.2.2", "64:ff9b::a00:202"):
         for proto in (PROTO_TCP, PROTO_UDP):
             assert not policy.decide(proto, pk(addr), 80).allow, addr
     for addr in ("8.8.8.8", "2606:4700::1111"):
@@ -222,9 +280,28 @@ def test_sandbox_profile() -> None:
 
 # --- hypothesis: first-match against a reference scan -------------------------------------
 
+MAPPED, NAT64, COMPATIBLE = (ip_network(n) for n in ("::ffff:0:0/96", "64:ff9b::/96", "::/96"))
+
+
+def judged_as(addr: IPv4Address | IPv6Address) -> list[IPv4Address | IPv6Address]:
+    """The addresses a destination is judged as (the module docstring, read literally)."""
+    if isinstance(addr, IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return [addr.ipv4_mapped]
+        if addr in NAT64 or (addr in COMPATIBLE and addr >= IPv6Address("::1.0.0.0")):
+            return [addr, IPv4Address(int(addr) & 0xFFFFFFFF)]
+    return [addr]
+
+
+def normalised(net: IPv4Network | IPv6Network) -> IPv4Network | IPv6Network:
+    if isinstance(net, IPv6Network) and net.subnet_of(MAPPED):
+        return IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    return net
+
+
 def reference(rules: list[dict], default: str, proto: int, dst: bytes, port: int) -> Decision:
     """A literal reading of the spec with ipaddress, for CIDR rules only."""
-    addr = ip_address(dst)
+    forms = judged_as(ip_address(dst))
     names = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
     for i, rule in enumerate(rules):
         if rule["proto"] not in ("any", names[proto]):
@@ -232,8 +309,8 @@ def reference(rules: list[dict], default: str, proto: int, dst: bytes, port: int
         if rule["ports"] and (proto not in (6, 17)
                               or not any(lo <= port <= hi for lo, hi in rule["ports"])):
             continue
-        nets = [ip_network(t) for t in rule["to"]]
-        if nets and not any(addr.version == n.version and addr in n for n in nets):
+        nets = [normalised(ip_network(t)) for t in rule["to"]]
+        if nets and not any(a.version == n.version and a in n for n in nets for a in forms):
             continue
         return Decision(rule["action"] == "allow", i)
     return Decision(default == "allow", -1)
@@ -243,11 +320,15 @@ v4_nets = st.builds(lambda a, n: ip_network((a, n), strict=False),
                     st.integers(0, 2**32 - 1), st.integers(0, 32))
 v6_nets = st.builds(lambda a, n: ip_network((IPv6Address(a), n), strict=False),
                     st.integers(2**48, 2**128 - 1), st.integers(0, 128))
+#: IPv4 prefixes written in the IPv6 forms that embed them (mapped, NAT64, compatible).
+embedded_nets = st.builds(lambda net, prefix: ip_network(
+    (IPv6Address(int(prefix.network_address) | int(net.network_address)), net.prefixlen + 96)),
+    v4_nets, st.sampled_from([MAPPED, NAT64, COMPATIBLE]))
 port_ranges = st.tuples(st.integers(0, 65535), st.integers(0, 65535)).map(sorted).map(tuple)
 rules_st = st.lists(st.fixed_dictionaries({
     "action": st.sampled_from(["allow", "deny"]),
     "proto": st.sampled_from(["tcp", "udp", "icmp", "any"]),
-    "to": st.lists(st.one_of(v4_nets, v6_nets).map(str), max_size=3),
+    "to": st.lists(st.one_of(v4_nets, v6_nets, embedded_nets).map(str), max_size=3),
     "ports": st.lists(port_ranges, max_size=3),
 }), max_size=6).map(lambda rules: [r | {"ports": [] if r["proto"] == "icmp" else r["ports"]}
                                    for r in rules])
@@ -266,12 +347,15 @@ def edges(net_text: str) -> list[bytes]:
 @given(rules=rules_st, default=st.sampled_from(["allow", "deny"]),
        proto=st.sampled_from([6, 17, 1, 58]), port=st.integers(0, 65535), data=st.data())
 def test_first_match_matches_reference(rules, default, proto, port, data) -> None:
-    policy = Policy([{k: v for k, v in r.items() if v} | {
-        "ports": ",".join(f"{a}-{b}" for a, b in r["ports"])} for r in rules], default, CFG)
+    policy = Policy([{k: v for k, v in r.items() if v} | (
+        {"ports": ",".join(f"{a}-{b}" for a, b in r["ports"])} if r["ports"] else {})
+        for r in rules], default, CFG)
     candidates = [e for r in rules for t in r["to"] for e in edges(t)]
-    candidates += [pk("8.8.8.8"), pk("2001:db8::1")]
+    candidates += [pk("8.8.8.8"), pk("2001:db8::1"), pk("::"), pk("::1")]
+    # Each IPv4 candidate in the IPv6 spellings that embed it, too.
+    candidates += [prefix.network_address.packed[:12] + e for e in candidates if len(e) == 4
+                   for prefix in (MAPPED, NAT64, COMPATIBLE)]
     dst = data.draw(st.sampled_from(candidates))
-    dst = dst if not (len(dst) == 16 and dst[:12] == bytes(10) + b"\xff\xff") else pk("1.1.1.1")
     ports = [p for r in rules for lo, hi in r["ports"] for p in (lo - 1, lo, hi, hi + 1)]
     port = data.draw(st.sampled_from([port, *[p for p in ports if 0 <= p <= 65535]]))
     assert policy.decide(proto, dst, port) == reference(rules, default, proto, dst, port)
@@ -279,7 +363,7 @@ def test_first_match_matches_reference(rules, default, proto, port, data) -> Non
 
 
 @settings(max_examples=100, deadline=None)
-@given(net=st.one_of(v4_nets, v6_nets))
+@given(net=st.one_of(v4_nets, v6_nets, embedded_nets))
 def test_cidr_edges(net) -> None:
     policy = deny_to(str(net))
     for dst in edges(str(net)):

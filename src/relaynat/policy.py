@@ -25,9 +25,28 @@ How the relay uses it (the relay engineer wires this in):
   listing of the profile is self-explanatory), the sandbox profile also begins with an
   explicit allow for the DNS addresses, port 53, should a relay ever consult it there.
 
-IPv4-mapped IPv6 destinations (::ffff:a.b.c.d, RFC 4291 §2.5.5.2) are judged as the IPv4
-address they stand for: a host AF_INET6 socket connecting there reaches the IPv4 host, so
-"::ffff:169.254.169.254" must not slip past a rule for 169.254.169.254.
+Destinations and rules are normalised alike, so that no spelling of an address slips past
+a rule written in another:
+
+- IPv4-mapped IPv6 destinations (::ffff:a.b.c.d, RFC 4291 §2.5.5.2) are judged as the IPv4
+  address they stand for: a host AF_INET6 socket connecting there reaches the IPv4 host,
+  so "::ffff:169.254.169.254" must not slip past a rule for 169.254.169.254. A rule
+  inside ::ffff:0:0/96 is the IPv4 range it embeds (`::ffff:0:0/96` itself is all of
+  IPv4). A wider IPv6 rule (`::/0`) covers IPv6 destinations only: it does not turn
+  into an IPv4 rule, and the mapped destinations are IPv4 ones.
+- NAT64 destinations (64:ff9b::/96, RFC 6052 §2.1) and IPv4-compatible ones (::a.b.c.d,
+  RFC 4291 §2.5.5.1; not ::, ::1 or ::0.x.y.z, which embed nothing a host can route to)
+  reach the IPv4 address they embed where the host routes them (a NAT64 gateway, a sit
+  tunnel), so a rule matches them if it covers either the IPv6 address or the embedded
+  IPv4 one: a deny of 169.254.169.254 catches 64:ff9b::a9fe:a9fe, and a deny of
+  64:ff9b::/96 still matches it.
+- Rule CIDRs with an IPv6 zone ("fe80::1%eth0") are refused: a zone names one of the
+  host's links, which a rule about where the guest's packets go cannot mean.
+
+Host-local destinations (0.0.0.0/8, 127.0.0.0/8 and their IPv6 forms) never reach the
+policy: the relay refuses them before it asks (addressing.py). The `loopback` group holds
+them anyway (0.0.0.0/8 and :: beside 127.0.0.0/8 and ::1), so a policy says what it means
+should it ever be asked.
 
 File format (TOML; JSON has the same shape, with "rule" a list of objects)::
 
@@ -40,6 +59,8 @@ File format (TOML; JSON has the same shape, with "rule" a list of objects)::
     comment = "free text"        # optional, kept for listings
 
 Groups: loopback, host, private, link-local, metadata, multicast, public (see GROUPS).
+Refused as input, rather than read as "any": an empty `to` or `ports`, and duplicate keys
+in JSON (which keeps the last silently; TOML refuses them itself).
 """
 
 from __future__ import annotations
@@ -72,8 +93,9 @@ TOP_KEYS = frozenset({"default", "rule"})
 #: Static members of the named groups. `loopback` and `host` also get the config's mapped
 #: host-loopback addresses (the guest-visible gateway), added per Policy.
 _STATIC_GROUPS: dict[str, tuple[str, ...]] = {
-    # RFC 1122 §3.2.1.3 (127/8) and RFC 4291 §2.5.3 (::1).
-    "loopback": ("127.0.0.0/8", "::1/128"),
+    # RFC 1122 §3.2.1.3 (127/8) and RFC 4291 §2.5.3 (::1); 0.0.0.0/8 and :: because a
+    # host socket connected there reaches loopback (addressing.py).
+    "loopback": ("127.0.0.0/8", "0.0.0.0/8", "::1/128", "::/128"),
     "host": (),
     # RFC 1918 private IPv4; RFC 6598 shared address space 100.64/10, because carrier-grade
     # NAT and many cloud VPCs put internal, non-Internet hosts there that a sandbox must not
@@ -91,16 +113,22 @@ _STATIC_GROUPS: dict[str, tuple[str, ...]] = {
 GROUPS = (*_STATIC_GROUPS, "public")
 
 #: RFC 6890 special-purpose blocks that are neither in a group above nor globally
-#: reachable, so they are not `public` either: "this network" (RFC 791), IETF protocol
-#: assignments (RFC 6890 §2.2.2), documentation (RFC 5737), benchmarking (RFC 2544),
-#: reserved 240/4 incl. limited broadcast (RFC 1112 §4). IPv6 `public` is only global
-#: unicast 2000::/3 (RFC 4291 §2.4) minus documentation (RFC 3849, RFC 9637) and
-#: benchmarking (RFC 5180).
-_SPECIAL = ("0.0.0.0/8", "192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24",
+#: reachable, so they are not `public` either: IETF protocol assignments (RFC 6890
+#: §2.2.2), documentation (RFC 5737), benchmarking (RFC 2544), reserved 240/4 incl.
+#: limited broadcast (RFC 1112 §4); "this network" (RFC 791) is in `loopback`. IPv6
+#: `public` is only global unicast 2000::/3 (RFC 4291 §2.4) minus documentation (RFC
+#: 3849, RFC 9637) and benchmarking (RFC 5180).
+_SPECIAL = ("192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24",
             "203.0.113.0/24", "240.0.0.0/4",
             "2001:db8::/32", "3fff::/20", "2001:2::/48")
 _GLOBAL_UNICAST_V6 = (int(IPv6Address("2000::")), int(IPv6Address("3fff:" + "ffff:" * 6 + "ffff")))
-_V4_MAPPED_PREFIX = 0xFFFF  # ::ffff:0:0/96, RFC 4291 §2.5.5.2, as the top 96 bits
+# The top 96 bits of the IPv6 forms embedding an IPv4 address (see the module docstring):
+_V4_MAPPED_PREFIX = 0xFFFF  # ::ffff:0:0/96, RFC 4291 §2.5.5.2
+_NAT64_PREFIX = int(IPv6Address("64:ff9b::")) >> 32  # RFC 6052 §2.1
+_V4_MASK = 0xFFFFFFFF
+#: The lowest IPv4-compatible address judged as IPv4 (::1.0.0.0): below it are ::, ::1
+#: and ::0.x.y.z, which embed no address a host could route to.
+_V4_COMPATIBLE_FIRST = 1 << 24
 
 _Range = tuple[int, int]  # inclusive (first, last) address or port as ints
 
@@ -182,6 +210,10 @@ def _parse_to(value: object, where: str) -> tuple[str, ...]:
         if item in GROUPS:
             out.append(item)
             continue
+        if "%" in item:
+            # ipaddress takes "fe80::1%eth0" (Python 3.9+) and then ignores the zone.
+            raise ConfigError(f"{where}: {item!r} has a zone (%...): a rule matches the "
+                              "guest's destination address only; leave the zone out")
         try:
             out.append(str(ip_network(item, strict=True)))
         except ValueError as exc:
@@ -201,6 +233,9 @@ def parse_ports(value: object, where: str = "ports") -> tuple[_Range, ...]:
         value = value.split(",") if value.strip() else []
     if not isinstance(value, list | tuple):
         raise ConfigError(f"{where}: ports must be a string like '22,80-90' or a list")
+    if not value and value != ():
+        # "" or [] would silently mean any port: make the user say so by leaving it out.
+        raise ConfigError(f"{where}: ports is empty (leave it out for any port)")
     ranges = []
     for item in value:
         if isinstance(item, int) and not isinstance(item, bool):
@@ -232,14 +267,24 @@ def format_ports(ranges: Iterable[_Range]) -> str:
 
 
 def _to_ranges(cidrs: Iterable[str]) -> tuple[list[_Range], list[_Range]]:
-    """Split CIDRs into inclusive integer ranges per family (v4, v6)."""
+    """Split CIDRs into inclusive integer ranges per family (v4, v6); a range inside
+    ::ffff:0:0/96 is the IPv4 range it embeds, as mapped destinations are judged."""
     v4: list[_Range] = []
     v6: list[_Range] = []
     for cidr in cidrs:
         net = ip_network(cidr)
-        span = (int(net.network_address), int(net.broadcast_address))
-        (v4 if net.version == 4 else v6).append(span)
+        first, last = int(net.network_address), int(net.broadcast_address)
+        if net.version == 4:
+            v4.append((first, last))
+        elif net.prefixlen >= 96 and first >> 32 == _V4_MAPPED_PREFIX:
+            v4.append((first & _V4_MASK, last & _V4_MASK))
+        else:
+            v6.append((first, last))
     return v4, v6
+
+
+def _within(ranges: Iterable[_Range], addr: int) -> bool:
+    return any(lo <= addr <= hi for lo, hi in ranges)
 
 
 @dataclass(slots=True, frozen=True)
@@ -313,9 +358,14 @@ class Policy:
         """Index of the first rule of `compiled` matching the flow, or -1."""
         addr = int.from_bytes(dst, "big")
         v6 = len(dst) == 16
-        if v6 and addr >> 32 == _V4_MAPPED_PREFIX:
-            addr &= 0xFFFFFFFF
-            v6 = False
+        embedded = -1  # the IPv4 address a NAT64 or IPv4-compatible destination embeds
+        if v6:
+            top = addr >> 32
+            if top == _V4_MAPPED_PREFIX:
+                addr &= _V4_MASK
+                v6 = False
+            elif top == _NAT64_PREFIX or (top == 0 and addr >= _V4_COMPATIBLE_FIRST):
+                embedded = addr & _V4_MASK
         public: bool | None = None
         for i, rule in enumerate(compiled):
             if proto not in rule.protos:
@@ -331,10 +381,13 @@ class Policy:
                     if lo <= addr <= hi:
                         break
                 else:
+                    if embedded >= 0 and _within(rule.v4, embedded):
+                        return i
                     if not rule.public:
                         continue
                     if public is None:
-                        public = self._is_public(addr, v6)
+                        public = self._is_public(addr, v6) or (
+                            embedded >= 0 and self._is_public(embedded, False))
                     if not public:
                         continue
             return i
@@ -392,11 +445,7 @@ class Policy:
     @classmethod
     def from_json(cls, text: str, config: RelayConfig | None = None) -> Policy:
         """From the JSON form of the file's shape; ConfigError says what is wrong."""
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"policy: not valid JSON: {exc}") from None
-        return cls.from_dict(data, config)
+        return cls.from_dict(loads_json(text), config)
 
     @classmethod
     def load(cls, path: str | Path, config: RelayConfig | None = None) -> Policy:
@@ -434,6 +483,27 @@ class Policy:
 
     def __repr__(self) -> str:
         return f"Policy({len(self.rules)} rules, default={self.default!r})"
+
+
+def loads_json(text: str | bytes) -> Any:
+    """A policy's JSON text parsed, refusing duplicate keys (json.loads keeps the last
+    silently, so `{"action": "deny", "action": "allow"}` would allow); ConfigError says
+    what is wrong."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"policy: not valid JSON: {exc}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"policy: duplicate key {key!r} in a JSON object")
+        out[key] = value
+    return out
 
 
 class EgressGate:
