@@ -163,6 +163,8 @@ class Relay:
         if self._dns_static:
             self._dns_tcp = DnsTcpResponder(self._dns_static, self._addr.dns_upstream, self._loop,
                                             self._stats)
+            # It serves no one but this guest: the relay names its sockets (dns_tcp.py).
+            self._tcp.watch_connects(self._dns_tcp.address, self._dns_tcp.expect)
         if self.config.pcap_path:
             self._pcap = PcapWriter(self.config.pcap_path)
 
@@ -496,7 +498,7 @@ class Relay:
             return
         if (self._dns_tcp is not None and seg.dport == DNS_PORT
                 and seg.dst in (self._addr.dns_ip, self._addr.dns_ip6)):
-            self._tcp.on_segment(seg, "127.0.0.1", self._dns_tcp.port)
+            self._tcp.on_segment(seg, *self._dns_tcp.address)
             return
         self._tcp.on_segment(seg, self._addr.host_ip_for(seg.dst, seg.dport, self._stats))
 

@@ -117,6 +117,13 @@ class TcpRelay:
         #: The guest's new-flow rate, shared with UDP and ICMP (set by the relay; None:
         #: unlimited). Spent only by SYNs that passed every other check.
         self.rate_limit: TokenBucket | None = None
+        self._connect_watch: dict[tuple[str, int], Callable[[socket.socket], None]] = {}
+
+    def watch_connects(self, host_addr: tuple[str, int],
+                       callback: Callable[[socket.socket], None]) -> None:
+        """Call `callback` with the host socket of every new guest flow connecting to
+        `host_addr`, once its connect() began (its own address is bound then)."""
+        self._connect_watch[host_addr] = callback
 
     def set_link(self, vnet_hdr_len: int, offload: bool, keeps_frames: bool = False) -> None:
         """Frame format of the attached transport, for new flows and for the flows
@@ -297,6 +304,8 @@ class TcpRelay:
             sock.close()
             return
         self._track(flow)
+        if self._connect_watch and (watch := self._connect_watch.get(flow.host_addr)):
+            watch(sock)
         self._pending_connects += 1
         self.stats["tcp_flows_opened"] += 1
         if _connect_ended(sock):
