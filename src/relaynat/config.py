@@ -76,7 +76,10 @@ class RelayConfig:
     """The DNS address DHCP announces; its port 53 (UDP and TCP) goes to `dns_upstream`."""
     map_host_loopback_v4: IPv4Address | None = IPv4Address("10.0.2.2")
     """Guest address whose traffic goes to the host's loopback (slirp and passt map the
-    gateway there). None disables the mapping: the guest cannot reach host loopback."""
+    gateway there), the only way there: a guest destination the host would deliver to
+    itself (0.0.0.0/8, 127.0.0.0/8, ::, ::1 and their IPv4-mapped, IPv4-compatible and
+    NAT64 forms) is refused (addressing.py). None disables the mapping: the guest cannot
+    reach host loopback."""
     host_loopback_v4: IPv4Address = IPv4Address("127.0.0.1")
     """Where `map_host_loopback_v4` traffic goes on the host."""
     mtu: int = MAX_MTU
