@@ -219,7 +219,8 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
                                  offload=not args.no_offload, relay_ready=ready,
                                  policy=policy,
                                  hide_paths=[os.path.abspath(args.control_socket)]
-                                 if args.control_socket else (), guest_ready=guests.append)
+                                 if args.control_socket else (), guest_ready=guests.append,
+                                 runas=args.runas)
     except NamespaceSetupError as exc:
         print(f"relaynat run: {exc}", file=sys.stderr)
         return 1
@@ -310,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.command = args.command[1:]
         if not args.command:
             parser.error("run: give the command to run after --, e.g. relaynat run -- curl URL")
+        if args.runas is not None and os.geteuid() != 0:
+            parser.error("--runas needs root: without it the command's root is you outside "
+                         "its namespace")
     try:
         config = config_from_args(args)
         policy = policy_from_args(args, config)

@@ -64,6 +64,21 @@ def _rate(text: str, hint: str) -> float:
     return value
 
 
+def _runas(text: str) -> tuple[int, int]:
+    """--runas UID:GID, numeric; root (0) refused: it would undo the isolation."""
+    uid, sep, gid = text.partition(":")
+    if not sep or not uid.isdigit() or not gid.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not UID:GID (two numbers)")
+    ids = int(uid), int(gid)
+    if 0 in ids:
+        raise argparse.ArgumentTypeError(
+            f"{text}: the command's root may not be root outside its namespace (it could "
+            "open every file root may)")
+    if max(ids) >= 0xFFFFFFFF:  # (uid_t)-1 means "no change" and cannot be mapped
+        raise argparse.ArgumentTypeError(f"{text}: ids are 32-bit, below 4294967295")
+    return ids
+
+
 def _flow_rate(text: str) -> float:
     """--new-flow-rate: without the option, new flows are unlimited."""
     return _rate(text, "leave the option out for no limit")
@@ -174,11 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a command in a new network namespace (pasta-style)",
                          description="Run CMD in a new network namespace whose only "
-                                     "interface is a TAP served by the relay.")
+                                     "interface is a TAP served by the relay. CMD runs as "
+                                     "root of its own user namespace (and PID, mount, IPC "
+                                     "and UTS namespaces); outside, that root is you, or "
+                                     "nobody when relaynat runs as root (see --runas).")
     _add_common(run)
     run.add_argument("--tap-name", default="tap0", help="interface name (default %(default)s)")
     run.add_argument("--no-offload", action="store_true",
                      help="open the TAP without virtio-net header (no TSO/checksum offload)")
+    run.add_argument("--runas", type=_runas, metavar="UID:GID",
+                     help="as root: the ids outside that CMD's root maps to (default: "
+                          "nobody's); not 0")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     serve = sub.add_parser("serve", help="serve a qemu/libkrun/vfkit guest over a unix socket",

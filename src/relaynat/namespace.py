@@ -2,14 +2,18 @@
 only link is the relay's TAP, pasta-style.
 
 The relay process stays in its own (host) network namespace, where its host sockets
-must live. A child process (`python -m relaynat.namespace_child`) unshares a new network
-namespace (plus a user namespace when not root, mapping the caller to root inside so
-that it may configure its links), creates the TAP there, configures address, route
-and MTU, and passes the TAP fd back over a unix socket with SCM_RIGHTS: a TAP fd keeps
-working from any namespace once opened. The child then waits for the relay to be
-attached before it execs the command, so the command's first packet is never lost.
-The child also gets a private mount namespace in which /etc/resolv.conf names the
-relay's DNS address, so the command resolves names through the relay.
+must live. A child process (`python -m relaynat.namespace_child`, which says how)
+makes the command's namespaces: a user namespace whose root is an unprivileged id
+outside (`nobody`, or `runas`, when the relay is root; the caller otherwise), and the
+network, mount, PID, IPC and UTS namespaces it owns. The command is root in there and
+nothing more than that id on the host: it reaches neither the relay's process (its PID
+namespace shows no host process) nor its network namespace, nor files that id may not
+open. The child creates the TAP, configures address, route and MTU, and passes the TAP
+fd back over a unix socket with SCM_RIGHTS: a TAP fd keeps working from any namespace
+once opened. The child then waits for the relay to be attached before it starts the
+command, so the command's first packet is never lost. In the command's mount namespace
+/etc/resolv.conf names the relay's DNS address, so the command resolves names through
+the relay, and /dev/null covers the control socket.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import array
 import asyncio
 import json
+import os
+import pwd
 import signal
 import socket
 import sys
@@ -24,15 +30,51 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from relaynat.config import RelayConfig
+from relaynat.netns_util import map_root
 from relaynat.policy import Policy
 from relaynat.relay import Relay
 from relaynat.tap import TapTransport
 
 _READY_TIMEOUT_S = 30.0
+#: `nobody`'s ids where the user database has no `nobody` (passt falls back the same).
+_NOBODY = (65534, 65534)
 
 
 class NamespaceSetupError(RuntimeError):
     """The namespace child could not set the guest up; the message says why."""
+
+
+def command_ids(runas: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The uid and gid outside that root of the command's user namespace maps to.
+
+    When this process is root: `runas`, or else `nobody` (the user passt runs as) --
+    never root, whose files it could then open and whose processes would pass ptrace's
+    same-uid check. Otherwise this process's own ids: user_namespaces(7) lets an
+    unprivileged process map no other."""
+    if os.geteuid() != 0:
+        own = (os.getuid(), os.getgid())
+        if runas is not None and runas != own:
+            raise ValueError("running the command as another user needs root")
+        return own
+    if runas is None:
+        try:
+            entry = pwd.getpwnam("nobody")
+        except KeyError:
+            return _NOBODY
+        return entry.pw_uid, entry.pw_gid
+    if 0 in runas:
+        raise ValueError("the command's root may not be root outside its namespace")
+    return runas
+
+
+def _map_command_root(pid: int, uid: int, gid: int) -> None:
+    """Write the map of the user namespace the child `pid` has just made (only a
+    process with CAP_SETUID and CAP_SETGID in the parent user namespace may map root
+    inside to an id other than its own)."""
+    try:
+        map_root(pid, uid, gid)
+    except OSError as exc:
+        raise NamespaceSetupError(f"cannot map the command's user namespace: {exc}") from None
 
 
 class NamespaceGuest:
@@ -65,12 +107,15 @@ class NamespaceGuest:
 
     @classmethod
     async def spawn(cls, config: RelayConfig, command: Sequence[str], *, tap_name: str = "tap0",
-                    offload: bool = True, hide_paths: Sequence[str] = ()) -> NamespaceGuest:
-        """Create the namespace, its TAP (addressed from `config`) and a private
+                    offload: bool = True, hide_paths: Sequence[str] = (),
+                    runas: tuple[int, int] | None = None) -> NamespaceGuest:
+        """Create the namespaces, the TAP (addressed from `config`) and a private
         resolv.conf; `hide_paths` (the control socket) are covered by /dev/null in the
-        guest's mount namespace. Raises NamespaceSetupError saying what failed."""
+        guest's mount namespace; the command's root is `command_ids(runas)` outside.
+        Raises NamespaceSetupError saying what failed, ValueError for a bad `runas`."""
         if not command:
             raise ValueError("no command to run")
+        uid, gid = command_ids(runas)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         dns = ([str(config.dns_ipv4)] if config.ipv4 else []) + \
             ([str(config.dns_ipv6)] if config.ipv6 else [])
@@ -99,6 +144,11 @@ class NamespaceGuest:
             try:
                 msg, ancdata, _, _ = await asyncio.to_thread(
                     parent_sock.recvmsg, 4096, socket.CMSG_SPACE(4))
+                if msg == b"map" and not ancdata:
+                    _map_command_root(proc.pid, uid, gid)
+                    parent_sock.send(b"mapped")
+                    msg, ancdata, _, _ = await asyncio.to_thread(
+                        parent_sock.recvmsg, 4096, socket.CMSG_SPACE(4))
             except TimeoutError:
                 raise NamespaceSetupError("namespace child did not report in time") from None
             fds = array.array("i")
@@ -150,16 +200,17 @@ async def run_command(config: RelayConfig, command: list[str], *, tap_name: str 
                       offload: bool = True,
                       relay_ready: Callable[[Relay], object] | None = None,
                       policy: Policy | None = None, hide_paths: Sequence[str] = (),
-                      guest_ready: Callable[[NamespaceGuest], object] | None = None) -> int:
+                      guest_ready: Callable[[NamespaceGuest], object] | None = None,
+                      runas: tuple[int, int] | None = None) -> int:
     """Run `command` as a namespace guest of a new relay; return its exit status
     (128 + N if a signal N ended it), as a shell would report it. `relay_ready` is
     called with the relay once the guest's link is attached (e.g. to add forwards);
     `policy` is the egress policy for the guest's flows; `hide_paths` (the control
     socket) are covered by /dev/null in the guest's mount namespace. `guest_ready` is
     called with the guest as soon as it exists: releasing it (after a handover) ends
-    the run at once with 0, the command left running."""
+    the run at once with 0, the command left running. `runas`: as `command_ids`."""
     guest = await NamespaceGuest.spawn(config, command, tap_name=tap_name, offload=offload,
-                                       hide_paths=hide_paths)
+                                       hide_paths=hide_paths, runas=runas)
     if guest_ready is not None:
         guest_ready(guest)
     loop = asyncio.get_running_loop()
