@@ -27,9 +27,8 @@ from pathlib import Path
 import pytest
 from sysctl import ALL_GROUPS, ping_group_range
 
-from relaynat.namespace import command_ids
-
 pytestmark = pytest.mark.integration
+pytest_plugins = ["guest_fs"]
 
 GATEWAY = "10.0.2.2"
 SET_POLICY_NONE = json.dumps({"execute": "set_policy", "arguments": {"policy": None}})
@@ -86,18 +85,6 @@ CHECKS = ["ip-addr", "ip-add-address", "ping-gateway", "tcp-to-allowed-peer"]
 
 
 @pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory the command's root may write in (it is `nobody` outside): pytest's
-    own temporary directories are root's, mode 0700."""
-    path = Path(tempfile.mkdtemp(prefix="relaynat-escape-"))
-    os.chown(path, *command_ids())
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
-
-
-@pytest.fixture
 def root_dir() -> Iterator[Path]:
     """A directory of root's that anyone may search, for what only root may open."""
     path = Path(tempfile.mkdtemp(prefix="relaynat-root-"))
@@ -135,7 +122,7 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], what: str) -> None:
 
 
 def test_root_guest_reaches_neither_relay_nor_host_secrets(
-        start_peer, shared_dir: Path, root_dir: Path) -> None:
+        start_peer, guest_dir: Path, root_dir: Path) -> None:
     allowed, denied = start_peer("echo"), start_peer("echo")
     policy = {"default": "allow", "rule": [
         {"action": "allow", "proto": "icmp", "to": "host"},
@@ -159,17 +146,17 @@ def test_root_guest_reaches_neither_relay_nor_host_secrets(
              bind_then_exec, str(netns_file),
              sys.executable, "-m", "relaynat", "run", "--policy", str(policy_file),
              "--control-socket", str(ctl_sock), "--",
-             "sh", "-c", GUEST_SCRIPT, "guest", str(shared_dir), str(ctl_sock), str(secret),
+             "sh", "-c", GUEST_SCRIPT, "guest", str(guest_dir), str(ctl_sock), str(secret),
              str(netns_file), str(allowed), str(denied)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, start_new_session=True)
         try:
             _wait_for(ctl_sock, proc, "control socket")
-            (shared_dir / "relay.pid").write_text(str(proc.pid))
+            (guest_dir / "relay.pid").write_text(str(proc.pid))
             before = _policy_shown(ctl_sock)
-            _wait_for(shared_dir / "attempts-done", proc, "the guest's attempts")
+            _wait_for(guest_dir / "attempts-done", proc, "the guest's attempts")
             after = _policy_shown(ctl_sock)
-            (shared_dir / "policy-checked").touch()
+            (guest_dir / "policy-checked").touch()
             out, err = proc.communicate(timeout=120)
         finally:
             _kill_all(proc)
@@ -193,8 +180,8 @@ def test_root_guest_reaches_neither_relay_nor_host_secrets(
     ("touch {ready}; exec sleep 600", 128 + signal.SIGTERM),
 ], ids=["command-traps-term", "command-dies-of-term"])
 def test_sigterm_to_relaynat_ends_the_command_with_its_status(
-        shared_dir: Path, command: str, status: int) -> None:
-    ready = shared_dir / "ready"
+        guest_dir: Path, command: str, status: int) -> None:
+    ready = guest_dir / "ready"
     proc = subprocess.Popen(
         [sys.executable, "-m", "relaynat", "run", "--", "sh", "-c",
          command.format(ready=ready)],

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 from guest_tools import malformed_frames
-from relaynat_cli import parse_stats, relaynat_run
+from relaynat_cli import guest_python, parse_stats, relaynat_run
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["guest_fs"]
 
 TESTS = Path(__file__).parent
 GUEST_TOOLS = str(TESTS / "guest_tools.py")
@@ -28,14 +29,16 @@ GATEWAY = "10.0.2.2"
 BIG = 256 << 20
 
 
-def test_download_and_upload_256mib_hash_equal(start_peer, big_file) -> None:
+def test_download_and_upload_256mib_hash_equal(start_peer, big_file, guest_dir) -> None:
     path, digest = big_file
     port = start_peer("http", "--root", str(path.parent))
     url = f"http://{GATEWAY}:{port}/{path.name}"
     down = relaynat_run("sh", "-c", f"curl -sS --fail {url} | sha256sum")
     assert down.returncode == 0, down.stderr
     assert down.stdout.split()[0] == digest
-    up = relaynat_run("curl", "-sS", "--fail", "-T", str(path), url)
+    upload = guest_dir / path.name  # where the guest may read it
+    os.link(path, upload)
+    up = relaynat_run("curl", "-sS", "--fail", "-T", str(upload), url)
     assert up.returncode == 0, up.stderr
     assert up.stdout.strip() == digest
 
@@ -77,7 +80,7 @@ def test_connect_to_closed_port_is_refused_fast(start_peer) -> None:
               f"    socket.create_connection(('{GATEWAY}', {closed}), timeout=10)\n"
               "except OSError as exc:\n"
               "    print(type(exc).__name__, round(time.monotonic() - t, 3))\n")
-    done = relaynat_run(sys.executable, "-c", client)
+    done = relaynat_run(guest_python(), "-c", client)
     name, elapsed = done.stdout.split()
     assert name == "ConnectionRefusedError", done.stdout + done.stderr
     # The relay answers the SYN with RST as soon as the host connect() fails.
@@ -87,7 +90,7 @@ def test_connect_to_closed_port_is_refused_fast(start_peer) -> None:
 
 def test_half_close_guest_shut_wr_then_reads_reply(start_peer) -> None:
     port = start_peer("drain-then-reply")
-    done = relaynat_run(sys.executable, GUEST_TOOLS, "half-close", GATEWAY, str(port),
+    done = relaynat_run(guest_python(), GUEST_TOOLS, "half-close", GATEWAY, str(port),
                         "--size", str(3 << 20))
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith(str(3 << 20))
@@ -105,7 +108,7 @@ def test_half_close_with_socat(start_peer) -> None:
 
 def test_200_concurrent_connections_echo_1mib_each(start_peer) -> None:
     port = start_peer("echo")
-    done = relaynat_run(sys.executable, GUEST_TOOLS, "echo-many", GATEWAY, str(port),
+    done = relaynat_run(guest_python(), GUEST_TOOLS, "echo-many", GATEWAY, str(port),
                         "--conns", "200", "--size", str(1 << 20), timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert done.stdout.strip() == "ok 200"
@@ -131,7 +134,7 @@ def test_malformed_frames_are_counted_and_a_transfer_beside_them_is_intact(
     path, digest = big_file
     port = start_peer("http", "--root", str(path.parent))
     url = f"http://{GATEWAY}:{port}/{path.name}"
-    script = (f"{sys.executable} {GUEST_TOOLS} inject tap0 --rounds 200 --pause 0.002 >/dev/null & "
+    script = (f"{guest_python()} {GUEST_TOOLS} inject tap0 --rounds 200 --pause 0.002 >/dev/null & "
               f"curl -sS --fail {url} | sha256sum; wait")
     done = relaynat_run("sh", "-c", script)
     assert done.returncode == 0, done.stderr
@@ -171,7 +174,7 @@ def test_flow_table_bound_refuses_with_rst_and_keeps_existing_flows(start_peer) 
               "for s in (a, b):\n"
               "    s.sendall(b'still here')\n"
               "    print(s.recv(100).decode())\n")
-    done = relaynat_run(sys.executable, "-c", client, options=("--max-flows", "2"))
+    done = relaynat_run(guest_python(), "-c", client, options=("--max-flows", "2"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["third: ConnectionRefusedError", "still here",
                                         "still here"]
@@ -185,7 +188,7 @@ def test_host_peer_that_stops_reading_holds_the_guest_back_then_resumes(start_pe
     port = start_peer("drain-then-reply", "--delay", "2")
     size = 32 << 20
     t0 = time.monotonic()
-    done = relaynat_run(sys.executable, GUEST_TOOLS, "half-close", GATEWAY, str(port),
+    done = relaynat_run(guest_python(), GUEST_TOOLS, "half-close", GATEWAY, str(port),
                         "--size", str(size), timeout=60)
     elapsed = time.monotonic() - t0
     assert done.returncode == 0, done.stdout + done.stderr
@@ -211,7 +214,7 @@ def test_guest_that_stops_reading_gets_probed_then_resumes(start_peer, tmp_path)
               "body = bytes(buf).split(b'\\r\\n\\r\\n', 1)[1]\n"
               "print(hashlib.sha256(body).hexdigest(), len(body))\n")
     t0 = time.monotonic()
-    done = relaynat_run(sys.executable, "-c", client, timeout=60)
+    done = relaynat_run(guest_python(), "-c", client, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [hashlib.sha256(data).hexdigest(), str(len(data))]
     assert time.monotonic() - t0 < 15
@@ -219,19 +222,20 @@ def test_guest_that_stops_reading_gets_probed_then_resumes(start_peer, tmp_path)
 
 @pytest.mark.parametrize(("offload", "mtu"), [(False, 65520), (True, 1500), (False, 1500)],
                          ids=["plain-tap-65520", "vnet-gso-1500", "plain-tap-1500"])
-def test_link_formats_carry_32mib_both_ways_intact(start_peer, tmp_path, offload, mtu) -> None:
+def test_link_formats_carry_32mib_both_ways_intact(start_peer, tmp_path, guest_dir, offload,
+                                                   mtu) -> None:
     # Without the vnet header every checksum is ours and the guest kernel verifies it;
     # at MTU 1500 with offload we send 64 KiB GSO frames that the guest kernel splits.
     data = os.urandom(32 << 20)
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "f.bin").write_bytes(data)
-    (tmp_path / "up.bin").write_bytes(data)
+    (guest_dir / "up.bin").write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
     port = start_peer("http", "--root", str(tmp_path / "www"))
     options = ("--mtu", str(mtu)) + (() if offload else ("--no-offload",))
     script = (f"ip link show tap0 | grep -o 'mtu [0-9]*'; "
               f"curl -sS --fail http://{GATEWAY}:{port}/f.bin | sha256sum; "
-              f"curl -sS --fail -T {tmp_path / 'up.bin'} http://{GATEWAY}:{port}/up")
+              f"curl -sS --fail -T {guest_dir / 'up.bin'} http://{GATEWAY}:{port}/up")
     done = relaynat_run("sh", "-c", script, options=options)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.split("\n")
@@ -245,7 +249,7 @@ def test_pcap_records_both_directions_of_the_guest_link(start_peer, tmp_path) ->
 
     port = start_peer("drain-then-reply")
     pcap = tmp_path / "guest.pcap"
-    done = relaynat_run(sys.executable, GUEST_TOOLS, "half-close", GATEWAY, str(port),
+    done = relaynat_run(guest_python(), GUEST_TOOLS, "half-close", GATEWAY, str(port),
                         "--size", "100000", options=("--pcap", str(pcap)))
     assert done.returncode == 0, done.stderr
     syn = syn_ack = data_to_host = 0
