@@ -72,7 +72,7 @@ from relaynat.tcp_actions import (
     rst_for_unknown,
 )
 from relaynat.tcp_state import GUEST_SENDING, TcpState
-from relaynat.window import OUR_WSCALE, SocketFacts, TcpInfo
+from relaynat.window import MIN_SND_MSS, OUR_WSCALE, SocketFacts, TcpInfo
 from relaynat.wire import (
     ACK,
     ETHERTYPE_IPV4,
@@ -431,7 +431,9 @@ class GuestTcp:
                 return
             if flags & SYN and flags & ACK and seg.ack == (self.isn + 1) & M32:
                 self.irs = seg.seq
-                self.snd_mss = min(self.mss, seg.mss or 536)
+                # Linux's floor as well (tcp_min_snd_mss): a guest with a tiny MSS of
+                # its own still sends no segments below 48 bytes.
+                self.snd_mss = max(MIN_SND_MSS, min(self.mss, seg.mss or 536))
                 if self.sim.sc.guest_timestamps and seg.tsval is not None:
                     self.ts_on = True
                     self.ts_recent = seg.tsval
@@ -748,8 +750,10 @@ class TcpSim:
                 f"the host has {len(self.host.received)}")
 
     def entry_mss(self) -> int:
-        """Payload per segment toward the guest (RFC 6691: options come off the MSS)."""
-        return min(self.sc.guest_mss, MTU - 40) - (12 if self.ts_in_use else 0)
+        """Payload per segment toward the guest (RFC 6691: options come off the MSS, after
+        a tiny MSS was raised to Linux's tcp_min_snd_mss)."""
+        mss = max(MIN_SND_MSS, min(self.sc.guest_mss, MTU - 40))
+        return mss - (12 if self.ts_in_use else 0)
 
     def _run_actions(self) -> None:
         e = self.entry

@@ -51,6 +51,7 @@ from relaynat.tcp_handshake import TcpHandshake
 from relaynat.tcp_state import TcpState
 from relaynat.window import (
     DATA_GIVE_UP_S,
+    MIN_SND_MSS,
     RTO_MIN_S,
     SYN_RETRIES_MAX,
     TLP_MIN_S,
@@ -91,7 +92,8 @@ def scenarios(draw: st.DrawFn, faults: bool = True) -> Scenario:
         host_data=host_data,
         guest_isn=draw(isns),
         relay_iss=draw(isns),
-        guest_mss=draw(st.integers(100, 1460)),
+        # Below MIN_SND_MSS too, where the relay's segments are larger than asked.
+        guest_mss=draw(st.one_of(st.integers(100, 1460), st.integers(1, 60))),
         guest_wscale=wscale,
         # Down to a byte of window, but not so small that a transfer takes forever.
         guest_rcvbuf=max(len(host_data) // 200,
@@ -357,7 +359,7 @@ def test_handshake(isn: int, iss: int, wscale: int | None, mss: int) -> None:
     e.on_guest_segment(guest_seg(isn + 1, iss + 1, ACK, 1000), 2.0)
     assert e.state is TcpState.ESTABLISHED
     assert e.take_actions() == []
-    assert e.mss == min(mss, MTU - 40)
+    assert e.mss == max(MIN_SND_MSS, min(mss, MTU - 40))
     assert e.host_read_budget() == 1000 << (min(wscale, 14) if wscale is not None else 0)
     assert e.syn_at is None and e.connect_deadline is None
 
@@ -556,6 +558,28 @@ def test_data_retransmission_limit() -> None:
     assert [round(b - a, 3) for a, b in pairwise(times)] == [
         2, 4, 8, 16, 32, 60, 60, 60]
     assert times[-1] - times[0] >= DATA_GIVE_UP_S > times[-2] - times[0]
+
+
+@pytest.mark.parametrize("mss", [1, 12, 13, 47])
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_a_tiny_mss_is_raised_to_the_floor(mss: int, timestamps: bool) -> None:
+    """Issue 18, item 6: an MSS below Linux's tcp_min_snd_mss (48) is raised to it before
+    the timestamp option comes off, so every data segment carries 48 (36) bytes. Before,
+    an MSS of 12 with timestamps left segments of 0 bytes (a ValueError, the flow reset as
+    an internal error), one below it a negative size (the flow never sent)."""
+    tmpl = relay_template().with_timestamps(timestamps)
+    e = TcpNatEntry(guest_seg(1, 0, SYN, options=tcp_options_syn(
+        mss, 14, (1000, 0) if timestamps else None)), template=tmpl, mtu=MTU, iss=1, now=0.0)
+    e.on_connect_result(True, None, 0.0)
+    e.take_actions()
+    e.on_guest_segment(guest_seg(2, 2, ACK, options=ts_opt(1001, 0) if timestamps else b""),
+                       0.0)
+    assert e.state is TcpState.ESTABLISHED
+    size = MIN_SND_MSS - (12 if timestamps else 0)
+    assert e.mss == e.frame_payload_max == size
+    e.on_host_data(memoryview(bytes(1000)), 0.0)
+    lengths = [len(seg.payload) for seg in sent(e.take_actions())]
+    assert sum(lengths) == 1000 and max(lengths) == size
 
 
 def test_rto_from_the_guests_round_trip() -> None:

@@ -105,8 +105,23 @@ def test_mss_for_guest() -> None:
     assert W.mss_for_guest(1460, 65520) == 1460
     assert W.mss_for_guest(None, 65520) == 536
     assert W.mss_for_guest(65535, 65520) == 65480
-    assert W.mss_for_guest(1, 1500) == 1
-    assert W.mss_for_guest(1460, 30) == 1  # never zero
+    # Linux's tcp_min_snd_mss floor: an MSS of 1 would cut every peek into as many
+    # frames as bytes; the timestamp option comes off the floored MSS, never to 0.
+    assert W.mss_for_guest(1, 1500) == W.MIN_SND_MSS == 48
+    assert W.mss_for_guest(1, 1500, 20, 12) == 36
+    assert W.mss_for_guest(12, 65520, 40, 12) == 36
+    assert W.mss_for_guest(100, 1500, 20, 12) == 88
+
+
+@given(st.one_of(st.none(), st.integers(0, 0xFFFF)), st.integers(576, 65520),
+       st.sampled_from([20, 40]), st.sampled_from([0, 12]))
+def test_mss_for_guest_is_floored_and_never_above_what_was_asked(
+        guest: int | None, mtu: int, ip_hlen: int, options: int) -> None:
+    mss = W.mss_for_guest(guest, mtu, ip_hlen, options)
+    assert mss >= W.MIN_SND_MSS - options > 0
+    assert mss + options <= max(W.MIN_SND_MSS, mtu - ip_hlen - 20)
+    if guest and guest >= W.MIN_SND_MSS:
+        assert mss + options <= guest
 
 
 # -- RTT and timers ------------------------------------------------------------------------

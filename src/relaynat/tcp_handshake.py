@@ -219,10 +219,11 @@ class TcpHandshake:
         # RFC 2018 §2: SACK blocks may be sent once the guest's SYN permitted them (for
         # an inbound flow, its SYN-ACK answering ours); only with a queue to report.
         self.sack_ok = syn.sack_permitted and self.ooo_budget is not None
-        # RFC 6691: the MSS excludes options, so each segment's payload shrinks by ours.
+        # RFC 6691: the MSS excludes options, so each segment's payload shrinks by ours;
+        # a guest's tiny MSS is raised to a floor first (window.MIN_SND_MSS).
         ts_len = TS_OPTION_LEN if self.template.timestamps else 0
         ip_hlen = 40 if self.template.ipv6 else 20
-        self.mss = mss_for_guest(syn.mss, self.mtu, ip_hlen) - ts_len
+        self.mss = mss_for_guest(syn.mss, self.mtu, ip_hlen, ts_len)
         # Payload of one frame we send: an MSS-sized segment, or with offload a GSO
         # super-frame as large as one IPv4 packet holds (IPv6 could hold 20 bytes more).
         self.frame_payload_max = (MAX_GSO_PAYLOAD - ts_len if self.template.offload

@@ -60,6 +60,12 @@ WINDOW_DEFAULT = 14600
 #: RFC 9293 §3.7.1: MSS assumed when the SYN has no MSS option.
 DEFAULT_MSS_V4 = 536
 DEFAULT_MSS_V6 = 1220
+#: The smallest MSS we send with, whatever the guest announced: Linux's
+#: net.ipv4.tcp_min_snd_mss default (TCP_MIN_SND_MSS, 40 bytes of options and 8 of
+#: data), added against CVE-2019-11479, where a peer's MSS of a few bytes made a sender
+#: cut its data into that many segments. Here an MSS of 1 made every peek of up to
+#: 1 MiB a million frames, and with timestamps an MSS of 12 or less left no payload.
+MIN_SND_MSS = 48
 
 RTO_INITIAL_S = 1.0
 RTO_AFTER_SYN_RETRY_S = 3.0
@@ -131,13 +137,17 @@ def negotiate_wscale(guest_wscale: int | None) -> tuple[int, int]:
     return OUR_WSCALE, min(guest_wscale, 14)
 
 
-def mss_for_guest(guest_mss: int | None, mtu: int, ip_header_len: int = 20) -> int:
-    """MSS for segments we send: no more than the guest announced (or 536 if it did
-    not, RFC 9293 §3.7.1) and no more than our link MTU allows."""
+def mss_for_guest(guest_mss: int | None, mtu: int, ip_header_len: int = 20,
+                  options_len: int = 0) -> int:
+    """Payload bytes per segment we send: the MSS is no more than the guest announced
+    (or 536 if it did not, RFC 9293 §3.7.1) and our link MTU allows, and no less than
+    MIN_SND_MSS; then the options every segment carries (`options_len`, the timestamp
+    option's 12 bytes) come off it (RFC 6691: the MSS excludes options), as Linux's
+    tcp_current_mss takes them off its floored MSS: at least 36 bytes remain."""
     ours = mtu - ip_header_len - 20
     # RFC 9293 §3.7.1: without the option assume 536 (IPv4) or 1220 (IPv6, 1280 - 60).
     default = DEFAULT_MSS_V4 if ip_header_len == 20 else DEFAULT_MSS_V6
-    return max(1, min(guest_mss if guest_mss else default, ours))
+    return max(MIN_SND_MSS, min(guest_mss if guest_mss else default, ours)) - options_len
 
 
 def advertised_window(facts: SocketFacts | None) -> int:
