@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import tracemalloc
 from collections import Counter
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from relaynat_cli import parse_stats, relaynat_run
 
-from relaynat.syn_backlog import SynBacklog
+from relaynat.syn_backlog import BACKLOG_CAPACITY, SynBacklog
 from relaynat.wire import SYN, TcpSegment
 
 GUEST, GW = bytes([10, 0, 2, 15]), bytes([10, 0, 2, 2])
@@ -48,11 +49,11 @@ def test_flows_open_within_the_rate_in_arrival_order_and_the_rest_is_counted(
         # Never more than the bucket allows since the start (it starts full).
         assert len(opened) <= burst + rate * now + 1e-9
         assert len(backlog) <= capacity
-    buf[:] = b"new"  # the transport reuses its buffer: kept SYNs hold their own copy
+    buf[:] = b"new"  # the transport reuses its buffer: kept SYNs hold none of it
     while len(backlog):
         now += 1 / rate
         waiting = backlog.ready(now, limit=1 << 30)
-        assert all(bytes(seg.payload) == b"tfo" for seg, _, _ in waiting)
+        assert all(not seg.payload for seg, _, _ in waiting)
         opened += [seg.sport for seg, _, _ in waiting]
     # First come, first opened, once; every SYN opened, or dropped and counted.
     assert opened == sorted(set(opened))
@@ -85,6 +86,30 @@ def test_wait_s_is_when_the_oldest_waiting_syn_may_open(
             assert backlog.ready(now, limit=1) == []
         now += wait + 1e-9  # the float sum may round a hair below the exact token time
         assert len(backlog.ready(now, limit=1)) == 1
+
+
+def test_waiting_syns_keep_their_options_and_not_their_payload() -> None:
+    """Issue 18, item 12: a full backlog of SYNs carrying 64 KiB each holds kilobytes,
+    not 64 MiB, and a waiting SYN still opens its flow with the options it offered."""
+    backlog = SynBacklog(Counter(), rate=1, burst=1)
+    assert backlog.may_open(0.0)
+    payload = bytearray(64 << 10)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for port in range(BACKLOG_CAPACITY):
+            seg = TcpSegment(GUEST, GW, 1024 + port, 80, 7, 0, SYN, 64240, memoryview(payload),
+                             mss=1460, wscale=7, sack_permitted=True, tsval=5, tsecr=0)
+            backlog.defer(seg, "127.0.0.1", None)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(backlog) == BACKLOG_CAPACITY
+    assert held < 1 << 20, f"{held} bytes for {BACKLOG_CAPACITY} waiting SYNs"
+    ((seg, host_ip, _),) = backlog.ready(1.5, limit=1)
+    assert (seg.sport, seg.seq, seg.window, host_ip) == (1024, 7, 64240, "127.0.0.1")
+    assert (seg.mss, seg.wscale, seg.sack_permitted, seg.tsval) == (1460, 7, True, 5)
+    assert not seg.payload
 
 
 GUEST_BURST = textwrap.dedent("""

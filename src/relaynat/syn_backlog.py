@@ -21,7 +21,13 @@ benchmark reaches unthrottled (about 3,000 a second on the test machine, 2026-12
 so a guest connecting one at a time never waits for it; at 2,000 it did and the
 benchmark measured the bucket. The download beside benches/floods.py's 100,000 SYNs
 kept the same share of its speed at 4,000 as at 2,000 (0.64-0.65 against 0.62-0.66).
-Segments are copied in, since the transport reuses its read buffer. No I/O here.
+A waiting SYN keeps what answering it takes, its addresses, ports, sequence number,
+window and parsed options, and not its payload: a relay does not take data on a SYN
+(tcp_handshake.py acknowledges the SYN alone, so the guest sends the data again after
+the handshake, as RFC 9293 §3.10.7.2 allows and a TCP Fast Open client does when its
+SYN's data is not acknowledged, RFC 7413 §4.2.2), and 1,024 SYNs of up to 64 KiB each
+were 64 MiB held for nothing. The payload is a view into the transport's read buffer,
+which is reused; the options were parsed out of it already. No I/O here.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ BACKLOG_TIMER_S = 0.02
 BACKLOG_TIMER_OPENS = 16
 
 Deferred = tuple["TcpSegment", "str | None", "int | None"]
+#: The payload of every waiting SYN (module docstring).
+_NO_PAYLOAD = memoryview(b"")
 
 
 class SynBacklog:
@@ -92,8 +100,8 @@ class SynBacklog:
             return
         self._stats["tcp_syn_deferred"] += 1
         self._keys.add(key)
-        self.waiting.append((dataclasses.replace(seg, payload=memoryview(bytes(seg.payload))),
-                              host_ip, host_port))
+        self.waiting.append((dataclasses.replace(seg, payload=_NO_PAYLOAD), host_ip,
+                             host_port))
 
     def ready(self, now: float, limit: int) -> list[Deferred]:
         """Up to `limit` waiting SYNs that may open at `now`, oldest first (tokens
