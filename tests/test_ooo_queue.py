@@ -14,16 +14,24 @@ the flows end.
 from __future__ import annotations
 
 import random
+import time
 from itertools import pairwise
 
 import dpkt
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tcp_sim import GUEST_IP, GUEST_MAC, MTU, RELAY_MAC, REMOTE_IP
 from test_nat_entry import guest_seg, isns, relay_template, sent
 
 from relaynat.nat_entry import TcpNatEntry
-from relaynat.ooo_queue import CHUNK_OVERHEAD, MAX_BLOCKS, OooBudget, OooQueue
+from relaynat.ooo_queue import (
+    CHUNK_OVERHEAD,
+    COALESCE_BYTES,
+    MAX_BLOCKS,
+    OooBudget,
+    OooQueue,
+)
 from relaynat.packet_builder import TcpFrameTemplate, tcp_options_sack, tcp_options_syn
 from relaynat.tcp_state import TcpState
 from relaynat.window import SocketFacts, TcpInfo
@@ -382,5 +390,81 @@ def test_queue_alone_holds_exact_bytes_within_budget(rcv_nxt: int,
         for chunks in q._chunks:
             cost += sum(map(len, chunks)) + CHUNK_OVERHEAD * len(chunks)
         assert budget.used == cost <= limit
+    q.clear()
+    assert budget.used == 0
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_one_byte_segments_beyond_a_hole_cost_the_same_at_the_end(descending: bool) -> None:
+    """Issue 18, item 9: 120,000 contiguous one-byte segments beyond a hole, in order or
+    backwards. The last ones cost what the first did (before, each insert rebuilt its
+    block's list of chunks: 25 s in the relay), the block holds a chunk per KiB, and
+    when the hole fills the host gets every byte once, the budget all given back."""
+    count = 120_000
+    stream = random.Random(9).randbytes(count + 1)
+    budget = OooBudget(16 << 20)
+    rcv_nxt = M32 - 5000  # across the wrap
+    q = OooQueue(budget, rcv_nxt)
+    offsets = range(count, 0, -1) if descending else range(1, count + 1)
+    edge = (rcv_nxt + count + 1) & M32
+
+    def insert(part: range) -> float:
+        start = time.perf_counter()
+        for off in part:
+            q.insert((rcv_nxt + off) & M32, stream[off:off + 1], False, edge)
+        return time.perf_counter() - start
+
+    early = insert(offsets[:10_000])
+    insert(offsets[10_000:-10_000])
+    late = insert(offsets[-10_000:])
+    assert late < 3 * early + 0.05, (early, late)
+    ((left, right, data),) = q.blocks()
+    assert (left, right) == ((rcv_nxt + 1) & M32, edge) and data == stream[1:]
+    assert len(q._chunks[0]) <= count // COALESCE_BYTES + 2
+    assert budget.used == count + CHUNK_OVERHEAD * len(q._chunks[0])
+    assert budget.counters["tcp_ooo_segments"] == count
+    # The hole fills: what is ready is the stream, written in IOV_CHUNKS-sized parts.
+    got = bytearray(stream[:1])
+    nxt = (rcv_nxt + 1) & M32
+    q.advance(nxt)
+    while (ready := q.ready()) is not None:
+        chunks, fin = ready
+        assert not fin
+        took = b"".join(chunks)
+        got += took
+        nxt = (nxt + len(took)) & M32
+        q.advance(nxt)
+    assert bytes(got) == stream and not q and budget.used == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, M32), st.lists(st.tuples(st.integers(0, 2500), st.integers(1, 6)),
+                                     max_size=400), st.randoms(use_true_random=False))
+def test_tiny_segments_in_any_order_coalesce_and_keep_the_stream(
+        rcv_nxt: int, segs: list[tuple[int, int]], rnd: random.Random) -> None:
+    """Segments of a few bytes, anywhere in the window and in any order, partly taken by
+    the host now and then: the queue holds exactly the stream's bytes, no two chunks
+    side by side that would fit in one unless a full one is between, and the budget is
+    charged exactly what the lists hold."""
+    stream = random.Random(rcv_nxt).randbytes(4000)
+    budget = OooBudget(1 << 20)
+    q = OooQueue(budget, rcv_nxt)
+    nxt = 0
+    for off, length in segs:
+        if rnd.random() < 0.05:
+            nxt = min(nxt + rnd.randint(1, 300), 1500)
+            q.advance((rcv_nxt + nxt) & M32)
+        lo = nxt + off
+        q.insert((rcv_nxt + lo) & M32, stream[lo:lo + length], False,
+                 (rcv_nxt + nxt + 2500) & M32)
+        for left, _, data in q.blocks():
+            lo = seq_diff(left, rcv_nxt)
+            assert lo >= nxt and data == stream[lo:lo + len(data)]
+        cost = 0
+        for chunks in q._chunks:
+            cost += sum(map(len, chunks)) + CHUNK_OVERHEAD * len(chunks)
+            # At most one chunk per COALESCE_BYTES, give or take the ends.
+            assert len(chunks) <= 2 * sum(map(len, chunks)) // COALESCE_BYTES + 2
+        assert budget.used == cost
     q.clear()
     assert budget.used == 0
