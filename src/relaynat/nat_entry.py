@@ -211,14 +211,14 @@ class TcpNatEntry(TcpHandshake):
             self.guest_wnd_edge = new_edge
 
     def _on_sack(self, sack: list[tuple[int, int]]) -> None:
-        """RFC 6675 §5 with the guest's SACK blocks: resend each hole that is lost
-        (sack_scoreboard.py) from the host socket's queue."""
+        """RFC 6675 §5 with the guest's SACK blocks: resend the holes that are lost, as
+        many as one ACK may (sack_scoreboard.py), from the host socket's queue."""
         board = self.sacked
         if board is None:
             board = self.sacked = SackScoreboard()
         sent = (self.snd_max - self.snd_una) & M32
         board.add(sack, self.snd_una, sent)
-        for start, end in board.lost_holes(self.bytes_in_flight, sent):
+        for start, end in board.lost_holes(self.bytes_in_flight, sent, self.frame_payload_max):
             self.actions.append(ResendHost(start, end - start))
 
     def _accept_payload(self, seg: TcpSegment) -> memoryview | None:
@@ -370,7 +370,7 @@ class TcpNatEntry(TcpHandshake):
             return
         flight = self.bytes_in_flight
         board = self.sacked
-        if not flight or (board is not None and board.blocks):
+        if not flight or (board is not None and len(board)):
             return
         at = now + pto_s(srtt, flight, self.mss)
         if at < rto_at:
@@ -529,7 +529,7 @@ class TcpNatEntry(TcpHandshake):
                 self._abort(rst_guest=True)
                 return
             board = self.sacked
-            if self.retries == 1 and board is not None and board.blocks:
+            if self.retries == 1 and board is not None and len(board):
                 # The guest said what it holds: what is lost is the holes (a resend of
                 # one lost again, with nothing sent after it to tell). Send them all
                 # again, as Linux marks only un-SACKed data lost at an RTO

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from relaynat.wire import ACK, FIN, RST, SYN, TcpSegment
 
 M32 = 0xFFFFFFFF
+#: The most one `ResendHost` asks for: the shell peeks it into one buffer (host_pump.py).
+RESEND_BYTES_MAX = 1 << 20
 
 
 @dataclass(slots=True)
