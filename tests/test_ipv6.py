@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from relaynat_cli import parse_stats, relaynat_run
+from relaynat_cli import guest_python, parse_stats, relaynat_run
 from sysctl import ALL_GROUPS, ping_group_range
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["guest_fs"]
 
 GATEWAY6 = "fd00::2"
 GUEST_TOOLS = str(Path(__file__).parent / "guest_tools.py")
@@ -55,14 +55,17 @@ def test_router_advertisement_as_rdisc6_reads_it_and_slaac_address_appears() -> 
 
 
 def test_download_and_upload_over_ipv6_hash_equal(start_peer: Callable[..., int],
-                                                  big_file: tuple[Path, str]) -> None:
+                                                  big_file: tuple[Path, str],
+                                                  guest_dir: Path) -> None:
     path, digest = big_file
     port = start_peer("http", "--root", str(path.parent), "--bind", "::1")
     url = f"http://[{GATEWAY6}]:{port}/{path.name}"
     down = relaynat_run("sh", "-c", f"curl -6 -sS --fail {url} | sha256sum")
     assert down.returncode == 0, down.stderr
     assert down.stdout.split()[0] == digest
-    up = relaynat_run("curl", "-6", "-sS", "--fail", "-T", str(path), url)
+    upload = guest_dir / path.name  # where the guest may read it
+    os.link(path, upload)
+    up = relaynat_run("curl", "-6", "-sS", "--fail", "-T", str(upload), url)
     assert up.returncode == 0, up.stderr
     assert up.stdout.strip() == digest
     stats = parse_stats(up.stderr)
@@ -94,7 +97,7 @@ def test_ping6_the_gateway_mapped_host() -> None:
                                             (1500, [1, 1452])])
 def test_udp6_echo_small_and_mtu_sized(udp6_echo: int, mtu: int, sizes: list[int]) -> None:
     # 65472 = 65520 - 40 (IPv6) - 8 (UDP); 1452 = 1500 - 48: the largest that fit.
-    done = relaynat_run(sys.executable, GUEST_TOOLS, "udp-echo", GATEWAY6, str(udp6_echo),
+    done = relaynat_run(guest_python(), GUEST_TOOLS, "udp-echo", GATEWAY6, str(udp6_echo),
                         *map(str, sizes), options=("--mtu", str(mtu)))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:-1] == [f"ok {n}" for n in sizes]
@@ -114,7 +117,7 @@ def test_udp6_to_a_closed_port_gives_econnrefused() -> None:
               "    s.recv(100)\n"
               "except OSError as exc:\n"
               "    print(type(exc).__name__)\n")
-    done = relaynat_run(sys.executable, "-c", script)
+    done = relaynat_run(guest_python(), "-c", script)
     assert done.stdout.strip() == "ConnectionRefusedError", done.stdout + done.stderr
     assert parse_stats(done.stderr)["udp_icmp_port_unreachable"] == 1
 
@@ -124,15 +127,15 @@ def test_tcp6_to_a_closed_port_is_reset() -> None:
     probe.bind(("::1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    done = relaynat_run(sys.executable, "-c",
+    done = relaynat_run(guest_python(), "-c",
                         "import socket\n"
                         f"try:\n    socket.create_connection(('{GATEWAY6}', {port}), 5)\n"
                         "except OSError as exc:\n    print(type(exc).__name__)\n")
     assert done.stdout.strip() == "ConnectionRefusedError", done.stdout + done.stderr
 
 
-def test_dhclient6_gets_the_configured_address_and_dns(tmp_path: Path) -> None:
-    lease = tmp_path / "dhclient6.leases"
+def test_dhclient6_gets_the_configured_address_and_dns(guest_dir: Path) -> None:
+    lease = guest_dir / "dhclient6.leases"
     # -sf /bin/true: keep dhclient from reconfiguring the guest; the lease file is what
     # the server said. -d keeps it in the foreground (a daemon would hold the output
     # pipes open); it is stopped once the lease is written, or after 10 s.
@@ -140,7 +143,7 @@ def test_dhclient6_gets_the_configured_address_and_dns(tmp_path: Path) -> None:
     wait_dad = ("for i in $(seq 50); do [ -z \"$(ip -6 addr show dev tap0 tentative)\" ] && "
                 "break; sleep 0.1; done; ")
     done = relaynat_run("sh", "-c", wait_dad + f"dhclient -6 -d -v -sf /bin/true -lf {lease} "
-                        f"-pf {tmp_path / 'pid'} tap0 & pid=$!; for i in $(seq 100); do "
+                        f"-pf {guest_dir / 'pid'} tap0 & pid=$!; for i in $(seq 100); do "
                         f"grep -q iaaddr {lease} 2>/dev/null && break; sleep 0.1; done; "
                         "kill $pid; wait $pid; true",
                         options=("--address6", "fd00::99"), timeout=60)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import sys
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import dpkt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from relaynat_cli import parse_stats, relaynat_run
+from relaynat_cli import guest_python, parse_stats, relaynat_run
 
 from relaynat.config import RelayConfig
 from relaynat.namespace import run_command
@@ -39,7 +38,7 @@ GUEST_TOOLS = str(Path(__file__).parent / "guest_tools.py")
 def test_udp_echo_small_and_mtu_sized(udp_echo: int, mtu: int, offload: bool,
                                       sizes: list[int]) -> None:
     options = ("--mtu", str(mtu)) + (() if offload else ("--no-offload",))
-    done = relaynat_run(sys.executable, GUEST_TOOLS, "udp-echo", GATEWAY, str(udp_echo),
+    done = relaynat_run(guest_python(), GUEST_TOOLS, "udp-echo", GATEWAY, str(udp_echo),
                         *map(str, sizes), options=options,
                         timeout=60)
     assert done.returncode == 0, done.stderr
@@ -62,7 +61,7 @@ def test_host_datagram_larger_than_guest_mtu_is_dropped_and_counted(udp_echo: in
               "    print('nothing')\n"
               "s.send(b'big 1472')\n"
               "print('got', len(s.recv(70000)))\n")
-    done = relaynat_run(sys.executable, "-c", client, options=("--mtu", "1500"))
+    done = relaynat_run(guest_python(), "-c", client, options=("--mtu", "1500"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:-1] == ["nothing", "got 1472"]
     assert parse_stats(done.stderr)["udp_drop_too_big_for_mtu"] == 1
@@ -84,7 +83,7 @@ def test_closed_port_gives_the_guest_econnrefused(udp_echo: int) -> None:
               "    s.recv(100)\n"
               "except OSError as exc:\n"
               "    print(type(exc).__name__)\n")
-    done = relaynat_run(sys.executable, "-c", client)
+    done = relaynat_run(guest_python(), "-c", client)
     assert done.returncode == 0, done.stderr
     # Only an ICMP port unreachable that the guest kernel matched to this connected
     # socket (RFC 792 quote: our IP header + UDP ports) turns into ECONNREFUSED.
@@ -94,7 +93,7 @@ def test_closed_port_gives_the_guest_econnrefused(udp_echo: int) -> None:
 
 def _run_in_process(config: RelayConfig, script: str) -> tuple[int, dict[str, int]]:
     holder: list = []
-    code = asyncio.run(run_command(config, [sys.executable, "-c", script],
+    code = asyncio.run(run_command(config, [guest_python(), "-c", script],
                                    relay_ready=holder.append))
     return code, holder[0].stats()
 
@@ -348,7 +347,7 @@ def test_no_route_gives_a_recverr_guest_net_unreachable() -> None:
               "    s.recv(100)\n"
               "except OSError as exc:\n"
               "    print(exc.errno == __import__('errno').ENETUNREACH)\n")
-    done = relaynat_run(sys.executable, "-c", client)
+    done = relaynat_run(guest_python(), "-c", client)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True", done.stdout + done.stderr
     stats = parse_stats(done.stderr)
@@ -388,7 +387,7 @@ def test_gateway_without_the_loopback_mapping_refuses_udp(udp_echo: int) -> None
               "    s.recv(100)\n"
               "except OSError as exc:\n"
               "    print(type(exc).__name__)\n")
-    done = relaynat_run(sys.executable, "-c", client, options=("--map-host-loopback", "none"))
+    done = relaynat_run(guest_python(), "-c", client, options=("--map-host-loopback", "none"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ConnectionRefusedError"
     stats = parse_stats(done.stderr)
