@@ -151,11 +151,13 @@ def _send_all(s: socket.socket, ifname: str, frames: Iterator[bytes]) -> int:
 
 
 def flood_script(http_port: int, open_port: int, done: Path, counts: tuple[int, ...],
-                 limit_rate: str | None) -> str:
+                 limit_rate: str | None, python: str = sys.executable) -> str:
     """The guest's shell script: a download over IPv6 that starts first (its sha256
     printed last, curl's speed and time in DONE.speed), and the floods beside it.
     IPv4 to the gateway is blackholed in the guest so its kernel's RSTs to SYN-ACKs it
-    never asked for go nowhere (see above)."""
+    never asked for go nowhere (see above). `python` runs this file in the guest: one
+    the guest's user may execute (relaynat_cli.guest_python); DONE's directory is one
+    it may write in."""
     syns, udp, arps, dhcps = counts
     rate = f"--limit-rate {limit_rate} " if limit_rate else ""
     return (
@@ -164,7 +166,7 @@ def flood_script(http_port: int, open_port: int, done: Path, counts: tuple[int, 
         "-w '%{stderr}%{speed_download} %{time_total}\\n' 2>{done}.speed "
         "| sha256sum > {done}.sha) & "
         "sleep 0.5; "
-        f"nice -n 19 {sys.executable} {Path(__file__).resolve()} tap0 --syns {syns} "
+        f"nice -n 19 {python} {Path(__file__).resolve()} tap0 --syns {syns} "
         f"--open-port {open_port} --udp {udp} --arp {arps} --dhcp {dhcps} --done {done} "
         "--started {done}.start; "
         "wait; cat {done}.sha").replace("{done}", str(done))

@@ -15,14 +15,15 @@ from __future__ import annotations
 import json
 import resource
 import socket
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from faultkit import LiveRun, cpu_seconds, lowest_free_fd
+from relaynat_cli import guest_python
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["guest_fs"]
 
 GUEST_TOOLS = str(Path(__file__).parent / "guest_tools.py")
 GATEWAY = "10.0.2.2"
@@ -33,10 +34,10 @@ TRIES = 60
 
 
 def test_low_nofile_refuses_new_flows_cleanly_and_the_open_one_runs(
-        start_peer, udp_echo: int, tmp_path: Path) -> None:
+        start_peer, udp_echo: int, guest_dir: Path) -> None:
     port = start_peer("echo")
-    ready, go = tmp_path / "ready", tmp_path / "go"
-    run = LiveRun([sys.executable, GUEST_TOOLS, "fd-exhaust", GATEWAY, str(port),
+    ready, go = guest_dir / "ready", guest_dir / "go"
+    run = LiveRun([guest_python(), GUEST_TOOLS, "fd-exhaust", GATEWAY, str(port),
                    "--conns", str(TRIES), "--ready", str(ready), "--go", str(go),
                    "--udp-port", str(udp_echo)])
     try:
@@ -67,7 +68,7 @@ def test_low_nofile_refuses_new_flows_cleanly_and_the_open_one_runs(
     assert stats.get("tcp_internal_errors", 0) == 0
 
 
-def test_forward_at_the_fd_limit_waits_without_spinning_then_serves(tmp_path: Path) -> None:
+def test_forward_at_the_fd_limit_waits_without_spinning_then_serves(guest_dir: Path) -> None:
     """A client of a forwarded port while the relay has no descriptor left: accept()
     fails with EMFILE and the connection waits in the listener's backlog. The relay
     must not spin on the still-readable listener (CPU stays low), and once descriptors
@@ -75,8 +76,8 @@ def test_forward_at_the_fd_limit_waits_without_spinning_then_serves(tmp_path: Pa
     with socket.socket() as probe:  # a free port for the forward (the suite's netns)
         probe.bind(("127.0.0.1", 0))
         host_port = probe.getsockname()[1]
-    ready = tmp_path / "ready"
-    run = LiveRun([sys.executable, GUEST_TOOLS, "peer-echo", "5353", "--events", "1",
+    ready = guest_dir / "ready"
+    run = LiveRun([guest_python(), GUEST_TOOLS, "peer-echo", "5353", "--events", "1",
                    "--ready", str(ready)],
                   options=("-t", f"127.0.0.1/{host_port}:5353"))
     try:

@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 from faultkit import MIB, HoldingPeer, LiveRun, rss_kib
 from guest_flood import flood_script
+from relaynat_cli import guest_python
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["guest_fs"]
 
 #: Resident memory the relay must stay under through the floods: the bound README's
 #: threat model documents for the default flow maxima (benches/floods.py measured a
@@ -36,16 +38,17 @@ MAX_UDP = 4096  # the default
 
 
 def test_floods_keep_memory_bounded_tables_refusing_and_a_download_intact(
-        start_peer, tmp_path: Path) -> None:
+        start_peer, tmp_path: Path, guest_dir: Path) -> None:
     size = 64 * MIB
     data = os.urandom(size)
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "f.bin").write_bytes(data)
     http_port = start_peer("http", "--root", str(tmp_path / "www"), "--bind", "::1")
     holder = HoldingPeer(MAX_TCP + 1000)
-    done = tmp_path / "flood-done"
+    done = guest_dir / "flood-done"
     run = LiveRun(["sh", "-c", flood_script(http_port, holder.port, done,
-                                            (SYNS, UDP_DESTS, ARPS, DHCPS), "8M")],
+                                            (SYNS, UDP_DESTS, ARPS, DHCPS), "8M",
+                                            python=guest_python())],
                   # The table's bound is under test here: the new-flow rate that keeps a
                   # flood from filling it (syn_backlog.py) is raised out of the way and
                   # tested in test_syn_backlog.py.

@@ -10,12 +10,11 @@ on the suite's private 127.0.0.1, which the guest reaches as 10.0.2.2.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from faultkit import MIB, OneShotPeer
-from relaynat_cli import parse_stats, relaynat_run
+from relaynat_cli import guest_python, parse_stats, relaynat_run
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +25,7 @@ RESET_AFTER = 8 * MIB
 
 
 def _guest(port: int, *args: str) -> tuple[dict, dict[str, int]]:  # type: ignore[type-arg]
-    done = relaynat_run(sys.executable, GUEST_TOOLS, "tcp-reset", GATEWAY, str(port), *args,
+    done = relaynat_run(guest_python(), GUEST_TOOLS, "tcp-reset", GATEWAY, str(port), *args,
                         timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]

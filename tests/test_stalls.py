@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,8 +21,10 @@ from pathlib import Path
 import dpkt
 import pytest
 from faultkit import MIB, LiveRun, rss_kib, wait_until
+from relaynat_cli import guest_python
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["guest_fs"]
 
 GUEST_TOOLS = str(Path(__file__).parent / "guest_tools.py")
 GATEWAY = "10.0.2.2"
@@ -46,11 +46,11 @@ def _sample_during(run: LiveRun, started: Path, seconds: float) -> list[int]:
 
 
 def test_host_peer_that_stops_reading_stalls_the_guest_with_flat_relay_memory(
-        start_peer, tmp_path: Path) -> None:
+        start_peer, guest_dir: Path) -> None:
     port = start_peer("drain-then-reply", "--delay", str(STALL_S + 1))
-    started = tmp_path / "started"
+    started = guest_dir / "started"
     size = 128 * MIB
-    run = LiveRun(["sh", "-c", f"touch {started}; exec {sys.executable} {GUEST_TOOLS} "
+    run = LiveRun(["sh", "-c", f"touch {started}; exec {guest_python()} {GUEST_TOOLS} "
                                f"half-close {GATEWAY} {port} --size {size}"])
     try:
         samples = _sample_during(run, started, STALL_S - 1)
@@ -65,12 +65,12 @@ def test_host_peer_that_stops_reading_stalls_the_guest_with_flat_relay_memory(
 
 
 def test_guest_that_stops_reading_is_probed_with_flat_relay_memory(
-        start_peer, tmp_path: Path) -> None:
+        start_peer, tmp_path: Path, guest_dir: Path) -> None:
     data = os.urandom(64 * MIB)
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "f.bin").write_bytes(data)
     port = start_peer("http", "--root", str(tmp_path / "www"))
-    started, pcap = tmp_path / "started", tmp_path / "guest.pcap"
+    started, pcap = guest_dir / "started", tmp_path / "guest.pcap"
     client = ("import hashlib, socket, sys, time\n"
               f"s = socket.create_connection(('{GATEWAY}', {port}), timeout=30)\n"
               "s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)\n"
@@ -82,7 +82,7 @@ def test_guest_that_stops_reading_is_probed_with_flat_relay_memory(
               "    buf += chunk\n"
               "body = bytes(buf).split(b'\\r\\n\\r\\n', 1)[1]\n"
               "print(hashlib.sha256(body).hexdigest(), len(body))\n")
-    run = LiveRun([sys.executable, "-c", client], options=("--pcap", str(pcap)))
+    run = LiveRun([guest_python(), "-c", client], options=("--pcap", str(pcap)))
     try:
         samples = _sample_during(run, started, STALL_S - 1.5)
         status, stats = run.finish(timeout_s=60)
@@ -127,7 +127,7 @@ def _bursty_reader(listener: socket.socket, pause_s: float, out: dict[str, objec
     conn.close()
 
 
-def test_guest_held_by_a_pausing_host_peer_resumes_without_probing() -> None:
+def test_guest_held_by_a_pausing_host_peer_resumes_without_probing(guest_dir: Path) -> None:
     """The host peer pauses 30 ms between reads, so the relay's host socket fills and
     our window to the guest shuts, again and again. Each time the socket drains the
     relay must tell the guest: left to its own zero-window probe (RFC 9293 §3.8.6.1,
@@ -152,17 +152,16 @@ def test_guest_held_by_a_pausing_host_peer_resumes_without_probing() -> None:
               "s.sendall(sys.stdin.buffer.read())\n"
               "s.shutdown(socket.SHUT_WR)\n"
               "s.recv(1)\n")  # the peer read it all: `run` ends with the command
-    with tempfile.NamedTemporaryFile() as f:
-        f.write(data)
-        f.flush()
-        run = LiveRun(["sh", "-c", f"{sys.executable} -c \"{sender}\" < {f.name} && "
-                                   "nstat -asz TcpExtTCPWinProbe"])
-        try:
-            status, stats = run.finish(timeout_s=120)
-        finally:
-            run.kill()
-            reader.join(30)
-            listener.close()
+    source = guest_dir / "data.bin"  # where the guest may read it
+    source.write_bytes(data)
+    run = LiveRun(["sh", "-c", f"{guest_python()} -c \"{sender}\" < {source} && "
+                               "nstat -asz TcpExtTCPWinProbe"])
+    try:
+        status, stats = run.finish(timeout_s=120)
+    finally:
+        run.kill()
+        reader.join(30)
+        listener.close()
     assert status == 0, run.stderr[-2000:]
     assert out.get("result") == (hashlib.sha256(data).hexdigest(), len(data))
     probes = int(run.stdout.split("TcpExtTCPWinProbe")[1].split()[0])
