@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from relaynat_cli import parse_stats, relaynat_run
+from relaynat_cli import guest_python, parse_stats, relaynat_run
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["guest_fs"]
 
 TESTS = Path(__file__).parent
 HOST_PEERS = str(TESTS / "host_peers.py")
@@ -47,13 +48,13 @@ def _wait_guest_ready(ready: Path, proc: subprocess.Popen[str]) -> None:
         time.sleep(0.05)
 
 
-def test_forwarded_port_carries_64mib_both_ways(tmp_path: Path) -> None:
+def test_forwarded_port_carries_64mib_both_ways(tmp_path: Path, guest_dir: Path) -> None:
     data = os.urandom(64 << 20)
-    (tmp_path / "blob").write_bytes(data)
+    (guest_dir / "blob").write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
-    ready = tmp_path / "port"
+    ready = guest_dir / "port"
     # The guest serves GET (the file) and PUT (answers the body's sha256) on port 8080.
-    guest = (f"exec {sys.executable} {HOST_PEERS} http --root {tmp_path} --bind 0.0.0.0 "
+    guest = (f"exec {guest_python()} {HOST_PEERS} http --root {guest_dir} --bind 0.0.0.0 "
              f"--port 8080 --port-file {ready}")
     proc, port = _start_forwarded_guest(tmp_path, guest)
     try:
@@ -197,7 +198,7 @@ def test_sandbox_udp_gets_admin_prohibited(world: int) -> None:
               "    s.recv(10)\n"
               "except OSError as exc:\n"
               "    print(type(exc).__name__, exc.errno)\n")
-    done = relaynat_run(sys.executable, "-c", script, options=("--sandbox",))
+    done = relaynat_run(guest_python(), "-c", script, options=("--sandbox",))
     # ICMP administratively prohibited (type 3 code 13) is a hard error for a connected
     # UDP socket: Linux's icmp_err_convert maps it to EHOSTUNREACH (113).
     assert done.stdout.strip() == "OSError 113", done.stdout + done.stderr

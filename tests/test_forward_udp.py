@@ -17,12 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from relaynat_cli import parse_stats
+from relaynat_cli import guest_python, parse_stats
 
 from relaynat.config import RelayConfig
 from relaynat.namespace import run_command
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["guest_fs"]
 
 GUEST_TOOLS = str(Path(__file__).parent / "guest_tools.py")
 #: Sizes up to what one frame carries at the default MTU 65520 (no fragmentation).
@@ -51,8 +52,8 @@ def _udp_ask(local: tuple[str, int], server: tuple[str, int], data: bytes) -> by
     return b""
 
 
-async def test_udp_forward_keeps_clients_apart_in_both_families(tmp_path: Path) -> None:
-    ready = tmp_path / "ready"
+async def test_udp_forward_keeps_clients_apart_in_both_families(guest_dir: Path) -> None:
+    ready = guest_dir / "ready"
     ports: dict[str, int] = {}
     stats: dict[str, int] = {}
 
@@ -63,7 +64,7 @@ async def test_udp_forward_keeps_clients_apart_in_both_families(tmp_path: Path) 
 
     holder: list[object] = []
     guest = asyncio.ensure_future(run_command(
-        RelayConfig(), [sys.executable, GUEST_TOOLS, "peer-echo", "5353", "--events",
+        RelayConfig(), [guest_python(), GUEST_TOOLS, "peer-echo", "5353", "--events",
                         str(3 * len(SIZES)), "--ready", str(ready)], relay_ready=relay_ready))
     try:
         await asyncio.to_thread(_wait_file, ready)
@@ -118,12 +119,12 @@ def _tcp_upload(local: str, server: tuple[str, int], data: bytes) -> list[str]:
 
 
 def test_inbound_source_client_shows_real_addresses_but_never_loopback(
-        tmp_path: Path, outside_addresses: tuple[str, str]) -> None:
+        guest_dir: Path, outside_addresses: tuple[str, str]) -> None:
     v4, v6 = outside_addresses
-    ready = tmp_path / "ready"
+    ready = guest_dir / "ready"
     proc = subprocess.Popen(
         [sys.executable, "-m", "relaynat", "run", "--stats", "--inbound-source", "client",
-         "-t", "0:8080", "-u", "0:8080", "--", sys.executable, GUEST_TOOLS, "peer-echo",
+         "-t", "0:8080", "-u", "0:8080", "--", guest_python(), GUEST_TOOLS, "peer-echo",
          "8080", "--events", "4", "--ready", str(ready)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
@@ -161,14 +162,14 @@ def test_udp_port_spec_errors_name_the_option() -> None:
     assert "port spec '70000'" in result.stderr
 
 
-def test_a_wide_port_range_raises_the_descriptor_limit(tmp_path: Path) -> None:
+def test_a_wide_port_range_raises_the_descriptor_limit(guest_dir: Path) -> None:
     """10,000 forwarded ports need a descriptor each, far past a soft RLIMIT_NOFILE of
     1024; the relay raises its soft limit toward the hard one (passt does the same),
     and a port in the range reaches the guest."""
-    ready = tmp_path / "ready"
+    ready = guest_dir / "ready"
     proc = subprocess.Popen(
         ["prlimit", "--nofile=1024:20000", "--", sys.executable, "-m", "relaynat", "run",
-         "--stats", "-t", "1-10000", "--", sys.executable, GUEST_TOOLS, "peer-echo", "4242",
+         "--stats", "-t", "1-10000", "--", guest_python(), GUEST_TOOLS, "peer-echo", "4242",
          "--events", "1", "--ready", str(ready)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -216,13 +217,13 @@ while served < int(sys.argv[2]):
 """
 
 
-def test_port_range_with_exclusions_maps_as_specified(tmp_path: Path) -> None:
+def test_port_range_with_exclusions_maps_as_specified(guest_dir: Path) -> None:
     """`5000-5009:6000-6009,~5003-5004`: eight host ports, each to its own guest port
     (host port + 1000), and the excluded two not listening at all."""
-    ready = tmp_path / "ready"
+    ready = guest_dir / "ready"
     proc = subprocess.Popen(
         [sys.executable, "-m", "relaynat", "run", "-t",
-         "127.0.0.1/5000-5009:6000-6009,~5003-5004", "--", sys.executable, "-c", RANGE_GUEST,
+         "127.0.0.1/5000-5009:6000-6009,~5003-5004", "--", guest_python(), "-c", RANGE_GUEST,
          str(ready), "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_file(ready)

@@ -8,11 +8,12 @@ import asyncio
 import hashlib
 import os
 import socket
-import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from relaynat_cli import guest_python
 
 from relaynat.config import RelayConfig
 from relaynat.namespace import run_command
@@ -23,6 +24,7 @@ from relaynat.tcp_state import TcpState
 from relaynat.window import OUR_WSCALE, SYN_RETRIES_MAX, syn_timeout_s
 from relaynat.wire import ACK, RST, SYN, TcpSegment, parse_ethernet, parse_ipv4, parse_tcp
 
+pytest_plugins = ["guest_fs"]
 GW, GUEST = bytes([10, 0, 2, 2]), bytes([10, 0, 2, 15])
 M32 = 0xFFFFFFFF
 
@@ -191,21 +193,21 @@ QUIET_GUEST_SERVER = (
 
 
 @pytest.mark.integration
-async def test_a_client_connecting_before_the_guest_spoke_reaches_it(tmp_path) -> None:
+async def test_a_client_connecting_before_the_guest_spoke_reaches_it(guest_dir: Path) -> None:
     """An IPv4-only guest with a static address sends nothing at link-up, so when a
     forward's client connects the relay does not know the guest's MAC. It asks (an ARP
     request) and SYNs the guest once the answer teaches it the MAC. It used to SYN the
     broadcast address, every retry too, which the guest's TCP discards: the client
     hung (test_forwarded_uploads' flaky stall, when its client won the race against
     the guest's first frame)."""
-    listening = tmp_path / "listening"
+    listening = guest_dir / "listening"
     relays = []
 
     def ready(relay: object) -> None:
         relays.append(relay)
 
     guest = asyncio.ensure_future(run_command(
-        RelayConfig(ipv6=False), [sys.executable, "-c", QUIET_GUEST_SERVER, str(listening)],
+        RelayConfig(ipv6=False), [guest_python(), "-c", QUIET_GUEST_SERVER, str(listening)],
         relay_ready=ready))
     try:
         for _ in range(200):
@@ -253,7 +255,7 @@ async def test_forwarded_uploads_over_ipv4_and_ipv6_arrive_intact() -> None:
         ports["v4"] = relay.add_forward("tcp", "127.0.0.1", 0, 8080).host_port  # type: ignore[attr-defined]
         ports["v6"] = relay.add_forward("tcp", "::1", 0, 8080).host_port  # type: ignore[attr-defined]
 
-    guest = asyncio.ensure_future(run_command(RelayConfig(), [sys.executable, "-c",
+    guest = asyncio.ensure_future(run_command(RelayConfig(), [guest_python(), "-c",
                                                               GUEST_SERVER, "2"],
                                               relay_ready=ready))
     try:

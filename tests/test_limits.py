@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from relaynat_cli import parse_stats, relaynat_run
+from relaynat_cli import guest_python, parse_stats, relaynat_run
 from sysctl import ALL_GROUPS, ping_group_range
 
+pytest_plugins = ["guest_fs"]
 GUEST = str(Path(__file__).parent / "guest_tools.py")
 GUEST_TOOLS = str(Path(__file__).parent / "guest_tools.py")
 GATEWAY = "10.0.2.2"
@@ -35,7 +36,7 @@ def _guest_json(done: subprocess.CompletedProcess[str]) -> dict:  # type: ignore
 def test_syns_over_the_rate_get_rst_and_are_counted(start_peer) -> None:
     rate, burst, count, after = 20, 5, 100, 5
     port = start_peer("echo")
-    done = relaynat_run(sys.executable, GUEST, "connect-burst", GATEWAY, str(port),
+    done = relaynat_run(guest_python(), GUEST, "connect-burst", GATEWAY, str(port),
                         "--count", str(count), "--pause", "0.3", "--after", str(after),
                         options=("--new-flow-rate", f"{rate}/s",
                                  "--new-flow-burst", str(burst)))
@@ -63,9 +64,10 @@ def test_the_rate_is_one_bucket_for_tcp_udp_and_ping(start_peer, udp_echo: int) 
     a TCP connection and a UDP flow take the two tokens; then a second UDP flow, a
     second TCP connection and a ping are all over the rate."""
     port = start_peer("echo")
-    script = (f"{sys.executable} {GUEST} connect-burst {GATEWAY} {port} --count 1; "
-              f"{sys.executable} {GUEST} udp-flows {GATEWAY} {udp_echo} --flows 2 --tries 2; "
-              f"{sys.executable} {GUEST} connect-burst {GATEWAY} {port} --count 1; "
+    python = guest_python()
+    script = (f"{python} {GUEST} connect-burst {GATEWAY} {port} --count 1; "
+              f"{python} {GUEST} udp-flows {GATEWAY} {udp_echo} --flows 2 --tries 2; "
+              f"{python} {GUEST} connect-burst {GATEWAY} {port} --count 1; "
               f"ping -c 1 -W 1 {GATEWAY}; true")
     with ping_group_range(ALL_GROUPS):
         done = relaynat_run("sh", "-c", script,
@@ -109,7 +111,7 @@ def _inbound_udp(port: int) -> bytes:
 
 
 @pytest.mark.integration
-async def test_inbound_flows_do_not_spend_the_guests_rate(start_peer, tmp_path: Path) -> None:
+async def test_inbound_flows_do_not_spend_the_guests_rate(start_peer, guest_dir: Path) -> None:
     """Burst 1 at 0.01/s: two forwarded TCP clients and two UDP clients reach the guest,
     and afterwards the guest's own token is still there (its first connect succeeds,
     its second is refused): the rate bounds the guest's egress, not who calls it."""
@@ -117,7 +119,7 @@ async def test_inbound_flows_do_not_spend_the_guests_rate(start_peer, tmp_path: 
     from relaynat.namespace import run_command
 
     host_port = start_peer("echo")
-    ready, out = tmp_path / "ready", tmp_path / "out.json"
+    ready, out = guest_dir / "ready", guest_dir / "out.json"
     forwards: dict[str, int] = {}
     relays: list = []  # type: ignore[type-arg]
 
@@ -126,8 +128,9 @@ async def test_inbound_flows_do_not_spend_the_guests_rate(start_peer, tmp_path: 
         forwards["udp"] = relay.add_forward("udp", "127.0.0.1", 0, 5353).host_port
         relays.append(relay)
 
-    script = (f"{sys.executable} {GUEST_TOOLS} peer-echo 5353 --events 4 --ready {ready} && "
-              f"{sys.executable} {GUEST} connect-burst {GATEWAY} {host_port} --count 2 > {out}")
+    python = guest_python()
+    script = (f"{python} {GUEST_TOOLS} peer-echo 5353 --events 4 --ready {ready} && "
+              f"{python} {GUEST} connect-burst {GATEWAY} {host_port} --count 2 > {out}")
     config = RelayConfig(new_flow_rate=0.01, new_flow_burst=1).validate()
     guest = asyncio.ensure_future(run_command(config, ["sh", "-c", script],
                                               relay_ready=relay_ready))
@@ -148,7 +151,7 @@ async def test_inbound_flows_do_not_spend_the_guests_rate(start_peer, tmp_path: 
 @pytest.mark.integration
 def test_fourth_udp_flow_is_dropped_and_counted_first_three_still_echo(udp_echo: int) -> None:
     tries = 3
-    done = relaynat_run(sys.executable, GUEST, "udp-flows", GATEWAY, str(udp_echo),
+    done = relaynat_run(guest_python(), GUEST, "udp-flows", GATEWAY, str(udp_echo),
                         "--flows", "4", "--tries", str(tries),
                         options=("--max-udp-flows", "3"))
     out = _guest_json(done)
