@@ -22,6 +22,7 @@ from relaynat.packet_builder import (
     VIRTIO_NET_HDR_GSO_NONE,
     VIRTIO_NET_HDR_GSO_TCPV4,
     VNET_HDR,
+    GuestMac,
     TcpFrameTemplate,
     arp_reply,
     ipv4_header,
@@ -220,6 +221,36 @@ def test_template_without_offload_ignores_vnet_flag() -> None:
     frame = head[10:] + b"xyz"
     seg = frame[34:]
     assert ones_sum(pseudo_header(b"\1\1\1\1", b"\2\2\2\2", 6, len(seg)) + seg) == 0xFFFF
+
+
+@pytest.mark.parametrize("vlen", [0, 12])
+def test_templates_follow_the_guest_mac_without_a_rebuild(vlen: int) -> None:
+    """Issue 18, item 8: a new source MAC from the guest is one assignment (GuestMac), not
+    a rebuild of every flow's template; each template's next frame goes to it, and
+    its copies for another link or option set follow the same GuestMac."""
+    guest = GuestMac()
+    t = TcpFrameTemplate(dst_mac=b"\xff" * 6, src_mac=b"\2" * 6, src=b"\1\1\1\1",
+                         dst=b"\2\2\2\2", sport=1, dport=2, vnet_hdr_len=vlen,
+                         offload=bool(vlen), guest=guest)
+    assert t.build(1, 2, ACK, 3)[vlen:vlen + 6] == b"\xff" * 6  # none learned yet
+    guest.mac = b"\x02" * 6
+    assert t.dst_mac == t.params["dst_mac"] == b"\x02" * 6
+    head = t.build(1, 2, ACK, 3, b"xyz")
+    assert head[vlen:vlen + 6] == b"\x02" * 6
+    if not vlen:  # the MAC is in no checksum: the segment still sums right
+        seg = head[34:] + b"xyz"
+        assert ones_sum(pseudo_header(b"\1\1\1\1", b"\2\2\2\2", 6, len(seg)) + seg) == 0xFFFF
+    moved = t.with_link(0, False).with_timestamps(True)
+    guest.mac = b"\x06" * 6
+    assert moved.build(1, 2, ACK, 3)[:6] == b"\x06" * 6
+    assert t.build(1, 2, SYN, 3, options=tcp_options_syn(1460, 7))[vlen:vlen + 6] == b"\x06" * 6
+    # A template of its own keeps its MAC; following makes it take the guest's.
+    own = t.with_guest_mac(b"\x0a" * 6)
+    guest.mac = b"\x0e" * 6
+    assert own.guest is None and own.build(1, 2, ACK, 3)[vlen:vlen + 6] == b"\x0a" * 6
+    assert own.following(guest).build(1, 2, ACK, 3)[vlen:vlen + 6] == b"\x0e" * 6
+    assert GuestMac().mac is None
+    assert own.following(GuestMac()).dst_mac == b"\x0a" * 6  # none learned: its own
 
 
 def test_too_large_segment_refused() -> None:

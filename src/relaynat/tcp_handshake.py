@@ -383,18 +383,21 @@ class TcpHandshake:
             self._on_guest_syn_ack(seg, now)
 
     def on_guest_mac(self, mac: bytes, now: float) -> None:
-        """The guest's Ethernet address is (newly) `mac`. Frames go there from now on;
-        an inbound SYN the guest has not answered is sent again at once: those before
-        went to the broadcast address (a host client connected before the guest's first
-        frame) or to a MAC the guest no longer has, and Linux's TCP discards segments
-        not addressed to the host (tcp_v4_rcv: pkt_type != PACKET_HOST), so waiting for
-        the next backoff (up to 16 s) would only stall the client."""
+        """The guest's Ethernet address is (newly) `mac`. Frames go there from now on (a
+        template that follows the relay's `GuestMac` has it already: the relay calls
+        this only on a change); an inbound SYN the guest has not answered is sent again
+        at once: those before went to the broadcast address (a host client connected
+        before the guest's first frame) or to a MAC the guest no longer has, and Linux's
+        TCP discards segments not addressed to the host (tcp_v4_rcv: pkt_type !=
+        PACKET_HOST), so waiting for the next backoff (up to 16 s) would only stall the
+        client."""
         if self.closed:
             return
-        template = self.template.with_guest_mac(mac)
-        if template is self.template:
-            return
-        self.template = template
+        if self.template.guest is None:
+            template = self.template.with_guest_mac(mac)
+            if template is self.template:
+                return
+            self.template = template
         if self.state is TcpState.SYN_SENT:
             self.now = now
             self._send_syn(None)

@@ -37,7 +37,7 @@ from relaynat.guest_log import guest_logger
 from relaynat.host_pump import HostPump
 from relaynat.nat_entry import TcpNatEntry
 from relaynat.ooo_queue import OooBudget
-from relaynat.packet_builder import TcpFrameTemplate
+from relaynat.packet_builder import BROADCAST_MAC, GuestMac, TcpFrameTemplate
 from relaynat.sockfail import count_socket_failure
 from relaynat.syn_backlog import (
     BACKLOG_TIMER_MIN_S,
@@ -110,7 +110,12 @@ class TcpRelay:
         self._vnet_hdr_len = 0
         self._offload = False
         self._gather = False
-        self.guest_mac = b"\xff" * 6
+        #: The guest's MAC, which the templates of its flows follow (packet_builder.py).
+        self._guest_mac = GuestMac()
+        #: Inbound flows whose SYN may have gone to a MAC the guest does not have: sent
+        #: again at once when the MAC is learned or changes, once a flow (a guest whose
+        #: MAC flaps gets the rest from the SYN timer, not one SYN a flow per frame).
+        self._syn_unheard: dict[TcpFlow, None] = {}
         #: Egress check for a new guest connection (protocol, destination, port) -> allow;
         #: set by the relay when a policy is in force.
         self.admit: Callable[[int, bytes, int], bool] | None = None
@@ -138,10 +143,14 @@ class TcpRelay:
 
     def set_guest_mac(self, mac: bytes) -> None:
         """The relay learned the guest's MAC (its first frame, or a new one): every
-        flow's frames go there from now on (TcpHandshake.on_guest_mac)."""
-        self.guest_mac = mac
+        flow's frames go there from now on, as their templates follow `_guest_mac`;
+        inbound SYNs the guest may not have heard go again (TcpHandshake.on_guest_mac)."""
+        self._guest_mac.mac = mac
+        if not self._syn_unheard:
+            return
+        unheard, self._syn_unheard = self._syn_unheard, {}
         now = self._loop.time()
-        for flow in list(self.flows.values()):
+        for flow in unheard:
             flow.entry.on_guest_mac(mac, now)
             self._execute(flow)
 
@@ -333,10 +342,10 @@ class TcpRelay:
         now = self._loop.time()
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        template = TcpFrameTemplate(dst_mac=self.guest_mac, src_mac=self._config.gateway_mac,
+        template = TcpFrameTemplate(dst_mac=BROADCAST_MAC, src_mac=self._config.gateway_mac,
                                     src=src_ip, dst=guest_ip, sport=key[2], dport=guest_port,
                                     vnet_hdr_len=self._vnet_hdr_len, offload=self._offload,
-                                    timestamps=True)
+                                    timestamps=True, guest=self._guest_mac)
         flow = TcpFlow(key, TcpNatEntry.inbound(template=template, mtu=self._config.mtu,
                                                 iss=random.getrandbits(32), now=now,
                                                 facts=None, ooo_budget=self.ooo_budget,
@@ -347,6 +356,7 @@ class TcpRelay:
         except OSError:
             flow.peek_offset_supported = False
         self._track(flow)
+        self._syn_unheard[flow] = None
         self.stats["tcp_inbound_opened"] += 1
         self._execute(flow)
         self._timers.schedule(flow)
@@ -354,10 +364,10 @@ class TcpRelay:
 
     def _template_answering(self, seg: TcpSegment, timestamps: bool) -> TcpFrameTemplate:
         """Headers of frames toward the guest on the connection `seg` belongs to."""
-        return TcpFrameTemplate(dst_mac=self.guest_mac, src_mac=self._config.gateway_mac,
+        return TcpFrameTemplate(dst_mac=BROADCAST_MAC, src_mac=self._config.gateway_mac,
                                 src=seg.dst, dst=seg.src, sport=seg.dport, dport=seg.sport,
                                 vnet_hdr_len=self._vnet_hdr_len, offload=self._offload,
-                                timestamps=timestamps)
+                                timestamps=timestamps, guest=self._guest_mac)
 
     def _reply_rst(self, seg: TcpSegment) -> None:
         answer = rst_for_unknown(seg)
@@ -517,6 +527,7 @@ class TcpRelay:
     def _untrack(self, flow: TcpFlow) -> None:
         """Take `flow` out of the tables and the epoll set; its socket stays open."""
         del self.flows[flow.key]
+        self._syn_unheard.pop(flow, None)
         self._host.release(flow)
         if flow.gathered is not None:  # unacknowledged: the guest sends it again
             flow.gathered = None
@@ -618,6 +629,7 @@ class TcpRelay:
 
     def adopt(self, flow: TcpFlow) -> None:
         """Serve `flow` (moved here from another relay) as if it had been opened here."""
+        flow.entry.template = flow.entry.template.following(self._guest_mac)
         self._track(flow)
         self.stats["tcp_flows_imported"] += 1
         self._mark_dirty(flow)
