@@ -1,4 +1,5 @@
-"""host_pump: a flow's host socket receive buffer grows with the flight toward the guest.
+"""host_pump: a flow's host socket receive buffer grows with the flight toward the guest,
+and what one flow and one relay take from the host in one wakeup is bounded.
 
 Real loopback TCP sockets and a real `TcpNatEntry`; the pump runs dry on an empty
 socket (EAGAIN) while the entry has bytes in flight, as it does when the host peer is
@@ -14,15 +15,27 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from termios import FIONREAD
 
 import pytest
 from test_nat_entry import established
 
-from relaynat.host_pump import RCVBUF_BUDGET, RCVBUF_MAX, RCVBUF_MIN_CEILING, HostPump
-from relaynat.tcp_flow import SO_PEEK_OFF, TcpFlow
+from relaynat.flow_turns import FlowTurns
+from relaynat.host_pump import (
+    FLOW_SLICE_BYTES,
+    FLOW_SLICE_FRAMES,
+    RCVBUF_BUDGET,
+    RCVBUF_MAX,
+    RCVBUF_MIN_CEILING,
+    RELAY_SLICE_FRAMES,
+    HostPump,
+)
+from relaynat.tcp_actions import SendFrame
+from relaynat.tcp_flow import SO_PEEK_OFF, TcpFlow, ioctl_int
 
 
 def _loopback() -> tuple[socket.socket, socket.socket]:
@@ -45,8 +58,8 @@ def connection() -> Iterator[socket.socket]:
         peer.close()
 
 
-def _flow(sock: socket.socket, in_flight: int) -> TcpFlow:
-    entry = established(1, 1, window=0xFFFF)
+def _flow(sock: socket.socket, in_flight: int, mss: int = 1460) -> TcpFlow:
+    entry = established(1, 1, window=0xFFFF, mss=mss)
     entry.guest_wscale = 14  # a window of 1 GiB, so every byte below is in flight
     entry.guest_wnd_edge = (entry.snd_una + (0xFFFF << 14)) & 0xFFFFFFFF
     entry.on_host_data(memoryview(bytes(in_flight)), 0.0)
@@ -133,6 +146,89 @@ def test_a_relays_flows_grow_their_buffers_within_one_budget() -> None:
         for sock, peer in pairs:
             sock.close()
             peer.close()
+
+
+def _sending(nbytes: int) -> tuple[socket.socket, socket.socket]:
+    """A loopback connection whose peer has sent `nbytes` (all in the relay end's queue)."""
+    sock, peer = _loopback()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    peer.sendall(bytes(nbytes))
+    deadline = time.monotonic() + 5
+    while ioctl_int(sock, FIONREAD) < nbytes:
+        assert time.monotonic() < deadline, "the peer's bytes did not arrive"
+        time.sleep(0.01)
+    return sock, peer
+
+
+def test_a_wakeup_takes_a_flows_share_and_the_relays_from_the_host() -> None:
+    """Issue 18, item 6: at a 48-byte MSS a peek of 1 MiB was 21,845 frames built in one
+    call, and sixteen of them in one wakeup. One pump now builds at most
+    FLOW_SLICE_FRAMES frames and peeks at most FLOW_SLICE_BYTES (True: call again), and
+    the flows of one relay together at most its share, until `new_wakeup`."""
+    frames: list[int] = []
+
+    def count(flow: TcpFlow) -> None:
+        frames.append(sum(isinstance(a, SendFrame) for a in flow.entry.take_actions()))
+
+    pump = HostPump(Counter(), count)
+    pairs = [_sending(1 << 20) for _ in range(RELAY_SLICE_FRAMES // FLOW_SLICE_FRAMES + 1)]
+    try:
+        flows = [_flow(sock, 0, mss=48) for sock, _ in pairs]
+        for flow in flows[:-1]:
+            frames.clear()
+            assert pump.pump(flow, 0.0)
+            assert sum(frames) == FLOW_SLICE_FRAMES, frames
+            assert flow.entry.bytes_in_flight == 48 * FLOW_SLICE_FRAMES
+        # The relay's share is spent: the last flow waits for the next wakeup.
+        assert not pump.share_left
+        assert pump.pump(flows[-1], 0.0) and flows[-1].entry.bytes_in_flight == 0
+        pump.new_wakeup()
+        frames.clear()
+        assert pump.pump(flows[-1], 0.0) and sum(frames) == FLOW_SLICE_FRAMES
+        # Full-sized segments: the bytes bound first.
+        pairs.append(_sending(FLOW_SLICE_BYTES + (1 << 20)))
+        wide = _flow(pairs[-1][0], 0, mss=65000)
+        wide.entry.frame_payload_max = 65483  # a GSO super-frame (offload)
+        pump.new_wakeup()
+        frames.clear()
+        assert pump.pump(wide, 0.0)
+        assert wide.entry.bytes_in_flight == FLOW_SLICE_BYTES
+        assert sum(frames) == -(-FLOW_SLICE_BYTES // 65483)
+    finally:
+        for sock, peer in pairs:
+            sock.close()
+            peer.close()
+
+
+class _Loop:
+    """What FlowTurns asks of the event loop: call_soon, run by hand."""
+
+    def __init__(self) -> None:
+        self.soon: list[object] = []
+
+    def call_soon(self, callback: object) -> None:
+        self.soon.append(callback)
+
+
+def test_flows_left_without_a_turn_go_first_and_greedy_ones_last() -> None:
+    loop = _Loop()
+    served: list[list[int]] = []
+    turns = FlowTurns(loop, lambda: None)  # type: ignore[arg-type]
+    flows = [TcpFlow((i, b"", 0, b""), None, None) for i in range(5)]  # type: ignore[arg-type]
+    for flow in flows:
+        turns.mark(flow)
+    turns.mark(flows[0])  # marked twice, served once
+    batch = turns.take()
+    served.append([f.key[0] for f in batch])
+    for flow in batch:
+        flow.dirty = False
+    turns.mark(flows[4])  # marked during the flush, after it was served
+    # 0 and 1 used their share, 2 and 3 got no turn, 4 was done.
+    turns.again(waiting=[flows[2], flows[3]], used=[flows[0], flows[1]])
+    assert [f.key[0] for f in turns.take()] == [2, 3, 4, 0, 1]
+    assert all(f.dirty for f in flows)
+    assert len(loop.soon) == 1  # one flush soon, however often asked
+    assert served == [[0, 1, 2, 3, 4]]
 
 
 _UNPRIVILEGED = """

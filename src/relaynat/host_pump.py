@@ -1,5 +1,7 @@
-"""Reading a TCP flow's host socket: new data peeked for the guest, holes the guest's SACK
-blocks name peeked again, and acknowledged bytes dropped from the receive queue.
+"""A TCP flow's host socket, both ways: the guest's data written to it (the payloads of one
+wakeup gathered into one sendmsg, and what the out-of-order queue made in order), new
+data peeked for the guest, holes the guest's SACK blocks name peeked again, and
+acknowledged bytes dropped from the receive queue.
 
 The host socket's receive queue is the flow's only send buffer (DESIGN.md, passt's
 rule): bytes go to the guest by `MSG_PEEK` and leave the queue only when the guest
@@ -10,6 +12,16 @@ skips what is in flight.
 A peek fills one buffer shared by every flow of the relay, and the frames built from
 it point into that buffer, so the flow's actions are executed after each peek, before
 the next one overwrites it.
+
+What one wakeup may take is bounded, per flow and per relay: bytes peeked and frames
+built (FLOW_SLICE_*, RELAY_SLICE_*). The event loop is shared by every guest and the
+control socket, and a guest chooses its segment size: with an MSS of 48 bytes (the
+floor, window.MIN_SND_MSS) sixteen peeks of 1 MiB were 350,000 frames built in one
+call, seconds of a loop that every other guest waited on. A flow that used its share
+is queued again behind the others (tcp_relay.py), so the loop goes back to the
+transports and the control socket in between. Linux bounds a socket's work per
+softirq round alike (the NAPI budget of 64 packets a poll, net.core.netdev_budget for
+all of them).
 
 The receive queue holds every byte in flight toward the guest, so its buffer bounds
 the flight: the host peer stops once it is full. Linux sizes it by what the reader
@@ -34,15 +46,25 @@ from collections import Counter
 from collections.abc import Callable
 
 from relaynat.guest_log import guest_logger
-from relaynat.tcp_flow import TcpFlow, discard, peek_at
+from relaynat.tcp_actions import RESEND_BYTES_MAX
+from relaynat.tcp_flow import SO_PEEK_OFF, TcpFlow, discard, peek_at
 from relaynat.tcp_repair import SO_RCVBUFFORCE
 
 log = guest_logger("relaynat.tcp")
 
-#: Peeks per flow per wakeup before yielding to other flows and the guest transport.
-PUMP_ROUNDS = 16
-#: The most one peek takes; a larger read budget is peeked over more rounds.
-_BUF_BYTES = 1 << 20
+#: What one flow may peek and cut into frames in one wakeup before yielding to the other
+#: flows, the guest transports and the control socket. A 64 KiB GSO frame per 64 KiB, so
+#: with offload the bytes bound first; at a 1448-byte MSS without offload the frames,
+#: 185 KB. Either is about a millisecond of the loop (README, "Performance").
+FLOW_SLICE_BYTES = 2 << 20
+FLOW_SLICE_FRAMES = 128
+#: What all flows of one relay (one guest) may take together in one wakeup: four flows'
+#: shares; the flows beyond wait for the next round and go first in it.
+RELAY_SLICE_BYTES = 4 * FLOW_SLICE_BYTES
+RELAY_SLICE_FRAMES = 4 * FLOW_SLICE_FRAMES
+#: The most one peek takes: the shared buffer, at least the largest resend
+#: (tcp_actions.RESEND_BYTES_MAX).
+_BUF_BYTES = max(FLOW_SLICE_BYTES, RESEND_BYTES_MAX)
 #: The largest receive buffer (as SO_RCVBUF reports it) grown to: Linux's own default
 #: tcp_rmem maximum (6 MiB) and then some, for a guest window of several MiB.
 RCVBUF_MAX = 32 << 20
@@ -63,7 +85,7 @@ def _rmem_max() -> int:
 
 
 class HostPump:
-    """The host read side of one guest's TCP flows. `execute(flow)` carries out the
+    """The host sockets of one guest's TCP flows. `execute(flow)` carries out the
     actions the flow's entry queued (tcp_relay.TcpRelay._execute)."""
 
     def __init__(self, stats: Counter[str], execute: Callable[[TcpFlow], None]) -> None:
@@ -77,55 +99,77 @@ class HostPump:
         self._rcvbuf_force = True
         self._rcvbuf_max = RCVBUF_MAX
         self._rcvbuf_granted = 0  # of RCVBUF_BUDGET
+        self._slice_bytes = RELAY_SLICE_BYTES
+        self._slice_frames = RELAY_SLICE_FRAMES
+
+    def new_wakeup(self) -> None:
+        """A new round of the relay's flows: the relay's share is whole again."""
+        self._slice_bytes = RELAY_SLICE_BYTES
+        self._slice_frames = RELAY_SLICE_FRAMES
+
+    @property
+    def share_left(self) -> bool:
+        """Whether the relay's flows may take more in this round (`new_wakeup`)."""
+        return self._slice_bytes > 0 and self._slice_frames > 0
 
     def pump(self, flow: TcpFlow, now: float) -> bool:
-        """Move what the host sent to the guest, within the entry's read budget and
-        `PUMP_ROUNDS` peeks. True if the socket may hold more: pump again after the
-        other flows had their turn."""
+        """Move what the host sent to the guest, within the entry's read budget and the
+        flow's and the relay's share of this wakeup. True if the socket may hold more:
+        pump again after the other flows had their turn."""
         entry = flow.entry
         sock = flow.sock
         if flow.consume_pending:
             self.consume(flow)
-        for _ in range(PUMP_ROUNDS):
-            if not flow.host_readable or entry.closed:
-                return False
-            budget = entry.host_read_budget()
-            if budget <= 0:
-                entry.on_host_blocked(now)
-                return False
-            budget = min(budget, len(self._peek_buf))
-            try:
-                if flow.peek_offset_supported:
-                    got = sock.recv_into(self._peek_view, budget, socket.MSG_PEEK)
-                    data = self._peek_view[:got]
-                else:
-                    # No peek offset: peek from the queue's head and skip what the guest
-                    # already has. Only an empty peek is EOF; a peek that holds nothing
-                    # beyond the bytes in flight just means no new data yet.
-                    skip = entry.bytes_in_flight
-                    raw = sock.recv(skip + budget, socket.MSG_PEEK)
-                    if raw and len(raw) <= skip:
-                        self._ran_dry(flow)
-                        return False
-                    got = len(raw) - skip if raw else 0
-                    data = memoryview(raw)[skip:]
-            except BlockingIOError:
-                self._ran_dry(flow)
-                return False
-            except OSError as exc:
-                log.debug("host read on %s failed: %s", flow.host_addr, exc)
-                self.stats["tcp_host_errors"] += 1
-                entry.on_host_reset(now)
+        nbytes = share_bytes = min(FLOW_SLICE_BYTES, self._slice_bytes)
+        frames = share_frames = min(FLOW_SLICE_FRAMES, self._slice_frames)
+        try:
+            while True:
+                if not flow.host_readable or entry.closed:
+                    return False
+                if nbytes <= 0 or frames <= 0:
+                    return True
+                budget = entry.host_read_budget()
+                if budget <= 0:
+                    entry.on_host_blocked(now)
+                    return False
+                per_frame = entry.frame_payload_max
+                budget = min(budget, nbytes, frames * per_frame)
+                try:
+                    if flow.peek_offset_supported:
+                        got = sock.recv_into(self._peek_view, budget, socket.MSG_PEEK)
+                        data = self._peek_view[:got]
+                    else:
+                        # No peek offset: peek from the queue's head and skip what the
+                        # guest already has. Only an empty peek is EOF; a peek that holds
+                        # nothing beyond the bytes in flight just means no new data yet.
+                        skip = entry.bytes_in_flight
+                        raw = sock.recv(skip + budget, socket.MSG_PEEK)
+                        if raw and len(raw) <= skip:
+                            self._ran_dry(flow)
+                            return False
+                        got = len(raw) - skip if raw else 0
+                        data = memoryview(raw)[skip:]
+                except BlockingIOError:
+                    self._ran_dry(flow)
+                    return False
+                except OSError as exc:
+                    log.debug("host read on %s failed: %s", flow.host_addr, exc)
+                    self.stats["tcp_host_errors"] += 1
+                    entry.on_host_reset(now)
+                    self._execute(flow)
+                    return False
+                if got == 0:
+                    flow.host_readable = False
+                    entry.on_host_eof(now)
+                    self._execute(flow)
+                    return False
+                entry.on_host_data(data, now)
                 self._execute(flow)
-                return False
-            if got == 0:
-                flow.host_readable = False
-                entry.on_host_eof(now)
-                self._execute(flow)
-                return False
-            entry.on_host_data(data, now)
-            self._execute(flow)
-        return True
+                nbytes -= got
+                frames -= -(-got // per_frame)
+        finally:
+            self._slice_bytes -= share_bytes - nbytes
+            self._slice_frames -= share_frames - frames
 
     def _ran_dry(self, flow: TcpFlow) -> None:
         """No new data, though the guest's window had room (the read budget was not
@@ -182,6 +226,42 @@ class HostPump:
                     raise
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size // 2)
 
+    # -- guest data toward the host ------------------------------------------------------
+
+    def write(self, flow: TcpFlow, data: memoryview | list[bytes] | list[memoryview],
+              now: float) -> int:
+        """Write `data` (one payload, or several for one sendmsg); the bytes the socket
+        took. A failed socket resets the flow."""
+        try:
+            return flow.sock.send(data) if type(data) is memoryview else flow.sock.sendmsg(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            log.debug("host write on %s failed: %s", flow.host_addr, exc)
+            self.stats["tcp_host_errors"] += 1
+            flow.entry.on_host_reset(now)
+            return 0
+
+    def write_gathered(self, flow: TcpFlow, now: float) -> None:
+        """Write the payloads the flow gathered in this wakeup (tcp_relay.py), at once."""
+        gathered, flow.gathered = flow.gathered, None
+        assert gathered is not None
+        if len(gathered) > 1:
+            self.stats["tcp_gathered_writes"] += 1
+        entry = flow.entry
+        entry.on_host_accepted(self.write(flow, gathered[0] if len(gathered) == 1 else gathered,
+                                          now), now)
+        self.write_backlog(flow, now)
+        self._execute(flow)
+
+    def write_backlog(self, flow: TcpFlow, now: float) -> None:
+        """Write what the flow held out of order and a filled hole made in order."""
+        entry = flow.entry
+        while (chunks := entry.host_backlog()) is not None:
+            entry.on_host_accepted(self.write(flow, chunks, now) if chunks else 0, now)
+
+    # -- retransmission and acknowledged data -------------------------------------------
+
     def resend(self, flow: TcpFlow, offset: int, length: int, probe: bool = False) -> None:
         """Send one hole the guest's SACK blocks left again, or the tail loss probe
         (`probe`), peeked from the queue's head once the acknowledged bytes are
@@ -198,6 +278,15 @@ class HostPump:
         self.stats["tcp_loss_probes" if probe else "tcp_sack_resends"] += 1
         entry.on_host_resend(offset, data)
         self._execute(flow)
+
+    def rewind(self, flow: TcpFlow) -> None:
+        """Go-back-N (`RewindHost`): the next peek starts at the first unacknowledged
+        byte again."""
+        self.consume(flow)
+        if flow.peek_offset_supported:
+            flow.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        flow.host_readable = True
+        self.stats["tcp_retransmits"] += 1
 
     def consume(self, flow: TcpFlow) -> None:
         """Drop the bytes the guest acknowledged since the last call."""

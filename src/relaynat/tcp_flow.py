@@ -1,16 +1,18 @@
 """`TcpFlow`, the TCP shell's record of one flow (tcp_relay.py), and the calls on a flow's
 host socket that need nothing but the socket.
 
-Kernel facts used: SO_PEEK_OFF (socket(7), TCP since Linux 6.10); recv(MSG_TRUNC) on
-TCP discards without copying (tcp(7)); SIOCOUTQ (tcp(7)); TCP_INFO (struct tcp_info,
-checked by length, window.TcpInfo); SO_LINGER {1, 0} makes close() send a RST
-(socket(7)).
+Kernel facts used: SO_PEEK_OFF (socket(7), TCP since Linux 6.10); a non-blocking
+connect() has ended once poll() says POLLOUT, POLLERR or POLLHUP (connect(2));
+recv(MSG_TRUNC) on TCP discards without copying (tcp(7)); SIOCOUTQ (tcp(7)); TCP_INFO
+(struct tcp_info, checked by length, window.TcpInfo); SO_LINGER {1, 0} makes close()
+send a RST (socket(7)).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import select
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 SO_PEEK_OFF = 42
 SIOCOUTQ = 0x5411
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_CONNECT_ENDED = select.POLLOUT | select.POLLERR | select.POLLHUP
 _INT = struct.Struct("i")
 #: Flow key: (guest port, destination address as the guest sees it, destination port,
 #: guest address); an IPv6 guest may use several source addresses at once.
@@ -56,6 +59,25 @@ class TcpFlow:
     rcvbuf_watch: int = 1 << 16
     #: Bytes by which host_pump.py grew that buffer (counted in its relay's budget).
     rcvbuf_granted: int = 0
+
+
+def set_up_host_socket(sock: socket.socket) -> bool:
+    """Make `sock` a flow's host socket: no Nagle (the guest runs its own; a second one
+    here would only add latency) and the peek offset at the queue's head. False if the
+    kernel has no SO_PEEK_OFF for TCP (before 6.10)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    except OSError:
+        return False
+    return True
+
+
+def connect_ended(sock: socket.socket) -> bool:
+    """Whether a non-blocking connect() on `sock` already ended, either way."""
+    poller = select.poll()
+    poller.register(sock, _CONNECT_ENDED)
+    return bool(poller.poll(0))
 
 
 def close_with_reset(sock: socket.socket) -> None:

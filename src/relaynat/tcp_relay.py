@@ -12,9 +12,9 @@ One nested epoll also batches: a single loop callback drains events for all flow
 Per-flow timers live in one heap with lazy deletion (flow_timers.py); new flows open
 at a bounded rate, the SYNs beyond waiting in a backlog (syn_backlog.py).
 
-A flow's record and the plain calls on its host socket are in tcp_flow.py; reading the
-host socket (peeks toward the guest, SACK resends, dropping acknowledged bytes) is
-host_pump.py.
+A flow's record and the plain calls on its host socket are in tcp_flow.py; the data on
+the host socket both ways (guest data written, peeks toward the guest within each
+wakeup's share, SACK resends, dropping acknowledged bytes) is host_pump.py.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, TypeVar
 from relaynat.addressing import inbound_flow_key
 from relaynat.flow_state import relink
 from relaynat.flow_timers import FlowTimers
+from relaynat.flow_turns import FlowTurns
 from relaynat.flowinfo import describe_tcp
 from relaynat.guest_log import guest_logger
 from relaynat.host_pump import HostPump
@@ -56,10 +57,11 @@ from relaynat.tcp_actions import (
     rst_for_unknown,
 )
 from relaynat.tcp_flow import (
-    SO_PEEK_OFF,
     FlowKey,
     TcpFlow,
     close_with_reset,
+    connect_ended,
+    set_up_host_socket,
     socket_facts,
 )
 from relaynat.wire import ACK, RST, SYN, seq_diff
@@ -72,14 +74,6 @@ if TYPE_CHECKING:
 log = guest_logger("relaynat.tcp")
 
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
-_CONNECT_ENDED = select.POLLOUT | select.POLLERR | select.POLLHUP
-
-
-def _connect_ended(sock: socket.socket) -> bool:
-    """Whether a non-blocking connect() on `sock` already ended, either way."""
-    poller = select.poll()
-    poller.register(sock, _CONNECT_ENDED)
-    return bool(poller.poll(0))
 
 
 SendToGuest = Callable[[bytes, "bytes | memoryview"], None]
@@ -102,10 +96,9 @@ class TcpRelay:
         self._epoll = select.epoll()
         loop.add_reader(self._epoll.fileno(), self._on_epoll)
         self._timers = FlowTimers(loop, self._on_timers, lambda: len(self.flows))
-        self._dirty: list[TcpFlow] = []
+        self._turns = FlowTurns(loop, self.flush)
         self._backlog = SynBacklog(stats, config.syn_rate)
         self._backlog_timer: asyncio.TimerHandle | None = None
-        self._flush_soon = False
         self._host = HostPump(stats, self._execute)
         self._vnet_hdr_len = 0
         self._offload = False
@@ -207,7 +200,7 @@ class TcpRelay:
         entry = flow.entry
         try:
             if flow.gathered is not None and not entry.continues_pending(seg):
-                self._write_gathered(flow, now)
+                self._host.write_gathered(flow, now)
             data = entry.on_guest_segment(seg, now)
             if data is not None:
                 if self._gather and not entry.closed:
@@ -220,42 +213,13 @@ class TcpRelay:
                     else:
                         flow.gathered.append(data)
                 else:
-                    entry.on_host_accepted(self._write_host(flow, data), now)
-                    self._write_backlog(flow, now)
+                    entry.on_host_accepted(self._host.write(flow, data, now), now)
+                    self._host.write_backlog(flow, now)
             self._execute(flow)
         except Exception:
             self._fail_flow(flow)
             return
-        self._mark_dirty(flow)
-
-    def _write_gathered(self, flow: TcpFlow, now: float) -> None:
-        gathered, flow.gathered = flow.gathered, None
-        assert gathered is not None
-        if len(gathered) > 1:
-            self.stats["tcp_gathered_writes"] += 1
-        entry = flow.entry
-        entry.on_host_accepted(
-            self._write_host(flow, gathered[0] if len(gathered) == 1 else gathered), now)
-        self._write_backlog(flow, now)
-        self._execute(flow)
-
-    def _write_backlog(self, flow: TcpFlow, now: float) -> None:
-        """Write what the flow held out of order and a filled hole made in order."""
-        entry = flow.entry
-        while (chunks := entry.host_backlog()) is not None:
-            entry.on_host_accepted(self._write_host(flow, chunks) if chunks else 0, now)
-
-    def _write_host(self, flow: TcpFlow, data: memoryview | list[bytes] | list[memoryview]
-                    ) -> int:
-        try:
-            return flow.sock.send(data) if type(data) is memoryview else flow.sock.sendmsg(data)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            log.debug("host write on %s failed: %s", flow.host_addr, exc)
-            self.stats["tcp_host_errors"] += 1
-            flow.entry.on_host_reset(self._loop.time())
-            return 0
+        self._turns.mark(flow)
 
     def _new_flow(self, seg: TcpSegment, key: FlowKey, host_ip: str | None, host_port: int,
                   now: float) -> None:
@@ -292,19 +256,15 @@ class TcpRelay:
                                  "tcp_refused_socket", "TCP")
             self._reply_rst(seg)
             return
-        # The guest runs its own Nagle; a second one here would only add latency.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peek_offset = set_up_host_socket(sock)
         template = self._template_answering(seg, timestamps=seg.tsval is not None)
         entry = TcpNatEntry(seg, template=template, mtu=self._config.mtu,
                             iss=random.getrandbits(32), now=now,
                             connect_timeout_s=self._config.connect_timeout_s,
                             idle_timeout_s=self._config.tcp_idle_timeout_s,
                             ooo_budget=self.ooo_budget)
-        flow = TcpFlow(key, entry, sock, host_addr=(host_ip, host_port))
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
-        except OSError:
-            flow.peek_offset_supported = False
+        flow = TcpFlow(key, entry, sock, host_addr=(host_ip, host_port),
+                       peek_offset_supported=peek_offset)
         err = sock.connect_ex(flow.host_addr)
         if err not in (0, errno.EINPROGRESS):
             self.stats["tcp_connect_failed"] += 1
@@ -317,14 +277,14 @@ class TcpRelay:
             watch(sock)
         self._pending_connects += 1
         self.stats["tcp_flows_opened"] += 1
-        if _connect_ended(sock):
+        if connect_ended(sock):
             # A peer on this host usually finishes the handshake inside connect(),
             # though a non-blocking connect still says EINPROGRESS: answer the guest in
             # this wakeup rather than after another epoll round (CRR benchmark, SYN
             # bucket lifted: 2634 -> 3024 connections a second).
             self.stats["tcp_connects_at_once"] += 1
             if self._connect_done(flow, now):
-                self._mark_dirty(flow)
+                self._turns.mark(flow)
             return
         self._timers.schedule(flow)
 
@@ -341,7 +301,7 @@ class TcpRelay:
         key = inbound_flow_key(guest_ip, guest_port, src_ip, src_port, self.flows)
         now = self._loop.time()
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peek_offset = set_up_host_socket(sock)
         template = TcpFrameTemplate(dst_mac=BROADCAST_MAC, src_mac=self._config.gateway_mac,
                                     src=src_ip, dst=guest_ip, sport=key[2], dport=guest_port,
                                     vnet_hdr_len=self._vnet_hdr_len, offload=self._offload,
@@ -350,11 +310,8 @@ class TcpRelay:
                                                 iss=random.getrandbits(32), now=now,
                                                 facts=None, ooo_budget=self.ooo_budget,
                                                 idle_timeout_s=self._config.tcp_idle_timeout_s),
-                       sock, connecting=False, host_addr=sock.getpeername()[:2], inbound=True)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
-        except OSError:
-            flow.peek_offset_supported = False
+                       sock, connecting=False, host_addr=sock.getpeername()[:2], inbound=True,
+                       peek_offset_supported=peek_offset)
         self._track(flow)
         self._syn_unheard[flow] = None
         self.stats["tcp_inbound_opened"] += 1
@@ -413,7 +370,7 @@ class TcpRelay:
             flow.host_readable = True
         if ev & select.EPOLLOUT:
             entry.on_host_writable(now)
-        self._mark_dirty(flow)
+        self._turns.mark(flow)
 
     def _connect_done(self, flow: TcpFlow, now: float) -> bool:
         """The host connect() ended: answer the guest's SYN (SYN-ACK or RST). False if
@@ -440,36 +397,34 @@ class TcpRelay:
         entry.on_guest_gone()
         self._close(flow, abortive=True)
 
-    def _mark_dirty(self, flow: TcpFlow) -> None:
-        if not flow.dirty:
-            flow.dirty = True
-            self._dirty.append(flow)
-
     def flush(self) -> None:
         """End of a batch: move host data to the guest and send owed ACKs."""
-        dirty, self._dirty = self._dirty, []
         now = self._loop.time()
-        for flow in dirty:
+        host = self._host
+        host.new_wakeup()
+        # Flows that got no turn, the relay's share of this wakeup spent before them, and
+        # flows that used their own share (host_pump.py) go again (flow_turns.py).
+        waiting: list[TcpFlow] = []
+        used: list[TcpFlow] = []
+        for flow in self._turns.take():
             flow.dirty = False
             entry = flow.entry
             try:
                 if flow.gathered is not None:
-                    self._write_gathered(flow, now)
+                    host.write_gathered(flow, now)
                 if not flow.connecting and not entry.closed:
-                    self._write_backlog(flow, now)  # held data, if the socket has room now
-                    if self._host.pump(flow, now):
-                        self._mark_dirty(flow)
+                    host.write_backlog(flow, now)  # held data, if the socket has room now
+                    if flow.host_readable and not host.share_left:
+                        waiting.append(flow)
+                    elif host.pump(flow, now):
+                        used.append(flow)
                     if not entry.closed:
                         entry.flush(socket_facts(flow.sock), now)
                         self._execute(flow)
                 self._timers.schedule(flow)
             except Exception:
                 self._fail_flow(flow)
-        if self._dirty and not self._flush_soon:
-            # A flow used its share of this wakeup; finish it after others had theirs
-            # (one pending call, whichever batch asked).
-            self._flush_soon = True
-            self._loop.call_soon(self._flush_again)
+        self._turns.again(waiting, used)
         if self._backlog.waiting and self._backlog_timer is None:
             # SYNs wait for the new-flow bucket (syn_backlog.py); a guest that goes on
             # sending opens them in its turn, one that went quiet gets them opened here
@@ -477,10 +432,6 @@ class TcpRelay:
             self._backlog.take_pulled()
             delay = max(BACKLOG_TIMER_MIN_S, self._backlog.wait_s(now))
             self._backlog_timer = self._loop.call_later(delay, self._backlog_due)
-
-    def _flush_again(self) -> None:
-        self._flush_soon = False
-        self.flush()
 
     def _backlog_due(self) -> None:
         self._backlog_timer = None
@@ -503,14 +454,10 @@ class TcpRelay:
                 self._send(action.head, action.payload)
             elif type(action) is ConsumeHost:
                 flow.consume_pending += action.nbytes
-                self._mark_dirty(flow)
+                self._turns.mark(flow)
             elif type(action) is RewindHost:
-                self._host.consume(flow)
-                if flow.peek_offset_supported:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
-                flow.host_readable = True
-                self.stats["tcp_retransmits"] += 1
-                self._mark_dirty(flow)
+                self._host.rewind(flow)
+                self._turns.mark(flow)
             elif type(action) is ResendHost:
                 self._host.resend(flow, action.offset, action.length, action.probe)
             elif type(action) is ShutdownHostWrite:
@@ -586,7 +533,7 @@ class TcpRelay:
             if entry.closed:
                 continue
             if acted:
-                self._mark_dirty(flow)
+                self._turns.mark(flow)
             else:
                 # A window check that found nothing to say (most of them: a ping-pong
                 # flow at MTU 65520 always looks window-limited and is checked every
@@ -632,7 +579,7 @@ class TcpRelay:
         flow.entry.template = flow.entry.template.following(self._guest_mac)
         self._track(flow)
         self.stats["tcp_flows_imported"] += 1
-        self._mark_dirty(flow)
+        self._turns.mark(flow)
         self._timers.schedule(flow)
 
     # -- teardown ------------------------------------------------------------------------
