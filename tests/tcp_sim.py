@@ -907,7 +907,7 @@ class TcpSim:
         self.dirty = True
 
     def _write_gathered(self) -> None:
-        """tcp_relay.TcpRelay._write_gathered: one write of the batch's payloads."""
+        """host_pump.HostPump.write_gathered: one write of the batch's payloads."""
         e = self.entry
         if not self.gathered or e is None:
             return
@@ -933,7 +933,7 @@ class TcpSim:
         self.to_guest.append((head, reply))
 
     def _write_backlog(self) -> None:
-        """tcp_relay.TcpRelay._write_backlog: held data a filled hole made in order."""
+        """host_pump.HostPump.write_backlog: held data a filled hole made in order."""
         e = self.entry
         assert e is not None
         while (chunks := e.host_backlog()) is not None:
@@ -961,7 +961,7 @@ class TcpSim:
         return n
 
     def _pump(self) -> None:
-        """tcp_relay.TcpRelay._pump: peek within the budget, report EOF or a block."""
+        """host_pump.HostPump.pump: peek within the budget, report EOF or a block."""
         e, h = self.entry, self.host
         assert e is not None
         while h.readable and not e.closed:
