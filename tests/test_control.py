@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from relaynat_cli import parse_stats
+from relaynat_cli import guest_python, parse_stats
 
 from relaynat.config import RelayConfig
 from relaynat.control import ControlServer
@@ -35,6 +35,7 @@ from relaynat.relay import Relay
 TESTS = Path(__file__).parent
 HOST_PEERS = str(TESTS / "host_peers.py")
 IS_ROOT = os.geteuid() == 0
+pytest_plugins = ["guest_fs"]
 
 
 @contextlib.asynccontextmanager
@@ -338,12 +339,13 @@ def _flow_of(ctl_flows: str, client_port: int) -> list[str]:
 
 
 @pytest.mark.integration
-def test_ctl_adds_and_removes_a_forward_while_a_transfer_runs(tmp_path: Path) -> None:
+def test_ctl_adds_and_removes_a_forward_while_a_transfer_runs(tmp_path: Path,
+                                                             guest_dir: Path) -> None:
     data = os.urandom(64 << 20)
-    (tmp_path / "blob").write_bytes(data)
-    (tmp_path / "small").write_bytes(b"second forward works\n")
-    ready, ctl_sock = tmp_path / "ready", tmp_path / "ctl.sock"
-    guest = (f"exec {sys.executable} {HOST_PEERS} http --root {tmp_path} --bind 0.0.0.0 "
+    (guest_dir / "blob").write_bytes(data)
+    (guest_dir / "small").write_bytes(b"second forward works\n")
+    ready, ctl_sock = guest_dir / "ready", tmp_path / "ctl.sock"
+    guest = (f"exec {guest_python()} {HOST_PEERS} http --root {guest_dir} --bind 0.0.0.0 "
              f"--port 8080 --port-file {ready}")
     proc = subprocess.Popen([sys.executable, "-m", "relaynat", "run", "--stats",
                              "--control-socket", str(ctl_sock), "-t", "127.0.0.1/0:8080",
@@ -434,7 +436,8 @@ except ConnectionRefusedError:
 
 
 @pytest.mark.integration
-def test_policy_set_sandbox_cut_ends_a_loopback_connection(tmp_path: Path) -> None:
+def test_policy_set_sandbox_cut_ends_a_loopback_connection(tmp_path: Path,
+                                                           guest_dir: Path) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     seen: list[str] = []
@@ -451,10 +454,10 @@ def test_policy_set_sandbox_cut_ends_a_loopback_connection(tmp_path: Path) -> No
 
     peer = threading.Thread(target=host_peer)
     peer.start()
-    script, ready, ctl_sock = tmp_path / "guest.py", tmp_path / "ready", tmp_path / "ctl.sock"
+    script, ready, ctl_sock = guest_dir / "guest.py", guest_dir / "ready", tmp_path / "ctl.sock"
     script.write_text(_GUEST_HOLDS_A_CONNECTION)
     proc = subprocess.Popen([sys.executable, "-m", "relaynat", "run", "--stats",
-                             "--control-socket", str(ctl_sock), "--", sys.executable,
+                             "--control-socket", str(ctl_sock), "--", guest_python(),
                              str(script), "10.0.2.2", str(port), str(ready)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -512,16 +515,16 @@ except OSError as exc:
 
 
 @pytest.mark.integration
-async def test_relay_flows_lists_a_udp_flow_and_cut_closes_it(tmp_path: Path,
+async def test_relay_flows_lists_a_udp_flow_and_cut_closes_it(guest_dir: Path,
                                                               udp_echo: int) -> None:
     from relaynat.namespace import run_command
     from relaynat.policy import Policy
 
-    ready, cut_file = tmp_path / "ready", tmp_path / "cut"
+    ready, cut_file = guest_dir / "ready", guest_dir / "cut"
     relays: list[Relay] = []
-    out_path = tmp_path / "out"
+    out_path = guest_dir / "out"
     guest = asyncio.ensure_future(run_command(
-        RelayConfig(), ["sh", "-c", f"exec {sys.executable} -c '{_GUEST_UDP}' {udp_echo} "
+        RelayConfig(), ["sh", "-c", f"exec {guest_python()} -c '{_GUEST_UDP}' {udp_echo} "
                                     f"{ready} {cut_file} > {out_path}"],
         relay_ready=relays.append))
     try:
@@ -579,13 +582,21 @@ except OSError as exc:
 """
 
 
-def test_a_namespace_guest_cannot_reach_the_control_socket(tmp_path: Path) -> None:
-    """The guest shares the host's filesystem, and here even its uid: the socket is
-    covered by /dev/null in the guest's mount namespace, while the host reaches it."""
-    ctl_sock = tmp_path / "ctl.sock"
-    result = subprocess.run(
-        [sys.executable, "-m", "relaynat", "run", "--control-socket", str(ctl_sock), "--",
-         sys.executable, "-c", _GUEST_TRIES_THE_CONTROL_SOCKET, str(ctl_sock)],
-        capture_output=True, text=True, timeout=60)
+def test_a_namespace_guest_cannot_reach_the_control_socket() -> None:
+    """The guest shares the host's filesystem: the socket is covered by /dev/null in
+    the guest's mount namespace, while the host reaches it. It lies in a directory the
+    guest may search, so the cover is what refuses it, not the directory's mode."""
+    where = tempfile.mkdtemp(prefix="relaynat-ctl-")
+    os.chmod(where, 0o755)
+    ctl_sock = os.path.join(where, "ctl.sock")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "relaynat", "run", "--control-socket", ctl_sock, "--",
+             guest_python(), "-c", _GUEST_TRIES_THE_CONTROL_SOCKET, ctl_sock],
+            capture_output=True, text=True, timeout=60)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(ctl_sock)
+        os.rmdir(where)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"refused: {errno.ECONNREFUSED}"
