@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from relaynat.namespace import NamespaceGuest
 from relaynat.relay import Relay
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["guest_fs"]
 
 PACED_PEER = Path(__file__).parent / "paced_peer.py"
 
@@ -85,10 +87,12 @@ def _move(source: Relay, target: Relay) -> tuple[dict[str, object], float]:
 
 def test_download_and_upload_survive_five_moves(
         peer: tuple[subprocess.Popen[str], list[int]], data_file: tuple[Path, str],
-        tmp_path: Path) -> None:
+        guest_dir: Path) -> None:
     proc, (down_port, up_port) = peer
-    path, digest = data_file
-    out = tmp_path / "downloaded"
+    path = guest_dir / "upload"  # the data file, where the guest may read it
+    os.link(data_file[0], path)
+    digest = data_file[1]
+    out = guest_dir / "downloaded"
     # `timeout`: a hung transfer must not outlive the test (killing the guest's shell
     # would leave its children running).
     script = (f"timeout 50 socat -u TCP:10.0.2.2:{down_port} OPEN:{out},creat,trunc & "

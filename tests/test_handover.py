@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 from netshim import LossyGuest
-from relaynat_cli import parse_stats
+from relaynat_cli import guest_python, parse_stats
 from test_interface import VethGuest
 
 from relaynat.config import RelayConfig
@@ -46,6 +46,7 @@ from relaynat.testing import InMemoryGuest
 from relaynat.testing.guest import GuestTcp
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["guest_fs"]
 
 SIZE = 512 << 20
 HANDOVERS = 10
@@ -215,11 +216,12 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 class Transfers:
     """The PEER on this namespace's loopback and the GUEST program, `size` bytes each
-    way, paced at `rate` until `TAIL` bytes are left, then held until `go`."""
+    way, paced at `rate` until `TAIL` bytes are left, then held until `go`. `where`:
+    a directory the guest may write its result in."""
 
-    def __init__(self, tmp_path: Path, size: int, rate: int) -> None:
-        self.size, self.go = size, tmp_path / "go"
-        self.result_file = tmp_path / "guest.json"
+    def __init__(self, where: Path, size: int, rate: int) -> None:
+        self.size, self.go = size, where / "go"
+        self.result_file = where / "guest.json"
         self.peer = subprocess.Popen([sys.executable, "-c", PEER, str(size), str(rate),
                                       str(min(TAIL, size // 4)), str(self.go)],
                                      stdout=subprocess.PIPE, text=True)
@@ -228,8 +230,10 @@ class Transfers:
         self.before = _tcp_counters()
         self.last_handover = 0.0
 
-    def guest_argv(self) -> list[str]:
-        return [sys.executable, "-c", GUEST, str(self.down_port), str(self.up_port),
+    def guest_argv(self, python: str = sys.executable) -> list[str]:
+        """The GUEST program run by `python` (for `relaynat run`, one the command's
+        user may execute: relaynat_cli.guest_python)."""
+        return [python, "-c", GUEST, str(self.down_port), str(self.up_port),
                 str(self.size), str(self.result_file)]
 
     def release(self) -> None:
@@ -288,15 +292,15 @@ def _hand_over(control: Path, to: Path, old: subprocess.Popen[bytes],
 
 
 def test_512_mib_both_ways_survive_ten_handovers(
-        tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
-    transfers = Transfers(tmp_path, SIZE, RATE)
+        tmp_path: Path, guest_dir: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    transfers = Transfers(guest_dir, SIZE, RATE)
     try:
         # The new relays first, so that their start-up does not compete with the run.
         receivers = [_receiver(tmp_path, f"b{i}") for i in range(HANDOVERS)]
         procs.extend(proc for proc, _ in receivers)
         control = tmp_path / "control.sock"
         relay_a = _relaynat("run", "--control-socket", str(control), "--",
-                            *transfers.guest_argv(), log=tmp_path / "a.log")
+                            *transfers.guest_argv(guest_python()), log=tmp_path / "a.log")
         procs.append(relay_a)
         _wait_for(control, relay_a)
         _wait_for_transfers(control)
