@@ -17,10 +17,8 @@ import logging
 import os
 import resource
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
@@ -28,6 +26,7 @@ from pathlib import Path
 
 import dpkt
 import pytest
+from relaynat_cli import guest_python
 
 from relaynat import Policy, RelayConfig
 from relaynat.guests import Guests
@@ -38,6 +37,7 @@ from relaynat.testing.guest import InMemoryGuest, Reply
 from relaynat.unixgram import serve_unixgram
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["guest_fs"]
 
 TESTS = Path(__file__).parent
 GUESTS = 20
@@ -99,7 +99,7 @@ async def _downloads(guests: Guests, port: int, out_dir: Path, phase: str,
         # business (a VMM runs a guest's vCPU in its cgroup); what is measured here is
         # the relay's share. It still offers the relay more frames than it takes.
         flooder = await _spawn(guests, f"{phase}-flooder", ["sh", "-c",
-            f"nice -n 19 {sys.executable} {TESTS / 'guest_tools.py'} flood tap0 "
+            f"nice -n 19 {guest_python()} {TESTS / 'guest_tools.py'} flood tap0 "
             f"--seconds {flood_s} > {out_dir / f'{phase}-sent'}"])
         flooder.go()
         await asyncio.sleep(0.5)  # the flood is under way before the downloads begin
@@ -116,7 +116,7 @@ async def _downloads(guests: Guests, port: int, out_dir: Path, phase: str,
 
 
 def test_nineteen_downloads_keep_their_speed_beside_a_flooding_guest(
-        file_server: int, payload: tuple[Path, str], tmp_path: Path) -> None:
+        file_server: int, payload: tuple[Path, str], guest_dir: Path) -> None:
     _, digest = payload
     size = (FILE_MIB << 20) * (GUESTS - 1)
 
@@ -132,7 +132,7 @@ def test_nineteen_downloads_keep_their_speed_beside_a_flooding_guest(
             for i, flooding in enumerate([False, True, False, True, False]):
                 phase = f"{'flood' if flooding else 'solo'}{i}"
                 elapsed, outs = await _downloads(
-                    guests, file_server, tmp_path, phase,
+                    guests, file_server, guest_dir, phase,
                     flood_s=2 * solos[0] + 5 if flooding else None)
                 for out in outs:
                     assert out.read_text().split()[0] == digest, out
@@ -153,7 +153,7 @@ def test_nineteen_downloads_keep_their_speed_beside_a_flooding_guest(
           f"({solo / flooded:.2f} of solo); phases (s): solo "
           f"{' '.join(f'{t:.2f}' for t in solos)}, flooded {' '.join(f'{t:.2f}' for t in floods)}")
     for phase, flood in stats.items():
-        sent = int((tmp_path / f"{phase.removesuffix('-flooder')}-sent").read_text()
+        sent = int((guest_dir / f"{phase.removesuffix('-flooder')}-sent").read_text()
                    .split()[1])
         print(f"{phase} frames sent {sent}, handled {flood['frames_in']}; TCP flows opened "
               f"{flood.get('tcp_flows_opened', 0)}, SYNs waited "
@@ -167,32 +167,34 @@ def test_nineteen_downloads_keep_their_speed_beside_a_flooding_guest(
 
 
 def test_guests_come_and_go_while_the_others_transfer(
-        file_server: int, payload: tuple[Path, str], tmp_path: Path) -> None:
+        file_server: int, payload: tuple[Path, str], guest_dir: Path) -> None:
     _, digest = payload
 
     async def main() -> None:
         async with Guests() as guests:
             # A guest whose download is cut short by its removal (pv-like pacing: the
             # guest reads slowly, so the transfer is still running when it goes).
-            # setsid: its own process group, so that all of it can be killed below.
-            slow = await _spawn(guests, "removed", ["setsid", "sh", "-c",
+            slow = await _spawn(guests, "removed", ["sh", "-c",
                                 f"socat -u TCP:10.0.2.2:{file_server} STDOUT | "
                                 "(while dd bs=65536 count=1 2>/dev/null | grep -q .; do "
                                 "sleep 0.05; done)"])
             keep = [await _spawn(guests, f"keep-{i}", _download(file_server,
-                                                                  tmp_path / f"keep-{i}"))
+                                                                  guest_dir / f"keep-{i}"))
                     for i in range(3)]
             slow.go()
             await asyncio.sleep(0.5)
             assert guests["removed"].flows(), "the slow download is not under way"
             for guest in keep:
                 guest.go()
-            added = await _spawn(guests, "added", _download(file_server, tmp_path / "added"))
+            added = await _spawn(guests, "added", _download(file_server, guest_dir / "added"))
             added.go()
             guests.remove("removed")
             assert "removed" not in guests and len(guests) == 4
             # Its link is gone with it, so its socat would wait forever: end it all.
-            os.killpg(slow.proc.pid, signal.SIGKILL)
+            # Killing the namespace child does: the command's PID namespace init dies
+            # with it (parent-death signal), and every process in the namespace with
+            # the init (pid_namespaces(7)).
+            slow.proc.kill()
             await slow.wait()
             codes = await asyncio.wait_for(
                 asyncio.gather(*(g.wait() for g in [*keep, added])), 60)
@@ -200,7 +202,7 @@ def test_guests_come_and_go_while_the_others_transfer(
 
     asyncio.run(main())
     for name in ["keep-0", "keep-1", "keep-2", "added"]:
-        assert (tmp_path / name).read_text().split()[0] == digest, name
+        assert (guest_dir / name).read_text().split()[0] == digest, name
 
 
 def _addressing(subnet: int) -> RelayConfig:
@@ -222,7 +224,7 @@ def test_a_tap_a_stream_and_a_unixgram_guest_each_with_its_own_network(
         async with Guests() as guests:
             # A namespace guest on 10.0.4.0/24 echoes through host loopback ...
             tap = await NamespaceGuest.spawn(_addressing(4), [
-                sys.executable, str(TESTS / "guest_tools.py"), "echo-many", "10.0.4.2",
+                guest_python(), str(TESTS / "guest_tools.py"), "echo-many", "10.0.4.2",
                 str(echo), "--conns", "4", "--size", "65536"])
             guests.add("tap", _addressing(4)).attach(tap.transport)
             tap.go()
