@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import socket
 import stat
@@ -35,6 +36,8 @@ MAX_FRAME = 65535
 _LEN = struct.Struct("!I")
 _RECV_BUF = 1 << 20
 _READS_PER_WAKEUP = 16
+#: Frames one sendmsg takes from the queue (Linux's UIO_MAXIOV).
+_IOV_MAX = 1024
 
 
 class StreamTransport(TransportBase):
@@ -74,6 +77,8 @@ class StreamTransport(TransportBase):
         self._writer_on = False
         self.frames_dropped = 0
         self.closed = False
+        #: The queued continuation of a turn that left whole frames unread (`_turn`).
+        self._resume: asyncio.Handle | None = None
         if len(pending_in) > _RECV_BUF:
             raise ValueError(f"{len(pending_in)} bytes of a partial frame do not fit")
         self._buf[:len(pending_in)] = pending_in
@@ -88,26 +93,42 @@ class StreamTransport(TransportBase):
         if self._queue and not self._writer_on:
             self._writer_on = True
             self._loop.add_writer(self.sock.fileno(), self._on_writable)
-        if self._end - self._start >= 4:  # a whole frame handed over unread
-            self._loop.call_soon(self._deliver_pending)
-
-    def _deliver_pending(self) -> None:
-        sink = self._sink
-        if sink is not None and self._deliver(sink):
-            sink.end_of_batch()
+        self._resume_if_backlogged()  # whole frames handed over unread
 
     def handover_state(self) -> tuple[bytes, bytes]:
         """(pending_in, pending_out) for a transport continuing on this socket in
-        another process; call once stopped (`stop`), the frames read so far delivered."""
+        another process; call once stopped (`stop`). pending_in is what was read and
+        not delivered: a frame read in part, and whole frames a slice left over."""
         return (bytes(self._buf[self._start:self._end]), b"".join(self._queue))
 
     # -- guest -> relay --------------------------------------------------------------
 
     def _on_readable(self) -> None:
+        # With a continuation queued, this loop iteration's turn is the continuation's
+        # (it reads too): a backlogged guest gets one turn per iteration, not two.
+        if self._resume is None:
+            self._turn()
+
+    def _resumed(self) -> None:
+        self._resume = None
+        self._turn()
+
+    def _turn(self) -> None:
+        """One wakeup's share: deliver what is buffered and read more, for at most
+        `WAKEUP_SLICE_S` (checked per frame, so a read of a mebibyte of small costly
+        frames is not delivered whole) and `_READS_PER_WAKEUP` reads. Whole frames left
+        when the slice ends stay in the buffer for a continuation on the next loop
+        iteration: the socket may hold nothing more, so its reader would not fire."""
         sink = self._sink
-        assert sink is not None
+        if sink is None:
+            return
         deadline = slice_clock() + WAKEUP_SLICE_S
         for _ in range(_READS_PER_WAKEUP):
+            delivered = self._deliver(sink, deadline)
+            if delivered is not True:
+                if delivered is None:  # lost
+                    return
+                break  # the slice is over
             if self._end == len(self._buf):
                 # Move the partial frame to the front to make room, once the frames
                 # delivered before it are done with (`keeps_frames`).
@@ -128,31 +149,44 @@ class StreamTransport(TransportBase):
                 self._lost("guest closed the connection")
                 return
             self._end += n
-            if not self._deliver(sink):
-                return
-            if slice_clock() > deadline:
-                break
         sink.end_of_batch()
+        if self.closed:
+            return
         if self._start == self._end:  # every frame read is delivered and done with
             self._start = self._end = 0
+        self._resume_if_backlogged()
 
-    def _deliver(self, sink: FrameSink) -> bool:
+    def _resume_if_backlogged(self) -> None:
+        """A whole frame is buffered but not delivered: come back on the next loop
+        iteration (after every other ready callback, so other guests have their turn)."""
+        if (self._sink is not None and self._resume is None
+                and self._end - self._start >= 4
+                and self._end - self._start - 4 >= _LEN.unpack_from(self._view, self._start)[0]):
+            self._resume = self._loop.call_soon(self._resumed)
+
+    def _deliver(self, sink: FrameSink, deadline: float) -> bool | None:
+        """Hand the buffered whole frames to `sink` until the slice ends: True when none
+        is left, False when the slice ended first, None when the link was lost."""
         view, start, end = self._view, self._start, self._end
+        drained: bool | None = True
         while end - start >= 4:
             length = _LEN.unpack_from(view, start)[0]
             if length < MIN_FRAME or length > MAX_FRAME:
                 log.error("qemu stream: frame length %d outside %d..%d: closing this client",
                           length, MIN_FRAME, MAX_FRAME)
                 self._lost(f"bad frame length {length}")
-                return False
+                return None
             if end - start - 4 < length:
                 break
             sink.handle_frame(view[start + 4:start + 4 + length])
             start += 4 + length
             if self.closed:
-                return False
-        self._start, self._end = start, end
-        return True
+                return None
+            if slice_clock() > deadline:
+                drained = False
+                break
+        self._start = start
+        return drained
 
     # -- relay -> guest --------------------------------------------------------------
 
@@ -186,20 +220,30 @@ class StreamTransport(TransportBase):
             self._loop.add_writer(self.sock.fileno(), self._on_writable)
 
     def _on_writable(self) -> None:
-        while self._queue:
-            chunk = self._queue[0]
+        """Send what is queued, many frames per sendmsg, for at most the slice: a queue
+        of 8 MiB of 42-byte ARP replies is 200,000 frames, which one `send` each would
+        take a third of a second to drain while every other guest waits. The writer
+        stays registered while anything is left (the socket is level-triggered)."""
+        queue = self._queue
+        deadline = slice_clock() + WAKEUP_SLICE_S
+        while queue:
+            batch = list(itertools.islice(queue, _IOV_MAX))
             try:
-                sent = self.sock.send(chunk)
+                sent = self.sock.sendmsg(batch)
             except BlockingIOError:
                 return
             except OSError as exc:
                 self._lost(f"write failed: {exc}")
                 return
             self._queued -= sent
-            if sent < len(chunk):
-                self._queue[0] = chunk[sent:]
+            for chunk in batch:
+                if sent < len(chunk):
+                    queue[0] = chunk[sent:]
+                    return  # the socket is full
+                sent -= len(chunk)
+                queue.popleft()
+            if slice_clock() > deadline:
                 return
-            self._queue.popleft()
         self._writer_on = False
         self._loop.remove_writer(self.sock.fileno())
 
@@ -214,6 +258,12 @@ class StreamTransport(TransportBase):
         if self._sink is not None and not self.closed:
             self._loop.remove_reader(self.sock.fileno())
         self._sink = None
+        self._cancel_resume()
+
+    def _cancel_resume(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
 
     def stop_writing(self) -> None:
         """Stop sending the queued bytes too (they go to another process with
@@ -226,6 +276,7 @@ class StreamTransport(TransportBase):
         if self.closed:
             return
         self.closed = True
+        self._cancel_resume()
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(self.sock.fileno())
             if self._writer_on:
