@@ -174,8 +174,12 @@ class LinkServices:
         solicitation (or never sent one) still configures itself."""
         if self._loop is None:
             return
-        self._send_ndp(self.ndp.router_advertisement())
+        # The next one is armed before this one is sent: sending to a guest that is
+        # already gone (a stream client that connected and closed at once: EPIPE) loses
+        # the transport, and the relay's detach then stops the adverts, which must find
+        # this timer to cancel and leave nothing armed on a detached relay.
         self._ra_timer = self._loop.call_later(MAX_RTR_ADV_INTERVAL_S, self._advertise_router)
+        self._send_ndp(self.ndp.router_advertisement())
 
     def counters(self) -> dict[str, int]:
         """The servers' own counters, prefixed by service, nonzero ones only."""

@@ -215,7 +215,8 @@ class Relay:
             self._udp_relay.set_link(transport.vnet_hdr_len, transport.offload)
         self.transport_lost_event.clear()
         transport.start(self)
-        if self.config.ipv6:
+        # A transport lost in start has detached the relay already: no adverts then.
+        if self.config.ipv6 and self._transport is transport:
             assert self._loop is not None
             self._link.start_router_adverts(self._loop)
 
