@@ -20,8 +20,10 @@ Bounds, so that no client can hurt the relay: a line longer than `max_line` byte
 an error and the connection is closed; a client silent (or half-way through a line)
 for `idle_timeout_s`, or not reading its answers for as long, is closed; at most
 `max_clients` connections at once, a further one gets an error line and is closed.
-Requests are handled synchronously between reads and do no blocking I/O; every
-exception a request can raise ends as an error answer, never out of the server.
+Requests are handled between reads, synchronously but for handover and import_flows
+(whose document is read in a worker thread, control_flows.py), and do no blocking I/O
+on the loop but export_flows' write; every exception a request can raise ends as an
+error answer, never out of the server.
 
 Why a path socket and not an abstract one or TCP: the guest's traffic only ever reaches
 host sockets the relay opens itself, and the relay never listens on an inet socket
@@ -146,6 +148,7 @@ class ControlServer:
         self.on_handover: Callable[[str], Awaitable[object]] | None = None
         self.handed_over = asyncio.Event()
         self._handing_over: set[asyncio.Task[Any] | None] = set()
+        self._importing = asyncio.Lock()
         self._relay: Relay | None = None
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
@@ -167,11 +170,14 @@ class ControlServer:
         return {"export_flows": _export_flows, "import_flows": self._import_flows,
                 "release_exported": _release_exported, "quit": self._quit}
 
-    def _import_flows(self, relay: Relay, args: dict[str, Any]) -> object:
-        try:
-            answer = control_flows.import_from(relay, args["file"])
-        except control_flows.FlowFileError as exc:
-            raise RequestError(f"import_flows: {exc}") from None
+    async def _import_flows(self, relay: Relay, args: dict[str, Any]) -> object:
+        # One document at a time: each may take MAX_DOCUMENT bytes (times three) while
+        # it is read and parsed, and `max_clients` of them at once would be a lot more.
+        async with self._importing:
+            try:
+                answer = await control_flows.import_from(relay, args["file"])
+            except control_flows.FlowFileError as exc:
+                raise RequestError(f"import_flows: {exc}") from None
         attach, self.after_import = self.after_import, None
         if attach is not None:
             attach()

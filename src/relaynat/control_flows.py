@@ -25,15 +25,22 @@ host sockets' queues (megabytes), request lines are bounded (control.MAX_LINE), 
 document the relay has written before it answers survives a client that dies
 half-way: flows held in repair mode are never left without their state. PATH must be
 absolute (`relaynat ctl` resolves it), as the relay's working directory is its own.
-Reading and writing one local file is the only blocking I/O a control request does;
-the flows concerned are out of the loop meanwhile.
+Writing the exported document is the only blocking I/O a control request does on the
+loop (the flows concerned are out of it meanwhile). An imported document is read and
+parsed in a worker thread, one at a time (`ControlServer`), so that a large one, or a
+path that is not a document at all, does not hold every guest's loop: a PATH that is
+not a regular file (`/dev/zero`, a FIFO, a directory) is refused unread, and so is a
+file larger than MAX_DOCUMENT (the error says which and why; nothing is imported).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import re
+import stat
 from typing import TYPE_CHECKING, Any
 
 from relaynat.flow_state import FlowStateError
@@ -42,9 +49,16 @@ from relaynat.tcp_repair import RepairError
 if TYPE_CHECKING:
     from relaynat.relay import Relay
 
-#: Largest document read: every flow's queues are its socket buffers at most (a few
-#: MiB each, base64), so this bounds the relay's memory, not any real migration.
-MAX_DOCUMENT = 1 << 30
+#: Largest document read. A document carries each flow's two socket queues in base64
+#: (4/3 of their bytes), so 256 MiB is 192 MiB of queued data: 19 flows whose buffers
+#: are both full at the kernel's default maxima (tcp_rmem 6 MiB, tcp_wmem 4 MiB), or
+#: thousands of ordinary ones. While a document is parsed the relay holds about three
+#: times its size (the bytes, their text, the objects), so the bound is also the
+#: relay's memory; the handover document has the same one (handover.py).
+MAX_DOCUMENT = 256 << 20
+#: A flows document is a JSON object: anything else is refused before json reads it
+#: (a file of zeros would otherwise be decoded as UTF-32 whole first).
+_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
 
 #: Argument specs in control.py's form: name -> (accepted types, required).
 SPECS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
@@ -102,24 +116,52 @@ def export_to(relay: Relay, path: str) -> dict[str, Any]:
             "not_moved": doc["not_moved"]}
 
 
-def import_from(relay: Relay, path: str) -> dict[str, Any]:
-    """Import the flows of the document in the file `path`, all or none; the answer."""
+async def import_from(relay: Relay, path: str) -> dict[str, Any]:
+    """Import the flows of the document in the file `path`, all or none; the answer.
+    The file is read and parsed in a worker thread; the flows are imported on the loop."""
     path = _absolute(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_DOCUMENT:
-                raise FlowFileError(f"{path} is {size} bytes, more than a flows document "
-                                    f"may be ({MAX_DOCUMENT}); nothing imported")
-            raw = f.read(MAX_DOCUMENT + 1)
-    except OSError as exc:
-        raise FlowFileError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise FlowFileError(f"{path} is not JSON ({exc}); nothing imported") from None
+    doc = await asyncio.get_running_loop().run_in_executor(None, read_document, path)
     try:
         imported = relay.import_flows(doc)
     except (FlowStateError, RepairError) as exc:
         raise FlowFileError(f"{path}: {exc}; nothing imported") from None
     return {"file": path, "imported": imported}
+
+
+def read_document(path: str) -> object:
+    """The JSON document in the regular file `path`, at most MAX_DOCUMENT bytes (blocking:
+    a worker thread's work); FlowFileError saying why not."""
+    try:
+        # O_NONBLOCK: opening a FIFO nobody writes would block until someone does.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FlowFileError(f"cannot read {path}: {exc.strerror}") from None
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FlowFileError(f"{path} is not a regular file (a flows document is the file "
+                                "`export_flows` wrote); nothing imported")
+        if st.st_size > MAX_DOCUMENT:
+            raise FlowFileError(f"{path} is {st.st_size} bytes, more than a flows document "
+                                f"may be ({MAX_DOCUMENT}); nothing imported")
+        try:
+            raw = f.read(MAX_DOCUMENT + 1)  # the file may have grown since fstat
+        except OSError as exc:
+            raise FlowFileError(f"cannot read {path}: {exc.strerror}") from None
+    if len(raw) > MAX_DOCUMENT:
+        raise FlowFileError(f"{path} grew past {MAX_DOCUMENT} bytes while it was read; "
+                            "nothing imported")
+    if _OBJECT_START.match(raw) is None:
+        raise FlowFileError(f"{path} is not JSON (a flows document is an object, opening "
+                            "with '{'); nothing imported")
+    try:
+        return json.loads(raw, object_pairs_hook=_json_object)
+    except (ValueError, RecursionError) as exc:
+        raise FlowFileError(f"{path} is not JSON ({exc}); nothing imported") from None
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Each JSON object, built in Python: json's C parser otherwise never runs Python
+    code, so it would hold the interpreter lock for the whole document, and the loop
+    thread waits for it; between objects (one flow's fields) the loop gets its turn."""
+    return dict(pairs)
