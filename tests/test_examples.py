@@ -35,7 +35,7 @@ from pathlib import Path
 
 import dpkt
 import pytest
-from relaynat_cli import parse_stats, stop_and_stats
+from relaynat_cli import guest_python, parse_stats, stop_and_stats
 from test_interface import GATEWAY, VethGuest, host_view, http_peer, veth_guest  # noqa: F401
 from test_qemu_guest import vm_images  # noqa: F401  (a fixture)
 from test_stream_transport import discover
@@ -45,6 +45,7 @@ from vmguest import VmResult, guest_boot_args
 from relaynat.tap import open_tap
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["guest_fs"]
 
 TESTS = Path(__file__).resolve().parent
 EXAMPLES = TESTS.parent / "examples"
@@ -250,11 +251,11 @@ def test_firecracker_recipe_creates_a_missing_tap() -> None:
 
 
 def test_container_run_recipe_reaches_the_host_and_is_reached_through_a_forward(
-        http_peer, tmp_path: Path) -> None:  # noqa: F811
+        http_peer, guest_dir: Path) -> None:  # noqa: F811
     port, digest = http_peer
-    ready = tmp_path / "ready"
+    ready = guest_dir / "ready"
     guest = (f"curl -sS --fail http://{GATEWAY}:{port}/big.bin | sha256sum && "
-             f"exec {sys.executable} {TESTS / 'guest_tools.py'} peer-echo 80 --events 1 "
+             f"exec {guest_python()} {TESTS / 'guest_tools.py'} peer-echo 80 --events 1 "
              f"--ready {ready}")
     payload = os.urandom(1 << 20)
     with recipe(EXAMPLES / "container_netns.sh", "run", "-t", "0:80", "--",
