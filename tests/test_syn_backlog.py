@@ -4,7 +4,6 @@ bucket allows, every one of which must connect (the SYNs wait, none is refused).
 
 from __future__ import annotations
 
-import sys
 import textwrap
 import tracemalloc
 from collections import Counter
@@ -12,7 +11,7 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from relaynat_cli import parse_stats, relaynat_run
+from relaynat_cli import guest_python, parse_stats, relaynat_run
 
 from relaynat.syn_backlog import BACKLOG_CAPACITY, SynBacklog
 from relaynat.wire import SYN, TcpSegment
@@ -146,7 +145,7 @@ def test_a_burst_beyond_the_bucket_waits_and_every_connection_opens(start_peer) 
     some arrive twice) and every connection opens once and echoes."""
     port = start_peer("echo")
     count = 600
-    result = relaynat_run(sys.executable, "-c", GUEST_BURST, str(port), str(count),
+    result = relaynat_run(guest_python(), "-c", GUEST_BURST, str(port), str(count),
                           options=("--syn-rate", "200"), timeout=60)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert f"connected {count}" in result.stdout
