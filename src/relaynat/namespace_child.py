@@ -115,13 +115,13 @@ def _warn(text: str) -> None:
     print(f"relaynat run: warning: {text}", file=sys.stderr)
 
 
-def _host_side_mounts(spec: dict[str, Any]) -> None:
+def _host_side_mounts(spec: dict[str, Any], host_root: bool) -> None:
     """Step 1: a mount namespace, private (as `mount --make-rprivate /`, so nothing
     propagates back to the host's), where /dev/null covers each hidden path and
     /etc/resolv.conf names the relay. Done before the command's user namespace exists,
     with the caller's own ids: a hidden path under a directory only the caller may
-    search is still found."""
-    if os.geteuid() == 0:
+    search is still found. `host_root`: we are root of the host's user namespace."""
+    if host_root:
         unshare(CLONE_NEWNS)
     else:
         unshare(CLONE_NEWUSER | CLONE_NEWNS)
@@ -137,15 +137,16 @@ def _host_side_mounts(spec: dict[str, Any]) -> None:
             _warn(f"cannot point /etc/resolv.conf at {', '.join(spec['dns'])}: {exc}")
 
 
-def _enter_guest_namespaces(sock: socket.socket) -> None:
-    """Step 2: the command's user namespace and those it owns; then become its root."""
-    as_root = os.geteuid() == 0
-    if as_root:
+def _enter_guest_namespaces(sock: socket.socket, host_root: bool) -> None:
+    """Step 2: the command's user namespace and those it owns. `host_root`: we are root
+    of the host's user namespace (when not, step 1 made us root of a new one, so our
+    euid says nothing any more)."""
+    if host_root:
         # Supplementary groups are kept across unshare as host groups (root's include
         # gid 0) and would still open files by group; setgroups(2) is denied after.
         os.setgroups([])
     unshare(_GUEST_NAMESPACES)
-    if as_root:
+    if host_root:
         # Mapping root inside to another id outside takes CAP_SETUID in the parent user
         # namespace, which this process has just left: the relay writes the map.
         sock.send(b"map")
@@ -277,8 +278,9 @@ def _child_main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[1]))
     command = argv[3:]
     try:
-        _host_side_mounts(spec)
-        _enter_guest_namespaces(sock)
+        host_root = os.geteuid() == 0
+        _host_side_mounts(spec, host_root)
+        _enter_guest_namespaces(sock, host_root)
         # Opened with the caller's ids (/dev/net/tun may be root's, mode 0600) but in
         # the new network namespace: a TAP belongs to the namespace it was opened in.
         fd, vnet_hdr_len, offload = open_tap(spec["tap"], spec["vnet"])
