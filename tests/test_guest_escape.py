@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from relaynat_cli import guest_python
 from sysctl import ALL_GROUPS, ping_group_range
 
 pytestmark = pytest.mark.integration
@@ -194,3 +196,65 @@ def test_sigterm_to_relaynat_ends_the_command_with_its_status(
     finally:
         _kill_all(proc)
     assert proc.returncode == status, err
+
+
+#: Run as root of a private mount namespace (`unshare --mount`): give the unprivileged
+#: caller a /dev/net/tun it may open (the host's may be root's, mode 0600; the node is
+#: made on a tmpfs of this namespace and bound over it), then run relaynat as that
+#: caller: $1 the uid:gid, $2 the tmpfs directory; the rest is the command line.
+AS_CALLER = r"""
+set -e
+ids=$1 dir=$2; shift 2
+mount -t tmpfs -o mode=755 relaynat-test "$dir"
+mknod -m 666 "$dir/tun" c 10 200
+mount --bind "$dir/tun" /dev/net/tun
+exec setpriv --reuid="${ids%:*}" --regid="${ids#*:}" --clear-groups -- "$@"
+"""
+
+#: The command: as root inside, uncover and reach the control socket (here the same
+#: uid outside as the relay, so only the locked /dev/null cover stands in the way).
+CALLER_GUEST = r"""
+ctl=$1 relay=$2
+echo "uid $(id -u)"
+umount "$ctl" 2>/dev/null; umount -l "$ctl" 2>/dev/null
+if socat -t 5 - "UNIX-CONNECT:$ctl" </dev/null >/dev/null 2>&1; then echo "ESCAPED ctl"
+else echo "blocked ctl"; fi
+if [ -e "/proc/$relay" ]; then echo "ESCAPED relay-pid"; else echo "blocked relay-pid"; fi
+touch "${ctl%/*}/written-by-guest"
+"""
+
+
+def test_unprivileged_callers_guest_cannot_uncover_the_control_socket(
+        guest_dir: Path, root_dir: Path) -> None:
+    """Without root, relaynat maps the command's root to the caller itself, whose
+    control socket it may connect to: the /dev/null that covers it must be locked
+    (made in a more privileged user namespace than the command's)."""
+    uid, gid = guest_dir.stat().st_uid, guest_dir.stat().st_gid
+    python = guest_python()
+    env = dict(os.environ)
+    if python != sys.executable:  # another interpreter: give it this one's packages
+        import relaynat
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(relaynat.__file__).parents[1]), *site.getsitepackages()])
+    ctl_sock = guest_dir / "ctl.sock"
+    relay_pid = guest_dir / "relay.pid"
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", AS_CALLER,
+         "as-caller", f"{uid}:{gid}", str(root_dir),
+         python, "-m", "relaynat", "run", "--control-socket", str(ctl_sock), "--",
+         "sh", "-c", f'i=0; while [ ! -s {relay_pid} ] && [ $i -lt 300 ]; do sleep 0.1; '
+                     f'i=$((i+1)); done; exec sh -c "$0" guest {ctl_sock} "$(cat {relay_pid})"',
+         CALLER_GUEST],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, start_new_session=True)
+    try:
+        _wait_for(ctl_sock, proc, "control socket")
+        relay_pid.write_text(str(proc.pid))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        _kill_all(proc)
+    assert proc.returncode == 0, out + err
+    lines = out.splitlines()
+    assert lines == ["uid 0", "blocked ctl", "blocked relay-pid"], out
+    # Root inside is the caller outside.
+    assert (guest_dir / "written-by-guest").stat().st_uid == uid
