@@ -258,3 +258,25 @@ def test_unprivileged_callers_guest_cannot_uncover_the_control_socket(
     assert lines == ["uid 0", "blocked ctl", "blocked relay-pid"], out
     # Root inside is the caller outside.
     assert (guest_dir / "written-by-guest").stat().st_uid == uid
+
+
+def test_runas_picks_the_ids_outside_and_refuses_root(root_dir: Path) -> None:
+    """As root, `--runas UID:GID` is who the command's root is outside (nobody by
+    default); root itself is refused, as it would undo the isolation."""
+    where = root_dir / "runas"
+    where.mkdir()
+    os.chown(where, 4242, 4243)
+    done = subprocess.run(
+        [sys.executable, "-m", "relaynat", "run", "--runas", "4242:4243", "--",
+         "sh", "-c", f"id -u; touch {where}/made"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0"]
+    made = (where / "made").stat()
+    assert (made.st_uid, made.st_gid) == (4242, 4243)
+    for ids in ("0:4243", "4242:0", "4242"):
+        refused = subprocess.run(
+            [sys.executable, "-m", "relaynat", "run", "--runas", ids, "--", "true"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2, (ids, refused.stderr)
+        assert "--runas" in refused.stderr, refused.stderr
