@@ -189,7 +189,8 @@ class NamespaceGuest:
         return 128 - returncode if returncode < 0 else returncode
 
     def close(self) -> None:
-        """Kill the command if it still runs (unless released); the TAP goes with its
+        """Kill the command if it still runs (unless released): killing `proc`, the
+        namespace child, ends the command's whole PID namespace. The TAP goes with its
         relay's transport."""
         self._sock.close()
         if self.proc.returncode is None and not self.released:

@@ -11,15 +11,16 @@ The namespaces are made in two steps, in this order:
    socket) and /etc/resolv.conf names the relay's DNS address.
 2. One unshare of a user namespace with network, mount, IPC and UTS namespaces (and
    later a PID namespace): the kernel makes the user namespace first and it owns the
-   others
-   (user_namespaces(7)), so root in it has every capability over the command's own
-   network (ip, ping, tcpdump, iptables work) and none over anything the host's user
+   others (user_namespaces(7)), so root in it has every capability over the command's
+   own network (ip, ping, tcpdump work) and none over anything the host's user
    namespace owns: no setns(2) into the relay's network namespace, no ptrace access
-   to the relay (/proc/PID/root). Root inside maps to an unprivileged id outside (the
-   relay writes the map: `NamespaceGuest.spawn`), so host files are open to it as to
-   that id. Its mount namespace is copied from step 1's, which a more privileged user
-   namespace owns, so step 1's mounts are locked (mount_namespaces(7)): root inside
-   cannot unmount the /dev/null that covers the control socket.
+   to the relay (/proc/PID/root). Root inside maps to an unprivileged id outside:
+   `nobody` or --runas when the relay is root (the relay writes that map, as only a
+   process with CAP_SETUID outside may), the caller otherwise (step 1's root, which
+   we map ourselves). Host files are open to the command as to that id. Its mount
+   namespace is copied from step 1's, which a more privileged user namespace owns,
+   so step 1's mounts are locked (mount_namespaces(7)): root inside cannot unmount
+   the /dev/null that covers the control socket.
 
 This process then stays in the host's PID namespace, passing the relay's signals on,
 while its child is PID 1 of the command's PID namespace with a fresh /proc: the command
