@@ -12,12 +12,11 @@ guest_fs.py has a directory it may write in.
 from __future__ import annotations
 
 import functools
-import shutil
 import signal
 import subprocess
 import sys
 
-from relaynat.namespace import command_ids
+from relaynat.namespace import python_for_command
 
 
 def relaynat_run(*command: str, options: tuple[str, ...] = (), timeout: float = 120,
@@ -30,22 +29,8 @@ def relaynat_run(*command: str, options: tuple[str, ...] = (), timeout: float = 
 
 @functools.cache
 def guest_python() -> str:
-    """A Python 3.11+ that the command of `relaynat run` may execute: this one, unless
-    it lives where the command's id may not go (a venv made from an interpreter under
-    /root, mode 0700), else the system's. Tried by running it as that id."""
-    uid, gid = command_ids()
-    for candidate in (sys.executable, shutil.which("python3", path="/usr/local/bin:/usr/bin")):
-        if candidate is None:
-            continue
-        try:
-            tried = subprocess.run(
-                [candidate, "-c", "import sys; sys.exit(sys.version_info < (3, 11))"],
-                user=uid, group=gid, extra_groups=[], cwd="/", capture_output=True, timeout=30)
-        except PermissionError:
-            continue
-        if tried.returncode == 0:
-            return candidate
-    raise RuntimeError(f"no Python 3.11 that uid {uid} may run (for relaynat run's guests)")
+    """A Python 3.11+ that the command of `relaynat run` may execute."""
+    return python_for_command()
 
 
 def parse_stats(text: str) -> dict[str, int]:

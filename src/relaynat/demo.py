@@ -3,7 +3,8 @@
 It moves itself into a private network namespace first (so the demo can reach
 nothing but its own loopback), writes a random file, serves it with Python's
 http.server on 127.0.0.1, and runs a namespace guest that fetches it from the
-gateway address (mapped to host loopback) and hashes it. It prints both hashes and
+gateway address (mapped to host loopback) and hashes it, with a Python its
+unprivileged id may run (`namespace.python_for_command`). It prints both hashes and
 the speed; exit status 0 only if the hashes match.
 """
 
@@ -47,14 +48,18 @@ def _start_server(directory: str) -> tuple[subprocess.Popen[str], int]:
 
 def run_demo(size_mib: int) -> int:
     from relaynat.cli import _new_loop
-    from relaynat.namespace import run_command
+    from relaynat.namespace import command_ids, python_for_command, run_command
 
     if os.geteuid() != 0:
         print("relaynat demo: needs root (it creates network namespaces and a TAP)",
               file=sys.stderr)
         return 1
     isolate_network()
+    python = python_for_command()
     with tempfile.TemporaryDirectory(prefix="relaynat-demo-") as tmp:
+        # The guest is root of its own user namespace only, an unprivileged id outside
+        # (namespace.py): it writes its result here, so that id must own the directory.
+        os.chown(tmp, *command_ids())
         path = os.path.join(tmp, "payload.bin")
         digest = hashlib.sha256()
         with open(path, "wb") as f:
@@ -73,7 +78,7 @@ def run_demo(size_mib: int) -> int:
                 t0 = time.monotonic()
                 code = loop.run_until_complete(run_command(
                     RelayConfig(), ["sh", "-c", f'exec "$0" -c "$1" "$2" > {out_path}',
-                                    sys.executable, _GUEST_SCRIPT, url]))
+                                    python, _GUEST_SCRIPT, url]))
                 wall = time.monotonic() - t0
             finally:
                 loop.close()

@@ -23,8 +23,10 @@ import asyncio
 import json
 import os
 import pwd
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,6 +67,29 @@ def command_ids(runas: tuple[int, int] | None = None) -> tuple[int, int]:
     if 0 in runas:
         raise ValueError("the command's root may not be root outside its namespace")
     return runas
+
+
+def python_for_command(runas: tuple[int, int] | None = None) -> str:
+    """A Python 3.11+ interpreter that the command of `run_command` may execute: this
+    one, unless it lives where the command's id outside may not go (a venv or an
+    interpreter under /root, mode 0700), else the system's. Each candidate is tried by
+    running it as that id, since access(2) answers for this process's ids, not its.
+    RuntimeError if none runs."""
+    uid, gid = command_ids(runas)
+    candidates = [sys.executable, os.path.realpath(sys.executable),
+                  shutil.which("python3", path="/usr/local/bin:/usr/bin")]
+    for candidate in dict.fromkeys(c for c in candidates if c):
+        try:
+            tried = subprocess.run(
+                [candidate, "-c", "import sys; sys.exit(sys.version_info < (3, 11))"],
+                user=uid, group=gid, extra_groups=[], cwd="/", capture_output=True,
+                timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if tried.returncode == 0:
+            return candidate
+    raise RuntimeError(f"no Python 3.11 that uid {uid} may run (the command's id outside "
+                       "its user namespace)")
 
 
 def _map_command_root(pid: int, uid: int, gid: int) -> None:
