@@ -36,6 +36,7 @@ from faultkit import MIB, HoldingPeer, LiveRun, fd_count, rss_kib  # noqa: E402
 from guest_flood import flood_script  # noqa: E402
 from lossy_harness import http_peer  # noqa: E402
 
+from relaynat.namespace import command_ids, python_for_command  # noqa: E402
 from relaynat.netns_util import isolate_network  # noqa: E402
 
 DEFAULT_MAX_TCP = 16384
@@ -44,7 +45,8 @@ DEFAULT_MAX_TCP = 16384
 def run_once(work: Path, http_port: int, open_port: int, counts: tuple[int, ...],
              digest: str, label: str) -> dict[str, object]:
     done = work / f"{label}-done"
-    run = LiveRun(["sh", "-c", flood_script(http_port, open_port, done, counts, None)])
+    run = LiveRun(["sh", "-c", flood_script(http_port, open_port, done, counts, None,
+                                            python_for_command())])
     samples: list[tuple[int, int]] = []
     start_rss = 0
     try:
@@ -89,6 +91,8 @@ def main() -> int:
     counts = (args.syns, args.udp, args.arp, args.dhcp)
     with tempfile.TemporaryDirectory(prefix="relaynat-floods-") as tmp:
         work = Path(tmp)
+        # The guest writes its results here as its unprivileged id outside (namespace.py).
+        os.chown(work, *command_ids())
         (work / "www").mkdir()
         digest = hashlib.sha256()
         with open(work / "www" / "f.bin", "wb") as f:

@@ -144,6 +144,7 @@ def host(minutes: float) -> int:
     from lossy_harness import host_peer, http_peer, stop_proc, wait_for
 
     from relaynat.ctl import call
+    from relaynat.namespace import command_ids, python_for_command
     from relaynat.netns_util import isolate_network
 
     isolate_network()  # before any thread or child: nothing below leaves the machine
@@ -160,7 +161,12 @@ def host(minutes: float) -> int:
                                 "127.0.0.53", "--record", f"{DNS_NAME}={DNS_ADDR}",
                                 "--ready-file", str(ready)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-        marker, control = work / "round", str(work / "control.sock")
+        # The guest writes its round marker as its unprivileged id outside (namespace.py),
+        # in a directory of its own: not beside the control socket, which it could unlink.
+        work.chmod(0o711)  # searchable, so that the guest reaches its own directory
+        (work / "guest").mkdir()
+        os.chown(work / "guest", *command_ids())
+        marker, control = work / "guest" / "round", str(work / "control.sock")
         samples: list[tuple[int, int, int, int]] = []
 
         def sample(pid: int, done: int) -> None:
@@ -176,7 +182,8 @@ def host(minutes: float) -> int:
             wait_for(ready.exists, 10, "dns stub")
             with http_peer(work / "www", work) as http_port, \
                     host_peer("echo", work) as echo_port:
-                run = LiveRun([sys.executable, str(Path(__file__).resolve()), "--guest-loop",
+                run = LiveRun([python_for_command(), str(Path(__file__).resolve()),
+                               "--guest-loop",
                                "--seconds", str(minutes * 60), "--marker", str(marker),
                                "--http-port", str(http_port), "--echo-port", str(echo_port),
                                "--udp-port", str(udp_port),
