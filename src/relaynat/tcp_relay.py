@@ -415,12 +415,15 @@ class TcpRelay:
                 if not flow.connecting and not entry.closed:
                     host.write_backlog(flow, now)  # held data, if the socket has room now
                     if flow.host_readable and not host.share_left:
+                        # Its ACK too waits for its turn: first in the next flush, not
+                        # the socket's facts read for every flow in every round.
                         waiting.append(flow)
-                    elif host.pump(flow, now):
-                        used.append(flow)
-                    if not entry.closed:
-                        entry.flush(socket_facts(flow.sock), now)
-                        self._execute(flow)
+                    else:
+                        if host.pump(flow, now):
+                            used.append(flow)
+                        if not entry.closed:
+                            entry.flush(socket_facts(flow.sock), now)
+                            self._execute(flow)
                 self._timers.schedule(flow)
             except Exception:
                 self._fail_flow(flow)
