@@ -49,19 +49,27 @@ from relaynat.guest_log import guest_logger
 from relaynat.tcp_actions import RESEND_BYTES_MAX
 from relaynat.tcp_flow import SO_PEEK_OFF, TcpFlow, discard, peek_at
 from relaynat.tcp_repair import SO_RCVBUFFORCE
+from relaynat.transport import WAKEUP_SLICE_S, slice_clock
 
 log = guest_logger("relaynat.tcp")
 
 #: What one flow may peek and cut into frames in one wakeup before yielding to the other
 #: flows, the guest transports and the control socket. A 64 KiB GSO frame per 64 KiB, so
 #: with offload the bytes bound first; at a 1448-byte MSS without offload the frames,
-#: 185 KB. Either is about a millisecond of the loop (README, "Performance").
+#: 92 KB. Either is under a millisecond of the loop; 128 frames of 48 bytes left a
+#: kernel guest beside such a guest in one `Guests` process half its solo rate, 64
+#: frames and the relay's time slice below 0.55-0.58 (tests/test_hostile_guests.py).
 FLOW_SLICE_BYTES = 2 << 20
-FLOW_SLICE_FRAMES = 128
+FLOW_SLICE_FRAMES = 64
 #: What all flows of one relay (one guest) may take together in one wakeup: four flows'
 #: shares; the flows beyond wait for the next round and go first in it.
 RELAY_SLICE_BYTES = 4 * FLOW_SLICE_BYTES
 RELAY_SLICE_FRAMES = 4 * FLOW_SLICE_FRAMES
+#: And the time they may take together, as a transport's reading (transport.py): frames
+#: cost what their size and the transport make them, so in a loop shared by many guests
+#: (`Guests`) a guest whose segments are 48 bytes would otherwise get more of the loop
+#: per round than one whose frames are 64 KiB. A flow's turn that began goes to its end.
+RELAY_SLICE_S = WAKEUP_SLICE_S
 #: The most one peek takes: the shared buffer, at least the largest resend
 #: (tcp_actions.RESEND_BYTES_MAX).
 _BUF_BYTES = max(FLOW_SLICE_BYTES, RESEND_BYTES_MAX)
@@ -101,16 +109,19 @@ class HostPump:
         self._rcvbuf_granted = 0  # of RCVBUF_BUDGET
         self._slice_bytes = RELAY_SLICE_BYTES
         self._slice_frames = RELAY_SLICE_FRAMES
+        self._slice_end = 0.0
 
     def new_wakeup(self) -> None:
         """A new round of the relay's flows: the relay's share is whole again."""
         self._slice_bytes = RELAY_SLICE_BYTES
         self._slice_frames = RELAY_SLICE_FRAMES
+        self._slice_end = slice_clock() + RELAY_SLICE_S
 
     @property
     def share_left(self) -> bool:
         """Whether the relay's flows may take more in this round (`new_wakeup`)."""
-        return self._slice_bytes > 0 and self._slice_frames > 0
+        return (self._slice_bytes > 0 and self._slice_frames > 0
+                and slice_clock() < self._slice_end)
 
     def pump(self, flow: TcpFlow, now: float) -> bool:
         """Move what the host sent to the guest, within the entry's read budget and the
