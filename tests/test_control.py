@@ -145,6 +145,10 @@ BAD_REQUESTS: list[tuple[bytes, str]] = [
      "policy: default must be 'allow' or 'deny', not 'maybe'"),  # ConfigError's text
     (b'{"execute": "set_policy", "arguments": {"policy": {"rule": "x"}}}',
      "policy: 'rule' must be a list of rules ([[rule]] in TOML)"),
+    (b'{"execute": "set_policy", "arguments": {"policy": {"default": "deny", '
+     b'"default": "allow"}}}', "request is not JSON: key 'default' appears twice in one object"),
+    (b'{"execute": "stats", "execute": "quit"}',
+     "request is not JSON: key 'execute' appears twice in one object"),
 ]
 
 
@@ -491,6 +495,13 @@ def test_ctl_usage_errors_exit_2_and_unreachable_socket_exits_1(tmp_path: Path) 
         result = _ctl(tmp_path / "none.sock", *args)
         assert result.returncode == 2, (args, result)
         assert "usage: relaynat ctl" in result.stderr
+    # A policy file is read as `--policy` reads it: a repeated key is refused, not the
+    # last one kept (here it would turn a deny-all into allow-all).
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"default": "deny", "rule": [], "default": "allow"}')
+    result = _ctl(tmp_path / "none.sock", "policy", "set", str(twice))
+    assert result.returncode == 2, result
+    assert "duplicate key 'default'" in result.stderr, result.stderr
 
 
 _GUEST_UDP = """

@@ -18,6 +18,7 @@ from ipaddress import ip_address
 from typing import Any
 
 from relaynat.config import ConfigError
+from relaynat.policy import loads_json
 from relaynat.portspec import parse_portspec
 
 #: Largest answer read (a flow listing of a full table is a few MiB).
@@ -152,7 +153,8 @@ def _read_policy(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             raw = f.read()
-        data = json.loads(raw) if path.endswith(".json") else tomllib.loads(raw.decode())
+        # As `--policy FILE.json` reads it: a duplicate key is refused, not the last kept.
+        data = loads_json(raw) if path.endswith(".json") else tomllib.loads(raw.decode())
     except OSError as exc:
         parser.error(f"cannot read {path}: {exc.strerror}")
     except (ValueError, tomllib.TOMLDecodeError) as exc:
