@@ -34,9 +34,10 @@ from pathlib import Path
 from lossy_harness import RelayProc, serve_relay, wait_for
 
 from relaynat.config import RelayConfig
+from relaynat.packet_builder import tcp_options_syn
 from relaynat.testing import frames as f
 from relaynat.testing.guest import Reply
-from relaynat.wire import ACK, SYN
+from relaynat.wire import ACK, RST, SYN
 
 HERE = Path(__file__).resolve().parent
 _LEN = struct.Struct("!I")
@@ -154,6 +155,33 @@ class RawGuest:
         rcv_nxt = (synack.tcp.seq + 1) & 0xFFFFFFFF
         self.send(self.tcp(sport, dport, isn + 1, rcv_nxt, ACK, window=window, dst=dst))
         return rcv_nxt
+
+    def open_idle_flows(self, port: int, count: int, first_sport: int = 20000) -> int:
+        """`count` established flows to host `port` (a listener that never accepts:
+        its kernel completes the handshakes), SYNs in batches of 500, then left idle;
+        the number the relay answered with a SYN-ACK."""
+        self.keep = lambda r: r.tcp is not None and bool(r.tcp.flags & SYN)
+        for at in range(first_sport, first_sport + count, 500):
+            self.send_many(self.tcp(sport, port, 7, 0, SYN, options=tcp_options_syn(1460, 7))
+                           for sport in range(at, min(at + 500, first_sport + count)))
+            time.sleep(0.05)
+        synacks = [self.next_reply(10).tcp for _ in range(count)]
+        self.keep = lambda r: False
+        self.send_many(self.tcp(s.dport, port, 8, (s.seq + 1) & 0xFFFFFFFF, ACK)
+                       for s in synacks if s is not None)
+        time.sleep(0.5)
+        return sum(s is not None for s in synacks)
+
+    def flapping_mac_frames(self, count: int) -> list[bytes]:
+        """`count` stray RSTs, each from a new source MAC (locally administered,
+        unicast): every one makes the relay learn a guest MAC."""
+        template = self.tcp(1, 1, 0, 0, RST)
+        frames = []
+        for i in range(count):
+            frame = bytearray(template)
+            frame[6:12] = b"\x02" + i.to_bytes(5, "big")
+            frames.append(bytes(frame))
+        return frames
 
     def _read(self) -> None:
         buf = bytearray()

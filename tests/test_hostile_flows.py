@@ -35,7 +35,7 @@ from lossy_harness import wait_for
 
 from relaynat.packet_builder import tcp_options_sack, tcp_options_syn
 from relaynat.testing.guest import Reply
-from relaynat.wire import ACK, FIN, RST, SYN
+from relaynat.wire import ACK, FIN
 
 pytestmark = pytest.mark.integration
 
@@ -156,23 +156,8 @@ def test_a_flapping_source_mac_leaves_idle_flows_alone(tmp_path: Path) -> None:
     port = server.getsockname()[1]
     with server, hostile_relay(tmp_path, ["--syn-rate", "1000000"]) as relay, \
             RawGuest(relay.socket) as guest:
-        guest.keep = lambda r: r.tcp is not None and bool(r.tcp.flags & SYN)
-        for at in range(0, flows, 500):
-            guest.send_many(guest.tcp(20000 + i, port, 7, 0, SYN, options=tcp_options_syn(
-                1460, 7)) for i in range(at, at + 500))
-            time.sleep(0.05)
-        synacks = [guest.next_reply(10).tcp for _ in range(flows)]
-        guest.keep = lambda r: False
-        guest.send_many(guest.tcp(s.dport, port, 8, (s.seq + 1) & M32, ACK)
-                        for s in synacks if s is not None)
-        time.sleep(0.5)
-
-        def flap(i: int) -> bytes:
-            frame = bytearray(guest.tcp(1, 1, 0, 0, RST))
-            frame[6:12] = b"\x02" + i.to_bytes(5, "big")  # locally administered, unicast
-            return bytes(frame)
-
-        frames = [flap(i) for i in range(flaps)]
+        assert guest.open_idle_flows(port, flows) == flows
+        frames = guest.flapping_mac_frames(flaps)
         cpu0 = cpu_seconds(relay.pid)
         result, written = attacked(relay.control, lambda: send_paced(guest, frames, ATTACK_S))
         cpu = cpu_seconds(relay.pid) - cpu0

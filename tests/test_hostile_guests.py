@@ -268,30 +268,13 @@ def test_a_flapping_source_mac_in_mebibyte_reads_leaves_the_loop_answering(
     before the time slice was checked."""
     from hostile_kit import ControlProbe, RawGuest, hostile_relay
 
-    from relaynat.packet_builder import tcp_options_syn
-    from relaynat.wire import ACK, RST, SYN
-
     flows = 3000
     server = socket.create_server(("127.0.0.1", 0), backlog=4096)  # never accepts
     port = server.getsockname()[1]
     with server, hostile_relay(tmp_path, ["--syn-rate", "1000000"]) as relay, \
             RawGuest(relay.socket) as guest:
-        guest.keep = lambda r: r.tcp is not None and bool(r.tcp.flags & SYN)
-        for at in range(0, flows, 500):
-            guest.send_many(guest.tcp(20000 + i, port, 7, 0, SYN, options=tcp_options_syn(
-                1460, 7)) for i in range(at, at + 500))
-            time.sleep(0.05)
-        synacks = [guest.next_reply(10).tcp for _ in range(flows)]
-        guest.keep = lambda r: False
-        guest.send_many(guest.tcp(s.dport, port, 8, (s.seq + 1) & 0xFFFFFFFF, ACK)
-                        for s in synacks if s is not None)
-        time.sleep(0.5)
-        template = guest.tcp(1, 1, 0, 0, RST)
-        flaps = []
-        for i in range(16384):
-            frame = bytearray(template)
-            frame[6:12] = b"\x02" + i.to_bytes(5, "big")  # locally administered, unicast
-            flaps.append(bytes(frame))
+        assert guest.open_idle_flows(port, flows) == flows
+        flaps = guest.flapping_mac_frames(16384)
         guest.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         guest.sock.settimeout(10)  # a frozen relay stops reading: the write gives up
         written = 0
