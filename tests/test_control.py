@@ -146,9 +146,9 @@ BAD_REQUESTS: list[tuple[bytes, str]] = [
     (b'{"execute": "set_policy", "arguments": {"policy": {"rule": "x"}}}',
      "policy: 'rule' must be a list of rules ([[rule]] in TOML)"),
     (b'{"execute": "set_policy", "arguments": {"policy": {"default": "deny", '
-     b'"default": "allow"}}}', "request is not JSON: key 'default' appears twice in one object"),
+     b'"default": "allow"}}}', "request is not JSON: duplicate key 'default' in a JSON object"),
     (b'{"execute": "stats", "execute": "quit"}',
-     "request is not JSON: key 'execute' appears twice in one object"),
+     "request is not JSON: duplicate key 'execute' in a JSON object"),
 ]
 
 

@@ -36,6 +36,19 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and why."""
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads`'s object_pairs_hook for input a person writes (policy files, control
+    requests): json.loads keeps the last of a repeated key silently, so
+    `{"default": "deny", ..., "default": "allow"}` would mean allow-all while it reads as
+    deny. A repeated key is a ConfigError (a ValueError) naming it."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"duplicate key {key!r} in a JSON object")
+        out[key] = value
+    return out
+
+
 def parse_mac(text: str) -> bytes:
     """Parse `aa:bb:cc:dd:ee:ff` into 6 bytes, or raise ConfigError."""
     parts = text.split(":")

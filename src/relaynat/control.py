@@ -48,7 +48,7 @@ from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
 
 from relaynat import control_flows
-from relaynat.config import ConfigError
+from relaynat.config import ConfigError, unique_keys
 from relaynat.forward import ForwardError
 from relaynat.policy import Policy
 from relaynat.stream import bind_unix_listener
@@ -292,7 +292,7 @@ class ControlServer:
     def _request(self, line: bytes) -> object:
         try:
             # UTF-8 only: json.loads on bytes would guess UTF-16/32 from the first bytes.
-            request = json.loads(line.decode().rstrip("\r\n"), object_pairs_hook=_unique_keys)
+            request = json.loads(line.decode().rstrip("\r\n"), object_pairs_hook=unique_keys)
         except UnicodeDecodeError:
             raise RequestError("request is not UTF-8 text") from None
         except ValueError as exc:
@@ -316,18 +316,6 @@ class ControlServer:
         if self._relay is None:
             raise RequestError("the relay is not running")
         return handler(self._relay, args)
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are all different: json.loads keeps the last of a
-    repeated key silently, so a request could mean two things (a policy with two
-    `default`s, say) and its sender never learn which one the relay took."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} appears twice in one object")
-        out[key] = value
-    return out
 
 
 def _line(obj: object) -> bytes:

@@ -76,7 +76,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from relaynat.addressing import DNS_PORT
-from relaynat.config import ConfigError, RelayConfig
+from relaynat.config import ConfigError, RelayConfig, unique_keys
 
 PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6 = 1, 6, 17, 58
 #: Rule protocol names and the IP protocol numbers each one matches.
@@ -490,20 +490,11 @@ def loads_json(text: str | bytes) -> Any:
     silently, so `{"action": "deny", "action": "allow"}` would allow); ConfigError says
     what is wrong."""
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
+        return json.loads(text, object_pairs_hook=unique_keys)
     except ConfigError:
         raise
     except ValueError as exc:
         raise ConfigError(f"policy: not valid JSON: {exc}") from None
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ConfigError(f"policy: duplicate key {key!r} in a JSON object")
-        out[key] = value
-    return out
 
 
 class EgressGate:
