@@ -44,9 +44,10 @@ The document (``"format": "relaynat-handover"``, ``"version": 1``):
   that does not know one refuses the document, and A serves on).
 - ``stream_listener``, ``control``: null or ``{"fd", "path"}``: the listening socket
   of `serve --socket` and the control socket; B serves them on the same paths.
-- ``command``: null or ``{"fd"}``, a pidfd of `relaynat run`'s command: B ends when it
-  exits (its exit status is its parent's, A's, to learn, so B exits 0) and forwards
-  SIGTERM/SIGHUP to it.
+- ``command``: null or ``{"fd"}``, a pidfd of `relaynat run`'s namespace child (the
+  process that starts the command in its own user and PID namespaces and passes
+  signals on to it, namespace_child.py): B ends when it exits (its exit status is its
+  parent's, A's, to learn, so B exits 0) and forwards SIGTERM/SIGHUP to it.
 - ``forwards``: ``[{"proto", "host_addr", "host_port", "guest_port", "interface",
   "fd"}]``, the bound (TCP: listening) sockets.
 - ``tcp``: a "relaynat-flows" document of kind "live" (flow_state.py): the flows, and
