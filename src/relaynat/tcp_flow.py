@@ -23,6 +23,7 @@ from relaynat.window import TCP_INFO_LEN, SocketFacts, TcpInfo
 if TYPE_CHECKING:
     from relaynat.nat_entry import TcpNatEntry
 
+#: asm-generic/socket.h; Python's socket module does not name it.
 SO_PEEK_OFF = 42
 SIOCOUTQ = 0x5411
 _LINGER_RESET = struct.pack("ii", 1, 0)

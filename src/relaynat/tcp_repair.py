@@ -40,7 +40,7 @@ import termios
 from dataclasses import dataclass
 from typing import Any
 
-from relaynat.tcp_flow import ioctl_int
+from relaynat.tcp_flow import SO_PEEK_OFF, ioctl_int
 
 TCP_REPAIR = 19
 TCP_REPAIR_QUEUE = 20
@@ -56,7 +56,6 @@ TCP_ESTABLISHED = 1
 #: Unsent bytes of the send queue (linux/sockios.h); SIOCOUTQ is TIOCOUTQ.
 SIOCOUTQNSD = 0x894B
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
-SO_PEEK_OFF = 42
 #: Leave repair mode without the window probe (linux/tcp.h).
 TCP_REPAIR_OFF_NO_WP = -1
 _WINDOW = struct.Struct("=5I")  # struct tcp_repair_window
