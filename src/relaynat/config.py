@@ -49,21 +49,6 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_mac(text: str) -> bytes:
-    """Parse `aa:bb:cc:dd:ee:ff` into 6 bytes, or raise ConfigError."""
-    parts = text.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ConfigError(f"MAC address {text!r} is not six colon-separated hex octets")
-    try:
-        return bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ConfigError(f"MAC address {text!r} has a non-hex octet") from None
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
-
-
 @dataclass(slots=True, frozen=True)
 class RelayConfig:
     """Everything that shapes one guest's network.

@@ -266,18 +266,6 @@ class ControlServer:
                 self.handed_over.set()
                 return
 
-    def handle_line(self, line: bytes) -> bytes:
-        """One request line -> one answer line, for the commands answered at once;
-        never raises."""
-        try:
-            result = self._request(line)
-            if inspect.isawaitable(result):
-                result.close()  # type: ignore[attr-defined]  # a coroutine, never run
-                raise RequestError("this command needs a control connection")
-        except Exception as exc:
-            return _failure(exc)
-        return _line({"return": result})
-
     async def answer(self, line: bytes) -> bytes:
         """One request line -> one answer line, waiting for a command that takes time
         (handover); never raises."""
