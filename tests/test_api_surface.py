@@ -1,14 +1,17 @@
 """The public API: `relaynat.__all__` resolves and is documented, the package passes
-`mypy --strict` (pyproject.toml's [tool.mypy]), and pdoc renders the API pages without
-a warning. mypy and pdoc come with the `test` extra.
+`mypy --strict` (pyproject.toml's [tool.mypy]) and ships its types (PEP 561), the code
+passes `ruff check`, and pdoc renders the API pages without a warning. mypy, ruff and
+pdoc come with the `test` extra.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pdoc.doc
@@ -38,6 +41,31 @@ def test_mypy_strict_passes_on_the_package(tmp_path: Path) -> None:
     done = _run("-m", "mypy", "--cache-dir", str(tmp_path / "cache"), "--no-color-output")
     assert done.returncode == 0, f"mypy failed:\n{done.stdout}{done.stderr}"
     assert "Success: no issues found" in done.stdout, done.stdout
+
+
+def test_ruff_passes_on_sources_and_tests() -> None:
+    # pyproject.toml's [tool.ruff]: the same check a developer runs before committing.
+    done = _run("-m", "ruff", "check", "--no-cache", "src", "tests", "benches", "fuzz",
+                "examples")
+    assert done.returncode == 0, f"ruff failed:\n{done.stdout}{done.stderr}"
+
+
+def test_the_wheel_ships_its_types(tmp_path: Path) -> None:
+    # PEP 561: without py.typed a user's mypy treats an installed relaynat as untyped.
+    assert (SRC / "relaynat" / "py.typed").is_file()
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
+    project = tmp_path / "project"
+    shutil.copytree(SRC / "relaynat", project / "src" / "relaynat",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, project / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                           "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
+                           str(project)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = (tmp_path / "dist").glob("relaynat-*.whl")
+    assert "relaynat/py.typed" in zipfile.ZipFile(wheel).namelist()
 
 
 def test_every_public_name_resolves_and_has_a_docstring() -> None:
