@@ -14,14 +14,11 @@ from hypothesis import strategies as st
 from relaynat.config import ConfigError, RelayConfig
 from relaynat.policy import (
     GROUPS,
-    PROTO_ICMP,
-    PROTO_ICMPV6,
-    PROTO_TCP,
-    PROTO_UDP,
     Decision,
     Policy,
     Rule,
 )
+from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 
 CFG = RelayConfig()
 
@@ -74,70 +71,70 @@ GROUP_NONMEMBERS = {
 def test_group_membership(group: str) -> None:
     policy = deny_to(group)
     for addr in GROUP_MEMBERS[group]:
-        assert policy.decide(PROTO_TCP, pk(addr), 80) == Decision(False, 0), addr
+        assert policy.decide(IPPROTO_TCP, pk(addr), 80) == Decision(False, 0), addr
         assert policy.in_group(group, ip_address(addr)), addr
     for addr in GROUP_NONMEMBERS[group]:
-        assert policy.decide(PROTO_TCP, pk(addr), 80) == Decision(True, -1), addr
+        assert policy.decide(IPPROTO_TCP, pk(addr), 80) == Decision(True, -1), addr
         assert not policy.in_group(group, ip_address(addr)), addr
 
 
 def test_host_group_follows_config() -> None:
     cfg = CFG.replace(map_host_loopback_v4=IPv4Address("10.0.2.9"), map_host_loopback_v6=None)
     policy = Policy([{"action": "deny", "to": "host"}], "allow", cfg)
-    assert not policy.decide(PROTO_TCP, pk("10.0.2.9"), 1).allow
-    assert policy.decide(PROTO_TCP, pk("10.0.2.2"), 1).allow
-    assert policy.decide(PROTO_TCP, pk("fd00::2"), 1).allow
+    assert not policy.decide(IPPROTO_TCP, pk("10.0.2.9"), 1).allow
+    assert policy.decide(IPPROTO_TCP, pk("10.0.2.2"), 1).allow
+    assert policy.decide(IPPROTO_TCP, pk("fd00::2"), 1).allow
     assert not Policy([{"action": "deny", "to": "loopback"}], "allow", cfg).decide(
-        PROTO_UDP, pk("10.0.2.9"), 1).allow
+        IPPROTO_UDP, pk("10.0.2.9"), 1).allow
 
 
 def test_v4_mapped_v6_is_judged_as_v4() -> None:
     policy = deny_to("169.254.169.254/32")
-    assert not policy.decide(PROTO_TCP, pk("::ffff:169.254.169.254"), 80).allow
-    assert policy.decide(PROTO_TCP, pk("::ffff:169.254.169.253"), 80).allow
+    assert not policy.decide(IPPROTO_TCP, pk("::ffff:169.254.169.254"), 80).allow
+    assert policy.decide(IPPROTO_TCP, pk("::ffff:169.254.169.253"), 80).allow
 
 
 def test_rules_in_v4_mapped_form_match_both_spellings() -> None:
     """Issue 18 item 3: a rule written as ::ffff:a.b.c.d is the IPv4 rule it embeds."""
     policy = deny_to("::ffff:169.254.169.254")
     for dst in ("169.254.169.254", "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe"):
-        assert policy.decide(PROTO_TCP, pk(dst), 80) == Decision(False, 0), dst
-    assert policy.decide(PROTO_TCP, pk("169.254.169.253"), 80).allow
+        assert policy.decide(IPPROTO_TCP, pk(dst), 80) == Decision(False, 0), dst
+    assert policy.decide(IPPROTO_TCP, pk("169.254.169.253"), 80).allow
     everything_v4 = deny_to("::ffff:0:0/96")
     for dst in ("8.8.8.8", "::ffff:8.8.8.8", "0.0.0.0", "255.255.255.255"):
-        assert not everything_v4.decide(PROTO_UDP, pk(dst), 53).allow, dst
-    assert everything_v4.decide(PROTO_UDP, pk("2001:db8::1"), 53).allow
-    assert not deny_to("::ffff:10.0.0.0/104").decide(PROTO_TCP, pk("10.9.8.7"), 1).allow
+        assert not everything_v4.decide(IPPROTO_UDP, pk(dst), 53).allow, dst
+    assert everything_v4.decide(IPPROTO_UDP, pk("2001:db8::1"), 53).allow
+    assert not deny_to("::ffff:10.0.0.0/104").decide(IPPROTO_TCP, pk("10.9.8.7"), 1).allow
     # A wider IPv6 rule stays an IPv6 rule: it does not take all of IPv4 with it.
     all_v6 = deny_to("::/0")
-    assert all_v6.decide(PROTO_TCP, pk("8.8.8.8"), 1).allow
-    assert all_v6.decide(PROTO_TCP, pk("::ffff:8.8.8.8"), 1).allow
-    assert not all_v6.decide(PROTO_TCP, pk("2001:db8::1"), 1).allow
+    assert all_v6.decide(IPPROTO_TCP, pk("8.8.8.8"), 1).allow
+    assert all_v6.decide(IPPROTO_TCP, pk("::ffff:8.8.8.8"), 1).allow
+    assert not all_v6.decide(IPPROTO_TCP, pk("2001:db8::1"), 1).allow
 
 
 def test_nat64_and_v4_compatible_match_rules_on_either_form() -> None:
     metadata = deny_to("169.254.169.254")
     for dst in ("64:ff9b::a9fe:a9fe", "::169.254.169.254"):
-        assert metadata.decide(PROTO_TCP, pk(dst), 80) == Decision(False, 0), dst
-    assert metadata.decide(PROTO_TCP, pk("64:ff9b::a9fe:a9fd"), 80).allow
-    assert metadata.decide(PROTO_TCP, pk("64:ff9b:1::a9fe:a9fe"), 80).allow  # not /96
-    assert not deny_to("64:ff9b::/96").decide(PROTO_TCP, pk("64:ff9b::a9fe:a9fe"), 80).allow
-    assert not deny_to("::/96").decide(PROTO_TCP, pk("::169.254.169.254"), 80).allow
+        assert metadata.decide(IPPROTO_TCP, pk(dst), 80) == Decision(False, 0), dst
+    assert metadata.decide(IPPROTO_TCP, pk("64:ff9b::a9fe:a9fd"), 80).allow
+    assert metadata.decide(IPPROTO_TCP, pk("64:ff9b:1::a9fe:a9fe"), 80).allow  # not /96
+    assert not deny_to("64:ff9b::/96").decide(IPPROTO_TCP, pk("64:ff9b::a9fe:a9fe"), 80).allow
+    assert not deny_to("::/96").decide(IPPROTO_TCP, pk("::169.254.169.254"), 80).allow
     # :: and ::1 are not IPv4-compatible addresses: an IPv4 rule does not take them.
     only_v4 = Policy([{"action": "allow", "to": "0.0.0.0/0"}], "deny", CFG)
     for dst in ("::", "::1", "::2"):
-        assert only_v4.decide(PROTO_TCP, pk(dst), 80) == Decision(False, -1), dst
-    assert only_v4.decide(PROTO_TCP, pk("::8.8.8.8"), 80).allow
+        assert only_v4.decide(IPPROTO_TCP, pk(dst), 80) == Decision(False, -1), dst
+    assert only_v4.decide(IPPROTO_TCP, pk("::8.8.8.8"), 80).allow
 
 
 # --- protocols and ports ---------------------------------------------------------------
 
 def test_protocols() -> None:
-    for proto, denied in [("tcp", {PROTO_TCP}), ("udp", {PROTO_UDP}),
-                          ("icmp", {PROTO_ICMP, PROTO_ICMPV6}),
-                          ("any", {PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6})]:
+    for proto, denied in [("tcp", {IPPROTO_TCP}), ("udp", {IPPROTO_UDP}),
+                          ("icmp", {IPPROTO_ICMP, IPPROTO_ICMPV6}),
+                          ("any", {IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6})]:
         policy = deny_to("0.0.0.0/0", "::/0", proto=proto)
-        for number in (PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6):
+        for number in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6):
             assert policy.decide(number, pk("1.2.3.4"), 7).allow == (number not in denied)
 
 
@@ -145,16 +142,16 @@ def test_ports_restrict_to_tcp_udp() -> None:
     policy = deny_to("10.0.0.0/8", ports="22,80-90")
     for port, allowed in [(21, True), (22, False), (23, True), (79, True), (80, False),
                           (90, False), (91, True)]:
-        assert policy.decide(PROTO_TCP, pk("10.1.2.3"), port).allow == allowed, port
-        assert policy.decide(PROTO_UDP, pk("10.1.2.3"), port).allow == allowed, port
-    assert policy.decide(PROTO_ICMP, pk("10.1.2.3"), 22).allow
+        assert policy.decide(IPPROTO_TCP, pk("10.1.2.3"), port).allow == allowed, port
+        assert policy.decide(IPPROTO_UDP, pk("10.1.2.3"), port).allow == allowed, port
+    assert policy.decide(IPPROTO_ICMP, pk("10.1.2.3"), 22).allow
 
 
 def test_rule_without_to_matches_everything() -> None:
     policy = Policy([{"action": "deny", "proto": "udp"}], "allow", CFG)
-    assert not policy.decide(PROTO_UDP, pk("::1"), 5).allow
-    assert policy.decide(PROTO_TCP, pk("::1"), 5).allow
-    assert Policy([], "deny").decide(PROTO_TCP, pk("8.8.8.8"), 1) == Decision(False, -1)
+    assert not policy.decide(IPPROTO_UDP, pk("::1"), 5).allow
+    assert policy.decide(IPPROTO_TCP, pk("::1"), 5).allow
+    assert Policy([], "deny").decide(IPPROTO_TCP, pk("8.8.8.8"), 1) == Decision(False, -1)
 
 
 # --- validation --------------------------------------------------------------------------
@@ -237,9 +234,9 @@ def test_toml_and_json_files(tmp_path) -> None:
     toml_file = tmp_path / "policy.toml"
     toml_file.write_text(TOML)
     policy = Policy.load(toml_file, CFG)
-    assert policy.decide(PROTO_TCP, pk("169.254.169.254"), 80) == Decision(False, 0)
-    assert policy.decide(PROTO_UDP, pk("169.254.169.254"), 80) == Decision(True, -1)
-    assert policy.decide(PROTO_UDP, pk("10.9.9.9"), 85) == Decision(False, 1)
+    assert policy.decide(IPPROTO_TCP, pk("169.254.169.254"), 80) == Decision(False, 0)
+    assert policy.decide(IPPROTO_UDP, pk("169.254.169.254"), 80) == Decision(True, -1)
+    assert policy.decide(IPPROTO_UDP, pk("10.9.9.9"), 85) == Decision(False, 1)
     json_file = tmp_path / "policy.json"
     json_file.write_text(json.dumps(policy.to_dict()))
     assert Policy.load(json_file, CFG) == policy
@@ -267,14 +264,14 @@ def test_sandbox_profile() -> None:
                  "100.64.1.1", "fd12::1", "0.0.0.0", "::", "::ffff:0.0.0.0",
                  "::ffff:127.0.0.1", "::127.0.0.1", "64:ff9b::7f00:1",
                  "64:ff9b::a9fe:a9fe", "::ffff:10.0.2.2", "64:ff9b::a00:202"):
-        for proto in (PROTO_TCP, PROTO_UDP):
+        for proto in (IPPROTO_TCP, IPPROTO_UDP):
             assert not policy.decide(proto, pk(addr), 80).allow, addr
     for addr in ("8.8.8.8", "2606:4700::1111"):
-        assert policy.decide(PROTO_TCP, pk(addr), 443) == Decision(True, -1)
+        assert policy.decide(IPPROTO_TCP, pk(addr), 443) == Decision(True, -1)
     # The relay's DNS addresses stay reachable on port 53 even if the relay consults it.
     for addr in ("10.0.2.3", "fd00::3"):
-        assert policy.decide(PROTO_UDP, pk(addr), 53).allow
-        assert policy.decide(PROTO_TCP, pk(addr), 53).allow
+        assert policy.decide(IPPROTO_UDP, pk(addr), 53).allow
+        assert policy.decide(IPPROTO_TCP, pk(addr), 53).allow
     assert Policy.from_dict(policy.to_dict(), CFG) == policy
 
 
@@ -368,7 +365,7 @@ def test_cidr_edges(net) -> None:
     policy = deny_to(str(net))
     for dst in edges(str(net)):
         inside = ip_address(dst) in net
-        assert policy.decide(PROTO_TCP, dst, 1).allow == (not inside)
+        assert policy.decide(IPPROTO_TCP, dst, 1).allow == (not inside)
 
 
 @settings(max_examples=100, deadline=None)
@@ -378,7 +375,7 @@ def test_port_range_edges(lo: int, hi: int) -> None:
     policy = deny_to(ports=f"{lo}-{hi}")
     for port in (lo - 1, lo, hi, hi + 1):
         if 0 <= port <= 65535:
-            assert policy.decide(PROTO_UDP, pk("1.2.3.4"), port).allow == (not lo <= port <= hi)
+            assert policy.decide(IPPROTO_UDP, pk("1.2.3.4"), port).allow == (not lo <= port <= hi)
 
 
 @settings(max_examples=200, deadline=None)
@@ -394,4 +391,4 @@ def test_arbitrary_input_raises_only_config_error(data) -> None:
 
 
 def test_decide_accepts_ipv4_and_ipv6_bytes() -> None:
-    assert isinstance(Policy.sandbox().decide(PROTO_ICMPV6, IPv6Address("::1").packed), Decision)
+    assert isinstance(Policy.sandbox().decide(IPPROTO_ICMPV6, IPv6Address("::1").packed), Decision)

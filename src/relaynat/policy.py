@@ -77,14 +77,14 @@ from typing import Any, NamedTuple
 
 from relaynat.addressing import DNS_PORT
 from relaynat.config import ConfigError, RelayConfig, unique_keys
+from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 
-PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6 = 1, 6, 17, 58
 #: Rule protocol names and the IP protocol numbers each one matches.
 PROTOS: dict[str, frozenset[int]] = {
-    "tcp": frozenset({PROTO_TCP}),
-    "udp": frozenset({PROTO_UDP}),
-    "icmp": frozenset({PROTO_ICMP, PROTO_ICMPV6}),
-    "any": frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6}),
+    "tcp": frozenset({IPPROTO_TCP}),
+    "udp": frozenset({IPPROTO_UDP}),
+    "icmp": frozenset({IPPROTO_ICMP, IPPROTO_ICMPV6}),
+    "any": frozenset({IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6}),
 }
 ACTIONS = ("allow", "deny")
 RULE_KEYS = frozenset({"action", "proto", "to", "ports", "comment"})
@@ -405,7 +405,7 @@ class Policy:
         if group not in GROUPS:
             raise ConfigError(f"policy: unknown group {group!r}")
         rule = self._compile(Rule("deny", "any", (group,)), self._groups())
-        return self._first_match((rule,), PROTO_TCP, addr.packed, 1) == 0
+        return self._first_match((rule,), IPPROTO_TCP, addr.packed, 1) == 0
 
     def _groups(self) -> dict[str, list[str]]:
         groups = {name: list(cidrs) for name, cidrs in _STATIC_GROUPS.items()}

@@ -64,7 +64,7 @@ from relaynat.tcp_flow import (
     set_up_host_socket,
     socket_facts,
 )
-from relaynat.wire import ACK, RST, SYN, seq_diff
+from relaynat.wire import ACK, IPPROTO_TCP, RST, SYN, seq_diff
 
 if TYPE_CHECKING:
     from relaynat.config import RelayConfig
@@ -231,7 +231,7 @@ class TcpRelay:
             self.stats["tcp_refused_unmapped"] += 1
             self._reply_rst(seg)
             return
-        if self.admit is not None and not self.admit(6, seg.dst, seg.dport):
+        if self.admit is not None and not self.admit(IPPROTO_TCP, seg.dst, seg.dport):
             self._reply_rst(seg)  # as a refused connection: the guest sees ECONNREFUSED
             return
         if len(self.flows) >= self._config.max_tcp_flows:
@@ -551,12 +551,14 @@ class TcpRelay:
         return [describe_tcp(flow) for flow in self.flows.values()]
 
     def cut(self, denied: Callable[[int, bytes, int], bool]) -> int:
-        """Reset (guest and host peer) every guest-opened flow that `denied(6, dst,
+        """Reset (guest and host peer) every guest-opened flow that `denied(IPPROTO_TCP, dst,
         dport)` now refuses; returns how many."""
         now = self._loop.time()
         cut = 0
         for flow in list(self.flows.values()):
-            if flow.inbound or flow.entry.closed or not denied(6, flow.key[1], flow.key[2]):
+            if flow.inbound or flow.entry.closed:
+                continue
+            if not denied(IPPROTO_TCP, flow.key[1], flow.key[2]):
                 continue
             flow.entry.on_cut(now)
             self._execute(flow)  # the RST to the guest, then CloseHost(abortive)

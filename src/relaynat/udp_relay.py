@@ -36,7 +36,7 @@ from relaynat.packet_builder import (
 from relaynat.ratelimit import TokenBucket
 from relaynat.sockfail import count_socket_failure
 from relaynat.udp_flow import UdpFlow, UdpFlowTable, size_udp_rcvbuf
-from relaynat.wire import IpPacket, UdpDatagram
+from relaynat.wire import IPPROTO_UDP, IpPacket, UdpDatagram
 
 log = guest_logger("relaynat.udp")
 
@@ -110,7 +110,7 @@ class UdpRelay:
         quote = bytes(ip.packet[:hlen + 8])
         flow = self.table.get(key)
         if flow is None:
-            if self.admit is not None and not self.admit(17, dgram.dst, dgram.dport):
+            if self.admit is not None and not self.admit(IPPROTO_UDP, dgram.dst, dgram.dport):
                 self.refuse(ip, ICMP_ADMIN_PROHIBITED)  # RFC 1812 §5.2.7.1
                 return
             assert host_ip is not None
