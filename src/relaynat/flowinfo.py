@@ -9,7 +9,7 @@ the forwarded port's client), `state`, `bytes_from_guest`, `bytes_to_guest`,
 `guest_window` and `rtt_us` (TCP only, else None).
 
 Reading a flow never changes it; the only system call is getsockopt(TCP_INFO) on TCP
-host sockets (about half a microsecond each, DESIGN.md).
+host sockets (about half a microsecond each).
 """
 
 from __future__ import annotations

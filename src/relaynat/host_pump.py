@@ -3,8 +3,8 @@ wakeup gathered into one sendmsg, and what the out-of-order queue made in order)
 data peeked for the guest, holes the guest's SACK blocks name peeked again, and
 acknowledged bytes dropped from the receive queue.
 
-The host socket's receive queue is the flow's only send buffer (DESIGN.md, passt's
-rule): bytes go to the guest by `MSG_PEEK` and leave the queue only when the guest
+The host socket's receive queue is the flow's only send buffer (passt's rule,
+nat_entry.py): bytes go to the guest by `MSG_PEEK` and leave the queue only when the guest
 acknowledges them (`MSG_TRUNC`). With SO_PEEK_OFF (TCP since Linux 6.10) each peek
 continues where the last one ended; without it a peek starts at the queue's head and
 skips what is in flight.

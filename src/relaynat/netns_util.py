@@ -66,7 +66,7 @@ def isolate_network() -> None:
     """Move this process into a fresh network namespace with only `lo`, brought up.
 
     Used so that a relay's host side, a test or a benchmark can reach nothing but
-    loopback and the namespaces it creates itself (see the network rule in DESIGN.md).
+    loopback and the namespaces it creates itself.
     """
     unshare(CLONE_NEWNET)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)

@@ -1,7 +1,7 @@
 """A bounded out-of-order queue for one flow's guest -> host data, and SACK blocks.
 
 The relay writes the guest's in-order data straight into the host socket and
-acknowledges only what the socket took (DESIGN.md, nat_entry.py). Data beyond a hole
+acknowledges only what the socket took (nat_entry.py). Data beyond a hole
 used to be dropped, so every segment that overtook another on the guest's wire (jitter,
 reordering, a loss) cost a retransmission of everything after the hole. `OooQueue`
 keeps such segments instead, as RFC 9293 §3.10.7.4 lets a receiver do ("segments with

@@ -6,7 +6,8 @@ of silently driving a flow into a state nobody designed.
 
 The states are the relay's view of its connection with the guest (RFC 9293 §3.3.2),
 with CONNECTING in front: the guest's SYN has arrived and the host-side connect() is
-in progress; the SYN-ACK is sent only once it succeeded (DESIGN.md). An inbound flow
+in progress; the SYN-ACK is sent only once it succeeded, so a refused connect is a
+RST to the guest (as passt and slirp answer it). An inbound flow
 (a host client on a forwarded port) starts in SYN_SENT instead: our SYN is out to the
 guest, and its SYN-ACK establishes the flow. Half-close is
 tracked by the usual FIN states: CLOSE_WAIT is "the guest finished sending", FIN_WAIT

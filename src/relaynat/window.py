@@ -7,7 +7,7 @@ one; otherwise neither side scales and windows are capped at 65535 bytes.
 The window we advertise to the guest (`advertised_window`)
 -----------------------------------------------------------
 We hold no payload buffer: guest data is written straight into the host socket and we
-ACK only what the socket accepted (DESIGN.md). The guest must therefore never be
+ACK only what the socket accepted (nat_entry.py). The guest must therefore never be
 allowed to send more than the host socket can queue right now, or every excess
 segment is thrown away and retransmitted. With `usable = SO_SNDBUF / 2` (the kernel
 doubles the requested size to cover skb bookkeeping, so half of what it reports is
