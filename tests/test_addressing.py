@@ -16,7 +16,7 @@ MAP = AddressMap(RelayConfig(inbound_source="client"), "192.0.2.53")
 MAP_GATEWAY = AddressMap(RelayConfig(), "192.0.2.53")
 MAP_NONE = AddressMap(RelayConfig(map_host_loopback_v4=None, map_host_loopback_v6=None),
                       "127.0.0.53")
-#: Destinations a host socket connected to would reach host loopback with (issue 18).
+#: Destinations a host socket connected to would reach host loopback with.
 HOST_LOCAL = ("0.0.0.0", "0.1.2.3", "127.0.0.1", "127.0.0.2", "127.255.255.255", "::", "::1",
               "::ffff:0.0.0.0", "::ffff:127.0.0.1", "::ffff:127.9.9.9", "::127.0.0.1",
               "::0.0.0.2", "64:ff9b::7f00:1", "64:ff9b::", "64:ff9b::1")
@@ -93,7 +93,7 @@ def test_inbound_source_is_one_the_guest_can_answer(addr: IPv4Address | IPv6Addr
 
 
 def test_host_local_destinations_are_never_relayed() -> None:
-    """Issue 18 items 1 and 2: with the mapping on or off, only the mapped address
+    """With the mapping on or off, only the mapped address
     stands for host loopback; the other spellings of it reach nothing."""
     for amap in (MAP, MAP_GATEWAY, MAP_NONE):
         for dst in HOST_LOCAL:

@@ -1,4 +1,4 @@
-"""The DNS-over-TCP responder serves the guest and no one else (issue 18 item 5).
+"""The DNS-over-TCP responder serves the guest and no one else.
 
 With static records the relay points the guest's DNS-over-TCP connections at a small
 server on the host's 127.0.0.1 (dns_tcp.py). Any local process can connect to that port;

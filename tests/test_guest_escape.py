@@ -1,4 +1,4 @@
-"""A root guest of `relaynat run` stays in its box (issue 18, item 4).
+"""A root guest of `relaynat run` stays in its box.
 
 The command runs as root of its own user namespace, which maps it to `nobody` outside,
 in its own PID, network and mount namespaces. Each test starts a real `relaynat run`

@@ -161,7 +161,7 @@ def _sending(nbytes: int) -> tuple[socket.socket, socket.socket]:
 
 
 def test_a_wakeup_takes_a_flows_share_and_the_relays_from_the_host() -> None:
-    """Issue 18, item 6: at a 48-byte MSS a peek of 1 MiB was 21,845 frames built in one
+    """At a 48-byte MSS a peek of 1 MiB was 21,845 frames built in one
     call, and sixteen of them in one wakeup. One pump now builds at most
     FLOW_SLICE_FRAMES frames and peeks at most FLOW_SLICE_BYTES (True: call again), and
     the flows of one relay together at most its share, until `new_wakeup`."""

@@ -1,21 +1,21 @@
 """Single hostile flows must not hold the event loop every guest and the control socket
-share (issue 18, the CPU items): a relay in its own process (`relaynat serve`), one
+share: a relay in its own process (`relaynat serve`), one
 raw-frame guest attacking it for a few seconds, and the relay's control-socket answers
 timed from a third process. The budget is the issue's: 100 ms at the 99th percentile.
 
 * A SYN with MSS 1 (the MSS floor) and a 1 GiB window, then a download: the relay cut
-  every peek into 1-byte frames (item 6).
+  every peek into 1-byte frames.
 * ACKs that move one byte and name three new one-byte SACK blocks each: the scoreboard
-  grew without bound and every ACK sorted and walked it (item 7).
+  grew without bound and every ACK sorted and walked it.
 * 3,000 idle flows and frames from ever new source MACs: each new MAC rebuilt every
-  flow's frame template (item 8).
+  flow's frame template.
 * Contiguous one-byte segments beyond a hole: each insert rebuilt the block's chunk
-  list (item 9).
+  list.
 
 The attack is bounded in time (a frozen relay stops reading: the writes give up at
 their deadline) and the probe's own timeout ends a frozen run; the pure halves of these
 fixes are tested in test_window.py, test_sack_scoreboard.py, test_ooo_queue.py and
-test_syn_backlog.py (item 12, the SYN backlog's memory).
+test_syn_backlog.py (the SYN backlog's memory).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def data_from(port: int) -> Callable[[Reply], bool]:
 
 @pytest.mark.parametrize("mss", [1, 48])
 def test_a_download_at_a_tiny_mss_leaves_the_loop_to_others(tmp_path: Path, mss: int) -> None:
-    """Item 6: an MSS of 1 is clamped to Linux's floor (tcp_min_snd_mss, 48), and even
+    """An MSS of 1 is clamped to Linux's floor (tcp_min_snd_mss, 48), and even
     at 48 a flow builds a bounded number of frames per wakeup."""
     peer = OneShotPeer(send=True, limit=512 * MIB)
     with hostile_relay(tmp_path) as relay, RawGuest(relay.socket) as guest:
@@ -121,7 +121,7 @@ def test_a_download_at_a_tiny_mss_leaves_the_loop_to_others(tmp_path: Path, mss:
 
 
 def test_sack_blocks_piling_up_cost_each_ack_little(tmp_path: Path) -> None:
-    """Item 7: every ACK moves the cumulative ACK by one byte and names three new
+    """Every ACK moves the cumulative ACK by one byte and names three new
     one-byte SACK blocks; the scoreboard stays bounded and each ACK's work is that of
     its own blocks."""
     acks = 8000
@@ -149,7 +149,7 @@ def test_sack_blocks_piling_up_cost_each_ack_little(tmp_path: Path) -> None:
 
 
 def test_a_flapping_source_mac_leaves_idle_flows_alone(tmp_path: Path) -> None:
-    """Item 8, first half: 3,000 established idle flows, then 4,000 frames each from a
+    """3,000 established idle flows, then 4,000 frames each from a
     new source MAC. Learning a MAC costs the same with one flow or thousands."""
     flows, flaps = 3000, 4000
     server = socket.create_server(("127.0.0.1", 0), backlog=4096)  # never accepts
@@ -167,7 +167,7 @@ def test_a_flapping_source_mac_leaves_idle_flows_alone(tmp_path: Path) -> None:
 
 
 def test_one_byte_segments_beyond_a_hole_cost_little_each(tmp_path: Path) -> None:
-    """Item 9: contiguous one-byte segments beyond a hole, as many as the window holds,
+    """Contiguous one-byte segments beyond a hole, as many as the window holds,
     held out of order; then the hole fills and the host peer gets every byte once."""
     count = 60_000
     peer = OneShotPeer(send=False)

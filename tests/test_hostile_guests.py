@@ -1,8 +1,8 @@
-"""Guests in one `Guests` process keep their share of the loop while one of them attacks
-(issue 18, item 10), and a guest flapping its source MAC under thousands of idle flows
-does not freeze its relay (item 8).
+"""Guests in one `Guests` process keep their share of the loop while one of them attacks,
+and a guest flapping its source MAC under thousands of idle flows does not freeze its
+relay.
 
-Item 10: a `Guests` process of its own (this module run as a script, `guests`) serves
+Sharing: a `Guests` process of its own (this module run as a script, `guests`) serves
 guest A on a qemu stream socket and guest B, a real Linux kernel in a network namespace
 on a TAP (`NamespaceGuest`), with a control socket on B's relay. A is a hostile raw-frame
 client in a process of its own (this module, `attack`): a download whose segments it
@@ -13,7 +13,7 @@ means compared, as tests/test_many_guests.py does, to cancel the machine's drift
 must keep half its solo rate, and the control socket, timed from a third process, must
 answer within 100 ms at the 99th percentile while A attacks.
 
-Item 8: one relay (`relaynat serve`, tests/hostile_kit.py) with 3,000 idle TCP flows of
+MAC flapping: one relay (`relaynat serve`, tests/hostile_kit.py) with 3,000 idle TCP flows of
 its guest, then thousands of 60-byte frames from ever-changing source MACs; the control
 socket's p99 stays under 100 ms.
 """
@@ -261,7 +261,7 @@ def test_a_second_guest_keeps_its_share_while_one_attacks(
 
 def test_a_flapping_source_mac_in_mebibyte_reads_leaves_the_loop_answering(
         tmp_path: Path) -> None:
-    """Item 8, both halves: 3,000 established idle flows, then 60-byte frames from ever
+    """3,000 established idle flows, then 60-byte frames from ever
     new source MACs written as fast as the guest can through an 8 MiB socket buffer,
     so that the relay reads them a mebibyte (17,000 frames) at a time. A new MAC once
     rebuilt every flow's template (3,000 per frame), and a read was delivered whole

@@ -1,5 +1,4 @@
-"""A hostile guest reaches host loopback by no spelling but the mapped address (issue 18
-items 1, 2 and 10).
+"""A hostile guest reaches host loopback by no spelling but the mapped address.
 
 Services listen on the host's 127.0.0.1 and ::1 (in the suite's private network
 namespace); a guest writes raw frames to every other way of naming them: 0.0.0.0 and
@@ -194,7 +193,7 @@ async def test_ping_reaches_host_loopback_only_through_the_mapped_address() -> N
 
 
 async def test_a_sandboxed_guest_does_not_reach_another_guests_forward() -> None:
-    """Issue 18 item 10: in one `Guests` process, sandboxed guest a must not reach the
+    """In one `Guests` process, sandboxed guest a must not reach the
     forward of guest b (listening on every host address) through 0.0.0.0 or ::."""
     async with Guests() as guests:
         a = guests.add("a", CONFIG, Policy.sandbox(CONFIG))

@@ -1,5 +1,4 @@
-"""A hostile guest link, and a mistaken control request, against the relay's one loop
-(issue 18, items 8, 11 and 13).
+"""A hostile guest link, and a mistaken control request, against the relay's one loop.
 
 - The qemu stream transport hands a guest's frames over in slices (transport.
   WAKEUP_SLICE_S, checked per frame): a read of a mebibyte of small frames is not
@@ -190,7 +189,7 @@ def test_a_flood_of_small_frames_leaves_the_control_socket_answering(tmp_path: P
     assert not result.timed_out and result.p99 < P99_BUDGET_S, result.summary()
 
 
-# -- stream clients that go at once (item 11) ---------------------------------------------
+# -- stream clients that go at once -------------------------------------------------------
 
 
 def _arp_and_dhcp_answered(path: str) -> None:
@@ -247,7 +246,7 @@ def test_serve_fd_of_a_guest_already_gone_exits_cleanly() -> None:
     assert "guest transport lost" in err, err
 
 
-# -- import_flows of what is not a document (item 13) --------------------------------------
+# -- import_flows of what is not a document -----------------------------------------------
 
 
 def _hwm_kib(pid: int) -> int:

@@ -563,7 +563,7 @@ def test_data_retransmission_limit() -> None:
 @pytest.mark.parametrize("mss", [1, 12, 13, 47])
 @pytest.mark.parametrize("timestamps", [False, True])
 def test_a_tiny_mss_is_raised_to_the_floor(mss: int, timestamps: bool) -> None:
-    """Issue 18, item 6: an MSS below Linux's tcp_min_snd_mss (48) is raised to it before
+    """An MSS below Linux's tcp_min_snd_mss (48) is raised to it before
     the timestamp option comes off, so every data segment carries 48 (36) bytes. Before,
     an MSS of 12 with timestamps left segments of 0 bytes (a ValueError, the flow reset as
     an internal error), one below it a negative size (the flow never sent)."""

@@ -396,7 +396,7 @@ def test_queue_alone_holds_exact_bytes_within_budget(rcv_nxt: int,
 
 @pytest.mark.parametrize("descending", [False, True])
 def test_one_byte_segments_beyond_a_hole_cost_the_same_at_the_end(descending: bool) -> None:
-    """Issue 18, item 9: 120,000 contiguous one-byte segments beyond a hole, in order or
+    """120,000 contiguous one-byte segments beyond a hole, in order or
     backwards. The last ones cost what the first did (before, each insert rebuilt its
     block's list of chunks: 25 s in the relay), the block holds a chunk per KiB, and
     when the hole fills the host gets every byte once, the budget all given back."""

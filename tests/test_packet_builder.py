@@ -225,7 +225,7 @@ def test_template_without_offload_ignores_vnet_flag() -> None:
 
 @pytest.mark.parametrize("vlen", [0, 12])
 def test_templates_follow_the_guest_mac_without_a_rebuild(vlen: int) -> None:
-    """Issue 18, item 8: a new source MAC from the guest is one assignment (GuestMac), not
+    """A new source MAC from the guest is one assignment (GuestMac), not
     a rebuild of every flow's template; each template's next frame goes to it, and
     its copies for another link or option set follow the same GuestMac."""
     guest = GuestMac()

@@ -95,7 +95,7 @@ def test_v4_mapped_v6_is_judged_as_v4() -> None:
 
 
 def test_rules_in_v4_mapped_form_match_both_spellings() -> None:
-    """Issue 18 item 3: a rule written as ::ffff:a.b.c.d is the IPv4 rule it embeds."""
+    """A rule written as ::ffff:a.b.c.d is the IPv4 rule it embeds."""
     policy = deny_to("::ffff:169.254.169.254")
     for dst in ("169.254.169.254", "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe"):
         assert policy.decide(IPPROTO_TCP, pk(dst), 80) == Decision(False, 0), dst

@@ -1,5 +1,5 @@
 """The sender's SACK scoreboard (sack_scoreboard.py), against a model that keeps the
-guest's held bytes as a plain set of offsets; its bounds (issue 18, item 7): at most
+guest's held bytes as a plain set of offsets; its bounds: at most
 MAX_BLOCKS blocks, the lowest forgotten first, resends a call bounded, and an ACK's work
 that of its own blocks."""
 
@@ -167,7 +167,7 @@ def test_holes_come_in_bounded_rounds_that_add_up_to_all_of_them(
 
 
 def test_acks_that_each_name_new_one_byte_blocks_cost_their_own_blocks() -> None:
-    """Issue 18, item 7: each ACK moves the cumulative ACK one byte and names three new
+    """Each ACK moves the cumulative ACK one byte and names three new
     one-byte blocks with one-byte holes between. The board stays at MAX_BLOCKS and the
     ACKs cost the same at the end as at the start (before: the board grew by three an
     ACK and every ACK sorted and walked it, ~6,700 ACKs took 33 s in the relay)."""

@@ -88,7 +88,7 @@ def test_wait_s_is_when_the_oldest_waiting_syn_may_open(
 
 
 def test_waiting_syns_keep_their_options_and_not_their_payload() -> None:
-    """Issue 18, item 12: a full backlog of SYNs carrying 64 KiB each holds kilobytes,
+    """A full backlog of SYNs carrying 64 KiB each holds kilobytes,
     not 64 MiB, and a waiting SYN still opens its flow with the options it offered."""
     backlog = SynBacklog(Counter(), rate=1, burst=1)
     assert backlog.may_open(0.0)
