@@ -49,8 +49,8 @@ GROUP_MEMBERS = {
     "link-local": ["169.254.0.1", "169.254.169.254", "fe80::1", "febf::1"],
     "metadata": ["169.254.169.254", "fd00:ec2::254"],
     "multicast": ["224.0.0.1", "239.255.255.255", "ff02::1", "ff0e::1"],
-    "public": ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "2a00::1", "172.32.0.0",
-               "100.128.0.0", "::ffff:8.8.8.8", "64:ff9b::808:808", "::8.8.8.8"],
+    "public": ["93.184.216.34", "93.184.216.35", "2a00::8888", "2a00::1", "172.32.0.0",
+               "100.128.0.0", "::ffff:93.184.216.34", "64:ff9b::5db8:d822", "::93.184.216.34"],
 }
 GROUP_NONMEMBERS = {
     "loopback": ["128.0.0.1", "::2", "10.0.2.3", "1.0.0.0", "::1.0.0.0", "64:ff9b::1:0:1"],
@@ -101,14 +101,14 @@ def test_rules_in_v4_mapped_form_match_both_spellings() -> None:
         assert policy.decide(IPPROTO_TCP, pk(dst), 80) == Decision(False, 0), dst
     assert policy.decide(IPPROTO_TCP, pk("169.254.169.253"), 80).allow
     everything_v4 = deny_to("::ffff:0:0/96")
-    for dst in ("8.8.8.8", "::ffff:8.8.8.8", "0.0.0.0", "255.255.255.255"):
+    for dst in ("93.184.216.34", "::ffff:93.184.216.34", "0.0.0.0", "255.255.255.255"):
         assert not everything_v4.decide(IPPROTO_UDP, pk(dst), 53).allow, dst
     assert everything_v4.decide(IPPROTO_UDP, pk("2001:db8::1"), 53).allow
     assert not deny_to("::ffff:10.0.0.0/104").decide(IPPROTO_TCP, pk("10.9.8.7"), 1).allow
     # A wider IPv6 rule stays an IPv6 rule: it does not take all of IPv4 with it.
     all_v6 = deny_to("::/0")
-    assert all_v6.decide(IPPROTO_TCP, pk("8.8.8.8"), 1).allow
-    assert all_v6.decide(IPPROTO_TCP, pk("::ffff:8.8.8.8"), 1).allow
+    assert all_v6.decide(IPPROTO_TCP, pk("93.184.216.34"), 1).allow
+    assert all_v6.decide(IPPROTO_TCP, pk("::ffff:93.184.216.34"), 1).allow
     assert not all_v6.decide(IPPROTO_TCP, pk("2001:db8::1"), 1).allow
 
 
@@ -124,7 +124,7 @@ def test_nat64_and_v4_compatible_match_rules_on_either_form() -> None:
     only_v4 = Policy([{"action": "allow", "to": "0.0.0.0/0"}], "deny", CFG)
     for dst in ("::", "::1", "::2"):
         assert only_v4.decide(IPPROTO_TCP, pk(dst), 80) == Decision(False, -1), dst
-    assert only_v4.decide(IPPROTO_TCP, pk("::8.8.8.8"), 80).allow
+    assert only_v4.decide(IPPROTO_TCP, pk("::93.184.216.34"), 80).allow
 
 
 # --- protocols and ports ---------------------------------------------------------------
@@ -151,7 +151,7 @@ def test_rule_without_to_matches_everything() -> None:
     policy = Policy([{"action": "deny", "proto": "udp"}], "allow", CFG)
     assert not policy.decide(IPPROTO_UDP, pk("::1"), 5).allow
     assert policy.decide(IPPROTO_TCP, pk("::1"), 5).allow
-    assert Policy([], "deny").decide(IPPROTO_TCP, pk("8.8.8.8"), 1) == Decision(False, -1)
+    assert Policy([], "deny").decide(IPPROTO_TCP, pk("93.184.216.34"), 1) == Decision(False, -1)
 
 
 # --- validation --------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def test_sandbox_profile() -> None:
                  "64:ff9b::a9fe:a9fe", "::ffff:10.0.2.2", "64:ff9b::a00:202"):
         for proto in (IPPROTO_TCP, IPPROTO_UDP):
             assert not policy.decide(proto, pk(addr), 80).allow, addr
-    for addr in ("8.8.8.8", "2606:4700::1111"):
+    for addr in ("93.184.216.34", "2a00::1111"):
         assert policy.decide(IPPROTO_TCP, pk(addr), 443) == Decision(True, -1)
     # The relay's DNS addresses stay reachable on port 53 even if the relay consults it.
     for addr in ("10.0.2.3", "fd00::3"):
@@ -348,7 +348,7 @@ def test_first_match_matches_reference(rules, default, proto, port, data) -> Non
         {"ports": ",".join(f"{a}-{b}" for a, b in r["ports"])} if r["ports"] else {})
         for r in rules], default, CFG)
     candidates = [e for r in rules for t in r["to"] for e in edges(t)]
-    candidates += [pk("8.8.8.8"), pk("2001:db8::1"), pk("::"), pk("::1")]
+    candidates += [pk("93.184.216.34"), pk("2001:db8::1"), pk("::"), pk("::1")]
     # Each IPv4 candidate in the IPv6 spellings that embed it, too.
     candidates += [prefix.network_address.packed[:12] + e for e in candidates if len(e) == 4
                    for prefix in (MAPPED, NAT64, COMPATIBLE)]
