@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from faultkit import wait_until
 from relaynat_cli import guest_python, parse_stats
 
 from relaynat.config import RelayConfig
@@ -303,14 +304,6 @@ def _ctl(sock: Path, *args: str) -> subprocess.CompletedProcess[str]:
                            *args], capture_output=True, text=True, timeout=30)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[str], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not path.exists():
-        assert proc.poll() is None, f"relay or guest ended before {what}"
-        assert time.monotonic() < deadline, f"no {what}"
-        time.sleep(0.05)
-
-
 def _http_get(port: int, name: str) -> tuple[socket.socket, int]:
     """A GET of /name on 127.0.0.1:port; returns the socket (headers unread) and the
     local port (how the flow listing names this client)."""
@@ -361,8 +354,8 @@ def test_ctl_adds_and_removes_a_forward_while_a_transfer_runs(tmp_path: Path,
         match = re.search(r"port (\d+) to guest port 8080", line)
         assert match, line
         first_port = int(match.group(1))
-        _wait_for(ready, proc, "guest server")
-        _wait_for(ctl_sock, proc, "control socket")
+        wait_until(ready.exists, 30, "guest server", proc)
+        wait_until(ctl_sock.exists, 30, "control socket", proc)
 
         paced = threading.Event()
         sock, client_port = _http_get(first_port, "blob")
@@ -465,7 +458,7 @@ def test_policy_set_sandbox_cut_ends_a_loopback_connection(tmp_path: Path,
                              str(script), "10.0.2.2", str(port), str(ready)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(ready, proc, "guest connection")
+        wait_until(ready.exists, 30, "guest connection", proc)
         flows = _ctl(ctl_sock, "flows").stdout
         assert re.search(rf"tcp\s+outbound\s+10\.0\.2\.15:\d+\s+10\.0\.2\.2:{port}\s+"
                          rf"127\.0\.0\.1:{port}\s+established", flows), flows

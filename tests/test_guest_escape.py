@@ -21,11 +21,11 @@ import site
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from faultkit import wait_until
 from relaynat_cli import guest_python
 from sysctl import ALL_GROUPS, ping_group_range
 
@@ -115,14 +115,6 @@ def _kill_all(proc: subprocess.Popen[str]) -> None:
         proc.communicate()
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[str], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not path.exists():
-        assert proc.poll() is None, f"relaynat ended before {what}"
-        assert time.monotonic() < deadline, f"no {what}"
-        time.sleep(0.05)
-
-
 def test_root_guest_reaches_neither_relay_nor_host_secrets(
         start_peer, guest_dir: Path, root_dir: Path) -> None:
     allowed, denied = start_peer("echo"), start_peer("echo")
@@ -153,10 +145,10 @@ def test_root_guest_reaches_neither_relay_nor_host_secrets(
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, start_new_session=True)
         try:
-            _wait_for(ctl_sock, proc, "control socket")
+            wait_until(ctl_sock.exists, 30, "control socket", proc)
             (guest_dir / "relay.pid").write_text(str(proc.pid))
             before = _policy_shown(ctl_sock)
-            _wait_for(guest_dir / "attempts-done", proc, "the guest's attempts")
+            wait_until((guest_dir / "attempts-done").exists, 30, "the guest's attempts", proc)
             after = _policy_shown(ctl_sock)
             (guest_dir / "policy-checked").touch()
             out, err = proc.communicate(timeout=120)
@@ -190,7 +182,7 @@ def test_sigterm_to_relaynat_ends_the_command_with_its_status(
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     try:
-        _wait_for(ready, proc, "the command")
+        wait_until(ready.exists, 30, "the command", proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -248,7 +240,7 @@ def test_unprivileged_callers_guest_cannot_uncover_the_control_socket(
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env, start_new_session=True)
     try:
-        _wait_for(ctl_sock, proc, "control socket")
+        wait_until(ctl_sock.exists, 30, "control socket", proc)
         relay_pid.write_text(str(proc.pid))
         out, err = proc.communicate(timeout=60)
     finally:

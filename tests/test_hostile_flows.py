@@ -30,7 +30,7 @@ from typing import TypeVar
 
 import pytest
 from faultkit import MIB, OneShotPeer, cpu_seconds
-from hostile_kit import ControlProbe, ProbeResult, RawGuest, hostile_relay
+from hostile_kit import ControlProbe, HostileRelay, ProbeResult, RawGuest, hostile_relay
 from lossy_harness import wait_for
 
 from relaynat.packet_builder import tcp_options_sack, tcp_options_syn
@@ -91,6 +91,15 @@ def attacked(control: str, attack: Callable[[], T]) -> tuple[ProbeResult, T]:
     return probe.result(), out
 
 
+def paced_attack(relay: HostileRelay, guest: RawGuest, frames: list[bytes]
+                 ) -> tuple[ProbeResult, int, float]:
+    """`frames` written over ATTACK_S while the control socket is timed: the probe's
+    result, the frames written, and the relay's CPU seconds meanwhile."""
+    cpu0 = cpu_seconds(relay.pid)
+    result, written = attacked(relay.control, lambda: send_paced(guest, frames, ATTACK_S))
+    return result, written, cpu_seconds(relay.pid) - cpu0
+
+
 def data_from(port: int) -> Callable[[Reply], bool]:
     return lambda r: r.tcp is not None and r.tcp.sport == port and len(r.tcp.payload) > 0
 
@@ -140,9 +149,7 @@ def test_sack_blocks_piling_up_cost_each_ack_little(tmp_path: Path) -> None:
                              options=tcp_options_sack(blocks))
 
         frames = [ack(i) for i in range(acks)]
-        cpu0 = cpu_seconds(relay.pid)
-        result, written = attacked(relay.control, lambda: send_paced(guest, frames, ATTACK_S))
-        cpu = cpu_seconds(relay.pid) - cpu0
+        result, written, cpu = paced_attack(relay, guest, frames)
     print(f"SACK: {written} ACKs, {result.summary()}, relay CPU {cpu:.1f} s")
     assert not result.timed_out and result.p99 < P99_BUDGET_S, result.summary()
     assert written == acks, "the relay kept up with the ACKs"
@@ -158,9 +165,7 @@ def test_a_flapping_source_mac_leaves_idle_flows_alone(tmp_path: Path) -> None:
             RawGuest(relay.socket) as guest:
         assert guest.open_idle_flows(port, flows) == flows
         frames = guest.flapping_mac_frames(flaps)
-        cpu0 = cpu_seconds(relay.pid)
-        result, written = attacked(relay.control, lambda: send_paced(guest, frames, ATTACK_S))
-        cpu = cpu_seconds(relay.pid) - cpu0
+        result, written, cpu = paced_attack(relay, guest, frames)
     print(f"MAC flap: {written} frames, {result.summary()}, relay CPU {cpu:.1f} s")
     assert not result.timed_out and result.p99 < P99_BUDGET_S, result.summary()
     assert written == flaps, "the relay kept up with the frames"
@@ -177,9 +182,7 @@ def test_one_byte_segments_beyond_a_hole_cost_little_each(tmp_path: Path) -> Non
         guest.keep = lambda r: False  # a duplicate ACK a segment: not kept in the test
         frames = [guest.tcp(sport, peer.port, (1002 + i) & M32, una, ACK, payload=b"x")
                   for i in range(count)]
-        cpu0 = cpu_seconds(relay.pid)
-        result, written = attacked(relay.control, lambda: send_paced(guest, frames, ATTACK_S))
-        cpu = cpu_seconds(relay.pid) - cpu0
+        result, written, cpu = paced_attack(relay, guest, frames)
         guest.send(guest.tcp(sport, peer.port, 1001, una, ACK, payload=b"x"))  # the hole
         guest.send(guest.tcp(sport, peer.port, 1002 + count, una, ACK | FIN))
         outcome = peer.result(10)
