@@ -101,7 +101,16 @@ def _run_in_process(config: RelayConfig, script: str) -> tuple[int, dict[str, in
 @pytest.mark.integration
 def test_flow_table_limit_drops_and_counts_and_keeps_existing_flows(
         udp_echo: int, capfd: pytest.CaptureFixture[str]) -> None:
-    script = ("import socket\n"
+    # The first datagram waits in the guest kernel's ARP queue until the gateway's MAC
+    # is known, and the queue's flush can race a later send past it (seen once in CI:
+    # the second socket's datagram came third and was the one refused). So the later
+    # sockets send once the neighbour entry is complete (ATF_COM, 0x2 in /proc/net/arp).
+    script = ("import socket, time\n"
+              "def arp_complete():\n"
+              "    for line in open('/proc/net/arp').read().splitlines()[1:]:\n"
+              f"        if line.split()[0] == '{GATEWAY}' and int(line.split()[2], 16) & 2:\n"
+              "            return True\n"
+              "    return False\n"
               "socks = []\n"
               "for i in range(3):\n"
               "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
@@ -109,6 +118,9 @@ def test_flow_table_limit_drops_and_counts_and_keeps_existing_flows(
               "    s.settimeout(1)\n"
               "    s.send(b'hello %d' % i)\n"
               "    socks.append(s)\n"
+              "    deadline = time.monotonic() + 10\n"
+              "    while i == 0 and not arp_complete() and time.monotonic() < deadline:\n"
+              "        time.sleep(0.001)\n"
               "for s in socks + socks[:2]:\n"
               "    try:\n"
               "        print(s.recv(100).decode())\n"
