@@ -41,7 +41,7 @@ from lossy_harness import (  # noqa: E402
     transfer_both_ways,
 )
 
-from relaynat.netns_util import isolate_network  # noqa: E402
+from relaynat.netns.syscalls import isolate_network  # noqa: E402
 
 _RECOVERY_COUNTERS = ("tcp_retransmits=", "tcp_rto_expiries=", "tcp_sack_resends=",
                       "tcp_loss_probes=", "tcp_rcvbuf_grown=", "drop_tcp_checksum=",

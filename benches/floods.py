@@ -36,8 +36,8 @@ from faultkit import MIB, HoldingPeer, LiveRun, fd_count, rss_kib  # noqa: E402
 from guest_flood import flood_script  # noqa: E402
 from lossy_harness import http_peer  # noqa: E402
 
-from relaynat.namespace import command_ids, python_for_command  # noqa: E402
-from relaynat.netns_util import isolate_network  # noqa: E402
+from relaynat.netns.guest import command_ids, python_for_command  # noqa: E402
+from relaynat.netns.syscalls import isolate_network  # noqa: E402
 
 DEFAULT_MAX_TCP = 16384
 
@@ -91,7 +91,7 @@ def main() -> int:
     counts = (args.syns, args.udp, args.arp, args.dhcp)
     with tempfile.TemporaryDirectory(prefix="relaynat-floods-") as tmp:
         work = Path(tmp)
-        # The guest writes its results here as its unprivileged id outside (namespace.py).
+        # The guest writes its results here as its unprivileged id outside (netns/guest.py).
         os.chown(work, *command_ids())
         (work / "www").mkdir()
         digest = hashlib.sha256()

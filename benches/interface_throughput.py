@@ -15,7 +15,7 @@ repeat; the script prints the median (min-max) in Gbit/s per variant and directi
 the slowest 0.1 s interval of any of its runs (bursts and stalls).
 
 Network rule: the script first moves into a private network namespace
-(`relaynat.netns_util.isolate_network`), so nothing reaches beyond this machine.
+(`relaynat.netns.syscalls.isolate_network`), so nothing reaches beyond this machine.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from relaynat.netns_util import isolate_network
+from relaynat.netns.syscalls import isolate_network
 
 NS, NEAR, PORT = "rnbench", "rnbench0", 5301
 VARIANTS = {"vnet": [], "plain": ["--no-vnet-hdr"]}

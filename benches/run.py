@@ -28,7 +28,7 @@ its limits) is a "failed: reason" cell; the run goes on. A stall, a one-second i
 under --stall-gbps (or with zero connections for CRR), is counted per cell and listed.
 
 Network rule: before anything else the script moves itself into a private network
-namespace (relaynat.netns_util.isolate_network); all servers listen there, guests are
+namespace (relaynat.netns.syscalls.isolate_network); all servers listen there, guests are
 namespaces it creates, and all children are killed by process group in finally blocks.
 """
 
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if str(REPO_SRC) not in sys.path:
         sys.path.insert(0, str(REPO_SRC))
-    from relaynat.netns_util import isolate_network
+    from relaynat.netns.syscalls import isolate_network
 
     isolate_network()  # before any thread or child: nothing below can reach the real network
     # Every relay and tool inherits the same descriptor limit; 10,000 flows need it.

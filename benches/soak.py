@@ -143,9 +143,9 @@ def host(minutes: float) -> int:
     from faultkit import LiveRun, fd_count, rss_kib
     from lossy_harness import host_peer, http_peer, stop_proc, wait_for
 
-    from relaynat.ctl import call
-    from relaynat.namespace import command_ids, python_for_command
-    from relaynat.netns_util import isolate_network
+    from relaynat.control.client import call
+    from relaynat.netns.guest import command_ids, python_for_command
+    from relaynat.netns.syscalls import isolate_network
 
     isolate_network()  # before any thread or child: nothing below leaves the machine
     with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
@@ -161,7 +161,7 @@ def host(minutes: float) -> int:
                                 "127.0.0.53", "--record", f"{DNS_NAME}={DNS_ADDR}",
                                 "--ready-file", str(ready)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-        # The guest writes its round marker as its unprivileged id outside (namespace.py),
+        # The guest writes its round marker as its unprivileged id outside (netns/guest.py),
         # in a directory of its own: not beside the control socket, which it could unlink.
         work.chmod(0o711)  # searchable, so that the guest reaches its own directory
         (work / "guest").mkdir()

@@ -30,7 +30,7 @@ with atheris.instrument_imports(include=["relaynat"]):
     from relaynat.config import RelayConfig
     from relaynat.testing.guest import InMemoryGuest
 
-from relaynat.netns_util import isolate_network
+from relaynat.netns.syscalls import isolate_network
 
 #: Run the event loop (host sockets, timers) and drain the guest link every this many inputs.
 LOOP_EVERY = 64

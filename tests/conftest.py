@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from relaynat.netns_util import isolate_network
+from relaynat.netns.syscalls import isolate_network
 
 TESTS = Path(__file__).parent
 #: Size of the `big_file` fixture: large enough that a transfer spans many windows.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from relaynat.namespace import command_ids
+from relaynat.netns.guest import command_ids
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ userspace, by this shim sitting on the wire::
     guest netns (real kernel, tap0)  <-TAP fd->  netshim  <-unix stream->  relaynat serve
 
 It is a real client of qemu's stream wire format (each frame: a 4-byte big-endian
-length, then the Ethernet frame), implemented here independently of relaynat.stream,
+length, then the Ethernet frame), implemented here independently of relaynat.transports.stream,
 with a real kernel behind it; with `--unixgram` it speaks the datagram wire instead, as
 vfkit does (its own socket bound at the path `--unixgram` names, connected to the
 relay's, `VFKT` sent first, then one frame per datagram), independently of
-relaynat.unixgram; adding `--qemu-dgram`, as qemu's `-netdev dgram` does (bound,
+relaynat.transports.unixgram; adding `--qemu-dgram`, as qemu's `-netdev dgram` does (bound,
 not connected: every frame sent to the relay's path, no handshake). Nothing is
 mocked: the guest's TCP, ARP and DHCP client, the relay process and the host-side
 servers are all real; only the wire misbehaves.
@@ -471,7 +471,7 @@ class Shim:
 
 
 def _open_tap(name: str) -> int:
-    from relaynat.tap import open_tap
+    from relaynat.transports.tap import open_tap
 
     fd, vnet_hdr_len, _ = open_tap(name, want_vnet_hdr=False)
     assert vnet_hdr_len == 0

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 
-from relaynat.namespace import python_for_command
+from relaynat.netns.guest import python_for_command
 
 
 def relaynat_run(*command: str, options: tuple[str, ...] = (), timeout: float = 120,

@@ -1,4 +1,5 @@
-"""The control socket (control.py) and `relaynat ctl` (ctl.py), against real sockets.
+"""The control socket (control/server.py) and `relaynat ctl` (control/client.py), against
+real sockets.
 
 The first tests run a Relay and a ControlServer in the test's own event loop and speak
 the protocol over the real unix socket, as a hostile or clumsy client would. The
@@ -30,7 +31,7 @@ from faultkit import wait_until
 from relaynat_cli import guest_python, parse_stats
 
 from relaynat.config import RelayConfig
-from relaynat.control import ControlServer
+from relaynat.control.server import ControlServer
 from relaynat.relay import Relay
 
 TESTS = Path(__file__).parent
@@ -521,7 +522,7 @@ except OSError as exc:
 @pytest.mark.integration
 async def test_relay_flows_lists_a_udp_flow_and_cut_closes_it(guest_dir: Path,
                                                               udp_echo: int) -> None:
-    from relaynat.namespace import run_command
+    from relaynat.netns.guest import run_command
     from relaynat.policy import Policy
 
     ready, cut_file = guest_dir / "ready", guest_dir / "cut"
@@ -559,8 +560,8 @@ async def test_relay_flows_lists_a_udp_flow_and_cut_closes_it(guest_dir: Path,
 def test_an_echo_session_is_described_like_the_other_flows() -> None:
     from ipaddress import ip_address as ip
 
-    from relaynat.flowinfo import describe_echo
-    from relaynat.icmp_echo import EchoSession
+    from relaynat.host.flowinfo import describe_echo
+    from relaynat.host.icmp_relay import EchoSession
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         session = EchoSession((7, ip("10.0.2.2").packed, ip("10.0.2.15").packed), sock,

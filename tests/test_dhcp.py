@@ -1,4 +1,4 @@
-"""Tests for relaynat.dhcp: replies checked field by field with dpkt as the oracle,
+"""Tests for relaynat.link.dhcp: replies checked field by field with dpkt as the oracle,
 and hypothesis fuzzing of arbitrary and mutated messages."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relaynat.config import RelayConfig
-from relaynat.dhcp import DhcpReply, DhcpServer
+from relaynat.link.dhcp import DhcpReply, DhcpServer
 
 CFG = RelayConfig()
 MAC = bytes.fromhex("525400123456")

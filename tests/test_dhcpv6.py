@@ -1,4 +1,4 @@
-"""Tests for relaynat.dhcpv6: client messages are built by scapy (the real peer's
+"""Tests for relaynat.link.dhcpv6: client messages are built by scapy (the real peer's
 encoding) and every reply is parsed back by scapy as an independent oracle; hypothesis
 fuzzes arbitrary and mutated messages."""
 
@@ -40,7 +40,7 @@ from scapy.layers.inet import UDP
 from scapy.packet import NoPayload, Packet, Raw
 
 from relaynat.config import RelayConfig
-from relaynat.dhcpv6 import MAX_IAS, Dhcpv6Server
+from relaynat.link.dhcpv6 import MAX_IAS, Dhcpv6Server
 
 CFG = RelayConfig()
 GW_MAC = "52:55:0a:00:02:02"

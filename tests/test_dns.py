@@ -2,7 +2,7 @@
 starts, tests/dns_peer.py, on 127.0.0.53:53 of the test's private network namespace),
 static records answered by the relay, and a namespace guest that resolves through
 the relay out of the box (its /etc/resolv.conf is bind-mounted to name 10.0.2.3).
-The pure parts of dns.py are checked against dpkt.dns with hypothesis.
+The pure parts of link/dns.py are checked against dpkt.dns with hypothesis.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from relaynat_cli import parse_stats, relaynat_run
 
-from relaynat.dns import answer_static, static_table, upstream_from_resolv_conf
+from relaynat.link.dns import answer_static, static_table, upstream_from_resolv_conf
 
 TESTS = Path(__file__).parent
 UPSTREAM = "127.0.0.53"
@@ -232,7 +232,7 @@ def test_resolv_conf_first_nameserver_of_either_family(tmp_path: Path) -> None:
     assert upstream_from_resolv_conf("search x\n") is None
     path = tmp_path / "resolv.conf"
     path.write_text(text)
-    from relaynat.dns import host_upstream
+    from relaynat.link.dns import host_upstream
 
     assert host_upstream(str(path)) == IPv4Address("127.0.0.53")
     assert host_upstream(str(tmp_path / "missing")) is None
@@ -243,7 +243,7 @@ def test_forwarded_query_flows_expire_fast(resolver: Path) -> None:
     import asyncio
 
     from relaynat.config import RelayConfig
-    from relaynat.namespace import run_command
+    from relaynat.netns.guest import run_command
 
     holder: list = []
     config = RelayConfig(dns_upstream=IPv4Address(UPSTREAM), dns_udp_timeout_s=0.5)

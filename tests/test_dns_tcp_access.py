@@ -1,7 +1,7 @@
 """The DNS-over-TCP responder serves the guest and no one else.
 
 With static records the relay points the guest's DNS-over-TCP connections at a small
-server on the host's 127.0.0.1 (dns_tcp.py). Any local process can connect to that port;
+server on the host's 127.0.0.1 (host/dns_tcp.py). Any local process can connect to that port;
 it must get no answer, whatever its uid (another user's, nobody's, even root's: only
 connections the relay itself made for its guest are served), while `dig +tcp` in a
 namespace guest behind `relaynat run` still gets its answer before and after.

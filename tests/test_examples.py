@@ -42,7 +42,7 @@ from test_stream_transport import discover
 from test_unixgram import offer_for, unixgram_client
 from vmguest import VmResult, guest_boot_args
 
-from relaynat.tap import open_tap
+from relaynat.transports.tap import open_tap
 
 pytestmark = pytest.mark.integration
 pytest_plugins = ["guest_fs"]

@@ -19,7 +19,7 @@ from relaynat.flow_state import (
     make_document,
     parse_document,
 )
-from relaynat.tcp_repair import RepairState
+from relaynat.host.tcp_repair import RepairState
 
 U32 = st.integers(0, 2**32 - 1)
 PORT = st.integers(1, 65535)

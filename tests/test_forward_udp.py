@@ -20,7 +20,7 @@ import pytest
 from relaynat_cli import guest_python, parse_stats
 
 from relaynat.config import RelayConfig
-from relaynat.namespace import run_command
+from relaynat.netns.guest import run_command
 
 pytestmark = pytest.mark.integration
 pytest_plugins = ["guest_fs"]

@@ -1,4 +1,4 @@
-"""A running relay hands its guest over to a new relaynat process (handover.py).
+"""A running relay hands its guest over to a new relaynat process (moving/handover.py).
 
 Everything is real: the relays are `relaynat` processes (or, where a test needs to
 reach inside the old relay, a `Relay` in this process), the guest is a network
@@ -38,12 +38,12 @@ from relaynat_cli import guest_python, parse_stats
 from test_interface import VethGuest
 
 from relaynat.config import RelayConfig
-from relaynat.control import ControlServer
-from relaynat.ctl import call
-from relaynat.handover import HandoverError, Source, addressing_of
-from relaynat.stream import StreamTransport
+from relaynat.control.client import call
+from relaynat.control.server import ControlServer
+from relaynat.moving.handover import HandoverError, Source, addressing_of
 from relaynat.testing import InMemoryGuest
 from relaynat.testing.guest import GuestTcp
+from relaynat.transports.stream import StreamTransport
 
 pytestmark = pytest.mark.integration
 pytest_plugins = ["guest_fs"]
@@ -625,7 +625,7 @@ def test_a_link_the_new_relay_cannot_serve_is_refused_at_the_offer(
 
 
 def _send_by_hand(path: Path, doc: dict[str, object], fds: list[int]) -> str:
-    """The handover protocol (handover.py) spoken by the test; the receiver's error."""
+    """The handover protocol (moving/handover.py) spoken by the test; the receiver's error."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(10)
         sock.connect(str(path))

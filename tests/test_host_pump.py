@@ -24,8 +24,8 @@ from termios import FIONREAD
 import pytest
 from test_nat_entry import established
 
-from relaynat.flow_turns import FlowTurns
-from relaynat.host_pump import (
+from relaynat.host.flow_turns import FlowTurns
+from relaynat.host.pump import (
     FLOW_SLICE_BYTES,
     FLOW_SLICE_FRAMES,
     RCVBUF_BUDGET,
@@ -34,8 +34,8 @@ from relaynat.host_pump import (
     RELAY_SLICE_FRAMES,
     HostPump,
 )
+from relaynat.host.tcp_flow import SO_PEEK_OFF, TcpFlow, ioctl_int
 from relaynat.tcp_actions import SendFrame
-from relaynat.tcp_flow import SO_PEEK_OFF, TcpFlow, ioctl_int
 
 
 def _loopback() -> tuple[socket.socket, socket.socket]:
@@ -236,8 +236,8 @@ import json, socket, sys
 from collections import Counter
 sys.path.insert(0, sys.argv[1])
 from test_host_pump import _flow, _grow_to_the_end, _rcvbuf
-from relaynat.host_pump import HostPump
-from relaynat.tcp_flow import SO_PEEK_OFF
+from relaynat.host.pump import HostPump
+from relaynat.host.tcp_flow import SO_PEEK_OFF
 server = socket.create_server(("127.0.0.1", 0))
 sock = socket.create_connection(server.getsockname())
 sock.setblocking(False)

@@ -56,9 +56,9 @@ pytestmark = pytest.mark.integration
 
 async def _serve_guests(work: Path) -> None:
     from relaynat.config import RelayConfig
-    from relaynat.control import ControlServer
+    from relaynat.control.server import ControlServer
     from relaynat.guests import Guests
-    from relaynat.namespace import NamespaceGuest
+    from relaynat.netns.guest import NamespaceGuest
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -30,10 +30,10 @@ import pytest
 from hostile_kit import ControlProbe, RawGuest, hostile_relay
 from lossy_harness import serve_relay
 
-from relaynat.control_flows import MAX_DOCUMENT
-from relaynat.stream import StreamTransport
+from relaynat.control.flows_file import MAX_DOCUMENT
 from relaynat.testing import frames as f
-from relaynat.transport import FrameTransport
+from relaynat.transports.base import FrameTransport
+from relaynat.transports.stream import StreamTransport
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""relaynat.icmp_echo: pure frame logic against dpkt, and real ping sockets.
+"""relaynat.host.icmp_relay: pure frame logic against dpkt, and real ping sockets.
 
 The pure tests build echo requests with dpkt from random identifiers, sequence numbers
 and payloads, and check that validation reads them as dpkt does, that any bytes at all
@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from sysctl import ALL_GROUPS, ping_group_range
 
 from relaynat.config import RelayConfig
-from relaynat.icmp_echo import (
+from relaynat.host.icmp_relay import (
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
     EchoTable,

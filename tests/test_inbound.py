@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from relaynat_cli import guest_python
 
 from relaynat.config import RelayConfig
-from relaynat.namespace import run_command
 from relaynat.nat_entry import TcpNatEntry
+from relaynat.netns.guest import run_command
 from relaynat.packet_builder import TcpFrameTemplate
 from relaynat.tcp_actions import CloseHost, SendFrame
 from relaynat.tcp_state import TcpState

@@ -27,7 +27,7 @@ GUEST_TOOLS = str(Path(__file__).parent / "guest_tools.py")
 
 @pytest.fixture(scope="module", autouse=True)
 def _ping_sockets_allowed() -> Iterator[None]:
-    """The relay answers the guest's pings through host ping sockets (icmp_echo.py)."""
+    """The relay answers the guest's pings through host ping sockets (host/icmp_relay.py)."""
     with ping_group_range(ALL_GROUPS):
         yield
 

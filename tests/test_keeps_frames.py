@@ -1,6 +1,6 @@
 """`FrameTransport.keeps_frames`: every frame a transport hands out stays intact until the
 `end_of_batch` that follows, not only during `handle_frame`, for the relay writes a
-batch's guest payloads to a host socket at once (tcp_relay.py, `gathered`).
+batch's guest payloads to a host socket at once (host/tcp_relay.py, `gathered`).
 
 Each transport reads real frames from a real peer of its kind (a TAP fed through a
 packet socket on its interface, a stream and a datagram socket pair, a veth under an
@@ -24,11 +24,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from relaynat.interface import InterfaceTransport
-from relaynat.stream import StreamTransport
-from relaynat.tap import TapTransport, open_tap
-from relaynat.transport import FrameTransport
-from relaynat.unixgram import UnixgramTransport
+from relaynat.transports.base import FrameTransport
+from relaynat.transports.interface import InterfaceTransport
+from relaynat.transports.stream import StreamTransport
+from relaynat.transports.tap import TapTransport, open_tap
+from relaynat.transports.unixgram import UnixgramTransport
 
 pytestmark = pytest.mark.integration
 

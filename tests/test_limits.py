@@ -116,7 +116,7 @@ async def test_inbound_flows_do_not_spend_the_guests_rate(start_peer, guest_dir:
     and afterwards the guest's own token is still there (its first connect succeeds,
     its second is refused): the rate bounds the guest's egress, not who calls it."""
     from relaynat.config import RelayConfig
-    from relaynat.namespace import run_command
+    from relaynat.netns.guest import run_command
 
     host_port = start_peer("echo")
     ready, out = guest_dir / "ready", guest_dir / "out.json"
@@ -210,7 +210,7 @@ def test_cli_refuses_bad_limits_naming_the_option(args: list[str], option: str,
 
 
 def test_cli_limits_reach_the_config() -> None:
-    from relaynat.cli_options import build_parser, config_from_args
+    from relaynat.cli.options import build_parser, config_from_args
 
     args = build_parser().parse_args(
         ["run", "--max-tcp-flows", "7", "--max-udp-flows", "8", "--max-icmp-flows", "9",

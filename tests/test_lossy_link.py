@@ -141,7 +141,7 @@ def test_delay_with_jitter_16mib_both_ways_with_sack(relay: RelayProc, http_port
     assert stats["tcp_ooo_segments"] > 0, stats
     assert stats.get("tcp_ooo_drop_budget", 0) == 0, stats
     # The download's flight a guest 100 ms away needs outgrew the host socket's receive
-    # buffer as the kernel tunes it on loopback (host_pump.py): it was grown.
+    # buffer as the kernel tunes it on loopback (host/pump.py): it was grown.
     assert stats.get("tcp_rcvbuf_grown", 0) > 0, stats
 
 

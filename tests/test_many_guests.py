@@ -30,11 +30,11 @@ from relaynat_cli import guest_python
 
 from relaynat import Policy, RelayConfig
 from relaynat.guests import Guests
-from relaynat.namespace import NamespaceGuest
+from relaynat.netns.guest import NamespaceGuest
 from relaynat.relay import Relay
 from relaynat.testing import frames
 from relaynat.testing.guest import InMemoryGuest, Reply
-from relaynat.unixgram import serve_unixgram
+from relaynat.transports.unixgram import serve_unixgram
 
 pytestmark = pytest.mark.integration
 pytest_plugins = ["guest_fs"]

@@ -1,4 +1,4 @@
-"""Migration by state between two hosts with the CLI (issue 7, part 2; control_flows.py).
+"""Migration by state between two hosts with the CLI (issue 7, part 2; control/flows_file.py).
 
 Four network namespaces::
 
@@ -57,7 +57,7 @@ import pytest
 from relaynat_cli import parse_stats
 from test_flow_move import _flow
 
-from relaynat.ctl import call
+from relaynat.control.client import call
 
 pytestmark = pytest.mark.integration
 

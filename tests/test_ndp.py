@@ -1,4 +1,4 @@
-"""Tests for relaynat.ndp: requests are built by scapy (the real peer's encoding), every
+"""Tests for relaynat.link.ndp: requests are built by scapy (the real peer's encoding), every
 reply is parsed back by scapy as an independent oracle, checksums recomputed by scapy;
 hypothesis fuzzes arbitrary and mutated messages."""
 
@@ -27,7 +27,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from relaynat.config import RelayConfig
-from relaynat.ndp import (
+from relaynat.link.ndp import (
     MAX_GUEST_ADDRESSES,
     NdpReply,
     NdpResponder,

@@ -56,7 +56,7 @@ STATIC_NAME, STATIC_A, STATIC_AAAA = "static.test", "192.0.2.77", "fd00::77"
 
 @pytest.fixture(scope="module", autouse=True)
 def _ping_sockets_allowed() -> Iterator[None]:
-    """The relay answers the guest's pings through host ping sockets (icmp_echo.py)."""
+    """The relay answers the guest's pings through host ping sockets (host/icmp_relay.py)."""
     with ping_group_range(ALL_GROUPS):
         yield
 

@@ -13,8 +13,8 @@ from scapy.layers.inet6 import ICMPv6ND_RA, ICMPv6ND_RS, IPv6
 
 from relaynat.addressing import AddressMap
 from relaynat.config import RelayConfig
-from relaynat.link_services import LinkServices
-from relaynat.udp_relay import ICMP_ERRORS_BURST, ICMP_ERRORS_PER_S, UdpRelay
+from relaynat.host.udp_relay import ICMP_ERRORS_BURST, ICMP_ERRORS_PER_S, UdpRelay
+from relaynat.link.services import LinkServices
 from relaynat.wire import parse_ethernet, parse_ipv4, parse_ipv6
 
 GUEST_MAC = "02:00:00:00:00:15"

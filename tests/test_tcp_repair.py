@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relaynat.netns_util import CLONE_NEWNET, setns
-from relaynat.tcp_repair import FORMAT_VERSION, RepairError, RepairState, dump, restore
+from relaynat.host.tcp_repair import FORMAT_VERSION, RepairError, RepairState, dump, restore
+from relaynat.netns.syscalls import CLONE_NEWNET, setns
 
 HOST_A, HOST_B, PEER = "rn-rep-a", "rn-rep-b", "rn-rep-peer"
 HOST_IP, PEER_IP, PORT = "10.77.0.1", "10.77.0.2", 7000

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from relaynat_cli import guest_python, parse_stats, relaynat_run
 
 from relaynat.config import RelayConfig
-from relaynat.namespace import run_command
+from relaynat.netns.guest import run_command
 from relaynat.packet_builder import icmp_unreachable_frame, udp_frame, udp_frame_head
 from relaynat.relay import Relay
 from relaynat.udp_flow import UdpFlowTable

@@ -55,16 +55,16 @@ from relaynat.config import ConfigError, RelayConfig
 
 if TYPE_CHECKING:
     # What the lazy __getattr__ below returns, spelled out for type checkers.
-    from relaynat.forward import Forward, ForwardError
     from relaynat.guests import Guests
-    from relaynat.interface import InterfaceError, InterfaceTransport
-    from relaynat.namespace import NamespaceGuest, run_command
+    from relaynat.host.forward import Forward, ForwardError
+    from relaynat.netns.guest import NamespaceGuest, run_command
     from relaynat.policy import Decision, Policy, Rule
     from relaynat.relay import Relay
-    from relaynat.stream import StreamTransport
-    from relaynat.tap import TapTransport, open_tap
-    from relaynat.transport import FrameSink, FrameTransport
-    from relaynat.unixgram import (
+    from relaynat.transports.base import FrameSink, FrameTransport
+    from relaynat.transports.interface import InterfaceError, InterfaceTransport
+    from relaynat.transports.stream import StreamTransport
+    from relaynat.transports.tap import TapTransport, open_tap
+    from relaynat.transports.unixgram import (
         UnixgramServer,
         UnixgramTransport,
         attach_unixgram_fd,
@@ -107,25 +107,25 @@ __docformat__ = "markdown"
 #: Public name -> the module that defines it, imported on first access (PEP 562).
 _LAZY = {
     "Decision": "relaynat.policy",
-    "Forward": "relaynat.forward",
-    "ForwardError": "relaynat.forward",
-    "FrameSink": "relaynat.transport",
-    "FrameTransport": "relaynat.transport",
+    "Forward": "relaynat.host.forward",
+    "ForwardError": "relaynat.host.forward",
+    "FrameSink": "relaynat.transports.base",
+    "FrameTransport": "relaynat.transports.base",
     "Guests": "relaynat.guests",
-    "InterfaceError": "relaynat.interface",
-    "InterfaceTransport": "relaynat.interface",
-    "NamespaceGuest": "relaynat.namespace",
+    "InterfaceError": "relaynat.transports.interface",
+    "InterfaceTransport": "relaynat.transports.interface",
+    "NamespaceGuest": "relaynat.netns.guest",
     "Policy": "relaynat.policy",
     "Relay": "relaynat.relay",
     "Rule": "relaynat.policy",
-    "StreamTransport": "relaynat.stream",
-    "TapTransport": "relaynat.tap",
-    "UnixgramServer": "relaynat.unixgram",
-    "UnixgramTransport": "relaynat.unixgram",
-    "attach_unixgram_fd": "relaynat.unixgram",
-    "open_tap": "relaynat.tap",
-    "run_command": "relaynat.namespace",
-    "serve_unixgram": "relaynat.unixgram",
+    "StreamTransport": "relaynat.transports.stream",
+    "TapTransport": "relaynat.transports.tap",
+    "UnixgramServer": "relaynat.transports.unixgram",
+    "UnixgramTransport": "relaynat.transports.unixgram",
+    "attach_unixgram_fd": "relaynat.transports.unixgram",
+    "open_tap": "relaynat.transports.tap",
+    "run_command": "relaynat.netns.guest",
+    "serve_unixgram": "relaynat.transports.unixgram",
 }
 
 if not TYPE_CHECKING:

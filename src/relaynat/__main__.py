@@ -2,6 +2,6 @@
 
 import sys
 
-from relaynat.cli import main
+from relaynat.cli.main import main
 
 sys.exit(main())

@@ -2,7 +2,7 @@
 
 No I/O: this module turns a flow's relay-side state (`TcpNatEntry`) plus its host
 socket's kernel state (`tcp_repair.RepairState`) into a plain JSON-able document and
-back, checking every field. flow_move.py does the socket work around it.
+back, checking every field. moving/flow_move.py does the socket work around it.
 
 The document (version 2)::
 
@@ -37,7 +37,7 @@ Each FLOW is one ESTABLISHED TCP flow, every field required, no other field allo
   in microseconds; the round trip is null before a first sample), ``write_blocked``
   (guest data was refused by a full host socket: the guest is owed duplicate ACKs),
   ``ack_pending``; counters ``bytes_from_guest``, ``bytes_to_guest``.
-- ``socket``: `RepairState.to_dict()` (tcp_repair.py) of the host socket.
+- ``socket``: `RepairState.to_dict()` (host/tcp_repair.py) of the host socket.
 
 Not carried: deadlines (absolute loop times mean nothing elsewhere; the importer arms
 the RTO and idle timers afresh, the persist and window-update checks re-arm on use),
@@ -47,7 +47,7 @@ socket (TCP_REPAIR has no way to set them: the new socket starts its congestion
 control from scratch and retransmits unacknowledged data on its own RTO).
 
 Kind "live" (key ``"kind": "live"``; absent means ``"repair"``, the kind above). A
-handover to a new process on the same host (handover.py) passes each flow's live host
+handover to a new process on the same host (moving/handover.py) passes each flow's live host
 socket itself over SCM_RIGHTS, so no TCP_REPAIR dump is needed: its kernel queues stay
 where they are. A live FLOW has the same fields, except that ``socket`` is
 ``{"fd": N, "peer": [address, port]}`` (N: the socket's index among the descriptors
@@ -73,12 +73,12 @@ from dataclasses import dataclass, fields
 from ipaddress import ip_address
 from typing import Any
 
+from relaynat.host.tcp_repair import RepairError, RepairState
 from relaynat.nat_entry import TcpNatEntry
 from relaynat.ooo_queue import OooBudget
 from relaynat.packet_builder import TS_OPTION_LEN, TcpFrameTemplate
 from relaynat.tcp_actions import M32
 from relaynat.tcp_handshake import MAX_GSO_PAYLOAD
-from relaynat.tcp_repair import RepairError, RepairState
 from relaynat.tcp_state import TcpState
 from relaynat.window import RTT_EXP_MAX
 from relaynat.wire import seq_diff, seq_le

@@ -32,30 +32,30 @@ import contextlib
 import socket
 from collections import Counter
 
-from relaynat import flow_move
 from relaynat.addressing import DNS_PORT, LINK_LOCAL_PREFIX, AddressMap
 from relaynat.config import RelayConfig
-from relaynat.dns import answer_static, host_upstream, static_table
-from relaynat.dns_tcp import DnsTcpResponder
-from relaynat.forward import Forward, Forwarder, ForwardError, SockAddr, client_address
 from relaynat.guest_log import guest_logger, guest_scope, in_guest_scope
-from relaynat.icmp_echo import IcmpEchoRelay
-from relaynat.link_services import (
+from relaynat.host.dns_tcp import DnsTcpResponder
+from relaynat.host.forward import Forward, Forwarder, ForwardError, SockAddr, client_address
+from relaynat.host.icmp_relay import IcmpEchoRelay
+from relaynat.host.tcp_flow import close_with_reset
+from relaynat.host.tcp_relay import TcpRelay
+from relaynat.host.udp_relay import UdpRelay
+from relaynat.link.dns import answer_static, host_upstream, static_table
+from relaynat.link.services import (
     BROADCAST_IP,
     DHCP_SERVER_PORT,
     ZERO_IP,
     ZERO_IP6,
     LinkServices,
 )
+from relaynat.moving import flow_move
 from relaynat.packet_builder import BROADCAST_MAC, ICMP_PORT_UNREACH, udp_frame
-from relaynat.pcap import PcapWriter
 from relaynat.policy import EgressGate, Policy
 from relaynat.ratelimit import TokenBucket
-from relaynat.stream import StreamTransport, bind_unix_listener
-from relaynat.tcp_flow import close_with_reset
-from relaynat.tcp_relay import TcpRelay
-from relaynat.transport import FrameTransport
-from relaynat.udp_relay import UdpRelay
+from relaynat.transports.base import FrameTransport
+from relaynat.transports.pcap import PcapWriter
+from relaynat.transports.stream import StreamTransport, bind_unix_listener
 from relaynat.wire import (
     ETHERTYPE_ARP,
     ETHERTYPE_IPV4,
@@ -163,7 +163,7 @@ class Relay:
         if self._dns_static:
             self._dns_tcp = DnsTcpResponder(self._dns_static, self._addr.dns_upstream, self._loop,
                                             self._stats)
-            # It serves no one but this guest: the relay names its sockets (dns_tcp.py).
+            # It serves no one but this guest: the relay names its sockets (host/dns_tcp.py).
             self._tcp.watch_connects(self._dns_tcp.address, self._dns_tcp.expect)
         if self.config.pcap_path:
             self._pcap = PcapWriter(self.config.pcap_path)
@@ -234,12 +234,12 @@ class Relay:
         self._guest_mac = None
         return transport
 
-    # -- moving flows to another relay (flow_move.py) ------------------------------------
+    # -- moving flows to another relay (moving/flow_move.py) ------------------------------------
 
     @in_guest_scope
     def export_flows(self) -> dict[str, object]:
         """Take every ESTABLISHED TCP flow out, silently, as a "relaynat-flows" document
-        for `import_flows` (others stay, under "not_moved"); see flow_move.py."""
+        for `import_flows` (others stay, under "not_moved"); see moving/flow_move.py."""
         assert self._tcp is not None and self._loop is not None, "start() first"
         others = [f for p in (self._udp_relay, self._icmp) if p for f in p.describe_flows()]
         return flow_move.export_flows(self._tcp, self._loop.time(), self._exported, others,
@@ -492,7 +492,7 @@ class Relay:
 
     def _tcp_segment(self, seg: TcpSegment) -> None:
         """TCP of either family. With static DNS records, a connection to a DNS address
-        port 53 goes to our own DNS-over-TCP server (dns_tcp.py), which answers them
+        port 53 goes to our own DNS-over-TCP server (host/dns_tcp.py), which answers them
         and forwards the rest, as the UDP path does."""
         assert self._tcp is not None
         if self._tcp.on_known(seg):  # a flow's segment: where it maps is settled
@@ -623,7 +623,7 @@ class Relay:
     # -- introspection -------------------------------------------------------------------
 
     def flows(self) -> list[dict[str, object]]:
-        """Every open flow as a dict (flowinfo.py lists the keys): protocol, direction,
+        """Every open flow as a dict (host/flowinfo.py lists the keys): protocol, direction,
         both ends as the guest sees them, the host-side peer, state, bytes each way,
         the guest's window and, for TCP, the host socket's RTT as the kernel measured
         it (TCP_INFO's tcpi_rtt, microseconds)."""

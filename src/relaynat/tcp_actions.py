@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from relaynat.wire import ACK, FIN, RST, SYN, TcpSegment
 
 M32 = 0xFFFFFFFF
-#: The most one `ResendHost` asks for: the shell peeks it into one buffer (host_pump.py).
+#: The most one `ResendHost` asks for: the shell peeks it into one buffer (host/pump.py).
 RESEND_BYTES_MAX = 1 << 20
 
 

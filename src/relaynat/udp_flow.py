@@ -2,7 +2,7 @@
 
 A flow is one (guest port, destination as the guest sees it, destination port, guest
 address); the
-shell (udp_relay.py) gives each a connected host socket. Timeouts follow Linux
+shell (host/udp_relay.py) gives each a connected host socket. Timeouts follow Linux
 conntrack and passt: a flow that has only seen one direction expires after
 `udp_idle_timeout_s` (nf_conntrack_udp_timeout, 30 s); once the host has answered it
 is a "stream" and lives `udp_stream_timeout_s` (nf_conntrack_udp_timeout_stream,

@@ -25,17 +25,9 @@ import dpkt
 from relaynat.addressing import DNS_PORT
 from relaynat.checksum import finish, partial_sum, pseudo_header_sum
 from relaynat.config import RelayConfig, eui64
-from relaynat.dhcpv6 import ALL_DHCP_SERVERS
-from relaynat.dhcpv6 import option as dhcp6_option
-from relaynat.link_services import (
-    BROADCAST_IP,
-    DHCP_CLIENT_PORT,
-    DHCP_SERVER_PORT,
-    DHCPV6_CLIENT_PORT,
-    DHCPV6_SERVER_PORT,
-    ZERO_IP,
-)
-from relaynat.ndp import (
+from relaynat.link.dhcpv6 import ALL_DHCP_SERVERS
+from relaynat.link.dhcpv6 import option as dhcp6_option
+from relaynat.link.ndp import (
     ALL_ROUTERS,
     NDP_HOP_LIMIT,
     NS,
@@ -43,6 +35,14 @@ from relaynat.ndp import (
     multicast_mac,
     solicited_node,
     with_checksum,
+)
+from relaynat.link.services import (
+    BROADCAST_IP,
+    DHCP_CLIENT_PORT,
+    DHCP_SERVER_PORT,
+    DHCPV6_CLIENT_PORT,
+    DHCPV6_SERVER_PORT,
+    ZERO_IP,
 )
 from relaynat.packet_builder import (
     BROADCAST_MAC,

@@ -1,7 +1,7 @@
 """`InMemoryGuest`: a whole `Relay` on a socketpair, driven frame by frame from a test.
 
 The relay is the real one, attached with the real qemu stream transport (4-byte
-length + frame, stream.py) to one end of an AF_UNIX socketpair; the test holds the
+length + frame, transports/stream.py) to one end of an AF_UNIX socketpair; the test holds the
 other end and plays the guest. Nothing is mocked: the relay's host side opens real
 sockets (so TCP/UDP/ICMP toward the gateway reach the host's loopback), and no root,
 TAP device or namespace is needed. The relay's DNS upstream defaults to 127.0.0.1 so
@@ -26,8 +26,8 @@ from ipaddress import IPv4Address
 from relaynat.config import RelayConfig
 from relaynat.policy import Policy
 from relaynat.relay import Relay
-from relaynat.stream import StreamTransport
 from relaynat.testing import frames as f
+from relaynat.transports.stream import StreamTransport
 from relaynat.wire import (
     ACK,
     ETHERTYPE_ARP,

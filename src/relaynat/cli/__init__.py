@@ -1,0 +1,1 @@
+"""The `relaynat` command line: options, subcommands and the demo."""

@@ -1,0 +1,353 @@
+"""The `relaynat` command: `run` (namespace guest), `serve` (qemu/libkrun socket) and
+`demo`. The options and what they stand for are cli/options.py's; bad values are
+refused with a message naming the option and the problem (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from relaynat.cli.options import (
+    build_parser,
+    config_from_args,
+    forwards_from_args,
+    policy_from_args,
+)
+from relaynat.config import MAX_MTU, ConfigError, RelayConfig
+from relaynat.control.server import ControlServer
+from relaynat.host.forward import ForwardError
+from relaynat.policy import Policy
+from relaynat.portspec import Forward as PortForward
+from relaynat.transports.interface import InterfaceError, InterfaceTransport
+
+if TYPE_CHECKING:
+    from relaynat.relay import Relay
+
+log = logging.getLogger("relaynat")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (the default dependency), stdlib asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _print_stats(stats: dict[str, int]) -> None:
+    for key in sorted(stats):
+        print(f"{key:32} {stats[key]}", file=sys.stderr)
+
+
+def _socket_type(fd: int) -> int:
+    """SOCK_STREAM or SOCK_DGRAM of an inherited fd (OSError if it is not a socket)."""
+    sock = socket.socket(fileno=fd)  # reads SO_DOMAIN/SO_TYPE; ENOTSOCK otherwise
+    kind = sock.type
+    sock.detach()
+    return kind
+
+
+def add_forwards(relay: Relay, forwards: list[PortForward]) -> None:
+    """Listen on every forwarded port; say on stderr which port a 0 became."""
+    for fwd in forwards:
+        address = str(fwd.address) if fwd.address is not None else None
+        for host_port, guest_port in fwd.pairs():
+            try:
+                added = relay.add_forward(fwd.proto, address, host_port, guest_port,
+                                          interface=fwd.interface)
+            except OSError as exc:
+                if exc.errno != errno.EMFILE:
+                    raise
+                ports = sum(len(f) for f in forwards)
+                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                raise ForwardError(f"forwarding {ports} ports takes a descriptor each, "
+                                   f"beyond the limit of {limit} open files (ulimit -n; "
+                                   "the hard limit could not be raised)") from None
+            if host_port == 0:
+                print(f"relaynat: forwarding {fwd.proto} {address or '*'} port {added.host_port} "
+                      f"to guest port {guest_port}", file=sys.stderr, flush=True)
+
+
+def _stop_event() -> asyncio.Event:
+    """Set by SIGINT and SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
+                             policy: Policy | None) -> int:
+    """`serve --receive-handover PATH`: wait for a relay's handover, then serve what it
+    handed over, until it ends or is handed over in turn (moving/handover.py)."""
+    from relaynat.moving.handover_receive import Receiver, serve_taken
+    from relaynat.relay import Relay
+
+    stop = _stop_event()
+    receiver = Receiver(args.receive_handover)
+    transport_stats: Callable[[], dict[str, int]] = dict
+    async with Relay(config, policy) as relay:
+        taking = asyncio.ensure_future(receiver.take_over(relay))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({taking, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        receiver.close()
+        if not taking.done():
+            taking.cancel()
+        else:
+            taken = taking.result()
+            handed = (await serve_taken(relay, taken, stop)).done
+            if taken.control is not None:
+                taken.control.close(unlink=not handed)
+            if taken.stream_path is not None and not handed:
+                with contextlib.suppress(OSError):
+                    os.unlink(taken.stream_path)
+            if taken.unixgram is not None:
+                taken.unixgram.close(unlink=not handed)
+            transport_stats = taken.transport_stats
+        if args.stats:
+            _print_stats({**relay.stats(), **transport_stats()})
+    return 0
+
+
+async def _serve(config: RelayConfig, args: argparse.Namespace,
+                 interface: InterfaceTransport | None, policy: Policy | None,
+                 forwards: list[PortForward]) -> int:
+    from relaynat.moving.handover import Source
+    from relaynat.relay import Relay
+    from relaynat.transports.unixgram import attach_unixgram_fd, serve_unixgram
+
+    extra_stats: Callable[[], dict[str, int]] = dict
+
+    stop = _stop_event()
+    control = ControlServer(args.control_socket) if args.control_socket else None
+    handed = asyncio.Event() if control is None else control.handed_over
+    async with Relay(config, policy) as relay:
+        add_forwards(relay, forwards)
+        source = Source(relay, control, stream_path=args.socket)
+        if control is not None:
+            control.on_quit = stop.set
+            await control.start(relay)
+            control.on_handover = source.hand_over  # every transport of serve moves
+        watch = asyncio.ensure_future(handed.wait())
+        watch.add_done_callback(lambda _: stop.set())
+        if args.socket:
+            relay.serve_stream(args.socket)
+            log.info("listening on %s", args.socket)
+            await stop.wait()
+            if os.path.exists(args.socket) and not handed.is_set():
+                os.unlink(args.socket)
+        elif args.unixgram:
+            server = source.unixgram = serve_unixgram(relay, args.unixgram)
+            extra_stats = server.stats
+            log.info("bound %s", args.unixgram)
+            await stop.wait()
+            server.close(unlink=not handed.is_set())  # else the path is the new relay's
+        else:
+            attached: list[Callable[[], dict[str, int]]] = []
+
+            def attach() -> None:
+                if interface is not None:
+                    relay.attach(interface)
+                    attached.append(interface.stats)
+                elif _socket_type(args.fd) == socket.SOCK_DGRAM:
+                    attached.append(attach_unixgram_fd(relay, args.fd).stats)
+                else:
+                    relay.attach_stream_fd(args.fd)
+
+            _attach_or_wait(control, attach, args.incoming)
+            lost = asyncio.ensure_future(relay.transport_lost_event.wait())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            lost.cancel()
+            stopped.cancel()
+            extra_stats = attached[0] if attached else dict
+        watch.cancel()
+        if control is not None:
+            control.close(unlink=not handed.is_set())
+        if args.stats:
+            _print_stats({**relay.stats(), **extra_stats()})
+    return 0
+
+
+def _attach_or_wait(control: ControlServer | None, attach: Callable[[], None],
+                    incoming: bool) -> None:
+    """Attach the guest now, or (`--incoming`) once flows moving here are imported:
+    a guest frame of a flow not imported yet would be answered with a RST."""
+    if incoming:
+        assert control is not None  # main() refuses --incoming without it
+        control.after_import = attach
+        log.info("waiting for `relaynat ctl import` before serving the guest")
+    else:
+        attach()
+
+
+async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | None,
+               forwards: list[PortForward]) -> int:
+    from relaynat.moving.handover import Source
+    from relaynat.netns.guest import NamespaceGuest, NamespaceSetupError, run_command
+
+    holder: list[Relay] = []
+    guests: list[NamespaceGuest] = []
+    # Bound before the guest starts, so a bad path fails first; served once the relay is.
+    control = ControlServer(args.control_socket) if args.control_socket else None
+    started: set[asyncio.Task[None]] = set()
+
+    def ready(relay: Relay) -> None:
+        holder.append(relay)
+        add_forwards(relay, forwards)
+        if control is not None:
+            started.add(asyncio.ensure_future(control.start(relay)))
+            control.on_handover = Source(relay, control, guest=guests[0]).hand_over
+
+    try:
+        code = await run_command(config, args.command, tap_name=args.tap_name,
+                                 offload=not args.no_offload, relay_ready=ready,
+                                 policy=policy,
+                                 hide_paths=[os.path.abspath(args.control_socket)]
+                                 if args.control_socket else (), guest_ready=guests.append,
+                                 runas=args.runas)
+    except NamespaceSetupError as exc:
+        print(f"relaynat run: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for task in started:  # a start still pending would serve a closed socket
+            task.cancel()
+        if control is not None:
+            handed = guests and guests[0].released
+            if handed:  # the command is the new relay's: answer the handover, go
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(control.handed_over.wait(), 5)
+            control.close(unlink=not handed)
+    if args.stats and holder:
+        _print_stats(holder[0].stats())
+    return code
+
+
+def _open_interface(args: argparse.Namespace,
+                    config: RelayConfig) -> tuple[InterfaceTransport, RelayConfig]:
+    """Attach to `--interface` and fit the guest MTU to it: without `--mtu` the
+    interface's own MTU (the VMM gave the guest a NIC of that size); a larger `--mtu`
+    is refused, as the kernel refuses plain frames over the MTU (EMSGSIZE)."""
+    interface = InterfaceTransport.open(args.interface, vnet_hdr=not args.no_vnet_hdr)
+    try:
+        if args.mtu is None:
+            config = dataclasses.replace(config, mtu=min(interface.mtu, MAX_MTU)).validate()
+        elif args.mtu > interface.mtu:
+            raise ConfigError(f"--mtu {args.mtu} is larger than the MTU of interface "
+                              f"{args.interface} ({interface.mtu}): give --mtu "
+                              f"{interface.mtu} or raise the interface's MTU")
+    except ConfigError:
+        interface.close()
+        raise
+    return interface, config
+
+
+def _check_incoming(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.interface is None and args.fd is None:
+        parser.error("--incoming needs --interface or --fd (a guest link that exists "
+                     "before the import); with --socket or --unixgram, import before the "
+                     "guest connects")
+    if not args.control_socket:
+        parser.error("--incoming needs --control-socket (the import comes through it)")
+
+
+#: Descriptors beside the flows and forwards: transports, epoll, timers, the DNS
+#: server, stdio, the control socket.
+_FD_HEADROOM = 256
+
+
+def raise_fd_limit(config: RelayConfig, forwards: list[PortForward]) -> None:
+    """Make RLIMIT_NOFILE cover what the options ask for: one socket per forwarded
+    port (`-t all` alone is 49151) and per flow at the configured maxima. passt raises
+    its limit the same way; a process that may not (no CAP_SYS_RESOURCE past the hard
+    limit) keeps what it has, and a bind or flow beyond it is refused with EMFILE."""
+    need = (sum(len(f) for f in forwards) + config.max_tcp_flows + config.max_udp_flows
+            + config.max_icmp_flows + _FD_HEADROOM)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                ceiling = int(f.read())
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, ceiling),
+                                                        min(need, ceiling)))
+            return
+        except (OSError, ValueError):
+            need = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd == "ctl":
+        from relaynat.control.client import main as ctl_main
+
+        return ctl_main(args)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="relaynat %(levelname)s %(name)s: %(message)s")
+    if args.cmd == "demo":
+        from relaynat.cli.demo import run_demo
+
+        return run_demo(args.size_mib)
+    if args.cmd == "run":
+        if args.command and args.command[0] == "--":
+            args.command = args.command[1:]
+        if not args.command:
+            parser.error("run: give the command to run after --, e.g. relaynat run -- curl URL")
+        if args.runas is not None and os.geteuid() != 0:
+            parser.error("--runas needs root: without it the command's root is you outside "
+                         "its namespace")
+    try:
+        config = config_from_args(args)
+        policy = policy_from_args(args, config)
+        forwards = forwards_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    raise_fd_limit(config, forwards)
+    if args.cmd == "serve" and args.receive_handover and (forwards or args.control_socket):
+        parser.error("--receive-handover: the forwards and the control socket come from "
+                     "the relay that hands over (change forwards with relaynat ctl after)")
+    if args.cmd == "serve" and args.fd is not None and args.fd < 0:
+        parser.error(f"--fd {args.fd}: not a file descriptor")
+    if args.cmd == "serve" and args.incoming:
+        _check_incoming(args, parser)
+    interface = None
+    if args.cmd == "serve" and args.interface is not None:
+        try:
+            interface, config = _open_interface(args, config)
+        except InterfaceError as exc:
+            print(f"relaynat serve: {exc.strerror}", file=sys.stderr)
+            return 1
+        except ConfigError as exc:
+            parser.error(str(exc))
+    loop = _new_loop()
+    try:
+        if args.cmd == "run":
+            coro = _run(config, args, policy, forwards)
+        elif args.receive_handover:
+            coro = _serve_handed_over(config, args, policy)
+        else:
+            coro = _serve(config, args, interface, policy, forwards)
+        return loop.run_until_complete(coro)
+    except (OSError, ForwardError) as exc:
+        print(f"relaynat {args.cmd}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()

@@ -1,0 +1,464 @@
+"""ICMP echo (ping) for the guest over IPv4 and IPv6, through unprivileged ping sockets.
+
+This module owns the guest's echo requests: it validates them (RFC 792: type 8, code 0,
+Internet checksum over the whole ICMP message, no pseudo-header; RFC 4443 §4.1: type
+128, code 0, checksum with the IPv6 pseudo-header, §2.3), sends them to the host
+through ping sockets of the same family, and turns the host's echo replies back into
+frames toward the guest. Every other ICMP type from the guest is dropped and counted
+(ICMPv6 neighbour discovery never gets here: the relay answers it, link/ndp.py).
+
+Kernel behaviour relied on (net/ipv4/ping.c, icmp(7) "ping sockets"):
+
+* `socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)` (and `AF_INET6, IPPROTO_ICMPV6`, checked
+  against the same sysctl, net/ipv6/ping.c) needs no privilege, but only if the
+  caller's gid (or a supplementary group) is inside `net.ipv4.ping_group_range`
+  (per network namespace); otherwise it fails with EACCES. The default of a new network
+  namespace is "1 0", which allows nobody -- and that includes root: CAP_NET_RAW does
+  not bypass the check (measured on Linux 6.18, as root, in the initial and in an
+  `unshare -n` namespace). Root inside the namespace may widen the range.
+* The kernel owns the ICMP identifier: the socket is bound to a "port" and that number
+  replaces whatever identifier we send; replies are delivered to the socket whose port
+  equals the reply's identifier. The sequence number and payload pass through as is.
+  So one socket stands for one (guest identifier, destination) pair and the guest's
+  identifier is put back in every reply; the kernel also fills in the request's checksum.
+* recv() on a ping socket returns the ICMP header and payload, without the IP header;
+  the kernel has verified the reply's checksum already and delivers only echo replies.
+
+The sans-I/O parts (`parse_echo_request`, `parse_echo_reply`, `echo_reply_frame`,
+`EchoTable`) are pure; `IcmpEchoRelay` executes them with sockets on an asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import struct
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from relaynat.checksum import finish, partial_sum, pseudo_header_sum, verify
+from relaynat.guest_log import guest_logger
+from relaynat.host.flowinfo import describe_echo
+from relaynat.host.sockfail import count_socket_failure
+from relaynat.packet_builder import IPV4_HLEN, ip_frame
+from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPV6_HLEN, MalformedFrame
+
+if TYPE_CHECKING:
+    from relaynat.config import RelayConfig
+    from relaynat.ratelimit import TokenBucket
+    from relaynat.wire import IpPacket
+
+log = guest_logger("relaynat.icmp")
+
+ICMP_ECHO_REPLY = 0
+ICMP_ECHO_REQUEST = 8
+ICMPV6_ECHO_REQUEST = 128
+ICMPV6_ECHO_REPLY = 129
+ICMP_HLEN = 8
+#: Largest ICMP message one IPv4 packet carries (65535 minus a 20-byte header).
+ICMP_MAX = 0xFFFF - IPV4_HLEN
+#: Default of `IcmpEchoRelay`: an echo "session" without traffic either way for this
+#: long is closed (Linux conntrack keeps ICMP for 30 s, passt 60 s). How many ping
+#: sockets may be open at once is `RelayConfig.max_icmp_flows`; a request that would
+#: need another is dropped and counted.
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+#: Replies read per socket per readiness callback, so one chatty peer cannot starve
+#: the loop.
+_RECV_ROUNDS = 64
+_TIMER_SLACK_S = 0.05
+_ICMP = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
+_SYSCTL_HINT = 'sysctl -w net.ipv4.ping_group_range="0 2147483647"'
+
+
+# -- pure parts -------------------------------------------------------------------------
+
+@dataclass(slots=True, frozen=True)
+class EchoMessage:
+    """An echo request or reply: addresses as packed bytes (None for a reply read from a
+    ping socket, which carries no IP header); `payload` is a copy."""
+
+    ident: int
+    seq: int
+    payload: bytes
+    src: bytes | None = None
+    dst: bytes | None = None
+
+
+def parse_echo_request(ip: IpPacket) -> EchoMessage:
+    """Validate the guest's ICMP (RFC 792) or ICMPv6 (RFC 4443) message as an echo request.
+
+    Raises `MalformedFrame` with reason `icmp_short`, `icmp_checksum`, `icmp_type` (any
+    type but echo request, e.g. the guest's own replies or errors) or `icmp_code` (the
+    kernel refuses echo requests with a non-zero code, so we refuse them first).
+    """
+    data = ip.payload
+    if len(data) < ICMP_HLEN:
+        raise MalformedFrame("icmp_short")
+    icmp_type, code, _csum, ident, seq = _ICMP.unpack_from(data)
+    v6 = len(ip.src) == 16
+    pseudo = pseudo_header_sum(ip.src, ip.dst, IPPROTO_ICMPV6, len(data)) if v6 else 0
+    if not verify(data, pseudo):
+        raise MalformedFrame("icmp_checksum")
+    if icmp_type != (ICMPV6_ECHO_REQUEST if v6 else ICMP_ECHO_REQUEST):
+        raise MalformedFrame("icmp_type")
+    if code != 0:
+        raise MalformedFrame("icmp_code")
+    return EchoMessage(ident, seq, bytes(data[ICMP_HLEN:]), ip.src, ip.dst)
+
+
+def parse_echo_reply(data: bytes | bytearray | memoryview) -> EchoMessage:
+    """Read an echo reply as a ping socket delivers it (ICMP header and payload).
+
+    The checksum is not re-verified: the kernel has done so before queueing it.
+    Raises `MalformedFrame` (`icmp_reply_short`, `icmp_reply_type`).
+    """
+    if len(data) < ICMP_HLEN:
+        raise MalformedFrame("icmp_reply_short")
+    icmp_type, code, _csum, ident, seq = _ICMP.unpack_from(data)
+    if icmp_type not in (ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY) or code != 0:
+        raise MalformedFrame("icmp_reply_type")
+    return EchoMessage(ident, seq, bytes(data[ICMP_HLEN:]))
+
+
+def echo_reply_frame(*, dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, ident: int,
+                     seq: int, payload: bytes | memoryview, ip_ident: int = 0,
+                     ttl: int = 64) -> bytes:
+    """A complete Ethernet/IP/ICMP (or ICMPv6, by the address length) echo reply frame
+    with the checksums filled in.
+
+    `src` is the address the guest pinged (not where it maps on the host), `dst` the
+    guest; `ident`/`seq` are the guest's own. Raises ValueError if the payload cannot
+    fit one IP packet.
+    """
+    length = ICMP_HLEN + len(payload)
+    if length > ICMP_MAX:
+        raise ValueError(f"ICMP message of {length} bytes does not fit one IP packet")
+    v6 = len(src) == 16
+    head = bytearray(_ICMP.pack(ICMPV6_ECHO_REPLY if v6 else ICMP_ECHO_REPLY, 0, 0,
+                                ident & 0xFFFF, seq & 0xFFFF))
+    pseudo = pseudo_header_sum(src, dst, IPPROTO_ICMPV6, length) if v6 else 0
+    struct.pack_into("!H", head, 2, finish(pseudo + partial_sum(head) + partial_sum(payload)))
+    return ip_frame(dst_mac, src_mac, src, dst, IPPROTO_ICMPV6 if v6 else IPPROTO_ICMP,
+                    bytes(head) + bytes(payload), ip_ident, ttl)
+
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class EchoTable(Generic[K, V]):
+    """Bounded table of echo sessions with an idle timeout, without I/O or clocks.
+
+    `touch` on every packet either way; `expired(now)` pops the sessions idle for at
+    least `idle_timeout_s`. Insertion order is kept, so the oldest-created entries are
+    checked first; expiry is exact per entry regardless of order.
+    """
+
+    def __init__(self, capacity: int, idle_timeout_s: float) -> None:
+        if capacity < 1 or not idle_timeout_s > 0:
+            raise ValueError("capacity must be >= 1 and the idle timeout positive")
+        self.capacity = capacity
+        self.idle_timeout_s = idle_timeout_s
+        self._entries: dict[K, tuple[V, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def get(self, key: K) -> V | None:
+        item = self._entries.get(key)
+        return None if item is None else item[0]
+
+    @property
+    def full(self) -> bool:
+        return len(self._entries) >= self.capacity
+
+    def add(self, key: K, value: V, now: float) -> None:
+        """Insert a new session; raises KeyError if present, OverflowError if full."""
+        if key in self._entries:
+            raise KeyError(key)
+        if self.full:
+            raise OverflowError("echo table full")
+        self._entries[key] = (value, now)
+
+    def touch(self, key: K, now: float) -> None:
+        item = self._entries.get(key)
+        if item is not None:
+            self._entries[key] = (item[0], now)
+
+    def pop(self, key: K) -> V | None:
+        item = self._entries.pop(key, None)
+        return None if item is None else item[0]
+
+    def expired(self, now: float) -> list[tuple[K, V]]:
+        """Remove and return every session idle for `idle_timeout_s` or longer."""
+        timeout = self.idle_timeout_s
+        gone = [k for k, (_v, last) in self._entries.items() if last + timeout <= now]
+        return [(k, self._entries.pop(k)[0]) for k in gone]
+
+    def next_deadline(self) -> float | None:
+        """When the next session would expire if nothing touches it; None if empty."""
+        if not self._entries:
+            return None
+        return min(last for _v, last in self._entries.values()) + self.idle_timeout_s
+
+    def items(self) -> Iterator[tuple[K, V]]:
+        return ((k, v) for k, (v, _last) in self._entries.items())
+
+    def clear(self) -> list[V]:
+        values = [v for v, _last in self._entries.values()]
+        self._entries.clear()
+        return values
+
+
+# -- I/O ----------------------------------------------------------------------------------
+
+#: Session key: (the guest's ICMP identifier, the destination as the guest sees it, the
+#: guest's source address: an IPv6 guest may ping from several).
+EchoKey = tuple[int, bytes, bytes]
+
+
+@dataclass(slots=True, eq=False)
+class EchoSession:
+    key: EchoKey
+    sock: socket.socket
+    #: Where the destination is on the host (e.g. 127.0.0.1 for the mapped gateway).
+    host_ip: str
+    guest_ip: bytes
+    guest_mac: bytes
+    #: ICMP message bytes each way (header and payload), for listings.
+    bytes_from_guest: int = 0
+    bytes_to_guest: int = 0
+
+
+class IcmpEchoRelay:
+    """The guest's pings: one ping socket per (identifier, destination).
+
+    `send_frame` takes a complete frame without a virtio-net header (the relay adds one
+    if the transport needs it). Counters go to `stats`; `on_packet` never raises for
+    anything a guest or a peer can send: drops are counted as `drop_icmp_<reason>`.
+    """
+
+    def __init__(self, config: RelayConfig, loop: asyncio.AbstractEventLoop,
+                 send_frame: Callable[[bytes], None], stats: Counter[str], *,
+                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+                 max_sockets: int | None = None) -> None:
+        self._config = config
+        self._loop = loop
+        self._send_frame = send_frame
+        self.stats = stats
+        self.sessions: EchoTable[EchoKey, EchoSession] = EchoTable(
+            config.max_icmp_flows if max_sockets is None else max_sockets, idle_timeout_s)
+        self._timer: asyncio.TimerHandle | None = None
+        self._ip_ident = 0
+        self._warned_permission = False
+        self._recv_buf = bytearray(0x10000)
+        #: Largest ICMP message a reply frame may carry toward the guest, per family.
+        self._max_icmp = config.mtu - IPV4_HLEN
+        self._max_icmp6 = config.mtu - IPV6_HLEN
+        self._subnet_broadcast = config.network_v4.broadcast_address.packed
+        self._closed = False
+        #: Egress check for a new echo session (protocol, destination, 0) -> allow; set
+        #: by the relay when a policy is in force. Denied requests are dropped, counted.
+        self.admit: Callable[[int, bytes, int], bool] | None = None
+        #: The guest's new-flow rate, shared with TCP and UDP (set by the relay; None:
+        #: unlimited): a new echo session spends a token, later echoes in it do not.
+        self.rate_limit: TokenBucket | None = None
+
+    # -- guest side ---------------------------------------------------------------------
+
+    def on_packet(self, ip: IpPacket, host_ip: str | None, guest_mac: bytes) -> None:
+        """An ICMP or ICMPv6 packet from the guest. `host_ip` is where its destination
+        is on the host, in the same family (None: nowhere, the request is dropped)."""
+        stats = self.stats
+        try:
+            req = parse_echo_request(ip)
+        except MalformedFrame as exc:
+            stats["drop_" + exc.reason] += 1
+            return
+        stats["icmp_echo_requests"] += 1
+        if host_ip is None:
+            stats["drop_icmp_no_host"] += 1
+            return
+        if (ip.dst[0] == 0xFF if len(ip.dst) == 16
+                else ip.dst[0] >= 224 or ip.dst == self._subnet_broadcast):
+            # Multicast, class E, limited and subnet broadcast: a ping socket would need
+            # SO_BROADCAST, and one request could draw many replies from the host's LAN.
+            stats["drop_icmp_not_unicast"] += 1
+            return
+        if self._closed:
+            stats["drop_icmp_closed"] += 1
+            return
+        now = self._loop.time()
+        key = (req.ident, ip.dst, ip.src)
+        session = self.sessions.get(key)
+        if session is None:
+            if self.admit is not None and not self.admit(ip.proto, ip.dst, 0):
+                stats["drop_icmp_policy"] += 1
+                return
+            session = self._open(key, host_ip, ip.src, guest_mac, now)
+            if session is None:
+                return
+        else:
+            session.guest_mac = guest_mac
+            self.sessions.touch(key, now)
+        try:
+            # The kernel replaces the identifier with the socket's port and recomputes
+            # the checksum; type, code, sequence and payload go out as the guest sent them.
+            session.sock.sendto(ip.payload, (session.host_ip, 0))
+        except BlockingIOError:
+            stats["drop_icmp_send_busy"] += 1
+            return
+        except OSError as exc:
+            # EHOSTUNREACH/ENETUNREACH, EACCES for a broadcast address, EMSGSIZE...
+            # ping(8) would print the error; the guest simply sees no reply.
+            log.debug("ping to %s failed: %s", session.host_ip, exc)
+            stats["drop_icmp_send_error"] += 1
+            return
+        stats["icmp_echo_sent"] += 1
+        session.bytes_from_guest += len(ip.payload)
+
+    def _open(self, key: EchoKey, host_ip: str, guest_ip: bytes, guest_mac: bytes,
+              now: float) -> EchoSession | None:
+        stats = self.stats
+        self._expire(now)
+        if self.sessions.full:
+            stats["drop_icmp_table_full"] += 1
+            return None
+        if self.rate_limit is not None and not self.rate_limit.allow(now):
+            stats["drop_icmp_rate_limit"] += 1
+            return None
+        try:
+            if len(guest_ip) == 16:
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
+            else:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                stats["drop_icmp_not_permitted"] += 1
+                if not self._warned_permission:
+                    self._warned_permission = True
+                    log.warning(
+                        "guest ping dropped: this process may not open ICMP ping sockets "
+                        "(net.ipv4.ping_group_range excludes its groups; a new network "
+                        "namespace allows nobody, not even root). To allow it, run: %s "
+                        "(in the relay's network namespace)", _SYSCTL_HINT)
+            else:
+                count_socket_failure(stats, exc, "drop_icmp_fd_limit",
+                                     "drop_icmp_socket_error", "ping")
+            return None
+        sock.setblocking(False)
+        session = EchoSession(key, sock, host_ip, guest_ip, guest_mac)
+        self.sessions.add(key, session, now)
+        self._loop.add_reader(sock.fileno(), self._on_readable, session)
+        stats["icmp_sockets_opened"] += 1
+        self._arm_timer()
+        return session
+
+    # -- host side ----------------------------------------------------------------------
+
+    def _on_readable(self, session: EchoSession) -> None:
+        stats = self.stats
+        sock = session.sock
+        buf = self._recv_buf
+        view = memoryview(buf)
+        for _ in range(_RECV_ROUNDS):
+            try:
+                n, addr = sock.recvfrom_into(buf)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                # An ICMP error about an earlier request (e.g. host unreachable) is
+                # reported once as a socket error; the socket stays usable.
+                log.debug("ping socket for %s: %s", session.host_ip, exc)
+                stats["icmp_host_errors"] += 1
+                if sock.fileno() < 0:  # closed meanwhile
+                    return
+                continue
+            self._on_reply(session, view[:n], addr[0])
+        self.sessions.touch(session.key, self._loop.time())
+
+    def _on_reply(self, session: EchoSession, data: memoryview, peer: str) -> None:
+        stats = self.stats
+        if peer != session.host_ip:
+            stats["drop_icmp_reply_foreign"] += 1
+            return
+        try:
+            reply = parse_echo_reply(data)
+        except MalformedFrame as exc:
+            stats["drop_" + exc.reason] += 1
+            return
+        limit = self._max_icmp6 if len(session.guest_ip) == 16 else self._max_icmp
+        if ICMP_HLEN + len(reply.payload) > limit:
+            stats["drop_icmp_reply_too_big"] += 1
+            return
+        self._ip_ident = (self._ip_ident + 1) & 0xFFFF
+        guest_ident, guest_dst, _ = session.key
+        frame = echo_reply_frame(
+            dst_mac=session.guest_mac, src_mac=self._config.gateway_mac, src=guest_dst,
+            dst=session.guest_ip, ident=guest_ident, seq=reply.seq, payload=reply.payload,
+            ip_ident=self._ip_ident)
+        stats["icmp_echo_replies"] += 1
+        session.bytes_to_guest += ICMP_HLEN + len(reply.payload)
+        self._send_frame(frame)
+
+    # -- timers and teardown ------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None or self._closed:
+            return
+        deadline = self.sessions.next_deadline()
+        if deadline is not None:
+            # asyncio may run a timer up to its clock resolution early: add slack so
+            # the session is due when we look, rather than re-arming in a tight loop.
+            self._timer = self._loop.call_at(deadline + _TIMER_SLACK_S, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._expire(self._loop.time())
+        self._arm_timer()
+
+    def _expire(self, now: float) -> None:
+        for _key, session in self.sessions.expired(now):
+            self._close_session(session)
+            self.stats["icmp_sockets_expired"] += 1
+
+    def _close_session(self, session: EchoSession) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(session.sock.fileno())
+        session.sock.close()
+
+    def describe_flows(self) -> list[dict[str, object]]:
+        return [describe_echo(session) for _key, session in self.sessions.items()]
+
+    def cut(self, denied: Callable[[int, bytes, int], bool]) -> int:
+        """Close every session whose destination `denied(proto, dst, 0)` now refuses;
+        returns how many."""
+        gone = [session for _key, session in self.sessions.items()
+                if denied(IPPROTO_ICMPV6 if len(session.key[1]) == 16 else IPPROTO_ICMP,
+                          session.key[1], 0)]
+        for session in gone:
+            self.sessions.pop(session.key)
+            self._close_session(session)
+        return len(gone)
+
+    def close(self) -> None:
+        """Close every ping socket and the timer; later requests are dropped."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for session in self.sessions.clear():
+            self._close_session(session)
+
+    @property
+    def socket_count(self) -> int:
+        """Open ping sockets (a gauge for the relay's stats)."""
+        return len(self.sessions)
+

@@ -1,0 +1,2 @@
+"""Moving flows and guests between relays: TCP_REPAIR documents, live handover.
+"""

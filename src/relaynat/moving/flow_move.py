@@ -1,0 +1,224 @@
+"""Moving established TCP flows, host sockets included, from one relay to another
+(`Relay.export_flows`, `Relay.import_flows`, `Relay.release_exported`).
+
+Export: every ESTABLISHED flow's host socket goes into repair mode (`tcp_repair.dump`)
+and its relay-side state is serialized (flow_state.py); the flow leaves the relay's
+loop without a packet to the guest or to the host (no RST, no FIN). The sockets stay
+open, in repair mode, in an `ExportedSockets` holder until `release` (passt's default
+since 2025: a source that resets its sockets after a migration would reset the peers
+of connections that live on elsewhere). Flows that cannot move (half-open,
+half-closed, UDP flows, ICMP sessions, the relay's own DNS-over-TCP) are listed with
+a reason and stay where they are.
+
+Import: the whole document is checked first (format, every field, the flows' guest
+addresses, no flow already here, room in the table); then every socket is restored in
+repair mode, and only when all of them are does any leave repair mode (closing a
+socket still in repair mode sends nothing, so a failure leaves no trace); then each
+flow is served as if it had been opened here.
+
+Three kernel facts (Linux 6.18, checked by tests/test_flow_move.py and
+tests/test_migration.py) shape how callers must move flows:
+- A socket in repair mode still accepts and acknowledges its peer's data: bytes
+  arriving after the dump are acknowledged to the peer and missing from the copy. The
+  host side's traffic must be held while flows move: by the network in a real
+  migration (the address moves with the guest), by the caller otherwise (a qdisc or a
+  firewall rule on the path, as CRIU's network lock).
+- One network namespace cannot hold two connected sockets with one address and port
+  pair: importing where the exported sockets still exist fails (EADDRNOTAVAIL). Within
+  one namespace, `release_exported` comes before `import_flows`.
+- A socket in repair mode still runs its timers: its retransmission timer fires and
+  sends with the socket's live timestamp clock, newer than the TSval the document
+  carries. A source that can still reach the peers would then move their PAWS
+  (RFC 7323 §5) ts_recent past the target's clock, and the target's segments would
+  be dropped; across hosts, the source loses its route to the peers before it exports
+  (control/flows_file.py, README "Migrating a guest to another host").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from relaynat.flow_state import (
+    FlowStateError,
+    TcpFlowState,
+    entry_from,
+    make_document,
+    parse_document,
+    state_of,
+)
+from relaynat.guest_log import guest_logger
+from relaynat.host.flowinfo import FlowInfo, describe_tcp
+from relaynat.host.tcp_flow import SO_PEEK_OFF, TcpFlow, close_with_reset
+from relaynat.host.tcp_relay import TcpRelay
+from relaynat.host.tcp_repair import (
+    TCP_REPAIR,
+    TCP_REPAIR_OFF_NO_WP,
+    RepairError,
+    RepairState,
+    dump,
+    leave_repair,
+    restore,
+)
+from relaynat.tcp_state import TcpState
+from relaynat.transports.base import FrameTransport, HandoverTransport
+
+log = guest_logger("relaynat.tcp")
+
+_HALF_OPEN = frozenset({TcpState.CONNECTING, TcpState.SYN_SENT, TcpState.SYN_RCVD})
+
+
+class ExportedSockets:
+    """Host sockets of exported flows, held open in repair mode, where closing them
+    sends nothing (tcp_close() in repair mode only disconnects). Held, they still
+    retransmit on their timers (module docstring)."""
+
+    def __init__(self) -> None:
+        self.socks: list[socket.socket] = []
+
+    def release(self, reset: bool = False) -> int:
+        """Close them all; with `reset`, their peers get a RST (for flows that did not
+        live on elsewhere). Returns how many."""
+        for sock in self.socks:
+            if reset:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+                close_with_reset(sock)
+            else:
+                sock.close()
+        count = len(self.socks)
+        self.socks.clear()
+        return count
+
+
+def let_go(transport: FrameTransport | None, keep: bool) -> FrameTransport | None:
+    """A relay lets its transport go: closed, or (`keep`) only stopped and returned,
+    its link open for another relay."""
+    if transport is None or not keep:
+        if transport is not None:
+            transport.close()
+        return None
+    if not isinstance(transport, HandoverTransport):
+        raise TypeError(f"{type(transport).__name__} cannot be handed to another relay")
+    transport.stop()
+    return transport
+
+
+def not_moved(info: FlowInfo, reason: str) -> dict[str, Any]:
+    """One line of a document's "not_moved" list."""
+    return {"protocol": info["protocol"], "guest": info["guest"], "far": info["far"],
+            "reason": reason}
+
+
+def _unmovable(flow: TcpFlow, own_service: tuple[str, int] | None) -> str | None:
+    state = flow.entry.state
+    if flow.connecting or state in _HALF_OPEN:
+        return f"half-open ({state.value})"
+    if state is not TcpState.ESTABLISHED:
+        return f"half-closed ({state.value})"
+    if own_service is not None and tuple(flow.host_addr) == own_service:
+        return "served by this relay's own DNS-over-TCP responder"
+    return None
+
+
+def _give_back(flow: TcpFlow) -> None:
+    """A dump failed half-way: out of repair mode, the peek offset where the flow has it
+    (dump switched it off), so the flow goes on here."""
+    with contextlib.suppress(OSError):
+        flow.sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+        if flow.peek_offset_supported:
+            flow.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, flow.entry.bytes_in_flight)
+
+
+def export_flows(tcp: TcpRelay, now: float, held: ExportedSockets, others: list[FlowInfo],
+                 dns_tcp_port: int | None) -> dict[str, Any]:
+    """Export every ESTABLISHED flow of `tcp` (sockets into `held`); `others` (UDP and
+    ICMP flows) and flows to the relay's own DNS-over-TCP responder on 127.0.0.1
+    `dns_tcp_port` are listed as not moved. Returns the document."""
+    own_service = ("127.0.0.1", dns_tcp_port) if dns_tcp_port is not None else None
+    states: list[TcpFlowState] = []
+    skipped = [not_moved(info, f"{info['protocol']} flows do not move") for info in others]
+    for flow in list(tcp.flows.values()):
+        reason = _unmovable(flow, own_service)
+        if reason is None:
+            try:
+                repair = tcp.forget(flow, dump)
+            except RepairError as exc:
+                _give_back(flow)
+                reason = f"host socket: {exc}"
+        if reason is not None:
+            skipped.append(not_moved(describe_tcp(flow), reason))
+            continue
+        states.append(state_of(flow.entry, flow.key, flow.inbound, now, repair))
+        held.socks.append(flow.sock)
+    return make_document(states, skipped)
+
+
+def import_flows(tcp: TcpRelay, doc: Any, now: float, is_guest: Callable[[bytes], bool], *,
+                 mtu: int, max_flows: int, idle_timeout_s: float) -> list[FlowInfo]:
+    """Check `doc` entirely, then serve its flows in `tcp`; returns them described.
+    FlowStateError (nothing imported) for a document that does not fit, RepairError
+    (nothing imported either) when the kernel refuses a socket."""
+    states = parse_document(doc)
+    for i, state in enumerate(states):
+        if not is_guest(state.key[3]):
+            raise FlowStateError(f"flows[{i}]: {state.guest[0]} is not this relay's guest")
+        if state.key in tcp.flows:
+            raise FlowStateError(f"flows[{i}]: {state.guest} -> {state.far} is open here")
+    if len(tcp.flows) + len(states) > max_flows:
+        raise FlowStateError(f"{len(states)} flows do not fit: {len(tcp.flows)} of "
+                             f"max_tcp_flows {max_flows} are open")
+    socks: list[socket.socket] = []
+    try:
+        for state in states:
+            socks.append(restore(state.socket, stay_in_repair=True))
+    except RepairError:
+        for sock in socks:
+            sock.close()  # still in repair mode: the peers see nothing
+        raise
+    imported: list[FlowInfo] = []
+    for state, sock in zip(states, socks, strict=True):
+        flow = _serve(tcp, state, sock, now, mtu, idle_timeout_s)
+        if flow is not None:
+            imported.append(describe_tcp(flow))
+    return imported
+
+
+def _serve(tcp: TcpRelay, state: TcpFlowState, sock: socket.socket, now: float, mtu: int,
+           idle_timeout_s: float) -> TcpFlow | None:
+    repair: RepairState = state.socket
+    try:
+        leave_repair(sock, repair)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        # The peers of the flows already served must not pay for this one: it alone
+        # ends, reset so that its peer knows.
+        log.warning("imported flow %s -> %s failed to leave repair mode: %s", state.guest,
+                    state.far, exc)
+        tcp.stats["tcp_import_failed"] += 1
+        close_with_reset(sock)
+        return None
+    return adopt_flow(tcp, state, sock, now, mtu=mtu, idle_timeout_s=idle_timeout_s,
+                      host_addr=repair.peer)
+
+
+def adopt_flow(tcp: TcpRelay, state: TcpFlowState, sock: socket.socket, now: float, *,
+               mtu: int, idle_timeout_s: float, host_addr: tuple[str, int]) -> TcpFlow:
+    """Serve `state`'s flow in `tcp` on `sock`, connected and non-blocking: restored
+    here, or passed live from another process (moving/handover.py)."""
+    vnet_hdr_len, offload = tcp.link
+    entry = entry_from(state, mtu=mtu, vnet_hdr_len=vnet_hdr_len, offload=offload, now=now,
+                       idle_timeout_s=idle_timeout_s, ooo_budget=tcp.ooo_budget)
+    flow = TcpFlow(state.key, entry, sock, connecting=False, host_readable=True,
+                   host_addr=host_addr, inbound=state.inbound)
+    try:
+        # What was sent to the guest and not acknowledged heads the socket's receive
+        # queue: peek past it, as the source did.
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, entry.bytes_in_flight)
+    except OSError:
+        flow.peek_offset_supported = False
+    tcp.adopt(flow)
+    return flow

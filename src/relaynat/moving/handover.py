@@ -1,0 +1,405 @@
+"""Handing a running relay over to a new relaynat process on the same host, the guest's
+connections kept (`relaynat ctl handover`): to upgrade relaynat or change its
+configuration under a running guest.
+
+The new relay (B) waits on a unix seqpacket socket (`Receiver`, `relaynat serve
+--receive-handover PATH`, mode 0600, only its own user or root may connect). The
+running one (A, `Source`) connects and:
+
+1. offers: ``{"offer": {"format", "version", "relaynat", "addressing", "transport"}}``
+   (``transport``: the kind of A's guest link, or null; relays before the unixgram and
+   interface kinds send none); B answers ``{"ready": {"relaynat": VERSION}}`` or
+   ``{"error": DESC}`` (its guest-visible addressing differs: the guest would lose its
+   address, routes or flows; or it cannot serve that kind of link). A refusal here
+   leaves A untouched.
+2. stops (`Source._take_out`): the guest transport stops reading at a frame boundary and
+   sends nothing more; forwards stop accepting; every established or half-closed TCP
+   flow leaves A's tables, its host socket open and untouched (A has dropped the bytes
+   the guest acknowledged, so the socket's receive queue starts at the guest's first
+   unacknowledged byte). Nothing is lost meanwhile: frames wait in the TAP's or the
+   socket's queue, host data in the host sockets, clients in the listeners' backlog.
+3. sends ``{"document": BYTES, "fds": N}``, then the N descriptors (SCM_RIGHTS, at most
+   250 a message: SCM_MAX_FD is 253), then the document (JSON, in 32 KiB messages).
+   B checks all of it (handover_receive.py: format, version, every field, every
+   descriptor's kind, each flow's socket connected to the peer its record names) and answers
+   ``{"accepted": {...}}`` or ``{"error": DESC}``; on an error (or silence) A takes
+   everything back and serves on (`Source._give_back`), and B closes its copies.
+4. commits: ``{"commit": {"stopped_at": T}}`` (T: A's CLOCK_MONOTONIC when it stopped);
+   from here B serves and A only closes its copies of the descriptors (closing a
+   descriptor another process holds sends nothing) and exits.
+
+No TCP_REPAIR is needed (nor CAP_NET_ADMIN): the host sockets themselves move, with
+their kernel queues. Host-to-guest bytes not yet acknowledged by the guest are still
+in each socket's receive queue (the relay peeks with SO_PEEK_OFF), guest-to-host bytes
+were acknowledged to the guest only once the host kernel had them.
+
+The document (``"format": "relaynat-handover"``, ``"version": 1``):
+
+- ``relaynat``: A's version; ``addressing``: `addressing_of` A's config.
+- ``guest``: ``{"mac": "02:..." or null, "address6": ADDR}``, as A learned them.
+- ``transport``: null (no guest attached) or the guest link: a TAP, a qemu stream
+  socket, a unix datagram socket or the packet socket of `serve --interface`, with
+  what A had read in part or queued toward the guest (moving/handover_transport.py lists
+  the kinds and their fields; kinds were added in a backward-compatible way: a relay
+  that does not know one refuses the document, and A serves on).
+- ``stream_listener``, ``control``: null or ``{"fd", "path"}``: the listening socket
+  of `serve --socket` and the control socket; B serves them on the same paths.
+- ``command``: null or ``{"fd"}``, a pidfd of `relaynat run`'s namespace child (the
+  process that starts the command in its own user and PID namespaces and passes
+  signals on to it, netns/child.py): B ends when it exits (its exit status is its
+  parent's, A's, to learn, so B exits 0) and forwards SIGTERM/SIGHUP to it.
+- ``forwards``: ``[{"proto", "host_addr", "host_port", "guest_port", "interface",
+  "fd"}]``, the bound (TCP: listening) sockets.
+- ``tcp``: a "relaynat-flows" document of kind "live" (flow_state.py): the flows, and
+  under ``not_moved`` everything that stays behind and ends with A, with the reason:
+  half-open TCP flows (the guest's SYN retransmission opens them again at B), flows to
+  A's own DNS-over-TCP responder, UDP flows and ping sessions (the next datagram opens
+  a new one at B, from another host port).
+- ``stats``: A's counters, which B's continue from.
+
+Every ``fd`` is an index into the descriptors passed; each is used exactly once.
+
+This module is the protocol and the running relay's side (`Source`);
+moving/handover_receive.py is the new relay's (`Receiver`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from typing import TYPE_CHECKING, Any
+
+from relaynat import __version__
+from relaynat.config import RelayConfig
+from relaynat.control.server import ControlServer, RequestError
+from relaynat.flow_state import (
+    KIND_LIVE,
+    LIVE_STATES,
+    LiveFlowState,
+    LiveSocket,
+    live_state_of,
+    make_document,
+)
+from relaynat.host.flowinfo import describe_tcp
+from relaynat.host.tcp_flow import TcpFlow
+from relaynat.moving import handover_transport
+from relaynat.moving.flow_move import adopt_flow, not_moved
+
+if TYPE_CHECKING:
+    from relaynat.netns.guest import NamespaceGuest
+    from relaynat.relay import Relay
+    from relaynat.transports.base import FrameTransport
+    from relaynat.transports.unixgram import UnixgramServer
+
+log = logging.getLogger("relaynat.handover")
+
+FORMAT = "relaynat-handover"
+VERSION = 1
+TIMEOUT_S = 10.0
+_FDS_PER_MESSAGE = 250
+_CHUNK = 32 << 10
+_MAX_MESSAGE = 64 << 10
+_MAX_DOCUMENT = 256 << 20
+_MAX_FDS = 1 << 20
+
+
+class HandoverError(RequestError):
+    """A handover that did not happen; the message says why. The relay that offered
+    it serves on as before. A RequestError, so `relaynat ctl handover` gets the reason
+    as its answer, not an internal error."""
+
+
+def addressing_of(config: RelayConfig) -> dict[str, object]:
+    """What the guest configured itself from (DHCP, RA, `relaynat run`): a relay that
+    takes over must present the same, or the guest loses its routes, names or flows."""
+    return {"ipv4": config.ipv4, "ipv6": config.ipv6, "address": str(config.guest_ipv4),
+            "prefix_len": config.prefix_len_v4, "gateway": str(config.gateway_ipv4),
+            "dns": str(config.dns_ipv4), "prefix6": str(config.prefix_v6),
+            "address6": str(config.guest_ipv6), "gateway6": str(config.gateway_ipv6),
+            "dns6": str(config.dns_ipv6), "gateway_mac": config.gateway_mac.hex(":"),
+            "mtu": config.mtu}
+
+
+def addressing_differs(ours: dict[str, object], theirs: object) -> str | None:
+    if not isinstance(theirs, dict):
+        return "the offer carries no addressing"
+    diffs = [f"{k} is {theirs.get(k)!r} there, {v!r} here" for k, v in ours.items()
+             if theirs.get(k) != v]
+    if not diffs:
+        return None
+    return ("the guest-visible addressing differs from the running relay's: "
+            + "; ".join(diffs) + " (start the new relay with the same -a/-g/-D/-m/-4/-6/"
+            "--prefix6/--address6/--gateway6/--dns6)")
+
+
+# -- the wire ---------------------------------------------------------------------------
+
+def send_message(sock: socket.socket, obj: object) -> None:
+    sock.sendall(json.dumps(obj).encode())
+
+
+def recv_message(sock: socket.socket) -> dict[str, Any]:
+    data = sock.recv(_MAX_MESSAGE)
+    if not data:
+        raise HandoverError("the other relay closed the connection")
+    try:
+        message = json.loads(data)
+    except ValueError:
+        raise HandoverError("the other relay sent something that is not JSON") from None
+    if not isinstance(message, dict):
+        raise HandoverError("the other relay sent something that is not a message")
+    return message
+
+
+def _answer(sock: socket.socket, key: str) -> Any:
+    message = recv_message(sock)
+    if "error" in message:
+        raise HandoverError(str(message["error"]))
+    if key not in message:
+        raise HandoverError(f"the other relay answered {sorted(message)}, not {key!r}")
+    return message[key]
+
+
+def send_document(sock: socket.socket, doc: bytes, fds: list[int]) -> None:
+    send_message(sock, {"document": len(doc), "fds": len(fds)})
+    for i in range(0, len(fds), _FDS_PER_MESSAGE):
+        socket.send_fds(sock, [b"fds"], fds[i:i + _FDS_PER_MESSAGE])
+    for i in range(0, len(doc), _CHUNK):
+        sock.sendall(doc[i:i + _CHUNK])
+
+
+def recv_document(sock: socket.socket, fds: list[int]) -> bytes:
+    """The document and its descriptors (appended to `fds` as they come, so that the
+    caller closes them whatever fails)."""
+    header = recv_message(sock)
+    size, count = header.get("document"), header.get("fds")
+    if (type(size) is not int or type(count) is not int or not 0 < size <= _MAX_DOCUMENT
+            or not 0 <= count <= _MAX_FDS):
+        raise HandoverError(f"bad handover header {header!r}")
+    while len(fds) < count:
+        _, got, flags, _ = socket.recv_fds(sock, 16, _FDS_PER_MESSAGE)
+        fds.extend(got)
+        if flags & socket.MSG_CTRUNC or not got:
+            raise HandoverError("descriptors lost in transit (the receiver's open-file "
+                                "limit?)")
+    doc = bytearray()
+    while len(doc) < size:
+        chunk = sock.recv(_CHUNK)
+        if not chunk:
+            raise HandoverError("the document ended early")
+        doc += chunk
+    if len(fds) != count or len(doc) != size:
+        raise HandoverError("more descriptors or bytes than announced")
+    return bytes(doc)
+
+
+# -- the running relay's side -------------------------------------------------------------
+
+@dataclass
+class _Held:
+    """What a relay took out of service for a handover: to give back, or let go."""
+
+    doc: dict[str, Any]
+    fds: list[int]
+    transport: FrameTransport | None
+    flows: list[tuple[LiveFlowState, socket.socket]]
+    stopped_at: float
+    own_fds: list[int] = field(default_factory=list)  # opened for the handover
+
+
+class Source:
+    """A running relay that can hand itself over (`hand_over`), with what its process
+    owns beside it: the control server, `serve --socket`'s listener path, the server of
+    `serve --unixgram` (`unixgram`: its path moves with its socket), and the command of
+    `relaynat run` (`guest`, or `command_fd`: a pidfd, after a handover)."""
+
+    def __init__(self, relay: Relay, control: ControlServer | None = None, *,
+                 stream_path: str | None = None, guest: NamespaceGuest | None = None,
+                 command_fd: int | None = None,
+                 unixgram: UnixgramServer | None = None) -> None:
+        self.relay = relay
+        self.control = control
+        self.stream_path = stream_path
+        self.guest = guest
+        self.command_fd = command_fd
+        self.unixgram = unixgram
+        self.done = False
+        self._busy = False
+
+    async def hand_over(self, path: str, timeout: float = TIMEOUT_S) -> dict[str, Any]:
+        """Hand everything to the relay waiting at `path`; returns what moved and what
+        did not. Raises HandoverError (and serves on) when it did not happen."""
+        if self.done or self._busy:
+            raise HandoverError("a handover is already done or under way")
+        try:
+            kind = handover_transport.kind_of(self.relay._transport)
+        except TypeError as exc:
+            raise HandoverError(str(exc)) from None
+        self._busy = True
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.settimeout(timeout)
+        try:
+            return await self._hand_over(sock, path, kind)
+        except OSError as exc:
+            raise HandoverError(f"{path}: {exc.strerror or exc}") from None
+        finally:
+            sock.close()
+            self._busy = False
+
+    async def _hand_over(self, sock: socket.socket, path: str,
+                         kind: str | None) -> dict[str, Any]:
+        offer = {"format": FORMAT, "version": VERSION, "relaynat": __version__,
+                 "addressing": addressing_of(self.relay.config), "transport": kind}
+
+        def offer_it() -> Any:
+            sock.connect(path)
+            send_message(sock, {"offer": offer})
+            return _answer(sock, "ready")
+
+        ready = await asyncio.to_thread(offer_it)
+        held = self._take_out()
+        try:
+            data = json.dumps(held.doc).encode()
+            accepted = await asyncio.to_thread(self._deliver, sock, data, held.fds)
+            send_message(sock, {"commit": {"stopped_at": held.stopped_at}})
+        except BaseException:
+            self._give_back(held)
+            raise
+        self._let_go(held)
+        self.done = True
+        tcp = held.doc["tcp"]
+        log.info("handed over to %s (relaynat %s): %d TCP flows, %d not moved", path,
+                 ready.get("relaynat") if isinstance(ready, dict) else "?",
+                 len(tcp["flows"]), len(tcp["not_moved"]))
+        return {"to": path, "accepted": accepted, "moved_tcp": len(tcp["flows"]),
+                "forwards": len(held.doc["forwards"]), "not_moved": tcp["not_moved"],
+                "stopped_at": held.stopped_at}
+
+    @staticmethod
+    def _deliver(sock: socket.socket, data: bytes, fds: list[int]) -> Any:
+        send_document(sock, data, fds)
+        return _answer(sock, "accepted")
+
+    def _take_out(self) -> _Held:
+        """Stop serving and describe everything (module docstring, step 2)."""
+        relay = self.relay
+        tcp, forwarder, loop = relay._tcp, relay._forwarder, relay._loop
+        assert tcp is not None and forwarder is not None and loop is not None
+        stopped_at = time.monotonic()
+        transport, relay._transport = relay._transport, None
+        if transport is not None:
+            handover_transport.stop(transport)  # a kind that moves: checked
+        relay._link.stop_router_adverts()
+        forwarder.pause()
+        if relay._listener is not None:  # the next stream guest waits in the backlog
+            loop.remove_reader(relay._listener.fileno())
+        fds: list[int] = []
+
+        def fd(sock: socket.socket | int) -> int:
+            fds.append(sock if isinstance(sock, int) else sock.fileno())
+            return len(fds) - 1
+
+        now = loop.time()
+        own_dns = ("127.0.0.1", relay._dns_tcp.port) if relay._dns_tcp else None
+        states: list[LiveFlowState] = []
+        moved: list[tuple[LiveFlowState, socket.socket]] = []
+        skipped = [not_moved(info, f"{info['protocol']} flows end with the old relay")
+                   for part in (relay._udp_relay, relay._icmp) if part
+                   for info in part.describe_flows()]
+        for flow in list(tcp.flows.values()):
+            reason = _unmovable(flow, own_dns)
+            if reason is None:
+                try:
+                    peer = flow.sock.getpeername()[:2]
+                except OSError as exc:
+                    reason = f"host socket: {exc.strerror}"
+            if reason is not None:
+                skipped.append(not_moved(describe_tcp(flow), reason))
+                continue
+            live = LiveSocket(len(fds), peer)
+
+            def snapshot(_sock: socket.socket, flow: TcpFlow = flow,
+                         live: LiveSocket = live) -> LiveFlowState:
+                return live_state_of(flow.entry, flow.key, flow.inbound, now, live)
+
+            state = tcp.forget(flow, snapshot)
+            fd(flow.sock)
+            states.append(state)
+            moved.append((state, flow.sock))
+        own: list[int] = []
+        command = None
+        if self.command_fd is not None:
+            command = {"fd": fd(self.command_fd)}
+        elif self.guest is not None and self.guest.proc.returncode is None:
+            own.append(os.pidfd_open(self.guest.proc.pid))
+            command = {"fd": fd(own[-1])}
+        listener = relay._listener
+        doc = {
+            "format": FORMAT, "version": VERSION, "relaynat": __version__,
+            "addressing": addressing_of(relay.config),
+            "guest": {"mac": relay._guest_mac.hex(":") if relay._guest_mac else None,
+                      "address6": str(ip_address(relay._guest_addr6))},
+            "transport": handover_transport.describe(transport, fd, self.unixgram),
+            "stream_listener": None if listener is None or self.stream_path is None
+            else {"fd": fd(listener), "path": self.stream_path},
+            "control": None if self.control is None
+            else {"fd": fd(self.control.sock), "path": self.control.path},
+            "command": command,
+            "forwards": [{k: v for k, v in f.describe().items() if k != "id"}
+                         | {"fd": fd(f.sock)} for f in forwarder.forwards
+                         if f.sock is not None],
+            "tcp": make_document(states, skipped, KIND_LIVE),
+            "stats": dict(relay._stats),
+        }
+        return _Held(doc, fds, transport, moved, stopped_at, own)
+
+    def _give_back(self, held: _Held) -> None:
+        """The handover failed: serve on exactly as before it began."""
+        relay = self.relay
+        assert relay._tcp is not None and relay._forwarder is not None
+        assert relay._loop is not None
+        if held.transport is not None:
+            relay.attach(held.transport)
+        now = relay._loop.time()
+        c = relay.config
+        for state, sock in held.flows:
+            adopt_flow(relay._tcp, state, sock, now, mtu=c.mtu,
+                       idle_timeout_s=c.tcp_idle_timeout_s, host_addr=state.socket.peer)
+        relay._forwarder.resume()
+        if relay._listener is not None:
+            relay._loop.add_reader(relay._listener.fileno(), relay._on_stream_client)
+        for own in held.own_fds:
+            os.close(own)
+        relay._stats["handovers_failed"] += 1
+
+    def _let_go(self, held: _Held) -> None:
+        """The other relay serves: close our copies, without a packet to anyone."""
+        for _, sock in held.flows:
+            sock.close()
+        if held.transport is not None:
+            held.transport.close()
+        for own in held.own_fds:
+            os.close(own)
+        if self.command_fd is not None:
+            os.close(self.command_fd)
+            self.command_fd = None
+        if self.guest is not None:
+            self.guest.release()
+        self.relay._stats["handovers_sent"] += 1
+
+
+def _unmovable(flow: TcpFlow, own_dns: tuple[str, int] | None) -> str | None:
+    state = flow.entry.state
+    if flow.connecting or state not in LIVE_STATES:
+        return f"half-open or closing ({state.value}): the guest's retransmission " \
+               "opens it again"
+    if own_dns is not None and tuple(flow.host_addr) == own_dns:
+        return "served by the old relay's own DNS-over-TCP responder"
+    return None
+

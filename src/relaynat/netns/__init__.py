@@ -1,0 +1,1 @@
+"""Network-namespace guests: the namespace, its TAP, the command inside, and the syscalls."""

@@ -1,0 +1,306 @@
+"""The child side of namespace mode: set up the guest's namespaces, hand over the TAP,
+start the command and see it to its end. Run as `python -m relaynat.netns.child
+SPEC FD -- CMD...` by `namespace.NamespaceGuest.spawn`; kept apart from the relay so it
+starts without importing it.
+
+The namespaces are made in two steps, in this order:
+
+1. A private mount namespace of the caller's user namespace (the host's when the relay
+   runs as root; else a new one mapping the caller to root, the one map an
+   unprivileged process may write). Here /dev/null covers the hidden paths (the control
+   socket) and /etc/resolv.conf names the relay's DNS address.
+2. One unshare of a user namespace with network, mount, IPC and UTS namespaces (and
+   later a PID namespace): the kernel makes the user namespace first and it owns the
+   others (user_namespaces(7)), so root in it has every capability over the command's
+   own network (ip, ping, tcpdump work) and none over anything the host's user
+   namespace owns: no setns(2) into the relay's network namespace, no ptrace access
+   to the relay (/proc/PID/root). Root inside maps to an unprivileged id outside:
+   `nobody` or --runas when the relay is root (the relay writes that map, as only a
+   process with CAP_SETUID outside may), the caller otherwise (step 1's root, which
+   we map ourselves). Host files are open to the command as to that id. Its mount
+   namespace is copied from step 1's, which a more privileged user namespace owns,
+   so step 1's mounts are locked (mount_namespaces(7)): root inside cannot unmount
+   the /dev/null that covers the control socket.
+
+This process then stays in the host's PID namespace, passing the relay's signals on,
+while its child is PID 1 of the command's PID namespace with a fresh /proc: the command
+sees no process of the host (pid_namespaces(7)). That init starts the command, passes
+signals on (PID 1 gets only the signals it has a handler for), reaps orphans, and exits
+with the command's status; the kernel then kills whatever the command left behind.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from relaynat.netns.syscalls import (
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUSER,
+    CLONE_NEWUTS,
+    map_root,
+    set_parent_death_signal,
+    unshare,
+)
+from relaynat.transports.tap import open_tap
+
+
+class NamespaceSetupError(RuntimeError):
+    """A setup step failed; the message says which and why."""
+
+
+# mount(2) flags (include/uapi/linux/mount.h).
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_MS_NOEXEC = 8
+_MS_BIND = 4096
+_MS_REC = 16384
+_MS_PRIVATE = 1 << 18
+
+#: Signals passed on to the command. Those the kernel itself sent (si_code SI_KERNEL:
+#: a terminal's ^C, ^\ or hangup) are not: they went to the whole foreground process
+#: group, the command included, and passing them on would deliver them twice.
+_FORWARDED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                        signal.SIGUSR1, signal.SIGUSR2})
+_SI_KERNEL = 0x80
+
+#: The command's user namespace and the namespaces it owns (step 2 above), but for the
+#: PID namespace: the first process forked after that unshare is its init, so it comes
+#: once `ip` has run.
+_GUEST_NAMESPACES = CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _mount(source: str | None, target: str, flags: int, fstype: str | None = None) -> None:
+    if _libc.mount(source.encode() if source else None, target.encode(),
+                   fstype.encode() if fstype else None, ctypes.c_ulong(flags), None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source or ''} on {target}: {os.strerror(err)}")
+
+
+def _point_resolv_conf_at(servers: list[str]) -> None:
+    """Bind-mount a file naming the relay's DNS address over /etc/resolv.conf."""
+    fd, path = tempfile.mkstemp(prefix="relaynat-resolv-")
+    try:
+        lines = "".join(f"nameserver {server}\n" for server in servers)
+        os.write(fd, f"# written by relaynat run\n{lines}".encode())
+        os.fchmod(fd, 0o644)
+        os.close(fd)
+        _mount(path, "/etc/resolv.conf", _MS_BIND)
+    finally:
+        os.unlink(path)  # the bind mount keeps the inode alive
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode:
+        raise NamespaceSetupError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+def _warn(text: str) -> None:
+    print(f"relaynat run: warning: {text}", file=sys.stderr)
+
+
+def _host_side_mounts(spec: dict[str, Any], host_root: bool) -> None:
+    """Step 1: a mount namespace, private (as `mount --make-rprivate /`, so nothing
+    propagates back to the host's), where /dev/null covers each hidden path and
+    /etc/resolv.conf names the relay. Done before the command's user namespace exists,
+    with the caller's own ids: a hidden path under a directory only the caller may
+    search is still found. `host_root`: we are root of the host's user namespace."""
+    if host_root:
+        unshare(CLONE_NEWNS)
+    else:
+        unshare(CLONE_NEWUSER | CLONE_NEWNS)
+        map_root("self", os.getuid(), os.getgid())
+    _mount(None, "/", _MS_REC | _MS_PRIVATE)
+    for path in spec["hide"]:
+        # connect(2) on a character device fails (ECONNREFUSED).
+        _mount("/dev/null", path, _MS_BIND)
+    if spec["dns"]:
+        try:
+            _point_resolv_conf_at(spec["dns"])
+        except OSError as exc:
+            _warn(f"cannot point /etc/resolv.conf at {', '.join(spec['dns'])}: {exc}")
+
+
+def _enter_guest_namespaces(sock: socket.socket, host_root: bool) -> None:
+    """Step 2: the command's user namespace and those it owns. `host_root`: we are root
+    of the host's user namespace (when not, step 1 made us root of a new one, so our
+    euid says nothing any more)."""
+    if host_root:
+        # Supplementary groups are kept across unshare as host groups (root's include
+        # gid 0) and would still open files by group; setgroups(2) is denied after.
+        os.setgroups([])
+    unshare(_GUEST_NAMESPACES)
+    if host_root:
+        # Mapping root inside to another id outside takes CAP_SETUID in the parent user
+        # namespace, which this process has just left: the relay writes the map.
+        sock.send(b"map")
+        if sock.recv(16) != b"mapped":
+            raise NamespaceSetupError("the relay did not map the user namespace")
+    else:
+        map_root("self", 0, 0)  # root of step 1's namespace, i.e. the caller
+
+
+def _become_root() -> None:
+    """Take the ids of the command's root: those the map gave it outside. Until now our
+    credentials were the host ids we started with (unmapped in here, so we acted on
+    files as them); the capabilities stay, as the new uid is the namespace's root, and
+    only with it do they pass through execve(2) to `ip` and the command."""
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
+def _configure_link(spec: dict[str, Any]) -> None:
+    """Address the TAP and bring it and `lo` up."""
+    tap = spec["tap"]
+    if not spec["address6"]:
+        # -4: keep the kernel from autoconfiguring and soliciting on the link.
+        with open(f"/proc/sys/net/ipv6/conf/{tap}/disable_ipv6", "w") as f:
+            f.write("1")
+    _ip("link", "set", "lo", "up")
+    _ip("link", "set", "dev", tap, "mtu", str(spec["mtu"]), "up")
+    if spec["address"]:
+        _ip("addr", "add", spec["address"], "dev", tap)
+        _ip("route", "add", "default", "via", spec["gateway"], "dev", tap)
+    if spec["address6"]:
+        # Configured statically so the command's first packet has an address (as
+        # pasta does); the kernel still autoconfigures its own SLAAC address from
+        # the relay's router advertisement. No DAD: the relay owns the link.
+        _ip("-6", "addr", "add", spec["address6"], "dev", tap, "nodad")
+        _ip("-6", "route", "add", "default", "via", spec["gateway6"], "dev", tap)
+
+
+def _shell_status(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _reap(child: int) -> int | None:
+    """Reap every child that has exited (as PID 1, orphans of the command too); the
+    status of `child` as a shell reports it, if it was among them."""
+    found = None
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return found
+        if pid == 0:
+            return found
+        if pid == child:
+            found = _shell_status(status)
+
+
+def _pass_signals_until_exit(child: int) -> int:
+    """Wait for `child`, passing on the signals of _FORWARDED that a process sent; its
+    status as a shell reports it. The signals and SIGCHLD are blocked (since before
+    the fork) and taken with sigwaitinfo, which tells who sent them."""
+    while True:
+        info = signal.sigwaitinfo({*_FORWARDED, signal.SIGCHLD})
+        if info.si_signo == signal.SIGCHLD:
+            status = _reap(child)
+            if status is not None:
+                return status
+        elif info.si_code != _SI_KERNEL:
+            with contextlib.suppress(ProcessLookupError):  # exited: SIGCHLD is pending
+                os.kill(child, info.si_signo)
+
+
+def _exec(command: list[str]) -> int:
+    """Become the command (returns only if that failed)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    # Python ignores these at startup, and an ignored signal stays ignored across
+    # execve(2): give the command the defaults a shell would.
+    for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        print(f"relaynat run: cannot execute {command[0]!r}: {exc.strerror}", file=sys.stderr)
+    return 127
+
+
+def _init(command: list[str], parent_alive: int) -> int:
+    """PID 1 of the command's PID namespace: mount its /proc, start the command, pass
+    signals on, reap, and return the command's status."""
+    # Our parent (in the host's PID namespace) is the process the relay watches and
+    # kills: its death must end the namespace, whose processes all die with PID 1.
+    set_parent_death_signal(signal.SIGKILL)
+    if select.select([parent_alive], [], [], 0)[0]:
+        return 1  # EOF: the parent died before the death signal was set
+    os.close(parent_alive)
+    # A proc of this PID namespace (proc mounts show the mounter's), covering the
+    # host's, which is locked beneath it.
+    _mount("proc", "/proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "proc")
+    child = os.fork()
+    if child == 0:
+        os._exit(_exec(command))
+    return _pass_signals_until_exit(child)
+
+
+def _start(command: list[str]) -> int:
+    """Fork the init of the PID namespace made last, pass signals to it, and return
+    its status."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {*_FORWARDED, signal.SIGCHLD})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    alive_r, alive_w = os.pipe()
+    init = os.fork()  # PID 1 of the new namespace
+    if init == 0:
+        os.close(alive_w)
+        try:
+            code = _init(command, alive_r)
+        except OSError as exc:
+            print(f"relaynat run: cannot start the command's init: {exc}", file=sys.stderr)
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    os.close(alive_r)
+    return _pass_signals_until_exit(init)
+
+
+def _child_main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    sock = socket.socket(fileno=int(argv[1]))
+    command = argv[3:]
+    try:
+        host_root = os.geteuid() == 0
+        _host_side_mounts(spec, host_root)
+        _enter_guest_namespaces(sock, host_root)
+        # Opened with the caller's ids (/dev/net/tun may be root's, mode 0600) but in
+        # the new network namespace: a TAP belongs to the namespace it was opened in.
+        fd, vnet_hdr_len, offload = open_tap(spec["tap"], spec["vnet"])
+        _become_root()
+        _configure_link(spec)
+        # Owned by the user namespace we are in; not entered: its init is the next
+        # process we fork (`_start`).
+        unshare(CLONE_NEWPID)
+    except (OSError, NamespaceSetupError) as exc:
+        sock.send(f"cannot set up the guest namespace: {exc}".encode())
+        return 1
+    info = json.dumps({"vnet_hdr_len": vnet_hdr_len, "offload": offload}).encode()
+    sock.sendmsg([info], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    os.close(fd)
+    if sock.recv(16) != b"go":
+        return 1
+    sock.close()
+    return _start(command)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
