@@ -1,7 +1,7 @@
 """The serialized form of established TCP flows moving from one relay to another.
 
 No I/O: this module turns a flow's relay-side state (`TcpNatEntry`) plus its host
-socket's kernel state (`tcp_repair.RepairState`) into a plain JSON-able document and
+socket's kernel state (`repair_state.RepairState`) into a plain JSON-able document and
 back, checking every field. moving/flow_move.py does the socket work around it.
 
 The document (version 2)::
@@ -37,7 +37,7 @@ Each FLOW is one ESTABLISHED TCP flow, every field required, no other field allo
   in microseconds; the round trip is null before a first sample), ``write_blocked``
   (guest data was refused by a full host socket: the guest is owed duplicate ACKs),
   ``ack_pending``; counters ``bytes_from_guest``, ``bytes_to_guest``.
-- ``socket``: `RepairState.to_dict()` (host/tcp_repair.py) of the host socket.
+- ``socket``: `RepairState.to_dict()` (repair_state.py) of the host socket.
 
 Not carried: deadlines (absolute loop times mean nothing elsewhere; the importer arms
 the RTO and idle timers afresh, the persist and window-update checks re-arm on use),
@@ -73,10 +73,10 @@ from dataclasses import dataclass, fields
 from ipaddress import ip_address
 from typing import Any
 
-from relaynat.host.tcp_repair import RepairError, RepairState
 from relaynat.nat_entry import TcpNatEntry
 from relaynat.ooo_queue import OooBudget
 from relaynat.packet_builder import TS_OPTION_LEN, TcpFrameTemplate
+from relaynat.repair_state import RepairError, RepairState
 from relaynat.tcp_actions import M32
 from relaynat.tcp_handshake import MAX_GSO_PAYLOAD
 from relaynat.tcp_state import TcpState

@@ -14,7 +14,6 @@ for two minutes.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,26 +21,6 @@ from typing import Any
 #: (guest port, destination address as the guest sees it, destination port, guest
 #: address): an IPv6 guest may use several source addresses at once (SLAAC, DHCPv6).
 UdpFlowKey = tuple[int, bytes, int, bytes]
-
-#: The receive buffer of every host UDP socket (flows and UDP forwards): room for the
-#: datagrams that arrive while the loop serves others. The default (rmem_default, 208
-#: KiB) lost 0.5-1 % of a 1 Gbit/s host->guest stream, 1 MiB 0.1-0.2 % (benches/run.py
-#: --workloads udp). A limit, not an allocation; the kernel's udp_mem bounds all of them
-#: together.
-UDP_RCVBUF = 1 << 20
-#: socket(7): as SO_RCVBUF, but past net.core.rmem_max (208 KiB on a stock Debian 12),
-#: with CAP_NET_ADMIN. Python's socket module does not name it.
-SO_RCVBUFFORCE = 33
-
-
-def size_udp_rcvbuf(sock: socket.socket) -> None:
-    """Give `sock` UDP_RCVBUF of receive buffer (the kernel doubles the figure for its
-    bookkeeping, socket(7)); without CAP_NET_ADMIN, as much as rmem_max allows."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, UDP_RCVBUF)
-    except PermissionError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
-
 
 @dataclass(slots=True, eq=False)
 class UdpFlow:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 
+from relaynat.cli.event_loop import new_loop
 from relaynat.config import RelayConfig
 from relaynat.netns.syscalls import isolate_network
 
@@ -47,7 +48,6 @@ def _start_server(directory: str) -> tuple[subprocess.Popen[str], int]:
 
 
 def run_demo(size_mib: int) -> int:
-    from relaynat.cli.main import _new_loop
     from relaynat.netns.guest import command_ids, python_for_command, run_command
 
     if os.geteuid() != 0:
@@ -73,7 +73,7 @@ def run_demo(size_mib: int) -> int:
             print(f"server: {size_mib} MiB on 127.0.0.1:{port}, sha256 {digest.hexdigest()}")
             print(f"guest:  fetching {url} through relaynat (namespace guest, TAP)")
             out_path = os.path.join(tmp, "guest.out")
-            loop = _new_loop()
+            loop = new_loop()
             try:
                 t0 = time.monotonic()
                 code = loop.run_until_complete(run_command(

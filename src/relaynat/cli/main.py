@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from relaynat.cli.event_loop import new_loop
 from relaynat.cli.options import (
     build_parser,
     config_from_args,
@@ -36,15 +37,6 @@ if TYPE_CHECKING:
     from relaynat.relay import Relay
 
 log = logging.getLogger("relaynat")
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed (the default dependency), stdlib asyncio otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 def _print_stats(stats: dict[str, int]) -> None:
@@ -337,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         except ConfigError as exc:
             parser.error(str(exc))
-    loop = _new_loop()
+    loop = new_loop()
     try:
         if args.cmd == "run":
             coro = _run(config, args, policy, forwards)

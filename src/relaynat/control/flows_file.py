@@ -44,7 +44,7 @@ import stat
 from typing import TYPE_CHECKING, Any
 
 from relaynat.flow_state import FlowStateError
-from relaynat.host.tcp_repair import RepairError
+from relaynat.repair_state import RepairError
 
 if TYPE_CHECKING:
     from relaynat.relay import Relay

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address
 
 from relaynat.guest_log import guest_logger
-from relaynat.udp_flow import size_udp_rcvbuf
+from relaynat.host.sockets import size_udp_rcvbuf
 
 log = guest_logger("relaynat.forward")
 

@@ -46,8 +46,8 @@ from collections import Counter
 from collections.abc import Callable
 
 from relaynat.guest_log import guest_logger
+from relaynat.host.sockets import SO_RCVBUFFORCE
 from relaynat.host.tcp_flow import SO_PEEK_OFF, TcpFlow, discard, peek_at
-from relaynat.host.tcp_repair import SO_RCVBUFFORCE
 from relaynat.tcp_actions import RESEND_BYTES_MAX
 from relaynat.transports.base import WAKEUP_SLICE_S, slice_clock
 

@@ -36,7 +36,7 @@ from relaynat.host.flow_timers import FlowTimers
 from relaynat.host.flow_turns import FlowTurns
 from relaynat.host.flowinfo import describe_tcp
 from relaynat.host.pump import HostPump
-from relaynat.host.sockfail import count_socket_failure
+from relaynat.host.sockets import count_socket_failure
 from relaynat.host.tcp_flow import (
     FlowKey,
     TcpFlow,

@@ -25,7 +25,7 @@ from relaynat.config import RelayConfig
 from relaynat.guest_log import guest_logger
 from relaynat.host.flowinfo import describe_udp
 from relaynat.host.forward import SockAddr
-from relaynat.host.sockfail import count_socket_failure
+from relaynat.host.sockets import count_socket_failure, size_udp_rcvbuf
 from relaynat.packet_builder import (
     ICMP_ADMIN_PROHIBITED,
     ICMP_HOST_UNREACH,
@@ -35,7 +35,7 @@ from relaynat.packet_builder import (
     udp_frame_head,
 )
 from relaynat.ratelimit import TokenBucket
-from relaynat.udp_flow import UdpFlow, UdpFlowTable, size_udp_rcvbuf
+from relaynat.udp_flow import UdpFlow, UdpFlowTable
 from relaynat.wire import IPPROTO_UDP, IpPacket, UdpDatagram
 
 log = guest_logger("relaynat.udp")

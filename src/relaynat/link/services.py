@@ -2,17 +2,17 @@
 discovery, router advertisements and DHCPv6 for IPv6.
 
 The protocol logic is in the sans-I/O servers (dhcp.py, ndp.py, dhcpv6.py beside it);
-this module turns their answers into frames from the gateway's MAC and keeps the one timer the link
-needs: the periodic unsolicited router advertisement.
+this module turns their answers into frames from the gateway's MAC and keeps the one
+timer the link needs: the periodic unsolicited router advertisement.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
 from fractions import Fraction
+from typing import Protocol
 
 from relaynat.addressing import AddressMap
 from relaynat.config import RelayConfig
@@ -39,6 +39,17 @@ BROADCAST_IP = b"\xff" * 4
 ZERO_IP6 = bytes(16)
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Scheduler(Protocol):
+    """What the router-advert timer needs of an event loop (asyncio's `call_later`):
+    this module keeps the timer's decisions, the shell's loop runs it."""
+
+    def call_later(self, delay: float, callback: Callable[[], None], /) -> Cancellable: ...
+
+
 class LinkServices:
     """ARP, DHCP, NDP, RA and DHCPv6 for one guest; `send_frame` takes a complete
     frame without a vnet header."""
@@ -53,8 +64,8 @@ class LinkServices:
         self.dhcp = DhcpServer(config)
         self.ndp = NdpResponder(config)
         self.dhcp6 = Dhcpv6Server(config)
-        self._ra_timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ra_timer: Cancellable | None = None
+        self._loop: Scheduler | None = None
         self._ip_id = 0
         self._clock = clock
         # Answers to router solicitations: a booting guest sends at most
@@ -156,8 +167,9 @@ class LinkServices:
                                    DHCPV6_SERVER_PORT, DHCPV6_CLIENT_PORT, reply))
         return True
 
-    def start_router_adverts(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Advertise now and every MAX_RTR_ADV_INTERVAL_S while a guest is attached."""
+    def start_router_adverts(self, loop: Scheduler) -> None:
+        """Advertise now and every MAX_RTR_ADV_INTERVAL_S while a guest is attached
+        (`loop`: the relay's event loop)."""
         self.stop_router_adverts()
         self._loop = loop
         self._advertise_router()

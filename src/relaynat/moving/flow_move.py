@@ -56,12 +56,11 @@ from relaynat.host.tcp_relay import TcpRelay
 from relaynat.host.tcp_repair import (
     TCP_REPAIR,
     TCP_REPAIR_OFF_NO_WP,
-    RepairError,
-    RepairState,
     dump,
     leave_repair,
     restore,
 )
+from relaynat.repair_state import RepairError, RepairState
 from relaynat.tcp_state import TcpState
 from relaynat.transports.base import FrameTransport, HandoverTransport
 
