@@ -17,5 +17,5 @@ python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test,bench]'
 # The qemu guest of the VM tests: Debian's cloud kernel (apt-get download, unpacked, not
 # installed) and a busybox initramfs, cached in /var/cache/relaynat-vm.
-.venv/bin/python tests/vmguest.py build
+.venv/bin/python tests/support/vmguest.py build
 echo "relaynat installed in $(pwd)/.venv"

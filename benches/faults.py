@@ -4,8 +4,9 @@
     sudo .venv/bin/python benches/faults.py [--size-mib 1024] [--spec SPEC ...]
         [--budget-s 900] [--relay-args ARGS ...] [--rounds N]
 
-The long version of tests/test_lossy_link.py, on its harness (tests/lossy_harness.py):
-for each impairment SPEC (tests/netshim.py's syntax, applied both ways), a fresh
+The long version of tests/integration/test_lossy_link.py, on its harness
+(tests/support/lossy_harness.py): for each impairment SPEC (tests/support/netshim.py's
+syntax, applied both ways), a fresh
 `relaynat serve --socket` and a real guest kernel behind the shim download SIZE MiB
 from a host HTTP peer and upload SIZE MiB to it; both hashes must match, and no
 transfer may stall (no byte moved for 30 s) or exceed the budget. The defaults are the
@@ -33,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "src"), str(HERE.parent / "tests")]
 
-from lossy_harness import (  # noqa: E402
+from support.lossy_harness import (  # noqa: E402
     Payload,
     http_peer,
     make_payloads,

@@ -4,9 +4,9 @@
     sudo .venv/bin/python benches/floods.py [--syns 100000] [--udp 10000] [--arp 20000]
         [--dhcp 20000] [--size-mib 1024]
 
-The full-size version of tests/test_floods.py, at the relay's default limits. Two
+The full-size version of tests/integration/test_floods.py, at the relay's default limits. Two
 runs of `relaynat run`, each a guest downloading SIZE MiB over IPv6 from a host peer
-on ::1 (sha256 checked): alone, then with tests/guest_flood.py's floods started just
+on ::1 (sha256 checked): alone, then with tests/support/guest_flood.py's floods started just
 after it (SYNs to distinct flows, a third left half-open at a host peer; UDP to
 distinct destinations; ARP; DHCP). Printed: the relay's RSS at the start of the floods
 and its peak (sampled every 0.1 s), its descriptors, the counters that show the
@@ -32,9 +32,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "src"), str(HERE.parent / "tests")]
 
-from faultkit import MIB, HoldingPeer, LiveRun, fd_count, rss_kib  # noqa: E402
-from guest_flood import flood_script  # noqa: E402
-from lossy_harness import http_peer  # noqa: E402
+from support.faultkit import MIB, HoldingPeer, LiveRun, fd_count, rss_kib  # noqa: E402
+from support.guest_flood import flood_script  # noqa: E402
+from support.lossy_harness import http_peer  # noqa: E402
 
 from relaynat.netns.guest import command_ids, python_for_command  # noqa: E402
 from relaynat.netns.syscalls import isolate_network  # noqa: E402

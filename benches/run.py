@@ -239,7 +239,7 @@ def run_all(opts: Options, metrics: list[Metric]) -> tuple[dict[str, dict[str, C
 
 
 def run_vm_part(opts: Options) -> dict[str, dict[str, Cell]]:
-    import vm  # imports tests/vmguest.py; only needed for this part
+    import vm  # imports tests/support/vmguest.py; only needed for this part
 
     cells = {k: {r: Cell() for r in vm.RELAYS} for k in ("vm_g2h_gbps", "vm_h2g_gbps")}
     reason = vm.vm_unavailable()

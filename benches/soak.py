@@ -7,7 +7,7 @@ whether the relay's memory and descriptors stayed flat.
 The guest (a namespace behind `relaynat run`, running this script with --guest-loop)
 repeats rounds until the time is up: a 4 MiB download and a 4 MiB upload (sha256
 checked), 20 short echo connections, 10 UDP echoes, two pings, and a DNS query through
-the relay's DNS address to a stub resolver (tests/dns_peer.py on 127.0.0.53). After
+the relay's DNS address to a stub resolver (tests/support/dns_peer.py on 127.0.0.53). After
 each round it writes the round number to a file; the host side then samples the
 relay's RSS (VmRSS), its open descriptors, and (over the control socket) its live
 flows: UDP flows and ping sessions stay open for their idle timeouts (up to 120 s), so
@@ -140,8 +140,8 @@ def _udp_echo() -> tuple[socket.socket, int]:
 
 def host(minutes: float) -> int:
     sys.path[:0] = [str(HERE.parent / "src"), str(TESTS)]
-    from faultkit import LiveRun, fd_count, rss_kib
-    from lossy_harness import host_peer, http_peer, stop_proc, wait_for
+    from support.faultkit import LiveRun, fd_count, rss_kib
+    from support.lossy_harness import host_peer, http_peer, stop_proc, wait_for
 
     from relaynat.control.client import call
     from relaynat.netns.guest import command_ids, python_for_command
@@ -157,7 +157,7 @@ def host(minutes: float) -> int:
         (work / "www" / "soak.bin").write_bytes(data)
         udp, udp_port = _udp_echo()
         ready = work / "dns.ready"
-        dns = subprocess.Popen([sys.executable, str(TESTS / "dns_peer.py"), "--addr",
+        dns = subprocess.Popen([sys.executable, str(TESTS / "support" / "dns_peer.py"), "--addr",
                                 "127.0.0.53", "--record", f"{DNS_NAME}={DNS_ADDR}",
                                 "--ready-file", str(ready)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)

@@ -5,8 +5,8 @@
 Not collected by the default `pytest` run (testpaths is tests/). Frames are built with
 the relay's own TcpFrameTemplate playing the guest, so parse costs are those of real
 frames with valid checksums; the TcpNatEntry benchmarks drive the sans-I/O core the way
-host/tcp_relay.py does (tests/tcp_sim.py and tests/test_nat_entry.py do the same with faults),
-one segment at a time, so each round is one frame's worth of protocol work.
+host/tcp_relay.py does (tests/support/tcp_sim.py and tests/unit/test_nat_entry.py do the
+same with faults), one segment at a time, so each round is one frame's worth of protocol work.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""qemu `-netdev stream` guest (the TCG VM of tests/vmguest.py) through relaynat
+"""qemu `-netdev stream` guest (the TCG VM of tests/support/vmguest.py) through relaynat
 (`relaynat serve --socket`) and through passt (Debian's 2023-03 passt in its qemu mode,
 `passt --socket PATH`, the same 4-byte-length stream framing): guest->host and
 host->guest TCP throughput on the same VM image.
@@ -28,7 +28,7 @@ from setups import RELAY_GATEWAY, RELAY_GUEST
 from workloads import Figure, Figures, failed_figure
 
 sys.path.insert(0, str(REPO_SRC.parent / "tests"))
-import vmguest  # tests/ is not a package: the VM builder lives there
+from support import vmguest  # the VM builder of the tests
 
 SINK_PORT, SOURCE_PORT = 5501, 5502
 CHUNK = 1 << 16

@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support import SUPPORT
 
 from relaynat.netns.syscalls import isolate_network
 
-TESTS = Path(__file__).parent
 #: Size of the `big_file` fixture: large enough that a transfer spans many windows.
 BIG = 256 << 20
 IS_ROOT = os.geteuid() == 0
@@ -49,7 +49,7 @@ def start_peer(tmp_path: Path) -> Iterator[Callable[..., int]]:
     def start(*args: str) -> int:
         port_file = tmp_path / f"port-{len(procs)}"
         procs.append(subprocess.Popen(
-            [sys.executable, str(TESTS / "host_peers.py"), *args, "--port-file", str(port_file)]))
+            [sys.executable, str(SUPPORT / "host_peers.py"), *args, "--port-file", str(port_file)]))
         deadline = time.monotonic() + 10
         while not port_file.exists():
             if time.monotonic() > deadline or procs[-1].poll() is not None:

@@ -1,5 +1,5 @@
 #!/bin/busybox sh
-# /init of the relaynat test guest's initramfs (built by tests/vmguest.py).
+# /init of the relaynat test guest's initramfs (built by tests/support/vmguest.py).
 #
 # Loads the virtio-net driver, configures eth0 by DHCP (udhcpc), runs one shell
 # command and powers off. Everything the host parses is a line on the serial console:

@@ -1,0 +1,1 @@
+"""Root, network namespaces and real tools (ip, curl, udhcpc, ...)."""

@@ -1,0 +1,607 @@
+"""The control socket (control/server.py) and `relaynat ctl` (control/client.py), against
+real sockets.
+
+The first tests run a Relay and a ControlServer in the test's own event loop and speak
+the protocol over the real unix socket, as a hostile or clumsy client would. The
+integration tests run `relaynat run --control-socket` with a namespace guest and drive
+it with the real `relaynat ctl` command while traffic flows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from support import SUPPORT
+from support.faultkit import wait_until
+from support.relaynat_cli import guest_python, parse_stats
+
+from relaynat.config import RelayConfig
+from relaynat.control.server import ControlServer
+from relaynat.relay import Relay
+
+HOST_PEERS = str(SUPPORT / "host_peers.py")
+IS_ROOT = os.geteuid() == 0
+pytest_plugins = ["support.guest_fs"]
+
+
+@contextlib.asynccontextmanager
+async def _served(path: str, **kwargs: float) -> AsyncIterator[Relay]:
+    async with Relay(RelayConfig()) as relay:
+        control = ControlServer(path, **kwargs)  # type: ignore[arg-type]
+        await control.start(relay)
+        try:
+            yield relay
+        finally:
+            control.close()
+
+
+class _Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, path: str) -> _Client:
+        return cls(*await asyncio.open_unix_connection(path))
+
+    async def send_line(self, line: bytes) -> dict:  # type: ignore[type-arg]
+        self.writer.write(line + b"\n")
+        await self.writer.drain()
+        return json.loads(await asyncio.wait_for(self.reader.readline(), 5))
+
+    async def call(self, command: str, arguments: object = None) -> dict:  # type: ignore[type-arg]
+        request: dict[str, object] = {"execute": command}
+        if arguments is not None:
+            request["arguments"] = arguments
+        return await self.send_line(json.dumps(request).encode())
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_socket_is_0600_and_forwards_come_and_go_by_id(tmp_path: Path) -> None:
+    path = str(tmp_path / "ctl.sock")
+    async with _served(path):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        c = await _Client.connect(path)
+        assert await c.call("list_hostfwd") == {"return": {"entries": []}}
+        added = (await c.call("add_hostfwd", {"proto": "tcp", "host_addr": "127.0.0.1",
+                                              "host_port": 0, "guest_port": 80}))["return"]
+        assert added["id"] == 1 and added["host_port"] > 0
+        # A real listener: the kernel accepts on it (no guest: the relay then resets).
+        with socket.create_connection(("127.0.0.1", added["host_port"]), timeout=2):
+            pass
+        second = (await c.call("add_hostfwd", {"proto": "udp", "host_addr": "::0001",
+                                               "host_port": 0, "guest_port": 53}))["return"]
+        assert second["id"] == 2 and second["host_addr"] == "::1"
+        listed = (await c.call("list_hostfwd"))["return"]["entries"]
+        assert [f["id"] for f in listed] == [1, 2]
+        assert (await c.call("remove_hostfwd", {"id": 1}))["return"]["id"] == 1
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", added["host_port"]), timeout=2)
+        # By address and port, spelled differently from how it was added.
+        removed = await c.call("remove_hostfwd", {"proto": "udp", "host_addr": "0::1",
+                                                  "host_port": second["host_port"]})
+        assert removed["return"]["id"] == 2
+        assert await c.call("remove_hostfwd", {"id": 2}) == {
+            "error": {"desc": "no forward with id 2"}}
+        # Ids are never reused.
+        again = await c.call("add_hostfwd", {"proto": "tcp", "host_port": 0, "guest_port": 1})
+        assert again["return"]["id"] == 3
+        assert (await c.call("stats"))["return"]["tcp_flows"] == 0
+        assert await c.call("flows") == {"return": {"flows": []}}
+        c.close()
+
+
+BAD_REQUESTS: list[tuple[bytes, str]] = [
+    (b"\xff\xfe garbage \x00\x01", "request is not UTF-8 text"),
+    (b"hello relay", "request is not JSON: Expecting value: line 1 column 1 (char 0)"),
+    (b'{"execute": "stats"',
+     "request is not JSON: Expecting ',' delimiter: line 1 column 20 (char 19)"),
+    (b"[" * 60000, "request is not JSON: nested too deeply"),
+    (b"[1, 2]", 'request must be a JSON object with "execute"'),
+    (b'"stats"', 'request must be a JSON object with "execute"'),
+    (b'{"arguments": {}}', 'request needs "execute": a command name'),
+    (b'{"execute": 7}', 'request needs "execute": a command name'),
+    (b'{"execute": "stats", "id": 1}', "unknown request key 'id' (known: execute, arguments)"),
+    (b'{"execute": "reboot"}', "unknown command 'reboot' (known: add_hostfwd, export_flows, "
+                               "flows, get_policy, handover, import_flows, list_hostfwd, quit, "
+                               "release_exported, remove_hostfwd, set_policy, stats)"),
+    (b'{"execute": "stats", "arguments": [1]}', 'stats: "arguments" must be an object'),
+    (b'{"execute": "stats", "arguments": {"x": 1}}',
+     "stats: unknown argument 'x' (known: none)"),
+    (b'{"execute": "add_hostfwd", "arguments": {"proto": "tcp", "host_port": 0}}',
+     "add_hostfwd: missing argument 'guest_port'"),
+    (b'{"execute": "add_hostfwd", "arguments": {"proto": "tcp", "host_port": "80", '
+     b'"guest_port": 80}}', "add_hostfwd: argument 'host_port' must be an integer, not \"80\""),
+    (b'{"execute": "add_hostfwd", "arguments": {"proto": "tcp", "host_port": 0, '
+     b'"guest_port": true}}', "add_hostfwd: argument 'guest_port' must be an integer, not true"),
+    (b'{"execute": "add_hostfwd", "arguments": {"proto": "sctp", "host_port": 0, '
+     b'"guest_port": 1}}', "protocol 'sctp' cannot be forwarded (tcp or udp)"),
+    (b'{"execute": "add_hostfwd", "arguments": {"proto": "tcp", "host_port": 0, '
+     b'"guest_port": 70000}}', "ports out of range: host 0, guest 70000"),
+    (b'{"execute": "add_hostfwd", "arguments": {"proto": "tcp", "host_addr": "nowhere", '
+     b'"host_port": 0, "guest_port": 1}}', "'nowhere' is not an IP address"),
+    (b'{"execute": "remove_hostfwd", "arguments": {"id": 1, "proto": "tcp"}}',
+     'remove_hostfwd: give either "id" or proto/host_addr/host_port, not both'),
+    (b'{"execute": "remove_hostfwd", "arguments": {"proto": "tcp", "host_port": 9}}',
+     "no tcp forward on * port 9"),
+    (b'{"execute": "set_policy", "arguments": {"cut": true}}',
+     'set_policy: give "policy" (an object, or null for none) or "sandbox": true'),
+    (b'{"execute": "set_policy", "arguments": {"policy": {"default": "maybe"}}}',
+     "policy: default must be 'allow' or 'deny', not 'maybe'"),  # ConfigError's text
+    (b'{"execute": "set_policy", "arguments": {"policy": {"rule": "x"}}}',
+     "policy: 'rule' must be a list of rules ([[rule]] in TOML)"),
+    (b'{"execute": "set_policy", "arguments": {"policy": {"default": "deny", '
+     b'"default": "allow"}}}', "request is not JSON: duplicate key 'default' in a JSON object"),
+    (b'{"execute": "stats", "execute": "quit"}',
+     "request is not JSON: duplicate key 'execute' in a JSON object"),
+]
+
+
+async def test_bad_requests_get_exact_errors_and_the_connection_stays(tmp_path: Path) -> None:
+    path = str(tmp_path / "ctl.sock")
+    async with _served(path) as relay:
+        c = await _Client.connect(path)
+        for line, desc in BAD_REQUESTS:
+            answer = await c.send_line(line)
+            assert set(answer) == {"error"}, (line[:60], answer)
+            assert answer["error"]["desc"] == desc, line[:60]
+        # A forward on a port already taken: the ForwardError's text, verbatim.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            answer = await c.call("add_hostfwd", {"proto": "tcp", "host_addr": "127.0.0.1",
+                                                  "host_port": port, "guest_port": 1})
+        assert answer == {"error": {"desc": f"cannot bind tcp 127.0.0.1:{port}: "
+                                            "Address already in use"}}
+        # Nothing above changed the relay, and the same connection still works.
+        assert relay.policy is None and relay.forwards() == []
+        assert "return" in await c.call("get_policy")
+        c.close()
+
+
+async def test_a_long_line_is_refused_and_closed(tmp_path: Path) -> None:
+    path = str(tmp_path / "ctl.sock")
+    async with _served(path):
+        c = await _Client.connect(path)
+
+        async def flood() -> None:
+            with contextlib.suppress(ConnectionError):
+                c.writer.write(b"x" * (1 << 20) + b"\n")
+                await c.writer.drain()
+
+        sender = asyncio.ensure_future(flood())
+        answer = json.loads(await asyncio.wait_for(c.reader.readline(), 5))
+        assert answer == {"error": {"desc": "request line longer than 65536 bytes; closing"}}
+        # Closed: a unix socket closed with our unread bytes in it reports ECONNRESET.
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(c.reader.read(), 5) == b""
+        await asyncio.wait_for(sender, 5)
+        c.close()
+        fresh = await _Client.connect(path)
+        assert "return" in await fresh.call("stats")
+        fresh.close()
+
+
+async def test_a_half_written_request_is_closed_after_the_idle_timeout(tmp_path: Path) -> None:
+    path = str(tmp_path / "ctl.sock")
+    async with _served(path, idle_timeout_s=0.5):
+        c = await _Client.connect(path)
+        assert "return" in await c.call("stats")  # busy clients are not timed out
+        c.writer.write(b'{"execute": "sta')
+        await c.writer.drain()
+        start = time.monotonic()
+        assert await asyncio.wait_for(c.reader.read(), 5) == b""
+        waited = time.monotonic() - start
+        assert 0.4 < waited < 2.0, waited
+        c.close()
+
+
+async def test_at_most_16_clients_and_a_fresh_one_works_afterwards(tmp_path: Path) -> None:
+    path = str(tmp_path / "ctl.sock")
+    async with _served(path):
+        clients = [await _Client.connect(path) for _ in range(17)]
+        answers = []
+        for c in clients:
+            try:
+                answers.append(await c.call("stats"))
+            except (ConnectionError, json.JSONDecodeError):
+                answers.append({"closed": True})
+        ok = [a for a in answers if "return" in a]
+        refused = [a for a in answers if "return" not in a]
+        assert len(ok) == 16
+        assert refused in ([{"error": {"desc": "too many control clients (at most 16)"}}],
+                           [{"closed": True}])
+        for c in clients:
+            c.close()
+        # The server notices the closes on its next reads; then there is room again.
+        for _ in range(50):
+            fresh = await _Client.connect(path)
+            answer = await fresh.call("stats")
+            fresh.close()
+            if "return" in answer:
+                break
+            await asyncio.sleep(0.05)
+        assert "return" in answer
+
+
+async def test_a_stale_socket_is_replaced_and_a_regular_file_refused(tmp_path: Path) -> None:
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # bound, never listening: what a killed relay leaves
+    async with _served(str(stale)):
+        c = await _Client.connect(str(stale))
+        assert "return" in await c.call("stats")
+        c.close()
+    plain = tmp_path / "notes.txt"
+    plain.write_text("keep me")
+    with pytest.raises(OSError, match="exists and is not a socket; refusing to replace it"):
+        ControlServer(str(plain))
+    assert plain.read_text() == "keep me"
+
+
+_CONNECT_AS_NOBODY = """
+import json, os, socket, sys
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as exc:
+    print(os.strerror(exc.errno))
+    sys.exit(0)
+s.sendall(b'{"execute": "stats"}\\n')
+print("answered" if "return" in json.loads(s.makefile().readline()) else "error")
+"""
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to switch to uid 65534")
+async def test_another_user_gets_eacces() -> None:
+    # A directory everyone may traverse, so only the socket's own mode decides.
+    where = tempfile.mkdtemp(prefix="relaynat-ctl-")
+    os.chmod(where, 0o755)
+    path = os.path.join(where, "ctl.sock")
+
+    async def as_nobody() -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CONNECT_AS_NOBODY, path, stdout=subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+        return out.decode().strip()
+
+    try:
+        async with _served(path):
+            assert await as_nobody() == os.strerror(13)  # EACCES: Permission denied
+            # The same client succeeds once the mode allows it: the mode was the reason.
+            os.chmod(path, 0o666)
+            assert await as_nobody() == "answered"
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.rmdir(where)
+
+
+# -- integration: relaynat run --control-socket and relaynat ctl ---------------------------
+
+def _ctl(sock: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relaynat", "ctl", "--socket", str(sock),
+                           *args], capture_output=True, text=True, timeout=30)
+
+
+def _http_get(port: int, name: str) -> tuple[socket.socket, int]:
+    """A GET of /name on 127.0.0.1:port; returns the socket (headers unread) and the
+    local port (how the flow listing names this client)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(f"GET /{name} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    return s, s.getsockname()[1]
+
+
+def _read_body(s: socket.socket, paced: threading.Event | None = None) -> bytes:
+    """The response body to EOF; while `paced` is not set, slowly (256 KiB per 20 ms),
+    so the transfer is still running while the test inspects it."""
+    data = bytearray()
+    for _ in range(100000):  # 64 MiB in chunks of at least a few bytes; ends at EOF
+        chunk = s.recv(256 << 10)
+        if not chunk:
+            break
+        data += chunk
+        if paced is not None and not paced.is_set():
+            time.sleep(0.02)
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head[:80]
+    return body
+
+
+def _flow_of(ctl_flows: str, client_port: int) -> list[str]:
+    for line in ctl_flows.splitlines():
+        if re.search(rf"127\.0\.0\.1:{client_port}\s", line):
+            return line.split()
+    raise AssertionError(f"no flow for client port {client_port} in:\n{ctl_flows}")
+
+
+@pytest.mark.integration
+def test_ctl_adds_and_removes_a_forward_while_a_transfer_runs(tmp_path: Path,
+                                                             guest_dir: Path) -> None:
+    data = os.urandom(64 << 20)
+    (guest_dir / "blob").write_bytes(data)
+    (guest_dir / "small").write_bytes(b"second forward works\n")
+    ready, ctl_sock = guest_dir / "ready", tmp_path / "ctl.sock"
+    guest = (f"exec {guest_python()} {HOST_PEERS} http --root {guest_dir} --bind 0.0.0.0 "
+             f"--port 8080 --port-file {ready}")
+    proc = subprocess.Popen([sys.executable, "-m", "relaynat", "run", "--stats",
+                             "--control-socket", str(ctl_sock), "-t", "127.0.0.1/0:8080",
+                             "--", "sh", "-c", guest],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        match = re.search(r"port (\d+) to guest port 8080", line)
+        assert match, line
+        first_port = int(match.group(1))
+        wait_until(ready.exists, 30, "guest server", proc)
+        wait_until(ctl_sock.exists, 30, "control socket", proc)
+
+        paced = threading.Event()
+        sock, client_port = _http_get(first_port, "blob")
+        body: list[bytes] = []
+        reader = threading.Thread(target=lambda: body.append(_read_body(sock, paced)))
+        reader.start()
+
+        added = _ctl(ctl_sock, "add", "tcp", "127.0.0.1/0:8080")
+        assert added.returncode == 0, added.stderr
+        m = re.match(r"added\s+(\d+)\s+tcp\s+127\.0\.0\.1 port (\d+) -> guest port 8080",
+                     added.stdout)
+        assert m, added.stdout
+        second_id, second_port = m.group(1), int(m.group(2))
+        assert second_id == "2"  # the -t forward is 1
+        s2, _ = _http_get(second_port, "small")
+        with s2:
+            assert _read_body(s2) == b"second forward works\n"
+
+        listed = _ctl(ctl_sock, "list")
+        assert listed.returncode == 0, listed.stderr
+        assert re.search(rf"^\s+1\s+tcp\s+127\.0\.0\.1 port {first_port} ", listed.stdout, re.M)
+        assert re.search(rf"^\s+2\s+tcp\s+127\.0\.0\.1 port {second_port} ", listed.stdout,
+                         re.M)
+
+        before = _flow_of(_ctl(ctl_sock, "flows").stdout, client_port)
+        time.sleep(0.5)
+        after = _flow_of(_ctl(ctl_sock, "flows").stdout, client_port)
+        # PROTO DIR GUEST FAR HOST-PEER STATE FROM-GUEST TO-GUEST WINDOW RTT
+        assert before[:5] == ["tcp", "inbound", "10.0.2.15:8080", before[3],
+                              f"127.0.0.1:{client_port}"], before
+        assert before[3].startswith("10.0.2.2:")
+        assert before[5] == "established"
+        assert 0 < int(before[6]) < int(after[6]) < len(data) + 4096, (before, after)
+        assert after[9] != "-"  # the kernel's RTT of the host socket
+        as_json = json.loads(_ctl(ctl_sock, "--json", "flows").stdout)
+        assert any(f["host_peer"] == ["127.0.0.1", client_port]
+                   for f in as_json["return"]["flows"])
+
+        removed = _ctl(ctl_sock, "remove", second_id)
+        assert removed.returncode == 0 and removed.stdout.startswith("removed"), removed
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", second_port), timeout=5)
+        gone = _ctl(ctl_sock, "remove", second_id)
+        assert (gone.returncode, gone.stderr) == (1, "relaynat ctl: no forward with id 2\n")
+
+        paced.set()
+        reader.join(timeout=60)
+        assert not reader.is_alive()
+        sock.close()
+        assert hashlib.sha256(body[0]).hexdigest() == hashlib.sha256(data).hexdigest()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert parse_stats(err)["tcp_inbound_opened"] == 2
+    assert not ctl_sock.exists()  # removed on exit
+
+
+_GUEST_HOLDS_A_CONNECTION = """
+import socket, sys, time
+host, port, ready = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.create_connection((host, port), timeout=20)
+s.sendall(b"hello")
+assert s.recv(5) == b"hello"
+open(ready, "w").close()
+try:
+    print("open connection:", "eof" if s.recv(1) == b"" else "data")
+except ConnectionResetError:
+    print("open connection: reset")
+try:
+    socket.create_connection((host, port), timeout=5)
+    print("new connection: accepted")
+except ConnectionRefusedError:
+    print("new connection: refused")
+"""
+
+
+@pytest.mark.integration
+def test_policy_set_sandbox_cut_ends_a_loopback_connection(tmp_path: Path,
+                                                           guest_dir: Path) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    seen: list[str] = []
+
+    def host_peer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(30)
+            conn.sendall(conn.recv(5))
+            try:
+                seen.append("eof" if conn.recv(1) == b"" else "data")
+            except ConnectionResetError:
+                seen.append("reset")
+
+    peer = threading.Thread(target=host_peer)
+    peer.start()
+    script, ready, ctl_sock = guest_dir / "guest.py", guest_dir / "ready", tmp_path / "ctl.sock"
+    script.write_text(_GUEST_HOLDS_A_CONNECTION)
+    proc = subprocess.Popen([sys.executable, "-m", "relaynat", "run", "--stats",
+                             "--control-socket", str(ctl_sock), "--", guest_python(),
+                             str(script), "10.0.2.2", str(port), str(ready)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(ready.exists, 30, "guest connection", proc)
+        flows = _ctl(ctl_sock, "flows").stdout
+        assert re.search(rf"tcp\s+outbound\s+10\.0\.2\.15:\d+\s+10\.0\.2\.2:{port}\s+"
+                         rf"127\.0\.0\.1:{port}\s+established", flows), flows
+        cut = _ctl(ctl_sock, "policy", "set", "sandbox", "--cut")
+        assert cut.returncode == 0, cut.stderr
+        assert "flows cut: 1" in cut.stdout
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        listener.close()
+        peer.join(timeout=30)
+    assert out.splitlines() == ["open connection: reset", "new connection: refused"], err
+    assert seen == ["reset"]
+    stats = parse_stats(err)
+    assert stats["policy_cut_tcp"] == 1
+    assert stats["policy_denied"] == 1  # the new connection
+
+
+def test_ctl_usage_errors_exit_2_and_unreachable_socket_exits_1(tmp_path: Path) -> None:
+    missing = _ctl(tmp_path / "none.sock", "list")
+    assert missing.returncode == 1
+    assert missing.stderr == f"relaynat ctl: {tmp_path / 'none.sock'}: No such file or directory\n"
+    for args in (("add", "tcp", "1-3:4"), ("remove", "x"), ("remove", "tcp", "a/1"),
+                 ("policy", "set"), ("frobnicate",)):
+        result = _ctl(tmp_path / "none.sock", *args)
+        assert result.returncode == 2, (args, result)
+        assert "usage: relaynat ctl" in result.stderr
+    # A policy file is read as `--policy` reads it: a repeated key is refused, not the
+    # last one kept (here it would turn a deny-all into allow-all).
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"default": "deny", "rule": [], "default": "allow"}')
+    result = _ctl(tmp_path / "none.sock", "policy", "set", str(twice))
+    assert result.returncode == 2, result
+    assert "duplicate key 'default'" in result.stderr, result.stderr
+
+
+_GUEST_UDP = """
+import errno, os, socket, sys, time
+port, ready, cut = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.connect(("10.0.2.2", port))
+s.send(b"a")
+assert s.recv(10) == b"a"
+open(ready, "w").close()
+for _ in range(200):
+    if os.path.exists(cut):
+        break
+    time.sleep(0.05)
+s.send(b"b")
+try:
+    print("answer", s.recv(10))
+except OSError as exc:
+    print(errno.errorcode.get(exc.errno, exc))
+"""
+
+
+@pytest.mark.integration
+async def test_relay_flows_lists_a_udp_flow_and_cut_closes_it(guest_dir: Path,
+                                                              udp_echo: int) -> None:
+    from relaynat.netns.guest import run_command
+    from relaynat.policy import Policy
+
+    ready, cut_file = guest_dir / "ready", guest_dir / "cut"
+    relays: list[Relay] = []
+    out_path = guest_dir / "out"
+    guest = asyncio.ensure_future(run_command(
+        RelayConfig(), ["sh", "-c", f"exec {guest_python()} -c '{_GUEST_UDP}' {udp_echo} "
+                                    f"{ready} {cut_file} > {out_path}"],
+        relay_ready=relays.append))
+    try:
+        for _ in range(400):
+            if ready.exists():
+                break
+            assert not guest.done(), guest
+            await asyncio.sleep(0.05)
+        relay = relays[0]
+        udp = [f for f in relay.flows() if f["protocol"] == "udp"]
+        assert udp == [{"protocol": "udp", "direction": "outbound",
+                        "guest": ["10.0.2.15", udp[0]["guest"][1]],
+                        "far": ["10.0.2.2", udp_echo], "host_peer": ["127.0.0.1", udp_echo],
+                        "state": "answered", "bytes_from_guest": 1, "bytes_to_guest": 1,
+                        "guest_window": None, "rtt_us": None}]
+        assert relay.set_policy(Policy.sandbox(relay.config), cut=True) == 1
+        assert [f for f in relay.flows() if f["protocol"] == "udp"] == []
+        assert relay.stats()["policy_cut_udp"] == 1
+        cut_file.touch()
+        assert await asyncio.wait_for(guest, 30) == 0
+    finally:
+        guest.cancel()
+    # The next datagram needed a new flow, which the sandbox refused with ICMP
+    # administratively prohibited: the guest's connected socket reports it.
+    assert out_path.read_text().split() == ["EHOSTUNREACH"]
+
+
+def test_an_echo_session_is_described_like_the_other_flows() -> None:
+    from ipaddress import ip_address as ip
+
+    from relaynat.host.flowinfo import describe_echo
+    from relaynat.host.icmp_relay import EchoSession
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        session = EchoSession((7, ip("10.0.2.2").packed, ip("10.0.2.15").packed), sock,
+                              "127.0.0.1", ip("10.0.2.15").packed, b"\x02" * 6)
+        session.bytes_from_guest, session.bytes_to_guest = 64, 64
+        assert describe_echo(session) == {
+            "protocol": "icmp", "direction": "outbound", "guest": ["10.0.2.15", 7],
+            "far": ["10.0.2.2", None], "host_peer": ["127.0.0.1", None], "state": "open",
+            "bytes_from_guest": 64, "bytes_to_guest": 64, "guest_window": None,
+            "rtt_us": None}
+
+
+#: Run inside the guest: try the control socket by its path, print what happened.
+_GUEST_TRIES_THE_CONTROL_SOCKET = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+    s.sendall(b'{"execute": "list_hostfwd"}\\n')
+    print("reached:", s.recv(100))
+except OSError as exc:
+    print("refused:", exc.errno)
+"""
+
+
+def test_a_namespace_guest_cannot_reach_the_control_socket() -> None:
+    """The guest shares the host's filesystem: the socket is covered by /dev/null in
+    the guest's mount namespace, while the host reaches it. It lies in a directory the
+    guest may search, so the cover is what refuses it, not the directory's mode."""
+    where = tempfile.mkdtemp(prefix="relaynat-ctl-")
+    os.chmod(where, 0o755)
+    ctl_sock = os.path.join(where, "ctl.sock")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "relaynat", "run", "--control-socket", ctl_sock, "--",
+             guest_python(), "-c", _GUEST_TRIES_THE_CONTROL_SOCKET, ctl_sock],
+            capture_output=True, text=True, timeout=60)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(ctl_sock)
+        os.rmdir(where)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"refused: {errno.ECONNREFUSED}"

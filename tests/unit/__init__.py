@@ -1,0 +1,1 @@
+"""Fast lane: no root, no namespaces (`pytest tests/unit`)."""

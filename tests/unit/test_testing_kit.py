@@ -1,0 +1,141 @@
+"""relaynat.testing, used the way a user's integration test would use it (copy freely).
+
+`InMemoryGuest` runs a real `Relay` on a socketpair; the test is the guest. Its host
+side is real: the TCP test below starts a loopback server, and the relay connects to
+it when the guest opens a connection to the gateway (which maps to host loopback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from ipaddress import IPv4Address
+
+import dpkt
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relaynat.testing import InMemoryGuest
+from relaynat.testing import frames as f
+from relaynat.testing.strategies import broken_frames
+from relaynat.wire import ACK, FIN, SYN
+
+
+async def test_arp_request_gets_the_gateway_mac() -> None:
+    async with InMemoryGuest() as guest:
+        a = guest.addressing
+        await guest.send(f.arp_request(a, a.gateway4))
+        reply = await guest.expect(lambda r: r.arp is not None)
+        assert reply.arp is not None
+        assert reply.arp.op == 2  # RFC 826 reply
+        assert reply.arp.sender_ip == a.gateway4
+        assert reply.arp.sender_mac == guest.config.gateway_mac
+        assert reply.eth.dst_mac == a.guest_mac
+
+
+async def test_dhcp_discover_gets_an_offer_of_the_guest_address() -> None:
+    async with InMemoryGuest() as guest:
+        await guest.send(f.dhcp_discover(guest.addressing, xid=0x1234))
+        reply = await guest.expect(lambda r: r.udp is not None and r.udp.sport == 67)
+        assert reply.udp is not None
+        offer = dpkt.dhcp.DHCP(bytes(reply.udp.payload))
+        assert offer.xid == 0x1234
+        assert IPv4Address(offer.yiaddr) == guest.config.guest_ipv4
+        assert dict(offer.opts)[dpkt.dhcp.DHCP_OPT_MSGTYPE] == bytes([dpkt.dhcp.DHCPOFFER])
+
+
+async def test_router_solicitation_gets_an_advertisement() -> None:
+    async with InMemoryGuest() as guest:
+        await guest.send(f.router_solicitation(guest.addressing))
+        # The advertisement sent on attach goes to all nodes (33:33:00:00:00:01); the
+        # solicited one comes to our MAC.
+        ra = await guest.expect(lambda r: r.ip is not None and r.ip.proto == 58
+                                and r.ip.payload[0] == 134 and r.eth.dst_mac == f.GUEST_MAC)
+        assert ra.ip is not None and ra.ip.ttl == 255  # RFC 4861 §6.1.2
+
+
+async def test_tcp_through_the_relay_to_a_loopback_server() -> None:
+    received = bytearray()
+    done = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello guest")
+        await writer.drain()
+        while chunk := await reader.read(65536):
+            received.extend(chunk)
+        writer.close()  # EOF from the guest's FIN: close our side too
+        done.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, InMemoryGuest() as guest:
+        conn = await guest.tcp_connect(port)
+        assert await conn.recv_exactly(len(b"hello guest")) == b"hello guest"
+        await conn.send(b"hello host")
+        await conn.close()  # FIN; the relay ACKs it and half-closes the host socket
+        await asyncio.wait_for(done.wait(), 5)
+        assert bytes(received) == b"hello host"
+        fin = await guest.expect(lambda r: conn.matches(r) and r.tcp is not None
+                                 and bool(r.tcp.flags & FIN))
+        assert fin.tcp is not None and fin.tcp.flags & ACK
+        assert guest.stats().get("drop_internal_error", 0) == 0
+
+
+async def test_syn_to_a_closed_port_is_reset() -> None:
+    async with InMemoryGuest() as guest:
+        probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = probe.sockets[0].getsockname()[1]
+        probe.close()
+        await probe.wait_closed()  # nothing listens on `port` any more
+        try:
+            await guest.tcp_connect(port)
+        except ConnectionRefusedError as exc:
+            assert "0x14" in str(exc)  # RST|ACK
+        else:
+            raise AssertionError("the relay accepted a connection nobody listens for")
+        assert guest.stats()["tcp_connect_failed"] == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(frame=broken_frames())
+def test_a_user_property_broken_frames_are_counted(frame: f.LabeledFrame) -> None:
+    """The pattern for a user's own property: feed strategy frames to a relay and check
+    its counters (tests/integration/test_fuzz_relay.py does this at length)."""
+
+    async def run() -> dict[str, int]:
+        async with InMemoryGuest() as guest:
+            guest.relay.handle_frame(memoryview(frame.data))
+            return guest.stats()
+
+    stats = asyncio.run(run())
+    assert stats.get("drop_internal_error", 0) == 0
+    if frame.expect is not None:
+        assert stats.get(frame.expect) == 1, (frame.kind, stats)
+
+
+def test_kit_without_hypothesis_says_how_to_install_it() -> None:
+    code = ("import sys; sys.modules['hypothesis'] = None\n"
+            "try:\n    import relaynat.testing\n"
+            "except ImportError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert "pip install 'relaynat[testing]'" in out
+
+
+def test_conversation_frames_acknowledge_the_relay_isn() -> None:
+    """TcpConversation builds ACKs from the ISN the relay chose (read from its SYN-ACK)."""
+    from relaynat.testing.strategies import tcp_conversations
+    from relaynat.wire import parse_ethernet, parse_ipv4, parse_ipv6, parse_tcp
+
+    @settings(max_examples=20, deadline=None)
+    @given(conv=tcp_conversations(dport=80), isn=st.integers(0, 2**32 - 1))
+    def check(conv: object, isn: int) -> None:
+        for data in conv.frames(isn):  # type: ignore[attr-defined]
+            eth = parse_ethernet(memoryview(data))
+            ip = parse_ipv6(eth.payload) if f.is_ipv6(data) else parse_ipv4(eth.payload)
+            seg = parse_tcp(ip)
+            assert seg.dport == 80
+            assert seg.ack == (0 if seg.flags == SYN else (isn + 1) & 0xFFFFFFFF)
+
+    check()

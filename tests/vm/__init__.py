@@ -1,0 +1,1 @@
+"""Tests that boot a qemu guest (vm marker)."""
