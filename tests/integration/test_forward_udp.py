@@ -253,9 +253,9 @@ async def test_host_udp_sockets_get_a_receive_buffer_for_bursts() -> None:
     kernel reports it doubled, socket(7)); the default 208 KiB lost 0.5-1 % of a
     1 Gbit/s host->guest stream. Read back as the kernel sees them: getsockopt on the
     forward, `ss -m` (skmem rb) for the flow's socket, which only the relay holds."""
+    from relaynat.host.sockets import UDP_RCVBUF
     from relaynat.testing import frames
     from relaynat.testing.guest import InMemoryGuest
-    from relaynat.udp_flow import UDP_RCVBUF
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
         peer.bind(("127.0.0.1", 0))

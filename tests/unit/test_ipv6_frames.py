@@ -24,7 +24,7 @@ from scapy.layers.inet6 import (
 )
 from scapy.layers.l2 import Ether
 
-from relaynat.host.icmp_relay import echo_reply_frame, parse_echo_request
+from relaynat.icmp_echo import echo_reply_frame, parse_echo_request
 from relaynat.packet_builder import (
     ICMP_ADMIN_PROHIBITED,
     ICMP_PORT_UNREACH,
