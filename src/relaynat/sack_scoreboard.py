@@ -5,7 +5,7 @@ Pure bookkeeping for `TcpNatEntry` (nat_entry.py), no I/O. The guest's SACK bloc
 between them below the highest SACKed byte are holes. Without this, the relay's only
 recovery toward the guest was go-back-N from snd_una (three duplicate ACKs, or the
 RTO), which sends the whole flight again for one lost frame: on a wire losing 5% of
-frames that is most of every window (README, the lossy-wire figures).
+frames that is most of every window (docs/threat-model.md, the lossy-wire figures).
 
 Loss recovery follows RFC 6675 in the parts that apply to a relay that keeps no
 congestion window toward a local guest (it sends what the guest's window allows), and

@@ -28,7 +28,7 @@ behaves the same way. So the relay attaches to the interface with a packet socke
   the VMM's TAP took the offload): one `sendmsg` per 64 KiB at any MTU. See the
   module docstring of packet_builder.py; the header we receive is skipped (the relay
   does not verify TCP/UDP checksums, and a GSO frame from the guest arrives whole).
-- Not used, measured (benches/interface_throughput.py, README): without the header,
+- Not used, measured (benches/interface_throughput.py, docs/performance.md): without the header,
   plain MSS-sized frames toward a guest at MTU 1500 cost one checksum and one syscall
   each (several times slower); `PACKET_QDISC_BYPASS` drops every GSO frame the device
   must segment in software (`__dev_direct_xmit` gives up when validate_xmit_skb
