@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import SUPPORT
+from support import GUESTS, SUPPORT
 from support.relaynat_cli import guest_python, parse_stats
 
 from relaynat.config import RelayConfig
@@ -200,32 +200,15 @@ def test_too_many_ports_for_the_hard_limit_is_refused_clearly() -> None:
         result.stderr
 
 
-#: A guest serving TCP ports 6000-6009: each connection is answered with the port it
-#: reached, then closed; exits after as many connections as argv[2] says.
-RANGE_GUEST = """
-import pathlib, selectors, socket, sys
-sel = selectors.DefaultSelector()
-for port in range(6000, 6010):
-    sel.register(socket.create_server(("0.0.0.0", port)), selectors.EVENT_READ)
-pathlib.Path(sys.argv[1]).touch()
-served = 0
-while served < int(sys.argv[2]):
-    for key, _ in sel.select(30):
-        conn, _ = key.fileobj.accept()
-        conn.sendall(str(key.fileobj.getsockname()[1]).encode())
-        conn.close()
-        served += 1
-"""
-
-
 def test_port_range_with_exclusions_maps_as_specified(guest_dir: Path) -> None:
     """`5000-5009:6000-6009,~5003-5004`: eight host ports, each to its own guest port
     (host port + 1000), and the excluded two not listening at all."""
     ready = guest_dir / "ready"
     proc = subprocess.Popen(
         [sys.executable, "-m", "relaynat", "run", "-t",
-         "127.0.0.1/5000-5009:6000-6009,~5003-5004", "--", guest_python(), "-c", RANGE_GUEST,
-         str(ready), "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "127.0.0.1/5000-5009:6000-6009,~5003-5004", "--", guest_python(),
+         str(GUESTS / "tcp_range_server.py"), str(ready), "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_file(ready)
         answers: dict[int, str | None] = {}

@@ -12,3 +12,5 @@ from pathlib import Path
 
 #: This directory: where the helper programs live.
 SUPPORT = Path(__file__).resolve().parent
+#: tests/guests/: the programs tests run inside a guest namespace or as host peers.
+GUESTS = SUPPORT.parent / "guests"
