@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import SUPPORT
+from support import GUESTS, SUPPORT
 from support.relaynat_cli import guest_python, parse_stats, relaynat_run
 
 pytestmark = pytest.mark.integration
@@ -189,16 +189,8 @@ def test_policy_file_first_match_wins(world: int, tmp_path: Path) -> None:
 
 
 def test_sandbox_udp_gets_admin_prohibited(world: int) -> None:
-    script = ("import socket\n"
-              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-              f"s.connect(('{PRIVATE}', 9))\n"
-              "s.settimeout(3)\n"
-              "s.send(b'x')\n"
-              "try:\n"
-              "    s.recv(10)\n"
-              "except OSError as exc:\n"
-              "    print(type(exc).__name__, exc.errno)\n")
-    done = relaynat_run(guest_python(), "-c", script, options=("--sandbox",))
+    done = relaynat_run(guest_python(), str(GUESTS / "udp_send_error.py"), PRIVATE, "9",
+                        "--timeout", "3", "--show", "name-errno", options=("--sandbox",))
     # ICMP administratively prohibited (type 3 code 13) is a hard error for a connected
     # UDP socket: Linux's icmp_err_convert maps it to EHOSTUNREACH (113).
     assert done.stdout.strip() == "OSError 113", done.stdout + done.stderr

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import SUPPORT
+from support import GUESTS, SUPPORT
 from support.relaynat_cli import guest_python, parse_stats, relaynat_run
 from support.sysctl import ALL_GROUPS, ping_group_range
 
@@ -109,16 +109,8 @@ def test_udp6_to_a_closed_port_gives_econnrefused() -> None:
     probe.bind(("::1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    script = ("import socket\n"
-              "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
-              f"s.connect(('{GATEWAY6}', {port}))\n"
-              "s.settimeout(3)\n"
-              "s.send(b'anyone?')\n"
-              "try:\n"
-              "    s.recv(100)\n"
-              "except OSError as exc:\n"
-              "    print(type(exc).__name__)\n")
-    done = relaynat_run(guest_python(), "-c", script)
+    done = relaynat_run(guest_python(), str(GUESTS / "udp_send_error.py"), GATEWAY6, str(port),
+                        "--timeout", "3", "--payload", "anyone?")
     assert done.stdout.strip() == "ConnectionRefusedError", done.stdout + done.stderr
     assert parse_stats(done.stderr)["udp_icmp_port_unreachable"] == 1
 
@@ -128,10 +120,8 @@ def test_tcp6_to_a_closed_port_is_reset() -> None:
     probe.bind(("::1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    done = relaynat_run(guest_python(), "-c",
-                        "import socket\n"
-                        f"try:\n    socket.create_connection(('{GATEWAY6}', {port}), 5)\n"
-                        "except OSError as exc:\n    print(type(exc).__name__)\n")
+    done = relaynat_run(guest_python(), str(GUESTS / "tcp_connect_error.py"), GATEWAY6,
+                        str(port), "--timeout", "5")
     assert done.stdout.strip() == "ConnectionRefusedError", done.stdout + done.stderr
 
 
