@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import SUPPORT
+from support import GUESTS, SUPPORT
 from support.guest_tools import malformed_frames
 from support.relaynat_cli import guest_python, parse_stats, relaynat_run
 
@@ -74,13 +74,8 @@ def test_iperf3_5s_completes_without_stall(reverse: bool, tmp_path: Path) -> Non
 def test_connect_to_closed_port_is_refused_fast(start_peer) -> None:
     port = start_peer("echo")  # a live port; the closed one is the next one up
     closed = port + 1 if port < 65535 else port - 1
-    client = ("import socket, time\n"
-              "t = time.monotonic()\n"
-              "try:\n"
-              f"    socket.create_connection(('{GATEWAY}', {closed}), timeout=10)\n"
-              "except OSError as exc:\n"
-              "    print(type(exc).__name__, round(time.monotonic() - t, 3))\n")
-    done = relaynat_run(guest_python(), "-c", client)
+    done = relaynat_run(guest_python(), str(GUESTS / "tcp_connect_error.py"), GATEWAY,
+                        str(closed), "--timeout", "10", "--elapsed")
     name, elapsed = done.stdout.split()
     assert name == "ConnectionRefusedError", done.stdout + done.stderr
     # The relay answers the SYN with RST as soon as the host connect() fails.
@@ -163,18 +158,8 @@ def test_exit_status_is_the_commands() -> None:
 
 def test_flow_table_bound_refuses_with_rst_and_keeps_existing_flows(start_peer) -> None:
     port = start_peer("echo")
-    client = ("import socket\n"
-              f"a = socket.create_connection(('{GATEWAY}', {port}), timeout=5)\n"
-              f"b = socket.create_connection(('{GATEWAY}', {port}), timeout=5)\n"
-              "try:\n"
-              f"    socket.create_connection(('{GATEWAY}', {port}), timeout=5)\n"
-              "    print('third: connected')\n"
-              "except OSError as exc:\n"
-              "    print('third:', type(exc).__name__)\n"
-              "for s in (a, b):\n"
-              "    s.sendall(b'still here')\n"
-              "    print(s.recv(100).decode())\n")
-    done = relaynat_run(guest_python(), "-c", client, options=("--max-flows", "2"))
+    done = relaynat_run(guest_python(), str(GUESTS / "tcp_third_connection.py"), GATEWAY,
+                        str(port), options=("--max-flows", "2"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["third: ConnectionRefusedError", "still here",
                                         "still here"]
@@ -203,18 +188,9 @@ def test_guest_that_stops_reading_gets_probed_then_resumes(start_peer, tmp_path)
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "f.bin").write_bytes(data)
     port = start_peer("http", "--root", str(tmp_path / "www"))
-    client = ("import hashlib, socket, time\n"
-              f"s = socket.create_connection(('{GATEWAY}', {port}), timeout=30)\n"
-              "s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)\n"
-              "s.sendall(b'GET /f.bin HTTP/1.0\\r\\n\\r\\n')\n"
-              "time.sleep(2)\n"
-              "buf = bytearray()\n"
-              "while chunk := s.recv(1 << 20):\n"
-              "    buf += chunk\n"
-              "body = bytes(buf).split(b'\\r\\n\\r\\n', 1)[1]\n"
-              "print(hashlib.sha256(body).hexdigest(), len(body))\n")
     t0 = time.monotonic()
-    done = relaynat_run(guest_python(), "-c", client, timeout=60)
+    done = relaynat_run(guest_python(), str(GUESTS / "stalled_http_get.py"), GATEWAY,
+                        str(port), "2", timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [hashlib.sha256(data).hexdigest(), str(len(data))]
     assert time.monotonic() - t0 < 15
