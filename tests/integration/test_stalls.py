@@ -20,7 +20,7 @@ from pathlib import Path
 
 import dpkt
 import pytest
-from support import SUPPORT
+from support import GUESTS, SUPPORT
 from support.faultkit import MIB, LiveRun, rss_kib, wait_until
 from support.relaynat_cli import guest_python
 
@@ -72,18 +72,8 @@ def test_guest_that_stops_reading_is_probed_with_flat_relay_memory(
     (tmp_path / "www" / "f.bin").write_bytes(data)
     port = start_peer("http", "--root", str(tmp_path / "www"))
     started, pcap = guest_dir / "started", tmp_path / "guest.pcap"
-    client = ("import hashlib, socket, sys, time\n"
-              f"s = socket.create_connection(('{GATEWAY}', {port}), timeout=30)\n"
-              "s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)\n"
-              "s.sendall(b'GET /f.bin HTTP/1.0\\r\\n\\r\\n')\n"
-              f"open('{started}', 'w').close()\n"
-              f"time.sleep({STALL_S})\n"
-              "buf = bytearray()\n"
-              "while chunk := s.recv(1 << 20):\n"
-              "    buf += chunk\n"
-              "body = bytes(buf).split(b'\\r\\n\\r\\n', 1)[1]\n"
-              "print(hashlib.sha256(body).hexdigest(), len(body))\n")
-    run = LiveRun([guest_python(), "-c", client], options=("--pcap", str(pcap)))
+    run = LiveRun([guest_python(), str(GUESTS / "stalled_http_get.py"), GATEWAY, str(port),
+                   str(STALL_S), "--started", str(started)], options=("--pcap", str(pcap)))
     try:
         samples = _sample_during(run, started, STALL_S - 1.5)
         status, stats = run.finish(timeout_s=60)
@@ -148,15 +138,11 @@ def test_guest_held_by_a_pausing_host_peer_resumes_without_probing(guest_dir: Pa
     out: dict[str, object] = {}
     reader = threading.Thread(target=_bursty_reader, args=(listener, 0.03, out), daemon=True)
     reader.start()
-    sender = ("import socket, sys\n"
-              f"s = socket.create_connection(('{GATEWAY}', {port}), timeout=60)\n"
-              "s.sendall(sys.stdin.buffer.read())\n"
-              "s.shutdown(socket.SHUT_WR)\n"
-              "s.recv(1)\n")  # the peer read it all: `run` ends with the command
     source = guest_dir / "data.bin"  # where the guest may read it
     source.write_bytes(data)
-    run = LiveRun(["sh", "-c", f"{guest_python()} -c \"{sender}\" < {source} && "
-                               "nstat -asz TcpExtTCPWinProbe"])
+    # tcp_send_stdin.py waits until the peer read it all: `run` ends with the command.
+    run = LiveRun(["sh", "-c", f"{guest_python()} {GUESTS / 'tcp_send_stdin.py'} {GATEWAY} "
+                               f"{port} < {source} && nstat -asz TcpExtTCPWinProbe"])
     try:
         status, stats = run.finish(timeout_s=120)
     finally:
