@@ -4,13 +4,13 @@ bucket allows, every one of which must connect (the SYNs wait, none is refused).
 
 from __future__ import annotations
 
-import textwrap
 import tracemalloc
 from collections import Counter
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import GUESTS
 from support.relaynat_cli import guest_python, parse_stats, relaynat_run
 
 from relaynat.syn_backlog import BACKLOG_CAPACITY, SynBacklog
@@ -111,33 +111,6 @@ def test_waiting_syns_keep_their_options_and_not_their_payload() -> None:
     assert not seg.payload
 
 
-GUEST_BURST = textwrap.dedent("""
-    import socket, sys, selectors
-    port, count = int(sys.argv[1]), int(sys.argv[2])
-    sel, done = selectors.DefaultSelector(), 0
-    for i in range(count):
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(("10.0.2.2", port))
-        sel.register(s, selectors.EVENT_WRITE, i)
-    while done < count:
-        events = sel.select(timeout=20)
-        assert events, f"only {done} of {count} connected"
-        for key, _ in events:
-            s = key.fileobj
-            if key.events == selectors.EVENT_WRITE:
-                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
-                s.send(f"{key.data}\\n".encode())
-                sel.modify(s, selectors.EVENT_READ, key.data)
-            else:
-                assert s.recv(100) == f"{key.data}\\n".encode()
-                sel.unregister(s)
-                s.close()
-                done += 1
-    print("connected", done)
-""")
-
-
 @pytest.mark.integration
 def test_a_burst_beyond_the_bucket_waits_and_every_connection_opens(start_peer) -> None:
     """600 connections at once at 200 new flows a second after a burst of 256: the
@@ -145,8 +118,8 @@ def test_a_burst_beyond_the_bucket_waits_and_every_connection_opens(start_peer) 
     some arrive twice) and every connection opens once and echoes."""
     port = start_peer("echo")
     count = 600
-    result = relaynat_run(guest_python(), "-c", GUEST_BURST, str(port), str(count),
-                          options=("--syn-rate", "200"), timeout=60)
+    result = relaynat_run(guest_python(), str(GUESTS / "tcp_burst_echo.py"), str(port),
+                          str(count), options=("--syn-rate", "200"), timeout=60)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert f"connected {count}" in result.stdout
     stats = parse_stats(result.stderr)
