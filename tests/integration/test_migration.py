@@ -54,7 +54,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import SUPPORT
+from support import GUESTS, SUPPORT
 from support.relaynat_cli import parse_stats
 
 from integration.test_flow_move import _flow
@@ -389,18 +389,8 @@ def test_release_reset_resets_the_peer(hosts: Hosts) -> None:
     """`ctl release --reset`: the old behaviour, for flows that did not live on."""
     capture = Capture(hosts)
     # One connection that sends a line, then waits for whatever ends it.
-    peer = hosts.popen(hosts.peer, sys.executable, "-c", (
-        "import json, socket\n"
-        f"srv = socket.create_server(({PEER_ADDR!r}, 0))\n"
-        "print(srv.getsockname()[1], flush=True)\n"
-        "c, _ = srv.accept()\n"
-        "c.settimeout(20)\n"
-        "c.sendall(b'hello\\n')\n"
-        "try:\n"
-        "    end = repr(c.recv(1))\n"
-        "except OSError as exc:\n"
-        "    end = type(exc).__name__\n"
-        "print(json.dumps(end), flush=True)\n"), stdout=subprocess.PIPE)
+    peer = hosts.popen(hosts.peer, sys.executable, str(GUESTS / "hello_then_wait_peer.py"),
+                       PEER_ADDR, stdout=subprocess.PIPE)
     assert peer.stdout is not None
     port = int(peer.stdout.readline())
     _, sock_a = hosts.relay(hosts.a, "A")
