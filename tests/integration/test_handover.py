@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import GUESTS
 from support.netshim import LossyGuest
 from support.relaynat_cli import guest_python, parse_stats
 
@@ -56,119 +57,6 @@ HANDOVERS = 10
 RATE = 96 << 20
 TAIL = 32 << 20
 BLOCK = 1 << 20
-
-#: The data both ways: 1 MiB blocks of one random block, each led by its own index,
-#: so that a lost, repeated or reordered block changes the hash.
-DATA = """
-import os
-def blocks(seed, size):
-    base = bytearray(os.urandom(1 << 20)) if seed is None else bytearray(seed)
-    for i in range(size >> 20):
-        base[:8] = i.to_bytes(8, "big")
-        yield bytes(base)
-"""
-
-#: argv: size, rate, tail, go-file. Serves one download and one upload on 127.0.0.1,
-#: prints the ports, then one JSON line per transfer (its sha256 and error, if any,
-#: and its CLOCK_MONOTONIC end).
-PEER = DATA + """
-import hashlib, json, socket, sys, threading, time
-SIZE, RATE, TAIL, GO = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-down, up = (socket.create_server(("127.0.0.1", 0)) for _ in range(2))
-print(json.dumps([down.getsockname()[1], up.getsockname()[1]]), flush=True)
-
-def pace(done, start):
-    if done >= SIZE - TAIL:
-        while not os.path.exists(GO):
-            time.sleep(0.01)
-    else:
-        time.sleep(max(0.0, start + done / RATE - time.monotonic()))
-
-def serve_down():
-    c, _ = down.accept()
-    h, sent, error, start = hashlib.sha256(), 0, None, time.monotonic()
-    try:
-        for block in blocks(None, SIZE):
-            pace(sent, start)
-            c.sendall(block)
-            h.update(block)
-            sent += len(block)
-        c.shutdown(socket.SHUT_WR)
-        if c.recv(1):
-            error = "data after the download"
-    except OSError as exc:
-        error = repr(exc)
-    print(json.dumps({"kind": "down", "length": sent, "sha256": h.hexdigest(),
-                      "error": error, "end": time.monotonic()}), flush=True)
-
-def serve_up():
-    c, _ = up.accept()
-    h, n, error, start = hashlib.sha256(), 0, None, time.monotonic()
-    try:
-        while True:
-            pace(n, start)
-            chunk = c.recv(1 << 20)
-            if not chunk:
-                break
-            h.update(chunk)
-            n += len(chunk)
-        c.close()
-    except OSError as exc:
-        error = repr(exc)
-    print(json.dumps({"kind": "up", "length": n, "sha256": h.hexdigest(), "error": error,
-                      "end": time.monotonic()}), flush=True)
-
-threads = [threading.Thread(target=f) for f in (serve_down, serve_up)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-"""
-
-#: The guest: argv down-port, up-port, size, result file. Both transfers at once; the
-#: result holds each one's sha256 and error, and the guest kernel's TCP counters.
-GUEST = DATA + """
-import hashlib, json, socket, sys, threading
-DOWN, UP, SIZE, OUT = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-result = {}
-
-def download():
-    h, n, error = hashlib.sha256(), 0, None
-    try:
-        with socket.create_connection(("10.0.2.2", DOWN)) as c:
-            while chunk := c.recv(1 << 20):
-                h.update(chunk)
-                n += len(chunk)
-    except OSError as exc:
-        error = repr(exc)
-    result["down"] = {"length": n, "sha256": h.hexdigest(), "error": error}
-
-def upload():
-    h, n, error = hashlib.sha256(), 0, None
-    try:
-        with socket.create_connection(("10.0.2.2", UP)) as c:
-            for block in blocks(None, SIZE):
-                c.sendall(block)
-                h.update(block)
-                n += len(block)
-            c.shutdown(socket.SHUT_WR)
-            if c.recv(1):
-                error = "data on the upload"
-    except OSError as exc:
-        error = repr(exc)
-    result["up"] = {"length": n, "sha256": h.hexdigest(), "error": error}
-
-threads = [threading.Thread(target=f) for f in (download, upload)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-snmp = [line.split() for line in open("/proc/net/snmp") if line.startswith("Tcp:")]
-result["tcp"] = dict(zip(snmp[0][1:], map(int, snmp[1][1:])))
-with open(OUT, "w") as f:
-    json.dump(result, f)
-"""
-
 
 def _tcp_counters() -> dict[str, int]:
     """This network namespace's TCP counters (relays' host sockets and peers live here)."""
@@ -215,15 +103,17 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 class Transfers:
-    """The PEER on this namespace's loopback and the GUEST program, `size` bytes each
+    """The peer on this namespace's loopback (transfer_peer.py) and the guest program
+    (transfer_guest.py), `size` bytes each
     way, paced at `rate` until `TAIL` bytes are left, then held until `go`. `where`:
     a directory the guest may write its result in."""
 
     def __init__(self, where: Path, size: int, rate: int) -> None:
         self.size, self.go = size, where / "go"
         self.result_file = where / "guest.json"
-        self.peer = subprocess.Popen([sys.executable, "-c", PEER, str(size), str(rate),
-                                      str(min(TAIL, size // 4)), str(self.go)],
+        self.peer = subprocess.Popen([sys.executable, str(GUESTS / "transfer_peer.py"),
+                                      str(size), str(rate), str(min(TAIL, size // 4)),
+                                      str(self.go)],
                                      stdout=subprocess.PIPE, text=True)
         assert self.peer.stdout is not None
         self.down_port, self.up_port = json.loads(self.peer.stdout.readline())
@@ -231,9 +121,9 @@ class Transfers:
         self.last_handover = 0.0
 
     def guest_argv(self, python: str = sys.executable) -> list[str]:
-        """The GUEST program run by `python` (for `relaynat run`, one the command's
+        """The guest program run by `python` (for `relaynat run`, one the command's
         user may execute: relaynat_cli.guest_python)."""
-        return [python, "-c", GUEST, str(self.down_port), str(self.up_port),
+        return [python, str(GUESTS / "transfer_guest.py"), str(self.down_port), str(self.up_port),
                 str(self.size), str(self.result_file)]
 
     def release(self) -> None:
