@@ -80,7 +80,7 @@ from relaynat.repair_state import RepairError, RepairState
 from relaynat.tcp_actions import M32
 from relaynat.tcp_handshake import MAX_GSO_PAYLOAD
 from relaynat.tcp_state import TcpState
-from relaynat.window import RTT_EXP_MAX
+from relaynat.window import RTT_EXP_MAX, rto_s
 from relaynat.wire import seq_diff, seq_le
 
 FORMAT = "relaynat-flows"
@@ -239,7 +239,9 @@ class LiveFlowState(TcpFlowState):
     fin_acked: bool
 
     def _check(self) -> None:
-        TcpFlowState._check(self)
+        # super() needs its arguments in a slots dataclass: the decorator makes a new
+        # class, and the zero-argument form's would be the one it replaced.
+        super(LiveFlowState, self)._check()
         if (self.fin_seq is not None) != (self.state in _OUR_FIN_SENT):
             raise FlowStateError(f"fields state, fin_seq: {self.state.value} with fin_seq "
                                  f"{self.fin_seq}")
@@ -430,8 +432,16 @@ def entry_from(state: TcpFlowState, *, mtu: int, vnet_hdr_len: int, offload: boo
     # A fresh window from this relay's socket at the first flush, and an RTO for what
     # is in flight (the guest may have lost it while no relay served it).
     entry.ack_pending = True
-    entry._arm_rto(now)
+    entry.rto_at = _rto_deadline(entry, now)
     return entry
+
+
+def _rto_deadline(entry: TcpNatEntry, now: float) -> float | None:
+    """When the retransmission timer of `entry` expires, armed at `now`: while data or
+    our FIN is unacknowledged (RFC 6298 §5.1), as the entry arms it itself."""
+    in_flight = entry.bytes_in_flight or (entry.fin_seq is not None and not entry.fin_acked)
+    return (now + rto_s(entry.retries, entry.syn_retransmitted, entry.guest_srtt,
+                        entry.guest_rttvar) if in_flight else None)
 
 
 def relink(entry: TcpNatEntry, vnet_hdr_len: int, offload: bool) -> None:

@@ -21,6 +21,7 @@ from ipaddress import IPv4Address
 
 from hypothesis import strategies as st
 
+from relaynat.checksum import internet_checksum
 from relaynat.testing import frames as f
 from relaynat.testing.frames import DEFAULT_ADDRESSING, Addressing, LabeledFrame
 from relaynat.wire import ACK, ETH_HLEN, FIN, PSH, RST, SYN
@@ -178,10 +179,8 @@ def _mutation(draw: st.DrawFn, a: Addressing) -> LabeledFrame:
                             "drop_ethertype_unsupported")
     if kind == "ip_proto":
         proto = draw(st.integers(0, 255).filter(lambda p: p not in (1, 6, 17)))
-        frame = bytearray(draw(b["icmp_echo"].filter(f.is_ipv4)))
-        frame[ETH_HLEN + 9] = proto
-        f._fix_ipv4_checksum(frame)
-        return LabeledFrame(bytes(frame), "ip_proto", "drop_ip_proto_unsupported")
+        frame = _with_ipv4_proto(draw(b["icmp_echo"].filter(f.is_ipv4)), proto)
+        return LabeledFrame(frame, "ip_proto", "drop_ip_proto_unsupported")
     frame = draw(v6)
     if kind == "ip6_fragment":
         chain = [*draw(st.lists(st.sampled_from([0, 60]), max_size=2)), 44]
@@ -193,6 +192,16 @@ def _mutation(draw: st.DrawFn, a: Addressing) -> LabeledFrame:
     out = bytearray(f.with_ipv6_extensions(frame, [draw(st.sampled_from([0, 60]))]))
     out[ETH_HLEN + 40 + 1] = 255  # Hdr Ext Len: 2 KiB, past the payload
     return LabeledFrame(bytes(out), kind, "drop_ip6_ext_header")
+
+
+def _with_ipv4_proto(frame: bytes, proto: int) -> bytes:
+    """IPv4 `frame` with protocol number `proto`, its header checksum good again."""
+    out = bytearray(frame)
+    out[ETH_HLEN + 9] = proto
+    header = slice(ETH_HLEN, ETH_HLEN + (out[ETH_HLEN] & 0x0F) * 4)
+    struct.pack_into("!H", out, ETH_HLEN + 10, 0)
+    struct.pack_into("!H", out, ETH_HLEN + 10, internet_checksum(out[header]))
+    return bytes(out)
 
 
 def broken_frames(a: Addressing = DEFAULT_ADDRESSING) -> st.SearchStrategy[LabeledFrame]:
