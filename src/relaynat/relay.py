@@ -28,7 +28,6 @@ Embedding::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections import Counter
 
@@ -53,9 +52,10 @@ from relaynat.moving import flow_move
 from relaynat.packet_builder import BROADCAST_MAC, ICMP_PORT_UNREACH, udp_frame
 from relaynat.policy import EgressGate, Policy
 from relaynat.ratelimit import TokenBucket
+from relaynat.relay_moving import RelayMoving
 from relaynat.transports.base import FrameTransport
 from relaynat.transports.pcap import PcapWriter
-from relaynat.transports.stream import StreamTransport, bind_unix_listener
+from relaynat.transports.stream import StreamServer, StreamTransport
 from relaynat.wire import (
     ETHERTYPE_ARP,
     ETHERTYPE_IPV4,
@@ -83,7 +83,7 @@ from relaynat.wire import (
 log = guest_logger("relaynat")
 
 
-class Relay:
+class Relay(RelayMoving):
     """The network of one guest: one transport at a time, any number of flows.
 
     `config` (default `RelayConfig()`) is validated here (ConfigError says what is
@@ -114,7 +114,7 @@ class Relay:
         #: where inbound IPv6 connections go.
         self._guest_addr6 = self.config.guest_ipv6.packed
         self._pcap: PcapWriter | None = None
-        self._listener: socket.socket | None = None
+        self._stream: StreamServer | None = None
         self._guest_mac: bytes | None = None
         #: Verify the guest's TCP checksums: on transports without a virtio-net header
         #: (stream and datagram sockets, a plain TAP) the guest's frames carry full
@@ -174,12 +174,9 @@ class Relay:
         Called by `async with`. Exported sockets are released silently."""
         self.detach()
         self._exported.release()
-        if self._listener is not None:
-            assert self._loop is not None  # a listener exists only once started
-            with contextlib.suppress(ValueError, OSError):
-                self._loop.remove_reader(self._listener.fileno())
-            self._listener.close()
-            self._listener = None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         if self._tcp is not None:
             self._tcp.close()
             self._tcp = None
@@ -234,31 +231,10 @@ class Relay:
         self._guest_mac = None
         return transport
 
-    # -- moving flows to another relay (moving/flow_move.py) ------------------------------------
-
-    @in_guest_scope
-    def export_flows(self) -> dict[str, object]:
-        """Take every ESTABLISHED TCP flow out, silently, as a "relaynat-flows" document
-        for `import_flows` (others stay, under "not_moved"); see moving/flow_move.py."""
-        assert self._tcp is not None and self._loop is not None, "start() first"
-        others = [f for p in (self._udp_relay, self._icmp) if p for f in p.describe_flows()]
-        return flow_move.export_flows(self._tcp, self._loop.time(), self._exported, others,
-                                      self._dns_tcp.port if self._dns_tcp else None)
-
-    @in_guest_scope
-    def release_exported(self, reset: bool = False) -> int:
-        """Close the exported host sockets (silently; `reset`: RST their peers)."""
-        return self._exported.release(reset)
-
-    @in_guest_scope
-    def import_flows(self, doc: object) -> list[dict[str, object]]:
-        """Serve the flows of an `export_flows` document, checked whole first (else
-        FlowStateError, a ValueError, and nothing imported); returns them described."""
-        assert self._tcp is not None and self._loop is not None, "start() first"
-        c = self.config
-        return flow_move.import_flows(self._tcp, doc, self._loop.time(), self._addr.is_guest,
-                                      mtu=c.mtu, max_flows=c.max_tcp_flows,
-                                      idle_timeout_s=c.tcp_idle_timeout_s)
+    @property
+    def transport(self) -> FrameTransport | None:
+        """The guest's transport; None while none is attached (or `suspend`ed)."""
+        return self._transport
 
     # -- egress policy -------------------------------------------------------------------
 
@@ -359,16 +335,16 @@ class Relay:
     # -- socket transports -------------------------------------------------------------
 
     @in_guest_scope
-    def serve_stream(self, path: str, listener: socket.socket | None = None) -> None:
+    def serve_stream(self, path: str, listener: socket.socket | None = None) -> StreamServer:
         """Listen on unix socket `path` (or serve `listener`, listening on it already)
-        for qemu stream clients, one guest at a time.
+        for qemu stream clients, one guest at a time (`StreamServer`).
 
         A second client while one is served is closed at once with a logged warning;
         when the served client goes away its flows are closed and the next is accepted.
         """
         assert self._loop is not None, "start() first"
-        self._listener = listener or bind_unix_listener(path)
-        self._loop.add_reader(self._listener.fileno(), self._on_stream_client)
+        self._stream = StreamServer(self, path, listener, self._loop)
+        return self._stream
 
     @in_guest_scope
     def attach_stream_fd(self, fd: int) -> StreamTransport:
@@ -380,21 +356,6 @@ class Relay:
         transport = StreamTransport(sock, self.config.guest_queue_limit, self._loop)
         self.attach(transport)
         return transport
-
-    def _on_stream_client(self) -> None:
-        assert self._listener is not None
-        try:
-            client, _ = self._listener.accept()
-        except BlockingIOError:
-            return
-        if self._transport is not None:
-            log.warning("a second guest tried to connect while one is served; refused")
-            self._stats["stream_clients_refused"] += 1
-            client.close()
-            return
-        log.info("guest connected on the stream socket")
-        self._stats["stream_clients"] += 1
-        self.attach(StreamTransport(client, self.config.guest_queue_limit, self._loop))
 
     def transport_lost(self, transport: FrameTransport, reason: str) -> None:
         """`FrameSink`: the guest's transport closed itself; its flows are reset and
@@ -641,3 +602,8 @@ class Relay:
         out["icmp_sockets"] = self._icmp.socket_count if self._icmp is not None else 0
         out.update(self._link.counters())
         return out
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add `n` to the counter `name` of `stats()`: for what serves the relay from
+        outside it (a `StreamServer`, a handover) and counts there."""
+        self._stats[name] += n

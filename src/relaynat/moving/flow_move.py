@@ -16,8 +16,12 @@ repair mode, and only when all of them are does any leave repair mode (closing a
 socket still in repair mode sends nothing, so a failure leaves no trace); then each
 flow is served as if it had been opened here.
 
-Three kernel facts (Linux 6.18, checked by tests/test_flow_move.py and
-tests/test_migration.py) shape how callers must move flows:
+Live (`Relay.suspend`, `Relay.resume`, `Relay.adopt`; a handover to another process,
+moving/handover.py): the flows leave the relay with their host sockets untouched, no
+repair mode, for `take_live`'s caller to pass the sockets themselves on (`Suspended`).
+
+Three kernel facts (Linux 6.18, checked by tests/integration/test_flow_move.py and
+tests/integration/test_migration.py) shape how callers must move flows:
 - A socket in repair mode still accepts and acknowledges its peer's data: bytes
   arriving after the dump are acknowledged to the peer and missing from the copy. The
   host side's traffic must be held while flows move: by the network in a real
@@ -38,19 +42,25 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from relaynat.flow_state import (
+    LIVE_STATES,
     FlowStateError,
+    LiveFlowState,
+    LiveSocket,
     TcpFlowState,
     entry_from,
+    live_state_of,
     make_document,
     parse_document,
     state_of,
 )
 from relaynat.guest_log import guest_logger
 from relaynat.host.flowinfo import FlowInfo, describe_tcp
+from relaynat.host.forward import Forward
 from relaynat.host.tcp_flow import SO_PEEK_OFF, TcpFlow, close_with_reset
 from relaynat.host.tcp_relay import TcpRelay
 from relaynat.host.tcp_repair import (
@@ -90,6 +100,88 @@ class ExportedSockets:
         count = len(self.socks)
         self.socks.clear()
         return count
+
+
+@dataclass
+class Suspended:
+    """What `Relay.suspend` took out of service for a handover (moving/handover.py):
+    for `Relay.resume` to serve again, or for another process to take over.
+
+    - `stopped_at`: CLOCK_MONOTONIC when the relay stopped serving the guest.
+    - `transport`: the guest's link, no longer the relay's, stopped reading at a frame
+      boundary (what the guest sends meanwhile waits in the link); None: none attached.
+    - `stream_listener`: the listening socket of `Relay.serve_stream` (None: none),
+      not accepting: clients wait in its backlog.
+    - `forwards`: the inbound forwards, not accepting or reading: clients wait in the
+      backlog, datagrams in the socket. They stay the relay's (`close` closes them).
+    - `guest_mac` (None before the guest's first frame), `guest_addr6`: as learned.
+    - `flows`: the TCP flows that left the relay's table, each established or
+      half-closed (`LIVE_STATES`), with its host socket, open and untouched since;
+      a state's `socket.fd` is its index in this list. The bytes the guest acknowledged
+      were consumed, so each socket's receive queue starts at the guest's first
+      unacknowledged byte.
+    - `not_moved`: the flows that stayed, each with the reason (a document's
+      "not_moved" lines): half-open TCP flows, flows to the relay's own DNS-over-TCP
+      responder, UDP flows and ping sessions. They end with the relay.
+    - `stats`: the relay's counters when it stopped.
+    """
+
+    stopped_at: float
+    transport: FrameTransport | None
+    stream_listener: socket.socket | None
+    forwards: list[Forward]
+    guest_mac: bytes | None
+    guest_addr6: bytes
+    flows: list[tuple[LiveFlowState, socket.socket]]
+    not_moved: list[dict[str, Any]]
+    stats: dict[str, int]
+
+
+def take_live(tcp: TcpRelay, now: float, others: list[FlowInfo], dns_tcp_port: int | None
+              ) -> tuple[list[tuple[LiveFlowState, socket.socket]], list[dict[str, Any]]]:
+    """Take every flow of `tcp` that can move with its live socket out, silently: the
+    `flows` and `not_moved` of `Suspended` (which says what holds of them); `others`
+    (UDP and ICMP flows) are listed as not moved."""
+    own_dns = ("127.0.0.1", dns_tcp_port) if dns_tcp_port is not None else None
+    moved: list[tuple[LiveFlowState, socket.socket]] = []
+    skipped = [not_moved(info, f"{info['protocol']} flows end with the old relay")
+               for info in others]
+    for flow in list(tcp.flows.values()):
+        reason = _not_live(flow, own_dns)
+        if reason is None:
+            try:
+                peer = flow.sock.getpeername()[:2]
+            except OSError as exc:
+                reason = f"host socket: {exc.strerror}"
+        if reason is not None:
+            skipped.append(not_moved(describe_tcp(flow), reason))
+            continue
+        live = LiveSocket(len(moved), peer)
+
+        def snapshot(_sock: socket.socket, flow: TcpFlow = flow,
+                     live: LiveSocket = live) -> LiveFlowState:
+            return live_state_of(flow.entry, flow.key, flow.inbound, now, live)
+
+        moved.append((tcp.forget(flow, snapshot), flow.sock))
+    return moved, skipped
+
+
+def _not_live(flow: TcpFlow, own_dns: tuple[str, int] | None) -> str | None:
+    state = flow.entry.state
+    if flow.connecting or state not in LIVE_STATES:
+        return f"half-open or closing ({state.value}): the guest's retransmission " \
+               "opens it again"
+    if own_dns is not None and tuple(flow.host_addr) == own_dns:
+        return "served by the old relay's own DNS-over-TCP responder"
+    return None
+
+
+def adopt_live(tcp: TcpRelay, flows: Sequence[tuple[LiveFlowState, socket.socket]],
+               now: float, *, mtu: int, idle_timeout_s: float) -> None:
+    """Serve each live flow in `tcp` on its socket (connected, non-blocking)."""
+    for state, sock in flows:
+        adopt_flow(tcp, state, sock, now, mtu=mtu, idle_timeout_s=idle_timeout_s,
+                   host_addr=state.socket.peer)
 
 
 def let_go(transport: FrameTransport | None, keep: bool) -> FrameTransport | None:

@@ -70,7 +70,6 @@ import json
 import logging
 import os
 import socket
-import time
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
@@ -78,23 +77,13 @@ from typing import TYPE_CHECKING, Any
 from relaynat import __version__
 from relaynat.config import RelayConfig
 from relaynat.control.server import ControlServer, RequestError
-from relaynat.flow_state import (
-    KIND_LIVE,
-    LIVE_STATES,
-    LiveFlowState,
-    LiveSocket,
-    live_state_of,
-    make_document,
-)
-from relaynat.host.flowinfo import describe_tcp
-from relaynat.host.tcp_flow import TcpFlow
+from relaynat.flow_state import KIND_LIVE, make_document
 from relaynat.moving import handover_transport
-from relaynat.moving.flow_move import adopt_flow, not_moved
+from relaynat.moving.flow_move import Suspended
 
 if TYPE_CHECKING:
     from relaynat.netns.guest import NamespaceGuest
     from relaynat.relay import Relay
-    from relaynat.transports.base import FrameTransport
     from relaynat.transports.unixgram import UnixgramServer
 
 log = logging.getLogger("relaynat.handover")
@@ -207,9 +196,7 @@ class _Held:
 
     doc: dict[str, Any]
     fds: list[int]
-    transport: FrameTransport | None
-    flows: list[tuple[LiveFlowState, socket.socket]]
-    stopped_at: float
+    suspended: Suspended
     own_fds: list[int] = field(default_factory=list)  # opened for the handover
 
 
@@ -238,7 +225,7 @@ class Source:
         if self.done or self._busy:
             raise HandoverError("a handover is already done or under way")
         try:
-            kind = handover_transport.kind_of(self.relay._transport)
+            kind = handover_transport.kind_of(self.relay.transport)
         except TypeError as exc:
             raise HandoverError(str(exc)) from None
         self._busy = True
@@ -267,7 +254,7 @@ class Source:
         try:
             data = json.dumps(held.doc).encode()
             accepted = await asyncio.to_thread(self._deliver, sock, data, held.fds)
-            send_message(sock, {"commit": {"stopped_at": held.stopped_at}})
+            send_message(sock, {"commit": {"stopped_at": held.suspended.stopped_at}})
         except BaseException:
             self._give_back(held)
             raise
@@ -279,7 +266,7 @@ class Source:
                  len(tcp["flows"]), len(tcp["not_moved"]))
         return {"to": path, "accepted": accepted, "moved_tcp": len(tcp["flows"]),
                 "forwards": len(held.doc["forwards"]), "not_moved": tcp["not_moved"],
-                "stopped_at": held.stopped_at}
+                "stopped_at": held.suspended.stopped_at}
 
     @staticmethod
     def _deliver(sock: socket.socket, data: bytes, fds: list[int]) -> Any:
@@ -289,49 +276,18 @@ class Source:
     def _take_out(self) -> _Held:
         """Stop serving and describe everything (module docstring, step 2)."""
         relay = self.relay
-        tcp, forwarder, loop = relay._tcp, relay._forwarder, relay._loop
-        assert tcp is not None and forwarder is not None and loop is not None
-        stopped_at = time.monotonic()
-        transport, relay._transport = relay._transport, None
-        if transport is not None:
-            handover_transport.stop(transport)  # a kind that moves: checked
-        relay._link.stop_router_adverts()
-        forwarder.pause()
-        if relay._listener is not None:  # the next stream guest waits in the backlog
-            loop.remove_reader(relay._listener.fileno())
+        out = relay.suspend()
+        if out.transport is not None:
+            handover_transport.stop_sending(out.transport)  # a kind that moves: checked
         fds: list[int] = []
 
         def fd(sock: socket.socket | int) -> int:
             fds.append(sock if isinstance(sock, int) else sock.fileno())
             return len(fds) - 1
 
-        now = loop.time()
-        own_dns = ("127.0.0.1", relay._dns_tcp.port) if relay._dns_tcp else None
-        states: list[LiveFlowState] = []
-        moved: list[tuple[LiveFlowState, socket.socket]] = []
-        skipped = [not_moved(info, f"{info['protocol']} flows end with the old relay")
-                   for part in (relay._udp_relay, relay._icmp) if part
-                   for info in part.describe_flows()]
-        for flow in list(tcp.flows.values()):
-            reason = _unmovable(flow, own_dns)
-            if reason is None:
-                try:
-                    peer = flow.sock.getpeername()[:2]
-                except OSError as exc:
-                    reason = f"host socket: {exc.strerror}"
-            if reason is not None:
-                skipped.append(not_moved(describe_tcp(flow), reason))
-                continue
-            live = LiveSocket(len(fds), peer)
-
-            def snapshot(_sock: socket.socket, flow: TcpFlow = flow,
-                         live: LiveSocket = live) -> LiveFlowState:
-                return live_state_of(flow.entry, flow.key, flow.inbound, now, live)
-
-            state = tcp.forget(flow, snapshot)
-            fd(flow.sock)
-            states.append(state)
-            moved.append((state, flow.sock))
+        for state, sock in out.flows:  # each state names its socket by this index
+            index = fd(sock)
+            assert index == state.socket.fd
         own: list[int] = []
         command = None
         if self.command_fd is not None:
@@ -339,51 +295,39 @@ class Source:
         elif self.guest is not None and self.guest.proc.returncode is None:
             own.append(os.pidfd_open(self.guest.proc.pid))
             command = {"fd": fd(own[-1])}
-        listener = relay._listener
+        listener = out.stream_listener
         doc = {
             "format": FORMAT, "version": VERSION, "relaynat": __version__,
             "addressing": addressing_of(relay.config),
-            "guest": {"mac": relay._guest_mac.hex(":") if relay._guest_mac else None,
-                      "address6": str(ip_address(relay._guest_addr6))},
-            "transport": handover_transport.describe(transport, fd, self.unixgram),
+            "guest": {"mac": out.guest_mac.hex(":") if out.guest_mac else None,
+                      "address6": str(ip_address(out.guest_addr6))},
+            "transport": handover_transport.describe(out.transport, fd, self.unixgram),
             "stream_listener": None if listener is None or self.stream_path is None
             else {"fd": fd(listener), "path": self.stream_path},
             "control": None if self.control is None
             else {"fd": fd(self.control.sock), "path": self.control.path},
             "command": command,
             "forwards": [{k: v for k, v in f.describe().items() if k != "id"}
-                         | {"fd": fd(f.sock)} for f in forwarder.forwards
-                         if f.sock is not None],
-            "tcp": make_document(states, skipped, KIND_LIVE),
-            "stats": dict(relay._stats),
+                         | {"fd": fd(f.sock)} for f in out.forwards if f.sock is not None],
+            "tcp": make_document([state for state, _ in out.flows], out.not_moved,
+                                 KIND_LIVE),
+            "stats": out.stats,
         }
-        return _Held(doc, fds, transport, moved, stopped_at, own)
+        return _Held(doc, fds, out, own)
 
     def _give_back(self, held: _Held) -> None:
         """The handover failed: serve on exactly as before it began."""
-        relay = self.relay
-        assert relay._tcp is not None and relay._forwarder is not None
-        assert relay._loop is not None
-        if held.transport is not None:
-            relay.attach(held.transport)
-        now = relay._loop.time()
-        c = relay.config
-        for state, sock in held.flows:
-            adopt_flow(relay._tcp, state, sock, now, mtu=c.mtu,
-                       idle_timeout_s=c.tcp_idle_timeout_s, host_addr=state.socket.peer)
-        relay._forwarder.resume()
-        if relay._listener is not None:
-            relay._loop.add_reader(relay._listener.fileno(), relay._on_stream_client)
+        self.relay.resume(held.suspended)
         for own in held.own_fds:
             os.close(own)
-        relay._stats["handovers_failed"] += 1
+        self.relay.count("handovers_failed")
 
     def _let_go(self, held: _Held) -> None:
         """The other relay serves: close our copies, without a packet to anyone."""
-        for _, sock in held.flows:
+        for _, sock in held.suspended.flows:
             sock.close()
-        if held.transport is not None:
-            held.transport.close()
+        if held.suspended.transport is not None:
+            held.suspended.transport.close()
         for own in held.own_fds:
             os.close(own)
         if self.command_fd is not None:
@@ -391,15 +335,4 @@ class Source:
             self.command_fd = None
         if self.guest is not None:
             self.guest.release()
-        self.relay._stats["handovers_sent"] += 1
-
-
-def _unmovable(flow: TcpFlow, own_dns: tuple[str, int] | None) -> str | None:
-    state = flow.entry.state
-    if flow.connecting or state not in LIVE_STATES:
-        return f"half-open or closing ({state.value}): the guest's retransmission " \
-               "opens it again"
-    if own_dns is not None and tuple(flow.host_addr) == own_dns:
-        return "served by the old relay's own DNS-over-TCP responder"
-    return None
-
+        self.relay.count("handovers_sent")

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, cast
 from relaynat import __version__
 from relaynat.control.server import ControlServer
 from relaynat.flow_state import KIND_LIVE, FlowStateError, LiveFlowState, parse_document
+from relaynat.host.forward import Forward
 from relaynat.moving import handover_transport
-from relaynat.moving.flow_move import adopt_flow
 from relaynat.moving.handover import (
     FORMAT,
     TIMEOUT_S,
@@ -88,7 +88,7 @@ class Receiver:
                     plan = await asyncio.to_thread(self._negotiate, conn, relay, fds)
                 except (HandoverError, OSError) as exc:
                     log.error("handover refused: %s", exc)
-                    relay._stats["handovers_refused"] += 1
+                    relay.count("handovers_refused")
                     with contextlib.suppress(OSError):
                         send_message(conn, {"error": str(exc)})
                     for fd in fds:
@@ -157,13 +157,9 @@ def _plan(data: bytes, fds: list[int], relay: Relay) -> _Plan:
         flows = cast(list[LiveFlowState], parse_document(doc["tcp"], KIND_LIVE))
     except FlowStateError as exc:
         raise HandoverError(f"tcp: {exc}") from None
-    assert relay._tcp is not None
-    for i, state in enumerate(flows):
-        if not relay._addr.is_guest(state.key[3]):
-            raise HandoverError(f"tcp flows[{i}]: {state.guest[0]} is not this relay's guest")
-    if len(relay._tcp.flows) + len(flows) > relay.config.max_tcp_flows:
-        raise HandoverError(f"{len(flows)} TCP flows do not fit max_tcp_flows "
-                            f"{relay.config.max_tcp_flows}")
+    refused = relay.cannot_adopt(flows)
+    if refused is not None:
+        raise HandoverError(refused)
     used: list[int] = []
     check = _Checker(fds, used)
     try:
@@ -258,23 +254,24 @@ def _check_parts(doc: dict[str, Any], flows: list[LiveFlowState], check: _Checke
 async def _build(plan: _Plan, relay: Relay) -> Taken:
     """Serve everything the plan holds (it was all checked: nothing here refuses)."""
     doc, fds = plan.doc, plan.fds
-    tcp, forwarder, loop = relay._tcp, relay._forwarder, relay._loop
-    assert tcp is not None and forwarder is not None and loop is not None
-    relay._stats.update(doc["stats"])
-    guest = doc["guest"]
-    if guest["mac"] is not None:
-        relay._learn_guest_mac(bytes.fromhex(guest["mac"].replace(":", "")))
-    relay._guest_addr6 = ip_address(guest["address6"]).packed
     unixgram, transport_stats = handover_transport.build(doc["transport"], fds, relay)
-    now, c = loop.time(), relay.config
+    flows = []
     for state in plan.flows:
         sock = socket.socket(fileno=fds[state.socket.fd])
         sock.setblocking(False)
-        adopt_flow(tcp, state, sock, now, mtu=c.mtu, idle_timeout_s=c.tcp_idle_timeout_s,
-                   host_addr=state.socket.peer)
+        flows.append((state, sock))
+    forwards = []
     for fwd in doc["forwards"]:
-        forwarder.adopt(fwd["proto"], fwd["host_addr"], fwd["guest_port"], fwd["interface"],
-                        socket.socket(fileno=fds[fwd["fd"]]))
+        sock = socket.socket(fileno=fds[fwd["fd"]])
+        forwards.append(Forward(fwd["proto"], fwd["host_addr"], sock.getsockname()[1],
+                                fwd["guest_port"], fwd["interface"], sock))
+    guest = doc["guest"]
+    mac = guest["mac"]
+    # A gauge, this handover's pause (counted below), not one to continue from.
+    stats = {k: v for k, v in doc["stats"].items() if k != "handover_pause_us"}
+    relay.adopt(guest_mac=None if mac is None else bytes.fromhex(mac.replace(":", "")),
+                guest_addr6=ip_address(guest["address6"]).packed, flows=flows,
+                forwards=forwards, stats=stats)
     stream = doc["stream_listener"]
     if stream is not None:
         listener = socket.socket(fileno=fds[stream["fd"]])
@@ -286,8 +283,8 @@ async def _build(plan: _Plan, relay: Relay) -> Taken:
                                 sock=socket.socket(fileno=fds[doc["control"]["fd"]]))
         await control.start(relay)
     pause = time.monotonic() - plan.stopped_at
-    relay._stats["handovers_received"] += 1
-    relay._stats["handover_pause_us"] = int(pause * 1e6)
+    relay.count("handovers_received")
+    relay.count("handover_pause_us", int(pause * 1e6))
     log.info("took over: %d TCP flows, %d not moved; the guest waited %.1f ms",
              len(plan.flows), len(doc["tcp"]["not_moved"]), pause * 1000)
     return Taken(control, stream["path"] if stream else None,

@@ -86,10 +86,10 @@ def kind_of(transport: FrameTransport | None) -> str | None:
     raise TypeError(f"a {type(transport).__name__} cannot be handed over")
 
 
-def stop(transport: FrameTransport) -> None:
-    """Stop the link at a frame boundary, and its sending too (what was queued toward
-    the guest moves with the document)."""
-    transport.stop()  # type: ignore[attr-defined]  # every kind_of() kind has it
+def stop_sending(transport: FrameTransport) -> None:
+    """Stop sending on a link whose reading stopped already (`Relay.suspend`): what was
+    queued toward the guest moves with the document. The other kinds send nothing
+    once stopped (unixgram) or queue nothing (tap, interface)."""
     if isinstance(transport, StreamTransport):
         transport.stop_writing()
 

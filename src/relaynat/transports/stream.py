@@ -25,9 +25,17 @@ import socket
 import stat
 import struct
 from collections import deque
+from typing import Protocol
 
+from relaynat.config import RelayConfig
 from relaynat.guest_log import guest_logger
-from relaynat.transports.base import WAKEUP_SLICE_S, FrameSink, TransportBase, slice_clock
+from relaynat.transports.base import (
+    WAKEUP_SLICE_S,
+    FrameSink,
+    FrameTransport,
+    TransportBase,
+    slice_clock,
+)
 
 log = guest_logger("relaynat.stream")
 
@@ -284,6 +292,73 @@ class StreamTransport(TransportBase):
         self._sink = None
         self._queue.clear()
         self.sock.close()
+
+
+class StreamRelay(Protocol):
+    """What `StreamServer` needs of `relaynat.relay.Relay`."""
+
+    config: RelayConfig
+
+    @property
+    def transport(self) -> FrameTransport | None: ...
+
+    def attach(self, transport: FrameTransport) -> None: ...
+
+    def count(self, name: str, n: int = 1) -> None: ...
+
+
+class StreamServer:
+    """`relay` serves qemu stream clients on the unix stream socket listening at
+    `path`, one guest at a time (`Relay.serve_stream` makes it).
+
+    `sock` is the listening socket: bound here (`bind_unix_listener`), or `listener`,
+    listening at `path` already (passed by the relay this one took over from,
+    moving/handover.py). Each client accepted while no guest is attached becomes the
+    relay's `StreamTransport`, counted as "stream_clients" in the relay's stats; one
+    that connects while a guest is served is closed at once, logged and counted as
+    "stream_clients_refused". When the served client goes away the relay closes its
+    flows and the next client is accepted.
+
+    Construct it in the relay's guest scope (relaynat/guest_log.py): the listener's
+    reader, and so the lines it logs, belong to that guest.
+    """
+
+    def __init__(self, relay: StreamRelay, path: str, listener: socket.socket | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.relay = relay
+        self.path = path
+        self.sock = listener or bind_unix_listener(path)
+        self._loop = loop or asyncio.get_running_loop()
+        self.resume()
+
+    def pause(self) -> None:
+        """Stop accepting: a client that connects meanwhile waits in the backlog."""
+        self._loop.remove_reader(self.sock.fileno())
+
+    def resume(self) -> None:
+        """Accept again (as after construction)."""
+        self._loop.add_reader(self.sock.fileno(), self._on_client)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (its path stays)."""
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _on_client(self) -> None:
+        try:
+            client, _ = self.sock.accept()
+        except BlockingIOError:
+            return
+        relay = self.relay
+        if relay.transport is not None:
+            log.warning("a second guest tried to connect while one is served; refused")
+            relay.count("stream_clients_refused")
+            client.close()
+            return
+        log.info("guest connected on the stream socket")
+        relay.count("stream_clients")
+        relay.attach(StreamTransport(client, relay.config.guest_queue_limit, self._loop))
 
 
 def bind_unix_listener(path: str, backlog: int = 4,
