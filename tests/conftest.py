@@ -5,6 +5,11 @@ import time, before any thread exists, and brings up `lo`. Every relay, server, 
 namespace and benchmark a test starts is then a descendant of that namespace, so even
 a buggy relay that connects somewhere unexpected reaches nothing outside this machine.
 Integration tests need root; without it they are skipped with that reason, visibly.
+
+The lane is the directory: every test under tests/integration/ is marked `integration`,
+every test under tests/vm/ `vm` and `integration`, whatever its module says, so
+`-m "not integration"` and the root check cannot miss one. tests/unit/ and tests/checks/
+are marked nothing and run without root (tests/checks/test_lanes.py keeps it so).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from support import SUPPORT
 
 from relaynat.netns.syscalls import isolate_network
 
+TESTS = Path(__file__).resolve().parent
 #: Size of the `big_file` fixture: large enough that a transfer spans many windows.
 BIG = 256 << 20
 IS_ROOT = os.geteuid() == 0
@@ -33,12 +39,31 @@ if IS_ROOT and os.environ.get("RELAYNAT_TEST_NETNS_DONE") != "1":
     os.environ["RELAYNAT_TEST_NETNS_DONE"] = "1"
 
 
+#: Markers every test of a lane directory gets.
+LANE_MARKERS = {"integration": ("integration",), "vm": ("vm", "integration")}
+
+
+def lane_of(path: Path) -> str | None:
+    """The lane directory (unit, integration, vm, checks) a test file is in."""
+    try:
+        return path.resolve().relative_to(TESTS).parts[0]
+    except ValueError:  # a file outside tests/ (benches/test_micro.py, given by hand)
+        return None
+
+
+# tryfirst: the markers must be there before `-m` deselects by them.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for name in LANE_MARKERS.get(lane_of(item.path) or "", ()):
+            if item.get_closest_marker(name) is None:
+                item.add_marker(name)
     if IS_ROOT:
         return
     skip = pytest.mark.skip(reason="needs root for network namespaces and TAP devices")
     for item in items:
-        if "integration" in item.keywords or "vm" in item.keywords:
+        # By marker, not keyword: a directory's name is a keyword of every test in it.
+        if item.get_closest_marker("integration") or item.get_closest_marker("vm"):
             item.add_marker(skip)
 
 
