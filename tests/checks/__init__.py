@@ -1,1 +1,2 @@
-"""Static checks of the tree: ruff, mypy, wheel, pdoc, the README's programs."""
+"""Checks of the tree: ruff, mypy, layering, the wheel, pdoc, the README's programs, the
+fuzz target's bounded run, and the test lanes themselves."""

@@ -1,7 +1,8 @@
 """A bounded run of the atheris target (fuzz/fuzz_frames.py) on its generated seed
 corpus: the seeds and ~15 s of mutations must leave the relay without an internal
 error (the target raises on `drop_internal_error` or a logged error, and libFuzzer
-then exits non-zero with the crashing input)."""
+then exits non-zero with the crashing input). A run of fixed length, so it sits with
+the checks rather than in the fast unit lane."""
 
 from __future__ import annotations
 
