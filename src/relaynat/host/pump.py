@@ -41,17 +41,17 @@ of the host's TCP memory in every flow it opens.
 
 from __future__ import annotations
 
-import socket
 from collections import Counter
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from relaynat.guest_log import guest_logger
-from relaynat.host.sockets import SO_RCVBUFFORCE
-from relaynat.host.tcp_flow import SO_PEEK_OFF, TcpFlow, discard, peek_at
+from relaynat.host.tcp_flow import HostFlow
 from relaynat.tcp_actions import RESEND_BYTES_MAX
 from relaynat.transports.base import WAKEUP_SLICE_S, slice_clock
 
 log = guest_logger("relaynat.tcp")
+F = TypeVar("F", bound=HostFlow)
 
 #: What one flow may peek and cut into frames in one wakeup before yielding to the other
 #: flows, the guest transports and the control socket. A 64 KiB GSO frame per 64 KiB, so
@@ -92,13 +92,16 @@ def _rmem_max() -> int:
         return 0
 
 
-class HostPump:
+class HostPump(Generic[F]):
     """The host sockets of one guest's TCP flows. `execute(flow)` carries out the
-    actions the flow's entry queued (tcp_relay.TcpRelay._execute)."""
+    actions the flow's entry queued (host/flow_executor.py). `clock` is the one of the
+    relay's time slice (the simulator's is its own)."""
 
-    def __init__(self, stats: Counter[str], execute: Callable[[TcpFlow], None]) -> None:
+    def __init__(self, stats: Counter[str], execute: Callable[[F], None],
+                 clock: Callable[[], float] = slice_clock) -> None:
         self.stats = stats
         self._execute = execute
+        self._clock = clock
         self._peek_buf = bytearray(_BUF_BYTES)
         self._peek_view = memoryview(self._peek_buf)
         self._trunc_buf = bytearray(_BUF_BYTES)
@@ -115,20 +118,19 @@ class HostPump:
         """A new round of the relay's flows: the relay's share is whole again."""
         self._slice_bytes = RELAY_SLICE_BYTES
         self._slice_frames = RELAY_SLICE_FRAMES
-        self._slice_end = slice_clock() + RELAY_SLICE_S
+        self._slice_end = self._clock() + RELAY_SLICE_S
 
     @property
     def share_left(self) -> bool:
         """Whether the relay's flows may take more in this round (`new_wakeup`)."""
         return (self._slice_bytes > 0 and self._slice_frames > 0
-                and slice_clock() < self._slice_end)
+                and self._clock() < self._slice_end)
 
-    def pump(self, flow: TcpFlow, now: float) -> bool:
+    def pump(self, flow: F, now: float) -> bool:
         """Move what the host sent to the guest, within the entry's read budget and the
         flow's and the relay's share of this wakeup. True if the socket may hold more:
         pump again after the other flows had their turn."""
         entry = flow.entry
-        sock = flow.sock
         if flow.consume_pending:
             self.consume(flow)
         nbytes = share_bytes = min(FLOW_SLICE_BYTES, self._slice_bytes)
@@ -146,20 +148,7 @@ class HostPump:
                 per_frame = entry.frame_payload_max
                 budget = min(budget, nbytes, frames * per_frame)
                 try:
-                    if flow.peek_offset_supported:
-                        got = sock.recv_into(self._peek_view, budget, socket.MSG_PEEK)
-                        data = self._peek_view[:got]
-                    else:
-                        # No peek offset: peek from the queue's head and skip what the
-                        # guest already has. Only an empty peek is EOF; a peek that holds
-                        # nothing beyond the bytes in flight just means no new data yet.
-                        skip = entry.bytes_in_flight
-                        raw = sock.recv(skip + budget, socket.MSG_PEEK)
-                        if raw and len(raw) <= skip:
-                            self._ran_dry(flow)
-                            return False
-                        got = len(raw) - skip if raw else 0
-                        data = memoryview(raw)[skip:]
+                    data = flow.peek(self._peek_view, budget, entry.bytes_in_flight)
                 except BlockingIOError:
                     self._ran_dry(flow)
                     return False
@@ -169,6 +158,7 @@ class HostPump:
                     entry.on_host_reset(now)
                     self._execute(flow)
                     return False
+                got = len(data)
                 if got == 0:
                     flow.host_readable = False
                     entry.on_host_eof(now)
@@ -182,7 +172,7 @@ class HostPump:
             self._slice_bytes -= share_bytes - nbytes
             self._slice_frames -= share_frames - frames
 
-    def _ran_dry(self, flow: TcpFlow) -> None:
+    def _ran_dry(self, flow: F) -> None:
         """No new data, though the guest's window had room (the read budget was not
         0): wait for the next readiness, and grow the receive buffer if the flight may
         be what fills it."""
@@ -190,12 +180,11 @@ class HostPump:
         if flow.entry.bytes_in_flight >= flow.rcvbuf_watch:
             self._grow_rcvbuf(flow)
 
-    def _grow_rcvbuf(self, flow: TcpFlow) -> None:
+    def _grow_rcvbuf(self, flow: F) -> None:
         """The socket ran dry with room left in the guest's window and a flight that
         may fill its receive buffer: double the buffer if the flight fills half of it."""
-        sock = flow.sock
         try:
-            size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            size = flow.rcvbuf()
             if flow.entry.bytes_in_flight < size // 2:
                 flow.rcvbuf_watch = size // 2  # the peer is slow, not held back
                 return
@@ -209,7 +198,7 @@ class HostPump:
                 flow.rcvbuf_watch = size
                 self.stats["tcp_rcvbuf_budget_full"] += 1
                 return
-            self._set_rcvbuf(sock, want)
+            self._set_rcvbuf(flow, want)
         except OSError as exc:
             log.debug("growing the receive buffer on %s failed: %s", flow.host_addr, exc)
             flow.rcvbuf_watch = 1 << 62
@@ -219,15 +208,15 @@ class HostPump:
         flow.rcvbuf_watch = want // 2
         self.stats["tcp_rcvbuf_grown"] += 1
 
-    def release(self, flow: TcpFlow) -> None:
+    def release(self, flow: F) -> None:
         """`flow` leaves this relay (closed or moved): its growth leaves the budget."""
         self._rcvbuf_granted -= flow.rcvbuf_granted
         flow.rcvbuf_granted = 0
 
-    def _set_rcvbuf(self, sock: socket.socket, size: int) -> None:
+    def _set_rcvbuf(self, flow: F, size: int) -> None:
         if self._rcvbuf_force:
             try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size // 2)
+                flow.set_rcvbuf(size, force=True)
                 return
             except PermissionError:
                 self._rcvbuf_force = False
@@ -235,16 +224,16 @@ class HostPump:
                 self._rcvbuf_max = ceiling if ceiling >= RCVBUF_MIN_CEILING else 0
                 if size > self._rcvbuf_max:
                     raise
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size // 2)
+        flow.set_rcvbuf(size, force=False)
 
     # -- guest data toward the host ------------------------------------------------------
 
-    def write(self, flow: TcpFlow, data: memoryview | list[bytes] | list[memoryview],
+    def write(self, flow: F, data: memoryview | list[bytes] | list[memoryview],
               now: float) -> int:
         """Write `data` (one payload, or several for one sendmsg); the bytes the socket
         took. A failed socket resets the flow."""
         try:
-            return flow.sock.send(data) if type(data) is memoryview else flow.sock.sendmsg(data)
+            return flow.write(data)
         except BlockingIOError:
             return 0
         except OSError as exc:
@@ -253,8 +242,9 @@ class HostPump:
             flow.entry.on_host_reset(now)
             return 0
 
-    def write_gathered(self, flow: TcpFlow, now: float) -> None:
-        """Write the payloads the flow gathered in this wakeup (host/tcp_relay.py), at once."""
+    def write_gathered(self, flow: F, now: float) -> None:
+        """Write the payloads the flow gathered in this wakeup (host/flow_executor.py), at
+        once."""
         gathered, flow.gathered = flow.gathered, None
         assert gathered is not None
         if len(gathered) > 1:
@@ -265,7 +255,7 @@ class HostPump:
         self.write_backlog(flow, now)
         self._execute(flow)
 
-    def write_backlog(self, flow: TcpFlow, now: float) -> None:
+    def write_backlog(self, flow: F, now: float) -> None:
         """Write what the flow held out of order and a filled hole made in order."""
         entry = flow.entry
         while (chunks := entry.host_backlog()) is not None:
@@ -273,14 +263,14 @@ class HostPump:
 
     # -- retransmission and acknowledged data -------------------------------------------
 
-    def resend(self, flow: TcpFlow, offset: int, length: int, probe: bool = False) -> None:
+    def resend(self, flow: F, offset: int, length: int, probe: bool = False) -> None:
         """Send one hole the guest's SACK blocks left again, or the tail loss probe
         (`probe`), peeked from the queue's head once the acknowledged bytes are
         dropped."""
         self.consume(flow)
         entry = flow.entry
         try:
-            data = peek_at(flow, offset, length, self._peek_view, entry.bytes_in_flight)
+            data = flow.peek_at(offset, length, self._peek_view, entry.bytes_in_flight)
         except OSError as exc:
             # The queue holds every unacked byte, so this is the socket failing; the
             # RTO's go-back-N (or the reset the next read meets) takes it from here.
@@ -290,16 +280,15 @@ class HostPump:
         entry.on_host_resend(offset, data)
         self._execute(flow)
 
-    def rewind(self, flow: TcpFlow) -> None:
+    def rewind(self, flow: F) -> None:
         """Go-back-N (`RewindHost`): the next peek starts at the first unacknowledged
         byte again."""
         self.consume(flow)
-        if flow.peek_offset_supported:
-            flow.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        flow.rewind()
         flow.host_readable = True
         self.stats["tcp_retransmits"] += 1
 
-    def consume(self, flow: TcpFlow) -> None:
+    def consume(self, flow: F) -> None:
         """Drop the bytes the guest acknowledged since the last call."""
         nbytes, flow.consume_pending = flow.consume_pending, 0
-        discard(flow.sock, nbytes, self._trunc_buf)
+        flow.discard(nbytes, self._trunc_buf)

@@ -1,6 +1,12 @@
 """`TcpFlow`, the TCP shell's record of one flow (host/tcp_relay.py), and the calls on a flow's
 host socket that need nothing but the socket.
 
+What the per-flow half of the shell (host/flow_executor.py, host/pump.py) asks of a flow is
+two protocols: `HostSocket`, the calls on its host socket, and `HostFlow`, those and the
+shell's bookkeeping of the flow. `TcpFlow` implements them on a kernel socket;
+tests/support/tcp_sim.py on a simulated one, so that the simulator runs the executor the
+relay runs.
+
 Kernel facts used: SO_PEEK_OFF (socket(7), TCP since Linux 6.10); a non-blocking
 connect() has ended once poll() says POLLOUT, POLLERR or POLLHUP (connect(2));
 recv(MSG_TRUNC) on TCP discards without copying (tcp(7)); SIOCOUTQ (tcp(7)); TCP_INFO
@@ -16,8 +22,9 @@ import select
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from relaynat.host.sockets import SO_RCVBUFFORCE
 from relaynat.window import TCP_INFO_LEN, SocketFacts, TcpInfo
 
 if TYPE_CHECKING:
@@ -29,13 +36,85 @@ SIOCOUTQ = 0x5411
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _CONNECT_ENDED = select.POLLOUT | select.POLLERR | select.POLLHUP
 _INT = struct.Struct("i")
+_MSG_PEEK = socket.MSG_PEEK
 #: Flow key: (guest port, destination address as the guest sees it, destination port,
 #: guest address); an IPv6 guest may use several source addresses at once.
 FlowKey = tuple[int, bytes, int, bytes]
 
 
+class HostSocket(Protocol):
+    """A flow's host socket, as the shell uses it: the host socket's receive queue is the
+    flow's send buffer toward the guest (nat_entry.py), read by peeking at the send
+    position (SO_PEEK_OFF) and dropped from once the guest acknowledged. A call the
+    kernel would fail raises OSError; BlockingIOError where it would say EAGAIN."""
+
+    def peek(self, view: memoryview, nbytes: int, send_pos: int) -> memoryview:
+        """Up to `nbytes` new bytes at the send position, `send_pos` bytes after the
+        queue's head, peeked into `view` (or a buffer of its own); the send position
+        moves past them. Empty: the peer closed and every byte was peeked.
+        BlockingIOError: nothing new yet."""
+        ...
+
+    def peek_at(self, offset: int, length: int, view: memoryview, send_pos: int
+                ) -> memoryview:
+        """Up to `length` bytes at `offset` from the queue's head, peeked into `view`,
+        the send position (`send_pos`) left where it is."""
+        ...
+
+    def write(self, data: memoryview | list[bytes] | list[memoryview]) -> int:
+        """Send `data` (one buffer, or several at once) to the peer; the bytes taken."""
+        ...
+
+    def discard(self, nbytes: int, scratch: bytearray) -> None:
+        """Drop `nbytes` from the queue's head (the send position moves back with it);
+        `scratch` is for a kernel that copies. Stops early if the socket fails."""
+        ...
+
+    def rewind(self) -> None:
+        """The send position back to the queue's head."""
+        ...
+
+    def shutdown_write(self) -> None:
+        """shutdown(SHUT_WR): our FIN to the peer."""
+        ...
+
+    def close_socket(self, abortive: bool) -> None:
+        """Close the socket; `abortive`: with a RST to the peer instead of a FIN."""
+        ...
+
+    def facts(self) -> SocketFacts | None:
+        """What the window toward the guest is computed from; None if the socket cannot
+        say."""
+        ...
+
+    def rcvbuf(self) -> int:
+        """SO_RCVBUF, as the kernel reports it (twice what was set, socket(7))."""
+        ...
+
+    def set_rcvbuf(self, size: int, force: bool) -> None:
+        """Ask for a receive buffer SO_RCVBUF reports as `size`; `force`: beyond
+        net.core.rmem_max (SO_RCVBUFFORCE, PermissionError without CAP_NET_ADMIN)."""
+        ...
+
+
+class HostFlow(HostSocket, Protocol):
+    """One flow as the per-flow shell (host/flow_executor.py, host/pump.py) keeps it: its
+    entry, its host socket, and the shell's bookkeeping (see `TcpFlow`)."""
+
+    entry: TcpNatEntry
+    connecting: bool
+    host_readable: bool
+    consume_pending: int
+    gathered: list[memoryview] | None
+    rcvbuf_watch: int
+    rcvbuf_granted: int
+    host_addr: tuple[str, int]
+
+
 @dataclass(slots=True, eq=False)
 class TcpFlow:
+    """A flow of a `TcpRelay`: its entry and its kernel socket (`HostFlow`)."""
+
     key: FlowKey
     entry: TcpNatEntry
     sock: socket.socket
@@ -60,6 +139,66 @@ class TcpFlow:
     rcvbuf_watch: int = 1 << 16
     #: Bytes by which host/pump.py grew that buffer (counted in its relay's budget).
     rcvbuf_granted: int = 0
+
+    # -- HostSocket, on the kernel socket ------------------------------------------------
+
+    def peek(self, view: memoryview, nbytes: int, send_pos: int) -> memoryview:
+        sock = self.sock
+        if self.peek_offset_supported:
+            return view[:sock.recv_into(view, nbytes, _MSG_PEEK)]
+        # No peek offset: peek from the queue's head and skip what the guest already
+        # has. Only an empty peek is EOF; one that holds nothing beyond the bytes in
+        # flight just means no new data yet.
+        raw = sock.recv(send_pos + nbytes, _MSG_PEEK)
+        if raw and len(raw) <= send_pos:
+            raise BlockingIOError
+        return memoryview(raw)[send_pos:]
+
+    def peek_at(self, offset: int, length: int, view: memoryview, send_pos: int
+                ) -> memoryview:
+        # SO_PEEK_OFF is set to the offset and then back to `send_pos` (it counts from
+        # the head too). Without SO_PEEK_OFF, a peek from the head, sliced.
+        sock = self.sock
+        length = min(length, len(view))
+        if not self.peek_offset_supported:
+            return memoryview(sock.recv(offset + length, _MSG_PEEK))[offset:]
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
+        try:
+            got = sock.recv_into(view, length, _MSG_PEEK)
+        finally:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, send_pos)
+        return view[:got]
+
+    def write(self, data: memoryview | list[bytes] | list[memoryview]) -> int:
+        return self.sock.send(data) if type(data) is memoryview else self.sock.sendmsg(data)
+
+    def discard(self, nbytes: int, scratch: bytearray) -> None:
+        discard(self.sock, nbytes, scratch)
+
+    def rewind(self) -> None:
+        if self.peek_offset_supported:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+
+    def shutdown_write(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def close_socket(self, abortive: bool) -> None:
+        if abortive:
+            close_with_reset(self.sock)
+        else:
+            self.sock.close()
+
+    def facts(self) -> SocketFacts | None:
+        return socket_facts(self.sock)
+
+    def rcvbuf(self) -> int:
+        size: int = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        return size
+
+    def set_rcvbuf(self, size: int, force: bool) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE if force else socket.SO_RCVBUF,
+                             size // 2)
+
 
 
 def set_up_host_socket(sock: socket.socket) -> bool:
@@ -112,24 +251,6 @@ def socket_facts(sock: socket.socket) -> SocketFacts | None:
     except OSError:
         return None
     return SocketFacts(info, sndbuf, outq)
-
-
-def peek_at(flow: TcpFlow, offset: int, length: int, view: memoryview, send_pos: int
-            ) -> memoryview:
-    """Up to `length` bytes at `offset` from the head of the receive queue, peeked into
-    `view` without moving the flow's send position: SO_PEEK_OFF is set to the offset
-    and then back to `send_pos` (it counts from the head too). Without SO_PEEK_OFF,
-    a peek from the head, sliced. Raises OSError."""
-    sock = flow.sock
-    length = min(length, len(view))
-    if not flow.peek_offset_supported:
-        return memoryview(sock.recv(offset + length, socket.MSG_PEEK))[offset:]
-    sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
-    try:
-        got = sock.recv_into(view, length, socket.MSG_PEEK)
-    finally:
-        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, send_pos)
-    return view[:got]
 
 
 def discard(sock: socket.socket, nbytes: int, scratch: bytearray) -> None:
