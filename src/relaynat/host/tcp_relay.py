@@ -12,9 +12,11 @@ One nested epoll also batches: a single loop callback drains events for all flow
 Per-flow timers live in one heap with lazy deletion (host/flow_timers.py); new flows open
 at a bounded rate, the SYNs beyond waiting in a backlog (syn_backlog.py).
 
-A flow's record and the plain calls on its host socket are in host/tcp_flow.py; the data on
-the host socket both ways (guest data written, peeks toward the guest within each
-wakeup's share, SACK resends, dropping acknowledged bytes) is host/pump.py.
+What one flow's entry decided is carried out by host/flow_executor.py (guest segments,
+a flow's turn in a flush, the end of its connect(), its deadlines, the actions); the data
+on the host socket both ways (guest data written, peeks toward the guest within each
+wakeup's share, SACK resends, dropping acknowledged bytes) is host/pump.py. A flow's
+record and the calls on its host socket are in host/tcp_flow.py.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ from typing import TYPE_CHECKING, TypeVar
 from relaynat.addressing import inbound_flow_key
 from relaynat.flow_state import relink
 from relaynat.guest_log import guest_logger
+from relaynat.host.flow_executor import TURN_AGAIN, TURN_WAIT, FlowExecutor, SendToGuest
 from relaynat.host.flow_timers import FlowTimers
 from relaynat.host.flow_turns import FlowTurns
 from relaynat.host.flowinfo import describe_tcp
-from relaynat.host.pump import HostPump
 from relaynat.host.sockets import count_socket_failure
 from relaynat.host.tcp_flow import (
     FlowKey,
@@ -43,7 +45,6 @@ from relaynat.host.tcp_flow import (
     close_with_reset,
     connect_ended,
     set_up_host_socket,
-    socket_facts,
 )
 from relaynat.nat_entry import TcpNatEntry
 from relaynat.ooo_queue import OooBudget
@@ -55,16 +56,8 @@ from relaynat.syn_backlog import (
     Deferred,
     SynBacklog,
 )
-from relaynat.tcp_actions import (
-    CloseHost,
-    ConsumeHost,
-    ResendHost,
-    RewindHost,
-    SendFrame,
-    ShutdownHostWrite,
-    rst_for_unknown,
-)
-from relaynat.wire import ACK, IPPROTO_TCP, RST, SYN, seq_diff
+from relaynat.tcp_actions import rst_for_unknown
+from relaynat.wire import ACK, IPPROTO_TCP, RST, SYN
 
 if TYPE_CHECKING:
     from relaynat.config import RelayConfig
@@ -75,8 +68,6 @@ log = guest_logger("relaynat.tcp")
 
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
-
-SendToGuest = Callable[[bytes, "bytes | memoryview"], None]
 T = TypeVar("T")
 
 
@@ -99,10 +90,13 @@ class TcpRelay:
         self._turns = FlowTurns(loop, self.flush)
         self._backlog = SynBacklog(stats, config.syn_rate)
         self._backlog_timer: asyncio.TimerHandle | None = None
-        self._host = HostPump(stats, self._execute)
+        self._exec: FlowExecutor[TcpFlow] = FlowExecutor(
+            stats, send_to_guest, loop.time, self._turns.mark, self._untrack, self._fail_flow)
+        # Bound once: both run for every frame.
+        self._on_flow_segment = self._exec.segment
+        self._execute = self._exec.execute
         self._vnet_hdr_len = 0
         self._offload = False
-        self._gather = False
         #: The guest's MAC, which the templates of its flows follow (packet_builder.py).
         self._guest_mac = GuestMac()
         #: Inbound flows whose SYN may have gone to a MAC the guest does not have: sent
@@ -130,7 +124,7 @@ class TcpRelay:
         payloads from one wakeup are gathered and written with one sendmsg."""
         self._vnet_hdr_len = vnet_hdr_len
         self._offload = offload
-        self._gather = keeps_frames
+        self._exec.gather = keeps_frames
         for flow in self.flows.values():
             relink(flow.entry, vnet_hdr_len, offload)
 
@@ -195,32 +189,6 @@ class TcpRelay:
                                seg.dport if host_port is None else host_port,
                                self._loop.time())
 
-    def _on_flow_segment(self, flow: TcpFlow, seg: TcpSegment) -> None:
-        now = self._loop.time()
-        entry = flow.entry
-        try:
-            if flow.gathered is not None and not entry.continues_pending(seg):
-                self._host.write_gathered(flow, now)
-            data = entry.on_guest_segment(seg, now)
-            if data is not None:
-                if self._gather and not entry.closed:
-                    # Written at flush with the rest of this wakeup's payloads: one
-                    # syscall, one push and one wakeup of the peer for them all, where
-                    # a send() per 64 KiB frame spent a tenth of the relay's time
-                    # waking the host peer (perf, iperf3 guest->host).
-                    if flow.gathered is None:
-                        flow.gathered = [data]
-                    else:
-                        flow.gathered.append(data)
-                else:
-                    entry.on_host_accepted(self._host.write(flow, data, now), now)
-                    self._host.write_backlog(flow, now)
-            self._execute(flow)
-        except Exception:
-            self._fail_flow(flow)
-            return
-        self._turns.mark(flow)
-
     def _new_flow(self, seg: TcpSegment, key: FlowKey, host_ip: str | None, host_port: int,
                   now: float) -> None:
         if seg.flags & (SYN | ACK | RST) != SYN:
@@ -268,8 +236,7 @@ class TcpRelay:
         err = sock.connect_ex(flow.host_addr)
         if err not in (0, errno.EINPROGRESS):
             self.stats["tcp_connect_failed"] += 1
-            entry.on_connect_result(False, None, now)
-            self._execute(flow)
+            self._exec.connected(flow, False, now)
             sock.close()
             return
         self._track(flow)
@@ -380,10 +347,7 @@ class TcpRelay:
         err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self.stats["tcp_connect_failed"] += 1
-            flow.entry.on_connect_result(False, None, now)
-        else:
-            flow.entry.on_connect_result(True, socket_facts(flow.sock), now)
-        self._execute(flow)
+        self._exec.connected(flow, not err, now)
         return not err
 
     def _fail_flow(self, flow: TcpFlow) -> None:
@@ -400,30 +364,20 @@ class TcpRelay:
     def flush(self) -> None:
         """End of a batch: move host data to the guest and send owed ACKs."""
         now = self._loop.time()
-        host = self._host
-        host.new_wakeup()
+        flush_flow = self._exec.flush_flow
+        self._exec.pump.new_wakeup()
         # Flows that got no turn, the relay's share of this wakeup spent before them, and
         # flows that used their own share (host/pump.py) go again (host/flow_turns.py).
         waiting: list[TcpFlow] = []
         used: list[TcpFlow] = []
         for flow in self._turns.take():
             flow.dirty = False
-            entry = flow.entry
             try:
-                if flow.gathered is not None:
-                    host.write_gathered(flow, now)
-                if not flow.connecting and not entry.closed:
-                    host.write_backlog(flow, now)  # held data, if the socket has room now
-                    if flow.host_readable and not host.share_left:
-                        # Its ACK too waits for its turn: first in the next flush, not
-                        # the socket's facts read for every flow in every round.
-                        waiting.append(flow)
-                    else:
-                        if host.pump(flow, now):
-                            used.append(flow)
-                        if not entry.closed:
-                            entry.flush(socket_facts(flow.sock), now)
-                            self._execute(flow)
+                turn = flush_flow(flow, now)
+                if turn == TURN_WAIT:
+                    waiting.append(flow)
+                elif turn == TURN_AGAIN:
+                    used.append(flow)
                 self._timers.schedule(flow)
             except Exception:
                 self._fail_flow(flow)
@@ -445,43 +399,20 @@ class TcpRelay:
             self._open_waiting(self._backlog.ready(self._loop.time(), limit=BACKLOG_TIMER_OPENS))
         self.flush()
 
-    # -- executing actions ---------------------------------------------------------------
-
-    def _execute(self, flow: TcpFlow) -> None:
-        entry = flow.entry
-        if not entry.actions:
-            return
-        sock = flow.sock
-        for action in entry.take_actions():
-            if type(action) is SendFrame:
-                self._send(action.head, action.payload)
-            elif type(action) is ConsumeHost:
-                flow.consume_pending += action.nbytes
-                self._turns.mark(flow)
-            elif type(action) is RewindHost:
-                self._host.rewind(flow)
-                self._turns.mark(flow)
-            elif type(action) is ResendHost:
-                self._host.resend(flow, action.offset, action.length, action.probe)
-            elif type(action) is ShutdownHostWrite:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_WR)
-            elif type(action) is CloseHost:
-                self._close(flow, action.abortive)
+    # -- the flow table ------------------------------------------------------------------
 
     def _track(self, flow: TcpFlow) -> None:
         self.flows[flow.key] = flow
         self._by_fd[flow.sock.fileno()] = flow
         self._epoll.register(flow.sock.fileno(), _EPOLL_FLAGS)
 
-    def _untrack(self, flow: TcpFlow) -> None:
-        """Take `flow` out of the tables and the epoll set; its socket stays open."""
+    def _untrack(self, flow: TcpFlow) -> bool:
+        """Take `flow` out of the tables and the epoll set, its socket open; False if it
+        was not in them (closed already, or never tracked)."""
+        if self.flows.get(flow.key) is not flow:
+            return False
         del self.flows[flow.key]
         self._syn_unheard.pop(flow, None)
-        self._host.release(flow)
-        if flow.gathered is not None:  # unacknowledged: the guest sends it again
-            flow.gathered = None
-            flow.entry.drop_pending()
         fd = flow.sock.fileno()
         self._by_fd.pop(fd, None)
         if flow.connecting:
@@ -489,47 +420,22 @@ class TcpRelay:
             flow.connecting = False
         with contextlib.suppress(OSError):
             self._epoll.unregister(fd)
+        return True
 
     def _close(self, flow: TcpFlow, abortive: bool, counter: str = "tcp_flows_closed") -> None:
-        if self.flows.get(flow.key) is not flow:
-            return
-        self._untrack(flow)
-        if abortive:
-            self.stats["tcp_host_resets"] += 1
-            close_with_reset(flow.sock)
-        else:
-            if flow.consume_pending:
-                # Bytes the guest acknowledged may still sit in the receive queue
-                # (dropped once per batch): close() with unread data sends the peer a
-                # RST instead of a FIN (tcp(7), RFC 2525 §2.17), which would destroy our
-                # last data in flight.
-                self._host.consume(flow)
-            flow.sock.close()
-        self.stats[counter] += 1
+        self._exec.close(flow, abortive, counter)
 
     # -- timers --------------------------------------------------------------------------
 
     def _on_timers(self, due: list[TcpFlow], now: float) -> None:
         """FlowTimers: the deadlines of `due` passed."""
+        timer = self._exec.timer
         for flow in due:
             entry = flow.entry
             if entry.closed:  # closed by an earlier flow's handling in this run
                 continue
-            if entry.rto_at is not None and entry.rto_at <= now:
-                # Counted here rather than by RewindHost: a first expiry in SACK recovery
-                # resends the holes, not everything in flight.
-                self.stats["tcp_rto_expiries"] += 1
-                board = entry.sacked
-                log.debug("RTO on the flow to %s:%d after %d expiries: %d bytes in flight, "
-                          "guest window %d, SACKed %s, holes resent below %d",
-                          *flow.host_addr, entry.retries, entry.bytes_in_flight,
-                          seq_diff(entry.guest_wnd_edge, entry.snd_una),
-                          board.blocks if board is not None else None,
-                          board.rxt_next if board is not None else 0)
             try:
-                entry.on_timer(now, None if flow.connecting else socket_facts(flow.sock))
-                acted = bool(entry.actions)
-                self._execute(flow)
+                acted = timer(flow, now)
             except Exception:
                 self._fail_flow(flow)
                 continue
@@ -572,10 +478,11 @@ class TcpRelay:
         `dump(socket)`: its state, for another relay. The bytes the guest acknowledged
         are dropped before the dump, so the socket's receive queue starts at the guest's
         first unacknowledged byte. If `dump` raises, the flow stays here."""
-        self._host.consume(flow)
+        self._exec.pump.consume(flow)
         state = dump(flow.sock)
         flow.entry.on_guest_gone()
         self._untrack(flow)
+        self._exec.release(flow)
         self.stats["tcp_flows_exported"] += 1
         return state
 
