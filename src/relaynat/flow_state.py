@@ -2,7 +2,7 @@
 
 No I/O: this module turns a flow's relay-side state (`TcpNatEntry`) plus its host
 socket's kernel state (`repair_state.RepairState`) into a plain JSON-able document and
-back, checking every field. moving/flow_move.py does the socket work around it.
+back, checking every field. host/flow_move.py does the socket work around it.
 
 The document (version 2)::
 

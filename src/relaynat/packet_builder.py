@@ -266,7 +266,7 @@ class TcpFrameTemplate:
 
     def following(self, guest: GuestMac) -> TcpFrameTemplate:
         """The same flow's template toward whatever MAC `guest` has (its own until then):
-        a flow moved here from another relay (moving/flow_move.py) follows this relay's."""
+        a flow moved here from another relay (host/flow_move.py) follows this relay's."""
         if guest is self._guest:
             return self
         return TcpFrameTemplate(**{**self._params, "dst_mac": self.dst_mac, "guest": guest},
@@ -274,7 +274,7 @@ class TcpFrameTemplate:
 
     def with_link(self, vnet_hdr_len: int, offload: bool) -> TcpFrameTemplate:
         """The same flow's template for another link's frame format: a flow moved to
-        another relay (moving/flow_move.py) before its transport was attached."""
+        another relay (host/flow_move.py) before its transport was attached."""
         params = {**self._params, "vnet_hdr_len": vnet_hdr_len, "offload": offload}
         return TcpFrameTemplate(**params, timestamps=self.timestamps)
 

@@ -34,6 +34,7 @@ from collections import Counter
 from relaynat.addressing import DNS_PORT, LINK_LOCAL_PREFIX, AddressMap
 from relaynat.config import RelayConfig
 from relaynat.guest_log import guest_logger, guest_scope, in_guest_scope
+from relaynat.host import flow_move
 from relaynat.host.dns_tcp import DnsTcpResponder
 from relaynat.host.forward import Forward, Forwarder, ForwardError, SockAddr, client_address
 from relaynat.host.icmp_relay import IcmpEchoRelay
@@ -48,7 +49,6 @@ from relaynat.link.services import (
     ZERO_IP6,
     LinkServices,
 )
-from relaynat.moving import flow_move
 from relaynat.packet_builder import BROADCAST_MAC, ICMP_PORT_UNREACH, udp_frame
 from relaynat.policy import EgressGate, Policy
 from relaynat.ratelimit import TokenBucket

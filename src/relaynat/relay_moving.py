@@ -1,5 +1,5 @@
 """`Relay`'s surface for moving its guest elsewhere: established TCP flows to another
-relay in any process (`export_flows`, `import_flows`: TCP_REPAIR, moving/flow_move.py),
+relay in any process (`export_flows`, `import_flows`: TCP_REPAIR, host/flow_move.py),
 and the whole guest to another relaynat process on the same host (`suspend`, `resume`,
 `cannot_adopt`, `adopt`: what moving/handover.py builds its handover on).
 
@@ -21,14 +21,14 @@ from relaynat.addressing import AddressMap
 from relaynat.config import RelayConfig
 from relaynat.flow_state import LiveFlowState
 from relaynat.guest_log import in_guest_scope
+from relaynat.host import flow_move
 from relaynat.host.dns_tcp import DnsTcpResponder
+from relaynat.host.flow_move import Suspended
 from relaynat.host.forward import Forward, Forwarder
 from relaynat.host.icmp_relay import IcmpEchoRelay
 from relaynat.host.tcp_relay import TcpRelay
 from relaynat.host.udp_relay import UdpRelay
 from relaynat.link.services import LinkServices
-from relaynat.moving import flow_move
-from relaynat.moving.flow_move import Suspended
 from relaynat.transports.base import FrameTransport, HandoverTransport
 from relaynat.transports.stream import StreamServer
 
@@ -59,12 +59,12 @@ class RelayMoving:
 
         def _learn_guest_mac(self, mac: bytes) -> None: ...
 
-    # -- moving flows to another relay (moving/flow_move.py) ---------------------------
+    # -- moving flows to another relay (host/flow_move.py) ---------------------------
 
     @in_guest_scope
     def export_flows(self) -> dict[str, object]:
         """Take every ESTABLISHED TCP flow out, silently, as a "relaynat-flows" document
-        for `import_flows` (others stay, under "not_moved"); see moving/flow_move.py."""
+        for `import_flows` (others stay, under "not_moved"); see host/flow_move.py."""
         assert self._tcp is not None and self._loop is not None, "start() first"
         return flow_move.export_flows(self._tcp, self._loop.time(), self._exported,
                                       self._other_flows(), self._dns_tcp_port())

@@ -1,4 +1,4 @@
-"""Live TCP flows move from one relay to another, host sockets included (moving/flow_move.py).
+"""Live TCP flows move from one relay to another, host sockets included (host/flow_move.py).
 
 A real namespace guest downloads 64 MiB from and uploads 64 MiB to a host peer on
 127.0.0.1 (two flows at once) through relay A, in this process. Mid-transfer the flows
@@ -8,7 +8,7 @@ move to relay B, then to C, ... five times: `export_flows`, `detach(keep_transpo
 may see a reset: the guest's socat exits 0, the peer reports no error, and this
 namespace's kernel sent no RST (/proc/net/snmp).
 
-The host side's traffic is held while flows move (moving/flow_move.py says why): a tbf qdisc
+The host side's traffic is held while flows move (host/flow_move.py says why): a tbf qdisc
 on lo with a 10-byte bucket drops every loopback packet for those milliseconds, as a
 migrating VM's network drops its packets; TCP retransmits them.
 """

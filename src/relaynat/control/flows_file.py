@@ -1,5 +1,5 @@
 """The control socket's commands that move flows to a relay on another host
-(control/server.py's protocol; moving/flow_move.py does the moving).
+(control/server.py's protocol; host/flow_move.py does the moving).
 
 - ``export_flows`` ``{"file": PATH}``: every ESTABLISHED TCP flow leaves the relay
   (`Relay.export_flows`), the guest's transport is let go (the guest is moving: a frame
@@ -8,7 +8,7 @@
   PATH (mode 0600). The answer lists what moved and what did not, with reasons; flows
   that could not move end with the transport, as when a guest goes away. The moved
   flows' host sockets stay open in repair mode until ``release_exported`` or the relay
-  exits (`ctl quit`, SIGTERM); they still retransmit on their timers (moving/flow_move.py),
+  exits (`ctl quit`, SIGTERM); they still retransmit on their timers (host/flow_move.py),
   so the source should have lost its route to the peers before the export.
 - ``import_flows`` ``{"file": PATH}``: the document at PATH, checked whole first; a
   fault anywhere is refused naming the flow and the field, and nothing is imported.

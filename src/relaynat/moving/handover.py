@@ -78,8 +78,8 @@ from relaynat import __version__
 from relaynat.config import RelayConfig
 from relaynat.control.server import ControlServer, RequestError
 from relaynat.flow_state import KIND_LIVE, make_document
+from relaynat.host.flow_move import Suspended
 from relaynat.moving import handover_transport
-from relaynat.moving.flow_move import Suspended
 
 if TYPE_CHECKING:
     from relaynat.netns.guest import NamespaceGuest
