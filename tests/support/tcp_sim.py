@@ -16,27 +16,37 @@ The pieces:
   out-of-window segments (Linux's tcp_invalid_ratelimit). Optionally timestamps, and
   SACK (RFC 2018): a scoreboard of the blocks the relay reports, skipped when it
   retransmits, and cleared on an RTO (§8: the receiver may renege).
-* `HostSocket`: the host socket as the relay's shell sees it. Writes accept some
-  prefix (bounded by the send buffer, or any length the scenario's short-write rate
-  picks); the receive queue is peeked at `SO_PEEK_OFF` semantics (peeking advances
-  the offset, `ConsumeHost` drops from the head and moves the offset back with it,
-  never below 0, `RewindHost` sets it to 0); EOF arrives after the peer's last byte.
-* The relay's out-of-order queue (ooo_queue.py) gets its own `OooBudget`; the shell
-  writes what `host_backlog()` hands it, as tcp_relay does.
-* `TcpSim`: links in both directions that lose, duplicate and reorder frames, a shell
-  that mirrors `tcp_relay.TcpRelay` (pump the host socket, then `flush` with fresh
-  `SocketFacts`; `on_timer` at `next_deadline()`), and a scheduler that runs a chaos
-  phase (random event order, faults) and then a reliable phase until the
-  conversation is complete.
+* `HostSocket`: the host socket with Linux's semantics, and the shell's record of the
+  flow beside it: host/tcp_flow.py's `HostFlow`, which `TcpFlow` implements on a
+  kernel socket. Writes take some prefix (bounded by the send buffer, or any length
+  the scenario's short-write rate picks; nothing at all is EAGAIN); the receive queue
+  is peeked at `SO_PEEK_OFF` semantics (peeking advances the offset, dropping bytes
+  from the head moves it back with them, never below 0, a rewind sets it to 0; a peek
+  with nothing new is EAGAIN, or EOF after the peer's last byte).
+* The relay's out-of-order queue (ooo_queue.py) gets its own `OooBudget`.
+* The shell is the relay's own: host/flow_executor.py's `FlowExecutor` (with
+  host/pump.py) carries out the entry's actions on the `HostSocket`, handles each
+  guest segment, the flow's turn in a flush, the end of its connect() and its
+  deadlines, as it does for `TcpRelay`. `TcpSim` plays `TcpRelay`'s part around it:
+  the flow table of one flow, readiness, when a flush and a timer run.
+* `TcpSim`: links in both directions that lose, duplicate and reorder frames, and a
+  scheduler that runs a chaos phase (random event order, faults, a flush that finds
+  the relay's time slice spent) and then a reliable phase until the conversation is
+  complete.
 
-Checked on every step (see `TcpSim._check_frame`, `_after_entry`, `_host_write`):
+Checked on every step (see `TcpSim._check_frame`, `_before_actions`, `_after_entry`,
+and `HostSocket`'s calls), around the executor's calls, not in a copy of it:
 every frame toward the guest parses with relaynat.wire and has valid checksums (or,
 with offload, the partial one and a consistent virtio-net header); every data byte
 sent to the guest is the right byte of the host stream and lies inside the right edge
 the guest advertised; the relay never acknowledges guest bytes the host socket has not
 accepted; the host socket receives the guest's stream in order, each byte once; the
-peek offset equals `bytes_in_flight`; `ConsumeHost` only drops bytes the guest has
-received; nothing happens after `CloseHost`; the out-of-order queue holds exactly the
+peek offset equals `bytes_in_flight` plus the acknowledged bytes the shell has yet to
+drop, and exactly `bytes_in_flight` whenever it peeks (a resend's peek puts it back);
+`ConsumeHost` only drops bytes the guest has received; a peek's buffer is overwritten
+once its actions ran, so the entry cannot keep it; nothing happens after `CloseHost`,
+and an orderly close leaves no unread byte (else close() resets the peer); the
+out-of-order queue holds exactly the
 guest's bytes at their offsets, beyond rcv_nxt, within its budget (which is all given
 back once the guest can send no more); SACK blocks go out only when negotiated, on
 segments without data, and cover only bytes the guest sent and the relay holds or
@@ -51,6 +61,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 
 from relaynat.checksum import fold, pseudo_header_sum, verify
+from relaynat.host.flow_executor import TURN_DONE, TURN_WAIT, FlowExecutor
 from relaynat.nat_entry import TcpNatEntry
 from relaynat.ooo_queue import CHUNK_OVERHEAD, OooBudget
 from relaynat.packet_builder import (
@@ -99,7 +110,7 @@ REMOTE_IP = bytes((93, 184, 216, 34))
 GUEST_PORT = 40000
 REMOTE_PORT = 443
 TS_PREFIX = b"\x01\x01\x08\x0a"
-#: The shell's peek buffer (tcp_relay reads at most this much per peek).
+#: The most a short peek returns during chaos (the relay's buffer is larger).
 PEEK_BUF = 65536
 
 
@@ -142,6 +153,9 @@ class Scenario:
     premature_tick: float = 0.0
     #: Probability that the shell defers its end-of-batch flush during chaos.
     defer_flush: float = 0.3
+    #: Probability that a flush during chaos finds the relay's time slice spent by
+    #: other flows: the flow waits for the next one, its ACK too (host/pump.py).
+    slice_spent: float = 0.05
     #: Frames carry a virtio-net header and use checksum/segmentation offload.
     offload: bool = False
     #: The host peer reads at most once per instant of the fake clock, so a full send
@@ -543,10 +557,15 @@ class GuestTcp:
             self.held.clear()
 
 
-@dataclass
+@dataclass(eq=False)
 class HostSocket:
-    """The host socket (see the module docstring)."""
+    """The host socket, and the shell's record of the flow (see the module docstring).
 
+    The second group of fields is host/tcp_flow.py's `HostFlow`, as `TcpFlow` has them:
+    `FlowExecutor` keeps them, `TcpSim` only plays readiness (`host_readable`). The
+    methods are `HostSocket`'s calls, each checking how the shell uses the socket."""
+
+    sim: TcpSim
     capacity: int
     data: bytes
     received: bytearray = field(default_factory=bytearray)
@@ -558,7 +577,150 @@ class HostSocket:
     consumed: int = 0
     peek_off: int = 0
     eof: bool = False
-    readable: bool = False
+    #: What SO_RCVBUF reports (Linux's default tcp_rmem, doubled); bounds nothing here.
+    rcvbuf_size: int = 262_144
+    #: The next `facts()` says nothing (the connect result of `Scenario.facts_on_connect`).
+    facts_refused: bool = False
+
+    entry: TcpNatEntry | None = None
+    connecting: bool = True
+    host_readable: bool = False
+    consume_pending: int = 0
+    gathered: list[memoryview] | None = None
+    rcvbuf_watch: int = 1 << 16
+    rcvbuf_granted: int = 0
+    host_addr: tuple[str, int] = ("93.184.216.34", REMOTE_PORT)
+
+    def peek(self, view: memoryview, nbytes: int, send_pos: int) -> memoryview:
+        sim = self.sim
+        sim.check(self.closed is None, "peek after close")
+        sim.check(send_pos == self.peek_off and not self.consume_pending,
+                  f"peek at +{send_pos} in flight, the peek offset is at +{self.peek_off} "
+                  f"with {self.consume_pending} acknowledged bytes not dropped")
+        start = self.consumed + self.peek_off
+        cap = sim.rng.randint(1, PEEK_BUF) if sim.chaos and sim.rng.random() < 0.3 \
+            else len(view)
+        n = min(nbytes, self.produced - start, cap, len(view))
+        if n <= 0:
+            if self.eof:
+                return view[:0]
+            raise BlockingIOError
+        self.peek_off += n
+        view[:n] = self.data[start:start + n]
+        sim.peeked.append(view[:n])
+        return view[:n]
+
+    def peek_at(self, offset: int, length: int, view: memoryview, send_pos: int
+                ) -> memoryview:
+        sim = self.sim
+        sim.check(sim.guest.sack_on, "a SACK resend without SACK in force")
+        sim.check(send_pos == self.peek_off and not self.consume_pending,
+                  f"resend with the send position at +{send_pos}, the peek offset at "
+                  f"+{self.peek_off}, {self.consume_pending} acknowledged bytes not dropped")
+        sim.check(length > 0 and offset >= 0 and offset + length <= self.peek_off,
+                  f"ResendHost({offset}, {length}) outside the bytes in flight "
+                  f"({self.peek_off})")
+        n = min(length, len(view))
+        start = self.consumed + offset
+        view[:n] = self.data[start:start + n]
+        sim.peeked.append(view[:n])
+        sim.trace.append(f"{sim.now:.3f} peek {n} at +{offset} for a resend")
+        return view[:n]
+
+    def write(self, data: memoryview | list[bytes] | list[memoryview]) -> int:
+        sim, sc = self.sim, self.sim.sc
+        sim.check(self.closed is None and not self.shut_wr, "write after shutdown or close")
+        chunks = [data] if type(data) is memoryview else data
+        start = len(self.received)
+        claimed = sim.stream_offset(data)
+        sim.check(claimed == start, f"entry returned bytes at +{claimed}, the host has {start}")
+        joined = b"".join(chunks)
+        n = min(len(joined), max(0, self.capacity - self.outq))
+        if sim.chaos and sim.rng.random() < sc.short_write:
+            n = sim.rng.randint(0, n)
+        if n < len(joined):
+            self.want_writable = True
+            sim.stats["short_writes"] += 1
+        sim.trace.append(f"{sim.now:.3f} host write {n}/{len(joined)} at +{start}")
+        if not n:
+            raise BlockingIOError  # a full send buffer takes nothing: EAGAIN
+        self.received += joined[:n]
+        sim.check(self.received[start:] == sc.guest_data[start:start + n],
+                  f"host got wrong bytes at +{start}")
+        self.outq += n
+        return n
+
+    def discard(self, nbytes: int, scratch: bytearray) -> None:
+        if not nbytes:
+            return
+        sim = self.sim
+        sim.check(self.closed is None, "recv after close")
+        sim.check(self.consumed + nbytes <= len(sim.guest.rcv),
+                  "ConsumeHost of bytes the guest has not received")
+        self.consumed += nbytes
+        self.peek_off = max(0, self.peek_off - nbytes)
+        sim.trace.append(f"{sim.now:.3f} consume {nbytes}")
+
+    def rewind(self) -> None:
+        sim = self.sim
+        sim.check(not self.consume_pending,
+                  "rewind before the acknowledged bytes were dropped (it counts from the head)")
+        self.peek_off = 0
+        sim.stats["rewinds"] += 1
+        sim.trace.append(f"{sim.now:.3f} rewind")
+
+    def shutdown_write(self) -> None:
+        sim = self.sim
+        sim.check(not self.shut_wr and self.closed is None, "second shutdown")
+        sim.check(len(self.received) == len(sim.sc.guest_data) and sim.guest.fin_sent,
+                  "shutdown before the guest's last byte")
+        self.shut_wr = True
+        sim.trace.append(f"{sim.now:.3f} shutdown host write")
+
+    def close_socket(self, abortive: bool) -> None:
+        sim = self.sim
+        sim.check(self.closed is None, "second CloseHost")
+        self.closed = abortive
+        sim.close_actions.append(CloseHost(abortive))
+        sim.trace.append(f"{sim.now:.3f} close host abortive={abortive}")
+        sim.check(not abortive, "abortive close")
+        if not abortive:
+            # close() with unread data sends the peer a RST, not a FIN (tcp(7)).
+            sim.check(self.consumed == self.produced,
+                      f"orderly close with {self.produced - self.consumed} bytes unread")
+
+    def facts(self) -> SocketFacts | None:
+        sim = self.sim
+        if self.facts_refused or (sim.chaos and sim.rng.random() < 0.1):
+            self.facts_refused = False
+            return None
+        snd_wnd = sim.rng.randint(0, 2 * self.capacity) if sim.chaos else self.capacity
+        return SocketFacts(TcpInfo(sim.sc.rtt_us, sim.sc.host_rcv_space, snd_wnd),
+                           2 * self.capacity, self.outq)
+
+    def rcvbuf(self) -> int:
+        return self.rcvbuf_size
+
+    def set_rcvbuf(self, size: int, force: bool) -> None:
+        self.rcvbuf_size = size
+        self.sim.stats["rcvbuf_set"] += 1
+
+
+class SimExecutor(FlowExecutor[HostSocket]):
+    """The relay's `FlowExecutor`, with the simulator's checks before and after every
+    run of an entry's actions (the executor runs them after each peek, write and
+    resend, so they are checked as often as they change); an exception propagates
+    (`failed=None`) instead of resetting the flow."""
+
+    def __init__(self, sim: TcpSim) -> None:
+        super().__init__(sim.stats, sim._to_guest, lambda: sim.now, sim._mark, sim._untrack,
+                         None, slice_clock=sim._slice_clock)
+        self.sim = sim
+
+    def execute(self, flow: HostSocket) -> None:
+        self.sim._before_actions()
+        super().execute(flow)
+        self.sim._after_actions()
 
 
 class TcpSim:
@@ -570,7 +732,7 @@ class TcpSim:
         self.now = 0.0
         self.chaos = True
         self.guest = GuestTcp(self, sc)
-        self.host = HostSocket(capacity=sc.host_sndbuf, data=sc.host_data)
+        self.host = HostSocket(self, capacity=sc.host_sndbuf, data=sc.host_data)
         self.entry: TcpNatEntry | None = None
         self.ooo_budget = OooBudget(sc.ooo_budget)
         self.relay_template = self._template(timestamps=False)
@@ -586,10 +748,22 @@ class TcpSim:
         #: Every state the entry was seen in, in order of first appearance.
         self.states: dict[TcpState, None] = {}
         self.trace: deque[str] = deque(maxlen=60)
-        self._scratch = bytearray(PEEK_BUF)
         self._drained_at = -1.0
-        #: (offset in the guest's stream, payload) gathered for one host write.
-        self.gathered: list[tuple[int, memoryview]] = []
+        #: The relay's shell for this flow (host/flow_executor.py), checked around.
+        self.executor = SimExecutor(self)
+        self.executor.gather = sc.gather
+        #: The flow left the shell's table (its CloseHost ran).
+        self.untracked = False
+        #: Views of the executor's peek buffer that the latest peeks filled: overwritten
+        #: once their actions ran (`_after_actions`).
+        self.peeked: list[memoryview] = []
+        #: The relay's time slice is spent (`Scenario.slice_spent`) in this flush.
+        self.slice_over = False
+        #: Where the payloads the shell gathered start in the guest's stream, and the
+        #: list it gathers them in; where the segment being handled ends.
+        self.gathered_at: list[int] = []
+        self.gathered_list: list[memoryview] | None = None
+        self.seg_end: int | None = None
         #: A guest segment arrived that RFC 9293 §3.10.7.4 says must be acknowledged
         #: (data, FIN, or a sequence below rcv_nxt such as a zero-window probe); the
         #: entry owes an ACK by the end of the batch.
@@ -634,7 +808,9 @@ class TcpSim:
         lines.append(
             f"host: received={len(h.received)} outq={h.outq}/{h.capacity} shut_wr={h.shut_wr} "
             f"closed={h.closed} produced={h.produced} consumed={h.consumed} "
-            f"peek_off={h.peek_off} eof={h.eof} readable={h.readable}")
+            f"peek_off={h.peek_off} eof={h.eof} host_readable={h.host_readable} "
+            f"consume_pending={h.consume_pending} connecting={h.connecting} "
+            f"untracked={self.untracked}")
         lines.append(f"links: to_relay={len(self.to_relay)} to_guest={len(self.to_guest)}")
         lines.append("last events:")
         lines.extend("  " + t for t in self.trace)
@@ -720,7 +896,7 @@ class TcpSim:
                        f"data up to +{off + n} beyond the guest's right edge +{g.adv_edge}")
         if seg.flags & FIN:
             self.check(h.eof and off + n == len(sc.host_data), "FIN at the wrong place")
-        elif off < h.consumed:
+        elif off < h.consumed + h.consume_pending:
             self.stats["relay_window_probes"] += 1
         if not seg.window:
             self.stats["relay_zero_windows"] += 1
@@ -755,65 +931,92 @@ class TcpSim:
         mss = max(MIN_SND_MSS, min(self.sc.guest_mss, MTU - 40))
         return mss - (12 if self.ts_in_use else 0)
 
-    def _run_actions(self) -> None:
+    # -- around the executor (SimExecutor) ------------------------------------------------
+
+    def _to_guest(self, head: bytes, payload: bytes | memoryview) -> None:
+        """The executor's frame toward the guest (`SendFrame`), onto the link."""
+        frame = head + bytes(payload)
+        seg = self._check_frame(frame)
+        if seg.flags & ACK:
+            self.owed_ack = None
+        self.stats["relay_frames"] += 1
+        self.to_guest.append((frame, seg))
+
+    def _before_actions(self) -> None:
+        """The actions the executor is about to carry out, checked as the entry queued
+        them."""
+        e, h = self.entry, self.host
+        assert e is not None
+        actions = e.actions
+        if not actions:
+            return
+        if h.closed is not None:
+            self.fail(f"actions after CloseHost: {actions}")
+        acked = h.consumed + h.consume_pending
+        for a in actions:
+            if type(a) is ConsumeHost:
+                self.check(a.nbytes > 0, "ConsumeHost(0)")
+                acked += a.nbytes
+                self.check(acked <= len(self.guest.rcv),
+                           "ConsumeHost of bytes the guest has not received")
+            elif type(a) not in (SendFrame, ResendHost, RewindHost, ShutdownHostWrite,
+                                 CloseHost):
+                self.fail(f"unknown action {a!r}")
+
+    def _after_actions(self) -> None:
+        """The actions ran: the buffer they were peeked into is someone else's now."""
+        for view in self.peeked:
+            view[:] = b"\xa5" * len(view)
+        self.peeked.clear()
+        self._after_entry()
+
+    def _mark(self, flow: HostSocket) -> None:
+        """The executor asks for the flow's turn in the next flush."""
+        self.dirty = True
+
+    def _untrack(self, flow: HostSocket) -> bool:
+        """The executor closes the flow: out of the (one-flow) table."""
+        self.check(not self.untracked, "second CloseHost")
+        self.untracked = True
+        return True
+
+    def _slice_clock(self) -> float:
+        """The clock of the relay's time slice: past its end when other flows spent it."""
+        return self.now + (1.0 if self.slice_over else 0.0)
+
+    def stream_offset(self, data: memoryview | list[bytes] | list[memoryview]) -> int:
+        """Where in the guest's stream the entry says the bytes the executor writes
+        start: payloads it gathered, the payload of the segment being handled, or held
+        data (from rcv_nxt)."""
+        gathered = self.gathered_list
+        if gathered is not None and (data is gathered
+                                     or (len(gathered) == 1 and data is gathered[0])):
+            start = self.gathered_at[0]
+            self.stats["gathered_writes" if len(gathered) > 1 else "single_writes"] += 1
+            self.gathered_list, self.gathered_at = None, []
+            return start
+        if type(data) is memoryview:
+            assert self.seg_end is not None, "a single payload written outside a segment"
+            return self.seg_end - len(data)
         e = self.entry
         assert e is not None
-        h = self.host
-        closed_before = h.closed is not None
-        actions = e.take_actions()
-        if closed_before and actions:
-            self.fail(f"actions after CloseHost: {actions}")
-        for a in actions:
-            if type(a) is SendFrame:
-                frame = a.head + bytes(a.payload)
-                seg = self._check_frame(frame)
-                if seg.flags & ACK:
-                    self.owed_ack = None
-                self.stats["relay_frames"] += 1
-                self.to_guest.append((frame, seg))
-            elif type(a) is ConsumeHost:
-                self.check(a.nbytes > 0, "ConsumeHost(0)")
-                self.check(h.consumed + a.nbytes <= len(self.guest.rcv),
-                           "ConsumeHost of bytes the guest has not received")
-                h.consumed += a.nbytes
-                h.peek_off = max(0, h.peek_off - a.nbytes)
-                self.trace.append(f"{self.now:.3f} consume {a.nbytes}")
-            elif type(a) is ResendHost:
-                self.check(self.guest.sack_on, "a SACK resend without SACK in force")
-                self.check(a.length > 0 and a.offset >= 0 and a.offset + a.length <= h.peek_off,
-                           f"ResendHost({a.offset}, {a.length}) outside the bytes in flight "
-                           f"({h.peek_off})")
-                n = min(a.length, PEEK_BUF)
-                start = h.consumed + a.offset
-                scratch = self._scratch
-                scratch[:n] = h.data[start:start + n]
-                self.stats["loss_probes" if a.probe else "sack_resends"] += 1
-                self.trace.append(f"{self.now:.3f} {'probe' if a.probe else 'resend'} {n} "
-                                  f"at +{a.offset}")
-                e.on_host_resend(a.offset, memoryview(scratch)[:n])
-                self._run_actions()
-                scratch[:n] = b"\xa5" * n
-            elif type(a) is RewindHost:
-                h.peek_off = 0
-                h.readable = True
-                self.dirty = True
-                self.stats["rewinds"] += 1
-                self.trace.append(f"{self.now:.3f} rewind")
-            elif type(a) is ShutdownHostWrite:
-                self.check(not h.shut_wr and h.closed is None, "second shutdown")
-                self.check(len(h.received) == len(self.sc.guest_data) and self.guest.fin_sent,
-                           "shutdown before the guest's last byte")
-                h.shut_wr = True
-                self.trace.append(f"{self.now:.3f} shutdown host write")
-            elif type(a) is CloseHost:
-                self.check(h.closed is None, "second CloseHost")
-                h.closed = a.abortive
-                self.close_actions.append(a)
-                self.trace.append(f"{self.now:.3f} close host abortive={a.abortive}")
-                self.check(not a.abortive, "abortive close")
-            else:
-                self.fail(f"unknown action {a!r}")
-        self._after_entry()
+        self.stats["backlog_writes"] += 1
+        return seq_diff(e.rcv_nxt, (self.sc.guest_isn + 1) & M32)
+
+    def _note_gathered(self, seg_end: int) -> None:
+        """After a guest segment: where the payload the executor gathered from it starts,
+        back to back with the ones before it."""
+        gathered = self.host.gathered
+        if gathered is None:
+            return
+        if gathered is not self.gathered_list:
+            self.gathered_list, self.gathered_at = gathered, []
+        if len(gathered) > len(self.gathered_at):
+            start = seg_end - len(gathered[-1])
+            if self.gathered_at:
+                prev = self.gathered_at[-1] + len(gathered[-2])
+                self.check(prev == start, f"gathered payloads not back to back at +{start}")
+            self.gathered_at.append(start)
 
     def _after_entry(self) -> None:
         e = self.entry
@@ -826,9 +1029,13 @@ class TcpSim:
             return
         h, g, sc = self.host, self.guest, self.sc
         iss1 = (sc.relay_iss + 1) & M32
-        self.check(e.bytes_in_flight == h.peek_off,
-                   f"peek offset {h.peek_off} != bytes_in_flight {e.bytes_in_flight}")
-        self.check(seq_diff(e.snd_una, iss1) == h.consumed, "snd_una != bytes consumed")
+        # The shell drops acknowledged bytes once per batch (ConsumeHost): the peek offset
+        # is what it will be once they are dropped (it moves back with them, not below 0).
+        self.check(max(0, h.peek_off - h.consume_pending) == e.bytes_in_flight,
+                   f"peek offset {h.peek_off} less {h.consume_pending} acknowledged "
+                   f"!= bytes_in_flight {e.bytes_in_flight}")
+        self.check(seq_diff(e.snd_una, iss1) == h.consumed + h.consume_pending,
+                   "snd_una != bytes consumed")
         self.check(seq_diff(e.snd_nxt, iss1) <= g.adv_edge,
                    "bytes in flight beyond the guest's window")
         self.check(e.bytes_from_guest == len(h.received), "bytes_from_guest")
@@ -854,15 +1061,7 @@ class TcpSim:
             cost += sum(map(len, chunks)) + CHUNK_OVERHEAD * len(chunks)
         self.check(b.used == cost <= b.limit, f"budget {b.used} for {cost} (limit {b.limit})")
 
-    # -- the shell ---------------------------------------------------------------------
-
-    def _facts(self) -> SocketFacts | None:
-        h = self.host
-        if self.chaos and self.rng.random() < 0.1:
-            return None
-        snd_wnd = self.rng.randint(0, 2 * h.capacity) if self.chaos else h.capacity
-        return SocketFacts(TcpInfo(self.sc.rtt_us, self.sc.host_rcv_space, snd_wnd),
-                           2 * h.capacity, h.outq)
+    # -- TcpRelay's part: the flow table, readiness, flushes, timers ------------------------
 
     def _deliver_to_relay(self, frame: bytes) -> None:
         sc = self.sc
@@ -877,15 +1076,15 @@ class TcpSim:
                 # As tcp_relay: timestamps are in force when the SYN offered them.
                 self.ts_in_use = seg.tsval is not None
                 self.relay_template = self._template(self.ts_in_use)
-                self.entry = TcpNatEntry(seg, template=self.relay_template, mtu=MTU,
-                                         iss=sc.relay_iss, now=self.now,
-                                         ooo_budget=self.ooo_budget)
+                self.entry = self.host.entry = TcpNatEntry(
+                    seg, template=self.relay_template, mtu=MTU, iss=sc.relay_iss,
+                    now=self.now, ooo_budget=self.ooo_budget)
                 self.connect_pending = True
             else:
                 self._reply_rst(seg)
             return
         e = self.entry
-        if e.closed:
+        if self.untracked:  # as tcp_relay, once the flow's CloseHost ran
             self._reply_rst(seg)
             return
         if (e.state not in (TcpState.CONNECTING, TcpState.SYN_RCVD) and not seg.flags & (SYN | RST)
@@ -893,33 +1092,16 @@ class TcpSim:
                     # A zero-window probe: only while the guest may still send data.
                     e.state in GUEST_SENDING and seq_diff(seg.seq, e.rcv_nxt) < 0))):
             self.owed_ack = self.trace[-1]
-        if self.gathered and not e.continues_pending(seg):
-            self._write_gathered()
-        data = e.on_guest_segment(seg, self.now)
-        if data is not None:
-            start = seq_diff(seg.seq, (sc.guest_isn + 1) & M32) + len(seg.payload) - len(data)
-            if sc.gather and not e.closed:
-                self.gathered.append((start, data))
-            else:
-                e.on_host_accepted(self._host_write(start, data), self.now)
-                self._write_backlog()
-        self._run_actions()
-        self.dirty = True
+        self.seg_end = seq_diff(seg.seq, (sc.guest_isn + 1) & M32) + len(seg.payload)
+        self.executor.segment(self.host, seg)
+        self._note_gathered(self.seg_end)
+        self.seg_end = None
 
     def _write_gathered(self) -> None:
-        """host_pump.HostPump.write_gathered: one write of the batch's payloads."""
-        e = self.entry
-        if not self.gathered or e is None:
-            return
-        start = self.gathered[0][0]
-        for (at, data), (nxt, _) in zip(self.gathered, self.gathered[1:], strict=False):
-            self.check(at + len(data) == nxt, f"gathered payloads not back to back at +{nxt}")
-        data = memoryview(b"".join(d for _, d in self.gathered))
-        self.stats["gathered_writes" if len(self.gathered) > 1 else "single_writes"] += 1
-        self.gathered = []
-        e.on_host_accepted(self._host_write(start, data), self.now)
-        self._write_backlog()
-        self._run_actions()
+        """The end of a batch came: the payloads gathered in it are written (the first
+        thing a flush does, host/flow_executor.py)."""
+        if self.host.gathered is not None:
+            self.executor.pump.write_gathered(self.host, self.now)
 
     def _reply_rst(self, seg: TcpSegment) -> None:
         answer = rst_for_unknown(seg)
@@ -932,85 +1114,29 @@ class TcpSim:
         self.stats["unknown_flow_rst"] += 1
         self.to_guest.append((head, reply))
 
-    def _write_backlog(self) -> None:
-        """host_pump.HostPump.write_backlog: held data a filled hole made in order."""
-        e = self.entry
-        assert e is not None
-        while (chunks := e.host_backlog()) is not None:
-            start = seq_diff(e.rcv_nxt, (self.sc.guest_isn + 1) & M32)
-            data = memoryview(b"".join(chunks))
-            e.on_host_accepted(self._host_write(start, data) if chunks else 0, self.now)
-            self.stats["backlog_writes"] += 1
-
-    def _host_write(self, start: int, data: memoryview) -> int:
-        h, sc = self.host, self.sc
-        self.check(h.closed is None and not h.shut_wr, "write after shutdown or close")
-        self.check(start == len(h.received),
-                   f"entry returned bytes at +{start}, the host has {len(h.received)}")
-        n = min(len(data), max(0, h.capacity - h.outq))
-        if self.chaos and self.rng.random() < sc.short_write:
-            n = self.rng.randint(0, n)
-        h.received += data[:n]
-        self.check(h.received[start:] == sc.guest_data[start:start + n],
-                   f"host got wrong bytes at +{start}")
-        h.outq += n
-        if n < len(data):
-            h.want_writable = True
-            self.stats["short_writes"] += 1
-        self.trace.append(f"{self.now:.3f} host write {n}/{len(data)} at +{start}")
-        return n
-
-    def _pump(self) -> None:
-        """host_pump.HostPump.pump: peek within the budget, report EOF or a block."""
-        e, h = self.entry, self.host
-        assert e is not None
-        while h.readable and not e.closed:
-            budget = e.host_read_budget()
-            if budget <= 0:
-                e.on_host_blocked(self.now)
-                self._run_actions()
-                return
-            start = h.consumed + h.peek_off
-            cap = self.rng.randint(1, PEEK_BUF) if self.chaos and self.rng.random() < 0.3 \
-                else PEEK_BUF
-            n = min(budget, h.produced - start, cap)
-            if n <= 0:
-                h.readable = False
-                if h.eof:
-                    e.on_host_eof(self.now)
-                    self._run_actions()
-                return
-            h.peek_off += n
-            # Peeked into the shell's reusable buffer: the entry must not keep it.
-            scratch = self._scratch
-            scratch[:n] = h.data[start:start + n]
-            e.on_host_data(memoryview(scratch)[:n], self.now)
-            self._run_actions()
-            scratch[:n] = b"\xa5" * n
-
     def _flush(self) -> None:
-        """tcp_relay.TcpRelay.flush for our one flow."""
+        """tcp_relay.TcpRelay.flush for our one flow: a new wakeup, the flow's turn."""
         self.dirty = False
-        self._write_gathered()
-        e = self.entry
-        if e is None or e.closed or self.connect_pending:
+        e, h = self.entry, self.host
+        if e is None or self.untracked:
             return
-        if e.ooo is not None:
-            self._write_backlog()
-            self._run_actions()
-        self._pump()
-        if not e.closed:
-            e.flush(self._facts(), self.now)
-            self._run_actions()
-            self.check(self.owed_ack is None or e.closed,
+        executor = self.executor
+        executor.pump.new_wakeup()
+        self.slice_over = self.chaos and self.rng.random() < self.sc.slice_spent
+        turn = executor.flush_flow(h, self.now)
+        self.slice_over = False
+        if turn != TURN_DONE:
+            self.dirty = True  # host/flow_turns.py: it goes again in the next flush
+        if turn != TURN_WAIT and not e.closed and not h.connecting:
+            self.check(self.owed_ack is None,
                        f"no ACK at the end of the batch for: {self.owed_ack}")
 
     def _connect(self) -> None:
-        e = self.entry
-        assert e is not None
+        """The host connect() ended (tcp_relay.TcpRelay._connect_done)."""
         self.connect_pending = False
-        e.on_connect_result(True, self._facts() if self.sc.facts_on_connect else None, self.now)
-        self._run_actions()
+        self.host.facts_refused = not self.sc.facts_on_connect
+        self.executor.connected(self.host, True, self.now)
+        self.host.facts_refused = False
         self.dirty = True
 
     def _tick(self) -> bool:
@@ -1037,10 +1163,8 @@ class TcpSim:
         self.guest.on_timer(self.now)
         if e is not None and not e.closed:
             ed = e.next_deadline()
-            if ed is not None and ed <= self.now:
-                e.on_timer(self.now, self._facts())
-                self._run_actions()
-                self.dirty = True
+            if ed is not None and ed <= self.now and self.executor.timer(self.host, self.now):
+                self.dirty = True  # as tcp_relay: a timer that did nothing wants no flush
         if self.dirty:
             self._flush()
         return True
@@ -1174,12 +1298,12 @@ class TcpSim:
         h = self.host
         left = len(h.data) - h.produced
         h.produced += self.rng.randint(1, left) if self.chaos else left
-        h.readable = True
+        h.host_readable = True
         self.dirty = self.entry is not None
 
     def _ev_peer_close(self) -> None:
         self.host.eof = True
-        self.host.readable = True
+        self.host.host_readable = True
         self.trace.append(f"{self.now:.3f} host peer EOF")
         self.dirty = self.entry is not None
 
@@ -1193,9 +1317,10 @@ class TcpSim:
     def _ev_writable(self) -> None:
         e = self.entry
         self.host.want_writable = False
-        if e is not None and not e.closed:
+        if e is not None and not self.untracked:
+            # tcp_relay._host_event: EPOLLOUT tells the entry and asks for a turn.
             e.on_host_writable(self.now)
-            self._run_actions()
+            self._after_entry()
             self.dirty = True
 
     def _ev_app_write(self) -> None:

@@ -794,7 +794,7 @@ def test_sack_recovery_sends_less_than_go_back_n() -> None:
             sim = TcpSim(sc).run()
             check_outcome(sim)
             total += sim.stats["relay_frames"]
-            resends += sim.stats["sack_resends"]
+            resends += sim.stats["tcp_sack_resends"]
         frames[sack] = total
         assert (resends > 0) == sack
     assert frames[True] < 0.8 * frames[False], frames

@@ -4,10 +4,11 @@ tests/support/tcp_sim.py's random scheduler picks the next event itself; here hy
 every event and its arguments (which frame of a link is delivered, duplicated or lost,
 how many bytes an application writes or reads, when the clock jumps), so it can shrink
 a failing interleaving to a minimal one. The pieces are tcp_sim's: the guest's TCP
-(`GuestTcp`), the host socket model (`HostSocket`) and the shell (`TcpSim`), which
-check their own per-step invariants (frames parse with valid checksums, no byte beyond
-the right edge the guest advertised, no ACK for bytes the host socket did not take, the
-peek offset equals the bytes in flight) and raise SimFailure with a trace.
+(`GuestTcp`), the host socket model (`HostSocket`) and the relay's part (`TcpSim`)
+around the relay's own per-flow shell (host/flow_executor.py), which check their
+per-step invariants (frames parse with valid checksums, no byte beyond the right edge
+the guest advertised, no ACK for bytes the host socket did not take, the peek offset
+equals the bytes in flight) and raise SimFailure with a trace.
 
 Added here, after every step (RFC 9293 §3.3.1 send sequence variables, mod 2**32):
 snd_una <= snd_nxt <= snd_max; the host socket never holds more than its send buffer;
@@ -135,7 +136,7 @@ class OneTcpFlow(RuleBasedStateMachine):
     def host_peer_sends(self, n: int) -> None:
         h = self.sim.host
         h.produced += min(n, len(h.data) - h.produced)
-        h.readable = True
+        h.host_readable = True
         self.sim.dirty = self.sim.entry is not None
 
     @precondition(lambda self: self.sim.host.produced == len(self.sim.host.data)
