@@ -32,7 +32,7 @@ Everything else the entry decides arrives as actions in `actions` (frames for th
 guest, bytes to drop from the host socket, shutdown, close) that the shell executes
 in order, and as one deadline (`next_deadline()`) at which the shell calls
 `on_timer`. Time is always a parameter, so hypothesis can drive thousands of lossy,
-reordered conversations without a kernel or a clock (tests/test_nat_entry.py).
+reordered conversations without a kernel or a clock (tests/unit/test_nat_entry.py).
 
 The machine is in two modules. tcp_handshake.py (`TcpHandshake`, the base class)
 establishes the flow: the guest's SYN, the host connect() result and our SYN-ACK
@@ -98,7 +98,7 @@ class TcpNatEntry(TcpHandshake):
                 and seg.payload and seg.seq == (self.rcv_nxt + self._pending_len) & M32):
             # What a guest's upload is made of: in-order data on an established flow
             # that acknowledges nothing new. This is what `_on_segment` does with it,
-            # without the checks that cannot apply (tests/test_nat_entry.py proves the
+            # without the checks that cannot apply (tests/unit/test_nat_entry.py proves the
             # two agree): 0.8-1.3 µs here with on_host_accepted, against 3.4-4.4 µs.
             self.now = now
             self.idle_at = now + self.idle_timeout_s

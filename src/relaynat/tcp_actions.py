@@ -3,7 +3,7 @@
 The core decides and the shell executes, in order: frames for the guest, bytes to drop
 from the host socket, a rewind of the peek offset, the resend of one hole, a half-close,
 a close. Keeping these apart from the state machine lets tests and simulators
-(tests/tcp_sim.py) read the decisions without importing the machinery that makes them.
+(tests/support/tcp_sim.py) read the decisions without importing the machinery that makes them.
 """
 
 from __future__ import annotations

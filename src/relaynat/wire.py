@@ -3,7 +3,7 @@
 Parsing follows smoltcp's split: these are read-only views with checked bounds, and
 building frames lives in `packet_builder.py`. The hot path uses `struct.unpack_from`
 on the fixed headers (0.36 µs here against 5.4-8.8 µs for a dpkt `Ethernet(frame)`);
-dpkt stays the parser of record: `tests/test_wire.py` runs a differential hypothesis
+dpkt stays the parser of record: `tests/unit/test_wire.py` runs a differential hypothesis
 test proving these views agree with dpkt on every frame both accept.
 
 Every check that fails raises `MalformedFrame` with a short reason that becomes a
@@ -286,7 +286,7 @@ def parse_tcp4_fast(frame: memoryview, verify_checksum: bool = False
     options and no SYN, with no TCP options or a lone aligned timestamp; parsed in one
     unpack and checked exactly as `parse_ethernet`, `parse_ipv4` and `parse_tcp` would.
     None for any other frame, good or bad: the general parsers then take it and say
-    what is wrong with it. tests/test_wire.py proves the two agree on every frame."""
+    what is wrong with it. tests/unit/test_wire.py proves the two agree on every frame."""
     n = len(frame)
     if n < _FAST_MIN:
         return None
@@ -323,7 +323,7 @@ def parse_udp4_fast(frame: memoryview) -> tuple[bytes, UdpDatagram, memoryview] 
     """(source MAC, datagram, IPv4 packet) of an IPv4 UDP datagram with no IP options,
     parsed in one unpack and checked exactly as `parse_ethernet`, `parse_ipv4` and
     `parse_udp` would; None for any other frame, good or bad (the general parsers take
-    it). tests/test_wire.py proves the two agree on every frame."""
+    it). tests/unit/test_wire.py proves the two agree on every frame."""
     n = len(frame)
     if n < _FAST_UDP_MIN:
         return None

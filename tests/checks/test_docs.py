@@ -1,10 +1,12 @@
 """The docs stay true to the tree: docs/architecture.md's module map names every module
-of the package and nothing that is not there, and every relative link in the README
-and docs/ leads to a file of the repository."""
+of the package and nothing that is not there, every relative link in the README and
+docs/ leads to a file of the repository, and every repository path a tracked file
+names (a comment's `tests/unit/test_wire.py`) exists."""
 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,6 +17,11 @@ MAP_ENTRY = re.compile(r"^- `([\w/]+\.py)`", re.MULTILINE)
 PATH = re.compile(r"`((?:[\w.-]+/)*[\w.-]+\.py)`")
 REPOSITORY_FOLDERS = ("tests/", "benches/", "fuzz/", "examples/", "src/")
 LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
+#: A path into the repository: not part of a longer path or a URL, nor the label of a
+#: link to another project's file (`[docs/usage.md](https://...)`).
+REPOSITORY_PATH = re.compile(
+    r"(?<![\w/.-])((?:tests|benches|fuzz|examples|docs|src/relaynat)/[\w/.-]*\w"
+    r"\.(?:py|sh|md|png))(?!\]\(https?:)")
 
 
 def _module_map() -> str:
@@ -49,3 +56,22 @@ def test_relative_links_lead_to_files() -> None:
             if not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert broken == []
+
+
+def test_paths_named_in_tracked_files_exist() -> None:
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    named = missing = 0
+    gone = []
+    for name in tracked:
+        path = ROOT / name
+        if not name or path.suffix not in {".py", ".md", ".sh", ".toml"} or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for target in REPOSITORY_PATH.findall(line):
+                named += 1
+                if not (ROOT / target).exists():
+                    missing += 1
+                    gone.append(f"{name}:{number} {target}")
+    assert named > 50, "no repository paths found: is this a git checkout?"
+    assert gone == [], f"{missing} paths to nothing"

@@ -58,7 +58,7 @@ F = TypeVar("F", bound=HostFlow)
 #: with offload the bytes bound first; at a 1448-byte MSS without offload the frames,
 #: 92 KB. Either is under a millisecond of the loop; 128 frames of 48 bytes left a
 #: kernel guest beside such a guest in one `Guests` process half its solo rate, 64
-#: frames and the relay's time slice below 0.55-0.58 (tests/test_hostile_guests.py).
+#: frames and the relay's time slice below 0.55-0.58 (tests/integration/test_hostile_guests.py).
 FLOW_SLICE_BYTES = 2 << 20
 FLOW_SLICE_FRAMES = 64
 #: What all flows of one relay (one guest) may take together in one wakeup: four flows'
