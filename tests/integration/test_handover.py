@@ -9,6 +9,8 @@ sockets on this namespace's loopback, and the handovers pass real descriptors.
   handed over ten times in a row (each new relay a fresh `relaynat serve
   --receive-handover`) while both transfers run: both end with equal sha256 at both
   ends, neither end saw a reset, and neither namespace's kernel sent one.
+- A relay built from an older tree (the flat module layout before the subpackages)
+  hands its guest and both transfers over to this tree's relay: an upgrade in place.
 - A qemu-stream guest keeps its connection across a handover, including a frame the
   old relay had read only in part.
 - Refusals: a new relay with other addressing refuses at the offer, one that cannot
@@ -22,10 +24,12 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -65,10 +69,11 @@ def _tcp_counters() -> dict[str, int]:
     return dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True))
 
 
-def _relaynat(*args: str, log: Path) -> subprocess.Popen[bytes]:
+def _relaynat(*args: str, log: Path,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "relaynat", *args], stdout=out,
-                                stderr=out)
+                                stderr=out, env=env)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -209,6 +214,63 @@ def test_512_mib_both_ways_survive_ten_handovers(
           f"{guest['tcp']['RetransSegs']} segments")
     transfers.check(guest, reports)
     assert not control.exists()  # the last relay took the control socket, and removed it
+
+
+#: The last commit whose package was one flat folder of modules, before they moved into
+#: subpackages. Nothing in a handover names a module, so a relay built from it hands
+#: over to this tree's as to its own kind: what an upgrade in place relies on.
+FLAT_LAYOUT = "7d1b992"
+UPGRADE_SIZE = 64 << 20
+UPGRADE_RATE = 16 << 20
+
+
+@pytest.fixture
+def flat_layout_src() -> Iterator[Path]:
+    """FLAT_LAYOUT's src/, from this repository's history, readable by the namespace
+    guest's unprivileged id (its child process runs that tree's code too)."""
+    root = Path(__file__).resolve().parents[2]
+    archive = subprocess.run(["git", "-C", str(root), "archive", FLAT_LAYOUT, "src"],
+                             capture_output=True, check=False)
+    assert archive.returncode == 0, (
+        f"this test needs the repository's history (git archive {FLAT_LAYOUT}): "
+        f"{archive.stderr.decode()}")
+    where = Path(tempfile.mkdtemp(prefix="relaynat-flat-"))
+    try:
+        where.chmod(0o755)
+        subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+        yield where / "src"
+    finally:
+        shutil.rmtree(where)
+
+
+def test_a_relay_of_the_flat_layout_hands_over_to_this_one(
+        tmp_path: Path, guest_dir: Path, procs: list[subprocess.Popen[bytes]],
+        flat_layout_src: Path) -> None:
+    old_env = dict(os.environ, PYTHONPATH=str(flat_layout_src))
+    # The old relay really runs the old tree: its modules are importable there only.
+    flat_only = [sys.executable, "-c", "import relaynat.namespace, relaynat.handover"]
+    assert subprocess.run(flat_only, env=old_env, check=False).returncode == 0
+    assert subprocess.run(flat_only, capture_output=True, check=False).returncode != 0
+    transfers = Transfers(guest_dir, UPGRADE_SIZE, UPGRADE_RATE)
+    try:
+        new, path = _receiver(tmp_path, "new")
+        procs.append(new)
+        control = tmp_path / "control.sock"
+        old = _relaynat("run", "--control-socket", str(control), "--",
+                        *transfers.guest_argv(guest_python()), log=tmp_path / "old.log",
+                        env=old_env)
+        procs.append(old)
+        _wait_for(control, old)
+        _wait_for_transfers(control)
+        _hand_over(control, path, old, tmp_path / "old.log")
+        transfers.release()
+        assert new.wait(timeout=60) == 0, (tmp_path / "new.log").read_text()
+        guest, reports = transfers.finish()
+    finally:
+        transfers.close()
+    transfers.check(guest, reports)
+    stats = parse_stats((tmp_path / "new.log").read_text())
+    assert stats["handovers_received"] == 1 and stats["tcp_flows_imported"] == 2, stats
 
 
 #: The unixgram and --interface tests: small, paced so that the handover comes while
