@@ -41,16 +41,16 @@ with offload, the partial one and a consistent virtio-net header); every data by
 sent to the guest is the right byte of the host stream and lies inside the right edge
 the guest advertised; the relay never acknowledges guest bytes the host socket has not
 accepted; the host socket receives the guest's stream in order, each byte once; the
-peek offset equals `bytes_in_flight` plus the acknowledged bytes the shell has yet to
-drop, and exactly `bytes_in_flight` whenever it peeks (a resend's peek puts it back);
+peek offset, once the acknowledged bytes the shell has yet to drop are dropped, equals
+`bytes_in_flight`, and is exactly that whenever it peeks (a resend's peek puts it back);
 `ConsumeHost` only drops bytes the guest has received; a peek's buffer is overwritten
 once its actions ran, so the entry cannot keep it; nothing happens after `CloseHost`,
-and an orderly close leaves no unread byte (else close() resets the peer); the
-out-of-order queue holds exactly the
-guest's bytes at their offsets, beyond rcv_nxt, within its budget (which is all given
-back once the guest can send no more); SACK blocks go out only when negotiated, on
-segments without data, and cover only bytes the guest sent and the relay holds or
-delivered.
+and an orderly close leaves no unread byte (else close() resets the peer); when the
+shell returns to the loop, no action is left queued; the out-of-order queue holds
+exactly the guest's bytes at their offsets, beyond rcv_nxt, within its budget (which
+is all given back once the guest can send no more); SACK blocks go out only when
+negotiated, on segments without data, and cover only bytes the guest sent and the
+relay holds or delivered.
 """
 
 from __future__ import annotations
@@ -970,6 +970,13 @@ class TcpSim:
         self.peeked.clear()
         self._after_entry()
 
+    def _settled(self, where: str) -> None:
+        """The executor returned to the loop: whatever the entry decided was done. An
+        action left queued waits for the flow's next event, which may never come."""
+        e = self.entry
+        if e is not None:
+            self.check(not e.actions, f"actions left queued after {where}: {e.actions}")
+
     def _mark(self, flow: HostSocket) -> None:
         """The executor asks for the flow's turn in the next flush."""
         self.dirty = True
@@ -1096,12 +1103,14 @@ class TcpSim:
         self.executor.segment(self.host, seg)
         self._note_gathered(self.seg_end)
         self.seg_end = None
+        self._settled("a guest segment")
 
     def _write_gathered(self) -> None:
         """The end of a batch came: the payloads gathered in it are written (the first
         thing a flush does, host/flow_executor.py)."""
         if self.host.gathered is not None:
             self.executor.pump.write_gathered(self.host, self.now)
+            self._settled("the gathered write")
 
     def _reply_rst(self, seg: TcpSegment) -> None:
         answer = rst_for_unknown(seg)
@@ -1125,6 +1134,7 @@ class TcpSim:
         self.slice_over = self.chaos and self.rng.random() < self.sc.slice_spent
         turn = executor.flush_flow(h, self.now)
         self.slice_over = False
+        self._settled("the flow's turn in a flush")
         if turn != TURN_DONE:
             self.dirty = True  # host/flow_turns.py: it goes again in the next flush
         if turn != TURN_WAIT and not e.closed and not h.connecting:
@@ -1137,6 +1147,7 @@ class TcpSim:
         self.host.facts_refused = not self.sc.facts_on_connect
         self.executor.connected(self.host, True, self.now)
         self.host.facts_refused = False
+        self._settled("the connect result")
         self.dirty = True
 
     def _tick(self) -> bool:
@@ -1163,8 +1174,10 @@ class TcpSim:
         self.guest.on_timer(self.now)
         if e is not None and not e.closed:
             ed = e.next_deadline()
-            if ed is not None and ed <= self.now and self.executor.timer(self.host, self.now):
-                self.dirty = True  # as tcp_relay: a timer that did nothing wants no flush
+            if ed is not None and ed <= self.now:
+                if self.executor.timer(self.host, self.now):
+                    self.dirty = True  # as tcp_relay: a timer that did nothing wants no flush
+                self._settled("a timer")
         if self.dirty:
             self._flush()
         return True

@@ -123,7 +123,15 @@ class FlowExecutor(Generic[F]):
             pump.write_gathered(flow, now)
         if flow.connecting or entry.closed:
             return TURN_DONE
-        pump.write_backlog(flow, now)  # held data, if the socket has room now
+        if entry.ooo is not None:
+            # Held data, if the socket has room now. What writing it decided is done
+            # now: with the guest's FIN held behind it, the ACK of that FIN and the
+            # shutdown or close of the host socket, which left queued would wait for
+            # the guest to send that FIN again (and a guest that is gone never does).
+            pump.write_backlog(flow, now)
+            self.execute(flow)
+            if entry.closed:
+                return TURN_DONE
         if flow.host_readable and not pump.share_left:
             # Its ACK too waits for its turn: first in the next flush, not the socket's
             # facts read for every flow in every round.
