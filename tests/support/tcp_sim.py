@@ -713,8 +713,8 @@ class SimExecutor(FlowExecutor[HostSocket]):
     (`failed=None`) instead of resetting the flow."""
 
     def __init__(self, sim: TcpSim) -> None:
-        super().__init__(sim.stats, sim._to_guest, lambda: sim.now, sim._mark, sim._untrack,
-                         None, slice_clock=sim._slice_clock)
+        super().__init__(sim.stats, sim._to_guest, sim, sim._untrack, None,
+                         slice_clock=sim._slice_clock)
         self.sim = sim
 
     def execute(self, flow: HostSocket) -> None:
@@ -977,8 +977,8 @@ class TcpSim:
         if e is not None:
             self.check(not e.actions, f"actions left queued after {where}: {e.actions}")
 
-    def _mark(self, flow: HostSocket) -> None:
-        """The executor asks for the flow's turn in the next flush."""
+    def mark(self, flow: HostSocket) -> None:
+        """The executor asks for the flow's turn in the next flush (as of `FlowTurns`)."""
         self.dirty = True
 
     def _untrack(self, flow: HostSocket) -> bool:
@@ -1100,7 +1100,7 @@ class TcpSim:
                     e.state in GUEST_SENDING and seq_diff(seg.seq, e.rcv_nxt) < 0))):
             self.owed_ack = self.trace[-1]
         self.seg_end = seq_diff(seg.seq, (sc.guest_isn + 1) & M32) + len(seg.payload)
-        self.executor.segment(self.host, seg)
+        self.executor.segment(self.host, seg, self.now)
         self._note_gathered(self.seg_end)
         self.seg_end = None
         self._settled("a guest segment")

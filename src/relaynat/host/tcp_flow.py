@@ -173,7 +173,16 @@ class TcpFlow:
         return self.sock.send(data) if type(data) is memoryview else self.sock.sendmsg(data)
 
     def discard(self, nbytes: int, scratch: bytearray) -> None:
-        discard(self.sock, nbytes, scratch)
+        # recv(MSG_TRUNC) copies nothing; `scratch` only bounds each call.
+        sock = self.sock
+        while nbytes > 0:
+            try:
+                got = sock.recv_into(scratch, min(nbytes, len(scratch)), socket.MSG_TRUNC)
+            except OSError:
+                return
+            if got <= 0:
+                return
+            nbytes -= got
 
     def rewind(self) -> None:
         if self.peek_offset_supported:
@@ -189,7 +198,15 @@ class TcpFlow:
             self.sock.close()
 
     def facts(self) -> SocketFacts | None:
-        return socket_facts(self.sock)
+        # What window.advertised_window needs; None if the socket failed.
+        sock = self.sock
+        try:
+            info = tcp_info(sock)
+            sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            outq = ioctl_int(sock, SIOCOUTQ)
+        except OSError:
+            return None
+        return SocketFacts(info, sndbuf, outq)
 
     def rcvbuf(self) -> int:
         size: int = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
@@ -239,28 +256,3 @@ def ioctl_int(sock: socket.socket, request: int) -> int:
     """An ioctl of `sock` that answers one int (SIOCOUTQ, FIONREAD, ...). Raises OSError."""
     value: int = _INT.unpack(fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0]
     return value
-
-
-def socket_facts(sock: socket.socket) -> SocketFacts | None:
-    """What the window toward the guest is computed from (window.advertised_window);
-    None if the socket cannot say (it failed)."""
-    try:
-        info = tcp_info(sock)
-        sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        outq = ioctl_int(sock, SIOCOUTQ)
-    except OSError:
-        return None
-    return SocketFacts(info, sndbuf, outq)
-
-
-def discard(sock: socket.socket, nbytes: int, scratch: bytearray) -> None:
-    """Drop `nbytes` from the head of the receive queue: bytes the guest acknowledged.
-    recv(MSG_TRUNC) copies nothing; `scratch` only bounds each call."""
-    while nbytes > 0:
-        try:
-            got = sock.recv_into(scratch, min(nbytes, len(scratch)), socket.MSG_TRUNC)
-        except OSError:
-            return
-        if got <= 0:
-            return
-        nbytes -= got

@@ -91,10 +91,7 @@ class TcpRelay:
         self._backlog = SynBacklog(stats, config.syn_rate)
         self._backlog_timer: asyncio.TimerHandle | None = None
         self._exec: FlowExecutor[TcpFlow] = FlowExecutor(
-            stats, send_to_guest, loop.time, self._turns.mark, self._untrack, self._fail_flow)
-        # Bound once: both run for every frame.
-        self._on_flow_segment = self._exec.segment
-        self._execute = self._exec.execute
+            stats, send_to_guest, self._turns, self._untrack, self._fail_flow)
         self._vnet_hdr_len = 0
         self._offload = False
         #: The guest's MAC, which the templates of its flows follow (packet_builder.py).
@@ -139,7 +136,7 @@ class TcpRelay:
         now = self._loop.time()
         for flow in unheard:
             flow.entry.on_guest_mac(mac, now)
-            self._execute(flow)
+            self._exec.execute(flow)
 
     @property
     def link(self) -> tuple[int, bool]:
@@ -167,7 +164,7 @@ class TcpRelay:
             self._new_flow(seg, key, host_ip, seg.dport if host_port is None else host_port,
                            now)
             return
-        self._on_flow_segment(flow, seg)
+        self._exec.segment(flow, seg, self._loop.time())
 
     def on_known(self, seg: TcpSegment) -> bool:
         """Hand `seg` to its flow and return True, or return False if it has none (then
@@ -175,7 +172,7 @@ class TcpRelay:
         flow = self.flows.get((seg.sport, seg.dst, seg.dport, seg.src))
         if flow is None:
             return False
-        self._on_flow_segment(flow, seg)
+        self._exec.segment(flow, seg, self._loop.time())
         return True
 
     def _open_waiting(self, waiting: list[Deferred]) -> None:
@@ -183,7 +180,7 @@ class TcpRelay:
             key = (seg.sport, seg.dst, seg.dport, seg.src)
             flow = self.flows.get(key)
             if flow is not None:  # the guest sent its SYN again while the first waited
-                self._on_flow_segment(flow, seg)
+                self._exec.segment(flow, seg, self._loop.time())
             else:
                 self._new_flow(seg, key, host_ip,
                                seg.dport if host_port is None else host_port,
@@ -282,7 +279,7 @@ class TcpRelay:
         self._track(flow)
         self._syn_unheard[flow] = None
         self.stats["tcp_inbound_opened"] += 1
-        self._execute(flow)
+        self._exec.execute(flow)
         self._timers.schedule(flow)
         return True
 
@@ -331,7 +328,7 @@ class TcpRelay:
             if err:
                 self.stats["tcp_host_errors"] += 1
                 entry.on_host_reset(now)
-                self._execute(flow)
+                self._exec.execute(flow)
                 return
         if ev & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP):
             flow.host_readable = True
@@ -364,8 +361,8 @@ class TcpRelay:
     def flush(self) -> None:
         """End of a batch: move host data to the guest and send owed ACKs."""
         now = self._loop.time()
-        flush_flow = self._exec.flush_flow
-        self._exec.pump.new_wakeup()
+        executor = self._exec
+        executor.pump.new_wakeup()
         # Flows that got no turn, the relay's share of this wakeup spent before them, and
         # flows that used their own share (host/pump.py) go again (host/flow_turns.py).
         waiting: list[TcpFlow] = []
@@ -373,7 +370,7 @@ class TcpRelay:
         for flow in self._turns.take():
             flow.dirty = False
             try:
-                turn = flush_flow(flow, now)
+                turn = executor.flush_flow(flow, now)
                 if turn == TURN_WAIT:
                     waiting.append(flow)
                 elif turn == TURN_AGAIN:
@@ -429,13 +426,13 @@ class TcpRelay:
 
     def _on_timers(self, due: list[TcpFlow], now: float) -> None:
         """FlowTimers: the deadlines of `due` passed."""
-        timer = self._exec.timer
+        executor = self._exec
         for flow in due:
             entry = flow.entry
             if entry.closed:  # closed by an earlier flow's handling in this run
                 continue
             try:
-                acted = timer(flow, now)
+                acted = executor.timer(flow, now)
             except Exception:
                 self._fail_flow(flow)
                 continue
@@ -467,7 +464,7 @@ class TcpRelay:
             if not denied(IPPROTO_TCP, flow.key[1], flow.key[2]):
                 continue
             flow.entry.on_cut(now)
-            self._execute(flow)  # the RST to the guest, then CloseHost(abortive)
+            self._exec.execute(flow)  # the RST to the guest, then CloseHost(abortive)
             cut += 1
         return cut
 
