@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import SUPPORT
+from support import GUESTS, SUPPORT
 from support.faultkit import wait_until
 from support.relaynat_cli import guest_python, parse_stats
 from unit.test_control_protocol import _ctl, _served
@@ -35,22 +35,6 @@ IS_ROOT = os.geteuid() == 0
 pytest_plugins = ["support.guest_fs"]
 
 
-_CONNECT_AS_NOBODY = """
-import json, os, socket, sys
-os.setgroups([])
-os.setgid(65534)
-os.setuid(65534)
-s = socket.socket(socket.AF_UNIX)
-try:
-    s.connect(sys.argv[1])
-except OSError as exc:
-    print(os.strerror(exc.errno))
-    sys.exit(0)
-s.sendall(b'{"execute": "stats"}\\n')
-print("answered" if "return" in json.loads(s.makefile().readline()) else "error")
-"""
-
-
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to switch to uid 65534")
 async def test_another_user_gets_eacces() -> None:
     # A directory everyone may traverse, so only the socket's own mode decides.
@@ -60,7 +44,8 @@ async def test_another_user_gets_eacces() -> None:
 
     async def as_nobody() -> str:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _CONNECT_AS_NOBODY, path, stdout=subprocess.PIPE)
+            sys.executable, str(GUESTS / "control_connect_as_nobody.py"), path,
+            stdout=subprocess.PIPE)
         out, _ = await asyncio.wait_for(proc.communicate(), 10)
         return out.decode().strip()
 
@@ -254,27 +239,6 @@ def test_policy_set_sandbox_cut_ends_a_loopback_connection(tmp_path: Path,
     assert stats["policy_denied"] == 1  # the new connection
 
 
-_GUEST_UDP = """
-import errno, os, socket, sys, time
-port, ready, cut = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(5)
-s.connect(("10.0.2.2", port))
-s.send(b"a")
-assert s.recv(10) == b"a"
-open(ready, "w").close()
-for _ in range(200):
-    if os.path.exists(cut):
-        break
-    time.sleep(0.05)
-s.send(b"b")
-try:
-    print("answer", s.recv(10))
-except OSError as exc:
-    print(errno.errorcode.get(exc.errno, exc))
-"""
-
-
 @pytest.mark.integration
 async def test_relay_flows_lists_a_udp_flow_and_cut_closes_it(guest_dir: Path,
                                                               udp_echo: int) -> None:
@@ -285,8 +249,8 @@ async def test_relay_flows_lists_a_udp_flow_and_cut_closes_it(guest_dir: Path,
     relays: list[Relay] = []
     out_path = guest_dir / "out"
     guest = asyncio.ensure_future(run_command(
-        RelayConfig(), ["sh", "-c", f"exec {guest_python()} -c '{_GUEST_UDP}' {udp_echo} "
-                                    f"{ready} {cut_file} > {out_path}"],
+        RelayConfig(), ["sh", "-c", f"exec {guest_python()} {GUESTS / 'udp_flow_until_cut.py'} "
+                                    f"{udp_echo} {ready} {cut_file} > {out_path}"],
         relay_ready=relays.append))
     try:
         for _ in range(400):
@@ -313,19 +277,6 @@ async def test_relay_flows_lists_a_udp_flow_and_cut_closes_it(guest_dir: Path,
     assert out_path.read_text().split() == ["EHOSTUNREACH"]
 
 
-#: Run inside the guest: try the control socket by its path, print what happened.
-_GUEST_TRIES_THE_CONTROL_SOCKET = """
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-try:
-    s.connect(sys.argv[1])
-    s.sendall(b'{"execute": "list_hostfwd"}\\n')
-    print("reached:", s.recv(100))
-except OSError as exc:
-    print("refused:", exc.errno)
-"""
-
-
 def test_a_namespace_guest_cannot_reach_the_control_socket() -> None:
     """The guest shares the host's filesystem: the socket is covered by /dev/null in
     the guest's mount namespace, while the host reaches it. It lies in a directory the
@@ -336,7 +287,7 @@ def test_a_namespace_guest_cannot_reach_the_control_socket() -> None:
     try:
         result = subprocess.run(
             [sys.executable, "-m", "relaynat", "run", "--control-socket", ctl_sock, "--",
-             guest_python(), "-c", _GUEST_TRIES_THE_CONTROL_SOCKET, ctl_sock],
+             guest_python(), str(GUESTS / "control_socket_probe.py"), ctl_sock],
             capture_output=True, text=True, timeout=60)
     finally:
         with contextlib.suppress(OSError):
