@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from support import GUESTS
 from support.relaynat_cli import guest_python
 
 from relaynat.config import RelayConfig
@@ -20,30 +21,6 @@ pytest_plugins = ["support.guest_fs"]
 
 
 # -- real kernels -------------------------------------------------------------------------
-
-GUEST_SERVER = (
-    "import hashlib, socket, sys\n"
-    "s = socket.socket(socket.AF_INET6)\n"
-    "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
-    "s.bind(('::', 8080))\n"
-    "s.listen(8)\n"
-    "print('listening', flush=True)\n"
-    "for _ in range(int(sys.argv[1])):\n"
-    "    c, peer = s.accept()\n"
-    "    h, n = hashlib.sha256(), 0\n"
-    "    while d := c.recv(1 << 20):\n"
-    "        h.update(d)\n"
-    "        n += len(d)\n"
-    "    c.sendall(f'{h.hexdigest()} {n} {peer[0]}'.encode())\n"
-    "    c.close()\n")
-
-
-QUIET_GUEST_SERVER = (
-    "import os, socket, sys\n"
-    "s = socket.create_server(('0.0.0.0', 8080))\n"
-    "open(sys.argv[1], 'w').close()\n"
-    "c, _ = s.accept()\n"
-    "c.sendall(c.recv(100).upper())\n")
 
 
 @pytest.mark.integration
@@ -61,7 +38,8 @@ async def test_a_client_connecting_before_the_guest_spoke_reaches_it(guest_dir: 
         relays.append(relay)
 
     guest = asyncio.ensure_future(run_command(
-        RelayConfig(ipv6=False), [guest_python(), "-c", QUIET_GUEST_SERVER, str(listening)],
+        RelayConfig(ipv6=False), [guest_python(), str(GUESTS / "tcp_upper_once.py"),
+                                 str(listening)],
         relay_ready=ready))
     try:
         for _ in range(200):
@@ -109,9 +87,9 @@ async def test_forwarded_uploads_over_ipv4_and_ipv6_arrive_intact() -> None:
         ports["v4"] = relay.add_forward("tcp", "127.0.0.1", 0, 8080).host_port  # type: ignore[attr-defined]
         ports["v6"] = relay.add_forward("tcp", "::1", 0, 8080).host_port  # type: ignore[attr-defined]
 
-    guest = asyncio.ensure_future(run_command(RelayConfig(), [guest_python(), "-c",
-                                                              GUEST_SERVER, "2"],
-                                              relay_ready=ready))
+    guest = asyncio.ensure_future(run_command(
+        RelayConfig(), [guest_python(), str(GUESTS / "tcp_upload_hash_server.py"), "2"],
+        relay_ready=ready))
     try:
         replies = []
         for addr, key in (("127.0.0.1", "v4"), ("::1", "v6")):
