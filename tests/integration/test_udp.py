@@ -11,7 +11,7 @@ import asyncio
 import socket
 
 import pytest
-from support import SUPPORT
+from support import GUESTS, SUPPORT
 from support.relaynat_cli import guest_python, parse_stats, relaynat_run
 
 from relaynat.config import RelayConfig
@@ -42,18 +42,8 @@ def test_udp_echo_small_and_mtu_sized(udp_echo: int, mtu: int, offload: bool,
 
 @pytest.mark.integration
 def test_host_datagram_larger_than_guest_mtu_is_dropped_and_counted(udp_echo: int) -> None:
-    client = ("import socket\n"
-              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-              f"s.connect(('{GATEWAY}', {udp_echo}))\n"
-              "s.settimeout(1)\n"
-              "s.send(b'big 1473')\n"
-              "try:\n"
-              "    print('got', len(s.recv(70000)))\n"
-              "except TimeoutError:\n"
-              "    print('nothing')\n"
-              "s.send(b'big 1472')\n"
-              "print('got', len(s.recv(70000)))\n")
-    done = relaynat_run(guest_python(), "-c", client, options=("--mtu", "1500"))
+    done = relaynat_run(guest_python(), str(GUESTS / "udp_too_big_for_mtu.py"), GATEWAY,
+                        str(udp_echo), options=("--mtu", "1500"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:-1] == ["nothing", "got 1472"]
     assert parse_stats(done.stderr)["udp_drop_too_big_for_mtu"] == 1
@@ -66,16 +56,8 @@ def test_closed_port_gives_the_guest_econnrefused(udp_echo: int) -> None:
     probe.bind(("127.0.0.1", 0))
     closed = probe.getsockname()[1]
     probe.close()
-    client = ("import socket\n"
-              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-              f"s.connect(('{GATEWAY}', {closed}))\n"
-              "s.settimeout(5)\n"
-              "s.send(b'anyone?')\n"
-              "try:\n"
-              "    s.recv(100)\n"
-              "except OSError as exc:\n"
-              "    print(type(exc).__name__)\n")
-    done = relaynat_run(guest_python(), "-c", client)
+    done = relaynat_run(guest_python(), str(GUESTS / "udp_send_error.py"), GATEWAY, str(closed),
+                        "--payload", "anyone?")
     assert done.returncode == 0, done.stderr
     # Only an ICMP port unreachable that the guest kernel matched to this connected
     # socket (RFC 792 quote: our IP header + UDP ports) turns into ECONNREFUSED.
@@ -83,9 +65,11 @@ def test_closed_port_gives_the_guest_econnrefused(udp_echo: int) -> None:
     assert parse_stats(done.stderr)["udp_icmp_port_unreachable"] == 1
 
 
-def _run_in_process(config: RelayConfig, script: str) -> tuple[int, dict[str, int]]:
+def _run_in_process(config: RelayConfig, *program: str) -> tuple[int, dict[str, int]]:
+    """Run `program` (a file of tests/guests/ and its arguments) as the guest of a relay in
+    this process; its exit status and the relay's counters."""
     holder: list = []
-    code = asyncio.run(run_command(config, [guest_python(), "-c", script],
+    code = asyncio.run(run_command(config, [guest_python(), *program],
                                    relay_ready=holder.append))
     return code, holder[0].stats()
 
@@ -97,29 +81,8 @@ def test_flow_table_limit_drops_and_counts_and_keeps_existing_flows(
     # is known, and the queue's flush can race a later send past it (seen once in CI:
     # the second socket's datagram came third and was the one refused). So the later
     # sockets send once the neighbour entry is complete (ATF_COM, 0x2 in /proc/net/arp).
-    script = ("import socket, time\n"
-              "def arp_complete():\n"
-              "    for line in open('/proc/net/arp').read().splitlines()[1:]:\n"
-              f"        if line.split()[0] == '{GATEWAY}' and int(line.split()[2], 16) & 2:\n"
-              "            return True\n"
-              "    return False\n"
-              "socks = []\n"
-              "for i in range(3):\n"
-              "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-              f"    s.connect(('{GATEWAY}', {udp_echo}))\n"
-              "    s.settimeout(1)\n"
-              "    s.send(b'hello %d' % i)\n"
-              "    socks.append(s)\n"
-              "    deadline = time.monotonic() + 10\n"
-              "    while i == 0 and not arp_complete() and time.monotonic() < deadline:\n"
-              "        time.sleep(0.001)\n"
-              "for s in socks + socks[:2]:\n"
-              "    try:\n"
-              "        print(s.recv(100).decode())\n"
-              "    except TimeoutError:\n"
-              "        print('timeout')\n"
-              "    s.send(b'again')\n")
-    code, stats = _run_in_process(RelayConfig(max_udp_flows=2), script)
+    code, stats = _run_in_process(RelayConfig(max_udp_flows=2),
+                                  str(GUESTS / "udp_three_flows.py"), GATEWAY, str(udp_echo))
     assert code == 0
     assert stats["udp_flows_opened"] == 2
     assert stats["udp_drop_flow_limit"] == 2  # the third socket's two datagrams
@@ -130,15 +93,9 @@ def test_flow_table_limit_drops_and_counts_and_keeps_existing_flows(
 
 @pytest.mark.integration
 def test_idle_flows_expire_and_a_new_datagram_reopens(udp_echo: int) -> None:
-    script = ("import socket, time\n"
-              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-              f"s.connect(('{GATEWAY}', {udp_echo}))\n"
-              "s.settimeout(2)\n"
-              "s.send(b'one'); print(s.recv(10))\n"
-              "time.sleep(2.5)\n"
-              "s.send(b'two'); print(s.recv(10))\n")
     config = RelayConfig(udp_idle_timeout_s=0.5, udp_stream_timeout_s=1.0)
-    code, stats = _run_in_process(config, script)
+    code, stats = _run_in_process(config, str(GUESTS / "udp_idle_gap.py"), GATEWAY,
+                                  str(udp_echo))
     assert code == 0
     assert stats["udp_flows_opened"] == 2
     assert stats["udp_flows_expired"] == 1
@@ -149,17 +106,8 @@ def test_no_route_gives_a_recverr_guest_net_unreachable() -> None:
     # The test namespace has only `lo`: 192.0.2.1 (TEST-NET-1) has no route, so the
     # relay's connect() fails with ENETUNREACH and the guest gets ICMP net unreachable.
     # Linux reports that to a UDP socket only with IP_RECVERR (udp(7)).
-    client = ("import socket\n"
-              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-              "s.setsockopt(socket.SOL_IP, 11, 1)  # IP_RECVERR\n"
-              "s.connect(('192.0.2.1', 9))\n"
-              "s.settimeout(5)\n"
-              "s.send(b'hello?')\n"
-              "try:\n"
-              "    s.recv(100)\n"
-              "except OSError as exc:\n"
-              "    print(exc.errno == __import__('errno').ENETUNREACH)\n")
-    done = relaynat_run(guest_python(), "-c", client)
+    done = relaynat_run(guest_python(), str(GUESTS / "udp_send_error.py"), "192.0.2.1", "9",
+                        "--payload", "hello?", "--recverr", "--show", "is-enetunreach")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True", done.stdout + done.stderr
     stats = parse_stats(done.stderr)
@@ -168,16 +116,8 @@ def test_no_route_gives_a_recverr_guest_net_unreachable() -> None:
 
 @pytest.mark.integration
 def test_gateway_without_the_loopback_mapping_refuses_udp(udp_echo: int) -> None:
-    client = ("import socket\n"
-              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-              f"s.connect(('{GATEWAY}', {udp_echo}))\n"
-              "s.settimeout(5)\n"
-              "s.send(b'x')\n"
-              "try:\n"
-              "    s.recv(100)\n"
-              "except OSError as exc:\n"
-              "    print(type(exc).__name__)\n")
-    done = relaynat_run(guest_python(), "-c", client, options=("--map-host-loopback", "none"))
+    done = relaynat_run(guest_python(), str(GUESTS / "udp_send_error.py"), GATEWAY,
+                        str(udp_echo), options=("--map-host-loopback", "none"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ConnectionRefusedError"
     stats = parse_stats(done.stderr)
