@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import GUESTS
 from support.lossy_harness import (
     Payload,
     RelayProc,
@@ -144,28 +145,6 @@ def test_delay_with_jitter_16mib_both_ways_with_sack(relay: RelayProc, http_port
     assert stats.get("tcp_rcvbuf_grown", 0) > 0, stats
 
 
-_SINK = """\
-import hashlib, socket
-srv = socket.create_server((%r, 5001))
-conn, _ = srv.accept()
-digest, total = hashlib.sha256(), 0
-while data := conn.recv(1 << 20):
-    digest.update(data)
-    total += len(data)
-conn.sendall(f"{digest.hexdigest()} {total}\\n".encode())
-conn.close()
-"""
-
-_SEND = """\
-import socket, sys
-s = socket.create_connection((%r, 5001), timeout=60)
-with open(sys.argv[1], "rb") as f:
-    s.sendfile(f)
-s.shutdown(socket.SHUT_WR)
-print(s.makefile().readline().strip())
-"""
-
-
 @pytest.mark.integration
 def test_control_two_kernels_same_faults(files: dict[str, Payload], tmp_path: Path) -> None:
     """The shim between two real kernels (no relay): 64 MiB at 5% loss, and with loss,
@@ -181,15 +160,15 @@ def test_control_two_kernels_same_faults(files: dict[str, Payload], tmp_path: Pa
                 LossyGuest(tmp_path, wire, seed, to_relay=spec, to_guest=spec) as g:
             host.static(f"{GATEWAY_IP}/24", gateway=None)
             g.static()
-            sink = subprocess.Popen(["ip", "netns", "exec", host.name, sys.executable, "-c",
-                                     _SINK % GATEWAY_IP], stdout=subprocess.PIPE, text=True,
-                                    start_new_session=True)
+            sink = subprocess.Popen(["ip", "netns", "exec", host.name, sys.executable,
+                                     str(GUESTS / "tcp_hash_sink.py"), GATEWAY_IP],
+                                    stdout=subprocess.PIPE, text=True, start_new_session=True)
             try:
                 wait_for(lambda: ":5001 " in host.run(["ss", "-Htln"], timeout=10).stdout,
                           10, "control sink")
                 t0 = time.monotonic()
-                out = watched(g, [sys.executable, "-c", _SEND % GATEWAY_IP, str(up.path)],
-                               GATEWAY_IP, time.monotonic() + 60)
+                out = watched(g, [sys.executable, str(GUESTS / "tcp_send_file.py"), GATEWAY_IP,
+                                  str(up.path)], GATEWAY_IP, time.monotonic() + 60)
                 secs = time.monotonic() - t0
                 report("control upload", up, secs)
             finally:
