@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pytest
+from support import GUESTS
 
 from relaynat.host.tcp_repair import dump, restore
 from relaynat.netns.syscalls import CLONE_NEWNET, setns
@@ -25,22 +26,6 @@ from relaynat.repair_state import RepairError, RepairState
 HOST_A, HOST_B, PEER = "rn-rep-a", "rn-rep-b", "rn-rep-peer"
 HOST_IP, PEER_IP, PORT = "10.77.0.1", "10.77.0.2", 7000
 T = TypeVar("T")
-
-#: The peer: echoes every byte back and, at the client's EOF, sends a JSON line with
-#: the sha256 and length of what it received, then closes.
-ECHO_SERVER = """
-import hashlib, json, socket, sys
-s = socket.create_server(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-c, _ = s.accept()
-h, n = hashlib.sha256(), 0
-while data := c.recv(1 << 16):
-    h.update(data)
-    n += len(data)
-    c.sendall(data)
-c.sendall(json.dumps({"sha256": h.hexdigest(), "length": n}).encode())
-c.close()
-"""
 
 
 def _sh(*args: str) -> None:
@@ -81,8 +66,11 @@ def hosts() -> Iterator[subprocess.Popen[str]]:
     _sh("ip", "-n", HOST_A, "link", "set", "uplink", "up")
     _sh("ip", "-n", PEER, "addr", "add", f"{PEER_IP}/24", "dev", "eth0")
     _sh("ip", "-n", PEER, "link", "set", "eth0", "up")
-    server = subprocess.Popen(["ip", "netns", "exec", PEER, sys.executable, "-c",
-                               ECHO_SERVER, str(PORT)], stdout=subprocess.PIPE, text=True)
+    # The peer echoes every byte back and, at the client's EOF, sends a JSON line with
+    # the sha256 and length of what it received, then closes.
+    server = subprocess.Popen(["ip", "netns", "exec", PEER, sys.executable,
+                               str(GUESTS / "tcp_echo_then_hash.py"), str(PORT)],
+                              stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None and server.stdout.readline().strip() == "ready"
     yield server
     server.kill()
