@@ -62,6 +62,7 @@ RATE = 96 << 20
 TAIL = 32 << 20
 BLOCK = 1 << 20
 
+
 def _tcp_counters() -> dict[str, int]:
     """This network namespace's TCP counters (relays' host sockets and peers live here)."""
     lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()
