@@ -134,6 +134,10 @@ class Scenario:
     guest_rcvbuf: int = 65535
     #: Usable bytes of the host socket's send buffer (SO_SNDBUF reports twice this).
     host_sndbuf: int = 65536
+    #: What the host socket's SO_RCVBUF says at first; the peer's unread bytes stay
+    #: within half of it (the rest is the kernel's overhead), so that a long flight toward
+    #: the guest gets through as the shell grows it (host/pump.py). None: unbounded.
+    host_rcvbuf: int | None = None
     host_rcv_space: int = 14600
     rtt_us: int = 1000
     guest_fin: bool = True
@@ -577,8 +581,8 @@ class HostSocket:
     consumed: int = 0
     peek_off: int = 0
     eof: bool = False
-    #: What SO_RCVBUF reports (Linux's default tcp_rmem, doubled); bounds nothing here.
-    rcvbuf_size: int = 262_144
+    #: What SO_RCVBUF reports (`Scenario.host_rcvbuf`, else Linux's default tcp_rmem).
+    rcvbuf_size: int = 131_072
     #: The next `facts()` says nothing (the connect result of `Scenario.facts_on_connect`).
     facts_refused: bool = False
 
@@ -590,6 +594,14 @@ class HostSocket:
     rcvbuf_watch: int = 1 << 16
     rcvbuf_granted: int = 0
     host_addr: tuple[str, int] = ("93.184.216.34", REMOTE_PORT)
+
+    def room(self) -> int:
+        """What the peer may send now: the rest of its data, within the receive buffer
+        when the scenario bounds it."""
+        left = len(self.data) - self.produced
+        if self.sim.sc.host_rcvbuf is None:
+            return left
+        return min(left, self.rcvbuf_size // 2 - (self.produced - self.consumed))
 
     def peek(self, view: memoryview, nbytes: int, send_pos: int) -> memoryview:
         sim = self.sim
@@ -702,8 +714,11 @@ class HostSocket:
         return self.rcvbuf_size
 
     def set_rcvbuf(self, size: int, force: bool) -> None:
+        sim = self.sim
+        sim.check(size > self.rcvbuf_size, f"receive buffer set from {self.rcvbuf_size} to {size}")
         self.rcvbuf_size = size
-        self.sim.stats["rcvbuf_set"] += 1
+        sim.stats["rcvbuf_set"] += 1
+        sim.trace.append(f"{sim.now:.3f} receive buffer {size}")
 
 
 class SimExecutor(FlowExecutor[HostSocket]):
@@ -733,6 +748,8 @@ class TcpSim:
         self.chaos = True
         self.guest = GuestTcp(self, sc)
         self.host = HostSocket(self, capacity=sc.host_sndbuf, data=sc.host_data)
+        if sc.host_rcvbuf is not None:
+            self.host.rcvbuf_size = sc.host_rcvbuf
         self.entry: TcpNatEntry | None = None
         self.ooo_budget = OooBudget(sc.ooo_budget)
         self.relay_template = self._template(timestamps=False)
@@ -1231,7 +1248,8 @@ class TcpSim:
         if self.connect_pending:
             options.append(("connect", 2.0))
         if h.produced < len(h.data):
-            options.append(("peer_send", 1.0))
+            if h.room() > 0:
+                options.append(("peer_send", 1.0))
         elif sc.host_fin and not h.eof and (
                 order is None or order == "host_first" or (order == "guest_first" and h.shut_wr)
                 or (order == "crossing" and g.fin_sent)):
@@ -1309,7 +1327,7 @@ class TcpSim:
 
     def _ev_peer_send(self) -> None:
         h = self.host
-        left = len(h.data) - h.produced
+        left = h.room()
         h.produced += self.rng.randint(1, left) if self.chaos else left
         h.host_readable = True
         self.dirty = self.entry is not None

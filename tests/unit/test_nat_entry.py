@@ -99,6 +99,8 @@ def scenarios(draw: st.DrawFn, faults: bool = True) -> Scenario:
         guest_rcvbuf=max(len(host_data) // 200,
                          draw(st.one_of(st.integers(1, 4000), st.integers(1, 200_000)))),
         host_sndbuf=draw(st.integers(1000, 131_072)),
+        # Unbounded; a peer held to 2 KiB unread; Linux's default, which the relay grows.
+        host_rcvbuf=draw(st.sampled_from([None, 4096, 131_072])),
         host_rcv_space=draw(st.integers(0, 65_535)),
         rtt_us=draw(st.integers(1, 4_000_000)),
         guest_fin=draw(st.booleans()),
@@ -803,6 +805,21 @@ def test_sack_recovery_sends_less_than_go_back_n() -> None:
         frames[sack] = total
         assert (resends > 0) == sack
     assert frames[True] < 0.8 * frames[False], frames
+
+
+def test_a_held_back_peer_gets_through_as_the_receive_buffer_grows() -> None:
+    """A host peer held to what its socket's receive buffer takes (Linux's default
+    128 KiB) and a guest with a wide window: the flight fills the buffer, the relay's
+    pump grows it (host/pump.py), and the downloads arrive whole."""
+    grown = 0
+    for seed in range(4):
+        sc = Scenario(host_data=random.Random(seed).randbytes(1_000_000), guest_mss=1460,
+                      guest_rcvbuf=1 << 20, guest_wscale=7, host_rcvbuf=131_072, loss=0.02,
+                      guest_sack=True, host_sndbuf=1 << 20, seed=seed)
+        sim = TcpSim(sc).run()
+        check_outcome(sim)
+        grown += sim.stats["tcp_rcvbuf_grown"]
+    assert grown > 0
 
 
 def test_data_lost_before_our_fin_is_sent_again() -> None:
