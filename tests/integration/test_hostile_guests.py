@@ -37,6 +37,11 @@ from pathlib import Path
 
 import pytest
 
+#: This file run as a program (its `guests` and `attack` commands), as a module of the
+#: tests/ tree so that it imports `support` as under pytest.
+TESTS = Path(__file__).resolve().parents[1]
+SELF = ["-m", "integration.test_hostile_guests"]
+
 #: B's download: a quarter second solo here (about 1 GiB/s), so a phase of four.
 FILE_MIB = 256
 DOWNLOADS_PER_PHASE = 4
@@ -172,7 +177,7 @@ def _guests_process(work: Path) -> Iterator[subprocess.Popen[bytes]]:
     from support.lossy_harness import stop_proc, wait_for
 
     with open(work / "guests.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "guests", str(work)],
+        proc = subprocess.Popen([sys.executable, *SELF, "guests", str(work)], cwd=TESTS,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
@@ -222,9 +227,9 @@ def test_a_second_guest_keeps_its_share_while_one_attacks(
             # Niced, as test_many_guests's flooder: the attacker's own CPU on this 2-core
             # machine is the host scheduler's business; the relay's share is measured.
             attacker = subprocess.Popen(
-                ["nice", "-n", "19", sys.executable, __file__, "attack",
+                ["nice", "-n", "19", sys.executable, *SELF, "attack",
                  str(tmp_path / "a.sock"), kind, "--seconds", str(ATTACK_MAX_S),
-                 "--ready", str(ready)],
+                 "--ready", str(ready)], cwd=TESTS,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 text=True, start_new_session=True)
             try:

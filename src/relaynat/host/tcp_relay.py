@@ -116,7 +116,7 @@ class TcpRelay:
 
     def set_link(self, vnet_hdr_len: int, offload: bool, keeps_frames: bool = False) -> None:
         """Frame format of the attached transport, for new flows and for the flows
-        imported before it was attached (moving/flow_move.py). `keeps_frames`: its frames stay
+        imported before it was attached (host/flow_move.py). `keeps_frames`: its frames stay
         valid until its end of batch (`FrameTransport.keeps_frames`), so a flow's
         payloads from one wakeup are gathered and written with one sendmsg."""
         self._vnet_hdr_len = vnet_hdr_len
@@ -468,7 +468,7 @@ class TcpRelay:
             cut += 1
         return cut
 
-    # -- moving flows (moving/flow_move.py) -------------------------------------------------------
+    # -- moving flows (host/flow_move.py) ---------------------------------------------------------
 
     def forget(self, flow: TcpFlow, dump: Callable[[socket.socket], T]) -> T:
         """Take `flow` out, its socket open and without a packet either way, and return
