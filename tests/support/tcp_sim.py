@@ -59,6 +59,7 @@ import random
 import struct
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 from relaynat.checksum import fold, pseudo_header_sum, verify
 from relaynat.host.flow_executor import TURN_DONE, TURN_WAIT, FlowExecutor
@@ -112,6 +113,10 @@ REMOTE_PORT = 443
 TS_PREFIX = b"\x01\x01\x08\x0a"
 #: The most a short peek returns during chaos (the relay's buffer is larger).
 PEEK_BUF = 65536
+#: One traced event: when, what (a str.format template, or "relay> "/"guest> " for a
+#: segment), and its arguments. Formatted only when a check fails: most conversations
+#: never show their trace, and formatting every frame's cost a tenth of a run.
+TraceEvent = tuple[float, str, tuple[object, ...]]
 
 
 class SimFailure(AssertionError):
@@ -636,7 +641,7 @@ class HostSocket:
         start = self.consumed + offset
         view[:n] = self.data[start:start + n]
         sim.peeked.append(view[:n])
-        sim.trace.append(f"{sim.now:.3f} peek {n} at +{offset} for a resend")
+        sim.trace.append((sim.now, "peek {} at +{} for a resend", (n, offset)))
         return view[:n]
 
     def write(self, data: memoryview | list[bytes] | list[memoryview]) -> int:
@@ -653,7 +658,7 @@ class HostSocket:
         if n < len(joined):
             self.want_writable = True
             sim.stats["short_writes"] += 1
-        sim.trace.append(f"{sim.now:.3f} host write {n}/{len(joined)} at +{start}")
+        sim.trace.append((sim.now, "host write {}/{} at +{}", (n, len(joined), start)))
         if not n:
             raise BlockingIOError  # a full send buffer takes nothing: EAGAIN
         self.received += joined[:n]
@@ -671,7 +676,7 @@ class HostSocket:
                   "ConsumeHost of bytes the guest has not received")
         self.consumed += nbytes
         self.peek_off = max(0, self.peek_off - nbytes)
-        sim.trace.append(f"{sim.now:.3f} consume {nbytes}")
+        sim.trace.append((sim.now, "consume {}", (nbytes,)))
 
     def rewind(self) -> None:
         sim = self.sim
@@ -679,7 +684,7 @@ class HostSocket:
                   "rewind before the acknowledged bytes were dropped (it counts from the head)")
         self.peek_off = 0
         sim.stats["rewinds"] += 1
-        sim.trace.append(f"{sim.now:.3f} rewind")
+        sim.trace.append((sim.now, "rewind", ()))
 
     def shutdown_write(self) -> None:
         sim = self.sim
@@ -687,14 +692,14 @@ class HostSocket:
         sim.check(len(self.received) == len(sim.sc.guest_data) and sim.guest.fin_sent,
                   "shutdown before the guest's last byte")
         self.shut_wr = True
-        sim.trace.append(f"{sim.now:.3f} shutdown host write")
+        sim.trace.append((sim.now, "shutdown host write", ()))
 
     def close_socket(self, abortive: bool) -> None:
         sim = self.sim
         sim.check(self.closed is None, "second CloseHost")
         self.closed = abortive
         sim.close_actions.append(CloseHost(abortive))
-        sim.trace.append(f"{sim.now:.3f} close host abortive={abortive}")
+        sim.trace.append((sim.now, "close host abortive={}", (abortive,)))
         sim.check(not abortive, "abortive close")
         if not abortive:
             # close() with unread data sends the peer a RST, not a FIN (tcp(7)).
@@ -718,7 +723,7 @@ class HostSocket:
         sim.check(size > self.rcvbuf_size, f"receive buffer set from {self.rcvbuf_size} to {size}")
         self.rcvbuf_size = size
         sim.stats["rcvbuf_set"] += 1
-        sim.trace.append(f"{sim.now:.3f} receive buffer {size}")
+        sim.trace.append((sim.now, "receive buffer {}", (size,)))
 
 
 class SimExecutor(FlowExecutor[HostSocket]):
@@ -764,7 +769,7 @@ class TcpSim:
         self.stats: Counter[str] = Counter()
         #: Every state the entry was seen in, in order of first appearance.
         self.states: dict[TcpState, None] = {}
-        self.trace: deque[str] = deque(maxlen=60)
+        self.trace: deque[TraceEvent] = deque(maxlen=60)
         self._drained_at = -1.0
         #: The relay's shell for this flow (host/flow_executor.py), checked around.
         self.executor = SimExecutor(self)
@@ -784,7 +789,7 @@ class TcpSim:
         #: A guest segment arrived that RFC 9293 §3.10.7.4 says must be acknowledged
         #: (data, FIN, or a sequence below rcv_nxt such as a zero-window probe); the
         #: entry owes an ACK by the end of the batch.
-        self.owed_ack: str | None = None
+        self.owed_ack: TraceEvent | None = None
 
     def _template(self, timestamps: bool) -> TcpFrameTemplate:
         return TcpFrameTemplate(
@@ -830,7 +835,7 @@ class TcpSim:
             f"untracked={self.untracked}")
         lines.append(f"links: to_relay={len(self.to_relay)} to_guest={len(self.to_guest)}")
         lines.append("last events:")
-        lines.extend("  " + t for t in self.trace)
+        lines.extend("  " + self.event_text(event) for event in self.trace)
         raise SimFailure("\n".join(lines))
 
     def check(self, cond: object, msg: str) -> None:
@@ -838,11 +843,21 @@ class TcpSim:
             self.fail(msg)
 
     @staticmethod
-    def describe(seg: TcpSegment, base_seq: int, base_ack: int) -> str:
-        names = "".join(c for c, bit in zip("FSRPAU", (1, 2, 4, 8, 16, 32), strict=True)
-                        if seg.flags & bit)
-        return (f"{names} seq+{seq_diff(seg.seq, base_seq)} ack+{seq_diff(seg.ack, base_ack)} "
-                f"win={seg.window} len={len(seg.payload)}")
+    def seg_fields(seg: TcpSegment, base_seq: int, base_ack: int) -> tuple[object, ...]:
+        """A segment as a trace event's arguments (flags, relative seq and ack, window,
+        length): cheap to keep, formatted by `event_text` only if a check fails."""
+        return (seg.flags, seq_diff(seg.seq, base_seq), seq_diff(seg.ack, base_ack),
+                seg.window, len(seg.payload))
+
+    @staticmethod
+    def event_text(event: TraceEvent) -> str:
+        now, what, args = event
+        if what in ("relay> ", "guest> "):
+            flags, seq, ack, window, length = cast("tuple[int, int, int, int, int]", args)
+            names = "".join(c for c, bit in zip("FSRPAU", (1, 2, 4, 8, 16, 32), strict=True)
+                            if flags & bit)
+            return f"{now:.3f} {what}{names} seq+{seq} ack+{ack} win={window} len={length}"
+        return f"{now:.3f} " + what.format(*args)
 
     # -- the guest's side of the link ---------------------------------------------------------
 
@@ -884,7 +899,7 @@ class TcpSim:
             self.check(n <= self.entry_mss(), "segment larger than the guest's MSS")
         iss1 = (sc.relay_iss + 1) & M32
         isn1 = (sc.guest_isn + 1) & M32
-        self.trace.append(f"{self.now:.3f} relay> {self.describe(seg, iss1, isn1)}")
+        self.trace.append((self.now, "relay> ", self.seg_fields(seg, iss1, isn1)))
         if self.ts_in_use and seg.flags & ACK:
             self.check(seg.tsval is not None, "no timestamp option (RFC 7323 §3.2)")
             self.check(self.last_relay_tsval is None or seq_le(self.last_relay_tsval, seg.tsval),
@@ -1093,8 +1108,8 @@ class TcpSim:
             seg = parse_tcp(parse_ipv4(parse_ethernet(memoryview(frame)).payload))
         except MalformedFrame as exc:  # pragma: no cover - the guest builds valid frames
             self.fail(f"guest frame does not parse: {exc.reason}")
-        self.trace.append(f"{self.now:.3f} guest> "
-                          + self.describe(seg, (sc.guest_isn + 1) & M32, (sc.relay_iss + 1) & M32))
+        self.trace.append((self.now, "guest> ", self.seg_fields(
+            seg, (sc.guest_isn + 1) & M32, (sc.relay_iss + 1) & M32)))
         if self.entry is None:
             if seg.flags & (SYN | ACK | RST) == SYN:
                 # As tcp_relay: timestamps are in force when the SYN offered them.
@@ -1156,7 +1171,8 @@ class TcpSim:
             self.dirty = True  # host/flow_turns.py: it goes again in the next flush
         if turn != TURN_WAIT and not e.closed and not h.connecting:
             self.check(self.owed_ack is None,
-                       f"no ACK at the end of the batch for: {self.owed_ack}")
+                       f"no ACK at the end of the batch for: "
+                       f"{self.event_text(self.owed_ack) if self.owed_ack else None}")
 
     def _connect(self) -> None:
         """The host connect() ended (tcp_relay.TcpRelay._connect_done)."""
@@ -1186,7 +1202,7 @@ class TcpSim:
         if not times:
             return False
         self.now = max(self.now, min(times))
-        self.trace.append(f"{self.now:.3f} tick")
+        self.trace.append((self.now, "tick", ()))
         self.stats["ticks"] += 1
         self.guest.on_timer(self.now)
         if e is not None and not e.closed:
@@ -1335,7 +1351,7 @@ class TcpSim:
     def _ev_peer_close(self) -> None:
         self.host.eof = True
         self.host.host_readable = True
-        self.trace.append(f"{self.now:.3f} host peer EOF")
+        self.trace.append((self.now, "host peer EOF", ()))
         self.dirty = self.entry is not None
 
     def _ev_peer_drain(self) -> None:
@@ -1360,7 +1376,7 @@ class TcpSim:
         g.app_write(self.rng.randint(1, left) if self.chaos else left, self.now)
 
     def _ev_app_close(self) -> None:
-        self.trace.append(f"{self.now:.3f} guest app close")
+        self.trace.append((self.now, "guest app close", ()))
         self.guest.app_close(self.now)
 
     def _ev_app_read(self) -> None:
