@@ -1,12 +1,14 @@
 """The docs stay true to the tree: docs/architecture.md's module map names every module
 of the package and nothing that is not there, every relative link in the README and
-docs/ leads to a file of the repository, and every repository path a tracked file
-names (a comment's `tests/unit/test_wire.py`) exists."""
+docs/ leads to a file of the repository, every repository path a tracked file names (a
+comment's `tests/unit/test_wire.py`) exists, and nothing cites a document outside the
+repository."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,6 +24,16 @@ LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
 REPOSITORY_PATH = re.compile(
     r"(?<![\w/.-])((?:tests|benches|fuzz|examples|docs|src/relaynat)/[\w/.-]*\w"
     r"\.(?:py|sh|md|png))(?!\]\(https?:)")
+
+
+def _tracked_texts(*suffixes: str) -> Iterator[tuple[str, str]]:
+    """(path, text) of every file git tracks whose name ends with one of `suffixes`."""
+    listing = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    for name in filter(None, listing):
+        path = ROOT / name
+        if name.endswith(suffixes) and path.is_file():
+            yield name, path.read_text(errors="replace")
 
 
 def _module_map() -> str:
@@ -59,19 +71,22 @@ def test_relative_links_lead_to_files() -> None:
 
 
 def test_paths_named_in_tracked_files_exist() -> None:
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
-                             check=True).stdout.decode().split("\0")
-    named = missing = 0
+    named = 0
     gone = []
-    for name in tracked:
-        path = ROOT / name
-        if not name or path.suffix not in {".py", ".md", ".sh", ".toml"} or not path.is_file():
-            continue
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+    for name, text in _tracked_texts(".py", ".md", ".sh", ".toml"):
+        for number, line in enumerate(text.splitlines(), 1):
             for target in REPOSITORY_PATH.findall(line):
                 named += 1
                 if not (ROOT / target).exists():
-                    missing += 1
                     gone.append(f"{name}:{number} {target}")
     assert named > 50, "no repository paths found: is this a git checkout?"
-    assert gone == [], f"{missing} paths to nothing"
+    assert gone == [], f"{len(gone)} paths to nothing"
+
+
+def test_nothing_points_at_a_document_outside_the_repository() -> None:
+    # The repository stands alone: what a comment or doc cites must be in it.
+    outside = ("DESIGN.md", "STYLE.md", "../shared")
+    hits = [f"{name}: {word}"
+            for name, text in _tracked_texts(".py", ".md", ".sh", ".toml", ".txt")
+            if name != "tests/checks/test_docs.py" for word in outside if word in text]
+    assert not hits, hits
