@@ -1,0 +1,189 @@
+"""What happened to a guest, as plain records: guest ready, flow opened, denied and
+closed, transport lost.
+
+An embedder (a VM launcher, a sandbox runtime) subscribes to these through
+`Relay.subscribe`/`Relay.events()` or `Guests.subscribe`/`Guests.events()`
+(`event_hub.py` delivers them); an audit trail writes them down. They are one model for
+both, so every field is JSON-ready: strings, numbers, None, and `Endpoint`s, which are
+named tuples and so become `[addr, port]` lists, the shape the control socket's `flows`
+reply already uses. `event_dict(event)` gives the dict with its "kind";
+`event_from_dict` reads one back.
+
+Each event carries `time` (wall clock, `time.time()`, stamped by the shell when it
+emits) and `guest` (the relay's name; None for an unnamed relay such as
+`relaynat run`'s one guest).
+
+`FlowClosed.how` is one of `CLOSE_HOW`:
+
+- "closed": both sides sent FIN (TCP), or the ping session was removed with its table;
+- "reset_by_guest" / "reset_by_host": that side reset the connection (or, for TCP,
+  stopped answering until the relay gave up on it, which the peer sees as a reset);
+- "timeout": the flow was idle longer than its timeout (UDP's conntrack-style timeouts,
+  ICMP echo's session timeout, TCP's idle timeout and connect timeout);
+- "policy_cut": a new egress policy denies it and the flow was ended;
+- "detached": the relay let go of it: transport lost, relay closed, guest removed, or
+  the flow exported to another relay;
+- "refused": the host `connect()` failed (TCP), so the flow never carried data.
+
+This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+#: The values of `FlowClosed.how`.
+CLOSE_HOW = frozenset(
+    {"closed", "reset_by_guest", "reset_by_host", "timeout", "policy_cut", "detached", "refused"}
+)
+
+#: The values of `GuestReady.source`.
+READY_SOURCES = frozenset({"mac", "dhcp", "dhcpv6"})
+
+
+class Endpoint(NamedTuple):
+    """An address and a port as the guest sees them. The port is None where there is
+    none (an ICMP echo's far end, a host peer without one); for ICMP echo the guest's
+    port is the echo identifier."""
+
+    addr: str
+    port: int | None = None
+
+    def __str__(self) -> str:
+        if self.port is None:
+            return self.addr
+        if ":" in self.addr:
+            return f"[{self.addr}]:{self.port}"
+        return f"{self.addr}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Fields every event has: when (wall clock, seconds since the epoch) and whose
+    (the relay's name, None when unnamed)."""
+
+    kind: ClassVar[str] = "event"
+
+    time: float
+    guest: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class GuestReady(Event):
+    """The guest can be reached: its MAC was learned from its first frame (`source`
+    "mac"), or the relay gave it a DHCPv4 lease ("dhcp", `ipv4` the leased address) or
+    a DHCPv6 reply ("dhcpv6", `ipv6` the address assigned, None when stateless)."""
+
+    kind: ClassVar[str] = "guest_ready"
+
+    mac: str
+    ipv4: str | None
+    ipv6: str | None
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlowOpened(Event):
+    """A flow exists on the host: for outbound TCP, when the host `connect()`
+    succeeded (so a refused connect gives one `FlowClosed` with how "refused" and no
+    `FlowOpened`); for inbound TCP, when the forward accepted its client; for UDP and
+    ICMP echo, when the first datagram or echo request created the flow.
+
+    `host_peer` is where the relay's host socket talks to (the mapped destination, or
+    a forwarded port's client), None when not known yet."""
+
+    kind: ClassVar[str] = "flow_opened"
+
+    protocol: str
+    direction: str
+    guest_end: Endpoint
+    far: Endpoint
+    host_peer: Endpoint | None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowDenied(Event):
+    """The egress policy refused a new flow toward `far`. `rule` is the index of the
+    deciding rule in the policy's list, -1 when its default decided; `comment` is that
+    rule's comment ("" for none, or the default)."""
+
+    kind: ClassVar[str] = "flow_denied"
+
+    protocol: str
+    far: Endpoint
+    rule: int
+    comment: str
+    reason: str = "policy"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowClosed(Event):
+    """A flow left its table. Bytes are payload bytes each way over its whole life;
+    `duration_s` runs from the flow's creation (the guest's SYN, the forward's accept,
+    the first datagram); `how` is one of `CLOSE_HOW`."""
+
+    kind: ClassVar[str] = "flow_closed"
+
+    protocol: str
+    direction: str
+    guest_end: Endpoint
+    far: Endpoint
+    bytes_from_guest: int
+    bytes_to_guest: int
+    duration_s: float
+    how: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransportLost(Event):
+    """The guest's link went away (`reason`: what the transport reported)."""
+
+    kind: ClassVar[str] = "transport_lost"
+
+    reason: str
+
+
+#: Every event class by its `kind`.
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls for cls in (GuestReady, FlowOpened, FlowDenied, FlowClosed, TransportLost)
+}
+
+_ENDPOINT_FIELDS = frozenset({"guest_end", "far", "host_peer"})
+
+
+def event_dict(event: Event) -> dict[str, object]:
+    """The event as a JSON-ready dict: "kind" first, then its fields in order, each
+    `Endpoint` as an `[addr, port]` list."""
+    out: dict[str, object] = {"kind": event.kind}
+    for field in dataclasses.fields(event):
+        value = getattr(event, field.name)
+        out[field.name] = list(value) if isinstance(value, Endpoint) else value
+    return out
+
+
+def event_from_dict(data: dict[str, object]) -> Event:
+    """The event `event_dict` (or its JSON, loaded) describes. A ValueError names what
+    is wrong: an unknown kind, a missing or an unknown field."""
+    kind = data.get("kind")
+    cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ValueError(f"unknown event kind {kind!r}")
+    names = {field.name for field in dataclasses.fields(cls)}
+    extra = set(data) - names - {"kind"}
+    if extra:
+        raise ValueError(f"{kind} event: unknown fields {sorted(extra)}")
+    args: dict[str, Any] = {}
+    for name in names:
+        if name not in data:
+            if name == "reason" and cls is FlowDenied:
+                continue
+            raise ValueError(f"{kind} event: missing field {name!r}")
+        value = data[name]
+        if name in _ENDPOINT_FIELDS and value is not None:
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise ValueError(f"{kind} event: {name} is not [addr, port]: {value!r}")
+            value = Endpoint(*value)
+        args[name] = value
+    return cls(**args)
