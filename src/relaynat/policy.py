@@ -23,7 +23,14 @@ How the relay uses it (the relay engineer wires this in):
   the guest's chosen destination. So `--sandbox`, which denies the private ranges containing
   10.0.2.3 and fd00::3, never breaks name resolution. As belt and braces (and so that a
   listing of the profile is self-explanatory), the sandbox profile also begins with an
-  explicit allow for the DNS addresses, port 53, should a relay ever consult it there.
+  explicit allow for the `dns` group, port 53, should a relay ever consult it there.
+
+A Policy names addresses that depend on the relay's addressing: the `host` and `loopback`
+groups hold the mapped host-loopback addresses (`map_host_loopback_v4/_v6`) and the `dns`
+group the relay's DNS addresses. The relay that enforces a policy binds it to its own
+configuration (`bound_to`) whenever it puts one in force, whatever configuration the policy
+was built with: a policy built for 10.0.2.2 given to a relay whose gateway 198.18.0.2
+stands for host loopback must refuse 198.18.0.2, not 10.0.2.2.
 
 Destinations and rules are normalised alike, so that no spelling of an address slips past
 a rule written in another:
@@ -58,7 +65,7 @@ File format (TOML; JSON has the same shape, with "rule" a list of objects)::
     ports = "22,80-90"           # TCP/UDP destination ports: "N", "N-M", lists, or ints
     comment = "free text"        # optional, kept for listings
 
-Groups: loopback, host, private, link-local, metadata, multicast, public (see GROUPS).
+Groups: loopback, host, dns, private, link-local, metadata, multicast, public (see GROUPS).
 Refused as input, rather than read as "any": an empty `to` or `ports`, and duplicate keys
 in JSON (which keeps the last silently; TOML refuses them itself).
 """
@@ -91,12 +98,14 @@ RULE_KEYS = frozenset({"action", "proto", "to", "ports", "comment"})
 TOP_KEYS = frozenset({"default", "rule"})
 
 #: Static members of the named groups. `loopback` and `host` also get the config's mapped
-#: host-loopback addresses (the guest-visible gateway), added per Policy.
+#: host-loopback addresses (the guest-visible gateway) and `dns` the config's DNS
+#: addresses, added per Policy for the configuration it is bound to.
 _STATIC_GROUPS: dict[str, tuple[str, ...]] = {
     # RFC 1122 §3.2.1.3 (127/8) and RFC 4291 §2.5.3 (::1); 0.0.0.0/8 and :: because a
     # host socket connected there reaches loopback (addressing.py).
     "loopback": ("127.0.0.0/8", "0.0.0.0/8", "::1/128", "::/128"),
     "host": (),
+    "dns": (),
     # RFC 1918 private IPv4; RFC 6598 shared address space 100.64/10, because carrier-grade
     # NAT and many cloud VPCs put internal, non-Internet hosts there that a sandbox must not
     # reach either; RFC 4193 unique local IPv6 fc00::/7. Not included: the RFC 6890
@@ -303,16 +312,18 @@ class Policy:
     Build one from `Rule`s or rule mappings, or load the file format (`load`,
     `from_toml`, `from_json`, `from_dict`): a `default` ("allow" or "deny") and
     `[[rule]]` tables with `action`, optional `proto` (tcp, udp, icmp, any), `to`
-    (CIDR, address or group, or a list: loopback, host, private, link-local, metadata,
+    (CIDR, address or group, or a list: loopback, host, dns, private, link-local, metadata,
     multicast, public) and `ports` ("22,80-90"). Malformed input raises ConfigError
     naming the rule and what is wrong. `sandbox` is the `--sandbox` profile.
 
-    `config` supplies the mapped host-loopback addresses for the `host` and `loopback`
-    groups (`map_host_loopback_v4/_v6`; None there leaves `host` empty). Immutable: the
-    control socket replaces the whole Policy, which keeps decide() lock-free and atomic.
+    `config` supplies the addresses of the `host` and `loopback` groups (the mapped
+    host-loopback addresses, `map_host_loopback_v4/_v6`; None there leaves `host` empty)
+    and of the `dns` group; it is a default only: a `Relay` enforces the policy bound to its
+    own configuration (`bound_to`). Immutable: the control socket replaces the whole
+    Policy, which keeps decide() lock-free and atomic.
     """
 
-    __slots__ = ("_compiled", "_decisions", "_default", "_mapped", "_nonpublic_v4",
+    __slots__ = ("_compiled", "_decisions", "_default", "_dns", "_mapped", "_nonpublic_v4",
                  "_nonpublic_v6", "default", "rules")
 
     def __init__(self, rules: Sequence[Rule | Mapping[str, Any]] = (), default: str = "allow",
@@ -325,9 +336,8 @@ class Policy:
         """The rules, validated, in the order they are tried (the first match decides)."""
         self.default = default
         """The action when no rule matches: "allow" or "deny"."""
-        self._mapped = tuple(str(ipaddress.ip_network(a)) for a in
-                             (cfg.map_host_loopback_v4, cfg.map_host_loopback_v6)
-                             if a is not None)
+        self._mapped = _mapped_of(cfg)
+        self._dns = _dns_of(cfg)
         groups = self._groups()
         nonpublic = [c for cidrs in groups.values() for c in cidrs] + list(_SPECIAL)
         v4, v6 = _to_ranges(nonpublic)
@@ -411,7 +421,16 @@ class Policy:
         groups = {name: list(cidrs) for name, cidrs in _STATIC_GROUPS.items()}
         groups["loopback"] += self._mapped
         groups["host"] += self._mapped
+        groups["dns"] += self._dns
         return groups
+
+    def bound_to(self, config: RelayConfig) -> Policy:
+        """This policy with the `host`, `loopback` and `dns` groups of `config`, the
+        configuration of the relay that enforces it (itself if they are already those).
+        `Relay` calls this whenever it puts a policy in force."""
+        if (_mapped_of(config), _dns_of(config)) == (self._mapped, self._dns):
+            return self
+        return Policy(self.rules, self.default, config)
 
     # --- construction and serialisation ---------------------------------------------
 
@@ -465,8 +484,7 @@ class Policy:
         The DNS addresses' port 53 stays reachable (see the module docstring)."""
         cfg = config if config is not None else RelayConfig()
         return cls([
-            Rule("allow", "any", (f"{cfg.dns_ipv4}/32", f"{cfg.dns_ipv6}/128"), ((53, 53),),
-                 "the relay's own DNS forwarder"),
+            Rule("allow", "any", ("dns",), ((53, 53),), "the relay's own DNS forwarder"),
             Rule("deny", "any", ("metadata",), comment="cloud instance metadata"),
             Rule("deny", "any", ("link-local",)),
             Rule("deny", "any", ("host", "loopback"), comment="host loopback"),
@@ -476,13 +494,24 @@ class Policy:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Policy):
             return NotImplemented
-        return (self.rules, self.default, self._mapped) == (other.rules, other.default,
-                                                            other._mapped)
+        return ((self.rules, self.default, self._mapped, self._dns)
+                == (other.rules, other.default, other._mapped, other._dns))
 
     __hash__ = None  # type: ignore[assignment]  # __eq__ without __hash__: unhashable
 
     def __repr__(self) -> str:
         return f"Policy({len(self.rules)} rules, default={self.default!r})"
+
+
+def _mapped_of(config: RelayConfig) -> tuple[str, ...]:
+    """The `host` group's addresses under `config`: its mapped host-loopback addresses."""
+    return tuple(str(ipaddress.ip_network(a)) for a in
+                 (config.map_host_loopback_v4, config.map_host_loopback_v6) if a is not None)
+
+
+def _dns_of(config: RelayConfig) -> tuple[str, ...]:
+    """The `dns` group's addresses under `config`: the relay's DNS addresses."""
+    return (str(ipaddress.ip_network(config.dns_ipv4)), str(ipaddress.ip_network(config.dns_ipv6)))
 
 
 def loads_json(text: str | bytes) -> Any:

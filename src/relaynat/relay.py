@@ -101,7 +101,8 @@ class Relay(RelayMoving):
         #: The guest's name in log lines (guest_log.py); `Guests` sets it.
         self.name = name
         self.config = (config or RelayConfig()).validate()
-        self._policy = policy
+        # Bound to this relay's addressing, whatever config it was built with (policy.py).
+        self._policy = policy.bound_to(self.config) if policy is not None else None
         self._stats: Counter[str] = Counter()
         self._transport: FrameTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -248,7 +249,13 @@ class Relay(RelayMoving):
         """Put `policy` in force for new guest flows (None: allow everything). Flows
         already open stay as they are, unless `cut`: then the guest-opened flows the new
         policy denies end now (TCP: RST to the guest and to the host peer; UDP and ICMP
-        sessions: closed), counted as `policy_cut_<proto>`. Returns how many ended."""
+        sessions: closed), counted as `policy_cut_<proto>`. Returns how many ended.
+
+        The policy is enforced bound to this relay's configuration (`Policy.bound_to`):
+        its `host`, `loopback` and `dns` groups are this relay's addresses, whatever
+        configuration it was built with; `policy` afterwards returns the bound one."""
+        if policy is not None:
+            policy = policy.bound_to(self.config)
         self._policy = policy
         gate = None if policy is None else EgressGate(
             policy, (self._addr.dns_ip, self._addr.dns_ip6), self._stats)
