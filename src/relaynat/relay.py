@@ -33,6 +33,7 @@ from collections import Counter
 
 from relaynat.addressing import DNS_PORT, LINK_LOCAL_PREFIX, AddressMap
 from relaynat.config import RelayConfig
+from relaynat.errors import RelayClosedError
 from relaynat.guest_log import guest_logger, guest_scope, in_guest_scope
 from relaynat.host import flow_move
 from relaynat.host.dns_tcp import DnsTcpResponder
@@ -138,6 +139,7 @@ class Relay(RelayMoving):
         self._dns_static = static_table(c.dns_records)
         self.transport_lost_event = asyncio.Event()
         self._exported = flow_move.ExportedSockets()
+        self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -148,9 +150,19 @@ class Relay(RelayMoving):
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
+    def _check_open(self, call: str) -> None:
+        """Refuse `call` on a closed relay, or on one not started yet, where it is made."""
+        if self._closed:
+            raise RelayClosedError(f"Relay.{call}(): the relay is closed")
+        if self._tcp is None:
+            raise RuntimeError(f"Relay.start() (or `async with`) must come before {call}()")
+
     @in_guest_scope
     def start(self) -> None:
-        """Bind to the running loop. Called by `async with`."""
+        """Bind to the running loop. Called by `async with`; a closed relay does not
+        start again (RelayClosedError)."""
+        if self._closed:
+            raise RelayClosedError("Relay.start(): the relay is closed")
         self._loop = asyncio.get_running_loop()
         self._tcp = TcpRelay(self.config, self._loop, self._send_raw, self._stats)
         self._udp_relay = UdpRelay(self.config, self._loop, self._send_frame, self._send_raw,
@@ -171,12 +183,15 @@ class Relay(RelayMoving):
 
     @in_guest_scope
     def close(self) -> None:
-        """Detach the guest, stop every forward and listener and close the host sockets.
-        Called by `async with`. Exported sockets are released silently."""
+        """Detach the guest, stop every forward and listener (removing the socket file
+        of `serve_stream`) and close the host sockets. Called by `async with`. Exported
+        sockets are released silently. Afterwards the relay refuses to be used
+        (RelayClosedError); closing it again does nothing."""
+        self._closed = True
         self.detach()
         self._exported.release()
         if self._stream is not None:
-            self._stream.close()
+            self._stream.close(unlink=True)
             self._stream = None
         if self._tcp is not None:
             self._tcp.close()
@@ -200,8 +215,8 @@ class Relay(RelayMoving):
     @in_guest_scope
     def attach(self, transport: FrameTransport) -> None:
         """Serve the guest behind `transport`; replaces (and closes) a previous one."""
-        if self._tcp is None:
-            raise RuntimeError("Relay.start() (or `async with`) must come before attach()")
+        self._check_open("attach")
+        assert self._tcp is not None
         if self._transport is not None:  # flows imported without a transport stay
             self.detach()
         self._transport = transport
@@ -254,6 +269,8 @@ class Relay(RelayMoving):
         The policy is enforced bound to this relay's configuration (`Policy.bound_to`):
         its `host`, `loopback` and `dns` groups are this relay's addresses, whatever
         configuration it was built with; `policy` afterwards returns the bound one."""
+        if self._closed:
+            raise RelayClosedError("Relay.set_policy(): the relay is closed")
         if policy is not None:
             policy = policy.bound_to(self.config)
         self._policy = policy
@@ -282,8 +299,8 @@ class Relay(RelayMoving):
         port `host_port` (0: pick one; the returned Forward says which) to the guest's
         `guest_port`. Raises ForwardError saying why not (port in use, bad address,
         unknown protocol, already forwarded)."""
-        if self._forwarder is None:
-            raise RuntimeError("Relay.start() (or `async with`) must come first")
+        self._check_open("add_forward")
+        assert self._forwarder is not None
         return self._forwarder.add(proto, host_addr, host_port, guest_port, interface)
 
     @in_guest_scope
@@ -293,6 +310,8 @@ class Relay(RelayMoving):
         """Stop forwarding: the forward with `forward_id`, or the one on (proto,
         host_addr, host_port). TCP connections already open stay, the UDP flows of the
         forward end with its socket. Raises ForwardError."""
+        if self._closed:
+            raise RelayClosedError("Relay.remove_forward(): the relay is closed")
         if self._forwarder is None:
             raise ForwardError("the relay is not running")
         forward = self._forwarder.lookup(proto, host_addr, host_port, forward_id)
@@ -348,14 +367,19 @@ class Relay(RelayMoving):
 
         A second client while one is served is closed at once with a logged warning;
         when the served client goes away its flows are closed and the next is accepted.
+        `close()` removes the socket file.
         """
-        assert self._loop is not None, "start() first"
+        self._check_open("serve_stream")
+        assert self._loop is not None
+        if self._stream is not None:
+            raise RuntimeError(f"Relay.serve_stream(): already serving {self._stream.path}")
         self._stream = StreamServer(self, path, listener, self._loop)
         return self._stream
 
     @in_guest_scope
     def attach_stream_fd(self, fd: int) -> StreamTransport:
         """Serve an already-connected qemu stream socket (`--fd N`)."""
+        self._check_open("attach_stream_fd")
         sock = socket.socket(fileno=fd)
         if sock.type != socket.SOCK_STREAM or sock.family != socket.AF_UNIX:
             sock.detach()

@@ -138,6 +138,13 @@ class RelayMoving:
         if self._stream is not None:
             self._stream.resume()
 
+    def release_listener(self) -> None:
+        """The stream listener serves another relay now (a handover took it): close this
+        relay's copy and forget it, leaving the socket file, which is the other's."""
+        if self._stream is not None:
+            self._stream.close(unlink=False)
+            self._stream = None
+
     def cannot_adopt(self, flows: Sequence[LiveFlowState]) -> str | None:
         """Why `adopt` could not serve `flows` (one is not this relay's guest's, or they
         do not fit in max_tcp_flows beside the flows open), or None. It only reads, so

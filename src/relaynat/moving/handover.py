@@ -328,6 +328,8 @@ class Source:
             sock.close()
         if held.suspended.transport is not None:
             held.suspended.transport.close()
+        if held.suspended.stream_listener is not None:
+            self.relay.release_listener()
         for own in held.own_fds:
             os.close(own)
         if self.command_fd is not None:

@@ -328,6 +328,9 @@ class StreamServer:
         self.relay = relay
         self.path = path
         self.sock = listener or bind_unix_listener(path)
+        #: The socket file as bound (device, inode): `close` removes the path only while
+        #: it is still this file, never one another process bound there since.
+        self._file = _file_id(path)
         self._loop = loop or asyncio.get_running_loop()
         self.resume()
 
@@ -339,11 +342,16 @@ class StreamServer:
         """Accept again (as after construction)."""
         self._loop.add_reader(self.sock.fileno(), self._on_client)
 
-    def close(self) -> None:
-        """Stop accepting and close the listening socket (its path stays)."""
+    def close(self, unlink: bool = False) -> None:
+        """Stop accepting and close the listening socket; with `unlink`, remove its
+        socket file too (if the path is still the file bound here). A handover closes
+        without `unlink`: the next relay listens on the same file."""
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
+        if unlink and self._file is not None and _file_id(self.path) == self._file:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
     def _on_client(self) -> None:
         try:
@@ -359,6 +367,14 @@ class StreamServer:
         log.info("guest connected on the stream socket")
         relay.count("stream_clients")
         relay.attach(StreamTransport(client, relay.config.guest_queue_limit, self._loop))
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def bind_unix_listener(path: str, backlog: int = 4,

@@ -529,7 +529,12 @@ class UnixgramServer:
         self.sock = bind_unixgram(path) if sock is None else sock
         self.transport: UnixgramTransport | None = None
         self.counters: Counter[str] = Counter()
-        self._attach(None, state)
+        try:
+            self._attach(None, state)
+        except BaseException:
+            # A relay that refuses the guest (closed) leaves no socket file bound here.
+            self.close(unlink=sock is None)
+            raise
 
     def _attach(self, first: tuple[bytes, Address] | None,
                 state: UnixgramState | None = None) -> None:
