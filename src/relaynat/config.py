@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
+from relaynat.errors import Error
 from relaynat.syn_backlog import SYN_RATE
 
 #: Largest MTU we accept: 65535 (IPv4 total length) minus a 14-byte Ethernet header,
@@ -32,7 +33,7 @@ MIN_MTU_V6 = 1280
 DEFAULT_GATEWAY_MAC = bytes.fromhex("5255" "0a000202")
 
 
-class ConfigError(ValueError):
+class ConfigError(Error, ValueError):
     """A configuration value is invalid; the message says which and why."""
 
 

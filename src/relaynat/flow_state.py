@@ -73,6 +73,7 @@ from dataclasses import dataclass, fields
 from ipaddress import ip_address
 from typing import Any
 
+from relaynat.errors import Error
 from relaynat.nat_entry import TcpNatEntry
 from relaynat.ooo_queue import OooBudget
 from relaynat.packet_builder import TS_OPTION_LEN, TcpFrameTemplate
@@ -93,7 +94,7 @@ KIND_REPAIR, KIND_LIVE = "repair", "live"
 FlowKey = tuple[int, bytes, int, bytes]
 
 
-class FlowStateError(ValueError):
+class FlowStateError(Error, ValueError):
     """A flows document is malformed, of another version, or inconsistent; the message
     names the flow and the field."""
 

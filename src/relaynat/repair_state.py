@@ -13,6 +13,8 @@ import base64
 from dataclasses import dataclass
 from typing import Any
 
+from relaynat.errors import Error
+
 #: The address families a state names: Linux's AF_INET and AF_INET6 (socket.h), the
 #: values socket.socket() takes; spelled here so the record needs no socket module.
 AF_INET = 2
@@ -22,7 +24,7 @@ AF_INET6 = 10
 FORMAT_VERSION = 1
 
 
-class RepairError(OSError):
+class RepairError(Error, OSError):
     """A socket cannot be dumped or restored; the message says why."""
 
 

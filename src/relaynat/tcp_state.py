@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import enum
 
+from relaynat.errors import Error
+
 
 class TcpState(enum.Enum):
     CONNECTING = "connecting"
@@ -43,7 +45,7 @@ class TcpEvent(enum.Enum):
     ABORT = "abort"
 
 
-class TcpStateError(RuntimeError):
+class TcpStateError(Error, RuntimeError):
     """An event arrived in a state where it cannot happen."""
 
 

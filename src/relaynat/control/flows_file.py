@@ -43,6 +43,7 @@ import re
 import stat
 from typing import TYPE_CHECKING, Any
 
+from relaynat.errors import Error
 from relaynat.flow_state import FlowStateError
 from relaynat.repair_state import RepairError
 
@@ -69,7 +70,7 @@ SPECS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 }
 
 
-class FlowFileError(ValueError):
+class FlowFileError(Error, ValueError):
     """A flows command cannot be served; the message says why (and what happened)."""
 
 

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address
 
+from relaynat.errors import Error
 from relaynat.guest_log import guest_logger
 from relaynat.host.sockets import size_udp_rcvbuf
 
@@ -56,7 +57,7 @@ SockAddr = tuple[str, int, *tuple[int, ...]]
 DatagramSink = Callable[["Forward", bytes, SockAddr], None]
 
 
-class ForwardError(ValueError):
+class ForwardError(Error, ValueError):
     """A forward cannot be added or removed; the message says why."""
 
 

@@ -77,6 +77,7 @@ from typing import TYPE_CHECKING, Any
 from relaynat import __version__
 from relaynat.config import RelayConfig
 from relaynat.control.server import ControlServer, RequestError
+from relaynat.errors import Error
 from relaynat.flow_state import KIND_LIVE, make_document
 from relaynat.host.flow_move import Suspended
 from relaynat.moving import handover_transport
@@ -98,7 +99,7 @@ _MAX_DOCUMENT = 256 << 20
 _MAX_FDS = 1 << 20
 
 
-class HandoverError(RequestError):
+class HandoverError(RequestError, Error):
     """A handover that did not happen; the message says why. The relay that offered
     it serves on as before. A RequestError, so `relaynat ctl handover` gets the reason
     as its answer, not an internal error."""

@@ -40,6 +40,7 @@ import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from relaynat.errors import Error
 from relaynat.transports.interface import (
     PACKET_VNET_HDR,
     PACKET_VNET_HDR_LEN,
@@ -60,7 +61,7 @@ _TUNGETIFF = 0x800454D2
 Stats = Callable[[], dict[str, int]]
 
 
-class TransportError(ValueError):
+class TransportError(Error, ValueError):
     """The transport's description does not hold (the message says what)."""
 
 

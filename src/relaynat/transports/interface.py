@@ -59,6 +59,7 @@ import fcntl
 import socket
 import struct
 
+from relaynat.errors import Error
 from relaynat.guest_log import guest_logger
 from relaynat.transports.base import WAKEUP_SLICE_S, FrameSink, TransportBase, slice_clock
 
@@ -91,7 +92,7 @@ _SOCKET_BUF = 8 << 20
 _PACKET_MREQ = struct.Struct("iHH8s")  # mr_ifindex, mr_type, mr_alen, mr_address
 
 
-class InterfaceError(OSError):
+class InterfaceError(Error, OSError):
     """The interface cannot be served; the message names it and says why."""
 
 
