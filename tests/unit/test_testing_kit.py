@@ -13,7 +13,7 @@ import sys
 from ipaddress import IPv4Address
 
 import dpkt
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from relaynat.testing import InMemoryGuest
@@ -105,7 +105,8 @@ def test_a_user_property_broken_frames_are_counted(frame: f.LabeledFrame) -> Non
 
     async def run() -> dict[str, int]:
         async with InMemoryGuest() as guest:
-            guest.relay.handle_frame(memoryview(frame.data))
+            await guest.send(frame.data)
+            await guest.delivered()  # the relay has handled it
             return guest.stats()
 
     stats = asyncio.run(run())
@@ -139,3 +140,26 @@ def test_conversation_frames_acknowledge_the_relay_isn() -> None:
             assert seg.ack == (0 if seg.flags == SYN else (isn + 1) & 0xFFFFFFFF)
 
     check()
+
+
+@settings(max_examples=60, deadline=None)
+@given(frame=broken_frames())
+@example(frame=f.LabeledFrame(b"", "truncated", "drop_eth_short"))
+@example(frame=f.LabeledFrame(bytes(13), "truncated", "drop_eth_short"))
+def test_a_broken_frame_sent_by_the_guest_is_counted_under_its_label(
+        frame: f.LabeledFrame) -> None:
+    """The kit's promise: a frame sent through `InMemoryGuest.send` reaches the relay,
+    which counts it under `frame.expect`, whatever its length (the stream wire cannot
+    carry a frame under 14 bytes: its framing would close the link)."""
+
+    async def run() -> dict[str, int]:
+        async with InMemoryGuest() as guest:
+            await guest.send(frame.data)
+            await guest.delivered()
+            return guest.stats()
+
+    stats = asyncio.run(run())
+    assert stats["frames_in"] == 1, (frame, stats)
+    assert stats.get("drop_internal_error", 0) == 0
+    if frame.expect is not None:
+        assert stats.get(frame.expect) == 1, (frame.kind, stats)

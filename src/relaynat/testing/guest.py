@@ -2,9 +2,10 @@
 
 The relay is the real one, attached with the real qemu stream transport (4-byte
 length + frame, transports/stream.py) to one end of an AF_UNIX socketpair; the test holds the
-other end and plays the guest. Nothing is mocked: the relay's host side opens real
-sockets (so TCP/UDP/ICMP toward the gateway reach the host's loopback), and no root,
-TAP device or namespace is needed. The relay's DNS upstream defaults to 127.0.0.1 so
+other end and plays the guest (a frame that framing cannot carry, such as a broken one
+under 14 bytes, is handed to the relay directly, in its turn: see `InMemoryGuest.send`).
+Nothing is mocked: the relay's host side opens real sockets (so TCP/UDP/ICMP toward the
+gateway reach the host's loopback), and no root, TAP device or namespace is needed. The relay's DNS upstream defaults to 127.0.0.1 so
 that a test's traffic never leaves loopback.
 
     async with InMemoryGuest() as guest:
@@ -16,18 +17,21 @@ that a test's traffic never leaves loopback.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
 import struct
+import termios
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from relaynat.config import RelayConfig
+from relaynat.guest_log import guest_scope
 from relaynat.policy import Policy
 from relaynat.relay import Relay
 from relaynat.testing import frames as f
-from relaynat.transports.stream import StreamTransport
+from relaynat.transports.stream import MAX_FRAME, MIN_FRAME, StreamTransport
 from relaynat.wire import (
     ACK,
     ETHERTYPE_ARP,
@@ -102,6 +106,7 @@ class InMemoryGuest:
         self.config = self.relay.config
         self.addressing = f.Addressing.of(self.config, guest_mac)
         self._sock: socket.socket | None = None
+        self._transport: StreamTransport | None = None
         self._buf = bytearray()
         self._backlog: deque[Reply] = deque()
 
@@ -119,7 +124,8 @@ class InMemoryGuest:
         relay_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         guest_end.setblocking(False)
         self._sock = guest_end
-        self.relay.attach(StreamTransport(relay_end, self.config.guest_queue_limit))
+        self._transport = StreamTransport(relay_end, self.config.guest_queue_limit)
+        self.relay.attach(self._transport)
 
     def close(self) -> None:
         """Close the relay (or, given one, detach from it) and the guest's end of the link."""
@@ -138,9 +144,42 @@ class InMemoryGuest:
     # -- frames ------------------------------------------------------------------------
 
     async def send(self, frame: bytes) -> None:
-        """Send one frame to the relay, as the guest's NIC would."""
+        """Send one frame to the relay, as the guest's NIC would: whatever its bytes
+        and its length, the relay handles it (and counts it, if it drops it).
+
+        The link's stream framing cannot carry a frame under 14 bytes or over 65535 (the
+        relay's transport reads such a length as lost framing and closes the link), so
+        such a frame goes to the relay as a transport of your own would hand it over
+        (`FrameSink.handle_frame`), once every frame sent before it was handled."""
         assert self._sock is not None, "start() first"
-        await asyncio.get_running_loop().sock_sendall(self._sock, _LEN.pack(len(frame)) + frame)
+        if MIN_FRAME <= len(frame) <= MAX_FRAME:
+            await asyncio.get_running_loop().sock_sendall(
+                self._sock, _LEN.pack(len(frame)) + frame)
+            return
+        await self.delivered()
+        with guest_scope(self.relay.name):  # as the transport's reader runs it
+            self.relay.handle_frame(memoryview(frame))
+            self.relay.end_of_batch()
+
+    async def delivered(self, timeout: float = 2.0) -> None:
+        """Wait until the relay has handled every frame sent so far, so that its
+        `stats()` count them; ConnectionError if the relay no longer reads the link (it
+        closed it, or the link went to another relay), TimeoutError after `timeout`."""
+        transport = self._transport
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if (transport is None or transport.closed
+                    or self.relay.transport is not transport):
+                raise ConnectionError("the relay no longer reads the guest's link")
+            # Nothing left in the socket, nor read and not yet handed to the relay: the
+            # transport reads and delivers in one callback, ending the batch, so every
+            # frame written before has been handled.
+            if not _unread(transport.sock) and not transport.handover_state()[0]:
+                return
+            if loop.time() > deadline:
+                raise TimeoutError(f"the relay did not read the guest's frames in {timeout} s")
+            await asyncio.sleep(0)
 
     async def recv(self, timeout: float = 2.0) -> Reply:
         """The next frame from the relay (skipped ones first); TimeoutError if none."""
@@ -198,6 +237,12 @@ class InMemoryGuest:
         conn.rcv_nxt = (synack.tcp.seq + 1) & 0xFFFFFFFF
         await self.send(conn.frame(ACK))
         return conn
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes waiting in `sock`'s receive queue (SIOCINQ, which is FIONREAD)."""
+    (count,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)))
+    return int(count)
 
 
 class GuestTcp:
