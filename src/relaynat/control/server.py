@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from relaynat.config import ConfigError, unique_keys
 from relaynat.control import flows_file
+from relaynat.errors import Error
 from relaynat.host.forward import ForwardError
 from relaynat.policy import Policy
 from relaynat.transports.stream import bind_unix_listener
@@ -66,7 +67,7 @@ MAX_CLIENTS = 16
 MAX_REQUESTS = 1 << 20
 
 
-class RequestError(Exception):
+class RequestError(Error, Exception):
     """A request that cannot be served; the message is the error's `desc`."""
 
 
