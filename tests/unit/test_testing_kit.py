@@ -10,16 +10,34 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from functools import partial
 from ipaddress import IPv4Address
 
 import dpkt
-from hypothesis import example, given, settings
+import pytest
+from hypothesis import example, find, given, settings
 from hypothesis import strategies as st
 
-from relaynat.testing import InMemoryGuest
+from relaynat.testing import (
+    ACK,
+    CWR,
+    ECE,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    URG,
+    GuestTcp,
+    InMemoryGuest,
+    MalformedFrame,
+    Reply,
+    broken_frames,
+    frame_sequences,
+    tcp_conversations,
+    valid_frames,
+)
 from relaynat.testing import frames as f
-from relaynat.testing.strategies import broken_frames
-from relaynat.wire import ACK, FIN, SYN
+from relaynat.testing.sink import sink
 
 
 async def test_arp_request_gets_the_gateway_mac() -> None:
@@ -163,3 +181,77 @@ def test_a_broken_frame_sent_by_the_guest_is_counted_under_its_label(
     assert stats.get("drop_internal_error", 0) == 0
     if frame.expect is not None:
         assert stats.get(frame.expect) == 1, (frame.kind, stats)
+
+
+def _host_bound(frame: bytes, a: f.Addressing = f.DEFAULT_ADDRESSING) -> tuple[str, int] | None:
+    """("tcp"|"udp", destination port) of a frame to the gateway (the host's loopback),
+    None for any other frame, or one that does not parse."""
+    try:
+        reply = Reply.parse(frame)
+    except MalformedFrame:
+        return None
+    if reply.ip is None or bytes(reply.ip.dst) not in (a.gateway4, a.gateway6):
+        return None
+    if reply.tcp is not None:
+        return ("tcp", reply.tcp.dport)
+    if reply.udp is not None:
+        return ("udp", reply.udp.dport)
+    return None
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames=st.one_of(
+    valid_frames().map(lambda x: [x.data]), broken_frames().map(lambda x: [x.data]),
+    tcp_conversations().map(lambda c: c.frames(0)),
+    frame_sequences().map(lambda xs: [x.data for x in xs])))
+def test_strategies_send_host_traffic_to_the_kit_sink_by_default(frames: list[bytes]) -> None:
+    """A drawn port on the host's loopback could be a developer's database: by default
+    every TCP and UDP frame toward the gateway goes to the kit's sink."""
+    for frame in frames:
+        target = _host_bound(frame)
+        assert target is None or target[1] == sink().port, target
+
+
+@settings(max_examples=50, deadline=None)
+@given(frame=valid_frames(tcp_port=8080, udp_port=5353))
+def test_strategies_take_a_port_of_the_tests_instead_of_the_sink(frame: f.LabeledFrame) -> None:
+    assert _host_bound(frame.data) in (None, ("tcp", 8080), ("udp", 5353))
+
+
+def test_strategies_take_any_port_when_asked_and_refuse_a_bad_one() -> None:
+    anywhere = find(valid_frames(tcp_port="any").map(lambda x: _host_bound(x.data)),
+                    lambda t: t is not None and t[0] == "tcp" and t[1] != sink().port)
+    assert anywhere is not None
+    with pytest.raises(ValueError, match="65536"):
+        valid_frames(tcp_port=65536)
+
+
+async def test_the_sink_takes_tcp_and_udp_and_answers_nothing() -> None:
+    async with InMemoryGuest() as guest:
+        a = guest.addressing
+        for v6 in (False, True) if "::1" in sink().addresses else (False,):
+            conn = await guest.tcp_connect(guest.sink_port, v6=v6, sport=41000 + v6)
+            await conn.send(b"anything at all")  # ACKed: the sink took it
+            await conn.close()
+            # The sink closes on the guest's FIN: the relay passes its FIN on.
+            fin = await guest.expect(partial(_is_fin_of, conn))
+            assert fin.tcp is not None and not fin.tcp.payload
+            await guest.send(f.udp_datagram(a, v6, 42000, guest.sink_port, b"datagram"))
+        await guest.delivered()
+        await asyncio.sleep(0.2)
+        stats = guest.stats()
+        assert stats["tcp_connect_failed"] == 0 and stats["udp_flows"] >= 1, stats
+        # Nothing came back for the datagrams: no reply, no port unreachable.
+        with pytest.raises(TimeoutError):
+            await guest.expect(lambda r: r.udp is not None or (
+                r.ip is not None and r.ip.proto in (1, 58) and r.ip.payload[0] in (1, 3)),
+                timeout=0.2)
+
+
+def _is_fin_of(conn: GuestTcp, reply: Reply) -> bool:
+    return conn.matches(reply) and reply.tcp is not None and bool(reply.tcp.flags & FIN)
+
+
+def test_the_tcp_flags_are_exported_with_their_rfc_values() -> None:
+    # RFC 9293 §3.1 (FIN..URG) and RFC 3168 §6.1 (ECE, CWR).
+    assert (FIN, SYN, RST, PSH, ACK, URG, ECE, CWR) == (1, 2, 4, 8, 16, 32, 64, 128)

@@ -22,6 +22,7 @@ from ipaddress import IPv4Address
 
 import dpkt
 
+from relaynat import wire
 from relaynat.addressing import DNS_PORT
 from relaynat.checksum import finish, partial_sum, pseudo_header_sum
 from relaynat.config import RelayConfig, eui64
@@ -59,8 +60,29 @@ GUEST_MAC = bytes.fromhex("525400123456")
 #: The relay's default addressing (RelayConfig's defaults, slirp's plan).
 DEFAULTS = RelayConfig()
 ICMP_ECHO_REQUEST = 8
+"""The ICMP type of an echo request (RFC 792)."""
 ICMPV6_ECHO_REQUEST = 128
+"""The ICMPv6 type of an echo request (RFC 4443 §4.1)."""
 _U16 = struct.Struct("!H")
+
+# The TCP flags (RFC 9293 §3.1), for `tcp_segment`'s `flags` and for reading a reply's
+# `Reply.tcp.flags`: `SYN | ACK` is a SYN-ACK.
+FIN = wire.FIN
+"""No more data from the sender."""
+SYN = wire.SYN
+"""Synchronize sequence numbers: opens a connection."""
+RST = wire.RST
+"""Reset the connection."""
+PSH = wire.PSH
+"""Push: hand the data to the application."""
+ACK = wire.ACK
+"""The acknowledgment number is significant."""
+URG = wire.URG
+"""The urgent pointer is significant."""
+ECE = 0x40
+"""ECN-Echo (RFC 3168 §6.1)."""
+CWR = 0x80
+"""Congestion Window Reduced (RFC 3168 §6.1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +91,11 @@ class LabeledFrame:
     stats counter the relay must bump for it (None: a frame it accepts)."""
 
     data: bytes
+    """The whole Ethernet frame."""
     kind: str
+    """The builder or mutation that made it ("tcp", "truncated", ...)."""
     expect: str | None = None
+    """The `stats()` counter the relay bumps for it; None: a frame it accepts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +103,23 @@ class Addressing:
     """Both ends of the guest's link, packed, from a `RelayConfig`."""
 
     guest_mac: bytes
+    """The guest's MAC, the source of the kit's frames."""
     gateway_mac: bytes
+    """The relay's MAC (`RelayConfig.gateway_mac`)."""
     guest4: bytes
+    """The guest's IPv4 address."""
     gateway4: bytes
+    """The gateway's IPv4 address (by default the mapped host loopback, too)."""
     dns4: bytes
+    """The relay's IPv4 DNS address."""
     guest6: bytes
+    """The guest's IPv6 address."""
     gateway6: bytes
+    """The gateway's IPv6 address (by default the mapped host loopback, too)."""
     dns6: bytes
+    """The relay's IPv6 DNS address."""
     link_local6: bytes
+    """The guest's link-local IPv6 address (fe80::/64 and the MAC's EUI-64)."""
 
     @classmethod
     def of(cls, config: RelayConfig = DEFAULTS, guest_mac: bytes = GUEST_MAC) -> Addressing:
@@ -164,6 +198,8 @@ def dns_query_message(qid: int, name: str, qtype: int = 1) -> bytes:
 
 def dns_query(a: Addressing, v6: bool, sport: int, qid: int, name: str,
               qtype: int = 1) -> bytes:
+    """`dns_query_message` in a UDP datagram from the guest to the relay's DNS address,
+    port 53."""
     src, dst = (a.guest6, a.dns6) if v6 else (a.guest4, a.dns4)
     return udp_frame(a.gateway_mac, a.guest_mac, src, dst, sport, DNS_PORT,
                      dns_query_message(qid, name, qtype))
@@ -171,6 +207,8 @@ def dns_query(a: Addressing, v6: bool, sport: int, qid: int, name: str,
 
 def udp_datagram(a: Addressing, v6: bool, sport: int, dport: int, payload: bytes,
                  dst: bytes | None = None) -> bytes:
+    """A UDP datagram from the guest to `dst` (default: the gateway, which the relay
+    maps to the host's loopback), over IPv6 if `v6`."""
     src, gw = (a.guest6, a.gateway6) if v6 else (a.guest4, a.gateway4)
     return udp_frame(a.gateway_mac, a.guest_mac, src, dst or gw, sport, dport, payload)
 
@@ -241,10 +279,12 @@ def with_ipv6_extensions(frame: bytes, kinds: list[int]) -> bytes:
 
 
 def is_ipv4(frame: bytes) -> bool:
+    """Whether `frame`'s EtherType is IPv4."""
     return frame[12:14] == b"\x08\x00"
 
 
 def is_ipv6(frame: bytes) -> bool:
+    """Whether `frame`'s EtherType is IPv6."""
     return frame[12:14] == b"\x86\xdd"
 
 
@@ -310,6 +350,8 @@ def ipv4_bad_checksum(frame: bytes, mask: int) -> LabeledFrame:
 
 
 def bad_ip_version(frame: bytes, version: int) -> LabeledFrame:
+    """An IP frame whose version field says `version`, not its own (RFC 791 §3.1,
+    RFC 8200 §3)."""
     out = bytearray(frame)
     out[ETH_HLEN] = (version << 4) | (out[ETH_HLEN] & 0x0F)
     v6 = is_ipv6(frame)
@@ -320,6 +362,8 @@ def bad_ip_version(frame: bytes, version: int) -> LabeledFrame:
 
 
 def transport_offset(frame: bytes) -> int:
+    """Where the upper-layer header starts in an IP `frame` without IPv6 extension
+    headers."""
     if is_ipv6(frame):
         return ETH_HLEN + IPV6_HLEN
     return ETH_HLEN + (frame[ETH_HLEN] & 0x0F) * 4
@@ -368,10 +412,12 @@ def l4_bad_checksum(frame: bytes, expect: str | None) -> LabeledFrame:
 
 
 def with_source_mac(frame: bytes, mac: bytes) -> bytes:
+    """`frame` sent from Ethernet address `mac`."""
     return frame[:6] + mac + frame[12:]
 
 
 def with_ipv4_source(frame: bytes, src: IPv4Address) -> bytes:
+    """IPv4 `frame` from `src`, its header checksum good again (a spoofed source)."""
     out = bytearray(frame)
     out[ETH_HLEN + 12:ETH_HLEN + 16] = src.packed
     _fix_ipv4_checksum(out)

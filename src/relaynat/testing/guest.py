@@ -5,8 +5,9 @@ length + frame, transports/stream.py) to one end of an AF_UNIX socketpair; the t
 other end and plays the guest (a frame that framing cannot carry, such as a broken one
 under 14 bytes, is handed to the relay directly, in its turn: see `InMemoryGuest.send`).
 Nothing is mocked: the relay's host side opens real sockets (so TCP/UDP/ICMP toward the
-gateway reach the host's loopback), and no root, TAP device or namespace is needed. The relay's DNS upstream defaults to 127.0.0.1 so
-that a test's traffic never leaves loopback.
+gateway reach the host's loopback), and no root, TAP device or namespace is needed. The
+relay's DNS upstream defaults to 127.0.0.1 so that a test's traffic never leaves
+loopback.
 
     async with InMemoryGuest() as guest:
         await guest.send(frames.arp_request(guest.addressing, guest.addressing.gateway4))
@@ -31,6 +32,7 @@ from relaynat.guest_log import guest_scope
 from relaynat.policy import Policy
 from relaynat.relay import Relay
 from relaynat.testing import frames as f
+from relaynat.testing.sink import sink
 from relaynat.transports.stream import MAX_FRAME, MIN_FRAME, StreamTransport
 from relaynat.wire import (
     ACK,
@@ -94,6 +96,10 @@ class InMemoryGuest:
     MAC the kit's frames come from. Use as ``async with`` inside a running loop.
     With `relay`, the guest drives that started relay (say one of a `Guests`), which
     keeps its own config and policy and stays open when the guest closes.
+
+    While it runs, the guest serves the kit's sink (`sink_port`): the strategies' TCP
+    and UDP frames to the gateway go there by default, and reach a listener that takes
+    everything and answers nothing, rather than a service of the machine's own.
     """
 
     def __init__(self, config: RelayConfig | None = None, *, policy: Policy | None = None,
@@ -107,6 +113,7 @@ class InMemoryGuest:
         self.addressing = f.Addressing.of(self.config, guest_mac)
         self._sock: socket.socket | None = None
         self._transport: StreamTransport | None = None
+        self._serving_sink = False
         self._buf = bytearray()
         self._backlog: deque[Reply] = deque()
 
@@ -121,6 +128,8 @@ class InMemoryGuest:
         """Start the relay and attach the link (`async with` calls it)."""
         if self._owns_relay:
             self.relay.start()
+        sink().acquire(asyncio.get_running_loop())
+        self._serving_sink = True
         relay_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         guest_end.setblocking(False)
         self._sock = guest_end
@@ -136,6 +145,16 @@ class InMemoryGuest:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._serving_sink:
+            self._serving_sink = False
+            sink().release()
+
+    @property
+    def sink_port(self) -> int:
+        """The kit's sink: a frame to the gateway at this port, TCP or UDP, reaches a
+        loopback listener the kit owns (host 127.0.0.1 and ::1), which reads and
+        discards everything while a guest runs (relaynat.testing.sink)."""
+        return sink().port
 
     def stats(self) -> dict[str, int]:
         """The relay's `stats()`."""

@@ -10,6 +10,14 @@
   builds its frames once the relay's initial sequence number is known (or with 0,
   for fuzzing, where the relay then answers unacceptable ACKs as RFC 9293 §3.10.7 says).
 * `frame_sequences()`: lists mixing all three.
+
+TCP and UDP toward the gateway (which the relay maps to the host's loopback) go to the
+kit's sink by default (relaynat.testing.sink: a port the kit binds on 127.0.0.1 and ::1
+and a running `InMemoryGuest` serves), never to a port of the machine's own services.
+Each strategy's `tcp_port`/`udp_port` (`dport` for conversations) is a `Port`: None for
+the sink, a number for that port (a server of your test's), or "any" for ports drawn
+from the whole range, edge values first, which reach whatever listens on the host's
+loopback there: only for a relay whose host side is an isolated network namespace.
 """
 
 from __future__ import annotations
@@ -18,12 +26,14 @@ import struct
 from dataclasses import dataclass
 from functools import partial
 from ipaddress import IPv4Address
+from typing import Literal
 
 from hypothesis import strategies as st
 
 from relaynat.checksum import internet_checksum
 from relaynat.testing import frames as f
 from relaynat.testing.frames import DEFAULT_ADDRESSING, Addressing, LabeledFrame
+from relaynat.testing.sink import sink
 from relaynat.wire import ACK, ETH_HLEN, FIN, PSH, RST, SYN
 
 M32 = 0xFFFFFFFF
@@ -32,6 +42,25 @@ seqs = st.one_of(st.sampled_from([0, 1, M32 - 1, M32, 0x7FFFFFFF, 0x80000000]),
                  st.integers(0, M32))
 payloads = st.binary(max_size=64)
 families = st.booleans()  # True: IPv6
+
+Port = int | Literal["any"] | None
+"""Where a strategy's TCP or UDP frames to the gateway go: None, the kit's sink; a
+number, that port; "any", any port (see the module docstring)."""
+
+
+def _sink_port() -> int:
+    return sink().port
+
+
+def _dports(port: Port) -> st.SearchStrategy[int]:
+    """Destination ports for `port`; the sink is bound when the first is drawn."""
+    if port is None:
+        return st.builds(_sink_port)
+    if port == "any":
+        return ports
+    if isinstance(port, int) and 0 <= port <= 0xFFFF:
+        return st.just(port)
+    raise ValueError(f"port {port!r}: expected None (the sink), 0..65535 or 'any'")
 
 
 @st.composite
@@ -61,11 +90,11 @@ def _tcp(a: Addressing, dport: st.SearchStrategy[int]) -> st.SearchStrategy[byte
         payloads, tcp_options())
 
 
-def _bases(a: Addressing, tcp_port: int | None, udp_port: int | None
+def _bases(a: Addressing, tcp_port: Port, udp_port: Port
            ) -> dict[str, st.SearchStrategy[bytes]]:
     """Named strategies of well-formed frames (no extension headers)."""
-    tcp_dport = st.just(tcp_port) if tcp_port is not None else ports
-    udp_dport = st.just(udp_port) if udp_port is not None else ports
+    tcp_dport = _dports(tcp_port)
+    udp_dport = _dports(udp_port)
     names = st.sampled_from(["example.com", "relaynat.test", "a.b.c", "x" * 63 + ".org"])
     return {
         "arp": st.sampled_from([a.gateway4, a.dns4, bytes((10, 0, 2, 200))]).map(
@@ -86,16 +115,16 @@ def _bases(a: Addressing, tcp_port: int | None, udp_port: int | None
     }
 
 
-def _ipv6_upper(a: Addressing, tcp_port: int | None, udp_port: int | None
+def _ipv6_upper(a: Addressing, tcp_port: Port, udp_port: Port
                 ) -> st.SearchStrategy[bytes]:
     b = _bases(a, tcp_port, udp_port)
     return st.one_of(b["udp"], b["icmp_echo"], b["tcp"], b["dns"]).filter(f.is_ipv6)
 
 
-def valid_frames(a: Addressing = DEFAULT_ADDRESSING, *, tcp_port: int | None = None,
-                 udp_port: int | None = None) -> st.SearchStrategy[LabeledFrame]:
-    """Well-formed guest frames of every protocol; TCP/UDP go to the gateway at
-    `tcp_port`/`udp_port` when given (the mapped host loopback), else to any port."""
+def valid_frames(a: Addressing = DEFAULT_ADDRESSING, *, tcp_port: Port = None,
+                 udp_port: Port = None) -> st.SearchStrategy[LabeledFrame]:
+    """Well-formed guest frames of every protocol; TCP/UDP go to the gateway (the
+    mapped host loopback) at `tcp_port`/`udp_port`: by default the kit's sink."""
     b = _bases(a, tcp_port, udp_port)
     plain = st.one_of(*(s.map(partial(LabeledFrame, kind=k)) for k, s in b.items()))
     # RFC 8200 §4.1 order is only a recommendation; receivers must accept any order.
@@ -106,8 +135,8 @@ def valid_frames(a: Addressing = DEFAULT_ADDRESSING, *, tcp_port: int | None = N
 
 
 @st.composite
-def _mutation(draw: st.DrawFn, a: Addressing) -> LabeledFrame:
-    b = _bases(a, None, None)
+def _mutation(draw: st.DrawFn, a: Addressing, tcp_port: Port, udp_port: Port) -> LabeledFrame:
+    b = _bases(a, tcp_port, udp_port)
     v4 = st.one_of(b["udp"], b["tcp"], b["icmp_echo"], b["dns"]).filter(f.is_ipv4)
     v6 = st.one_of(b["udp"], b["tcp"], b["icmp_echo"], b["dns"]).filter(f.is_ipv6)
     kind = draw(st.sampled_from([
@@ -204,10 +233,12 @@ def _with_ipv4_proto(frame: bytes, proto: int) -> bytes:
     return bytes(out)
 
 
-def broken_frames(a: Addressing = DEFAULT_ADDRESSING) -> st.SearchStrategy[LabeledFrame]:
+def broken_frames(a: Addressing = DEFAULT_ADDRESSING, *, tcp_port: Port = None,
+                  udp_port: Port = None) -> st.SearchStrategy[LabeledFrame]:
     """Malformed frames, each labeled with the counter the relay must bump for it
-    (``expect=None`` only for breakage the relay tolerates on purpose)."""
-    return _mutation(a)
+    (``expect=None`` only for breakage the relay tolerates on purpose, which then
+    reaches the host: to `tcp_port`/`udp_port`, by default the kit's sink)."""
+    return _mutation(a, tcp_port, udp_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,20 +270,21 @@ class TcpConversation:
                               s.payload, s.options) for s in self.segments]
 
 
-def tcp_conversations(dport: int | None = None, v6: bool | None = None
+def tcp_conversations(dport: Port = None, v6: bool | None = None
                       ) -> st.SearchStrategy[TcpConversation]:
     """Handshake, data in segments of up to an MSS drawn from 1..1460 with loss,
-    duplication and reordering, then a FIN (half-close), a RST, or nothing; to port
-    `dport` and in family `v6` when given, else drawn."""
+    duplication and reordering, then a FIN (half-close), a RST, or nothing; to the
+    gateway's port `dport` (by default the kit's sink), in family `v6` when given, else
+    drawn."""
     # A plain function around the composite: hypothesis's composite wrapper lives in a
     # generated module, where documentation tools cannot resolve its annotations.
     return _conversation(dport, v6)
 
 
 @st.composite
-def _conversation(draw: st.DrawFn, dport: int | None, v6: bool | None) -> TcpConversation:
+def _conversation(draw: st.DrawFn, dport: Port, v6: bool | None) -> TcpConversation:
     fam = draw(families) if v6 is None else v6
-    port = draw(ports) if dport is None else dport
+    port = draw(_dports(dport))
     isn = draw(seqs)
     data = draw(st.binary(max_size=2048))
     mss = draw(st.integers(1, 1460))
@@ -281,13 +313,15 @@ def _conversation(draw: st.DrawFn, dport: int | None, v6: bool | None) -> TcpCon
                            tuple(segs + out))
 
 
-def frame_sequences(a: Addressing = DEFAULT_ADDRESSING, *, tcp_port: int | None = None,
-                    udp_port: int | None = None, max_size: int = 20
+def frame_sequences(a: Addressing = DEFAULT_ADDRESSING, *, tcp_port: Port = None,
+                    udp_port: Port = None, max_size: int = 20
                     ) -> st.SearchStrategy[list[LabeledFrame]]:
-    """Lists of valid and broken frames and whole conversations' frames, interleaved."""
+    """Lists of valid and broken frames and whole conversations' frames, interleaved;
+    TCP and UDP to the gateway at `tcp_port`/`udp_port` (by default the kit's sink)."""
     conv = tcp_conversations(tcp_port).map(
         lambda c: [LabeledFrame(d, "conversation") for d in c.frames(0, a)])
     single = st.one_of(valid_frames(a, tcp_port=tcp_port, udp_port=udp_port),
-                       broken_frames(a)).map(lambda x: [x])
+                       broken_frames(a, tcp_port=tcp_port, udp_port=udp_port)
+                       ).map(lambda x: [x])
     return st.lists(st.one_of(single, single, conv), max_size=max_size).map(
         lambda groups: [x for g in groups for x in g])
