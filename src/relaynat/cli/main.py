@@ -193,6 +193,9 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
     from relaynat.moving.handover import Source
     from relaynat.netns.guest import NamespaceGuest, NamespaceSetupError, run_command
 
+    # This process is the command's stand-in: a service manager's SIGTERM or a
+    # terminal's SIGHUP meant for it is passed on (forward_signals), so the command
+    # ends as it would on its own and its status is ours.
     holder: list[Relay] = []
     guests: list[NamespaceGuest] = []
     # Bound before the guest starts, so a bad path fails first; served once the relay is.
@@ -212,7 +215,7 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
                                  policy=policy,
                                  hide_paths=[os.path.abspath(args.control_socket)]
                                  if args.control_socket else (), guest_ready=guests.append,
-                                 runas=args.runas)
+                                 runas=args.runas, forward_signals=True)
     except NamespaceSetupError as exc:
         print(f"relaynat run: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
 """The child side of namespace mode: set up the guest's namespaces, hand over the TAP,
 start the command and see it to its end. Run as `python -m relaynat.netns.child
-SPEC FD -- CMD...` by `namespace.NamespaceGuest.spawn`; kept apart from the relay so it
-starts without importing it.
+SPEC FD [NAME=VALUE...] -- CMD...` by `guest.NamespaceGuest.spawn` (the NAME=VALUE
+arguments, as many as SPEC says, are the command's environment when it is given one);
+kept apart from the relay so it starts without importing it.
 
 The namespaces are made in two steps, in this order:
 
@@ -27,6 +28,15 @@ while its child is PID 1 of the command's PID namespace with a fresh /proc: the 
 sees no process of the host (pid_namespaces(7)). That init starts the command, passes
 signals on (PID 1 gets only the signals it has a handler for), reaps orphans, and exits
 with the command's status; the kernel then kills whatever the command left behind.
+
+A command given a user other than root runs in a user namespace of its own, nested in
+the guest's, whose only ids are that user and group, mapped to the guest's root (the
+one map a process may write for itself). The guest's network, mount and PID namespaces
+are owned by the guest's user namespace, in which the command then holds no
+capability: it uses the network as any unprivileged process does and cannot change
+it; on the host its files are those of the guest's root outside, as before. A second
+level is needed because the guest's user namespace maps root alone (the relay may map
+no other id of its own, user_namespaces(7)).
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ import sys
 import tempfile
 from typing import Any
 
+from relaynat.errors import Error
 from relaynat.netns.syscalls import (
     CLONE_NEWIPC,
     CLONE_NEWNET,
@@ -52,15 +63,21 @@ from relaynat.netns.syscalls import (
     CLONE_NEWPID,
     CLONE_NEWUSER,
     CLONE_NEWUTS,
+    limit_capabilities,
+    map_ids,
     map_root,
+    set_dumpable,
     set_parent_death_signal,
     unshare,
 )
 from relaynat.transports.tap import open_tap
 
 
-class NamespaceSetupError(RuntimeError):
-    """A setup step failed; the message says which and why."""
+class NamespaceSetupError(Error, RuntimeError):
+    """A namespace guest could not be set up; the message says which step failed and why.
+
+    Defined here, where the setup runs, so that this process need not import the relay;
+    `relaynat.netns.guest` raises the same class with the child's message."""
 
 
 # mount(2) flags (include/uapi/linux/mount.h).
@@ -221,21 +238,47 @@ def _pass_signals_until_exit(child: int) -> int:
                 os.kill(child, info.si_signo)
 
 
-def _exec(command: list[str]) -> int:
-    """Become the command (returns only if that failed)."""
+def _become_user(uid: int, gid: int) -> None:
+    """Enter a user namespace of our own whose only ids are `uid` and `gid`, mapped to
+    the ids we have (the guest's root): from here on we are that user, and what we
+    execute holds no capability of the guest's user namespace (the module docstring)."""
+    unshare(CLONE_NEWUSER)
+    # Our ids changed in _become_root, so /proc/self is the host root's until this.
+    set_dumpable()
+    map_ids("self", (uid, gid), (0, 0))
+    # Already our ids through the map; set so a wrong map fails here, not later.
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def _exec(command: list[str], spec: dict[str, Any], env: dict[str, str] | None) -> int:
+    """Become the command (returns only if that failed): as spec["user"] (uid, gid) if
+    given, with at most the capabilities spec["caps"] if given, with `env` if given."""
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     # Python ignores these at startup, and an ignored signal stays ignored across
     # execve(2): give the command the defaults a shell would.
     for signum in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(signum, signal.SIG_DFL)
     try:
-        os.execvp(command[0], command)
+        if spec["user"] is not None:
+            _become_user(*spec["user"])
+        if spec["caps"] is not None:
+            limit_capabilities(spec["caps"])
+    except OSError as exc:
+        print(f"relaynat run: cannot drop the command's privileges: {exc}", file=sys.stderr)
+        return 126
+    try:
+        if env is None:
+            os.execvp(command[0], command)
+        else:
+            os.execvpe(command[0], command, env)
     except OSError as exc:
         print(f"relaynat run: cannot execute {command[0]!r}: {exc.strerror}", file=sys.stderr)
     return 127
 
 
-def _init(command: list[str], parent_alive: int) -> int:
+def _init(command: list[str], spec: dict[str, Any], env: dict[str, str] | None,
+          parent_alive: int) -> int:
     """PID 1 of the command's PID namespace: mount its /proc, start the command, pass
     signals on, reap, and return the command's status."""
     # Our parent (in the host's PID namespace) is the process the relay watches and
@@ -249,11 +292,11 @@ def _init(command: list[str], parent_alive: int) -> int:
     _mount("proc", "/proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "proc")
     child = os.fork()
     if child == 0:
-        os._exit(_exec(command))
+        os._exit(_exec(command, spec, env))
     return _pass_signals_until_exit(child)
 
 
-def _start(command: list[str]) -> int:
+def _start(command: list[str], spec: dict[str, Any], env: dict[str, str] | None) -> int:
     """Fork the init of the PID namespace made last, pass signals to it, and return
     its status."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {*_FORWARDED, signal.SIGCHLD})
@@ -264,7 +307,7 @@ def _start(command: list[str]) -> int:
     if init == 0:
         os.close(alive_w)
         try:
-            code = _init(command, alive_r)
+            code = _init(command, spec, env, alive_r)
         except OSError as exc:
             print(f"relaynat run: cannot start the command's init: {exc}", file=sys.stderr)
             code = 1
@@ -277,7 +320,10 @@ def _start(command: list[str]) -> int:
 def _child_main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     sock = socket.socket(fileno=int(argv[1]))
-    command = argv[3:]
+    count = spec["env"] or 0
+    env = None if spec["env"] is None else dict(
+        entry.split("=", 1) for entry in argv[2:2 + count])
+    command = argv[3 + count:]
     try:
         host_root = os.geteuid() == 0
         _host_side_mounts(spec, host_root)
@@ -287,6 +333,14 @@ def _child_main(argv: list[str]) -> int:
         fd, vnet_hdr_len, offload = open_tap(spec["tap"], spec["vnet"])
         _become_root()
         _configure_link(spec)
+        if spec["cwd"] is not None:
+            # Here rather than in the command's process, so a directory the command may
+            # not enter fails the setup, with its reason, not the command later; the
+            # ids are the command's as far as files go (the module docstring).
+            try:
+                os.chdir(spec["cwd"])
+            except OSError as exc:
+                raise NamespaceSetupError(f"cwd {spec['cwd']}: {exc.strerror}") from None
         # Owned by the user namespace we are in; not entered: its init is the next
         # process we fork (`_start`).
         unshare(CLONE_NEWPID)
@@ -299,7 +353,7 @@ def _child_main(argv: list[str]) -> int:
     if sock.recv(16) != b"go":
         return 1
     sock.close()
-    return _start(command)
+    return _start(command, spec, env)
 
 
 if __name__ == "__main__":
