@@ -444,6 +444,7 @@ class _SignalForwarding:
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._saved: dict[int, Any] = {}
+        self._installed: list[int] = []
         self._guest: NamespaceGuest | None = None
         self._pending: list[int] = []
         for signum in FORWARDED_SIGNALS:
@@ -458,6 +459,7 @@ class _SignalForwarding:
         try:
             for signum in FORWARDED_SIGNALS:
                 self._loop.add_signal_handler(signum, self._forward, signum)
+                self._installed.append(signum)
         except BaseException:
             self.restore()
             raise
@@ -476,10 +478,11 @@ class _SignalForwarding:
 
     def restore(self) -> None:
         """Each signal's disposition back as it was: the default action, or ignored."""
-        for signum, saved in self._saved.items():
+        for signum in self._installed:
             self._loop.remove_signal_handler(signum)  # leaves SIG_DFL
-            if saved == signal.SIG_IGN:
+            if self._saved[signum] == signal.SIG_IGN:
                 signal.signal(signum, signal.SIG_IGN)
+        self._installed.clear()
 
 
 async def run_command(config: RelayConfig, command: Sequence[str], *, tap_name: str = "tap0",
