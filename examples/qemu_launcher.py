@@ -24,8 +24,7 @@ import signal
 import socket
 import sys
 
-from relaynat import RelayConfig
-from relaynat.relay import Relay
+from relaynat import Relay, RelayConfig
 
 
 def qemu_argv(args: argparse.Namespace, fd: int) -> list[str]:
