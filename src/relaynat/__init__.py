@@ -36,6 +36,16 @@ inbound `Forward`. `run_command` runs a command as a namespace guest; `Namespace
 is such a guest apart from its relay. `Guests` serves many guests, each a `Relay`
 with its own configuration, policy, forwards, limits and stats, from one event loop.
 
+What happens to a guest (it is ready, a flow opened, was denied or closed, its link was
+lost) arrives as `Event`s, through `Relay.subscribe` or the `Relay.events()` iterator
+(`Guests` has both for all its guests); `event_dict` makes one JSON-ready.
+
+Every exception relaynat raises on purpose is an `Error`, and keeps the builtin base it
+had before `Error` existed (`ConfigError` and `ForwardError` are `ValueError`s,
+`InterfaceError` and `RepairError` `OSError`s, `NamespaceSetupError` and
+`RelayClosedError` `RuntimeError`s): `except relaynat.Error` catches them all, and an
+`except ValueError` written earlier goes on catching what it caught.
+
 `relaynat.testing` (the `testing` extra, which needs hypothesis) has an in-memory
 guest and hypothesis strategies of guest frames for tests of your own integration. It
 is imported on its own (`from relaynat.testing import InMemoryGuest`), so it is not in
@@ -52,14 +62,29 @@ import importlib
 from typing import TYPE_CHECKING
 
 from relaynat.config import ConfigError, RelayConfig
+from relaynat.errors import Error, RelayClosedError
 
 if TYPE_CHECKING:
     # What the lazy __getattr__ below returns, spelled out for type checkers.
+    from relaynat.events import (
+        Endpoint,
+        Event,
+        FlowClosed,
+        FlowDenied,
+        FlowOpened,
+        GuestReady,
+        TransportLost,
+        event_dict,
+    )
+    from relaynat.flow_info import FlowInfo
+    from relaynat.flow_state import FlowStateError
     from relaynat.guests import Guests
     from relaynat.host.forward import Forward, ForwardError
-    from relaynat.netns.guest import NamespaceGuest, run_command
+    from relaynat.moving.handover import HandoverError
+    from relaynat.netns.guest import NamespaceGuest, NamespaceSetupError, run_command
     from relaynat.policy import Decision, Policy, Rule
     from relaynat.relay import Relay
+    from relaynat.repair_state import RepairError
     from relaynat.transports.base import FrameSink, FrameTransport
     from relaynat.transports.interface import InterfaceError, InterfaceTransport
     from relaynat.transports.stream import StreamTransport
@@ -73,22 +98,29 @@ if TYPE_CHECKING:
 
 # Grouped by use, not sorted: pdoc lists the names in this order.
 __all__ = [  # noqa: RUF022
-    # One guest's relay and its configuration.
-    "ConfigError",
+    # One guest's relay, its configuration, and its open flows (`Relay.flows`).
     "Relay",
     "RelayConfig",
+    "FlowInfo",
     # Many guests, one event loop.
     "Guests",
+    # What happened to a guest: events (`Relay.subscribe`, `Relay.events`).
+    "Event",
+    "GuestReady",
+    "FlowOpened",
+    "FlowDenied",
+    "FlowClosed",
+    "TransportLost",
+    "Endpoint",
+    "event_dict",
     # Egress policy and inbound forwards.
     "Decision",
     "Forward",
-    "ForwardError",
     "Policy",
     "Rule",
     # Transports.
     "FrameSink",
     "FrameTransport",
-    "InterfaceError",
     "InterfaceTransport",
     "StreamTransport",
     "TapTransport",
@@ -100,6 +132,17 @@ __all__ = [  # noqa: RUF022
     # Namespace guests.
     "NamespaceGuest",
     "run_command",
+    # Exceptions: each is an `Error` and keeps its builtin base (ConfigError is a
+    # ValueError, InterfaceError an OSError, ...).
+    "Error",
+    "ConfigError",
+    "FlowStateError",
+    "ForwardError",
+    "HandoverError",
+    "InterfaceError",
+    "NamespaceSetupError",
+    "RelayClosedError",
+    "RepairError",
 ]
 __version__ = "0.1.0"
 __docformat__ = "markdown"
@@ -107,22 +150,35 @@ __docformat__ = "markdown"
 #: Public name -> the module that defines it, imported on first access (PEP 562).
 _LAZY = {
     "Decision": "relaynat.policy",
+    "Endpoint": "relaynat.events",
+    "Event": "relaynat.events",
+    "FlowClosed": "relaynat.events",
+    "FlowDenied": "relaynat.events",
+    "FlowInfo": "relaynat.flow_info",
+    "FlowOpened": "relaynat.events",
+    "FlowStateError": "relaynat.flow_state",
     "Forward": "relaynat.host.forward",
     "ForwardError": "relaynat.host.forward",
     "FrameSink": "relaynat.transports.base",
     "FrameTransport": "relaynat.transports.base",
+    "GuestReady": "relaynat.events",
     "Guests": "relaynat.guests",
+    "HandoverError": "relaynat.moving.handover",
     "InterfaceError": "relaynat.transports.interface",
     "InterfaceTransport": "relaynat.transports.interface",
     "NamespaceGuest": "relaynat.netns.guest",
+    "NamespaceSetupError": "relaynat.netns.guest",
     "Policy": "relaynat.policy",
     "Relay": "relaynat.relay",
+    "RepairError": "relaynat.repair_state",
     "Rule": "relaynat.policy",
     "StreamTransport": "relaynat.transports.stream",
     "TapTransport": "relaynat.transports.tap",
+    "TransportLost": "relaynat.events",
     "UnixgramServer": "relaynat.transports.unixgram",
     "UnixgramTransport": "relaynat.transports.unixgram",
     "attach_unixgram_fd": "relaynat.transports.unixgram",
+    "event_dict": "relaynat.events",
     "open_tap": "relaynat.transports.tap",
     "run_command": "relaynat.netns.guest",
     "serve_unixgram": "relaynat.transports.unixgram",

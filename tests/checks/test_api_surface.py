@@ -1,13 +1,17 @@
 """The public API: `relaynat.__all__` resolves and is documented, the package passes
 `mypy --strict` (pyproject.toml's [tool.mypy]) and ships its types (PEP 561), the code
-passes `ruff check`, and pdoc renders the API pages without a warning. mypy, ruff and
-pdoc come with the `test` extra.
+passes `ruff check`, pdoc renders the API pages without a warning, every exception is a
+`relaynat.Error`, and the documents' examples import only the public API. mypy, ruff
+and pdoc come with the `test` extra.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
+import pkgutil
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +21,7 @@ from pathlib import Path
 import pdoc.doc
 
 import relaynat
+import relaynat.testing
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The directory holding the relaynat under test, first on the children's path, so
@@ -88,6 +93,83 @@ def test_every_public_name_resolves_and_has_a_docstring() -> None:
     assert not undocumented, f"public API without a docstring: {undocumented}"
 
 
+#: Modules whose pages pdoc renders: the public API and the testing kit's modules.
+API_MODULES = ("relaynat", "relaynat.testing", "relaynat.testing.frames",
+               "relaynat.testing.strategies", "relaynat.testing.sink")
+
+
+def _own_docstring(obj: object) -> str:
+    """The docstring `obj` was written with: a dataclass without one gets its signature
+    as __doc__, which documents nothing."""
+    doc = inspect.getdoc(obj) or ""
+    if inspect.isclass(obj) and doc.startswith(f"{obj.__name__}("):
+        return ""
+    return doc.strip()
+
+
+def test_every_testing_kit_name_is_documented() -> None:
+    """What a test of the kit touches: relaynat.testing's names (the replies' types
+    among them) and the public functions and classes of its modules."""
+    undocumented = []
+    for name in relaynat.testing.__all__:
+        obj = getattr(relaynat.testing, name)
+        if (inspect.isclass(obj) or inspect.isfunction(obj)) and not _own_docstring(obj):
+            undocumented.append(name)
+    for module_name in API_MODULES[2:]:
+        module = importlib.import_module(module_name)
+        for name, obj in vars(module).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != module_name:
+                continue
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and not _own_docstring(obj):
+                undocumented.append(f"{module_name}.{name}")
+    assert not undocumented, f"testing kit without a docstring: {undocumented}"
+
+
+#: Each public exception and the builtin base it had before `relaynat.Error`, which it
+#: keeps so that an `except ValueError` written then goes on catching it.
+BUILTIN_BASES: dict[str, type[BaseException]] = {
+    "ConfigError": ValueError,
+    "FlowStateError": ValueError,
+    "ForwardError": ValueError,
+    "HandoverError": Exception,
+    "InterfaceError": OSError,
+    "NamespaceSetupError": RuntimeError,
+    "RelayClosedError": RuntimeError,
+    "RepairError": OSError,
+}
+
+
+def test_every_public_exception_is_an_error_and_keeps_its_builtin_base() -> None:
+    public = {name for name, obj in _public_names().items()
+              if inspect.isclass(obj) and issubclass(obj, BaseException)}
+    assert public == {"Error", *BUILTIN_BASES}, sorted(public)
+    assert issubclass(relaynat.Error, Exception)
+    for name, base in BUILTIN_BASES.items():
+        cls = getattr(relaynat, name)
+        assert issubclass(cls, relaynat.Error), f"{name} is not a relaynat.Error"
+        assert issubclass(cls, base), f"{name} is no longer a {base.__name__}"
+    try:
+        raise relaynat.ConfigError("mtu: too small")
+    except ValueError as exc:  # caught as before relaynat.Error existed
+        assert isinstance(exc, relaynat.Error)
+
+
+def test_every_exception_class_in_the_package_is_an_error() -> None:
+    """Internal ones too: an exception that escapes through the public API (a testing
+    kit's `MalformedFrame`, a control request's error) is caught by `except Error`."""
+    strays = []
+    for info in pkgutil.walk_packages(relaynat.__path__, "relaynat."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if (inspect.isclass(obj) and issubclass(obj, BaseException)
+                    and obj.__module__ == info.name and not issubclass(obj, relaynat.Error)
+                    and not name.startswith("_")):
+                strays.append(f"{info.name}.{name}")
+    assert not strays, f"exceptions that are not a relaynat.Error: {strays}"
+
+
 def test_relay_config_fields_are_documented() -> None:
     _public_names()  # the lazy names load on access; pdoc reads the module's dict
     config = pdoc.doc.Module(relaynat).get("RelayConfig")
@@ -100,7 +182,7 @@ def test_relay_config_fields_are_documented() -> None:
 
 def test_pdoc_renders_the_api_without_warnings(tmp_path: Path) -> None:
     out = tmp_path / "api"
-    done = _run("-m", "pdoc", "relaynat", "relaynat.testing", "-o", str(out))
+    done = _run("-m", "pdoc", *API_MODULES, "-o", str(out))
     # pdoc reports everything it could not render (unresolvable annotations, names in
     # __all__ that do not resolve, failed imports) as Python warnings on stderr.
     assert done.returncode == 0 and not done.stderr.strip(), \
@@ -115,6 +197,16 @@ def test_pdoc_renders_the_api_without_warnings(tmp_path: Path) -> None:
     assert 'id="Relay.add_forward"' in page
     testing = (out / "relaynat" / "testing.html").read_text()
     assert 'id="InMemoryGuest"' in testing and 'id="valid_frames"' in testing
+    # The replies' types have sections, fields included, on the kit's page.
+    for name in ("Reply", "EthernetFrame", "ArpPacket", "Ipv4Packet", "Ipv6Packet",
+                 "TcpSegment", "UdpDatagram", "MalformedFrame", "SYN", "ACK"):
+        assert f'id="{name}"' in testing, f"{name} has no section in relaynat/testing.html"
+    assert 'id="TcpSegment.flags"' in testing and 'id="Reply.tcp"' in testing
+    frames = (out / "relaynat" / "testing" / "frames.html").read_text()
+    for name in ("LabeledFrame", "LabeledFrame.expect", "tcp_segment", "truncated", "SYN"):
+        assert f'id="{name}"' in frames, f"{name} has no section in frames.html"
+    assert 'id="broken_frames"' in (out / "relaynat" / "testing" / "strategies.html").read_text()
+    assert 'id="Sink"' in (out / "relaynat" / "testing" / "sink.html").read_text()
 
 
 def test_importing_relaynat_loads_no_relay_machinery() -> None:
@@ -144,3 +236,43 @@ def test_readme_programs_type_check_against_the_api(tmp_path: Path) -> None:
     done = _run("-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"),
                 "--no-color-output", *map(str, files))
     assert done.returncode == 0, f"README programs fail mypy:\n{done.stdout}{done.stderr}"
+
+
+#: Where a document's example may import from: the public API and the testing kit.
+PUBLIC_MODULES = frozenset({"relaynat", "relaynat.testing"})
+_IMPORT = re.compile(r"^\s*(?:from\s+(relaynat[\w.]*)\s+import|import\s+(relaynat[\w.]*))",
+                     re.MULTILINE)
+
+
+def _example_code() -> dict[str, str]:
+    """Every example a reader may copy: the Python blocks of README.md, docs/ and
+    examples/ documents, and the files in examples/ (scripts may embed Python)."""
+    code: dict[str, str] = {}
+    documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+                 *sorted((ROOT / "examples").glob("*.md"))]
+    for path in documents:
+        blocks = re.findall(r"^```(?:python|py|pycon)\n(.*?)^```", path.read_text(),
+                            re.MULTILINE | re.DOTALL)
+        for i, block in enumerate(blocks):
+            code[f"{path.relative_to(ROOT)} block {i + 1}"] = block
+    for path in sorted((ROOT / "examples").iterdir()):
+        if path.is_file() and path.suffix != ".md":
+            code[str(path.relative_to(ROOT))] = path.read_text()
+    return code
+
+
+def test_examples_import_only_the_public_api() -> None:
+    code = _example_code()
+    assert any("README.md" in where for where in code), "no README examples were read"
+    internal = [f"{where}: {module}" for where, text in code.items()
+                for match in _IMPORT.finditer(text)
+                if (module := match.group(1) or match.group(2)) not in PUBLIC_MODULES]
+    assert not internal, ("examples importing internal modules (import the name from "
+                          f"relaynat or relaynat.testing): {internal}")
+
+
+def test_the_example_check_sees_an_internal_import() -> None:
+    planted = "```python\nfrom relaynat.relay import Relay\nfrom relaynat import Policy\n```\n"
+    blocks = re.findall(r"^```(?:python|py|pycon)\n(.*?)^```", planted, re.MULTILINE | re.DOTALL)
+    found = [m.group(1) or m.group(2) for block in blocks for m in _IMPORT.finditer(block)]
+    assert found == ["relaynat.relay", "relaynat"]
