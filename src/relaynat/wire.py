@@ -22,6 +22,7 @@ import struct
 from dataclasses import dataclass
 
 from relaynat.checksum import partial_sum, segment_checksum_ok
+from relaynat.errors import Error
 
 ETH_HLEN = 14
 ETHERTYPE_IPV4 = 0x0800
@@ -57,7 +58,7 @@ _IPV6_FRAGMENT = 44
 _IPV6_MAX_EXT = 8
 
 
-class MalformedFrame(ValueError):
+class MalformedFrame(Error, ValueError):
     """The frame cannot be used; `reason` is a short stable token for counters."""
 
     def __init__(self, reason: str) -> None:
@@ -67,6 +68,9 @@ class MalformedFrame(ValueError):
 
 @dataclass(slots=True)
 class EthernetFrame:
+    """An Ethernet II frame: the addresses (6 bytes each), the EtherType, and what
+    follows the header."""
+
     dst_mac: bytes
     src_mac: bytes
     ethertype: int
@@ -76,6 +80,9 @@ class EthernetFrame:
 
 @dataclass(slots=True)
 class Ipv4Packet:
+    """The fields of an IPv4 packet the relay uses (RFC 791 §3.1); addresses are
+    packed (4 bytes)."""
+
     src: bytes
     dst: bytes
     proto: int
@@ -135,6 +142,8 @@ class TcpSegment:
 
 @dataclass(slots=True)
 class UdpDatagram:
+    """One UDP datagram (RFC 768). Addresses are packed bytes (4 or 16)."""
+
     src: bytes
     dst: bytes
     sport: int
@@ -144,6 +153,8 @@ class UdpDatagram:
 
 @dataclass(slots=True)
 class ArpPacket:
+    """An Ethernet/IPv4 ARP packet (RFC 826): `op` 1 request, 2 reply; addresses packed."""
+
     op: int
     sender_mac: bytes
     sender_ip: bytes
