@@ -77,13 +77,31 @@ def _report(**options: Any) -> dict[str, Any]:
 
 def test_the_command_gets_the_env_and_cwd_given_and_writes_to_a_pipe(guest_dir: Path) -> None:
     # LC_ALL set: without a locale Python would add LC_CTYPE itself (PEP 538).
-    env = {"LC_ALL": "C.UTF-8", "RELAYNAT_PROBE": "a=b c", "EMPTY": ""}
+    env = {"LC_ALL": "C.UTF-8", "RELAYNAT_PROBE": "a=b c", "EMPTY": "", "ACCENT": "é"}
     report = _report(env=env, cwd=guest_dir)
     assert report["env"] == env
     assert report["cwd"] == str(guest_dir)
     # Nothing else asked for: root of its namespace with every capability, as before.
     assert report["uid"] == [0, 0, 0]
     assert report["status"]["CapEff"] == ALL_CAPS
+
+
+def test_the_environment_given_is_not_on_a_command_line() -> None:
+    # Any host user may read /proc/PID/cmdline (ps); a token in the environment must
+    # not show there, as it does not for a process's own environment.
+    async def main() -> bytes:
+        guest = await NamespaceGuest.spawn(RelayConfig(), ["true"],
+                                           env={"API_TOKEN": "s3cr3t-relaynat"})
+        try:
+            with open(f"/proc/{guest.proc.pid}/cmdline", "rb") as f:
+                return f.read()
+        finally:
+            guest.close()
+            await guest.proc.wait()
+
+    cmdline = asyncio.run(main())
+    assert b"relaynat.netns.child" in cmdline
+    assert b"s3cr3t-relaynat" not in cmdline
 
 
 def test_the_command_reads_a_pipe_on_stdin() -> None:

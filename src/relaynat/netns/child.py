@@ -1,8 +1,8 @@
 """The child side of namespace mode: set up the guest's namespaces, hand over the TAP,
 start the command and see it to its end. Run as `python -m relaynat.netns.child
-SPEC FD [NAME=VALUE...] -- CMD...` by `guest.NamespaceGuest.spawn` (the NAME=VALUE
-arguments, as many as SPEC says, are the command's environment when it is given one);
-kept apart from the relay so it starts without importing it.
+SPEC FD -- CMD...` by `guest.NamespaceGuest.spawn` (the command's environment, when it is
+given one, comes in a descriptor SPEC names); kept apart from the relay so it starts
+without importing it.
 
 The namespaces are made in two steps, in this order:
 
@@ -320,10 +320,11 @@ def _start(command: list[str], spec: dict[str, Any], env: dict[str, str] | None)
 def _child_main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     sock = socket.socket(fileno=int(argv[1]))
-    count = spec["env"] or 0
-    env = None if spec["env"] is None else dict(
-        entry.split("=", 1) for entry in argv[2:2 + count])
-    command = argv[3 + count:]
+    env = None
+    if spec["env"] is not None:
+        with open(spec["env"], encoding="utf-8") as f:
+            env = json.load(f)
+    command = argv[3:]
     try:
         host_root = os.geteuid() == 0
         _host_side_mounts(spec, host_root)

@@ -142,13 +142,13 @@ def _check_stdio(name: str, value: object) -> None:
                       "a file descriptor or a file that has one")
 
 
-def _env_arguments(env: Mapping[str, str] | None) -> list[str] | None:
-    """`env` as NAME=VALUE strings for the child's command line, or None to inherit."""
+def _checked_env(env: Mapping[str, str] | None) -> dict[str, str] | None:
+    """`env` checked as execve(2) would take it, or None to inherit."""
     if env is None:
         return None
     if not isinstance(env, Mapping):
         raise ConfigError(f"env: give a mapping of names to values, not {type(env).__name__}")
-    entries = []
+    entries = {}
     for name, value in env.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise ConfigError(f"env: {name!r}: names and values must be str")
@@ -156,8 +156,25 @@ def _env_arguments(env: Mapping[str, str] | None) -> list[str] | None:
             raise ConfigError(f"env: {name!r} is not a variable name (empty, or has = or NUL)")
         if "\0" in value:
             raise ConfigError(f"env: the value of {name} has a NUL character")
-        entries.append(f"{name}={value}")
+        entries[name] = value
     return entries
+
+
+def _env_file(env: dict[str, str]) -> int:
+    """A memfd holding `env` as JSON, for the namespace child to read: not its command
+    line, which any host user may read in /proc/PID/cmdline (a token in the
+    environment would show in `ps`); a descriptor is its owner's alone."""
+    fd = os.memfd_create("relaynat-env", os.MFD_CLOEXEC)
+    try:
+        data = json.dumps(env).encode()
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _one_id(kind: str, value: object) -> tuple[int, int | None]:
@@ -340,13 +357,14 @@ class NamespaceGuest:
             raise ConfigError(f"command: {list(command)!r}: each argument is a str without NUL")
         for name, stream in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
             _check_stdio(name, stream)
-        env_arguments = _env_arguments(env)
+        checked_env = _checked_env(env)
         as_user = _command_user(user, group)
         caps = _capability_numbers(capabilities, as_user)
         where = None if cwd is None else os.path.abspath(os.fspath(cwd))
         if where is not None and "\0" in where:
             raise ConfigError(f"cwd: {where!r} has a NUL character")
         uid, gid = command_ids(runas)
+        env_fd = None if checked_env is None else _env_file(checked_env)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         dns = ([str(config.dns_ipv4)] if config.ipv4 else []) + \
             ([str(config.dns_ipv6)] if config.ipv6 else [])
@@ -363,18 +381,21 @@ class NamespaceGuest:
             "cwd": where,
             "user": as_user,
             "caps": caps,
-            "env": None if env_arguments is None else len(env_arguments),
+            "env": env_fd,
         })
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relaynat.netns.child", spec,
-                str(child_sock.fileno()), *(env_arguments or ()), "--", *command,
-                pass_fds=[child_sock.fileno()], stdin=stdin, stdout=stdout, stderr=stderr)
+                str(child_sock.fileno()), "--", *command,
+                pass_fds=[child_sock.fileno()] + ([] if env_fd is None else [env_fd]),
+                stdin=stdin, stdout=stdout, stderr=stderr)
         except BaseException:
             parent_sock.close()
             raise
         finally:
             child_sock.close()
+            if env_fd is not None:
+                os.close(env_fd)
         try:
             parent_sock.settimeout(_READY_TIMEOUT_S)
             try:
