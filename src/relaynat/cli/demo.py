@@ -78,7 +78,9 @@ def run_demo(size_mib: int) -> int:
                 t0 = time.monotonic()
                 code = loop.run_until_complete(run_command(
                     RelayConfig(), ["sh", "-c", f'exec "$0" -c "$1" "$2" > {out_path}',
-                                    python, _GUEST_SCRIPT, url]))
+                                    python, _GUEST_SCRIPT, url],
+                    # A SIGTERM ends the guest and the demo reports it, as `relaynat run`.
+                    forward_signals=True))
                 wall = time.monotonic() - t0
             finally:
                 loop.close()
