@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from ipaddress import ip_address
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 #: The values of `FlowClosed.how`.
 CLOSE_HOW = frozenset(
@@ -57,6 +58,22 @@ class Endpoint(NamedTuple):
         if ":" in self.addr:
             return f"[{self.addr}]:{self.port}"
         return f"{self.addr}:{self.port}"
+
+
+def endpoint(packed: bytes, port: int | None) -> Endpoint:
+    """The endpoint of a packed IPv4 or IPv6 address (a flow key's) and a port."""
+    return Endpoint(str(ip_address(packed)), port)
+
+
+def sockaddr_endpoint(addr: object) -> Endpoint | None:
+    """A socket address (`(host, port, ...)`) as an endpoint; None if it is not one. An
+    IPv4 client of a dual-stack socket shows as IPv4, not ::ffff:a.b.c.d."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        return Endpoint(host, int(addr[1]))
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +161,35 @@ class TransportLost(Event):
 
     reason: str
 
+
+class EventSink(Protocol):
+    """Where the relay's parts emit events (the shell's `EventHub`). An emitter tests
+    `listening` first and builds nothing when it is False: with no subscriber an event
+    costs that one attribute test."""
+
+    #: Whether anyone receives events now.
+    listening: bool
+    #: The relay's name, for the events' `guest`.
+    guest: str | None
+
+    def emit(self, event: Event) -> None:
+        """Deliver `event` to every subscriber."""
+        ...
+
+
+class _Silent:
+    """The sink of a part that no relay gave one: nobody listens."""
+
+    def __init__(self) -> None:
+        self.listening = False
+        self.guest: str | None = None
+
+    def emit(self, event: Event) -> None:
+        pass
+
+
+#: A sink nobody listens to, the default of the parts before a relay wires them.
+SILENT: EventSink = _Silent()
 
 #: Every event class by its `kind`.
 EVENT_TYPES: dict[str, type[Event]] = {

@@ -33,9 +33,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 from relaynat.config import RelayConfig
+from relaynat.event_hub import DEFAULT_MAXSIZE, EventHub, EventStream
+from relaynat.events import Event
 from relaynat.policy import Policy
 from relaynat.relay import Relay
 
@@ -57,6 +60,9 @@ class Guests:
         self._relays: dict[str, Relay] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warned_fds = False
+        # The guests' events, merged: each relay feeds the hub while it has subscribers.
+        self._hub = EventHub(None, Counter(), self._listening)
+        self._feeds: dict[str, Callable[[], None]] = {}
 
     async def __aenter__(self) -> Guests:
         self.start()
@@ -84,20 +90,63 @@ class Guests:
         if self._loop is not None:
             relay.start()
         self._relays[name] = relay
+        if self._hub.listening:
+            self._feed(name, relay)
         self._check_descriptors()
         return relay
 
     def remove(self, name: str) -> None:
         """Close guest `name`: its transport, forwards and flows (reset toward host
-        peers, as when a single relay exits). Raises KeyError for an unknown name."""
+        peers, as when a single relay exits; their events are delivered). Raises
+        KeyError for an unknown name."""
         relay = self._relays.pop(name)
         relay.close()
+        self._unfeed(name)
 
     def close(self) -> None:
-        """Close every guest."""
+        """Close every guest; `events()` iterations end."""
         while self._relays:
-            _, relay = self._relays.popitem()
+            name, relay = self._relays.popitem()
             relay.close()
+            self._unfeed(name)
+        self._hub.close()
+
+    # -- events --------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call `callback(event)` for every guest's events (each names its guest in
+        `event.guest`), guests added later included; returns the callable that
+        unsubscribes. As `Relay.subscribe`: quick, no blocking, no calls back."""
+        return self._hub.subscribe(callback)
+
+    def events(self, maxsize: int = DEFAULT_MAXSIZE) -> EventStream:
+        """Every guest's events, merged, as an async iterator (guests added later
+        included), ending when `close()` is called. A consumer that falls behind loses
+        events, counted as `events_dropped` in the stats of the guest they were about."""
+        return self._hub.events(maxsize)
+
+    def _listening(self, listening: bool) -> None:
+        # The hub gained its first subscriber or lost its last: the relays feed it or stop.
+        for name, relay in self._relays.items():
+            if listening:
+                self._feed(name, relay)
+            else:
+                self._unfeed(name)
+
+    def _feed(self, name: str, relay: Relay) -> None:
+        hub = self._hub
+
+        def forward(event: Event) -> None:
+            dropped = hub.deliver(event)
+            if dropped:
+                relay.count("events_dropped", dropped)
+
+        self._feeds[name] = relay.subscribe(forward)
+
+    def _unfeed(self, name: str) -> None:
+        unsubscribe = self._feeds.pop(name, None)
+        if unsubscribe is not None:
+            unsubscribe()
 
     def __getitem__(self, name: str) -> Relay:
         return self._relays[name]

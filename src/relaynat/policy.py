@@ -76,7 +76,7 @@ import ipaddress
 import json
 import tomllib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_network
 from pathlib import Path
@@ -530,13 +530,19 @@ class EgressGate:
     """`policy` applied to one relay's new guest flows: what `TcpRelay`, `UdpRelay` and
     `IcmpEchoRelay` ask (`admit`, counted into `stats`) and what `set_policy(cut=True)`
     asks of open flows (`denies`, not counted: the cut is). The DNS addresses' port 53
-    is the relay's own service and never asked about (see the module docstring)."""
+    is the relay's own service and never asked about (see the module docstring).
+
+    `on_deny(proto, dst, dport, rule, comment)` hears of each new flow refused: the
+    index of the deciding rule (-1: the default) and that rule's comment ("" for none),
+    for the relay's events and its log."""
 
     def __init__(self, policy: Policy, dns_addresses: tuple[bytes, ...],
-                 stats: Counter[str]) -> None:
+                 stats: Counter[str],
+                 on_deny: Callable[[int, bytes, int, int, str], None] | None = None) -> None:
         self.policy = policy
         self._dns_addresses = dns_addresses
         self._stats = stats
+        self._on_deny = on_deny
 
     def _exempt(self, dst: bytes, dport: int) -> bool:
         return dport == DNS_PORT and dst in self._dns_addresses
@@ -554,7 +560,11 @@ class EgressGate:
         if decision.allow:
             self._stats["policy_allowed"] += 1
         else:
-            rule = "default" if decision.rule < 0 else f"rule{decision.rule}"
+            index = decision.rule
+            rule = "default" if index < 0 else f"rule{index}"
             self._stats["policy_denied"] += 1
             self._stats[f"policy_denied_{rule}"] += 1
+            if self._on_deny is not None:
+                comment = "" if index < 0 else self.policy.rules[index].comment
+                self._on_deny(proto, dst, dport, index, comment)
         return decision.allow

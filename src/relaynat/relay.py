@@ -30,29 +30,26 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import Counter
+from collections.abc import Callable
 
-from relaynat.addressing import DNS_PORT, LINK_LOCAL_PREFIX, AddressMap
+from relaynat.addressing import DNS_PORT, AddressMap
 from relaynat.config import RelayConfig
 from relaynat.errors import RelayClosedError
+from relaynat.event_hub import DEFAULT_MAXSIZE, EventHub, EventStream
+from relaynat.events import Event
 from relaynat.guest_log import guest_logger, guest_scope, in_guest_scope
 from relaynat.host import flow_move
 from relaynat.host.dns_tcp import DnsTcpResponder
-from relaynat.host.forward import Forwarder
+from relaynat.host.forward import Forward, Forwarder, ForwardError, SockAddr, client_address
 from relaynat.host.icmp_relay import IcmpEchoRelay
+from relaynat.host.tcp_flow import close_with_reset
 from relaynat.host.tcp_relay import TcpRelay
 from relaynat.host.udp_relay import UdpRelay
-from relaynat.link.dns import answer_static, host_upstream, static_table
-from relaynat.link.services import (
-    BROADCAST_IP,
-    DHCP_SERVER_PORT,
-    ZERO_IP,
-    ZERO_IP6,
-    LinkServices,
-)
-from relaynat.packet_builder import BROADCAST_MAC, ICMP_PORT_UNREACH, udp_frame
+from relaynat.link.dns import host_upstream, static_table
+from relaynat.link.services import ZERO_IP, LinkServices
 from relaynat.policy import EgressGate, Policy
 from relaynat.ratelimit import TokenBucket
-from relaynat.relay_forwards import RelayForwards
+from relaynat.relay_dispatch import RelayDispatch
 from relaynat.relay_moving import RelayMoving
 from relaynat.transports.base import FrameTransport
 from relaynat.transports.pcap import PcapWriter
@@ -62,29 +59,22 @@ from relaynat.wire import (
     ETHERTYPE_IPV4,
     ETHERTYPE_IPV6,
     IPPROTO_ICMP,
-    IPPROTO_ICMPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
     IPV4_PROTO_AT,
-    IpPacket,
-    Ipv4Packet,
-    Ipv6Packet,
     MalformedFrame,
     TcpSegment,
-    UdpDatagram,
     parse_ethernet,
     parse_ipv4,
     parse_ipv6,
     parse_tcp,
     parse_tcp4_fast,
-    parse_udp,
-    parse_udp4_fast,
 )
 
 log = guest_logger("relaynat")
 
 
-class Relay(RelayForwards, RelayMoving):
+class Relay(RelayDispatch, RelayMoving):
     """The network of one guest: one transport at a time, any number of flows.
 
     `config` (default `RelayConfig()`) is validated here (ConfigError says what is
@@ -136,6 +126,8 @@ class Relay(RelayForwards, RelayMoving):
         self._fast_ipv4 = c.ipv4
         self._prefix6 = self._addr.prefix6
         self._link = LinkServices(c, self._addr, self._send_frame, self._stats)
+        self._hub = EventHub(name, self._stats)
+        self._link.on_ready = self._hub.guest_ready
         self._dns_static = static_table(c.dns_records)
         self.transport_lost_event = asyncio.Event()
         self._exported = flow_move.ExportedSockets()
@@ -168,6 +160,7 @@ class Relay(RelayForwards, RelayMoving):
         self._udp_relay = UdpRelay(self.config, self._loop, self._send_frame, self._send_raw,
                                    self._stats)
         self._icmp = IcmpEchoRelay(self.config, self._loop, self._send_frame, self._stats)
+        self._tcp.events = self._udp_relay.events = self._icmp.events = self._hub
         # One bucket for all three: the rate bounds the guest's new flows, whatever protocol.
         self._tcp.rate_limit = self._udp_relay.rate_limit = self._icmp.rate_limit = (
             TokenBucket.from_limits(self.config.new_flow_rate, self.config.new_flow_burst))
@@ -211,6 +204,7 @@ class Relay(RelayForwards, RelayMoving):
         if self._forwarder is not None:
             self._forwarder.close()
             self._forwarder = None
+        self._hub.close()
 
     @in_guest_scope
     def attach(self, transport: FrameTransport) -> None:
@@ -275,7 +269,7 @@ class Relay(RelayForwards, RelayMoving):
             policy = policy.bound_to(self.config)
         self._policy = policy
         gate = None if policy is None else EgressGate(
-            policy, (self._addr.dns_ip, self._addr.dns_ip6), self._stats)
+            policy, (self._addr.dns_ip, self._addr.dns_ip6), self._stats, self._hub.denied)
         parts = (("tcp", self._tcp), ("udp", self._udp_relay), ("icmp", self._icmp))
         for _name, part in parts:
             if part is not None:
@@ -289,6 +283,93 @@ class Relay(RelayForwards, RelayMoving):
                 self._stats[f"policy_cut_{name}"] += n
                 ended += n
         return ended
+
+    # -- inbound forwards ----------------------------------------------------------------
+
+    @in_guest_scope
+    def add_forward(self, proto: str, host_addr: str | None, host_port: int,
+                    guest_port: int, interface: str | None = None) -> Forward:
+        """Forward `proto` ("tcp" or "udp") host `host_addr` (None: all, both families)
+        port `host_port` (0: pick one; the returned Forward says which) to the guest's
+        `guest_port`. Raises ForwardError saying why not (port in use, bad address,
+        unknown protocol, already forwarded)."""
+        self._check_open("add_forward")
+        assert self._forwarder is not None
+        return self._forwarder.add(proto, host_addr, host_port, guest_port, interface)
+
+    @in_guest_scope
+    def remove_forward(self, proto: str | None = None, host_addr: str | None = None,
+                       host_port: int | None = None, *,
+                       forward_id: int | None = None) -> Forward:
+        """Stop forwarding: the forward with `forward_id`, or the one on (proto,
+        host_addr, host_port). TCP connections already open stay, the UDP flows of the
+        forward end with its socket. Raises ForwardError."""
+        if self._closed:
+            raise RelayClosedError("Relay.remove_forward(): the relay is closed")
+        if self._forwarder is None:
+            raise ForwardError("the relay is not running")
+        forward = self._forwarder.lookup(proto, host_addr, host_port, forward_id)
+        if forward.sock is not None and self._udp_relay is not None:
+            self._udp_relay.forward_closed(forward.sock)
+        self._forwarder.remove(forward)
+        return forward
+
+    def forwards(self) -> list[dict[str, object]]:
+        """The forwards in force, with the host ports the kernel chose for port 0."""
+        if self._forwarder is None:
+            return []
+        return [f.describe() for f in self._forwarder.forwards]
+
+    def _inbound_ends(self, client: bytes) -> tuple[bytes, bytes] | None:
+        """(guest address, source the guest sees) for a client of a forward: the guest
+        is reached in the client's family (the other one if it runs only that), passt's
+        rule. None when no guest is attached. A guest that has not spoken yet is asked
+        for its MAC (LinkServices.solicit_guest): the flow's first frame is on its way."""
+        if self._transport is None:
+            return None
+        c = self.config
+        v6 = (len(client) == 16 and c.ipv6) or not c.ipv4
+        guest = self._guest_addr6 if v6 else self._guest_ip
+        if self._guest_mac is None:
+            self._link.solicit_guest(guest)
+        return guest, self._addr.inbound_source(client, v6)
+
+    def _open_inbound(self, sock: socket.socket, client: bytes, client_port: int,
+                      guest_port: int) -> bool:
+        ends = self._inbound_ends(client)
+        if ends is None or self._tcp is None:
+            self._stats["tcp_inbound_no_guest"] += 1
+            close_with_reset(sock)
+            return False
+        return self._tcp.open_inbound(sock, ends[0], guest_port, ends[1], client_port)
+
+    def _forwarded_datagram(self, forward: Forward, data: bytes,
+                            peer: SockAddr) -> None:
+        ends = self._inbound_ends(client_address(peer))
+        if ends is None or self._udp_relay is None or forward.sock is None:
+            self._stats["udp_inbound_no_guest"] += 1
+            return
+        self._udp_relay.on_forwarded(forward.sock, peer, data, ends[0], forward.guest_port,
+                                     ends[1], peer[1])
+
+    # -- events (events.py, event_hub.py) --------------------------------------------------
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call `callback(event)` for each of this guest's events from now on (guest
+        ready, flow opened, denied and closed, transport lost; events.py); returns the
+        callable that unsubscribes. It runs inside the relay's data path: quick, no
+        blocking, no calls back into the relay. One that raises is logged and dropped."""
+        if self._closed:
+            raise RelayClosedError("Relay.subscribe(): the relay is closed")
+        return self._hub.subscribe(callback)
+
+    def events(self, maxsize: int = DEFAULT_MAXSIZE) -> EventStream:
+        """This guest's events from now on as an async iterator (`async for event in
+        relay.events():`), ending when the relay closes. At most `maxsize` wait: a
+        consumer that falls behind loses the newer ones, counted as `events_dropped`."""
+        if self._closed:
+            raise RelayClosedError("Relay.events(): the relay is closed")
+        return self._hub.events(maxsize)
 
     # -- socket transports -------------------------------------------------------------
 
@@ -328,6 +409,7 @@ class Relay(RelayForwards, RelayMoving):
         log.info("guest transport lost: %s", reason)
         self._stats["transport_lost"] += 1
         self._transport = None
+        self._hub.transport_lost(reason)  # before the flows it ends (their FlowClosed)
         self.detach()
         self.transport_lost_event.set()
 
@@ -409,6 +491,7 @@ class Relay(RelayForwards, RelayMoving):
 
     def _learn_guest_mac(self, mac: bytes) -> None:
         self._guest_mac = mac
+        self._hub.guest_ready("mac", mac)
         if self._tcp is not None:
             self._tcp.set_guest_mac(mac)
         if self._udp_relay is not None:
@@ -426,101 +509,6 @@ class Relay(RelayForwards, RelayMoving):
             self._tcp.on_segment(seg, *self._dns_tcp.address)
             return
         self._tcp.on_segment(seg, self._addr.host_ip_for(seg.dst, seg.dport, self._stats))
-
-    # -- IPv6 ----------------------------------------------------------------------------
-
-    def _ipv6(self, ip: Ipv6Packet, src_mac: bytes) -> None:
-        """Dispatch one IPv6 packet: neighbour discovery and DHCPv6 are answered here,
-        TCP/UDP/ICMPv6 echo go through the same relays as IPv4.
-
-        The guest may use any address of the prefix (SLAAC picks its own interface
-        identifier, RFC 4862 §5.5.3; privacy addresses, RFC 8981), its link-local
-        address, and for neighbour discovery and DHCPv6 only :: (DAD, RFC 4862 §5.4)."""
-        src, proto = ip.src, ip.proto
-        link_local = src[:8] == LINK_LOCAL_PREFIX
-        if src[:8] != self._prefix6 and not link_local and src != ZERO_IP6:
-            raise MalformedFrame("ip_spoofed_source")
-        if proto == IPPROTO_ICMPV6 and self._link.ndp6(ip, src_mac):
-            return
-        if ip.dst[0] == 0xFF:
-            if proto == IPPROTO_UDP and self._link.dhcpv6_request(ip, src_mac):
-                return
-            # MLD reports, mDNS, LLMNR...: meant for the link, nothing to relay.
-            self._stats["ipv6_multicast_ignored"] += 1
-            return
-        if src == ZERO_IP6:
-            raise MalformedFrame("ip6_unspecified_source")
-        # A guest whose global address is still tentative (RFC 4862 §5.4) speaks from
-        # its link-local one: relayed as well, and answered at that address.
-        if not link_local:
-            self._guest_addr6 = src
-        if proto == IPPROTO_TCP:
-            seg = parse_tcp(ip, self._verify_tcp)
-            assert self._tcp is not None
-            self._tcp_segment(seg)
-        elif proto == IPPROTO_UDP:
-            self._udp_relayed(ip, parse_udp(ip))
-        elif proto == IPPROTO_ICMPV6:
-            assert self._icmp is not None
-            self._icmp.on_packet(ip, self._addr.host_ip_for(ip.dst, 0, self._stats), src_mac)
-        else:
-            raise MalformedFrame("ip_proto_unsupported")
-
-    def _known_udp(self, frame: memoryview) -> bool:
-        """Relay a guest datagram of an open IPv4 flow straight away (parse_udp4_fast);
-        False if it is anything else. The DNS address and the DHCP port are left to the
-        general path: static records answer there, its DNS flows count what they
-        forward, and a datagram to port 67 of the gateway is a DHCP request."""
-        fast = parse_udp4_fast(frame)
-        if fast is None:
-            return False
-        src_mac, dgram, packet = fast
-        if (src_mac != self._guest_mac or dgram.src != self._guest_ip
-                or dgram.dst == self._addr.dns_ip or dgram.dport == DHCP_SERVER_PORT):
-            return False
-        assert self._udp_relay is not None
-        return self._udp_relay.on_known(dgram, packet)
-
-    def _udp(self, ip: Ipv4Packet) -> None:
-        dgram = parse_udp(ip)
-        if dgram.dport == DHCP_SERVER_PORT and (ip.src == ZERO_IP or dgram.dst
-                                                in (self._addr.gateway_ip, BROADCAST_IP)):
-            self._link.dhcp_request(dgram)
-            return
-        if ip.src == ZERO_IP:
-            raise MalformedFrame("ip_spoofed_source")
-        if dgram.dst == BROADCAST_IP or dgram.dst[0] >= 224:
-            raise MalformedFrame("udp_multicast_or_broadcast")
-        self._udp_relayed(ip, dgram)
-
-    def _udp_relayed(self, ip: IpPacket, dgram: UdpDatagram) -> None:
-        """A unicast guest datagram of either family: static DNS answers, else relayed."""
-        dns_ip = self._addr.dns_ip6 if len(dgram.dst) == 16 else self._addr.dns_ip
-        if dgram.dst == dns_ip and dgram.dport == DNS_PORT and self._dns_static:
-            answer = answer_static(dgram.payload, self._dns_static)
-            if answer is not None:
-                self._stats["dns_static_answers"] += 1
-                self._ip_id = (self._ip_id + 1) & 0xFFFF
-                self._send_frame(udp_frame(self._guest_mac or BROADCAST_MAC,
-                                           self.config.gateway_mac, dns_ip, dgram.src,
-                                           DNS_PORT, dgram.sport, answer, self._ip_id))
-                return
-        host_ip = self._addr.host_ip_for(dgram.dst, dgram.dport, self._stats)
-        assert self._udp_relay is not None
-        if host_ip is None and (dgram.sport, dgram.dst, dgram.dport,
-                                dgram.src) not in self._udp_relay.table.flows:
-            if dgram.dst == self._guest_ip or dgram.dst[:8] == LINK_LOCAL_PREFIX:
-                raise MalformedFrame("udp_unmapped_destination")
-            # Nothing listens there (gateway without the mapping, the DNS address on
-            # another port or without upstream, a host-local address): port unreachable,
-            # as TCP gets a RST.
-            self._udp_relay.refuse(ip, ICMP_PORT_UNREACH)
-            return
-        if dgram.dst == dns_ip:
-            self._stats["dns_forwarded_udp"] += 1
-            self._udp_relay.on_datagram(ip, dgram, host_ip, self.config.dns_udp_timeout_s)
-        else:
-            self._udp_relay.on_datagram(ip, dgram, host_ip)
 
     # -- frames to the guest -------------------------------------------------------------
 

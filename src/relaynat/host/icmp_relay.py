@@ -35,13 +35,15 @@ import asyncio
 import contextlib
 import errno
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from relaynat.events import SILENT, Endpoint, EventSink, FlowClosed, FlowOpened, endpoint
 from relaynat.guest_log import guest_logger
-from relaynat.host.flowinfo import describe_echo
+from relaynat.host.flowinfo import FlowInfo, describe_echo
 from relaynat.host.sockets import count_socket_failure
 from relaynat.icmp_echo import (
     ICMP_HLEN,
@@ -88,6 +90,8 @@ class EchoSession:
     #: ICMP message bytes each way (header and payload), for listings.
     bytes_from_guest: int = 0
     bytes_to_guest: int = 0
+    #: When the session opened (loop time), for its duration when it closes.
+    opened_at: float = 0.0
 
 
 class IcmpEchoRelay:
@@ -123,6 +127,8 @@ class IcmpEchoRelay:
         #: The guest's new-flow rate, shared with TCP and UDP (set by the relay; None:
         #: unlimited): a new echo session spends a token, later echoes in it do not.
         self.rate_limit: TokenBucket | None = None
+        #: Where sessions opening and closing are told (set by the relay).
+        self.events: EventSink = SILENT
 
     # -- guest side ---------------------------------------------------------------------
 
@@ -207,10 +213,15 @@ class IcmpEchoRelay:
                                      "drop_icmp_socket_error", "ping")
             return None
         sock.setblocking(False)
-        session = EchoSession(key, sock, host_ip, guest_ip, guest_mac)
+        session = EchoSession(key, sock, host_ip, guest_ip, guest_mac, opened_at=now)
         self.sessions.add(key, session, now)
         self._loop.add_reader(sock.fileno(), self._on_readable, session)
         stats["icmp_sockets_opened"] += 1
+        events = self.events
+        if events.listening:
+            events.emit(FlowOpened(time.time(), events.guest, "icmp", "outbound",
+                                   endpoint(guest_ip, key[0]), endpoint(key[1], None),
+                                   Endpoint(host_ip, None)))
         self._arm_timer()
         return session
 
@@ -279,15 +290,23 @@ class IcmpEchoRelay:
 
     def _expire(self, now: float) -> None:
         for _key, session in self.sessions.expired(now):
-            self._close_session(session)
+            self._close_session(session, "timeout")
             self.stats["icmp_sockets_expired"] += 1
 
-    def _close_session(self, session: EchoSession) -> None:
+    def _close_session(self, session: EchoSession, how: str) -> None:
+        """Close the session's socket; it has left the table, `how` (events.py's words)."""
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(session.sock.fileno())
         session.sock.close()
+        events = self.events
+        if events.listening:
+            ident, far, guest = session.key
+            events.emit(FlowClosed(time.time(), events.guest, "icmp", "outbound",
+                                   endpoint(guest, ident), endpoint(far, None),
+                                   session.bytes_from_guest, session.bytes_to_guest,
+                                   max(0.0, self._loop.time() - session.opened_at), how))
 
-    def describe_flows(self) -> list[dict[str, object]]:
+    def describe_flows(self) -> list[FlowInfo]:
         return [describe_echo(session) for _key, session in self.sessions.items()]
 
     def cut(self, denied: Callable[[int, bytes, int], bool]) -> int:
@@ -298,7 +317,7 @@ class IcmpEchoRelay:
                           session.key[1], 0)]
         for session in gone:
             self.sessions.pop(session.key)
-            self._close_session(session)
+            self._close_session(session, "policy_cut")
         return len(gone)
 
     def close(self) -> None:
@@ -308,7 +327,7 @@ class IcmpEchoRelay:
             self._timer.cancel()
             self._timer = None
         for session in self.sessions.clear():
-            self._close_session(session)
+            self._close_session(session, "detached")
 
     @property
     def socket_count(self) -> int:

@@ -139,6 +139,11 @@ class TcpFlow:
     rcvbuf_watch: int = 1 << 16
     #: Bytes by which host/pump.py grew that buffer (counted in its relay's budget).
     rcvbuf_granted: int = 0
+    #: When the flow entered the table (loop time), for its duration when it closes.
+    opened_at: float = 0.0
+    #: How the flow ended, in events.py's words (`FlowClosed.how`), when the shell knows
+    #: it before the close (a policy cut, a detach); else worked out at the close.
+    end_how: str | None = None
 
     # -- HostSocket, on the kernel socket ------------------------------------------------
 

@@ -27,17 +27,27 @@ import errno
 import random
 import select
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from relaynat.addressing import inbound_flow_key
+from relaynat.events import (
+    SILENT,
+    Endpoint,
+    EventSink,
+    FlowClosed,
+    FlowOpened,
+    endpoint,
+    sockaddr_endpoint,
+)
 from relaynat.flow_state import relink
 from relaynat.guest_log import guest_logger
 from relaynat.host.flow_executor import TURN_AGAIN, TURN_WAIT, FlowExecutor, SendToGuest
 from relaynat.host.flow_timers import FlowTimers
 from relaynat.host.flow_turns import FlowTurns
-from relaynat.host.flowinfo import describe_tcp
+from relaynat.host.flowinfo import FlowInfo, describe_tcp
 from relaynat.host.sockets import count_socket_failure
 from relaynat.host.tcp_flow import (
     FlowKey,
@@ -71,6 +81,32 @@ _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPO
 T = TypeVar("T")
 
 
+class _Executor(FlowExecutor[TcpFlow]):
+    """The relay's `FlowExecutor`, which also notes how each flow ended (events.py's
+    `FlowClosed.how`) as it closes. `cause` is what a close means while the relay runs
+    the flows' deadlines ("timeout"); None otherwise."""
+
+    cause: str | None = None
+
+    def close(self, flow: TcpFlow, abortive: bool, counter: str = "tcp_flows_closed") -> None:
+        if flow.end_how is None:
+            flow.end_how = self._how(flow, abortive)
+        super().close(flow, abortive, counter)
+
+    def _how(self, flow: TcpFlow, abortive: bool) -> str:
+        """How the entry ended `flow` on its own. Its aborts that spare the host peer a
+        RST (`abortive` False) are a host reset, a refused connect and the connect
+        deadline; the others reset it: the guest's RST, and the idle, SYN and data
+        timeouts. The relay names the refused connect itself (`_connect_done`); a
+        socket that failed under a deadline's resend is the host's reset."""
+        if self.cause is not None:
+            return "reset_by_host" if not abortive and not flow.connecting else self.cause
+        if abortive:
+            return "reset_by_guest"
+        # A graceful close needs our FIN acknowledged; a host reset before that did not.
+        return "closed" if flow.entry.fin_acked else "reset_by_host"
+
+
 class TcpRelay:
     """All TCP flows of one guest."""
 
@@ -90,8 +126,8 @@ class TcpRelay:
         self._turns = FlowTurns(loop, self.flush)
         self._backlog = SynBacklog(stats, config.syn_rate)
         self._backlog_timer: asyncio.TimerHandle | None = None
-        self._exec: FlowExecutor[TcpFlow] = FlowExecutor(
-            stats, send_to_guest, self._turns, self._untrack, self._fail_flow)
+        self._exec = _Executor(stats, send_to_guest, self._turns, self._untrack,
+                               self._fail_flow)
         self._vnet_hdr_len = 0
         self._offload = False
         #: The guest's MAC, which the templates of its flows follow (packet_builder.py).
@@ -107,6 +143,8 @@ class TcpRelay:
         #: unlimited). Spent only by SYNs that passed every other check.
         self.rate_limit: TokenBucket | None = None
         self._connect_watch: dict[tuple[str, int], Callable[[socket.socket], None]] = {}
+        #: Where flows opening and closing are told (set by the relay).
+        self.events: EventSink = SILENT
 
     def watch_connects(self, host_addr: tuple[str, int],
                        callback: Callable[[socket.socket], None]) -> None:
@@ -229,14 +267,20 @@ class TcpRelay:
                             idle_timeout_s=self._config.tcp_idle_timeout_s,
                             ooo_budget=self.ooo_budget)
         flow = TcpFlow(key, entry, sock, host_addr=(host_ip, host_port),
-                       peek_offset_supported=peek_offset)
+                       peek_offset_supported=peek_offset, opened_at=now)
         err = sock.connect_ex(flow.host_addr)
         if err not in (0, errno.EINPROGRESS):
             self.stats["tcp_connect_failed"] += 1
             self._exec.connected(flow, False, now)
             sock.close()
+            if self.events.listening:  # never in the table: opened and refused at once
+                self._opened(flow)
+                flow.end_how = "refused"
+                self._ended(flow)
             return
         self._track(flow)
+        if self.events.listening:
+            self._opened(flow)
         if self._connect_watch and (watch := self._connect_watch.get(flow.host_addr)):
             watch(sock)
         self._pending_connects += 1
@@ -275,8 +319,10 @@ class TcpRelay:
                                                 facts=None, ooo_budget=self.ooo_budget,
                                                 idle_timeout_s=self._config.tcp_idle_timeout_s),
                        sock, connecting=False, host_addr=sock.getpeername()[:2], inbound=True,
-                       peek_offset_supported=peek_offset)
+                       peek_offset_supported=peek_offset, opened_at=now)
         self._track(flow)
+        if self.events.listening:
+            self._opened(flow)
         self._syn_unheard[flow] = None
         self.stats["tcp_inbound_opened"] += 1
         self._exec.execute(flow)
@@ -327,6 +373,7 @@ class TcpRelay:
             err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 self.stats["tcp_host_errors"] += 1
+                flow.end_how = "reset_by_host"
                 entry.on_host_reset(now)
                 self._exec.execute(flow)
                 return
@@ -344,6 +391,7 @@ class TcpRelay:
         err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self.stats["tcp_connect_failed"] += 1
+            flow.end_how = "refused"
         self._exec.connected(flow, not err, now)
         return not err
 
@@ -356,6 +404,7 @@ class TcpRelay:
         with contextlib.suppress(Exception):
             self._send(entry.template.build(entry.snd_max, entry.rcv_nxt, RST | ACK, 0), b"")
         entry.on_guest_gone()
+        flow.end_how = "error"
         self._close(flow, abortive=True)
 
     def flush(self) -> None:
@@ -417,7 +466,43 @@ class TcpRelay:
             flow.connecting = False
         with contextlib.suppress(OSError):
             self._epoll.unregister(fd)
+        # The relay's byte totals, as each flow leaves (stats() adds the open ones'):
+        # nothing per segment.
+        entry = flow.entry
+        self.stats["tcp_bytes_from_guest"] += entry.bytes_from_guest
+        self.stats["tcp_bytes_to_guest"] += entry.bytes_to_guest
+        if self.events.listening:
+            self._ended(flow)
         return True
+
+    def _opened(self, flow: TcpFlow) -> None:
+        """Tell `events` that `flow` opened: an outbound one once its connect() began,
+        an inbound one once the forward accepted its client."""
+        guest_port, far, far_port, guest = flow.key
+        peer = (sockaddr_endpoint(flow.host_addr) if flow.inbound
+                else Endpoint(*flow.host_addr))
+        self.events.emit(FlowOpened(time.time(), self.events.guest, "tcp",
+                                    "inbound" if flow.inbound else "outbound",
+                                    endpoint(guest, guest_port), endpoint(far, far_port), peer))
+
+    def _ended(self, flow: TcpFlow) -> None:
+        """Tell `events` that `flow` left the table, with its bytes and how it ended."""
+        guest_port, far, far_port, guest = flow.key
+        entry = flow.entry
+        self.events.emit(FlowClosed(
+            time.time(), self.events.guest, "tcp", "inbound" if flow.inbound else "outbound",
+            endpoint(guest, guest_port), endpoint(far, far_port), entry.bytes_from_guest,
+            entry.bytes_to_guest, max(0.0, self._loop.time() - flow.opened_at),
+            flow.end_how or "closed"))
+
+    def open_bytes(self) -> tuple[int, int]:
+        """Payload bytes (from the guest, to the guest) of the flows open now; the closed
+        ones' are in the stats already (`tcp_bytes_from_guest`, `tcp_bytes_to_guest`)."""
+        from_guest = to_guest = 0
+        for flow in self.flows.values():
+            from_guest += flow.entry.bytes_from_guest
+            to_guest += flow.entry.bytes_to_guest
+        return from_guest, to_guest
 
     def _close(self, flow: TcpFlow, abortive: bool, counter: str = "tcp_flows_closed") -> None:
         self._exec.close(flow, abortive, counter)
@@ -427,30 +512,34 @@ class TcpRelay:
     def _on_timers(self, due: list[TcpFlow], now: float) -> None:
         """FlowTimers: the deadlines of `due` passed."""
         executor = self._exec
-        for flow in due:
-            entry = flow.entry
-            if entry.closed:  # closed by an earlier flow's handling in this run
-                continue
-            try:
-                acted = executor.timer(flow, now)
-            except Exception:
-                self._fail_flow(flow)
-                continue
-            if entry.closed:
-                continue
-            if acted:
-                self._turns.mark(flow)
-            else:
-                # A window check that found nothing to say (most of them: a ping-pong
-                # flow at MTU 65520 always looks window-limited and is checked every
-                # millisecond): the next deadline is all it needs, not a flush that
-                # reads the socket's facts a second time.
-                self._timers.schedule(flow)
+        executor.cause = "timeout"  # what a deadline closes, it closes for lack of time
+        try:
+            for flow in due:
+                entry = flow.entry
+                if entry.closed:  # closed by an earlier flow's handling in this run
+                    continue
+                try:
+                    acted = executor.timer(flow, now)
+                except Exception:
+                    self._fail_flow(flow)
+                    continue
+                if entry.closed:
+                    continue
+                if acted:
+                    self._turns.mark(flow)
+                else:
+                    # A window check that found nothing to say (most of them: a ping-pong
+                    # flow at MTU 65520 always looks window-limited and is checked every
+                    # millisecond): the next deadline is all it needs, not a flush that
+                    # reads the socket's facts a second time.
+                    self._timers.schedule(flow)
+        finally:
+            executor.cause = None
         self.flush()
 
     # -- control -------------------------------------------------------------------------
 
-    def describe_flows(self) -> list[dict[str, object]]:
+    def describe_flows(self) -> list[FlowInfo]:
         return [describe_tcp(flow) for flow in self.flows.values()]
 
     def cut(self, denied: Callable[[int, bytes, int], bool]) -> int:
@@ -463,6 +552,7 @@ class TcpRelay:
                 continue
             if not denied(IPPROTO_TCP, flow.key[1], flow.key[2]):
                 continue
+            flow.end_how = "policy_cut"
             flow.entry.on_cut(now)
             self._exec.execute(flow)  # the RST to the guest, then CloseHost(abortive)
             cut += 1
@@ -478,6 +568,7 @@ class TcpRelay:
         self._exec.pump.consume(flow)
         state = dump(flow.sock)
         flow.entry.on_guest_gone()
+        flow.end_how = "detached"
         self._untrack(flow)
         self._exec.release(flow)
         self.stats["tcp_flows_exported"] += 1
@@ -486,7 +577,10 @@ class TcpRelay:
     def adopt(self, flow: TcpFlow) -> None:
         """Serve `flow` (moved here from another relay) as if it had been opened here."""
         flow.entry.template = flow.entry.template.following(self._guest_mac)
+        flow.opened_at = self._loop.time()
         self._track(flow)
+        if self.events.listening:
+            self._opened(flow)
         self.stats["tcp_flows_imported"] += 1
         self._turns.mark(flow)
         self._timers.schedule(flow)
@@ -497,6 +591,7 @@ class TcpRelay:
         """The guest is gone: close every flow toward the host with a reset."""
         for flow in list(self.flows.values()):
             flow.entry.on_guest_gone()
+            flow.end_how = "detached"
             self._close(flow, abortive=True, counter="tcp_flows_closed_on_detach")
         self._timers.clear()
         self._backlog.clear()

@@ -17,13 +17,23 @@ import asyncio
 import contextlib
 import errno
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable
 
 from relaynat.addressing import inbound_flow_key
 from relaynat.config import RelayConfig
+from relaynat.events import (
+    SILENT,
+    Endpoint,
+    EventSink,
+    FlowClosed,
+    FlowOpened,
+    endpoint,
+    sockaddr_endpoint,
+)
 from relaynat.guest_log import guest_logger
-from relaynat.host.flowinfo import describe_udp
+from relaynat.host.flowinfo import FlowInfo, describe_udp
 from relaynat.host.forward import SockAddr
 from relaynat.host.sockets import count_socket_failure, size_udp_rcvbuf
 from relaynat.packet_builder import (
@@ -91,6 +101,10 @@ class UdpRelay:
         #: The guest's new-flow rate, shared with TCP and ICMP (set by the relay; None:
         #: unlimited). Inbound flows (on_forwarded) never spend it.
         self.rate_limit: TokenBucket | None = None
+        #: Where flows opening and closing are told (set by the relay).
+        self.events: EventSink = SILENT
+        #: When each flow opened (loop time), for its duration when it closes.
+        self._opened_at: dict[UdpFlow, float] = {}
 
     def set_link(self, vnet_hdr_len: int, offload: bool) -> None:
         """Frame format of the attached transport."""
@@ -188,6 +202,9 @@ class UdpRelay:
         flow.sock = sock
         self._loop.add_reader(sock.fileno(), self._on_readable, flow)
         self.stats["udp_flows_opened"] += 1
+        self._opened_at[flow] = now
+        if self.events.listening:
+            self._opened(flow, Endpoint(host_ip, host_port))
         self._arm_timer(flow.deadline(self.table.idle_s, self.table.stream_s))
         return flow
 
@@ -250,6 +267,9 @@ class UdpRelay:
             flow.sock, flow.peer = sock, peer
             self._inbound[(sock, peer)] = flow
             self.stats["udp_inbound_opened"] += 1
+            self._opened_at[flow] = now
+            if self.events.listening:
+                self._opened(flow, sockaddr_endpoint(peer))
             self._arm_timer(flow.deadline(self.table.idle_s, self.table.stream_s))
         self._to_guest(flow, data)
 
@@ -257,7 +277,7 @@ class UdpRelay:
         """The forward owning `sock` was removed: its clients' flows end with it."""
         for (owner, _peer), flow in list(self._inbound.items()):
             if owner is sock:
-                self._end(flow)
+                self._end(flow, "detached")
 
     def _unreachable(self, flow: UdpFlow) -> None:
         """The host peer's port is closed: tell the guest with ICMP port unreachable,
@@ -316,6 +336,7 @@ class UdpRelay:
         self._timer = None
         for flow in self.table.expired(self._loop.time()):
             self._close_sock(flow)
+            self._ended(flow, "timeout")
             self.stats["udp_flows_expired"] += 1
         self._arm_timer()
 
@@ -330,12 +351,32 @@ class UdpRelay:
             flow.sock.close()
             flow.sock = None
 
-    def _end(self, flow: UdpFlow) -> None:
-        """Close `flow` now (its socket, or its share of a forward's) and forget it."""
+    def _end(self, flow: UdpFlow, how: str) -> None:
+        """Close `flow` now (its socket, or its share of a forward's) and forget it; `how`
+        it ended, in events.py's words."""
         self._close_sock(flow)
         self.table.remove(flow)
+        self._ended(flow, how)
 
-    def describe_flows(self) -> list[dict[str, object]]:
+    def _opened(self, flow: UdpFlow, peer: Endpoint | None) -> None:
+        guest_port, far, far_port, guest = flow.key
+        self.events.emit(FlowOpened(time.time(), self.events.guest, "udp",
+                                    "outbound" if flow.peer is None else "inbound",
+                                    endpoint(guest, guest_port), endpoint(far, far_port), peer))
+
+    def _ended(self, flow: UdpFlow, how: str) -> None:
+        """`flow` left the table: its opening time is forgotten, `events` told."""
+        opened_at = self._opened_at.pop(flow, None)
+        if not self.events.listening:
+            return
+        guest_port, far, far_port, guest = flow.key
+        duration = 0.0 if opened_at is None else max(0.0, self._loop.time() - opened_at)
+        self.events.emit(FlowClosed(time.time(), self.events.guest, "udp",
+                                    "outbound" if flow.peer is None else "inbound",
+                                    endpoint(guest, guest_port), endpoint(far, far_port),
+                                    flow.bytes_from_guest, flow.bytes_to_guest, duration, how))
+
+    def describe_flows(self) -> list[FlowInfo]:
         return [describe_udp(flow) for flow in self.table.flows.values()]
 
     def cut(self, denied: Callable[[int, bytes, int], bool]) -> int:
@@ -345,13 +386,13 @@ class UdpRelay:
         gone = [flow for flow in self.table.flows.values()
                 if flow.peer is None and denied(17, flow.key[1], flow.key[2])]
         for flow in gone:
-            self._end(flow)
+            self._end(flow, "policy_cut")
         return len(gone)
 
     def abort_all(self) -> None:
         """Close every flow (the guest went away)."""
         for flow in list(self.table.flows.values()):
-            self._end(flow)
+            self._end(flow, "detached")
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

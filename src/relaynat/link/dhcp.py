@@ -72,6 +72,9 @@ class DhcpReply:
     #: True: send to 255.255.255.255 at ff:ff:ff:ff:ff:ff. False: unicast to the
     #: reply's ciaddr if set, else its yiaddr, at its chaddr (RFC 2131 §4.1).
     broadcast: bool
+    #: The address an ACK leases (yiaddr); None for an OFFER, a NAK, and the ACK to an
+    #: INFORM, which leases nothing (RFC 2131 §4.3.5).
+    lease: bytes | None = None
 
 
 def _option(code: int, value: bytes) -> bytes:
@@ -250,4 +253,5 @@ class DhcpServer:
         # address (INFORM without ciaddr) can only go out as a broadcast.
         no_address = ciaddr == _ZERO_IP and yiaddr == _ZERO_IP
         broadcast = kind == NAK or bool(flags & FLAG_BROADCAST) or no_address
-        return DhcpReply(body, broadcast)
+        lease = yiaddr if kind == ACK and yiaddr != _ZERO_IP else None
+        return DhcpReply(body, broadcast, lease)

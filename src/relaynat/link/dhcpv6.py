@@ -131,12 +131,18 @@ class Dhcpv6Server:
         self._server_id = option(OPT_SERVERID, self.duid)
         self._dns = option(OPT_DNS_SERVERS, config.dns_ipv6.packed)
         self.counters: Counter[str] = Counter()
+        #: Whether the last reply configures the guest: a Reply to a Request, Renew,
+        #: Rebind, rapid-commit Solicit (§18.3.1) or Information-request (stateless).
+        self.last_configures = False
+        #: The address the last reply binds (None: none, or stateless).
+        self.last_bound: bytes | None = None
 
     def handle(self, message: bytes | memoryview) -> bytes | None:
         """One client message (UDP payload to port 547) -> reply payload, or None.
 
         Never raises; every message bumps at least one counter.
         """
+        self.last_configures, self.last_bound = False, None
         try:
             return self._handle(bytes(message))
         except MalformedFrame as exc:
@@ -192,6 +198,7 @@ class Dhcpv6Server:
         if kind == INFORMATION_REQUEST:
             if ias:  # §16.12: stateless clients must not send IAs
                 return self._ignore("information_request_with_ia")
+            self.last_configures = True
             return self._reply(REPLY, xid, head, [self._dns])
         if kind == CONFIRM:
             return self._confirm(xid, head, ias)
@@ -203,7 +210,9 @@ class Dhcpv6Server:
         body = [*self._bindings(kind, ias), self._dns]
         if kind == SOLICIT and not rapid:
             body.append(option(OPT_PREFERENCE, bytes((PREFERENCE_MAX,))))
+            self.last_bound = None  # offered, not bound
             return self._reply(ADVERTISE, xid, head, body)
+        self.last_configures = True
         if rapid:  # §18.3.1: commit at once, and say so with the option in the Reply
             body.append(option(OPT_RAPID_COMMIT, b""))
         return self._reply(REPLY, xid, head, body)
@@ -251,6 +260,7 @@ class Dhcpv6Server:
                 out.append(option(OPT_IA_NA, iaid + bytes(8) + why))
             else:
                 given = True
+                self.last_bound = self._address
                 addrs = [option(OPT_IAADDR, _IAADDR.pack(self._address, self._preferred,
                                                          self._valid))]
                 if renewing:  # §18.3.4/§18.3.5: others the client holds, lifetimes 0

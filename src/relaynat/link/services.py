@@ -76,6 +76,10 @@ class LinkServices:
         # mcast_solicit 3, retrans_time 1 s), so a host client connecting in a loop
         # before the guest's first frame makes no flood.
         self._guest_solicits = TokenBucket(Fraction(1), 3)
+        #: `on_ready(source, mac, ipv4, ipv6)` hears of a lease given: "dhcp" with the
+        #: leased IPv4 address (a renewal too), "dhcpv6" with the bound IPv6 address
+        #: (None for a stateless reply). Set by the relay for its events.
+        self.on_ready: Callable[[str, bytes, bytes | None, bytes | None], None] | None = None
 
     def solicit_guest(self, guest: bytes) -> None:
         """Ask the guest for its MAC (ARP request, or NS for an IPv6 `guest`): a frame
@@ -126,6 +130,8 @@ class LinkServices:
         self._send_frame(udp_frame(dst_mac, self.config.gateway_mac, self._addr.gateway_ip,
                                    dst_ip, DHCP_SERVER_PORT, DHCP_CLIENT_PORT, payload,
                                    self._ip_id))
+        if reply.lease is not None and self.on_ready is not None:
+            self.on_ready("dhcp", chaddr, reply.lease, None)
 
     # -- IPv6 ----------------------------------------------------------------------------
 
@@ -165,6 +171,8 @@ class LinkServices:
         self._send_frame(udp_frame(src_mac, self.config.gateway_mac,
                                    self.config.gateway_link_local.packed, ip.src,
                                    DHCPV6_SERVER_PORT, DHCPV6_CLIENT_PORT, reply))
+        if self.dhcp6.last_configures and self.on_ready is not None:
+            self.on_ready("dhcpv6", src_mac, None, self.dhcp6.last_bound)
         return True
 
     def start_router_adverts(self, loop: Scheduler) -> None:
