@@ -13,17 +13,20 @@ Each event carries `time` (wall clock, `time.time()`, stamped by the shell when 
 emits) and `guest` (the relay's name; None for an unnamed relay such as
 `relaynat run`'s one guest).
 
-`FlowClosed.how` is one of `CLOSE_HOW`:
+Every `FlowOpened` is followed by one `FlowClosed` for the same flow. `FlowClosed.how`
+is one of `CLOSE_HOW`:
 
-- "closed": both sides sent FIN (TCP), or the ping session was removed with its table;
-- "reset_by_guest" / "reset_by_host": that side reset the connection (or, for TCP,
-  stopped answering until the relay gave up on it, which the peer sees as a reset);
-- "timeout": the flow was idle longer than its timeout (UDP's conntrack-style timeouts,
-  ICMP echo's session timeout, TCP's idle timeout and connect timeout);
+- "closed": both sides sent FIN (TCP);
+- "reset_by_guest" / "reset_by_host": that side reset the TCP connection (a host socket
+  that failed counts as the host's reset);
+- "timeout": the flow ran out of time: idle too long (TCP's idle timeout, UDP's
+  conntrack-style timeouts, a ping session's), a TCP connect or handshake that was not
+  answered, or data the guest never acknowledged until the relay gave up;
 - "policy_cut": a new egress policy denies it and the flow was ended;
-- "detached": the relay let go of it: transport lost, relay closed, guest removed, or
-  the flow exported to another relay;
-- "refused": the host `connect()` failed (TCP), so the flow never carried data.
+- "detached": the relay let go of it: transport lost, relay closed, guest removed, the
+  flow exported to another relay, or the forward of an inbound UDP flow removed;
+- "refused": the host `connect()` failed (TCP), so the flow never carried data;
+- "error": an internal error on the flow (logged), which reset it.
 
 This module does no I/O.
 """
@@ -36,9 +39,8 @@ from ipaddress import ip_address
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 #: The values of `FlowClosed.how`.
-CLOSE_HOW = frozenset(
-    {"closed", "reset_by_guest", "reset_by_host", "timeout", "policy_cut", "detached", "refused"}
-)
+CLOSE_HOW = frozenset({"closed", "reset_by_guest", "reset_by_host", "timeout", "policy_cut",
+                       "detached", "refused", "error"})
 
 #: The values of `GuestReady.source`.
 READY_SOURCES = frozenset({"mac", "dhcp", "dhcpv6"})
@@ -103,10 +105,11 @@ class GuestReady(Event):
 
 @dataclass(frozen=True, slots=True)
 class FlowOpened(Event):
-    """A flow exists on the host: for outbound TCP, when the host `connect()`
-    succeeded (so a refused connect gives one `FlowClosed` with how "refused" and no
-    `FlowOpened`); for inbound TCP, when the forward accepted its client; for UDP and
-    ICMP echo, when the first datagram or echo request created the flow.
+    """A flow entered the relay's table: for outbound TCP, when the guest's SYN passed
+    the policy and the limits and the host `connect()` began (a connect the host refuses
+    then gives a `FlowClosed` with how "refused"); for inbound TCP, when the forward
+    accepted its client; for UDP and ICMP echo, when the first datagram or echo request
+    created the flow (a moved TCP flow opens where it is imported).
 
     `host_peer` is where the relay's host socket talks to (the mapped destination, or
     a forwarded port's client), None when not known yet."""
@@ -137,9 +140,9 @@ class FlowDenied(Event):
 
 @dataclass(frozen=True, slots=True)
 class FlowClosed(Event):
-    """A flow left its table. Bytes are payload bytes each way over its whole life;
-    `duration_s` runs from the flow's creation (the guest's SYN, the forward's accept,
-    the first datagram); `how` is one of `CLOSE_HOW`."""
+    """A flow left its table. Bytes are payload bytes each way over its whole life
+    (ICMP echo: the messages' bytes); `duration_s` runs from its `FlowOpened`; `how` is
+    one of `CLOSE_HOW`."""
 
     kind: ClassVar[str] = "flow_closed"
 
