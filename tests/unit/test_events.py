@@ -42,7 +42,7 @@ from relaynat.events import (
 from relaynat.guests import Guests
 from relaynat.packet_builder import udp_frame
 from relaynat.policy import Policy, Rule
-from relaynat.testing import ACK, RST, InMemoryGuest
+from relaynat.testing import ACK, FIN, PSH, RST, SYN, InMemoryGuest, Reply
 from relaynat.testing import frames as f
 
 # -- the records -------------------------------------------------------------------------
@@ -261,6 +261,59 @@ async def test_a_tcp_connection_opens_and_closes_with_its_bytes() -> None:
 def _reset(conn: socket.socket) -> None:
     conn.recv(1000)
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def test_an_inbound_connection_opens_and_closes_as_inbound() -> None:
+    record = Recorder()
+    async with InMemoryGuest() as guest:
+        guest.relay.subscribe(record)
+        a = guest.addressing
+        await guest.send(f.arp_request(a, a.gateway4))  # the relay learns the guest's MAC
+        await guest.expect(lambda r: r.arp is not None)
+        forward = guest.relay.add_forward("tcp", "127.0.0.1", 0, 8080)
+        loop = asyncio.get_running_loop()
+        client = socket.socket()
+        client.setblocking(False)
+        await loop.sock_connect(client, ("127.0.0.1", forward.host_port))
+        client_port = client.getsockname()[1]
+        syn = (await guest.expect(lambda r: r.tcp is not None and r.tcp.dport == 8080)).tcp
+        assert syn is not None and syn.flags & SYN
+        sport, ours, theirs = syn.sport, 7000, (syn.seq + 1) & 0xFFFFFFFF
+
+        def segment(flags: int, payload: bytes = b"") -> bytes:
+            return f.tcp_segment(a, False, 8080, sport, ours, theirs, flags, 65535, payload)
+
+        def from_relay(r: Reply) -> bool:
+            return r.tcp is not None and r.tcp.sport == sport and r.tcp.dport == 8080
+
+        await guest.send(segment(SYN | ACK))
+        ours += 1
+        await guest.expect(from_relay)  # the ACK of our SYN-ACK: established
+        await loop.sock_sendall(client, b"hello")
+        data = (await guest.expect(lambda r: from_relay(r) and r.tcp is not None
+                                   and bool(r.tcp.payload))).tcp
+        assert data is not None and bytes(data.payload) == b"hello"
+        theirs += 5
+        await guest.send(segment(ACK | PSH, b"hi"))
+        ours += 2
+        assert await loop.sock_recv(client, 10) == b"hi"
+        client.shutdown(socket.SHUT_WR)
+        fin = (await guest.expect(lambda r: from_relay(r) and r.tcp is not None
+                                  and bool(r.tcp.flags & FIN))).tcp
+        assert fin is not None
+        theirs += 1
+        await guest.send(segment(FIN | ACK))
+        ours += 1
+        await record.wait_for(FlowClosed)
+        client.close()
+    opened, closed = record.of(FlowOpened)[0], record.of(FlowClosed)[0]
+    assert isinstance(opened, FlowOpened) and isinstance(closed, FlowClosed)
+    assert (opened.protocol, opened.direction) == ("tcp", "inbound")
+    assert opened.guest_end == Endpoint(str(guest.config.guest_ipv4), 8080)
+    assert opened.far == Endpoint(str(guest.config.gateway_ipv4), sport)
+    assert opened.host_peer == Endpoint("127.0.0.1", client_port)
+    assert (closed.direction, closed.bytes_from_guest, closed.bytes_to_guest, closed.how) == (
+        "inbound", 2, 5, "closed")
 
 
 async def test_a_reset_from_the_host_peer_says_so() -> None:
