@@ -134,6 +134,7 @@ class EventHub:
         self._callbacks: list[Callback] = []
         self._streams: list[weakref.ref[EventStream]] = []
         self._denial_log = TokenBucket(DENIAL_LOG_RATE, DENIAL_LOG_BURST)
+        self._closed = False
 
     # -- subscribing ---------------------------------------------------------------------
 
@@ -149,8 +150,12 @@ class EventHub:
         return unsubscribe
 
     def events(self, maxsize: int = DEFAULT_MAXSIZE) -> EventStream:
-        """An async iterator over the events from now on, queueing at most `maxsize`."""
+        """An async iterator over the events from now on, queueing at most `maxsize`;
+        on a closed hub, one that ends at once."""
         stream = EventStream(self, maxsize)
+        if self._closed:
+            stream.end()
+            return stream
         self._streams.append(weakref.ref(stream, self._stream_gone))
         self.update()
         return stream
@@ -245,6 +250,7 @@ class EventHub:
     def close(self) -> None:
         """The relay closed: every `events()` iteration ends after what it queued;
         callbacks stay subscribed (they receive nothing more from a closed relay)."""
+        self._closed = True
         for ref in self._streams:
             stream = ref()
             if stream is not None:

@@ -171,6 +171,13 @@ async def test_aclose_ends_the_iteration() -> None:
     assert not hub.listening
 
 
+async def test_a_stream_of_a_closed_hub_ends_at_once() -> None:
+    hub = EventHub("g", Counter())
+    hub.close()
+    assert [e async for e in hub.events()] == []
+    assert not hub.listening
+
+
 # -- a relay's events ----------------------------------------------------------------------
 
 
