@@ -2,7 +2,7 @@
 
 Each module belongs to a layer; it may import modules of its own layer or lower ones,
 never higher (runtime and annotation-only imports alike). The sans-I/O core (the
-top-level modules but the shell's: relay.py, relay_moving.py, relay_forwards.py,
+top-level modules but the shell's: relay.py, relay_moving.py, relay_dispatch.py,
 event_hub.py and guests.py; and link/) imports no I/O module of the
 standard library, so hypothesis drives it without sockets or an event loop. The
 runtime import graph (imports under `if TYPE_CHECKING:` left out: they never execute)
@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 #: and moving/ drive a running relay from outside; cli/ and testing/ sit on top.
 LAYERS = ("core", "link", "transports", "host", "shell", "netns", "control", "moving",
           "top")
-SHELL_MODULES = {"relaynat.relay", "relaynat.relay_moving", "relaynat.relay_forwards",
+SHELL_MODULES = {"relaynat.relay", "relaynat.relay_moving", "relaynat.relay_dispatch",
                  "relaynat.event_hub", "relaynat.guests"}
 TOP_PACKAGES = {"cli", "testing"}
 #: What the core may not import: the standard library's sockets, event loops, polling,
