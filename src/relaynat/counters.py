@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-__all__ = ["COUNTERS", "GROUPS", "PATTERNS", "with_zeros"]
+__all__ = ["COUNTERS", "GAUGES", "GROUPS", "PATTERNS", "with_zeros"]
 
 _Rows = tuple[tuple[str, str], ...]
 
@@ -349,6 +349,9 @@ GROUPS: tuple[tuple[str, _Rows], ...] = (
 #: Every fixed name `Relay.stats()` reports, with what it counts.
 COUNTERS: Mapping[str, str] = MappingProxyType(
     {name: meaning for _title, rows in GROUPS for name, meaning in rows})
+
+#: The names of COUNTERS that say what is open now rather than count since the start.
+GAUGES: frozenset[str] = frozenset(name for name, _meaning in _GAUGES)
 
 #: Families of names that appear only once they count something, `{N}` the open part.
 PATTERNS: Mapping[str, str] = MappingProxyType({

@@ -48,11 +48,13 @@ class FlowInfo:
     ICMP echo: "open"."""
 
     bytes_from_guest: int
-    """Payload bytes the guest sent on this flow (TCP: stream bytes; UDP and ICMP:
-    datagram or echo payload bytes)."""
+    """Bytes the guest sent on this flow: TCP, the stream's bytes the host socket took;
+    UDP, the datagrams' payload; ICMP echo, the echo messages, their 8-byte header
+    included."""
 
     bytes_to_guest: int
-    """Payload bytes sent to the guest on this flow."""
+    """Bytes sent to the guest on this flow, counted the same way (TCP: those the
+    guest acknowledged)."""
 
     guest_window: int | None
     """TCP: bytes the guest's last advertised window still allows the relay to send

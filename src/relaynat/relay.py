@@ -34,9 +34,11 @@ from collections.abc import Callable
 
 from relaynat.addressing import DNS_PORT, AddressMap
 from relaynat.config import RelayConfig
+from relaynat.counters import with_zeros
 from relaynat.errors import RelayClosedError
 from relaynat.event_hub import DEFAULT_MAXSIZE, EventHub, EventStream
 from relaynat.events import Event
+from relaynat.flow_info import FlowInfo
 from relaynat.guest_log import guest_logger, guest_scope, in_guest_scope
 from relaynat.host import flow_move
 from relaynat.host.dns_tcp import DnsTcpResponder
@@ -534,25 +536,37 @@ class Relay(RelayDispatch, RelayMoving):
 
     # -- introspection -------------------------------------------------------------------
 
-    def flows(self) -> list[dict[str, object]]:
-        """Every open flow as a dict (host/flowinfo.py lists the keys): protocol, direction,
-        both ends as the guest sees them, the host-side peer, state, bytes each way,
+    def flows(self) -> list[FlowInfo]:
+        """Every open flow as a `FlowInfo` (relaynat.flow_info documents the fields):
+        protocol, direction, both ends as the guest sees them (`Endpoint`s, so
+        `str(info.far)` reads "10.0.2.2:80"), the host-side peer, state, bytes each way,
         the guest's window and, for TCP, the host socket's RTT as the kernel measured
-        it (TCP_INFO's tcpi_rtt, microseconds)."""
-        out: list[dict[str, object]] = []
+        it (TCP_INFO's tcpi_rtt, microseconds). `info.to_dict()` is the control
+        socket's JSON form."""
+        out: list[FlowInfo] = []
         for part in (self._tcp, self._udp_relay, self._icmp):
             if part is not None:
                 out.extend(part.describe_flows())
         return out
 
     def stats(self) -> dict[str, int]:
-        """Counters (frames, drops by reason, flows) and gauges, as a plain dict."""
-        out = dict(self._stats)
-        out["tcp_flows"] = len(self._tcp.flows) if self._tcp is not None else 0
-        out["udp_flows"] = len(self._udp_relay.table) if self._udp_relay is not None else 0
-        out["icmp_sockets"] = self._icmp.socket_count if self._icmp is not None else 0
-        out.update(self._link.counters())
-        return out
+        """Every counter `relaynat.counters.COUNTERS` names (docs/stats.md says what each
+        counts), 0 where nothing was counted, and those of `PATTERNS` that counted
+        something (`policy_denied_rule3`). The gauges (`tcp_flows`, `udp_flows`,
+        `icmp_sockets`) and the TCP byte totals are as of this call. A new dict each
+        call."""
+        stats = with_zeros(self._stats)
+        tcp, udp, icmp = self._tcp, self._udp_relay, self._icmp
+        stats["tcp_flows"] = len(tcp.flows) if tcp is not None else 0
+        stats["udp_flows"] = len(udp.table) if udp is not None else 0
+        stats["icmp_sockets"] = icmp.socket_count if icmp is not None else 0
+        if tcp is not None:
+            # The closed flows' bytes were added as each closed; the open ones' now.
+            from_guest, to_guest = tcp.open_bytes()
+            stats["tcp_bytes_from_guest"] += from_guest
+            stats["tcp_bytes_to_guest"] += to_guest
+        stats.update(self._link.counters())
+        return stats
 
     def count(self, name: str, n: int = 1) -> None:
         """Add `n` to the counter `name` of `stats()`: for what serves the relay from

@@ -24,6 +24,7 @@ from relaynat.guest_log import in_guest_scope
 from relaynat.host import flow_move
 from relaynat.host.dns_tcp import DnsTcpResponder
 from relaynat.host.flow_move import Suspended
+from relaynat.host.flowinfo import FlowInfo
 from relaynat.host.forward import Forward, Forwarder
 from relaynat.host.icmp_relay import IcmpEchoRelay
 from relaynat.host.tcp_relay import TcpRelay
@@ -75,16 +76,17 @@ class RelayMoving:
         return self._exported.release(reset)
 
     @in_guest_scope
-    def import_flows(self, doc: object) -> list[dict[str, object]]:
+    def import_flows(self, doc: object) -> list[FlowInfo]:
         """Serve the flows of an `export_flows` document, checked whole first (else
-        FlowStateError, a ValueError, and nothing imported); returns them described."""
+        FlowStateError, a ValueError, and nothing imported); returns them described,
+        as `flows()` does."""
         assert self._tcp is not None and self._loop is not None, "start() first"
         c = self.config
         return flow_move.import_flows(self._tcp, doc, self._loop.time(), self._addr.is_guest,
                                       mtu=c.mtu, max_flows=c.max_tcp_flows,
                                       idle_timeout_s=c.tcp_idle_timeout_s)
 
-    def _other_flows(self) -> list[dict[str, object]]:
+    def _other_flows(self) -> list[FlowInfo]:
         return [f for p in (self._udp_relay, self._icmp) if p for f in p.describe_flows()]
 
     def _dns_tcp_port(self) -> int | None:

@@ -259,14 +259,14 @@ async def test_relay_flows_lists_a_udp_flow_and_cut_closes_it(guest_dir: Path,
             assert not guest.done(), guest
             await asyncio.sleep(0.05)
         relay = relays[0]
-        udp = [f for f in relay.flows() if f["protocol"] == "udp"]
+        udp = [f.to_dict() for f in relay.flows() if f.protocol == "udp"]
         assert udp == [{"protocol": "udp", "direction": "outbound",
                         "guest": ["10.0.2.15", udp[0]["guest"][1]],
                         "far": ["10.0.2.2", udp_echo], "host_peer": ["127.0.0.1", udp_echo],
                         "state": "answered", "bytes_from_guest": 1, "bytes_to_guest": 1,
                         "guest_window": None, "rtt_us": None}]
         assert relay.set_policy(Policy.sandbox(relay.config), cut=True) == 1
-        assert [f for f in relay.flows() if f["protocol"] == "udp"] == []
+        assert [f for f in relay.flows() if f.protocol == "udp"] == []
         assert relay.stats()["policy_cut_udp"] == 1
         cut_file.touch()
         assert await asyncio.wait_for(guest, 30) == 0

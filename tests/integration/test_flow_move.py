@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from support import SUPPORT
 
-from relaynat import RelayConfig
+from relaynat import FlowInfo, RelayConfig
 from relaynat.netns.guest import NamespaceGuest
 from relaynat.relay import Relay
 
@@ -114,7 +114,7 @@ def test_download_and_upload_survive_five_moves(
         exports: dict[str, int] = {}
         try:
             deadline = time.monotonic() + 20
-            while sum(f["state"] == "established" and f["bytes_to_guest"] + f["bytes_from_guest"]
+            while sum(f.state == "established" and f.bytes_to_guest + f.bytes_from_guest
                       > 0 for f in relay.flows()) < 2:
                 assert time.monotonic() < deadline, relay.flows()
                 await asyncio.sleep(0.01)
@@ -201,7 +201,7 @@ def test_a_failed_import_imports_nothing(second: dict[str, object], error: str) 
            "not_moved": []}
     before = _tcp_counters()
 
-    async def main() -> tuple[list[dict[str, object]], dict[str, int]]:
+    async def main() -> tuple[list[FlowInfo], dict[str, int]]:
         async with Relay(RelayConfig(ipv6=False)) as relay:
             with pytest.raises((ValueError, OSError), match=error):
                 relay.import_flows(doc)
@@ -209,6 +209,6 @@ def test_a_failed_import_imports_nothing(second: dict[str, object], error: str) 
 
     flows, stats = asyncio.run(main())
     assert flows == []
-    assert "tcp_flows_imported" not in stats
+    assert stats["tcp_flows_imported"] == 0
     after = _tcp_counters()
     assert after["OutSegs"] == before["OutSegs"]  # not a packet: no probe, no RST

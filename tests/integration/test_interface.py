@@ -161,7 +161,7 @@ def test_dhcp_and_download_through_interface_leave_host_untouched(
     assert host_view(guest.near) == before, err
     assert stats["dhcp_replies"] >= 2 and stats["tcp_flows_opened"] == 1, err
     assert stats["interface_frames_truncated"] == 0, err
-    assert "transport_lost" not in stats, err
+    assert stats["transport_lost"] == 0, err
     if vnet and mtu == 1500:  # GSO super-frames toward the guest, not MSS segments
         assert stats["frames_out"] < SIZE // (mtu - 40), stats
 

@@ -268,6 +268,7 @@ def test_ctl_usage_errors_exit_2_and_unreachable_socket_exits_1(tmp_path: Path) 
 def test_an_echo_session_is_described_like_the_other_flows() -> None:
     from ipaddress import ip_address as ip
 
+    from relaynat.events import Endpoint
     from relaynat.host.flowinfo import describe_echo
     from relaynat.host.icmp_relay import EchoSession
 
@@ -275,7 +276,11 @@ def test_an_echo_session_is_described_like_the_other_flows() -> None:
         session = EchoSession((7, ip("10.0.2.2").packed, ip("10.0.2.15").packed), sock,
                               "127.0.0.1", ip("10.0.2.15").packed, b"\x02" * 6)
         session.bytes_from_guest, session.bytes_to_guest = 64, 64
-        assert describe_echo(session) == {
+        info = describe_echo(session)
+        assert (info.guest_end, info.far, info.host_peer) == (
+            Endpoint("10.0.2.15", 7), Endpoint("10.0.2.2", None), Endpoint("127.0.0.1", None))
+        assert str(info.far) == "10.0.2.2" and str(info.guest_end) == "10.0.2.15:7"
+        assert info.to_dict() == {
             "protocol": "icmp", "direction": "outbound", "guest": ["10.0.2.15", 7],
             "far": ["10.0.2.2", None], "host_peer": ["127.0.0.1", None], "state": "open",
             "bytes_from_guest": 64, "bytes_to_guest": 64, "guest_window": None,

@@ -126,7 +126,7 @@ async def import_from(relay: Relay, path: str) -> dict[str, Any]:
         imported = relay.import_flows(doc)
     except (FlowStateError, RepairError) as exc:
         raise FlowFileError(f"{path}: {exc}; nothing imported") from None
-    return {"file": path, "imported": imported}
+    return {"file": path, "imported": [flow.to_dict() for flow in imported]}
 
 
 def read_document(path: str) -> object:

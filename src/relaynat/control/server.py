@@ -353,7 +353,7 @@ def _stats(relay: Relay, args: dict[str, Any]) -> object:
 
 
 def _flows(relay: Relay, args: dict[str, Any]) -> object:
-    return {"flows": relay.flows()}
+    return {"flows": [flow.to_dict() for flow in relay.flows()]}
 
 
 def _get_policy(relay: Relay, args: dict[str, Any]) -> object:

@@ -144,7 +144,7 @@ def take_live(tcp: TcpRelay, now: float, others: list[FlowInfo], dns_tcp_port: i
     (UDP and ICMP flows) are listed as not moved."""
     own_dns = ("127.0.0.1", dns_tcp_port) if dns_tcp_port is not None else None
     moved: list[tuple[LiveFlowState, socket.socket]] = []
-    skipped = [not_moved(info, f"{info['protocol']} flows end with the old relay")
+    skipped = [not_moved(info, f"{info.protocol} flows end with the old relay")
                for info in others]
     for flow in list(tcp.flows.values()):
         reason = _not_live(flow, own_dns)
@@ -198,8 +198,9 @@ def let_go(transport: FrameTransport | None, keep: bool) -> FrameTransport | Non
 
 
 def not_moved(info: FlowInfo, reason: str) -> dict[str, Any]:
-    """One line of a document's "not_moved" list."""
-    return {"protocol": info["protocol"], "guest": info["guest"], "far": info["far"],
+    """One line of a document's "not_moved" list (its ends as [addr, port] lists)."""
+    ends = info.to_dict()
+    return {"protocol": info.protocol, "guest": ends["guest"], "far": ends["far"],
             "reason": reason}
 
 
@@ -230,7 +231,7 @@ def export_flows(tcp: TcpRelay, now: float, held: ExportedSockets, others: list[
     `dns_tcp_port` are listed as not moved. Returns the document."""
     own_service = ("127.0.0.1", dns_tcp_port) if dns_tcp_port is not None else None
     states: list[TcpFlowState] = []
-    skipped = [not_moved(info, f"{info['protocol']} flows do not move") for info in others]
+    skipped = [not_moved(info, f"{info.protocol} flows do not move") for info in others]
     for flow in list(tcp.flows.values()):
         reason = _unmovable(flow, own_service)
         if reason is None:

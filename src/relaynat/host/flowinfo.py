@@ -1,15 +1,10 @@
-"""One flow as a plain dict, for `Relay.flows()` and the control socket's `flows`.
+"""One flow as a `FlowInfo` (relaynat.flow_info, which documents the fields), for
+`Relay.flows()` and the control socket's `flows`.
 
 Every relay part (TCP, UDP, ICMP echo) describes its flows through these functions, so
-the shape is the same whatever the protocol: `protocol`, `direction` ("outbound": the
-guest opened it; "inbound": a client of a forwarded port did), `guest` and `far` (address
-and port as the guest sees them; ICMP's port is the echo identifier, the far end has
-none), `host_peer` (where the relay's host socket talks to: the mapped destination, or
-the forwarded port's client), `state`, `bytes_from_guest`, `bytes_to_guest`,
-`guest_window` and `rtt_us` (TCP only, else None).
-
-Reading a flow never changes it; the only system call is getsockopt(TCP_INFO) on TCP
-host sockets (about half a microsecond each).
+the fields mean the same whatever the protocol. Reading a flow never changes it; the
+only system call is getsockopt(TCP_INFO) on TCP host sockets (about half a microsecond
+each).
 """
 
 from __future__ import annotations
@@ -17,6 +12,8 @@ from __future__ import annotations
 from ipaddress import ip_address
 from typing import TYPE_CHECKING
 
+from relaynat.events import Endpoint
+from relaynat.flow_info import FlowInfo
 from relaynat.host.tcp_flow import tcp_info
 from relaynat.tcp_actions import M32
 
@@ -25,21 +22,21 @@ if TYPE_CHECKING:
     from relaynat.host.tcp_flow import TcpFlow
     from relaynat.udp_flow import UdpFlow
 
-FlowInfo = dict[str, object]
+__all__ = ["FlowInfo", "describe_echo", "describe_tcp", "describe_udp"]
 
 
 def _ip(packed: bytes) -> str:
     return str(ip_address(packed))
 
 
-def _host_peer(addr: object) -> list[object] | None:
-    """A socket address as [host, port] (JSON has no tuples); None if unknown. An
-    IPv4 client of a dual-stack forward shows as IPv4, not ::ffff:a.b.c.d."""
+def _host_peer(addr: object) -> Endpoint | None:
+    """A socket address as an Endpoint; None if unknown. An IPv4 client of a
+    dual-stack forward shows as IPv4, not ::ffff:a.b.c.d."""
     if isinstance(addr, tuple) and len(addr) >= 2:
         host = str(addr[0])
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]
-        return [host, int(addr[1])]
+        return Endpoint(host, int(addr[1]))
     return None
 
 
@@ -58,19 +55,19 @@ def describe_tcp(flow: TcpFlow) -> FlowInfo:
         except OSError:
             info = None
         rtt = info.rtt_us if info is not None else None
-    return {
-        "protocol": "tcp",
-        "direction": "inbound" if flow.inbound else "outbound",
-        "guest": [_ip(guest), guest_port],
-        "far": [_ip(far), far_port],
-        "host_peer": _host_peer(flow.host_addr),
-        "state": entry.state.value,
-        "bytes_from_guest": entry.bytes_from_guest,
-        "bytes_to_guest": entry.bytes_to_guest,
+    return FlowInfo(
+        protocol="tcp",
+        direction="inbound" if flow.inbound else "outbound",
+        guest_end=Endpoint(_ip(guest), guest_port),
+        far=Endpoint(_ip(far), far_port),
+        host_peer=_host_peer(flow.host_addr),
+        state=entry.state.value,
+        bytes_from_guest=entry.bytes_from_guest,
+        bytes_to_guest=entry.bytes_to_guest,
         # A window the guest shrank below what is in flight leaves no room (not 4 GiB).
-        "guest_window": room if room < 1 << 31 else 0,
-        "rtt_us": rtt,
-    }
+        guest_window=room if room < 1 << 31 else 0,
+        rtt_us=rtt,
+    )
 
 
 def describe_udp(flow: UdpFlow) -> FlowInfo:
@@ -82,32 +79,32 @@ def describe_udp(flow: UdpFlow) -> FlowInfo:
             peer = _host_peer(flow.sock.getpeername()) if flow.sock is not None else None
         except OSError:
             peer = None
-    return {
-        "protocol": "udp",
-        "direction": "inbound" if flow.peer is not None else "outbound",
-        "guest": [_ip(guest), guest_port],
-        "far": [_ip(far), far_port],
-        "host_peer": peer,
+    return FlowInfo(
+        protocol="udp",
+        direction="inbound" if flow.peer is not None else "outbound",
+        guest_end=Endpoint(_ip(guest), guest_port),
+        far=Endpoint(_ip(far), far_port),
+        host_peer=peer,
         # conntrack's words: a flow is "assured" once the far end has answered.
-        "state": "answered" if flow.replied else "unanswered",
-        "bytes_from_guest": flow.bytes_from_guest,
-        "bytes_to_guest": flow.bytes_to_guest,
-        "guest_window": None,
-        "rtt_us": None,
-    }
+        state="answered" if flow.replied else "unanswered",
+        bytes_from_guest=flow.bytes_from_guest,
+        bytes_to_guest=flow.bytes_to_guest,
+        guest_window=None,
+        rtt_us=None,
+    )
 
 
 def describe_echo(session: EchoSession) -> FlowInfo:
     ident, far, guest = session.key
-    return {
-        "protocol": "icmp",
-        "direction": "outbound",
-        "guest": [_ip(guest), ident],
-        "far": [_ip(far), None],
-        "host_peer": [session.host_ip, None],
-        "state": "open",
-        "bytes_from_guest": session.bytes_from_guest,
-        "bytes_to_guest": session.bytes_to_guest,
-        "guest_window": None,
-        "rtt_us": None,
-    }
+    return FlowInfo(
+        protocol="icmp",
+        direction="outbound",
+        guest_end=Endpoint(_ip(guest), ident),
+        far=Endpoint(_ip(far), None),
+        host_peer=Endpoint(session.host_ip, None),
+        state="open",
+        bytes_from_guest=session.bytes_from_guest,
+        bytes_to_guest=session.bytes_to_guest,
+        guest_window=None,
+        rtt_us=None,
+    )
