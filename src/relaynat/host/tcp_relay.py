@@ -570,6 +570,10 @@ class TcpRelay:
         flow.entry.on_guest_gone()
         flow.end_how = "detached"
         self._untrack(flow)
+        # The flow goes on in another relay with its byte counts (flow_move.py), and is
+        # counted where it ends: its bytes leave this relay's totals again.
+        self.stats["tcp_bytes_from_guest"] -= flow.entry.bytes_from_guest
+        self.stats["tcp_bytes_to_guest"] -= flow.entry.bytes_to_guest
         self._exec.release(flow)
         self.stats["tcp_flows_exported"] += 1
         return state
