@@ -66,6 +66,7 @@ from relaynat.errors import Error, RelayClosedError
 
 if TYPE_CHECKING:
     # What the lazy __getattr__ below returns, spelled out for type checkers.
+    from relaynat.event_hub import EventStream
     from relaynat.events import (
         Endpoint,
         Event,
@@ -75,6 +76,7 @@ if TYPE_CHECKING:
         GuestReady,
         TransportLost,
         event_dict,
+        event_from_dict,
     )
     from relaynat.flow_info import FlowInfo
     from relaynat.flow_state import FlowStateError
@@ -112,7 +114,9 @@ __all__ = [  # noqa: RUF022
     "FlowClosed",
     "TransportLost",
     "Endpoint",
+    "EventStream",
     "event_dict",
+    "event_from_dict",
     # Egress policy and inbound forwards.
     "Decision",
     "Forward",
@@ -152,6 +156,7 @@ _LAZY = {
     "Decision": "relaynat.policy",
     "Endpoint": "relaynat.events",
     "Event": "relaynat.events",
+    "EventStream": "relaynat.event_hub",
     "FlowClosed": "relaynat.events",
     "FlowDenied": "relaynat.events",
     "FlowInfo": "relaynat.flow_info",
@@ -179,6 +184,7 @@ _LAZY = {
     "UnixgramTransport": "relaynat.transports.unixgram",
     "attach_unixgram_fd": "relaynat.transports.unixgram",
     "event_dict": "relaynat.events",
+    "event_from_dict": "relaynat.events",
     "open_tap": "relaynat.transports.tap",
     "run_command": "relaynat.netns.guest",
     "serve_unixgram": "relaynat.transports.unixgram",
