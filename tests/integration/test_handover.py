@@ -358,7 +358,7 @@ def test_interface_guest_keeps_its_transfers(
     finally:
         veth.close()
     assert stats["handovers_received"] == 1
-    assert stats["interface_send_errors"] == 0, stats
+    assert stats.get("interface_send_errors", 0) == 0, stats  # --stats omits zeros
     log = (tmp_path / "b.log").read_text()
     assert f"opened interface {veth.near}" not in log  # it took A's socket
     assert f"serving interface {veth.near}" in log

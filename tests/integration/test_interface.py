@@ -160,8 +160,9 @@ def test_dhcp_and_download_through_interface_leave_host_untouched(
         stats, err = stop_and_stats(relay)
     assert host_view(guest.near) == before, err
     assert stats["dhcp_replies"] >= 2 and stats["tcp_flows_opened"] == 1, err
-    assert stats["interface_frames_truncated"] == 0, err
-    assert stats["transport_lost"] == 0, err
+    # --stats prints the counters that are not zero (and the gauges): absent is 0.
+    assert stats.get("interface_frames_truncated", 0) == 0, err
+    assert stats.get("transport_lost", 0) == 0, err
     if vnet and mtu == 1500:  # GSO super-frames toward the guest, not MSS segments
         assert stats["frames_out"] < SIZE // (mtu - 40), stats
 

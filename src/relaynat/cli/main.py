@@ -28,6 +28,7 @@ from relaynat.cli.options import (
 )
 from relaynat.config import MAX_MTU, ConfigError, RelayConfig
 from relaynat.control.server import ControlServer
+from relaynat.counters import GAUGES
 from relaynat.host.forward import ForwardError
 from relaynat.policy import Policy
 from relaynat.portspec import Forward as PortForward
@@ -40,8 +41,11 @@ log = logging.getLogger("relaynat")
 
 
 def _print_stats(stats: dict[str, int]) -> None:
+    """The counters that counted something, and the gauges (docs/stats.md lists every
+    name; `relaynat ctl stats` gives them all, zeros included)."""
     for key in sorted(stats):
-        print(f"{key:32} {stats[key]}", file=sys.stderr)
+        if stats[key] or key in GAUGES:
+            print(f"{key:32} {stats[key]}", file=sys.stderr)
 
 
 def _socket_type(fd: int) -> int:
@@ -188,6 +192,25 @@ def _attach_or_wait(control: ControlServer | None, attach: Callable[[], None],
         attach()
 
 
+#: What a terminal's ^C and ^\ send, to its whole foreground process group.
+_TERMINAL_KEYS = (signal.SIGINT, signal.SIGQUIT)
+
+
+def _terminal_may_have_sent() -> bool:
+    """This process's group is the foreground group of its controlling terminal, whose
+    ^C and ^\\ then reached it: the command has them from the terminal too."""
+    try:
+        tty = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:  # ENXIO: no controlling terminal
+        return False
+    try:
+        return os.tcgetpgrp(tty) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(tty)
+
+
 async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | None,
                forwards: list[PortForward]) -> int:
     from relaynat.moving.handover import Source
@@ -209,17 +232,42 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
             started.add(asyncio.ensure_future(control.start(relay)))
             control.on_handover = Source(relay, control, guest=guests[0]).hand_over
 
+    # A terminal's ^C and ^\ go to its whole foreground process group: the command
+    # has them from the terminal and decides what they do (a REPL or a shell's prompt
+    # goes on). This process stays until the command exits, as `unshare --fork` does,
+    # rather than die of them and leave the command running without a network, or
+    # kill a command that meant to go on. Sent by anything else, they are passed on.
+    pending: list[int] = []
+
+    def guest_ready(guest: NamespaceGuest) -> None:
+        guests.append(guest)
+        for signum in pending:
+            guest.send_signal(signum)
+
+    def terminal_key(signum: int) -> None:
+        if _terminal_may_have_sent():
+            return
+        if guests:
+            guests[0].send_signal(signum)
+        else:
+            pending.append(signum)
+
+    loop = asyncio.get_running_loop()
+    for signum in _TERMINAL_KEYS:
+        loop.add_signal_handler(signum, terminal_key, signum)
     try:
         code = await run_command(config, args.command, tap_name=args.tap_name,
                                  offload=not args.no_offload, relay_ready=ready,
                                  policy=policy,
                                  hide_paths=[os.path.abspath(args.control_socket)]
-                                 if args.control_socket else (), guest_ready=guests.append,
+                                 if args.control_socket else (), guest_ready=guest_ready,
                                  runas=args.runas, forward_signals=True)
     except NamespaceSetupError as exc:
         print(f"relaynat run: {exc}", file=sys.stderr)
         return 1
     finally:
+        for signum in _TERMINAL_KEYS:
+            loop.remove_signal_handler(signum)
         for task in started:  # a start still pending would serve a closed socket
             task.cancel()
         if control is not None:
