@@ -5,9 +5,11 @@ loop, qemu is a child, and the two share one end each of a socketpair.
     python3 examples/qemu_launcher.py --kernel vmlinuz --initrd initrd.img \\
         --append "console=ttyS0 quiet" [--accel tcg] [-- EXTRA QEMU ARGS...]
 
-qemu's serial console is this process's stdout. When qemu exits, the relay's counters
-are printed on stderr (`name value`, one a line, as `relaynat serve --stats` prints
-them) and the launcher exits with qemu's status (128+N if signal N ended it).
+qemu's serial console is this process's stdout. The guest's DHCP lease and the loss of
+its link are reported on stderr as they happen (`Relay.subscribe`). When qemu exits, the
+relay's counters that are not zero are printed on stderr (`name value`, one a line, as
+`relaynat serve --stats` prints them) and the launcher exits with qemu's status (128+N
+if signal N ended it).
 
 Why a socketpair and not `relaynat serve --socket PATH`: no socket file to create,
 name or clean up, no window in which qemu (7.2 connects once, at startup) could start
@@ -24,12 +26,12 @@ import signal
 import socket
 import sys
 
-from relaynat import Relay, RelayConfig
+from relaynat import Event, GuestReady, Relay, RelayConfig, TransportLost
 
 
 def qemu_argv(args: argparse.Namespace, fd: int) -> list[str]:
     """One virtio-net NIC on the relay's stream socket, serial console on stdout."""
-    argv = [args.qemu,
+    argv: list[str] = [args.qemu,
             "-machine", f"q35,accel={args.accel}", "-cpu", "max",
             "-m", str(args.memory), "-smp", "1",
             "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
@@ -41,12 +43,23 @@ def qemu_argv(args: argparse.Namespace, fd: int) -> list[str]:
     # skips the PXE option ROM, which a direct kernel boot never uses.
     argv += ["-netdev", f"stream,id=n0,server=off,addr.type=fd,addr.str={fd}",
              "-device", f"virtio-net-pci,netdev=n0,mac={args.mac},romfile="]
-    return argv + args.qemu_args
+    extra: list[str] = args.qemu_args
+    return argv + extra
+
+
+def report(event: Event) -> None:
+    """What a launcher's user wants to see of the guest's network: when the guest took
+    its address, and when its link went away."""
+    if isinstance(event, GuestReady) and event.source == "dhcp":
+        print(f"relaynat: guest ready at {event.ipv4} ({event.mac})", file=sys.stderr)
+    elif isinstance(event, TransportLost):
+        print(f"relaynat: guest link lost: {event.reason}", file=sys.stderr)
 
 
 async def launch(args: argparse.Namespace) -> int:
     config = RelayConfig(mtu=args.mtu)  # defaults as slirp: 10.0.2.15/24 via 10.0.2.2
     async with Relay(config) as relay:
+        relay.subscribe(report)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         relay.attach_stream_fd(ours.detach())  # the relay owns this end from now on
         with theirs:
@@ -59,7 +72,7 @@ async def launch(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, qemu.send_signal, signum)
         status = await qemu.wait()
         stats = relay.stats()
-    for name in sorted(stats):
+    for name in sorted(name for name, value in stats.items() if value):
         print(f"{name:32} {stats[name]}", file=sys.stderr)
     return 128 - status if status < 0 else status
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import select
@@ -149,6 +150,8 @@ def test_qemu_recipe_boots_a_guest_that_downloads_through_the_relay(
     assert stats.get("dhcp_replies", 0) >= 2 and stats.get("tcp_flows_opened") == 1, log
     if example == "qemu_dgram.sh":
         assert stats.get("unixgram_peers") == 1, log
+    else:  # the launcher reports its guest's lease from the relay's events
+        assert b"relaynat: guest ready at 10.0.2.15" in err, log
 
 
 def _unix_connected(path: Path) -> bool:
@@ -300,3 +303,42 @@ def test_container_attach_recipe_serves_an_existing_namespace(
         assert gone.returncode != 0, "the recipe deletes its veth pair on exit"
     finally:
         guest.close()
+
+
+# --------------------------------------------------------------------- sandbox runtime
+
+
+def test_sandbox_runtime_gives_each_sandbox_its_policy_and_audits_it(
+        http_peer, tmp_path: Path) -> None:  # noqa: F811
+    """examples/sandbox_runtime.py: two commands, one loop, one relay each. Each
+    downloads from the allowed host port and is refused the other one by its policy
+    (the listener there accepts nothing); the audit file holds each sandbox's events."""
+    port, digest = http_peer
+    other = socket.create_server(("127.0.0.1", 0))
+    other.setblocking(False)
+    other_port = other.getsockname()[1]
+    audit = tmp_path / "audit.jsonl"
+    guest = (f"curl -sS --fail http://{GATEWAY}:{port}/big.bin | sha256sum; "
+             f"curl -s --max-time 10 http://{GATEWAY}:{other_port}/; "
+             "echo denied-exit=$?")
+    with other:
+        done = subprocess.run(
+            [sys.executable, str(EXAMPLES / "sandbox_runtime.py"), "--sandboxes", "2",
+             "--allow-host-port", str(port), "--audit", str(audit), "--", "sh", "-c", guest],
+            capture_output=True, text=True, timeout=120, env=ENV)
+        with pytest.raises(BlockingIOError):
+            other.accept()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split().count(digest) == 2, done.stdout
+    assert done.stdout.count("denied-exit=7") == 2, done.stdout  # curl: could not connect
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    for name in ("sandbox-0", "sandbox-1"):
+        mine = [e for e in events if e["guest"] == name]
+        opened = [e for e in mine if e["kind"] == "flow_opened" and e["protocol"] == "tcp"]
+        assert [e["far"] for e in opened] == [[GATEWAY, port]], mine
+        denied = [e for e in mine if e["kind"] == "flow_denied"]
+        assert [(e["far"], e["comment"]) for e in denied] == [
+            ([GATEWAY, other_port], "host loopback")], mine
+        closed = [e for e in mine if e["kind"] == "flow_closed" and e["protocol"] == "tcp"]
+        assert len(closed) == 1 and closed[0]["bytes_to_guest"] > 1 << 20, closed
+    assert "sandbox-0: exit 0, flows opened" in done.stderr, done.stderr
