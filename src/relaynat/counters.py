@@ -202,6 +202,11 @@ _DNS: _Rows = (
     ("dns_tcp_refused", "DNS-over-TCP connections refused: too many clients."),
     ("dns_tcp_not_guest",
      "Connections to the DNS-over-TCP responder from something else than the relay, closed."),
+    ("dns_upstream_changes",
+     "Times the host's resolv.conf named another upstream resolver, which new DNS flows use."),
+    ("dns_resolv_conf_unusable",
+     "Times the host's resolv.conf changed to name no nameserver (or went away); the last "
+     "upstream resolver was kept."),
 )
 
 _TCP: _Rows = (
