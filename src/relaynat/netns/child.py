@@ -28,6 +28,8 @@ while its child is PID 1 of the command's PID namespace with a fresh /proc: the 
 sees no process of the host (pid_namespaces(7)). That init starts the command, passes
 signals on (PID 1 gets only the signals it has a handler for), reaps orphans, and exits
 with the command's status; the kernel then kills whatever the command left behind.
+Asked by the relay to end the guest (END_SIGNAL), this process kills that init and
+exits once the kernel has ended every process of the namespace.
 
 A command given a user other than root runs in a user namespace of its own, nested in
 the guest's, whose only ids are that user and group, mapped to the guest's root (the
@@ -94,6 +96,16 @@ _MS_PRIVATE = 1 << 18
 _FORWARDED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                         signal.SIGUSR1, signal.SIGUSR2})
 _SI_KERNEL = 0x80
+
+#: Sent by the relay (`NamespaceGuest.close`) to end the command's PID namespace: this
+#: process then kills the namespace's init, whose exit the kernel holds until every
+#: other process of the namespace is gone (pid_namespaces(7)), reaps it and only then
+#: dies, so that whoever waits for this process knows nothing of the guest is left.
+#: Killing this process outright would not: its death kills init (the parent death
+#: signal), but it is reaped before the kernel has ended the rest, and init, orphaned,
+#: waits for the host's init to reap it. A real-time signal, which nothing sends this
+#: process by chance; until the namespace exists it kills this process at once.
+END_SIGNAL = signal.SIGRTMIN
 
 #: The command's user namespace and the namespaces it owns (step 2 above), but for the
 #: PID namespace: the first process forked after that unshare is its init, so it comes
@@ -223,16 +235,33 @@ def _reap(child: int) -> int | None:
             found = _shell_status(status)
 
 
-def _pass_signals_until_exit(child: int) -> int:
+def _die() -> None:
+    """Die by SIGKILL: a guest that `NamespaceGuest.close` ended reports what one
+    killed outright does (-9 from `proc`, 137 from `wait`)."""
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pass_signals_until_exit(child: int, outer: bool = False) -> int:
     """Wait for `child`, passing on the signals of _FORWARDED that a process sent; its
-    status as a shell reports it. The signals and SIGCHLD are blocked (since before
-    the fork) and taken with sigwaitinfo, which tells who sent them."""
+    status as a shell reports it. The signals and SIGCHLD (and END_SIGNAL) are
+    blocked (since before the fork) and taken with sigwaitinfo, which tells who sent
+    them. `outer`: this is the namespace's outer process and `child` its init, which
+    END_SIGNAL kills; this process then dies once init is reaped."""
+    waited = {*_FORWARDED, signal.SIGCHLD} | ({END_SIGNAL} if outer else set())
+    ending = False
     while True:
-        info = signal.sigwaitinfo({*_FORWARDED, signal.SIGCHLD})
+        info = signal.sigwaitinfo(waited)
         if info.si_signo == signal.SIGCHLD:
             status = _reap(child)
             if status is not None:
+                if ending:
+                    _die()
                 return status
+        elif info.si_signo == END_SIGNAL:
+            ending = True
+            with contextlib.suppress(ProcessLookupError):  # exited: SIGCHLD is pending
+                os.kill(child, signal.SIGKILL)
         elif info.si_code != _SI_KERNEL:
             with contextlib.suppress(ProcessLookupError):  # exited: SIGCHLD is pending
                 os.kill(child, info.si_signo)
@@ -299,7 +328,7 @@ def _init(command: list[str], spec: dict[str, Any], env: dict[str, str] | None,
 def _start(command: list[str], spec: dict[str, Any], env: dict[str, str] | None) -> int:
     """Fork the init of the PID namespace made last, pass signals to it, and return
     its status."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {*_FORWARDED, signal.SIGCHLD})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {*_FORWARDED, signal.SIGCHLD, END_SIGNAL})
     sys.stdout.flush()
     sys.stderr.flush()
     alive_r, alive_w = os.pipe()
@@ -314,10 +343,11 @@ def _start(command: list[str], spec: dict[str, Any], env: dict[str, str] | None)
         sys.stderr.flush()
         os._exit(code)
     os.close(alive_r)
-    return _pass_signals_until_exit(init)
+    return _pass_signals_until_exit(init, outer=True)
 
 
 def _child_main(argv: list[str]) -> int:
+    signal.signal(END_SIGNAL, lambda _signum, _frame: _die())
     spec = json.loads(argv[0])
     sock = socket.socket(fileno=int(argv[1]))
     env = None

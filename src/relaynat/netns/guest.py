@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, Any
 
 from relaynat.config import ConfigError, RelayConfig
+from relaynat.netns.child import END_SIGNAL
 from relaynat.netns.child import NamespaceSetupError as NamespaceSetupError
 from relaynat.netns.syscalls import CAPABILITIES, map_root
 from relaynat.policy import Policy
@@ -448,12 +449,20 @@ class NamespaceGuest:
         return 128 - returncode if returncode < 0 else returncode
 
     def close(self) -> None:
-        """Kill the command if it still runs (unless released): killing `proc`, the
-        namespace child, ends the command's whole PID namespace. The TAP goes with its
+        """Kill the command and every other process of its namespace if it still runs
+        (unless released): daemons that forked twice or left its session, and jobs in
+        the background, are in its PID namespace all the same. The namespace's outer
+        process, `proc`, kills the namespace's init, the kernel then kills the rest
+        (pid_namespaces(7)), and `proc` exits only once they are all gone: await
+        `proc.wait()` to know nothing of the guest is left. The TAP goes with its
         relay's transport."""
         self._sock.close()
         if self.proc.returncode is None and not self.released:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # exited: wait() says how
+                self.proc.send_signal(END_SIGNAL)
+                # A stopped process (SIGSTOP, a terminal's ^Z) acts on no signal until
+                # it is continued: continue the outer process (alone, not the command).
+                self.proc.send_signal(signal.SIGCONT)
 
 
 class _SignalForwarding:
