@@ -208,7 +208,9 @@ def test_qemu_style_peers_one_at_a_time(tmp_path, serve) -> None:
             assert time.monotonic() < deadline, "the relay never let the next guest in"
             time.sleep(0.1)
     stats, _ = stop_and_stats(proc)
-    assert stats["unixgram_peers_replaced"] == 1, stats
+    # The relay found the first guest gone by itself (its flows ended then), so the
+    # third was learned afresh rather than replacing a gone one on arrival.
+    assert stats["unixgram_peers_gone"] == 1, stats
     assert stats["unixgram_peers"] == 2, stats
 
 

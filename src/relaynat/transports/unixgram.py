@@ -36,10 +36,12 @@ them instead, as a NIC drops on a full ring, lost two thirds of the frames of a 
 guest's download at MTU 1500 (32 MiB in 105 s; queued: no drops, 3.8 s). While
 connected, the kernel refuses other senders itself (EPERM, not counted here); a timer
 probes the peer every second and disconnects once it is gone, so the next guest can be
-learned. vfkit's end is connected to ours (probe: CONNECTED): the queue limit does not
-apply, EAGAIN means our send buffer is full and poll() reports it freeing. ENOBUFS, a
-full queue, and EAGAIN toward a peer of unknown kind drop the frame and count it; TCP
-retransmits it.
+learned; the gone guest's flows end then (the relay's transport_lost, counted as
+peers_gone), not at their timeouts: its UDP flows would otherwise hold their host
+sockets, and answers to it, for 30 s or more. vfkit's end is connected to ours (probe:
+CONNECTED): the queue limit does not apply, EAGAIN means our send buffer is full and
+poll() reports it freeing. ENOBUFS, a full queue, and EAGAIN toward a peer of unknown
+kind drop the frame and count it; TCP retransmits it.
 
 Linux does not tell a datagram socket that its peer closed: in fd mode that shows as
 ECONNREFUSED on the next send, which ends the transport.
@@ -93,11 +95,14 @@ Address = str | bytes
 
 
 class RelayLike(Protocol):
-    """What the server needs of `relaynat.relay.Relay`: attach() and the config."""
+    """What the server needs of `relaynat.relay.Relay`: attach(), transport_lost() and
+    the config."""
 
     config: RelayConfig
 
     def attach(self, transport: FrameTransport) -> None: ...
+
+    def transport_lost(self, transport: FrameTransport, reason: str) -> None: ...
 
 
 def _tune(sock: socket.socket) -> None:
@@ -168,7 +173,10 @@ class UnixgramTransport(TransportBase):
     connected=False: server mode; the peer is learned from the first datagram with an
     address and answered with sendto. `on_new_peer(data, addr)`, if given, is called
     when a datagram comes from another address while the served peer is gone; the
-    caller replaces this transport (`UnixgramServer` does). Frames that meet a full
+    caller replaces this transport (`UnixgramServer` does). `on_peer_gone(reason)`, if
+    given, is called (from the loop, never inside `send`) once the served peer is found
+    gone by the liveness probe or a refused send, so that its flows end then rather than
+    at their timeouts. Frames that meet a full
     socket wait in a queue of up to `queue_limit` bytes (module docstring). `first`,
     a (datagram, address) pair, is served before anything is read (the datagram that
     made a previous transport give way); `state`, what another process's transport
@@ -184,7 +192,8 @@ class UnixgramTransport(TransportBase):
                  loop: asyncio.AbstractEventLoop | None = None,
                  first: tuple[bytes, Address] | None = None,
                  on_new_peer: Callable[[bytes, Address], None] | None = None,
-                 queue_limit: int = 8 << 20, state: UnixgramState | None = None) -> None:
+                 queue_limit: int = 8 << 20, state: UnixgramState | None = None,
+                 on_peer_gone: Callable[[str], None] | None = None) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.connected = connected
@@ -199,6 +208,7 @@ class UnixgramTransport(TransportBase):
         self._sink: FrameSink | None = None
         self._first = first
         self._on_new_peer = on_new_peer
+        self._on_peer_gone = on_peer_gone
         self._last_probe = -_PROBE_INTERVAL_S
         self._peer_dead = False
         #: Server mode: our socket is connected to the learned peer (send(), not sendto).
@@ -361,6 +371,13 @@ class UnixgramTransport(TransportBase):
         self._forget_peer()
         with contextlib.suppress(OSError):
             _disconnect(self.sock)
+        self._gone("its socket refuses connections")
+
+    def _gone(self, why: str) -> None:
+        """Tell `on_peer_gone` the served peer left. Scheduled, not called: a refused
+        send happens inside the relay's output path, where ending flows must not."""
+        if self._on_peer_gone is not None:
+            self._loop.call_soon(self._on_peer_gone, f"guest at {self.peer!r} gone: {why}")
 
     def _forget_peer(self) -> None:
         """The served peer is gone (its socket refused us): let the next one in."""
@@ -422,6 +439,7 @@ class UnixgramTransport(TransportBase):
                 # Sending to a dead connected peer also dissolves the connection.
                 log.info("unixgram: guest at %r is gone (%s)", self.peer, exc)
                 self._forget_peer()
+                self._gone(str(exc))
         else:  # lost like on a wire
             self.counters["drop_send_error"] += 1
             log.debug("unixgram send: %s", exc)
@@ -542,13 +560,25 @@ class UnixgramServer:
         if old is not None:
             self.counters.update(old.counters)
         dup = socket.socket(fileno=os.dup(self.sock.fileno()))
-        self.transport = UnixgramTransport(dup, connected=False, first=first,
-                                           queue_limit=self.relay.config.guest_queue_limit,
-                                           on_new_peer=self._new_peer, state=state)
-        self.relay.attach(self.transport)
+        self.transport = transport = UnixgramTransport(
+            dup, connected=False, first=first, queue_limit=self.relay.config.guest_queue_limit,
+            on_new_peer=self._new_peer, state=state,
+            on_peer_gone=lambda reason: self._peer_gone(transport, reason))
+        self.relay.attach(transport)
 
     def _new_peer(self, data: bytes, addr: Address) -> None:
         self._attach((data, addr))
+
+    def _peer_gone(self, transport: UnixgramTransport, reason: str) -> None:
+        """The served guest left (its transport found its socket gone): its flows end
+        now, as when a stream guest disconnects (the relay's transport_lost), and a fresh
+        transport on the same bound socket waits for the next guest."""
+        if transport is not self.transport or transport.closed:
+            return  # replaced (a new guest came first) or closed meanwhile
+        self.counters["peers_gone"] += 1
+        self.relay.transport_lost(transport, reason)
+        transport.close()
+        self._attach(None)
 
     def stats(self) -> dict[str, int]:
         """The counters of every transport the server has had, prefixed `unixgram_`."""
