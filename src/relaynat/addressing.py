@@ -74,7 +74,11 @@ def inbound_flow_key(guest_ip: bytes, guest_port: int, src_ip: bytes, src_port: 
 
 
 class AddressMap:
-    """The relay's address translation for one guest (a frozen RelayConfig's view)."""
+    """The relay's address translation for one guest (a frozen RelayConfig's view).
+
+    `dns_upstream` (where the DNS address port 53 goes; None: nowhere) is the one part
+    that changes: the relay sets it when the host's resolv.conf names another resolver,
+    and only flows opened afterwards ask for it (link/dns.py)."""
 
     def __init__(self, config: RelayConfig, dns_upstream: str | None) -> None:
         c = config

@@ -138,7 +138,14 @@ class RelayConfig:
     SO_EXPIREFAST): resolvers use a fresh port per query."""
     dns_upstream: IPv4Address | IPv6Address | None = None
     """Where the guest's DNS traffic (dns_ipv4, port 53, UDP and TCP) goes on the host.
-    None: the first IPv4 nameserver of the host's /etc/resolv.conf, read at start."""
+    None: the first nameserver of `resolv_conf`, followed as that file changes."""
+    resolv_conf: str = "/etc/resolv.conf"
+    """The host's resolver configuration (resolv.conf(5), an absolute path) whose first
+    nameserver is the upstream when `dns_upstream` is None. Read at start, and looked at
+    again (a stat, at most once a second, when the guest asks its DNS address) so that a
+    changed file (VPN, DHCP renewal, NetworkManager, a symbolic link pointed elsewhere)
+    serves new DNS flows without a restart, while open ones finish with the old
+    resolver; a version naming no nameserver keeps the last one (link/dns.py)."""
     dns_records: tuple[tuple[str, str], ...] = ()
     """Static records (name, IPv4 or IPv6 address) answered by the relay itself for A and
     AAAA queries, gvproxy-style; names compare case-insensitively, without a final dot."""
@@ -224,6 +231,10 @@ class RelayConfig:
             if len(record) != 2 or not str(record[0]).strip(".") or len(str(record[0])) > 253:
                 raise ConfigError(f"DNS record {record!r} is not (name, IP address)")
             parse_ip(str(record[1]), f"DNS record {record[0]}")
+        if (not isinstance(self.resolv_conf, str) or not self.resolv_conf.startswith("/")
+                or "\0" in self.resolv_conf):
+            raise ConfigError(f"resolv_conf {self.resolv_conf!r} must be an absolute path "
+                              "(a str)")
         if self.inbound_source not in ("gateway", "client"):
             raise ConfigError(f"inbound source {self.inbound_source!r} must be 'gateway' or "
                               "'client'")

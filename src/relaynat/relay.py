@@ -14,8 +14,8 @@ Addressing follows slirp: the gateway address answers ARP, serves DHCP, and by d
 stands for the host's loopback (`map_host_loopback_v4`), as in slirp4netns and passt.
 Any other destination is connected to as is, from the host's network namespace.
 The DNS address (10.0.2.3) port 53, UDP and TCP, goes to the host's resolver (the
-first nameserver of its resolv.conf, or `dns_upstream`), except static records, which
-`dns.answer_static` answers here.
+first nameserver of its resolv.conf, followed as the file changes, or `dns_upstream`),
+except static records, which `dns.answer_static` answers here.
 
 Embedding::
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -47,7 +48,13 @@ from relaynat.host.icmp_relay import IcmpEchoRelay
 from relaynat.host.tcp_flow import close_with_reset
 from relaynat.host.tcp_relay import TcpRelay
 from relaynat.host.udp_relay import UdpRelay
-from relaynat.link.dns import host_upstream, static_table
+from relaynat.link.dns import (
+    FileVersion,
+    ResolvConfWatch,
+    read_resolv_conf,
+    resolv_conf_version,
+    static_table,
+)
 from relaynat.link.services import ZERO_IP, LinkServices
 from relaynat.policy import EgressGate, Policy
 from relaynat.ratelimit import TokenBucket
@@ -116,13 +123,12 @@ class Relay(RelayDispatch, RelayMoving):
         self._verify_tcp = False
         self._ip_id = 0
         c = self.config
-        upstream = c.dns_upstream or host_upstream()
-        if upstream is None:
+        self._addr = AddressMap(c, str(c.dns_upstream) if c.dns_upstream is not None else None)
+        #: The host's resolv.conf, followed unless `dns_upstream` is set (link/dns.py).
+        self._resolv = ResolvConfWatch() if c.dns_upstream is None else None
+        if self._resolv is not None:
             with guest_scope(name):
-                log.warning("no nameserver in /etc/resolv.conf and no dns_upstream: DNS "
-                            "queries to the relay's DNS address are dropped (static "
-                            "records still answer)")
-        self._addr = AddressMap(c, str(upstream) if upstream is not None else None)
+                self._resolv_conf_read(self._resolv, resolv_conf_version(c.resolv_conf), True)
         self._guest_ip = self._addr.guest_ip
         #: IPv4 TCP frames of known flows take `parse_tcp4_fast` (IPv4 may be off).
         self._fast_ipv4 = c.ipv4
@@ -169,7 +175,7 @@ class Relay(RelayDispatch, RelayMoving):
         self.set_policy(self._policy)
         self._forwarder = Forwarder(self._loop, self._open_inbound, self._forwarded_datagram)
         if self._dns_static:
-            self._dns_tcp = DnsTcpResponder(self._dns_static, self._addr.dns_upstream, self._loop,
+            self._dns_tcp = DnsTcpResponder(self._dns_static, self._dns_upstream, self._loop,
                                             self._stats)
             # It serves no one but this guest: the relay names its sockets (host/dns_tcp.py).
             self._tcp.watch_connects(self._dns_tcp.address, self._dns_tcp.expect)
@@ -506,11 +512,43 @@ class Relay(RelayDispatch, RelayMoving):
         assert self._tcp is not None
         if self._tcp.on_known(seg):  # a flow's segment: where it maps is settled
             return
-        if (self._dns_tcp is not None and seg.dport == DNS_PORT
-                and seg.dst in (self._addr.dns_ip, self._addr.dns_ip6)):
-            self._tcp.on_segment(seg, *self._dns_tcp.address)
-            return
+        if seg.dport == DNS_PORT and seg.dst in (self._addr.dns_ip, self._addr.dns_ip6):
+            if self._dns_tcp is not None:
+                self._tcp.on_segment(seg, *self._dns_tcp.address)
+                return
+            self._dns_upstream()  # a new flow: to the upstream the host names now
         self._tcp.on_segment(seg, self._addr.host_ip_for(seg.dst, seg.dport, self._stats))
+
+    # -- the upstream resolver -------------------------------------------------------------
+
+    def _dns_upstream(self) -> str | None:
+        """Where a new DNS flow goes now: `dns_upstream`, or the first nameserver of the
+        host's resolv.conf, looked at again when that is due (link/dns.py)."""
+        watch = self._resolv
+        if watch is not None and self._loop is not None and watch.due(self._loop.time()):
+            version = resolv_conf_version(self.config.resolv_conf)
+            if watch.changed(version):
+                self._resolv_conf_read(watch, version)
+        return self._addr.dns_upstream
+
+    def _resolv_conf_read(self, watch: ResolvConfWatch, version: FileVersion,
+                          at_start: bool = False) -> None:
+        path = self.config.resolv_conf
+        outcome = watch.read(version, read_resolv_conf(path), time.time_ns())
+        if outcome == "changed":
+            self._addr.dns_upstream = str(watch.upstream)
+            if not at_start:
+                self._stats["dns_upstream_changes"] += 1
+                log.info("%s names %s now: new DNS flows go there", path, watch.upstream)
+        elif outcome == "unusable":
+            if at_start:
+                log.warning("no nameserver in %s and no dns_upstream: DNS queries to the "
+                            "relay's DNS address are dropped (static records still answer) "
+                            "until the file names one", path)
+            else:
+                self._stats["dns_resolv_conf_unusable"] += 1
+                log.warning("%s changed and names no nameserver: DNS still goes to %s",
+                            path, self._addr.dns_upstream or "nowhere (queries dropped)")
 
     # -- frames to the guest -------------------------------------------------------------
 

@@ -65,6 +65,8 @@ class RelayDispatch:
     if TYPE_CHECKING:
         def _tcp_segment(self, seg: TcpSegment) -> None: ...
 
+        def _dns_upstream(self) -> str | None: ...
+
         def _send_frame(self, frame: bytes) -> None: ...
 
     def _ipv6(self, ip: Ipv6Packet, src_mac: bytes) -> None:
@@ -143,6 +145,8 @@ class RelayDispatch:
                                            self.config.gateway_mac, dns_ip, dgram.src,
                                            DNS_PORT, dgram.sport, answer, self._ip_id))
                 return
+        if dgram.dst == dns_ip and dgram.dport == DNS_PORT:
+            self._dns_upstream()  # a new flow would go to the upstream the host names now
         host_ip = self._addr.host_ip_for(dgram.dst, dgram.dport, self._stats)
         assert self._udp_relay is not None
         if host_ip is None and (dgram.sport, dgram.dst, dgram.dport,

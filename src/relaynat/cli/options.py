@@ -9,6 +9,7 @@ No I/O beyond reading a policy file.
 from __future__ import annotations
 
 import argparse
+import os
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
 
 from relaynat import __version__
@@ -99,7 +100,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="DNS address announced by DHCP (default %(default)s)")
     g.add_argument("--dns-upstream", metavar="ADDR",
                    help="resolver (IPv4 or IPv6) the DNS addresses forward to, port 53 "
-                        "(default: the first nameserver of the host's /etc/resolv.conf)")
+                        "(default: the first nameserver of --resolv-conf, followed as the "
+                        "file changes)")
+    g.add_argument("--resolv-conf", default="/etc/resolv.conf", metavar="PATH",
+                   help="the host's resolver configuration, whose first nameserver DNS "
+                        "goes to without --dns-upstream; followed as it changes (VPN, DHCP, "
+                        "NetworkManager): looked at again at most once a second, when the "
+                        "guest asks (default %(default)s)")
     g.add_argument("--dns-record", action="append", default=[], metavar="NAME=ADDR",
                    help="answer A (IPv4 ADDR) or AAAA (IPv6 ADDR) queries for NAME at the "
                         "DNS addresses (repeatable; a name may have several)")
@@ -289,6 +296,8 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
     if args.new_flow_burst is not None and args.new_flow_rate is None:
         raise ConfigError("--new-flow-burst needs --new-flow-rate (without a rate, new flows "
                           "are unlimited)")
+    if not args.resolv_conf:
+        raise ConfigError("--resolv-conf: the path is empty")
     try:
         prefix6 = IPv6Network(args.prefix6, strict=True)
     except ValueError as exc:
@@ -298,6 +307,8 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         gateway_ipv4=gateway, dns_ipv4=parse_ipv4(args.dns, "--dns"),
         dns_upstream=parse_ip(args.dns_upstream, "--dns-upstream") if args.dns_upstream
         else None, dns_records=_dns_records(args.dns_record),
+        # Absolute: the relay reads it again later, from whatever directory it is in then.
+        resolv_conf=os.path.abspath(args.resolv_conf),
         map_host_loopback_v4=mapped, mtu=MAX_MTU if args.mtu is None else args.mtu,
         max_tcp_flows=args.max_flows, max_udp_flows=args.max_udp_flows,
         max_icmp_flows=args.max_icmp_flows, new_flow_rate=args.new_flow_rate,

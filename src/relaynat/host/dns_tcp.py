@@ -7,7 +7,9 @@ host's loopback instead of at the upstream resolver. It speaks DNS over TCP (RFC
 each message preceded by its 2-byte length, several per connection, §6.2.1) and, for
 every query it cannot answer from the table, forwards the message unchanged to the
 upstream resolver over TCP and relays the reply; the guest sees one resolver that
-knows the static names, whichever transport its resolver picks.
+knows the static names, whichever transport its resolver picks. The upstream is asked
+of the relay for every query (it follows the host's resolv.conf, link/dns.py): a query
+after a change goes to the new resolver, one in flight finishes with the old.
 
 Bounds, since a guest is untrusted: at most `MAX_CLIENTS` connections at once, an idle
 connection is closed after `IDLE_TIMEOUT_S` (RFC 7766 §6.2.3 leaves the value to the
@@ -30,6 +32,7 @@ import asyncio
 import socket
 import struct
 from collections import Counter
+from collections.abc import Callable
 
 from relaynat.guest_log import guest_logger
 from relaynat.link.dns import StaticTable, answer_static
@@ -47,10 +50,10 @@ _LOOPBACK = "127.0.0.1"
 class DnsTcpResponder:
     """Listens on 127.0.0.1 (port chosen by the kernel: `port`; both: `address`) from
     construction on; serves once the event loop runs, the connections whose host socket
-    `expect` was given only (see the module docstring). `upstream` None: only static
-    names are answered, other queries end the connection."""
+    `expect` was given only (see the module docstring). `upstream()` is where the next
+    query goes; None: only static names are answered, other queries end the connection."""
 
-    def __init__(self, table: StaticTable, upstream: str | None,
+    def __init__(self, table: StaticTable, upstream: Callable[[], str | None],
                  loop: asyncio.AbstractEventLoop, stats: Counter[str]) -> None:
         self._table = table
         self._upstream = upstream
@@ -143,17 +146,18 @@ class DnsTcpResponder:
 
     async def _forward(self, query: bytes) -> bytes | None:
         """One exchange with the upstream resolver over TCP; None on any failure."""
-        if self._upstream is None:
+        upstream = self._upstream()
+        if upstream is None:
             return None
         writer = None
         try:
             async with asyncio.timeout(UPSTREAM_TIMEOUT_S):
-                reader, writer = await asyncio.open_connection(self._upstream, DNS_PORT)
+                reader, writer = await asyncio.open_connection(upstream, DNS_PORT)
                 writer.write(_LEN.pack(len(query)) + query)
                 (length,) = _LEN.unpack(await reader.readexactly(2))
                 return await reader.readexactly(length)
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
-            log.debug("DNS over TCP to %s failed: %s", self._upstream, exc)
+            log.debug("DNS over TCP to %s failed: %s", upstream, exc)
             return None
         finally:
             if writer is not None:

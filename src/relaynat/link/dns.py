@@ -10,14 +10,31 @@ missing when it only has an IPv4 address.
 `answer_static` parses only what it needs (RFC 1035 §4.1: a 12-byte header, one
 question of uncompressed labels) with explicit bounds checks, and returns None (forward
 it, or drop it) for anything it does not fully understand; it never raises on input.
+
+The upstream is the first nameserver of the host's resolv.conf, unless the
+configuration names one (`dns_upstream`). The file changes under a running relay (a VPN
+up or down, a DHCP renewal, NetworkManager, a symbolic link pointed at another file),
+so the relay looks at it again, at most once a second (RESOLV_CONF_CHECK_S, libslirp's
+interval too), when the guest asks its DNS address: a stat of the path and of the file
+it leads to (`resolv_conf_version`) says whether anything changed, and only then is it
+read and parsed again. `ResolvConfWatch` decides, without I/O, when to look and what a
+new version means; the relay does the looking and reading. A new upstream serves new
+DNS flows; open ones keep their host socket to the old resolver, so answers in flight
+still arrive. A version that names no nameserver (or a file gone) keeps the last
+upstream: libslirp too keeps its cached address when a changed file has none, and a
+resolver that is briefly missing while a network manager rewrites the file is likelier
+than a host that really lost DNS, whose guest would get no answer either way.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Literal
 
 TYPE_A = 1
 TYPE_AAAA = 28
@@ -132,9 +149,112 @@ def upstream_from_resolv_conf(text: str) -> IPv4Address | IPv6Address | None:
     return None
 
 
-def host_upstream(path: str = "/etc/resolv.conf") -> IPv4Address | IPv6Address | None:
+#: At most this often (seconds) the relay looks at the host's resolv.conf again.
+RESOLV_CONF_CHECK_S = 1.0
+#: A version modified this recently (nanoseconds) before it was read may still be
+#: changing within one timestamp tick (the kernel's coarse clock; 2 s on FAT), unseen
+#: by its stat: it is read again at the next look ("racy git" in git's index).
+RESOLV_CONF_SETTLE_NS = 2_000_000_000
+
+Upstream = IPv4Address | IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class FileVersion:
+    """What tells one version of a file from another without reading it."""
+
+    #: The path's symbolic link target (os.readlink), None when it is no link.
+    link: str | None
+    #: st_dev, st_ino, st_size, st_mtime_ns and st_ctime_ns of the file the path leads
+    #: to (links followed), None when there is none.
+    identity: tuple[int, int, int, int, int] | None
+
+    @property
+    def mtime_ns(self) -> int | None:
+        return self.identity[3] if self.identity is not None else None
+
+
+def resolv_conf_version(path: str) -> FileVersion:
+    """The version of the file at `path` now: two stat calls and, for a link, a readlink."""
+    try:
+        link = os.readlink(path) if stat.S_ISLNK(os.lstat(path).st_mode) else None
+    except OSError:
+        link = None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return FileVersion(link, None)
+    return FileVersion(link, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                              st.st_ctime_ns))
+
+
+def read_resolv_conf(path: str) -> str | None:
+    """The text of the resolv.conf at `path`, or None when it cannot be read."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            return upstream_from_resolv_conf(f.read())
+            return f.read(1 << 20)  # a resolv.conf is a few lines; bound what a bad one costs
     except OSError:
         return None
+
+
+def host_upstream(path: str = "/etc/resolv.conf") -> Upstream | None:
+    text = read_resolv_conf(path)
+    return upstream_from_resolv_conf(text) if text is not None else None
+
+
+#: What a look at a changed resolv.conf found: another upstream ("changed"), a version
+#: naming none, the last upstream kept ("unusable"), or nothing that matters (None).
+Outcome = Literal["changed", "unusable"] | None
+
+
+class ResolvConfWatch:
+    """The upstream that the host's resolv.conf names, followed as the file changes,
+    without I/O: the caller stats and reads the file when asked (see the module
+    docstring for the protocol).
+
+    `due(now)` says whether to look (at most every RESOLV_CONF_CHECK_S of `now`, any
+    monotonic clock); `changed(version)` whether the version looked at is one not read
+    yet; `read(version, text, wall_ns)` takes the text of that version (None: it could
+    not be read) and returns the outcome. `upstream` is the one to use (None until a
+    version names one). Each version is reported once, however often it is read again.
+    """
+
+    __slots__ = ("_next_look", "_reported", "_version", "upstream")
+
+    def __init__(self) -> None:
+        self.upstream: Upstream | None = None
+        self._next_look: float | None = None
+        #: The version whose text was read and can be trusted to stay as read.
+        self._version: FileVersion | None = None
+        #: The version last reported on (read again while it settles, it is not twice).
+        self._reported: FileVersion | None = None
+
+    def due(self, now: float) -> bool:
+        """Whether to look at the file now; if so, the next look is due a check interval later."""
+        if self._next_look is not None and now < self._next_look:
+            return False
+        self._next_look = now + RESOLV_CONF_CHECK_S
+        return True
+
+    def changed(self, version: FileVersion) -> bool:
+        """Whether `version` must be read: it is not the version read last (or that one
+        was still settling when it was read)."""
+        return version != self._version
+
+    def read(self, version: FileVersion, text: str | None, wall_ns: int) -> Outcome:
+        """The text of `version`, read after it was looked at (at wall clock `wall_ns`,
+        time.time_ns()): what it means for the upstream."""
+        mtime = version.mtime_ns
+        settled = mtime is not None and wall_ns - mtime >= RESOLV_CONF_SETTLE_NS
+        self._version = version if settled else None
+        found = upstream_from_resolv_conf(text) if text is not None else None
+        if found is None:
+            if version == self._reported:
+                return None
+            self._reported = version
+            return "unusable"
+        self._reported = version
+        if found == self.upstream:
+            return None
+        self.upstream = found
+        return "changed"
