@@ -1,12 +1,15 @@
 """A tiny authoritative DNS server for tests: the "host's resolver" behind the relay.
 
     python3 tests/support/dns_peer.py --addr 127.0.0.53 --record NAME=ADDR ... --ready-file F
+        [--delay NAME=SECONDS ...]
 
 Listens on ADDR port 53, UDP and TCP (RFC 1035 §4.2.2: 2-byte length prefix), and
 answers A queries for the configured names, NOERROR with no answers for other types of
 those names, NXDOMAIN for anything else. Every query is appended, as "udp NAME TYPE" or
-"tcp NAME TYPE", to F.log, so a test can see that a query really went upstream. It runs
-in the test's private network namespace, never on a public address.
+"tcp NAME TYPE", to F.log, so a test can see that a query really went upstream; the
+answer to a name given --delay leaves that many seconds after the query was logged (an
+answer in flight while the test changes something). It runs in the test's private
+network namespace, never on a public address.
 """
 
 from __future__ import annotations
@@ -21,9 +24,19 @@ import dpkt
 
 
 class _Answerer:
-    def __init__(self, records: dict[str, bytes], log_path: str) -> None:
+    def __init__(self, records: dict[str, bytes], log_path: str,
+                 delays: dict[str, float] | None = None) -> None:
         self.records = records
         self.log_path = log_path
+        self.delays = delays or {}
+
+    def delay(self, data: bytes) -> float:
+        """How long the answer to `data` waits (0 unless its name was given --delay)."""
+        try:
+            qd = dpkt.dns.DNS(data).qd
+        except (dpkt.UnpackError, IndexError, ValueError):
+            return 0.0
+        return self.delays.get(qd[0].name.rstrip(".").lower(), 0.0) if len(qd) == 1 else 0.0
 
     def answer(self, data: bytes, proto: str) -> bytes | None:
         try:
@@ -57,11 +70,13 @@ class _Udp(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         reply = self.answerer.answer(data, "udp")
         if reply is not None:
-            self.transport.sendto(reply, addr)  # type: ignore[attr-defined]
+            send = self.transport.sendto  # type: ignore[attr-defined]
+            asyncio.get_running_loop().call_later(self.answerer.delay(data), send, reply, addr)
 
 
-async def serve(addr: str, records: dict[str, bytes], ready_file: str) -> None:
-    answerer = _Answerer(records, ready_file + ".log")
+async def serve(addr: str, records: dict[str, bytes], ready_file: str,
+                delays: dict[str, float] | None = None) -> None:
+    answerer = _Answerer(records, ready_file + ".log", delays)
     loop = asyncio.get_running_loop()
     await loop.create_datagram_endpoint(lambda: _Udp(answerer), local_addr=(addr, 53))
 
@@ -69,9 +84,11 @@ async def serve(addr: str, records: dict[str, bytes], ready_file: str) -> None:
         try:
             while True:
                 size = int.from_bytes(await reader.readexactly(2), "big")
-                reply = answerer.answer(await reader.readexactly(size), "tcp")
+                query = await reader.readexactly(size)
+                reply = answerer.answer(query, "tcp")
                 if reply is None:
                     break
+                await asyncio.sleep(answerer.delay(query))
                 writer.write(len(reply).to_bytes(2, "big") + reply)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -92,12 +109,17 @@ def main() -> int:
     parser.add_argument("--addr", default="127.0.0.53")
     parser.add_argument("--record", action="append", default=[], metavar="NAME=ADDR")
     parser.add_argument("--ready-file", required=True)
+    parser.add_argument("--delay", action="append", default=[], metavar="NAME=SECONDS")
     args = parser.parse_args()
     records = {}
     for item in args.record:
         name, _, addr = item.partition("=")
         records[name.rstrip(".").lower()] = ipaddress.IPv4Address(addr).packed
-    asyncio.run(serve(args.addr, records, args.ready_file))
+    delays = {}
+    for item in args.delay:
+        name, _, seconds = item.partition("=")
+        delays[name.rstrip(".").lower()] = float(seconds)
+    asyncio.run(serve(args.addr, records, args.ready_file, delays))
     return 0
 
 
