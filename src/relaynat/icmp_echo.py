@@ -4,17 +4,23 @@ host's replies, building reply frames, and the bounded table of echo sessions.
 Validation follows RFC 792 (type 8, code 0, Internet checksum over the whole ICMP
 message, no pseudo-header) and RFC 4443 §4.1 (type 128, code 0, checksum with the IPv6
 pseudo-header, §2.3). host/icmp_relay.py executes these with ping sockets.
+
+`EchoSessionState` is a session as a same-host handover carries it to a new relay process
+(moving/handover.py), its ping socket passed beside it; `parse_sessions` checks a list.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Hashable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from dataclasses import dataclass, fields
+from ipaddress import ip_address
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from relaynat.checksum import finish, partial_sum, pseudo_header_sum, verify
+from relaynat.flow_state import FlowStateError
 from relaynat.packet_builder import IPV4_HLEN, ip_frame
+from relaynat.udp_flow import check_address, check_count, check_index, check_seconds
 from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, MalformedFrame
 
 if TYPE_CHECKING:
@@ -134,7 +140,8 @@ class EchoTable(Generic[K, V]):
         return len(self._entries) >= self.capacity
 
     def add(self, key: K, value: V, now: float) -> None:
-        """Insert a new session; raises KeyError if present, OverflowError if full."""
+        """Insert a new session, last seen at `now` (earlier for one moved here from
+        another relay); raises KeyError if present, OverflowError if full."""
         if key in self._entries:
             raise KeyError(key)
         if self.full:
@@ -145,6 +152,11 @@ class EchoTable(Generic[K, V]):
         item = self._entries.get(key)
         if item is not None:
             self._entries[key] = (item[0], now)
+
+    def last_seen(self, key: K) -> float | None:
+        """When the session saw its last packet either way (None: no such session)."""
+        item = self._entries.get(key)
+        return None if item is None else item[1]
 
     def pop(self, key: K) -> V | None:
         item = self._entries.pop(key, None)
@@ -169,3 +181,101 @@ class EchoTable(Generic[K, V]):
         values = [v for v, _last in self._entries.values()]
         self._entries.clear()
         return values
+
+
+# -- moving a session to another relay ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EchoSessionState:
+    """One ping session moving to a relay in another process on this host, its ping
+    socket passed beside it (moving/handover.py): `guest` (the guest's address and its
+    ICMP identifier), `far` (the address the guest pings), `host` (where that is on the
+    host: the socket's destination), `guest_mac`, `fd` (the socket's index among the
+    descriptors passed), `idle_s` and `age_s` (seconds since its last packet and since
+    it opened: its idle timeout goes on where it was) and its byte counters. The
+    kernel's identifier of the socket (its bound "port") travels with the socket."""
+
+    guest: tuple[str, int]
+    far: str
+    host: str
+    guest_mac: bytes
+    fd: int | None
+    idle_s: float
+    age_s: float
+    bytes_from_guest: int
+    bytes_to_guest: int
+
+    @property
+    def key(self) -> tuple[int, bytes, bytes]:
+        """The session's key in `IcmpEchoRelay` (identifier, far, guest address)."""
+        return (self.guest[1], ip_address(self.far).packed, ip_address(self.guest[0]).packed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"guest": list(self.guest), "far": self.far, "host": self.host,
+                "guest_mac": self.guest_mac.hex(":"), "fd": self.fd, "idle_s": self.idle_s,
+                "age_s": self.age_s, "bytes_from_guest": self.bytes_from_guest,
+                "bytes_to_guest": self.bytes_to_guest}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> EchoSessionState:
+        """Parse and check `to_dict`'s output; FlowStateError (a ValueError) names the field."""
+        if not isinstance(data, dict):
+            raise FlowStateError("a session is not an object")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise FlowStateError(f"missing field(s) {', '.join(missing)}")
+        extra = sorted(set(data) - set(names))
+        if extra:
+            raise FlowStateError(f"unknown field(s) {', '.join(extra)}")
+        values: dict[str, Any] = {}
+        for name in names:
+            try:
+                values[name] = _SESSION_PARSERS[name](data[name])
+            except (TypeError, ValueError) as exc:
+                raise FlowStateError(f"field {name}: {exc}") from None
+        state = cls(**values)
+        versions = {ip_address(a).version for a in (state.guest[0], state.far, state.host)}
+        if len(versions) != 1:
+            raise FlowStateError("fields guest, far, host: not one address family")
+        return state
+
+
+def parse_sessions(records: Any) -> list[EchoSessionState]:
+    """A list of `EchoSessionState` records, all checked, no two with one key;
+    FlowStateError names the first bad one (`sessions[i]: ...`)."""
+    if not isinstance(records, list):
+        raise FlowStateError("not a list of sessions")
+    states: list[EchoSessionState] = []
+    keys: set[tuple[int, bytes, bytes]] = set()
+    for i, data in enumerate(records):
+        try:
+            state = EchoSessionState.from_dict(data)
+        except FlowStateError as exc:
+            raise FlowStateError(f"sessions[{i}]: {exc}") from None
+        if state.key in keys:
+            raise FlowStateError(f"sessions[{i}]: a second session {state.guest} -> {state.far}")
+        keys.add(state.key)
+        states.append(state)
+    return states
+
+
+def _guest_end(value: Any) -> tuple[str, int]:
+    if not isinstance(value, list) or len(value) != 2 or type(value[1]) is not int \
+            or not 0 <= value[1] <= 0xFFFF:
+        raise ValueError(f"{value!r} is not [address, identifier]")
+    return check_address(value[0]), value[1]
+
+
+def _mac(value: Any) -> bytes:
+    if not isinstance(value, str) or len(value) != 17:
+        raise ValueError(f"{value!r} is not a MAC address")
+    return bytes.fromhex(value.replace(":", ""))
+
+
+_SESSION_PARSERS: dict[str, Any] = {
+    "guest": _guest_end, "far": check_address, "host": check_address, "guest_mac": _mac,
+    "fd": lambda v: None if v is None else check_index(v), "idle_s": check_seconds,
+    "age_s": check_seconds, "bytes_from_guest": check_count, "bytes_to_guest": check_count,
+}

@@ -14,7 +14,8 @@ import asyncio
 import socket
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from ipaddress import ip_address
 from typing import TYPE_CHECKING
 
 from relaynat.addressing import AddressMap
@@ -29,9 +30,11 @@ from relaynat.host.forward import Forward, Forwarder
 from relaynat.host.icmp_relay import IcmpEchoRelay
 from relaynat.host.tcp_relay import TcpRelay
 from relaynat.host.udp_relay import UdpRelay
+from relaynat.icmp_echo import EchoSessionState
 from relaynat.link.services import LinkServices
 from relaynat.transports.base import FrameTransport, HandoverTransport
 from relaynat.transports.stream import StreamServer
+from relaynat.udp_flow import UdpFlowState
 
 
 class RelayMoving:
@@ -95,17 +98,21 @@ class RelayMoving:
     # -- handing the guest to another process (moving/handover.py) ------------------------
 
     @in_guest_scope
-    def suspend(self) -> Suspended:
+    def suspend(self, datagrams: bool = True) -> Suspended:
         """Stop serving the guest and take out what a handover moves (`Suspended` says
-        what, and in which state). All of it happens before this returns: from then
-        on nothing of the guest is read, no router advert goes out, the forwards and the
-        stream listener accept nothing, and the flows taken out are in none of the
-        relay's tables (their entries closed: a timer left armed does nothing), so the
-        loop may run before `resume`. What stays (`Suspended.not_moved`) runs on without
-        a guest: frames toward it are dropped, counted as frames_out_no_guest. Raises
-        TypeError, with nothing changed, for a transport that is no HandoverTransport."""
+        what, and in which state): with `datagrams`, the UDP flows and ping sessions as
+        well (a relay that does not take them over lets them end here). All of it
+        happens before this returns: from then on nothing of the guest is read, no
+        router advert goes out, the forwards and the stream listener accept nothing,
+        and the flows taken out are in none of the relay's tables (their entries
+        closed: a timer left armed does nothing), so the loop may run before `resume`.
+        What stays (`Suspended.not_moved`) runs on without a guest: frames toward it
+        are dropped, counted as frames_out_no_guest. Raises TypeError, with nothing
+        changed, for a transport that is no HandoverTransport."""
         tcp, forwarder, loop = self._tcp, self._forwarder, self._loop
+        udp, icmp = self._udp_relay, self._icmp
         assert tcp is not None and forwarder is not None and loop is not None, "start() first"
+        assert udp is not None and icmp is not None
         transport = self._transport
         if transport is not None and not isinstance(transport, HandoverTransport):
             raise TypeError(f"a {type(transport).__name__} cannot be handed over")
@@ -117,12 +124,23 @@ class RelayMoving:
         forwarder.pause()
         if self._stream is not None:
             self._stream.pause()
-        flows, not_moved = flow_move.take_live(tcp, loop.time(), self._other_flows(),
-                                               self._dns_tcp_port())
+        now = loop.time()
+        forwards = [f for f in forwarder.forwards if f.sock is not None]
+        flows, not_moved = flow_move.take_live(tcp, now, self._dns_tcp_port())
+        moved_udp: list[tuple[UdpFlowState, socket.socket]] = []
+        moved_icmp: list[tuple[EchoSessionState, socket.socket]] = []
+        if datagrams:
+            moved_udp, skipped = flow_move.take_udp(udp, now, forwards)
+            not_moved += skipped
+            moved_icmp = flow_move.take_icmp(icmp, now)
+        else:
+            not_moved += flow_move.left_behind(
+                self._other_flows(), "the new relay does not take UDP flows and ping "
+                "sessions over: they end with the old relay")
         return Suspended(
-            stopped_at, transport, self._stream.sock if self._stream else None,
-            [f for f in forwarder.forwards if f.sock is not None], self._guest_mac,
-            self._guest_addr6, flows, not_moved, dict(self._stats))
+            stopped_at, transport, self._stream.sock if self._stream else None, forwards,
+            self._guest_mac, self._guest_addr6, flows, not_moved, dict(self._stats),
+            moved_udp, moved_icmp)
 
     @in_guest_scope
     def resume(self, suspended: Suspended) -> None:
@@ -131,11 +149,15 @@ class RelayMoving:
         (nothing read from them or written), the forwards and the stream listener
         accepting."""
         assert self._tcp is not None and self._forwarder is not None and self._loop
+        assert self._udp_relay is not None and self._icmp is not None
         if suspended.transport is not None:
             self.attach(suspended.transport)
         c = self.config
-        flow_move.adopt_live(self._tcp, suspended.flows, self._loop.time(), mtu=c.mtu,
+        now = self._loop.time()
+        flow_move.adopt_live(self._tcp, suspended.flows, now, mtu=c.mtu,
                              idle_timeout_s=c.tcp_idle_timeout_s)
+        flow_move.adopt_udp(self._udp_relay, suspended.udp, now)
+        flow_move.adopt_icmp(self._icmp, suspended.icmp, now)
         self._forwarder.resume()
         if self._stream is not None:
             self._stream.resume()
@@ -147,37 +169,60 @@ class RelayMoving:
             self._stream.close(unlink=False)
             self._stream = None
 
-    def cannot_adopt(self, flows: Sequence[LiveFlowState]) -> str | None:
-        """Why `adopt` could not serve `flows` (one is not this relay's guest's, or they
-        do not fit in max_tcp_flows beside the flows open), or None. It only reads, so
-        a thread other than the loop's may ask (the handover checks in one)."""
-        assert self._tcp is not None, "start() first"
-        for i, state in enumerate(flows):
-            if not self._addr.is_guest(state.key[3]):
-                return f"tcp flows[{i}]: {state.guest[0]} is not this relay's guest"
-        if len(self._tcp.flows) + len(flows) > self.config.max_tcp_flows:
-            return (f"{len(flows)} TCP flows do not fit max_tcp_flows "
-                    f"{self.config.max_tcp_flows}")
+    def cannot_adopt(self, flows: Sequence[LiveFlowState],
+                     udp: Sequence[UdpFlowState] = (),
+                     icmp: Sequence[EchoSessionState] = ()) -> str | None:
+        """Why `adopt` could not serve `flows`, `udp` and `icmp` (one is not this relay's
+        guest's or is open here already, or they do not fit in max_tcp_flows,
+        max_udp_flows or max_icmp_flows beside the flows open), or None. It only reads,
+        so a thread other than the loop's may ask (the handover checks in one)."""
+        tcp, udp_relay, icmp_relay = self._tcp, self._udp_relay, self._icmp
+        assert tcp is not None and udp_relay is not None and icmp_relay is not None, \
+            "start() first"
+        c = self.config
+        parts: list[tuple[str, Sequence[LiveFlowState | UdpFlowState | EchoSessionState],
+                          Collection[object], int]] = [
+            ("tcp", flows, tcp.flows.keys(), c.max_tcp_flows),
+            ("udp", udp, udp_relay.table.flows.keys(), c.max_udp_flows),
+            ("icmp", icmp, {key for key, _ in icmp_relay.sessions.items()},
+             icmp_relay.sessions.capacity)]
+        for name, states, open_now, limit in parts:
+            for i, state in enumerate(states):
+                if not self._addr.is_guest(ip_address(state.guest[0]).packed):
+                    return f"{name} flows[{i}]: {state.guest[0]} is not this relay's guest"
+                if state.key in open_now:
+                    return f"{name} flows[{i}]: {state.guest} -> {state.far} is open here"
+            if states and len(open_now) + len(states) > limit:
+                what = {"tcp": "TCP flows", "udp": "UDP flows", "icmp": "ping sessions"}[name]
+                return f"{len(states)} {what} do not fit max_{name}_flows {limit}"
         return None
 
     @in_guest_scope
     def adopt(self, *, guest_mac: bytes | None, guest_addr6: bytes,
               flows: Sequence[tuple[LiveFlowState, socket.socket]],
-              forwards: Sequence[Forward], stats: Mapping[str, int]) -> None:
+              forwards: Sequence[Forward], stats: Mapping[str, int],
+              udp: Sequence[tuple[UdpFlowState, socket.socket]] = (),
+              icmp: Sequence[tuple[EchoSessionState, socket.socket]] = ()) -> None:
         """Serve what another relay's `suspend` took out, once the guest's transport is
         attached here (the flows' frames take its link format): the guest's MAC and
         IPv6 address as it learned them, the flows on their sockets (connected and
         non-blocking; `cannot_adopt` says none is refused), the forwards on theirs
-        (bound, and listening for TCP), and its counters, which this relay's continue
-        (added to its own)."""
+        (bound, and listening for TCP), the UDP flows on theirs (an outbound flow's
+        own, connected; an inbound flow's the socket of `forwards[state.forward]`),
+        the ping sessions on their ping sockets, and its counters, which this relay's
+        continue (added to its own)."""
         assert self._tcp is not None and self._forwarder is not None and self._loop
+        assert self._udp_relay is not None and self._icmp is not None
         self._stats.update(stats)
         if guest_mac is not None:
             self._learn_guest_mac(guest_mac)
         self._guest_addr6 = guest_addr6
         c = self.config
-        flow_move.adopt_live(self._tcp, flows, self._loop.time(), mtu=c.mtu,
+        now = self._loop.time()
+        flow_move.adopt_live(self._tcp, flows, now, mtu=c.mtu,
                              idle_timeout_s=c.tcp_idle_timeout_s)
         for f in forwards:
             assert f.sock is not None
             self._forwarder.adopt(f.proto, f.host_addr, f.guest_port, f.interface, f.sock)
+        flow_move.adopt_udp(self._udp_relay, udp, now)
+        flow_move.adopt_icmp(self._icmp, icmp, now)

@@ -18,7 +18,10 @@ flow is served as if it had been opened here.
 
 Live (`Relay.suspend`, `Relay.resume`, `Relay.adopt`; a handover to another process,
 moving/handover.py): the flows leave the relay with their host sockets untouched, no
-repair mode, for `take_live`'s caller to pass the sockets themselves on (`Suspended`).
+repair mode, for `take_live`'s caller to pass the sockets themselves on (`Suspended`);
+so do UDP flows (`take_udp`: an outbound one's connected socket, an inbound one's
+client, whose datagrams its forward's socket carries) and ping sessions (`take_icmp`),
+with how long each has been idle, so that its timeout goes on where it was.
 
 Three kernel facts (Linux 6.18, checked by tests/integration/test_flow_move.py and
 tests/integration/test_migration.py) shape how callers must move flows:
@@ -43,7 +46,8 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from ipaddress import ip_address
 from typing import Any
 
 from relaynat.flow_state import (
@@ -59,8 +63,9 @@ from relaynat.flow_state import (
     state_of,
 )
 from relaynat.guest_log import guest_logger
-from relaynat.host.flowinfo import FlowInfo, describe_tcp
+from relaynat.host.flowinfo import FlowInfo, describe_tcp, describe_udp
 from relaynat.host.forward import Forward
+from relaynat.host.icmp_relay import EchoSession, IcmpEchoRelay
 from relaynat.host.tcp_flow import SO_PEEK_OFF, TcpFlow, close_with_reset
 from relaynat.host.tcp_relay import TcpRelay
 from relaynat.host.tcp_repair import (
@@ -70,9 +75,14 @@ from relaynat.host.tcp_repair import (
     leave_repair,
     restore,
 )
+from relaynat.host.udp_relay import UdpRelay
+from relaynat.icmp_echo import EchoSessionState
 from relaynat.repair_state import RepairError, RepairState
 from relaynat.tcp_state import TcpState
 from relaynat.transports.base import FrameTransport, HandoverTransport
+from relaynat.udp_flow import UdpFlowState
+from relaynat.udp_flow import flow_from as udp_flow_from
+from relaynat.udp_flow import state_of as udp_state_of
 
 log = guest_logger("relaynat.tcp")
 
@@ -122,8 +132,15 @@ class Suspended:
       unacknowledged byte.
     - `not_moved`: the flows that stayed, each with the reason (a document's
       "not_moved" lines): half-open TCP flows, flows to the relay's own DNS-over-TCP
-      responder, UDP flows and ping sessions. They end with the relay.
+      responder, and UDP flows and ping sessions when they were not to move. They end
+      with the relay.
     - `stats`: the relay's counters when it stopped.
+    - `udp`: the UDP flows that left the relay's table, each with its socket: its own
+      (connected, open and unread since: datagrams wait in it), or for an inbound flow
+      (`UdpFlowState.forward`, an index in `forwards`) its forward's. A state's `fd`
+      is None: whoever passes the sockets numbers them.
+    - `icmp`: the ping sessions that left the relay's table, each with its ping socket
+      (open and unread since), `fd` None as for `udp`.
     """
 
     stopped_at: float
@@ -135,17 +152,17 @@ class Suspended:
     flows: list[tuple[LiveFlowState, socket.socket]]
     not_moved: list[dict[str, Any]]
     stats: dict[str, int]
+    udp: list[tuple[UdpFlowState, socket.socket]] = field(default_factory=list)
+    icmp: list[tuple[EchoSessionState, socket.socket]] = field(default_factory=list)
 
 
-def take_live(tcp: TcpRelay, now: float, others: list[FlowInfo], dns_tcp_port: int | None
+def take_live(tcp: TcpRelay, now: float, dns_tcp_port: int | None
               ) -> tuple[list[tuple[LiveFlowState, socket.socket]], list[dict[str, Any]]]:
     """Take every flow of `tcp` that can move with its live socket out, silently: the
-    `flows` and `not_moved` of `Suspended` (which says what holds of them); `others`
-    (UDP and ICMP flows) are listed as not moved."""
+    `flows` and `not_moved` of `Suspended` (which says what holds of them)."""
     own_dns = ("127.0.0.1", dns_tcp_port) if dns_tcp_port is not None else None
     moved: list[tuple[LiveFlowState, socket.socket]] = []
-    skipped = [not_moved(info, f"{info.protocol} flows end with the old relay")
-               for info in others]
+    skipped: list[dict[str, Any]] = []
     for flow in list(tcp.flows.values()):
         reason = _not_live(flow, own_dns)
         if reason is None:
@@ -174,6 +191,73 @@ def _not_live(flow: TcpFlow, own_dns: tuple[str, int] | None) -> str | None:
     if own_dns is not None and tuple(flow.host_addr) == own_dns:
         return "served by the old relay's own DNS-over-TCP responder"
     return None
+
+
+def take_udp(udp: UdpRelay, now: float, forwards: Sequence[Forward]
+             ) -> tuple[list[tuple[UdpFlowState, socket.socket]], list[dict[str, Any]]]:
+    """Take every UDP flow out of `udp` with its socket, silently: `Suspended.udp`, and
+    the lines of the flows that stay (`not_moved`). `forwards`: the forwards that move,
+    in the order their records go (an inbound flow names its own by index)."""
+    index = {f.sock: i for i, f in enumerate(forwards) if f.sock is not None}
+    moved: list[tuple[UdpFlowState, socket.socket]] = []
+    skipped: list[dict[str, Any]] = []
+    for flow in list(udp.table.flows.values()):
+        sock = flow.sock
+        forward = None
+        if flow.peer is None:
+            try:
+                peer = sock.getpeername()[:2]
+            except OSError as exc:
+                skipped.append(not_moved(describe_udp(flow), f"host socket: {exc.strerror}"))
+                continue
+        else:
+            forward = index.get(sock)
+            if forward is None:
+                skipped.append(not_moved(describe_udp(flow), "its forward does not move"))
+                continue
+            peer = flow.peer
+        opened_at = udp.take(flow)
+        moved.append((udp_state_of(flow, now, opened_at, peer, forward), sock))
+    return moved, skipped
+
+
+def take_icmp(icmp: IcmpEchoRelay, now: float) -> list[tuple[EchoSessionState, socket.socket]]:
+    """Take every ping session out of `icmp` with its socket, silently: `Suspended.icmp`."""
+    moved: list[tuple[EchoSessionState, socket.socket]] = []
+    for _key, session in list(icmp.sessions.items()):
+        last_seen = icmp.take(session)
+        ident, far, guest = session.key
+        moved.append((EchoSessionState(
+            guest=(str(ip_address(guest)), ident), far=str(ip_address(far)),
+            host=str(ip_address(session.host_ip)), guest_mac=session.guest_mac, fd=None,
+            idle_s=max(0.0, now - last_seen), age_s=max(0.0, now - session.opened_at),
+            bytes_from_guest=session.bytes_from_guest,
+            bytes_to_guest=session.bytes_to_guest), session.sock))
+    return moved
+
+
+def adopt_udp(udp: UdpRelay, flows: Sequence[tuple[UdpFlowState, socket.socket]],
+              now: float) -> None:
+    """Serve each UDP flow in `udp` on its socket (its own, connected and non-blocking,
+    or an inbound flow's forward's), going on from its record at `now`."""
+    for state, sock in flows:
+        udp.adopt(udp_flow_from(state, now), sock, now - state.age_s)
+
+
+def adopt_icmp(icmp: IcmpEchoRelay, sessions: Sequence[tuple[EchoSessionState, socket.socket]],
+               now: float) -> None:
+    """Serve each ping session in `icmp` on its ping socket (non-blocking), going on from
+    its record at `now`."""
+    for state, sock in sessions:
+        session = EchoSession(state.key, sock, state.host, ip_address(state.guest[0]).packed,
+                              state.guest_mac, state.bytes_from_guest, state.bytes_to_guest,
+                              opened_at=now - state.age_s)
+        icmp.adopt(session, now - state.idle_s)
+
+
+def left_behind(infos: Sequence[FlowInfo], reason: str) -> list[dict[str, Any]]:
+    """The `not_moved` lines of flows that stay, each with `reason`."""
+    return [not_moved(info, reason) for info in infos]
 
 
 def adopt_live(tcp: TcpRelay, flows: Sequence[tuple[LiveFlowState, socket.socket]],

@@ -298,6 +298,9 @@ class IcmpEchoRelay:
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(session.sock.fileno())
         session.sock.close()
+        self._ended(session, how)
+
+    def _ended(self, session: EchoSession, how: str) -> None:
         events = self.events
         if events.listening:
             ident, far, guest = session.key
@@ -305,6 +308,36 @@ class IcmpEchoRelay:
                                    endpoint(guest, ident), endpoint(far, None),
                                    session.bytes_from_guest, session.bytes_to_guest,
                                    max(0.0, self._loop.time() - session.opened_at), how))
+
+    # -- moving sessions to another relay (host/flow_move.py) -------------------------------
+
+    def take(self, session: EchoSession) -> float:
+        """Take `session` out of this relay, its socket open and no longer read (replies
+        arriving meanwhile wait in it), as if it ended here ("detached"); returns when
+        it saw its last packet (loop time)."""
+        last = self.sessions.last_seen(session.key)
+        self.sessions.pop(session.key)
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(session.sock.fileno())
+        self._ended(session, "detached")
+        return self._loop.time() if last is None else last
+
+    def adopt(self, session: EchoSession, last_seen: float) -> None:
+        """Serve `session` (moved here from another relay, or given back to this one) on
+        its ping socket (non-blocking), last seen at `last_seen` (this loop's time). The
+        caller checked that the table has room and no session with its key."""
+        self.sessions.add(session.key, session, last_seen)
+        self._loop.add_reader(session.sock.fileno(), self._on_readable, session)
+        events = self.events
+        if events.listening:
+            ident, far, guest = session.key
+            events.emit(FlowOpened(time.time(), events.guest, "icmp", "outbound",
+                                   endpoint(guest, ident), endpoint(far, None),
+                                   Endpoint(session.host_ip, None)))
+        if self._timer is not None:  # armed for a later deadline than this session's
+            self._timer.cancel()
+            self._timer = None
+        self._arm_timer()
 
     def describe_flows(self) -> list[FlowInfo]:
         return [describe_echo(session) for _key, session in self.sessions.items()]

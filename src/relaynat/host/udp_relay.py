@@ -376,6 +376,40 @@ class UdpRelay:
                                     endpoint(guest, guest_port), endpoint(far, far_port),
                                     flow.bytes_from_guest, flow.bytes_to_guest, duration, how))
 
+    # -- moving flows to another relay (host/flow_move.py) ----------------------------------
+
+    def take(self, flow: UdpFlow) -> float:
+        """Take `flow` out of this relay, its socket open and no longer read (datagrams
+        arriving meanwhile wait in it), as if it ended here ("detached"); returns the
+        loop time it opened. An inbound flow leaves its forward's socket to the forward."""
+        opened_at = self._opened_at.get(flow, self._loop.time())
+        if flow.peer is None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(flow.sock.fileno())
+        else:
+            self._inbound.pop((flow.sock, flow.peer), None)
+        self.table.remove(flow)
+        self._ended(flow, "detached")
+        return opened_at
+
+    def adopt(self, flow: UdpFlow, sock: socket.socket, opened_at: float) -> None:
+        """Serve `flow` (moved here from another relay, or given back to this one) on
+        `sock`: its own connected, non-blocking socket, or an inbound flow's (`peer`
+        set) forward's; `opened_at`: when it opened, in this loop's time. The caller
+        checked that the table has room and no flow with its key."""
+        flow.sock = sock
+        self.table.insert(flow)
+        if flow.peer is None:
+            self._loop.add_reader(sock.fileno(), self._on_readable, flow)
+            peer = sockaddr_endpoint(sock.getpeername()) if self.events.listening else None
+        else:
+            self._inbound[(sock, flow.peer)] = flow
+            peer = sockaddr_endpoint(flow.peer)
+        self._opened_at[flow] = opened_at
+        if self.events.listening:
+            self._opened(flow, peer)
+        self._arm_timer(flow.deadline(self.table.idle_s, self.table.stream_s))
+
     def describe_flows(self) -> list[FlowInfo]:
         return [describe_udp(flow) for flow in self.table.flows.values()]
 

@@ -8,20 +8,24 @@ running one (A, `Source`) connects and:
 
 1. offers: ``{"offer": {"format", "version", "relaynat", "addressing", "transport"}}``
    (``transport``: the kind of A's guest link, or null; relays before the unixgram and
-   interface kinds send none); B answers ``{"ready": {"relaynat": VERSION}}`` or
-   ``{"error": DESC}`` (its guest-visible addressing differs: the guest would lose its
-   address, routes or flows; or it cannot serve that kind of link). A refusal here
-   leaves A untouched.
+   interface kinds send none); B answers ``{"ready": {"relaynat": VERSION, "takes":
+   ["udp", "icmp"]}}`` or ``{"error": DESC}`` (its guest-visible addressing differs:
+   the guest would lose its address, routes or flows; or it cannot serve that kind of
+   link). A refusal here leaves A untouched. ``takes`` names what B takes over beside
+   TCP (a relay before UDP flows and ping sessions moved sends none: A leaves them
+   out of the document, and they end with A as they did then).
 2. stops (`Source._take_out`): the guest transport stops reading at a frame boundary and
    sends nothing more; forwards stop accepting; every established or half-closed TCP
    flow leaves A's tables, its host socket open and untouched (A has dropped the bytes
    the guest acknowledged, so the socket's receive queue starts at the guest's first
-   unacknowledged byte). Nothing is lost meanwhile: frames wait in the TAP's or the
-   socket's queue, host data in the host sockets, clients in the listeners' backlog.
+   unacknowledged byte); so does every UDP flow and ping session, if B takes them.
+   Nothing is lost meanwhile: frames wait in the TAP's or the socket's queue, host
+   data and datagrams in the host sockets, clients in the listeners' backlog.
 3. sends ``{"document": BYTES, "fds": N}``, then the N descriptors (SCM_RIGHTS, at most
    250 a message: SCM_MAX_FD is 253), then the document (JSON, in 32 KiB messages).
    B checks all of it (handover_receive.py: format, version, every field, every
-   descriptor's kind, each flow's socket connected to the peer its record names) and answers
+   descriptor's kind, each flow's socket connected to the peer its record names, room
+   for the flows) and answers
    ``{"accepted": {...}}`` or ``{"error": DESC}``; on an error (or silence) A takes
    everything back and serves on (`Source._give_back`), and B closes its copies.
 4. commits: ``{"commit": {"stopped_at": T}}`` (T: A's CLOCK_MONOTONIC when it stopped);
@@ -53,9 +57,19 @@ The document (``"format": "relaynat-handover"``, ``"version": 1``):
 - ``tcp``: a "relaynat-flows" document of kind "live" (flow_state.py): the flows, and
   under ``not_moved`` everything that stays behind and ends with A, with the reason:
   half-open TCP flows (the guest's SYN retransmission opens them again at B), flows to
-  A's own DNS-over-TCP responder, UDP flows and ping sessions (the next datagram opens
-  a new one at B, from another host port).
+  A's own DNS-over-TCP responder, UDP flows and ping sessions when B does not take
+  them (the next datagram opens a new one at B, from another host port), a UDP flow
+  whose socket failed.
 - ``stats``: A's counters, which B's continue from.
+- ``udp`` (only when B ``takes`` it; absent: none): the UDP flows, DNS forwarding's
+  included, each a `udp_flow.UdpFlowState` record: an outbound flow's connected socket
+  by ``fd`` (its peer checked), an inbound flow's forward by its index in ``forwards``
+  and its client's address; how long it has been idle (its timeout goes on where it
+  was), whether the far end answered, the quote for an ICMP error, its own timeout
+  (DNS and inbound flows), its byte counts.
+- ``icmp`` (likewise): the ping sessions, each a `icmp_echo.EchoSessionState` record: its
+  ping socket by ``fd`` (the kernel's identifier of the session, the socket's bound
+  port, moves with it), the guest's identifier and addresses, its idle time and counts.
 
 Every ``fd`` is an index into the descriptors passed; each is used exactly once.
 
@@ -70,7 +84,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
 
@@ -251,7 +265,8 @@ class Source:
             return _answer(sock, "ready")
 
         ready = await asyncio.to_thread(offer_it)
-        held = self._take_out()
+        takes = ready.get("takes") if isinstance(ready, dict) else None
+        held = self._take_out(isinstance(takes, list) and {"udp", "icmp"} <= set(takes))
         try:
             data = json.dumps(held.doc).encode()
             accepted = await asyncio.to_thread(self._deliver, sock, data, held.fds)
@@ -261,23 +276,26 @@ class Source:
             raise
         self._let_go(held)
         self.done = True
-        tcp = held.doc["tcp"]
-        log.info("handed over to %s (relaynat %s): %d TCP flows, %d not moved", path,
+        tcp, out = held.doc["tcp"], held.suspended
+        log.info("handed over to %s (relaynat %s): %d TCP flows, %d UDP flows, %d ping "
+                 "sessions, %d not moved", path,
                  ready.get("relaynat") if isinstance(ready, dict) else "?",
-                 len(tcp["flows"]), len(tcp["not_moved"]))
+                 len(tcp["flows"]), len(out.udp), len(out.icmp), len(tcp["not_moved"]))
         return {"to": path, "accepted": accepted, "moved_tcp": len(tcp["flows"]),
+                "moved_udp": len(out.udp), "moved_icmp": len(out.icmp),
                 "forwards": len(held.doc["forwards"]), "not_moved": tcp["not_moved"],
-                "stopped_at": held.suspended.stopped_at}
+                "stopped_at": out.stopped_at}
 
     @staticmethod
     def _deliver(sock: socket.socket, data: bytes, fds: list[int]) -> Any:
         send_document(sock, data, fds)
         return _answer(sock, "accepted")
 
-    def _take_out(self) -> _Held:
-        """Stop serving and describe everything (module docstring, step 2)."""
+    def _take_out(self, datagrams: bool = True) -> _Held:
+        """Stop serving and describe everything (module docstring, step 2); UDP flows
+        and ping sessions too if `datagrams` (the new relay takes them)."""
         relay = self.relay
-        out = relay.suspend()
+        out = relay.suspend(datagrams)
         if out.transport is not None:
             handover_transport.stop_sending(out.transport)  # a kind that moves: checked
         fds: list[int] = []
@@ -314,6 +332,10 @@ class Source:
                                  KIND_LIVE),
             "stats": out.stats,
         }
+        if datagrams:  # a relay that does not take them would refuse the keys
+            doc["udp"] = [replace(state, fd=None if state.forward is not None
+                                  else fd(sock)).to_dict() for state, sock in out.udp]
+            doc["icmp"] = [replace(state, fd=fd(sock)).to_dict() for state, sock in out.icmp]
         return _Held(doc, fds, out, own)
 
     def _give_back(self, held: _Held) -> None:
@@ -326,6 +348,11 @@ class Source:
     def _let_go(self, held: _Held) -> None:
         """The other relay serves: close our copies, without a packet to anyone."""
         for _, sock in held.suspended.flows:
+            sock.close()
+        for udp, sock in held.suspended.udp:
+            if udp.forward is None:  # an inbound flow's is its forward's, closed with it
+                sock.close()
+        for _, sock in held.suspended.icmp:
             sock.close()
         if held.suspended.transport is not None:
             held.suspended.transport.close()

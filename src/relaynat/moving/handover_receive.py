@@ -23,6 +23,7 @@ from relaynat import __version__
 from relaynat.control.server import ControlServer
 from relaynat.flow_state import KIND_LIVE, FlowStateError, LiveFlowState, parse_document
 from relaynat.host.forward import Forward
+from relaynat.icmp_echo import EchoSessionState, parse_sessions
 from relaynat.moving import handover_transport
 from relaynat.moving.handover import (
     FORMAT,
@@ -37,6 +38,7 @@ from relaynat.moving.handover import (
     send_message,
 )
 from relaynat.transports.stream import bind_unix_listener
+from relaynat.udp_flow import UdpFlowState, parse_flows
 
 if TYPE_CHECKING:
     from relaynat.relay import Relay
@@ -46,6 +48,10 @@ log = logging.getLogger("relaynat.handover")
 
 _KEYS = {"format", "version", "relaynat", "addressing", "guest", "transport",
          "stream_listener", "control", "command", "forwards", "tcp", "stats"}
+#: Keys a relay that hands over may leave out (relays before UDP flows and ping sessions
+#: moved send neither); this one asks for them in its "ready" answer.
+_OPTIONAL_KEYS = {"udp", "icmp"}
+_TAKES = ["udp", "icmp"]
 
 
 @dataclass
@@ -115,10 +121,11 @@ class Receiver:
         if kind is not None and kind not in handover_transport.KINDS:
             raise HandoverError(f"a {kind!r} guest link cannot be taken over by relaynat "
                                 f"{__version__} (it takes {', '.join(handover_transport.KINDS)})")
-        send_message(conn, {"ready": {"relaynat": __version__}})
+        send_message(conn, {"ready": {"relaynat": __version__, "takes": _TAKES}})
         doc = recv_document(conn, fds)
         plan = _plan(doc, fds, relay)
-        send_message(conn, {"accepted": {"tcp": len(plan.flows), "relaynat": __version__}})
+        send_message(conn, {"accepted": {"tcp": len(plan.flows), "udp": len(plan.udp),
+                                         "icmp": len(plan.icmp), "relaynat": __version__}})
         commit = recv_message(conn).get("commit")
         if not isinstance(commit, dict) or not isinstance(commit.get("stopped_at"),
                                                           float):
@@ -134,6 +141,8 @@ class _Plan:
     doc: dict[str, Any]
     fds: list[int]
     flows: list[LiveFlowState]
+    udp: list[UdpFlowState] = field(default_factory=list)
+    icmp: list[EchoSessionState] = field(default_factory=list)
     stopped_at: float = 0.0
 
 
@@ -148,8 +157,9 @@ def _plan(data: bytes, fds: list[int], relay: Relay) -> _Plan:
     if doc.get("version") != VERSION:
         raise HandoverError(f"{FORMAT} version {doc.get('version')!r} is not supported "
                             f"(this relaynat reads version {VERSION})")
-    if set(doc) != _KEYS:
-        raise HandoverError(f"{FORMAT} document keys {sorted(doc)}, not {sorted(_KEYS)}")
+    if not _KEYS <= set(doc) <= _KEYS | _OPTIONAL_KEYS:
+        raise HandoverError(f"{FORMAT} document keys {sorted(doc)}, not {sorted(_KEYS)} "
+                            f"and any of {sorted(_OPTIONAL_KEYS)}")
     differs = addressing_differs(addressing_of(relay.config), doc["addressing"])
     if differs:
         raise HandoverError(differs)
@@ -157,13 +167,22 @@ def _plan(data: bytes, fds: list[int], relay: Relay) -> _Plan:
         flows = cast(list[LiveFlowState], parse_document(doc["tcp"], KIND_LIVE))
     except FlowStateError as exc:
         raise HandoverError(f"tcp: {exc}") from None
-    refused = relay.cannot_adopt(flows)
+    try:
+        udp = parse_flows(doc.get("udp", []))
+    except FlowStateError as exc:
+        raise HandoverError(f"udp: {exc}") from None
+    try:
+        icmp = parse_sessions(doc.get("icmp", []))
+    except FlowStateError as exc:
+        raise HandoverError(f"icmp: {exc}") from None
+    refused = relay.cannot_adopt(flows, udp, icmp)
     if refused is not None:
         raise HandoverError(refused)
     used: list[int] = []
     check = _Checker(fds, used)
     try:
         _check_parts(doc, flows, check)
+        _check_datagrams(doc, udp, icmp, check)
         if doc["transport"] is not None:
             handover_transport.check(doc["transport"], check, relay.config.mtu)
     except handover_transport.TransportError as exc:
@@ -173,7 +192,7 @@ def _plan(data: bytes, fds: list[int], relay: Relay) -> _Plan:
     if sorted(used) != list(range(len(fds))):
         raise HandoverError(f"{len(fds)} descriptors passed, the document uses "
                             f"{sorted(used)}")
-    return _Plan(doc, fds, flows)
+    return _Plan(doc, fds, flows, udp, icmp)
 
 
 class _Checker:
@@ -189,9 +208,9 @@ class _Checker:
         return self.fds[value]
 
     def socket(self, value: Any, what: str, family: tuple[int, ...], kind: int,
-               listening: bool) -> tuple[Any, Any]:
+               listening: bool, proto: tuple[int, ...] | None = None) -> tuple[Any, Any]:
         """(its address, its peer's or None) once the descriptor proved to be such a
-        socket."""
+        socket (of one of the protocols `proto`, when given)."""
         fd = self.index(value, what)
         try:
             sock = socket.socket(fileno=fd)
@@ -199,7 +218,9 @@ class _Checker:
             raise HandoverError(f"{what}: descriptor is not a socket") from None
         try:
             accepting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-            if sock.family not in family or sock.type != kind or bool(accepting) != listening:
+            if (sock.family not in family or sock.type != kind
+                    or bool(accepting) != listening
+                    or (proto is not None and sock.proto not in proto)):
                 raise HandoverError(f"{what}: descriptor is not the socket described "
                                     f"({sock.family.name}, {sock.type.name})")
             try:
@@ -219,7 +240,7 @@ def _check_parts(doc: dict[str, Any], flows: list[LiveFlowState], check: _Checke
         _, peer = check.socket(state.socket.fd, f"tcp flows[{i}]", _INET, socket.SOCK_STREAM,
                                False)
         want = state.socket.peer
-        if peer is None or (ip_address(peer[0]), peer[1]) != (ip_address(want[0]), want[1]):
+        if not _same_peer(peer, want):
             raise HandoverError(f"tcp flows[{i}]: its socket is connected to {peer}, not "
                                 f"{want}")
     for i, fwd in enumerate(doc["forwards"]):
@@ -251,6 +272,36 @@ def _check_parts(doc: dict[str, Any], flows: list[LiveFlowState], check: _Checke
     ip_address(doc["guest"]["address6"])
 
 
+def _same_peer(peer: Any, want: tuple[Any, ...]) -> bool:
+    """Whether a socket's peer address is `want` (address and port)."""
+    return peer is not None and (ip_address(peer[0]), peer[1]) == (ip_address(want[0]),
+                                                                   want[1])
+
+
+def _check_datagrams(doc: dict[str, Any], udp: list[UdpFlowState],
+                     icmp: list[EchoSessionState], check: _Checker) -> None:
+    """Each UDP flow's socket connected to the peer its record names (an inbound one's
+    forward a UDP forward of the document), each ping session's a ping socket of its
+    family."""
+    for i, state in enumerate(udp):
+        what = f"udp flows[{i}]"
+        if state.forward is not None:
+            forwards = doc["forwards"]
+            if state.forward >= len(forwards) or forwards[state.forward]["proto"] != "udp":
+                raise HandoverError(f"{what}: forward {state.forward} is not a UDP forward "
+                                    "of the document")
+            continue
+        _, peer = check.socket(state.fd, what, _INET, socket.SOCK_DGRAM, False)
+        if not _same_peer(peer, state.peer):
+            raise HandoverError(f"{what}: its socket is connected to {peer}, not "
+                                f"{list(state.peer)}")
+    for i, session in enumerate(icmp):
+        v6 = ip_address(session.host).version == 6
+        check.socket(session.fd, f"icmp sessions[{i}]",
+                     (socket.AF_INET6,) if v6 else (socket.AF_INET,), socket.SOCK_DGRAM,
+                     False, (socket.IPPROTO_ICMPV6,) if v6 else (socket.IPPROTO_ICMP,))
+
+
 async def _build(plan: _Plan, relay: Relay) -> Taken:
     """Serve everything the plan holds (it was all checked: nothing here refuses)."""
     doc, fds = plan.doc, plan.fds
@@ -265,13 +316,30 @@ async def _build(plan: _Plan, relay: Relay) -> Taken:
         sock = socket.socket(fileno=fds[fwd["fd"]])
         forwards.append(Forward(fwd["proto"], fwd["host_addr"], sock.getsockname()[1],
                                 fwd["guest_port"], fwd["interface"], sock))
+    udp = []
+    for udp_state in plan.udp:
+        if udp_state.forward is not None:
+            shared = forwards[udp_state.forward].sock
+            assert shared is not None
+            udp.append((udp_state, shared))
+            continue
+        assert udp_state.fd is not None
+        sock = socket.socket(fileno=fds[udp_state.fd])
+        sock.setblocking(False)
+        udp.append((udp_state, sock))
+    icmp = []
+    for session in plan.icmp:
+        assert session.fd is not None
+        sock = socket.socket(fileno=fds[session.fd])
+        sock.setblocking(False)
+        icmp.append((session, sock))
     guest = doc["guest"]
     mac = guest["mac"]
     # A gauge, this handover's pause (counted below), not one to continue from.
     stats = {k: v for k, v in doc["stats"].items() if k != "handover_pause_us"}
     relay.adopt(guest_mac=None if mac is None else bytes.fromhex(mac.replace(":", "")),
                 guest_addr6=ip_address(guest["address6"]).packed, flows=flows,
-                forwards=forwards, stats=stats)
+                forwards=forwards, stats=stats, udp=udp, icmp=icmp)
     stream = doc["stream_listener"]
     if stream is not None:
         listener = socket.socket(fileno=fds[stream["fd"]])
@@ -285,8 +353,9 @@ async def _build(plan: _Plan, relay: Relay) -> Taken:
     pause = time.monotonic() - plan.stopped_at
     relay.count("handovers_received")
     relay.count("handover_pause_us", int(pause * 1e6))
-    log.info("took over: %d TCP flows, %d not moved; the guest waited %.1f ms",
-             len(plan.flows), len(doc["tcp"]["not_moved"]), pause * 1000)
+    log.info("took over: %d TCP flows, %d UDP flows, %d ping sessions, %d not moved; the "
+             "guest waited %.1f ms", len(plan.flows), len(plan.udp), len(plan.icmp),
+             len(doc["tcp"]["not_moved"]), pause * 1000)
     return Taken(control, stream["path"] if stream else None,
                  fds[doc["command"]["fd"]] if doc["command"] else None, pause, unixgram,
                  transport_stats)
