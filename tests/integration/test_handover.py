@@ -173,16 +173,18 @@ def _wait_for_transfers(control: Path) -> None:
 
 
 def _hand_over(control: Path, to: Path, old: subprocess.Popen[bytes],
-               log: Path) -> float:
-    """`relaynat ctl handover`: both flows move, the old relay exits 0; the guest's
-    wait in ms, as the new relay counted it."""
+               log: Path, exits: bool = True) -> float:
+    """`relaynat ctl handover`: both flows move, the old relay exits 0 (unless not
+    `exits`: a `relaynat run` of this tree, which ends with its command, checked by the
+    caller); the guest's wait in ms, as the new relay counted it."""
     done = subprocess.run([sys.executable, "-m", "relaynat", "ctl", "-s", str(control),
                            "--json", "handover", "--to", str(to)],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)["return"]
     assert answer["moved_tcp"] == 2 and answer["not_moved"] == [], answer
-    assert old.wait(timeout=20) == 0, log.read_text()
+    if exits:
+        assert old.wait(timeout=20) == 0, log.read_text()
     stats = call(str(control), {"execute": "stats"})["return"]
     return float(stats["handover_pause_us"]) / 1000
 
@@ -202,11 +204,13 @@ def test_512_mib_both_ways_survive_ten_handovers(
         _wait_for_transfers(control)
         pauses, old, log = [], relay_a, tmp_path / "a.log"
         for i, (proc, path) in enumerate(receivers):
-            pauses.append(_hand_over(control, path, old, log))
+            pauses.append(_hand_over(control, path, old, log, exits=old is not relay_a))
             old, log = proc, tmp_path / f"b{i}.log"
             time.sleep(0.2)
         transfers.release()
         assert old.wait(timeout=60) == 0  # the last relay ends with the guest's command
+        # relaynat run, the command's parent, exits with its status (0).
+        assert relay_a.wait(timeout=60) == 0, (tmp_path / "a.log").read_text()
         guest, reports = transfers.finish()
     finally:
         transfers.close()
@@ -442,6 +446,52 @@ def test_stream_guest_keeps_its_connection(
     result = asyncio.run(main())
     assert result["moved_tcp"] == 1 and result["forwards"] == 1
     assert receiver.wait(timeout=10) == 0  # it served until the guest's link closed
+
+
+#: A SYN's options offering SACK (RFC 2018 §2): MSS 1460, SACK-permitted, window scale 7.
+_SYN_WITH_SACK = b"\x02\x04\x05\xb4\x04\x02\x01\x03\x03\x07"
+
+
+def test_a_moved_flow_keeps_sack(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]],
+        echo_peer: tuple[int, list[socket.socket]]) -> None:
+    """A flow whose guest offered SACK goes on with SACK at the new relay process (the
+    live flows document carries `sack_ok`): data beyond a hole is held there and
+    reported in a SACK block, and written in order once the hole fills."""
+    port, accepted = echo_peer
+    receiver, path = _receiver(tmp_path, "b")
+    procs.append(receiver)
+
+    async def main() -> tuple[list[tuple[int, int]] | None, int, int]:
+        async with InMemoryGuest() as guest:
+            conn = GuestTcp(guest, False, 40100, port, 5000)
+            await guest.send(conn.frame(0x02, seq=5000, ack=0, options=_SYN_WITH_SACK))
+            synack = await guest.expect(conn.matches)
+            assert synack.tcp is not None and synack.tcp.sack_permitted
+            conn.rcv_nxt = (synack.tcp.seq + 1) & 0xFFFFFFFF
+            await guest.send(conn.frame(0x10))
+            host = _host_end(accepted, 1)
+            await _round_trip(conn, host, b"before")
+            result = await Source(guest.relay).hand_over(str(path))
+            guest.relay.close()
+            hole = conn.snd_nxt
+            await guest.send(conn.frame(0x18, b"b" * 100, seq=(hole + 100) & 0xFFFFFFFF))
+            dup = await guest.expect(lambda r: conn.matches(r) and r.tcp is not None
+                                     and r.tcp.sack is not None)
+            assert dup.tcp is not None and dup.tcp.ack == hole
+            await guest.send(conn.frame(0x18, b"a" * 100, seq=hole))
+            conn.snd_nxt = (hole + 200) & 0xFFFFFFFF
+            await guest.expect(lambda r: conn.matches(r) and r.tcp is not None
+                               and r.tcp.ack == conn.snd_nxt)
+            got = b""
+            while len(got) < 200:
+                got += await asyncio.to_thread(host.recv, 200 - len(got))
+            assert got == b"a" * 100 + b"b" * 100
+            return dup.tcp.sack, hole, result["moved_tcp"]
+
+    blocks, hole, moved = asyncio.run(main())
+    assert moved == 1
+    assert blocks == [((hole + 100) & 0xFFFFFFFF, (hole + 200) & 0xFFFFFFFF)]
 
 
 def test_other_addressing_is_refused_and_the_relay_serves_on(
