@@ -17,7 +17,10 @@ guest's DNS forwarding), a client of a UDP forward, and the kernel answering pin
 - A relay that does not take UDP flows over (one older than this) gets none: they are
   listed as not moved, with the reason.
 - A refused document gives the UDP flows and ping sessions back: the old relay serves
-  them on the same sockets.
+  them on the same sockets; a corrupt record, or a descriptor that is not what its
+  record says, is refused naming it.
+- A namespace guest's UDP echo and ping every 10 ms go on across three `relaynat ctl
+  handover`s of `relaynat run`, nothing lost, counts continued relay to relay.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from support import GUESTS
 from support.relaynat_cli import guest_python
 from support.sysctl import ALL_GROUPS, ping_group_range
 
+from integration.test_handover import _send_by_hand
 from relaynat.config import RelayConfig
 from relaynat.control.client import call
 from relaynat.control.server import ControlServer
@@ -515,3 +519,57 @@ def test_relaynat_run_exits_with_the_commands_status_after_a_handover(
     relay_a.terminate()  # passed on to the command, which exits GUEST_STATUS + 1
     assert relay_a.wait(timeout=20) == GUEST_STATUS + 1, (tmp_path / "a.log").read_text()
     assert receiver.wait(timeout=20) == 0
+
+
+def test_a_corrupt_udp_or_ping_record_is_refused_with_nothing_kept(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]], echo: EchoServer) -> None:
+    """A document whose UDP flow or ping session record is corrupt, or whose descriptor
+    is not what the record says, is refused naming it; the old relay serves on, and
+    then hands over for real."""
+    receiver, path = _receiver(tmp_path)
+    procs.append(receiver)
+
+    async def main() -> None:
+        async with InMemoryGuest() as guest:
+            talk = Conversations(guest, echo)
+            try:
+                await talk.round(b"one", 1)
+                source = Source(guest.relay)
+                held = source._take_out()  # what a real handover sends, then serve on
+                source._give_back(held)
+                udp_fd = held.doc["udp"][0]["fd"]
+
+                def corrupt_idle(doc: dict[str, Any]) -> None:
+                    doc["udp"][0]["idle_s"] = -1
+
+                def other_peer(doc: dict[str, Any]) -> None:
+                    doc["udp"][0]["peer"] = ["127.0.0.1", 1]
+
+                def no_forward(doc: dict[str, Any]) -> None:
+                    doc["udp"][0] |= {"fd": None, "forward": 0, "peer": ["127.0.0.1", 9]}
+                    doc["icmp"][0]["fd"] = udp_fd  # keep every descriptor used
+
+                def udp_socket_as_ping(doc: dict[str, Any]) -> None:
+                    doc["udp"] = []
+                    doc["icmp"][0]["fd"] = udp_fd
+
+                for change, error in (
+                        (corrupt_idle, "udp: flows[0]: field idle_s: -1 is not a number of "
+                                       "seconds"),
+                        (other_peer, "udp flows[0]: its socket is connected to"),
+                        (no_forward, "udp flows[0]: forward 0 is not a UDP forward"),
+                        (udp_socket_as_ping, "icmp sessions[0]: descriptor is not the "
+                                             "socket described")):
+                    doc = json.loads(json.dumps(held.doc))
+                    change(doc)
+                    refusal = await asyncio.to_thread(_send_by_hand, path, doc, held.fds)
+                    assert refusal.startswith(error), (change.__name__, refusal)
+                    await talk.round(change.__name__.encode(), 2)
+                result = await Source(guest.relay).hand_over(str(path))
+                assert (result["moved_udp"], result["moved_icmp"]) == (1, 2), result
+                guest.relay.close()
+                await talk.round(b"taken", 3)
+            finally:
+                talk.close()
+
+    asyncio.run(main())
