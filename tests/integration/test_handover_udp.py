@@ -485,8 +485,6 @@ def test_a_namespace_guest_talks_and_pings_across_three_handovers(
     assert status == 0, (tmp_path / "a.log").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="needs NamespaceGuest.exit_status and run_command "
-                   "waiting for a released command (netns/guest.py, cli/main.py)")
 def test_relaynat_run_exits_with_the_commands_status_after_a_handover(
         tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
     """The command of `relaynat run` runs on under the new relay, and `relaynat run`, the

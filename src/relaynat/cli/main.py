@@ -211,6 +211,13 @@ def _terminal_may_have_sent() -> bool:
         os.close(tty)
 
 
+async def _let_control_go(control: ControlServer) -> None:
+    """Once a handover is answered, the control socket is the new relay's, which serves
+    it on the same path: close this copy, while this process waits for the command."""
+    await control.handed_over.wait()
+    control.close(unlink=False)
+
+
 async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | None,
                forwards: list[PortForward]) -> int:
     from relaynat.moving.handover import Source
@@ -231,6 +238,7 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
         if control is not None:
             started.add(asyncio.ensure_future(control.start(relay)))
             control.on_handover = Source(relay, control, guest=guests[0]).hand_over
+            started.add(asyncio.ensure_future(_let_control_go(control)))
 
     # A terminal's ^C and ^\ go to its whole foreground process group: the command
     # has them from the terminal and decides what they do (a REPL or a shell's prompt
@@ -272,7 +280,7 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
             task.cancel()
         if control is not None:
             handed = guests and guests[0].released
-            if handed:  # the command is the new relay's: answer the handover, go
+            if handed:  # the command is the new relay's: the handover was answered
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(control.handed_over.wait(), 5)
             control.close(unlink=not handed)

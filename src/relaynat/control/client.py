@@ -247,8 +247,10 @@ def print_answer(cmd: str, result: Any) -> None:
                   f"{f['bytes_from_guest']:>12} {f['bytes_to_guest']:>12} {window:>10} "
                   f"{rtt:>8}")
     elif cmd == "handover":
+        # .get: an older relay's answer has no UDP or ping counts (they did not move).
         print(f"handed over to {result['to']}: {result['moved_tcp']} TCP flows, "
-              f"{result['forwards']} forwards")
+              f"{result.get('moved_udp', 0)} UDP flows, {result.get('moved_icmp', 0)} ping "
+              f"sessions, {result['forwards']} forwards")
         for left in result["not_moved"]:
             print(f"not moved: {left['protocol']} {_peer(left['guest'])} -> "
                   f"{_peer(left['far'])}: {left['reason']}")

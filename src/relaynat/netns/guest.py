@@ -296,8 +296,9 @@ class NamespaceGuest:
         return self._released.done()
 
     def release(self) -> None:
-        """Let the command go on without this process (its relay handed the guest to
-        another process): `wait` returns 0 at once, `close` no longer kills it."""
+        """Let the command go on without this process's relay (it handed the guest to
+        another process): `wait` returns 0 at once, `close` no longer kills it; the
+        command is still this process's child, `exit_status` says how it ends."""
         if not self._released.done():
             self._released.set_result(None)
 
@@ -305,8 +306,10 @@ class NamespaceGuest:
         """Pass signal `signum` on to the command (through the namespace's outer
         process and init, which forward SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and
         SIGUSR2; any other signal ends the whole namespace as it would that process).
-        Nothing once the command has exited or been `release`d."""
-        if self.proc.returncode is None and not self.released:
+        Nothing once the command has exited; a `release`d one still gets it (another
+        relay serves it, but this process is still where a service manager or a
+        terminal sends its signals)."""
+        if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):  # exited: wait() says how
                 self.proc.send_signal(signum)
 
@@ -448,6 +451,13 @@ class NamespaceGuest:
         returncode = exited.result()
         return 128 - returncode if returncode < 0 else returncode
 
+    async def exit_status(self) -> int:
+        """The command's exit status as a shell reports it (128 + N for signal N), once
+        it exits, `release`d or not: whichever relay serves its network, the namespace's
+        outer process is this process's child, and only this process can learn it."""
+        returncode = await self.proc.wait()
+        return 128 - returncode if returncode < 0 else returncode
+
     def close(self) -> None:
         """Kill the command and every other process of its namespace if it still runs
         (unless released): daemons that forked twice or left its session, and jobs in
@@ -531,8 +541,9 @@ async def run_command(config: RelayConfig, command: Sequence[str], *, tap_name: 
     called with the relay once the guest's link is attached (e.g. to add forwards);
     `policy` is the egress policy for the guest's flows; `hide_paths` (the control
     socket) are covered by /dev/null in the guest's mount namespace. `guest_ready` is
-    called with the guest as soon as it exists: releasing it (after a handover) ends
-    the run at once with 0, the command left running.
+    called with the guest as soon as it exists: releasing it (after a handover) closes
+    this relay at once, and the run goes on until the command, served by the new
+    relay, exits, with its status.
 
     Signals are left to the caller: with `forward_signals`, SIGTERM and SIGHUP
     (`FORWARDED_SIGNALS`) that reach this process are passed on to the command while
@@ -561,7 +572,12 @@ async def run_command(config: RelayConfig, command: Sequence[str], *, tap_name: 
                 if relay_ready is not None:
                     relay_ready(relay)
                 guest.go()
-                return await guest.wait()
+                code = await guest.wait()
+            if guest.released:
+                # Handed over (moving/handover.py): another process serves the command's
+                # network now, and this one, its parent, waits to learn how it ends.
+                code = await guest.exit_status()
+            return code
         finally:
             guest.close()
             if guest.proc.returncode is None and not guest.released:
