@@ -152,9 +152,11 @@ def guest_netns() -> Iterator[int]:
         yield holder.pid
 
 
-def tcp_listening(port: int) -> bool:
-    """Whether something in this process's network namespace listens on TCP `port`."""
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+def tcp_listening(port: int, pid: int | None = None) -> bool:
+    """Whether something listens on TCP `port` in this process's network namespace, or
+    in that of process `pid` (a server started inside a guest with `nsenter`)."""
+    proc = "self" if pid is None else str(pid)
+    for table in (f"/proc/{proc}/net/tcp", f"/proc/{proc}/net/tcp6"):
         with contextlib.suppress(FileNotFoundError), open(table) as f:
             next(f)  # header
             for line in f:
@@ -218,12 +220,15 @@ def parse_iperf3(stdout: bytes, returncode: int, stderr_tail: str) -> Sample:
     return sample
 
 
-def tool_versions() -> dict[str, str]:
+def tool_versions(pasta_bin: str | None = None) -> dict[str, str]:
     probes = {
         "iperf3": ["iperf3", "--version"],
         "slirp4netns": ["slirp4netns", "--version"],
         "passt": ["dpkg-query", "-W", "-f", "${Version}", "passt"],
+        "nft": ["nft", "--version"],
     }
+    if pasta_bin:  # a pasta built from source names its version (Debian's says "unknown")
+        probes["pasta-new"] = [pasta_bin, "--version"]
     versions = {}
     for name, argv in probes.items():
         try:

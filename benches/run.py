@@ -5,13 +5,15 @@ plain veth pair, plus the qemu stream VM through relaynat vs passt, in one run.
 Usage (as root, from a checkout)::
 
     python benches/run.py [--duration 5] [--repeats 3] [--out benches/results]
-                          [--only relaynat,slirp4netns,pasta,veth] [--pasta-bin PATH]
-                          [--workloads tcp1,tcp4,udp,latency,crr,idle,vm]
+                          [--only relaynat,slirp4netns,pasta,veth,veth-dnat,loopback]
+                          [--pasta-bin PATH]
+                          [--workloads tcp1,tcp4,udp,latency,crr,fwd,idle,vm]
 
-Prints a table (median, min-max over repeats, ratio to slirp4netns), the targets of the
-performance issue (met or missed), and writes every figure to OUT/results.json and a
-chart to OUT/results.png. Each repeat brings every setup up once per MTU (order rotated
-each repeat) and runs the workloads on it, in this order:
+Prints a table (median, min-max over repeats, ratio to slirp4netns; for forwarded ports
+also the ratio to a direct loopback connection), the targets of the performance issue
+(met or missed), and writes every figure to OUT/results.json and a chart to
+OUT/results.png. Each repeat brings every setup up once per MTU (order rotated each
+repeat) and runs the workloads on it, in this order:
 
 * MTU 65520 and 1500: iperf3 TCP one stream and four streams (-P 4), guest->host and
   host->guest (tcpN_<dir>_<mtu>, Gbit/s);
@@ -20,6 +22,13 @@ each repeat) and runs the workloads on it, in this order:
   benches/loadtools.py); 1,000 and 10,000 idle flows held open while the one-stream bulk
   transfer runs again both ways (ratio to the solo figure of the same live setup) and
   the relay process's RSS with them open (total MiB and bytes per flow);
+* MTU 65520 only, workload fwd: a service in the guest reached from the host's loopback
+  through the setup's port forwarding (relaynat -t, slirp4netns add_hostfwd, pasta -t),
+  iperf3 one stream both ways and the connect rate; also measured on "loopback" (client
+  and server on 127.0.0.1: the ceiling) and "veth-dnat" (a veth pair and a DNAT rule:
+  the kernel's own path), two setups that run nothing else. The veth setup has no
+  forwarding. With fwd selected, the MTU 65520 setups start with the forwards in place
+  (a listening socket in each relay; slirp4netns also gets its API socket);
 * once, outside the repeats: the TCG VM on qemu's stream socket through relaynat and
   through passt, 64 MiB each way (benches/vm.py).
 
@@ -35,6 +44,7 @@ namespaces it creates, and all children are killed by process group in finally b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -57,14 +67,19 @@ from common import (
     raise_interrupted,
     tool_versions,
 )
-from setups import SETUPS, SetupOptions
+from setups import FWD_ONLY, NO_FORWARDS, SETUPS, SetupOptions
 from workloads import (
     DIRS,
+    FWD_DIRS,
+    FWD_GUEST_PORTS,
+    FWD_PORT_OFFSET,
     Context,
     FailedFigure,
     Figures,
     WorkloadOptions,
     crr_workload,
+    fwd_workload,
+    fwdcrr_workload,
     idle_workload,
     latency_workload,
     tcp_workload,
@@ -72,9 +87,11 @@ from workloads import (
 )
 
 BASELINE = "slirp4netns"
+CEILING = "loopback"  # forwarded-port figures are also given as a ratio to this setup
 MAIN_MTU = 65520
 DIR_LABEL = {"g2h": "guest->host", "h2g": "host->guest"}
-ALL_WORKLOADS = ("tcp1", "tcp4", "udp", "latency", "crr", "idle", "vm")
+ALL_WORKLOADS = ("tcp1", "tcp4", "udp", "latency", "crr", "fwd", "idle", "vm")
+DEFAULT_SETUPS = "relaynat,slirp4netns,pasta,veth,veth-dnat,loopback"
 
 
 @dataclass(frozen=True)
@@ -130,6 +147,12 @@ def metrics_for(opts: Options) -> list[Metric]:
     if "crr" in w:
         out += [Metric("crr_per_s", "TCP connect+RR+close rate", "conn/s", True, 0.5),
                 Metric("crr_p50_us", "TCP connect+RR+close p50", "µs", False)]
+    if "fwd" in w:
+        out += [Metric(f"fwd_{d}_gbps", f"Forwarded port TCP 1 stream {DIR_LABEL[d]}",
+                       "Gbit/s", True, s) for d in FWD_DIRS]
+        out += [Metric("fwdcrr_per_s", "Forwarded port connect+RR+close rate", "conn/s",
+                       True, 0.5),
+                Metric("fwdcrr_p50_us", "Forwarded port connect+RR+close p50", "µs", False)]
     if "idle" in w:
         for n in opts.wopts.idle_counts:
             for d in DIRS:
@@ -146,8 +169,13 @@ def metrics_for(opts: Options) -> list[Metric]:
 Workload = Callable[[Any, WorkloadOptions, Context], Figures]
 
 
-def workloads_for(mtu: int, opts: Options) -> list[tuple[str, Workload]]:
+def workloads_for(mtu: int, opts: Options, setup: str) -> list[tuple[str, Workload]]:
     w = opts.workloads
+    fwd: list[tuple[str, Workload]] = []
+    if mtu == MAIN_MTU and "fwd" in w and setup not in NO_FORWARDS:
+        fwd = [("fwd", fwd_workload), ("fwdcrr", fwdcrr_workload)]
+    if setup in FWD_ONLY:
+        return fwd
     plan: list[tuple[str, Workload]] = []
     for streams in (1, 4):
         if f"tcp{streams}" in w:
@@ -156,9 +184,17 @@ def workloads_for(mtu: int, opts: Options) -> list[tuple[str, Workload]]:
         plan += [(name, fn) for name, fn in (("udp", udp_workload),
                                              ("latency", latency_workload),
                                              ("crr", crr_workload)) if name in w]
+        plan += fwd
         if "idle" in w:
             plan += [(f"idle{n}", idle_workload(n)) for n in opts.wopts.idle_counts]
     return plan
+
+
+def forwards_for(mtu: int, opts: Options) -> tuple[tuple[int, int], ...]:
+    """(host port, guest port) pairs a setup starts with: only where fwd will run."""
+    if mtu != MAIN_MTU or "fwd" not in opts.workloads:
+        return ()
+    return tuple((FWD_PORT_OFFSET + port, port) for port in FWD_GUEST_PORTS)
 
 
 def keys_of(workload: str, metrics: list[Metric]) -> list[str]:
@@ -193,11 +229,13 @@ def record(cells: dict[str, dict[str, Cell]], metric: Metric, setup: str,
 def run_setup(name: str, mtu: int, opts: Options, metrics: list[Metric],
               cells: dict[str, dict[str, Cell]], commands: dict[str, Any]) -> None:
     by_key = {m.key: m for m in metrics}
-    plan = workloads_for(mtu, opts)
+    plan = workloads_for(mtu, opts, name)
     done: set[str] = set()
     try:
-        with SETUPS[name](SetupOptions(mtu, opts.pasta_bin)) as guest:
+        with SETUPS[name](SetupOptions(mtu, opts.pasta_bin, forwards_for(mtu, opts))) as guest:
             commands.setdefault(f"{name}@{mtu}", guest.relay_cmd)
+            if guest.forwards is not None:
+                commands.setdefault(f"{name}@{mtu} forwards", guest.forwards.how)
             ctx: Context = {}
             for wname, fn in plan:
                 t0 = time.monotonic()
@@ -233,6 +271,8 @@ def run_all(opts: Options, metrics: list[Metric]) -> tuple[dict[str, dict[str, C
         order = opts.setups[shift:] + opts.setups[:shift]
         for mtu in opts.mtus:
             for name in order:
+                if not workloads_for(mtu, opts, name):
+                    continue  # loopback and veth-dnat at MTU 1500, say
                 print(f"[{rep + 1}/{opts.repeats}] {name} MTU {mtu}", file=sys.stderr)
                 run_setup(name, mtu, opts, metrics, cells, commands)
     return cells, commands
@@ -275,9 +315,12 @@ def summarise(cells: dict[str, dict[str, Cell]]) -> dict[str, dict[str, dict[str
                       "max": max(cell.values)}
             out[key][setup] = s
         base = out[key].get(BASELINE, {}).get("median")
+        ceiling = out[key].get(CEILING, {}).get("median")
         for s in out[key].values():
             if "median" in s and base:
                 s["ratio_to_slirp4netns"] = s["median"] / base
+            if "median" in s and ceiling:
+                s["ratio_to_loopback"] = s["median"] / ceiling
     return out
 
 
@@ -297,6 +340,8 @@ def cell_text(s: dict[str, Any], ratio: bool) -> str:
     text = f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])})"
     if ratio and s.get("ratio_to_slirp4netns") is not None:
         text += f" {s['ratio_to_slirp4netns']:.2f}x"
+    if ratio and s.get("ratio_to_loopback") is not None:
+        text += f" lo {s['ratio_to_loopback']:.2f}"
     if s["errors"]:
         text += f" [{len(s['samples'])}/{len(s['samples']) + len(s['errors'])} ok]"
     if s["stalls"]:
@@ -346,6 +391,11 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append((f"MTU 1500 1 stream {DIR_LABEL[d]} vs slirp4netns",
                        ratio(f"tcp1_{d}_1500", "slirp4netns"), ">=", 10.0))
     checks.append(("RR latency p50 vs pasta", ratio("rr_p50_us", "pasta"), "<=", 1.5))
+    for d in FWD_DIRS:
+        checks.append((f"forwarded port 1 stream {DIR_LABEL[d]} vs slirp4netns",
+                       ratio(f"fwd_{d}_gbps", "slirp4netns"), ">=", 3.0))
+        checks.append((f"forwarded port 1 stream {DIR_LABEL[d]} vs veth-dnat",
+                       ratio(f"fwd_{d}_gbps", "veth-dnat"), ">=", 1.0))
     checks.append(("RSS with 10000 idle flows (MiB)",
                    med(summary, "rss_idle10000_mib", "relaynat"), "<", 100.0))
     for d in DIRS:
@@ -372,9 +422,13 @@ def chart(summary: dict[str, Any], vm_summary: dict[str, Any], metrics: list[Met
 
     vm_metrics = [Metric(k, k.replace("_gbps", ""), "Gbit/s") for k in vm_summary]
     groups = [
-        (title, ms, summ, names) for title, ms, summ, names in (
-            ("Throughput (Gbit/s)", [m for m in metrics if m.unit == "Gbit/s"], summary,
-             setups),
+        (title, ms, summ, [n for n in names if any(
+            "median" in summ.get(m.key, {}).get(n, {}) for m in ms)])
+        for title, ms, summ, names in (
+            ("Throughput (Gbit/s)", [m for m in metrics if m.unit == "Gbit/s"
+                                     and not m.key.startswith("fwd")], summary, setups),
+            ("Forwarded ports (Gbit/s)", [m for m in metrics if m.unit == "Gbit/s"
+                                          and m.key.startswith("fwd")], summary, setups),
             ("Latency (µs, lower is better)", [m for m in metrics if m.unit == "µs"],
              summary, setups),
             ("Connect+request+response+close rate (conn/s)",
@@ -417,8 +471,9 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measured run")
     p.add_argument("--omit", type=int, default=1, help="iperf3 warm-up seconds discarded")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--only", default="relaynat,slirp4netns,pasta,veth",
-                   help=f"comma-separated setups of {','.join(SETUPS)}")
+    p.add_argument("--only", default=DEFAULT_SETUPS,
+                   help=f"comma-separated setups of {','.join(SETUPS)} (veth-dnat and "
+                   "loopback only run the fwd workload)")
     p.add_argument("--pasta-bin", help="a newer pasta binary, measured as setup 'pasta-new'")
     p.add_argument("--mtus", default="65520,1500")
     p.add_argument("--workloads", default=",".join(ALL_WORKLOADS))
@@ -449,8 +504,12 @@ def parse_args(argv: list[str] | None) -> Options:
     wopts = WorkloadOptions(a.duration, a.omit, a.udp_rate, a.udp_len,
                             tuple(int(n) for n in a.idle_flows.split(",") if n),
                             a.verbose, a.py_spy)
-    return Options(wopts, a.repeats, setups, [int(m) for m in a.mtus.split(",")], workloads,
+    opts = Options(wopts, a.repeats, setups, [int(m) for m in a.mtus.split(",")], workloads,
                    a.pasta_bin, a.out, a.stall_gbps, a.vm_mib, a.from_json)
+    # A setup none of the chosen workloads runs on would be a column of "-" (veth-dnat
+    # and loopback without fwd, veth with only fwd).
+    kept = [s for s in setups if any(workloads_for(m, opts, s) for m in opts.mtus)]
+    return dataclasses.replace(opts, setups=kept or setups)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                     "stall_gbps": opts.stall_gbps, "vm_mib": opts.vm_mib,
                     "pasta_bin": opts.pasta_bin},
         "host": {"kernel": platform.release(), "cpus": os.cpu_count(),
-                 "tools": tool_versions(), "nofile": hard},
+                 "tools": tool_versions(opts.pasta_bin), "nofile": hard},
         "metrics": {m.key: {"label": m.label, "unit": m.unit,
                             "higher_is_better": m.higher_is_better} for m in metrics},
         "results": summary,

@@ -5,6 +5,10 @@ turns that into a "failed: reason" cell for every figure the workload owns.
 All load is bounded: iperf3 and sockperf by -t, our own tools by --duration/--seconds/
 --hold, and every child gets a wall-clock timeout on top; servers listen on the setup's
 host-side address (loopback of the private namespace, or the veth address).
+
+The forwarded-port workloads (fwd, fwdcrr) turn this around: the server runs in the
+guest on IPERF_PORT / CRR_PORT, the client on the host side dials the setup's forwarded
+loopback port (setups.Forwards). Without -R the client sends, so host->guest.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +38,14 @@ from common import (
     wait_until,
 )
 from pyspy import profiled
-from setups import Guest, rss_bytes
+from setups import FWD_HOST_ADDR, Forwards, Guest, rss_bytes
 
 LOADTOOLS = str(Path(__file__).resolve().parent / "loadtools.py")
 IPERF_PORT, SOCKPERF_PORT, CRR_PORT, IDLE_PORT = 5201, 11111, 5301, 5401
-DIRS = {"g2h": False, "h2g": True}  # name -> iperf3 -R
+DIRS = {"g2h": False, "h2g": True}  # name -> iperf3 -R (client in the guest)
+FWD_DIRS = {"h2g": False, "g2h": True}  # name -> iperf3 -R (client on the host side)
+#: Guest ports the fwd workloads serve on, each forwarded from this offset plus the port.
+FWD_GUEST_PORTS, FWD_PORT_OFFSET = (IPERF_PORT, CRR_PORT), 10000
 IDLE_CONNECT_TIMEOUT = 180.0  # opening 10,000 flows through a slow relay
 
 
@@ -73,7 +80,13 @@ def _log(opts: WorkloadOptions, argv: list[str]) -> None:
 def _guest_run(guest: Guest, argv: list[str], timeout: float, opts: WorkloadOptions,
                ) -> tuple[bytes, int, str]:
     """Run argv in the guest; (stdout, returncode, stderr tail). Killed at timeout."""
-    full = [*guest.prefix, *argv]
+    return _run_in(guest.prefix, argv, timeout, opts)
+
+
+def _run_in(prefix: list[str], argv: list[str], timeout: float, opts: WorkloadOptions,
+            ) -> tuple[bytes, int, str]:
+    """Run argv after `prefix` (an nsenter, or nothing); as _guest_run."""
+    full = [*prefix, *argv]
     _log(opts, full)
     with spawned(full, stdout=subprocess.PIPE) as client:
         try:
@@ -84,10 +97,14 @@ def _guest_run(guest: Guest, argv: list[str], timeout: float, opts: WorkloadOpti
 
 
 @contextlib.contextmanager
-def _server(argv: list[str], port: int, opts: WorkloadOptions) -> Any:
-    _log(opts, argv)
-    with spawned(argv) as server:
-        wait_until(argv[0], lambda: tcp_listening(port), server, SETUP_TIMEOUT)
+def _server(argv: list[str], port: int, opts: WorkloadOptions, prefix: Sequence[str] = (),
+            ) -> Any:
+    """Start argv (after `prefix`: in a guest) and wait until it listens on `port`, looked
+    up in the server's own network namespace (nsenter execs, so its PID is the server's)."""
+    full = [*prefix, *argv]
+    _log(opts, full)
+    with spawned(full) as server:
+        wait_until(argv[0], lambda: tcp_listening(port, server.pid), server, SETUP_TIMEOUT)
         yield server
 
 
@@ -99,16 +116,26 @@ def _profiled(guest: Guest, opts: WorkloadOptions, tag: str, seconds: float) -> 
     return profiled(pid, opts.profile_dir, tag, seconds)
 
 
+def _iperf_client(target: str, port: int, streams: int, reverse: bool,
+                  opts: WorkloadOptions, extra: tuple[str, ...] = ()) -> list[str]:
+    return [*f"iperf3 -c {target} -p {port} -t {opts.duration:g}".split(),
+            *f"-O {opts.omit} -J -P {streams}".split(), *(["-R"] if reverse else []), *extra]
+
+
 def iperf_tcp(guest: Guest, reverse: bool, streams: int, opts: WorkloadOptions,
               extra: tuple[str, ...] = (), tag: str = "iperf3") -> Figure:
-    require("iperf3")
     server = f"iperf3 -s -1 -B {guest.server_bind} -p {IPERF_PORT}".split()
-    client = [*f"iperf3 -c {guest.target} -p {IPERF_PORT} -t {opts.duration:g}".split(),
-              *f"-O {opts.omit} -J -P {streams}".split(), *(["-R"] if reverse else []), *extra]
-    with (_server(server, IPERF_PORT, opts) as srv,
+    client = _iperf_client(guest.target, IPERF_PORT, streams, reverse, opts, extra)
+    return _iperf(guest, ([], server), (guest.prefix, client), opts, tag)
+
+
+def _iperf(guest: Guest, server: tuple[list[str], list[str]],
+           client: tuple[list[str], list[str]], opts: WorkloadOptions, tag: str) -> Figure:
+    """One iperf3 run: server and client each as (namespace prefix, argv)."""
+    require("iperf3")
+    with (_server(server[1], IPERF_PORT, opts, server[0]) as srv,
           _profiled(guest, opts, tag, opts.duration + opts.omit)):
-        stdout, rc, tail = _guest_run(guest, client, opts.duration + opts.omit + CLIENT_GRACE,
-                                      opts)
+        stdout, rc, tail = _run_in(*client, opts.duration + opts.omit + CLIENT_GRACE, opts)
         try:
             sample = parse_iperf3(stdout, rc, tail)
         except BenchError as exc:
@@ -213,23 +240,68 @@ def latency_workload(guest: Guest, opts: WorkloadOptions, ctx: Context) -> Figur
 
 def crr_workload(guest: Guest, opts: WorkloadOptions, ctx: Context) -> Figures:
     """Connect, 64-byte request, 64-byte response, close: one at a time, for --duration."""
-    server = [sys.executable, LOADTOOLS, "crr-server", "--bind", guest.server_bind,
-              "--port", str(CRR_PORT), "--seconds", str(opts.duration + CLIENT_GRACE + 10)]
-    client = [sys.executable, LOADTOOLS, "crr-client", "--target", guest.target,
-              "--port", str(CRR_PORT), "--duration", str(opts.duration)]
-    with _server(server, CRR_PORT, opts), _profiled(guest, opts, "crr", opts.duration):
-        stdout, rc, tail = _guest_run(guest, client, opts.duration + CLIENT_GRACE, opts)
+    return _crr(guest, ([], guest.server_bind), (guest.prefix, guest.target, CRR_PORT),
+                opts, "crr")
+
+
+def _crr(guest: Guest, server: tuple[list[str], str], client: tuple[list[str], str, int],
+         opts: WorkloadOptions, name: str) -> Figures:
+    """crr-server (namespace prefix, bind address) on CRR_PORT, crr-client (prefix, target,
+    port); figures <name>_per_s and <name>_p50_us."""
+    server_argv = [sys.executable, LOADTOOLS, "crr-server", "--bind", server[1],
+                   "--port", str(CRR_PORT), "--seconds", str(opts.duration + CLIENT_GRACE + 10)]
+    prefix, target, port = client
+    client_argv = [sys.executable, LOADTOOLS, "crr-client", "--target", target,
+                   "--port", str(port), "--duration", str(opts.duration)]
+    with (_server(server_argv, CRR_PORT, opts, server[0]),
+          _profiled(guest, opts, name, opts.duration)):
+        stdout, rc, tail = _run_in(prefix, client_argv, opts.duration + CLIENT_GRACE, opts)
     try:
         res = json.loads(stdout)
     except json.JSONDecodeError as exc:
         raise BenchError(f"crr-client exit status {rc}: {tail}"[:300]) from exc
     if not res.get("count"):
         raise BenchError(f"no connection completed: errors {res.get('errors')}")
-    figures = {"crr_per_s": Figure(res["rate"], [float(n) for n in res["per_second"][:-1]]),
-               "crr_p50_us": Figure(res["p50_us"])}
+    figures = {f"{name}_per_s": Figure(res["rate"],
+                                       [float(n) for n in res["per_second"][:-1]]),
+               f"{name}_p50_us": Figure(res["p50_us"])}
     if res["errors"]:
-        print(f"    crr errors: {res['errors']}", file=sys.stderr)
+        print(f"    {name} errors: {res['errors']}", file=sys.stderr)
     return figures
+
+
+# --------------------------------------------------------------------------- forwarded ports
+
+
+def _forwards(guest: Guest) -> Forwards:
+    if guest.forwards is None:
+        raise BenchError(f"{guest.name} was started without forwarded ports")
+    return guest.forwards
+
+
+def fwd_workload(guest: Guest, opts: WorkloadOptions, ctx: Context) -> Figures:
+    """iperf3 one stream through the setup's forwarded port, both ways: the server in the
+    guest (all addresses: each setup delivers to a different one), the client on the host
+    side dialling the forwarded loopback port."""
+    fw = _forwards(guest)
+    server = f"iperf3 -s -1 -p {IPERF_PORT}".split()
+    out: Figures = {}
+    for d, rev in FWD_DIRS.items():
+        key = f"fwd_{d}_gbps"
+        client = _iperf_client(FWD_HOST_ADDR, fw.host_port[IPERF_PORT], 1, rev, opts)
+        try:
+            out[key] = _iperf(guest, (guest.prefix, server), (fw.client_prefix, client),
+                              opts, key)
+        except BenchError as exc:  # the other direction is still worth measuring
+            out[key] = failed_figure(str(exc))
+    return out
+
+
+def fwdcrr_workload(guest: Guest, opts: WorkloadOptions, ctx: Context) -> Figures:
+    """The crr workload through the forwarded port: a fresh forwarded connection each."""
+    fw = _forwards(guest)
+    return _crr(guest, (guest.prefix, "0.0.0.0"),
+                (fw.client_prefix, FWD_HOST_ADDR, fw.host_port[CRR_PORT]), opts, "fwdcrr")
 
 
 # --------------------------------------------------------------------------- idle flows
