@@ -217,7 +217,7 @@ def _slirp_add_hostfwd(api: str, host_port: int, guest_port: int) -> str:
         "proto": "tcp", "host_addr": FWD_HOST_ADDR, "host_port": host_port,
         "guest_port": guest_port}})
     deadline = time.monotonic() + SETUP_TIMEOUT
-    while True:  # the socket is bound before the ready byte, but be patient anyway
+    while True:  # nothing says slirp4netns binds it before it writes the ready byte
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(CMD_TIMEOUT)
