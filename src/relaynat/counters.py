@@ -104,6 +104,8 @@ _DROPS: _Rows = (
      "Replies on a ping socket from another address than its session's."),
     ("drop_icmp_reply_short", "Replies on a ping socket shorter than the echo header."),
     ("drop_icmp_reply_type", "Messages on a ping socket that are not echo replies."),
+    ("drop_icmp_reply_checksum",
+     "Echo replies on the shared raw ICMP socket with a wrong checksum."),
     ("drop_icmp_reply_too_big", "Echo replies too large for the guest's MTU."),
     ("drop_internal_error",
      "Guest frames that met a relay bug (logged with its traceback); should stay 0."),
@@ -305,6 +307,19 @@ _ICMP: _Rows = (
     ("icmp_sockets_opened", "Host ping sockets opened (one per session)."),
     ("icmp_sockets_expired", "Ping sessions closed after their idle timeout."),
     ("icmp_host_errors", "ICMP errors reported on a ping socket (e.g. host unreachable)."),
+    ("icmp_raw_sockets_opened",
+     "Raw ICMP or ICMPv6 sockets opened for pings, ping sockets being refused (one per "
+     "family per process, shared by its relays)."),
+    ("icmp_raw_sessions_opened", "Ping sessions opened on the shared raw socket."),
+    ("icmp_raw_sessions_expired",
+     "Ping sessions on the shared raw socket closed after their idle timeout."),
+    ("icmp_raw_replies_ignored",
+     "Echo replies on the shared raw socket not delivered: no session of this relay "
+     "sent that identifier and sequence number to that address (e.g. the host's own "
+     "pings)."),
+    ("drop_icmp_ids_exhausted",
+     "Echo requests of a new raw-socket session: every identifier toward that address "
+     "in use."),
 )
 
 _POLICY: _Rows = (

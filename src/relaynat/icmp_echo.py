@@ -7,11 +7,23 @@ pseudo-header, §2.3). host/icmp_relay.py executes these with ping sockets.
 
 `EchoSessionState` is a session as a same-host handover carries it to a new relay process
 (moving/handover.py), its ping socket passed beside it; `parse_sessions` checks a list.
+
+Where ping sockets are refused but the process may open raw ICMP sockets (CAP_NET_RAW),
+host/icmp_raw.py relays echo through one shared raw socket per family instead. A raw
+socket does not demultiplex: it receives every echo reply in the host's network
+namespace. So each session gets an identifier of the relay's choosing (`RawEchoIds`,
+unique per destination among all the process's raw sessions: two guests using the same
+identifier toward one address stay apart) and remembers the sequence numbers it sent
+(`RecentSeqs`); a reply reaches a guest only if its (identifier, source) names a live
+session and its sequence number is one that session sent. libslirp (ip_icmp.c) instead
+opens a raw socket per request and takes the first packet it reads; that hands a guest
+whatever echo reply of the host arrives first.
 """
 
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, fields
 from ipaddress import ip_address
@@ -106,6 +118,40 @@ def echo_reply_frame(*, dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, 
                     bytes(head) + bytes(payload), ip_ident, ttl)
 
 
+def echo_request_message(ident: int, seq: int, payload: bytes | memoryview, *,
+                         v6: bool) -> bytes:
+    """An echo request (ICMP message: header and payload) to send on a raw socket, with
+    identifier `ident`. IPv4: the checksum is filled in (RFC 792; a raw ICMP socket
+    sends what it is given). IPv6: left zero, the kernel computes it with the pseudo-
+    header (RFC 3542 §3.1: a raw ICMPv6 socket always checksums at offset 2)."""
+    head = bytearray(_ICMP.pack(ICMPV6_ECHO_REQUEST if v6 else ICMP_ECHO_REQUEST, 0, 0,
+                                ident & 0xFFFF, seq & 0xFFFF))
+    if not v6:
+        struct.pack_into("!H", head, 2, finish(partial_sum(head) + partial_sum(payload)))
+    return bytes(head) + bytes(payload)
+
+
+def parse_raw_reply(data: bytes | bytearray | memoryview, *, v6: bool) -> EchoMessage:
+    """Read an echo reply as a raw socket delivers it: IPv4, the IP header (its length
+    from IHL) then the ICMP message, whose checksum is verified here (raw sockets get
+    packets before icmp_rcv checks them); IPv6, the ICMPv6 message alone, its checksum
+    verified by the kernel. Raises `MalformedFrame` (`icmp_reply_short`,
+    `icmp_reply_checksum`, `icmp_reply_type`)."""
+    if not v6:
+        if len(data) < IPV4_HLEN:
+            raise MalformedFrame("icmp_reply_short")
+        ihl = (data[0] & 0x0F) * 4
+        if ihl < IPV4_HLEN or len(data) < ihl:
+            raise MalformedFrame("icmp_reply_short")
+        data = memoryview(data)[ihl:]
+        if len(data) >= ICMP_HLEN and not verify(data):
+            raise MalformedFrame("icmp_reply_checksum")
+    reply = parse_echo_reply(data)
+    if data[0] != (ICMPV6_ECHO_REPLY if v6 else ICMP_ECHO_REPLY):
+        raise MalformedFrame("icmp_reply_type")
+    return reply
+
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -181,6 +227,82 @@ class EchoTable(Generic[K, V]):
         values = [v for v, _last in self._entries.values()]
         self._entries.clear()
         return values
+
+
+# -- raw sockets: identifiers and matching --------------------------------------------------
+
+
+class RawEchoIds(Generic[V]):
+    """Echo identifiers for sessions sharing a raw socket, keyed by the destination's
+    address (packed bytes) as the host sees it: a reply is theirs if its source is that
+    address and its identifier the one allocated here.
+
+    Allocation walks a cursor through 0..65535 (seeded by the caller, e.g. at random, so
+    that two processes are unlikely to start in step) and skips identifiers in use
+    toward the same address, so a freed identifier is not reused at once: a late reply
+    to a closed session does not land in a new one.
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        self._next = start & 0xFFFF
+        self._live: dict[tuple[bytes, int], V] = {}
+        self._per_host: dict[bytes, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def allocate(self, host: bytes, value: V) -> int:
+        """A free identifier toward `host`, now naming `value`; OverflowError if all
+        65536 are taken toward that address."""
+        if self._per_host.get(host, 0) > 0xFFFF:
+            raise OverflowError("every echo identifier toward this address is in use")
+        ident = self._next
+        while (host, ident) in self._live:
+            ident = (ident + 1) & 0xFFFF
+        self._next = (ident + 1) & 0xFFFF
+        self._live[(host, ident)] = value
+        self._per_host[host] = self._per_host.get(host, 0) + 1
+        return ident
+
+    def release(self, host: bytes, ident: int) -> None:
+        """Free `ident` toward `host` (nothing if it is not allocated)."""
+        if self._live.pop((host, ident), None) is None:
+            return
+        left = self._per_host[host] - 1
+        if left:
+            self._per_host[host] = left
+        else:
+            del self._per_host[host]
+
+    def match(self, host: bytes, ident: int) -> V | None:
+        """Whose is a reply from `host` with identifier `ident` (None: nobody's)."""
+        return self._live.get((host, ident))
+
+
+class RecentSeqs:
+    """The sequence numbers a raw echo session sent lately (at most `capacity`, the
+    oldest forgotten first): a reply with any other is not an answer to this guest."""
+
+    __slots__ = ("_seqs", "capacity")
+
+    def __init__(self, capacity: int = 256) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._seqs: OrderedDict[int, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def sent(self, seq: int) -> None:
+        seqs = self._seqs
+        seqs[seq] = None
+        seqs.move_to_end(seq)
+        if len(seqs) > self.capacity:
+            seqs.popitem(last=False)
+
+    def __contains__(self, seq: object) -> bool:
+        return seq in self._seqs
 
 
 # -- moving a session to another relay ---------------------------------------------------

@@ -29,6 +29,7 @@ from unit.test_icmp_echo_frames import (
     request_frame,
 )
 
+from relaynat.host import icmp_raw
 from relaynat.host.icmp_relay import IcmpEchoRelay
 from relaynat.icmp_echo import (
     ICMP_ECHO_REQUEST,
@@ -101,7 +102,16 @@ async def test_real_kernel_reply_id_is_not_the_guests() -> None:
 
 
 @pytest.mark.integration
-async def test_not_permitted_warns_once_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
+async def test_not_permitted_warns_once_and_recovers(caplog: pytest.LogCaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither ping sockets nor raw ones (as without CAP_NET_RAW: the suite runs as root,
+    so the raw socket is refused here by hand; tests/integration/test_icmp_raw.py runs a
+    relay as nobody)."""
+
+    def refused(v6: bool) -> socket.socket:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(icmp_raw, "open_raw_socket", refused)
     guest, stats = Guest(), Counter[str]()
     relay = IcmpEchoRelay(CONFIG, asyncio.get_running_loop(), guest.send, stats)
     try:
@@ -119,6 +129,7 @@ async def test_not_permitted_warns_once_and_recovers(caplog: pytest.LogCaptureFi
             assert len(warnings) == 1
             assert 'net.ipv4.ping_group_range="0 2147483647"' in warnings[0].getMessage()
             assert stats["drop_icmp_not_permitted"] == 2 and relay.socket_count == 0
+            assert relay.raw_session_count == 0
         # The sysctl is read at every socket creation: widening it fixes pings live.
         with ping_group_range(ALL_GROUPS):
             ping(relay, 5, 3, b"c")

@@ -1,4 +1,5 @@
-"""ICMP echo (ping) for the guest over IPv4 and IPv6, through unprivileged ping sockets.
+"""ICMP echo (ping) for the guest over IPv4 and IPv6, through unprivileged ping sockets,
+or, where those are refused and the process has CAP_NET_RAW, through raw sockets.
 
 This module owns the guest's echo requests: it validates them (RFC 792: type 8, code 0,
 Internet checksum over the whole ICMP message, no pseudo-header; RFC 4443 §4.1: type
@@ -24,9 +25,17 @@ Kernel behaviour relied on (net/ipv4/ping.c, icmp(7) "ping sockets"):
 * recv() on a ping socket returns the ICMP header and payload, without the IP header;
   the kernel has verified the reply's checksum already and delivers only echo replies.
 
+When a ping socket is refused (EACCES/EPERM) the session goes through the loop's shared
+raw socket instead (host/icmp_raw.py: one per family, opened on first need), under an
+identifier the relay allocates, the guest's own put back in each reply; a reply is
+delivered only if its identifier, source and sequence number are a live session's.
+Such sessions do not move in a handover (the raw socket stays with its process): the
+guest's next echo opens a new one. Neither allowed: one warning naming the sysctl, and
+every request dropped and counted (`drop_icmp_not_permitted`).
+
 The sans-I/O parts (`parse_echo_request`, `parse_echo_reply`, `echo_reply_frame`,
-`EchoTable`) are icmp_echo.py's; `IcmpEchoRelay` executes them with sockets on an
-asyncio loop.
+`EchoTable`, `RawEchoIds`, `RecentSeqs`) are icmp_echo.py's; `IcmpEchoRelay` executes
+them with sockets on an asyncio loop.
 """
 
 from __future__ import annotations
@@ -38,17 +47,22 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from ipaddress import ip_address
 from typing import TYPE_CHECKING
 
 from relaynat.events import SILENT, Endpoint, EventSink, FlowClosed, FlowOpened, endpoint
 from relaynat.guest_log import guest_logger
 from relaynat.host.flowinfo import FlowInfo, describe_echo
+from relaynat.host.icmp_raw import RawEchoSockets
 from relaynat.host.sockets import count_socket_failure
 from relaynat.icmp_echo import (
     ICMP_HLEN,
+    EchoMessage,
     EchoTable,
+    RecentSeqs,
     echo_reply_frame,
+    echo_request_message,
     parse_echo_reply,
     parse_echo_request,
 )
@@ -94,6 +108,17 @@ class EchoSession:
     opened_at: float = 0.0
 
 
+@dataclass(slots=True, eq=False)
+class RawEchoSession(EchoSession):
+    """A session on the loop's shared raw socket (`sock`, not the session's to close):
+    `raw_ident` is the identifier it sends under, `host_packed` its destination on the
+    host, `seqs` the sequence numbers it sent lately."""
+
+    raw_ident: int = 0
+    host_packed: bytes = b""
+    seqs: RecentSeqs = field(default_factory=RecentSeqs)
+
+
 class IcmpEchoRelay:
     """The guest's pings: one ping socket per (identifier, destination).
 
@@ -112,6 +137,11 @@ class IcmpEchoRelay:
         self.stats = stats
         self.sessions: EchoTable[EchoKey, EchoSession] = EchoTable(
             config.max_icmp_flows if max_sockets is None else max_sockets, idle_timeout_s)
+        #: Sessions on the shared raw socket (ping sockets refused), same key; they
+        #: share the `max_icmp_flows` bound with `sessions`.
+        self.raw_sessions: EchoTable[EchoKey, RawEchoSession] = EchoTable(
+            self.sessions.capacity, idle_timeout_s)
+        self._raw: RawEchoSockets | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._ip_ident = 0
         self._warned_permission = False
@@ -158,6 +188,8 @@ class IcmpEchoRelay:
         key = (req.ident, ip.dst, ip.src)
         session = self.sessions.get(key)
         if session is None:
+            session = self.raw_sessions.get(key)
+        if session is None:
             if self.admit is not None and not self.admit(ip.proto, ip.dst, 0):
                 stats["drop_icmp_policy"] += 1
                 return
@@ -166,7 +198,11 @@ class IcmpEchoRelay:
                 return
         else:
             session.guest_mac = guest_mac
-            self.sessions.touch(key, now)
+            (self.raw_sessions if isinstance(session, RawEchoSession)
+             else self.sessions).touch(key, now)
+        if isinstance(session, RawEchoSession):
+            self._send_raw(session, req)
+            return
         try:
             # The kernel replaces the identifier with the socket's port and recomputes
             # the checksum; type, code, sequence and payload go out as the guest sent them.
@@ -187,7 +223,7 @@ class IcmpEchoRelay:
               now: float) -> EchoSession | None:
         stats = self.stats
         self._expire(now)
-        if self.sessions.full:
+        if len(self.sessions) + len(self.raw_sessions) >= self.sessions.capacity:
             stats["drop_icmp_table_full"] += 1
             return None
         if self.rate_limit is not None and not self.rate_limit.allow(now):
@@ -200,14 +236,7 @@ class IcmpEchoRelay:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM):
-                stats["drop_icmp_not_permitted"] += 1
-                if not self._warned_permission:
-                    self._warned_permission = True
-                    log.warning(
-                        "guest ping dropped: this process may not open ICMP ping sockets "
-                        "(net.ipv4.ping_group_range excludes its groups; a new network "
-                        "namespace allows nobody, not even root). To allow it, run: %s "
-                        "(in the relay's network namespace)", _SYSCTL_HINT)
+                return self._open_raw(key, host_ip, guest_ip, guest_mac, now)
             else:
                 count_socket_failure(stats, exc, "drop_icmp_fd_limit",
                                      "drop_icmp_socket_error", "ping")
@@ -217,13 +246,111 @@ class IcmpEchoRelay:
         self.sessions.add(key, session, now)
         self._loop.add_reader(sock.fileno(), self._on_readable, session)
         stats["icmp_sockets_opened"] += 1
+        self._opened(session)
+        return session
+
+    def _opened(self, session: EchoSession) -> None:
         events = self.events
         if events.listening:
+            ident, far, guest = session.key
             events.emit(FlowOpened(time.time(), events.guest, "icmp", "outbound",
-                                   endpoint(guest_ip, key[0]), endpoint(key[1], None),
-                                   Endpoint(host_ip, None)))
+                                   endpoint(guest, ident), endpoint(far, None),
+                                   Endpoint(session.host_ip, None)))
         self._arm_timer()
+
+    def _not_permitted(self) -> None:
+        self.stats["drop_icmp_not_permitted"] += 1
+        if not self._warned_permission:
+            self._warned_permission = True
+            log.warning(
+                "guest ping dropped: this process may not open ICMP ping sockets "
+                "(net.ipv4.ping_group_range excludes its groups; a new network "
+                "namespace allows nobody, not even root) nor raw ICMP sockets (no "
+                "CAP_NET_RAW). To allow ping sockets, run: %s (in the relay's network "
+                "namespace)", _SYSCTL_HINT)
+
+    def prepare_raw(self) -> bool:
+        """Open the raw sockets now if ping sockets are refused and this process may
+        (e.g. before it drops CAP_NET_RAW: later ones would be refused); True if pings
+        will have a way out. Without this they open on the first echo that needs them."""
+        try:
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP).close()
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM):
+                return False
+        else:
+            return True
+        raw = self._raw if self._raw is not None else RawEchoSockets.of(self._loop)
+        opened = False
+        for v6 in (False, True):
+            try:
+                raw.get_socket(v6, self.stats)
+                opened = True
+            except OSError as exc:  # no CAP_NET_RAW, or no IPv6 on this host
+                log.debug("no raw ICMP%s socket: %s", "v6" if v6 else "", exc)
+        if opened and self._raw is None:
+            self._raw = raw
+            raw.attach(self)
+        return opened
+
+    def _open_raw(self, key: EchoKey, host_ip: str, guest_ip: bytes, guest_mac: bytes,
+                  now: float) -> RawEchoSession | None:
+        """A session on the shared raw socket, ping sockets being refused."""
+        stats = self.stats
+        v6 = len(guest_ip) == 16
+        raw = self._raw if self._raw is not None else RawEchoSockets.of(self._loop)
+        try:
+            sock = raw.get_socket(v6, stats)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                self._not_permitted()
+            else:
+                count_socket_failure(stats, exc, "drop_icmp_fd_limit",
+                                     "drop_icmp_socket_error", "raw ICMP")
+            return None
+        if self._raw is None:
+            self._raw = raw
+            raw.attach(self)
+        host_packed = ip_address(host_ip).packed
+        session = RawEchoSession(key, sock, host_ip, guest_ip, guest_mac, opened_at=now,
+                                 host_packed=host_packed)
+        try:
+            session.raw_ident = raw.ids.allocate(host_packed, (self, session))
+        except OverflowError:
+            stats["drop_icmp_ids_exhausted"] += 1
+            return None
+        self.raw_sessions.add(key, session, now)
+        stats["icmp_raw_sessions_opened"] += 1
+        self._opened(session)
         return session
+
+    def _send_raw(self, session: RawEchoSession, req: EchoMessage) -> None:
+        stats = self.stats
+        v6 = len(session.guest_ip) == 16
+        # The guest's type, code, sequence and payload under our identifier.
+        message = echo_request_message(session.raw_ident, req.seq, req.payload, v6=v6)
+        session.seqs.sent(req.seq)
+        try:
+            session.sock.sendto(message, (session.host_ip, 0))
+        except BlockingIOError:
+            stats["drop_icmp_send_busy"] += 1
+            return
+        except OSError as exc:
+            log.debug("ping to %s failed: %s", session.host_ip, exc)
+            stats["drop_icmp_send_error"] += 1
+            return
+        stats["icmp_echo_sent"] += 1
+        session.bytes_from_guest += len(message)
+
+    def raw_reply(self, session: RawEchoSession, reply: EchoMessage) -> None:
+        """A reply on the raw socket whose source and identifier are `session`'s
+        (RawEchoSockets matched them): delivered if it answers a sequence number the
+        session sent, else ignored (another process pinging under the same identifier)."""
+        if reply.seq not in session.seqs or self.raw_sessions.get(session.key) is not session:
+            self.stats["icmp_raw_replies_ignored"] += 1
+            return
+        self.raw_sessions.touch(session.key, self._loop.time())
+        self._deliver(session, reply)
 
     # -- host side ----------------------------------------------------------------------
 
@@ -258,6 +385,11 @@ class IcmpEchoRelay:
         except MalformedFrame as exc:
             stats["drop_" + exc.reason] += 1
             return
+        self._deliver(session, reply)
+
+    def _deliver(self, session: EchoSession, reply: EchoMessage) -> None:
+        """The reply frame toward the guest, with its own identifier and addresses."""
+        stats = self.stats
         limit = self._max_icmp6 if len(session.guest_ip) == 16 else self._max_icmp
         if ICMP_HLEN + len(reply.payload) > limit:
             stats["drop_icmp_reply_too_big"] += 1
@@ -277,8 +409,10 @@ class IcmpEchoRelay:
     def _arm_timer(self) -> None:
         if self._timer is not None or self._closed:
             return
-        deadline = self.sessions.next_deadline()
-        if deadline is not None:
+        deadlines = [d for d in (self.sessions.next_deadline(),
+                                 self.raw_sessions.next_deadline()) if d is not None]
+        if deadlines:
+            deadline = min(deadlines)
             # asyncio may run a timer up to its clock resolution early: add slack so
             # the session is due when we look, rather than re-arming in a tight loop.
             self._timer = self._loop.call_at(deadline + _TIMER_SLACK_S, self._on_timer)
@@ -292,9 +426,18 @@ class IcmpEchoRelay:
         for _key, session in self.sessions.expired(now):
             self._close_session(session, "timeout")
             self.stats["icmp_sockets_expired"] += 1
+        for _key, raw_session in self.raw_sessions.expired(now):
+            self._close_session(raw_session, "timeout")
+            self.stats["icmp_raw_sessions_expired"] += 1
 
     def _close_session(self, session: EchoSession, how: str) -> None:
-        """Close the session's socket; it has left the table, `how` (events.py's words)."""
+        """Close the session's socket (a raw session: free its identifier); it has left
+        its table, `how` (events.py's words)."""
+        if isinstance(session, RawEchoSession):
+            if self._raw is not None:
+                self._raw.ids.release(session.host_packed, session.raw_ident)
+            self._ended(session, how)
+            return
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(session.sock.fileno())
         session.sock.close()
@@ -340,18 +483,22 @@ class IcmpEchoRelay:
         self._arm_timer()
 
     def describe_flows(self) -> list[FlowInfo]:
-        return [describe_echo(session) for _key, session in self.sessions.items()]
+        return [describe_echo(session) for table in (self.sessions, self.raw_sessions)
+                for _key, session in table.items()]
 
     def cut(self, denied: Callable[[int, bytes, int], bool]) -> int:
         """Close every session whose destination `denied(proto, dst, 0)` now refuses;
         returns how many."""
-        gone = [session for _key, session in self.sessions.items()
-                if denied(IPPROTO_ICMPV6 if len(session.key[1]) == 16 else IPPROTO_ICMP,
-                          session.key[1], 0)]
-        for session in gone:
-            self.sessions.pop(session.key)
-            self._close_session(session, "policy_cut")
-        return len(gone)
+        count = 0
+        for table in (self.sessions, self.raw_sessions):
+            gone = [session for _key, session in table.items()
+                    if denied(IPPROTO_ICMPV6 if len(session.key[1]) == 16 else IPPROTO_ICMP,
+                              session.key[1], 0)]
+            for session in gone:
+                table.pop(session.key)
+                self._close_session(session, "policy_cut")
+            count += len(gone)
+        return count
 
     def close(self) -> None:
         """Close every ping socket and the timer; later requests are dropped."""
@@ -361,9 +508,20 @@ class IcmpEchoRelay:
             self._timer = None
         for session in self.sessions.clear():
             self._close_session(session, "detached")
+        for raw_session in self.raw_sessions.clear():
+            self._close_session(raw_session, "detached")
+        if self._raw is not None:
+            self._raw.detach(self)
+            self._raw = None
 
     @property
     def socket_count(self) -> int:
-        """Open ping sockets (a gauge for the relay's stats)."""
+        """Open ping sockets (a gauge for the relay's stats); sessions on the shared raw
+        socket are `raw_session_count`."""
         return len(self.sessions)
+
+    @property
+    def raw_session_count(self) -> int:
+        """Sessions on the shared raw sockets now."""
+        return len(self.raw_sessions)
 
