@@ -35,6 +35,7 @@ from relaynat.portspec import Forward as PortForward
 from relaynat.transports.interface import InterfaceError, InterfaceTransport
 
 if TYPE_CHECKING:
+    from relaynat.netns.join import JoinTarget
     from relaynat.relay import Relay
 
 log = logging.getLogger("relaynat")
@@ -219,7 +220,7 @@ async def _let_control_go(control: ControlServer) -> None:
 
 
 async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | None,
-               forwards: list[PortForward]) -> int:
+               forwards: list[PortForward], target: JoinTarget | None = None) -> int:
     from relaynat.moving.handover import Source
     from relaynat.netns.guest import NamespaceGuest, NamespaceSetupError, run_command
 
@@ -269,7 +270,8 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
                                  policy=policy,
                                  hide_paths=[os.path.abspath(args.control_socket)]
                                  if args.control_socket else (), guest_ready=guest_ready,
-                                 runas=args.runas, forward_signals=True)
+                                 runas=args.runas, forward_signals=True, join=target,
+                                 configure=not args.no_configure)
     except NamespaceSetupError as exc:
         print(f"relaynat run: {exc}", file=sys.stderr)
         return 1
@@ -287,6 +289,58 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
     if args.stats and holder:
         _print_stats(holder[0].stats())
     return code
+
+
+async def _run_joined(config: RelayConfig, args: argparse.Namespace, policy: Policy | None,
+                      forwards: list[PortForward], target: JoinTarget) -> int:
+    """`run --netns TARGET` without a command: serve a TAP in TARGET's network namespace
+    until SIGINT or SIGTERM, `relaynat ctl quit`, a handover, or (a PID TARGET) the
+    target process's exit, seen on its pidfd (readable once it exits, pidfd_open(2))."""
+    from relaynat.moving.handover import Source
+    from relaynat.netns.guest import NamespaceSetupError, open_joined_tap
+    from relaynat.relay import Relay
+
+    control = ControlServer(args.control_socket) if args.control_socket else None
+    try:
+        transport = await open_joined_tap(config, target, tap_name=args.tap_name,
+                                          offload=not args.no_offload,
+                                          configure=not args.no_configure)
+    except NamespaceSetupError as exc:
+        print(f"relaynat run: {exc}", file=sys.stderr)
+        if control is not None:
+            control.close()
+        return 1
+    stop = _stop_event()
+    loop = asyncio.get_running_loop()
+    if target.pidfd is not None:
+        loop.add_reader(target.pidfd, stop.set)
+    handed = asyncio.Event() if control is None else control.handed_over
+    try:
+        async with Relay(config, policy) as relay:
+            relay.attach(transport)
+            add_forwards(relay, forwards)
+            if control is not None:
+                control.on_quit = stop.set
+                await control.start(relay)
+                # The TAP, the forwards and the control socket move; the watch on the
+                # target process does not (the new relay serves until it is stopped).
+                control.on_handover = Source(relay, control).hand_over
+            watch = asyncio.ensure_future(handed.wait())
+            watch.add_done_callback(lambda _: stop.set())
+            lost = asyncio.ensure_future(relay.transport_lost_event.wait())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            lost.cancel()
+            stopped.cancel()
+            watch.cancel()
+            if control is not None:
+                control.close(unlink=not handed.is_set())
+            if args.stats:
+                _print_stats(relay.stats())
+    finally:
+        if target.pidfd is not None:
+            loop.remove_reader(target.pidfd)
+    return 0
 
 
 def _open_interface(args: argparse.Namespace,
@@ -360,8 +414,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "run":
         if args.command and args.command[0] == "--":
             args.command = args.command[1:]
-        if not args.command:
+        if not args.command and args.netns is None:
             parser.error("run: give the command to run after --, e.g. relaynat run -- curl URL")
+        if args.no_configure and args.netns is None:
+            parser.error("--no-configure needs --netns (a namespace relaynat makes is "
+                         "always configured)")
+        if args.runas is not None and args.netns is not None:
+            parser.error("--runas: with --netns, CMD runs with your own ids, as ip netns "
+                         "exec runs it")
         if args.runas is not None and os.geteuid() != 0:
             parser.error("--runas needs root: without it the command's root is you outside "
                          "its namespace")
@@ -388,10 +448,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         except ConfigError as exc:
             parser.error(str(exc))
+    target = None
+    if args.cmd == "run" and args.netns is not None:
+        from relaynat.netns.join import resolve_target
+
+        try:
+            target = resolve_target(args.netns)
+        except ConfigError as exc:
+            parser.error(str(exc))
     loop = new_loop()
     try:
-        if args.cmd == "run":
-            coro = _run(config, args, policy, forwards)
+        if target is not None and not args.command:
+            coro = _run_joined(config, args, policy, forwards, target)
+        elif args.cmd == "run":
+            coro = _run(config, args, policy, forwards, target)
         elif args.receive_handover:
             coro = _serve_handed_over(config, args, policy)
         else:
@@ -402,3 +472,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         loop.close()
+        if target is not None:
+            target.close()

@@ -207,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runas", type=_runas, metavar="UID:GID",
                      help="as root: the ids outside that CMD's root maps to (default: "
                           "nobody's); not 0")
+    joined = run.add_argument_group("joining an existing network namespace")
+    joined.add_argument("--netns", metavar="TARGET",
+                        help="serve the network namespace of process TARGET (a PID: "
+                             "without CMD, relaynat ends when it does), of a path "
+                             "(/run/netns/NAME, /proc/PID/ns/net, a bind mount) or of an "
+                             "ip netns name, rather than making one: the TAP is made there "
+                             "(or opened, if it exists) and CMD, if given, runs there with "
+                             "your own ids")
+    joined.add_argument("--no-configure", action="store_true",
+                        help="with --netns: leave the TAP down, with no address or route "
+                             "(the guest configures it, e.g. by DHCP)")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     serve = sub.add_parser("serve", help="serve a qemu/libkrun/vfkit guest over a unix socket",

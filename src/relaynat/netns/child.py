@@ -70,6 +70,7 @@ from relaynat.netns.syscalls import (
     map_root,
     set_dumpable,
     set_parent_death_signal,
+    setns,
     unshare,
 )
 from relaynat.transports.tap import open_tap
@@ -195,8 +196,9 @@ def _become_root() -> None:
     os.setresuid(0, 0, 0)
 
 
-def _configure_link(spec: dict[str, Any]) -> None:
-    """Address the TAP and bring it and `lo` up."""
+def _configure_link(spec: dict[str, Any], verb: str = "add") -> None:
+    """Address the TAP and bring it and `lo` up. `verb` "replace": in a namespace that
+    may have them already (a joined one, a TAP that existed), set rather than add."""
     tap = spec["tap"]
     if not spec["address6"]:
         # -4: keep the kernel from autoconfiguring and soliciting on the link.
@@ -205,14 +207,14 @@ def _configure_link(spec: dict[str, Any]) -> None:
     _ip("link", "set", "lo", "up")
     _ip("link", "set", "dev", tap, "mtu", str(spec["mtu"]), "up")
     if spec["address"]:
-        _ip("addr", "add", spec["address"], "dev", tap)
-        _ip("route", "add", "default", "via", spec["gateway"], "dev", tap)
+        _ip("addr", verb, spec["address"], "dev", tap)
+        _ip("route", verb, "default", "via", spec["gateway"], "dev", tap)
     if spec["address6"]:
         # Configured statically so the command's first packet has an address (as
         # pasta does); the kernel still autoconfigures its own SLAAC address from
         # the relay's router advertisement. No DAD: the relay owns the link.
-        _ip("-6", "addr", "add", spec["address6"], "dev", tap, "nodad")
-        _ip("-6", "route", "add", "default", "via", spec["gateway6"], "dev", tap)
+        _ip("-6", "addr", verb, spec["address6"], "dev", tap, "nodad")
+        _ip("-6", "route", verb, "default", "via", spec["gateway6"], "dev", tap)
 
 
 def _shell_status(status: int) -> int:
@@ -346,6 +348,58 @@ def _start(command: list[str], spec: dict[str, Any], env: dict[str, str] | None)
     return _pass_signals_until_exit(init, outer=True)
 
 
+def _join(spec: dict[str, Any], sock: socket.socket, command: list[str],
+          env: dict[str, str] | None) -> int:
+    """`relaynat run --netns`: enter the target's network namespace (by the descriptor
+    the relay opened and checked, join.py), after the user namespace owning it when
+    spec["join"]["userns"] names one (an unprivileged caller's: only there does it hold
+    CAP_SYS_ADMIN over that network namespace, setns(2)); create or open the TAP there,
+    configure it unless told not to, and hand it over. With a command: a private mount
+    namespace, as `ip netns exec` makes, where /etc/resolv.conf names the relay and
+    /dev/null covers the control socket, then, once the relay says go, become the
+    command (no PID, user or other namespace of its own: it shares the target's
+    network and nothing else). Without one: exit once the TAP is handed over; a TAP
+    made here goes when the relay closes it (the last descriptor of a TAP that was not
+    made persistent)."""
+    join = spec["join"]
+    try:
+        if join["userns"] is not None:
+            setns(join["userns"], CLONE_NEWUSER)
+            # Root of that namespace, if it maps our ids to root (rootlesskit's and
+            # `unshare -Ur`'s do), so `ip` keeps its capabilities across execve(2).
+            try:
+                _become_root()
+            except OSError:
+                raise NamespaceSetupError("the user namespace that owns the target maps "
+                                          "no root for this user") from None
+        setns(join["netns"], CLONE_NEWNET)
+        if command:
+            _host_side_mounts(spec, host_root=True)
+        fd, vnet_hdr_len, offload = open_tap(spec["tap"], spec["vnet"])
+        if spec["configure"]:
+            _configure_link(spec, "replace")
+        if spec["cwd"] is not None:
+            try:
+                os.chdir(spec["cwd"])
+            except OSError as exc:
+                raise NamespaceSetupError(f"cwd {spec['cwd']}: {exc.strerror}") from None
+    except (OSError, NamespaceSetupError) as exc:
+        sock.send(f"cannot set up in the target network namespace: {exc}".encode())
+        return 1
+    info = json.dumps({"vnet_hdr_len": vnet_hdr_len, "offload": offload}).encode()
+    sock.sendmsg([info], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    os.close(fd)
+    if not command:
+        return 0
+    if sock.recv(16) != b"go":
+        return 1
+    sock.close()
+    for ns_fd in (join["netns"], join["userns"]):
+        if ns_fd is not None:
+            os.close(ns_fd)
+    return _exec(command, spec, env)
+
+
 def _child_main(argv: list[str]) -> int:
     signal.signal(END_SIGNAL, lambda _signum, _frame: _die())
     spec = json.loads(argv[0])
@@ -355,6 +409,8 @@ def _child_main(argv: list[str]) -> int:
         with open(spec["env"], encoding="utf-8") as f:
             env = json.load(f)
     command = argv[3:]
+    if spec.get("join") is not None:
+        return _join(spec, sock, command, env)
     try:
         host_root = os.geteuid() == 0
         _host_side_mounts(spec, host_root)

@@ -44,6 +44,7 @@ from typing import IO, Any
 from relaynat.config import ConfigError, RelayConfig
 from relaynat.netns.child import END_SIGNAL
 from relaynat.netns.child import NamespaceSetupError as NamespaceSetupError
+from relaynat.netns.join import JoinTarget
 from relaynat.netns.syscalls import CAPABILITIES, map_root
 from relaynat.policy import Policy
 from relaynat.relay import Relay
@@ -253,6 +254,96 @@ def _capability_numbers(capabilities: Iterable[str] | None,
     return sorted(numbers)
 
 
+def _child_spec(config: RelayConfig, tap_name: str, offload: bool, join: JoinTarget | None,
+                configure: bool, hide_paths: Sequence[str]) -> dict[str, Any]:
+    """What the namespace child (child.py) is to set up, but for the command's own
+    settings (cwd, user, caps, env), which the caller adds."""
+    dns = ([str(config.dns_ipv4)] if config.ipv4 else []) + \
+        ([str(config.dns_ipv6)] if config.ipv6 else [])
+    return {
+        "tap": tap_name,
+        "address": f"{config.guest_ipv4}/{config.prefix_len_v4}" if config.ipv4 else None,
+        "gateway": str(config.gateway_ipv4),
+        "address6": f"{config.guest_ipv6}/64" if config.ipv6 else None,
+        "gateway6": str(config.gateway_ipv6),
+        "mtu": config.mtu,
+        "vnet": offload,
+        "dns": dns,
+        "hide": list(hide_paths),
+        "join": None if join is None else {"netns": join.netns_fd, "userns": join.userns_fd},
+        "configure": configure,
+        "cwd": None, "user": None, "caps": None, "env": None,
+    }
+
+
+async def _start_child(spec: dict[str, Any], command: list[str], pass_fds: list[int],
+                       ids: tuple[int, int] | None, stdin: Stdio = None, stdout: Stdio = None,
+                       stderr: Stdio = None,
+                       ) -> tuple[asyncio.subprocess.Process, socket.socket, TapTransport]:
+    """Start the namespace child with `spec` and `command` (none: it exits once the TAP
+    is handed over), map its user namespace to `ids` when it asks, and take the TAP it
+    passes back over SCM_RIGHTS. The descriptors of `pass_fds` are the child's too
+    (closed here once it has them, but for those of the JoinTarget, its owner's)."""
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    owned = [fd for fd in pass_fds if fd == spec["env"]]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relaynat.netns.child", json.dumps(spec),
+            str(child_sock.fileno()), "--", *command,
+            pass_fds=[child_sock.fileno(), *pass_fds],
+            stdin=stdin, stdout=stdout, stderr=stderr)
+    except BaseException:
+        parent_sock.close()
+        raise
+    finally:
+        child_sock.close()
+        for fd in owned:
+            os.close(fd)
+    try:
+        parent_sock.settimeout(_READY_TIMEOUT_S)
+        try:
+            msg, ancdata, _, _ = await asyncio.to_thread(
+                parent_sock.recvmsg, 4096, socket.CMSG_SPACE(4))
+            if msg == b"map" and not ancdata:
+                assert ids is not None  # asked only by a child that makes a user namespace
+                _map_command_root(proc.pid, *ids)
+                parent_sock.send(b"mapped")
+                msg, ancdata, _, _ = await asyncio.to_thread(
+                    parent_sock.recvmsg, 4096, socket.CMSG_SPACE(4))
+        except TimeoutError:
+            raise NamespaceSetupError("namespace child did not report in time") from None
+        fds = array.array("i")
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        if not fds:
+            await proc.wait()
+            raise NamespaceSetupError(msg.decode(errors="replace")
+                                      or "namespace setup failed")
+        info = json.loads(msg)
+    except BaseException:
+        parent_sock.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    return proc, parent_sock, TapTransport(fds[0], info["vnet_hdr_len"], info["offload"])
+
+
+async def open_joined_tap(config: RelayConfig, join: JoinTarget, *, tap_name: str = "tap0",
+                          offload: bool = True, configure: bool = True) -> TapTransport:
+    """The TAP `tap_name` made (or opened) in the network namespace of `join` and, unless
+    not `configure`, addressed from `config` with its routes, for a relay to serve
+    with no command of its own (`relaynat run --netns TARGET` alone). A TAP made here
+    goes away with the transport's descriptor; one that was there stays. Raises
+    NamespaceSetupError saying what failed."""
+    spec = _child_spec(config, tap_name, offload, join, configure, ())
+    proc, sock, transport = await _start_child(spec, [], join.fds(), None)
+    sock.close()
+    await proc.wait()
+    return transport
+
+
 class NamespaceGuest:
     """A command in a new network namespace whose only link is a TAP, not started yet.
 
@@ -321,7 +412,9 @@ class NamespaceGuest:
                     env: Mapping[str, str] | None = None,
                     cwd: str | os.PathLike[str] | None = None, user: int | str | None = None,
                     group: int | str | None = None,
-                    capabilities: Iterable[str] | None = None) -> NamespaceGuest:
+                    capabilities: Iterable[str] | None = None,
+                    join: JoinTarget | None = None,
+                    configure: bool = True) -> NamespaceGuest:
         """Create the namespaces, the TAP (addressed from `config`) and a private
         resolv.conf, ready to run `command` (a program and its arguments, found on the
         PATH of its environment); `hide_paths` (the control socket) are covered by
@@ -351,6 +444,12 @@ class NamespaceGuest:
         `cwd`, where it starts (None: this process's working directory; a relative
         path is from there).
 
+        `join` (join.resolve_target's): no new namespaces but for a mount namespace,
+        as `ip netns exec` makes: the TAP is made (or opened, if one of that name is
+        there) in that network namespace, configured unless `configure` is false, and
+        the command runs there with this process's own ids (no `runas`), after
+        entering the user namespace that owns it when this process is not root.
+
         Raises ConfigError (a ValueError) for a bad value before anything starts, and
         NamespaceSetupError saying what failed (a `cwd` the command may not enter,
         say)."""
@@ -367,67 +466,18 @@ class NamespaceGuest:
         where = None if cwd is None else os.path.abspath(os.fspath(cwd))
         if where is not None and "\0" in where:
             raise ConfigError(f"cwd: {where!r} has a NUL character")
-        uid, gid = command_ids(runas)
+        if join is not None and runas is not None:
+            raise ConfigError("runas: a command in a joined namespace runs with this "
+                              "process's own ids, as ip netns exec runs it")
+        ids = None if join is not None else command_ids(runas)
         env_fd = None if checked_env is None else _env_file(checked_env)
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        dns = ([str(config.dns_ipv4)] if config.ipv4 else []) + \
-            ([str(config.dns_ipv6)] if config.ipv6 else [])
-        spec = json.dumps({
-            "tap": tap_name,
-            "address": f"{config.guest_ipv4}/{config.prefix_len_v4}" if config.ipv4 else None,
-            "gateway": str(config.gateway_ipv4),
-            "address6": f"{config.guest_ipv6}/64" if config.ipv6 else None,
-            "gateway6": str(config.gateway_ipv6),
-            "mtu": config.mtu,
-            "vnet": offload,
-            "dns": dns,
-            "hide": list(hide_paths),
-            "cwd": where,
-            "user": as_user,
-            "caps": caps,
-            "env": env_fd,
-        })
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relaynat.netns.child", spec,
-                str(child_sock.fileno()), "--", *command,
-                pass_fds=[child_sock.fileno()] + ([] if env_fd is None else [env_fd]),
-                stdin=stdin, stdout=stdout, stderr=stderr)
-        except BaseException:
-            parent_sock.close()
-            raise
-        finally:
-            child_sock.close()
-            if env_fd is not None:
-                os.close(env_fd)
-        try:
-            parent_sock.settimeout(_READY_TIMEOUT_S)
-            try:
-                msg, ancdata, _, _ = await asyncio.to_thread(
-                    parent_sock.recvmsg, 4096, socket.CMSG_SPACE(4))
-                if msg == b"map" and not ancdata:
-                    _map_command_root(proc.pid, uid, gid)
-                    parent_sock.send(b"mapped")
-                    msg, ancdata, _, _ = await asyncio.to_thread(
-                        parent_sock.recvmsg, 4096, socket.CMSG_SPACE(4))
-            except TimeoutError:
-                raise NamespaceSetupError("namespace child did not report in time") from None
-            fds = array.array("i")
-            for level, kind, data in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-            if not fds:
-                await proc.wait()
-                raise NamespaceSetupError(msg.decode(errors="replace")
-                                          or "namespace setup failed")
-            info = json.loads(msg)
-        except BaseException:
-            parent_sock.close()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            raise
-        return cls(proc, parent_sock, TapTransport(fds[0], info["vnet_hdr_len"], info["offload"]))
+        spec = _child_spec(config, tap_name, offload, join, configure, hide_paths)
+        spec.update(cwd=where, user=as_user, caps=caps, env=env_fd)
+        proc, parent_sock, transport = await _start_child(
+            spec, list(command), ([] if env_fd is None else [env_fd]) + (
+                [] if join is None else join.fds()), ids, stdin, stdout, stderr)
+        return cls(proc, parent_sock, transport)
+
 
     def go(self) -> None:
         """Let the command start: call once its relay has the transport attached. If
@@ -535,7 +585,8 @@ async def run_command(config: RelayConfig, command: Sequence[str], *, tap_name: 
                       env: Mapping[str, str] | None = None,
                       cwd: str | os.PathLike[str] | None = None, user: int | str | None = None,
                       group: int | str | None = None,
-                      capabilities: Iterable[str] | None = None) -> int:
+                      capabilities: Iterable[str] | None = None,
+                      join: JoinTarget | None = None, configure: bool = True) -> int:
     """Run `command` as a namespace guest of a new relay; return its exit status
     (128 + N if a signal N ended it), as a shell would report it. `relay_ready` is
     called with the relay once the guest's link is attached (e.g. to add forwards);
@@ -554,14 +605,16 @@ async def run_command(config: RelayConfig, command: Sequence[str], *, tap_name: 
     from that handler instead (`guest_ready` gives the guest, `guest.send_signal`).
 
     `runas`, `stdin`, `stdout`, `stderr`, `env`, `cwd`, `user`, `group` and
-    `capabilities`: as `NamespaceGuest.spawn`. With `subprocess.PIPE`, read the stream
-    from `guest_ready`'s guest while the command runs."""
+    `capabilities`, `join` and `configure`: as `NamespaceGuest.spawn`. With
+    `subprocess.PIPE`, read the stream from `guest_ready`'s guest while the command
+    runs."""
     forwarding = _SignalForwarding() if forward_signals else None
     try:
         guest = await NamespaceGuest.spawn(
             config, command, tap_name=tap_name, offload=offload, hide_paths=hide_paths,
             runas=runas, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd,
-            user=user, group=group, capabilities=capabilities)
+            user=user, group=group, capabilities=capabilities, join=join,
+            configure=configure)
         try:
             if forwarding is not None:
                 forwarding.attach(guest)

@@ -1,0 +1,280 @@
+"""`relaynat run --netns TARGET [-- CMD]`: serving a network namespace that exists already
+(an `ip netns add` one, a process's), as `pasta PID` / `pasta --netns PATH` do.
+
+The pytest process runs in a private network namespace (conftest.py); host servers
+listen on its 127.0.0.1 and the guest reaches them through 10.0.2.2. The targets are
+made here (`ip netns add` with a unique name, `unshare -n sleep`) and removed after.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from support import GUESTS
+from support.relaynat_cli import parse_stats
+
+pytestmark = pytest.mark.integration
+
+RELAYNAT = [sys.executable, "-m", "relaynat"]
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*RELAYNAT, "run", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"rn-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A process in a network namespace of its own (`unshare -n` executes `sleep`, so
+    the PID is the sleep's)."""
+    proc = subprocess.Popen(["unshare", "-n", "sleep", "120"])
+    deadline = time.monotonic() + 5
+    while os.readlink(f"/proc/{proc.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+        assert time.monotonic() < deadline, "unshare -n did not make a namespace"
+        time.sleep(0.01)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _has_tap(nsenter: list[str], name: str = "tap0") -> bool:
+    return subprocess.run([*nsenter, "ip", "link", "show", name],
+                          capture_output=True).returncode == 0
+
+
+def test_named_namespace_command_reaches_host_loopback_and_resolves(
+        netns: str, start_peer, tmp_path: Path) -> None:
+    (tmp_path / "page.txt").write_text("served from host loopback\n")
+    port = start_peer("http", "--root", str(tmp_path))
+    done = _run("--netns", netns, "--stats", "--dns-record", "web.test=10.0.2.2", "--",
+                "sh", "-c", f"curl -sS --fail http://web.test:{port}/page.txt && "
+                            "ip -br addr show tap0 && ip route && exit 7")
+    assert done.returncode == 7, done.stderr  # the command's status is relaynat's
+    assert "served from host loopback" in done.stdout
+    assert "10.0.2.15/24" in done.stdout
+    assert "default via 10.0.2.2 dev tap0" in done.stdout
+    stats = parse_stats(done.stderr)
+    assert stats["tcp_flows_opened"] >= 1
+    assert stats["dns_static_answers"] >= 1  # web.test, through /etc/resolv.conf
+    # Made by relaynat, gone with it; the namespace itself stays.
+    assert not _has_tap(["ip", "netns", "exec", netns])
+    assert os.path.exists(f"/run/netns/{netns}")
+
+
+def test_command_status_and_signal_status(netns: str) -> None:
+    assert _run("--netns", netns, "--", "sh", "-c", "exit 3").returncode == 3
+    assert _run("--netns", netns, "--", "sh", "-c", "kill -TERM $$").returncode == 128 + 15
+
+
+def test_proc_path_target_runs_the_command_in_that_namespace(
+        sleeper: subprocess.Popen[bytes]) -> None:
+    inode = os.stat(f"/proc/{sleeper.pid}/ns/net").st_ino
+    done = _run("--netns", f"/proc/{sleeper.pid}/ns/net", "--", "sh", "-c",
+                "stat -L -c %i /proc/self/ns/net")
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == inode
+
+
+def test_no_configure_leaves_the_tap_bare(netns: str) -> None:
+    done = _run("--netns", netns, "--no-configure", "--", "ip", "-o", "-4", "addr", "show",
+                "dev", "tap0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
+
+
+def test_pid_target_serves_forwards_and_control_then_ends_with_the_process(
+        sleeper: subprocess.Popen[bytes], start_peer, tmp_path: Path) -> None:
+    (tmp_path / "f.txt").write_text("from the host\n")
+    http_port = start_peer("http", "--root", str(tmp_path))
+    host_port = _free_port()
+    ctl = os.path.join(tempfile.mkdtemp(prefix="relaynat-netns-"), "ctl.sock")
+    nsenter = ["nsenter", "-t", str(sleeper.pid), "-n"]
+    relay = subprocess.Popen(
+        [*RELAYNAT, "run", "--netns", str(sleeper.pid), "--stats", "--control-socket", ctl,
+         "-t", f"127.0.0.1/{host_port}:8080"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: os.path.exists(ctl) and _has_tap(nsenter), "the relay")
+        # Outbound: the joined namespace reaches the host's loopback through 10.0.2.2.
+        got = subprocess.run([*nsenter, "curl", "-sS", "--fail", "--max-time", "10",
+                              f"http://10.0.2.2:{http_port}/f.txt"],
+                             capture_output=True, text=True, timeout=30)
+        assert got.stdout == "from the host\n", got.stderr
+        # Inbound: -t forwards the host port to a server in the joined namespace.
+        listening = tmp_path / "listening"
+        server = subprocess.Popen([*nsenter, sys.executable, str(GUESTS / "tcp_upper_once.py"),
+                                   str(listening)])
+        _wait_for(listening.exists, "the server in the namespace")
+        with socket.create_connection(("127.0.0.1", host_port), timeout=10) as c:
+            c.sendall(b"forwarded")
+            assert c.recv(100) == b"FORWARDED"
+        server.wait(timeout=10)
+        listed = subprocess.run([*RELAYNAT, "ctl", "--socket", ctl, "list"],
+                                capture_output=True, text=True, timeout=30)
+        assert f"127.0.0.1 port {host_port} -> guest port 8080" in listed.stdout, listed
+        # The target's exit ends the relay (its pidfd becomes readable).
+        sleeper.kill()
+        killed = time.monotonic()
+        _, err = relay.communicate(timeout=30)
+        elapsed = time.monotonic() - killed
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+            relay.wait()
+    print(f"relaynat ended {elapsed * 1000:.0f} ms after the target process")
+    assert relay.returncode == 0, err
+    assert elapsed < 3, elapsed
+    assert parse_stats(err)["tcp_flows_opened"] >= 1
+    assert not os.path.exists(ctl)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_a_commandless_relay_and_removes_its_tap(netns: str, signum: int) -> None:
+    nsenter = ["ip", "netns", "exec", netns]
+    relay = subprocess.Popen([*RELAYNAT, "run", "--netns", netns],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: _has_tap(nsenter), "the TAP")
+        relay.send_signal(signum)
+        _, err = relay.communicate(timeout=15)
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+            relay.wait()
+    assert relay.returncode == 0, err
+    assert not _has_tap(nsenter)
+
+
+def test_existing_persistent_tap_is_used_and_kept(netns: str) -> None:
+    subprocess.run(["ip", "netns", "exec", netns, "ip", "tuntap", "add", "dev", "tapx",
+                    "mode", "tap"], check=True)
+    done = _run("--netns", netns, "--tap-name", "tapx", "--", "ip", "-br", "-4", "addr",
+                "show", "dev", "tapx")
+    assert done.returncode == 0, done.stderr
+    assert "10.0.2.15/24" in done.stdout
+    assert _has_tap(["ip", "netns", "exec", netns], "tapx")
+
+
+def test_sandbox_denies_host_loopback_in_a_joined_namespace(netns: str, start_peer,
+                                                            tmp_path: Path) -> None:
+    (tmp_path / "f.txt").write_text("secret\n")
+    port = start_peer("http", "--root", str(tmp_path))
+    done = _run("--netns", netns, "--sandbox", "--stats", "--", "curl", "-sS",
+                "--max-time", "5", f"http://10.0.2.2:{port}/f.txt")
+    assert done.returncode != 0
+    assert "secret" not in done.stdout
+    assert parse_stats(done.stderr)["policy_denied"] >= 1
+
+
+@pytest.mark.parametrize("target, message", [
+    ("rn-no-such-namespace", "no network namespace named"),
+    ("999999999", "no process 999999999"),
+    ("/etc/hostname", "is not a namespace file"),
+    ("/proc/self/ns/mnt", "is a mount namespace, not a network namespace"),
+    ("/nonexistent/ns", "does not exist"),
+])
+def test_bad_targets_are_refused_at_start(target: str, message: str) -> None:
+    done = _run("--netns", target, "--", "true", timeout=30)
+    assert done.returncode == 2
+    assert message in done.stderr, done.stderr
+
+
+def test_options_that_do_not_fit_are_refused(netns: str) -> None:
+    done = _run("--no-configure", "--", "true", timeout=30)
+    assert done.returncode == 2 and "--no-configure needs --netns" in done.stderr
+    done = _run("--netns", netns, "--runas", "1:1", "--", "true", timeout=30)
+    assert done.returncode == 2 and "--runas" in done.stderr
+
+
+_UNPRIVILEGED = r"""
+set -e
+# /dev/net/tun open to all, as Debian ships it, in this mount namespace only.
+dev=$(mktemp -d)
+mount -t tmpfs -o mode=755 tmpfs "$dev"
+mknod -m 666 "$dev/tun" c 10 200
+mount --bind "$dev/tun" /dev/net/tun
+as_nobody="setpriv --reuid=65534 --regid=65534 --clear-groups"
+# A user namespace owned by nobody, owning a network namespace: rootlesskit's shape.
+$as_nobody unshare -Urn sleep 60 &
+target=$!
+while [ "$(readlink /proc/$target/ns/net)" = "$(readlink /proc/self/ns/net)" ]; do
+    sleep 0.01
+done
+cd /
+set +e
+$as_nobody env PYTHONPATH="$RELAYNAT_PATH" "$GUEST_PYTHON" -m relaynat run --netns $target \
+    --dns-record web.test=10.0.2.2 -- sh -c "id -u; curl -sS --fail http://web.test:$PORT/f.txt"
+echo "command-status $?"
+$as_nobody env PYTHONPATH="$RELAYNAT_PATH" "$GUEST_PYTHON" -m relaynat run --netns $target &
+relay=$!
+for _ in $(seq 100); do
+    nsenter -t $target -n ip link show tap0 >/dev/null 2>&1 && break
+    sleep 0.1
+done
+nsenter -t $target -U -n --preserve-credentials curl -sS --fail http://10.0.2.2:$PORT/f.txt
+kill $target
+wait $relay
+echo "relay-status $?"
+"""
+
+
+def test_unprivileged_caller_joins_the_user_namespace_that_owns_the_target(
+        start_peer, tmp_path: Path) -> None:
+    """As `nobody`, against a network namespace a user namespace of nobody's owns (as
+    rootlesskit's): the TAP is opened in a child that entered both, and the command runs
+    as root of that user namespace."""
+    import site
+
+    from support.relaynat_cli import guest_python
+
+    tmp_path.chmod(0o755)
+    (tmp_path / "f.txt").write_text("reached unprivileged\n")
+    (tmp_path / "f.txt").chmod(0o644)
+    port = start_peer("http", "--root", str(tmp_path))
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    path = os.pathsep.join([src, *site.getsitepackages()])
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            "env", f"PYTHONPATH={path}", guest_python(), "-c",
+                            "import relaynat.relay"], capture_output=True, cwd="/")
+    if probe.returncode:
+        pytest.skip("nobody cannot import relaynat and its dependencies here: "
+                    + probe.stderr.decode()[-300:])
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                           _UNPRIVILEGED], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RELAYNAT_PATH": path,
+                               "GUEST_PYTHON": guest_python(), "PORT": str(port)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["0", "reached unprivileged", "command-status 0",
+                                        "reached unprivileged", "relay-status 0"], (
+        done.stdout + done.stderr)
