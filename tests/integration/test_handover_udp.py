@@ -252,7 +252,12 @@ def test_udp_flows_and_pings_move_with_their_sockets(
                 assert echo.senders() | resolver.senders() == senders, \
                     "a peer saw another host port: a socket was opened anew"
                 after = await asyncio.to_thread(call, str(control), {"execute": "flows"})
-                stats = await asyncio.to_thread(call, str(control), {"execute": "stats"})
+                # Every client of the control socket reaches the new relay now, none the
+                # old one's copy of the listener (it stopped accepting at the handover).
+                answers = [await asyncio.to_thread(call, str(control), {"execute": "stats"})
+                           for _ in range(10)]
+                assert all(a["return"]["udp_flows"] == 3 for a in answers), answers
+                stats = answers[-1]
             finally:
                 talk.close()
             return result, before, after["return"]["flows"], stats_before, stats["return"]

@@ -215,6 +215,14 @@ class ControlServer:
         self._server = await asyncio.start_unix_server(self._client, sock=self._sock,
                                                        limit=self.max_line)
 
+    def stop_accepting(self) -> None:
+        """Accept no new client, leaving those connected (a handover's answer is still
+        to go out): the listening socket serves another relay from now on."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self._sock.close()
+
     def close(self, unlink: bool = True) -> None:
         """Stop serving; `unlink`: remove the socket file (not after a handover: the
         new relay serves it)."""

@@ -358,6 +358,11 @@ class Source:
             held.suspended.transport.close()
         if held.suspended.stream_listener is not None:
             self.relay.release_listener()
+        if self.control is not None:
+            # The listening socket is the new relay's now: a client connecting from here
+            # on must reach it, not this relay's copy (the handover's own answer goes out
+            # on its connection, which stays).
+            self.control.stop_accepting()
         for own in held.own_fds:
             os.close(own)
         if self.command_fd is not None:
