@@ -314,9 +314,10 @@ _ICMP: _Rows = (
     ("icmp_raw_sessions_expired",
      "Ping sessions on the shared raw socket closed after their idle timeout."),
     ("icmp_raw_replies_ignored",
-     "Echo replies on the shared raw socket not delivered: no session of this relay "
-     "sent that identifier and sequence number to that address (e.g. the host's own "
-     "pings)."),
+     "Echo replies on the shared raw socket delivered to no guest: no session in the "
+     "process sent that identifier to that address, or this relay's session never sent "
+     "that sequence number (e.g. the host's own pings); the former counted by every "
+     "relay using the socket."),
     ("drop_icmp_ids_exhausted",
      "Echo requests of a new raw-socket session: every identifier toward that address "
      "in use."),

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -32,7 +33,10 @@ from unit.test_icmp_echo_frames import (
 
 from integration.test_icmp_echo import Guest, ping
 from relaynat.host.icmp_relay import IcmpEchoRelay
-from relaynat.icmp_echo import ICMP_ECHO_REQUEST
+from relaynat.icmp_echo import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY
+from relaynat.testing import frames
+from relaynat.testing.guest import InMemoryGuest, Reply
+from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6
 
 #: The default of a new network namespace: no group may open ping sockets.
 NOBODY = "1 0"
@@ -101,6 +105,54 @@ async def test_two_guests_same_identifier_each_get_their_own() -> None:
             assert loop in _HUBS  # b still uses the raw socket
             relay_b.close()
         assert loop not in _HUBS and sa.sock.fileno() == -1  # the last one out closed it
+
+
+def _echo_reply(reply: Reply) -> tuple[int, int, int, bytes] | None:
+    """(type, identifier, sequence, payload) of an ICMP/ICMPv6 echo reply frame."""
+    ip = reply.ip
+    if ip is None or ip.proto not in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+        return None
+    data = bytes(ip.payload)
+    if data[0] not in (ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY):
+        return None
+    kind, _code, _csum, ident, seq = struct.unpack_from("!BBHHH", data)
+    return kind, ident, seq, data[8:]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+async def test_two_relays_in_one_process_same_identifier(v6: bool) -> None:
+    """Two whole relays (guests) on one loop ping the gateway (the host's loopback)
+    with one identifier and the same sequence numbers: each gets its own replies, its
+    own identifier back, and nothing of the other's."""
+    with ping_group_range(NOBODY):
+        _ping_sockets_refused()
+        async with InMemoryGuest() as a, InMemoryGuest() as b:
+            for seq in (1, 2, 3):
+                for guest, tag in ((a, b"a"), (b, b"b")):
+                    await guest.send(frames.echo_request(guest.addressing, v6, 0x4242, seq,
+                                                         b"guest " + tag))
+            got: dict[bytes, list[tuple[int, int, int, bytes]]] = {b"a": [], b"b": []}
+            for guest, tag in ((a, b"a"), (b, b"b")):
+                while len(got[tag]) < 3:
+                    echo = _echo_reply(await guest.expect(lambda r: _echo_reply(r) is not None,
+                                                          timeout=5))
+                    assert echo is not None
+                    got[tag].append(echo)
+            kind = ICMPV6_ECHO_REPLY if v6 else ICMP_ECHO_REPLY
+            for tag in (b"a", b"b"):
+                assert sorted(got[tag]) == [(kind, 0x4242, seq, b"guest " + tag)
+                                            for seq in (1, 2, 3)]
+            await asyncio.sleep(0.2)
+            for guest in (a, b):
+                with pytest.raises(TimeoutError):
+                    await guest.expect(lambda r: _echo_reply(r) is not None, timeout=0.2)
+            sa, sb = a.stats(), b.stats()
+            assert sa["icmp_raw_sockets_opened"] + sb["icmp_raw_sockets_opened"] == 1
+            assert sa["icmp_raw_sessions_opened"] == sb["icmp_raw_sessions_opened"] == 1
+            assert sa["icmp_echo_replies"] == sb["icmp_echo_replies"] == 3
+            # The other's replies went to it: not "ignored" here.
+            assert sa["icmp_raw_replies_ignored"] == sb["icmp_raw_replies_ignored"] == 0
 
 
 @pytest.mark.integration
