@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -85,11 +86,18 @@ def serve(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     proc = subprocess.Popen([sys.executable, "-m", "relaynat", "serve", "--socket", path,
                              "--stats", "--log-level", "info"],
                             stderr=subprocess.PIPE, text=True)
+    # Its log line, not the socket file: the file exists from bind(), a moment before
+    # listen(), and a client connecting in between is refused (seen under CI load).
+    assert proc.stderr is not None
     deadline = time.monotonic() + 10
-    while not os.path.exists(path):
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, "relaynat serve did not create its socket"
-        time.sleep(0.02)
+    seen = ""
+    while f"listening on {path}" not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"relaynat serve did not listen on its socket: {seen}"
+        if select.select([proc.stderr], [], [], left)[0]:
+            line = proc.stderr.readline()
+            assert line, f"relaynat serve exited: {seen}"
+            seen += line
     yield path, proc
     if proc.poll() is None:
         proc.kill()
