@@ -300,6 +300,8 @@ async def _run_joined(config: RelayConfig, args: argparse.Namespace, policy: Pol
     from relaynat.netns.guest import NamespaceSetupError, open_joined_tap
     from relaynat.relay import Relay
 
+    # Before the TAP exists, so a signal sent once it shows ends the relay cleanly.
+    stop = _stop_event()
     control = ControlServer(args.control_socket) if args.control_socket else None
     try:
         transport = await open_joined_tap(config, target, tap_name=args.tap_name,
@@ -310,7 +312,6 @@ async def _run_joined(config: RelayConfig, args: argparse.Namespace, policy: Pol
         if control is not None:
             control.close()
         return 1
-    stop = _stop_event()
     loop = asyncio.get_running_loop()
     if target.pidfd is not None:
         loop.add_reader(target.pidfd, stop.set)
