@@ -32,6 +32,7 @@ from unit.test_icmp_echo_frames import (
 )
 
 from integration.test_icmp_echo import Guest, ping
+from relaynat.events import Endpoint, Event, FlowClosed, FlowOpened
 from relaynat.host.icmp_relay import IcmpEchoRelay
 from relaynat.icmp_echo import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY
 from relaynat.testing import frames
@@ -218,6 +219,46 @@ async def test_raw_sessions_bounded_expire_and_free_their_identifiers() -> None:
         finally:
             relay.close()
         assert relay.raw_session_count == 0 and hub.open_sockets == 0
+
+
+class Recorder:
+    """An EventSink that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.listening = True
+        self.guest: str | None = "g"
+        self.events: list[Event] = []
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
+
+
+@pytest.mark.integration
+async def test_raw_sessions_listed_announced_and_cut_by_policy() -> None:
+    with ping_group_range(NOBODY):
+        _ping_sockets_refused()
+        guest, stats = Guest(), Counter[str]()
+        relay = IcmpEchoRelay(CONFIG, asyncio.get_running_loop(), guest.send, stats)
+        relay.events = recorder = Recorder()
+        try:
+            ping(relay, 11, 1, b"x" * 10)
+            await guest.next()
+            (info,) = relay.describe_flows()
+            assert (info.protocol, info.guest_end.port, info.host_peer) == (
+                "icmp", 11, Endpoint("127.0.0.1", None))
+            assert (info.bytes_from_guest, info.bytes_to_guest) == (18, 18)
+            (_k, session), = relay.raw_sessions.items()
+            hub = relay._raw
+            assert hub is not None
+            assert relay.cut(lambda proto, dst, port: True) == 1
+            assert relay.raw_session_count == 0 and len(hub.ids) == 0
+            opened, closed = recorder.events
+            assert isinstance(opened, FlowOpened) and isinstance(closed, FlowClosed)
+            assert closed.how == "policy_cut" and closed.bytes_to_guest == 18
+            # A reply arriving for the cut session now would be nobody's.
+            assert hub.ids.match(session.host_packed, session.raw_ident) is None
+        finally:
+            relay.close()
 
 
 @pytest.mark.integration
