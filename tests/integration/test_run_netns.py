@@ -278,3 +278,58 @@ def test_unprivileged_caller_joins_the_user_namespace_that_owns_the_target(
     assert done.stdout.splitlines() == ["0", "reached unprivileged", "command-status 0",
                                         "reached unprivileged", "relay-status 0"], (
         done.stdout + done.stderr)
+
+
+def test_mtu_and_no_offload_apply_in_a_joined_namespace(netns: str) -> None:
+    done = _run("--netns", netns, "-m", "1500", "--no-offload", "--stats", "--", "ip", "link",
+                "show", "tap0")
+    assert done.returncode == 0, done.stderr
+    assert "mtu 1500" in done.stdout
+
+
+def test_handover_of_a_joined_namespace_with_and_without_command(
+        netns: str, sleeper: subprocess.Popen[bytes], start_peer, tmp_path: Path) -> None:
+    """`relaynat ctl handover` moves the TAP of a joined namespace to a new relay: with
+    CMD, the old process still exits with CMD's status; without, it exits at once and
+    the new relay serves the namespace."""
+    (tmp_path / "f.txt").write_text("still here\n")
+    port = start_peer("http", "--root", str(tmp_path))
+    url = f"http://10.0.2.2:{port}/f.txt"
+    where = tempfile.mkdtemp(prefix="relaynat-netns-")
+    for case, target, command in (
+            ("cmd", netns, ["--", "sh", "-c", f"while [ ! -e {where}/cmd.go ]; do sleep 0.05; "
+                                              f"done; curl -sS --fail {url}; exit 5"]),
+            ("bare", str(sleeper.pid), [])):
+        ctl, to = f"{where}/{case}.ctl", f"{where}/{case}.to"
+        old = subprocess.Popen([*RELAYNAT, "run", "--netns", target, "--control-socket", ctl,
+                                *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        new = subprocess.Popen([*RELAYNAT, "serve", "--receive-handover", to],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for(lambda c=ctl, t=to: os.path.exists(c) and os.path.exists(t),
+                      "both relays")
+            handed = subprocess.run([*RELAYNAT, "ctl", "--socket", ctl, "handover", "--to", to],
+                                    capture_output=True, text=True, timeout=30)
+            assert handed.returncode == 0, handed.stderr
+            if command:
+                Path(f"{where}/cmd.go").touch()  # CMD's traffic now goes to the new relay
+                out, err = old.communicate(timeout=30)
+                assert old.returncode == 5, err
+                assert out == "still here\n"
+                new.communicate(timeout=15)  # ends with CMD
+            else:
+                _, err = old.communicate(timeout=15)
+                assert old.returncode == 0, err
+                got = subprocess.run(["nsenter", "-t", str(sleeper.pid), "-n", "curl", "-sS",
+                                      "--fail", "--max-time", "10", url],
+                                     capture_output=True, text=True, timeout=30)
+                assert got.stdout == "still here\n", got.stderr
+                new.send_signal(signal.SIGTERM)
+                new.communicate(timeout=15)
+            assert new.returncode == 0
+        finally:
+            for proc in (old, new):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
