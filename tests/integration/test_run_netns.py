@@ -333,3 +333,11 @@ def test_handover_of_a_joined_namespace_with_and_without_command(
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
+
+
+def test_an_interface_that_is_no_tap_is_refused_with_the_reason(netns: str) -> None:
+    for command in (["--", "true"], []):
+        done = _run("--netns", netns, "--tap-name", "lo", *command, timeout=30)
+        assert done.returncode == 1
+        assert "cannot make or open TAP 'lo' there" in done.stderr, done.stderr
+        assert "not a TAP" in done.stderr

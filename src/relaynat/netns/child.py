@@ -47,6 +47,7 @@ import array
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
 import select
@@ -375,7 +376,15 @@ def _join(spec: dict[str, Any], sock: socket.socket, command: list[str],
         setns(join["netns"], CLONE_NEWNET)
         if command:
             _host_side_mounts(spec, host_root=True)
-        fd, vnet_hdr_len, offload = open_tap(spec["tap"], spec["vnet"])
+        try:
+            fd, vnet_hdr_len, offload = open_tap(spec["tap"], spec["vnet"])
+        except OSError as exc:
+            # TUNSETIFF: EINVAL for an interface of that name that is no TAP (a veth,
+            # lo), EBUSY for a TAP another process has open (not multi-queue).
+            raise NamespaceSetupError(f"cannot make or open TAP {spec['tap']!r} there: "
+                                      f"{exc.strerror}" + (
+                                          " (an interface of that name that is not a TAP?)"
+                                          if exc.errno == errno.EINVAL else "")) from None
         if spec["configure"]:
             _configure_link(spec, "replace")
         if spec["cwd"] is not None:

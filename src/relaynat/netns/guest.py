@@ -354,7 +354,10 @@ class NamespaceGuest:
 
     `proc` is the namespace's outer process (the command's is inside its PID namespace,
     out of this process's sight): its `stdin`, `stdout` and `stderr` (also here as
-    properties) are the command's where `spawn` was given `subprocess.PIPE`.
+    properties) are the command's where `spawn` was given `subprocess.PIPE`. In a
+    joined namespace (`spawn(..., join=...)`) there is no PID namespace: `proc` becomes
+    the command itself once it starts, and `close` ends it alone, not what it left
+    running in the background.
     """
 
     def __init__(self, proc: asyncio.subprocess.Process, sock: socket.socket,
