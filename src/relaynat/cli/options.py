@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "interface is a TAP served by the relay. CMD runs as "
                                      "root of its own user namespace (and PID, mount, IPC "
                                      "and UTS namespaces); outside, that root is you, or "
-                                     "nobody when relaynat runs as root (see --runas).")
+                                     "nobody when relaynat runs as root (see --runas). "
+                                     "With --netns TARGET, serve an existing network "
+                                     "namespace instead, CMD optional.")
     _add_common(run)
     run.add_argument("--tap-name", default="tap0", help="interface name (default %(default)s)")
     run.add_argument("--no-offload", action="store_true",
