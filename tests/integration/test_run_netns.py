@@ -228,6 +228,7 @@ as_nobody="setpriv --reuid=65534 --regid=65534 --clear-groups"
 # A user namespace owned by nobody, owning a network namespace: rootlesskit's shape.
 $as_nobody unshare -Urn sleep 60 &
 target=$!
+trap 'kill $target 2>/dev/null' EXIT
 while [ "$(readlink /proc/$target/ns/net)" = "$(readlink /proc/self/ns/net)" ]; do
     sleep 0.01
 done
