@@ -83,7 +83,13 @@ if TYPE_CHECKING:
     from relaynat.guests import Guests
     from relaynat.host.forward import Forward, ForwardError
     from relaynat.moving.handover import HandoverError
-    from relaynat.netns.guest import NamespaceGuest, NamespaceSetupError, run_command
+    from relaynat.netns.guest import (
+        NamespaceGuest,
+        NamespaceSetupError,
+        open_joined_tap,
+        run_command,
+    )
+    from relaynat.netns.join import JoinTarget, resolve_target
     from relaynat.policy import Decision, Policy, Rule
     from relaynat.relay import Relay
     from relaynat.repair_state import RepairError
@@ -136,6 +142,9 @@ __all__ = [  # noqa: RUF022
     # Namespace guests.
     "NamespaceGuest",
     "run_command",
+    "JoinTarget",
+    "resolve_target",
+    "open_joined_tap",
     # Exceptions: each is an `Error` and keeps its builtin base (ConfigError is a
     # ValueError, InterfaceError an OSError, ...).
     "Error",
@@ -171,6 +180,7 @@ _LAZY = {
     "HandoverError": "relaynat.moving.handover",
     "InterfaceError": "relaynat.transports.interface",
     "InterfaceTransport": "relaynat.transports.interface",
+    "JoinTarget": "relaynat.netns.join",
     "NamespaceGuest": "relaynat.netns.guest",
     "NamespaceSetupError": "relaynat.netns.guest",
     "Policy": "relaynat.policy",
@@ -185,7 +195,9 @@ _LAZY = {
     "attach_unixgram_fd": "relaynat.transports.unixgram",
     "event_dict": "relaynat.events",
     "event_from_dict": "relaynat.events",
+    "open_joined_tap": "relaynat.netns.guest",
     "open_tap": "relaynat.transports.tap",
+    "resolve_target": "relaynat.netns.join",
     "run_command": "relaynat.netns.guest",
     "serve_unixgram": "relaynat.transports.unixgram",
 }

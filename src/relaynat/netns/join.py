@@ -58,6 +58,7 @@ class JoinTarget:
         return [self.netns_fd] + ([] if self.userns_fd is None else [self.userns_fd])
 
     def close(self) -> None:
+        """Close the descriptors it holds (the namespace itself lives on)."""
         for fd in (self.netns_fd, self.userns_fd, self.pidfd):
             if fd is not None:
                 with contextlib.suppress(OSError):
