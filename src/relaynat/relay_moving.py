@@ -133,6 +133,12 @@ class RelayMoving:
             moved_udp, skipped = flow_move.take_udp(udp, now, forwards)
             not_moved += skipped
             moved_icmp = flow_move.take_icmp(icmp, now)
+            # A session on the process's shared raw socket (no ping socket of its own)
+            # has nothing to pass over: it ends with this relay, and the guest's next
+            # echo opens one at the new relay.
+            not_moved += flow_move.left_behind(
+                icmp.describe_raw_flows(), "ping sessions on the shared raw ICMP socket "
+                "do not move: the guest's next echo opens one at the new relay")
         else:
             not_moved += flow_move.left_behind(
                 self._other_flows(), "the new relay does not take UDP flows and ping "

@@ -322,3 +322,25 @@ def test_unprivileged_without_ping_sockets_warns_once_naming_the_sysctl() -> Non
     assert result["stats"]["drop_icmp_not_permitted"] == 3
     assert result["stats"].get("icmp_raw_sockets_opened", 0) == 0
     assert (result["frames"], result["raw"], result["ping"]) == (0, 0, 0)
+
+
+@pytest.mark.integration
+async def test_raw_sessions_are_listed_as_not_moved_by_a_handover() -> None:
+    """A handover cannot pass a session on the shared raw socket (there is no socket of
+    its own to pass): `suspend` lists it under not_moved with the reason, as every flow
+    that stays, and `resume` serves it on."""
+    with ping_group_range(NOBODY):
+        _ping_sockets_refused()
+        async with InMemoryGuest(CONFIG) as guest:
+            a = guest.addressing
+            await guest.send(frames.echo_request(a, False, 21, 1, b"raw"))
+            await guest.expect(lambda r: r.ip is not None and r.ip.proto == IPPROTO_ICMP)
+            suspended = guest.relay.suspend()
+            try:
+                assert suspended.icmp == []
+                (left,) = suspended.not_moved
+                assert left["protocol"] == "icmp" and left["guest"][1] == 21, left
+                assert "raw ICMP socket" in left["reason"], left
+            finally:
+                guest.relay.resume(suspended)
+            assert [f.guest_end.port for f in guest.relay.flows()] == [21]

@@ -482,6 +482,10 @@ class IcmpEchoRelay:
             self._timer = None
         self._arm_timer()
 
+    def describe_raw_flows(self) -> list[FlowInfo]:
+        """The sessions on the shared raw sockets only: what a handover leaves behind."""
+        return [describe_echo(session) for _key, session in self.raw_sessions.items()]
+
     def describe_flows(self) -> list[FlowInfo]:
         return [describe_echo(session) for table in (self.sessions, self.raw_sessions)
                 for _key, session in table.items()]
