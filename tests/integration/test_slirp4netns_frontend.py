@@ -1,0 +1,314 @@
+"""`relaynat-slirp4netns`: slirp4netns 1.2's command line and API socket (issue 23 item 2),
+against namespaces made here (`unshare -n sleep`), and compared with the real slirp4netns
+(/usr/bin/slirp4netns) on the same API requests.
+
+The pytest process runs in a private network namespace (conftest.py): host servers
+listen on its 127.0.0.1, which the guest reaches through 10.0.2.2. rootlesskit and
+podman are not installed here; their argv shape is what these tests pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = str(Path(sys.executable).parent / "relaynat-slirp4netns")
+PY = sys.executable
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(["unshare", "-n", "sleep", "120"])
+    deadline = time.monotonic() + 5
+    while os.readlink(f"/proc/{proc.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+        assert time.monotonic() < deadline, "unshare -n did not make a namespace"
+        time.sleep(0.01)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Slirp:
+    """A slirp4netns-shaped process (ours or the real one), started with a ready pipe
+    and an exit pipe; stopped by closing the exit pipe's writing end."""
+
+    def __init__(self, binary: str, pid: int, api: str, *extra: str) -> None:
+        ready_r, ready_w = os.pipe()
+        self.exit_r, self.exit_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [binary, "--configure", "--mtu", "65520", "--api-socket", api,
+             "--ready-fd", str(ready_w), "--exit-fd", str(self.exit_r), *extra,
+             str(pid), "tap0"], pass_fds=(ready_w, self.exit_r),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        os.close(ready_w)
+        os.close(self.exit_r)
+        try:
+            readable, _, _ = select.select([ready_r], [], [], 20)
+            self.ready = os.read(ready_r, 16) if readable else b""
+        finally:
+            os.close(ready_r)
+
+    def stop(self) -> int:
+        with_w = self.exit_w
+        if with_w >= 0:
+            os.close(with_w)
+            self.exit_w = -1
+        try:
+            return self.proc.wait(timeout=15)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            assert self.proc.stderr is not None
+            self.proc.stderr.close()
+
+
+def _api(path: str, request: bytes) -> Any:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        for _ in range(64):  # bounded: an answer is one small object
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
+
+def _inside(pid: int, code: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nsenter", "-t", str(pid), "-n", PY, "-c", code],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _host_server(port: int, accepted: list[bytes]) -> threading.Thread:
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(1)
+    listener.settimeout(10)
+
+    def serve() -> None:
+        with listener:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                return
+            with conn:
+                accepted.append(conn.recv(100))
+                conn.sendall(b"from host loopback")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+_CONNECT = ("import socket,sys\n"
+            "s=socket.create_connection(('10.0.2.2',{port}),timeout=5)\n"
+            "s.sendall(b'hello');print(s.recv(100).decode())\n")
+
+
+def test_configure_ready_host_loopback_hostfwd_and_exit_fd(
+        sleeper: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    pid = sleeper.pid
+    api = str(tmp_path / "api.sock")
+    slirp = Slirp(SCRIPT, pid, api)
+    try:
+        assert slirp.ready == b"1"
+        addr = subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "-4", "-o", "addr",
+                               "show", "tap0"], capture_output=True, text=True, check=True)
+        assert "10.0.2.100/24" in addr.stdout
+        assert "mtu 65520" in subprocess.run(
+            ["nsenter", "-t", str(pid), "-n", "ip", "link", "show", "tap0"],
+            capture_output=True, text=True, check=True).stdout
+        route = subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "route", "show",
+                                "default"], capture_output=True, text=True, check=True)
+        assert "default via 10.0.2.2 dev tap0" in route.stdout
+
+        port = _free_port()
+        accepted: list[bytes] = []
+        server = _host_server(port, accepted)
+        out = _inside(pid, _CONNECT.format(port=port))
+        server.join(15)
+        assert out.stdout.strip() == "from host loopback", out.stderr
+        assert accepted == [b"hello"]
+
+        # add_hostfwd reaches a server inside the namespace.
+        inner = subprocess.Popen(
+            ["nsenter", "-t", str(pid), "-n", PY, "-c",
+             "import socket\nl=socket.create_server(('0.0.0.0',8080))\nprint('up',flush=True)\n"
+             "l.settimeout(15)\nc,_=l.accept();c.sendall(b'from inside');c.close()\n"],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert inner.stdout is not None and inner.stdout.readline().strip() == "up"
+            host_port = _free_port()
+            reply = _api(api, json.dumps({"execute": "add_hostfwd", "arguments": {
+                "proto": "tcp", "host_addr": "127.0.0.1", "host_port": host_port,
+                "guest_port": 8080}}).encode())
+            assert set(reply) == {"return"} and set(reply["return"]) == {"id"}
+            with socket.create_connection(("127.0.0.1", host_port), timeout=10) as c:
+                c.settimeout(10)
+                assert c.recv(100) == b"from inside"
+            assert inner.wait(timeout=15) == 0
+        finally:
+            inner.kill()
+            inner.wait()
+            inner.stdout.close() if inner.stdout else None
+    finally:
+        code = slirp.stop()
+    assert code == 0  # the exit fd closing ended it
+    assert not os.path.exists(api)
+
+
+def test_disable_host_loopback_refuses_the_gateway(
+        sleeper: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    slirp = Slirp(SCRIPT, sleeper.pid, str(tmp_path / "api.sock"), "--disable-host-loopback")
+    try:
+        assert slirp.ready == b"1"
+        port = _free_port()
+        accepted: list[bytes] = []
+        server = _host_server(port, accepted)
+        out = _inside(sleeper.pid, _CONNECT.format(port=port))
+        assert out.returncode != 0
+        assert "from host loopback" not in out.stdout
+        server.join(15)
+        assert accepted == []
+    finally:
+        assert slirp.stop() == 0
+
+
+@pytest.mark.parametrize(("option", "says"), [
+    (["--enable-seccomp"], "no seccomp"),
+    (["--enable-sandbox"], "no sandbox"),
+    (["--disable-dns"], "always serves DNS"),
+    (["--outbound-addr=10.1.2.3"], "--outbound-addr"),
+    (["--macaddress=02:00:00:00:00:01"], "MAC"),
+    (["--target-type=bess"], "bess"),
+    (["--mtu", "65521"], "65520"),
+    (["--cidr", "10.9.0.0/28"], "too small"),
+    (["--netns-type=pid"], "not a PID"),
+])
+def test_unsupported_options_are_refused_at_start(option: list[str], says: str) -> None:
+    done = subprocess.run([SCRIPT, *option, "notapid", "tap0"] if option[0].startswith(
+        "--netns") else [SCRIPT, *option, "1", "tap0"], capture_output=True, text=True,
+        timeout=30)
+    assert done.returncode == 2
+    assert says in done.stderr
+
+
+def test_help_lists_no_refused_option() -> None:
+    """rootlesskit reads --help to see what the binary supports (--enable-sandbox,
+    --enable-seccomp, --disable-host-loopback): a refused option must not show."""
+    out = subprocess.run([SCRIPT, "--help"], capture_output=True, text=True,
+                         timeout=30).stdout
+    assert "--disable-host-loopback" in out and "--api-socket" in out
+    for refused in ("--enable-sandbox", "--enable-seccomp", "--disable-dns",
+                    "--outbound-addr", "--macaddress"):
+        assert refused not in out
+
+
+def test_cidr_moves_the_addresses(sleeper: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    slirp = Slirp(SCRIPT, sleeper.pid, str(tmp_path / "api.sock"), "--cidr", "10.9.0.0/24")
+    try:
+        assert slirp.ready == b"1"
+        show = subprocess.run(["nsenter", "-t", str(sleeper.pid), "-n", "ip", "-4", "-o",
+                               "addr", "show", "tap0"], capture_output=True, text=True)
+        assert "10.9.0.100/24" in show.stdout
+        route = subprocess.run(["nsenter", "-t", str(sleeper.pid), "-n", "ip", "route",
+                                "show", "default"], capture_output=True, text=True)
+        assert "default via 10.9.0.2" in route.stdout
+    finally:
+        assert slirp.stop() == 0
+
+
+def _shape(value: Any) -> Any:
+    """An answer with the values that may differ between two relays (ids, host ports
+    chosen apart so the two do not collide) blanked, keys and the rest kept."""
+    if isinstance(value, dict):
+        return {k: "*" if k in ("id", "host_port") else _shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shape(v) for v in value]
+    return value
+
+
+def _requests(port_a: int, port_b: int, first_id: int) -> list[bytes]:
+    add = {"execute": "add_hostfwd"}
+    return [json.dumps(r).encode() for r in [
+        {**add, "arguments": {"proto": "tcp", "host_addr": "127.0.0.1", "host_port": port_a,
+                              "guest_port": 80}},
+        {**add, "arguments": {"proto": "udp", "host_port": port_b, "guest_port": 53}},
+        {"execute": "list_hostfwd"},
+        {**add, "arguments": {"proto": "sctp", "host_port": port_a + 1, "guest_port": 80}},
+        {**add, "arguments": {"proto": "tcp", "host_port": 0, "guest_port": 80}},
+        {**add, "arguments": {"proto": "tcp", "host_addr": "::1", "host_port": port_a + 1,
+                              "guest_port": 80}},
+        {**add, "arguments": {"proto": "tcp", "host_port": port_a + 1, "guest_addr": "x",
+                              "guest_port": 80}},
+        {**add, "arguments": {"proto": "tcp", "host_port": port_a + 1}},
+        {"execute": "remove_hostfwd", "arguments": {"id": first_id}},
+        {"execute": "remove_hostfwd", "arguments": {"id": 99999}},
+        {"execute": "list_hostfwd"},
+        {"execute": "no_such_command"},
+        {"arguments": {}},
+        [1, 2],
+    ]] + [b"{not json"]
+
+
+@pytest.mark.skipif(shutil.which("slirp4netns") is None, reason="no slirp4netns here")
+def test_api_answers_match_the_real_slirp4netns(tmp_path: Path) -> None:
+    answers: list[list[Any]] = []
+    for binary in (shutil.which("slirp4netns") or "", SCRIPT):
+        target = subprocess.Popen(["unshare", "-n", "sleep", "120"])
+        try:
+            deadline = time.monotonic() + 5
+            while os.readlink(f"/proc/{target.pid}/ns/net") == os.readlink(
+                    "/proc/self/ns/net"):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            api = str(tmp_path / f"api-{len(answers)}.sock")
+            slirp = Slirp(binary, target.pid, api)
+            try:
+                assert slirp.ready == b"1", binary
+                first = _api(api, b'{"execute": "list_hostfwd"}')
+                # slirp4netns 1.2 answers list_hostfwd without a "return" around it.
+                assert first == {"entries": []}
+                got = []
+                first_id = None
+                for i, request in enumerate(_requests(_free_port(), _free_port(), 0)):
+                    if i == 8:  # remove the first forward, by the id it was given
+                        request = json.dumps({"execute": "remove_hostfwd", "arguments": {
+                            "id": first_id}}).encode()
+                    got.append(_api(api, request))
+                    if i == 0:
+                        first_id = got[0]["return"]["id"]
+                answers.append(got)
+            finally:
+                assert slirp.stop() == 0, binary
+        finally:
+            target.kill()
+            target.wait()
+    real, ours = answers
+    for request, want, have in zip(_requests(1, 2, 0), real, ours, strict=True):
+        assert _shape(have) == _shape(want), request
