@@ -455,9 +455,10 @@ class Slirp4netnsApi:
             return
         self._clients.add(task)
         try:
-            data = await asyncio.wait_for(self._read_request(reader), self.idle_timeout_s)
-            writer.write(json.dumps(self.answer(data), separators=(",", ":")).encode())
-            await asyncio.wait_for(writer.drain(), self.idle_timeout_s)
+            data = await self._read_request(reader)
+            if data:
+                writer.write(json.dumps(self.answer(data), separators=(",", ":")).encode())
+                await asyncio.wait_for(writer.drain(), self.idle_timeout_s)
         except (ConnectionError, asyncio.CancelledError, TimeoutError):
             pass
         except Exception:  # a bug here must not end the relay's loop
@@ -466,16 +467,24 @@ class Slirp4netnsApi:
             self._clients.discard(task)
             writer.close()
 
-    @staticmethod
-    async def _read_request(reader: asyncio.StreamReader) -> bytes:
-        """The request: up to EOF or a newline, at most SLIRP_MAX_REQUEST bytes
-        (a longer one is answered "too large message", as slirp4netns answers it)."""
+    async def _read_request(self, reader: asyncio.StreamReader) -> bytes:
+        """The request, at most SLIRP_MAX_REQUEST bytes (a longer one is answered "too
+        large message", as slirp4netns answers it): complete once it parses as JSON
+        (slirp4netns answers after one read, so a client need not shut down its writing
+        side), at a newline, at EOF, or when the client stays silent `idle_timeout_s`
+        (then answered for what came, perhaps "cannot parse JSON")."""
         data = b""
         while len(data) < SLIRP_MAX_REQUEST and b"\n" not in data:
-            chunk = await reader.read(SLIRP_MAX_REQUEST - len(data))
+            try:
+                chunk = await asyncio.wait_for(reader.read(SLIRP_MAX_REQUEST - len(data)),
+                                               self.idle_timeout_s)
+            except TimeoutError:
+                break
             if not chunk:
                 break
             data += chunk
+            if _parses(data):
+                break
         return data
 
     def answer(self, data: bytes) -> dict[str, Any]:
@@ -540,6 +549,14 @@ class Slirp4netnsApi:
                 "host_addr": forward["host_addr"] or "0.0.0.0",
                 "host_port": forward["host_port"], "guest_addr": self.guest_addr,
                 "guest_port": forward["guest_port"]}
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _slirp_error(desc: str) -> dict[str, Any]:
