@@ -319,3 +319,88 @@ def test_api_answers_match_the_real_slirp4netns(tmp_path: Path) -> None:
     requests = [*_requests(1, 2, 0), b"list_hostfwd, writing side open"]
     for request, want, have in zip(requests, real, ours, strict=True):
         assert _shape(have) == _shape(want), request
+
+
+_UNPRIVILEGED = r"""
+set -e
+# /dev/net/tun open to all, as Debian ships it, in this mount namespace only.
+dev=$(mktemp -d)
+mount -t tmpfs -o mode=755 tmpfs "$dev"
+mknod -m 666 "$dev/tun" c 10 200
+mount --bind "$dev/tun" /dev/net/tun
+chmod 777 "$dev"
+as_nobody="setpriv --reuid=65534 --regid=65534 --clear-groups"
+# A user namespace owned by nobody, owning a network namespace: rootlesskit's shape.
+$as_nobody unshare -Urn sleep 60 &
+target=$!
+trap 'kill $target 2>/dev/null' EXIT
+while [ "$(readlink /proc/$target/ns/net)" = "$(readlink /proc/self/ns/net)" ]; do
+    sleep 0.01
+done
+cd /
+# exec: the background job is the relay itself, which SIGTERM then reaches.
+s4n() {
+    exec $as_nobody env PYTHONPATH="$RELAYNAT_PATH" "$GUEST_PYTHON" -m relaynat.cli.slirp4netns "$@"
+}
+wait_ready() {
+    for _ in $(seq 200); do
+        [ "$(cat "$1" 2>/dev/null)" = 1 ] && return 0
+        sleep 0.05
+    done
+    echo "never ready" >&2; return 1
+}
+fetch() {
+    nsenter -t $target -U -n --preserve-credentials curl -sS --fail --max-time 10 \
+        http://10.0.2.2:$PORT/f.txt
+}
+# By PID, as rootlesskit passes it; stopped by SIGTERM.
+s4n -c -m 65520 -r 3 $target tap0 3>"$dev/ready1" &
+relay=$!
+wait_ready "$dev/ready1"
+fetch
+kill -TERM $relay
+set +e
+wait $relay
+echo "relay-status $?"
+set -e
+# By path, with the user namespace named (--netns-type=path --userns-path).
+s4n -c -r 3 --netns-type=path --userns-path=/proc/$target/ns/user /proc/$target/ns/net \
+    tap0 3>"$dev/ready2" &
+relay=$!
+wait_ready "$dev/ready2"
+fetch
+kill $target
+kill -TERM $relay
+set +e
+wait $relay
+echo "relay-status $?"
+"""
+
+
+def test_unprivileged_as_rootlesskit_runs_it(start_peer, tmp_path: Path) -> None:
+    """As `nobody`, against a network namespace a user namespace of nobody's owns: by
+    PID, and by path with --userns-path; the guest reaches host loopback."""
+    import site
+
+    from support.relaynat_cli import guest_python
+
+    tmp_path.chmod(0o755)
+    (tmp_path / "f.txt").write_text("reached unprivileged\n")
+    (tmp_path / "f.txt").chmod(0o644)
+    port = start_peer("http", "--root", str(tmp_path))
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    path = os.pathsep.join([src, *site.getsitepackages()])
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            "env", f"PYTHONPATH={path}", guest_python(), "-c",
+                            "import relaynat.relay"], capture_output=True, cwd="/")
+    if probe.returncode:
+        pytest.skip("nobody cannot import relaynat and its dependencies here: "
+                    + probe.stderr.decode()[-300:])
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                           _UNPRIVILEGED], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RELAYNAT_PATH": path,
+                               "GUEST_PYTHON": guest_python(), "PORT": str(port)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["reached unprivileged", "relay-status 0",
+                                        "reached unprivileged", "relay-status 0"], (
+        done.stdout + done.stderr)
