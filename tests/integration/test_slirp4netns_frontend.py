@@ -208,7 +208,8 @@ def test_disable_host_loopback_refuses_the_gateway(
     (["--macaddress=02:00:00:00:00:01"], "MAC"),
     (["--target-type=bess"], "bess"),
     (["--mtu", "65521"], "65520"),
-    (["--cidr", "10.9.0.0/28"], "too small"),
+    (["--cidr", "10.9.0.0/26"], "1 to 25"),
+    (["--cidr", "0.0.0.0/0"], "1 to 25"),
     (["--netns-type=pid"], "not a PID"),
 ])
 def test_unsupported_options_are_refused_at_start(option: list[str], says: str) -> None:
@@ -231,12 +232,12 @@ def test_help_lists_no_refused_option() -> None:
 
 
 def test_cidr_moves_the_addresses(sleeper: subprocess.Popen[bytes], tmp_path: Path) -> None:
-    slirp = Slirp(SCRIPT, sleeper.pid, str(tmp_path / "api.sock"), "--cidr", "10.9.0.0/24")
+    slirp = Slirp(SCRIPT, sleeper.pid, str(tmp_path / "api.sock"), "--cidr", "10.9.0.0/25")
     try:
         assert slirp.ready == b"1"
         show = subprocess.run(["nsenter", "-t", str(sleeper.pid), "-n", "ip", "-4", "-o",
                                "addr", "show", "tap0"], capture_output=True, text=True)
-        assert "10.9.0.100/24" in show.stdout
+        assert "10.9.0.100/25" in show.stdout
         route = subprocess.run(["nsenter", "-t", str(sleeper.pid), "-n", "ip", "route",
                                 "show", "default"], capture_output=True, text=True)
         assert "default via 10.9.0.2" in route.stdout

@@ -90,9 +90,9 @@ def config_for(args: argparse.Namespace) -> RelayConfig:
         net = IPv4Network(args.cidr, strict=False)
     except ValueError as exc:
         raise ConfigError(f"--cidr {args.cidr}: not an IPv4 network ({exc})") from None
-    if net.num_addresses < 256:  # slirp4netns needs room for .100
-        raise ConfigError(f"--cidr {args.cidr}: too small (needs a /24 or larger, for "
-                          "the guest's .100)")
+    if not 1 <= net.prefixlen <= 25:  # as slirp4netns: room for the guest's .100
+        raise ConfigError(f"--cidr {args.cidr}: too small or too large (the prefix "
+                          "length must be 1 to 25, leaving room for the guest's .100)")
     base = int(net.network_address)
     gateway = IPv4Address(base + 2)
     if not 0 < args.mtu <= MAX_MTU:
