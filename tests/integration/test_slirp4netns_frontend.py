@@ -405,3 +405,43 @@ def test_unprivileged_as_rootlesskit_runs_it(start_peer, tmp_path: Path) -> None
     assert done.stdout.splitlines() == ["reached unprivileged", "relay-status 0",
                                         "reached unprivileged", "relay-status 0"], (
         done.stdout + done.stderr)
+
+
+def test_enable_ipv6_reaches_host_loopback_through_fd00_2(
+        sleeper: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    slirp = Slirp(SCRIPT, sleeper.pid, str(tmp_path / "api.sock"), "--enable-ipv6")
+    listener = socket.socket(socket.AF_INET6)
+    try:
+        assert slirp.ready == b"1"
+        listener.bind(("::1", 0))
+        listener.listen(1)
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+        inside = subprocess.Popen(
+            ["nsenter", "-t", str(sleeper.pid), "-n", PY, "-c",
+             f"import socket\ns=socket.create_connection(('fd00::2',{port}),timeout=5)\n"
+             "print(s.recv(100).decode())\n"], stdout=subprocess.PIPE, text=True)
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"from host ::1")
+        out, _ = inside.communicate(timeout=15)
+        assert out.strip() == "from host ::1"
+    finally:
+        listener.close()
+        assert slirp.stop() == 0
+
+
+def test_ends_when_the_target_process_does(tmp_path: Path) -> None:
+    target = subprocess.Popen(["unshare", "-n", "sleep", "120"])
+    try:
+        deadline = time.monotonic() + 5
+        while os.readlink(f"/proc/{target.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        slirp = Slirp(SCRIPT, target.pid, str(tmp_path / "api.sock"))
+        assert slirp.ready == b"1"
+    finally:
+        target.kill()
+        target.wait()
+    assert slirp.proc.wait(timeout=15) == 0  # the exit fd is still open
+    slirp.stop()
