@@ -211,6 +211,7 @@ def test_disable_host_loopback_refuses_the_gateway(
     (["--cidr", "10.9.0.0/26"], "1 to 25"),
     (["--cidr", "0.0.0.0/0"], "1 to 25"),
     (["--netns-type=pid"], "not a PID"),
+    (["--netns-type=path"], "notapid: "),
 ])
 def test_unsupported_options_are_refused_at_start(option: list[str], says: str) -> None:
     done = subprocess.run([SCRIPT, *option, "notapid", "tap0"] if option[0].startswith(
@@ -218,6 +219,7 @@ def test_unsupported_options_are_refused_at_start(option: list[str], says: str) 
         timeout=30)
     assert done.returncode == 2
     assert says in done.stderr
+    assert "--netns " not in done.stderr  # relaynat run's option, not this command's
 
 
 def test_help_lists_no_refused_option() -> None:
@@ -445,3 +447,55 @@ def test_ends_when_the_target_process_does(tmp_path: Path) -> None:
         target.wait()
     assert slirp.proc.wait(timeout=15) == 0  # the exit fd is still open
     slirp.stop()
+
+
+def test_rootlesskit_shape_prepared_tap_without_configure(
+        sleeper: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    """What rootlesskit 1.x's slirp4netns network driver does (pkg/network/slirp4netns):
+    it checks `--help` names --netns-type (and --cidr, --disable-host-loopback,
+    --api-socket), makes a persistent tap0 in the child's namespace and sets it up, runs
+    `BINARY --mtu 65520 -r 3 [--cidr ...] --api-socket PATH PID tap0` (no -c) with the
+    ready pipe as fd 3, and the child addresses tap0 itself."""
+    helptext = subprocess.run([SCRIPT, "--help"], capture_output=True, text=True,
+                              timeout=30).stdout
+    for feature in ("--netns-type", "--cidr", "--disable-host-loopback", "--api-socket"):
+        assert feature in helptext
+    ns = ["nsenter", "-t", str(sleeper.pid), "-n"]
+    subprocess.run([*ns, "ip", "tuntap", "add", "tap0", "mode", "tap"], check=True)
+    subprocess.run([*ns, "ip", "link", "set", "tap0", "up"], check=True)
+    api = str(tmp_path / "api.sock")
+    ready_r, ready_w = os.pipe()
+    # bash, not sh: dash takes no descriptor above 9 in a redirection.
+    proc = subprocess.Popen(
+        ["bash", "-c", f'exec "$0" --mtu 65520 -r 3 --api-socket {api} {sleeper.pid} tap0 '
+         f'3>&{ready_w}', SCRIPT], pass_fds=(ready_w,), stderr=subprocess.PIPE)
+    os.close(ready_w)
+    try:
+        readable, _, _ = select.select([ready_r], [], [], 20)
+        assert readable and os.read(ready_r, 16) == b"1"
+        # No -c: the TAP is left as rootlesskit made it, unaddressed.
+        assert "inet " not in subprocess.run([*ns, "ip", "-4", "addr", "show", "tap0"],
+                                             capture_output=True, text=True).stdout
+        for cmd in (["ip", "link", "set", "tap0", "mtu", "65520"],
+                    ["ip", "addr", "add", "10.0.2.100/24", "dev", "tap0"],
+                    ["ip", "route", "add", "default", "via", "10.0.2.2", "dev", "tap0"]):
+            subprocess.run([*ns, *cmd], check=True)
+        port = _free_port()
+        accepted: list[bytes] = []
+        server = _host_server(port, accepted)
+        out = _inside(sleeper.pid, _CONNECT.format(port=port))
+        server.join(15)
+        assert out.stdout.strip() == "from host loopback", out.stderr
+        reply = _api(api, json.dumps({"execute": "add_hostfwd", "arguments": {
+            "proto": "tcp", "host_addr": "127.0.0.1", "host_port": _free_port(),
+            "guest_addr": "10.0.2.100", "guest_port": 80}}).encode())
+        assert set(reply["return"]) == {"id"}
+    finally:
+        os.close(ready_r)
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+        assert proc.stderr is not None
+        proc.stderr.close()
+    # The TAP rootlesskit made stays: it was there before.
+    assert subprocess.run([*ns, "ip", "link", "show", "tap0"],
+                          capture_output=True).returncode == 0

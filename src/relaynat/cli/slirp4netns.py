@@ -115,7 +115,11 @@ def target_for(args: argparse.Namespace) -> JoinTarget:
         raise ConfigError(f"{text}: not a PID (give --netns-type=path for a path)")
     if args.netns_type == "path" and "/" not in text:
         text = os.path.join(".", text)
-    target = resolve_target(text)
+    try:
+        target = resolve_target(text)
+    except ConfigError as exc:  # its messages name relaynat run's --netns
+        raise ConfigError(str(exc).removeprefix("--netns").lstrip(": ")
+                          or f"{text}: not a network namespace") from None
     if args.userns_path is not None:
         try:
             fd = os.open(args.userns_path, os.O_RDONLY | os.O_CLOEXEC)
