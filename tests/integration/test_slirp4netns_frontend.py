@@ -499,3 +499,47 @@ def test_rootlesskit_shape_prepared_tap_without_configure(
     # The TAP rootlesskit made stays: it was there before.
     assert subprocess.run([*ns, "ip", "link", "show", "tap0"],
                           capture_output=True).returncode == 0
+
+
+def test_podman_argv_and_port_request(tmp_path: Path) -> None:
+    """podman 4.3's setupSlirp4netns argv for a namespace it bind-mounted (an `ip netns
+    add` one here), with --enable-sandbox/--enable-seccomp left out as podman leaves
+    them out when --help does not name them; and its add_hostfwd request as it sends it
+    (empty guest_addr, a newline, then shutting down its writing side)."""
+    name = f"s4n-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    api = str(tmp_path / "ctr.net")
+    exit_r, exit_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            ["bash", "-c", f'exec "$0" --disable-host-loopback --mtu=65520 -c -e 3 -r 4 '
+             f'--api-socket {api} --netns-type=path /run/netns/{name} tap0 '
+             f'3<&{exit_r} 4>&{ready_w}', SCRIPT], pass_fds=(exit_r, ready_w),
+            stderr=subprocess.PIPE)
+        os.close(exit_r)
+        os.close(ready_w)
+        try:
+            readable, _, _ = select.select([ready_r], [], [], 20)
+            assert readable and os.read(ready_r, 16) == b"1"
+            show = subprocess.run(["ip", "-n", name, "-4", "-o", "addr", "show", "tap0"],
+                                  capture_output=True, text=True)
+            assert "10.0.2.100/24" in show.stdout
+            port = _free_port()
+            request = json.dumps({"execute": "add_hostfwd", "arguments": {
+                "proto": "tcp", "host_addr": "0.0.0.0", "host_port": port,
+                "guest_addr": "", "guest_port": 80}}).encode() + b"\n"
+            reply = _api(api, request)
+            assert "error" not in reply and set(reply["return"]) == {"id"}
+            listing = _api(api, b'{"execute":"list_hostfwd"}')
+            assert listing["entries"][0]["guest_addr"] == "10.0.2.100"
+            assert listing["entries"][0]["host_port"] == port
+        finally:
+            os.close(exit_w)  # conmon's end of the exit pipe going away
+            code = proc.wait(timeout=15)
+            assert proc.stderr is not None
+            proc.stderr.close()
+        assert code == 0
+    finally:
+        os.close(ready_r)
+        subprocess.run(["ip", "netns", "del", name], check=False)
