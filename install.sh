@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs relaynat with everything its tests and benchmarks use, on Debian 12, as root:
 # Debian packages (real peers and tools: iperf3, curl, socat, qemu, busybox, slirp4netns,
-# pasta, sockperf), then a virtualenv in .venv with relaynat and its test and benchmark
+# pasta, sockperf, nftables for the benchmarks' veth+DNAT path), then a virtualenv in .venv with relaynat and its test and benchmark
 # dependencies from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,7 +10,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-pip iproute2 iperf3 curl socat tcpdump dnsutils \
     iputils-ping busybox-static cpio qemu-system-x86 slirp4netns passt ca-certificates \
-    ndisc6 isc-dhcp-client sockperf \
+    ndisc6 isc-dhcp-client sockperf nftables \
     >/dev/null
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
