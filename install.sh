@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs relaynat with everything its tests and benchmarks use, on Debian 12, as root:
 # Debian packages (real peers and tools: iperf3, curl, socat, qemu, busybox, slirp4netns,
-# pasta, sockperf, nftables for the benchmarks' veth+DNAT path), then a virtualenv in .venv with relaynat and its test and benchmark
-# dependencies from PyPI.
+# pasta, sockperf, nftables for the benchmarks' veth+DNAT path), then a virtualenv in .venv
+# with relaynat and its test and benchmark dependencies from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")"
 export DEBIAN_FRONTEND=noninteractive
