@@ -203,11 +203,18 @@ def test_sandbox_denies_host_loopback_in_a_joined_namespace(netns: str, start_pe
     ("/etc/hostname", "is not a namespace file"),
     ("/proc/self/ns/mnt", "is a mount namespace, not a network namespace"),
     ("/nonexistent/ns", "does not exist"),
+    # The relay's own namespace (its host sockets' one): a TAP addressed there with a
+    # default route via the gateway would take over the host's routes.
+    ("/proc/self/ns/net", "relaynat's own network namespace"),
+    (str(os.getpid()), "relaynat's own network namespace"),
 ])
 def test_bad_targets_are_refused_at_start(target: str, message: str) -> None:
+    before = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     done = _run("--netns", target, "--", "true", timeout=30)
     assert done.returncode == 2
     assert message in done.stderr, done.stderr
+    assert subprocess.run(["ip", "-o", "link"], capture_output=True,
+                          text=True).stdout == before  # no TAP made here
 
 
 def test_options_that_do_not_fit_are_refused(netns: str) -> None:

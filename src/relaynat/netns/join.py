@@ -149,6 +149,13 @@ def resolve_target(text: str) -> JoinTarget:
         raise
     target = JoinTarget(text, netns_fd, pidfd=pidfd)
     try:
+        st, own = os.fstat(netns_fd), os.stat("/proc/self/ns/net")
+        if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+            # The relay's host sockets live in its own namespace: a guest link there,
+            # addressed with a default route via the gateway, would take the host's own
+            # routes over (and a typo'd PID of a host process lands here).
+            raise ConfigError(f"--netns {text}: that is relaynat's own network namespace; "
+                              "give the guest's")
         if not target.alive():
             # Opened /proc/PID/ns/net after the pidfd: the process that owned PID then
             # has exited, and the namespace may be another process's that took the PID.
