@@ -228,7 +228,10 @@ def _upper_then_send(extra: bytes) -> Callable[[socket.socket], None]:
     def handle(conn: socket.socket) -> None:
         data = conn.recv(1000)
         conn.sendall(data.upper() + extra)
-        conn.shutdown(socket.SHUT_WR)
+        # A test whose guest closes as soon as it has the answer resets the connection
+        # first (the relay closing): nothing is left to shut down then.
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_WR)
         _until_gone(conn)
     return handle
 
