@@ -68,7 +68,7 @@ A document is checked entirely before anything is imported: `parse_document` rai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from ipaddress import ip_address
 from typing import Any
@@ -98,6 +98,31 @@ class FlowStateError(Error, ValueError):
     """A flows document is malformed, of another version, or inconsistent; the message
     names the flow and the field."""
 
+
+
+def parse_fields(data: Any, what: str, names: Sequence[str],
+                 parsers: Mapping[str, Callable[[Any], Any]],
+                 errors: tuple[type[Exception], ...] = (TypeError, ValueError)
+                 ) -> dict[str, Any]:
+    """The fields `names` of a record's dict form `data`, each through its parser: the
+    one check every moved record (TCP flow, UDP flow, ping session) takes. FlowStateError
+    says what is wrong: `data` not an object (`what` names it), a field missing or
+    unknown, or a value a parser refused with one of `errors`."""
+    if not isinstance(data, dict):
+        raise FlowStateError(f"{what} is not an object")
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise FlowStateError(f"missing field(s) {', '.join(missing)}")
+    extra = sorted(set(data) - set(names))
+    if extra:
+        raise FlowStateError(f"unknown field(s) {', '.join(extra)}")
+    values: dict[str, Any] = {}
+    for name in names:
+        try:
+            values[name] = parsers[name](data[name])
+        except errors as exc:
+            raise FlowStateError(f"field {name}: {exc}") from None
+    return values
 
 @dataclass(frozen=True, slots=True)
 class TcpFlowState:
@@ -161,24 +186,12 @@ class TcpFlowState:
     def from_dict(cls, data: Any, version: int = VERSION) -> TcpFlowState:
         """Parse and check `to_dict`'s output (of document `version`); FlowStateError
         names what is wrong."""
-        if not isinstance(data, dict):
-            raise FlowStateError("a flow is not an object")
         names = [f.name for f in fields(cls)]
         if version == 1:
             names = [n for n in names if n not in _V1_DEFAULTS]
-        missing = [n for n in names if n not in data]
-        if missing:
-            raise FlowStateError(f"missing field(s) {', '.join(missing)}")
-        extra = sorted(set(data) - set(names))
-        if extra:
-            raise FlowStateError(f"unknown field(s) {', '.join(extra)}")
-        values: dict[str, Any] = {}
-        parsers = _LIVE_PARSERS if cls is LiveFlowState else _PARSERS
-        for name in names:
-            try:
-                values[name] = parsers[name](data[name])
-            except (RepairError, TypeError, ValueError) as exc:
-                raise FlowStateError(f"field {name}: {exc}") from None
+        values = parse_fields(data, "a flow", names,
+                              _LIVE_PARSERS if cls is LiveFlowState else _PARSERS,
+                              (RepairError, TypeError, ValueError))
         if version == 1:
             values |= _V1_DEFAULTS
         state = cls(**values)

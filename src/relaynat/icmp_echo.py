@@ -30,7 +30,7 @@ from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from relaynat.checksum import finish, partial_sum, pseudo_header_sum, verify
-from relaynat.flow_state import FlowStateError
+from relaynat.flow_state import FlowStateError, parse_fields
 from relaynat.packet_builder import IPV4_HLEN, ip_frame
 from relaynat.udp_flow import check_address, check_count, check_index, check_seconds
 from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, MalformedFrame
@@ -342,22 +342,8 @@ class EchoSessionState:
     @classmethod
     def from_dict(cls, data: Any) -> EchoSessionState:
         """Parse and check `to_dict`'s output; FlowStateError (a ValueError) names the field."""
-        if not isinstance(data, dict):
-            raise FlowStateError("a session is not an object")
-        names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data]
-        if missing:
-            raise FlowStateError(f"missing field(s) {', '.join(missing)}")
-        extra = sorted(set(data) - set(names))
-        if extra:
-            raise FlowStateError(f"unknown field(s) {', '.join(extra)}")
-        values: dict[str, Any] = {}
-        for name in names:
-            try:
-                values[name] = _SESSION_PARSERS[name](data[name])
-            except (TypeError, ValueError) as exc:
-                raise FlowStateError(f"field {name}: {exc}") from None
-        state = cls(**values)
+        state = cls(**parse_fields(data, "a session", [f.name for f in fields(cls)],
+                                   _SESSION_PARSERS))
         versions = {ip_address(a).version for a in (state.guest[0], state.far, state.host)}
         if len(versions) != 1:
             raise FlowStateError("fields guest, far, host: not one address family")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from ipaddress import ip_address
 from typing import Any
 
-from relaynat.flow_state import FlowStateError
+from relaynat.flow_state import FlowStateError, parse_fields
 
 #: (guest port, destination address as the guest sees it, destination port, guest
 #: address): an IPv6 guest may use several source addresses at once (SLAAC, DHCPv6).
@@ -170,22 +170,7 @@ class UdpFlowState:
     @classmethod
     def from_dict(cls, data: Any) -> UdpFlowState:
         """Parse and check `to_dict`'s output; FlowStateError names the field."""
-        if not isinstance(data, dict):
-            raise FlowStateError("a flow is not an object")
-        names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data]
-        if missing:
-            raise FlowStateError(f"missing field(s) {', '.join(missing)}")
-        extra = sorted(set(data) - set(names))
-        if extra:
-            raise FlowStateError(f"unknown field(s) {', '.join(extra)}")
-        values: dict[str, Any] = {}
-        for name in names:
-            try:
-                values[name] = _PARSERS[name](data[name])
-            except (TypeError, ValueError) as exc:
-                raise FlowStateError(f"field {name}: {exc}") from None
-        state = cls(**values)
+        state = cls(**parse_fields(data, "a flow", [f.name for f in fields(cls)], _PARSERS))
         if (state.fd is None) == (state.forward is None):
             raise FlowStateError("fields fd, forward: exactly one is set (an outbound flow "
                                 "has its socket, an inbound one its forward's)")
