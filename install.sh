@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs relaynat with everything its tests and benchmarks use, on Debian 12, as root:
 # Debian packages (real peers and tools: iperf3, curl, socat, qemu, busybox, slirp4netns,
-# pasta, sockperf, nftables for the benchmarks' veth+DNAT path), then a virtualenv in .venv
+# pasta, sockperf, nftables for the benchmarks' veth+DNAT path; rootlesskit, podman and uidmap
+# that start relaynat-slirp4netns and relaynat-pasta as a rootless network; dnsmasq-base as a
+# real resolver behind the relay, without the system service the dnsmasq package enables), then a virtualenv in .venv
 # with relaynat and its test and benchmark dependencies from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,7 +12,8 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-pip iproute2 iperf3 curl socat tcpdump dnsutils \
     iputils-ping busybox-static cpio qemu-system-x86 slirp4netns passt ca-certificates \
-    ndisc6 isc-dhcp-client sockperf nftables \
+    ndisc6 isc-dhcp-client sockperf nftables rootlesskit podman uidmap dnsmasq-base wget \
+    openssl \
     >/dev/null
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
