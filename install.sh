@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs relaynat with everything its tests and benchmarks use, on Debian 12, as root:
 # Debian packages (real peers and tools: iperf3, curl, socat, qemu, busybox, slirp4netns,
-# pasta, sockperf, nftables for the benchmarks' veth+DNAT path; rootlesskit, podman and uidmap
-# that start relaynat-slirp4netns and relaynat-pasta as a rootless network; dnsmasq-base as a
-# real resolver behind the relay, without the system service the dnsmasq package enables), then a virtualenv in .venv
-# with relaynat and its test and benchmark dependencies from PyPI.
+# pasta, sockperf, nftables for the benchmarks' veth+DNAT path; rootlesskit, podman and
+# uidmap, which start relaynat-slirp4netns and relaynat-pasta as a rootless network;
+# dnsmasq-base, a real resolver behind the relay, without the system service that the
+# dnsmasq package enables), then a virtualenv in .venv with relaynat and its test and
+# benchmark dependencies from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")"
 export DEBIAN_FRONTEND=noninteractive
