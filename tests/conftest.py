@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from support import SUPPORT
+from support.root_netns import RootNetnsWatch
 
 from relaynat.netns.syscalls import isolate_network
 
@@ -33,10 +34,16 @@ TESTS = Path(__file__).resolve().parent
 #: Size of the `big_file` fixture: large enough that a transfer spans many windows.
 BIG = 256 << 20
 IS_ROOT = os.geteuid() == 0
+#: The namespace the suite started in, watched so a test that changes it fails.
+ROOT_NETNS: RootNetnsWatch | None = None
 if IS_ROOT and os.environ.get("RELAYNAT_TEST_NETNS_DONE") != "1":
+    ROOT_NETNS = RootNetnsWatch.start()
     isolate_network()
     # Children (pytest-xdist workers, re-invocations) inherit this namespace already.
     os.environ["RELAYNAT_TEST_NETNS_DONE"] = "1"
+    os.environ["RELAYNAT_TEST_ROOT_NETNS_PID"] = str(ROOT_NETNS.pid)
+elif IS_ROOT and os.environ.get("RELAYNAT_TEST_ROOT_NETNS_PID"):
+    ROOT_NETNS = RootNetnsWatch(int(os.environ["RELAYNAT_TEST_ROOT_NETNS_PID"]))
 
 
 #: Markers every test of a lane directory gets.
@@ -65,6 +72,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # By marker, not keyword: a directory's name is a keyword of every test in it.
         if item.get_closest_marker("integration") or item.get_closest_marker("vm"):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def root_netns_untouched(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail an integration test that changed the links or routes of the namespace the
+    suite started in (the machine's own network, usually)."""
+    yield
+    if ROOT_NETNS is None or request.node.get_closest_marker("integration") is None:
+        return
+    changes = ROOT_NETNS.changes()
+    if changes:
+        ROOT_NETNS.accept()  # blame this test only, not every test after it
+        pytest.fail("the test changed the network namespace the suite started in "
+                    "(undo by hand): " + "; ".join(changes), pytrace=False)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if ROOT_NETNS is not None:
+        ROOT_NETNS.stop()
 
 
 @pytest.fixture
