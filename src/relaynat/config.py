@@ -149,6 +149,18 @@ class RelayConfig:
     dns_records: tuple[tuple[str, str], ...] = ()
     """Static records (name, IPv4 or IPv6 address) answered by the relay itself for A and
     AAAA queries, gvproxy-style; names compare case-insensitively, without a final dot."""
+    dns_ttl_min_s: float = 10.0
+    """Floor of the TTL with which an address answered to the guest stays valid for its
+    name under a policy's domain rules (domains.py): an answer with TTL 0 (dnsmasq's
+    local names) must still let the connect that follows it through."""
+    dns_ttl_max_s: float = 3600.0
+    """Cap of that TTL: an answer with a week-long TTL keeps its address valid this long."""
+    dns_names_grace_s: float = 60.0
+    """How long an address learned for a name stays valid after the last flow to it
+    ended (while flows to it are open it stays valid, whatever its TTL)."""
+    max_dns_names: int = 4096
+    """Upper bound of (name, address) pairs learned per guest; beyond it the oldest goes
+    first (counted as dns_names_evicted)."""
     prefix_v6: IPv6Network = IPv6Network("fd00::/64")
     """The /64 the router advertisement offers for SLAAC (RFC 4862 §5.5.3 needs 64 bits
     of interface identifier on Ethernet, RFC 2464 §4)."""
@@ -217,13 +229,16 @@ class RelayConfig:
         if len(self.gateway_mac) != 6 or self.gateway_mac[0] & 1:
             raise ConfigError("gateway MAC must be a 6-byte unicast address")
         for name in ("max_tcp_flows", "max_pending_connects", "dhcp_lease_s", "guest_queue_limit",
-                     "max_udp_flows", "max_icmp_flows"):
+                     "max_udp_flows", "max_icmp_flows", "max_dns_names"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("connect_timeout_s", "tcp_idle_timeout_s", "udp_idle_timeout_s",
                      "udp_stream_timeout_s", "dns_udp_timeout_s", "udp_inbound_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        if not 0 <= self.dns_ttl_min_s <= self.dns_ttl_max_s or self.dns_names_grace_s < 0:
+            raise ConfigError("dns_ttl_min_s must be at least 0 and at most dns_ttl_max_s, "
+                              "and dns_names_grace_s at least 0")
         if self.tcp_ooo_budget < 0:
             raise ConfigError(f"tcp_ooo_budget must be at least 0, not {self.tcp_ooo_budget}")
         self._validate_rate()

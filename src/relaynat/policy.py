@@ -64,10 +64,25 @@ File format (TOML; JSON has the same shape, with "rule" a list of objects)::
     to = "metadata"              # CIDR, address, group name, or a list of them (default: any)
     ports = "22,80-90"           # TCP/UDP destination ports: "N", "N-M", lists, or ints
     comment = "free text"        # optional, kept for listings
+    domains = ["pypi.org", "*.pythonhosted.org"]   # optional, see "Domain rules"
+    inspect_ports = "80,443"     # optional, with domains: TCP ports whose first flight
+                                 # must name a covered name (default 80 and 443)
 
 Groups: loopback, host, dns, private, link-local, metadata, multicast, public (see GROUPS).
 Refused as input, rather than read as "any": an empty `to` or `ports`, and duplicate keys
 in JSON (which keeps the last silently; TOML refuses them itself).
+
+Domain rules. A rule with `domains` (exact names and `*.` wildcards, domains.py says how
+they compare) matches a flow only when, besides its `proto`, `to` and `ports`, the flow's
+destination address was answered through the relay's DNS forwarder, to this guest, for a
+name the rule covers, and that answer is still valid (`domains.NameTable`). The relay
+looks the names up and passes them to `decide(..., names)`; an address never resolved
+through the relay has no names and matches no domain rule. Rules still apply in order,
+so a `deny metadata` rule placed first refuses a covered name that resolves to
+169.254.169.254 (DNS rebinding). `covers(rule, name)` and `allows_name(name)` answer
+for names alone: the latter is what the DNS forwarder asks before forwarding a query
+when `filters_dns` (domain rules and default "deny"): a name that no allow rule covers
+is answered REFUSED and never leaves the relay.
 """
 
 from __future__ import annotations
@@ -84,6 +99,8 @@ from typing import Any, NamedTuple
 
 from relaynat.addressing import DNS_PORT
 from relaynat.config import ConfigError, RelayConfig, unique_keys
+from relaynat.domains import NameTable, domain_matches, normalize_pattern
+from relaynat.domains import wire_name as wire_name_form
 from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 
 #: Rule protocol names and the IP protocol numbers each one matches.
@@ -94,7 +111,11 @@ PROTOS: dict[str, frozenset[int]] = {
     "any": frozenset({IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6}),
 }
 ACTIONS = ("allow", "deny")
-RULE_KEYS = frozenset({"action", "proto", "to", "ports", "comment"})
+RULE_KEYS = frozenset({"action", "proto", "to", "ports", "comment", "domains",
+                       "inspect_ports"})
+#: TCP ports whose first flight must name a covered name, for a domain rule that does
+#: not say (HTTP and HTTPS).
+INSPECT_PORTS: tuple[tuple[int, int], ...] = ((80, 80), (443, 443))
 TOP_KEYS = frozenset({"default", "rule"})
 
 #: Static members of the named groups. `loopback` and `host` also get the config's mapped
@@ -143,10 +164,13 @@ _Range = tuple[int, int]  # inclusive (first, last) address or port as ints
 
 
 class Decision(NamedTuple):
-    """What `Policy.decide` returns: the verdict and which rule gave it (-1: the default)."""
+    """What `Policy.decide` returns: the verdict and which rule gave it (-1: the default).
+    `inspect`: an allow by a domain rule of a TCP flow to one of its `inspect_ports`,
+    whose first flight must name a name the rule covers."""
 
     allow: bool
     rule: int
+    inspect: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -167,6 +191,15 @@ class Rule:
     """Inclusive (first, last) destination port ranges."""
     comment: str = ""
     """Free text, kept for listings."""
+    domains: tuple[str, ...] = ()
+    """Normalised names and `*.` patterns (domains.py); empty: no domain condition."""
+    inspect_ports: tuple[_Range, ...] = INSPECT_PORTS
+    """With `domains`: the TCP destination port ranges whose first flight (TLS SNI,
+    HTTP Host) must name a covered name learned for the destination."""
+
+    def __post_init__(self) -> None:
+        # Rules built in Python get the same canonical names as rules read from a file.
+        object.__setattr__(self, "domains", tuple(normalize_pattern(d) for d in self.domains))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], index: int = 0) -> Rule:
@@ -191,7 +224,15 @@ class Rule:
         comment = data.get("comment", "")
         if not isinstance(comment, str):
             raise ConfigError(f"{where}: comment must be a string")
-        return cls(action, proto, to, ports, comment)
+        domains = _parse_domains(data.get("domains", ()), where)
+        inspect = INSPECT_PORTS
+        if "inspect_ports" in data:
+            if not domains:
+                raise ConfigError(f"{where}: inspect_ports applies to rules with domains")
+            raw = data["inspect_ports"]
+            # An empty list says "inspect nothing", which is meaningful here.
+            inspect = () if raw in ([], ()) else parse_ports(raw, f"{where} inspect_ports")
+        return cls(action, proto, to, ports, comment, domains, inspect)
 
     def to_dict(self) -> dict[str, Any]:
         """The rule as a policy file writes it (`from_dict` reads it back)."""
@@ -202,7 +243,25 @@ class Rule:
             out["ports"] = format_ports(self.ports)
         if self.comment:
             out["comment"] = self.comment
+        if self.domains:
+            out["domains"] = list(self.domains)
+            if self.inspect_ports != INSPECT_PORTS:
+                out["inspect_ports"] = (format_ports(self.inspect_ports)
+                                        if self.inspect_ports else [])
         return out
+
+
+def _parse_domains(value: object, where: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"{where}: 'domains' must be a name or a list of names")
+    if not items and value != ():
+        raise ConfigError(f"{where}: 'domains' is empty (leave it out for no domain "
+                          "condition)")
+    try:
+        return tuple(dict.fromkeys(normalize_pattern(d) for d in items))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _parse_to(value: object, where: str) -> tuple[str, ...]:
@@ -304,6 +363,7 @@ class _Compiled:
     v4: tuple[_Range, ...]
     v6: tuple[_Range, ...]
     ports: tuple[_Range, ...]
+    domains: tuple[str, ...]
 
 
 class Policy:
@@ -323,8 +383,8 @@ class Policy:
     Policy, which keeps decide() lock-free and atomic.
     """
 
-    __slots__ = ("_compiled", "_decisions", "_default", "_dns", "_mapped", "_nonpublic_v4",
-                 "_nonpublic_v6", "default", "rules")
+    __slots__ = ("_compiled", "_decisions", "_default", "_dns", "_inspected", "_mapped",
+                 "_nonpublic_v4", "_nonpublic_v6", "default", "has_domains", "rules")
 
     def __init__(self, rules: Sequence[Rule | Mapping[str, Any]] = (), default: str = "allow",
                  config: RelayConfig | None = None) -> None:
@@ -345,7 +405,10 @@ class Policy:
         self._nonpublic_v6 = tuple(v6)
         self._compiled = tuple(self._compile(r, groups) for r in self.rules)
         self._decisions = tuple(Decision(r.action == "allow", i) for i, r in enumerate(self.rules))
+        self._inspected = tuple(Decision(True, i, True) for i in range(len(self.rules)))
         self._default = Decision(default == "allow", -1)
+        self.has_domains = any(r.domains for r in self.rules)
+        """Whether a rule names domains (the relay then looks up a destination's names)."""
 
     @staticmethod
     def _compile(rule: Rule, groups: dict[str, list[str]]) -> _Compiled:
@@ -355,16 +418,41 @@ class Policy:
         if rule.ports:  # ports only make sense for TCP and UDP
             protos = protos & PROTOS["tcp"] | protos & PROTOS["udp"]
         return _Compiled(protos, not rule.to, "public" in rule.to, tuple(v4), tuple(v6),
-                         rule.ports)
+                         rule.ports, rule.domains)
 
-    def decide(self, proto: int, dst: bytes, dport: int = 0) -> Decision:
+    def decide(self, proto: int, dst: bytes, dport: int = 0,
+               names: Sequence[str] = ()) -> Decision:
         """Verdict for a new flow: IP protocol number (6, 17, 1, 58), packed destination as
-        the guest addressed it (4 or 16 bytes), destination port (ignored for ICMP)."""
-        i = self._first_match(self._compiled, proto, dst, dport)
-        return self._default if i < 0 else self._decisions[i]
+        the guest addressed it (4 or 16 bytes), destination port (ignored for ICMP), and
+        the names valid DNS answers held the destination for (normalised; a rule with
+        domains matches only if it covers one of them)."""
+        i = self._first_match(self._compiled, proto, dst, dport, names)
+        if i < 0:
+            return self._default
+        if (proto == IPPROTO_TCP and self._compiled[i].domains
+                and self._decisions[i].allow
+                and any(lo <= dport <= hi for lo, hi in self.rules[i].inspect_ports)):
+            return self._inspected[i]
+        return self._decisions[i]
+
+    def covers(self, rule: int, name: str) -> bool:
+        """Whether rule `rule` names normalised `name` (exactly or under a `*.`)."""
+        return any(domain_matches(p, name) for p in self.rules[rule].domains)
+
+    @property
+    def filters_dns(self) -> bool:
+        """Whether the DNS forwarder refuses names no allow rule covers: the policy has
+        domain rules and denies by default (an allowlist by name)."""
+        return self.has_domains and self.default == "deny"
+
+    def allows_name(self, name: str) -> bool:
+        """Whether an allow rule with domains covers normalised `name`: a query for it
+        may leave the relay under `filters_dns`."""
+        return any(rule.action == "allow" and any(domain_matches(p, name) for p in rule.domains)
+                   for rule in self.rules)
 
     def _first_match(self, compiled: Sequence[_Compiled], proto: int, dst: bytes,
-                     dport: int) -> int:
+                     dport: int, names: Sequence[str] = ()) -> int:
         """Index of the first rule of `compiled` matching the flow, or -1."""
         addr = int.from_bytes(dst, "big")
         v6 = len(dst) == 16
@@ -386,6 +474,9 @@ class Policy:
                         break
                 else:
                     continue
+            if rule.domains and not any(domain_matches(p, n)
+                                        for p in rule.domains for n in names):
+                continue
             if not rule.any_dst:
                 for lo, hi in rule.v6 if v6 else rule.v4:
                     if lo <= addr <= hi:
@@ -491,6 +582,26 @@ class Policy:
             Rule("deny", "any", ("private",), comment="RFC 1918, RFC 6598, RFC 4193"),
         ], "allow", cfg)
 
+    @classmethod
+    def allow_domains(cls, names: Iterable[str], config: RelayConfig | None = None) -> Policy:
+        """The `--allow-domain` policy: the relay's DNS; no metadata service,
+        link-local, private ranges or host loopback (before the names, so that a name
+        resolving there is refused); TCP 80 and 443 to `names` (names and `*.`
+        patterns), the name on the wire checked; everything else denied (UDP 443, DNS
+        over TLS on 853, other resolvers). ConfigError for a bad name or none at all."""
+        domains = tuple(names)
+        if not domains:
+            raise ConfigError("policy: allow_domains needs at least one domain")
+        cfg = config if config is not None else RelayConfig()
+        return cls([
+            Rule("allow", "any", ("dns",), ((53, 53),), "the relay's own DNS forwarder"),
+            Rule("deny", "any", ("metadata",), comment="cloud instance metadata"),
+            Rule("deny", "any", ("link-local",)),
+            Rule("deny", "any", ("host", "loopback"), comment="host loopback"),
+            Rule("deny", "any", ("private",), comment="RFC 1918, RFC 6598, RFC 4193"),
+            Rule("allow", "tcp", (), ((80, 80), (443, 443)), "allowed domains", domains),
+        ], "deny", cfg)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Policy):
             return NotImplemented
@@ -526,11 +637,34 @@ def loads_json(text: str | bytes) -> Any:
         raise ConfigError(f"policy: not valid JSON: {exc}") from None
 
 
+class Verdict(NamedTuple):
+    """`EgressGate.judge`'s answer on a new flow: the decision, the deciding rule (-1:
+    the default) and its comment, the names valid answers held the destination for
+    (() when the policy has no domain rules: not looked up), and whether the flow's
+    first flight must name one of them (`Decision.inspect`)."""
+
+    allow: bool
+    rule: int
+    comment: str
+    names: tuple[str, ...]
+    inspect: bool
+
+
+#: The verdict on the relay's own DNS service (never asked of the policy).
+_EXEMPT = Verdict(True, -1, "", (), False)
+
+
 class EgressGate:
     """`policy` applied to one relay's new guest flows: what `TcpRelay`, `UdpRelay` and
-    `IcmpEchoRelay` ask (`admit`, counted into `stats`) and what `set_policy(cut=True)`
-    asks of open flows (`denies`, not counted: the cut is). The DNS addresses' port 53
-    is the relay's own service and never asked about (see the module docstring).
+    `IcmpEchoRelay` ask (`judge`, counted into `stats`; `admit` is its bare verdict)
+    and what `set_policy(cut=True)` asks of open flows (`denies`, not counted: the cut
+    is). The DNS addresses' port 53 is the relay's own service and never asked about
+    (see the module docstring).
+
+    `names` is the relay's table of DNS answers (domains.py), which outlives any one
+    gate: a destination's names are looked up there for the policy's domain rules, and
+    the relays report each flow's opening and end (`flow_opened`, `flow_closed`) so
+    that the addresses of open flows stay valid.
 
     `on_deny(proto, dst, dport, rule, comment)` hears of each new flow refused: the
     index of the deciding rule (-1: the default) and that rule's comment ("" for none),
@@ -538,8 +672,10 @@ class EgressGate:
 
     def __init__(self, policy: Policy, dns_addresses: tuple[bytes, ...],
                  stats: Counter[str],
-                 on_deny: Callable[[int, bytes, int, int, str], None] | None = None) -> None:
+                 on_deny: Callable[[int, bytes, int, int, str], None] | None = None,
+                 names: NameTable | None = None) -> None:
         self.policy = policy
+        self.names = names if names is not None else NameTable()
         self._dns_addresses = dns_addresses
         self._stats = stats
         self._on_deny = on_deny
@@ -547,24 +683,56 @@ class EgressGate:
     def _exempt(self, dst: bytes, dport: int) -> bool:
         return dport == DNS_PORT and dst in self._dns_addresses
 
-    def denies(self, proto: int, dst: bytes, dport: int) -> bool:
-        """The policy's word on an open flow."""
-        return not self._exempt(dst, dport) and not self.policy.decide(proto, dst,
-                                                                        dport).allow
+    def _names(self, dst: bytes, now: float) -> tuple[str, ...]:
+        return self.names.names_for(dst, now) if self.policy.has_domains else ()
 
-    def admit(self, proto: int, dst: bytes, dport: int) -> bool:
-        """The policy's word on a new guest flow, counted per rule."""
+    def denies(self, proto: int, dst: bytes, dport: int, now: float) -> bool:
+        """The policy's word on an open flow (its destination's names as of `now`;
+        an open flow holds its address, so they are the names it opened with unless
+        the table lost them)."""
         if self._exempt(dst, dport):
-            return True
-        decision = self.policy.decide(proto, dst, dport)
+            return False
+        return not self.policy.decide(proto, dst, dport, self._names(dst, now)).allow
+
+    def judge(self, proto: int, dst: bytes, dport: int, now: float) -> Verdict:
+        """The policy's word on a new guest flow, counted per rule; a refusal is
+        reported to `on_deny`."""
+        if self._exempt(dst, dport):
+            return _EXEMPT
+        names = self._names(dst, now)
+        decision = self.policy.decide(proto, dst, dport, names)
+        index = decision.rule
+        comment = "" if index < 0 else self.policy.rules[index].comment
         if decision.allow:
             self._stats["policy_allowed"] += 1
         else:
-            index = decision.rule
             rule = "default" if index < 0 else f"rule{index}"
             self._stats["policy_denied"] += 1
             self._stats[f"policy_denied_{rule}"] += 1
             if self._on_deny is not None:
-                comment = "" if index < 0 else self.policy.rules[index].comment
                 self._on_deny(proto, dst, dport, index, comment)
-        return decision.allow
+        return Verdict(decision.allow, index, comment, names, decision.inspect)
+
+    def admit(self, proto: int, dst: bytes, dport: int, now: float) -> bool:
+        """`judge(...).allow`, for callers that need nothing more."""
+        return self.judge(proto, dst, dport, now).allow
+
+    def name_ok(self, verdict: Verdict, dst: bytes, wire_name: str | None,
+                now: float) -> bool:
+        """Whether `wire_name`, the name a flow's first flight carries (TLS SNI, HTTP
+        Host; None: none), is covered by the rule that allowed the flow and `dst` was
+        answered for that very name and is still valid."""
+        if wire_name is None or verdict.rule < 0:
+            return False
+        name = wire_name_form(wire_name)
+        return (name is not None and self.policy.covers(verdict.rule, name)
+                and self.names.learned(dst, name, now))
+
+    def flow_opened(self, dst: bytes, now: float) -> None:
+        """A flow to `dst` entered a relay's table: its answers valid now stay valid
+        while it is open."""
+        self.names.hold(dst, now)
+
+    def flow_closed(self, dst: bytes, now: float) -> None:
+        """A flow to `dst` left its table (the grace period starts once none is left)."""
+        self.names.release(dst, now)

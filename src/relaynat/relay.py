@@ -36,6 +36,7 @@ from collections.abc import Callable
 from relaynat.addressing import DNS_PORT, AddressMap
 from relaynat.config import RelayConfig
 from relaynat.counters import with_zeros
+from relaynat.domains import NameTable
 from relaynat.errors import RelayClosedError
 from relaynat.event_hub import DEFAULT_MAXSIZE, EventHub, EventStream
 from relaynat.events import Event
@@ -137,6 +138,10 @@ class Relay(RelayDispatch, RelayMoving):
         self._hub = EventHub(name, self._stats)
         self._link.on_ready = self._hub.guest_ready
         self._dns_static = static_table(c.dns_records)
+        #: The DNS answers this guest got, for the policy's domain rules (domains.py).
+        self._names = NameTable(c.max_dns_names, c.dns_ttl_min_s, c.dns_ttl_max_s,
+                                c.dns_names_grace_s)
+        self._gate: EgressGate | None = None
         self.transport_lost_event = asyncio.Event()
         self._exported = flow_move.ExportedSockets()
         self._closed = False
@@ -277,17 +282,25 @@ class Relay(RelayDispatch, RelayMoving):
             policy = policy.bound_to(self.config)
         self._policy = policy
         gate = None if policy is None else EgressGate(
-            policy, (self._addr.dns_ip, self._addr.dns_ip6), self._stats, self._hub.denied)
+            policy, (self._addr.dns_ip, self._addr.dns_ip6), self._stats, self._hub.denied,
+            self._names)
+        self._gate = gate
+        loop = self._loop
+        admit: Callable[[int, bytes, int], bool] | None = None
+        if gate is not None and loop is not None:
+            def admit(proto: int, dst: bytes, dport: int) -> bool:
+                return gate.judge(proto, dst, dport, loop.time()).allow
         parts = (("tcp", self._tcp), ("udp", self._udp_relay), ("icmp", self._icmp))
         for _name, part in parts:
             if part is not None:
-                part.admit = gate.admit if gate is not None else None
-        if not cut or gate is None:
+                part.admit = admit
+        if not cut or gate is None or loop is None:
             return 0
+        now = loop.time()
         ended = 0
         for name, part in parts:
             if part is not None:
-                n = part.cut(gate.denies)
+                n = part.cut(lambda proto, dst, dport: gate.denies(proto, dst, dport, now))
                 self._stats[f"policy_cut_{name}"] += n
                 ended += n
         return ended
