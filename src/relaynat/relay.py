@@ -174,6 +174,7 @@ class Relay(RelayDispatch, RelayMoving):
                                    self._stats)
         self._icmp = IcmpEchoRelay(self.config, self._loop, self._send_frame, self._stats)
         self._tcp.events = self._udp_relay.events = self._icmp.events = self._hub
+        self._tcp.names = self._udp_relay.names = self._icmp.names = self._names
         # One bucket for all three: the rate bounds the guest's new flows, whatever protocol.
         self._tcp.rate_limit = self._udp_relay.rate_limit = self._icmp.rate_limit = (
             TokenBucket.from_limits(self.config.new_flow_rate, self.config.new_flow_burst))
@@ -286,14 +287,10 @@ class Relay(RelayDispatch, RelayMoving):
             self._names)
         self._gate = gate
         loop = self._loop
-        admit: Callable[[int, bytes, int], bool] | None = None
-        if gate is not None and loop is not None:
-            def admit(proto: int, dst: bytes, dport: int) -> bool:
-                return gate.judge(proto, dst, dport, loop.time()).allow
         parts = (("tcp", self._tcp), ("udp", self._udp_relay), ("icmp", self._icmp))
         for _name, part in parts:
             if part is not None:
-                part.admit = admit
+                part.gate = gate
         if not cut or gate is None or loop is None:
             return 0
         now = loop.time()

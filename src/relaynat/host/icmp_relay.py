@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import TYPE_CHECKING
 
+from relaynat.domains import NameTable
 from relaynat.events import SILENT, Endpoint, EventSink, FlowClosed, FlowOpened, endpoint
 from relaynat.guest_log import guest_logger
 from relaynat.host.flowinfo import FlowInfo, describe_echo
@@ -67,6 +68,7 @@ from relaynat.icmp_echo import (
     parse_echo_request,
 )
 from relaynat.packet_builder import IPV4_HLEN
+from relaynat.policy import EgressGate
 from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPV6_HLEN, MalformedFrame
 
 if TYPE_CHECKING:
@@ -151,9 +153,12 @@ class IcmpEchoRelay:
         self._max_icmp6 = config.mtu - IPV6_HLEN
         self._subnet_broadcast = config.network_v4.broadcast_address.packed
         self._closed = False
-        #: Egress check for a new echo session (protocol, destination, 0) -> allow; set
-        #: by the relay when a policy is in force. Denied requests are dropped, counted.
-        self.admit: Callable[[int, bytes, int], bool] | None = None
+        #: The egress policy's gate for a new echo session; set by the relay when a
+        #: policy is in force. Denied requests are dropped, counted.
+        self.gate: EgressGate | None = None
+        #: The guest's DNS answers: a session's destination is held there while it
+        #: lives, so that it stays valid for its names (set by the relay).
+        self.names: NameTable | None = None
         #: The guest's new-flow rate, shared with TCP and UDP (set by the relay; None:
         #: unlimited): a new echo session spends a token, later echoes in it do not.
         self.rate_limit: TokenBucket | None = None
@@ -190,7 +195,7 @@ class IcmpEchoRelay:
         if session is None:
             session = self.raw_sessions.get(key)
         if session is None:
-            if self.admit is not None and not self.admit(ip.proto, ip.dst, 0):
+            if self.gate is not None and not self.gate.judge(ip.proto, ip.dst, 0, now).allow:
                 stats["drop_icmp_policy"] += 1
                 return
             session = self._open(key, host_ip, ip.src, guest_mac, now)
@@ -250,6 +255,8 @@ class IcmpEchoRelay:
         return session
 
     def _opened(self, session: EchoSession) -> None:
+        if self.names is not None:
+            self.names.hold(session.key[1], self._loop.time())
         events = self.events
         if events.listening:
             ident, far, guest = session.key
@@ -444,6 +451,8 @@ class IcmpEchoRelay:
         self._ended(session, how)
 
     def _ended(self, session: EchoSession, how: str) -> None:
+        if self.names is not None:
+            self.names.release(session.key[1], self._loop.time())
         events = self.events
         if events.listening:
             ident, far, guest = session.key
@@ -471,6 +480,8 @@ class IcmpEchoRelay:
         caller checked that the table has room and no session with its key."""
         self.sessions.add(session.key, session, last_seen)
         self._loop.add_reader(session.sock.fileno(), self._on_readable, session)
+        if self.names is not None:
+            self.names.hold(session.key[1], self._loop.time())
         events = self.events
         if events.listening:
             ident, far, guest = session.key

@@ -71,6 +71,8 @@ from relaynat.wire import ACK, IPPROTO_TCP, RST, SYN
 
 if TYPE_CHECKING:
     from relaynat.config import RelayConfig
+    from relaynat.domains import NameTable
+    from relaynat.policy import EgressGate
     from relaynat.ratelimit import TokenBucket
     from relaynat.wire import TcpSegment
 
@@ -136,9 +138,12 @@ class TcpRelay:
         #: again at once when the MAC is learned or changes, once a flow (a guest whose
         #: MAC flaps gets the rest from the SYN timer, not one SYN a flow per frame).
         self._syn_unheard: dict[TcpFlow, None] = {}
-        #: Egress check for a new guest connection (protocol, destination, port) -> allow;
-        #: set by the relay when a policy is in force.
-        self.admit: Callable[[int, bytes, int], bool] | None = None
+        #: The egress policy's gate for new guest connections; set by the relay when a
+        #: policy is in force.
+        self.gate: EgressGate | None = None
+        #: The guest's DNS answers (domains.py): the destinations of open flows are
+        #: held there, so that they stay valid for their names (set by the relay).
+        self.names: NameTable | None = None
         #: The guest's new-flow rate, shared with UDP and ICMP (set by the relay; None:
         #: unlimited). Spent only by SYNs that passed every other check.
         self.rate_limit: TokenBucket | None = None
@@ -234,7 +239,8 @@ class TcpRelay:
             self.stats["tcp_refused_unmapped"] += 1
             self._reply_rst(seg)
             return
-        if self.admit is not None and not self.admit(IPPROTO_TCP, seg.dst, seg.dport):
+        if self.gate is not None and not self.gate.judge(IPPROTO_TCP, seg.dst, seg.dport,
+                                                         now).allow:
             self._reply_rst(seg)  # as a refused connection: the guest sees ECONNREFUSED
             return
         if len(self.flows) >= self._config.max_tcp_flows:
@@ -449,6 +455,8 @@ class TcpRelay:
 
     def _track(self, flow: TcpFlow) -> None:
         self.flows[flow.key] = flow
+        if self.names is not None and not flow.inbound:
+            self.names.hold(flow.key[1], self._loop.time())
         self._by_fd[flow.sock.fileno()] = flow
         self._epoll.register(flow.sock.fileno(), _EPOLL_FLAGS)
 
@@ -458,6 +466,8 @@ class TcpRelay:
         if self.flows.get(flow.key) is not flow:
             return False
         del self.flows[flow.key]
+        if self.names is not None and not flow.inbound:
+            self.names.release(flow.key[1], self._loop.time())
         self._syn_unheard.pop(flow, None)
         fd = flow.sock.fileno()
         self._by_fd.pop(fd, None)

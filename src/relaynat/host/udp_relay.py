@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from relaynat.addressing import inbound_flow_key
 from relaynat.config import RelayConfig
+from relaynat.domains import NameTable
 from relaynat.events import (
     SILENT,
     Endpoint,
@@ -44,6 +45,7 @@ from relaynat.packet_builder import (
     icmp_unreachable_frame,
     udp_frame_head,
 )
+from relaynat.policy import EgressGate
 from relaynat.ratelimit import TokenBucket
 from relaynat.udp_flow import UdpFlow, UdpFlowTable
 from relaynat.wire import IPPROTO_UDP, IpPacket, UdpDatagram
@@ -95,9 +97,12 @@ class UdpRelay:
         self.guest_mac: bytes | None = None
         #: Inbound flows by (forward socket, client socket address).
         self._inbound: dict[tuple[socket.socket, SockAddr], UdpFlow] = {}
-        #: Egress check for a new flow (protocol, destination, port) -> allow; set by
-        #: the relay when a policy is in force.
-        self.admit: Callable[[int, bytes, int], bool] | None = None
+        #: The egress policy's gate for a new flow; set by the relay when a policy is
+        #: in force.
+        self.gate: EgressGate | None = None
+        #: The guest's DNS answers: an outbound flow's destination is held there while
+        #: it lives, so that it stays valid for its names (set by the relay).
+        self.names: NameTable | None = None
         #: The guest's new-flow rate, shared with TCP and ICMP (set by the relay; None:
         #: unlimited). Inbound flows (on_forwarded) never spend it.
         self.rate_limit: TokenBucket | None = None
@@ -124,7 +129,8 @@ class UdpRelay:
         quote = bytes(ip.packet[:hlen + 8])
         flow = self.table.get(key)
         if flow is None:
-            if self.admit is not None and not self.admit(IPPROTO_UDP, dgram.dst, dgram.dport):
+            if self.gate is not None and not self.gate.judge(IPPROTO_UDP, dgram.dst,
+                                                             dgram.dport, now).allow:
                 self.refuse(ip, ICMP_ADMIN_PROHIBITED)  # RFC 1812 §5.2.7.1
                 return
             assert host_ip is not None
@@ -203,6 +209,8 @@ class UdpRelay:
         self._loop.add_reader(sock.fileno(), self._on_readable, flow)
         self.stats["udp_flows_opened"] += 1
         self._opened_at[flow] = now
+        if self.names is not None:
+            self.names.hold(key[1], now)
         if self.events.listening:
             self._opened(flow, Endpoint(host_ip, host_port))
         self._arm_timer(flow.deadline(self.table.idle_s, self.table.stream_s))
@@ -367,6 +375,8 @@ class UdpRelay:
     def _ended(self, flow: UdpFlow, how: str) -> None:
         """`flow` left the table: its opening time is forgotten, `events` told."""
         opened_at = self._opened_at.pop(flow, None)
+        if self.names is not None and flow.peer is None:
+            self.names.release(flow.key[1], self._loop.time())
         if not self.events.listening:
             return
         guest_port, far, far_port, guest = flow.key
@@ -406,6 +416,8 @@ class UdpRelay:
             self._inbound[(sock, flow.peer)] = flow
             peer = sockaddr_endpoint(flow.peer)
         self._opened_at[flow] = opened_at
+        if self.names is not None and flow.peer is None:
+            self.names.hold(flow.key[1], self._loop.time())
         if self.events.listening:
             self._opened(flow, peer)
         self._arm_timer(flow.deadline(self.table.idle_s, self.table.stream_s))
