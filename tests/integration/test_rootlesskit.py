@@ -1,0 +1,163 @@
+"""The real rootlesskit (Debian's 1.1.0) running `relaynat-slirp4netns` as its slirp4netns
+binary, and the real slirp4netns in the same test as the reference.
+
+As `nobody`, with a subordinate id range for newuidmap/newgidmap and /dev/net/tun mode
+0666 (as Debian ships it; 0600 on this machine): `rootlesskit --net=slirp4netns
+--slirp4netns-binary=BINARY --port-driver=slirp4netns -p 127.0.0.1:PORT:80/tcp`, with
+and without `--disable-host-loopback`. Inside, the child's tap0 is addressed, a name
+resolves through 10.0.2.3 (the binary's upstream is a dnsmasq on loopback, named by the
+resolv.conf the binary reads), `wget` reaches a host-loopback server through 10.0.2.2 or
+is refused, 64 MiB go down and up intact, and the published port reaches a server inside.
+
+Nothing global changes: the scenario runs in a network namespace and a mount namespace
+of its own (`unshare -n -m`), where /etc/subuid, /etc/subgid, /etc/resolv.conf and
+/dev/net/tun are bind mounts that vanish with it. The host side's second address
+(198.18.0.1, RFC 2544's benchmarking range) is on that namespace's `lo`: the guest
+reaches it as any non-loopback address of the host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+TESTS = Path(__file__).resolve().parents[1]
+SRC = str(TESTS.parent / "src")
+
+_SCENARIO = r"""
+set -eu
+dev=$(mktemp -d)
+mount -t tmpfs -o mode=755 tmpfs "$dev"
+chmod 755 "$dev"
+mknod -m 666 "$dev/tun" c 10 200
+mount --bind "$dev/tun" /dev/net/tun
+echo "nobody:200000:65536" > "$dev/subuid"
+cp "$dev/subuid" "$dev/subgid"
+mount --bind "$dev/subuid" /etc/subuid
+mount --bind "$dev/subgid" /etc/subgid
+echo "nameserver 127.0.0.1" > "$dev/resolv.conf"
+mount --bind "$dev/resolv.conf" /etc/resolv.conf
+mkdir -m 777 "$dev/state" "$dev/sync"
+mkdir -m 755 "$dev/www" "$dev/inside"
+ip link set lo up
+ip addr add 198.18.0.1/32 dev lo
+echo "from host loopback" > "$dev/www/hello.txt"
+echo "from inside" > "$dev/inside/inside.txt"
+head -c 64M /dev/urandom > "$dev/www/big.bin"
+chmod 644 "$dev/www/"* "$dev/inside/"*
+echo "big $(sha256sum < "$dev/www/big.bin" | cut -d' ' -f1)"
+if [ "$BINARY" = relaynat ]; then
+    # nobody runs the system python with the tree's sources and the venv's packages.
+    printf '#!/bin/sh\nexec env PYTHONPATH=%s %s -m relaynat.cli.slirp4netns "$@"\n' \
+        "$RELAYNAT_PATH" "$GUEST_PYTHON" > "$dev/relaynat-slirp4netns"
+    chmod 755 "$dev/relaynat-slirp4netns"
+    s4n="$dev/relaynat-slirp4netns"
+else
+    s4n=$BINARY
+fi
+dnsmasq --keep-in-foreground --no-resolv --no-hosts --listen-address=127.0.0.1 \
+    --bind-interfaces --address=/probe.test/198.18.0.7 --log-queries \
+    --log-facility="$dev/dns.log" --user=root --pid-file="$dev/dnsmasq.pid" &
+dns=$!
+python3 "$PEERS" http --root "$dev/www" --bind 0.0.0.0 --port-file "$dev/port" &
+http=$!
+rk=
+trap 'touch "$dev/sync/stop"; kill $dns $http $rk 2>/dev/null || true' EXIT
+for _ in $(seq 200); do [ -s "$dev/port" ] && break; sleep 0.05; done
+port=$(cat "$dev/port")
+cat > "$dev/child.sh" <<CHILD
+ip -o -4 addr show tap0 | awk '{print "addr", \$2, \$4}'
+ip route | sed 's/ *$//; s/^/route /'
+echo "resolve \$(getent ahostsv4 probe.test | head -1 | cut -d' ' -f1)"
+if wget -q -T 5 -O - http://10.0.2.2:$port/hello.txt; then :; else echo "loopback refused"; fi
+echo "down \$(curl -sS --max-time 60 http://198.18.0.1:$port/big.bin | sha256sum | cut -d' ' -f1)"
+echo "up \$(curl -sS --max-time 60 -T $dev/www/big.bin http://198.18.0.1:$port/up)"
+busybox httpd -f -p 80 -h $dev/inside &
+echo ready > $dev/sync/child-ready
+while [ ! -e $dev/sync/stop ]; do sleep 0.1; done
+kill \$!
+CHILD
+cd /
+setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/nonexistent \
+    rootlesskit --state-dir "$dev/state/rk" --net=slirp4netns --slirp4netns-binary="$s4n" \
+    --mtu=65520 --copy-up=/etc --port-driver=slirp4netns -p "127.0.0.1:$FWD:80/tcp" \
+    $LOOPBACK sh "$dev/child.sh" &
+rk=$!
+for _ in $(seq 600); do
+    [ -e "$dev/sync/child-ready" ] && break
+    kill -0 $rk 2>/dev/null || break
+    sleep 0.1
+done
+echo "forwarded $(curl -sS --max-time 10 --retry 5 --retry-connrefused \
+    http://127.0.0.1:$FWD/inside.txt)"
+touch "$dev/sync/stop"
+set +e
+wait $rk
+echo "rootlesskit $?"
+set -e
+rk=
+echo "dns queries $(grep -c 'query\[A\] probe.test' "$dev/dns.log")"
+"""
+
+
+def _relaynat_path_for_nobody() -> str:
+    path = os.pathsep.join([SRC, *site.getsitepackages()])
+    from support.relaynat_cli import guest_python
+
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            "env", f"PYTHONPATH={path}", guest_python(), "-c",
+                            "import relaynat.relay"], capture_output=True, cwd="/")
+    if probe.returncode:
+        pytest.skip("nobody cannot import relaynat and its dependencies here: "
+                    + probe.stderr.decode()[-300:])
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("loopback", ["host-loopback", "disable-host-loopback"])
+@pytest.mark.parametrize("binary", ["relaynat", "/usr/bin/slirp4netns"])
+def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, loopback: str) -> None:
+    for tool in ("rootlesskit", "newuidmap", "dnsmasq", "busybox", "wget", "curl"):
+        assert shutil.which(tool), f"{tool} is installed by install.sh"
+    if binary != "relaynat":
+        assert os.access(binary, os.X_OK), "slirp4netns is installed by install.sh"
+    from support.relaynat_cli import guest_python
+
+    env = {**os.environ, "BINARY": binary, "RELAYNAT_PATH": _relaynat_path_for_nobody(),
+           "GUEST_PYTHON": guest_python(), "PEERS": str(TESTS / "support" / "host_peers.py"),
+           "FWD": str(_free_port()),
+           "LOOPBACK": "--disable-host-loopback" if loopback.startswith("disable") else ""}
+    done = subprocess.run(["unshare", "-n", "-m", "--propagation", "private", "bash", "-c",
+                           _SCENARIO], capture_output=True, text=True, timeout=240, env=env)
+    out = done.stdout.splitlines()
+    report = done.stdout + done.stderr
+    assert done.returncode == 0, report
+    digest = out[0].removeprefix("big ")
+    assert len(digest) == 64, report
+    reached = (["loopback refused"] if loopback.startswith("disable")
+               else ["from host loopback"])
+    assert out[1:] == [
+        "addr tap0 10.0.2.100/24",
+        "route default via 10.0.2.2 dev tap0",
+        "route 10.0.2.0/24 dev tap0 proto kernel scope link src 10.0.2.100",
+        "resolve 198.18.0.7",
+        *reached,
+        f"down {digest}",
+        f"up {digest}",
+        "forwarded from inside",
+        "rootlesskit 0",
+        "dns queries 1",
+    ], report
