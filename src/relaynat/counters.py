@@ -209,6 +209,25 @@ _DNS: _Rows = (
     ("dns_resolv_conf_unusable",
      "Times the host's resolv.conf changed to name no nameserver (or went away); the last "
      "upstream resolver was kept."),
+    ("dns_refused",
+     "DNS queries answered REFUSED by the relay and never forwarded: under a policy "
+     "that allows by name (domain rules, default deny), no allow rule covers the name, "
+     "or the query is not one readable question."),
+    ("dns_empty",
+     "HTTPS and SVCB queries (types 65, 64) for allowed names answered with no data by "
+     "the relay, so that clients fall back to A and AAAA."),
+    ("dns_dropped",
+     "DNS queries too short for a header, dropped unanswered under a policy that "
+     "allows by name."),
+    ("dns_addresses_learned",
+     "Addresses learned from A and AAAA answers (CNAME chains followed) for the "
+     "policy's domain rules."),
+    ("dns_answers_unread",
+     "DNS answers the relay could not read for the policy's domain rules (passed to "
+     "the guest unchanged; nothing learned)."),
+    ("dns_names_evicted",
+     "Learned (name, address) pairs pushed out of the guest's bounded table by newer "
+     "ones (max_dns_names)."),
 )
 
 _TCP: _Rows = (

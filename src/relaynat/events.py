@@ -165,6 +165,24 @@ class TransportLost(Event):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class DnsQuery(Event):
+    """A DNS query of the guest's to the relay's DNS address, under a policy with domain
+    rules (or while anyone listens): `name` as asked (normalised), `qtype` ("A", "AAAA",
+    "HTTPS", ... or the type's number), the addresses the answer gave for it (CNAME
+    chain followed) and `action`: "forwarded" (emitted when the upstream's answer came
+    back), "refused" (no allow rule covers the name: answered REFUSED, never
+    forwarded), "empty" (an HTTPS or SVCB query answered with no data) or "static"
+    (answered from the static records)."""
+
+    kind: ClassVar[str] = "dns_query"
+
+    name: str
+    qtype: str
+    answers: tuple[str, ...]
+    action: str
+
+
 class EventSink(Protocol):
     """Where the relay's parts emit events (the shell's `EventHub`). An emitter tests
     `listening` first and builds nothing when it is False: with no subscriber an event
@@ -196,7 +214,8 @@ SILENT: EventSink = _Silent()
 
 #: Every event class by its `kind`.
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.kind: cls for cls in (GuestReady, FlowOpened, FlowDenied, FlowClosed, TransportLost)
+    cls.kind: cls for cls in (GuestReady, FlowOpened, FlowDenied, FlowClosed, TransportLost,
+                              DnsQuery)
 }
 
 _ENDPOINT_FIELDS = frozenset({"guest_end", "far", "host_peer"})
@@ -234,5 +253,7 @@ def event_from_dict(data: dict[str, object]) -> Event:
             if not isinstance(value, (list, tuple)) or len(value) != 2:
                 raise ValueError(f"{kind} event: {name} is not [addr, port]: {value!r}")
             value = Endpoint(*value)
+        if name == "answers" and isinstance(value, list):
+            value = tuple(value)
         args[name] = value
     return cls(**args)

@@ -34,7 +34,7 @@ import asyncio
 import logging
 import resource
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from relaynat.config import RelayConfig
 from relaynat.event_hub import DEFAULT_MAXSIZE, EventHub, EventStream
@@ -78,15 +78,17 @@ class Guests:
             relay.start()
 
     def add(self, name: str, config: RelayConfig | None = None,
-            policy: Policy | None = None) -> Relay:
+            policy: Policy | None = None, *,
+            allow_domains: Iterable[str] | None = None) -> Relay:
         """A new guest called `name`, started; attach its transport to the returned
-        relay (`attach`, `serve_stream`, `attach_stream_fd`). Raises ValueError if the
-        name is taken and ConfigError if `config` is inconsistent."""
+        relay (`attach`, `serve_stream`, `attach_stream_fd`). `allow_domains` instead of
+        `policy`: only those names (`Policy.allow_domains`, `--allow-domain`). Raises
+        ValueError if the name is taken and ConfigError if `config` is inconsistent."""
         if not name:
             raise ValueError("a guest needs a non-empty name")
         if name in self._relays:
             raise ValueError(f"a guest named {name!r} already exists")
-        relay = Relay(config, policy, name=name)
+        relay = Relay(config, policy, name=name, allow_domains=allow_domains)
         if self._loop is not None:
             relay.start()
         self._relays[name] = relay

@@ -31,10 +31,10 @@ import asyncio
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from relaynat.addressing import DNS_PORT, AddressMap
-from relaynat.config import RelayConfig
+from relaynat.config import ConfigError, RelayConfig
 from relaynat.counters import with_zeros
 from relaynat.domains import NameTable
 from relaynat.errors import RelayClosedError
@@ -88,7 +88,9 @@ class Relay(RelayDispatch, RelayMoving):
     """The network of one guest: one transport at a time, any number of flows.
 
     `config` (default `RelayConfig()`) is validated here (ConfigError says what is
-    wrong); `policy` (None: allow everything) governs the guest's new flows. Use as
+    wrong); `policy` (None: allow everything) governs the guest's new flows;
+    `allow_domains` instead of it is `--allow-domain`'s policy for those names
+    (`Policy.allow_domains`). Use as
     `async with Relay(config) as relay:` (or `start()` and `close()` in a running event
     loop), then `attach` a transport or `serve_stream`.
 
@@ -98,10 +100,16 @@ class Relay(RelayDispatch, RelayMoving):
     """
 
     def __init__(self, config: RelayConfig | None = None, policy: Policy | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, *,
+                 allow_domains: Iterable[str] | None = None) -> None:
         #: The guest's name in log lines (guest_log.py); `Guests` sets it.
         self.name = name
         self.config = (config or RelayConfig()).validate()
+        if allow_domains is not None:
+            # `--allow-domain`: only these names, on TCP 80 and 443 (Policy.allow_domains).
+            if policy is not None:
+                raise ConfigError("Relay(): give a policy or allow_domains, not both")
+            policy = Policy.allow_domains(allow_domains, self.config)
         # Bound to this relay's addressing, whatever config it was built with (policy.py).
         self._policy = policy.bound_to(self.config) if policy is not None else None
         self._stats: Counter[str] = Counter()
@@ -178,13 +186,9 @@ class Relay(RelayDispatch, RelayMoving):
         # One bucket for all three: the rate bounds the guest's new flows, whatever protocol.
         self._tcp.rate_limit = self._udp_relay.rate_limit = self._icmp.rate_limit = (
             TokenBucket.from_limits(self.config.new_flow_rate, self.config.new_flow_burst))
+        self._udp_relay.dns_answered = self._dns_answered
         self.set_policy(self._policy)
         self._forwarder = Forwarder(self._loop, self._open_inbound, self._forwarded_datagram)
-        if self._dns_static:
-            self._dns_tcp = DnsTcpResponder(self._dns_static, self._dns_upstream, self._loop,
-                                            self._stats)
-            # It serves no one but this guest: the relay names its sockets (host/dns_tcp.py).
-            self._tcp.watch_connects(self._dns_tcp.address, self._dns_tcp.expect)
         if self.config.pcap_path:
             self._pcap = PcapWriter(self.config.pcap_path)
 
@@ -286,6 +290,7 @@ class Relay(RelayDispatch, RelayMoving):
             policy, (self._addr.dns_ip, self._addr.dns_ip6), self._stats, self._hub.denied,
             self._names)
         self._gate = gate
+        self._serve_dns_tcp()  # domain rules screen DNS over TCP too
         loop = self._loop
         parts = (("tcp", self._tcp), ("udp", self._udp_relay), ("icmp", self._icmp))
         for _name, part in parts:

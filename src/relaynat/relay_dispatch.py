@@ -10,15 +10,23 @@ per frame. It declares the parts of the relay it works on, which `Relay` builds
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
+from ipaddress import ip_address
 from typing import TYPE_CHECKING
 
 from relaynat.addressing import DNS_PORT, LINK_LOCAL_PREFIX, AddressMap
 from relaynat.config import RelayConfig
+from relaynat.domains import NameTable
+from relaynat.event_hub import EventHub
+from relaynat.events import DnsQuery
+from relaynat.host.dns_tcp import DnsTcpResponder
 from relaynat.host.icmp_relay import IcmpEchoRelay
 from relaynat.host.tcp_relay import TcpRelay
 from relaynat.host.udp_relay import UdpRelay
 from relaynat.link.dns import answer_static
+from relaynat.link.dns_filter import read_answer, screen_query, type_name
 from relaynat.link.services import (
     BROADCAST_IP,
     DHCP_SERVER_PORT,
@@ -27,6 +35,7 @@ from relaynat.link.services import (
     LinkServices,
 )
 from relaynat.packet_builder import BROADCAST_MAC, ICMP_PORT_UNREACH, udp_frame
+from relaynat.policy import EgressGate
 from relaynat.wire import (
     IPPROTO_ICMPV6,
     IPPROTO_TCP,
@@ -61,6 +70,11 @@ class RelayDispatch:
     _verify_tcp: bool
     _dns_static: dict[str, dict[int, list[bytes]]]
     _ip_id: int
+    _names: NameTable
+    _gate: EgressGate | None
+    _hub: EventHub
+    _dns_tcp: DnsTcpResponder | None
+    _loop: asyncio.AbstractEventLoop | None
 
     if TYPE_CHECKING:
         def _tcp_segment(self, seg: TcpSegment) -> None: ...
@@ -134,18 +148,25 @@ class RelayDispatch:
         self._udp_relayed(ip, dgram)
 
     def _udp_relayed(self, ip: IpPacket, dgram: UdpDatagram) -> None:
-        """A unicast guest datagram of either family: static DNS answers, else relayed."""
+        """A unicast guest datagram of either family: static DNS answers, queries the
+        policy's domain rules refuse, else relayed."""
         dns_ip = self._addr.dns_ip6 if len(dgram.dst) == 16 else self._addr.dns_ip
-        if dgram.dst == dns_ip and dgram.dport == DNS_PORT and self._dns_static:
-            answer = answer_static(dgram.payload, self._dns_static)
-            if answer is not None:
-                self._stats["dns_static_answers"] += 1
-                self._ip_id = (self._ip_id + 1) & 0xFFFF
-                self._send_frame(udp_frame(self._guest_mac or BROADCAST_MAC,
-                                           self.config.gateway_mac, dns_ip, dgram.src,
-                                           DNS_PORT, dgram.sport, answer, self._ip_id))
-                return
         if dgram.dst == dns_ip and dgram.dport == DNS_PORT:
+            answer = None
+            if self._dns_static:
+                answer = answer_static(dgram.payload, self._dns_static)
+                if answer is not None:
+                    self._stats["dns_static_answers"] += 1
+                    self._dns_answered(answer, "static")
+            if answer is None:
+                answer = self._dns_screen(dgram.payload)
+            if answer is not None:
+                if answer:  # b"": dropped
+                    self._ip_id = (self._ip_id + 1) & 0xFFFF
+                    self._send_frame(udp_frame(self._guest_mac or BROADCAST_MAC,
+                                               self.config.gateway_mac, dns_ip, dgram.src,
+                                               DNS_PORT, dgram.sport, answer, self._ip_id))
+                return
             self._dns_upstream()  # a new flow would go to the upstream the host names now
         host_ip = self._addr.host_ip_for(dgram.dst, dgram.dport, self._stats)
         assert self._udp_relay is not None
@@ -163,3 +184,76 @@ class RelayDispatch:
             self._udp_relay.on_datagram(ip, dgram, host_ip, self.config.dns_udp_timeout_s)
         else:
             self._udp_relay.on_datagram(ip, dgram, host_ip)
+
+    # -- DNS under domain rules (link/dns_filter.py, domains.py) ---------------------------
+
+    def _dns_screen(self, query: bytes | memoryview) -> bytes | None:
+        """The relay's own reply to a guest query the policy keeps from the upstream
+        (REFUSED, or NODATA for HTTPS/SVCB; b"": dropped unanswered), or None to forward
+        it. Both transports ask (UDP here, TCP in host/dns_tcp.py)."""
+        gate = self._gate
+        if gate is None or not gate.policy.filters_dns:
+            return None
+        screened = screen_query(query, gate.policy)
+        if screened.action == "forwarded":
+            return None
+        if screened.action == "refused":
+            self._stats["dns_refused"] += 1
+        elif screened.action == "empty":
+            self._stats["dns_empty"] += 1
+        else:
+            self._stats["dns_dropped"] += 1
+        hub = self._hub
+        if hub.listening and screened.qtype:
+            hub.emit(DnsQuery(time.time(), hub.guest, screened.name,
+                              type_name(screened.qtype), (), screened.action))
+        return b"" if screened.reply is None else screened.reply
+
+    def _dns_answered(self, reply: bytes | memoryview, action: str = "forwarded") -> None:
+        """An answer on its way to the guest (from the upstream, or the static records):
+        its addresses learned for the name asked while a policy has domain rules, and
+        a DnsQuery event. The reply itself goes on unchanged."""
+        gate = self._gate
+        learning = gate is not None and gate.policy.has_domains
+        hub = self._hub
+        if not (learning or hub.listening):
+            return
+        answer = read_answer(reply)
+        if answer is None:
+            self._stats["dns_answers_unread"] += 1
+            return
+        if learning and answer.addrs and self._loop is not None:
+            names = self._names
+            evicted = names.evicted
+            names.learn(answer.name, answer.addrs, answer.ttl, self._loop.time())
+            self._stats["dns_addresses_learned"] += len(answer.addrs)
+            if names.evicted != evicted:
+                self._stats["dns_names_evicted"] += names.evicted - evicted
+        if hub.listening:
+            hub.emit(DnsQuery(time.time(), hub.guest, answer.name, type_name(answer.qtype),
+                              answer.addr_texts(), action))
+
+    def _serve_dns_tcp(self) -> None:
+        """Run the DNS-over-TCP responder (host/dns_tcp.py) if the guest's DNS over TCP
+        needs more than relaying: static records to answer, or a policy with domain
+        rules to screen queries and learn answers."""
+        if self._dns_tcp is not None or self._loop is None or self._tcp is None:
+            return
+        gate = self._gate
+        if not self._dns_static and (gate is None or not gate.policy.has_domains):
+            return
+        self._dns_tcp = DnsTcpResponder(self._dns_static, self._dns_upstream, self._loop,
+                                        self._stats, self._dns_screen, self._dns_answered)
+        # It serves no one but this guest: the relay names its sockets (host/dns_tcp.py).
+        self._tcp.watch_connects(self._dns_tcp.address, self._dns_tcp.expect)
+
+    def learned_names(self) -> list[dict[str, object]]:
+        """The names the guest's DNS answers gave addresses for that are still valid
+        (for the policy's domain rules), oldest learned first: name, address, seconds
+        left of the answer's TTL (0: valid only while a flow uses it, or in the grace
+        after) and the flows open to the address."""
+        if self._loop is None:
+            return []
+        return [{"name": e.name, "addr": str(ip_address(e.addr)),
+                 "expires_in": round(e.expires_in, 1), "flows": e.flows}
+                for e in self._names.entries(self._loop.time())]

@@ -356,3 +356,26 @@ def test_flow_allowed_only_after_a_valid_covered_answer(
                 if allowed:  # never without an answer for a covered name before it
                     assert any(a == arg and domain_matches("*.example.org", n)
                                for n, a in heard)
+
+
+def test_allow_domain_option_and_keyword() -> None:
+    from relaynat import Guests, Relay
+    from relaynat.cli.options import build_parser, config_from_args, policy_from_args
+
+    args = build_parser().parse_args(["run", "--allow-domain", "PyPI.org", "--allow-domain",
+                                      "*.pythonhosted.org", "--", "true"])
+    config = config_from_args(args)
+    policy = policy_from_args(args, config)
+    assert policy == Policy.allow_domains(["pypi.org", "*.pythonhosted.org"], config)
+    with pytest.raises(SystemExit):  # one policy at a time
+        build_parser().parse_args(["run", "--allow-domain", "a.test", "--sandbox", "--",
+                                   "true"])
+    with pytest.raises(ConfigError):
+        policy_from_args(build_parser().parse_args(
+            ["run", "--allow-domain", "a..test", "--", "true"]), config)
+    relay = Relay(CFG, allow_domains=["a.test"])
+    assert relay.policy == Policy.allow_domains(["a.test"], CFG)
+    with pytest.raises(ConfigError, match="not both"):
+        Relay(CFG, Policy.sandbox(CFG), allow_domains=["a.test"])
+    guest = Guests().add("g", CFG, allow_domains=["*.a.test"])
+    assert guest.policy is not None and guest.policy.allows_name("b.a.test")

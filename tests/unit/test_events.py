@@ -89,7 +89,7 @@ def test_an_event_survives_json_and_back(event: Event) -> None:
 
 def test_every_kind_is_listed_and_a_bad_dict_is_named() -> None:
     assert set(EVENT_TYPES) == {"guest_ready", "flow_opened", "flow_denied", "flow_closed",
-                                "transport_lost"}
+                                "transport_lost", "dns_query"}
     with pytest.raises(ValueError, match="unknown event kind"):
         event_from_dict({"kind": "nope"})
     with pytest.raises(ValueError, match="missing field 'reason'"):

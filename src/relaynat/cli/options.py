@@ -150,6 +150,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     policy.add_argument("--sandbox", action="store_true",
                         help="deny the metadata address, link-local and private ranges and "
                              "host loopback; allow the rest")
+    policy.add_argument("--allow-domain", action="append", default=[], metavar="NAME",
+                        help="allow TCP 80 and 443 to NAME (a name, or *.NAME for the names "
+                             "below it) as resolved through the relay, the name on the wire "
+                             "checked, and deny everything else; other names get REFUSED "
+                             "(repeatable)")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-tcp-flows", "--max-flows", dest="max_flows", type=_positive_int,
                      default=16384, metavar="N",
@@ -341,6 +346,8 @@ def policy_from_args(args: argparse.Namespace, config: RelayConfig) -> Policy | 
         return Policy.sandbox(config)
     if args.policy:
         return Policy.load(args.policy, config)
+    if args.allow_domain:
+        return Policy.allow_domains(args.allow_domain, config)
     return None
 
 

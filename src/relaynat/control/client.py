@@ -45,6 +45,8 @@ def add_parser(sub: Any) -> None:
     rm.add_argument("what", nargs="+", metavar="ID | PROTO [ADDR/]PORT")
     cmds.add_parser("stats", help="print the relay's counters")
     cmds.add_parser("flows", help="list the open flows, one per line")
+    cmds.add_parser("names", help="list the names the guest resolved through the relay "
+                                  "and the addresses still valid for them")
     pol = cmds.add_parser("policy", help="show or set the egress policy")
     pol.add_argument("action", choices=["show", "set"])
     pol.add_argument("source", nargs="?", metavar="FILE|sandbox|none",
@@ -132,7 +134,8 @@ def build_request(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         return {"execute": "set_policy", "arguments": arguments}
     if cmd == "handover":
         return {"execute": "handover", "arguments": {"to": args.to}}
-    return {"execute": {"list": "list_hostfwd", "stats": "stats", "flows": "flows"}[cmd]}
+    return {"execute": {"list": "list_hostfwd", "stats": "stats", "flows": "flows",
+                        "names": "names"}[cmd]}
 
 
 def _flow_request(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -246,6 +249,10 @@ def print_answer(cmd: str, result: Any) -> None:
                   f"{_peer(f['far']):26} {_peer(f['host_peer']):26} {f['state']:11} "
                   f"{f['bytes_from_guest']:>12} {f['bytes_to_guest']:>12} {window:>10} "
                   f"{rtt:>8}")
+    elif cmd == "names":
+        print(f"{'NAME':40} {'ADDRESS':39} {'TTL LEFT s':>10} {'FLOWS':>5}")
+        for n in result["names"]:
+            print(f"{n['name']:40} {n['addr']:39} {n['expires_in']:>10} {n['flows']:>5}")
     elif cmd == "handover":
         # .get: an older relay's answer has no UDP or ping counts (they did not move).
         print(f"handed over to {result['to']}: {result['moved_tcp']} TCP flows, "

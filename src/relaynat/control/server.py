@@ -8,11 +8,13 @@ object per line, any number per connection, each answered by one line::
     {"return": {"id": 1, "proto": "tcp", "host_addr": "127.0.0.1", "host_port": 41234, ...}}
 
 Commands: add_hostfwd, list_hostfwd, remove_hostfwd (`id`, or `proto`, `host_addr`,
-`host_port`), stats, flows, get_policy, set_policy (`policy`: a policy dict as
-`Policy.from_dict` takes, or null for none; or `sandbox`: true; and `cut`: bool),
-export_flows, import_flows (`file`), release_exported (`reset`: bool) and quit
-(control/flows_file.py); handover (`to`: the path where a new relay process waits,
-moving/handover.py; the relay answers once the new one took over, then exits).
+`host_port`), stats, flows, names (the names the guest's DNS answers gave
+addresses for, still valid for the policy's domain rules), get_policy, set_policy
+(`policy`: a policy dict as `Policy.from_dict` takes, or null for none; or `sandbox`:
+true; and `cut`: bool), export_flows, import_flows (`file`), release_exported
+(`reset`: bool) and quit (control/flows_file.py); handover (`to`: the path where a new
+relay process waits, moving/handover.py; the relay answers once the new one took over,
+then exits).
 A request that cannot be served gets `{"error": {"desc": "..."}}` saying why, and the
 connection stays usable.
 
@@ -83,6 +85,7 @@ _SPECS: dict[str, _Spec] = {
                        "host_addr": ((str, type(None)), False), "host_port": ((int,), False)},
     "stats": {},
     "flows": {},
+    "names": {},
     "get_policy": {},
     "set_policy": {"policy": ((dict, type(None)), False), "sandbox": ((bool,), False),
                    "cut": ((bool,), False)},
@@ -156,6 +159,7 @@ class ControlServer:
         self._handlers: dict[str, Callable[[Relay, dict[str, Any]], object]] = {
             "add_hostfwd": _add_hostfwd, "list_hostfwd": _list_hostfwd,
             "remove_hostfwd": _remove_hostfwd, "stats": _stats, "flows": _flows,
+            "names": _names,
             "get_policy": _get_policy, "set_policy": _set_policy,
             **self._flow_handlers(),
             "handover": self._handover,
@@ -362,6 +366,10 @@ def _stats(relay: Relay, args: dict[str, Any]) -> object:
 
 def _flows(relay: Relay, args: dict[str, Any]) -> object:
     return {"flows": [flow.to_dict() for flow in relay.flows()]}
+
+
+def _names(relay: Relay, args: dict[str, Any]) -> object:
+    return {"names": relay.learned_names()}
 
 
 def _get_policy(relay: Relay, args: dict[str, Any]) -> object:

@@ -1,4 +1,5 @@
-"""DNS over TCP at the relay's DNS address, when static records are configured.
+"""DNS over TCP at the relay's DNS address, when static records are configured or the
+egress policy has domain rules.
 
 Over UDP the relay answers static records itself (relay.py, dns.answer_static). Over
 TCP the guest's connection is relayed like any other (host/tcp_relay.py), so to answer the
@@ -7,7 +8,10 @@ host's loopback instead of at the upstream resolver. It speaks DNS over TCP (RFC
 each message preceded by its 2-byte length, several per connection, §6.2.1) and, for
 every query it cannot answer from the table, forwards the message unchanged to the
 upstream resolver over TCP and relays the reply; the guest sees one resolver that
-knows the static names, whichever transport its resolver picks. The upstream is asked
+knows the static names, whichever transport its resolver picks. Under a policy
+with domain rules the relay also screens each query first (`screen`: REFUSED for a
+name no rule allows, link/dns_filter.py), and reads each answer (`answered`) for the
+addresses it gives, as on the UDP path. The upstream is asked
 of the relay for every query (it follows the host's resolv.conf, link/dns.py): a query
 after a change goes to the new resolver, one in flight finishes with the old.
 
@@ -54,9 +58,13 @@ class DnsTcpResponder:
     query goes; None: only static names are answered, other queries end the connection."""
 
     def __init__(self, table: StaticTable, upstream: Callable[[], str | None],
-                 loop: asyncio.AbstractEventLoop, stats: Counter[str]) -> None:
+                 loop: asyncio.AbstractEventLoop, stats: Counter[str],
+                 screen: Callable[[bytes], bytes | None] | None = None,
+                 answered: Callable[[bytes, str], None] | None = None) -> None:
         self._table = table
         self._upstream = upstream
+        self._screen = screen
+        self._answered = answered
         self._clients: set[asyncio.Task[None]] = set()
         self._stats = stats
         # Bound now, so the port is known before the first guest SYN can arrive.
@@ -132,11 +140,18 @@ class DnsTcpResponder:
                 answer = answer_static(query, self._table)
                 if answer is not None:
                     self._stats["dns_tcp_static"] += 1
+                    if self._answered is not None:
+                        self._answered(answer, "static")
+                elif self._screen is not None and (answer := self._screen(query)) is not None:
+                    if not answer:  # unreadable even as a header: nothing to answer
+                        return
                 else:
                     answer = await self._forward(query)
                     if answer is None:
                         return
                     self._stats["dns_tcp_forwarded"] += 1
+                    if self._answered is not None:
+                        self._answered(answer, "forwarded")
                 writer.write(_LEN.pack(len(answer)) + answer)
                 await writer.drain()
         except OSError as exc:

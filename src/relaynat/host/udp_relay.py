@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from relaynat.addressing import inbound_flow_key
+from relaynat.addressing import DNS_PORT, inbound_flow_key
 from relaynat.config import RelayConfig
 from relaynat.domains import NameTable
 from relaynat.events import (
@@ -110,6 +110,11 @@ class UdpRelay:
         self.events: EventSink = SILENT
         #: When each flow opened (loop time), for its duration when it closes.
         self._opened_at: dict[UdpFlow, float] = {}
+        #: Hears every answer of the DNS address's upstream on its way to the guest,
+        #: which goes on unchanged (set by the relay: the policy's domain rules learn
+        #: the addresses it gives).
+        self.dns_answered: Callable[[bytes], None] | None = None
+        self._dns_addresses = (config.dns_ipv4.packed, config.dns_ipv6.packed)
 
     def set_link(self, vnet_hdr_len: int, offload: bool) -> None:
         """Frame format of the attached transport."""
@@ -247,6 +252,9 @@ class UdpRelay:
         if self.guest_mac is None:
             stats["udp_drop_no_guest_mac"] += 1
             return
+        if (self.dns_answered is not None and src_port == DNS_PORT and flow.peer is None
+                and src in self._dns_addresses):
+            self.dns_answered(data)
         self._ip_id = (self._ip_id + 1) & 0xFFFF
         self._send_raw(udp_frame_head(self.guest_mac, self._config.gateway_mac, src,
                                       guest_ip, src_port, guest_port, data,
