@@ -66,6 +66,7 @@ from relaynat.errors import Error, RelayClosedError
 
 if TYPE_CHECKING:
     # What the lazy __getattr__ below returns, spelled out for type checkers.
+    from relaynat.audit import AuditLog
     from relaynat.event_hub import EventStream
     from relaynat.events import (
         Endpoint,
@@ -123,6 +124,7 @@ __all__ = [  # noqa: RUF022
     "EventStream",
     "event_dict",
     "event_from_dict",
+    "AuditLog",
     # Egress policy and inbound forwards.
     "Decision",
     "Forward",
@@ -162,6 +164,7 @@ __docformat__ = "markdown"
 
 #: Public name -> the module that defines it, imported on first access (PEP 562).
 _LAZY = {
+    "AuditLog": "relaynat.audit",
     "Decision": "relaynat.policy",
     "Endpoint": "relaynat.events",
     "Event": "relaynat.events",

@@ -94,6 +94,9 @@ class RelayConfig:
     """Upper bound of host connect() calls in progress; a SYN beyond it gets RST."""
     connect_timeout_s: float = 10.0
     """How long a host connect() may take before the guest gets a RST."""
+    first_flight_timeout_s: float = 10.0
+    """How long a guest has to send the first flight of a flow whose name is checked on
+    the wire (a domain rule's inspected ports) before it is reset (first_flight.py)."""
     tcp_idle_timeout_s: float = 7200.0
     """A flow with no traffic either way for this long is reset both ways (passt: 2 h)."""
     tcp_ooo_budget: int = 16 << 20
@@ -232,7 +235,8 @@ class RelayConfig:
                      "max_udp_flows", "max_icmp_flows", "max_dns_names"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("connect_timeout_s", "tcp_idle_timeout_s", "udp_idle_timeout_s",
+        for name in ("connect_timeout_s", "first_flight_timeout_s", "tcp_idle_timeout_s",
+                     "udp_idle_timeout_s",
                      "udp_stream_timeout_s", "dns_udp_timeout_s", "udp_inbound_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")

@@ -235,6 +235,13 @@ _TCP: _Rows = (
     ("tcp_connects_at_once",
      "Of those, connects already complete on return from connect() (a peer on this host)."),
     ("tcp_connect_failed", "Host connect()s that failed; the guest got a RST."),
+    ("tcp_first_flights",
+     "Outbound TCP flows a domain rule allowed on an inspected port: the relay answered "
+     "the guest's handshake before any host connect, to read the name in its first "
+     "flight (TLS SNI, HTTP Host)."),
+    ("tcp_first_flights_denied",
+     "Of those, flows reset because of their first flight (the `policy_denied_<reason>` "
+     "counters say why); they never had a host connect."),
     ("tcp_inbound_opened", "TCP flows opened by a client of a forwarded port."),
     ("tcp_inbound_refused_flow_limit", "Forwarded TCP clients refused: max_tcp_flows reached."),
     ("tcp_inbound_no_guest", "Forwarded TCP clients refused: no guest attached."),
@@ -347,6 +354,21 @@ _POLICY: _Rows = (
     ("policy_denied", "New guest flows the egress policy denied."),
     ("policy_denied_default", "Of those, denied by the policy's default."),
     ("policy_denied_unlogged", "Denials not logged: the denial log's rate limit."),
+    ("policy_denied_name_mismatch",
+     "TCP flows a domain rule allowed, reset: the TLS SNI or HTTP Host of their first "
+     "flight is not a name the rule covers, or the destination was not learned for it."),
+    ("policy_denied_no_sni", "Such flows reset: a TLS ClientHello without server_name."),
+    ("policy_denied_no_host",
+     "Such flows reset: an HTTP/1 request without exactly one Host (or an absolute-form "
+     "target naming another host, or CONNECT)."),
+    ("policy_denied_ech",
+     "Such flows reset: a ClientHello with Encrypted Client Hello and no outer SNI."),
+    ("policy_denied_unknown_protocol",
+     "Such flows reset: a first flight that is neither a TLS ClientHello nor an HTTP/1 "
+     "request (or a malformed one)."),
+    ("policy_denied_first_flight_timeout",
+     "Such flows reset: no name within `first_flight_timeout_s` (10 s)."),
+    ("policy_denied_first_flight_too_big", "Such flows reset: no name within 16 KiB."),
     ("policy_cut_tcp", "Open TCP flows ended because a new policy denies them (`cut`)."),
     ("policy_cut_udp", "Open UDP flows ended because a new policy denies them (`cut`)."),
     ("policy_cut_icmp", "Ping sessions ended because a new policy denies them (`cut`)."),
@@ -364,12 +386,18 @@ _OUTSIDE: _Rows = (
     ("handover_pause_us",
      "Microseconds the guest waited during the handovers taken over, summed."),
     ("events_dropped", "Events lost by a `Relay.events()` reader that fell behind."),
+    ("audit_dropped",
+     "Events an attached `AuditLog` (`--audit`) dropped: its writer fell behind and its "
+     "queue was full."),
 )
 
 _GAUGES: _Rows = (
     ("tcp_flows", "TCP flows open now."),
     ("udp_flows", "UDP flows open now."),
     ("icmp_sockets", "Host ping sockets open now."),
+    ("tcp_first_flight_bytes",
+     "Guest bytes held now by TCP flows whose first flight is read before their host "
+     "connect (at most 16 KiB a flow, `max_pending_connects` flows)."),
 )
 
 #: The counters in sections, as docs/stats.md shows them.

@@ -112,7 +112,14 @@ class FlowOpened(Event):
     created the flow (a moved TCP flow opens where it is imported).
 
     `host_peer` is where the relay's host socket talks to (the mapped destination, or
-    a forwarded port's client), None when not known yet."""
+    a forwarded port's client), None when not known yet.
+
+    Under an egress policy: `rule` is the index of the rule that allowed the flow (-1:
+    its default, or no policy) and `comment` that rule's comment; `names` the names
+    the guest's DNS answers held the destination for (only looked up when the policy
+    has domain rules); `wire_name` the TLS SNI or HTTP Host the first flight carried,
+    for a flow whose name was checked on the wire (its `FlowOpened` comes once the
+    name passed and the connect began)."""
 
     kind: ClassVar[str] = "flow_opened"
 
@@ -121,13 +128,24 @@ class FlowOpened(Event):
     guest_end: Endpoint
     far: Endpoint
     host_peer: Endpoint | None
+    names: tuple[str, ...] = ()
+    wire_name: str | None = None
+    rule: int = -1
+    comment: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class FlowDenied(Event):
     """The egress policy refused a new flow toward `far`. `rule` is the index of the
     deciding rule in the policy's list, -1 when its default decided; `comment` is that
-    rule's comment ("" for none, or the default)."""
+    rule's comment ("" for none, or the default).
+
+    `reason` is "policy" for a flow the rules refused; for a TCP flow a domain rule
+    allowed, why its first flight failed the check on the wire (first_flight.py's
+    `DENY_REASONS`: "name_mismatch", "no_sni", "no_host", "ech", "unknown_protocol",
+    "first_flight_timeout", "first_flight_too_big"), `rule` and `comment` then the
+    allowing rule's. `names` are the names the destination was learned for,
+    `wire_name` the SNI or Host read (None: none)."""
 
     kind: ClassVar[str] = "flow_denied"
 
@@ -136,6 +154,8 @@ class FlowDenied(Event):
     rule: int
     comment: str
     reason: str = "policy"
+    names: tuple[str, ...] = ()
+    wire_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,11 +243,11 @@ _ENDPOINT_FIELDS = frozenset({"guest_end", "far", "host_peer"})
 
 def event_dict(event: Event) -> dict[str, object]:
     """The event as a JSON-ready dict: "kind" first, then its fields in order, each
-    `Endpoint` as an `[addr, port]` list."""
+    `Endpoint` as an `[addr, port]` list and each tuple of names a list."""
     out: dict[str, object] = {"kind": event.kind}
     for field in dataclasses.fields(event):
         value = getattr(event, field.name)
-        out[field.name] = list(value) if isinstance(value, Endpoint) else value
+        out[field.name] = list(value) if isinstance(value, tuple) else value
     return out
 
 
@@ -239,13 +259,15 @@ def event_from_dict(data: dict[str, object]) -> Event:
     if cls is None:
         raise ValueError(f"unknown event kind {kind!r}")
     names = {field.name for field in dataclasses.fields(cls)}
+    optional = {field.name for field in dataclasses.fields(cls)
+                if field.default is not dataclasses.MISSING}
     extra = set(data) - names - {"kind"}
     if extra:
         raise ValueError(f"{kind} event: unknown fields {sorted(extra)}")
     args: dict[str, Any] = {}
     for name in names:
         if name not in data:
-            if name == "reason" and cls is FlowDenied:
+            if name in optional:
                 continue
             raise ValueError(f"{kind} event: missing field {name!r}")
         value = data[name]
@@ -253,6 +275,8 @@ def event_from_dict(data: dict[str, object]) -> Event:
             if not isinstance(value, (list, tuple)) or len(value) != 2:
                 raise ValueError(f"{kind} event: {name} is not [addr, port]: {value!r}")
             value = Endpoint(*value)
+        if name == "names" and isinstance(value, list):
+            value = tuple(value)
         if name == "answers" and isinstance(value, list):
             value = tuple(value)
         args[name] = value

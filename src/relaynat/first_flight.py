@@ -215,7 +215,9 @@ def _host_of(authority: str) -> str | None:
         close = authority.find("]")
         host = authority[1:close] if close > 0 else ""
     else:
-        host = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+        # One colon: host and port; more: an IPv6 address without brackets, all host.
+        head, colon, _port = authority.rpartition(":")
+        host = head if colon and ":" not in head else authority
     return host or None
 
 

@@ -334,6 +334,32 @@ class TcpHandshake:
         self._send_syn_ack(facts)
         self.syn_at = now + syn_timeout_s(0)
 
+    def answer_before_connect(self, now: float, deadline: float) -> None:
+        """Answer the guest's SYN before any host connect: a flow whose first flight the
+        shell reads before it connects (first_flight.py). `deadline` is when that first
+        flight must be in; it takes the connect deadline's place, so `on_timer` resets
+        the flow then unless the shell decided first (`expect_connect`)."""
+        if self.state is not TcpState.CONNECTING:
+            return
+        self.now = now
+        self.connect_deadline = deadline
+        self._event(TcpEvent.CONNECT_OK)
+        self._send_syn_ack(None)
+        self.syn_at = now + syn_timeout_s(0)
+
+    def expect_connect(self, deadline: float) -> None:
+        """The shell began the host connect of a flow answered before it
+        (`answer_before_connect`): it must end by `deadline`."""
+        self.connect_deadline = deadline
+
+    def on_late_connect(self, ok: bool, now: float) -> None:
+        """The host connect of a flow answered before it ended: nothing more to do but
+        stop its deadline, or reset the guest if it failed."""
+        self.now = now
+        self.connect_deadline = None
+        if not ok:
+            self._abort(rst_guest=True, abortive_host=False)
+
     def _send_syn(self, facts: SocketFacts | None) -> None:
         """Our SYN to the guest (inbound flows): window unscaled (RFC 7323 §2.2), and
         every option offered; timestamps only if the template has room for them."""

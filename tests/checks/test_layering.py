@@ -27,7 +27,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 LAYERS = ("core", "link", "transports", "host", "shell", "netns", "control", "moving",
           "top")
 SHELL_MODULES = {"relaynat.relay", "relaynat.relay_moving", "relaynat.relay_dispatch",
-                 "relaynat.event_hub", "relaynat.guests"}
+                 "relaynat.event_hub", "relaynat.guests", "relaynat.audit"}
 TOP_PACKAGES = {"cli", "testing"}
 #: What the core may not import: the standard library's sockets, event loops, polling,
 #: processes and threads. Time, logging and file parsing (a policy file) are allowed.

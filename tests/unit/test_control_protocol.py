@@ -106,7 +106,7 @@ BAD_REQUESTS: list[tuple[bytes, str]] = [
     (b'{"execute": "stats", "id": 1}', "unknown request key 'id' (known: execute, arguments)"),
     (b'{"execute": "reboot"}', "unknown command 'reboot' (known: add_hostfwd, export_flows, "
                                "flows, get_policy, handover, import_flows, list_hostfwd, names, "
-                               "quit, release_exported, remove_hostfwd, set_policy, stats)"),
+                               "quit, release_exported, remove_hostfwd, set_policy, stats, watch)"),
     (b'{"execute": "stats", "arguments": [1]}', 'stats: "arguments" must be an object'),
     (b'{"execute": "stats", "arguments": {"x": 1}}',
      "stats: unknown argument 'x' (known: none)"),

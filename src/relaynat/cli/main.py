@@ -35,10 +35,18 @@ from relaynat.portspec import Forward as PortForward
 from relaynat.transports.interface import InterfaceError, InterfaceTransport
 
 if TYPE_CHECKING:
+    from relaynat.audit import AuditLog
     from relaynat.netns.join import JoinTarget
     from relaynat.relay import Relay
 
 log = logging.getLogger("relaynat")
+
+
+def _attach_audit(args: argparse.Namespace, relay: Relay) -> None:
+    """`--audit`: write `relay`'s events to the audit log (opened by `main`)."""
+    audit: AuditLog | None = getattr(args, "audit_log", None)
+    if audit is not None:
+        audit.attach(relay)
 
 
 def _print_stats(stats: dict[str, int]) -> None:
@@ -98,6 +106,7 @@ async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
     receiver = Receiver(args.receive_handover)
     transport_stats: Callable[[], dict[str, int]] = dict
     async with Relay(config, policy) as relay:
+        _attach_audit(args, relay)
         taking = asyncio.ensure_future(receiver.take_over(relay))
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({taking, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -134,6 +143,7 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
     control = ControlServer(args.control_socket) if args.control_socket else None
     handed = asyncio.Event() if control is None else control.handed_over
     async with Relay(config, policy) as relay:
+        _attach_audit(args, relay)
         add_forwards(relay, forwards)
         source = Source(relay, control, stream_path=args.socket)
         if control is not None:
@@ -235,6 +245,7 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
 
     def ready(relay: Relay) -> None:
         holder.append(relay)
+        _attach_audit(args, relay)
         add_forwards(relay, forwards)
         if control is not None:
             started.add(asyncio.ensure_future(control.start(relay)))
@@ -318,6 +329,7 @@ async def _run_joined(config: RelayConfig, args: argparse.Namespace, policy: Pol
     handed = asyncio.Event() if control is None else control.handed_over
     try:
         async with Relay(config, policy) as relay:
+            _attach_audit(args, relay)
             relay.attach(transport)
             add_forwards(relay, forwards)
             if control is not None:
@@ -457,6 +469,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             target = resolve_target(args.netns)
         except ConfigError as exc:
             parser.error(str(exc))
+    if args.audit:
+        from relaynat.audit import AuditLog
+
+        try:
+            args.audit_log = AuditLog(args.audit)
+        except OSError as exc:
+            parser.error(f"--audit {args.audit}: {exc.strerror}")
     loop = new_loop()
     try:
         if target is not None and not args.command:
@@ -473,5 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         loop.close()
+        if args.audit:
+            args.audit_log.close()
         if target is not None:
             target.close()

@@ -51,6 +51,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
 def _rate(text: str, hint: str) -> float:
     """`N` or `N/s`: flows per second, positive and finite; `hint` ends the refusal."""
     number = text[:-2] if text.endswith("/s") else text
@@ -176,11 +186,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                      help="guest TCP flows opened per second under a stream of SYNs, after "
                           "a burst of 256; the SYNs beyond wait (up to 1024), then are "
                           "dropped for the guest to retransmit (default %(default)g)")
+    lim.add_argument("--first-flight-timeout", type=_positive_float, default=10.0,
+                     metavar="SECONDS",
+                     help="how long a guest has to send the TLS ClientHello or HTTP request "
+                          "of a flow whose name is checked (--allow-domain, domain rules) "
+                          "before it is reset (default %(default)g)")
     lim.add_argument("--max-pending-connects", type=_positive_int, default=512, metavar="N",
                      help="host connects in progress (default %(default)s)")
     lim.add_argument("--tcp-ooo-budget", type=_mib, default="16", metavar="MIB",
                      help="out-of-order guest TCP data held by all flows together, in MiB; "
                           "0: none, and no SACK (default %(default)s)")
+    p.add_argument("--audit", metavar="FILE",
+                   help="append an audit trail to FILE, JSON lines: each flow decision "
+                        "(names, SNI/Host, rule), flow end and DNS query; never blocks "
+                        "the relay (records it cannot keep up with are dropped, counted "
+                        "as audit_dropped)")
     p.add_argument("--control-socket", metavar="PATH",
                    help="serve runtime control (relaynat ctl) on this unix socket, mode "
                         "0600 (a stale socket file is replaced)")
@@ -332,6 +352,7 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         max_icmp_flows=args.max_icmp_flows, new_flow_rate=args.new_flow_rate,
         new_flow_burst=args.new_flow_burst, syn_rate=args.syn_rate,
         max_pending_connects=args.max_pending_connects, pcap_path=args.pcap,
+        first_flight_timeout_s=args.first_flight_timeout,
         tcp_ooo_budget=args.tcp_ooo_budget,
         ipv4=not args.ipv6_only, ipv6=not args.ipv4_only, prefix_v6=prefix6,
         guest_ipv6=parse_ipv6(args.address6, "--address6"), gateway_ipv6=gateway6,

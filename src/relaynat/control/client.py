@@ -47,6 +47,11 @@ def add_parser(sub: Any) -> None:
     cmds.add_parser("flows", help="list the open flows, one per line")
     cmds.add_parser("names", help="list the names the guest resolved through the relay "
                                   "and the addresses still valid for them")
+    watch = cmds.add_parser("watch", help="print the relay's events as they happen, one "
+                                          "JSON line each (flow decisions, flow ends, DNS "
+                                          "queries), until interrupted")
+    watch.add_argument("--count", type=int, metavar="N",
+                       help="stop after N events")
     pol = cmds.add_parser("policy", help="show or set the egress policy")
     pol.add_argument("action", choices=["show", "set"])
     pol.add_argument("source", nargs="?", metavar="FILE|sandbox|none",
@@ -268,7 +273,41 @@ def print_answer(cmd: str, result: Any) -> None:
             print(f"flows cut: {result['cut']}")
 
 
+def watch(path: str, count: int | None = None, timeout: float = 10.0) -> int:
+    """`ctl watch`: send `watch`, then copy each event line the relay sends to stdout
+    (flushed at once) until it closes, `count` lines came, or ^C."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(b'{"execute":"watch"}\n')
+        sock.settimeout(None)  # events come when they happen
+        lines = sock.makefile("rb")
+        first = json.loads(lines.readline() or b"null")
+        if not isinstance(first, dict) or "return" not in first:
+            desc = first.get("error", {}).get("desc") if isinstance(first, dict) else first
+            print(f"relaynat ctl: {desc}", file=sys.stderr)
+            return 1
+        seen = 0
+        try:
+            while count is None or seen < count:
+                line = lines.readline()
+                if not line:
+                    break
+                sys.stdout.write(line.decode())
+                sys.stdout.flush()
+                seen += 1
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.ctl_cmd == "watch":
+        try:
+            return watch(args.socket, args.count, args.timeout)
+        except OSError as exc:
+            print(f"relaynat ctl: {args.socket}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     request = build_request(args, args.ctl_parser)
     try:
         answer = call(args.socket, request, args.timeout)

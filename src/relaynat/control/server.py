@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from relaynat.config import ConfigError, unique_keys
 from relaynat.control import flows_file
 from relaynat.errors import Error
+from relaynat.events import event_dict
 from relaynat.host.forward import ForwardError
 from relaynat.policy import Policy
 from relaynat.transports.stream import bind_unix_listener
@@ -87,6 +88,7 @@ _SPECS: dict[str, _Spec] = {
     "flows": {},
     "names": {},
     "get_policy": {},
+    "watch": {},
     "set_policy": {"policy": ((dict, type(None)), False), "sandbox": ((bool,), False),
                    "cut": ((bool,), False)},
     **flows_file.SPECS,
@@ -160,7 +162,7 @@ class ControlServer:
             "add_hostfwd": _add_hostfwd, "list_hostfwd": _list_hostfwd,
             "remove_hostfwd": _remove_hostfwd, "stats": _stats, "flows": _flows,
             "names": _names,
-            "get_policy": _get_policy, "set_policy": _set_policy,
+            "get_policy": _get_policy, "set_policy": _set_policy, "watch": _watch,
             **self._flow_handlers(),
             "handover": self._handover,
         }
@@ -273,11 +275,43 @@ class ControlServer:
                 return
             if not line.strip():
                 continue
-            writer.write(await self.answer(line))
+            answer = await self.answer(line)
+            writer.write(answer)
             await asyncio.wait_for(writer.drain(), timeout)
+            if answer == _WATCHING:
+                await self._watch(reader, writer)
+                return
             if asyncio.current_task() in self._handing_over:
                 self.handed_over.set()
                 return
+
+    async def _watch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                     ) -> None:
+        """`watch`: the relay's events from now on, one JSON line each (events.py's
+        `event_dict`), until the client closes or the relay does. A client that does not
+        read loses events (the stream's bound, counted as `events_dropped`) and is let go
+        once a line waited `idle_timeout_s` to be taken."""
+        if self._relay is None:
+            return
+        closed = asyncio.ensure_future(reader.read())  # the client closing ends it
+        try:
+            async with self._relay.events(WATCH_QUEUE) as stream:
+                events = aiter(stream)
+                while True:
+                    following = asyncio.ensure_future(anext(events))
+                    await asyncio.wait({following, closed},
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if not following.done():
+                        following.cancel()
+                        return
+                    try:
+                        event = following.result()
+                    except StopAsyncIteration:
+                        return
+                    writer.write(_line(event_dict(event)))
+                    await asyncio.wait_for(writer.drain(), self.idle_timeout_s)
+        finally:
+            closed.cancel()
 
     async def answer(self, line: bytes) -> bytes:
         """One request line -> one answer line, waiting for a command that takes time
@@ -319,8 +353,20 @@ class ControlServer:
         return handler(self._relay, args)
 
 
+#: Events a `watch` client may be behind by before they are dropped.
+WATCH_QUEUE = 4096
+
+
+def _watch(relay: Relay, args: dict[str, Any]) -> object:
+    # The answer; the stream of events follows it (ControlServer._watch).
+    return {"watching": True}
+
+
 def _line(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+_WATCHING = _line({"return": {"watching": True}})
 
 
 def _error(desc: str) -> bytes:

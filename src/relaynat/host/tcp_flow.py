@@ -28,7 +28,9 @@ from relaynat.host.sockets import SO_RCVBUFFORCE
 from relaynat.window import TCP_INFO_LEN, SocketFacts, TcpInfo
 
 if TYPE_CHECKING:
+    from relaynat.first_flight import FirstFlight
     from relaynat.nat_entry import TcpNatEntry
+    from relaynat.policy import EgressGate, Verdict
 
 #: asm-generic/socket.h; Python's socket module does not name it.
 SO_PEEK_OFF = 42
@@ -112,6 +114,28 @@ class HostFlow(HostSocket, Protocol):
 
 
 @dataclass(slots=True, eq=False)
+class FirstFlightHold:
+    """A flow whose name is checked on the wire (first_flight.py), from the relay's
+    SYN-ACK until its first flight is in the host socket: the policy's verdict and the
+    gate that gave it, the bytes held, and once decided (`decided`) the name read and
+    what of the held bytes the host socket has not taken yet (`unsent`)."""
+
+    gate: EgressGate
+    verdict: Verdict
+    flight: FirstFlight
+    deadline: float
+    decided: bool = False
+    wire_name: str | None = None
+    unsent: memoryview | None = None
+    #: Its `FlowOpened` was emitted (the name passed, the connect began).
+    announced: bool = False
+
+    def held_bytes(self) -> int:
+        """Bytes of guest data this flow holds now."""
+        return len(self.flight.held) + (0 if self.unsent is None else len(self.unsent))
+
+
+@dataclass(slots=True, eq=False)
 class TcpFlow:
     """A flow of a `TcpRelay`: its entry and its kernel socket (`HostFlow`)."""
 
@@ -144,6 +168,9 @@ class TcpFlow:
     #: How the flow ended, in events.py's words (`FlowClosed.how`), when the shell knows
     #: it before the close (a policy cut, a detach); else worked out at the close.
     end_how: str | None = None
+    #: Set while the flow's first flight is held before (and while) its host connect:
+    #: a domain rule's flow whose name is checked on the wire.
+    first: FirstFlightHold | None = None
 
     # -- HostSocket, on the kernel socket ------------------------------------------------
 

@@ -38,10 +38,12 @@ from relaynat.events import (
     Endpoint,
     EventSink,
     FlowClosed,
+    FlowDenied,
     FlowOpened,
     endpoint,
     sockaddr_endpoint,
 )
+from relaynat.first_flight import FirstFlight, Outcome
 from relaynat.flow_state import relink
 from relaynat.guest_log import guest_logger
 from relaynat.host.flow_executor import TURN_AGAIN, TURN_WAIT, FlowExecutor, SendToGuest
@@ -50,6 +52,7 @@ from relaynat.host.flow_turns import FlowTurns
 from relaynat.host.flowinfo import FlowInfo, describe_tcp
 from relaynat.host.sockets import count_socket_failure
 from relaynat.host.tcp_flow import (
+    FirstFlightHold,
     FlowKey,
     TcpFlow,
     close_with_reset,
@@ -67,12 +70,13 @@ from relaynat.syn_backlog import (
     SynBacklog,
 )
 from relaynat.tcp_actions import rst_for_unknown
+from relaynat.tcp_state import GUEST_SENDING
 from relaynat.wire import ACK, IPPROTO_TCP, RST, SYN
 
 if TYPE_CHECKING:
     from relaynat.config import RelayConfig
     from relaynat.domains import NameTable
-    from relaynat.policy import EgressGate
+    from relaynat.policy import EgressGate, Verdict
     from relaynat.ratelimit import TokenBucket
     from relaynat.wire import TcpSegment
 
@@ -81,6 +85,18 @@ log = guest_logger("relaynat.tcp")
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
 T = TypeVar("T")
+
+#: The counter of each reason a flow's first flight is refused for
+#: (first_flight.DENY_REASONS).
+_DENIED_COUNTER = {
+    "name_mismatch": "policy_denied_name_mismatch",
+    "no_sni": "policy_denied_no_sni",
+    "no_host": "policy_denied_no_host",
+    "ech": "policy_denied_ech",
+    "unknown_protocol": "policy_denied_unknown_protocol",
+    "first_flight_timeout": "policy_denied_first_flight_timeout",
+    "first_flight_too_big": "policy_denied_first_flight_too_big",
+}
 
 
 class _Executor(FlowExecutor[TcpFlow]):
@@ -195,6 +211,9 @@ class TcpRelay:
         segment's destination port)."""
         key = (seg.sport, seg.dst, seg.dport, seg.src)
         flow = self.flows.get(key)
+        if flow is not None and flow.first is not None:
+            self._first_segment(flow, flow.first, seg, self._loop.time())
+            return
         if flow is None:
             now = self._loop.time()
             if seg.flags & (SYN | ACK | RST) == SYN and not self._backlog.may_open(now):
@@ -215,6 +234,9 @@ class TcpRelay:
         flow = self.flows.get((seg.sport, seg.dst, seg.dport, seg.src))
         if flow is None:
             return False
+        if flow.first is not None:
+            self._first_segment(flow, flow.first, seg, self._loop.time())
+            return True
         self._exec.segment(flow, seg, self._loop.time())
         return True
 
@@ -223,7 +245,10 @@ class TcpRelay:
             key = (seg.sport, seg.dst, seg.dport, seg.src)
             flow = self.flows.get(key)
             if flow is not None:  # the guest sent its SYN again while the first waited
-                self._exec.segment(flow, seg, self._loop.time())
+                if flow.first is not None:
+                    self._first_segment(flow, flow.first, seg, self._loop.time())
+                else:
+                    self._exec.segment(flow, seg, self._loop.time())
             else:
                 self._new_flow(seg, key, host_ip,
                                seg.dport if host_port is None else host_port,
@@ -239,8 +264,9 @@ class TcpRelay:
             self.stats["tcp_refused_unmapped"] += 1
             self._reply_rst(seg)
             return
-        if self.gate is not None and not self.gate.judge(IPPROTO_TCP, seg.dst, seg.dport,
-                                                         now).allow:
+        gate = self.gate
+        verdict = None if gate is None else gate.judge(IPPROTO_TCP, seg.dst, seg.dport, now)
+        if verdict is not None and not verdict.allow:
             self._reply_rst(seg)  # as a refused connection: the guest sees ECONNREFUSED
             return
         if len(self.flows) >= self._config.max_tcp_flows:
@@ -274,19 +300,22 @@ class TcpRelay:
                             ooo_budget=self.ooo_budget)
         flow = TcpFlow(key, entry, sock, host_addr=(host_ip, host_port),
                        peek_offset_supported=peek_offset, opened_at=now)
+        if verdict is not None and verdict.inspect and gate is not None:
+            self._hold_first_flight(flow, gate, verdict, now)
+            return
         err = sock.connect_ex(flow.host_addr)
         if err not in (0, errno.EINPROGRESS):
             self.stats["tcp_connect_failed"] += 1
             self._exec.connected(flow, False, now)
             sock.close()
             if self.events.listening:  # never in the table: opened and refused at once
-                self._opened(flow)
+                self._opened(flow, verdict)
                 flow.end_how = "refused"
                 self._ended(flow)
             return
         self._track(flow)
         if self.events.listening:
-            self._opened(flow)
+            self._opened(flow, verdict)
         if self._connect_watch and (watch := self._connect_watch.get(flow.host_addr)):
             watch(sock)
         self._pending_connects += 1
@@ -301,6 +330,131 @@ class TcpRelay:
                 self._turns.mark(flow)
             return
         self._timers.schedule(flow)
+
+    # -- flows whose name is checked on the wire (first_flight.py) -------------------------
+
+    def _hold_first_flight(self, flow: TcpFlow, gate: EgressGate, verdict: Verdict,
+                           now: float) -> None:
+        """A domain rule allowed `flow` on one of its inspected ports: answer the guest's
+        handshake now, before any host connect, and hold its first flight until it names
+        the server (`_first_segment`). The flow counts as a pending connect meanwhile, so
+        `max_pending_connects` bounds the bytes held by the relay's flows together
+        (`FIRST_FLIGHT_MAX` each)."""
+        deadline = now + self._config.first_flight_timeout_s
+        flow.first = FirstFlightHold(gate, verdict, FirstFlight(), deadline)
+        self._track(flow, register=False)
+        self._pending_connects += 1
+        self.stats["tcp_first_flights"] += 1
+        flow.entry.answer_before_connect(now, deadline)
+        self._exec.execute(flow)
+        self._timers.schedule(flow)
+
+    def _first_segment(self, flow: TcpFlow, hold: FirstFlightHold, seg: TcpSegment,
+                       now: float) -> None:
+        """A guest segment of a flow whose first flight is held: its payload is held (and
+        acknowledged) until the name is read; once decided, nothing more is taken (the
+        guest sends it again) until the held bytes are in the host socket."""
+        entry = flow.entry
+        data = entry.on_guest_segment(seg, now)
+        if data is not None:
+            taken = 0 if hold.decided else hold.flight.feed(data)
+            self.stats["tcp_first_flight_bytes"] += taken
+            entry.on_host_accepted(taken, now)
+        if not hold.decided and entry.state not in GUEST_SENDING:
+            hold.flight.feed(b"", final=True)  # its FIN: nothing more will come
+        entry.flush(None, now)
+        self._exec.execute(flow)
+        outcome = hold.flight.outcome()
+        if not hold.decided and outcome is not None and not entry.closed:
+            self._decide(flow, hold, outcome, now)
+
+    def _decide(self, flow: TcpFlow, hold: FirstFlightHold, outcome: Outcome,
+                now: float) -> None:
+        """The first flight named its server (or cannot): connect and write it, or reset
+        the guest and say why."""
+        hold.decided = True
+        hold.wire_name = outcome.name
+        dst = flow.key[1]
+        reason = outcome.reason
+        if reason is None and not hold.gate.name_ok(hold.verdict, dst, outcome.name, now):
+            reason = "name_mismatch"
+        if reason is not None:
+            self.stats[_DENIED_COUNTER[reason]] += 1
+            verdict = hold.verdict
+            if self.events.listening:
+                _guest_port, far, far_port, _guest = flow.key
+                self.events.emit(FlowDenied(time.time(), self.events.guest, "tcp",
+                                            endpoint(far, far_port), verdict.rule,
+                                            verdict.comment, reason, verdict.names,
+                                            outcome.name))
+            log.info("reset a TCP flow to %s:%d: %s%s", *flow.host_addr, reason,
+                     "" if outcome.name is None else f" ({outcome.name!r})")
+            flow.end_how = "policy_cut"
+            flow.entry.on_cut(now)  # a RST to the guest, and the close
+            self._close(flow, abortive=True, counter="tcp_first_flights_denied")
+            self._exec.execute(flow)
+            return
+        sock = flow.sock
+        err = sock.connect_ex(flow.host_addr)
+        hold.announced = True
+        self.stats["tcp_flows_opened"] += 1
+        if self.events.listening:
+            self._opened(flow, hold.verdict, outcome.name)
+        if err not in (0, errno.EINPROGRESS):
+            self.stats["tcp_connect_failed"] += 1
+            flow.end_how = "refused"
+            flow.connecting = False
+            self._pending_connects -= 1
+            flow.entry.on_late_connect(False, now)
+            self._exec.execute(flow)
+            return
+        fd = sock.fileno()
+        self._by_fd[fd] = flow
+        self._epoll.register(fd, _EPOLL_FLAGS)
+        flow.entry.expect_connect(now + self._config.connect_timeout_s)
+        if self._connect_watch and (watch := self._connect_watch.get(flow.host_addr)):
+            watch(sock)
+        if connect_ended(sock):
+            self.stats["tcp_connects_at_once"] += 1
+            self._connect_done(flow, now)
+            return
+        self._timers.schedule(flow)
+
+    def _first_connected(self, flow: TcpFlow, hold: FirstFlightHold, ok: bool,
+                         now: float) -> None:
+        """The host connect of a flow whose first flight is held ended: write it first."""
+        flow.entry.on_late_connect(ok, now)
+        if ok:
+            hold.unsent = memoryview(hold.flight.take())
+            self._write_first(flow, hold, now)
+        self._exec.execute(flow)
+
+    def _write_first(self, flow: TcpFlow, hold: FirstFlightHold, now: float) -> None:
+        """Write the held first flight (what is left of it); once all of it is in the
+        host socket, the flow goes on as any other."""
+        unsent = hold.unsent
+        assert unsent is not None
+        entry = flow.entry
+        try:
+            sent = flow.sock.send(unsent) if unsent else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.stats["tcp_host_errors"] += 1
+            flow.end_how = "reset_by_host"
+            entry.on_host_reset(now)
+            return
+        self.stats["tcp_first_flight_bytes"] -= sent
+        hold.unsent = unsent = unsent[sent:]
+        if unsent:
+            return  # the rest when the socket has room (EPOLLOUT, `_host_event`)
+        flow.first = None
+        if entry.state not in GUEST_SENDING and not entry.closed:
+            with contextlib.suppress(OSError):
+                flow.sock.shutdown(socket.SHUT_WR)  # the guest's FIN came with it
+        # What the guest sent after the first flight was not taken: it sends it again.
+        entry.on_host_writable(now)
+        self._turns.mark(flow)
 
     def open_inbound(self, sock: socket.socket, guest_ip: bytes, guest_port: int,
                      src_ip: bytes, src_port: int) -> bool:
@@ -386,6 +540,12 @@ class TcpRelay:
         if ev & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP):
             flow.host_readable = True
         if ev & select.EPOLLOUT:
+            hold = flow.first
+            if hold is not None and hold.unsent is not None:
+                self._write_first(flow, hold, now)
+                self._exec.execute(flow)
+                if entry.closed:
+                    return
             entry.on_host_writable(now)
         self._turns.mark(flow)
 
@@ -398,7 +558,11 @@ class TcpRelay:
         if err:
             self.stats["tcp_connect_failed"] += 1
             flow.end_how = "refused"
-        self._exec.connected(flow, not err, now)
+        hold = flow.first
+        if hold is not None:
+            self._first_connected(flow, hold, not err, now)
+        else:
+            self._exec.connected(flow, not err, now)
         return not err
 
     def _fail_flow(self, flow: TcpFlow) -> None:
@@ -453,12 +617,16 @@ class TcpRelay:
 
     # -- the flow table ------------------------------------------------------------------
 
-    def _track(self, flow: TcpFlow) -> None:
+    def _track(self, flow: TcpFlow, register: bool = True) -> None:
+        """Put `flow` in the table; `register`: its socket in the epoll set too (not
+        before the connect of a flow whose first flight is held: an unconnected TCP
+        socket polls as hung up)."""
         self.flows[flow.key] = flow
         if self.names is not None and not flow.inbound:
             self.names.hold(flow.key[1], self._loop.time())
-        self._by_fd[flow.sock.fileno()] = flow
-        self._epoll.register(flow.sock.fileno(), _EPOLL_FLAGS)
+        if register:
+            self._by_fd[flow.sock.fileno()] = flow
+            self._epoll.register(flow.sock.fileno(), _EPOLL_FLAGS)
 
     def _untrack(self, flow: TcpFlow) -> bool:
         """Take `flow` out of the tables and the epoll set, its socket open; False if it
@@ -481,19 +649,30 @@ class TcpRelay:
         entry = flow.entry
         self.stats["tcp_bytes_from_guest"] += entry.bytes_from_guest
         self.stats["tcp_bytes_to_guest"] += entry.bytes_to_guest
-        if self.events.listening:
+        hold = flow.first
+        if hold is not None:
+            self.stats["tcp_first_flight_bytes"] -= hold.held_bytes()
+            flow.first = None
+        if self.events.listening and (hold is None or hold.announced):
             self._ended(flow)
         return True
 
-    def _opened(self, flow: TcpFlow) -> None:
+    def _opened(self, flow: TcpFlow, verdict: Verdict | None = None,
+                wire_name: str | None = None) -> None:
         """Tell `events` that `flow` opened: an outbound one once its connect() began,
-        an inbound one once the forward accepted its client."""
+        an inbound one once the forward accepted its client; with the policy's
+        `verdict` on it, and the name its first flight carried."""
         guest_port, far, far_port, guest = flow.key
         peer = (sockaddr_endpoint(flow.host_addr) if flow.inbound
                 else Endpoint(*flow.host_addr))
+        names: tuple[str, ...] = ()
+        rule, comment = -1, ""
+        if verdict is not None:
+            names, rule, comment = verdict.names, verdict.rule, verdict.comment
         self.events.emit(FlowOpened(time.time(), self.events.guest, "tcp",
                                     "inbound" if flow.inbound else "outbound",
-                                    endpoint(guest, guest_port), endpoint(far, far_port), peer))
+                                    endpoint(guest, guest_port), endpoint(far, far_port), peer,
+                                    names, wire_name, rule, comment))
 
     def _ended(self, flow: TcpFlow) -> None:
         """Tell `events` that `flow` left the table, with its bytes and how it ended."""
@@ -527,6 +706,10 @@ class TcpRelay:
             for flow in due:
                 entry = flow.entry
                 if entry.closed:  # closed by an earlier flow's handling in this run
+                    continue
+                hold = flow.first
+                if hold is not None and not hold.decided and hold.deadline <= now:
+                    self._decide(flow, hold, hold.flight.expire(), now)
                     continue
                 try:
                     acted = executor.timer(flow, now)
