@@ -230,22 +230,28 @@ class EventHub:
         if self.listening:
             self.emit(TransportLost(time.time(), self.guest, reason))
 
-    def denied(self, proto: int, dst: bytes, dport: int, rule: int, comment: str) -> None:
-        """The egress policy refused a new guest flow (`policy.EgressGate`): a
-        `FlowDenied` event, and a rate-limited log line."""
+    def denied(self, proto: int, dst: bytes, dport: int, rule: int, comment: str, *,
+               reason: str = "policy", names: tuple[str, ...] = (),
+               wire_name: str | None = None) -> None:
+        """The egress policy refused a new guest flow (`policy.EgressGate`), or a flow a
+        domain rule allowed failed the name check of its first flight (`reason`,
+        host/tcp_relay.py): a `FlowDenied` event, and a rate-limited log line."""
         name = _PROTO_NAMES.get(proto, str(proto))
         far: Endpoint | None = None
         if self._denial_log.allow(time.monotonic()):
             far = endpoint(dst, None if name == "icmp" else dport)
             which = "its default" if rule < 0 else f"rule {rule}"
-            log.warning("policy denied a %s flow to %s (%s%s)", name, far, which,
-                        f": {comment}" if comment else "")
+            why = "" if reason == "policy" else f", {reason}" + (
+                "" if wire_name is None else f" {wire_name!r}")
+            log.warning("policy denied a %s flow to %s (%s%s%s)", name, far, which,
+                        f": {comment}" if comment else "", why)
         else:
             self._stats["policy_denied_unlogged"] += 1
         if self.listening:
             if far is None:
                 far = endpoint(dst, None if name == "icmp" else dport)
-            self.emit(FlowDenied(time.time(), self.guest, name, far, rule, comment))
+            self.emit(FlowDenied(time.time(), self.guest, name, far, rule, comment, reason,
+                                 names, wire_name))
 
     def close(self) -> None:
         """The relay closed: every `events()` iteration ends after what it queued;

@@ -217,6 +217,13 @@ class EventSink(Protocol):
         """Deliver `event` to every subscriber."""
         ...
 
+    def denied(self, proto: int, dst: bytes, dport: int, rule: int, comment: str, *,
+               reason: str = "policy", names: tuple[str, ...] = (),
+               wire_name: str | None = None) -> None:
+        """A new guest flow was refused (`FlowDenied`'s fields): an event, and a log
+        line within the sink's rate."""
+        ...
+
 
 class _Silent:
     """The sink of a part that no relay gave one: nobody listens."""
@@ -226,6 +233,11 @@ class _Silent:
         self.guest: str | None = None
 
     def emit(self, event: Event) -> None:
+        pass
+
+    def denied(self, proto: int, dst: bytes, dport: int, rule: int, comment: str, *,
+               reason: str = "policy", names: tuple[str, ...] = (),
+               wire_name: str | None = None) -> None:
         pass
 
 

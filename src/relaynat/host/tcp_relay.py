@@ -38,7 +38,6 @@ from relaynat.events import (
     Endpoint,
     EventSink,
     FlowClosed,
-    FlowDenied,
     FlowOpened,
     endpoint,
     sockaddr_endpoint,
@@ -381,14 +380,8 @@ class TcpRelay:
         if reason is not None:
             self.stats[_DENIED_COUNTER[reason]] += 1
             verdict = hold.verdict
-            if self.events.listening:
-                _guest_port, far, far_port, _guest = flow.key
-                self.events.emit(FlowDenied(time.time(), self.events.guest, "tcp",
-                                            endpoint(far, far_port), verdict.rule,
-                                            verdict.comment, reason, verdict.names,
-                                            outcome.name))
-            log.info("reset a TCP flow to %s:%d: %s%s", *flow.host_addr, reason,
-                     "" if outcome.name is None else f" ({outcome.name!r})")
+            self.events.denied(IPPROTO_TCP, dst, flow.key[2], verdict.rule, verdict.comment,
+                               reason=reason, names=verdict.names, wire_name=outcome.name)
             flow.end_how = "policy_cut"
             flow.entry.on_cut(now)  # a RST to the guest, and the close
             self._close(flow, abortive=True, counter="tcp_first_flights_denied")
