@@ -68,11 +68,14 @@ class RelayConfig:
     guest_ipv4: IPv4Address = IPv4Address("10.0.2.15")
     """The guest's address: DHCP hands it out, and frames from any other source are dropped."""
     prefix_len_v4: int = 24
-    """Prefix length of the guest's subnet, which holds the guest, gateway and DNS addresses."""
+    """Prefix length of the guest's subnet, which holds the guest and gateway addresses
+    (and the DNS address, unless that is off-link)."""
     gateway_ipv4: IPv4Address = IPv4Address("10.0.2.2")
     """The relay's address on the link: answers ARP, serves DHCP, is the default route."""
     dns_ipv4: IPv4Address = IPv4Address("10.0.2.3")
-    """The DNS address DHCP announces; its port 53 (UDP and TCP) goes to `dns_upstream`."""
+    """The DNS address DHCP announces; its port 53 (UDP and TCP) goes to `dns_upstream`.
+    It may lie outside the guest's subnet (pasta's `--dns-forward 169.254.1.1`), reached
+    through the gateway."""
     map_host_loopback_v4: IPv4Address | None = IPv4Address("10.0.2.2")
     """Guest address whose traffic goes to the host's loopback (slirp and passt map the
     gateway there), the only way there: a guest destination the host would deliver to
@@ -217,10 +220,16 @@ class RelayConfig:
         net = self.network_v4
         for name in ("guest_ipv4", "gateway_ipv4", "dns_ipv4"):
             addr = getattr(self, name)
-            if addr not in net:
+            # The DNS address may be off-link, reached through the gateway as pasta's
+            # --dns-forward 169.254.1.1 is; the relay answers it by address alone.
+            if addr not in net and name != "dns_ipv4":
                 raise ConfigError(f"{name} {addr} is outside the guest subnet {net}")
             if addr in (net.network_address, net.broadcast_address):
                 raise ConfigError(f"{name} {addr} is the network or broadcast address of {net}")
+        if (self.dns_ipv4 not in net and (self.dns_ipv4.is_loopback or self.dns_ipv4.is_multicast
+                                          or self.dns_ipv4.is_unspecified
+                                          or self.dns_ipv4 == IPv4Address("255.255.255.255"))):
+            raise ConfigError(f"dns_ipv4 {self.dns_ipv4} cannot be a DNS server's address")
         if self.guest_ipv4 in (self.gateway_ipv4, self.dns_ipv4):
             raise ConfigError(f"guest address {self.guest_ipv4} clashes with gateway or DNS")
         if self.map_host_loopback_v4 is not None and self.map_host_loopback_v4 == self.guest_ipv4:

@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import SUPPORT
-from support.relaynat_cli import parse_stats, relaynat_run
+from support import GUESTS, SUPPORT
+from support.relaynat_cli import guest_python, parse_stats, relaynat_run
+from unit.test_first_flight import ext, hello_message, records
 
 DNSMASQ = "/usr/sbin/dnsmasq"
 RESOLVER = "11.2.0.53"
@@ -159,3 +160,70 @@ def test_names_on_the_wire_are_checked_and_audited(world: Path) -> None:
     queries = [r for r in records if r["kind"] == "dns_query"]
     assert {"www.allowed.test", "cdn.allowed.test"} <= {str(r["name"]) for r in queries}
     assert os.stat(audit).st_size > 0
+
+
+def test_split_hellos_fins_ech_and_oversized_first_flights(world: Path) -> None:
+    """A ClientHello in four segments 0.2 s apart passes; a request followed at once by
+    the guest's FIN gets its answer (the FIN reaches the server after the held bytes);
+    a hello with Encrypted Client Hello and no outer SNI, and 16 KiB without a name,
+    are reset."""
+    client = f"{guest_python()} {GUESTS / 'first_flight_client.py'}"
+    ech_hello = records(hello_message(ext(0xFE0D, b"\x00" + bytes(64)) + ext(10, b"\x00\x02"
+                                                                          b"\x00\x1d")))
+    request = b"GET /hello HTTP/1.0\r\nHost: www.allowed.test\r\n\r\n"
+    too_big = b"GET /hello HTTP/1.1\r\nX-Pad: " + b"a" * (17 << 10)
+    done = relaynat_run("sh", "-c", "; ".join([
+        "getent hosts www.allowed.test > /dev/null",
+        f"{client} tls www.allowed.test 443 www.allowed.test 4 0.2 {world / 'cert.pem'}",
+        f"{client} tls www.allowed.test 443 www.other.test 4 0.2 {world / 'cert.pem'}",
+        f"{client} raw-fin www.allowed.test 80 {request.hex()}",
+        f"{client} raw www.allowed.test 443 {ech_hello.hex()}",
+        f"{client} raw www.allowed.test 80 {too_big.hex()}",
+    ]), options=OPTIONS)
+    assert done.stdout.splitlines() == ["handshake", "reset", "answer", "reset", "reset"], (
+        done.stdout + done.stderr[-3000:])
+    stats = parse_stats(done.stderr)
+    assert stats["policy_denied_name_mismatch"] == 1, stats
+    assert stats["policy_denied_ech"] == 1
+    assert stats["policy_denied_first_flight_too_big"] == 1
+    assert stats["tcp_first_flight_bytes"] == 0
+
+
+def test_ctl_watch_streams_the_decisions(world: Path, tmp_path: Path) -> None:
+    """`relaynat ctl watch` prints each event as a JSON line while the relay runs: the
+    DNS query, the flow opened with its SNI, the one denied for its name, the ends."""
+    control = tmp_path / "control.sock"
+    go = world / "go"
+    go.unlink(missing_ok=True)
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "relaynat", "run", *OPTIONS, "--control-socket", str(control),
+         "--", "sh", "-c", "; ".join([
+             f"while [ ! -e {go} ]; do sleep 0.05; done",
+             _curl("https://www.allowed.test/", f"--cacert {world / 'cert.pem'}"),
+             _s_client("-servername", "www.other.test")])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not control.exists():
+            assert time.monotonic() < deadline and relay.poll() is None, "no control socket"
+            time.sleep(0.05)
+        watch = subprocess.Popen([sys.executable, "-m", "relaynat", "ctl", "-s", str(control),
+                                  "watch"], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)  # the watch is set up before the guest goes on
+        go.touch()
+        out, err = relay.communicate(timeout=60)
+        assert out.splitlines() == ["200", "reset"], out + err[-3000:]
+        lines, _ = watch.communicate(timeout=10)  # ends when the relay does
+    finally:
+        for proc in (relay,):
+            if proc.poll() is None:
+                proc.kill()
+        go.unlink(missing_ok=True)
+    events = [json.loads(line) for line in lines.splitlines()]
+    kinds = [(e["kind"], e.get("wire_name") or e.get("name")) for e in events]
+    assert ("dns_query", "www.allowed.test") in kinds, kinds
+    assert ("flow_opened", "www.allowed.test") in kinds, kinds
+    assert ("flow_denied", "www.other.test") in kinds, kinds
+    denied = next(e for e in events if e["kind"] == "flow_denied")
+    assert denied["reason"] == "name_mismatch" and denied["far"] == [CDN, 443]
+    assert any(e["kind"] == "flow_closed" and e["far"] == [CDN, 443] for e in events)

@@ -1,0 +1,499 @@
+"""`relaynat-pasta`: the part of pasta's command line that podman 4.4 to 5.x builds, served
+by relaynat (`relaynat run --netns` underneath: netns/join.py, netns/guest.py).
+
+podman runs pasta as `pasta --config-net [-t SPEC]... [-u SPEC]... [OPTIONS]
+[--dns-forward ADDR] [-t none] [-u none] [-T none] [-U none] [--no-map-gw] [--quiet]
+--netns PATH [--map-guest-addr ADDR]` and waits for it to exit: pasta forks into the
+background once the namespace is served, and ends when PATH goes away (podman unmounts
+and removes it when the container stops). This does the same. With `-f` (or `-d`) it
+stays in the foreground.
+
+Taken, and what they become:
+- `--netns PATH|NAME` or a PID operand: the namespace (a PID's exit ends the relay too);
+- `--config-net`: the TAP is addressed and routed; without it it is made, not configured;
+- `-a ADDR[/PREFIX]`, `-n PREFIX|NETMASK`, `-g ADDR` (IPv4 or IPv6), `-m MTU`,
+  `-I NAME` (the namespace's interface): relaynat run's -a, -g, --address6,
+  --gateway6, -m, --tap-name. Without -a the guest gets relaynat's addressing
+  (10.0.2.15/24 via 10.0.2.2, fd00::15 via fd00::2), not a copy of the host's as pasta;
+- `-t`/`-u SPEC`: passt's port specs, which relaynat run's -t/-u take as they are;
+  `none` forwards nothing;
+- `-T`/`-U`: `none` only (nothing forwarded from the namespace's loopback);
+- `--dns-forward ADDR`: the DNS address the guest's queries go to (relaynat forwards
+  them to the host's resolver, as pasta does); `-D none`: no DNS server announced (with
+  --config-net no DHCP client asks; the DNS address still answers);
+- `--no-map-gw`: the gateway no longer stands for the host's loopback (pasta maps it by
+  default, as relaynat does); `--map-gw` and `--map-host-loopback ADDR` as pasta's;
+- `-4`/`--ipv4-only`, `-6`/`--ipv6-only`; `-f`, `-q`/`--quiet`, `-d`/`--debug`,
+  `-P`/`--pid FILE`.
+
+Every other option is refused, naming it, with exit status 1. An option pasta has and
+relaynat does not honour reads "unrecognized option '--NAME'" as pasta's getopt says
+for options it lacks, so that podman 5.3's fallback for an older pasta (it retries
+without `--map-guest-addr` on exactly that) works unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Address, IPv4Network, ip_address
+
+from relaynat.config import ConfigError, RelayConfig
+from relaynat.netns.join import JoinTarget, resolve_target
+from relaynat.portspec import Forward
+
+log = logging.getLogger("relaynat.pasta")
+
+PROG = "relaynat-pasta"
+
+#: The options taken: long name -> (short letter or "", takes a value).
+_TAKEN = {
+    "config-net": ("", False), "tcp-ports": ("t", True), "udp-ports": ("u", True),
+    "tcp-ns": ("T", True), "udp-ns": ("U", True), "dns-forward": ("", True),
+    "dns": ("D", True), "map-gw": ("", False), "no-map-gw": ("", False),
+    "map-host-loopback": ("", True), "address": ("a", True), "netmask": ("n", True),
+    "gateway": ("g", True), "mtu": ("m", True), "ns-ifname": ("I", True),
+    "netns": ("", True), "foreground": ("f", False), "quiet": ("q", False),
+    "debug": ("d", False), "ipv4-only": ("4", False), "ipv6-only": ("6", False),
+    "pid": ("P", True), "help": ("h", False), "version": ("", False),
+}
+_SHORT = {short: long for long, (short, _) in _TAKEN.items() if short}
+
+#: pasta options refused with a reason beyond "unrecognized" (the reason follows it).
+_WHY = {
+    "interface": "relaynat does not copy a host interface's addresses or bind to it; "
+                 "give -a, -n and -g",
+    "map-guest-addr": "relaynat's guest address is not one of the host's",
+    "outbound": "relaynat cannot bind outbound connections to an address",
+    "outbound-if4": "relaynat cannot bind outbound connections to an interface",
+    "outbound-if6": "relaynat cannot bind outbound connections to an interface",
+    "userns": "give the network namespace's path; relaynat enters its owner itself",
+    "trace": "relaynat has no packet trace; -d logs at debug level",
+    "log-file": "relaynat logs to stderr (in the foreground: -f)",
+    "no-dhcp": "relaynat's DHCP, NDP and DHCPv6 answers cannot be turned off",
+    "no-ndp": "relaynat's DHCP, NDP and DHCPv6 answers cannot be turned off",
+    "no-dhcpv6": "relaynat's DHCP, NDP and DHCPv6 answers cannot be turned off",
+    "no-ra": "relaynat's router advertisements cannot be turned off",
+}
+_WHY_SHORT = {"i": "interface", "o": "outbound", "l": "log-file"}
+
+
+class PastaUsageError(Exception):
+    """A command line relaynat-pasta refuses; the message names the option."""
+
+
+@dataclasses.dataclass
+class PastaOptions:
+    """What the pasta command line asks for, before it becomes relaynat run's."""
+
+    config_net: bool = False
+    tcp: list[str] = dataclasses.field(default_factory=list)
+    udp: list[str] = dataclasses.field(default_factory=list)
+    tcp_ns: list[str] = dataclasses.field(default_factory=list)
+    udp_ns: list[str] = dataclasses.field(default_factory=list)
+    dns_forward: list[str] = dataclasses.field(default_factory=list)
+    dns: list[str] = dataclasses.field(default_factory=list)
+    map_gw: bool = True
+    map_host_loopback: str | None = None
+    address: list[str] = dataclasses.field(default_factory=list)
+    netmask: str | None = None
+    gateway: list[str] = dataclasses.field(default_factory=list)
+    mtu: str | None = None
+    ifname: str = "tap0"
+    netns: str | None = None
+    foreground: bool = False
+    debug: bool = False
+    ipv4_only: bool = False
+    ipv6_only: bool = False
+    pid_file: str | None = None
+    help: bool = False
+    version: bool = False
+    operands: list[str] = dataclasses.field(default_factory=list)
+
+
+def _unrecognized(option: str, name: str) -> PastaUsageError:
+    why = _WHY.get(name)
+    return PastaUsageError(f"unrecognized option '{option}'" + (f" ({why})" if why else ""))
+
+
+def _store(opts: PastaOptions, name: str, value: str | None) -> None:
+    lists = {"tcp-ports": opts.tcp, "udp-ports": opts.udp, "tcp-ns": opts.tcp_ns,
+             "udp-ns": opts.udp_ns, "dns-forward": opts.dns_forward, "dns": opts.dns,
+             "address": opts.address, "gateway": opts.gateway}
+    if name in lists:
+        assert value is not None
+        lists[name].append(value)
+        return
+    flags = {"config-net": "config_net", "foreground": "foreground", "debug": "debug",
+             "ipv4-only": "ipv4_only", "ipv6-only": "ipv6_only", "help": "help",
+             "version": "version"}
+    if name in flags:
+        setattr(opts, flags[name], True)
+    elif name in ("map-gw", "no-map-gw"):
+        opts.map_gw = name == "map-gw"
+    elif name == "quiet":
+        pass  # relaynat says nothing but warnings and errors already
+    else:
+        attr = {"map-host-loopback": "map_host_loopback", "netmask": "netmask",
+                "mtu": "mtu", "ns-ifname": "ifname", "netns": "netns", "pid": "pid_file"}
+        setattr(opts, attr[name], value)
+
+
+def parse(argv: Sequence[str]) -> PastaOptions:
+    """pasta's command line as getopt_long(3) reads it: `--name VALUE`, `--name=VALUE`,
+    `-x VALUE`, `-xVALUE`, flags bundled (`-fq`), `--` or the first operand ending the
+    options."""
+    opts = PastaOptions()
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            opts.operands.extend(args[i:])
+            break
+        if arg.startswith("--"):
+            name, eq, inline = arg[2:].partition("=")
+            if name not in _TAKEN:
+                raise _unrecognized(f"--{name}", name)
+            takes = _TAKEN[name][1]
+            if takes and not eq:
+                if i == len(args):
+                    raise PastaUsageError(f"option '--{name}' requires an argument")
+                inline = args[i]
+                i += 1
+            elif eq and not takes:
+                raise PastaUsageError(f"option '--{name}' doesn't allow an argument")
+            _store(opts, name, inline if takes else None)
+        elif arg.startswith("-") and len(arg) > 1:
+            j = 1
+            while j < len(arg):
+                letter = arg[j]
+                j += 1
+                if letter not in _SHORT:
+                    why = _WHY.get(_WHY_SHORT.get(letter, ""))
+                    raise PastaUsageError(f"invalid option -- '{letter}'"
+                                          + (f" ({why})" if why else ""))
+                name = _SHORT[letter]
+                if _TAKEN[name][1]:
+                    value = arg[j:]
+                    if not value:
+                        if i == len(args):
+                            raise PastaUsageError(f"option requires an argument -- '{letter}'")
+                        value = args[i]
+                        i += 1
+                    _store(opts, name, value)
+                    break
+                _store(opts, name, None)
+        else:
+            # pasta's optstring starts with "+": options end at the first operand (a PID,
+            # or a command whose own options follow).
+            opts.operands.extend(args[i - 1:])
+            break
+    return opts
+
+
+def _prefix_of(netmask: str) -> int:
+    if netmask.isdigit():
+        return int(netmask)
+    try:
+        return IPv4Network(f"0.0.0.0/{netmask}").prefixlen
+    except ValueError:
+        raise PastaUsageError(f"-n {netmask}: not a prefix length or an IPv4 netmask") from None
+
+
+def _split_families(values: list[str], option: str) -> tuple[str | None, str | None]:
+    """The IPv4 and the IPv6 one of `values` (pasta takes one of each)."""
+    v4: str | None = None
+    v6: str | None = None
+    for value in values:
+        addr, _, _ = value.partition("/")
+        try:
+            parsed = ip_address(addr)
+        except ValueError:
+            raise PastaUsageError(f"{option} {value}: not an IP address") from None
+        if isinstance(parsed, IPv4Address):
+            if v4 is not None:
+                raise PastaUsageError(f"{option} given twice for IPv4")
+            v4 = value
+        else:
+            if v6 is not None:
+                raise PastaUsageError(f"{option} given twice for IPv6")
+            v6 = value
+    return v4, v6
+
+
+def run_argv(opts: PastaOptions) -> list[str]:
+    """The `relaynat run` options (before the target) that `opts` become."""
+    argv: list[str] = []
+    addr4, addr6 = _split_families(opts.address, "-a")
+    gw4, gw6 = _split_families(opts.gateway, "-g")
+    if addr4 is not None or opts.netmask is not None:
+        if addr4 is None:
+            raise PastaUsageError("-n needs -a with an IPv4 address (relaynat does not take "
+                                  "the host's address as pasta does)")
+        addr, _, prefix = addr4.partition("/")
+        if opts.netmask is not None:
+            prefix = str(_prefix_of(opts.netmask))
+        argv += ["-a", f"{addr}/{prefix or 24}"]
+    if gw4 is not None:
+        argv += ["-g", gw4]
+    if addr6 is not None:
+        argv += ["--address6", addr6.partition("/")[0]]
+    if gw6 is not None:
+        argv += ["--gateway6", gw6]
+    if opts.mtu is not None:
+        argv += ["-m", opts.mtu]
+    fwd4, fwd6 = _split_families(opts.dns_forward, "--dns-forward")
+    if fwd4 is not None:
+        argv += ["-D", fwd4]
+    if fwd6 is not None:
+        argv += ["--dns6", fwd6]
+    for value in opts.dns:
+        if value != "none":
+            raise PastaUsageError(f"-D {value}: relaynat answers DNS at its own address, "
+                                  "forwarding to the host's resolver; give --dns-forward "
+                                  "ADDR for that address, or -D none")
+    if opts.map_host_loopback is not None:
+        argv += ["--map-host-loopback", opts.map_host_loopback]
+    elif not opts.map_gw:
+        argv += ["--map-host-loopback", "none"]
+    for flag, specs in (("-t", opts.tcp), ("-u", opts.udp)):
+        for spec in specs:
+            if spec == "auto":
+                raise PastaUsageError(f"{flag} auto: relaynat does not follow the ports "
+                                      "bound on the other side; give them")
+            if spec != "none":
+                argv += [flag, spec]
+    for flag, specs in (("-T", opts.tcp_ns), ("-U", opts.udp_ns)):
+        for spec in specs:
+            if spec != "none":
+                raise PastaUsageError(f"{flag} {spec}: relaynat-pasta does not forward from "
+                                      "the namespace's loopback to the host's; only "
+                                      f"'{flag} none' is taken")
+    if opts.ipv4_only:
+        argv.append("-4")
+    if opts.ipv6_only:
+        argv.append("-6")
+    argv += ["--tap-name", opts.ifname]
+    if opts.debug:
+        argv += ["--log-level", "debug"]
+    return argv
+
+
+def _target_text(opts: PastaOptions) -> str:
+    if opts.netns is not None:
+        if opts.operands:
+            raise PastaUsageError(f"{opts.operands[0]}: give either --netns or a PID, not "
+                                  "both")
+        return opts.netns
+    if len(opts.operands) == 1 and opts.operands[0].isdigit():
+        return opts.operands[0]
+    if opts.operands:
+        raise PastaUsageError(f"{opts.operands[0]}: relaynat-pasta serves an existing "
+                              "namespace (--netns PATH or a PID); to run a command in a new "
+                              "one, use relaynat run -- COMMAND")
+    raise PastaUsageError("give the namespace: --netns PATH or a PID (pasta's own "
+                          "namespace with a shell is relaynat run's)")
+
+
+def _parse_run(argv: list[str]) -> argparse.Namespace:
+    """relaynat run's own parser over `argv`; its refusal becomes a PastaUsageError."""
+    from relaynat.cli.options import build_parser
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return build_parser().parse_args(argv)
+    except SystemExit:
+        lines = err.getvalue().strip().splitlines()
+        raise PastaUsageError(lines[-1].partition("error: ")[2] if lines
+                              else "refused by relaynat run") from None
+
+
+def translate(opts: PastaOptions) -> tuple[RelayConfig, list[Forward]]:
+    """The relay configuration and forwards `opts` ask for, through relaynat run's own
+    option parser (every run default applies). Raises PastaUsageError or ConfigError."""
+    from relaynat.cli.options import config_from_args, forwards_from_args
+
+    if opts.mtu is not None and not opts.mtu.isdigit():
+        raise PastaUsageError(f"-m {opts.mtu}: not a number")
+    tail = ["--netns", _target_text(opts)] + ([] if opts.config_net else ["--no-configure"])
+    args = _parse_run(["run", *run_argv(opts), *tail])
+    return config_from_args(args), forwards_from_args(args)
+
+
+#: How often the namespace's path is looked at (pasta watches it with inotify).
+_PATH_POLL_S = 0.5
+
+
+def _same_file(path: str, fd: int) -> bool:
+    """`path` still names the namespace open as `fd` (podman unmounts and removes it
+    when the container stops)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+async def _watch_path(path: str, fd: int, stop: asyncio.Event) -> None:
+    while _same_file(path, fd):
+        await asyncio.sleep(_PATH_POLL_S)
+    stop.set()
+
+
+async def serve(config: RelayConfig, forwards: list[Forward], opts: PastaOptions,
+                target: JoinTarget, ready: Callable[[], None]) -> int:
+    """Serve the TAP in the target namespace; `ready` is called once the guest can be
+    served. Ends on SIGINT/SIGTERM, the target process's exit, or its path's removal."""
+    from relaynat.cli.main import add_forwards
+    from relaynat.host.forward import ForwardError
+    from relaynat.netns.guest import NamespaceSetupError, open_joined_tap
+    from relaynat.relay import Relay
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        transport = await open_joined_tap(config, target, tap_name=opts.ifname,
+                                          configure=opts.config_net)
+    except NamespaceSetupError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    watchers: list[asyncio.Future[None]] = []
+    if target.pidfd is not None:
+        loop.add_reader(target.pidfd, stop.set)
+    elif opts.netns is not None:
+        path = opts.netns if "/" in opts.netns else os.path.join("/run/netns", opts.netns)
+        watchers.append(asyncio.ensure_future(_watch_path(path, target.netns_fd, stop)))
+    try:
+        async with Relay(config, None) as relay:
+            relay.attach(transport)
+            try:
+                add_forwards(relay, forwards)
+            except (OSError, ForwardError) as exc:
+                print(f"{PROG}: {exc}", file=sys.stderr)
+                return 1
+            ready()
+            lost = asyncio.ensure_future(relay.transport_lost_event.wait())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            lost.cancel()
+            stopped.cancel()
+    finally:
+        for watcher in watchers:
+            watcher.cancel()
+        if target.pidfd is not None:
+            loop.remove_reader(target.pidfd)
+    return 0
+
+
+def _detach_stdio() -> None:
+    """Leave the caller's output: podman reads pasta's until it is closed."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _background() -> Callable[[], None]:
+    """Fork as pasta does: the parent exits once the child is ready (status 0) or has
+    failed (its status); the child gets the `ready` that tells the parent."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            if pipe.read(1) == b"1":
+                sys.exit(0)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status) or 1)
+    os.close(read_end)
+    os.setsid()
+
+    def ready() -> None:
+        with contextlib.suppress(OSError):
+            os.write(write_end, b"1")
+        os.close(write_end)
+        _detach_stdio()
+
+    return ready
+
+
+_USAGE = f"""usage: {PROG} [OPTION]... [PID | --netns PATH]
+
+pasta's command line as podman 4.4 to 5.x runs it, served by relaynat:
+  --config-net           address and route the namespace's interface
+  -t, --tcp-ports SPEC   forward host TCP ports into the namespace (passt's SPEC; none)
+  -u, --udp-ports SPEC   the same for UDP
+  -T, --tcp-ns none      -U, --udp-ns none: nothing from the namespace's loopback
+  -a, --address ADDR     -n, --netmask MASK   -g, --gateway ADDR   -m, --mtu MTU
+  -I, --ns-ifname NAME   the namespace's interface (default tap0)
+  --dns-forward ADDR     the address whose DNS queries go to the host's resolver
+  -D, --dns none         announce no DNS server
+  --map-gw, --no-map-gw  the gateway stands (or not) for the host's loopback
+  --map-host-loopback ADDR
+  -4, --ipv4-only        -6, --ipv6-only
+  --netns PATH|NAME      the network namespace; or a PID operand
+  -f, --foreground       -d, --debug (implies -f)   -q, --quiet   -P, --pid FILE
+Anything else is refused, naming the option.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        opts = parse(sys.argv[1:] if argv is None else argv)
+        if opts.help:
+            print(_USAGE, end="")
+            return 0
+        if opts.version:
+            from importlib.metadata import version
+
+            print(f"{PROG} (relaynat {version('relaynat')}), pasta's command line as "
+                  "podman runs it")
+            return 0
+        config, forwards = translate(opts)
+        target = resolve_target(_target_text(opts))
+    except PastaUsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"{PROG}: {str(exc).removeprefix('--netns ')}", file=sys.stderr)
+        return 1
+    logging.basicConfig(level="DEBUG" if opts.debug else "WARNING",
+                        format=f"{PROG} %(levelname)s: %(message)s")
+    ready: Callable[[], None] = lambda: None  # noqa: E731
+    if not (opts.foreground or opts.debug):
+        ready = _background()
+    if opts.pid_file is not None:
+        with open(opts.pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    from relaynat.cli.event_loop import new_loop
+
+    loop = new_loop()
+    try:
+        return loop.run_until_complete(serve(config, forwards, opts, target, ready))
+    except OSError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()
+        target.close()
+        if opts.pid_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(opts.pid_file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""`relaynat-pasta`: the pasta command lines podman 4.4 to 5.x builds, copied from its
+source, against namespaces made here (`ip netns add`, as podman bind-mounts one).
+
+podman 4.3.1 (Debian 12's) has no `--network pasta`, so the argv is the proof: podman
+runs pasta, waits for it to exit with its output closed (exec.Command.Output), and
+expects the namespace served until it removes the namespace's path. Each case runs in a
+network and mount namespace of its own (`unshare -n -m`), where the host side has a
+dnsmasq on 127.0.0.1 (named by a bind-mounted resolv.conf, the relay's upstream) and a
+web server on 0.0.0.0, with 198.18.0.1 (RFC 2544's benchmarking range) on `lo` as the
+host's non-loopback address.
+"""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+TESTS = Path(__file__).resolve().parents[1]
+PASTA = str(Path(sys.executable).parent / "relaynat-pasta")
+SPEC = "127.0.0.1/{port}-{port}:80-80"
+
+#: podman's argv for `podman run -p 127.0.0.1:PORT:80 --network pasta`, by version.
+#: 4.4 to 4.9: libpod/networking_pasta_linux.go, then containers/common v0.56-v0.57
+#: libnetwork/pasta/pasta.go (ports, then options, then the "none"s, --no-map-gw).
+PODMAN_4 = ["--config-net", "-t", SPEC, "-u", "none", "-T", "none", "-U", "none",
+            "--no-map-gw", "--netns", "{netns}"]
+#: 5.0 (common v0.58): `--dns none` unless a DNS option was given, always --quiet.
+PODMAN_5_0 = ["--config-net", "-t", SPEC, "-u", "none", "-T", "none", "-U", "none",
+              "--no-map-gw", "--dns", "none", "--quiet", "--netns", "{netns}"]
+#: 5.1 and 5.2 (common v0.59-v0.60): --dns-forward 169.254.0.1 by default.
+PODMAN_5_1 = ["--config-net", "-t", SPEC, "--dns-forward", "169.254.0.1", "-u", "none",
+              "-T", "none", "-U", "none", "--no-map-gw", "--quiet", "--netns", "{netns}"]
+#: 5.3 on (common v0.61+): 169.254.1.1, and --map-guest-addr last, which podman drops
+#: and retries without when pasta exits 1 saying "unrecognized option '--map-guest-addr".
+PODMAN_5_3 = ["--config-net", "-t", SPEC, "--dns-forward", "169.254.1.1", "-u", "none",
+              "-T", "none", "-U", "none", "--no-map-gw", "--quiet", "--netns", "{netns}",
+              "--map-guest-addr", "169.254.1.2"]
+#: 5.3 with `--network pasta:--map-gw`: podman removes --map-gw and adds no --no-map-gw.
+PODMAN_5_3_MAP_GW = ["--config-net", "-t", SPEC, "--dns-forward", "169.254.1.1", "-u", "none",
+                     "-T", "none", "-U", "none", "--quiet", "--netns", "{netns}",
+                     "--map-guest-addr", "169.254.1.2"]
+
+_SCENARIO = r"""
+set -eu
+dev=$(mktemp -d)
+mount -t tmpfs -o mode=755 tmpfs "$dev"
+mkdir -p /run/netns
+mount -t tmpfs tmpfs /run/netns
+echo "nameserver 127.0.0.1" > "$dev/resolv.conf"
+mount --bind "$dev/resolv.conf" /etc/resolv.conf
+ip link set lo up
+ip addr add 198.18.0.1/32 dev lo
+mkdir "$dev/www" "$dev/inside"
+echo "from host" > "$dev/www/hello.txt"
+echo "from inside" > "$dev/inside/inside.txt"
+dnsmasq --keep-in-foreground --no-resolv --no-hosts --listen-address=127.0.0.1 \
+    --bind-interfaces --address=/probe.test/198.18.0.7 --user=root \
+    --pid-file="$dev/dnsmasq.pid" &
+dns=$!
+python3 "$PEERS" http --root "$dev/www" --bind 0.0.0.0 --port-file "$dev/port" &
+http=$!
+inner=
+trap 'kill $dns $http $inner 2>/dev/null || true; ip netns del ctr 2>/dev/null || true' EXIT
+for _ in $(seq 200); do [ -s "$dev/port" ] && break; sleep 0.05; done
+port=$(cat "$dev/port")
+ip netns add ctr
+# podman: exec.Command(pasta, args...).Output(), retrying without the last two
+# arguments on exit 1 and "unrecognized option '--map-guest-addr".
+set +e
+out=$("$PASTA" "$@" 2>&1)
+status=$?
+if [ $status = 1 ] && printf '%s' "$out" | grep -q "unrecognized option '--map-guest-addr"; then
+    echo "fallback"
+    set -- "$@"
+    n=$#
+    args=
+    i=0
+    for a in "$@"; do
+        i=$((i + 1))
+        [ $i -le $((n - 2)) ] && args="$args $(printf '%q' "$a")"
+    done
+    eval "set -- $args"
+    out=$("$PASTA" "$@" 2>&1)
+    status=$?
+fi
+set -e
+echo "status $status"
+[ $status = 0 ] || { echo "$out" >&2; exit 1; }
+ns="ip netns exec ctr"
+$ns ip -o -4 addr show tap0 | awk '{print "addr", $2, $4}'
+$ns ip route show default | sed 's/ *$//; s/^/route /'
+for server in $DNS_ADDRS; do
+    echo "resolve $server $($ns dig +short +time=3 +tries=2 @$server probe.test)"
+done
+echo "out $($ns curl -sS --max-time 10 http://198.18.0.1:$port/hello.txt)"
+if got=$($ns curl -sS --max-time 5 http://10.0.2.2:$port/hello.txt 2>/dev/null); then
+    echo "gateway $got"
+else
+    echo "gateway refused"
+fi
+$ns busybox httpd -f -p 80 -h "$dev/inside" &
+inner=$!
+# Until httpd listens, the relay's connection to port 80 is reset: curl sees an empty
+# reply, which its --retry does not cover.
+for _ in $(seq 50); do
+    got=$(curl -sS --max-time 10 http://127.0.0.1:$FWD/inside.txt 2>/dev/null) && break
+    sleep 0.1
+done
+echo "in $got"
+kill $inner
+inner=
+# podman removes the namespace when the container stops; the relay ends with it and
+# its forward stops listening.
+ip netns del ctr
+listening() { [ -n "$(ss -Hltn "sport = :$FWD")" ]; }
+for _ in $(seq 100); do
+    listening || break
+    sleep 0.1
+done
+if listening; then echo "still listening"; else echo "ended"; fi
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scenario(template: list[str], dns_addrs: str) -> list[str]:
+    port = _free_port()
+    argv = [arg.format(port=port, netns="/run/netns/ctr") for arg in template]
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PASTA": PASTA, "FWD": str(port),
+           "PEERS": str(TESTS / "support" / "host_peers.py"), "DNS_ADDRS": dns_addrs}
+    done = subprocess.run(["unshare", "-n", "-m", "--propagation", "private", "bash", "-c",
+                           _SCENARIO, "scenario", *argv], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, f"{shlex.join(argv)}\n{done.stdout}{done.stderr}"
+    return done.stdout.splitlines()
+
+
+_SERVED = ["addr tap0 10.0.2.15/24", "route default via 10.0.2.2 dev tap0"]
+_TAIL = ["out from host", "gateway refused", "in from inside", "ended"]
+
+
+def test_podman_4_argv() -> None:
+    assert _scenario(PODMAN_4, "10.0.2.3") == [
+        "status 0", *_SERVED, "resolve 10.0.2.3 198.18.0.7", *_TAIL]
+
+
+def test_podman_5_0_argv_dns_none() -> None:
+    assert _scenario(PODMAN_5_0, "10.0.2.3") == [
+        "status 0", *_SERVED, "resolve 10.0.2.3 198.18.0.7", *_TAIL]
+
+
+def test_podman_5_1_argv_dns_forward() -> None:
+    assert _scenario(PODMAN_5_1, "169.254.0.1") == [
+        "status 0", *_SERVED, "resolve 169.254.0.1 198.18.0.7", *_TAIL]
+
+
+def test_podman_5_3_argv_falls_back_without_map_guest_addr() -> None:
+    assert _scenario(PODMAN_5_3, "169.254.1.1") == [
+        "fallback", "status 0", *_SERVED, "resolve 169.254.1.1 198.18.0.7", *_TAIL]
+
+
+def test_podman_5_3_map_gw_reaches_host_loopback() -> None:
+    assert _scenario(PODMAN_5_3_MAP_GW, "169.254.1.1") == [
+        "fallback", "status 0", *_SERVED, "resolve 169.254.1.1 198.18.0.7",
+        "out from host", "gateway from host", "in from inside", "ended"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--config-net", "--netns", "/run/netns/x", "--map-guest-addr", "169.254.1.2"],
+     "unrecognized option '--map-guest-addr'"),
+    (["-i", "eth0", "--netns", "/run/netns/x"], "invalid option -- 'i' (relaynat does not "
+                                                "copy a host interface's addresses"),
+    (["--outbound", "192.0.2.1", "--netns", "/run/netns/x"], "unrecognized option "
+                                                            "'--outbound'"),
+    (["--trace", "--netns", "/run/netns/x"], "unrecognized option '--trace'"),
+    (["-T", "8080", "--netns", "/run/netns/x"], "-T 8080: relaynat-pasta does not forward "
+                                                "from the namespace's loopback"),
+    (["-U", "53", "--netns", "/run/netns/x"], "-U 53: relaynat-pasta does not forward"),
+    (["-t", "auto", "--netns", "/run/netns/x"], "-t auto: relaynat does not follow"),
+    (["-D", "192.0.2.53", "--netns", "/run/netns/x"], "-D 192.0.2.53: relaynat answers DNS"),
+    (["--config-net", "sh", "-c", "true"], "sh: relaynat-pasta serves an existing namespace"),
+    (["--config-net"], "give the namespace: --netns PATH or a PID"),
+    (["-fz", "--netns", "/run/netns/x"], "invalid option -- 'z'"),
+    (["--netns"], "option '--netns' requires an argument"),
+    (["--quiet=1", "--netns", "/run/netns/x"], "option '--quiet' doesn't allow an argument"),
+    (["-t", "99999", "--netns", "/run/netns/x"], "99999"),
+    (["--netns", "/run/netns/relaynat-no-such-namespace"], "does not exist"),
+])
+def test_refused_naming_the_option(argv: list[str], message: str) -> None:
+    done = subprocess.run([PASTA, *argv], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("relaynat-pasta: ") and message in done.stderr, done.stderr
+    assert done.stdout == ""
+
+
+def test_help_lists_what_is_taken() -> None:
+    done = subprocess.run([PASTA, "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    for option in ("--config-net", "--dns-forward", "--no-map-gw", "--netns", "--tcp-ports"):
+        assert option in done.stdout
