@@ -39,6 +39,7 @@ RECORDS = {
     "never.allowed.test": NEVER,  # never resolved through the relay in the tests
     "rebind.allowed.test": METADATA,  # DNS rebinding to the metadata service
     "www.other.test": OTHER,
+    "resolver.allowed.test": RESOLVER,
 }
 ALLOW = ("--allow-domain", "*.allowed.test", "--dns-upstream", RESOLVER)
 
@@ -242,3 +243,27 @@ def test_ctl_names_lists_what_the_guest_resolved(world: Path, tmp_path: Path) ->
     name, addr, ttl, flows = lines[1].split()
     assert (name, addr, flows) == ("www.allowed.test", WWW, "0") and 0 < float(ttl) <= 10
     assert len(lines) == 2
+
+
+def test_udp_and_icmp_flows_match_domain_rules_too(world: Path, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('default = "deny"\n'
+                      '[[rule]]\naction = "allow"\nproto = "icmp"\n'
+                      'domains = "www.allowed.test"\n'
+                      '[[rule]]\naction = "allow"\nproto = "udp"\nports = "53"\n'
+                      'domains = "resolver.allowed.test"\n')
+    done = relaynat_run("sh", "-c", "; ".join([
+        # Before any answer for them, the addresses match no rule.
+        f"ping -c 1 -W 2 {WWW} >/dev/null && echo ping ok || echo ping failed",
+        f"dig @{RESOLVER} +short +tries=1 +time=2 www.other.test A >/dev/null 2>&1 "
+        "&& echo dig ok || echo dig failed",
+        "getent hosts www.allowed.test resolver.allowed.test >/dev/null",
+        f"ping -c 1 -W 2 {WWW} >/dev/null && echo ping ok || echo ping failed",
+        f"dig @{RESOLVER} +short +tries=1 +time=2 www.other.test A",
+        # Another name's address stays refused.
+        f"ping -c 1 -W 2 {OTHER} >/dev/null && echo ping ok || echo ping failed",
+    ]), options=("--policy", str(policy), "--dns-upstream", RESOLVER))
+    assert done.stdout.splitlines() == ["ping failed", "dig failed", "ping ok", OTHER,
+                                        "ping failed"], done.stdout + done.stderr
+    stats = parse_stats(done.stderr)
+    assert stats["policy_denied_default"] == 3
