@@ -32,6 +32,7 @@ This module does no I/O and keeps no clock: `now` is a parameter (any monotonic 
 
 from __future__ import annotations
 
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -62,14 +63,23 @@ def normalize_domain(name: str) -> str:
         if label.isascii():
             out = label.lower()
         else:
+            wanted = unicodedata.normalize("NFC", label.lower())
             try:
                 # The idna codec (IDNA 2003, RFC 3490 ToASCII with nameprep) turns a
-                # Unicode label into its xn-- form; lower() first so that an ASCII label
-                # is lowered too (ToASCII passes ASCII labels as they are).
-                out = label.lower().encode("idna").decode("ascii")
+                # Unicode label into its xn-- form.
+                out = wanted.encode("idna").decode("ascii")
+                back = out.encode("ascii").decode("idna")
             except UnicodeError as exc:
                 raise ConfigError(f"domain {name!r}: label {label!r} is not a valid "
                                   f"IDNA label ({exc})") from None
+            if back != wanted:
+                # Nameprep mapped the label to another one (ß to ss, final sigma to
+                # sigma, full-width letters, joiners dropped): IDNA 2008 (RFC 5891), as
+                # resolvers and browsers use it, keeps them apart, so the two codecs
+                # would name different domains. Refused rather than guessed.
+                raise ConfigError(f"domain {name!r}: label {label!r} becomes {back!r} "
+                                  "under IDNA 2003, which IDNA 2008 does not do: give "
+                                  "the label in its xn-- form")
         if len(out) > MAX_LABEL:
             raise ConfigError(f"domain {name!r}: label {label!r} is longer than "
                               f"{MAX_LABEL} octets")

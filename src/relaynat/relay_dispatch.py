@@ -204,7 +204,7 @@ class RelayDispatch:
         else:
             self._stats["dns_dropped"] += 1
         hub = self._hub
-        if hub.listening and screened.qtype:
+        if hub.listening and screened.reply is not None:
             hub.emit(DnsQuery(time.time(), hub.guest, screened.name,
                               type_name(screened.qtype), (), screened.action))
         return b"" if screened.reply is None else screened.reply

@@ -45,7 +45,9 @@ def test_normalize_domain(raw: str, norm: str) -> None:
     assert normalize_domain(raw) == norm
 
 
-@pytest.mark.parametrize("bad", ["", ".", "a..b", "example.org..", ".example.org",
+@pytest.mark.parametrize("bad", ["straße.de", "\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.org",
+                                 "a\u200db.example", "\u03c3\u03bf\u03c6\u03af\u03b1\u03c2.gr",
+                                 "", ".", "a..b", "example.org..", ".example.org",
                                  "a" * 64 + ".org", ("a" * 60 + ".") * 5 + "org",
                                  "ex ample.org", "*.org", "a.*.org"])
 def test_normalize_domain_refuses(bad: str) -> None:
