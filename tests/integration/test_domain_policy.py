@@ -267,3 +267,30 @@ def test_udp_and_icmp_flows_match_domain_rules_too(world: Path, tmp_path: Path) 
                                         "ping failed"], done.stdout + done.stderr
     stats = parse_stats(done.stderr)
     assert stats["policy_denied_default"] == 3
+
+
+async def test_each_query_is_a_dns_query_event(world: Path) -> None:
+    from relaynat.events import DnsQuery, Event
+    from relaynat.netns.guest import run_command
+    from relaynat.relay import Relay
+
+    events: list[Event] = []
+
+    def ready(relay: Relay) -> None:
+        relay.subscribe(events.append)
+
+    config = RelayConfig(dns_upstream=ip_address(RESOLVER))
+    status = await run_command(config, ["sh", "-c", "; ".join([
+        "dig @10.0.2.3 +short +tries=1 alias.allowed.test A",
+        "dig @10.0.2.3 +short +tries=1 denied.test A",
+        "dig @10.0.2.3 +short +tries=1 +tcp www.allowed.test HTTPS",
+        "dig @10.0.2.3 +short +tries=1 +tcp www.allowed.test AAAA",
+    ])], policy=Policy.allow_domains(["*.allowed.test"], config), relay_ready=ready,
+        stdout=subprocess.DEVNULL)
+    assert status == 0
+    queries = [(e.name, e.qtype, e.answers, e.action) for e in events
+               if isinstance(e, DnsQuery)]
+    assert queries == [("alias.allowed.test", "A", (OTHER,), "forwarded"),
+                       ("denied.test", "A", (), "refused"),
+                       ("www.allowed.test", "HTTPS", (), "empty"),
+                       ("www.allowed.test", "AAAA", (), "forwarded")]
