@@ -86,7 +86,7 @@ _WHY = {
 _WHY_SHORT = {"i": "interface", "o": "outbound", "l": "log-file"}
 
 
-class PastaUsageError(Exception):
+class PastaUsageError(ConfigError):
     """A command line relaynat-pasta refuses; the message names the option."""
 
 
