@@ -26,7 +26,7 @@ from relaynat.host.icmp_relay import IcmpEchoRelay
 from relaynat.host.tcp_relay import TcpRelay
 from relaynat.host.udp_relay import UdpRelay
 from relaynat.link.dns import answer_static
-from relaynat.link.dns_filter import read_answer, screen_query, type_name
+from relaynat.link.dns_filter import DnsFilter, type_name
 from relaynat.link.services import (
     BROADCAST_IP,
     DHCP_SERVER_PORT,
@@ -35,7 +35,7 @@ from relaynat.link.services import (
     LinkServices,
 )
 from relaynat.packet_builder import BROADCAST_MAC, ICMP_PORT_UNREACH, udp_frame
-from relaynat.policy import EgressGate
+from relaynat.policy import EgressGate, Policy
 from relaynat.wire import (
     IPPROTO_ICMPV6,
     IPPROTO_TCP,
@@ -50,6 +50,9 @@ from relaynat.wire import (
     parse_udp,
     parse_udp4_fast,
 )
+
+#: What reads answers while no policy is in force (only listeners want them then).
+_NO_POLICY = Policy()
 
 
 class RelayDispatch:
@@ -75,6 +78,8 @@ class RelayDispatch:
     _hub: EventHub
     _dns_tcp: DnsTcpResponder | None
     _loop: asyncio.AbstractEventLoop | None
+    #: The current policy's DNS filter (made on first use, `_dns_filter_for`).
+    _dns_filter: DnsFilter | None = None
 
     if TYPE_CHECKING:
         def _tcp_segment(self, seg: TcpSegment) -> None: ...
@@ -194,7 +199,7 @@ class RelayDispatch:
         gate = self._gate
         if gate is None or not gate.policy.filters_dns:
             return None
-        screened = screen_query(query, gate.policy)
+        screened = self._dns_filter_for(gate.policy).screen(query)
         if screened.action == "forwarded":
             return None
         if screened.action == "refused":
@@ -218,7 +223,7 @@ class RelayDispatch:
         hub = self._hub
         if not (learning or hub.listening):
             return
-        answer = read_answer(reply)
+        answer = self._dns_filter_for(gate.policy if gate is not None else None).read(reply)
         if answer is None:
             self._stats["dns_answers_unread"] += 1
             return
@@ -232,6 +237,15 @@ class RelayDispatch:
         if hub.listening:
             hub.emit(DnsQuery(time.time(), hub.guest, answer.name, type_name(answer.qtype),
                               answer.addr_texts(), action))
+
+    def _dns_filter_for(self, policy: Policy | None) -> DnsFilter:
+        """The DNS filter of `policy`, made anew when the policy changed (its memo of
+        verdicts belongs to one policy)."""
+        policy = policy or _NO_POLICY
+        dns_filter = self._dns_filter
+        if dns_filter is None or dns_filter.policy is not policy:
+            dns_filter = self._dns_filter = DnsFilter(policy)
+        return dns_filter
 
     def _serve_dns_tcp(self) -> None:
         """Run the DNS-over-TCP responder (host/dns_tcp.py) if the guest's DNS over TCP

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from relaynat.config import RelayConfig
 from relaynat.link.dns_filter import (
+    MEMO_SIZE,
     RCODE_REFUSED,
+    DnsFilter,
     read_answer,
     screen_query,
     type_name,
@@ -150,3 +152,20 @@ def test_any_bytes_are_screened_and_read_without_raising(data: bytes) -> None:
     if screened.action == "forwarded":
         assert POLICY.allows_name(screened.name)
     read_answer(data)
+
+
+def test_the_memo_answers_each_query_with_its_own_id() -> None:
+    dns_filter = DnsFilter(POLICY)
+    for ident in (1, 2, 0xFFFF):
+        for name, action in (("denied.test", "refused"), ("www.allowed.test", "forwarded")):
+            screened = dns_filter.screen(query(name, ident=ident))
+            assert screened.action == action
+            if screened.reply is not None:
+                assert dpkt.dns.DNS(screened.reply).id == ident
+        empty = dns_filter.screen(query("www.allowed.test", 65, ident=ident))
+        assert empty.reply is not None and dpkt.dns.DNS(empty.reply).id == ident
+    msg = answer("www.allowed.test", 1, [("www.allowed.test", 1, 5, bytes([192, 0, 2, 1]))])
+    assert dns_filter.read(msg) == dns_filter.read(b"\xaa\xbb" + msg[2:]) == read_answer(msg)
+    for i in range(MEMO_SIZE + 5):  # bounded: it starts over
+        dns_filter.screen(query(f"n{i}.allowed.test"))
+    assert dns_filter.screen(query("denied.test", ident=9)).action == "refused"

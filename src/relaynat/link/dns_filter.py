@@ -23,6 +23,11 @@ and the chain's other names were never asked by it. The question's name is read
 again with the same checks as a query's, since dpkt joins labels with dots and would
 make a label holding a dot ("www.example.org" as one label) look like a name of three.
 
+A guest asks the same names over and over (A and AAAA before each connection), and a
+resolver gives the same answer until its cached TTL ticks down, so `DnsFilter` keeps the
+verdicts and readings of the last few hundred distinct messages, keyed by all of the
+message but its ID: a repeated query or answer costs a dictionary lookup.
+
 This module does no I/O.
 """
 
@@ -169,3 +174,45 @@ def read_answer(msg: bytes | memoryview) -> Answer | None:
 def _lower(name: object) -> str:
     text = str(name).lower()
     return text[:-1] if text.endswith(".") else text
+
+
+#: Distinct queries, and answers, a `DnsFilter` remembers (then it starts over).
+MEMO_SIZE = 256
+
+
+class DnsFilter:
+    """`screen_query` under one policy and `read_answer`, remembering the last
+    `MEMO_SIZE` distinct messages of each kind (by everything but the 2-byte ID, which
+    the relay's own replies take from the query)."""
+
+    __slots__ = ("_answers", "_screened", "policy")
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._screened: dict[bytes, Screened] = {}
+        self._answers: dict[bytes, Answer | None] = {}
+
+    def screen(self, msg: bytes | memoryview) -> Screened:
+        """`screen_query(msg, policy)`, the reply (if any) answering `msg`'s ID."""
+        key = bytes(msg[2:])
+        screened = self._screened.get(key)
+        if screened is None:
+            screened = screen_query(msg, self.policy)
+            if len(self._screened) >= MEMO_SIZE:
+                self._screened.clear()
+            self._screened[key] = screened
+        elif screened.reply is not None:
+            screened = Screened(screened.action, bytes(msg[:2]) + screened.reply[2:],
+                                screened.name, screened.qtype)
+        return screened
+
+    def read(self, msg: bytes | memoryview) -> Answer | None:
+        """`read_answer(msg)`."""
+        key = bytes(msg[2:])
+        if key in self._answers:
+            return self._answers[key]
+        answer = read_answer(msg)
+        if len(self._answers) >= MEMO_SIZE:
+            self._answers.clear()
+        self._answers[key] = answer
+        return answer
