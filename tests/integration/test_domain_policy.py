@@ -33,6 +33,7 @@ DNSMASQ = "/usr/sbin/dnsmasq"
 RESOLVER = "11.1.0.53"
 WWW, DENIED, NEVER, OTHER = "11.1.0.2", "11.1.0.3", "11.1.0.4", "11.1.0.5"
 METADATA = "169.254.169.254"
+WWW6 = "2a00:1::2"  # global unicast: public to the policy
 #: name -> address, as dnsmasq answers them (TTL 0: dnsmasq's default for its own names).
 RECORDS = {
     "www.allowed.test": WWW,
@@ -40,6 +41,7 @@ RECORDS = {
     "rebind.allowed.test": METADATA,  # DNS rebinding to the metadata service
     "www.other.test": OTHER,
     "resolver.allowed.test": RESOLVER,
+    "www6.allowed.test": WWW6,
 }
 ALLOW = ("--allow-domain", "*.allowed.test", "--dns-upstream", RESOLVER)
 
@@ -61,12 +63,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     _sh("ip", "addr", "add", "11.1.0.1/24", "dev", "rndns0")
     for addr in (WWW, DENIED, NEVER, OTHER, RESOLVER, METADATA):
         _sh("ip", "addr", "add", f"{addr}/32", "dev", "rndns0")
+    _sh("ip", "-6", "addr", "add", f"{WWW6}/128", "dev", "rndns0", "nodad")
     _sh("ip", "link", "set", "rndns0", "up")
     _sh("ip", "link", "set", "rndns1", "up")
-    port_file = root / "port"
+    port_file, port_file6 = root / "port", root / "port6"
     server = subprocess.Popen([sys.executable, str(SUPPORT / "host_peers.py"), "http",
                                "--root", str(root), "--bind", "0.0.0.0", "--port", "80",
                                "--port-file", str(port_file)])
+    server6 = subprocess.Popen([sys.executable, str(SUPPORT / "host_peers.py"), "http",
+                                "--root", str(root), "--bind", WWW6, "--port", "80",
+                                "--port-file", str(port_file6)])
     log = root / "dnsmasq.log"
     dnsmasq = subprocess.Popen([
         DNSMASQ, "-k", "--no-resolv", "--no-hosts", f"--listen-address={RESOLVER}",
@@ -76,13 +82,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         "--cname=alias.allowed.test,www.other.test"])
     try:
         deadline = time.monotonic() + 10
-        while not (port_file.exists() and log.exists() and "started" in log.read_text()):
-            assert time.monotonic() < deadline, "HTTP server or dnsmasq did not start"
-            assert server.poll() is None and dnsmasq.poll() is None
+        while not (port_file.exists() and port_file6.exists() and log.exists()
+                   and "started" in log.read_text()):
+            assert time.monotonic() < deadline, "HTTP servers or dnsmasq did not start"
+            assert server.poll() is None and server6.poll() is None and dnsmasq.poll() is None
             time.sleep(0.05)
         yield log
     finally:
-        for proc in (server, dnsmasq):
+        for proc in (server, server6, dnsmasq):
             proc.kill()
             proc.wait()
         subprocess.run(["ip", "link", "del", "rndns0"], capture_output=True)
@@ -142,6 +149,15 @@ def test_an_allowed_names_address_never_resolved_through_the_relay_is_reset(
         _curl("http://never.allowed.test/hello", *resolve),
     ]), options=ALLOW)
     assert done.stdout.splitlines() == ["failed 7", NEVER, "200"], done.stdout + done.stderr
+
+
+def test_aaaa_answers_admit_ipv6_flows(world: Path) -> None:
+    done = relaynat_run("sh", "-c", "; ".join([
+        _curl(f"http://[{WWW6}]/hello", "-g"),  # never resolved: reset
+        "getent ahostsv6 www6.allowed.test | head -1 | cut -d' ' -f1",
+        _curl("http://www6.allowed.test/hello"),
+    ]), options=ALLOW)
+    assert done.stdout.splitlines() == ["failed 7", WWW6, "200"], done.stdout + done.stderr
 
 
 def test_a_thousand_random_labels_under_a_denied_zone_never_reach_the_resolver(
