@@ -12,10 +12,13 @@ host's non-loopback address.
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -209,3 +212,61 @@ def test_help_lists_what_is_taken() -> None:
     assert done.returncode == 0
     for option in ("--config-net", "--dns-forward", "--no-map-gw", "--netns", "--tcp-ports"):
         assert option in done.stdout
+
+
+def test_foreground_addressing_pid_file_and_sigterm(tmp_path: Path) -> None:
+    """-f stays in the foreground; -a/-n/-g/-m/-I/-4 address the interface as asked (an
+    off-link --dns-forward address taken beside them; the DNS scenarios above query
+    theirs), the gateway stands for the host's loopback (pasta's default), -P names the
+    process and goes away with it."""
+    name = f"pasta-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    pid_file = tmp_path / "pasta.pid"
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(15)
+    port = listener.getsockname()[1]
+    proc = subprocess.Popen(
+        [PASTA, "--config-net", "-f", "-a", "192.168.77.10", "-n", "255.255.255.0", "-g",
+         "192.168.77.1", "-m", "1500", "-I", "eth0", "-4", "--dns-forward", "192.168.77.53",
+         "-P", str(pid_file), "--netns", name], stderr=subprocess.PIPE, text=True)
+    try:
+        ns = ["ip", "-n", name]
+        deadline = time.monotonic() + 20
+        while "192.168.77.10" not in subprocess.run([*ns, "-4", "addr", "show"],
+                                                    capture_output=True, text=True).stdout:
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stderr.read() if proc.stderr else "")
+            time.sleep(0.05)
+        assert pid_file.read_text().strip() == str(proc.pid)
+        link = subprocess.run([*ns, "-o", "link", "show", "eth0"], capture_output=True,
+                              text=True, check=True).stdout
+        assert "mtu 1500" in link
+        addr = subprocess.run([*ns, "-4", "-o", "addr", "show", "eth0"], capture_output=True,
+                              text=True, check=True).stdout
+        assert "192.168.77.10/24" in addr
+        route = subprocess.run([*ns, "route", "show", "default"], capture_output=True,
+                               text=True, check=True).stdout
+        assert "default via 192.168.77.1 dev eth0" in route
+        inside = subprocess.Popen(
+            ["ip", "netns", "exec", name, sys.executable, "-c",
+             f"import socket\ns=socket.create_connection(('192.168.77.1',{port}),timeout=5)\n"
+             "print(s.recv(100).decode())\n"], stdout=subprocess.PIPE, text=True)
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"host loopback via the gateway")
+        out, _ = inside.communicate(timeout=15)
+        assert out.strip() == "host loopback via the gateway"
+        assert proc.poll() is None  # in the foreground: still this process
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert not pid_file.exists()
+    finally:
+        listener.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        subprocess.run(["ip", "netns", "del", name], check=False)
