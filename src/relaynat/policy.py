@@ -91,11 +91,11 @@ import ipaddress
 import json
 import tomllib
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_network
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from relaynat.addressing import DNS_PORT
 from relaynat.config import ConfigError, RelayConfig, unique_keys
@@ -654,6 +654,15 @@ class Verdict(NamedTuple):
 _EXEMPT = Verdict(True, -1, "", (), False)
 
 
+class DenyListener(Protocol):
+    """Hears of a new flow the policy refused: protocol, destination, port, the deciding
+    rule's index (-1: the default) and comment, and the names the destination's valid
+    DNS answers were for (() when not looked up)."""
+
+    def __call__(self, proto: int, dst: bytes, dport: int, rule: int, comment: str, *,
+                 names: tuple[str, ...] = ()) -> None: ...
+
+
 class EgressGate:
     """`policy` applied to one relay's new guest flows: what `TcpRelay`, `UdpRelay` and
     `IcmpEchoRelay` ask (`judge`, counted into `stats`; `admit` is its bare verdict)
@@ -666,13 +675,13 @@ class EgressGate:
     the relays report each flow's opening and end (`flow_opened`, `flow_closed`) so
     that the addresses of open flows stay valid.
 
-    `on_deny(proto, dst, dport, rule, comment)` hears of each new flow refused: the
-    index of the deciding rule (-1: the default) and that rule's comment ("" for none),
-    for the relay's events and its log."""
+    `on_deny(proto, dst, dport, rule, comment, names=...)` hears of each new flow
+    refused: the index of the deciding rule (-1: the default), that rule's comment (""
+    for none) and the destination's names, for the relay's events and its log."""
 
     def __init__(self, policy: Policy, dns_addresses: tuple[bytes, ...],
                  stats: Counter[str],
-                 on_deny: Callable[[int, bytes, int, int, str], None] | None = None,
+                 on_deny: DenyListener | None = None,
                  names: NameTable | None = None) -> None:
         self.policy = policy
         self.names = names if names is not None else NameTable()
@@ -710,7 +719,7 @@ class EgressGate:
             self._stats["policy_denied"] += 1
             self._stats[f"policy_denied_{rule}"] += 1
             if self._on_deny is not None:
-                self._on_deny(proto, dst, dport, index, comment)
+                self._on_deny(proto, dst, dport, index, comment, names=names)
         return Verdict(decision.allow, index, comment, names, decision.inspect)
 
     def admit(self, proto: int, dst: bytes, dport: int, now: float) -> bool:

@@ -265,10 +265,15 @@ def test_allow_domains_profile() -> None:
 
 def test_gate_judge_name_ok_and_pins() -> None:
     stats: Counter[str] = Counter()
-    denied: list[tuple[int, bytes, int, int, str]] = []
+    denied: list[tuple[object, ...]] = []
     table = NameTable(ttl_min_s=10, ttl_max_s=60, grace_s=5)
-    gate = EgressGate(Policy.allow_domains(["*.example.org"], CFG), DNS, stats,
-                      lambda *a: denied.append(a), table)
+
+    def on_deny(proto: int, dst: bytes, dport: int, rule: int, comment: str, *,
+                names: tuple[str, ...] = ()) -> None:
+        denied.append((proto, dst, dport, rule, comment, names))
+
+    gate = EgressGate(Policy.allow_domains(["*.example.org"], CFG), DNS, stats, on_deny,
+                      table)
     dst = pk("93.184.216.34")
     assert not gate.judge(IPPROTO_TCP, dst, 443, 0.0).allow  # never resolved
     assert denied[-1][3] == -1
@@ -289,6 +294,11 @@ def test_gate_judge_name_ok_and_pins() -> None:
     assert gate.denies(IPPROTO_TCP, dst, 443, 105.0)
     assert gate.judge(IPPROTO_UDP, DNS[0], 53, 0.0).allow  # the relay's own DNS
     assert stats["policy_allowed"] == 3 and stats["policy_denied_default"] == 2
+    assert denied[-1] == (IPPROTO_TCP, dst, 443, -1, "", ())  # the answer ran out
+    table.learn("www.example.org", [pk("169.254.169.254")], 30, 200.0)
+    assert not gate.judge(IPPROTO_TCP, pk("169.254.169.254"), 443, 200.0).allow
+    assert denied[-1] == (IPPROTO_TCP, pk("169.254.169.254"), 443, 1,
+                          "cloud instance metadata", ("www.example.org",))
 
 
 # "A flow is allowed by a domain rule only if an answer for a covered name with that
