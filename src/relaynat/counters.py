@@ -391,6 +391,41 @@ _OUTSIDE: _Rows = (
      "queue was full."),
 )
 
+_SPLICE: _Rows = (
+    ("splice_opened",
+     "Forwarded TCP clients on the host's loopback spliced to the guest's loopback (its "
+     "service answered)."),
+    ("splice_reverse_opened",
+     "Connections the guest made to a -T port, spliced to the host's loopback (its service "
+     "answered)."),
+    ("splice_refused",
+     "Spliced connections whose far side refused or could not be reached (no service, no "
+     "descriptor); the near side got a RST at once."),
+    ("splice_refused_limit",
+     "Spliced connections refused with a RST: max_tcp_flows spliced connections open."),
+    ("splice_fallback",
+     "Forwarded TCP clients on the host's loopback served through the guest's link instead: no "
+     "socket of the guest's namespace to be had."),
+    ("splice_closed",
+     "Spliced connections ended by both sides' FIN."),
+    ("splice_resets",
+     "Spliced connections ended by a reset or an error on one side, passed on to the other as "
+     "a RST."),
+    ("splice_bytes_to_guest",
+     "Bytes spliced toward the guest by spliced connections that ended."),
+    ("splice_bytes_from_guest",
+     "Bytes spliced from the guest by spliced connections that ended."),
+    ("loopback_udp_flows",
+     "Guest senders to a -U port given a host socket toward the host's loopback."),
+    ("loopback_udp_from_guest",
+     "Datagrams from the guest to a -U port sent on to the host's loopback."),
+    ("loopback_udp_to_guest",
+     "Datagrams from the host's loopback returned to the guest's -U sender."),
+    ("loopback_udp_dropped",
+     "-U datagrams dropped: no host socket (limit, descriptors), or a send that failed "
+     "(nothing on the port, buffer full)."),
+)
+
 _GAUGES: _Rows = (
     ("tcp_flows", "TCP flows open now."),
     ("udp_flows", "UDP flows open now."),
@@ -398,6 +433,7 @@ _GAUGES: _Rows = (
     ("tcp_first_flight_bytes",
      "Guest bytes held now by TCP flows whose first flight is read before their host "
      "connect (at most 16 KiB a flow, `max_pending_connects` flows)."),
+    ("splice_flows", "Spliced TCP connections open now (forwards and -T)."),
 )
 
 #: The counters in sections, as docs/stats.md shows them.
@@ -411,6 +447,7 @@ GROUPS: tuple[tuple[str, _Rows], ...] = (
     ("ICMP echo", _ICMP),
     ("Egress policy", _POLICY),
     ("Streams, handovers and events", _OUTSIDE),
+    ("Spliced forwards and loopback forwards", _SPLICE),
     ("Gauges", _GAUGES),
 )
 

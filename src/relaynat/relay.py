@@ -46,6 +46,7 @@ from relaynat.host import flow_move
 from relaynat.host.dns_tcp import DnsTcpResponder
 from relaynat.host.forward import Forward, Forwarder, ForwardError, SockAddr, client_address
 from relaynat.host.icmp_relay import IcmpEchoRelay
+from relaynat.host.splice import LoopbackDatagrams, SocketSource, Splicer
 from relaynat.host.tcp_flow import close_with_reset
 from relaynat.host.tcp_relay import TcpRelay
 from relaynat.host.udp_relay import UdpRelay
@@ -120,6 +121,9 @@ class Relay(RelayDispatch, RelayMoving):
         self._icmp: IcmpEchoRelay | None = None
         self._dns_tcp: DnsTcpResponder | None = None
         self._forwarder: Forwarder | None = None
+        #: Spliced forwards (host/splice.py), once `splice_forwards` gave a socket source.
+        self._splicer: Splicer | None = None
+        self._loopback_udp: list[LoopbackDatagrams] = []
         #: The guest's IPv6 address as last seen (SLAAC picks it; passt's addr_seen):
         #: where inbound IPv6 connections go.
         self._guest_addr6 = self.config.guest_ipv6.packed
@@ -222,6 +226,12 @@ class Relay(RelayDispatch, RelayMoving):
         if self._forwarder is not None:
             self._forwarder.close()
             self._forwarder = None
+        if self._splicer is not None:
+            self._splicer.close()
+            self._splicer = None
+        for datagrams in self._loopback_udp:
+            datagrams.close()
+        self._loopback_udp.clear()
         self._hub.close()
 
     @in_guest_scope
@@ -336,6 +346,37 @@ class Relay(RelayDispatch, RelayMoving):
             self._udp_relay.forward_closed(forward.sock)
         self._forwarder.remove(forward)
         return forward
+
+    @in_guest_scope
+    def splice_forwards(self, source: SocketSource) -> None:
+        """Serve forwarded TCP clients on the host's loopback by splicing them to the
+        guest's loopback (host/splice.py), with sockets of the guest's namespace from
+        `source` (netns.ns_sockets.NamespaceSockets); other clients, and all of them
+        once `source` gives no socket, go through the guest's link as before."""
+        self._check_open("splice_forwards")
+        assert self._loop is not None and self._forwarder is not None
+        if self._splicer is None:
+            self._splicer = Splicer(self._loop, self._stats, source, self.config.max_tcp_flows)
+        self._forwarder.splice = self._splicer.open_inbound
+
+    @in_guest_scope
+    def add_loopback_forward(self, proto: str, sock: socket.socket, host_port: int) -> None:
+        """Forward the guest's loopback port of `sock` (bound in the guest's namespace:
+        listening for "tcp", a datagram socket for "udp") to the host's loopback
+        `host_port` in the same family, pasta's -T and -U. TCP needs `splice_forwards`
+        first."""
+        self._check_open("add_loopback_forward")
+        assert self._loop is not None
+        v6 = sock.family == socket.AF_INET6
+        if proto == "tcp":
+            if self._splicer is None:
+                raise ForwardError("TCP loopback forwards need splice_forwards() first")
+            self._splicer.add_reverse(sock, v6, host_port)
+        elif proto == "udp":
+            self._loopback_udp.append(LoopbackDatagrams(self._loop, self._stats, sock, v6,
+                                                        host_port))
+        else:
+            raise ForwardError(f"protocol {proto!r} cannot be forwarded (tcp or udp)")
 
     def forwards(self) -> list[dict[str, object]]:
         """The forwards in force, with the host ports the kernel chose for port 0."""
@@ -597,7 +638,7 @@ class Relay(RelayDispatch, RelayMoving):
         it (TCP_INFO's tcpi_rtt, microseconds). `info.to_dict()` is the control
         socket's JSON form."""
         out: list[FlowInfo] = []
-        for part in (self._tcp, self._udp_relay, self._icmp):
+        for part in (self._tcp, self._udp_relay, self._icmp, self._splicer):
             if part is not None:
                 out.extend(part.describe_flows())
         return out
@@ -613,6 +654,7 @@ class Relay(RelayDispatch, RelayMoving):
         stats["tcp_flows"] = len(tcp.flows) if tcp is not None else 0
         stats["udp_flows"] = len(udp.table) if udp is not None else 0
         stats["icmp_sockets"] = icmp.socket_count if icmp is not None else 0
+        stats["splice_flows"] = len(self._splicer.connections) if self._splicer else 0
         if tcp is not None:
             # The closed flows' bytes were added as each closed; the open ones' now.
             from_guest, to_guest = tcp.open_bytes()

@@ -24,6 +24,7 @@ from relaynat.cli.options import (
     build_parser,
     config_from_args,
     forwards_from_args,
+    loopback_forwards_from_args,
     policy_from_args,
 )
 from relaynat.config import MAX_MTU, ConfigError, RelayConfig
@@ -37,6 +38,7 @@ from relaynat.transports.interface import InterfaceError, InterfaceTransport
 if TYPE_CHECKING:
     from relaynat.audit import AuditLog
     from relaynat.netns.join import JoinTarget
+    from relaynat.netns.ns_sockets import NamespaceSockets
     from relaynat.relay import Relay
 
 log = logging.getLogger("relaynat")
@@ -229,8 +231,50 @@ async def _let_control_go(control: ControlServer) -> None:
     control.close(unlink=False)
 
 
+#: A `-T`/`-U` forward: (proto, family 4 or 6, guest port, host port).
+LoopbackForward = tuple[str, int, int, int]
+
+
+def _start_splicing(args: argparse.Namespace, loopback: list[LoopbackForward],
+                    pid: int | None, target: JoinTarget | None) -> NamespaceSockets | None:
+    """The guest namespace's socket factory (netns/ns_sockets.py) for spliced forwards
+    when there are no -T/-U, if it cannot start (the forwards then take the guest's
+    link, with a warning). A -T/-U port that cannot be bound is warned about."""
+    if args.no_splice:
+        return None
+    from relaynat.netns.guest import NamespaceSetupError
+    from relaynat.netns.ns_sockets import GuestListener, NamespaceSocketsError, for_guest
+
+    listen = [GuestListener(proto, family, guest) for proto, family, guest, _ in loopback]
+    try:
+        if target is not None:
+            factory = for_guest(None, target.netns_fd, target.userns_fd, listen)
+        else:
+            factory = for_guest(pid, listen=listen)
+    except NamespaceSocketsError as exc:
+        if loopback:
+            raise NamespaceSetupError(f"-T/-U: {exc}") from None
+        print(f"relaynat run: warning: {exc}; forwarded ports go through the guest's link",
+              file=sys.stderr)
+        return None
+    for error in factory.errors:
+        print(f"relaynat run: warning: {error}", file=sys.stderr)
+    return factory
+
+
+def _serve_spliced(relay: Relay, factory: NamespaceSockets | None,
+                   loopback: list[LoopbackForward]) -> None:
+    if factory is None:
+        return
+    from relaynat.netns.ns_sockets import GuestListener, serve
+
+    serve(relay, factory, [(GuestListener(proto, family, guest), host)
+                           for proto, family, guest, host in loopback])
+
+
 async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | None,
-               forwards: list[PortForward], target: JoinTarget | None = None) -> int:
+               forwards: list[PortForward], target: JoinTarget | None = None,
+               loopback: list[LoopbackForward] | None = None) -> int:
     from relaynat.moving.handover import Source
     from relaynat.netns.guest import NamespaceGuest, NamespaceSetupError, run_command
 
@@ -242,10 +286,13 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
     # Bound before the guest starts, so a bad path fails first; served once the relay is.
     control = ControlServer(args.control_socket) if args.control_socket else None
     started: set[asyncio.Task[None]] = set()
+    loopback = loopback or []
+    factories: list[NamespaceSockets] = []
 
     def ready(relay: Relay) -> None:
         holder.append(relay)
         _attach_audit(args, relay)
+        _serve_spliced(relay, factories[0] if factories else None, loopback)
         add_forwards(relay, forwards)
         if control is not None:
             started.add(asyncio.ensure_future(control.start(relay)))
@@ -261,6 +308,9 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
 
     def guest_ready(guest: NamespaceGuest) -> None:
         guests.append(guest)
+        factory = _start_splicing(args, loopback, guest.proc.pid, target)
+        if factory is not None:
+            factories.append(factory)
         for signum in pending:
             guest.send_signal(signum)
 
@@ -291,6 +341,8 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
             loop.remove_signal_handler(signum)
         for task in started:  # a start still pending would serve a closed socket
             task.cancel()
+        for factory in factories:
+            factory.close()
         if control is not None:
             handed = guests and guests[0].released
             if handed:  # the command is the new relay's: the handover was answered
@@ -303,7 +355,8 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
 
 
 async def _run_joined(config: RelayConfig, args: argparse.Namespace, policy: Policy | None,
-                      forwards: list[PortForward], target: JoinTarget) -> int:
+                      forwards: list[PortForward], target: JoinTarget,
+                      loopback: list[LoopbackForward] | None = None) -> int:
     """`run --netns TARGET` without a command: serve a TAP in TARGET's network namespace
     until SIGINT or SIGTERM, `relaynat ctl quit`, a handover, or (a PID TARGET) the
     target process's exit, seen on its pidfd (readable once it exits, pidfd_open(2))."""
@@ -323,6 +376,15 @@ async def _run_joined(config: RelayConfig, args: argparse.Namespace, policy: Pol
         if control is not None:
             control.close()
         return 1
+    loopback = loopback or []
+    try:
+        factory = _start_splicing(args, loopback, None, target)
+    except NamespaceSetupError as exc:
+        print(f"relaynat run: {exc}", file=sys.stderr)
+        transport.close()
+        if control is not None:
+            control.close()
+        return 1
     loop = asyncio.get_running_loop()
     if target.pidfd is not None:
         loop.add_reader(target.pidfd, stop.set)
@@ -331,6 +393,7 @@ async def _run_joined(config: RelayConfig, args: argparse.Namespace, policy: Pol
         async with Relay(config, policy) as relay:
             _attach_audit(args, relay)
             relay.attach(transport)
+            _serve_spliced(relay, factory, loopback)
             add_forwards(relay, forwards)
             if control is not None:
                 control.on_quit = stop.set
@@ -353,6 +416,8 @@ async def _run_joined(config: RelayConfig, args: argparse.Namespace, policy: Pol
     finally:
         if target.pidfd is not None:
             loop.remove_reader(target.pidfd)
+        if factory is not None:
+            factory.close()
     return 0
 
 
@@ -442,8 +507,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         policy = policy_from_args(args, config)
         forwards = forwards_from_args(args)
+        loopback = loopback_forwards_from_args(args) if args.cmd == "run" else []
     except ConfigError as exc:
         parser.error(str(exc))
+    if loopback and args.no_splice:
+        parser.error("-T and -U are spliced: not with --no-splice")
     raise_fd_limit(config, forwards)
     if args.cmd == "serve" and args.receive_handover and (forwards or args.control_socket):
         parser.error("--receive-handover: the forwards and the control socket come from "
@@ -479,9 +547,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     loop = new_loop()
     try:
         if target is not None and not args.command:
-            coro = _run_joined(config, args, policy, forwards, target)
+            coro = _run_joined(config, args, policy, forwards, target, loopback)
         elif args.cmd == "run":
-            coro = _run(config, args, policy, forwards, target)
+            coro = _run(config, args, policy, forwards, target, loopback)
         elif args.receive_handover:
             coro = _serve_handed_over(config, args, policy)
         else:

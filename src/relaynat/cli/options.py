@@ -234,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runas", type=_runas, metavar="UID:GID",
                      help="as root: the ids outside that CMD's root maps to (default: "
                           "nobody's); not 0")
+    lo = run.add_argument_group("spliced and loopback forwards (pasta's)")
+    lo.add_argument("-T", "--tcp-ns", action="append", default=[], metavar="SPEC",
+                    help="forward TCP ports of the guest's loopback to the host's loopback, "
+                         "-t's syntax with PORT[:HOSTPORT] (ADDR, if given: 127.0.0.1 or "
+                         "::1; none: both); spliced, never through the guest's link")
+    lo.add_argument("-U", "--udp-ns", action="append", default=[], metavar="SPEC",
+                    help="forward UDP ports of the guest's loopback to the host's loopback, "
+                         "same syntax as -T")
+    lo.add_argument("--no-splice", action="store_true",
+                    help="serve -t clients through the guest's link only, never spliced "
+                         "(-T and -U then refused)")
     joined = run.add_argument_group("joining an existing network namespace")
     joined.add_argument("--netns", metavar="TARGET",
                         help="serve the network namespace of process TARGET (a PID: "
@@ -376,3 +387,26 @@ def forwards_from_args(args: argparse.Namespace) -> list[PortForward]:
     """Every `-t` and `-u` spec parsed (raises ConfigError quoting the bad one)."""
     return [fwd for proto, specs in (("tcp", args.tcp_ports), ("udp", args.udp_ports))
             for spec in specs for fwd in parse_portspec(spec, proto)]
+
+
+def loopback_forwards_from_args(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
+    """Every `-T` and `-U` spec as (proto, family 4 or 6, guest port, host port), one per
+    port and loopback address (raises ConfigError quoting the bad spec)."""
+    out: list[tuple[str, int, int, int]] = []
+    for proto, specs in (("tcp", getattr(args, "tcp_ns", [])),
+                         ("udp", getattr(args, "udp_ns", []))):
+        for spec in specs:
+            for fwd in parse_portspec(spec, proto):
+                if fwd.interface is not None:
+                    raise ConfigError(f"-{proto[0].upper()} {spec!r}: no %INTERFACE here: "
+                                      "the guest's loopback is the one listened on")
+                if fwd.address is not None and not fwd.address.is_loopback:
+                    raise ConfigError(f"-{proto[0].upper()} {spec!r}: {fwd.address} is not a "
+                                      "loopback address (127.0.0.1 or ::1)")
+                if fwd.host_first == 0:
+                    raise ConfigError(f"-{proto[0].upper()} {spec!r}: give the guest's port, "
+                                      "not 0")
+                families = [4, 6] if fwd.address is None else [fwd.address.version]
+                for guest_port, host_port in fwd.pairs():
+                    out.extend((proto, family, guest_port, host_port) for family in families)
+    return out

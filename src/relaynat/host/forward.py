@@ -15,6 +15,10 @@ sent to. Inbound UDP flows end after `udp_inbound_timeout_s` without traffic.
 With `inbound_source="client"`, the guest sees the client's real address instead of
 the gateway's (addressing.py says when it cannot).
 
+When the guest is a network namespace the relay can make sockets in
+(`Relay.splice_forwards`), a TCP client on the host's loopback is spliced to the
+guest's loopback instead (host/splice.py), as pasta does: no TCP of the relay's own.
+
 Host port 0 asks the kernel for a free port; `Forward.host_port` is the one it chose,
 and listing the forwards reports it.
 """
@@ -44,6 +48,7 @@ _ACCEPT_RETRY_S = 1.0
 #: Largest UDP payload over IPv6 (65535 minus the UDP header); IPv4's is smaller.
 _DATAGRAM_MAX = 65527
 _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+_V6_LOOPBACK = bytes(15) + b"\x01"
 
 #: Opens the guest side of an accepted TCP connection: (socket, client address packed,
 #: client port, guest port) -> True if a flow was opened (the callee owns the socket
@@ -55,6 +60,9 @@ SockAddr = tuple[str, int, *tuple[int, ...]]
 #: Takes one datagram a host client sent to a UDP forward: (forward, payload, the
 #: client's socket address as recvfrom gave it).
 DatagramSink = Callable[["Forward", bytes, SockAddr], None]
+#: Splices an accepted TCP client on the host's loopback to the guest's loopback:
+#: (socket, IPv6 client, guest port) -> True if it took the client (host/splice.py).
+SpliceOpener = Callable[[socket.socket, bool, int], bool]
 
 
 class ForwardError(Error, ValueError):
@@ -98,6 +106,11 @@ def client_address(peer: SockAddr) -> bytes:
     return packed
 
 
+def _is_loopback(packed: bytes) -> bool:
+    """127.0.0.0/8 or ::1 (RFC 1122 §3.2.1.3, RFC 4291 §2.5.3)."""
+    return packed[0] == 127 if len(packed) == 4 else packed == _V6_LOOPBACK
+
+
 class Forwarder:
     """The forwards of one relay: TCP listeners, whose accepted connections go to
     `open_inbound`, and bound UDP sockets, whose datagrams go to `on_datagram` (the
@@ -111,6 +124,10 @@ class Forwarder:
         self._on_datagram = on_datagram
         self.forwards: list[Forward] = []
         self._ids = itertools.count(1)
+        #: Set when the guest's namespace can be entered (Relay.splice_forwards): loopback
+        #: clients are spliced to the guest's loopback, as pasta does; the others, whose
+        #: address the guest may see (inbound_source "client"), take the guest's link.
+        self.splice: SpliceOpener | None = None
 
     def add(self, proto: str, host_addr: str | None, host_port: int, guest_port: int,
             interface: str | None = None) -> Forward:
@@ -196,7 +213,11 @@ class Forwarder:
             except OSError as exc:  # EMFILE/ENFILE: the client waits in the backlog
                 self._pause_accepting(forward, exc)
                 return
-            self._open_inbound(conn, client_address(peer), peer[1], forward.guest_port)
+            client = client_address(peer)
+            if self.splice is not None and _is_loopback(client) and self.splice(
+                    conn, len(client) == 16, forward.guest_port):
+                continue
+            self._open_inbound(conn, client, peer[1], forward.guest_port)
 
     def _pause_accepting(self, forward: Forward, exc: OSError) -> None:
         """accept() failed (descriptors exhausted): the connection stays in the backlog

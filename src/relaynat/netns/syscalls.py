@@ -157,3 +157,19 @@ def isolate_network() -> None:
     """
     unshare(CLONE_NEWNET)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+
+def set_no_new_privs() -> None:
+    """prctl(PR_SET_NO_NEW_PRIVS): nothing this process executes gains privileges."""
+    _prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
+
+
+def drop_capabilities() -> None:
+    """Clear this process's effective, permitted and inheritable capability sets
+    (capset(2)): it keeps its ids but may do nothing a capability allows, in any user
+    namespace."""
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
