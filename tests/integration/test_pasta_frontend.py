@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -270,3 +271,60 @@ def test_foreground_addressing_pid_file_and_sigterm(tmp_path: Path) -> None:
         if proc.stderr is not None:
             proc.stderr.close()
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+_ROOTLESS = r"""
+set -eu
+dev=$(mktemp -d)
+mount -t tmpfs -o mode=755 tmpfs "$dev"
+chmod 755 "$dev"
+mknod -m 666 "$dev/tun" c 10 200
+mount --bind "$dev/tun" /dev/net/tun
+ip link set lo up
+mkdir "$dev/www"
+echo "from host loopback" > "$dev/www/hello.txt"
+chmod -R a+rX "$dev/www"
+python3 "$PEERS" http --root "$dev/www" --port-file "$dev/port" &
+http=$!
+trap 'kill $http 2>/dev/null || true' EXIT
+for _ in $(seq 200); do [ -s "$dev/port" ] && break; sleep 0.05; done
+export PORT=$(cat "$dev/port")
+cat > "$dev/inner.sh" <<'INNER'
+set -eu
+unshare -n sleep 60 &
+target=$!
+while [ "$(readlink /proc/$target/ns/net)" = "$(readlink /proc/self/ns/net)" ]; do
+    sleep 0.01
+done
+env PYTHONPATH="$RELAYNAT_PATH" "$GUEST_PYTHON" -m relaynat.cli.pasta --config-net -t none \
+    -u none -T none -U none --quiet --netns /proc/$target/ns/net
+echo "status $?"
+nsenter -t $target -n ip -o -4 addr show tap0 | awk '{print "addr", $4}'
+nsenter -t $target -n curl -sS --max-time 10 http://10.0.2.2:$PORT/hello.txt
+kill $target
+INNER
+cd /
+setpriv --reuid=65534 --regid=65534 --clear-groups unshare -Ur sh "$dev/inner.sh"
+"""
+
+
+def test_rootless_as_podman_runs_it() -> None:
+    """podman's rootless shape: as an unprivileged user, inside a user namespace of its
+    own (root there), a network namespace that user namespace owns, pasta run in the
+    same user namespace; /dev/net/tun 0666 as Debian ships it (a bind mount here)."""
+    from support.relaynat_cli import guest_python
+
+    path = os.pathsep.join([str(TESTS.parent / "src"), *site.getsitepackages()])
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            "env", f"PYTHONPATH={path}", guest_python(), "-c",
+                            "import relaynat.relay"], capture_output=True, cwd="/")
+    if probe.returncode:
+        pytest.skip("nobody cannot import relaynat and its dependencies here: "
+                    + probe.stderr.decode()[-300:])
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "RELAYNAT_PATH": path,
+           "GUEST_PYTHON": guest_python(), "PEERS": str(TESTS / "support" / "host_peers.py")}
+    done = subprocess.run(["unshare", "-n", "-m", "--propagation", "private", "bash", "-c",
+                           _ROOTLESS], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["status 0", "addr 10.0.2.15/24",
+                                        "from host loopback"], done.stdout + done.stderr
