@@ -161,3 +161,64 @@ def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, loopback: 
         "rootlesskit 0",
         "dns queries 1",
     ], report
+
+
+_IPV6_CIDR = r"""
+set -eu
+dev=$(mktemp -d)
+mount -t tmpfs -o mode=755 tmpfs "$dev"
+chmod 755 "$dev"
+mknod -m 666 "$dev/tun" c 10 200
+mount --bind "$dev/tun" /dev/net/tun
+echo "nobody:200000:65536" > "$dev/subuid"
+cp "$dev/subuid" "$dev/subgid"
+mount --bind "$dev/subuid" /etc/subuid
+mount --bind "$dev/subgid" /etc/subgid
+mkdir -m 777 "$dev/state"
+mkdir -m 755 "$dev/www"
+ip link set lo up
+echo "from host ::1" > "$dev/www/hello.txt"
+chmod 644 "$dev/www/hello.txt"
+if [ "$BINARY" = relaynat ]; then
+    printf '#!/bin/sh\nexec env PYTHONPATH=%s %s -m relaynat.cli.slirp4netns "$@"\n' \
+        "$RELAYNAT_PATH" "$GUEST_PYTHON" > "$dev/relaynat-slirp4netns"
+    chmod 755 "$dev/relaynat-slirp4netns"
+    s4n="$dev/relaynat-slirp4netns"
+else
+    s4n=$BINARY
+fi
+python3 "$PEERS" http --root "$dev/www" --bind ::1 --port-file "$dev/port" &
+http=$!
+trap 'kill $http 2>/dev/null || true' EXIT
+for _ in $(seq 200); do [ -s "$dev/port" ] && break; sleep 0.05; done
+port=$(cat "$dev/port")
+cd /
+setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/nonexistent \
+    rootlesskit --state-dir "$dev/state/rk" --net=slirp4netns --slirp4netns-binary="$s4n" \
+    --ipv6 --cidr=10.9.0.0/24 --copy-up=/etc sh -c "
+ip -o -4 addr show tap0 | awk '{print \"addr\", \$4}'
+# SLAAC from the router advertisement: wait for a global address past duplicate
+# address detection (a tentative one cannot be a source, RFC 4862 section 5.4).
+for _ in \$(seq 100); do
+    ip -6 -o addr show dev tap0 scope global -tentative | grep -q 'fd00::' && break
+    sleep 0.1
+done
+curl -sS --max-time 10 'http://[fd00::2]:$port/hello.txt'
+" 2>"$dev/rk.log" || { cat "$dev/rk.log" >&2; exit 1; }
+"""
+
+
+@pytest.mark.parametrize("binary", ["relaynat", "/usr/bin/slirp4netns"])
+def test_rootlesskit_ipv6_and_cidr(binary: str) -> None:
+    """`--ipv6` (rootlesskit passes --enable-ipv6; the child takes its address from the
+    router advertisement) and `--cidr`: the child is .100 of that network and reaches
+    the host's ::1 through fd00::2."""
+    from support.relaynat_cli import guest_python
+
+    env = {**os.environ, "BINARY": binary, "RELAYNAT_PATH": _relaynat_path_for_nobody(),
+           "GUEST_PYTHON": guest_python(), "PEERS": str(TESTS / "support" / "host_peers.py")}
+    done = subprocess.run(["unshare", "-n", "-m", "--propagation", "private", "bash", "-c",
+                           _IPV6_CIDR], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["addr 10.9.0.100/24", "from host ::1"], (
+        done.stdout + done.stderr)
