@@ -391,3 +391,25 @@ def test_allow_domain_option_and_keyword() -> None:
         Relay(CFG, Policy.sandbox(CFG), allow_domains=["a.test"])
     guest = Guests().add("g", CFG, allow_domains=["*.a.test"])
     assert guest.policy is not None and guest.policy.allows_name("b.a.test")
+
+
+@settings(max_examples=200, deadline=None)
+@given(pairs=st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(ADDRS)), max_size=40),
+       bound=st.integers(1, 6))
+def test_table_keeps_the_newest_pairs_within_its_bound(pairs: list[tuple[str, bytes]],
+                                                       bound: int) -> None:
+    table = NameTable(max_entries=bound, ttl_min_s=100, ttl_max_s=100)
+    kept: list[tuple[str, bytes]] = []  # the reference: most recently learned last
+    evicted = 0
+    for name, addr in pairs:
+        table.learn(name, [addr], 100, 0.0)
+        if (name, addr) in kept:
+            kept.remove((name, addr))
+        kept.append((name, addr))
+        if len(kept) > bound:
+            del kept[0]
+            evicted += 1
+    assert [(e.name, e.addr) for e in table.entries(1.0)] == kept
+    assert len(table) == len(kept) and table.evicted == evicted
+    for addr in ADDRS:
+        assert table.names_for(addr, 1.0) == tuple(sorted(n for n, a in kept if a == addr))
