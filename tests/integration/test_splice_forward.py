@@ -360,3 +360,102 @@ def test_udp_loopback_forward_from_the_guest_to_the_host(tmp_path: Path,
     assert r.lines == ["hello 0", "hello 1", "hello 2"]
     assert r.stats.get("loopback_udp_from_guest", 0) == 3
     assert r.stats.get("loopback_udp_to_guest", 0) == 3
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"rn-splice-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_a_joined_namespace_is_spliced_too(tmp_path: Path, netns: str) -> None:
+    port = _free_port()
+    with relay(tmp_path, ["--netns", netns, "-t", f"{port}:{GUEST_PORT}"],
+               *_service("sink")) as r:
+        s = _connect(port)
+        s.sendall(b"y" * 4096)
+        s.shutdown(socket.SHUT_WR)
+        answer = s.makefile().readline().strip()
+        s.close()
+        r.finish()
+    assert answer.split()[1] == "4096"
+    assert r.stats.get("splice_opened", 0) == 1
+
+
+_UNPRIVILEGED = r"""
+set -e
+# /dev/net/tun open to all, as Debian ships it, in this mount namespace only.
+dev=$(mktemp -d)
+mount -t tmpfs -o mode=755 tmpfs "$dev"
+mknod -m 666 "$dev/tun" c 10 200
+mount --bind "$dev/tun" /dev/net/tun
+cd /
+set +e
+setpriv --reuid=65534 --regid=65534 --clear-groups env PYTHONPATH="$RELAYNAT_PATH" \
+    timeout 60 "$GUEST_PYTHON" -m relaynat run --stats -t "$PORT:8080" \
+    -T "127.0.0.1/5001:$HOST_PORT" \
+    -- sh -c "$GUEST_PYTHON $CLIENT tcp 127.0.0.1 5001 1000 && \
+              $GUEST_PYTHON $SERVICE sink 8080 1" &
+relay=$!
+# The factory (the relay's child; setpriv and env executed the relay, timeout forked
+# it): its credentials once it has set up (no_new_privs is its last step).
+for _ in $(seq 200); do
+    factory=$(pgrep -f relaynat.netns.ns_sockets -P "$(pgrep -P $relay)")
+    [ -n "$factory" ] && grep -q 'NoNewPrivs:.1' "/proc/$factory/status" && break
+    sleep 0.05
+done
+grep -E '^(Uid|CapEff|NoNewPrivs):' "/proc/$factory/status"
+for _ in $(seq 200); do
+    printf hello | socat -t 5 - TCP:127.0.0.1:$PORT 2>/dev/null && break
+    sleep 0.1
+done
+wait $relay
+"""
+
+
+def test_an_unprivileged_relay_splices_and_its_factory_keeps_no_privilege(
+        tmp_path: Path) -> None:
+    """As nobody: the factory enters the guest's user namespace, then its network
+    namespace, and drops every capability there; -t and -T are spliced."""
+    import site
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    path = os.pathsep.join([src, *site.getsitepackages()])
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            "env", f"PYTHONPATH={path}", guest_python(), "-c",
+                            "import relaynat.relay"], capture_output=True, cwd="/")
+    if probe.returncode:
+        pytest.skip("nobody cannot import relaynat and its dependencies here: "
+                    + probe.stderr.decode()[-300:])
+    host_port = _free_port()
+    srv = socket.create_server(("127.0.0.1", host_port))
+    answers: list[str] = []
+
+    def sink() -> None:
+        c, _ = srv.accept()
+        answers.append(_drain(c))
+        c.sendall((answers[0] + "\n").encode())
+        c.close()
+
+    thread = threading.Thread(target=sink)
+    thread.start()
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                           _UNPRIVILEGED], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RELAYNAT_PATH": path,
+                               "GUEST_PYTHON": guest_python(), "PORT": str(_free_port()),
+                               "HOST_PORT": str(host_port), "CLIENT": CLIENT,
+                               "SERVICE": SERVICE})
+    thread.join(timeout=10)
+    srv.close()
+    assert done.returncode == 0, done.stderr
+    stats = parse_stats(done.stderr)
+    assert "Uid:\t65534\t65534\t65534\t65534" in done.stdout
+    assert "CapEff:\t0000000000000000" in done.stdout
+    assert "NoNewPrivs:\t1" in done.stdout
+    assert _digest(3, 1000) in done.stdout  # the guest's -T upload, answered
+    assert hashlib.sha256(b"hello").hexdigest() in done.stdout  # the -t client's
+    assert answers == [_digest(3, 1000)]
+    assert stats.get("splice_opened", 0) == 1
+    assert stats.get("splice_reverse_opened", 0) == 1
