@@ -43,6 +43,9 @@ CASES = (("net", 65520), ("net", 1500), ("port", 65520))
 _CASE = r"""
 set -eu
 dev=$(mktemp -d)
+# The directory is a mount point only in this mount namespace: left behind, empty.
+cleanup() { cd /; umount -l "$dev" 2>/dev/null || true; rmdir "$dev" 2>/dev/null || true; }
+trap cleanup EXIT
 mount -t tmpfs -o mode=755 tmpfs "$dev"
 chmod 755 "$dev"
 mknod -m 666 "$dev/tun" c 10 200
@@ -62,7 +65,7 @@ else
     s4n=$BINARY
 fi
 pids=
-trap 'kill $pids 2>/dev/null || true' EXIT
+trap 'kill $pids 2>/dev/null || true; cleanup' EXIT
 rk="setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/nonexistent rootlesskit
     --state-dir $dev/state/rk --net=slirp4netns --slirp4netns-binary=$s4n --mtu=$MTU"
 cd /

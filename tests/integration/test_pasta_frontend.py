@@ -54,6 +54,9 @@ PODMAN_5_3_MAP_GW = ["--config-net", "-t", SPEC, "--dns-forward", "169.254.1.1",
 _SCENARIO = r"""
 set -eu
 dev=$(mktemp -d)
+# The directory is a mount point only in this mount namespace: left behind, empty.
+cleanup() { cd /; umount -l "$dev" 2>/dev/null || true; rmdir "$dev" 2>/dev/null || true; }
+trap cleanup EXIT
 mount -t tmpfs -o mode=755 tmpfs "$dev"
 mkdir -p /run/netns
 mount -t tmpfs tmpfs /run/netns
@@ -71,7 +74,8 @@ dns=$!
 python3 "$PEERS" http --root "$dev/www" --bind 0.0.0.0 --port-file "$dev/port" &
 http=$!
 inner=
-trap 'kill $dns $http $inner 2>/dev/null || true; ip netns del ctr 2>/dev/null || true' EXIT
+stop() { kill $dns $http $inner 2>/dev/null || true; ip netns del ctr 2>/dev/null || true; }
+trap 'stop; cleanup' EXIT
 for _ in $(seq 200); do [ -s "$dev/port" ] && break; sleep 0.05; done
 port=$(cat "$dev/port")
 ip netns add ctr
@@ -276,6 +280,9 @@ def test_foreground_addressing_pid_file_and_sigterm(tmp_path: Path) -> None:
 _ROOTLESS = r"""
 set -eu
 dev=$(mktemp -d)
+# The directory is a mount point only in this mount namespace: left behind, empty.
+cleanup() { cd /; umount -l "$dev" 2>/dev/null || true; rmdir "$dev" 2>/dev/null || true; }
+trap cleanup EXIT
 mount -t tmpfs -o mode=755 tmpfs "$dev"
 chmod 755 "$dev"
 mknod -m 666 "$dev/tun" c 10 200
@@ -286,7 +293,7 @@ echo "from host loopback" > "$dev/www/hello.txt"
 chmod -R a+rX "$dev/www"
 python3 "$PEERS" http --root "$dev/www" --port-file "$dev/port" &
 http=$!
-trap 'kill $http 2>/dev/null || true' EXIT
+trap 'kill $http 2>/dev/null || true; cleanup' EXIT
 for _ in $(seq 200); do [ -s "$dev/port" ] && break; sleep 0.05; done
 export PORT=$(cat "$dev/port")
 cat > "$dev/inner.sh" <<'INNER'

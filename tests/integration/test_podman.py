@@ -17,8 +17,9 @@ mount namespace or to podman's command line:
   CAP_SYS_RESOURCE, so crun's setrlimit fails with EPERM;
 - /sys/fs/cgroup/unified unmounted: the machine is cgroup v1 with a v2 hierarchy holding
   the hugetlb controller, which crun refuses ("cgroups in hybrid mode not supported");
-- storage (vfs), run and tmp directories under the scenario's tmpfs, and a tmpfs on
-  /run/netns, so nothing of podman's outlives the test.
+- storage (vfs), run, tmp and CNI configuration directories under the scenario's
+  tmpfs, and tmpfs mounts on /run (netns bind mounts, crun's state) and /var/lib (root's
+  blob-info cache), so nothing of podman's outlives the test.
 """
 
 from __future__ import annotations
@@ -40,10 +41,17 @@ RELAYNAT_SLIRP4NETNS = str(Path(sys.executable).parent / "relaynat-slirp4netns")
 _SCENARIO = r"""
 set -eu
 dev=$(mktemp -d)
+# The directory is a mount point only in this mount namespace: left behind, empty.
+cleanup() { cd /; umount -l "$dev" 2>/dev/null || true; rmdir "$dev" 2>/dev/null || true; }
+trap cleanup EXIT
 mount -t tmpfs -o mode=755 tmpfs "$dev"
-mkdir -p /run/netns
-mount -t tmpfs tmpfs /run/netns
+# podman's netns bind mounts and crun's state (/run/crun) stay in this mount namespace.
+mount -t tmpfs tmpfs /run
+mkdir /run/netns
 umount /sys/fs/cgroup/unified 2>/dev/null || true
+# containers/image keeps root's blob-info cache in /var/lib/containers/cache whatever
+# the storage root: a tmpfs over /var/lib keeps it (and anything else there) here.
+mount -t tmpfs tmpfs /var/lib
 echo "nameserver 127.0.0.1" > "$dev/resolv.conf"
 mount --bind "$dev/resolv.conf" /etc/resolv.conf
 ip link set lo up
@@ -66,6 +74,8 @@ events_logger = "file"
 runtime = "crun"
 tmp_dir = "$dev/libpod-tmp"
 network_cmd_path = "$dev/network-cmd"
+[network]
+network_config_dir = "$dev/cni"
 CONF
 cat > "$dev/storage.conf" <<CONF
 [storage]
@@ -88,7 +98,7 @@ dnsmasq --keep-in-foreground --no-resolv --no-hosts --listen-address=127.0.0.1 \
 dns=$!
 python3 "$PEERS" http --root "$dev/www" --bind 0.0.0.0 --port-file "$dev/port" &
 http=$!
-trap 'podman rm -f -t 0 -a >/dev/null 2>&1; kill $dns $http 2>/dev/null || true' EXIT
+trap 'podman rm -f -t 0 -a >/dev/null 2>&1; kill $dns $http 2>/dev/null || true; cleanup' EXIT
 for _ in $(seq 200); do [ -s "$dev/port" ] && break; sleep 0.05; done
 port=$(cat "$dev/port")
 image=localhost/relaynat-busybox:test

@@ -35,6 +35,9 @@ SRC = str(TESTS.parent / "src")
 _SCENARIO = r"""
 set -eu
 dev=$(mktemp -d)
+# The directory is a mount point only in this mount namespace: left behind, empty.
+cleanup() { cd /; umount -l "$dev" 2>/dev/null || true; rmdir "$dev" 2>/dev/null || true; }
+trap cleanup EXIT
 mount -t tmpfs -o mode=755 tmpfs "$dev"
 chmod 755 "$dev"
 mknod -m 666 "$dev/tun" c 10 200
@@ -70,7 +73,7 @@ dns=$!
 python3 "$PEERS" http --root "$dev/www" --bind 0.0.0.0 --port-file "$dev/port" &
 http=$!
 rk=
-trap 'touch "$dev/sync/stop"; kill $dns $http $rk 2>/dev/null || true' EXIT
+trap 'touch "$dev/sync/stop"; kill $dns $http $rk 2>/dev/null || true; cleanup' EXIT
 for _ in $(seq 200); do [ -s "$dev/port" ] && break; sleep 0.05; done
 port=$(cat "$dev/port")
 cat > "$dev/child.sh" <<CHILD
@@ -166,6 +169,9 @@ def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, loopback: 
 _IPV6_CIDR = r"""
 set -eu
 dev=$(mktemp -d)
+# The directory is a mount point only in this mount namespace: left behind, empty.
+cleanup() { cd /; umount -l "$dev" 2>/dev/null || true; rmdir "$dev" 2>/dev/null || true; }
+trap cleanup EXIT
 mount -t tmpfs -o mode=755 tmpfs "$dev"
 chmod 755 "$dev"
 mknod -m 666 "$dev/tun" c 10 200
@@ -189,7 +195,7 @@ else
 fi
 python3 "$PEERS" http --root "$dev/www" --bind ::1 --port-file "$dev/port" &
 http=$!
-trap 'kill $http 2>/dev/null || true' EXIT
+trap 'kill $http 2>/dev/null || true; cleanup' EXIT
 for _ in $(seq 200); do [ -s "$dev/port" ] && break; sleep 0.05; done
 port=$(cat "$dev/port")
 cd /
