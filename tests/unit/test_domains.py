@@ -413,3 +413,18 @@ def test_table_keeps_the_newest_pairs_within_its_bound(pairs: list[tuple[str, by
     assert len(table) == len(kept) and table.evicted == evicted
     for addr in ADDRS:
         assert table.names_for(addr, 1.0) == tuple(sorted(n for n, a in kept if a == addr))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet="abcxyz019-_éüßΣσςА", min_size=1, max_size=8),
+                min_size=1, max_size=4).map(".".join))
+def test_a_normalised_name_is_a_fixed_point_that_the_wire_form_keeps(name: str) -> None:
+    """Normalising twice changes nothing, and the normalised (ASCII) name is what a
+    guest's resolver would send, which `wire_name` leaves as it is."""
+    try:
+        once = normalize_domain(name)
+    except ConfigError:
+        return
+    assert once.isascii() and once == once.lower()
+    assert normalize_domain(once) == once
+    assert wire_name(once) == once
