@@ -7,7 +7,9 @@ As `nobody`, with a subordinate id range for newuidmap/newgidmap and /dev/net/tu
 and without `--disable-host-loopback`. Inside, the child's tap0 is addressed, a name
 resolves through 10.0.2.3 (the binary's upstream is a dnsmasq on loopback, named by the
 resolv.conf the binary reads), `wget` reaches a host-loopback server through 10.0.2.2 or
-is refused, 64 MiB go down and up intact, and the published port reaches a server inside.
+is refused, 64 MiB go down and up intact (through 10.0.2.2 where host loopback is
+reachable, to the host's other address where it is not), and the published port
+reaches a server inside.
 
 Nothing global changes: the scenario runs in a network namespace and a mount namespace
 of its own (`unshare -n -m`), where /etc/subuid, /etc/subgid, /etc/resolv.conf and
@@ -81,8 +83,8 @@ ip -o -4 addr show tap0 | awk '{print "addr", \$2, \$4}'
 ip route | sed 's/ *$//; s/^/route /'
 echo "resolve \$(getent ahostsv4 probe.test | head -1 | cut -d' ' -f1)"
 if wget -q -T 5 -O - http://10.0.2.2:$port/hello.txt; then :; else echo "loopback refused"; fi
-echo "down \$(curl -sS --max-time 60 http://198.18.0.1:$port/big.bin | sha256sum | cut -d' ' -f1)"
-echo "up \$(curl -sS --max-time 60 -T $dev/www/big.bin http://198.18.0.1:$port/up)"
+echo "down \$(curl -sS --max-time 60 http://$BULK:$port/big.bin | sha256sum | cut -d' ' -f1)"
+echo "up \$(curl -sS --max-time 60 -T $dev/www/big.bin http://$BULK:$port/up)"
 busybox httpd -f -p 80 -h $dev/inside &
 echo ready > $dev/sync/child-ready
 while [ ! -e $dev/sync/stop ]; do sleep 0.1; done
@@ -142,7 +144,9 @@ def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, loopback: 
     env = {**os.environ, "BINARY": binary, "RELAYNAT_PATH": _relaynat_path_for_nobody(),
            "GUEST_PYTHON": guest_python(), "PEERS": str(TESTS / "support" / "host_peers.py"),
            "FWD": str(_free_port()),
-           "LOOPBACK": "--disable-host-loopback" if loopback.startswith("disable") else ""}
+           "LOOPBACK": "--disable-host-loopback" if loopback.startswith("disable") else "",
+           # The bulk transfers take the host-loopback mapping where it is on.
+           "BULK": "198.18.0.1" if loopback.startswith("disable") else "10.0.2.2"}
     done = subprocess.run(["unshare", "-n", "-m", "--propagation", "private", "bash", "-c",
                            _SCENARIO], capture_output=True, text=True, timeout=240, env=env)
     out = done.stdout.splitlines()
