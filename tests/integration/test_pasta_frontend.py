@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -335,3 +336,33 @@ def test_rootless_as_podman_runs_it() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == ["status 0", "addr 10.0.2.15/24",
                                         "from host loopback"], done.stdout + done.stderr
+
+
+def _translated(*argv: str) -> Any:
+    from relaynat.cli.pasta import parse, translate
+
+    return translate(parse([*argv, "--netns", "/proc/1/ns/net"]))
+
+
+def test_options_become_relaynat_run_configuration() -> None:
+    """What each taken option becomes, through relaynat run's own parser (in process:
+    nothing is started, the namespace is only named)."""
+    config, forwards = _translated("--config-net", "-a", "192.168.5.9", "-n", "255.255.0.0",
+                                   "-g", "192.168.0.1", "-a", "2001:db8:1::5", "-m", "9000",
+                                   "--dns-forward", "169.254.1.1", "--no-map-gw", "-t",
+                                   "127.0.0.1/8080-8081:80-81", "-u", "none", "-T", "none")
+    assert (str(config.guest_ipv4), config.prefix_len_v4) == ("192.168.5.9", 16)
+    assert str(config.gateway_ipv4) == "192.168.0.1" and config.mtu == 9000
+    assert str(config.dns_ipv4) == "169.254.1.1"
+    assert config.map_host_loopback_v4 is None and config.map_host_loopback_v6 is None
+    assert (str(config.guest_ipv6), str(config.prefix_v6)) == ("2001:db8:1::5",
+                                                               "2001:db8:1::/64")
+    assert (str(config.gateway_ipv6), str(config.dns_ipv6)) == ("2001:db8:1::2",
+                                                                "2001:db8:1::3")
+    assert [(f.proto, str(f.address), f.host_first, f.host_last, f.guest_first)
+            for f in forwards] == [("tcp", "127.0.0.1", 8080, 8081, 80)]
+    config, forwards = _translated("-4")
+    assert not config.ipv6 and forwards == []
+    assert str(config.map_host_loopback_v4) == str(config.gateway_ipv4)  # pasta's default
+    config, _ = _translated("--map-host-loopback", "10.0.2.9")
+    assert str(config.map_host_loopback_v4) == "10.0.2.9"

@@ -44,7 +44,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address
 
 from relaynat.config import ConfigError, RelayConfig
 from relaynat.netns.join import JoinTarget, resolve_target
@@ -246,13 +246,18 @@ def run_argv(opts: PastaOptions) -> list[str]:
         argv += ["-a", f"{addr}/{prefix or 24}"]
     if gw4 is not None:
         argv += ["-g", gw4]
+    fwd4, fwd6 = _split_families(opts.dns_forward, "--dns-forward")
     if addr6 is not None:
-        argv += ["--address6", addr6.partition("/")[0]]
+        # The /64 around the address is the prefix advertised (SLAAC needs a /64,
+        # RFC 4862); the gateway and DNS addresses default to its ::2 and ::3.
+        net6 = IPv6Network(f"{addr6.partition('/')[0]}/64", strict=False)
+        argv += ["--address6", addr6.partition("/")[0], "--prefix6", str(net6)]
+        gw6 = gw6 if gw6 is not None else str(net6[2])
+        fwd6 = fwd6 if fwd6 is not None else str(net6[3])
     if gw6 is not None:
         argv += ["--gateway6", gw6]
     if opts.mtu is not None:
         argv += ["-m", opts.mtu]
-    fwd4, fwd6 = _split_families(opts.dns_forward, "--dns-forward")
     if fwd4 is not None:
         argv += ["-D", fwd4]
     if fwd6 is not None:
