@@ -6,8 +6,8 @@ A flow that a domain rule allows on an inspected port (`policy.Decision.inspect`
 answered by the relay itself; `FirstFlight` holds what the guest sends first, at most
 `FIRST_FLIGHT_MAX` bytes, until `outcome()` can name the server it asks for (then the
 shell asks the policy, connects and writes the held bytes first) or say why no name
-will come. This is the one place the relay holds stream bytes in userspace, bounded
-per flow here and per relay by the shell's limit on pending connects.
+will come. This is the one place the relay holds in-order stream bytes in userspace,
+bounded per flow here and per relay by the shell's limit on pending connects.
 
 What is decided:
 
