@@ -121,7 +121,8 @@ def test_names_on_the_wire_are_checked_and_audited(world: Path) -> None:
         _curl("http://www.allowed.test/hello", "-H", "'Host: www.other.test'"),
         # A guest that sends nothing: reset after --first-flight-timeout (2 s).
         "start=$(date +%s.%N); exec 3<>/dev/tcp/www.allowed.test/443; "
-        "timeout 8 cat <&3 > /dev/null 2>&1; echo \"silent $(echo \"$(date +%s.%N) - $start\" | bc)\"",
+        "timeout 8 cat <&3 > /dev/null 2>&1; "
+        "echo \"silent $(echo \"$(date +%s.%N) - $start\" | bc)\"",
     ]), options=(*OPTIONS, "--audit", str(audit)))
     lines = done.stdout.splitlines()
     assert lines[:8] == ["200", "200", "reset", "reset", "reset", "handshake", "200",
