@@ -103,6 +103,19 @@ for _ in $(seq 600); do
 done
 echo "forwarded $(curl -sS --max-time 10 --retry 5 --retry-connrefused \
     http://127.0.0.1:$FWD/inside.txt)"
+# A port added and removed at run time (rootlessctl, the port driver's add_hostfwd and
+# remove_hostfwd on the binary's API socket).
+ctl="setpriv --reuid=65534 --regid=65534 --clear-groups rootlessctl
+    --socket=$dev/state/rk/api.sock"
+id=$($ctl add-ports "127.0.0.1:$FWD2:80/tcp")
+echo "added $(curl -sS --max-time 10 http://127.0.0.1:$FWD2/inside.txt)"
+echo "listed $($ctl list-ports --json | grep -c "\"parentPort\":$FWD2")"
+$ctl remove-ports "$id" >/dev/null
+if curl -s --max-time 5 http://127.0.0.1:$FWD2/inside.txt >/dev/null; then
+    echo "still forwarded"
+else
+    echo "removed"
+fi
 touch "$dev/sync/stop"
 set +e
 wait $rk
@@ -143,7 +156,7 @@ def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, loopback: 
 
     env = {**os.environ, "BINARY": binary, "RELAYNAT_PATH": _relaynat_path_for_nobody(),
            "GUEST_PYTHON": guest_python(), "PEERS": str(TESTS / "support" / "host_peers.py"),
-           "FWD": str(_free_port()),
+           "FWD": str(_free_port()), "FWD2": str(_free_port()),
            "LOOPBACK": "--disable-host-loopback" if loopback.startswith("disable") else "",
            # The bulk transfers take the host-loopback mapping where it is on.
            "BULK": "198.18.0.1" if loopback.startswith("disable") else "10.0.2.2"}
@@ -165,6 +178,9 @@ def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, loopback: 
         f"down {digest}",
         f"up {digest}",
         "forwarded from inside",
+        "added from inside",
+        "listed 1",
+        "removed",
         "rootlesskit 0",
         "dns queries 1",
     ], report
