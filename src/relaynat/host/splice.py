@@ -55,6 +55,11 @@ log = guest_logger("relaynat.splice")
 #: default, and an unprivileged user's pipes together get at most pipe-user-pages-soft
 #: (64 MiB) beyond which F_SETPIPE_SZ is refused and the default stays.
 PIPE_SIZE = 1 << 20
+#: What a relay's pipes may hold together before new ones keep the default size: a
+#: pipe is grown to PIPE_SIZE only within this, so many connections whose reader stalls
+#: pin little more than the kernel's default pipes would (pipes are kernel memory, not
+#: the relay's, and root's are not limited per user).
+PIPE_BUDGET = 64 << 20
 #: Read-and-write rounds per connection per wakeup before others get their turn.
 _ROUNDS = 16
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -83,14 +88,15 @@ class _Direction:
 
     __slots__ = ("dst", "eof", "in_pipe", "moved", "pipe_r", "pipe_w", "shut", "size", "src")
 
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket, grow: bool) -> None:
         self.src = src
         self.dst = dst
         self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            self.size = fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:  # EPERM beyond pipe-user-pages-soft: the default size stays
-            self.size = fcntl.fcntl(self.pipe_w, fcntl.F_GETPIPE_SZ)
+        self.size = fcntl.fcntl(self.pipe_w, fcntl.F_GETPIPE_SZ)
+        if grow:
+            # EPERM beyond pipe-user-pages-soft: the default size stays.
+            with contextlib.suppress(OSError):
+                self.size = fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         self.in_pipe = 0
         self.eof = False
         self.shut = False
@@ -153,6 +159,8 @@ class Splicer:
         self._again: list[SplicedConnection] = []
         self._again_armed = False
         self._listeners: dict[int, tuple[socket.socket, int, int]] = {}
+        #: What the open connections' pipes may hold, together (PIPE_BUDGET).
+        self._grown = 0
         loop.add_reader(self._epoll.fileno(), self._on_events)
 
     # -- opening ---------------------------------------------------------------------------
@@ -239,8 +247,11 @@ class Splicer:
 
     def _established(self, conn: SplicedConnection) -> None:
         try:
-            conn.forward = _Direction(conn.outer, conn.inner)
-            conn.backward = _Direction(conn.inner, conn.outer)
+            grow = self._grown + 2 * PIPE_SIZE <= PIPE_BUDGET
+            conn.forward = _Direction(conn.outer, conn.inner, grow)
+            self._grown += conn.forward.size
+            conn.backward = _Direction(conn.inner, conn.outer, grow)
+            self._grown += conn.backward.size
         except OSError as exc:  # EMFILE/ENFILE: no pipes
             log.warning("spliced connection: no pipe: %s", exc)
             self._stats["splice_refused"] += 1
@@ -316,6 +327,7 @@ class Splicer:
         for direction in (conn.forward, conn.backward):
             if direction is not None:
                 self._add_bytes(conn, direction)
+                self._grown -= direction.size
                 direction.close()
 
     def _add_bytes(self, conn: SplicedConnection, direction: _Direction) -> None:
