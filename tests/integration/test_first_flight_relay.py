@@ -1,0 +1,148 @@
+"""A held first flight through the real relay, segment by segment: an in-process `Relay`
+(relaynat.testing's `InMemoryGuest`) learns a name from a DNS answer it forwards to a
+resolver on 127.0.0.1:53 (port 53: root, hence this lane), then a guest connection
+sends a real ClientHello (OpenSSL's, through Python's ssl module) cut into segments at
+many random places. With the name the rule covers, the host server receives exactly
+the hello, in order, once; with another name the guest gets a RST and the server no
+connection at all; nothing is left held. The parsing alone:
+tests/unit/test_first_flight.py; real clients and servers: test_wire_names.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import socket
+import threading
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+
+import dpkt
+import pytest
+from unit.test_first_flight import openssl_hello
+
+from relaynat import FlowDenied, FlowOpened, Policy, RelayConfig
+from relaynat.testing import ACK, PSH, RST, InMemoryGuest, frames
+
+NAME = "www.allowed.test"
+
+
+@pytest.fixture
+def resolver() -> Iterator[None]:
+    """Answers A queries for names under allowed.test with the relay's gateway
+    address (which stands for the host's loopback), TTL 60; REFUSED for the rest."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 53))
+    sock.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            query = dpkt.dns.DNS(data)
+            answer = dpkt.dns.DNS(id=query.id, qr=1, rd=1, ra=1, qd=query.qd)
+            name = query.qd[0].name
+            if name.endswith(".allowed.test"):
+                answer.an = [dpkt.dns.DNS.RR(name=name, type=dpkt.dns.DNS_A, ttl=60,
+                                             rdata=socket.inet_aton("10.0.2.2"))]
+            else:
+                answer.rcode = dpkt.dns.DNS_RCODE_REFUSED
+            sock.sendto(bytes(answer), peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join()
+    sock.close()
+
+
+class _Server:
+    """A loopback TCP server that keeps every byte of every connection."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.received: list[bytearray] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            got = bytearray()
+            self.received.append(got)
+            threading.Thread(target=self._read, args=(conn, got), daemon=True).start()
+
+    @staticmethod
+    def _read(conn: socket.socket, got: bytearray) -> None:
+        # The relay resets its host sockets when it closes at the test's end.
+        with conn, contextlib.suppress(ConnectionResetError):
+            while chunk := conn.recv(65536):
+                got += chunk
+
+
+def _cuts(rng: random.Random, length: int) -> list[int]:
+    """Where to cut a first flight: a few places, or byte by byte near the start."""
+    if rng.random() < 0.2:
+        return list(range(1, min(length, 12)))
+    return sorted(rng.sample(range(1, length), rng.randint(1, 8)))
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_a_hello_in_pieces_reaches_the_host_once_or_is_reset(
+        resolver: None, seed: int) -> None:
+    rng = random.Random(seed)
+    server = _Server()
+    config = RelayConfig(dns_upstream=IPv4Address("127.0.0.1"))
+    port = str(server.port)
+    policy = Policy.from_dict({"default": "deny", "rule": [
+        {"action": "allow", "proto": "tcp", "domains": ["*.allowed.test"], "ports": port,
+         "inspect_ports": port, "comment": "the allowed zone"}]}, config)
+    allowed = rng.random() < 0.5
+    hello = openssl_hello(NAME if allowed else "evil.example")
+    events: list[object] = []
+    async with InMemoryGuest(config, policy=policy) as guest:
+        guest.relay.subscribe(events.append)
+        await guest.send(frames.dns_query(guest.addressing, False, 5353, 7, NAME))
+        answer = await guest.expect(lambda r: r.udp is not None and r.udp.sport == 53)
+        assert answer.udp is not None and dpkt.dns.DNS(bytes(answer.udp.payload)).an
+        conn = await guest.tcp_connect(server.port)
+        points = [0, *_cuts(rng, len(hello)), len(hello)]
+        pieces = [hello[a:b] for a, b in itertools.pairwise(points)]
+        for piece in pieces[:-1]:
+            await conn.send(piece)  # held and acknowledged
+        await guest.send(conn.frame(ACK | PSH, pieces[-1]))
+        last = await guest.expect(conn.matches)
+        assert last.tcp is not None
+        if allowed:
+            assert not last.tcp.flags & RST
+            for _ in range(200):
+                if server.received and len(server.received[0]) >= len(hello):
+                    break
+                await asyncio.sleep(0.01)
+            assert [bytes(b) for b in server.received] == [hello]
+        else:
+            assert last.tcp.flags & RST
+            await asyncio.sleep(0.05)
+            assert server.received == []
+        stats = guest.stats()
+    server.listener.close()
+    assert stats["tcp_first_flights"] == 1
+    assert stats["tcp_first_flight_bytes"] == 0
+    opened = [e for e in events if isinstance(e, FlowOpened) and e.protocol == "tcp"]
+    denied = [e for e in events if isinstance(e, FlowDenied)]
+    if allowed:
+        assert [(e.wire_name, e.rule, e.comment, e.names) for e in opened] == [
+            (NAME, 0, "the allowed zone", (NAME,))]
+        assert denied == []
+    else:
+        assert opened == [] and stats["policy_denied_name_mismatch"] == 1
+        assert [(e.reason, e.wire_name, e.names) for e in denied] == [
+            ("name_mismatch", "evil.example", (NAME,))]
