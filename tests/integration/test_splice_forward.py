@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 import select
@@ -185,10 +186,16 @@ def test_half_close_client_first_then_the_guest_answers(tmp_path: Path) -> None:
 
 def test_half_close_guest_first_then_the_client_sends(tmp_path: Path) -> None:
     port = _free_port()
-    with relay(tmp_path, ["-t", f"{port}:{GUEST_PORT}"],
+    ctl = str(tmp_path / "ctl.sock")
+    with relay(tmp_path, ["--control-socket", ctl, "-t", f"{port}:{GUEST_PORT}"],
                *_service("first", 1, 8 * MIB)) as r:
         s = _connect(port)
+        s_port = s.getsockname()[1]
         got = _drain(s)  # to the guest's FIN, while our side stays open
+        # Open, half-closed: the control socket lists it as the relay's flows.
+        flows = subprocess.run([sys.executable, "-m", "relaynat", "ctl", "--socket", ctl,
+                                "--json", "flows"], capture_output=True, text=True,
+                               timeout=30)
         for block in _pattern(3, 8 * MIB):
             s.sendall(block)
         s.shutdown(socket.SHUT_WR)
@@ -196,6 +203,14 @@ def test_half_close_guest_first_then_the_client_sends(tmp_path: Path) -> None:
         r.finish()
     assert got == _digest(2, 8 * MIB)
     assert r.lines == [_digest(3, 8 * MIB)]
+    assert flows.returncode == 0, flows.stderr
+    listed = json.loads(flows.stdout)["return"]["flows"]
+    spliced = [f for f in listed if f["state"] == "spliced"]
+    assert len(spliced) == 1, listed
+    assert spliced[0]["guest"] == ["127.0.0.1", GUEST_PORT]
+    assert spliced[0]["host_peer"] == ["127.0.0.1", s_port]
+    assert spliced[0]["bytes_to_guest"] == 0
+    assert spliced[0]["direction"] == "inbound"
 
 
 def test_a_client_reset_reaches_the_guest(tmp_path: Path) -> None:
