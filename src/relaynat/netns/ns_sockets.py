@@ -44,6 +44,7 @@ from relaynat.netns.syscalls import (
     drop_capabilities,
     set_no_new_privs,
     set_parent_death_signal,
+    set_undumpable,
     setns,
 )
 
@@ -145,7 +146,16 @@ class NamespaceSockets:
                 log.warning("namespace socket factory gone (%s): forwards take the TAP", exc)
                 self._broken = True
                 return None
-            pool.extend(socket.socket(fileno=fd) for fd in fds)
+            for fd in fds:
+                try:
+                    sock = socket.socket(fileno=fd)
+                except OSError:  # ENOTSOCK: not what was asked for
+                    os.close(fd)
+                    continue
+                if sock.type != socket.SOCK_STREAM or sock.family != _FAMILIES[family]:
+                    sock.close()
+                    continue
+                pool.append(sock)
         return pool.pop() if pool else None
 
     def close(self) -> None:
@@ -282,6 +292,9 @@ def _drop_privileges() -> None:
 
 def _factory_main(argv: list[str]) -> int:
     set_parent_death_signal(signal.SIGKILL)
+    # Its uid may be the guest's root outside (an unprivileged relay's): not traceable by
+    # the guest's processes for that, since the relay believes what it hands over.
+    set_undumpable()
     spec = json.loads(argv[0])
     sock = socket.socket(fileno=int(argv[1]))
     try:

@@ -94,6 +94,13 @@ def set_dumpable() -> None:
     _prctl(PR_SET_DUMPABLE, 1, "PR_SET_DUMPABLE")
 
 
+def set_undumpable() -> None:
+    """prctl(PR_SET_DUMPABLE, 0): only a process with CAP_SYS_PTRACE over this one's
+    user namespace may ptrace it or open its /proc/PID files (ptrace(2)), not one that
+    merely has the same uid."""
+    _prctl(PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
+
+
 def map_ids(pid: int | str, inside: tuple[int, int], outside: tuple[int, int]) -> None:
     """Map the uid and gid `inside` the user namespace `pid` ("self" or a process id) is
     in to the uid and gid `outside`, of the parent user namespace, and nothing else
