@@ -83,3 +83,24 @@ def test_a_log_takes_a_path_or_a_stream() -> None:
         AuditLog()
     with pytest.raises(ValueError, match="maxsize"):
         AuditLog(stream=io.StringIO(), maxsize=0)
+
+
+def test_decision_records_carry_names_and_read_back_without_them() -> None:
+    """The fields a decision record gained round-trip through JSON (tuples of names as
+    lists), and a record written before them reads back with their defaults."""
+    from relaynat import Endpoint, FlowDenied, event_dict
+
+    denied = FlowDenied(1.0, "vm0", "tcp", Endpoint("11.2.0.2", 443), 5, "allowed domains",
+                        "name_mismatch", ("www.allowed.test", "cdn.allowed.test"),
+                        "www.other.test")
+    line = json.dumps(event_dict(denied))
+    assert json.loads(line)["names"] == ["www.allowed.test", "cdn.allowed.test"]
+    assert event_from_dict(json.loads(line)) == denied
+    opened = FlowOpened(1.0, None, "tcp", "outbound", Endpoint("10.0.2.15", 40000),
+                        Endpoint("11.2.0.2", 443), Endpoint("11.2.0.2", 443),
+                        ("www.allowed.test",), "www.allowed.test", 5, "allowed domains")
+    assert event_from_dict(json.loads(json.dumps(event_dict(opened)))) == opened
+    old = {"kind": "flow_denied", "time": 1.0, "guest": None, "protocol": "udp",
+           "far": ["10.0.0.1", 53], "rule": -1, "comment": ""}
+    assert event_from_dict(old) == FlowDenied(1.0, None, "udp", Endpoint("10.0.0.1", 53),
+                                              -1, "")
