@@ -104,9 +104,11 @@ def test_ctl_adds_and_removes_a_forward_while_a_transfer_runs(tmp_path: Path,
     ready, ctl_sock = guest_dir / "ready", tmp_path / "ctl.sock"
     guest = (f"exec {guest_python()} {HOST_PEERS} http --root {guest_dir} --bind 0.0.0.0 "
              f"--port 8080 --port-file {ready}")
+    # Through the guest's link (--no-splice): a loopback client would be spliced, and
+    # its flow then listed on the guest's loopback (test_splice_forward.py).
     proc = subprocess.Popen([sys.executable, "-m", "relaynat", "run", "--stats",
-                             "--control-socket", str(ctl_sock), "-t", "127.0.0.1/0:8080",
-                             "--", "sh", "-c", guest],
+                             "--control-socket", str(ctl_sock), "--no-splice",
+                             "-t", "127.0.0.1/0:8080", "--", "sh", "-c", guest],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None

@@ -56,7 +56,8 @@ def test_forwarded_port_carries_64mib_both_ways(tmp_path: Path, guest_dir: Path)
     # The guest serves GET (the file) and PUT (answers the body's sha256) on port 8080.
     guest = (f"exec {guest_python()} {HOST_PEERS} http --root {guest_dir} --bind 0.0.0.0 "
              f"--port 8080 --port-file {ready}")
-    proc, port = _start_forwarded_guest(tmp_path, guest)
+    # Through the guest's link: a loopback client would be spliced (test_splice_forward.py).
+    proc, port = _start_forwarded_guest(tmp_path, guest, "--no-splice")
     try:
         _wait_guest_ready(ready, proc)
         url = f"http://127.0.0.1:{port}/blob"
