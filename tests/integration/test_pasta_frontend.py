@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.scenario import run_scenario
 
 pytestmark = pytest.mark.integration
 
@@ -148,9 +149,7 @@ def _scenario(template: list[str], dns_addrs: str) -> list[str]:
     argv = [arg.format(port=port, netns="/run/netns/ctr") for arg in template]
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PASTA": PASTA, "FWD": str(port),
            "PEERS": str(TESTS / "support" / "host_peers.py"), "DNS_ADDRS": dns_addrs}
-    done = subprocess.run(["unshare", "-n", "-m", "--propagation", "private", "bash", "-c",
-                           _SCENARIO, "scenario", *argv], capture_output=True, text=True,
-                          timeout=120, env=env)
+    done = run_scenario(_SCENARIO, argv, env=env, timeout=120)
     assert done.returncode == 0, f"{shlex.join(argv)}\n{done.stdout}{done.stderr}"
     return done.stdout.splitlines()
 
@@ -193,9 +192,8 @@ def test_podman_5_3_map_gw_reaches_host_loopback() -> None:
     (["--outbound", "192.0.2.1", "--netns", "/run/netns/x"], "unrecognized option "
                                                             "'--outbound'"),
     (["--trace", "--netns", "/run/netns/x"], "unrecognized option '--trace'"),
-    (["-T", "8080", "--netns", "/run/netns/x"], "-T 8080: relaynat-pasta does not forward "
-                                                "from the namespace's loopback"),
-    (["-U", "53", "--netns", "/run/netns/x"], "-U 53: relaynat-pasta does not forward"),
+    (["-T", "auto", "--netns", "/run/netns/x"], "-T auto: relaynat does not follow"),
+    (["-T", "192.0.2.1/8080", "--netns", "/run/netns/x"], "is not a loopback address"),
     (["-t", "auto", "--netns", "/run/netns/x"], "-t auto: relaynat does not follow"),
     (["-D", "192.0.2.53", "--netns", "/run/netns/x"], "-D 192.0.2.53: relaynat answers DNS"),
     (["--config-net", "sh", "-c", "true"], "sh: relaynat-pasta serves an existing namespace"),
@@ -220,11 +218,12 @@ def test_help_lists_what_is_taken() -> None:
         assert option in done.stdout
 
 
-def test_foreground_addressing_pid_file_and_sigterm(tmp_path: Path) -> None:
+def test_foreground_addressing_loopback_forward_pid_file_and_sigterm(tmp_path: Path) -> None:
     """-f stays in the foreground; -a/-n/-g/-m/-I/-4 address the interface as asked (an
     off-link --dns-forward address taken beside them; the DNS scenarios above query
-    theirs), the gateway stands for the host's loopback (pasta's default), -P names the
-    process and goes away with it."""
+    theirs), the gateway stands for the host's loopback (pasta's default), -T PORT
+    makes the namespace's loopback port the host's, -P names the process and goes away
+    with it."""
     name = f"pasta-{os.getpid()}-{time.monotonic_ns() % 100000}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     pid_file = tmp_path / "pasta.pid"
@@ -236,7 +235,8 @@ def test_foreground_addressing_pid_file_and_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [PASTA, "--config-net", "-f", "-a", "192.168.77.10", "-n", "255.255.255.0", "-g",
          "192.168.77.1", "-m", "1500", "-I", "eth0", "-4", "--dns-forward", "192.168.77.53",
-         "-P", str(pid_file), "--netns", name], stderr=subprocess.PIPE, text=True)
+         "-P", str(pid_file), "-T", str(port), "--netns", name], stderr=subprocess.PIPE,
+        text=True)
     try:
         ns = ["ip", "-n", name]
         deadline = time.monotonic() + 20
@@ -264,6 +264,16 @@ def test_foreground_addressing_pid_file_and_sigterm(tmp_path: Path) -> None:
             conn.sendall(b"host loopback via the gateway")
         out, _ = inside.communicate(timeout=15)
         assert out.strip() == "host loopback via the gateway"
+        # -T PORT: the namespace's own 127.0.0.1:PORT is the host's.
+        inside = subprocess.Popen(
+            ["ip", "netns", "exec", name, sys.executable, "-c",
+             f"import socket\ns=socket.create_connection(('127.0.0.1',{port}),timeout=5)\n"
+             "print(s.recv(100).decode())\n"], stdout=subprocess.PIPE, text=True)
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"host loopback via -T")
+        out, _ = inside.communicate(timeout=15)
+        assert out.strip() == "host loopback via -T"
         assert proc.poll() is None  # in the foreground: still this process
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
@@ -331,8 +341,7 @@ def test_rootless_as_podman_runs_it() -> None:
                     + probe.stderr.decode()[-300:])
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "RELAYNAT_PATH": path,
            "GUEST_PYTHON": guest_python(), "PEERS": str(TESTS / "support" / "host_peers.py")}
-    done = subprocess.run(["unshare", "-n", "-m", "--propagation", "private", "bash", "-c",
-                           _ROOTLESS], capture_output=True, text=True, timeout=120, env=env)
+    done = run_scenario(_ROOTLESS, env=env, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == ["status 0", "addr 10.0.2.15/24",
                                         "from host loopback"], done.stdout + done.stderr
@@ -347,10 +356,11 @@ def _translated(*argv: str) -> Any:
 def test_options_become_relaynat_run_configuration() -> None:
     """What each taken option becomes, through relaynat run's own parser (in process:
     nothing is started, the namespace is only named)."""
-    config, forwards = _translated("--config-net", "-a", "192.168.5.9", "-n", "255.255.0.0",
-                                   "-g", "192.168.0.1", "-a", "2001:db8:1::5", "-m", "9000",
-                                   "--dns-forward", "169.254.1.1", "--no-map-gw", "-t",
-                                   "127.0.0.1/8080-8081:80-81", "-u", "none", "-T", "none")
+    got = _translated("--config-net", "-a", "192.168.5.9", "-n", "255.255.0.0", "-g",
+                      "192.168.0.1", "-a", "2001:db8:1::5", "-m", "9000", "--dns-forward",
+                      "169.254.1.1", "--no-map-gw", "-t", "127.0.0.1/8080-8081:80-81", "-u",
+                      "none", "-T", "127.0.0.1/5432", "-U", "none")
+    config = got.config
     assert (str(config.guest_ipv4), config.prefix_len_v4) == ("192.168.5.9", 16)
     assert str(config.gateway_ipv4) == "192.168.0.1" and config.mtu == 9000
     assert str(config.dns_ipv4) == "169.254.1.1"
@@ -360,9 +370,11 @@ def test_options_become_relaynat_run_configuration() -> None:
     assert (str(config.gateway_ipv6), str(config.dns_ipv6)) == ("2001:db8:1::2",
                                                                 "2001:db8:1::3")
     assert [(f.proto, str(f.address), f.host_first, f.host_last, f.guest_first)
-            for f in forwards] == [("tcp", "127.0.0.1", 8080, 8081, 80)]
-    config, forwards = _translated("-4")
-    assert not config.ipv6 and forwards == []
-    assert str(config.map_host_loopback_v4) == str(config.gateway_ipv4)  # pasta's default
-    config, _ = _translated("--map-host-loopback", "10.0.2.9")
-    assert str(config.map_host_loopback_v4) == "10.0.2.9"
+            for f in got.forwards] == [("tcp", "127.0.0.1", 8080, 8081, 80)]
+    assert got.loopback == [("tcp", 4, 5432, 5432)]
+    got = _translated("-4")
+    assert not got.config.ipv6 and got.forwards == [] and got.loopback == []
+    # pasta's default: the gateway stands for the host's loopback.
+    assert str(got.config.map_host_loopback_v4) == str(got.config.gateway_ipv4)
+    got = _translated("--map-host-loopback", "10.0.2.9")
+    assert str(got.config.map_host_loopback_v4) == "10.0.2.9"

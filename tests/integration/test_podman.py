@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.scenario import run_scenario
 
 pytestmark = pytest.mark.integration
 
@@ -140,8 +141,7 @@ def test_podman_slirp4netns_network_cmd_path(binary: str) -> None:
     assert os.access(binary, os.X_OK), binary
     env = {**os.environ, "BINARY": binary, "FWD": str(_free_port()),
            "PEERS": str(TESTS / "support" / "host_peers.py")}
-    done = subprocess.run(["unshare", "-n", "-m", "--propagation", "private", "bash", "-c",
-                           _SCENARIO], capture_output=True, text=True, timeout=300, env=env)
+    done = run_scenario(_SCENARIO, env=env, timeout=300)
     out = done.stdout.splitlines()
     report = done.stdout + done.stderr
     assert done.returncode == 0, report

@@ -30,6 +30,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.scenario import run_scenario
 
 pytestmark = pytest.mark.integration
 
@@ -175,8 +176,7 @@ def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, loopback: 
            "LOOPBACK": "--disable-host-loopback" if loopback.startswith("disable") else "",
            # The bulk transfers take the host-loopback mapping where it is on.
            "BULK": "198.18.0.1" if loopback.startswith("disable") else "10.0.2.2"}
-    done = subprocess.run(["unshare", "-n", "-m", "--propagation", "private", "bash", "-c",
-                           _SCENARIO], capture_output=True, text=True, timeout=240, env=env)
+    done = run_scenario(_SCENARIO, env=env, timeout=240)
     out = done.stdout.splitlines()
     report = done.stdout + done.stderr
     assert done.returncode == 0, report
@@ -263,8 +263,7 @@ def test_rootlesskit_ipv6_and_cidr(binary: str) -> None:
 
     env = {**os.environ, "BINARY": binary, "RELAYNAT_PATH": _relaynat_path_for_nobody(),
            "GUEST_PYTHON": guest_python(), "PEERS": str(TESTS / "support" / "host_peers.py")}
-    done = subprocess.run(["unshare", "-n", "-m", "--propagation", "private", "bash", "-c",
-                           _IPV6_CIDR], capture_output=True, text=True, timeout=120, env=env)
+    done = run_scenario(_IPV6_CIDR, env=env, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == ["addr 10.9.0.100/24", "from host ::1"], (
         done.stdout + done.stderr)

@@ -16,8 +16,10 @@ Taken, and what they become:
   --gateway6, -m, --tap-name. Without -a the guest gets relaynat's addressing
   (10.0.2.15/24 via 10.0.2.2, fd00::15 via fd00::2), not a copy of the host's as pasta;
 - `-t`/`-u SPEC`: passt's port specs, which relaynat run's -t/-u take as they are;
-  `none` forwards nothing;
-- `-T`/`-U`: `none` only (nothing forwarded from the namespace's loopback);
+  `none` forwards nothing; a TCP client on the host's loopback is spliced into the
+  namespace as relaynat run splices it;
+- `-T`/`-U SPEC`: the namespace's loopback ports forwarded to the host's loopback, as
+  relaynat run's -T/-U (spliced, never through the guest's link); `none`: nothing;
 - `--dns-forward ADDR`: the DNS address the guest's queries go to (relaynat forwards
   them to the host's resolver, as pasta does); `-D none`: no DNS server announced (with
   --config-net no DHCP client asks; the DNS address still answers);
@@ -43,12 +45,16 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address
+from typing import TYPE_CHECKING
 
 from relaynat.config import ConfigError, RelayConfig
 from relaynat.netns.join import JoinTarget, resolve_target
 from relaynat.portspec import Forward
+
+if TYPE_CHECKING:
+    from relaynat.netns.ns_sockets import NamespaceSockets
 
 log = logging.getLogger("relaynat.pasta")
 
@@ -280,10 +286,11 @@ def run_argv(opts: PastaOptions) -> list[str]:
                 argv += [flag, spec]
     for flag, specs in (("-T", opts.tcp_ns), ("-U", opts.udp_ns)):
         for spec in specs:
+            if spec == "auto":
+                raise PastaUsageError(f"{flag} auto: relaynat does not follow the ports "
+                                      "bound on the other side; give them")
             if spec != "none":
-                raise PastaUsageError(f"{flag} {spec}: relaynat-pasta does not forward from "
-                                      "the namespace's loopback to the host's; only "
-                                      f"'{flag} none' is taken")
+                argv += [flag, spec]
     if opts.ipv4_only:
         argv.append("-4")
     if opts.ipv6_only:
@@ -324,16 +331,35 @@ def _parse_run(argv: list[str]) -> argparse.Namespace:
                               else "refused by relaynat run") from None
 
 
-def translate(opts: PastaOptions) -> tuple[RelayConfig, list[Forward]]:
+#: A `-T`/`-U` forward: (proto, family 4 or 6, namespace port, host port).
+LoopbackForward = tuple[str, int, int, int]
+
+
+@dataclasses.dataclass
+class Translated:
+    """What relaynat run's parser made of the options: the relay's configuration, the
+    `-t`/`-u` forwards into the namespace and the `-T`/`-U` ones out of it."""
+
+    config: RelayConfig
+    forwards: list[Forward]
+    loopback: list[LoopbackForward]
+
+
+def translate(opts: PastaOptions) -> Translated:
     """The relay configuration and forwards `opts` ask for, through relaynat run's own
     option parser (every run default applies). Raises PastaUsageError or ConfigError."""
-    from relaynat.cli.options import config_from_args, forwards_from_args
+    from relaynat.cli.options import (
+        config_from_args,
+        forwards_from_args,
+        loopback_forwards_from_args,
+    )
 
     if opts.mtu is not None and not opts.mtu.isdigit():
         raise PastaUsageError(f"-m {opts.mtu}: not a number")
     tail = ["--netns", _target_text(opts)] + ([] if opts.config_net else ["--no-configure"])
     args = _parse_run(["run", *run_argv(opts), *tail])
-    return config_from_args(args), forwards_from_args(args)
+    return Translated(config_from_args(args), forwards_from_args(args),
+                      loopback_forwards_from_args(args))
 
 
 #: How often the namespace's path is looked at (pasta watches it with inotify).
@@ -357,14 +383,65 @@ async def _watch_path(path: str, fd: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def serve(config: RelayConfig, forwards: list[Forward], opts: PastaOptions,
-                target: JoinTarget, ready: Callable[[], None]) -> int:
+@contextlib.contextmanager
+def _stdio_to_null(enabled: bool) -> Iterator[None]:
+    """With `enabled`, stdout and stderr point at /dev/null while the block runs: a
+    helper process started then must not hold the caller's output open (podman waits
+    for its end), the relay's own messages go through the restored stderr."""
+    if not enabled:
+        yield
+        return
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
+def _start_splicing(translated: Translated, target: JoinTarget,
+                    detached: bool) -> NamespaceSockets | None:
+    """The namespace's socket factory (netns/ns_sockets.py) for spliced -t clients and
+    -T/-U listeners; None when nothing is forwarded, or (a warning) when it cannot start
+    and no -T/-U needs it. Raises NamespaceSocketsError for -T/-U."""
+    if not translated.forwards and not translated.loopback:
+        return None
+    from relaynat.netns.ns_sockets import GuestListener, NamespaceSocketsError, for_guest
+
+    listen = [GuestListener(proto, family, port)
+              for proto, family, port, _ in translated.loopback]
+    try:
+        with _stdio_to_null(detached):
+            factory = for_guest(None, target.netns_fd, target.userns_fd, listen)
+    except NamespaceSocketsError as exc:
+        if translated.loopback:
+            raise
+        print(f"{PROG}: warning: {exc}; forwarded ports go through the guest's link",
+              file=sys.stderr)
+        return None
+    for error in factory.errors:
+        print(f"{PROG}: warning: {error}", file=sys.stderr)
+    return factory
+
+
+async def serve(translated: Translated, opts: PastaOptions, target: JoinTarget,
+                ready: Callable[[], None], detached: bool = False) -> int:
     """Serve the TAP in the target namespace; `ready` is called once the guest can be
-    served. Ends on SIGINT/SIGTERM, the target process's exit, or its path's removal."""
+    served. Ends on SIGINT/SIGTERM, the target process's exit, or its path's removal.
+    `detached`: in the background, where no helper may inherit the caller's output."""
     from relaynat.cli.main import add_forwards
     from relaynat.host.forward import ForwardError
     from relaynat.netns.guest import NamespaceSetupError, open_joined_tap
+    from relaynat.netns.ns_sockets import GuestListener, NamespaceSocketsError
+    from relaynat.netns.ns_sockets import serve as serve_spliced
     from relaynat.relay import Relay
+
+    config = translated.config
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -376,6 +453,12 @@ async def serve(config: RelayConfig, forwards: list[Forward], opts: PastaOptions
     except NamespaceSetupError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
+    try:
+        factory = _start_splicing(translated, target, detached)
+    except NamespaceSocketsError as exc:
+        print(f"{PROG}: -T/-U: {exc}", file=sys.stderr)
+        transport.close()
+        return 1
     watchers: list[asyncio.Future[None]] = []
     if target.pidfd is not None:
         loop.add_reader(target.pidfd, stop.set)
@@ -385,8 +468,12 @@ async def serve(config: RelayConfig, forwards: list[Forward], opts: PastaOptions
     try:
         async with Relay(config, None) as relay:
             relay.attach(transport)
+            if factory is not None:
+                serve_spliced(relay, factory, [
+                    (GuestListener(proto, family, port), host_port)
+                    for proto, family, port, host_port in translated.loopback])
             try:
-                add_forwards(relay, forwards)
+                add_forwards(relay, translated.forwards)
             except (OSError, ForwardError) as exc:
                 print(f"{PROG}: {exc}", file=sys.stderr)
                 return 1
@@ -401,6 +488,8 @@ async def serve(config: RelayConfig, forwards: list[Forward], opts: PastaOptions
             watcher.cancel()
         if target.pidfd is not None:
             loop.remove_reader(target.pidfd)
+        if factory is not None:
+            factory.close()
     return 0
 
 
@@ -442,7 +531,8 @@ pasta's command line as podman 4.4 to 5.x runs it, served by relaynat:
   --config-net           address and route the namespace's interface
   -t, --tcp-ports SPEC   forward host TCP ports into the namespace (passt's SPEC; none)
   -u, --udp-ports SPEC   the same for UDP
-  -T, --tcp-ns none      -U, --udp-ns none: nothing from the namespace's loopback
+  -T, --tcp-ns SPEC      the namespace's loopback TCP ports to the host's (none)
+  -U, --udp-ns SPEC      the same for UDP
   -a, --address ADDR     -n, --netmask MASK   -g, --gateway ADDR   -m, --mtu MTU
   -I, --ns-ifname NAME   the namespace's interface (default tap0)
   --dns-forward ADDR     the address whose DNS queries go to the host's resolver
@@ -468,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG} (relaynat {version('relaynat')}), pasta's command line as "
                   "podman runs it")
             return 0
-        config, forwards = translate(opts)
+        translated = translate(opts)
         target = resolve_target(_target_text(opts))
     except PastaUsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
@@ -479,7 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level="DEBUG" if opts.debug else "WARNING",
                         format=f"{PROG} %(levelname)s: %(message)s")
     ready: Callable[[], None] = lambda: None  # noqa: E731
-    if not (opts.foreground or opts.debug):
+    detached = not (opts.foreground or opts.debug)
+    if detached:
         ready = _background()
     if opts.pid_file is not None:
         with open(opts.pid_file, "w") as f:
@@ -488,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     loop = new_loop()
     try:
-        return loop.run_until_complete(serve(config, forwards, opts, target, ready))
+        return loop.run_until_complete(serve(translated, opts, target, ready, detached))
     except OSError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
