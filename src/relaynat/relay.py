@@ -660,6 +660,7 @@ class Relay(RelayDispatch, RelayMoving):
             from_guest, to_guest = tcp.open_bytes()
             stats["tcp_bytes_from_guest"] += from_guest
             stats["tcp_bytes_to_guest"] += to_guest
+            stats["tcp_first_flight_bytes"] = tcp.first_flight_bytes
         stats.update(self._link.counters())
         return stats
 

@@ -165,6 +165,9 @@ class TcpRelay:
         self._connect_watch: dict[tuple[str, int], Callable[[socket.socket], None]] = {}
         #: Where flows opening and closing are told (set by the relay).
         self.events: EventSink = SILENT
+        #: Guest bytes the flows whose first flight is read before their connect hold
+        #: now (`tcp_first_flight_bytes`, a gauge: not a counter a handover carries).
+        self.first_flight_bytes = 0
 
     def watch_connects(self, host_addr: tuple[str, int],
                        callback: Callable[[socket.socket], None]) -> None:
@@ -357,7 +360,7 @@ class TcpRelay:
         data = entry.on_guest_segment(seg, now)
         if data is not None:
             taken = 0 if hold.decided else hold.flight.feed(data)
-            self.stats["tcp_first_flight_bytes"] += taken
+            self.first_flight_bytes += taken
             entry.on_host_accepted(taken, now)
         if not hold.decided and entry.state not in GUEST_SENDING:
             hold.flight.feed(b"", final=True)  # its FIN: nothing more will come
@@ -445,7 +448,7 @@ class TcpRelay:
             flow.end_how = "reset_by_host"
             entry.on_host_reset(now)
             return
-        self.stats["tcp_first_flight_bytes"] -= sent
+        self.first_flight_bytes -= sent
         hold.unsent = unsent = unsent[sent:]
         if unsent:
             return  # the rest when the socket has room (EPOLLOUT, `_host_event`)
@@ -652,7 +655,7 @@ class TcpRelay:
         self.stats["tcp_bytes_to_guest"] += entry.bytes_to_guest
         hold = flow.first
         if hold is not None:
-            self.stats["tcp_first_flight_bytes"] -= hold.held_bytes()
+            self.first_flight_bytes -= hold.held_bytes()
             flow.first = None
         if self.events.listening and (hold is None or hold.announced):
             self._ended(flow)
