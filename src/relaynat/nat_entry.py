@@ -290,6 +290,13 @@ class TcpNatEntry(TcpHandshake):
         self._pending_len = 0
         self._pending_fin = False
 
+    def hold_back(self) -> None:
+        """The shell cannot take the guest's data or FIN now (a flow whose first flight
+        is not in the host socket yet, host/tcp_relay.py): as with a full socket,
+        nothing of it is acknowledged, and `on_host_writable` asks the guest to send it
+        again."""
+        self.write_blocked = True
+
     def drop_pending(self) -> None:
         """The shell let go of the payload it held unwritten (the flow is leaving it):
         nothing of it was acknowledged, so the guest sends it again, to whoever."""

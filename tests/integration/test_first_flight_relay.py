@@ -23,7 +23,7 @@ import pytest
 from unit.test_first_flight import openssl_hello
 
 from relaynat import FlowDenied, FlowOpened, Policy, RelayConfig
-from relaynat.testing import ACK, PSH, RST, InMemoryGuest, frames
+from relaynat.testing import ACK, FIN, PSH, RST, InMemoryGuest, frames
 
 NAME = "www.allowed.test"
 
@@ -146,3 +146,53 @@ async def test_a_hello_in_pieces_reaches_the_host_once_or_is_reset(
         assert opened == [] and stats["policy_denied_name_mismatch"] == 1
         assert [(e.reason, e.wire_name, e.names) for e in denied] == [
             ("name_mismatch", "evil.example", (NAME,))]
+
+
+async def test_a_fin_during_the_host_connect_waits_for_the_held_request(
+        resolver: None) -> None:
+    """A request, then at once the guest's FIN, while the host connect is still under way
+    (the server's accept queue is full, so the relay's SYN waits for its retransmission
+    a second later): the FIN is not taken before the request is in the host socket. The
+    server gets the whole request, then the end of the stream; taking the FIN at once
+    would shut the connecting socket down (SYN-SENT closes: no connection at all)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # one waiting connection fills it
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))
+    config = RelayConfig(dns_upstream=IPv4Address("127.0.0.1"))
+    policy = Policy.from_dict({"default": "deny", "rule": [
+        {"action": "allow", "proto": "tcp", "domains": ["*.allowed.test"],
+         "ports": str(port), "inspect_ports": str(port)}]}, config)
+    request = f"GET / HTTP/1.0\r\nHost: {NAME}\r\n\r\n".encode()
+    try:
+        async with InMemoryGuest(config, policy=policy) as guest:
+            await guest.send(frames.dns_query(guest.addressing, False, 5353, 7, NAME))
+            await guest.expect(lambda r: r.udp is not None and r.udp.sport == 53)
+            conn = await guest.tcp_connect(port)
+            await conn.send(request)  # acknowledged while the host connect waits
+            fin_seq = conn.snd_nxt
+            await guest.send(conn.frame(ACK | FIN))
+            await asyncio.sleep(0.2)
+            first, _ = listener.accept()  # the filler: room for the relay's SYN
+            first.close()
+            filler.close()
+            loop = asyncio.get_running_loop()
+            listener.settimeout(5)
+            server_side, _ = await loop.run_in_executor(None, listener.accept)
+            # The held request is written; the guest is asked for what was refused.
+            await guest.expect(lambda r: conn.matches(r) and r.tcp is not None
+                               and r.tcp.ack == fin_seq)
+            await guest.send(conn.frame(ACK | FIN, seq=fin_seq))
+            await guest.expect(lambda r: conn.matches(r) and r.tcp is not None
+                               and r.tcp.ack == (fin_seq + 1) & 0xFFFFFFFF)
+            server_side.settimeout(5)
+            got = bytearray()
+            while chunk := await loop.run_in_executor(None, server_side.recv, 65536):
+                got += chunk
+            server_side.close()
+            assert bytes(got) == request
+            assert guest.stats()["tcp_first_flight_bytes"] == 0
+    finally:
+        listener.close()
+        filler.close()

@@ -70,7 +70,7 @@ from relaynat.syn_backlog import (
 )
 from relaynat.tcp_actions import rst_for_unknown
 from relaynat.tcp_state import GUEST_SENDING
-from relaynat.wire import ACK, IPPROTO_TCP, RST, SYN
+from relaynat.wire import ACK, FIN, IPPROTO_TCP, RST, SYN
 
 if TYPE_CHECKING:
     from relaynat.config import RelayConfig
@@ -357,6 +357,13 @@ class TcpRelay:
         acknowledged) until the name is read; once decided, nothing more is taken (the
         guest sends it again) until the held bytes are in the host socket."""
         entry = flow.entry
+        if hold.decided and seg.flags & FIN and not seg.payload:
+            # A bare FIN after the first flight, while the host connect or the write of
+            # the held bytes is under way: refused as data is. Taken now, its
+            # shutdown(SHUT_WR) would reach the host socket first, and in SYN-SENT
+            # that ends the connect (tcp_shutdown: SYN-SENT closes without a FIN).
+            entry.hold_back()
+            return
         data = entry.on_guest_segment(seg, now)
         if data is not None:
             taken = 0 if hold.decided else hold.flight.feed(data)
