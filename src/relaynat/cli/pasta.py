@@ -547,6 +547,7 @@ Anything else is refused, naming the option.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    opts: PastaOptions | None = None
     try:
         opts = parse(sys.argv[1:] if argv is None else argv)
         if opts.help:
@@ -564,7 +565,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:
-        print(f"{PROG}: {str(exc).removeprefix('--netns ')}", file=sys.stderr)
+        # resolve_target names relaynat run's --netns, which is pasta's option too; a
+        # PID operand is no option.
+        by_option = opts is not None and opts.netns is not None
+        text = str(exc) if by_option else str(exc).removeprefix("--netns ")
+        print(f"{PROG}: {text}", file=sys.stderr)
         return 1
     logging.basicConfig(level="DEBUG" if opts.debug else "WARNING",
                         format=f"{PROG} %(levelname)s: %(message)s")
@@ -573,8 +578,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if detached:
         ready = _background()
     if opts.pid_file is not None:
-        with open(opts.pid_file, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        try:
+            with open(opts.pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as exc:
+            print(f"{PROG}: -P {opts.pid_file}: {exc.strerror}", file=sys.stderr)
+            target.close()
+            return 1
     from relaynat.cli.event_loop import new_loop
 
     loop = new_loop()
