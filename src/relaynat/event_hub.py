@@ -233,7 +233,7 @@ class EventHub:
     def denied(self, proto: int, dst: bytes, dport: int, rule: int, comment: str, *,
                reason: str = "policy", names: tuple[str, ...] = (),
                wire_name: str | None = None) -> None:
-        """The egress policy refused a new guest flow (`policy.EgressGate`), or a flow a
+        """The egress policy refused a new guest flow (`egress_gate.EgressGate`), or a flow a
         domain rule allowed failed the name check of its first flight (`reason`,
         host/tcp_relay.py): a `FlowDenied` event, and a rate-limited log line."""
         name = _PROTO_NAMES.get(proto, str(proto))

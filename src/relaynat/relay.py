@@ -37,6 +37,7 @@ from relaynat.addressing import DNS_PORT, AddressMap
 from relaynat.config import ConfigError, RelayConfig
 from relaynat.counters import with_zeros
 from relaynat.domains import NameTable
+from relaynat.egress_gate import EgressGate
 from relaynat.errors import RelayClosedError
 from relaynat.event_hub import DEFAULT_MAXSIZE, EventHub, EventStream
 from relaynat.events import Event
@@ -58,7 +59,7 @@ from relaynat.link.dns import (
     static_table,
 )
 from relaynat.link.services import ZERO_IP, LinkServices
-from relaynat.policy import EgressGate, Policy
+from relaynat.policy import Policy
 from relaynat.ratelimit import TokenBucket
 from relaynat.relay_dispatch import RelayDispatch
 from relaynat.relay_moving import RelayMoving

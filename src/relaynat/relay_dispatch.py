@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from relaynat.addressing import DNS_PORT, LINK_LOCAL_PREFIX, AddressMap
 from relaynat.config import RelayConfig
 from relaynat.domains import NameTable
+from relaynat.egress_gate import EgressGate
 from relaynat.event_hub import EventHub
 from relaynat.events import DnsQuery
 from relaynat.host.dns_tcp import DnsTcpResponder
@@ -35,7 +36,7 @@ from relaynat.link.services import (
     LinkServices,
 )
 from relaynat.packet_builder import BROADCAST_MAC, ICMP_PORT_UNREACH, udp_frame
-from relaynat.policy import EgressGate, Policy
+from relaynat.policy import Policy
 from relaynat.wire import (
     IPPROTO_ICMPV6,
     IPPROTO_TCP,

@@ -19,7 +19,8 @@ from relaynat.domains import (
     normalize_pattern,
     wire_name,
 )
-from relaynat.policy import EgressGate, Policy, Rule
+from relaynat.egress_gate import EgressGate
+from relaynat.policy import Policy, Rule
 from relaynat.wire import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP
 
 CFG = RelayConfig()

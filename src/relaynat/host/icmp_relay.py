@@ -52,6 +52,7 @@ from ipaddress import ip_address
 from typing import TYPE_CHECKING
 
 from relaynat.domains import NameTable
+from relaynat.egress_gate import EgressGate
 from relaynat.events import SILENT, Endpoint, EventSink, FlowClosed, FlowOpened, endpoint
 from relaynat.guest_log import guest_logger
 from relaynat.host.flowinfo import FlowInfo, describe_echo
@@ -68,7 +69,6 @@ from relaynat.icmp_echo import (
     parse_echo_request,
 )
 from relaynat.packet_builder import IPV4_HLEN
-from relaynat.policy import EgressGate
 from relaynat.wire import IPPROTO_ICMP, IPPROTO_ICMPV6, IPV6_HLEN, MalformedFrame
 
 if TYPE_CHECKING:

@@ -28,9 +28,9 @@ from relaynat.host.sockets import SO_RCVBUFFORCE
 from relaynat.window import TCP_INFO_LEN, SocketFacts, TcpInfo
 
 if TYPE_CHECKING:
+    from relaynat.egress_gate import EgressGate, Verdict
     from relaynat.first_flight import FirstFlight
     from relaynat.nat_entry import TcpNatEntry
-    from relaynat.policy import EgressGate, Verdict
 
 #: asm-generic/socket.h; Python's socket module does not name it.
 SO_PEEK_OFF = 42

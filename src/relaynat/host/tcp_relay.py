@@ -75,7 +75,7 @@ from relaynat.wire import ACK, FIN, IPPROTO_TCP, RST, SYN
 if TYPE_CHECKING:
     from relaynat.config import RelayConfig
     from relaynat.domains import NameTable
-    from relaynat.policy import EgressGate, Verdict
+    from relaynat.egress_gate import EgressGate, Verdict
     from relaynat.ratelimit import TokenBucket
     from relaynat.wire import TcpSegment
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from relaynat.addressing import DNS_PORT, inbound_flow_key
 from relaynat.config import RelayConfig
 from relaynat.domains import NameTable
+from relaynat.egress_gate import EgressGate
 from relaynat.events import (
     SILENT,
     Endpoint,
@@ -45,7 +46,6 @@ from relaynat.packet_builder import (
     icmp_unreachable_frame,
     udp_frame_head,
 )
-from relaynat.policy import EgressGate
 from relaynat.ratelimit import TokenBucket
 from relaynat.udp_flow import UdpFlow, UdpFlowTable
 from relaynat.wire import IPPROTO_UDP, IpPacket, UdpDatagram
