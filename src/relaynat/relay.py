@@ -353,12 +353,16 @@ class Relay(RelayDispatch, RelayMoving):
         """Serve forwarded TCP clients on the host's loopback by splicing them to the
         guest's loopback (host/splice.py), with sockets of the guest's namespace from
         `source` (netns.ns_sockets.NamespaceSockets); other clients, and all of them
-        once `source` gives no socket, go through the guest's link as before."""
+        once `source` gives no socket or with `inbound_source` "client", go through
+        the guest's link as before."""
         self._check_open("splice_forwards")
         assert self._loop is not None and self._forwarder is not None
         if self._splicer is None:
             self._splicer = Splicer(self._loop, self._stats, source, self.config.max_tcp_flows)
-        self._forwarder.splice = self._splicer.open_inbound
+        # With inbound_source "client" the guest is to see who connects (a loopback
+        # client as the gateway): only the guest's link can show it that.
+        if self.config.inbound_source != "client":
+            self._forwarder.splice = self._splicer.open_inbound
 
     @in_guest_scope
     def add_loopback_forward(self, proto: str, sock: socket.socket, host_port: int) -> None:

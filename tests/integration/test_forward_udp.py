@@ -169,9 +169,11 @@ def test_a_wide_port_range_raises_the_descriptor_limit(guest_dir: Path) -> None:
     and a port in the range reaches the guest."""
     ready = guest_dir / "ready"
     proc = subprocess.Popen(
+        # --no-splice: through the guest's link, where the guest sees the gateway (a
+        # spliced client comes from its loopback, test_splice_forward.py).
         ["prlimit", "--nofile=1024:20000", "--", sys.executable, "-m", "relaynat", "run",
-         "--stats", "-t", "1-10000", "--", guest_python(), GUEST_TOOLS, "peer-echo", "4242",
-         "--events", "1", "--ready", str(ready)],
+         "--stats", "--no-splice", "-t", "1-10000", "--", guest_python(), GUEST_TOOLS,
+         "peer-echo", "4242", "--events", "1", "--ready", str(ready)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_file(ready)
