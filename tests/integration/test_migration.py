@@ -1,4 +1,4 @@
-"""Migration by state between two hosts with the CLI (issue 7, part 2; control/flows_file.py).
+"""Migration by state between two hosts with the CLI (control/flows_file.py).
 
 Four network namespaces::
 

@@ -1,10 +1,11 @@
-"""`relaynat-slirp4netns`: slirp4netns 1.2's command line and API socket (issue 23 item 2),
-against namespaces made here (`unshare -n sleep`), and compared with the real slirp4netns
+"""`relaynat-slirp4netns`: slirp4netns 1.2's command line and API socket, against
+namespaces made here (`unshare -n sleep`), and compared with the real slirp4netns
 (/usr/bin/slirp4netns) on the same API requests.
 
 The pytest process runs in a private network namespace (conftest.py): host servers
-listen on its 127.0.0.1, which the guest reaches through 10.0.2.2. rootlesskit and
-podman are not installed here; their argv shape is what these tests pass.
+listen on its 127.0.0.1, which the guest reaches through 10.0.2.2. These tests pass
+rootlesskit's and podman's argv shapes by hand; the real rootlesskit and podman start it
+in test_rootlesskit.py and test_podman.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A guest that lies about who it is reaches nothing (issue 6, security properties).
+"""A guest that lies about who it is reaches nothing.
 
 The guest may speak only as itself: IPv4 from its own address (0.0.0.0 only for DHCP),
 IPv6 from its prefix or link-local addresses, Ethernet from a unicast MAC that is not

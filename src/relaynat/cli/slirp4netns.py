@@ -1,5 +1,5 @@
 """`relaynat-slirp4netns`: slirp4netns 1.2's command line, as rootlesskit and podman run
-it (`[OPTIONS] PID|PATH [TAPNAME]`), served by relaynat (issue 23).
+it (`[OPTIONS] PID|PATH [TAPNAME]`), served by relaynat.
 
 It joins the target's network namespace as `relaynat run --netns` does (netns/join.py),
 makes the TAP there (configured with `-c`), and serves it with slirp4netns' addressing:
