@@ -64,6 +64,9 @@ log = logging.getLogger("relaynat.control")
 
 MAX_LINE = 64 << 10
 IDLE_TIMEOUT_S = 10.0
+#: Events a `watch` client may be behind by before they are dropped (the relay never
+#: waits for it: `Relay.events`).
+WATCH_QUEUE = 4096
 MAX_CLIENTS = 16
 #: Requests per connection before it is closed (a client simply reconnects); bounds
 #: the serving loop.
@@ -145,9 +148,11 @@ class ControlServer:
 
     def __init__(self, path: str, *, idle_timeout_s: float = IDLE_TIMEOUT_S,
                  max_clients: int = MAX_CLIENTS, max_line: int = MAX_LINE,
-                 sock: socket.socket | None = None) -> None:
+                 sock: socket.socket | None = None, watch_queue: int = WATCH_QUEUE) -> None:
         self.path = path
         self.idle_timeout_s = idle_timeout_s
+        #: Events a `watch` client may be behind by before they are dropped.
+        self.watch_queue = watch_queue
         self.max_clients = max_clients
         self.max_line = max_line
         self._sock = sock or bind_unix_listener(path, backlog=max_clients)
@@ -295,7 +300,7 @@ class ControlServer:
             return
         closed = asyncio.ensure_future(reader.read())  # the client closing ends it
         try:
-            async with self._relay.events(WATCH_QUEUE) as stream:
+            async with self._relay.events(self.watch_queue) as stream:
                 events = aiter(stream)
                 while True:
                     following = asyncio.ensure_future(anext(events))
@@ -309,7 +314,13 @@ class ControlServer:
                     except StopAsyncIteration:
                         return
                     writer.write(_line(event_dict(event)))
-                    await asyncio.wait_for(writer.drain(), self.idle_timeout_s)
+                    try:
+                        await asyncio.wait_for(writer.drain(), self.idle_timeout_s)
+                    except TimeoutError:
+                        # Let go at once: a close would wait to flush the lines that
+                        # this client does not read.
+                        writer.transport.abort()
+                        return
         finally:
             closed.cancel()
 
@@ -351,10 +362,6 @@ class ControlServer:
         if self._relay is None:
             raise RequestError("the relay is not running")
         return handler(self._relay, args)
-
-
-#: Events a `watch` client may be behind by before they are dropped.
-WATCH_QUEUE = 4096
 
 
 def _watch(relay: Relay, args: dict[str, Any]) -> object:
