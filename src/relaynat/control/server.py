@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 from relaynat.config import ConfigError, unique_keys
 from relaynat.control import flows_file
 from relaynat.errors import Error
-from relaynat.events import event_dict
+from relaynat.events import Event, event_dict
 from relaynat.host.forward import ForwardError
 from relaynat.policy import Policy
 from relaynat.transports.stream import bind_unix_listener
@@ -299,6 +299,7 @@ class ControlServer:
         if self._relay is None:
             return
         closed = asyncio.ensure_future(reader.read())  # the client closing ends it
+        following: asyncio.Future[Event] | None = None
         try:
             async with self._relay.events(self.watch_queue) as stream:
                 events = aiter(stream)
@@ -307,7 +308,6 @@ class ControlServer:
                     await asyncio.wait({following, closed},
                                        return_when=asyncio.FIRST_COMPLETED)
                     if not following.done():
-                        following.cancel()
                         return
                     try:
                         event = following.result()
@@ -322,7 +322,11 @@ class ControlServer:
                         writer.transport.abort()
                         return
         finally:
+            # Also when the server is closed under it: a wait left pending would end
+            # with the stream and its StopAsyncIteration go unretrieved.
             closed.cancel()
+            if following is not None:
+                following.cancel()
 
     async def answer(self, line: bytes) -> bytes:
         """One request line -> one answer line, waiting for a command that takes time
