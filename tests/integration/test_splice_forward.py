@@ -419,14 +419,18 @@ setpriv --reuid=65534 --regid=65534 --clear-groups env PYTHONPATH="$RELAYNAT_PAT
 relay=$!
 # The factory (the relay's child; setpriv and env executed the relay, timeout forked
 # it): its credentials once it has set up (no_new_privs is its last step).
+factory=
 for _ in $(seq 200); do
-    factory=$(pgrep -f relaynat.netns.ns_sockets -P "$(pgrep -P $relay)")
+    python=$(pgrep -P $relay)
+    [ -n "$python" ] && factory=$(pgrep -f relaynat.netns.ns_sockets -P "$python")
     [ -n "$factory" ] && grep -q 'NoNewPrivs:.1' "/proc/$factory/status" && break
     sleep 0.05
 done
 grep -E '^(Uid|CapEff|NoNewPrivs):' "/proc/$factory/status"
+# Until the guest's service answers (before it listens, the relay resets the client).
 for _ in $(seq 200); do
-    printf hello | socat -t 5 - TCP:127.0.0.1:$PORT 2>/dev/null && break
+    answer=$(printf hello | socat -t 5 - TCP:127.0.0.1:$PORT 2>/dev/null)
+    [ -n "$answer" ] && echo "$answer" && break
     sleep 0.1
 done
 wait $relay

@@ -236,12 +236,16 @@ LoopbackForward = tuple[str, int, int, int]
 
 
 def _start_splicing(args: argparse.Namespace, loopback: list[LoopbackForward],
-                    pid: int | None, target: JoinTarget | None) -> NamespaceSockets | None:
+                    pid: int | None, target: JoinTarget | None,
+                    forwards: list[PortForward]) -> NamespaceSockets | None:
     """The guest namespace's socket factory (netns/ns_sockets.py) for spliced forwards
+    and -T/-U, started before the relay confines itself; None with --no-splice or with
+    neither a TCP forward nor a control socket (that may add one), or,
     when there are no -T/-U, if it cannot start (the forwards then take the guest's
     link, with a warning). A -T/-U port that cannot be bound is warned about."""
-    if args.no_splice:
-        return None
+    if args.no_splice or not (loopback or args.control_socket
+                              or any(f.proto == "tcp" for f in forwards)):
+        return None  # nothing to splice, now or later (ctl add)
     from relaynat.netns.guest import NamespaceSetupError
     from relaynat.netns.ns_sockets import GuestListener, NamespaceSocketsError, for_guest
 
@@ -308,7 +312,7 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
 
     def guest_ready(guest: NamespaceGuest) -> None:
         guests.append(guest)
-        factory = _start_splicing(args, loopback, guest.proc.pid, target)
+        factory = _start_splicing(args, loopback, guest.proc.pid, target, forwards)
         if factory is not None:
             factories.append(factory)
         for signum in pending:
@@ -378,7 +382,7 @@ async def _run_joined(config: RelayConfig, args: argparse.Namespace, policy: Pol
         return 1
     loopback = loopback or []
     try:
-        factory = _start_splicing(args, loopback, None, target)
+        factory = _start_splicing(args, loopback, None, target, forwards)
     except NamespaceSetupError as exc:
         print(f"relaynat run: {exc}", file=sys.stderr)
         transport.close()

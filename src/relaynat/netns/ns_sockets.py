@@ -105,7 +105,10 @@ class NamespaceSockets:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "relaynat.netns.ns_sockets", json.dumps(spec),
-                 str(theirs.fileno())], pass_fds=fds, stdin=subprocess.DEVNULL)
+                 str(theirs.fileno())], pass_fds=fds, stdin=subprocess.DEVNULL,
+                # A session of its own: a terminal's ^C and ^\ go to its foreground
+                # process group, the command's to decide on, not to the factory.
+                start_new_session=True)
         except OSError as exc:
             ours.close()
             raise NamespaceSocketsError(f"cannot start the namespace socket factory: "
