@@ -30,8 +30,9 @@ NAME = "www.allowed.test"
 
 @pytest.fixture
 def resolver() -> Iterator[None]:
-    """Answers A queries for names under allowed.test with the relay's gateway
-    address (which stands for the host's loopback), TTL 60; REFUSED for the rest."""
+    """Answers A and AAAA queries for names under allowed.test with the relay's
+    gateway addresses (10.0.2.2 and fd00::2 stand for the host's loopback), TTL 60;
+    REFUSED for the rest."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 53))
     sock.settimeout(0.2)
@@ -46,7 +47,11 @@ def resolver() -> Iterator[None]:
             query = dpkt.dns.DNS(data)
             answer = dpkt.dns.DNS(id=query.id, qr=1, rd=1, ra=1, qd=query.qd)
             name = query.qd[0].name
-            if name.endswith(".allowed.test"):
+            if name.endswith(".allowed.test") and query.qd[0].type == dpkt.dns.DNS_AAAA:
+                answer.an = [dpkt.dns.DNS.RR(name=name, type=dpkt.dns.DNS_AAAA, ttl=60,
+                                             rdata=socket.inet_pton(socket.AF_INET6,
+                                                                    "fd00::2"))]
+            elif name.endswith(".allowed.test"):
                 answer.an = [dpkt.dns.DNS.RR(name=name, type=dpkt.dns.DNS_A, ttl=60,
                                              rdata=socket.inet_aton("10.0.2.2"))]
             else:
@@ -62,10 +67,12 @@ def resolver() -> Iterator[None]:
 
 
 class _Server:
-    """A loopback TCP server that keeps every byte of every connection."""
+    """A loopback TCP server that keeps every byte of every connection (on ::1 and
+    127.0.0.1 alike)."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("::", 0), family=socket.AF_INET6,
+                                             dualstack_ipv6=True)
         self.port: int = self.listener.getsockname()[1]
         self.received: list[bytearray] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -106,14 +113,16 @@ async def test_a_hello_in_pieces_reaches_the_host_once_or_is_reset(
         {"action": "allow", "proto": "tcp", "domains": ["*.allowed.test"], "ports": port,
          "inspect_ports": port, "comment": "the allowed zone"}]}, config)
     allowed = rng.random() < 0.5
+    v6 = seed % 3 == 2  # the flow, and the answer that admits it, over IPv6
     hello = openssl_hello(NAME if allowed else "evil.example")
     events: list[object] = []
     async with InMemoryGuest(config, policy=policy) as guest:
         guest.relay.subscribe(events.append)
-        await guest.send(frames.dns_query(guest.addressing, False, 5353, 7, NAME))
+        await guest.send(frames.dns_query(guest.addressing, v6, 5353, 7, NAME,
+                                          dpkt.dns.DNS_AAAA if v6 else dpkt.dns.DNS_A))
         answer = await guest.expect(lambda r: r.udp is not None and r.udp.sport == 53)
         assert answer.udp is not None and dpkt.dns.DNS(bytes(answer.udp.payload)).an
-        conn = await guest.tcp_connect(server.port)
+        conn = await guest.tcp_connect(server.port, v6=v6)
         points = [0, *_cuts(rng, len(hello)), len(hello)]
         pieces = [hello[a:b] for a, b in itertools.pairwise(points)]
         for piece in pieces[:-1]:
@@ -139,8 +148,8 @@ async def test_a_hello_in_pieces_reaches_the_host_once_or_is_reset(
     opened = [e for e in events if isinstance(e, FlowOpened) and e.protocol == "tcp"]
     denied = [e for e in events if isinstance(e, FlowDenied)]
     if allowed:
-        assert [(e.wire_name, e.rule, e.comment, e.names) for e in opened] == [
-            (NAME, 0, "the allowed zone", (NAME,))]
+        assert [(e.wire_name, e.rule, e.comment, e.names, e.far.addr) for e in opened] == [
+            (NAME, 0, "the allowed zone", (NAME,), "fd00::2" if v6 else "10.0.2.2")]
         assert denied == []
     else:
         assert opened == [] and stats["policy_denied_name_mismatch"] == 1
