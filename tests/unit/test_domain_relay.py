@@ -11,7 +11,7 @@ from ipaddress import IPv4Address
 import dpkt
 
 from relaynat import RelayConfig
-from relaynat.events import DnsQuery, Event
+from relaynat.events import DnsQuery, Event, FlowOpened
 from relaynat.policy import Policy, Rule
 from relaynat.testing import InMemoryGuest
 from relaynat.testing import frames as f
@@ -66,3 +66,7 @@ async def test_refused_learned_and_judged() -> None:
                if isinstance(e, DnsQuery)]
     assert queries == [("exfil.denied.test", "A", (), "refused"),
                        ("sink.allowed.test", "A", ("10.0.2.2",), "static")]
+    # The audit trail's decision record: the opened UDP flow names the rule and the names
+    # its destination was learned for.
+    opened = [(e.protocol, e.names, e.rule) for e in events if isinstance(e, FlowOpened)]
+    assert opened == [("udp", ("sink.allowed.test",), 0)]

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from relaynat.addressing import DNS_PORT, inbound_flow_key
 from relaynat.config import RelayConfig
 from relaynat.domains import NameTable
-from relaynat.egress_gate import EgressGate
+from relaynat.egress_gate import EgressGate, Verdict
 from relaynat.events import (
     SILENT,
     Endpoint,
@@ -134,12 +134,14 @@ class UdpRelay:
         quote = bytes(ip.packet[:hlen + 8])
         flow = self.table.get(key)
         if flow is None:
-            if self.gate is not None and not self.gate.judge(IPPROTO_UDP, dgram.dst,
-                                                             dgram.dport, now).allow:
-                self.refuse(ip, ICMP_ADMIN_PROHIBITED)  # RFC 1812 §5.2.7.1
-                return
+            verdict = None
+            if self.gate is not None:
+                verdict = self.gate.judge(IPPROTO_UDP, dgram.dst, dgram.dport, now)
+                if not verdict.allow:
+                    self.refuse(ip, ICMP_ADMIN_PROHIBITED)  # RFC 1812 §5.2.7.1
+                    return
             assert host_ip is not None
-            flow = self._open(key, host_ip, dgram.dport, now, fixed_timeout, quote)
+            flow = self._open(key, host_ip, dgram.dport, now, fixed_timeout, quote, verdict)
             if flow is None:
                 return
         self._relay(flow, dgram, now, quote)
@@ -178,7 +180,8 @@ class UdpRelay:
         flow.bytes_from_guest += len(dgram.payload)
 
     def _open(self, key: tuple[int, bytes, int, bytes], host_ip: str, host_port: int,
-              now: float, fixed_timeout: float | None, quote: bytes) -> UdpFlow | None:
+              now: float, fixed_timeout: float | None, quote: bytes,
+              verdict: Verdict | None = None) -> UdpFlow | None:
         flow = self.table.open(key, now, fixed_timeout)
         if flow is None:
             self.stats["udp_drop_flow_limit"] += 1
@@ -217,7 +220,7 @@ class UdpRelay:
         if self.names is not None:
             self.names.hold(key[1], now)
         if self.events.listening:
-            self._opened(flow, Endpoint(host_ip, host_port))
+            self._opened(flow, Endpoint(host_ip, host_port), verdict)
         self._arm_timer(flow.deadline(self.table.idle_s, self.table.stream_s))
         return flow
 
@@ -374,11 +377,19 @@ class UdpRelay:
         self.table.remove(flow)
         self._ended(flow, how)
 
-    def _opened(self, flow: UdpFlow, peer: Endpoint | None) -> None:
+    def _opened(self, flow: UdpFlow, peer: Endpoint | None,
+                verdict: Verdict | None = None) -> None:
+        """Tell `events` that `flow` opened, with the policy's `verdict` on it (the rule
+        and the names its destination was learned for) when one was asked."""
         guest_port, far, far_port, guest = flow.key
+        names: tuple[str, ...] = ()
+        rule, comment = -1, ""
+        if verdict is not None:
+            names, rule, comment = verdict.names, verdict.rule, verdict.comment
         self.events.emit(FlowOpened(time.time(), self.events.guest, "udp",
                                     "outbound" if flow.peer is None else "inbound",
-                                    endpoint(guest, guest_port), endpoint(far, far_port), peer))
+                                    endpoint(guest, guest_port), endpoint(far, far_port), peer,
+                                    names, None, rule, comment))
 
     def _ended(self, flow: UdpFlow, how: str) -> None:
         """`flow` left the table: its opening time is forgotten, `events` told."""
