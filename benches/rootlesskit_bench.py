@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import site
 import statistics
 import subprocess
 import sys
@@ -37,33 +36,25 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
+
+from support.dropin_kit import (  # noqa: E402
+    SCRATCH,
+    SLIRP4NETNS_BINARY,
+    SUBIDS_NOBODY,
+    TUN_0666,
+    relaynat_path,
+)
+from support.relaynat_cli import guest_python  # noqa: E402
+from support.scenario import run_scenario  # noqa: E402
+
 BINARIES = {"relaynat": "relaynat", "slirp4netns": "/usr/bin/slirp4netns"}
 CASES = (("net", 65520), ("net", 1500), ("port", 65520))
 
-_CASE = r"""
-set -eu
-dev=$(mktemp -d)
-# The directory is a mount point only in this mount namespace: left behind, empty.
-cleanup() { cd /; umount -l "$dev" 2>/dev/null || true; rmdir "$dev" 2>/dev/null || true; }
-trap cleanup EXIT
-mount -t tmpfs -o mode=755 tmpfs "$dev"
-chmod 755 "$dev"
-mknod -m 666 "$dev/tun" c 10 200
-mount --bind "$dev/tun" /dev/net/tun
-echo "nobody:200000:65536" > "$dev/subuid"
-cp "$dev/subuid" "$dev/subgid"
-mount --bind "$dev/subuid" /etc/subuid
-mount --bind "$dev/subgid" /etc/subgid
+_CASE = SCRATCH + TUN_0666 + SUBIDS_NOBODY + r"""
 mkdir -m 777 "$dev/state" "$dev/sync"
 ip link set lo up
-if [ "$BINARY" = relaynat ]; then
-    printf '#!/bin/sh\nexec env PYTHONPATH=%s %s -m relaynat.cli.slirp4netns "$@"\n' \
-        "$RELAYNAT_PATH" "$GUEST_PYTHON" > "$dev/relaynat-slirp4netns"
-    chmod 755 "$dev/relaynat-slirp4netns"
-    s4n="$dev/relaynat-slirp4netns"
-else
-    s4n=$BINARY
-fi
+""" + SLIRP4NETNS_BINARY + r"""
 pids=
 trap 'kill $pids 2>/dev/null || true; cleanup' EXIT
 rk="setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/nonexistent rootlesskit
@@ -87,25 +78,12 @@ fi
 """
 
 
-def _relaynat_path() -> str:
-    return os.pathsep.join([str(REPO / "src"), *site.getsitepackages()])
-
-
-def _guest_python() -> str:
-    sys.path.insert(0, str(REPO / "src"))
-    from relaynat.netns.guest import python_for_command
-
-    return python_for_command()
-
-
 def run_case(binary: str, kind: str, mtu: int, duration: int, port: int) -> float:
     """Gbit/s received in one case; raises RuntimeError with the reason."""
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "BINARY": BINARIES[binary],
-           "RELAYNAT_PATH": _relaynat_path(), "GUEST_PYTHON": _guest_python(),
+           "RELAYNAT_PATH": relaynat_path(), "GUEST_PYTHON": guest_python(),
            "KIND": kind, "MTU": str(mtu), "DURATION": str(duration), "PORT": str(port)}
-    done = subprocess.run(["unshare", "-n", "-m", "--propagation", "private", "bash", "-c",
-                           _CASE], capture_output=True, text=True, env=env,
-                          timeout=duration + 60)
+    done = run_scenario(_CASE, env=env, timeout=duration + 60)
     try:
         report = json.loads(done.stdout)
         bits = report["end"]["sum_received"]["bits_per_second"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import site
 import socket
 import subprocess
 import sys
@@ -24,11 +23,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import SUPPORT
+from support.dropin_kit import (
+    DNSMASQ,
+    RESOLV_LOOPBACK,
+    SCRATCH,
+    TUN_0666,
+    WAIT_PORT,
+    free_port,
+    greeting_through,
+    http_peer,
+    nobody_env,
+)
 from support.scenario import run_scenario
 
 pytestmark = pytest.mark.integration
 
-TESTS = Path(__file__).resolve().parents[1]
 PASTA = str(Path(sys.executable).parent / "relaynat-pasta")
 SPEC = "127.0.0.1/{port}-{port}:80-80"
 
@@ -53,33 +63,20 @@ PODMAN_5_3_MAP_GW = ["--config-net", "-t", SPEC, "--dns-forward", "169.254.1.1",
                      "-T", "none", "-U", "none", "--quiet", "--netns", "{netns}",
                      "--map-guest-addr", "169.254.1.2"]
 
-_SCENARIO = r"""
-set -eu
-dev=$(mktemp -d)
-# The directory is a mount point only in this mount namespace: left behind, empty.
-cleanup() { cd /; umount -l "$dev" 2>/dev/null || true; rmdir "$dev" 2>/dev/null || true; }
-trap cleanup EXIT
-mount -t tmpfs -o mode=755 tmpfs "$dev"
+_SCENARIO = SCRATCH + r"""
 mkdir -p /run/netns
 mount -t tmpfs tmpfs /run/netns
-echo "nameserver 127.0.0.1" > "$dev/resolv.conf"
-mount --bind "$dev/resolv.conf" /etc/resolv.conf
+""" + RESOLV_LOOPBACK + r"""
 ip link set lo up
 ip addr add 198.18.0.1/32 dev lo
 mkdir "$dev/www" "$dev/inside"
 echo "from host" > "$dev/www/hello.txt"
 echo "from inside" > "$dev/inside/inside.txt"
-dnsmasq --keep-in-foreground --no-resolv --no-hosts --listen-address=127.0.0.1 \
-    --bind-interfaces --address=/probe.test/198.18.0.7 --user=root \
-    --pid-file="$dev/dnsmasq.pid" &
-dns=$!
-python3 "$PEERS" http --root "$dev/www" --bind 0.0.0.0 --port-file "$dev/port" &
-http=$!
+""" + DNSMASQ + http_peer("0.0.0.0") + r"""
 inner=
 stop() { kill $dns $http $inner 2>/dev/null || true; ip netns del ctr 2>/dev/null || true; }
 trap 'stop; cleanup' EXIT
-for _ in $(seq 200); do [ -s "$dev/port" ] && break; sleep 0.05; done
-port=$(cat "$dev/port")
+""" + WAIT_PORT + r"""
 ip netns add ctr
 # podman: exec.Command(pasta, args...).Output(), retrying without the last two
 # arguments on exit 1 and "unrecognized option '--map-guest-addr".
@@ -138,17 +135,11 @@ if listening; then echo "still listening"; else echo "ended"; fi
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _scenario(template: list[str], dns_addrs: str) -> list[str]:
-    port = _free_port()
+    port = free_port()
     argv = [arg.format(port=port, netns="/run/netns/ctr") for arg in template]
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PASTA": PASTA, "FWD": str(port),
-           "PEERS": str(TESTS / "support" / "host_peers.py"), "DNS_ADDRS": dns_addrs}
+           "PEERS": str(SUPPORT / "host_peers.py"), "DNS_ADDRS": dns_addrs}
     done = run_scenario(_SCENARIO, argv, env=env, timeout=120)
     assert done.returncode == 0, f"{shlex.join(argv)}\n{done.stdout}{done.stderr}"
     return done.stdout.splitlines()
@@ -255,25 +246,13 @@ def test_foreground_addressing_loopback_forward_pid_file_and_sigterm(tmp_path: P
         route = subprocess.run([*ns, "route", "show", "default"], capture_output=True,
                                text=True, check=True).stdout
         assert "default via 192.168.77.1 dev eth0" in route
-        inside = subprocess.Popen(
-            ["ip", "netns", "exec", name, sys.executable, "-c",
-             f"import socket\ns=socket.create_connection(('192.168.77.1',{port}),timeout=5)\n"
-             "print(s.recv(100).decode())\n"], stdout=subprocess.PIPE, text=True)
-        conn, _ = listener.accept()
-        with conn:
-            conn.sendall(b"host loopback via the gateway")
-        out, _ = inside.communicate(timeout=15)
-        assert out.strip() == "host loopback via the gateway"
+        enter = ["ip", "netns", "exec", name]
+        assert greeting_through(enter, "192.168.77.1", listener,
+                                b"host loopback via the gateway") == (
+            "host loopback via the gateway")
         # -T PORT: the namespace's own 127.0.0.1:PORT is the host's.
-        inside = subprocess.Popen(
-            ["ip", "netns", "exec", name, sys.executable, "-c",
-             f"import socket\ns=socket.create_connection(('127.0.0.1',{port}),timeout=5)\n"
-             "print(s.recv(100).decode())\n"], stdout=subprocess.PIPE, text=True)
-        conn, _ = listener.accept()
-        with conn:
-            conn.sendall(b"host loopback via -T")
-        out, _ = inside.communicate(timeout=15)
-        assert out.strip() == "host loopback via -T"
+        assert greeting_through(enter, "127.0.0.1", listener,
+                                b"host loopback via -T") == "host loopback via -T"
         assert proc.poll() is None  # in the foreground: still this process
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
@@ -288,25 +267,15 @@ def test_foreground_addressing_loopback_forward_pid_file_and_sigterm(tmp_path: P
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-_ROOTLESS = r"""
-set -eu
-dev=$(mktemp -d)
-# The directory is a mount point only in this mount namespace: left behind, empty.
-cleanup() { cd /; umount -l "$dev" 2>/dev/null || true; rmdir "$dev" 2>/dev/null || true; }
-trap cleanup EXIT
-mount -t tmpfs -o mode=755 tmpfs "$dev"
-chmod 755 "$dev"
-mknod -m 666 "$dev/tun" c 10 200
-mount --bind "$dev/tun" /dev/net/tun
+_ROOTLESS = SCRATCH + TUN_0666 + r"""
 ip link set lo up
 mkdir "$dev/www"
 echo "from host loopback" > "$dev/www/hello.txt"
 chmod -R a+rX "$dev/www"
-python3 "$PEERS" http --root "$dev/www" --port-file "$dev/port" &
-http=$!
+""" + http_peer() + r"""
 trap 'kill $http 2>/dev/null || true; cleanup' EXIT
-for _ in $(seq 200); do [ -s "$dev/port" ] && break; sleep 0.05; done
-export PORT=$(cat "$dev/port")
+""" + WAIT_PORT + r"""
+export PORT=$port
 cat > "$dev/inner.sh" <<'INNER'
 set -eu
 unshare -n sleep 60 &
@@ -330,17 +299,7 @@ def test_rootless_as_podman_runs_it() -> None:
     """podman's rootless shape: as an unprivileged user, inside a user namespace of its
     own (root there), a network namespace that user namespace owns, pasta run in the
     same user namespace; /dev/net/tun 0666 as Debian ships it (a bind mount here)."""
-    from support.relaynat_cli import guest_python
-
-    path = os.pathsep.join([str(TESTS.parent / "src"), *site.getsitepackages()])
-    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            "env", f"PYTHONPATH={path}", guest_python(), "-c",
-                            "import relaynat.relay"], capture_output=True, cwd="/")
-    if probe.returncode:
-        pytest.skip("nobody cannot import relaynat and its dependencies here: "
-                    + probe.stderr.decode()[-300:])
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "RELAYNAT_PATH": path,
-           "GUEST_PYTHON": guest_python(), "PEERS": str(TESTS / "support" / "host_peers.py")}
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **nobody_env()}
     done = run_scenario(_ROOTLESS, env=env, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == ["status 0", "addr 10.0.2.15/24",

@@ -26,26 +26,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support import SUPPORT
+from support.dropin_kit import DNSMASQ, RESOLV_LOOPBACK, SCRATCH, WAIT_PORT, free_port, http_peer
 from support.scenario import run_scenario
 
 pytestmark = pytest.mark.integration
 
-TESTS = Path(__file__).resolve().parents[1]
 RELAYNAT_SLIRP4NETNS = str(Path(sys.executable).parent / "relaynat-slirp4netns")
 
-_SCENARIO = r"""
-set -eu
-dev=$(mktemp -d)
-# The directory is a mount point only in this mount namespace: left behind, empty.
-cleanup() { cd /; umount -l "$dev" 2>/dev/null || true; rmdir "$dev" 2>/dev/null || true; }
-trap cleanup EXIT
-mount -t tmpfs -o mode=755 tmpfs "$dev"
+_SCENARIO = SCRATCH + r"""
 # podman's netns bind mounts and crun's state (/run/crun) stay in this mount namespace.
 mount -t tmpfs tmpfs /run
 mkdir /run/netns
@@ -53,8 +47,7 @@ umount /sys/fs/cgroup/unified 2>/dev/null || true
 # containers/image keeps root's blob-info cache in /var/lib/containers/cache whatever
 # the storage root: a tmpfs over /var/lib keeps it (and anything else there) here.
 mount -t tmpfs tmpfs /var/lib
-echo "nameserver 127.0.0.1" > "$dev/resolv.conf"
-mount --bind "$dev/resolv.conf" /etc/resolv.conf
+""" + RESOLV_LOOPBACK + r"""
 ip link set lo up
 ip addr add 198.18.0.1/32 dev lo
 mkdir "$dev/www" "$dev/rootfs"
@@ -93,15 +86,9 @@ done
 echo "from inside" > "$dev/rootfs/www/inside.txt"
 tar -C "$dev/rootfs" -cf "$dev/busybox.tar" .
 podman import -q "$dev/busybox.tar" localhost/relaynat-busybox:test >/dev/null
-dnsmasq --keep-in-foreground --no-resolv --no-hosts --listen-address=127.0.0.1 \
-    --bind-interfaces --address=/probe.test/198.18.0.7 --log-queries \
-    --log-facility="$dev/dns.log" --user=root --pid-file="$dev/dnsmasq.pid" &
-dns=$!
-python3 "$PEERS" http --root "$dev/www" --bind 0.0.0.0 --port-file "$dev/port" &
-http=$!
+""" + DNSMASQ + http_peer("0.0.0.0") + r"""
 trap 'podman rm -f -t 0 -a >/dev/null 2>&1; kill $dns $http 2>/dev/null || true; cleanup' EXIT
-for _ in $(seq 200); do [ -s "$dev/port" ] && break; sleep 0.05; done
-port=$(cat "$dev/port")
+""" + WAIT_PORT + r"""
 image=localhost/relaynat-busybox:test
 run="podman run --rm --ulimit host"
 # busybox's wget crashes on a refused connection when given -T; timeout bounds it.
@@ -128,19 +115,13 @@ grep -v -e '--help' "$dev/argv.log" \
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("binary", [RELAYNAT_SLIRP4NETNS, "/usr/bin/slirp4netns"])
 def test_podman_slirp4netns_network_cmd_path(binary: str) -> None:
     for tool in ("podman", "crun", "conmon", "dnsmasq", "busybox", "curl"):
         assert shutil.which(tool), f"{tool} is installed by install.sh"
     assert os.access(binary, os.X_OK), binary
-    env = {**os.environ, "BINARY": binary, "FWD": str(_free_port()),
-           "PEERS": str(TESTS / "support" / "host_peers.py")}
+    env = {**os.environ, "BINARY": binary, "FWD": str(free_port()),
+           "PEERS": str(SUPPORT / "host_peers.py")}
     done = run_scenario(_SCENARIO, env=env, timeout=300)
     out = done.stdout.splitlines()
     report = done.stdout + done.stderr

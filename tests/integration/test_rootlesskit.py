@@ -24,35 +24,25 @@ from __future__ import annotations
 
 import os
 import shutil
-import site
-import socket
-import subprocess
-from pathlib import Path
 
 import pytest
+from support.dropin_kit import (
+    DNSMASQ,
+    RESOLV_LOOPBACK,
+    SCRATCH,
+    SLIRP4NETNS_BINARY,
+    SUBIDS_NOBODY,
+    TUN_0666,
+    WAIT_PORT,
+    free_port,
+    http_peer,
+    nobody_env,
+)
 from support.scenario import run_scenario
 
 pytestmark = pytest.mark.integration
 
-TESTS = Path(__file__).resolve().parents[1]
-SRC = str(TESTS.parent / "src")
-
-_SCENARIO = r"""
-set -eu
-dev=$(mktemp -d)
-# The directory is a mount point only in this mount namespace: left behind, empty.
-cleanup() { cd /; umount -l "$dev" 2>/dev/null || true; rmdir "$dev" 2>/dev/null || true; }
-trap cleanup EXIT
-mount -t tmpfs -o mode=755 tmpfs "$dev"
-chmod 755 "$dev"
-mknod -m 666 "$dev/tun" c 10 200
-mount --bind "$dev/tun" /dev/net/tun
-echo "nobody:200000:65536" > "$dev/subuid"
-cp "$dev/subuid" "$dev/subgid"
-mount --bind "$dev/subuid" /etc/subuid
-mount --bind "$dev/subgid" /etc/subgid
-echo "nameserver 127.0.0.1" > "$dev/resolv.conf"
-mount --bind "$dev/resolv.conf" /etc/resolv.conf
+_SCENARIO = SCRATCH + TUN_0666 + SUBIDS_NOBODY + RESOLV_LOOPBACK + r"""
 mkdir -m 777 "$dev/state" "$dev/sync"
 mkdir -m 755 "$dev/www" "$dev/inside"
 ip link set lo up
@@ -62,25 +52,10 @@ echo "from inside" > "$dev/inside/inside.txt"
 head -c 64M /dev/urandom > "$dev/www/big.bin"
 chmod 644 "$dev/www/"* "$dev/inside/"*
 echo "big $(sha256sum < "$dev/www/big.bin" | cut -d' ' -f1)"
-if [ "$BINARY" = relaynat ]; then
-    # nobody runs the system python with the tree's sources and the venv's packages.
-    printf '#!/bin/sh\nexec env PYTHONPATH=%s %s -m relaynat.cli.slirp4netns "$@"\n' \
-        "$RELAYNAT_PATH" "$GUEST_PYTHON" > "$dev/relaynat-slirp4netns"
-    chmod 755 "$dev/relaynat-slirp4netns"
-    s4n="$dev/relaynat-slirp4netns"
-else
-    s4n=$BINARY
-fi
-dnsmasq --keep-in-foreground --no-resolv --no-hosts --listen-address=127.0.0.1 \
-    --bind-interfaces --address=/probe.test/198.18.0.7 --log-queries \
-    --log-facility="$dev/dns.log" --user=root --pid-file="$dev/dnsmasq.pid" &
-dns=$!
-python3 "$PEERS" http --root "$dev/www" --bind 0.0.0.0 --port-file "$dev/port" &
-http=$!
+""" + SLIRP4NETNS_BINARY + DNSMASQ + http_peer("0.0.0.0") + r"""
 rk=
 trap 'touch "$dev/sync/stop"; kill $dns $http $rk 2>/dev/null || true; cleanup' EXIT
-for _ in $(seq 200); do [ -s "$dev/port" ] && break; sleep 0.05; done
-port=$(cat "$dev/port")
+""" + WAIT_PORT + r"""
 cat > "$dev/child.sh" <<CHILD
 ip -o -4 addr show tap0 | awk '{print "addr", \$2, \$4}'
 ip route | sed 's/ *$//; s/^/route /'
@@ -142,25 +117,6 @@ echo "dns queries $(grep -c 'query\[A\] probe.test' "$dev/dns.log")"
 """
 
 
-def _relaynat_path_for_nobody() -> str:
-    path = os.pathsep.join([SRC, *site.getsitepackages()])
-    from support.relaynat_cli import guest_python
-
-    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            "env", f"PYTHONPATH={path}", guest_python(), "-c",
-                            "import relaynat.relay"], capture_output=True, cwd="/")
-    if probe.returncode:
-        pytest.skip("nobody cannot import relaynat and its dependencies here: "
-                    + probe.stderr.decode()[-300:])
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("loopback", ["host-loopback", "disable-host-loopback"])
 @pytest.mark.parametrize("binary", ["relaynat", "/usr/bin/slirp4netns"])
 def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, loopback: str) -> None:
@@ -168,11 +124,8 @@ def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, loopback: 
         assert shutil.which(tool), f"{tool} is installed by install.sh"
     if binary != "relaynat":
         assert os.access(binary, os.X_OK), "slirp4netns is installed by install.sh"
-    from support.relaynat_cli import guest_python
-
-    env = {**os.environ, "BINARY": binary, "RELAYNAT_PATH": _relaynat_path_for_nobody(),
-           "GUEST_PYTHON": guest_python(), "PEERS": str(TESTS / "support" / "host_peers.py"),
-           "FWD": str(_free_port()), "FWD2": str(_free_port()),
+    env = {**os.environ, **nobody_env(), "BINARY": binary,
+           "FWD": str(free_port()), "FWD2": str(free_port()),
            "LOOPBACK": "--disable-host-loopback" if loopback.startswith("disable") else "",
            # The bulk transfers take the host-loopback mapping where it is on.
            "BULK": "198.18.0.1" if loopback.startswith("disable") else "10.0.2.2"}
@@ -206,38 +159,15 @@ def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, loopback: 
     ], report
 
 
-_IPV6_CIDR = r"""
-set -eu
-dev=$(mktemp -d)
-# The directory is a mount point only in this mount namespace: left behind, empty.
-cleanup() { cd /; umount -l "$dev" 2>/dev/null || true; rmdir "$dev" 2>/dev/null || true; }
-trap cleanup EXIT
-mount -t tmpfs -o mode=755 tmpfs "$dev"
-chmod 755 "$dev"
-mknod -m 666 "$dev/tun" c 10 200
-mount --bind "$dev/tun" /dev/net/tun
-echo "nobody:200000:65536" > "$dev/subuid"
-cp "$dev/subuid" "$dev/subgid"
-mount --bind "$dev/subuid" /etc/subuid
-mount --bind "$dev/subgid" /etc/subgid
+_IPV6_CIDR = SCRATCH + TUN_0666 + SUBIDS_NOBODY + r"""
 mkdir -m 777 "$dev/state"
 mkdir -m 755 "$dev/www"
 ip link set lo up
 echo "from host ::1" > "$dev/www/hello.txt"
 chmod 644 "$dev/www/hello.txt"
-if [ "$BINARY" = relaynat ]; then
-    printf '#!/bin/sh\nexec env PYTHONPATH=%s %s -m relaynat.cli.slirp4netns "$@"\n' \
-        "$RELAYNAT_PATH" "$GUEST_PYTHON" > "$dev/relaynat-slirp4netns"
-    chmod 755 "$dev/relaynat-slirp4netns"
-    s4n="$dev/relaynat-slirp4netns"
-else
-    s4n=$BINARY
-fi
-python3 "$PEERS" http --root "$dev/www" --bind ::1 --port-file "$dev/port" &
-http=$!
+""" + SLIRP4NETNS_BINARY + http_peer("::1") + r"""
 trap 'kill $http 2>/dev/null || true; cleanup' EXIT
-for _ in $(seq 200); do [ -s "$dev/port" ] && break; sleep 0.05; done
-port=$(cat "$dev/port")
+""" + WAIT_PORT + r"""
 cd /
 setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/nonexistent \
     rootlesskit --state-dir "$dev/state/rk" --net=slirp4netns --slirp4netns-binary="$s4n" \
@@ -259,10 +189,7 @@ def test_rootlesskit_ipv6_and_cidr(binary: str) -> None:
     """`--ipv6` (rootlesskit passes --enable-ipv6; the child takes its address from the
     router advertisement) and `--cidr`: the child is .100 of that network and reaches
     the host's ::1 through fd00::2."""
-    from support.relaynat_cli import guest_python
-
-    env = {**os.environ, "BINARY": binary, "RELAYNAT_PATH": _relaynat_path_for_nobody(),
-           "GUEST_PYTHON": guest_python(), "PEERS": str(TESTS / "support" / "host_peers.py")}
+    env = {**os.environ, **nobody_env(), "BINARY": binary}
     done = run_scenario(_IPV6_CIDR, env=env, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == ["addr 10.9.0.100/24", "from host ::1"], (
