@@ -21,6 +21,14 @@ from pathlib import Path
 
 import pytest
 from support import GUESTS
+from support.dropin_kit import (
+    NOBODY_NETNS,
+    SCRATCH,
+    TUN_0666,
+    free_port,
+    netns_sleeper,
+    nobody_env,
+)
 from support.relaynat_cli import parse_stats
 
 pytestmark = pytest.mark.integration
@@ -45,20 +53,8 @@ def netns() -> Iterator[str]:
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     """A process in a network namespace of its own (`unshare -n` executes `sleep`, so
     the PID is the sleep's)."""
-    proc = subprocess.Popen(["unshare", "-n", "sleep", "120"])
-    deadline = time.monotonic() + 5
-    while os.readlink(f"/proc/{proc.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
-        assert time.monotonic() < deadline, "unshare -n did not make a namespace"
-        time.sleep(0.01)
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    with netns_sleeper() as proc:
+        yield proc
 
 
 def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
@@ -117,7 +113,7 @@ def test_pid_target_serves_forwards_and_control_then_ends_with_the_process(
         sleeper: subprocess.Popen[bytes], start_peer, tmp_path: Path) -> None:
     (tmp_path / "f.txt").write_text("from the host\n")
     http_port = start_peer("http", "--root", str(tmp_path))
-    host_port = _free_port()
+    host_port = free_port()
     ctl = os.path.join(tempfile.mkdtemp(prefix="relaynat-netns-"), "ctl.sock")
     nsenter = ["nsenter", "-t", str(sleeper.pid), "-n"]
     relay = subprocess.Popen(
@@ -224,21 +220,7 @@ def test_options_that_do_not_fit_are_refused(netns: str) -> None:
     assert done.returncode == 2 and "--runas" in done.stderr
 
 
-_UNPRIVILEGED = r"""
-set -e
-# /dev/net/tun open to all, as Debian ships it, in this mount namespace only.
-dev=$(mktemp -d)
-mount -t tmpfs -o mode=755 tmpfs "$dev"
-mknod -m 666 "$dev/tun" c 10 200
-mount --bind "$dev/tun" /dev/net/tun
-as_nobody="setpriv --reuid=65534 --regid=65534 --clear-groups"
-# A user namespace owned by nobody, owning a network namespace: rootlesskit's shape.
-$as_nobody unshare -Urn sleep 60 &
-target=$!
-trap 'kill $target 2>/dev/null' EXIT
-while [ "$(readlink /proc/$target/ns/net)" = "$(readlink /proc/self/ns/net)" ]; do
-    sleep 0.01
-done
+_UNPRIVILEGED = SCRATCH + TUN_0666 + NOBODY_NETNS + r"""
 cd /
 set +e
 $as_nobody env PYTHONPATH="$RELAYNAT_PATH" "$GUEST_PYTHON" -m relaynat run --netns $target \
@@ -262,26 +244,13 @@ def test_unprivileged_caller_joins_the_user_namespace_that_owns_the_target(
     """As `nobody`, against a network namespace a user namespace of nobody's owns (as
     rootlesskit's): the TAP is opened in a child that entered both, and the command runs
     as root of that user namespace."""
-    import site
-
-    from support.relaynat_cli import guest_python
-
     tmp_path.chmod(0o755)
     (tmp_path / "f.txt").write_text("reached unprivileged\n")
     (tmp_path / "f.txt").chmod(0o644)
     port = start_peer("http", "--root", str(tmp_path))
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    path = os.pathsep.join([src, *site.getsitepackages()])
-    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            "env", f"PYTHONPATH={path}", guest_python(), "-c",
-                            "import relaynat.relay"], capture_output=True, cwd="/")
-    if probe.returncode:
-        pytest.skip("nobody cannot import relaynat and its dependencies here: "
-                    + probe.stderr.decode()[-300:])
     done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
                            _UNPRIVILEGED], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "RELAYNAT_PATH": path,
-                               "GUEST_PYTHON": guest_python(), "PORT": str(port)})
+                          env={**os.environ, **nobody_env(), "PORT": str(port)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["0", "reached unprivileged", "command-status 0",
                                         "reached unprivileged", "relay-status 0"], (

@@ -24,6 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.dropin_kit import (
+    NOBODY_NETNS,
+    SCRATCH,
+    TUN_0666,
+    free_port,
+    greeting_through,
+    netns_sleeper,
+    nobody_env,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -33,20 +42,8 @@ PY = sys.executable
 
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(["unshare", "-n", "sleep", "120"])
-    deadline = time.monotonic() + 5
-    while os.readlink(f"/proc/{proc.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
-        assert time.monotonic() < deadline, "unshare -n did not make a namespace"
-        time.sleep(0.01)
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    with netns_sleeper() as proc:
+        yield proc
 
 
 class Slirp:
@@ -149,7 +146,7 @@ def test_configure_ready_host_loopback_hostfwd_and_exit_fd(
                                 "default"], capture_output=True, text=True, check=True)
         assert "default via 10.0.2.2 dev tap0" in route.stdout
 
-        port = _free_port()
+        port = free_port()
         accepted: list[bytes] = []
         server = _host_server(port, accepted)
         out = _inside(pid, _CONNECT.format(port=port))
@@ -165,7 +162,7 @@ def test_configure_ready_host_loopback_hostfwd_and_exit_fd(
             stdout=subprocess.PIPE, text=True)
         try:
             assert inner.stdout is not None and inner.stdout.readline().strip() == "up"
-            host_port = _free_port()
+            host_port = free_port()
             reply = _api(api, json.dumps({"execute": "add_hostfwd", "arguments": {
                 "proto": "tcp", "host_addr": "127.0.0.1", "host_port": host_port,
                 "guest_port": 8080}}).encode())
@@ -189,7 +186,7 @@ def test_disable_host_loopback_refuses_the_gateway(
     slirp = Slirp(SCRIPT, sleeper.pid, str(tmp_path / "api.sock"), "--disable-host-loopback")
     try:
         assert slirp.ready == b"1"
-        port = _free_port()
+        port = free_port()
         accepted: list[bytes] = []
         server = _host_server(port, accepted)
         out = _inside(sleeper.pid, _CONNECT.format(port=port))
@@ -285,13 +282,7 @@ def _requests(port_a: int, port_b: int, first_id: int) -> list[bytes]:
 def test_api_answers_match_the_real_slirp4netns(tmp_path: Path) -> None:
     answers: list[list[Any]] = []
     for binary in (shutil.which("slirp4netns") or "", SCRIPT):
-        target = subprocess.Popen(["unshare", "-n", "sleep", "120"])
-        try:
-            deadline = time.monotonic() + 5
-            while os.readlink(f"/proc/{target.pid}/ns/net") == os.readlink(
-                    "/proc/self/ns/net"):
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+        with netns_sleeper() as target:
             api = str(tmp_path / f"api-{len(answers)}.sock")
             slirp = Slirp(binary, target.pid, api)
             try:
@@ -301,7 +292,7 @@ def test_api_answers_match_the_real_slirp4netns(tmp_path: Path) -> None:
                 assert first == {"entries": []}
                 got = []
                 first_id = None
-                for i, request in enumerate(_requests(_free_port(), _free_port(), 0)):
+                for i, request in enumerate(_requests(free_port(), free_port(), 0)):
                     if i == 8:  # remove the first forward, by the id it was given
                         request = json.dumps({"execute": "remove_hostfwd", "arguments": {
                             "id": first_id}}).encode()
@@ -316,31 +307,15 @@ def test_api_answers_match_the_real_slirp4netns(tmp_path: Path) -> None:
                 answers.append(got)
             finally:
                 assert slirp.stop() == 0, binary
-        finally:
-            target.kill()
-            target.wait()
     real, ours = answers
     requests = [*_requests(1, 2, 0), b"list_hostfwd, writing side open"]
     for request, want, have in zip(requests, real, ours, strict=True):
         assert _shape(have) == _shape(want), request
 
 
-_UNPRIVILEGED = r"""
-set -e
-# /dev/net/tun open to all, as Debian ships it, in this mount namespace only.
-dev=$(mktemp -d)
-mount -t tmpfs -o mode=755 tmpfs "$dev"
-mknod -m 666 "$dev/tun" c 10 200
-mount --bind "$dev/tun" /dev/net/tun
+_UNPRIVILEGED = SCRATCH + TUN_0666 + r"""
 chmod 777 "$dev"
-as_nobody="setpriv --reuid=65534 --regid=65534 --clear-groups"
-# A user namespace owned by nobody, owning a network namespace: rootlesskit's shape.
-$as_nobody unshare -Urn sleep 60 &
-target=$!
-trap 'kill $target 2>/dev/null' EXIT
-while [ "$(readlink /proc/$target/ns/net)" = "$(readlink /proc/self/ns/net)" ]; do
-    sleep 0.01
-done
+""" + NOBODY_NETNS + r"""
 cd /
 # exec: the background job is the relay itself, which SIGTERM then reaches.
 s4n() {
@@ -384,26 +359,13 @@ echo "relay-status $?"
 def test_unprivileged_as_rootlesskit_runs_it(start_peer, tmp_path: Path) -> None:
     """As `nobody`, against a network namespace a user namespace of nobody's owns: by
     PID, and by path with --userns-path; the guest reaches host loopback."""
-    import site
-
-    from support.relaynat_cli import guest_python
-
     tmp_path.chmod(0o755)
     (tmp_path / "f.txt").write_text("reached unprivileged\n")
     (tmp_path / "f.txt").chmod(0o644)
     port = start_peer("http", "--root", str(tmp_path))
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    path = os.pathsep.join([src, *site.getsitepackages()])
-    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            "env", f"PYTHONPATH={path}", guest_python(), "-c",
-                            "import relaynat.relay"], capture_output=True, cwd="/")
-    if probe.returncode:
-        pytest.skip("nobody cannot import relaynat and its dependencies here: "
-                    + probe.stderr.decode()[-300:])
     done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
                            _UNPRIVILEGED], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "RELAYNAT_PATH": path,
-                               "GUEST_PYTHON": guest_python(), "PORT": str(port)})
+                          env={**os.environ, **nobody_env(), "PORT": str(port)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == ["reached unprivileged", "relay-status 0",
                                         "reached unprivileged", "relay-status 0"], (
@@ -419,33 +381,17 @@ def test_enable_ipv6_reaches_host_loopback_through_fd00_2(
         listener.bind(("::1", 0))
         listener.listen(1)
         listener.settimeout(10)
-        port = listener.getsockname()[1]
-        inside = subprocess.Popen(
-            ["nsenter", "-t", str(sleeper.pid), "-n", PY, "-c",
-             f"import socket\ns=socket.create_connection(('fd00::2',{port}),timeout=5)\n"
-             "print(s.recv(100).decode())\n"], stdout=subprocess.PIPE, text=True)
-        conn, _ = listener.accept()
-        with conn:
-            conn.sendall(b"from host ::1")
-        out, _ = inside.communicate(timeout=15)
-        assert out.strip() == "from host ::1"
+        assert greeting_through(["nsenter", "-t", str(sleeper.pid), "-n"], "fd00::2",
+                                listener, b"from host ::1") == "from host ::1"
     finally:
         listener.close()
         assert slirp.stop() == 0
 
 
 def test_ends_when_the_target_process_does(tmp_path: Path) -> None:
-    target = subprocess.Popen(["unshare", "-n", "sleep", "120"])
-    try:
-        deadline = time.monotonic() + 5
-        while os.readlink(f"/proc/{target.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+    with netns_sleeper() as target:
         slirp = Slirp(SCRIPT, target.pid, str(tmp_path / "api.sock"))
         assert slirp.ready == b"1"
-    finally:
-        target.kill()
-        target.wait()
     assert slirp.proc.wait(timeout=15) == 0  # the exit fd is still open
     slirp.stop()
 
@@ -481,14 +427,14 @@ def test_rootlesskit_shape_prepared_tap_without_configure(
                     ["ip", "addr", "add", "10.0.2.100/24", "dev", "tap0"],
                     ["ip", "route", "add", "default", "via", "10.0.2.2", "dev", "tap0"]):
             subprocess.run([*ns, *cmd], check=True)
-        port = _free_port()
+        port = free_port()
         accepted: list[bytes] = []
         server = _host_server(port, accepted)
         out = _inside(sleeper.pid, _CONNECT.format(port=port))
         server.join(15)
         assert out.stdout.strip() == "from host loopback", out.stderr
         reply = _api(api, json.dumps({"execute": "add_hostfwd", "arguments": {
-            "proto": "tcp", "host_addr": "127.0.0.1", "host_port": _free_port(),
+            "proto": "tcp", "host_addr": "127.0.0.1", "host_port": free_port(),
             "guest_addr": "10.0.2.100", "guest_port": 80}}).encode())
         assert set(reply["return"]) == {"id"}
     finally:
@@ -526,7 +472,7 @@ def test_podman_argv_and_port_request(tmp_path: Path) -> None:
             show = subprocess.run(["ip", "-n", name, "-4", "-o", "addr", "show", "tap0"],
                                   capture_output=True, text=True)
             assert "10.0.2.100/24" in show.stdout
-            port = _free_port()
+            port = free_port()
             request = json.dumps({"execute": "add_hostfwd", "arguments": {
                 "proto": "tcp", "host_addr": "0.0.0.0", "host_port": port,
                 "guest_addr": "", "guest_port": 80}}).encode() + b"\n"
