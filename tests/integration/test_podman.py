@@ -32,8 +32,15 @@ from pathlib import Path
 
 import pytest
 from support import SUPPORT
-from support.dropin_kit import DNSMASQ, RESOLV_LOOPBACK, SCRATCH, WAIT_PORT, free_port, http_peer
-from support.scenario import run_scenario
+from support.dropin_kit import (
+    DNSMASQ,
+    RESOLV_LOOPBACK,
+    SCRATCH,
+    WAIT_PORT,
+    free_port,
+    http_peer,
+    run_digest_scenario,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -122,13 +129,8 @@ def test_podman_slirp4netns_network_cmd_path(binary: str) -> None:
     assert os.access(binary, os.X_OK), binary
     env = {**os.environ, "BINARY": binary, "FWD": str(free_port()),
            "PEERS": str(SUPPORT / "host_peers.py")}
-    done = run_scenario(_SCENARIO, env=env, timeout=300)
-    out = done.stdout.splitlines()
-    report = done.stdout + done.stderr
-    assert done.returncode == 0, report
-    digest = out[0].removeprefix("big ")
-    assert len(digest) == 64, report
-    assert out[1:9] == [
+    digest, out, report = run_digest_scenario(_SCENARIO, env=env, timeout=300)
+    assert out[:8] == [
         "addr tap0 10.0.2.100/24",
         "resolve 198.18.0.7",
         "loopback refused",
@@ -147,7 +149,7 @@ def test_podman_slirp4netns_network_cmd_path(binary: str) -> None:
                        if flag in helptext)
     head = f"--mtu=65520 {confine} --enable-ipv6 -c -e 3 -r 4".replace("  ", " ")
     tail = "--netns-type=path NETNS tap0"
-    assert [line.removeprefix("argv ") for line in out[9:]] == [
+    assert [line.removeprefix("argv ") for line in out[8:]] == [
         f"--disable-host-loopback {head} {tail}",
         f"{head} {tail}",
         f"--disable-host-loopback {head} {tail}",

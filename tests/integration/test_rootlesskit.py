@@ -37,6 +37,7 @@ from support.dropin_kit import (
     free_port,
     http_peer,
     nobody_env,
+    run_digest_scenario,
 )
 from support.scenario import run_scenario
 
@@ -129,19 +130,14 @@ def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, loopback: 
            "LOOPBACK": "--disable-host-loopback" if loopback.startswith("disable") else "",
            # The bulk transfers take the host-loopback mapping where it is on.
            "BULK": "198.18.0.1" if loopback.startswith("disable") else "10.0.2.2"}
-    done = run_scenario(_SCENARIO, env=env, timeout=240)
-    out = done.stdout.splitlines()
-    report = done.stdout + done.stderr
-    assert done.returncode == 0, report
-    digest = out[0].removeprefix("big ")
-    assert len(digest) == 64, report
+    digest, out, report = run_digest_scenario(_SCENARIO, env=env, timeout=240)
     reached = (["loopback refused"] if loopback.startswith("disable")
                else ["from host loopback"])
     # slirp4netns drops the child's UDP answer to a forwarded datagram when host
     # loopback is off: libslirp's sotranslate_out refuses the reply to the host alias
     # (podman issue 4586). relaynat answers through the forward's own socket.
     udp = ("" if binary != "relaynat" and loopback.startswith("disable") else "udp ping")
-    assert out[1:] == [
+    assert out == [
         "addr tap0 10.0.2.100/24",
         "route default via 10.0.2.2 dev tap0",
         "route 10.0.2.0/24 dev tap0 proto kernel scope link src 10.0.2.100",

@@ -21,7 +21,8 @@ Shell fragments for scenario.py's `run_scenario` (bash under `unshare -n -m`) or
 
 From Python: `free_port`, `netns_sleeper` (a process in a network namespace of its own),
 `greeting_through` (a client in a namespace reaching a host listener), `relaynat_path`
-and `nobody_env` (what nobody needs to run the tree's relaynat).
+and `nobody_env` (what nobody needs to run the tree's relaynat), `run_digest_scenario`
+(a scenario reporting the digest of the bulk file it moves first).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from support import SUPPORT
+from support.scenario import run_scenario
 
 #: The tree's sources.
 SRC = SUPPORT.parents[1] / "src"
@@ -172,3 +174,17 @@ def greeting_through(enter: Sequence[str], address: str, listener: socket.socket
         conn.sendall(greeting)
     out, _ = inside.communicate(timeout=15)
     return out.strip()
+
+
+def run_digest_scenario(script: str, env: Mapping[str, str], timeout: float,
+                        ) -> tuple[str, list[str], str]:
+    """`run_scenario` for a scenario whose first line is `big SHA256`, the digest of the
+    bulk file it moves: that digest, the lines after it, and the whole output (for
+    assertion messages). The scenario must succeed."""
+    done = run_scenario(script, env=env, timeout=timeout)
+    report = done.stdout + done.stderr
+    assert done.returncode == 0, report
+    out = done.stdout.splitlines()
+    digest = out[0].removeprefix("big ")
+    assert len(digest) == 64, report
+    return digest, out[1:], report
