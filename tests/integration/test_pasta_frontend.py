@@ -307,7 +307,7 @@ def test_rootless_as_podman_runs_it() -> None:
 
 
 def _translated(*argv: str) -> Any:
-    from relaynat.cli.pasta import parse, translate
+    from relaynat.cli.pasta_options import parse, translate
 
     return translate(parse([*argv, "--netns", "/proc/1/ns/net"]))
 

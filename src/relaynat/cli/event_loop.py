@@ -1,8 +1,13 @@
-"""The event loop the command line runs on."""
+"""The event loop the command line runs on, and how a front end's relay ends on it."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relaynat.relay import Relay
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -12,3 +17,22 @@ def new_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event SIGINT and SIGTERM set, on the running loop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def until_stopped(relay: Relay, stop: asyncio.Event) -> None:
+    """Return when the relay's transport is lost (the TAP gone with its namespace) or
+    `stop` is set, whichever comes first."""
+    lost = asyncio.ensure_future(relay.transport_lost_event.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    lost.cancel()
+    stopped.cancel()

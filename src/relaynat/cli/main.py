@@ -246,23 +246,35 @@ def _start_splicing(args: argparse.Namespace, loopback: list[LoopbackForward],
     if args.no_splice or not (loopback or args.control_socket
                               or any(f.proto == "tcp" for f in forwards)):
         return None  # nothing to splice, now or later (ctl add)
-    from relaynat.netns.guest import NamespaceSetupError
-    from relaynat.netns.ns_sockets import GuestListener, NamespaceSocketsError, for_guest
+    from relaynat.netns.ns_sockets import GuestListener, for_guest
 
     listen = [GuestListener(proto, family, guest) for proto, family, guest, _ in loopback]
+    if target is not None:
+        joined = target
+        return open_splice_factory("relaynat run", lambda: for_guest(
+            None, joined.netns_fd, joined.userns_fd, listen), bool(loopback))
+    return open_splice_factory("relaynat run", lambda: for_guest(pid, listen=listen),
+                               bool(loopback))
+
+
+def open_splice_factory(prog: str, start: Callable[[], NamespaceSockets],
+                        needed: bool) -> NamespaceSockets | None:
+    """`start()`: a namespace's socket factory, each of its errors warned about under
+    `prog`'s name. One that cannot start is a NamespaceSetupError when -T/-U need it
+    (`needed`), else a warning and None (forwarded ports take the guest's link)."""
+    from relaynat.netns.guest import NamespaceSetupError
+    from relaynat.netns.ns_sockets import NamespaceSocketsError
+
     try:
-        if target is not None:
-            factory = for_guest(None, target.netns_fd, target.userns_fd, listen)
-        else:
-            factory = for_guest(pid, listen=listen)
+        factory = start()
     except NamespaceSocketsError as exc:
-        if loopback:
+        if needed:
             raise NamespaceSetupError(f"-T/-U: {exc}") from None
-        print(f"relaynat run: warning: {exc}; forwarded ports go through the guest's link",
+        print(f"{prog}: warning: {exc}; forwarded ports go through the guest's link",
               file=sys.stderr)
         return None
     for error in factory.errors:
-        print(f"relaynat run: warning: {error}", file=sys.stderr)
+        print(f"{prog}: warning: {error}", file=sys.stderr)
     return factory
 
 

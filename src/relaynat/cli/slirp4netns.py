@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network
@@ -151,14 +150,13 @@ def _notify_ready(fd: int) -> None:
 
 
 async def serve(config: RelayConfig, args: argparse.Namespace, target: JoinTarget) -> int:
+    from relaynat.cli.event_loop import stop_on_signals, until_stopped
     from relaynat.control.server import Slirp4netnsApi
     from relaynat.netns.guest import NamespaceSetupError, open_joined_tap
     from relaynat.relay import Relay
 
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     api = Slirp4netnsApi(args.api_socket, str(config.guest_ipv4)) if args.api_socket else None
     try:
         transport = await open_joined_tap(config, target, tap_name=args.tapname,
@@ -178,11 +176,7 @@ async def serve(config: RelayConfig, args: argparse.Namespace, target: JoinTarge
                 await api.start(relay)
             if args.ready_fd is not None:
                 _notify_ready(args.ready_fd)
-            lost = asyncio.ensure_future(relay.transport_lost_event.wait())
-            stopped = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            lost.cancel()
-            stopped.cancel()
+            await until_stopped(relay, stop)
     finally:
         for fd in watched:
             loop.remove_reader(fd)
