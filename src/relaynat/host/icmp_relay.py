@@ -208,10 +208,16 @@ class IcmpEchoRelay:
         if isinstance(session, RawEchoSession):
             self._send_raw(session, req)
             return
+        # The kernel replaces the identifier with the socket's port and recomputes the
+        # checksum; type, code, sequence and payload go out as the guest sent them.
+        self._send_echo(session, ip.payload)
+
+    def _send_echo(self, session: EchoSession, message: bytes | memoryview) -> None:
+        """`message`, an echo request, to the session's host address on its socket;
+        counted as sent, or dropped with the reason."""
+        stats = self.stats
         try:
-            # The kernel replaces the identifier with the socket's port and recomputes
-            # the checksum; type, code, sequence and payload go out as the guest sent them.
-            session.sock.sendto(ip.payload, (session.host_ip, 0))
+            session.sock.sendto(message, (session.host_ip, 0))
         except BlockingIOError:
             stats["drop_icmp_send_busy"] += 1
             return
@@ -222,7 +228,7 @@ class IcmpEchoRelay:
             stats["drop_icmp_send_error"] += 1
             return
         stats["icmp_echo_sent"] += 1
-        session.bytes_from_guest += len(ip.payload)
+        session.bytes_from_guest += len(message)
 
     def _open(self, key: EchoKey, host_ip: str, guest_ip: bytes, guest_mac: bytes,
               now: float) -> EchoSession | None:
@@ -332,22 +338,11 @@ class IcmpEchoRelay:
         return session
 
     def _send_raw(self, session: RawEchoSession, req: EchoMessage) -> None:
-        stats = self.stats
         v6 = len(session.guest_ip) == 16
         # The guest's type, code, sequence and payload under our identifier.
         message = echo_request_message(session.raw_ident, req.seq, req.payload, v6=v6)
         session.seqs.sent(req.seq)
-        try:
-            session.sock.sendto(message, (session.host_ip, 0))
-        except BlockingIOError:
-            stats["drop_icmp_send_busy"] += 1
-            return
-        except OSError as exc:
-            log.debug("ping to %s failed: %s", session.host_ip, exc)
-            stats["drop_icmp_send_error"] += 1
-            return
-        stats["icmp_echo_sent"] += 1
-        session.bytes_from_guest += len(message)
+        self._send_echo(session, message)
 
     def raw_reply(self, session: RawEchoSession, reply: EchoMessage) -> None:
         """A reply on the raw socket whose source and identifier are `session`'s
