@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import TYPE_CHECKING
+import sys
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from relaynat.relay import Relay
@@ -17,6 +19,19 @@ def new_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def run_to_end(prog: str, main: Coroutine[Any, Any, int]) -> int:
+    """`main` on a new loop, closed after: its exit status, or 1 for an OSError it
+    raised (the message under `prog`'s name)."""
+    loop = new_loop()
+    try:
+        return loop.run_until_complete(main)
+    except OSError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()
 
 
 def stop_on_signals() -> asyncio.Event:

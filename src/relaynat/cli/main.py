@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from relaynat.cli.event_loop import new_loop
+from relaynat.cli.event_loop import new_loop, stop_on_signals
 from relaynat.cli.options import (
     build_parser,
     config_from_args,
@@ -88,15 +88,6 @@ def add_forwards(relay: Relay, forwards: list[PortForward]) -> None:
                       f"to guest port {guest_port}", file=sys.stderr, flush=True)
 
 
-def _stop_event() -> asyncio.Event:
-    """Set by SIGINT and SIGTERM."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    return stop
-
-
 async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
                              policy: Policy | None) -> int:
     """`serve --receive-handover PATH`: wait for a relay's handover, then serve what it
@@ -104,7 +95,7 @@ async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
     from relaynat.moving.handover_receive import Receiver, serve_taken
     from relaynat.relay import Relay
 
-    stop = _stop_event()
+    stop = stop_on_signals()
     receiver = Receiver(args.receive_handover)
     transport_stats: Callable[[], dict[str, int]] = dict
     async with Relay(config, policy) as relay:
@@ -141,7 +132,7 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
 
     extra_stats: Callable[[], dict[str, int]] = dict
 
-    stop = _stop_event()
+    stop = stop_on_signals()
     control = ControlServer(args.control_socket) if args.control_socket else None
     handed = asyncio.Event() if control is None else control.handed_over
     async with Relay(config, policy) as relay:
@@ -381,7 +372,7 @@ async def _run_joined(config: RelayConfig, args: argparse.Namespace, policy: Pol
     from relaynat.relay import Relay
 
     # Before the TAP exists, so a signal sent once it shows ends the relay cleanly.
-    stop = _stop_event()
+    stop = stop_on_signals()
     control = ControlServer(args.control_socket) if args.control_socket else None
     try:
         transport = await open_joined_tap(config, target, tap_name=args.tap_name,

@@ -232,16 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: -P {opts.pid_file}: {exc.strerror}", file=sys.stderr)
             target.close()
             return 1
-    from relaynat.cli.event_loop import new_loop
+    from relaynat.cli.event_loop import run_to_end
 
-    loop = new_loop()
     try:
-        return loop.run_until_complete(serve(translated, opts, target, ready, detached))
-    except OSError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        return run_to_end(PROG, serve(translated, opts, target, ready, detached))
     finally:
-        loop.close()
         target.close()
         if opts.pid_file is not None:
             with contextlib.suppress(OSError):

@@ -212,16 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = target_for(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    from relaynat.cli.event_loop import new_loop
+    from relaynat.cli.event_loop import run_to_end
 
-    loop = new_loop()
     try:
-        return loop.run_until_complete(serve(config, args, target))
-    except OSError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        return run_to_end(PROG, serve(config, args, target))
     finally:
-        loop.close()
         target.close()
 
 
