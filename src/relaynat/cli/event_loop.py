@@ -44,8 +44,8 @@ def stop_on_signals() -> asyncio.Event:
 
 
 async def until_stopped(relay: Relay, stop: asyncio.Event) -> None:
-    """Return when the relay's transport is lost (the TAP gone with its namespace) or
-    `stop` is set, whichever comes first."""
+    """Return when the relay's transport is lost (a TAP gone with its namespace, a
+    stream's peer gone) or `stop` is set, whichever comes first."""
     lost = asyncio.ensure_future(relay.transport_lost_event.wait())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from relaynat.cli.event_loop import new_loop, stop_on_signals
+from relaynat.cli.event_loop import new_loop, stop_on_signals, until_stopped
 from relaynat.cli.options import (
     build_parser,
     config_from_args,
@@ -170,11 +170,7 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
                     relay.attach_stream_fd(args.fd)
 
             _attach_or_wait(control, attach, args.incoming)
-            lost = asyncio.ensure_future(relay.transport_lost_event.wait())
-            stopped = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            lost.cancel()
-            stopped.cancel()
+            await until_stopped(relay, stop)
             extra_stats = attached[0] if attached else dict
         watch.cancel()
         if control is not None:
@@ -410,11 +406,7 @@ async def _run_joined(config: RelayConfig, args: argparse.Namespace, policy: Pol
                 control.on_handover = Source(relay, control).hand_over
             watch = asyncio.ensure_future(handed.wait())
             watch.add_done_callback(lambda _: stop.set())
-            lost = asyncio.ensure_future(relay.transport_lost_event.wait())
-            stopped = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            lost.cancel()
-            stopped.cancel()
+            await until_stopped(relay, stop)
             watch.cancel()
             if control is not None:
                 control.close(unlink=not handed.is_set())
