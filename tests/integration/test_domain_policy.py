@@ -13,6 +13,7 @@ address), dnsmasq listening on one of them and answering only the names given he
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import string
@@ -284,11 +285,20 @@ def test_udp_and_icmp_flows_match_domain_rules_too(world: Path, tmp_path: Path) 
         f"dig @{RESOLVER} +short +tries=1 +time=2 www.other.test A",
         # Another name's address stays refused.
         f"ping -c 1 -W 2 {OTHER} >/dev/null && echo ping ok || echo ping failed",
-    ]), options=("--policy", str(policy), "--dns-upstream", RESOLVER))
+    ]), options=("--policy", str(policy), "--dns-upstream", RESOLVER,
+                 "--audit", str(tmp_path / "audit.jsonl")))
     assert done.stdout.splitlines() == ["ping failed", "dig failed", "ping ok", OTHER,
                                         "ping failed"], done.stdout + done.stderr
     stats = parse_stats(done.stderr)
     assert stats["policy_denied_default"] == 3
+    # The audit trail's decision records name the rule and the names, for UDP and ICMP
+    # as for TCP.
+    records = [json.loads(line) for line in
+               (tmp_path / "audit.jsonl").read_text().splitlines()]
+    opened = {(r["protocol"], r["far"][0], tuple(r["names"]), r["rule"]) for r in records
+              if r["kind"] == "flow_opened" and r["far"][0] in (WWW, RESOLVER)}
+    assert opened == {("icmp", WWW, ("www.allowed.test",), 0),
+                      ("udp", RESOLVER, ("resolver.allowed.test",), 1)}, records
 
 
 async def test_each_query_is_a_dns_query_event(world: Path) -> None:

@@ -52,7 +52,7 @@ from ipaddress import ip_address
 from typing import TYPE_CHECKING
 
 from relaynat.domains import NameTable
-from relaynat.egress_gate import EgressGate
+from relaynat.egress_gate import EgressGate, Verdict
 from relaynat.events import SILENT, Endpoint, EventSink, FlowClosed, FlowOpened, endpoint
 from relaynat.guest_log import guest_logger
 from relaynat.host.flowinfo import FlowInfo, describe_echo
@@ -195,10 +195,13 @@ class IcmpEchoRelay:
         if session is None:
             session = self.raw_sessions.get(key)
         if session is None:
-            if self.gate is not None and not self.gate.judge(ip.proto, ip.dst, 0, now).allow:
-                stats["drop_icmp_policy"] += 1
-                return
-            session = self._open(key, host_ip, ip.src, guest_mac, now)
+            verdict = None
+            if self.gate is not None:
+                verdict = self.gate.judge(ip.proto, ip.dst, 0, now)
+                if not verdict.allow:
+                    stats["drop_icmp_policy"] += 1
+                    return
+            session = self._open(key, host_ip, ip.src, guest_mac, now, verdict)
             if session is None:
                 return
         else:
@@ -231,7 +234,7 @@ class IcmpEchoRelay:
         session.bytes_from_guest += len(message)
 
     def _open(self, key: EchoKey, host_ip: str, guest_ip: bytes, guest_mac: bytes,
-              now: float) -> EchoSession | None:
+              now: float, verdict: Verdict | None = None) -> EchoSession | None:
         stats = self.stats
         self._expire(now)
         if len(self.sessions) + len(self.raw_sessions) >= self.sessions.capacity:
@@ -247,7 +250,7 @@ class IcmpEchoRelay:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM):
-                return self._open_raw(key, host_ip, guest_ip, guest_mac, now)
+                return self._open_raw(key, host_ip, guest_ip, guest_mac, now, verdict)
             else:
                 count_socket_failure(stats, exc, "drop_icmp_fd_limit",
                                      "drop_icmp_socket_error", "ping")
@@ -257,18 +260,25 @@ class IcmpEchoRelay:
         self.sessions.add(key, session, now)
         self._loop.add_reader(sock.fileno(), self._on_readable, session)
         stats["icmp_sockets_opened"] += 1
-        self._opened(session)
+        self._opened(session, verdict)
         return session
 
-    def _opened(self, session: EchoSession) -> None:
+    def _opened(self, session: EchoSession, verdict: Verdict | None) -> None:
+        """`session` entered a table: its address held for the domain rules, `events`
+        told, with the policy's `verdict` on it when one was asked."""
         if self.names is not None:
             self.names.hold(session.key[1], self._loop.time())
         events = self.events
         if events.listening:
             ident, far, guest = session.key
+            names: tuple[str, ...] = ()
+            rule, comment = -1, ""
+            if verdict is not None:
+                names, rule, comment = verdict.names, verdict.rule, verdict.comment
             events.emit(FlowOpened(time.time(), events.guest, "icmp", "outbound",
                                    endpoint(guest, ident), endpoint(far, None),
-                                   Endpoint(session.host_ip, None)))
+                                   Endpoint(session.host_ip, None), names, None, rule,
+                                   comment))
         self._arm_timer()
 
     def _not_permitted(self) -> None:
@@ -307,7 +317,7 @@ class IcmpEchoRelay:
         return opened
 
     def _open_raw(self, key: EchoKey, host_ip: str, guest_ip: bytes, guest_mac: bytes,
-                  now: float) -> RawEchoSession | None:
+                  now: float, verdict: Verdict | None = None) -> RawEchoSession | None:
         """A session on the shared raw socket, ping sockets being refused."""
         stats = self.stats
         v6 = len(guest_ip) == 16
@@ -334,7 +344,7 @@ class IcmpEchoRelay:
             return None
         self.raw_sessions.add(key, session, now)
         stats["icmp_raw_sessions_opened"] += 1
-        self._opened(session)
+        self._opened(session, verdict)
         return session
 
     def _send_raw(self, session: RawEchoSession, req: EchoMessage) -> None:
