@@ -43,6 +43,7 @@ from relaynat.wire import seq_diff
 
 if TYPE_CHECKING:
     from relaynat.nat_entry import TcpNatEntry
+    from relaynat.window import SocketFacts
     from relaynat.wire import TcpSegment
 
 log = guest_logger("relaynat.tcp")
@@ -175,11 +176,14 @@ class FlowExecutor(Generic[F]):
 
     # -- the host socket's events ------------------------------------------------------
 
-    def connected(self, flow: F, ok: bool, now: float) -> None:
+    def connected(self, flow: F, ok: bool, now: float,
+                  facts: SocketFacts | None = None) -> None:
         """The host connect() of `flow` ended (`ok`: it succeeded): the guest's SYN is
-        answered, with a SYN-ACK or a RST."""
+        answered, with a SYN-ACK or a RST. `facts`: the socket's, if already read."""
         flow.connecting = False
-        flow.entry.on_connect_result(ok, flow.facts() if ok else None, now)
+        if ok and facts is None:
+            facts = flow.facts()
+        flow.entry.on_connect_result(ok, facts if ok else None, now)
         self.execute(flow)
 
     def timer(self, flow: F, now: float) -> bool:
