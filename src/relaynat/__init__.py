@@ -42,9 +42,15 @@ lost) arrives as `Event`s, through `Relay.subscribe` or the `Relay.events()` ite
 
 Every exception relaynat raises on purpose is an `Error`, and keeps the builtin base it
 had before `Error` existed (`ConfigError` and `ForwardError` are `ValueError`s,
-`InterfaceError` and `RepairError` `OSError`s, `NamespaceSetupError` and
-`RelayClosedError` `RuntimeError`s): `except relaynat.Error` catches them all, and an
-`except ValueError` written earlier goes on catching what it caught.
+`InterfaceError` and `RepairError` `OSError`s, `NamespaceSetupError`,
+`ConfinementError` and `RelayClosedError` `RuntimeError`s): `except relaynat.Error`
+catches them all, and an `except ValueError` written earlier goes on catching what it
+caught.
+
+`confine` is what `relaynat run` and `serve` do once their guests are set up: the
+process drops to an unprivileged user and the capabilities it still needs, leaves the
+filesystem, and installs a seccomp allowlist (docs/confinement.md). An embedder calls
+it once its relays are started, or leaves it to its own sandbox.
 
 `relaynat.testing` (the `testing` extra, which needs hypothesis) has an in-memory
 guest and hypothesis strategies of guest frames for tests of your own integration. It
@@ -67,6 +73,7 @@ from relaynat.errors import Error, RelayClosedError
 if TYPE_CHECKING:
     # What the lazy __getattr__ below returns, spelled out for type checkers.
     from relaynat.audit import AuditLog
+    from relaynat.confinement import Confined, ConfinementError, confine
     from relaynat.event_hub import EventStream
     from relaynat.events import (
         Endpoint,
@@ -147,10 +154,14 @@ __all__ = [  # noqa: RUF022
     "JoinTarget",
     "resolve_target",
     "open_joined_tap",
+    # Confining the process once its guests are set up.
+    "confine",
+    "Confined",
     # Exceptions: each is an `Error` and keeps its builtin base (ConfigError is a
     # ValueError, InterfaceError an OSError, ...).
     "Error",
     "ConfigError",
+    "ConfinementError",
     "FlowStateError",
     "ForwardError",
     "HandoverError",
@@ -165,6 +176,9 @@ __docformat__ = "markdown"
 #: Public name -> the module that defines it, imported on first access (PEP 562).
 _LAZY = {
     "AuditLog": "relaynat.audit",
+    "Confined": "relaynat.confinement",
+    "ConfinementError": "relaynat.confinement",
+    "confine": "relaynat.confinement",
     "Decision": "relaynat.policy",
     "Endpoint": "relaynat.events",
     "Event": "relaynat.events",

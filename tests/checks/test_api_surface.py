@@ -134,6 +134,7 @@ BUILTIN_BASES: dict[str, type[BaseException]] = {
     "HandoverError": Exception,
     "InterfaceError": OSError,
     "NamespaceSetupError": RuntimeError,
+    "ConfinementError": RuntimeError,
     "RelayClosedError": RuntimeError,
     "RepairError": OSError,
 }

@@ -23,9 +23,10 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 #: Lowest first. The core and link/ are sans-I/O; transports/ move frames; host/ is the
 #: host-socket shell; relay.py and guests.py compose them; netns/ starts guests; control/
-#: and moving/ drive a running relay from outside; cli/ and testing/ sit on top.
+#: and moving/ drive a running relay from outside; confinement/ confines its process
+#: once they are set up; cli/ and testing/ sit on top.
 LAYERS = ("core", "link", "transports", "host", "shell", "netns", "control", "moving",
-          "top")
+          "confinement", "top")
 SHELL_MODULES = {"relaynat.relay", "relaynat.relay_moving", "relaynat.relay_dispatch",
                  "relaynat.event_hub", "relaynat.guests", "relaynat.audit"}
 TOP_PACKAGES = {"cli", "testing"}

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from relaynat.cli.event_loop import new_loop, stop_on_signals, until_stopped
@@ -28,6 +29,7 @@ from relaynat.cli.options import (
     policy_from_args,
 )
 from relaynat.config import MAX_MTU, ConfigError, RelayConfig
+from relaynat.confinement import ConfinementError
 from relaynat.control.server import ControlServer
 from relaynat.counters import GAUGES
 from relaynat.host.forward import ForwardError
@@ -88,6 +90,77 @@ def add_forwards(relay: Relay, forwards: list[PortForward]) -> None:
                       f"to guest port {guest_port}", file=sys.stderr, flush=True)
 
 
+#: Test-only (tests/integration/test_confinement.py): this many seconds after a relay
+#: confined itself, it makes a call its seccomp filter forbids (a netlink socket, what
+#: a hijacked relay would open to rewrite the host's routes), to show the filter ends it.
+FORBIDDEN_CALL_ENV = "RELAYNAT_TEST_FORBIDDEN_CALL_S"
+
+
+#: Set (to anything), the seccomp filter logs a call outside its list instead of killing
+#: the process: how the list is traced (confinement/seccomp_filter.py); not confinement.
+TRACE_ENV = "RELAYNAT_CONFINE_TRACE"
+
+
+class LoopThreads:
+    """The loop's default executor, replaceable: asyncio's executor threads outlive
+    their work, and confinement applies to a process of one thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pool = ThreadPoolExecutor()
+        loop.set_default_executor(self.pool)
+
+    def stop(self) -> None:
+        """End the idle threads; later work starts new ones, confined as the process."""
+        self.pool.shutdown(wait=True)
+        self.pool = ThreadPoolExecutor()
+        self.loop.set_default_executor(self.pool)
+
+
+def _kept_capabilities(args: argparse.Namespace) -> list[str]:
+    """The capabilities a confined relay keeps for the features its options ask for
+    (docs/confinement.md has the table); an unprivileged relay has none to keep."""
+    if os.geteuid() != 0:
+        return []
+    keep = []
+    if args.control_socket or getattr(args, "incoming", False):
+        # ctl export/import (and serve --incoming) put sockets in TCP_REPAIR mode;
+        # ctl add_hostfwd may bind a port below net.ipv4.ip_unprivileged_port_start.
+        keep += ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"]
+    if (args.cmd == "run" and args.command) or getattr(args, "receive_handover", None):
+        # The namespace's outer process (netns/child.py) runs as root: passing signals
+        # on to it and ending the guest need CAP_KILL, for the relay that started it
+        # and for one a handover gave the command to.
+        keep.append("CAP_KILL")
+    return keep
+
+
+def _forbidden_call() -> None:
+    log.warning("%s: making a call the seccomp filter forbids", FORBIDDEN_CALL_ENV)
+    socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close()
+
+
+def confine_relay(args: argparse.Namespace, *relays: Relay) -> None:
+    """Confine this process (relaynat.confinement) now that the relays' guests,
+    sockets and files are set up, if --confine; ConfinementError if it could not be
+    done (the relay must not serve then)."""
+    if not args.confine:
+        return
+    from relaynat.confinement import confine
+
+    threads: LoopThreads | None = getattr(args, "loop_threads", None)
+    if threads is not None:
+        threads.stop()
+    # Tracing the allowlist: the kernel logs a call outside it and lets it run.
+    action = "log" if os.environ.get(TRACE_ENV) else "kill"
+    done = confine(*relays, runas=args.runas, keep=_kept_capabilities(args),
+                   on_violation=action)
+    log.info("%s", done.describe())
+    delay = os.environ.get(FORBIDDEN_CALL_ENV)
+    if delay:
+        asyncio.get_running_loop().call_later(float(delay), _forbidden_call)
+
+
 async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
                              policy: Policy | None) -> int:
     """`serve --receive-handover PATH`: wait for a relay's handover, then serve what it
@@ -100,6 +173,7 @@ async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
     transport_stats: Callable[[], dict[str, int]] = dict
     async with Relay(config, policy) as relay:
         _attach_audit(args, relay)
+        confine_relay(args, relay)
         taking = asyncio.ensure_future(receiver.take_over(relay))
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({taking, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -148,6 +222,7 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
         if args.socket:
             relay.serve_stream(args.socket)
             log.info("listening on %s", args.socket)
+            confine_relay(args, relay)
             await stop.wait()
             if os.path.exists(args.socket) and not handed.is_set():
                 os.unlink(args.socket)
@@ -155,6 +230,7 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
             server = source.unixgram = serve_unixgram(relay, args.unixgram)
             extra_stats = server.stats
             log.info("bound %s", args.unixgram)
+            confine_relay(args, relay)
             await stop.wait()
             server.close(unlink=not handed.is_set())  # else the path is the new relay's
         else:
@@ -170,6 +246,7 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
                     relay.attach_stream_fd(args.fd)
 
             _attach_or_wait(control, attach, args.incoming)
+            confine_relay(args, relay)
             await until_stopped(relay, stop)
             extra_stats = attached[0] if attached else dict
         watch.cancel()
@@ -196,19 +273,24 @@ def _attach_or_wait(control: ControlServer | None, attach: Callable[[], None],
 _TERMINAL_KEYS = (signal.SIGINT, signal.SIGQUIT)
 
 
-def _terminal_may_have_sent() -> bool:
-    """This process's group is the foreground group of its controlling terminal, whose
-    ^C and ^\\ then reached it: the command has them from the terminal too."""
+def _controlling_tty() -> int | None:
+    """The controlling terminal, opened while paths still lead to it (confinement
+    leaves the filesystem); None without one (ENXIO)."""
     try:
-        tty = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
-    except OSError:  # ENXIO: no controlling terminal
+        return os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _terminal_may_have_sent(tty: int | None) -> bool:
+    """This process's group is the foreground group of its controlling terminal `tty`,
+    whose ^C and ^\\ then reached it: the command has them from the terminal too."""
+    if tty is None:
         return False
     try:
         return os.tcgetpgrp(tty) == os.getpgrp()
     except OSError:
         return False
-    finally:
-        os.close(tty)
 
 
 async def _let_control_go(control: ControlServer) -> None:
@@ -301,6 +383,7 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
             started.add(asyncio.ensure_future(control.start(relay)))
             control.on_handover = Source(relay, control, guest=guests[0]).hand_over
             started.add(asyncio.ensure_future(_let_control_go(control)))
+        confine_relay(args, relay)
 
     # A terminal's ^C and ^\ go to its whole foreground process group: the command
     # has them from the terminal and decides what they do (a REPL or a shell's prompt
@@ -317,8 +400,10 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
         for signum in pending:
             guest.send_signal(signum)
 
+    tty = _controlling_tty()
+
     def terminal_key(signum: int) -> None:
-        if _terminal_may_have_sent():
+        if _terminal_may_have_sent(tty):
             return
         if guests:
             guests[0].send_signal(signum)
@@ -340,6 +425,8 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
         print(f"relaynat run: {exc}", file=sys.stderr)
         return 1
     finally:
+        if tty is not None:
+            os.close(tty)
         for signum in _TERMINAL_KEYS:
             loop.remove_signal_handler(signum)
         for task in started:  # a start still pending would serve a closed socket
@@ -404,6 +491,7 @@ async def _run_joined(config: RelayConfig, args: argparse.Namespace, policy: Pol
                 # The TAP, the forwards and the control socket move; the watch on the
                 # target process does not (the new relay serves until it is stopped).
                 control.on_handover = Source(relay, control).hand_over
+            confine_relay(args, relay)
             watch = asyncio.ensure_future(handed.wait())
             watch.add_done_callback(lambda _: stop.set())
             await until_stopped(relay, stop)
@@ -543,7 +631,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.audit_log = AuditLog(args.audit)
         except OSError as exc:
             parser.error(f"--audit {args.audit}: {exc.strerror}")
-    loop = new_loop()
+    if args.cmd not in ("run", "serve") or not args.confine:
+        loop = new_loop()
+    else:
+        from relaynat.confinement.seccomp_filter import without_io_uring
+
+        loop = without_io_uring(new_loop)
+    args.loop_threads = LoopThreads(loop)
     try:
         if target is not None and not args.command:
             coro = _run_joined(config, args, policy, forwards, target, loopback)
@@ -554,12 +648,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             coro = _serve(config, args, interface, policy, forwards)
         return loop.run_until_complete(coro)
-    except (OSError, ForwardError) as exc:
+    except (OSError, ForwardError, ConfinementError) as exc:
         print(f"relaynat {args.cmd}: {exc}", file=sys.stderr)
         return 1
     finally:
         loop.close()
-        if args.audit:
-            args.audit_log.close()
         if target is not None:
             target.close()
+        if args.audit:
+            args.audit_log.close()

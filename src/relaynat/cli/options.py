@@ -9,7 +9,9 @@ No I/O beyond reading a policy file.
 from __future__ import annotations
 
 import argparse
+import grp
 import os
+import pwd
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
 
 from relaynat import __version__
@@ -28,6 +30,9 @@ from relaynat.portspec import Forward as PortForward
 from relaynat.portspec import parse_portspec
 from relaynat.syn_backlog import SYN_RATE
 from relaynat.transports.interface import check_interface_name
+
+#: Whether `run` and `serve` confine the relay without --confine or --no-confine.
+CONFINE_BY_DEFAULT = False
 
 
 def _mib(text: str) -> int:
@@ -76,11 +81,24 @@ def _rate(text: str, hint: str) -> float:
 
 
 def _runas(text: str) -> tuple[int, int]:
-    """--runas UID:GID, numeric; root (0) refused: it would undo the isolation."""
-    uid, sep, gid = text.partition(":")
-    if not sep or not uid.isdigit() or not gid.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not UID:GID (two numbers)")
-    ids = int(uid), int(gid)
+    """--runas USER|UID[:GROUP|GID] (a lone user: its primary group from the user
+    database, a uid it lacks: the gid of the same number); root (0) refused: it would
+    undo the isolation."""
+    user, sep, group = text.partition(":")
+    if not user or (sep and not group):
+        raise argparse.ArgumentTypeError(f"{text!r} is not USER, UID, USER:GROUP or UID:GID")
+    try:
+        uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+        if sep:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        else:
+            gid = pwd.getpwuid(uid).pw_gid if user.isdigit() else pwd.getpwnam(user).pw_gid
+    except KeyError:
+        if not sep and user.isdigit():
+            gid = uid
+        else:
+            raise argparse.ArgumentTypeError(f"{text}: no such user or group") from None
+    ids = uid, gid
     if 0 in ids:
         raise argparse.ArgumentTypeError(
             f"{text}: the command's root may not be root outside its namespace (it could "
@@ -204,6 +222,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-socket", metavar="PATH",
                    help="serve runtime control (relaynat ctl) on this unix socket, mode "
                         "0600 (a stale socket file is replaced)")
+    conf = p.add_argument_group("confinement (docs/confinement.md)")
+    conf.add_argument("--confine", dest="confine", action="store_true",
+                      default=CONFINE_BY_DEFAULT,
+                      help="once set up, the relay drops to --runas (nobody as root) and "
+                           "the capabilities its features need, leaves the filesystem "
+                           "and installs a seccomp allowlist"
+                           + (" (the default)" if CONFINE_BY_DEFAULT else ""))
+    conf.add_argument("--no-confine", dest="confine", action="store_false",
+                      help="do not confine the relay (weaker: it keeps the user it was "
+                           "started as, every capability and the whole filesystem, with "
+                           "no seccomp filter)")
     out = p.add_argument_group("output")
     out.add_argument("--pcap", metavar="FILE", help="capture the guest side to FILE")
     out.add_argument("--log-level", default="warning",
@@ -231,9 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tap-name", default="tap0", help="interface name (default %(default)s)")
     run.add_argument("--no-offload", action="store_true",
                      help="open the TAP without virtio-net header (no TSO/checksum offload)")
-    run.add_argument("--runas", type=_runas, metavar="UID:GID",
-                     help="as root: the ids outside that CMD's root maps to (default: "
-                          "nobody's); not 0")
+    run.add_argument("--runas", type=_runas, metavar="USER|UID[:GID]",
+                     help="as root: the ids outside that CMD's root maps to, and the "
+                          "relay's own once it confines itself (default: nobody's); not 0")
     lo = run.add_argument_group("spliced and loopback forwards (pasta's)")
     lo.add_argument("-T", "--tcp-ns", action="append", default=[], metavar="SPEC",
                     help="forward TCP ports of the guest's loopback to the host's loopback, "
@@ -288,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     iface.add_argument("--no-vnet-hdr", action="store_true",
                        help="exchange plain frames (no PACKET_VNET_HDR: no GSO, no "
                             "checksum offload toward the guest)")
+    serve.add_argument("--runas", type=_runas, metavar="USER|UID[:GID]",
+                       help="as root: the ids the relay takes once it confines itself "
+                            "(default: nobody's); not 0")
     serve.add_argument("--incoming", action="store_true",
                        help="with --interface or --fd: serve the guest only after `relaynat "
                             "ctl import` of flows moving here (needs --control-socket)")

@@ -174,24 +174,29 @@ class FileVersion:
         return self.identity[3] if self.identity is not None else None
 
 
-def resolv_conf_version(path: str) -> FileVersion:
-    """The version of the file at `path` now: two stat calls and, for a link, a readlink."""
+def resolv_conf_version(path: str, dir_fd: int | None = None) -> FileVersion:
+    """The version of the file at `path` now: two stat calls and, for a link, a readlink.
+    With `dir_fd`, `path` is relative to that directory (a confined relay has no root
+    to start from)."""
     try:
-        link = os.readlink(path) if stat.S_ISLNK(os.lstat(path).st_mode) else None
+        link = os.readlink(path, dir_fd=dir_fd) if stat.S_ISLNK(
+            os.lstat(path, dir_fd=dir_fd).st_mode) else None
     except OSError:
         link = None
     try:
-        st = os.stat(path)
+        st = os.stat(path, dir_fd=dir_fd)
     except OSError:
         return FileVersion(link, None)
     return FileVersion(link, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                               st.st_ctime_ns))
 
 
-def read_resolv_conf(path: str) -> str | None:
-    """The text of the resolv.conf at `path`, or None when it cannot be read."""
+def read_resolv_conf(path: str, dir_fd: int | None = None) -> str | None:
+    """The text of the resolv.conf at `path` (relative to `dir_fd`, if given), or None
+    when it cannot be read."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8", errors="replace",
+                  opener=lambda name, flags: os.open(name, flags, dir_fd=dir_fd)) as f:
             return f.read(1 << 20)  # a resolv.conf is a few lines; bound what a bad one costs
     except OSError:
         return None

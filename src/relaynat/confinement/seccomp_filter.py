@@ -1,0 +1,158 @@
+"""The seccomp allowlist of a confined relay (libseccomp through pyseccomp).
+
+The list was derived by running the integration suite and the benchmarks with the
+filter's default action set to SECCOMP_RET_LOG, so that the kernel logged every
+system call made outside it (`audit: type=1326 ... syscall=N`), and by strace -f -c of
+`relaynat run` and `serve` on each transport; every group below says what needs it.
+Architectures other than the native one are refused (libseccomp's bad-arch action),
+so the x32 and i386 numberings cannot be used to slip past the list.
+
+A call outside the list kills the whole process (SECCOMP_RET_KILL_PROCESS): a call
+the relay never makes is a sign that something else runs in it, and returning EPERM
+would let that go on trying; the kernel closes every descriptor of a killed process,
+so the guest's link ends (a stream guest reads EOF, a TAP's command loses its parent
+and is ended with it) and the host side of every flow sees its socket closed rather
+than an open connection that never moves again. The kernel logs the kill
+(`actions_logged` includes kill_process by default) with the call's number, and the
+exit status is that of SIGSYS (159 from a shell).
+
+Paths: open, stat, readlink, unlink and getdents on paths stay allowed, because after
+the pivot_root they find nothing (the root is an empty read-only tmpfs) and Landlock
+refuses what a descriptor opened before might reach beyond resolv.conf's directory;
+killing on them would kill the relay for formatting a traceback (linecache opens the
+source file) or for the resolv.conf look at a moment its directory is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable, Collection
+from typing import TypeVar
+
+import pyseccomp
+
+T = TypeVar("T")
+
+#: clone(2) flags (include/uapi/linux/sched.h): a thread, never a new process.
+_CLONE_THREAD = 0x00010000
+
+#: Each group: what needs it. Names are libseccomp's; one the running architecture
+#: does not have (x86_64's legacy calls on aarch64) is skipped.
+GROUPS: dict[str, tuple[str, ...]] = {
+    # The interpreter itself: memory (the allocator, numpy's buffers, mmap'd modules
+    # already loaded), signals (asyncio's signal handlers, the wakeup fd), time, ids
+    # asked for by logging and os, random numbers (hash seeds, the ICMP identifier
+    # cursor, TCP initial sequence numbers), limits, and exiting.
+    "interpreter": (
+        "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "rt_sigaction",
+        "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "restart_syscall",
+        "clock_gettime", "clock_getres", "clock_nanosleep", "gettimeofday", "nanosleep",
+        "time", "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid", "getegid",
+        "getresuid", "getresgid", "getgroups", "getrandom", "prlimit64", "getrlimit",
+        "getrusage", "sysinfo", "uname", "sched_yield", "sched_getaffinity", "exit",
+        "exit_group", "futex", "set_robust_list", "get_robust_list", "rseq",
+        "set_tid_address", "membarrier", "getcwd", "capget", "getpriority",
+    ),
+    # Threads: asyncio.to_thread (a handover's blocking socket calls, the namespace
+    # child's answer) starts executor threads; clone is allowed for threads only (the
+    # flag check below), clone3 answers ENOSYS so that glibc falls back to clone.
+    "threads": ("madvise",),
+    # Descriptors: every socket, the TAP, epoll, pipes, the pcap file, duplicated and
+    # closed sockets of a handover, fcntl for O_NONBLOCK and FD_CLOEXEC.
+    "descriptors": (
+        "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev",
+        "close", "close_range", "dup", "dup2", "dup3", "fcntl", "lseek", "fstat",
+        "fsync", "fdatasync", "ftruncate", "pipe", "pipe2", "eventfd2", "ioctl",
+    ),
+    # The event loop: uvloop's (libuv) epoll, asyncio's selectors, the nested
+    # edge-triggered epoll of the TCP relay, timers.
+    "event loop": (
+        "epoll_create", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait",
+        "epoll_pwait2", "poll", "ppoll", "select", "pselect6", "timerfd_create",
+        "timerfd_settime", "timerfd_gettime", "signalfd4",
+    ),
+    # Sockets: host sockets of flows and forwards (bound, connected, accepted), ping
+    # and raw ICMP sockets, the control socket's clients, a handover's SCM_RIGHTS,
+    # TCP_REPAIR's socket options, SIOCOUTQ/SIOCINQ (ioctl above). socket(2) is
+    # limited to AF_UNIX, AF_INET and AF_INET6 (below): no netlink or packet socket is
+    # made after confinement (the --interface one exists before).
+    "sockets": (
+        "socketpair", "bind", "listen", "connect", "accept", "accept4", "getsockname",
+        "getpeername", "setsockopt", "getsockopt", "sendto", "recvfrom", "sendmsg",
+        "recvmsg", "sendmmsg", "recvmmsg", "shutdown",
+    ),
+    # Paths (see the module docstring): they find an empty root; resolv.conf is read
+    # through its directory's descriptor (openat, newfstatat, readlinkat).
+    "paths": (
+        "open", "openat", "stat", "lstat", "newfstatat", "statx", "readlink",
+        "readlinkat", "access", "faccessat", "faccessat2", "getdents64", "unlink",
+        "unlinkat", "fstatfs", "statfs",
+    ),
+    # The command of `relaynat run` and a handed-over command: signals passed on and
+    # the namespace ended (kill, pidfd_send_signal with CAP_KILL), a handover's pidfd,
+    # and reaping it (uvloop's SIGCHLD handler waits with wait4).
+    "processes": ("kill", "tgkill", "tkill", "pidfd_open", "pidfd_send_signal", "wait4",
+                  "waitid"),
+}
+
+#: socket(2) address families allowed after confinement.
+_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6
+
+
+def allowed() -> list[str]:
+    """Every allowed call name, in group order."""
+    return list(dict.fromkeys(name for names in GROUPS.values() for name in names))
+
+
+def install(action: str = "kill", extra: Collection[str] = ()) -> None:
+    """Load the filter into every thread of this process (TSYNC); needs no_new_privs or
+    CAP_SYS_ADMIN. `action` for a call outside the list: "kill" (the default) or "log"
+    (allowed and logged by the kernel: how the list is traced). `extra`: more names."""
+    default = pyseccomp.KILL_PROCESS if action == "kill" else pyseccomp.LOG
+    flt = pyseccomp.SyscallFilter(default)
+    flt.set_attr(pyseccomp.Attr.CTL_TSYNC, 1)
+    for name in [*allowed(), *extra]:
+        try:
+            flt.add_rule(pyseccomp.ALLOW, name)
+        except (OSError, ValueError):
+            continue  # not a call of this architecture
+    flt.add_rule(pyseccomp.ALLOW, "clone",
+                 pyseccomp.Arg(0, pyseccomp.MASKED_EQ, _CLONE_THREAD, _CLONE_THREAD))
+    flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+    for family in _FAMILIES:
+        flt.add_rule(pyseccomp.ALLOW, "socket", pyseccomp.Arg(0, pyseccomp.EQ, family))
+    flt.load()
+
+
+def without_io_uring(make: Callable[[], T]) -> T:
+    """`make()` (an event loop's constructor) run in a thread of its own whose seccomp
+    filter answers io_uring_setup(2) with ENOSYS, and its result.
+
+    libuv (uvloop) sets up an io_uring with each loop to batch epoll_ctl, whatever
+    UV_USE_IO_URING says, and aborts if io_uring_enter(2) later fails; the relay's
+    filter refuses io_uring (a large kernel surface: its operations, openat and
+    connect among them, are not system calls a filter sees), so the loop must be made
+    without one. A filter is a thread's: the thread ends with it, and nothing this
+    process starts later (the namespace child, the guest's command) inherits it."""
+    result: list[T] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            from relaynat.confinement.privileges import PR_SET_NO_NEW_PRIVS, prctl
+
+            prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")  # this thread's only
+            flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+            flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "io_uring_setup")
+            flt.load()
+            result.append(make())
+        except BaseException as exc:  # handed to the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="relaynat-loop-maker")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return result[0]
