@@ -1,9 +1,11 @@
 """The seccomp allowlist of a confined relay (libseccomp through pyseccomp).
 
-The list was derived by running the integration suite and the benchmarks with the
-filter's default action set to SECCOMP_RET_LOG, so that the kernel logged every
-system call made outside it (`audit: type=1326 ... syscall=N`), and by strace -f -c of
-`relaynat run` and `serve` on each transport; every group below says what needs it.
+The list is traced with the filter's default action set to SECCOMP_RET_LOG
+(RELAYNAT_CONFINE_TRACE), so that the kernel logs every system call made outside it
+(`audit: type=1326 ... syscall=N`) and lets it run; so far `relaynat run` (downloads
+both ways, ctl, a forward added at runtime, a policy replaced, pcap) and `serve
+--socket`/`--unixgram` were traced, not yet the whole integration suite and the
+benchmarks. Every group below says what needs it.
 Architectures other than the native one are refused (libseccomp's bad-arch action),
 so the x32 and i386 numberings cannot be used to slip past the list.
 
@@ -54,10 +56,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "exit_group", "futex", "set_robust_list", "get_robust_list", "rseq",
         "set_tid_address", "membarrier", "getcwd", "capget", "getpriority",
     ),
-    # Threads: asyncio.to_thread (a handover's blocking socket calls, the namespace
-    # child's answer) starts executor threads; clone is allowed for threads only (the
-    # flag check below), clone3 answers ENOSYS so that glibc falls back to clone.
-    "threads": ("madvise",),
+    # Threads: asyncio.to_thread (a handover's blocking socket calls) starts executor
+    # threads; clone is allowed for threads only (the flag check in `install`), clone3
+    # answers ENOSYS so that glibc falls back to clone.
     # Descriptors: every socket, the TAP, epoll, pipes, the pcap file, duplicated and
     # closed sockets of a handover, fcntl for O_NONBLOCK and FD_CLOEXEC.
     "descriptors": (
