@@ -152,6 +152,26 @@ def test_256_mib_each_way_arrive_intact_through_the_splice(tmp_path: Path) -> No
     assert r.stats.get("splice_closed", 0) == 1
 
 
+def test_a_confined_relay_splices(tmp_path: Path) -> None:
+    """Under --confine (seccomp allowlist, empty root, nobody) the spliced path still
+    runs: splice(2) is on the list, and the sockets come from the factory made before."""
+    size = 4 * MIB
+    port = _free_port()
+    with relay(tmp_path, ["--confine", "-t", f"{port}:{GUEST_PORT}"],
+               *_service("both", 1, size)) as r:
+        s = _connect(port)
+        for block in _pattern(3, size):
+            s.sendall(block)
+        s.shutdown(socket.SHUT_WR)
+        got = _drain(s)
+        s.close()
+        r.finish()
+    assert r.proc.returncode == 0
+    assert got == _digest(1, size)
+    assert r.lines == [_digest(3, size)]
+    assert r.stats.get("splice_opened", 0) == 1
+
+
 def test_the_spliced_path_is_taken_unless_no_splice(tmp_path: Path) -> None:
     """The counters tell the paths apart: the same exchange, spliced and through the
     guest's TAP (--no-splice)."""

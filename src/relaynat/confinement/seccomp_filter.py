@@ -60,11 +60,14 @@ GROUPS: dict[str, tuple[str, ...]] = {
     # threads; clone is allowed for threads only (the flag check in `install`), clone3
     # answers ENOSYS so that glibc falls back to clone.
     # Descriptors: every socket, the TAP, epoll, pipes, the pcap file, duplicated and
-    # closed sockets of a handover, fcntl for O_NONBLOCK and FD_CLOEXEC.
+    # closed sockets of a handover, fcntl for O_NONBLOCK and FD_CLOEXEC (and
+    # F_SETPIPE_SZ); splice moves a spliced forward's bytes between its sockets through
+    # a pipe pair (host/splice.py).
     "descriptors": (
         "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev",
         "close", "close_range", "dup", "dup2", "dup3", "fcntl", "lseek", "fstat",
         "fsync", "fdatasync", "ftruncate", "pipe", "pipe2", "eventfd2", "ioctl",
+        "splice",
     ),
     # The event loop: uvloop's (libuv) epoll, asyncio's selectors, the nested
     # edge-triggered epoll of the TCP relay, timers.
