@@ -254,7 +254,9 @@ def test_unprivileged_callers_guest_cannot_uncover_the_control_socket(
 
 def test_runas_picks_the_ids_outside_and_refuses_root(root_dir: Path) -> None:
     """As root, `--runas UID:GID` is who the command's root is outside (nobody by
-    default); root itself is refused, as it would undo the isolation."""
+    default); root itself is refused, as it would undo the isolation, however it is
+    spelled. A lone UID (passt's syntax) takes the gid of the same number when the user
+    database has no such user."""
     where = root_dir / "runas"
     where.mkdir()
     os.chown(where, 4242, 4243)
@@ -266,7 +268,14 @@ def test_runas_picks_the_ids_outside_and_refuses_root(root_dir: Path) -> None:
     assert done.stdout.split() == ["0"]
     made = (where / "made").stat()
     assert (made.st_uid, made.st_gid) == (4242, 4243)
-    for ids in ("0:4243", "4242:0", "4242"):
+    alone = subprocess.run(
+        [sys.executable, "-m", "relaynat", "run", "--runas", "4242", "--",
+         "sh", "-c", f"touch {where}/alone"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert alone.returncode == 0, alone.stderr
+    assert (where / "alone").stat().st_uid == 4242
+    assert (where / "alone").stat().st_gid == 4242
+    for ids in ("0:4243", "4242:0", "0", "root", "root:4243", "4242:root"):
         refused = subprocess.run(
             [sys.executable, "-m", "relaynat", "run", "--runas", ids, "--", "true"],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
