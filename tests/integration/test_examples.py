@@ -217,12 +217,16 @@ def test_firecracker_recipe_serves_a_veth_guest(veth_guest, http_peer) -> None: 
 
 
 def dhcp_offer_on_tap(fd: int, xid: int, timeout: float = 10.0) -> dpkt.dhcp.DHCP:
-    """Send a DHCP discover into a TAP as a VM's NIC would; the relay's offer."""
-    os.write(fd, discover(xid))
+    """Send a DHCP discover into a TAP as a VM's NIC would, again each second until an
+    offer comes as a client retransmits (RFC 2131 §4.1); the relay's offer."""
     deadline = time.monotonic() + timeout
+    resend = 0.0
     while (left := deadline - time.monotonic()) > 0:
-        if not select.select([fd], [], [], left)[0]:
-            break
+        if time.monotonic() >= resend:
+            os.write(fd, discover(xid))
+            resend = time.monotonic() + 1.0
+        if not select.select([fd], [], [], min(left, 1.0))[0]:
+            continue
         ip = dpkt.ethernet.Ethernet(os.read(fd, 70000)).data
         if isinstance(ip, dpkt.ip.IP) and isinstance(ip.data, dpkt.udp.UDP) \
                 and ip.data.sport == 67 and (reply := dpkt.dhcp.DHCP(ip.data.data)).xid == xid:
