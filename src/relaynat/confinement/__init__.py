@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from relaynat.confinement import filesystem, landlock, privileges, seccomp_filter
 from relaynat.confinement.privileges import CAP_NAMES, CAP_NET_RAW, CAP_SYS_ADMIN
 from relaynat.errors import Error
+from relaynat.netns import syscalls
 
 if TYPE_CHECKING:
     from relaynat.guests import Guests
@@ -124,7 +125,7 @@ def confine(*targets: Relay | Guests, runas: str | tuple[int, int] | None = None
             step()
         readable = [fd for relay in relays for fd in relay.prepare_confinement()]
         holds = privileges.permitted()
-        last = privileges.last_capability()
+        last = syscalls.last_capability()
         filesystem.leave_filesystem(privileged=CAP_SYS_ADMIN in holds)
         privileges.drop_bounding_set(keep_set, last)
         if ids is not None:
@@ -135,7 +136,7 @@ def confine(*targets: Relay | Guests, runas: str | tuple[int, int] | None = None
         for relay in relays:
             relay.prepare_raw_icmp()
         privileges.keep_only(keep_set)
-        privileges.set_no_new_privs()
+        syscalls.set_no_new_privs()
         abi = landlock.restrict(readable)
         seccomp_filter.install(on_violation)
     except OSError as exc:

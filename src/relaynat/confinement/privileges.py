@@ -14,14 +14,21 @@ Python's `os` module: they go through libc with ctypes.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import grp
 import os
 import pwd
 from collections.abc import Collection
 
 from relaynat.config import ConfigError
+from relaynat.netns.syscalls import (
+    PR_CAP_AMBIENT,
+    PR_CAP_AMBIENT_CLEAR_ALL,
+    PR_CAPBSET_DROP,
+    PR_SET_KEEPCAPS,
+    capget,
+    capset,
+    prctl,
+)
 
 #: Capability numbers (include/uapi/linux/capability.h) of the ones a relay may keep.
 CAP_KILL = 5
@@ -34,39 +41,8 @@ CAP_NAMES = {CAP_KILL: "CAP_KILL", CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE",
              CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_NET_RAW: "CAP_NET_RAW",
              CAP_SETPCAP: "CAP_SETPCAP", CAP_SYS_ADMIN: "CAP_SYS_ADMIN"}
 
-#: prctl(2) options (include/uapi/linux/prctl.h).
-PR_SET_KEEPCAPS = 8
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-PR_GET_NO_NEW_PRIVS = 39
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
-
-#: capget(2)/capset(2) ABI version 3: two 32-bit words per set.
-_CAP_VERSION_3 = 0x20080522
 #: `nobody`'s ids where the user database has no `nobody` (passt falls back the same).
 NOBODY = (65534, 65534)
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32))
-
-
-def prctl(option: int, arg2: int, what: str) -> int:
-    """prctl(2) with one argument; OSError naming `what` on failure."""
-    result = _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(0),
-                         ctypes.c_ulong(0), ctypes.c_ulong(0))
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl({what}): {os.strerror(err)}")
-    return int(result)
 
 
 def _id_of(kind: str, text: str) -> int:
@@ -120,13 +96,6 @@ def runas_ids(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
     return None if not root else (uid, gid)
 
 
-def last_capability() -> int:
-    """The highest capability number the running kernel knows (read it while /proc
-    is in reach)."""
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        return int(f.read())
-
-
 def drop_bounding_set(keep: Collection[int], last: int) -> None:
     """Drop every capability up to `last` but `keep` from the bounding set and clear
     the ambient set, so that nothing this process could still execute gains one back.
@@ -147,18 +116,9 @@ def drop_ids(uid: int, gid: int) -> None:
     prctl(PR_SET_KEEPCAPS, 0, "PR_SET_KEEPCAPS")
 
 
-def _capget() -> tuple[_CapHeader, ctypes.Array[_CapData]]:
-    header = _CapHeader(_CAP_VERSION_3, 0)
-    data = (_CapData * 2)()
-    if _libc.capget(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capget: {os.strerror(err)}")
-    return header, data
-
-
 def permitted() -> set[int]:
     """The capabilities this thread may hold."""
-    _, data = _capget()
+    data = capget()
     return {32 * word + bit for word, cap in enumerate(data) for bit in range(32)
             if cap.permitted >> bit & 1}
 
@@ -167,18 +127,11 @@ def keep_only(keep: Collection[int]) -> None:
     """Effective and permitted sets become `keep` (those of it this thread holds), the
     inheritable set empty: capset(2) of the calling thread, the only one confinement
     lets run."""
-    header, data = _capget()
+    data = capget()
     mask = sum(1 << number for number in keep)
     for word, cap in enumerate(data):
         cap.permitted &= (mask >> (32 * word)) & 0xFFFFFFFF
         cap.effective = cap.permitted
         cap.inheritable = 0
-    if _libc.capset(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
+    capset(data)
 
-
-def set_no_new_privs() -> None:
-    """no_new_privs: no execve(2) can grant ids or capabilities from now on (and the
-    precondition of an unprivileged seccomp filter and Landlock domain)."""
-    prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")

@@ -144,7 +144,7 @@ def without_io_uring(make: Callable[[], T]) -> T:
 
     def run() -> None:
         try:
-            from relaynat.confinement.privileges import PR_SET_NO_NEW_PRIVS, prctl
+            from relaynat.netns.syscalls import PR_SET_NO_NEW_PRIVS, prctl
 
             prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")  # this thread's only
             flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)

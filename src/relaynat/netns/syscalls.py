@@ -26,8 +26,10 @@ CLONE_NEWNET = 0x40000000
 #: prctl(2) options (include/uapi/linux/prctl.h).
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
+PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
@@ -55,16 +57,39 @@ class _CapHeader(ctypes.Structure):
     _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
 
 
-class _CapData(ctypes.Structure):
+class CapSets(ctypes.Structure):
+    """One 32-bit word of the effective, permitted and inheritable sets (capget(2))."""
+
     _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
                 ("inheritable", ctypes.c_uint32))
 
 
-def _prctl(option: int, arg2: int, what: str) -> None:
-    if _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(0),
-                   ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+def prctl(option: int, arg2: int, what: str) -> int:
+    """prctl(2) with one argument, its result; OSError naming `what` on failure."""
+    result = _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(0),
+                         ctypes.c_ulong(0), ctypes.c_ulong(0))
+    if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({what}): {os.strerror(err)}")
+    return int(result)
+
+
+def capget() -> ctypes.Array[CapSets]:
+    """This thread's capability sets: two words, capabilities 0-31 and 32-63."""
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (CapSets * 2)()
+    if _libc.capget(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capget: {os.strerror(err)}")
+    return data
+
+
+def capset(data: ctypes.Array[CapSets]) -> None:
+    """Set this thread's capability sets to `data` (as `capget` returns them)."""
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
 
 
 def unshare(flags: int) -> None:
@@ -84,21 +109,21 @@ def setns(fd: int, nstype: int = 0) -> None:
 def set_parent_death_signal(signum: int) -> None:
     """prctl(PR_SET_PDEATHSIG): the kernel sends `signum` to this process when its
     parent exits."""
-    _prctl(PR_SET_PDEATHSIG, signum, "PR_SET_PDEATHSIG")
+    prctl(PR_SET_PDEATHSIG, signum, "PR_SET_PDEATHSIG")
 
 
 def set_dumpable() -> None:
     """prctl(PR_SET_DUMPABLE, 1): a process whose ids changed is not dumpable, and its
     /proc/PID files are then root's (proc(5)), its uid_map too, closed to it; execve(2)
     of an ordinary program makes it dumpable again anyway."""
-    _prctl(PR_SET_DUMPABLE, 1, "PR_SET_DUMPABLE")
+    prctl(PR_SET_DUMPABLE, 1, "PR_SET_DUMPABLE")
 
 
 def set_undumpable() -> None:
     """prctl(PR_SET_DUMPABLE, 0): only a process with CAP_SYS_PTRACE over this one's
     user namespace may ptrace it or open its /proc/PID files (ptrace(2)), not one that
     merely has the same uid."""
-    _prctl(PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
+    prctl(PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
 
 
 def map_ids(pid: int | str, inside: tuple[int, int], outside: tuple[int, int]) -> None:
@@ -140,20 +165,14 @@ def limit_capabilities(keep: Collection[int]) -> None:
     changing its ids or sets. Needs CAP_SETPCAP (to drop from the bounding set)."""
     for number in range(last_capability() + 1):
         if number not in keep:
-            _prctl(PR_CAPBSET_DROP, number, f"PR_CAPBSET_DROP {number}")
-    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "PR_CAP_AMBIENT_CLEAR_ALL")
-    header = _CapHeader(_CAP_VERSION_3, 0)
-    data = (_CapData * 2)()
-    if _libc.capget(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capget: {os.strerror(err)}")
+            prctl(PR_CAPBSET_DROP, number, f"PR_CAPBSET_DROP {number}")
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "PR_CAP_AMBIENT_CLEAR_ALL")
+    data = capget()
     mask = sum(1 << number for number in keep)
     for word, cap in enumerate(data):
         cap.inheritable &= (mask >> (32 * word)) & 0xFFFFFFFF
-    if _libc.capset(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
-    _prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
+    capset(data)
+    prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
 
 
 def isolate_network() -> None:
@@ -168,15 +187,11 @@ def isolate_network() -> None:
 
 def set_no_new_privs() -> None:
     """prctl(PR_SET_NO_NEW_PRIVS): nothing this process executes gains privileges."""
-    _prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
+    prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
 
 
 def drop_capabilities() -> None:
     """Clear this process's effective, permitted and inheritable capability sets
     (capset(2)): it keeps its ids but may do nothing a capability allows, in any user
     namespace."""
-    header = _CapHeader(_CAP_VERSION_3, 0)
-    data = (_CapData * 2)()
-    if _libc.capset(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
+    capset((CapSets * 2)())
