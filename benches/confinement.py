@@ -76,6 +76,7 @@ ARMS = ("no-confine", "confine")  # the baseline first: ratios are confine / no-
 CONFINED_TIMEOUT = SETUP_TIMEOUT  # from the guest's link up to Seccomp 2
 GIB = 2**30
 TARGET_PCT = 3.0
+WORKLOADS = (*(f"tcp1_{d}" for d in DIRS), "crr")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -236,10 +237,12 @@ def measure_crr(arm: Arm, opts: WorkloadOptions, syscalls: bool) -> Figures:
     return out
 
 
-def workloads(opts: WorkloadOptions, syscalls: bool) -> list[tuple[str, Callable[[Arm], Figures]]]:
-    return [*((f"tcp1_{d}", lambda arm, d=d: measure_tcp(arm, d, opts, syscalls))
-              for d in DIRS),
-            ("crr", lambda arm: measure_crr(arm, opts, syscalls))]
+def workloads(opts: WorkloadOptions, syscalls: bool, only: set[str],
+              ) -> list[tuple[str, Callable[[Arm], Figures]]]:
+    plan: list[tuple[str, Callable[[Arm], Figures]]] = [
+        *((f"tcp1_{d}", lambda arm, d=d: measure_tcp(arm, d, opts, syscalls)) for d in DIRS),
+        ("crr", lambda arm: measure_crr(arm, opts, syscalls))]
+    return [(name, fn) for name, fn in plan if name in only]
 
 
 def run_rounds(a: argparse.Namespace, opts: WorkloadOptions,
@@ -252,7 +255,7 @@ def run_rounds(a: argparse.Namespace, opts: WorkloadOptions,
         with relay(order[0], a.mtu, a.verbose) as first, \
                 relay(order[1], a.mtu, a.verbose) as second:
             arms = (first, second)
-            for wname, measure in workloads(opts, a.syscalls):
+            for wname, measure in workloads(opts, a.syscalls, a.workloads):
                 for arm in arms:
                     t0 = time.monotonic()
                     got = measure(arm)
@@ -349,11 +352,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mtu", type=int, default=65520)
     p.add_argument("--syscalls", action="store_true",
                    help="count the relay's system calls (perf stat) per GiB and connection")
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help=f"comma-separated, of {','.join(WORKLOADS)}")
     p.add_argument("--json", type=Path, help="write every figure to this file")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     if a.duration < 1 or a.rounds < 1 or a.omit < 0:
         p.error("need --duration >= 1, --rounds >= 1, --omit >= 0")
+    a.workloads = {w.strip() for w in a.workloads.split(",") if w.strip()}
+    if not a.workloads or a.workloads - set(WORKLOADS):
+        p.error(f"unknown workloads {sorted(a.workloads - set(WORKLOADS))}")
     return a
 
 
@@ -399,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "benches/confinement.py", "argv": sys.argv, "started": started,
             "finished": time.time(), "loadavg_start": load0, "loadavg_end": load1,
             "src": git_head(), "kernel": platform.release(), "cpus": os.cpu_count(),
-            "options": vars(a) | {"json": str(a.json)}, "figures": figures,
-            "summary": summary, "table": lines}, indent=2) + "\n")
+            "options": vars(a) | {"json": str(a.json), "workloads": sorted(a.workloads)},
+            "figures": figures, "summary": summary, "table": lines}, indent=2) + "\n")
     return 0
 
 
