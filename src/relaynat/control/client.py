@@ -4,6 +4,11 @@ Each command sends one request (control/server.py describes the protocol) and pr
 answer readably, or as the raw JSON line with `--json`. Exit status: 0 on success,
 1 when the relay answers with an error (its `desc` is printed) or cannot be reached,
 2 on bad usage.
+
+`export`, `import` and `handover` open their path here, with the rights of whoever runs
+`relaynat ctl`, and pass the descriptor with the request (`call`'s `fd`): the flows
+file, or a socket connected to the new relay's --receive-handover socket. A confined
+relay opens no path itself.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import os
 import socket
 import sys
 import tomllib
+from collections.abc import Callable
 from ipaddress import ip_address
 from typing import Any
 
 from relaynat.config import ConfigError
+from relaynat.errors import Error
 from relaynat.policy import loads_json
 from relaynat.portspec import parse_portspec
 
@@ -138,17 +145,18 @@ def build_request(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             arguments["policy"] = _read_policy(args.source, parser)
         return {"execute": "set_policy", "arguments": arguments}
     if cmd == "handover":
-        return {"execute": "handover", "arguments": {"to": args.to}}
+        return {"execute": "handover", "arguments": {"to": args.to, "fd": True}}
     return {"execute": {"list": "list_hostfwd", "stats": "stats", "flows": "flows",
                         "names": "names"}[cmd]}
 
 
 def _flow_request(args: argparse.Namespace) -> dict[str, Any] | None:
     """The request of a flow-moving command; None for the others. The file's path is
-    made absolute here: the relay's working directory is not ours."""
+    made absolute here (it names the file in answers; the file itself is passed)."""
     cmd = args.ctl_cmd
     if cmd in ("export", "import"):
-        return {"execute": f"{cmd}_flows", "arguments": {"file": os.path.abspath(args.file)}}
+        return {"execute": f"{cmd}_flows", "arguments": {"file": os.path.abspath(args.file),
+                                                          "fd": True}}
     if cmd == "release":
         return {"execute": "release_exported", "arguments": {"reset": args.reset}}
     if cmd == "quit":
@@ -172,19 +180,57 @@ def _read_policy(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     return data
 
 
-def call(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+def call(path: str, request: dict[str, Any], timeout: float = 10.0,
+         fd: Callable[[], int] | None = None) -> dict[str, Any]:
     """Send one request, return the decoded answer ({"return": ...} or {"error": ...}).
-    Raises OSError when the socket cannot be reached or answers nothing usable."""
+    Raises OSError when the socket cannot be reached or answers nothing usable.
+
+    `fd`: opens the descriptor a request whose arguments say `"fd": true` passes;
+    called once the relay asks for it (`send_fd`, control/server.py), so that nothing
+    is created or connected to for a request the relay refuses; the descriptor is
+    closed once passed. A relay from before descriptors were passed refuses the
+    argument: the request is then sent again without it (the relay opens the path).
+    An error `fd` raises (Refused) closes the connection, which the relay takes as the
+    request withdrawn."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
         sock.sendall(json.dumps(request).encode() + b"\n")
-        answer = bytearray()
-        while not answer.endswith(b"\n") and len(answer) < _MAX_ANSWER:
-            chunk = sock.recv(1 << 16)
-            if not chunk:
-                break
-            answer += chunk
+        decoded = _answer(sock, path)
+        if fd is None:
+            return decoded
+        if decoded == {"send_fd": True}:
+            passed = fd()
+            try:
+                socket.send_fds(sock, [b"\0"], [passed])
+            finally:
+                os.close(passed)
+            return _answer(sock, path)
+        if _refuses_fd(request, decoded):
+            arguments = {k: v for k, v in request["arguments"].items() if k != "fd"}
+            sock.sendall(json.dumps(request | {"arguments": arguments}).encode() + b"\n")
+            return _answer(sock, path)
+        return decoded
+
+
+def _refuses_fd(request: dict[str, Any], answer: dict[str, Any]) -> bool:
+    """The answer of a relay that takes no descriptor (control/server.py's argument
+    check, before descriptors were passed)."""
+    error = answer.get("error")
+    desc = error.get("desc") if isinstance(error, dict) else None
+    return isinstance(desc, str) and desc.startswith(
+        f"{request['execute']}: unknown argument 'fd'")
+
+
+def _answer(sock: socket.socket, path: str) -> dict[str, Any]:
+    """One answer line. The relay sends nothing unasked, so the bytes read end with
+    the line."""
+    answer = bytearray()
+    while not answer.endswith(b"\n") and len(answer) < _MAX_ANSWER:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        answer += chunk
     try:
         decoded = json.loads(answer)
     except ValueError:
@@ -192,6 +238,69 @@ def call(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str,
     if not isinstance(decoded, dict):
         raise OSError(f"no usable answer from {path}")
     return decoded
+
+
+class Refused(Error, Exception):
+    """The path of a command cannot be opened here; the message says which and why."""
+
+
+class _Opener:
+    """Opens, with our rights (module docstring), the descriptor a command passes:
+    export's temporary file (`tmp`, renamed over the file once the relay answered: the
+    file never holds half a document), import's file, or a socket connected to the new
+    relay of a handover. `opened`: whether it was asked for (not by a relay that
+    opens the path itself)."""
+
+    def __init__(self, args: argparse.Namespace, request: dict[str, Any]) -> None:
+        self.cmd = args.ctl_cmd
+        self.timeout = args.timeout
+        arguments = request["arguments"]
+        self.path = arguments["to"] if self.cmd == "handover" else arguments["file"]
+        self.tmp = f"{self.path}.{os.getpid()}.tmp"
+        self.opened = False
+
+    def __call__(self) -> int:
+        self.opened = True
+        if self.cmd == "export":
+            try:
+                return os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               0o600)
+            except OSError as exc:
+                self.opened = False
+                raise Refused(f"cannot create {self.tmp}: {exc.strerror}") from None
+        try:
+            if self.cmd == "import":
+                # O_NONBLOCK: opening a FIFO nobody writes would block until someone
+                # does (the relay refuses what is not a regular file).
+                return os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self.path)
+            except OSError:
+                sock.close()
+                raise
+            return sock.detach()
+        except OSError as exc:
+            verb = "read" if self.cmd == "import" else "connect to"
+            raise Refused(f"cannot {verb} {self.path}: {exc.strerror or exc}") from None
+
+    def finish(self, answer: dict[str, Any] | None) -> str | None:
+        """After an export's answer (None: none came): the document renamed into place,
+        or the temporary file removed; an error to print, or None."""
+        if self.cmd != "export" or not self.opened:
+            return None
+        if answer is None:
+            return f"no answer: the document, if the relay wrote it, is in {self.tmp}"
+        try:
+            if "error" in answer:
+                os.unlink(self.tmp)
+            else:
+                os.replace(self.tmp, self.path)
+        except OSError as exc:
+            return (f"the document is in {self.tmp}: it could not be moved to {self.path}: "
+                    f"{exc.strerror}")
+        return None
 
 
 def _peer(end: list[Any] | None) -> str:
@@ -309,10 +418,21 @@ def main(args: argparse.Namespace) -> int:
             print(f"relaynat ctl: {args.socket}: {exc.strerror or exc}", file=sys.stderr)
             return 1
     request = build_request(args, args.ctl_parser)
+    opener = _Opener(args, request) if request.get("arguments", {}).get("fd") else None
     try:
-        answer = call(args.socket, request, args.timeout)
+        answer = call(args.socket, request, args.timeout, opener)
+    except Refused as exc:
+        print(f"relaynat ctl: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"relaynat ctl: {args.socket}: {exc.strerror or exc}", file=sys.stderr)
+        failed = opener.finish(None) if opener is not None else None
+        if failed is not None:
+            print(f"relaynat ctl: {failed}", file=sys.stderr)
+        return 1
+    failed = opener.finish(answer) if opener is not None else None
+    if failed is not None:
+        print(f"relaynat ctl: {failed}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(answer))

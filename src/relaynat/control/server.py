@@ -18,6 +18,30 @@ then exits).
 A request that cannot be served gets `{"error": {"desc": "..."}}` saying why, and the
 connection stays usable.
 
+Passing a descriptor (export_flows, import_flows, handover): a confined relay can open
+no path (docs/confinement.md), so `relaynat ctl`, which runs with the operator's
+rights, opens the flows file or connects to the new relay's socket itself and passes
+the descriptor; the relay then uses it and never the path (`file`/`to` only name it in
+answers and logs). The exchange, one descriptor per request::
+
+    -> {"execute": "export_flows", "arguments": {"file": PATH, "fd": true}}
+    <- {"send_fd": true}
+    -> one byte (any value) with the descriptor attached (SCM_RIGHTS), nothing else
+    <- {"return": ...} or {"error": ...}
+
+The relay stops reading the connection before it sends `send_fd` and takes the byte
+with recvmsg(2) itself: the stream transport's own reads (uvloop's and asyncio's alike)
+have no room for ancillary data, and the kernel would close a descriptor that came
+with a byte they read. So the client must send the byte only after `send_fd`. A request
+that fails its checks is answered with its error instead of `send_fd`, and nothing is
+to be sent. The descriptor must be of the command's kind (a regular file opened for
+writing, for reading, a connected unix seqpacket socket), else the error says so and
+the connection serves on; a byte that comes without exactly one descriptor, or none
+within `idle_timeout_s`, is answered with an error and the connection is closed (what
+the client sends next cannot be told apart from the descriptor's byte). A path without
+`fd` is opened or connected to by the relay itself, as before: what an unconfined
+relay still takes from older clients.
+
 Bounds, so that no client can hurt the relay: a line longer than `max_line` bytes gets
 an error and the connection is closed; a client silent (or half-way through a line)
 for `idle_timeout_s`, or not reading its answers for as long, is closed; at most
@@ -47,7 +71,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from ipaddress import ip_address
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from relaynat.config import ConfigError, unique_keys
 from relaynat.control import flows_file
@@ -71,6 +95,9 @@ MAX_CLIENTS = 16
 #: Requests per connection before it is closed (a client simply reconnects); bounds
 #: the serving loop.
 MAX_REQUESTS = 1 << 20
+#: Descriptors taken with the byte that should carry one: more than one is refused, and
+#: any beyond this many are closed by the kernel (MSG_CTRUNC).
+_MAX_PASSED = 4
 
 
 class RequestError(Error, Exception):
@@ -95,7 +122,7 @@ _SPECS: dict[str, _Spec] = {
     "set_policy": {"policy": ((dict, type(None)), False), "sandbox": ((bool,), False),
                    "cut": ((bool,), False)},
     **flows_file.SPECS,
-    "handover": {"to": ((str,), True)},
+    "handover": {"to": ((str,), True), "fd": ((bool,), False)},
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
                type(None): "null"}
@@ -142,9 +169,10 @@ class ControlServer:
     serves, `close()` stops and removes the socket file. `sock`: serve this listening
     socket on `path` instead (taken over from another process, moving/handover.py).
 
-    `on_handover(to)`, when set, serves the handover command; `handed_over` is set once
-    its answer was sent, and `close(unlink=False)` then leaves the socket file to the
-    relay that took over."""
+    `on_handover(to, fd=...)`, when set, serves the handover command (`fd`: the
+    connected socket a client passed, else None: connect to the path `to`);
+    `handed_over` is set once its answer was sent, and `close(unlink=False)` then leaves
+    the socket file to the relay that took over."""
 
     def __init__(self, path: str, *, idle_timeout_s: float = IDLE_TIMEOUT_S,
                  max_clients: int = MAX_CLIENTS, max_line: int = MAX_LINE,
@@ -156,7 +184,7 @@ class ControlServer:
         self.max_clients = max_clients
         self.max_line = max_line
         self._sock = sock or bind_unix_listener(path, backlog=max_clients)
-        self.on_handover: Callable[[str], Awaitable[object]] | None = None
+        self.on_handover: Callable[..., Awaitable[object]] | None = None
         self.handed_over = asyncio.Event()
         self._handing_over: set[asyncio.Task[Any] | None] = set()
         self._importing = asyncio.Lock()
@@ -187,7 +215,7 @@ class ControlServer:
         # it is read and parsed, and `max_clients` of them at once would be a lot more.
         async with self._importing:
             try:
-                answer = await flows_file.import_from(relay, args["file"])
+                answer = await flows_file.import_from(relay, args["file"], args.get("fd"))
             except flows_file.FlowFileError as exc:
                 raise RequestError(f"import_flows: {exc}") from None
         attach, self.after_import = self.after_import, None
@@ -206,9 +234,9 @@ class ControlServer:
         """The listening socket (for the relay that takes over)."""
         return self._sock
 
-    async def _handover_answered(self, to: str) -> object:
+    async def _handover_answered(self, to: str, fd: int | None) -> object:
         assert self.on_handover is not None
-        result = await self.on_handover(to)
+        result = await self.on_handover(to, fd=fd)
         # This connection's task sets handed_over once the answer is out.
         self._handing_over.add(asyncio.current_task())
         return result
@@ -217,7 +245,7 @@ class ControlServer:
         if self.on_handover is None:
             raise RequestError("handover: this relay cannot hand over (relaynat run or "
                                "serve with --socket, or a --fd stream socket, or a TAP)")
-        return self._handover_answered(args["to"])
+        return self._handover_answered(args["to"], args.get("fd"))
 
     async def start(self, relay: Relay) -> None:
         self._relay = relay
@@ -280,9 +308,14 @@ class ControlServer:
                 return
             if not line.strip():
                 continue
-            answer = await self.answer(line)
+            passing = _Passing(writer, timeout)
+            answer = await self.answer(line, passing.receive)
+            if passing.closed:
+                return
             writer.write(answer)
             await asyncio.wait_for(writer.drain(), timeout)
+            if passing.broken:
+                return  # the exchange of a descriptor went wrong: out of step
             if answer == _WATCHING:
                 await self._watch(reader, writer)
                 return
@@ -328,18 +361,21 @@ class ControlServer:
             if following is not None:
                 following.cancel()
 
-    async def answer(self, line: bytes) -> bytes:
+    async def answer(self, line: bytes,
+                     receive_fd: Callable[[str], Awaitable[int]] | None = None) -> bytes:
         """One request line -> one answer line, waiting for a command that takes time
-        (handover); never raises."""
+        (handover); never raises. `receive_fd(command)`: takes the descriptor a request
+        announces (`"fd": true`; the module docstring), None where none can come."""
         try:
-            result = self._request(line)
+            result = self._request(line, receive_fd)
             if inspect.isawaitable(result):
                 result = await result
         except Exception as exc:
             return _failure(exc)
         return _line({"return": result})
 
-    def _request(self, line: bytes) -> object:
+    def _request(self, line: bytes,
+                 receive_fd: Callable[[str], Awaitable[int]] | None = None) -> object:
         try:
             # UTF-8 only: json.loads on bytes would guess UTF-16/32 from the first bytes.
             request = json.loads(line.decode().rstrip("\r\n"), object_pairs_hook=unique_keys)
@@ -365,7 +401,104 @@ class ControlServer:
         args = _check_arguments(command, request.get("arguments"))
         if self._relay is None:
             raise RequestError("the relay is not running")
+        if args.pop("fd", False):
+            if receive_fd is None:
+                raise RequestError(f"{command}: no descriptor can be passed here")
+            return _with_descriptor(command, handler, self._relay, args, receive_fd)
         return handler(self._relay, args)
+
+
+async def _with_descriptor(command: str, handler: Callable[[Relay, dict[str, Any]], object],
+                           relay: Relay, args: dict[str, Any],
+                           receive_fd: Callable[[str], Awaitable[int]]) -> object:
+    """`handler` with the descriptor the client passes as `args["fd"]`; the descriptor
+    is the server's: closed once the command is done, whatever it did."""
+    fd = await receive_fd(command)
+    try:
+        result = handler(relay, {**args, "fd": fd})
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+    finally:
+        os.close(fd)
+
+
+class _DescriptorLost(RequestError):
+    """The byte that should carry a descriptor did not (or nothing came): answered,
+    and the connection is closed."""
+
+
+class _Passing:
+    """Taking one descriptor on a control connection (the module docstring): reading
+    stops, `send_fd` goes out, the byte and its descriptor are taken with recvmsg on a
+    duplicate of the connection's socket, and reading resumes. `broken`: the exchange
+    failed and the connection is to be closed after the error answer; `closed`: the
+    client went away instead."""
+
+    def __init__(self, writer: asyncio.StreamWriter, timeout: float) -> None:
+        self.writer = writer
+        self.timeout = timeout
+        self.broken = False
+        self.closed = False
+
+    async def receive(self, command: str) -> int:
+        # uvloop's transports are not asyncio.ReadTransport subclasses, though they
+        # have its methods: the stream writer's transport is typed WriteTransport.
+        transport = cast("asyncio.ReadTransport", self.writer.transport)
+        own = self.writer.get_extra_info("socket")
+        if own is None:
+            raise RequestError(f"{command}: no descriptor can be passed here")
+        transport.pause_reading()
+        try:
+            self.writer.write(_line({"send_fd": True}))
+            await asyncio.wait_for(self.writer.drain(), self.timeout)
+            with socket.socket(fileno=os.dup(own.fileno())) as sock:
+                try:
+                    data, fds, flags = await asyncio.wait_for(_recv_fds(sock), self.timeout)
+                except TimeoutError:
+                    self.broken = True
+                    raise _DescriptorLost(f"{command}: no descriptor came within "
+                                          f"{self.timeout:g} s of send_fd") from None
+        finally:
+            if not transport.is_closing():
+                transport.resume_reading()
+        if not data:
+            self.closed = True
+            raise _DescriptorLost(f"{command}: the client closed before passing a descriptor")
+        if len(fds) == 1 and not flags & socket.MSG_CTRUNC:
+            return fds[0]
+        for fd in fds:
+            os.close(fd)
+        self.broken = True
+        raise _DescriptorLost(f"{command}: one descriptor must come with the byte after "
+                              f"send_fd, {len(fds) or 'none'} came"
+                              f"{' (and more were cut)' if flags & socket.MSG_CTRUNC else ''}"
+                              "; closing")
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():  # a reader may fire again before the wait returns
+        future.set_result(None)
+
+
+async def _recv_fds(sock: socket.socket) -> tuple[bytes, list[int], int]:
+    """One byte and the descriptors with it, from `sock` (non-blocking), waiting on the
+    loop for it to be readable. MSG_CMSG_CLOEXEC: nothing this process starts inherits
+    a passed descriptor."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            data, fds, flags, _ = socket.recv_fds(
+                sock, 1, _MAX_PASSED, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+            return data, fds, flags
+        except (BlockingIOError, InterruptedError):
+            pass
+        readable: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(sock.fileno(), _settle, readable)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(sock.fileno())
 
 
 def _watch(relay: Relay, args: dict[str, Any]) -> object:
@@ -454,7 +587,7 @@ def _set_policy(relay: Relay, args: dict[str, Any]) -> object:
 
 def _export_flows(relay: Relay, args: dict[str, Any]) -> object:
     try:
-        return flows_file.export_to(relay, args["file"])
+        return flows_file.export_to(relay, args["file"], args.get("fd"))
     except flows_file.FlowFileError as exc:
         raise RequestError(f"export_flows: {exc}") from None
 

@@ -3,8 +3,12 @@ connections kept (`relaynat ctl handover`): to upgrade relaynat or change its
 configuration under a running guest.
 
 The new relay (B) waits on a unix seqpacket socket (`Receiver`, `relaynat serve
---receive-handover PATH`, mode 0600, only its own user or root may connect). The
-running one (A, `Source`) connects and:
+--receive-handover PATH`, mode 0600, only its own user or root may connect).
+`relaynat ctl handover --to PATH` connects to it, with the operator's rights, and
+passes the connected socket to the running relay (A, `Source`) over A's control
+socket (control/server.py: a confined relay can connect to no path); A then, on that
+socket (or on one it connects itself, given only the path: an unconfined relay asked
+by an older client):
 
 1. offers: ``{"offer": {"format", "version", "relaynat", "addressing", "transport"}}``
    (``transport``: the kind of A's guest link, or null; relays before the unixgram and
@@ -205,6 +209,30 @@ def recv_document(sock: socket.socket, fds: list[int]) -> bytes:
 
 # -- the running relay's side -------------------------------------------------------------
 
+def _connected(fd: int, path: str) -> socket.socket:
+    """A socket object on the passed descriptor `fd` (to detach, not close, after):
+    HandoverError unless it is a unix seqpacket socket connected to a peer."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise HandoverError(f"the descriptor passed for {path} is not a socket "
+                            f"({exc.strerror}): pass one connected to the new relay's "
+                            "--receive-handover socket") from None
+    try:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+            raise HandoverError(f"the socket passed for {path} is not a unix seqpacket "
+                                "socket (a --receive-handover socket is one)")
+        sock.getpeername()  # ENOTCONN for a socket never connected
+    except OSError as exc:
+        sock.detach()
+        raise HandoverError(f"the socket passed for {path} is not connected "
+                            f"({exc.strerror})") from None
+    except HandoverError:
+        sock.detach()
+        raise
+    return sock
+
+
 @dataclass
 class _Held:
     """What a relay took out of service for a handover: to give back, or let go."""
@@ -234,33 +262,41 @@ class Source:
         self.done = False
         self._busy = False
 
-    async def hand_over(self, path: str, timeout: float = TIMEOUT_S) -> dict[str, Any]:
+    async def hand_over(self, path: str, timeout: float = TIMEOUT_S, *,
+                        fd: int | None = None) -> dict[str, Any]:
         """Hand everything to the relay waiting at `path`; returns what moved and what
-        did not. Raises HandoverError (and serves on) when it did not happen."""
+        did not. Raises HandoverError (and serves on) when it did not happen. `fd`: a
+        socket already connected to it (passed by `relaynat ctl`; it stays the
+        caller's to close), `path` then only names it."""
         if self.done or self._busy:
             raise HandoverError("a handover is already done or under way")
         try:
             kind = handover_transport.kind_of(self.relay.transport)
         except TypeError as exc:
             raise HandoverError(str(exc)) from None
+        sock = _connected(fd, path) if fd is not None else socket.socket(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._busy = True
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.settimeout(timeout)
         try:
-            return await self._hand_over(sock, path, kind)
+            return await self._hand_over(sock, path, kind, connect=fd is None)
         except OSError as exc:
             raise HandoverError(f"{path}: {exc.strerror or exc}") from None
         finally:
-            sock.close()
+            if fd is None:
+                sock.close()
+            else:
+                sock.detach()
             self._busy = False
 
-    async def _hand_over(self, sock: socket.socket, path: str,
-                         kind: str | None) -> dict[str, Any]:
+    async def _hand_over(self, sock: socket.socket, path: str, kind: str | None,
+                         connect: bool = True) -> dict[str, Any]:
         offer = {"format": FORMAT, "version": VERSION, "relaynat": __version__,
                  "addressing": addressing_of(self.relay.config), "transport": kind}
 
         def offer_it() -> Any:
-            sock.connect(path)
+            if connect:
+                sock.connect(path)
             send_message(sock, {"offer": offer})
             return _answer(sock, "ready")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -264,8 +265,14 @@ def _check_parts(doc: dict[str, Any], flows: list[LiveFlowState], check: _Checke
         raise HandoverError("stats: not counters")
     if doc["command"] is not None:
         fd = check.index(doc["command"]["fd"], "command")
-        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[pidfd]":
-            raise HandoverError("command: descriptor is not a pidfd")
+        # Signal 0 only checks: EBADF for a descriptor that is not a pidfd (its
+        # process gone, ESRCH, is a pidfd still). Not /proc/self/fd: a confined relay
+        # has no /proc.
+        try:
+            signal.pidfd_send_signal(fd, 0)
+        except OSError as exc:
+            if exc.errno not in (errno.ESRCH, errno.EPERM):
+                raise HandoverError("command: descriptor is not a pidfd") from None
     mac = doc["guest"]["mac"]
     if mac is not None and len(bytes.fromhex(mac.replace(":", ""))) != 6:
         raise HandoverError(f"guest mac {mac!r}")
