@@ -464,6 +464,11 @@ class Relay(RelayDispatch, RelayMoving):
         self._stream = StreamServer(self, path, listener, self._loop)
         return self._stream
 
+    @property
+    def stream_server(self) -> StreamServer | None:
+        """What `serve_stream` serves (None: nothing), its listening socket among it."""
+        return self._stream
+
     @in_guest_scope
     def attach_stream_fd(self, fd: int) -> StreamTransport:
         """Serve an already-connected qemu stream socket (`--fd N`)."""

@@ -39,6 +39,8 @@ from relaynat.transports.interface import InterfaceError, InterfaceTransport
 
 if TYPE_CHECKING:
     from relaynat.audit import AuditLog
+    from relaynat.confinement.janitor import Janitor
+    from relaynat.moving.handover_receive import Taken
     from relaynat.netns.join import JoinTarget
     from relaynat.netns.ns_sockets import NamespaceSockets
     from relaynat.relay import Relay
@@ -123,9 +125,12 @@ def _kept_capabilities(args: argparse.Namespace) -> list[str]:
     if os.geteuid() != 0:
         return []
     keep = []
-    if args.control_socket or getattr(args, "incoming", False):
+    if (args.control_socket or getattr(args, "incoming", False)
+            or getattr(args, "receive_handover", None)):
         # ctl export/import (and serve --incoming) put sockets in TCP_REPAIR mode;
         # ctl add_hostfwd may bind a port below net.ipv4.ip_unprivileged_port_start.
+        # A relay that receives a handover confines itself before it learns whether a
+        # control socket comes with it, and capabilities cannot be had back after.
         keep += ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"]
     if (args.cmd == "run" and args.command) or getattr(args, "receive_handover", None):
         # The namespace's outer process (netns/child.py) runs as root: passing signals
@@ -140,17 +145,29 @@ def _forbidden_call() -> None:
     socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close()
 
 
+def _socket_paths(args: argparse.Namespace) -> list[str]:
+    """The socket files the options had this process bind."""
+    paths = (args.control_socket, getattr(args, "socket", None),
+             getattr(args, "unixgram", None), getattr(args, "receive_handover", None))
+    return [path for path in paths if path]
+
+
 def confine_relay(args: argparse.Namespace, *relays: Relay) -> None:
     """Confine this process (relaynat.confinement) now that the relays' guests,
     sockets and files are set up, if --confine; ConfinementError if it could not be
-    done (the relay must not serve then)."""
+    done (the relay must not serve then). A confined relay cannot remove its socket
+    files: the janitor forked first (confinement/janitor.py) removes them once this
+    process has exited (`args.janitor`)."""
     if not args.confine:
         return
     from relaynat.confinement import confine
+    from relaynat.confinement.janitor import Janitor
 
     threads: LoopThreads | None = getattr(args, "loop_threads", None)
     if threads is not None:
         threads.stop()
+    # Forked while the process has one thread and still its privileges and paths.
+    args.janitor = Janitor.start(_socket_paths(args))
     # Tracing the allowlist: the kernel logs a call outside it and lets it run.
     action = "log" if os.environ.get(TRACE_ENV) else "kill"
     done = confine(*relays, runas=args.runas, keep=_kept_capabilities(args),
@@ -159,6 +176,33 @@ def confine_relay(args: argparse.Namespace, *relays: Relay) -> None:
     delay = os.environ.get(FORBIDDEN_CALL_ENV)
     if delay:
         asyncio.get_running_loop().call_later(float(delay), _forbidden_call)
+
+
+def _unlink_on_close(args: argparse.Namespace, path: str, handed: bool) -> bool:
+    """Whether closing the socket bound at `path` removes its file here: not after a
+    handover (the path is the new relay's), and never confined (the filesystem is out
+    of reach: the janitor removes it at exit, and is told to leave it if handed)."""
+    janitor: Janitor | None = getattr(args, "janitor", None)
+    if janitor is None:
+        return not handed
+    if handed:
+        janitor.release(path)
+    return False
+
+
+def _register_taken(args: argparse.Namespace, relay: Relay, taken: Taken) -> None:
+    """The socket files a handover gave this relay are removed at its exit too: its
+    janitor is sent each bound socket with its path (it checks they match)."""
+    janitor: Janitor | None = getattr(args, "janitor", None)
+    if janitor is None:
+        return
+    if taken.control is not None:
+        janitor.register(taken.control.path, taken.control.sock)
+    stream = relay.stream_server
+    if taken.stream_path is not None and stream is not None:
+        janitor.register(taken.stream_path, stream.sock)
+    if taken.unixgram is not None:
+        janitor.register(taken.unixgram.path, taken.unixgram.sock)
 
 
 async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
@@ -179,18 +223,25 @@ async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
         await asyncio.wait({taking, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         receiver.close()
+        janitor: Janitor | None = getattr(args, "janitor", None)
+        if janitor is not None:
+            janitor.remove(args.receive_handover)
         if not taking.done():
             taking.cancel()
         else:
             taken = taking.result()
+            _register_taken(args, relay, taken)
             handed = (await serve_taken(relay, taken, stop)).done
             if taken.control is not None:
-                taken.control.close(unlink=not handed)
-            if taken.stream_path is not None and not handed:
+                taken.control.close(unlink=_unlink_on_close(args, taken.control.path,
+                                                            handed))
+            if (taken.stream_path is not None
+                    and _unlink_on_close(args, taken.stream_path, handed)):
                 with contextlib.suppress(OSError):
                     os.unlink(taken.stream_path)
             if taken.unixgram is not None:
-                taken.unixgram.close(unlink=not handed)
+                taken.unixgram.close(unlink=_unlink_on_close(args, taken.unixgram.path,
+                                                             handed))
             transport_stats = taken.transport_stats
         if args.stats:
             _print_stats({**relay.stats(), **transport_stats()})
@@ -224,7 +275,8 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
             log.info("listening on %s", args.socket)
             confine_relay(args, relay)
             await stop.wait()
-            if os.path.exists(args.socket) and not handed.is_set():
+            if (_unlink_on_close(args, args.socket, handed.is_set())
+                    and os.path.exists(args.socket)):
                 os.unlink(args.socket)
         elif args.unixgram:
             server = source.unixgram = serve_unixgram(relay, args.unixgram)
@@ -232,7 +284,8 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
             log.info("bound %s", args.unixgram)
             confine_relay(args, relay)
             await stop.wait()
-            server.close(unlink=not handed.is_set())  # else the path is the new relay's
+            # After a handover the path is the new relay's.
+            server.close(unlink=_unlink_on_close(args, args.unixgram, handed.is_set()))
         else:
             attached: list[Callable[[], dict[str, int]]] = []
 
@@ -251,7 +304,7 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
             extra_stats = attached[0] if attached else dict
         watch.cancel()
         if control is not None:
-            control.close(unlink=not handed.is_set())
+            control.close(unlink=_unlink_on_close(args, control.path, handed.is_set()))
         if args.stats:
             _print_stats({**relay.stats(), **extra_stats()})
     return 0
@@ -438,7 +491,7 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
             if handed:  # the command is the new relay's: the handover was answered
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(control.handed_over.wait(), 5)
-            control.close(unlink=not handed)
+            control.close(unlink=_unlink_on_close(args, control.path, bool(handed)))
     if args.stats and holder:
         _print_stats(holder[0].stats())
     return code
@@ -497,7 +550,8 @@ async def _run_joined(config: RelayConfig, args: argparse.Namespace, policy: Pol
             await until_stopped(relay, stop)
             watch.cancel()
             if control is not None:
-                control.close(unlink=not handed.is_set())
+                control.close(unlink=_unlink_on_close(args, control.path,
+                                                      handed.is_set()))
             if args.stats:
                 _print_stats(relay.stats())
     finally:
@@ -657,3 +711,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             target.close()
         if args.audit:
             args.audit_log.close()
+        janitor: Janitor | None = getattr(args, "janitor", None)
+        if janitor is not None:  # the sockets are closed: their files go now
+            janitor.finish()

@@ -1,0 +1,348 @@
+"""The janitor: a small process that removes a confined relay's socket files once the
+relay has exited, however it exited.
+
+A confined relay cannot remove the socket files it bound (the control socket, `serve
+--socket`, `--unixgram`): it has left the filesystem, and as `nobody` it could not
+write their directories anyway. So before it confines itself the relay forks the
+janitor (`Janitor.start`), which keeps the privileges and the filesystem the relay had
+and waits on a socket pair for the relay's end to close: end of file comes when the
+relay's last descriptor of it is closed, that is when the relay exits, cleanly or
+killed (SIGKILL, its seccomp filter). It then waits for the relay to be gone (its
+pidfd: by then the kernel has released every socket the relay held) and removes each
+socket file it was given, unless
+
+- the path is no longer the file recorded (device and inode): a new relay has bound
+  the same path since (the stale-file logic of transports/stream.py and unixgram.py
+  replaces a file nobody serves), and its file is not ours to remove;
+- a live socket is still bound to the file (unix_diag of the kernel, `UDIAG_SHOW_VFS`):
+  another process serves it, as the new relay after a handover;
+- the relay released it (`release`: after a handover the path is the new relay's).
+
+Trust: the janitor is root and the relay it serves is the process confinement
+assumes may be taken over by the guest, so nothing the relay says can make the janitor
+remove more than the relay's own files. The paths given to `start` are recorded in the
+janitor's memory by the fork, before the relay has read anything from the guest.
+Later (`register`, a relay that took over another's sockets in a handover) the relay
+must send the bound socket itself with the path (SCM_RIGHTS): the janitor asks the
+kernel which file that socket is bound to and records the path only if it names that
+file. `release` only ever removes a path from the list.
+
+What the janitor gives up: every descriptor but its socket pair, the relay's pidfd and
+stderr (it must not hold the guest's TAP or socket, nor a listening socket, which would
+go on accepting); every capability but CAP_DAC_OVERRIDE and CAP_FOWNER (removing a
+file in a directory another user owns, or in a sticky directory such as /tmp);
+no_new_privs. It ignores SIGINT, SIGQUIT, SIGTERM and SIGHUP: a terminal's ^C, a
+hangup or a service manager's SIGTERM reach the relay's whole process group, and the
+janitor must outlive the relay they end. It stays in the relay's process group and
+session (no setsid): whoever kills the whole group with SIGKILL means to end it all.
+It does not use PR_SET_PDEATHSIG: the end of file is the signal, and it comes only once
+the relay's descriptors are closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+from collections.abc import Iterable
+from typing import NoReturn
+
+from relaynat.confinement import privileges
+from relaynat.netns import syscalls
+
+#: Capability numbers (include/uapi/linux/capability.h).
+CAP_DAC_OVERRIDE = 1
+CAP_FOWNER = 3
+#: What the janitor keeps: removing a file in another user's directory
+#: (CAP_DAC_OVERRIDE) or another user's file in a sticky directory (CAP_FOWNER).
+KEEP = (CAP_DAC_OVERRIDE, CAP_FOWNER)
+#: The signals that end a relay cleanly, sent to its process group by a terminal or a
+#: service manager: the janitor must outlive the relay they end.
+IGNORED = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
+#: How long the janitor waits, after the end of file, for the relay's process to be
+#: gone (its descriptors, and so its sockets, released) before it looks anyway.
+EXIT_WAIT_S = 10.0
+
+_REGISTER = b"register"
+_RELEASE = b"release"
+_REMOVE = b"remove"
+_FINISH = b"finish"
+_DONE = b"done"
+#: How long a relay ending cleanly waits for the janitor's answer to `finish`.
+FINISH_WAIT_S = 5.0
+#: A path message: the word, NUL, the path (a path has no NUL).
+_MAX_MESSAGE = 8 + 1 + 4096
+
+# unix_diag (include/uapi/linux/sock_diag.h, unix_diag.h, netlink.h).
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 0x1
+_NLM_F_DUMP = 0x300
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+_UDIAG_SHOW_VFS = 0x2
+_UNIX_DIAG_VFS = 1
+_NLMSG_HDR = struct.Struct("=IHHII")
+_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")
+_UNIX_DIAG_MSG = struct.Struct("=BBBBIII")
+_RTATTR = struct.Struct("=HH")
+_NO_COOKIE = 0xFFFFFFFF
+
+#: A socket file as the kernel names it: (st_dev, st_ino).
+FileId = tuple[int, int]
+#: A socket file as recorded: (st_dev, st_ino, st_ctime_ns). The change time tells a
+#: file bound at the path since from the recorded one when the filesystem gives the new
+#: file the inode number the old one freed (ext4 does, at once).
+Recorded = tuple[int, int, int]
+
+
+def _kernel_dev(dev: int) -> int:
+    """A kernel-internal dev_t (unix_diag's udiag_vfs_dev: major << 20 | minor) as
+    stat(2) gives it."""
+    return os.makedev(dev >> 20, dev & 0xFFFFF)
+
+
+def bound_files(ino: int | None = None) -> dict[int, FileId]:
+    """The file each bound unix socket of this network namespace is bound to, by the
+    socket's own inode (fstat of a descriptor of it): (st_dev, st_ino) as lstat gives
+    them for the path. `ino`: only that socket (OSError ENOENT if it is not one)."""
+    exact = ino is not None
+    request = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFFFFFF, ino or 0,
+                                  _UDIAG_SHOW_VFS, _NO_COOKIE, _NO_COOKIE)
+    flags = _NLM_F_REQUEST | (0 if exact else _NLM_F_DUMP)
+    found: dict[int, FileId] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        nl.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(request), _SOCK_DIAG_BY_FAMILY,
+                                flags, 1, 0) + request)
+        while True:
+            data = nl.recv(1 << 16)
+            offset = 0
+            while offset + _NLMSG_HDR.size <= len(data):
+                length, kind = _NLMSG_HDR.unpack_from(data, offset)[:2]
+                if length < _NLMSG_HDR.size:
+                    raise OSError(0, "unix_diag: malformed answer")
+                if kind == _NLMSG_DONE:
+                    return found
+                if kind == _NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", data, offset + _NLMSG_HDR.size)[0]
+                    if err:
+                        raise OSError(err, f"unix_diag: {os.strerror(err)}")
+                    return found
+                if kind == _SOCK_DIAG_BY_FAMILY:
+                    _parse(data[offset + _NLMSG_HDR.size:offset + length], found)
+                    if exact:
+                        return found
+                offset += (length + 3) & ~3
+
+
+def _parse(body: bytes, found: dict[int, FileId]) -> None:
+    sock_ino = _UNIX_DIAG_MSG.unpack_from(body)[4]
+    offset = _UNIX_DIAG_MSG.size
+    while offset + _RTATTR.size <= len(body):
+        length, kind = _RTATTR.unpack_from(body, offset)
+        if length < _RTATTR.size:
+            return
+        if kind == _UNIX_DIAG_VFS and length >= _RTATTR.size + 8:
+            vfs_ino, vfs_dev = struct.unpack_from("=II", body, offset + _RTATTR.size)
+            found[sock_ino] = (_kernel_dev(vfs_dev), vfs_ino)
+        offset += (length + 3) & ~3
+
+
+def _file_of(path: str) -> Recorded | None:
+    """The socket file at `path` (not following a symbolic link), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns) if stat.S_ISSOCK(st.st_mode) else None
+
+
+class Janitor:
+    """The relay's side: `start` forks the janitor; `register`, `release` and `remove`
+    tell it about paths. Its socket pair's end here is closed only by the relay's exit
+    (nothing else holds it: it is close-on-exec and the relay starts no process once
+    confined)."""
+
+    def __init__(self, channel: socket.socket, pid: int) -> None:
+        self._channel = channel
+        self.pid = pid
+
+    @classmethod
+    def start(cls, paths: Iterable[str]) -> Janitor:
+        """Fork the janitor, which will remove `paths` (the socket files bound so far:
+        each is recorded as the file it is now) once this process has exited. Call it
+        while the process has one thread and before it confines itself."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pidfd = os.pidfd_open(os.getpid())
+        recorded = [(path, file) for path in paths
+                    if (file := _file_of(path)) is not None]
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(pidfd)
+            ours.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            _janitor_process(theirs.fileno(), pidfd, recorded)
+        os.close(pidfd)
+        theirs.close()
+        return cls(ours, pid)
+
+    def _send(self, word: bytes, path: str, fds: list[int] | None = None) -> None:
+        message = word + b"\0" + os.fsencode(path)
+        try:
+            if fds:
+                socket.send_fds(self._channel, [message], fds)
+            else:
+                self._channel.send(message)
+        except OSError as exc:
+            print(f"relaynat: the socket file janitor is gone ({exc.strerror}): {path} "
+                  "stays after this relay exits", file=sys.stderr)
+
+    def register(self, path: str, sock: socket.socket) -> None:
+        """Remove `path` too when this process exits: `sock` is the socket bound there
+        (the janitor checks that the file at `path` is the one it is bound to)."""
+        self._send(_REGISTER, path, [sock.fileno()])
+
+    def release(self, path: str) -> None:
+        """Leave `path` in place: another process serves it now (a handover)."""
+        self._send(_RELEASE, path)
+
+    def remove(self, path: str) -> None:
+        """Remove `path` now, as at exit (if it is still the file recorded and no
+        socket is bound to it any more): its socket is closed and the path not needed."""
+        self._send(_REMOVE, path)
+
+    def finish(self) -> None:
+        """This process is about to exit, its sockets closed: remove the files now and
+        return once they are gone, so that whoever sees the exit sees them gone too, as
+        with a relay that removes its own. (A file that cannot go yet is tried again
+        at the exit; a relay that dies without calling this is cleaned up after.)"""
+        self._send(_FINISH, "")
+        self._channel.settimeout(FINISH_WAIT_S)
+        with contextlib.suppress(OSError):
+            self._channel.recv(len(_DONE))
+
+
+def _janitor_process(channel: int, pidfd: int,
+                     recorded: list[tuple[str, Recorded]]) -> NoReturn:
+    """The forked child: never returns into the relay's code."""
+    code = 1
+    try:
+        _detach(channel, pidfd)
+        code = _serve(channel, pidfd, dict(recorded))
+    except BaseException as exc:  # nothing may unwind into the relay's frames
+        with contextlib.suppress(BaseException):
+            print(f"relaynat: socket file janitor: {exc}", file=sys.stderr)
+    finally:
+        os._exit(code)
+
+
+def _detach(channel: int, pidfd: int) -> None:
+    """Give up what the relay had and the janitor does not need (module docstring)."""
+    signal.set_wakeup_fd(-1)
+    for signum in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError):
+            if callable(signal.getsignal(signum)):  # the relay's Python handlers
+                signal.signal(signum, signal.SIG_DFL)
+    for signum in IGNORED:
+        signal.signal(signum, signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    keep = sorted({0, 1, 2, channel, pidfd})
+    low = 0
+    for fd in keep:
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    holds = privileges.permitted()
+    if privileges.CAP_SETPCAP in holds:
+        privileges.drop_bounding_set(KEEP, syscalls.last_capability())
+    privileges.keep_only(KEEP)
+    syscalls.set_no_new_privs()
+
+
+def _serve(channel: int, pidfd: int, files: dict[str, Recorded]) -> int:
+    chan = socket.socket(fileno=channel)
+    chan.setblocking(True)
+    while True:
+        message, fds, _, _ = socket.recv_fds(chan, _MAX_MESSAGE, 1)
+        if not message:
+            break  # the relay's end is closed: it exited
+        word, _, raw = message.partition(b"\0")
+        path = os.fsdecode(raw)
+        if word == _REGISTER:
+            _register(files, path, fds)
+        elif word == _RELEASE:
+            files.pop(path, None)
+        elif word == _REMOVE and path in files:
+            _remove(files, path)
+        elif word == _FINISH:
+            _remove(files)
+            with contextlib.suppress(OSError):
+                chan.send(_DONE)
+        for fd in fds:
+            os.close(fd)
+    ready = select.poll()
+    ready.register(pidfd, select.POLLIN)
+    ready.poll(int(EXIT_WAIT_S * 1000))
+    _remove(files)
+    return 0
+
+
+def _register(files: dict[str, Recorded], path: str, fds: list[int]) -> None:
+    """Record `path` if the socket sent with it (the relay's) is bound to that file."""
+    st = os.fstat(fds[0]) if len(fds) == 1 else None
+    if st is None or not stat.S_ISSOCK(st.st_mode):
+        print(f"relaynat: socket file janitor: {path}: no socket sent with it; it "
+              "stays after the relay exits", file=sys.stderr)
+        return
+    sock_ino = st.st_ino
+    try:
+        bound = bound_files(sock_ino).get(sock_ino)
+    except OSError:
+        bound = None
+    file = _file_of(path)
+    if bound is None or file is None or bound != file[:2]:
+        print(f"relaynat: socket file janitor: {path} is not the file of the socket sent "
+              "with it; it stays after the relay exits", file=sys.stderr)
+        return
+    files[path] = file
+
+
+def _remove(files: dict[str, Recorded], only: str | None = None) -> None:
+    """Remove each path (or `only` that one) that is still the file recorded and that
+    no socket is bound to any more, and forget it; a file another process serves, or
+    bound since, is left alone (and forgotten); one whose socket is still bound (the
+    relay has not closed it yet) is kept for a later try."""
+    paths = [only] if only is not None else list(files)
+    if not paths:
+        return
+    try:
+        live = set(bound_files().values())
+    except OSError as exc:
+        print(f"relaynat: socket file janitor: unix_diag: {exc.strerror}; the socket "
+              f"files stay: {', '.join(paths)}", file=sys.stderr)
+        return
+    for path in paths:
+        file = files[path]
+        if file[:2] in live:
+            continue
+        del files[path]
+        if _file_of(path) != file:
+            continue
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            print(f"relaynat: socket file janitor: cannot remove {path}: {exc.strerror}",
+                  file=sys.stderr)

@@ -1,0 +1,297 @@
+"""A confined relay's socket files are removed when it exits (confinement/janitor.py),
+however it exits: the relay, `nobody` with an empty root, cannot remove them itself
+(they are root's, in a directory only root may write), so the janitor it forked
+before confining itself does.
+
+Real `relaynat` processes started as root, in a directory of the test's made 0700
+(only root may write it, as /run would be):
+- `serve --socket`/`--unixgram` with `--control-socket`: the files are gone once the
+  relay's exit is seen after SIGTERM, and within a bounded wait after SIGKILL;
+- a file bound at the same path after the relay was killed, before its janitor ran
+  (the janitor held stopped meanwhile), stays: a new relay's live socket, and a socket
+  file no one serves any more whose inode number is the one the old file freed;
+- `run --control-socket`, when the command exits and when the relay is killed;
+- `serve --receive-handover`: the paths it takes over from an unconfined relay are
+  removed at its exit, its own receiving socket at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.faultkit import wait_until
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(os.geteuid() != 0, reason="confinement starts as root")]
+
+#: How long the janitor may take to remove the files once the relay was killed.
+KILLED_WAIT_S = 10.0
+
+
+@pytest.fixture
+def root_dir(tmp_path: Path) -> Path:
+    """A directory only root may write (nobody cannot remove a file in it)."""
+    path = tmp_path / "run"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def _relaynat(procs: list[subprocess.Popen[str]], log: Path,
+              *args: str) -> subprocess.Popen[str]:
+    with open(log, "a") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "relaynat", *args],
+                                stdout=out, stderr=out, text=True)
+    procs.append(proc)
+    return proc
+
+
+def _seccomp(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((line.split()[1] for line in f if line.startswith("Seccomp:")), "")
+    except OSError:
+        return ""
+
+
+def _wait_confined(proc: subprocess.Popen[str], *paths: Path) -> None:
+    """Until the relay's seccomp filter is on (its janitor was forked before) and
+    `paths` are bound."""
+    wait_until(lambda: _seccomp(proc.pid) == "2" and all(p.exists() for p in paths), 30,
+               "the relay confined with its socket files", proc)
+
+
+def _janitor_of(relay: int) -> int:
+    """The relay's one child once it serves `serve`: its janitor."""
+    children = Path(f"/proc/{relay}/task/{relay}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def _wait_gone(pid: int, timeout_s: float = KILLED_WAIT_S) -> None:
+    """Until process `pid` (not our child) has exited."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        assert select.select([pidfd], [], [], timeout_s)[0], f"{pid} still runs"
+    finally:
+        os.close(pidfd)
+
+
+def _clean_log(log: Path) -> None:
+    """The relay said nothing of a failed removal and raised nothing."""
+    text = log.read_text()
+    assert "Traceback" not in text and "janitor" not in text, text
+
+
+@pytest.mark.parametrize("guest", ["--socket", "--unixgram"])
+def test_sigterm_removes_the_socket_files(root_dir: Path, tmp_path: Path,
+                                          procs: list[subprocess.Popen[str]],
+                                          guest: str) -> None:
+    sock, ctl, log = root_dir / "vm.sock", root_dir / "ctl.sock", tmp_path / "relay.log"
+    proc = _relaynat(procs, log, "serve", "--confine", guest, str(sock),
+                     "--control-socket", str(ctl))
+    _wait_confined(proc, sock, ctl)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, log.read_text()
+    # Gone when the exit is seen, as when an unconfined relay removes them itself.
+    assert not sock.exists() and not ctl.exists(), os.listdir(root_dir)
+    _clean_log(log)
+
+
+@pytest.mark.parametrize("guest", ["--socket", "--unixgram"])
+def test_sigkill_removes_the_socket_files(root_dir: Path, tmp_path: Path,
+                                          procs: list[subprocess.Popen[str]],
+                                          guest: str) -> None:
+    sock, ctl, log = root_dir / "vm.sock", root_dir / "ctl.sock", tmp_path / "relay.log"
+    proc = _relaynat(procs, log, "serve", "--confine", guest, str(sock),
+                     "--control-socket", str(ctl))
+    _wait_confined(proc, sock, ctl)
+    janitor = _janitor_of(proc.pid)
+    proc.kill()
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    wait_until(lambda: not sock.exists() and not ctl.exists(), KILLED_WAIT_S,
+               "the killed relay's socket files removed")
+    _wait_gone(janitor)  # and the janitor ends with its work
+
+
+def test_a_relay_killed_by_its_seccomp_filter_is_cleaned_up(
+        root_dir: Path, tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
+    sock, ctl, log = root_dir / "vm.sock", root_dir / "ctl.sock", tmp_path / "relay.log"
+    with open(log, "a") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relaynat", "serve", "--confine", "--socket", str(sock),
+             "--control-socket", str(ctl)], stdout=out, stderr=out, text=True,
+            env={**os.environ, "RELAYNAT_TEST_FORBIDDEN_CALL_S": "1"})
+    procs.append(proc)
+    assert proc.wait(timeout=30) == -signal.SIGSYS, log.read_text()
+    wait_until(lambda: not sock.exists() and not ctl.exists(), KILLED_WAIT_S,
+               "the socket files of the relay its filter killed removed")
+
+
+def _killed_with_janitor_stopped(root_dir: Path, tmp_path: Path,
+                                 procs: list[subprocess.Popen[str]]) -> tuple[Path, int]:
+    """A confined relay on root_dir/vm.sock killed while its janitor is stopped: the
+    path (its stale file still there) and the janitor's pid."""
+    sock = root_dir / "vm.sock"
+    old = _relaynat(procs, tmp_path / "old.log", "serve", "--confine", "--socket", str(sock))
+    _wait_confined(old, sock)
+    janitor = _janitor_of(old.pid)
+    os.kill(janitor, signal.SIGSTOP)
+    old.kill()
+    old.wait(timeout=30)
+    time.sleep(0.2)
+    assert sock.exists()  # its janitor has not run
+    return sock, janitor
+
+
+def test_a_new_relays_file_at_the_path_is_left(root_dir: Path, tmp_path: Path,
+                                               procs: list[subprocess.Popen[str]]) -> None:
+    sock, janitor = _killed_with_janitor_stopped(root_dir, tmp_path, procs)
+    before = os.lstat(sock)
+    new = _relaynat(procs, tmp_path / "new.log", "serve", "--no-confine", "--socket",
+                    str(sock))
+    # The new relay replaced the stale file (transports/stream.py) with its own.
+    wait_until(lambda: os.lstat(sock).st_ctime_ns != before.st_ctime_ns, 30,
+               "the new relay's socket file", new)
+    os.kill(janitor, signal.SIGCONT)
+    _wait_gone(janitor)
+    assert sock.exists(), "the old relay's janitor removed the new relay's file"
+    with socket.socket(socket.AF_UNIX) as guest:
+        guest.connect(str(sock))  # the new relay still serves it
+
+
+def test_a_file_bound_since_is_left_though_no_one_serves_it(
+        root_dir: Path, tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
+    """No live socket holds the file: only its identity (device, inode and change
+    time; ext4 gives the new file the inode number the old one freed) tells it apart."""
+    sock, janitor = _killed_with_janitor_stopped(root_dir, tmp_path, procs)
+    os.unlink(sock)
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(str(sock))
+    os.kill(janitor, signal.SIGCONT)
+    _wait_gone(janitor)
+    assert sock.exists(), "the old relay's janitor removed a file bound since"
+
+
+def test_run_removes_its_control_socket(root_dir: Path, tmp_path: Path,
+                                        procs: list[subprocess.Popen[str]]) -> None:
+    ctl, log = root_dir / "ctl.sock", tmp_path / "run.log"
+    proc = _relaynat(procs, log, "run", "--confine", "--control-socket", str(ctl), "--",
+                     "sleep", "3")
+    _wait_confined(proc, ctl)
+    assert proc.wait(timeout=60) == 0, log.read_text()  # the command's status
+    assert not ctl.exists()
+    _clean_log(log)
+
+
+def test_run_killed_has_its_control_socket_removed(
+        root_dir: Path, tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
+    ctl, log = root_dir / "ctl.sock", tmp_path / "run.log"
+    proc = _relaynat(procs, log, "run", "--confine", "--control-socket", str(ctl), "--",
+                     "sleep", "60")
+    _wait_confined(proc, ctl)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    proc.kill()
+    proc.wait(timeout=30)
+    try:
+        wait_until(lambda: not ctl.exists(), KILLED_WAIT_S,
+                   "the killed run's control socket removed")
+    finally:
+        # The namespace's outer process outlives a killed relay (it does unconfined
+        # too); its end takes the namespace and the command with it.
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("ending", ["sigterm", "sigkill"])
+def test_receive_handover_removes_what_it_took(root_dir: Path, tmp_path: Path,
+                                               procs: list[subprocess.Popen[str]],
+                                               ending: str) -> None:
+    """An unconfined relay hands its stream socket and control socket over to a
+    confined `serve --receive-handover`, whose janitor removes them at its exit (they
+    were bound by the other process: the janitor checks the sockets sent with the
+    paths are bound to those files)."""
+    sock, ctl, to = root_dir / "vm.sock", root_dir / "ctl.sock", root_dir / "to.sock"
+    new = _relaynat(procs, tmp_path / "new.log", "serve", "--confine",
+                    "--receive-handover", str(to))
+    _wait_confined(new, to)
+    old = _relaynat(procs, tmp_path / "old.log", "serve", "--no-confine", "--socket",
+                    str(sock), "--control-socket", str(ctl))
+    wait_until(lambda: sock.exists() and ctl.exists(), 30, "the old relay's sockets", old)
+    done = subprocess.run([sys.executable, "-m", "relaynat", "ctl", "-s", str(ctl),
+                           "handover", "--to", str(to)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert old.wait(timeout=30) == 0, (tmp_path / "old.log").read_text()
+    # The old relay left them to the new one, which took them; its own receiving
+    # socket is closed and removed now.
+    assert sock.exists() and ctl.exists()
+    wait_until(lambda: not to.exists(), KILLED_WAIT_S, "the receiving socket removed")
+    with socket.socket(socket.AF_UNIX) as guest:
+        guest.connect(str(sock))
+    if ending == "sigterm":
+        new.send_signal(signal.SIGTERM)
+        assert new.wait(timeout=30) == 0, (tmp_path / "new.log").read_text()
+        assert not sock.exists() and not ctl.exists(), os.listdir(root_dir)
+        _clean_log(tmp_path / "new.log")
+    else:
+        new.kill()
+        new.wait(timeout=30)
+        wait_until(lambda: not sock.exists() and not ctl.exists(), KILLED_WAIT_S,
+                   "the killed relay's taken socket files removed")
+
+
+_REGISTERS = """
+import socket, sys
+from relaynat.confinement.janitor import Janitor
+
+victim, regular, mine = sys.argv[1:]
+janitor = Janitor.start([])
+sock = socket.socket(socket.AF_UNIX)
+sock.bind(mine)
+sock.listen()
+# What a relay taken over by its guest could ask: files that are not its socket's.
+janitor.register(victim, sock)
+janitor.register(regular, sock)
+janitor.register(mine, sock)
+sock.close()
+janitor.finish()
+"""
+
+
+def test_the_janitor_removes_only_the_files_of_the_sockets_sent(root_dir: Path) -> None:
+    """The janitor is root and the relay is not trusted: a path registered after
+    confinement is removed only if the socket sent with it is bound to that file."""
+    victim, regular, mine = root_dir / "other.sock", root_dir / "file", root_dir / "mine.sock"
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(str(victim))  # another program's socket file, no longer served
+    regular.write_text("data")
+    done = subprocess.run([sys.executable, "-c", _REGISTERS, str(victim), str(regular),
+                           str(mine)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert not mine.exists()
+    assert victim.exists() and regular.exists(), done.stderr
+    assert done.stderr.count("is not the file of the socket sent with it") == 2, done.stderr
