@@ -146,11 +146,16 @@ def test_confined_run_hands_its_command_over_to_a_confined_relay(
     transfers.check(guest, reports)
 
 
+@pytest.mark.parametrize("handed_over", [False, True], ids=["export", "handover-export"])
 def test_confined_relays_export_and_import_flows(
-        hosts: Hosts, data_file: tuple[Path, str]) -> None:
+        hosts: Hosts, data_file: tuple[Path, str], handed_over: bool) -> None:
     """test_migration's move, both relays confined: `ctl export` creates the file and
     passes it to relay A, `ctl import` opens it and passes it to relay B (in another
-    network namespace); both transfers end whole."""
+    network namespace); both transfers end whole. `handed_over`: relay A is a confined
+    `serve --receive-handover` that took the guest, its flows and the control socket
+    over mid-transfer from the first confined relay, and exports from there (its
+    TCP_REPAIR needs the CAP_NET_ADMIN it kept though it confined itself before it
+    knew a control socket would come)."""
     path, digest = data_file
     peer = hosts.popen(hosts.peer, sys.executable, str(SUPPORT / "paced_peer.py"), str(path),
                        str(CHUNK), str(PAUSE_S), PEER_ADDR, "0", stdout=subprocess.PIPE)
@@ -164,11 +169,16 @@ def test_confined_relays_export_and_import_flows(
                      f"TCP:{PEER_ADDR}:{up_port}")
     _wait_flowing(sock_a, 2)
     _confined(relay_a.pid)
+    if handed_over:
+        relay_a = _take_over(hosts, relay_a, sock_a)
     time.sleep(0.5)
 
     hosts.cut_uplink()
     doc_path = hosts.workdir / "flows.json"
     exported = ctl_ok(sock_a, "export", str(doc_path))
+    # At once: a flow that did not move (TCP_REPAIR refused) would leave the
+    # transfers hanging below.
+    assert exported.startswith(f"exported 2 flows to {doc_path}"), exported
     hosts.nic_to_b()
     hosts.uplink_up_on_b()
     relay_b, sock_b = hosts.relay(hosts.b, "B", "--confine", "--incoming")
@@ -180,20 +190,40 @@ def test_confined_relays_export_and_import_flows(
     reports = {r["kind"]: r for r in map(json.loads, peer.stdout.read().splitlines())}
     _confined(relay_b.pid)
     assert ctl_ok(sock_a, "release") == "released 2 held sockets silently\n"
-    assert ctl_ok(sock_a, "quit") == "the relay is exiting\n"
+    if handed_over:  # a relay that took a handover ends on SIGTERM, not `quit`
+        relay_a.send_signal(signal.SIGTERM)
+    else:
+        assert ctl_ok(sock_a, "quit") == "the relay is exiting\n"
     assert relay_a.wait(10) == 0
     relay_b.send_signal(signal.SIGTERM)
     assert relay_b.wait(10) == 0
 
     doc = json.loads(doc_path.read_text())
     assert len(doc["flows"]) == 2 and doc["not_moved"] == [], exported
-    assert exported.startswith(f"exported 2 flows to {doc_path}"), exported
     assert imported.startswith(f"imported 2 flows from {doc_path}"), imported
     assert doc_path.stat().st_mode & 0o777 == 0o600
     assert not list(hosts.workdir.glob("flows.json.*.tmp"))  # renamed into place
     assert reports["down"] == {"kind": "down", "sent": SIZE, "error": None}
     assert reports["up"] == {"kind": "up", "length": SIZE, "sha256": digest, "error": None}
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+
+
+def _take_over(hosts: Hosts, relay: subprocess.Popen[str], control: Path
+               ) -> subprocess.Popen[str]:
+    """A confined relay in host A (`serve --receive-handover`, the same addressing)
+    takes over from `relay` (which exits 0), control socket included; returns it."""
+    to = hosts.workdir / "A2.handover"
+    with open(hosts.workdir / "A2.log", "w") as err:
+        new = hosts.popen(hosts.a, sys.executable, "-m", "relaynat", "serve", "-4", "-m", "1500",
+                          "--receive-handover", str(to), "--confine", "--stats",
+                          "--log-level", "info", stderr=err)
+    wait_until(to.exists, 20, "the receiving relay's socket", new)
+    wait_until(lambda: status(new.pid).get("Seccomp") == "2", 20, "its confinement", new)
+    answer = json.loads(ctl_ok(control, "--json", "handover", "--to", str(to)))["return"]
+    assert answer["moved_tcp"] == 2 and answer["not_moved"] == [], answer
+    assert relay.wait(20) == 0
+    _confined(new.pid)
+    return new
 
 
 def _exchange(control: Path, request: dict[str, object], fds: list[int]) -> tuple[
@@ -210,10 +240,10 @@ def _exchange(control: Path, request: dict[str, object], fds: list[int]) -> tupl
         if answers[0] == {"send_fd": True}:
             socket.send_fds(sock, [b"\0"], fds)
             answers.append(json.loads(lines.readline()))
-        sock.sendall(b'{"execute": "list_hostfwd"}\n')
-        try:
+        try:  # a closed connection: EPIPE at once, or end of file (or reset) below
+            sock.sendall(b'{"execute": "list_hostfwd"}\n')
             after = lines.readline()
-        except ConnectionResetError:
+        except (BrokenPipeError, ConnectionResetError):
             after = b""
         if after:
             assert json.loads(after) == {"return": {"entries": []}}
