@@ -25,6 +25,7 @@ is the caller's to say (`keep`); the CLI's choices are in docs/confinement.md.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -68,8 +69,20 @@ class Confined:
                 f"root, no_new_privs, seccomp ({self.on_violation} on violation), {wall}")
 
 
+#: How long `confine` waits for threads that were joined to leave /proc/self/task.
+THREADS_GONE_S = 2.0
+
+
 def _threads() -> list[str]:
-    return os.listdir("/proc/self/task")
+    """This process's threads, once those already ending are gone: `Thread.join()` and
+    an executor's shutdown return when the thread's Python state is released, a moment
+    before the kernel reaps the thread itself, and that moment grows with the load."""
+    deadline = time.monotonic() + THREADS_GONE_S
+    while True:
+        threads = os.listdir("/proc/self/task")
+        if len(threads) == 1 or time.monotonic() >= deadline:
+            return threads
+        time.sleep(0.01)
 
 
 def _relays_of(targets: Iterable[Relay | Guests]) -> list[Relay]:

@@ -55,6 +55,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "getrusage", "sysinfo", "uname", "sched_yield", "sched_getaffinity", "exit",
         "exit_group", "futex", "set_robust_list", "get_robust_list", "rseq",
         "set_tid_address", "membarrier", "getcwd", "capget", "getpriority",
+        # ^C of `run` in a terminal: is the relay's process group the foreground one?
+        "getpgrp",
     ),
     # Threads: asyncio.to_thread (a handover's blocking socket calls) starts executor
     # threads; clone is allowed for threads only (the flag check in `install`), clone3
