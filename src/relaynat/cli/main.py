@@ -156,7 +156,7 @@ def confine_relay(args: argparse.Namespace, *relays: Relay) -> None:
     """Confine this process (relaynat.confinement) now that the relays' guests,
     sockets and files are set up, if --confine; ConfinementError if it could not be
     done (the relay must not serve then). A confined relay cannot remove its socket
-    files: the janitor forked first (confinement/janitor.py) removes them once this
+    files: the janitor started first (confinement/janitor.py) removes them once this
     process has exited (`args.janitor`)."""
     if not args.confine:
         return
@@ -166,7 +166,7 @@ def confine_relay(args: argparse.Namespace, *relays: Relay) -> None:
     threads: LoopThreads | None = getattr(args, "loop_threads", None)
     if threads is not None:
         threads.stop()
-    # Forked while the process has one thread and still its privileges and paths.
+    # Started while the process still has its privileges and the paths.
     args.janitor = Janitor.start(_socket_paths(args))
     # Tracing the allowlist: the kernel logs a call outside it and lets it run.
     action = "log" if os.environ.get(TRACE_ENV) else "kill"

@@ -2,52 +2,56 @@
 relay has exited, however it exited.
 
 A confined relay cannot remove the socket files it bound (the control socket, `serve
---socket`, `--unixgram`): it has left the filesystem, and as `nobody` it could not
-write their directories anyway. So before it confines itself the relay forks the
-janitor (`Janitor.start`), which keeps the privileges and the filesystem the relay had
-and waits on a socket pair for the relay's end to close: end of file comes when the
-relay's last descriptor of it is closed, that is when the relay exits, cleanly or
-killed (SIGKILL, its seccomp filter). It then waits for the relay to be gone (its
+--socket`, `--unixgram`, `--receive-handover`): it has left the filesystem, and as
+`nobody` it could not write their directories anyway. So before it confines itself
+the relay starts the janitor (`Janitor.start`: a fresh interpreter running `main`),
+which keeps the privileges and the filesystem the relay had and waits on a socket
+pair. A relay that ends cleanly asks it to remove the files and waits for the answer
+(`finish`), so that its exit is seen with the files gone. Otherwise end of file comes
+when the relay's last descriptor of the pair is closed, that is when the relay dies
+(SIGKILL, its seccomp filter); the janitor then waits for the relay to be gone (its
 pidfd: by then the kernel has released every socket the relay held) and removes each
 socket file it was given, unless
 
-- the path is no longer the file recorded (device and inode): a new relay has bound
-  the same path since (the stale-file logic of transports/stream.py and unixgram.py
-  replaces a file nobody serves), and its file is not ours to remove;
+- the path is no longer the file recorded (device, inode and change time): a new
+  relay has bound the same path since (the stale-file logic of transports/stream.py
+  and unixgram.py replaces a file nobody serves), and its file is not ours to remove;
 - a live socket is still bound to the file (unix_diag of the kernel, `UDIAG_SHOW_VFS`):
   another process serves it, as the new relay after a handover;
 - the relay released it (`release`: after a handover the path is the new relay's).
 
 Trust: the janitor is root and the relay it serves is the process confinement
 assumes may be taken over by the guest, so nothing the relay says can make the janitor
-remove more than the relay's own files. The paths given to `start` are recorded in the
-janitor's memory by the fork, before the relay has read anything from the guest.
-Later (`register`, a relay that took over another's sockets in a handover) the relay
-must send the bound socket itself with the path (SCM_RIGHTS): the janitor asks the
-kernel which file that socket is bound to and records the path only if it names that
-file. `release` only ever removes a path from the list.
+remove more than the relay's own files. The paths given to `start` are recorded on the
+janitor's command line, before the relay has read anything from the guest. Later
+(`register`, a relay that took over another's sockets in a handover) the relay must
+send the bound socket itself with the path (SCM_RIGHTS): the janitor asks the kernel
+which file that socket is bound to and records the path only if it names that file.
+`release` and `remove` only ever take a path off the list.
 
 What the janitor gives up: every descriptor but its socket pair, the relay's pidfd and
-stderr (it must not hold the guest's TAP or socket, nor a listening socket, which would
-go on accepting); every capability but CAP_DAC_OVERRIDE and CAP_FOWNER (removing a
-file in a directory another user owns, or in a sticky directory such as /tmp);
-no_new_privs. It ignores SIGINT, SIGQUIT, SIGTERM and SIGHUP: a terminal's ^C, a
-hangup or a service manager's SIGTERM reach the relay's whole process group, and the
-janitor must outlive the relay they end. It stays in the relay's process group and
-session (no setsid): whoever kills the whole group with SIGKILL means to end it all.
-It does not use PR_SET_PDEATHSIG: the end of file is the signal, and it comes only once
-the relay's descriptors are closed.
+stderr is closed when it starts (it must not hold the guest's TAP or socket, nor a
+listening socket, which would go on accepting); every capability but CAP_DAC_OVERRIDE
+and CAP_FOWNER (removing a file in a directory another user owns, or in a sticky
+directory such as /tmp); no_new_privs. It ignores SIGINT, SIGQUIT, SIGTERM and
+SIGHUP: a terminal's ^C, a hangup or a service manager's SIGTERM reach the relay's
+whole process group, and the janitor must outlive the relay they end. It stays in the
+relay's process group and session (no setsid): whoever kills the whole group with
+SIGKILL means to end it all. It does not use PR_SET_PDEATHSIG: the end of file is
+the signal, and it comes only once the relay's descriptors are closed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import signal
 import socket
 import stat
 import struct
+import subprocess
 import sys
 from collections.abc import Iterable
 from typing import NoReturn
@@ -162,37 +166,53 @@ def _file_of(path: str) -> Recorded | None:
     return (st.st_dev, st.st_ino, st.st_ctime_ns) if stat.S_ISSOCK(st.st_mode) else None
 
 
-class Janitor:
-    """The relay's side: `start` forks the janitor; `register`, `release` and `remove`
-    tell it about paths. Its socket pair's end here is closed only by the relay's exit
-    (nothing else holds it: it is close-on-exec and the relay starts no process once
-    confined)."""
+#: The janitor's program: this module's `main`, in a fresh interpreter (`-I`: no
+#: PYTHON* variable of the environment steers a root process) that imports this
+#: package from where the relay imported it.
+_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+         "from relaynat.confinement.janitor import main; main(sys.argv[2:])")
 
-    def __init__(self, channel: socket.socket, pid: int) -> None:
+
+class Janitor:
+    """The relay's side: `start` starts the janitor; `register`, `release`, `remove`
+    and `finish` tell it about paths. Its socket pair's end here is closed only by the
+    relay's exit (nothing else holds it: it is close-on-exec and the relay starts no
+    process once confined)."""
+
+    def __init__(self, channel: socket.socket, process: subprocess.Popen[bytes]) -> None:
         self._channel = channel
-        self.pid = pid
+        self._process = process
+        self.pid = process.pid
 
     @classmethod
     def start(cls, paths: Iterable[str]) -> Janitor:
-        """Fork the janitor, which will remove `paths` (the socket files bound so far:
+        """Start the janitor, which will remove `paths` (the socket files bound so far:
         each is recorded as the file it is now) once this process has exited. Call it
-        while the process has one thread and before it confines itself."""
+        before this process confines itself (it executes a program).
+
+        The janitor is a fresh interpreter rather than a fork of this one: a fork would
+        keep a copy of the relay's heap (some 30 MB once the relay has written to its
+        pages) for as long as the relay runs; and it inherits only the descriptors
+        passed to it."""
+        recorded = [[path, *file] for path in paths
+                    if (file := _file_of(path)) is not None]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pidfd = os.pidfd_open(os.getpid())
-        recorded = [(path, file) for path in paths
-                    if (file := _file_of(path)) is not None]
+        package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+            __file__))))
         try:
-            pid = os.fork()
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-c", _BOOT, package, str(theirs.fileno()),
+                 str(pidfd), json.dumps(recorded)],
+                pass_fds=(theirs.fileno(), pidfd), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL)
         except BaseException:
-            os.close(pidfd)
             ours.close()
-            theirs.close()
             raise
-        if pid == 0:
-            _janitor_process(theirs.fileno(), pidfd, recorded)
-        os.close(pidfd)
-        theirs.close()
-        return cls(ours, pid)
+        finally:
+            os.close(pidfd)
+            theirs.close()
+        return cls(ours, process)
 
     def _send(self, word: bytes, path: str, fds: list[int] | None = None) -> None:
         message = word + b"\0" + os.fsencode(path)
@@ -230,39 +250,25 @@ class Janitor:
             self._channel.recv(len(_DONE))
 
 
-def _janitor_process(channel: int, pidfd: int,
-                     recorded: list[tuple[str, Recorded]]) -> NoReturn:
-    """The forked child: never returns into the relay's code."""
-    code = 1
-    try:
-        _detach(channel, pidfd)
-        code = _serve(channel, pidfd, dict(recorded))
-    except BaseException as exc:  # nothing may unwind into the relay's frames
-        with contextlib.suppress(BaseException):
-            print(f"relaynat: socket file janitor: {exc}", file=sys.stderr)
-    finally:
-        os._exit(code)
-
-
-def _detach(channel: int, pidfd: int) -> None:
-    """Give up what the relay had and the janitor does not need (module docstring)."""
-    signal.set_wakeup_fd(-1)
-    for signum in signal.valid_signals():
-        with contextlib.suppress(OSError, ValueError):
-            if callable(signal.getsignal(signum)):  # the relay's Python handlers
-                signal.signal(signum, signal.SIG_DFL)
+def main(argv: list[str]) -> NoReturn:
+    """The janitor process (`Janitor.start` runs it): argv is its end of the socket
+    pair, the relay's pidfd, and the paths recorded as JSON ([path, dev, ino, ctime])."""
+    # First: the relay's process group may be sent these at any time.
     for signum in IGNORED:
         signal.signal(signum, signal.SIG_IGN)
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    keep = sorted({0, 1, 2, channel, pidfd})
-    low = 0
-    for fd in keep:
-        if fd > low:
-            os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    channel, pidfd = int(argv[0]), int(argv[1])
+    files = {path: (dev, ino, ctime) for path, dev, ino, ctime in json.loads(argv[2])}
+    try:
+        _drop_privileges()
+        _serve(channel, pidfd, files)
+    except Exception as exc:
+        print(f"relaynat: socket file janitor: {exc}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(0)
+
+
+def _drop_privileges() -> None:
+    """Keep only what removing the files needs (module docstring)."""
     holds = privileges.permitted()
     if privileges.CAP_SETPCAP in holds:
         privileges.drop_bounding_set(KEEP, syscalls.last_capability())
@@ -270,7 +276,7 @@ def _detach(channel: int, pidfd: int) -> None:
     syscalls.set_no_new_privs()
 
 
-def _serve(channel: int, pidfd: int, files: dict[str, Recorded]) -> int:
+def _serve(channel: int, pidfd: int, files: dict[str, Recorded]) -> None:
     chan = socket.socket(fileno=channel)
     chan.setblocking(True)
     while True:
@@ -295,7 +301,6 @@ def _serve(channel: int, pidfd: int, files: dict[str, Recorded]) -> int:
     ready.register(pidfd, select.POLLIN)
     ready.poll(int(EXIT_WAIT_S * 1000))
     _remove(files)
-    return 0
 
 
 def _register(files: dict[str, Recorded], path: str, fds: list[int]) -> None:
