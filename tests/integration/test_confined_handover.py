@@ -155,7 +155,7 @@ def test_confined_relays_export_and_import_flows(
     `serve --receive-handover` that took the guest, its flows and the control socket
     over mid-transfer from the first confined relay, and exports from there (its
     TCP_REPAIR needs the CAP_NET_ADMIN it kept though it confined itself before it
-    knew a control socket would come)."""
+    knew a control socket would come), and ends on `ctl quit` as the first would."""
     path, digest = data_file
     peer = hosts.popen(hosts.peer, sys.executable, str(SUPPORT / "paced_peer.py"), str(path),
                        str(CHUNK), str(PAUSE_S), PEER_ADDR, "0", stdout=subprocess.PIPE)
@@ -190,10 +190,7 @@ def test_confined_relays_export_and_import_flows(
     reports = {r["kind"]: r for r in map(json.loads, peer.stdout.read().splitlines())}
     _confined(relay_b.pid)
     assert ctl_ok(sock_a, "release") == "released 2 held sockets silently\n"
-    if handed_over:  # a relay that took a handover ends on SIGTERM, not `quit`
-        relay_a.send_signal(signal.SIGTERM)
-    else:
-        assert ctl_ok(sock_a, "quit") == "the relay is exiting\n"
+    assert ctl_ok(sock_a, "quit") == "the relay is exiting\n"
     assert relay_a.wait(10) == 0
     relay_b.send_signal(signal.SIGTERM)
     assert relay_b.wait(10) == 0

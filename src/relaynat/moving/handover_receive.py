@@ -381,6 +381,10 @@ async def serve_taken(relay: Relay, taken: Taken, stop: asyncio.Event) -> Source
     if taken.control is not None:
         taken.control.on_handover = source.hand_over
         waits.append(taken.control.handed_over.wait())
+        if taken.command_fd is None:
+            # `quit` ends this relay as it ended the one that handed over (serve);
+            # `relaynat run`'s command ends it instead, as before the handover.
+            taken.control.on_quit = stop.set
     exited = asyncio.Event()
     if taken.command_fd is not None:
         command_fd = taken.command_fd
