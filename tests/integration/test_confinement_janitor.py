@@ -1,6 +1,6 @@
 """A confined relay's socket files are removed when it exits (confinement/janitor.py),
 however it exits: the relay, `nobody` with an empty root, cannot remove them itself
-(they are root's, in a directory only root may write), so the janitor it forked
+(they are root's, in a directory only root may write), so the janitor it started
 before confining itself does.
 
 Real `relaynat` processes started as root, in a directory of the test's made 0700
@@ -74,7 +74,7 @@ def _seccomp(pid: int) -> str:
 
 
 def _wait_confined(proc: subprocess.Popen[str], *paths: Path) -> None:
-    """Until the relay's seccomp filter is on (its janitor was forked before) and
+    """Until the relay's seccomp filter is on (its janitor was started before) and
     `paths` are bound."""
     wait_until(lambda: _seccomp(proc.pid) == "2" and all(p.exists() for p in paths), 30,
                "the relay confined with its socket files", proc)
@@ -85,6 +85,15 @@ def _janitor_of(relay: int) -> int:
     children = Path(f"/proc/{relay}/task/{relay}/children").read_text().split()
     assert len(children) == 1, children
     return int(children[0])
+
+
+def _janitor_ready(janitor: int) -> None:
+    """Until the janitor has dropped its privileges (its interpreter is up)."""
+    def ready() -> bool:
+        with open(f"/proc/{janitor}/status") as f:
+            return "NoNewPrivs:\t1\n" in f.read()
+
+    wait_until(ready, 30, "the janitor started")
 
 
 def _wait_gone(pid: int, timeout_s: float = KILLED_WAIT_S) -> None:
@@ -148,6 +157,58 @@ def test_a_relay_killed_by_its_seccomp_filter_is_cleaned_up(
     assert proc.wait(timeout=30) == -signal.SIGSYS, log.read_text()
     wait_until(lambda: not sock.exists() and not ctl.exists(), KILLED_WAIT_S,
                "the socket files of the relay its filter killed removed")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_whole_group_leaves_the_janitor_to_clean_up(
+        root_dir: Path, tmp_path: Path, procs: list[subprocess.Popen[str]],
+        signum: signal.Signals) -> None:
+    """A terminal's ^C, or a service manager's SIGTERM, reaches the relay's whole
+    process group: the janitor must outlive the relay it ends."""
+    sock, ctl, log = root_dir / "vm.sock", root_dir / "ctl.sock", tmp_path / "relay.log"
+    with open(log, "a") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relaynat", "serve", "--confine", "--socket", str(sock),
+             "--control-socket", str(ctl)], stdout=out, stderr=out, text=True,
+            start_new_session=True)
+    procs.append(proc)
+    _wait_confined(proc, sock, ctl)
+    janitor = _janitor_of(proc.pid)
+    assert os.getpgid(janitor) == proc.pid  # in the relay's group (no setsid)
+    os.killpg(proc.pid, signum)
+    assert proc.wait(timeout=30) == 0, log.read_text()
+    assert not sock.exists() and not ctl.exists(), os.listdir(root_dir)
+    _wait_gone(janitor)
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    fds = Path(f"/proc/{pid}/fd")
+    return {link for fd in fds.iterdir()
+            if (link := os.readlink(fd)).startswith("socket:")}
+
+
+def test_the_janitor_holds_nothing_of_the_relay(root_dir: Path, tmp_path: Path,
+                                                procs: list[subprocess.Popen[str]]) -> None:
+    """Its descriptors are stdio, its end of the socket pair and the relay's pidfd (no
+    socket of the relay's: a listening socket it held would go on accepting); it keeps
+    CAP_DAC_OVERRIDE and CAP_FOWNER only, and no_new_privs."""
+    sock, ctl = root_dir / "vm.sock", root_dir / "ctl.sock"
+    proc = _relaynat(procs, tmp_path / "relay.log", "serve", "--confine", "--socket",
+                     str(sock), "--control-socket", str(ctl))
+    _wait_confined(proc, sock, ctl)
+    with socket.socket(socket.AF_UNIX) as guest:
+        guest.connect(str(sock))  # the guest's connection exists in the relay
+        wait_until(lambda: len(_socket_inodes(proc.pid)) >= 4, 30, "the guest accepted")
+        janitor = _janitor_of(proc.pid)
+        _janitor_ready(janitor)
+        fds = sorted(int(fd) for fd in os.listdir(f"/proc/{janitor}/fd"))
+        assert len(fds) == 5 and fds[:3] == [0, 1, 2], fds
+        ours = _socket_inodes(janitor)
+        assert len(ours) == 1 and not ours & _socket_inodes(proc.pid), ours
+    with open(f"/proc/{janitor}/status") as f:
+        st = {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+    assert int(st["CapEff"], 16) == int(st["CapPrm"], 16) == int(st["CapBnd"], 16) == 0b1010
+    assert st["NoNewPrivs"] == "1"
 
 
 def _killed_with_janitor_stopped(root_dir: Path, tmp_path: Path,

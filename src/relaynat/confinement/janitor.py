@@ -200,6 +200,11 @@ class Janitor:
         pidfd = os.pidfd_open(os.getpid())
         package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
             __file__))))
+        # Blocked from before the janitor exists until it ignores them (the mask is
+        # inherited across fork and execve, signal(7)): one sent to the relay's group
+        # while the interpreter starts must not end it. Here they wait for the
+        # unblocking, not lost.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, IGNORED)
         try:
             process = subprocess.Popen(
                 [sys.executable, "-I", "-c", _BOOT, package, str(theirs.fileno()),
@@ -210,6 +215,7 @@ class Janitor:
             ours.close()
             raise
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(pidfd)
             theirs.close()
         return cls(ours, process)
@@ -253,9 +259,11 @@ class Janitor:
 def main(argv: list[str]) -> NoReturn:
     """The janitor process (`Janitor.start` runs it): argv is its end of the socket
     pair, the relay's pidfd, and the paths recorded as JSON ([path, dev, ino, ctime])."""
-    # First: the relay's process group may be sent these at any time.
+    # Blocked since the relay started this process (Janitor.start): one that came
+    # meanwhile is pending, and discarded once ignored.
     for signum in IGNORED:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, IGNORED)
     channel, pidfd = int(argv[0]), int(argv[1])
     files = {path: (dev, ino, ctime) for path, dev, ino, ctime in json.loads(argv[2])}
     try:
