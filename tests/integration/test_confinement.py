@@ -7,17 +7,21 @@ the test, makes the difference).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import SUPPORT
 from support.faultkit import wait_until
+from support.relaynat_cli import parse_stats
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confinement starts as root")
 pytest_plugins = ["support.guest_fs"]
@@ -124,3 +128,114 @@ def test_runas_root_is_refused(tmp_path: Path) -> None:
         [sys.executable, "-m", "relaynat", "serve", "--confine", "--runas", "0:0",
          "--socket", str(tmp_path / "vm.sock")], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "--runas" in done.stderr, done
+
+
+# --- relaynat run --confine: a guest command's traffic, ctl, pcap, stats -------------
+
+MIB = 1 << 20
+GUEST_PORT = 8080
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def http_peer(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """host_peers.py http on 127.0.0.1 (the guest's 10.0.2.2): GET /NAME serves
+    ROOT/NAME, PUT answers the body's sha256. Its port and ROOT."""
+    root = tmp_path / "www"
+    root.mkdir()
+    port_file = tmp_path / "http.port"
+    proc = subprocess.Popen([sys.executable, HOST_PEERS, "http", "--root", str(root),
+                             "--port-file", str(port_file)])
+    try:
+        wait_until(lambda: port_file.exists() and port_file.read_text().strip() != "", 30,
+                   "the http peer's port", proc)
+        yield int(port_file.read_text()), root
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _ctl(ctl: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relaynat", "ctl", "--socket", str(ctl),
+                           *args], capture_output=True, text=True, timeout=30)
+
+
+#: The guest of the transfers test: a download and an upload through the relay, then a
+#: service for a forward added at run time, then a fetch after the policy changed.
+TRANSFERS = """
+set -u
+D=$0 P=$1 G=$2
+curl -sS --fail -o - http://10.0.2.2:$P/down | sha256sum > $D/down.sha
+curl -sS --fail -T $D/up http://10.0.2.2:$P/up > $D/up.sha
+socat TCP-LISTEN:$G,reuseaddr,fork SYSTEM:'echo forwarded-by-ctl' &
+SERVICE=$!
+sleep 0.5
+touch $D/listening
+while [ ! -e $D/policy-set ]; do sleep 0.1; done
+curl -sS --max-time 10 -o /dev/null http://10.0.2.2:$P/down
+echo $? > $D/after-policy
+kill $SERVICE
+"""
+
+
+@pytest.mark.parametrize("confine", [True, False], ids=["confined", "no-confine"])
+def test_run_confined_transfers_ctl_pcap_and_stats(
+        tmp_path: Path, guest_dir: Path, http_peer: tuple[int, Path], confine: bool) -> None:
+    """`relaynat run --confine --control-socket --pcap` as root: the relay's /proc status
+    is confined with CAP_KILL (the command) and the control socket's capabilities, and
+    it still carries 16 MiB each way intact, a forward added with ctl, a policy
+    replaced with ctl; the pcap file is written and the counters printed on exit.
+    With --no-confine the same traffic passes and the /proc checks come out the other
+    way."""
+    port, www = http_peer
+    down = os.urandom(16 * MIB)
+    (www / "down").write_bytes(down)
+    (guest_dir / "up").write_bytes(os.urandom(16 * MIB))
+    ctl, pcap = tmp_path / "ctl.sock", tmp_path / "guest.pcap"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relaynat", "run", "--confine" if confine else "--no-confine",
+         "--stats", "--control-socket", str(ctl), "--pcap", str(pcap),
+         "--", "sh", "-c", TRANSFERS, str(guest_dir), str(port), str(GUEST_PORT)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if confine:
+            check_confined(proc, CAP_KILL | CONTROL_CAPS)
+        else:
+            check_unconfined(proc)
+        wait_until((guest_dir / "listening").exists, 120, "the guest's transfers", proc)
+        host_port = _free_port()
+        added = _ctl(ctl, "add", "tcp", f"{host_port}:{GUEST_PORT}")
+        assert added.returncode == 0, added
+        with socket.create_connection(("127.0.0.1", host_port), timeout=30) as conn:
+            assert conn.makefile().readline() == "forwarded-by-ctl\n"
+        replaced = _ctl(ctl, "policy", "set", "sandbox")
+        assert replaced.returncode == 0, replaced
+        shown = _ctl(ctl, "--json", "policy", "show")
+        assert json.loads(shown.stdout)["return"]["policy"] is not None, shown
+        (guest_dir / "policy-set").touch()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert (guest_dir / "down.sha").read_text().split()[0] == hashlib.sha256(down).hexdigest()
+    assert (guest_dir / "up.sha").read_text().strip() == _sha256(guest_dir / "up")
+    # The sandbox policy denies host loopback: the same fetch is refused now.
+    assert (guest_dir / "after-policy").read_text().strip() != "0"
+    assert pcap.stat().st_size > 32 * MIB  # both transfers captured
+    stats = parse_stats(err)  # printed on exit
+    assert stats["tcp_flows_opened"] == 2, err  # the download and the upload
+    assert stats["tcp_bytes_to_guest"] > 16 * MIB and stats["tcp_bytes_from_guest"] > 16 * MIB
+    # The forward added through ctl (spliced, or through the relay's TCP without splice).
+    assert stats.get("splice_opened", 0) + stats.get("tcp_inbound_opened", 0) == 1, err
+    assert stats["policy_denied"] == 1, err  # the fetch after the policy was replaced

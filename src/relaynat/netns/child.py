@@ -29,7 +29,9 @@ sees no process of the host (pid_namespaces(7)). That init starts the command, p
 signals on (PID 1 gets only the signals it has a handler for), reaps orphans, and exits
 with the command's status; the kernel then kills whatever the command left behind.
 Asked by the relay to end the guest (END_SIGNAL), this process kills that init and
-exits once the kernel has ended every process of the namespace.
+exits once the kernel has ended every process of the namespace. The relay's death,
+however it comes (SIGKILL, its seccomp filter's SIGSYS), asks the same: END_SIGNAL is
+this process's parent-death signal, so no guest runs on with a link nobody serves.
 
 A command given a user other than root runs in a user namespace of its own, nested in
 the guest's, whose only ids are that user and group, mapped to the guest's root (the
@@ -350,7 +352,7 @@ def _start(command: list[str], spec: dict[str, Any], env: dict[str, str] | None)
 
 
 def _join(spec: dict[str, Any], sock: socket.socket, command: list[str],
-          env: dict[str, str] | None) -> int:
+          env: dict[str, str] | None, parent: int) -> int:
     """`relaynat run --netns`: enter the target's network namespace (by the descriptor
     the relay opened and checked, join.py), after the user namespace owning it when
     spec["join"]["userns"] names one (an unprivileged caller's: only there does it hold
@@ -395,6 +397,8 @@ def _join(spec: dict[str, Any], sock: socket.socket, command: list[str],
     except (OSError, NamespaceSetupError) as exc:
         sock.send(f"cannot set up in the target network namespace: {exc}".encode())
         return 1
+    if command:
+        _end_with_parent(parent)  # the command is this process, past its ids' changes
     info = json.dumps({"vnet_hdr_len": vnet_hdr_len, "offload": offload}).encode()
     sock.sendmsg([info], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
     os.close(fd)
@@ -409,7 +413,22 @@ def _join(spec: dict[str, Any], sock: socket.socket, command: list[str],
     return _exec(command, spec, env)
 
 
+def _end_with_parent(parent: int) -> None:
+    """Have the kernel send END_SIGNAL to this process when `parent` (the relay) dies,
+    however it dies (SIGKILL, its seccomp filter's SIGSYS): the guest then ends with
+    it, as `NamespaceGuest.close` would end it, instead of running on with a dead link
+    and the relay's stdout and stderr held open. Set after the last change of this
+    process's ids: the kernel clears the parent-death signal when the effective or
+    filesystem uid or gid changes (prctl(2), PR_SET_PDEATHSIG), and root of the
+    guest's user namespace is another id outside. A parent gone before it was set is
+    seen by its pid: this process has been given to a reaper."""
+    set_parent_death_signal(END_SIGNAL)
+    if os.getppid() != parent:
+        _die()
+
+
 def _child_main(argv: list[str]) -> int:
+    parent = os.getppid()
     signal.signal(END_SIGNAL, lambda _signum, _frame: _die())
     spec = json.loads(argv[0])
     sock = socket.socket(fileno=int(argv[1]))
@@ -419,7 +438,7 @@ def _child_main(argv: list[str]) -> int:
             env = json.load(f)
     command = argv[3:]
     if spec.get("join") is not None:
-        return _join(spec, sock, command, env)
+        return _join(spec, sock, command, env, parent)
     try:
         host_root = os.geteuid() == 0
         _host_side_mounts(spec, host_root)
@@ -428,6 +447,7 @@ def _child_main(argv: list[str]) -> int:
         # the new network namespace: a TAP belongs to the namespace it was opened in.
         fd, vnet_hdr_len, offload = open_tap(spec["tap"], spec["vnet"])
         _become_root()
+        _end_with_parent(parent)
         _configure_link(spec)
         if spec["cwd"] is not None:
             # Here rather than in the command's process, so a directory the command may
