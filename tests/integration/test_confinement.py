@@ -7,13 +7,16 @@ the test, makes the difference).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +35,9 @@ NOBODY = 65534
 CONTROL_CAPS = (1 << 10) | (1 << 12)
 CAP_KILL = 1 << 5
 FORBIDDEN = "RELAYNAT_TEST_FORBIDDEN_CALL_S"
+TRACE = "RELAYNAT_CONFINE_TRACE"
+#: socket(2) on x86_64, the forbidden call the hook makes (a netlink socket).
+SYS_SOCKET = 41
 
 
 def status(pid: int) -> dict[str, str]:
@@ -239,3 +245,190 @@ def test_run_confined_transfers_ctl_pcap_and_stats(
     # The forward added through ctl (spliced, or through the relay's TCP without splice).
     assert stats.get("splice_opened", 0) + stats.get("tcp_inbound_opened", 0) == 1, err
     assert stats["policy_denied"] == 1, err  # the fetch after the policy was replaced
+
+
+# --- a forbidden call: the filter kills the relay, and everything ends cleanly --------
+
+#: The guest of the forbidden-call test: a TCP connection and a UDP flow to the host's
+#: peers, each opened with a line and then held by a `sleep` that would outlast the test.
+HOLDER = """
+(echo tcp; exec sleep 300) | socat - TCP:10.0.2.2:$0 &
+(echo udp; exec sleep 300) | socat - UDP:10.0.2.2:$1 &
+wait
+"""
+
+
+class _TcpPeer:
+    """A TCP server on 127.0.0.1 for one client: `greeted` once its first line came,
+    then `ended` ("eof" or the error's name, and when) once its connection ends."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.greeted = threading.Event()
+        self.ended: tuple[str, float] | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    if b"tcp\n" in data:
+                        self.greeted.set()
+                self.ended = ("eof", time.monotonic())
+            except OSError as exc:
+                self.ended = (type(exc).__name__, time.monotonic())
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of `pid`, from /proc/PID/task/*/children."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in os.listdir(f"/proc/{parent}/task"):
+            with contextlib.suppress(OSError), \
+                    open(f"/proc/{parent}/task/{task}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+            found += kids
+            todo += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """`pid` exists and is no zombie."""
+    try:
+        return status(pid).get("State", "").split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kernel_log_kill(pid: int) -> str | None:
+    """The kernel log's seccomp record (audit type 1326) of `pid`, if any."""
+    log_text = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
+    for line in log_text.splitlines():
+        if "type=1326" in line and f" pid={pid} " in line:
+            return line
+    return None
+
+
+def _start_holder(delay: str, confine: bool,
+                  trace: bool = False) -> tuple[subprocess.Popen[str], _TcpPeer, socket.socket]:
+    tcp = _TcpPeer()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    env = {**os.environ, FORBIDDEN: delay}
+    env.pop(TRACE, None)
+    if trace:
+        env[TRACE] = "1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relaynat", "run", "--confine" if confine else "--no-confine",
+         "--", "sh", "-c", HOLDER, str(tcp.port), str(udp.getsockname()[1])],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env)
+    return proc, tcp, udp
+
+
+def _flows_up(proc: subprocess.Popen[str], tcp: _TcpPeer,
+              udp: socket.socket) -> tuple[str, int]:
+    """Wait for the guest's two flows; the relay's UDP source address."""
+    udp.settimeout(30)
+    data, relay_addr = udp.recvfrom(100)
+    assert data == b"udp\n"
+    assert tcp.greeted.wait(30), "the guest's TCP connection never greeted"
+    assert proc.poll() is None, "the relay died before the guest's flows were up"
+    return str(relay_addr[0]), int(relay_addr[1])
+
+
+def test_a_forbidden_call_kills_the_relay_and_everything_ends_cleanly() -> None:
+    """A confined relay that makes a call outside its list (a netlink socket, here by
+    the test hook) is killed by SIGSYS, logged by the kernel; then nothing hangs: the
+    host peer of the guest's TCP connection sees it end, the UDP peer's next datagram
+    is refused (the relay's socket is gone), the guest's processes end with the relay,
+    and the relay's output pipes close."""
+    proc, tcp, udp = _start_holder("4", confine=True)
+    guest: list[int] = []
+    try:
+        wait_confined(proc)
+        relay_addr = _flows_up(proc, tcp, udp)
+        guest += _children(proc.pid)
+        assert len(guest) >= 4, guest  # the namespace's processes, socat and sleep among them
+        proc.wait(timeout=30)
+        died = time.monotonic()
+        assert proc.returncode == -signal.SIGSYS, proc.returncode
+        record = _kernel_log_kill(proc.pid)
+        assert record is not None and " sig=31 " in record, record
+        assert f" syscall={SYS_SOCKET} " in record, record
+        # The host side of the TCP connection ends: the kernel closed the relay's socket.
+        wait_until(lambda: tcp.ended is not None, 5, "the host peer's connection end")
+        assert tcp.ended is not None and tcp.ended[0] in ("eof", "ConnectionResetError")
+        assert tcp.ended[1] - died < 5
+        # The UDP flow's host socket is gone: the peer's next datagram is refused.
+        udp.connect(relay_addr)
+        udp.send(b"still there?")
+        udp.settimeout(5)
+        with pytest.raises(ConnectionRefusedError):
+            udp.recv(100)
+        # The guest's namespace ends with the relay: nothing of it runs on with a link
+        # nobody serves, and the relay's stdout and stderr are closed by all.
+        wait_until(lambda: not any(_alive(pid) for pid in guest), 5,
+                   "the guest's processes' end")
+        _, err = proc.communicate(timeout=5)
+        assert FORBIDDEN in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in guest:  # whatever outlived the relay (it must not)
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=10)
+        tcp.close()
+        udp.close()
+
+
+def test_the_forbidden_call_hook_acts_only_on_a_confined_relay() -> None:
+    """Unconfined (--no-confine), the hook makes no call: the relay outlives its delay
+    and serves on, and ends with its command as usual."""
+    proc, tcp, udp = _start_holder("1", confine=False)
+    try:
+        _flows_up(proc, tcp, udp)
+        time.sleep(3)
+        assert proc.poll() is None and tcp.ended is None
+        assert status(proc.pid)["Seccomp"] == "0"
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        assert FORBIDDEN not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        tcp.close()
+        udp.close()
+
+
+def test_traced_the_forbidden_call_is_logged_and_the_relay_goes_on() -> None:
+    """RELAYNAT_CONFINE_TRACE: the filter logs the call (sig=0) and lets it run; the
+    relay is not killed (how the list is traced; not a confinement)."""
+    proc, tcp, udp = _start_holder("1", confine=True, trace=True)
+    try:
+        wait_confined(proc)
+        _flows_up(proc, tcp, udp)
+        wait_until(lambda: _kernel_log_kill(proc.pid) is not None, 10,
+                   "the kernel's record of the call", proc)
+        record = _kernel_log_kill(proc.pid)
+        assert record is not None and " sig=0 " in record and f" syscall={SYS_SOCKET} " in record
+        assert proc.poll() is None and tcp.ended is None
+        proc.terminate()
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        tcp.close()
+        udp.close()
