@@ -432,3 +432,37 @@ def test_traced_the_forbidden_call_is_logged_and_the_relay_goes_on() -> None:
             proc.communicate()
         tcp.close()
         udp.close()
+
+
+# --- pings of a confined relay where ping sockets are refused -----------------------
+
+#: In a namespace made for it (net.ipv4.ping_group_range as the kernel sets it, "1 0":
+#: no group may open ping sockets), `relaynat run --confine` as root, whose command
+#: waits for the relay's confinement to be looked at, then pings both gateways.
+CONFINED_PING = ('ip link set lo up && cat /proc/sys/net/ipv4/ping_group_range && '
+                 'exec "$0" -m relaynat run --confine --stats --log-level info -- sh -c '
+                 '"sleep 1; ping -c 3 -i 0.2 -W 2 10.0.2.2; '
+                 'ping -6 -c 3 -i 0.2 -W 2 fd00::2"')
+
+
+def test_confined_pings_answered_with_the_default_ping_group_range() -> None:
+    """Ping sockets are refused to nobody (the range is "1 0"), so a confined relay
+    opens raw ICMP sockets while it still holds CAP_NET_RAW, before keeping only
+    CAP_KILL: the command's pings to 10.0.2.2 and fd00::2 (the gateways) are answered."""
+    proc = subprocess.Popen(["unshare", "--net", "sh", "-c", CONFINED_PING, sys.executable],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        st = wait_confined(proc)  # `unshare` and `sh` exec'd: this pid is the relay
+        assert st["Uid"].split()[0] == str(NOBODY) and int(st["CapEff"], 16) == CAP_KILL
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert out.split("\n", 1)[0].split() == ["1", "0"], out  # the kernel's default
+    assert proc.returncode == 0, out + err
+    assert "confined: uid 65534" in err, err
+    assert out.count("3 packets transmitted, 3 received") == 2, out + err
+    stats = parse_stats(err)
+    assert stats["icmp_raw_sockets_opened"] == 2  # one per family
+    assert stats["icmp_echo_replies"] == 6 and "drop_icmp_not_permitted" not in stats
