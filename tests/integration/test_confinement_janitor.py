@@ -230,12 +230,18 @@ def _killed_with_janitor_stopped(root_dir: Path, tmp_path: Path,
 def test_a_new_relays_file_at_the_path_is_left(root_dir: Path, tmp_path: Path,
                                                procs: list[subprocess.Popen[str]]) -> None:
     sock, janitor = _killed_with_janitor_stopped(root_dir, tmp_path, procs)
-    before = os.lstat(sock)
+    before = os.lstat(sock).st_ctime_ns
+
+    def replaced() -> bool:
+        try:  # the new relay unlinks the stale file, then binds its own
+            return os.lstat(sock).st_ctime_ns != before
+        except FileNotFoundError:
+            return False
+
     new = _relaynat(procs, tmp_path / "new.log", "serve", "--no-confine", "--socket",
                     str(sock))
     # The new relay replaced the stale file (transports/stream.py) with its own.
-    wait_until(lambda: os.lstat(sock).st_ctime_ns != before.st_ctime_ns, 30,
-               "the new relay's socket file", new)
+    wait_until(replaced, 30, "the new relay's socket file", new)
     os.kill(janitor, signal.SIGCONT)
     _wait_gone(janitor)
     assert sock.exists(), "the old relay's janitor removed the new relay's file"

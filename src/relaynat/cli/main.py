@@ -167,7 +167,12 @@ def confine_relay(args: argparse.Namespace, *relays: Relay) -> None:
     if threads is not None:
         threads.stop()
     # Started while the process still has its privileges and the paths.
-    args.janitor = Janitor.start(_socket_paths(args))
+    args.confined = True
+    try:
+        args.janitor = Janitor.start(_socket_paths(args))
+    except OSError as exc:  # no reason not to serve: the files stay, as before
+        log.warning("cannot start the socket file janitor (%s): the socket files stay "
+                    "after the relay exits", exc)
     # Tracing the allowlist: the kernel logs a call outside it and lets it run.
     action = "log" if os.environ.get(TRACE_ENV) else "kill"
     done = confine(*relays, runas=args.runas, keep=_kept_capabilities(args),
@@ -184,7 +189,7 @@ def _unlink_on_close(args: argparse.Namespace, path: str, handed: bool) -> bool:
     of reach: the janitor removes it at exit, and is told to leave it if handed)."""
     janitor: Janitor | None = getattr(args, "janitor", None)
     if janitor is None:
-        return not handed
+        return not handed and not getattr(args, "confined", False)
     if handed:
         janitor.release(path)
     return False
