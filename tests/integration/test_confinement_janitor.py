@@ -293,19 +293,21 @@ def test_run_killed_has_its_control_socket_removed(
                 os.kill(int(child), signal.SIGKILL)
 
 
-@pytest.mark.parametrize("ending", ["sigterm", "sigkill"])
+@pytest.mark.parametrize(("old_confined", "ending"),
+                         [("--no-confine", "sigterm"), ("--no-confine", "sigkill"),
+                          ("--confine", "sigterm")])
 def test_receive_handover_removes_what_it_took(root_dir: Path, tmp_path: Path,
                                                procs: list[subprocess.Popen[str]],
-                                               ending: str) -> None:
-    """An unconfined relay hands its stream socket and control socket over to a
-    confined `serve --receive-handover`, whose janitor removes them at its exit (they
-    were bound by the other process: the janitor checks the sockets sent with the
-    paths are bound to those files)."""
+                                               old_confined: str, ending: str) -> None:
+    """A relay hands its stream socket and control socket over to a confined `serve
+    --receive-handover`, whose janitor removes them at its exit (they were bound by
+    the other process: the janitor checks the sockets sent with the paths are bound to
+    those files). A confined old relay's janitor leaves them to the new relay."""
     sock, ctl, to = root_dir / "vm.sock", root_dir / "ctl.sock", root_dir / "to.sock"
     new = _relaynat(procs, tmp_path / "new.log", "serve", "--confine",
                     "--receive-handover", str(to))
     _wait_confined(new, to)
-    old = _relaynat(procs, tmp_path / "old.log", "serve", "--no-confine", "--socket",
+    old = _relaynat(procs, tmp_path / "old.log", "serve", old_confined, "--socket",
                     str(sock), "--control-socket", str(ctl))
     wait_until(lambda: sock.exists() and ctl.exists(), 30, "the old relay's sockets", old)
     done = subprocess.run([sys.executable, "-m", "relaynat", "ctl", "-s", str(ctl),
@@ -316,6 +318,7 @@ def test_receive_handover_removes_what_it_took(root_dir: Path, tmp_path: Path,
     # The old relay left them to the new one, which took them; its own receiving
     # socket is closed and removed now.
     assert sock.exists() and ctl.exists()
+    _clean_log(tmp_path / "old.log")
     wait_until(lambda: not to.exists(), KILLED_WAIT_S, "the receiving socket removed")
     with socket.socket(socket.AF_UNIX) as guest:
         guest.connect(str(sock))
