@@ -113,7 +113,7 @@ def status(pid: int) -> dict[str, str]:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                fields[key] = value.strip()
+                fields[key] = ",".join(value.split())
     except OSError as exc:
         raise BenchError(f"relay {pid} is gone ({exc.strerror})") from exc
     return {k: fields.get(k, "?") for k in ("Uid", "Seccomp", "NoNewPrivs", "CapEff")}
@@ -133,7 +133,7 @@ def check_arm(arm: str, relay: Proc, wait: float = 0.0) -> dict[str, str]:
     while True:
         if relay.popen.poll() is not None:
             rc = relay.popen.returncode
-            why = " (SIGSYS: killed by its seccomp filter)" if rc in (-31, 159) else ""
+            why = " (SIGSYS: killed by its seccomp filter)" if rc == -signal.SIGSYS else ""
             raise BenchError(f"{arm}: relay exited with {rc}{why}: {relay.log_tail()}")
         st = status(relay.pid)
         if confinement_matches(arm, st):
@@ -148,6 +148,7 @@ class Arm:
     name: str
     guest: Guest
     relay: Proc
+    status: dict[str, str]  # /proc/PID/status once confined (or not), for the record
 
 
 @contextlib.contextmanager
@@ -163,9 +164,9 @@ def relay(arm: str, mtu: int, verbose: bool) -> Iterator[Arm]:
         pid = _wait_guest(f"relaynat run --{arm}", proc)
         _wait_link(pid, f"relaynat run --{arm}")
         tune_guest(pid)
-        check_arm(arm, proc, CONFINED_TIMEOUT)
+        st = check_arm(arm, proc, CONFINED_TIMEOUT)
         yield Arm(arm, Guest(f"relaynat --{arm}", in_netns(pid),
-                             RELAY_GATEWAY, "127.0.0.1", proc.pid, argv), proc)
+                             RELAY_GATEWAY, "127.0.0.1", proc.pid, argv), proc, st)
 
 
 def tree_cpu_s(root: int) -> float:
@@ -245,27 +246,38 @@ def workloads(opts: WorkloadOptions, syscalls: bool, only: set[str],
     return [(name, fn) for name, fn in plan if name in only]
 
 
-def run_rounds(a: argparse.Namespace, opts: WorkloadOptions,
-               ) -> dict[str, dict[str, list[float]]]:
-    """figures[arm][key] = one value per round."""
-    figures: dict[str, dict[str, list[float]]] = {arm: {} for arm in ARMS}
+#: rounds[i][arm][key]: the figures of round i; a measurement that failed has none.
+Rounds = list[dict[str, Figures]]
+
+
+def run_rounds(a: argparse.Namespace, opts: WorkloadOptions, rounds: Rounds,
+               failures: list[str], seen: dict[str, dict[str, str]]) -> None:
+    """Fill `rounds`, `failures` (a measurement that failed: the run goes on) and `seen`
+    (each arm's /proc status once confined). A relay that is not what its arm says, or
+    that died, ends the run (BenchError)."""
     for rnd in range(a.rounds):
         order = ARMS if rnd % 2 == 0 else ARMS[::-1]
         print(f"[round {rnd + 1}/{a.rounds}] {' then '.join(order)}", file=sys.stderr)
+        rounds.append({arm: {} for arm in ARMS})
         with relay(order[0], a.mtu, a.verbose) as first, \
                 relay(order[1], a.mtu, a.verbose) as second:
-            arms = (first, second)
+            for arm in (first, second):
+                seen.setdefault(arm.name, arm.status)
             for wname, measure in workloads(opts, a.syscalls, a.workloads):
-                for arm in arms:
+                for arm in (first, second):
                     t0 = time.monotonic()
-                    got = measure(arm)
+                    try:
+                        got = measure(arm)
+                    except BenchError as exc:
+                        failures.append(f"round {rnd + 1} {arm.name} {wname}: {exc}")
+                        print(f"    {arm.name:10} {wname}: failed: {exc}", file=sys.stderr)
+                        got = {}
                     check_arm(arm.name, arm.relay)  # still alive, still as it was
-                    for key, value in got.items():
-                        figures[arm.name].setdefault(key, []).append(value)
-                    shown = ", ".join(f"{k}={v:.4g}" for k, v in got.items())
-                    print(f"    {arm.name:10} {wname} ({time.monotonic() - t0:.0f}s): "
-                          f"{shown}", file=sys.stderr)
-    return figures
+                    rounds[-1][arm.name] |= got
+                    if got:
+                        shown = ", ".join(f"{k}={v:.4g}" for k, v in got.items())
+                        print(f"    {arm.name:10} {wname} ({time.monotonic() - t0:.0f}s): "
+                              f"{shown}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -276,15 +288,16 @@ def cost_pct(metric: Metric, ratio: float) -> float:
     return (1 - ratio) * 100 if metric.higher_is_better else (ratio - 1) * 100
 
 
-def summarise(figures: dict[str, dict[str, list[float]]], metrics: tuple[Metric, ...],
-              ) -> dict[str, dict[str, object]]:
+def summarise(rounds: Rounds, metrics: tuple[Metric, ...]) -> dict[str, dict[str, object]]:
     out: dict[str, dict[str, object]] = {}
-    base, conf = figures[ARMS[0]], figures[ARMS[1]]
     for m in metrics:
-        if not base.get(m.key) or not conf.get(m.key):
+        b = [r[ARMS[0]][m.key] for r in rounds if m.key in r[ARMS[0]]]
+        c = [r[ARMS[1]][m.key] for r in rounds if m.key in r[ARMS[1]]]
+        if not b or not c:
             continue
-        b, c = base[m.key], conf[m.key]
-        paired = [y / x for x, y in zip(b, c, strict=True) if x]
+        # The two arms of one round ran seconds apart: their ratio is the paired sample.
+        paired = [r[ARMS[1]][m.key] / r[ARMS[0]][m.key] for r in rounds
+                  if r[ARMS[0]].get(m.key) and m.key in r[ARMS[1]]]
         row: dict[str, object] = {
             "label": m.label, "unit": m.unit, "higher_is_better": m.higher_is_better,
             ARMS[0]: b, ARMS[1]: c,
@@ -385,8 +398,11 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, raise_interrupted)
     opts = WorkloadOptions(a.duration, a.omit, "0", 0, (), a.verbose)
     started, load0 = time.time(), os.getloadavg()
+    rounds: Rounds = []
+    failures: list[str] = []
+    seen: dict[str, dict[str, str]] = {}
     try:
-        figures = run_rounds(a, opts)
+        run_rounds(a, opts, rounds, failures, seen)
     except (KeyboardInterrupt, Interrupted) as exc:
         print(f"\ninterrupted ({exc or 'SIGINT'}), cleaned up", file=sys.stderr)
         return 130
@@ -394,13 +410,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nconfinement bench FAILED: {exc}", file=sys.stderr)
         return 1
     load1 = os.getloadavg()
-    summary = summarise(figures, METRICS + (SYSCALL_METRICS if a.syscalls else ()))
+    summary = summarise(rounds, METRICS + (SYSCALL_METRICS if a.syscalls else ()))
     head = (f"relaynat --confine vs --no-confine: {a.rounds} rounds of {a.duration:g} s "
             f"per figure, MTU {a.mtu}, {os.cpu_count()} CPUs, kernel {platform.release()}, "
             f"src {git_head()}, load average {load0[0]:.2f} at the start and "
             f"{load1[0]:.2f} at the end; cost = what --confine loses (positive) or gains "
             f"(negative), from the median of the per-round ratios (its min..max)")
-    lines = [head, "", *table(summary)]
+    lines = [head, "", *(f"--{arm}: relay {' '.join(f'{k} {v}' for k, v in st.items())}"
+                         for arm, st in seen.items()), "", *table(summary)]
+    if failures:
+        lines += ["", "failed measurements (left out of the figures):",
+                  *(f"  {f}" for f in failures)]
     print("\n".join(lines))
     if a.json is not None:
         a.json.write_text(json.dumps({
@@ -408,8 +428,9 @@ def main(argv: list[str] | None = None) -> int:
             "finished": time.time(), "loadavg_start": load0, "loadavg_end": load1,
             "src": git_head(), "kernel": platform.release(), "cpus": os.cpu_count(),
             "options": vars(a) | {"json": str(a.json), "workloads": sorted(a.workloads)},
-            "figures": figures, "summary": summary, "table": lines}, indent=2) + "\n")
-    return 0
+            "relay_status": seen, "rounds": rounds, "failures": failures,
+            "summary": summary, "table": lines}, indent=2) + "\n")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
