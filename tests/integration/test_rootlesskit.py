@@ -85,13 +85,19 @@ cd /
 setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/nonexistent \
     rootlesskit --state-dir "$dev/state/rk" --net=slirp4netns --slirp4netns-binary="$s4n" \
     --mtu=65520 --copy-up=/etc --port-driver=slirp4netns -p "127.0.0.1:$FWD:80/tcp" \
-    -p "127.0.0.1:$FWD:53/udp" $LOOPBACK sh "$dev/child.sh" &
+    -p "127.0.0.1:$FWD:53/udp" $LOOPBACK $SANDBOX sh "$dev/child.sh" &
 rk=$!
 for _ in $(seq 600); do
     [ -e "$dev/sync/child-ready" ] && break
     kill -0 $rk 2>/dev/null || break
     sleep 0.1
 done
+if [ -n "$SANDBOX" ]; then
+    # The binary as rootlesskit started it (its own command line has --mtu=65520).
+    s4npid=$(pgrep -n -f 'slirp4netns --mtu 65520 ')
+    echo "confined $(grep -E '^(Seccomp|NoNewPrivs):' /proc/$s4npid/status \
+        | tr -s '\t' ' ' | tr '\n' ' ')root $(ls -A /proc/$s4npid/root | wc -l)"
+fi
 echo "forwarded $(curl -sS --max-time 10 --retry 5 --retry-connrefused \
     http://127.0.0.1:$FWD/inside.txt)"
 echo "$(printf 'ping' | socat -t 3 - "UDP:127.0.0.1:$FWD")"
@@ -119,8 +125,15 @@ echo "dns queries $(grep -c 'query\[A\] probe.test' "$dev/dns.log")"
 
 
 @pytest.mark.parametrize("loopback", ["host-loopback", "disable-host-loopback"])
-@pytest.mark.parametrize("binary", ["relaynat", "/usr/bin/slirp4netns"])
-def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, loopback: str) -> None:
+@pytest.mark.parametrize(("binary", "sandbox"), [
+    ("relaynat", False), ("relaynat", True), ("/usr/bin/slirp4netns", False)],
+    ids=["relaynat", "relaynat-sandbox", "slirp4netns"])
+def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, sandbox: bool,
+                                                         loopback: str) -> None:
+    """`sandbox`: rootlesskit's --slirp4netns-sandbox=true --slirp4netns-seccomp=true
+    (their default is false), which pass --enable-sandbox and --enable-seccomp: the
+    binary, relaynat confined, has a seccomp filter, no_new_privs and an empty root,
+    and everything else comes out the same."""
     for tool in ("rootlesskit", "newuidmap", "dnsmasq", "busybox", "wget", "curl"):
         assert shutil.which(tool), f"{tool} is installed by install.sh"
     if binary != "relaynat":
@@ -128,6 +141,8 @@ def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, loopback: 
     env = {**os.environ, **nobody_env(), "BINARY": binary,
            "FWD": str(free_port()), "FWD2": str(free_port()),
            "LOOPBACK": "--disable-host-loopback" if loopback.startswith("disable") else "",
+           "SANDBOX": "--slirp4netns-sandbox=true --slirp4netns-seccomp=true"
+           if sandbox else "",
            # The bulk transfers take the host-loopback mapping where it is on.
            "BULK": "198.18.0.1" if loopback.startswith("disable") else "10.0.2.2"}
     digest, out, report = run_digest_scenario(_SCENARIO, env=env, timeout=240)
@@ -145,6 +160,7 @@ def test_rootlesskit_slirp4netns_network_and_port_driver(binary: str, loopback: 
         *reached,
         f"down {digest}",
         f"up {digest}",
+        *(["confined NoNewPrivs: 1 Seccomp: 2 root 0"] if sandbox else []),
         "forwarded from inside",
         udp,
         "added from inside",

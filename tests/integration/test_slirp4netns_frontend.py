@@ -129,6 +129,40 @@ _CONNECT = ("import socket,sys\n"
             "s.sendall(b'hello');print(s.recv(100).decode())\n")
 
 
+def _host_loopback_and_hostfwd(pid: int, api: str) -> None:
+    """The guest in `pid`'s namespace reaches a server on host loopback through
+    10.0.2.2, and a forward added through the API socket reaches a server inside."""
+    port = free_port()
+    accepted: list[bytes] = []
+    server = _host_server(port, accepted)
+    out = _inside(pid, _CONNECT.format(port=port))
+    server.join(15)
+    assert out.stdout.strip() == "from host loopback", out.stderr
+    assert accepted == [b"hello"]
+
+    # add_hostfwd reaches a server inside the namespace.
+    inner = subprocess.Popen(
+        ["nsenter", "-t", str(pid), "-n", PY, "-c",
+         "import socket\nl=socket.create_server(('0.0.0.0',8080))\nprint('up',flush=True)\n"
+         "l.settimeout(15)\nc,_=l.accept();c.sendall(b'from inside');c.close()\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert inner.stdout is not None and inner.stdout.readline().strip() == "up"
+        host_port = free_port()
+        reply = _api(api, json.dumps({"execute": "add_hostfwd", "arguments": {
+            "proto": "tcp", "host_addr": "127.0.0.1", "host_port": host_port,
+            "guest_port": 8080}}).encode())
+        assert set(reply) == {"return"} and set(reply["return"]) == {"id"}
+        with socket.create_connection(("127.0.0.1", host_port), timeout=10) as c:
+            c.settimeout(10)
+            assert c.recv(100) == b"from inside"
+        assert inner.wait(timeout=15) == 0
+    finally:
+        inner.kill()
+        inner.wait()
+        inner.stdout.close() if inner.stdout else None
+
+
 def test_configure_ready_host_loopback_hostfwd_and_exit_fd(
         sleeper: subprocess.Popen[bytes], tmp_path: Path) -> None:
     pid = sleeper.pid
@@ -146,35 +180,7 @@ def test_configure_ready_host_loopback_hostfwd_and_exit_fd(
                                 "default"], capture_output=True, text=True, check=True)
         assert "default via 10.0.2.2 dev tap0" in route.stdout
 
-        port = free_port()
-        accepted: list[bytes] = []
-        server = _host_server(port, accepted)
-        out = _inside(pid, _CONNECT.format(port=port))
-        server.join(15)
-        assert out.stdout.strip() == "from host loopback", out.stderr
-        assert accepted == [b"hello"]
-
-        # add_hostfwd reaches a server inside the namespace.
-        inner = subprocess.Popen(
-            ["nsenter", "-t", str(pid), "-n", PY, "-c",
-             "import socket\nl=socket.create_server(('0.0.0.0',8080))\nprint('up',flush=True)\n"
-             "l.settimeout(15)\nc,_=l.accept();c.sendall(b'from inside');c.close()\n"],
-            stdout=subprocess.PIPE, text=True)
-        try:
-            assert inner.stdout is not None and inner.stdout.readline().strip() == "up"
-            host_port = free_port()
-            reply = _api(api, json.dumps({"execute": "add_hostfwd", "arguments": {
-                "proto": "tcp", "host_addr": "127.0.0.1", "host_port": host_port,
-                "guest_port": 8080}}).encode())
-            assert set(reply) == {"return"} and set(reply["return"]) == {"id"}
-            with socket.create_connection(("127.0.0.1", host_port), timeout=10) as c:
-                c.settimeout(10)
-                assert c.recv(100) == b"from inside"
-            assert inner.wait(timeout=15) == 0
-        finally:
-            inner.kill()
-            inner.wait()
-            inner.stdout.close() if inner.stdout else None
+        _host_loopback_and_hostfwd(pid, api)
     finally:
         code = slirp.stop()
     assert code == 0  # the exit fd closing ended it
@@ -199,8 +205,7 @@ def test_disable_host_loopback_refuses_the_gateway(
 
 
 @pytest.mark.parametrize(("option", "says"), [
-    (["--enable-seccomp"], "no seccomp"),
-    (["--enable-sandbox"], "no sandbox"),
+    (["--no-confine", "--enable-seccomp"], "not with --enable-sandbox or --enable-seccomp"),
     (["--disable-dns"], "always serves DNS"),
     (["--outbound-addr=10.1.2.3"], "--outbound-addr"),
     (["--macaddress=02:00:00:00:00:01"], "MAC"),
@@ -222,13 +227,58 @@ def test_unsupported_options_are_refused_at_start(option: list[str], says: str) 
 
 def test_help_lists_no_refused_option() -> None:
     """rootlesskit reads --help to see what the binary supports (--enable-sandbox,
-    --enable-seccomp, --disable-host-loopback): a refused option must not show."""
+    --enable-seccomp, --disable-host-loopback): a refused option must not show, and
+    the confinement options, which it and podman then pass, must."""
     out = subprocess.run([SCRIPT, "--help"], capture_output=True, text=True,
                          timeout=30).stdout
     assert "--disable-host-loopback" in out and "--api-socket" in out
-    for refused in ("--enable-sandbox", "--enable-seccomp", "--disable-dns",
-                    "--outbound-addr", "--macaddress"):
+    assert "--enable-sandbox" in out and "--enable-seccomp" in out
+    for refused in ("--disable-dns", "--outbound-addr", "--macaddress"):
         assert refused not in out
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return {key: value.strip() for key, _, value in (line.partition(":") for line in f)}
+
+
+#: CAP_NET_BIND_SERVICE: what a confined relay started as root keeps for the API's
+#: add_hostfwd (a port below net.ipv4.ip_unprivileged_port_start).
+_BIND_SERVICE = 1 << 10
+
+
+@pytest.mark.parametrize("flags", [["--enable-sandbox", "--enable-seccomp"],
+                                   ["--enable-sandbox"], ["--enable-seccomp"],
+                                   ["--no-confine"]],
+                         ids=["both", "sandbox", "seccomp", "no-confine"])
+def test_sandbox_and_seccomp_confine_the_relay(
+        sleeper: subprocess.Popen[bytes], tmp_path: Path, flags: list[str]) -> None:
+    """--enable-sandbox and --enable-seccomp (podman's and rootlesskit's flags; either
+    or both: relaynat confines as one unit): once ready, the relay is nobody with a
+    seccomp filter, no_new_privs, CAP_NET_BIND_SERVICE alone (for the API) and an
+    empty root, and the guest still reaches host loopback and is reached through a
+    forward the API adds; at the end the API socket's file is gone all the same (the
+    janitor). --no-confine: none of it, the checks come out the other way."""
+    api = str(tmp_path / "api.sock")
+    slirp = Slirp(SCRIPT, sleeper.pid, api, *flags)
+    try:
+        assert slirp.ready == b"1"
+        st = _status(slirp.proc.pid)  # ready is written once confined
+        root = os.listdir(f"/proc/{slirp.proc.pid}/root")
+        if flags == ["--no-confine"]:
+            assert st["Seccomp"] == "0" and st["Uid"].split()[0] == "0"
+            assert int(st["CapEff"], 16) > _BIND_SERVICE and "etc" in root
+        else:
+            assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1"
+            assert st["Uid"].split() == ["65534"] * 4, st["Uid"]
+            assert int(st["CapEff"], 16) == _BIND_SERVICE, st["CapEff"]
+            assert int(st["CapBnd"], 16) == _BIND_SERVICE, st["CapBnd"]
+            assert root == []
+        _host_loopback_and_hostfwd(sleeper.pid, api)
+    finally:
+        code = slirp.stop()
+    assert code == 0
+    assert not os.path.exists(api)
 
 
 def test_cidr_moves_the_addresses(sleeper: subprocess.Popen[bytes], tmp_path: Path) -> None:
@@ -342,11 +392,14 @@ set +e
 wait $relay
 echo "relay-status $?"
 set -e
-# By path, with the user namespace named (--netns-type=path --userns-path).
-s4n -c -r 3 --netns-type=path --userns-path=/proc/$target/ns/user /proc/$target/ns/net \
-    tap0 3>"$dev/ready2" &
+# By path, with the user namespace named (--netns-type=path --userns-path), confined
+# as rootlesskit asks when --help names the flags.
+s4n -c -r 3 --netns-type=path --userns-path=/proc/$target/ns/user --enable-sandbox \
+    --enable-seccomp /proc/$target/ns/net tap0 3>"$dev/ready2" &
 relay=$!
 wait_ready "$dev/ready2"
+echo "confined $(grep -E '^(Seccomp|NoNewPrivs):' /proc/$relay/status | tr -s '\t' ' ' \
+    | tr '\n' ' ')root $(ls -A /proc/$relay/root | wc -l)"
 fetch
 kill $target
 kill -TERM $relay
@@ -358,7 +411,9 @@ echo "relay-status $?"
 
 def test_unprivileged_as_rootlesskit_runs_it(start_peer, tmp_path: Path) -> None:
     """As `nobody`, against a network namespace a user namespace of nobody's owns: by
-    PID, and by path with --userns-path; the guest reaches host loopback."""
+    PID, and by path with --userns-path and confined (--enable-sandbox
+    --enable-seccomp: a user and mount namespace of its own with an empty root, the
+    seccomp filter); the guest reaches host loopback."""
     tmp_path.chmod(0o755)
     (tmp_path / "f.txt").write_text("reached unprivileged\n")
     (tmp_path / "f.txt").chmod(0o644)
@@ -368,6 +423,7 @@ def test_unprivileged_as_rootlesskit_runs_it(start_peer, tmp_path: Path) -> None
                           env={**os.environ, **nobody_env(), "PORT": str(port)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == ["reached unprivileged", "relay-status 0",
+                                        "confined NoNewPrivs: 1 Seccomp: 2 root 0",
                                         "reached unprivileged", "relay-status 0"], (
         done.stdout + done.stderr)
 

@@ -9,8 +9,16 @@ that network. `--ready-fd` gets "1" once the guest can be served, `--exit-fd` en
 when it becomes readable (written to or closed), and `--api-socket` speaks slirp4netns'
 API (control/server.py `Slirp4netnsApi`).
 
+`--enable-sandbox` and `--enable-seccomp` both turn on relaynat's confinement
+(relaynat.confinement, docs/confinement.md) once the TAP is served and before
+`--ready-fd` is written: slirp4netns' sandbox (a mount namespace with an empty root,
+capabilities dropped) and its seccomp filter are two parts of what relaynat does as
+one unit, so either flag, or both, confines the relay wholly. Without them the relay
+is confined when confinement is relaynat's default (`relaynat run`'s), unless
+`--no-confine` (relaynat's own option) says otherwise. Both are named in `--help`:
+rootlesskit and podman read it and pass them when it names them.
+
 Options relaynat cannot honour are refused at start, saying why, never ignored:
-`--enable-sandbox` and `--enable-seccomp` (relaynat has no confinement of its own yet),
 `--disable-dns`, `--outbound-addr`, `--outbound-addr6`, `--macaddress`,
 `--target-type=bess`. They are left out of `--help`, which rootlesskit reads to tell
 what the binary supports.
@@ -25,11 +33,16 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from ipaddress import IPv4Address, IPv4Network
+from typing import TYPE_CHECKING, Any
 
 from relaynat.config import MAX_MTU, ConfigError, RelayConfig
 from relaynat.netns.join import JoinTarget, resolve_target
+
+if TYPE_CHECKING:
+    from relaynat.confinement.janitor import Janitor
+    from relaynat.relay import Relay
 
 log = logging.getLogger("relaynat.slirp4netns")
 
@@ -37,9 +50,6 @@ PROG = "relaynat-slirp4netns"
 
 #: What each refused option would need, for the message.
 _REFUSED = {
-    "enable_sandbox": "--enable-sandbox: relaynat has no sandbox of its own yet (no private "
-                      "mount namespace, no dropping of capabilities); run without it",
-    "enable_seccomp": "--enable-seccomp: relaynat has no seccomp filter yet; run without it",
     "disable_dns": "--disable-dns: relaynat always serves DNS at the DNS address (10.0.2.3)",
     "outbound_addr": "--outbound-addr: relaynat cannot bind outbound connections to an "
                      "address",
@@ -72,10 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--userns-path", metavar="PATH", help="specify user namespace path")
     p.add_argument("--target-type", choices=("netns", "bess"), default="netns",
                    help="specify the target type (netns only)")
+    p.add_argument("--enable-sandbox", action="store_true",
+                   help="confine the relay once set up: an empty read-only root, nobody "
+                        "as root, only the capabilities it needs, and a seccomp "
+                        "allowlist (relaynat confines as one unit: the same as "
+                        "--enable-seccomp)")
+    p.add_argument("--enable-seccomp", action="store_true",
+                   help="the same as --enable-sandbox: confine the relay once set up")
+    p.add_argument("--no-confine", action="store_true",
+                   help="relaynat's own: do not confine the relay even where confinement "
+                        "is relaynat's default (weaker); not with --enable-sandbox or "
+                        "--enable-seccomp")
     p.add_argument("-v", "--version", action="store_true", help="show version and exit")
     hidden = argparse.SUPPRESS
-    for flag in ("--enable-sandbox", "--enable-seccomp", "--disable-dns"):
-        p.add_argument(flag, action="store_true", help=hidden)
+    p.add_argument("--disable-dns", action="store_true", help=hidden)
     for flag in ("--outbound-addr", "--outbound-addr6", "--macaddress"):
         p.add_argument(flag, help=hidden)
     p.add_argument("target", nargs="?", metavar="PID|PATH")
@@ -133,10 +153,21 @@ def target_for(args: argparse.Namespace) -> JoinTarget:
     return target
 
 
+def wants_confinement(args: argparse.Namespace, by_default: bool) -> bool:
+    """Whether to confine: --enable-sandbox or --enable-seccomp (either, as relaynat
+    confines as one unit), else relaynat's default unless --no-confine."""
+    if args.enable_sandbox or args.enable_seccomp:
+        return True
+    return by_default and not args.no_confine
+
+
 def _refusal(args: argparse.Namespace) -> str | None:
     for name, message in _REFUSED.items():
         if getattr(args, name):
             return message
+    if args.no_confine and (args.enable_sandbox or args.enable_seccomp):
+        return ("--no-confine: not with --enable-sandbox or --enable-seccomp, which ask "
+                "for confinement")
     if args.target_type != "netns":
         return "--target-type=bess: relaynat serves a TAP in a network namespace only"
     return None
@@ -147,6 +178,27 @@ def _notify_ready(fd: int) -> None:
         os.write(fd, b"1")
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def _confine(args: argparse.Namespace, relay: Relay) -> Janitor:
+    """Confine this process now that the TAP is served (relaynat.confinement, as
+    `relaynat run --confine`): the caller's privileges as root dropped to nobody's with
+    CAP_NET_BIND_SERVICE kept for the API's add_hostfwd (a port below
+    net.ipv4.ip_unprivileged_port_start); an unprivileged caller keeps its ids and has
+    none to keep. The API socket's file is then out of reach: the janitor started here
+    removes it once this process has exited. ConfinementError if it could not be done."""
+    from relaynat.cli.main import TRACE_ENV, LoopThreads
+    from relaynat.confinement import confine
+    from relaynat.confinement.janitor import Janitor
+
+    threads: LoopThreads = args.loop_threads
+    threads.stop()  # open_joined_tap's executor thread: confinement takes one thread
+    janitor = Janitor.start([args.api_socket] if args.api_socket else [])
+    keep = ["CAP_NET_BIND_SERVICE"] if os.geteuid() == 0 and args.api_socket else []
+    done = confine(relay, keep=keep,
+                   on_violation="log" if os.environ.get(TRACE_ENV) else "kill")
+    log.info("%s", done.describe())
+    return janitor
 
 
 async def serve(config: RelayConfig, args: argparse.Namespace, target: JoinTarget) -> int:
@@ -174,6 +226,8 @@ async def serve(config: RelayConfig, args: argparse.Namespace, target: JoinTarge
             relay.attach(transport)
             if api is not None:
                 await api.start(relay)
+            if args.confine:
+                args.janitor = _confine(args, relay)
             if args.ready_fd is not None:
                 _notify_ready(args.ready_fd)
             await until_stopped(relay, stop)
@@ -212,12 +266,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = target_for(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    from relaynat.cli.event_loop import run_to_end
+    from relaynat.cli.options import CONFINE_BY_DEFAULT
 
+    args.confine = wants_confinement(args, CONFINE_BY_DEFAULT)
+    args.janitor = None
+    return _run(args, lambda: serve(config, args, target), target)
+
+
+def _run(args: argparse.Namespace, main: Callable[[], Coroutine[Any, Any, int]],
+         target: JoinTarget) -> int:
+    """`main()` on a new loop, closed after: its exit status, or 1 for an OSError or a
+    confinement that failed (the message under PROG's name). A loop of a relay that
+    confines itself is made without libuv's io_uring and with a default executor
+    whose threads can be ended (confinement/seccomp_filter.py, cli/main.py)."""
+    from relaynat.cli.event_loop import new_loop
+    from relaynat.cli.main import LoopThreads
+    from relaynat.confinement import ConfinementError
+
+    if args.confine:
+        from relaynat.confinement.seccomp_filter import without_io_uring
+
+        loop = without_io_uring(new_loop)
+        args.loop_threads = LoopThreads(loop)
+    else:
+        loop = new_loop()
     try:
-        return run_to_end(PROG, serve(config, args, target))
+        return loop.run_until_complete(main())
+    except (OSError, ConfinementError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
     finally:
+        loop.close()
         target.close()
+        if args.janitor is not None:  # the API socket is closed: its file goes now
+            args.janitor.finish()
 
 
 if __name__ == "__main__":
