@@ -453,6 +453,12 @@ class NamespaceGuest:
         the command runs there with this process's own ids (no `runas`), after
         entering the user namespace that owns it when this process is not root.
 
+        The guest ends with this process however it ends (the namespace's outer
+        process has END_SIGNAL as its parent-death signal): more exactly with the
+        thread that calls this, the one the kernel counts as the parent (prctl(2),
+        PR_SET_PDEATHSIG), so spawn from a thread that outlives the guest, as the
+        event loop's own thread does.
+
         Raises ConfigError (a ValueError) for a bad value before anything starts, and
         NamespaceSetupError saying what failed (a `cwd` the command may not enter,
         say)."""
