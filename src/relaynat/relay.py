@@ -28,7 +28,6 @@ Embedding::
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 from collections import Counter
@@ -54,6 +53,7 @@ from relaynat.host.tcp_relay import TcpRelay
 from relaynat.host.udp_relay import UdpRelay
 from relaynat.link.dns import (
     FileVersion,
+    ResolvConfDirs,
     ResolvConfWatch,
     read_resolv_conf,
     resolv_conf_version,
@@ -141,8 +141,8 @@ class Relay(RelayDispatch, RelayMoving):
         self._addr = AddressMap(c, str(c.dns_upstream) if c.dns_upstream is not None else None)
         #: The host's resolv.conf, followed unless `dns_upstream` is set (link/dns.py).
         self._resolv = ResolvConfWatch() if c.dns_upstream is None else None
-        #: resolv.conf's directory (a descriptor) and name, once prepare_confinement ran.
-        self._resolv_dir: tuple[int, str] | None = None
+        #: resolv.conf's directories as descriptors, once prepare_confinement ran.
+        self._resolv_dir: ResolvConfDirs | None = None
         if self._resolv is not None:
             with guest_scope(name):
                 self._resolv_conf_read(self._resolv, resolv_conf_version(c.resolv_conf), True)
@@ -238,7 +238,7 @@ class Relay(RelayDispatch, RelayMoving):
         self._loopback_udp.clear()
         self._hub.close()
         if self._resolv_dir is not None:
-            os.close(self._resolv_dir[0])
+            self._resolv_dir.close()
             self._resolv_dir = None
 
     @in_guest_scope
@@ -598,34 +598,34 @@ class Relay(RelayDispatch, RelayMoving):
         host's resolv.conf, looked at again when that is due (link/dns.py)."""
         watch = self._resolv
         if watch is not None and self._loop is not None and watch.due(self._loop.time()):
-            version = resolv_conf_version(*self._resolv_at())
+            at = self._resolv_at()
+            version = resolv_conf_version(*at) if at is not None else FileVersion(None, None)
             if watch.changed(version):
                 self._resolv_conf_read(watch, version)
         return self._addr.dns_upstream
 
-    def _resolv_at(self) -> tuple[str, int | None]:
-        """Where resolv.conf is read: its path, or its name in the directory that
-        `prepare_confinement` opened."""
+    def _resolv_at(self) -> tuple[str, int | None] | None:
+        """Where resolv.conf is read: its path, or its name in one of the directories
+        `prepare_confinement` opened; None when its link leads out of those."""
         if self._resolv_dir is not None:
-            return self._resolv_dir[1], self._resolv_dir[0]
+            return self._resolv_dir.where()
         return self.config.resolv_conf, None
 
     def prepare_confinement(self) -> list[int]:
         """Ready this relay for a process that is about to leave the filesystem and
         drop its privileges (relaynat.confine): resolv.conf (followed unless
         `dns_upstream` is set) is read from now on through a descriptor of the
-        directory it is in, its symbolic link resolved now (a file replaced there, as
-        network managers do by rename, is still followed; a link pointed elsewhere
-        later is not). Returns the directory descriptors (the relay's, closed with it),
-        for the Landlock rule that lets them be read."""
+        directories of the path and of the file its link leads to now (a file or link
+        replaced there, as network managers do by rename, is still followed; a link
+        pointed at another directory later is not: link/dns.py ResolvConfDirs).
+        Returns the directory descriptors (the relay's, closed with it), for the
+        Landlock rule that lets them be read."""
         self._check_open("prepare_confinement")
         if self._resolv is None:
             return []
         if self._resolv_dir is None:
-            real = os.path.realpath(self.config.resolv_conf)
-            fd = os.open(os.path.dirname(real), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            self._resolv_dir = (fd, os.path.basename(real))
-        return [self._resolv_dir[0]]
+            self._resolv_dir = ResolvConfDirs(self.config.resolv_conf)
+        return self._resolv_dir.descriptors()
 
     def prepare_raw_icmp(self) -> bool:
         """Open the raw ICMP sockets now if ping sockets are refused to this process
@@ -637,7 +637,12 @@ class Relay(RelayDispatch, RelayMoving):
     def _resolv_conf_read(self, watch: ResolvConfWatch, version: FileVersion,
                           at_start: bool = False) -> None:
         path = self.config.resolv_conf
-        outcome = watch.read(version, read_resolv_conf(*self._resolv_at()), time.time_ns())
+        at = self._resolv_at()
+        if at is None and not at_start:
+            log.warning("%s now leads to a directory this confined relay did not open "
+                        "before it left the filesystem: it cannot be read", path)
+        text = read_resolv_conf(*at) if at is not None else None
+        outcome = watch.read(version, text, time.time_ns())
         if outcome == "changed":
             self._addr.dns_upstream = str(watch.upstream)
             if not at_start:

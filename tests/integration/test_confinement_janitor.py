@@ -365,3 +365,43 @@ def test_the_janitor_removes_only_the_files_of_the_sockets_sent(root_dir: Path) 
     assert not mine.exists()
     assert victim.exists() and regular.exists(), done.stderr
     assert done.stderr.count("is not the file of the socket sent with it") == 2, done.stderr
+
+
+
+_FORKS_AND_EXITS = """
+import os, socket, sys, time
+from relaynat.confinement.janitor import Janitor
+
+path = sys.argv[1]
+sock = socket.socket(socket.AF_UNIX)
+sock.bind(path)
+janitor = Janitor.start([path])
+child = os.fork()
+if child == 0:  # holds a copy of the relay's end of the pair, and lives on
+    sock.close()
+    time.sleep(60)
+    os._exit(0)
+print(janitor.pid, child, flush=True)
+os._exit(0)  # gone without a word, the pair's end still open in the child
+"""
+
+
+def test_the_janitor_cleans_up_when_the_relay_is_gone_though_a_child_holds_its_end(
+        root_dir: Path) -> None:
+    """The relay's exit is seen on its pidfd too: a process the relay forked would
+    otherwise keep the end of file from coming, for as long as it runs."""
+    path = root_dir / "vm.sock"
+    proc = subprocess.Popen([sys.executable, "-c", _FORKS_AND_EXITS, str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    janitor, child = map(int, proc.stdout.readline().split())
+    try:
+        proc.wait(timeout=30)
+        wait_until(lambda: not path.exists(), KILLED_WAIT_S,
+                   "the socket file removed once the relay is gone")
+        _wait_gone(janitor)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(janitor, signal.SIGKILL)

@@ -124,6 +124,8 @@ def test_relaynat_run_follows_a_symlink_pointed_at_another_file(
         resolvers: dict[str, Path], tmp_path: Path) -> None:
     # systemd-resolved, resolvconf and NetworkManager point /etc/resolv.conf at a file
     # of theirs; a switch replaces the link (rename(2) over it, as `ln -sf` does not).
+    # Searchable by all, as /etc and /run are: a confined relay reads it as nobody.
+    tmp_path.chmod(0o755)
     (tmp_path / "old.conf").write_text(_names(OLD))
     (tmp_path / "new.conf").write_text(_names(NEW))
     link = tmp_path / "resolv.conf"

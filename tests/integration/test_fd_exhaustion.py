@@ -13,14 +13,13 @@ descriptors are free.
 from __future__ import annotations
 
 import json
-import resource
 import socket
 import time
 from pathlib import Path
 
 import pytest
 from support import SUPPORT
-from support.faultkit import LiveRun, cpu_seconds, lowest_free_fd
+from support.faultkit import LiveRun, cpu_seconds, lowest_free_fd, nofile_limit
 from support.relaynat_cli import guest_python
 
 pytestmark = pytest.mark.integration
@@ -44,9 +43,7 @@ def test_low_nofile_refuses_new_flows_cleanly_and_the_open_one_runs(
     try:
         run.wait_file(ready)
         # RLIMIT_NOFILE bounds the descriptor *number* (the lowest free one is used).
-        _, hard = resource.prlimit(run.pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(run.pid, resource.RLIMIT_NOFILE,
-                         (lowest_free_fd(run.pid) + ROOM, hard))
+        nofile_limit(run.pid, lowest_free_fd(run.pid) + ROOM)
         go.touch()
         status, stats = run.finish(timeout_s=120)
     finally:
@@ -84,8 +81,8 @@ def test_forward_at_the_fd_limit_waits_without_spinning_then_serves(guest_dir: P
                   options=("--no-splice", "-t", f"127.0.0.1/{host_port}:5353"))
     try:
         run.wait_file(ready)
-        soft, hard = resource.prlimit(run.pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(run.pid, resource.RLIMIT_NOFILE, (lowest_free_fd(run.pid), hard))
+        soft, _ = nofile_limit(run.pid)
+        nofile_limit(run.pid, lowest_free_fd(run.pid))
         client = socket.create_connection(("127.0.0.1", host_port), timeout=30)
         client.sendall(b"hello")
         client.shutdown(socket.SHUT_WR)
@@ -93,7 +90,7 @@ def test_forward_at_the_fd_limit_waits_without_spinning_then_serves(guest_dir: P
         cpu0, t0 = cpu_seconds(run.pid), time.monotonic()
         time.sleep(2)
         busy = (cpu_seconds(run.pid) - cpu0) / (time.monotonic() - t0)
-        resource.prlimit(run.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        nofile_limit(run.pid, soft)
         reply = client.recv(4096)
         client.close()
         status, stats = run.finish(timeout_s=60)

@@ -57,6 +57,34 @@ def lowest_free_fd(pid: int) -> int:
     return min(set(range(len(used) + 1)) - used)
 
 
+def nofile_limit(pid: int, soft: int | None = None) -> tuple[int, int]:
+    """RLIMIT_NOFILE of the process `pid` (soft, hard), first setting its soft limit to
+    `soft` if given, with util-linux's `prlimit --pid` (prlimit(2)).
+
+    Another user's process may only be changed with CAP_SYS_RESOURCE, which root lacks
+    on this kind of machine, and a confined relay runs as nobody: prlimit then runs
+    with the relay's own ids, which prlimit(2) allows without it."""
+    ids = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("Uid", "Gid"):
+                ids[key] = int(value.split()[0])
+    same = (ids["Uid"], ids["Gid"]) == (os.geteuid(), os.getegid())
+    as_relay: dict[str, object] = (
+        {} if same else {"user": ids["Uid"], "group": ids["Gid"], "extra_groups": []})
+    base = ["prlimit", f"--pid={pid}"]
+    if soft is not None:
+        hard = nofile_limit(pid)[1]
+        subprocess.run([*base, f"--nofile={soft}:{hard}"], check=True, timeout=30,
+                       **as_relay)
+    done = subprocess.run([*base, "--nofile", "--output=SOFT,HARD", "--noheadings", "--raw"],
+                          capture_output=True, text=True, check=True, timeout=30,
+                          **as_relay)
+    now_soft, now_hard = done.stdout.split()
+    return int(now_soft), int(now_hard)
+
+
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str,
                alive: subprocess.Popen | None = None) -> None:  # type: ignore[type-arg]
     deadline = time.monotonic() + timeout_s

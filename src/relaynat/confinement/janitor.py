@@ -9,9 +9,10 @@ which keeps the privileges and the filesystem the relay had and waits on a socke
 pair. A relay that ends cleanly asks it to remove the files and waits for the answer
 (`finish`), so that its exit is seen with the files gone. Otherwise end of file comes
 when the relay's last descriptor of the pair is closed, that is when the relay dies
-(SIGKILL, its seccomp filter); the janitor then waits for the relay to be gone (its
-pidfd: by then the kernel has released every socket the relay held) and removes each
-socket file it was given, unless
+(SIGKILL, its seccomp filter), or its pidfd says it is gone (a process it forked may
+hold a copy of its end); once the relay is gone (its pidfd: by then the kernel has
+released every socket the relay held) the janitor removes each socket file it was
+given, unless
 
 - the path is no longer the file recorded (device, inode and change time): a new
   relay has bound the same path since (the stale-file logic of transports/stream.py
@@ -285,30 +286,48 @@ def _drop_privileges() -> None:
 
 
 def _serve(channel: int, pidfd: int, files: dict[str, Recorded]) -> None:
+    """Follow the relay's messages until it is gone, then remove what is left."""
     chan = socket.socket(fileno=channel)
-    chan.setblocking(True)
-    while True:
-        message, fds, _, _ = socket.recv_fds(chan, _MAX_MESSAGE, 1)
-        if not message:
-            break  # the relay's end is closed: it exited
-        word, _, raw = message.partition(b"\0")
-        path = os.fsdecode(raw)
-        if word == _REGISTER:
-            _register(files, path, fds)
-        elif word == _RELEASE:
-            files.pop(path, None)
-        elif word == _REMOVE and path in files:
-            _remove(files, path)
-        elif word == _FINISH:
-            _remove(files)
-            with contextlib.suppress(OSError):
-                chan.send(_DONE)
-        for fd in fds:
-            os.close(fd)
+    chan.setblocking(False)
     ready = select.poll()
+    ready.register(chan, select.POLLIN)
     ready.register(pidfd, select.POLLIN)
+    while True:
+        events = dict(ready.poll())
+        if events.get(chan.fileno()) and not _handle(chan, files):
+            break  # end of file: the relay's end is closed, it is exiting
+        if events.get(pidfd) and not events.get(chan.fileno()):
+            # The relay is gone, yet its end of the pair is open: another process
+            # holds a copy (one the relay forked). What it had said is all read.
+            break
+    ready.unregister(chan)
     ready.poll(int(EXIT_WAIT_S * 1000))
     _remove(files)
+
+
+def _handle(chan: socket.socket, files: dict[str, Recorded]) -> bool:
+    """Act on one message of the relay; False at end of file."""
+    try:
+        message, fds, _, _ = socket.recv_fds(chan, _MAX_MESSAGE, 1)
+    except BlockingIOError:
+        return True
+    if not message:
+        return False
+    word, _, raw = message.partition(b"\0")
+    path = os.fsdecode(raw)
+    if word == _REGISTER:
+        _register(files, path, fds)
+    elif word == _RELEASE:
+        files.pop(path, None)
+    elif word == _REMOVE and path in files:
+        _remove(files, path)
+    elif word == _FINISH:
+        _remove(files)
+        with contextlib.suppress(OSError):
+            chan.send(_DONE)
+    for fd in fds:
+        os.close(fd)
+    return True
 
 
 def _register(files: dict[str, Recorded], path: str, fds: list[int]) -> None:

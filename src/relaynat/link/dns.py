@@ -191,6 +191,55 @@ def resolv_conf_version(path: str, dir_fd: int | None = None) -> FileVersion:
                               st.st_ctime_ns))
 
 
+class ResolvConfDirs:
+    """resolv.conf reached through descriptors of directories opened before the process
+    left the filesystem (relaynat.confine): the directory of the path itself and that
+    of the file its symbolic link leads to now.
+
+    A network manager that switches resolvers replaces the file, or the link, by
+    rename(2); the link is read again each time, so a switch between files of these
+    directories is followed. One to a file of a directory not held (NetworkManager's
+    /run/NetworkManager to systemd-resolved's /run/systemd/resolve, say) cannot be: no
+    path leads there any more, and `where` says so with None."""
+
+    #: Links followed at most (the kernel gives up after 40, MAXSYMLINKS).
+    MAX_LINKS = 8
+
+    def __init__(self, path: str) -> None:
+        full = os.path.abspath(path)
+        self.link_dir = os.path.realpath(os.path.dirname(full))
+        self.name = os.path.basename(full)
+        self.dirs: dict[str, int] = {}
+        for directory in (self.link_dir, os.path.dirname(os.path.realpath(full))):
+            if directory not in self.dirs:
+                self.dirs[directory] = os.open(
+                    directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def descriptors(self) -> list[int]:
+        """The directories' descriptors (for a Landlock rule that lets them be read)."""
+        return list(self.dirs.values())
+
+    def where(self) -> tuple[str, int] | None:
+        """The name and directory descriptor to read resolv.conf at now, its links
+        followed; None when they lead to a directory not held."""
+        directory, name = self.link_dir, self.name
+        for _ in range(self.MAX_LINKS):
+            fd = self.dirs.get(directory)
+            if fd is None:
+                return None
+            try:
+                target = os.readlink(name, dir_fd=fd)
+            except OSError:
+                return name, fd  # no link (EINVAL), or no file: reading says which
+            directory, name = os.path.split(os.path.normpath(os.path.join(directory, target)))
+        return None
+
+    def close(self) -> None:
+        for fd in self.dirs.values():
+            os.close(fd)
+        self.dirs.clear()
+
+
 def read_resolv_conf(path: str, dir_fd: int | None = None) -> str | None:
     """The text of the resolv.conf at `path` (relative to `dir_fd`, if given), or None
     when it cannot be read."""
