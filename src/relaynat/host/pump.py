@@ -109,6 +109,9 @@ class HostPump(Generic[F]):
         # SO_RCVBUFFORCE (CAP_NET_ADMIN) goes beyond it, until it is refused once.
         self._rcvbuf_force = True
         self._rcvbuf_max = RCVBUF_MAX
+        # Read now, with the relay: a confined one cannot reach /proc later.
+        ceiling = min(2 * _rmem_max(), RCVBUF_MAX)
+        self._rcvbuf_unforced_max = ceiling if ceiling >= RCVBUF_MIN_CEILING else 0
         self._rcvbuf_granted = 0  # of RCVBUF_BUDGET
         self._slice_bytes = RELAY_SLICE_BYTES
         self._slice_frames = RELAY_SLICE_FRAMES
@@ -220,8 +223,7 @@ class HostPump(Generic[F]):
                 return
             except PermissionError:
                 self._rcvbuf_force = False
-                ceiling = min(2 * _rmem_max(), RCVBUF_MAX)
-                self._rcvbuf_max = ceiling if ceiling >= RCVBUF_MIN_CEILING else 0
+                self._rcvbuf_max = self._rcvbuf_unforced_max
                 if size > self._rcvbuf_max:
                     raise
         flow.set_rcvbuf(size, force=False)
