@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING
 
 from relaynat.cli.event_loop import new_loop, stop_on_signals, until_stopped
 from relaynat.cli.options import (
+    UNIXGRAM_UNCONFINED,
     build_parser,
     config_from_args,
     forwards_from_args,
     loopback_forwards_from_args,
     policy_from_args,
+    resolve_confinement,
 )
 from relaynat.config import MAX_MTU, ConfigError, RelayConfig
 from relaynat.confinement import ConfinementError
@@ -218,7 +220,8 @@ async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
     from relaynat.relay import Relay
 
     stop = stop_on_signals()
-    receiver = Receiver(args.receive_handover)
+    receiver = Receiver(args.receive_handover,
+                        {"unixgram": UNIXGRAM_UNCONFINED} if args.confine else None)
     transport_stats: Callable[[], dict[str, int]] = dict
     async with Relay(config, policy) as relay:
         _attach_audit(args, relay)
@@ -650,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--runas needs root: without it the command's root is you outside "
                          "its namespace")
     try:
+        unconfined = resolve_confinement(args)
         config = config_from_args(args)
         policy = policy_from_args(args, config)
         forwards = forwards_from_args(args)
@@ -658,6 +662,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if loopback and args.no_splice:
         parser.error("-T and -U are spliced: not with --no-splice")
+    if unconfined is not None:
+        log.warning("this relay is not confined (give --no-confine to say so): %s",
+                    unconfined)
     raise_fd_limit(config, forwards)
     if args.cmd == "serve" and args.receive_handover and (forwards or args.control_socket):
         parser.error("--receive-handover: the forwards and the control socket come from "

@@ -32,7 +32,27 @@ from relaynat.syn_backlog import SYN_RATE
 from relaynat.transports.interface import check_interface_name
 
 #: Whether `run` and `serve` confine the relay without --confine or --no-confine.
-CONFINE_BY_DEFAULT = False
+CONFINE_BY_DEFAULT = True
+#: Why a relay with `serve --unixgram` cannot be confined: it answers a datagram guest
+#: at the path that guest sends from, and a confined relay has no path left to reach
+#: it by (nor, as nobody, the right to write to a socket file root made).
+UNIXGRAM_UNCONFINED = ("--unixgram: a confined relay cannot answer its guest (it sends "
+                       "to the socket path the guest sends from, and has no path left)")
+
+
+def resolve_confinement(args: argparse.Namespace) -> str | None:
+    """Settle `args.confine` for `run` and `serve`: --confine or --no-confine as given,
+    else CONFINE_BY_DEFAULT unless the options ask for what cannot work confined.
+    Returns why the relay runs unconfined by default (to be said at start), None
+    otherwise; ConfigError when --confine asks for it anyway."""
+    why = UNIXGRAM_UNCONFINED if getattr(args, "unixgram", None) else None
+    if args.confine is None:
+        args.confine = CONFINE_BY_DEFAULT and why is None
+        return why if CONFINE_BY_DEFAULT else None
+    if args.confine and why is not None:
+        raise ConfigError(f"{why}: give --no-confine, or serve the guest on --socket, "
+                          "--interface or --fd")
+    return None
 
 
 def _mib(text: str) -> int:
@@ -223,8 +243,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="serve runtime control (relaynat ctl) on this unix socket, mode "
                         "0600 (a stale socket file is replaced)")
     conf = p.add_argument_group("confinement (docs/confinement.md)")
-    conf.add_argument("--confine", dest="confine", action="store_true",
-                      default=CONFINE_BY_DEFAULT,
+    conf.add_argument("--confine", dest="confine", action="store_true", default=None,
                       help="once set up, the relay drops to --runas (nobody as root) and "
                            "the capabilities its features need, leaves the filesystem "
                            "and installs a seccomp allowlist"

@@ -16,6 +16,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any, cast
@@ -73,8 +74,10 @@ class Receiver:
     """Waits at `path` for a relay to hand over (module docstring); `take_over` serves
     what it receives in `relay` (started, with no guest yet)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, refused: Mapping[str, str] | None = None) -> None:
         self.path = path
+        #: Guest link kinds this relay refuses to take, with the reason it answers.
+        self.refused = dict(refused or {})
         self._sock = bind_unix_listener(path, backlog=1, kind=socket.SOCK_SEQPACKET)
 
     def close(self) -> None:
@@ -119,6 +122,8 @@ class Receiver:
         if differs:
             raise HandoverError(differs)
         kind = offer.get("transport")
+        if kind in self.refused:
+            raise HandoverError(self.refused[kind])
         if kind is not None and kind not in handover_transport.KINDS:
             raise HandoverError(f"a {kind!r} guest link cannot be taken over by relaynat "
                                 f"{__version__} (it takes {', '.join(handover_transport.KINDS)})")
