@@ -286,8 +286,8 @@ def test_run_killed_has_its_control_socket_removed(
         wait_until(lambda: not ctl.exists(), KILLED_WAIT_S,
                    "the killed run's control socket removed")
     finally:
-        # The namespace's outer process outlives a killed relay (it does unconfined
-        # too); its end takes the namespace and the command with it.
+        # Whatever outlived the relay (the namespace ends with it: test_confinement's
+        # concern, not this test's) is ended, the namespace and the command with it.
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(child), signal.SIGKILL)
