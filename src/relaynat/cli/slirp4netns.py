@@ -280,10 +280,10 @@ def _run(args: argparse.Namespace, main: Callable[[], Coroutine[Any, Any, int]],
     confines itself is made without libuv's io_uring and with a default executor
     whose threads can be ended (confinement/seccomp_filter.py, cli/main.py)."""
     from relaynat.cli.event_loop import new_loop
-    from relaynat.cli.main import LoopThreads
     from relaynat.confinement import ConfinementError
 
     if args.confine:
+        from relaynat.cli.main import LoopThreads
         from relaynat.confinement.seccomp_filter import without_io_uring
 
         loop = without_io_uring(new_loop)
