@@ -2,7 +2,7 @@
 relay has exited, however it exited.
 
 A confined relay cannot remove the socket files it bound (the control socket, `serve
---socket`, `--unixgram`, `--receive-handover`): it has left the filesystem, and as
+--socket`, `--receive-handover`): it has left the filesystem, and as
 `nobody` it could not write their directories anyway. So before it confines itself
 the relay starts the janitor (`Janitor.start`: a fresh interpreter running `main`),
 which keeps the privileges and the filesystem the relay had and waits on a socket
