@@ -15,6 +15,15 @@ independent (RFC 1071 §2(B)), so a final 16-bit byte swap gives the big-endian 
 
 from __future__ import annotations
 
+import os
+
+# numpy's OpenBLAS starts a worker thread per core at import unless told otherwise;
+# relaynat sums vectors and does no linear algebra, and confinement (relaynat.confine)
+# needs a process of one thread: unshare(CLONE_NEWNS) refuses one whose threads share
+# its filesystem context, and capset(2) changes the calling thread only. An embedder
+# that imported numpy first, or set the variable, keeps its own choice.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import numpy as np
 
 #: Below this many bytes `int.from_bytes` beats numpy's call overhead.

@@ -131,7 +131,8 @@ def confine(*targets: Relay | Guests, runas: str | tuple[int, int] | None = None
     threads = _threads()
     if len(threads) > 1:
         raise ConfinementError(f"confine: the process runs {len(threads)} threads; "
-                               "confinement applies to one (stop executors first)")
+                               "confinement applies to one (an executor, asyncio's child "
+                               "watcher threads, OpenBLAS: docs/confinement.md, From Python)")
     relays = _relays_of(targets)
     try:
         for step in prepare:
