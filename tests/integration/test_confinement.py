@@ -108,9 +108,10 @@ def test_serve_as_root_is_confined(tmp_path: Path, confine: bool) -> None:
 
 
 def test_serve_without_control_socket_keeps_no_capability(tmp_path: Path) -> None:
+    # --socket: a confined relay refuses --unixgram (test_confinement_unixgram.py).
     proc = subprocess.Popen(
-        [sys.executable, "-m", "relaynat", "serve", "--confine", "--unixgram",
-         str(tmp_path / "vm.dgram"), "--stats"],
+        [sys.executable, "-m", "relaynat", "serve", "--confine", "--socket",
+         str(tmp_path / "vm.sock"), "--stats"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         check_confined(proc, 0)
@@ -118,7 +119,8 @@ def test_serve_without_control_socket_keeps_no_capability(tmp_path: Path) -> Non
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "unixgram" in err or "tcp_flows_opened" not in err  # stats printed on exit
+    stats = parse_stats(err)  # printed on exit
+    assert stats["tcp_flows"] == 0 and "icmp_sockets" in stats, err
     assert re.search(r"^\S+ +\d+$", err, re.M), err
 
 
