@@ -270,6 +270,16 @@ def test_run_removes_its_control_socket(root_dir: Path, tmp_path: Path,
     _clean_log(log)
 
 
+def test_a_relay_without_socket_files_starts_no_janitor(
+        tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
+    proc = _relaynat(procs, tmp_path / "run.log", "run", "--confine", "--", "sleep", "3")
+    _wait_confined(proc)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
+    assert children and not [c for c in commands if b"confinement.janitor" in c], commands
+    assert proc.wait(timeout=60) == 0
+
+
 def test_run_killed_has_its_control_socket_removed(
         root_dir: Path, tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
     ctl, log = root_dir / "ctl.sock", tmp_path / "run.log"

@@ -170,8 +170,10 @@ def confine_relay(args: argparse.Namespace, *relays: Relay) -> None:
         threads.stop()
     # Started while the process still has its privileges and the paths.
     args.confined = True
+    paths = _socket_paths(args)
     try:
-        args.janitor = Janitor.start(_socket_paths(args))
+        # None without a socket file: later ones come only with --receive-handover's.
+        args.janitor = Janitor.start(paths) if paths else None
     except OSError as exc:  # no reason not to serve: the files stay, as before
         log.warning("cannot start the socket file janitor (%s): the socket files stay "
                     "after the relay exits", exc)
