@@ -180,20 +180,21 @@ def _notify_ready(fd: int) -> None:
         os.close(fd)
 
 
-def _confine(args: argparse.Namespace, relay: Relay) -> Janitor:
+def _confine(args: argparse.Namespace, relay: Relay) -> Janitor | None:
     """Confine this process now that the TAP is served (relaynat.confinement, as
     `relaynat run --confine`): the caller's privileges as root dropped to nobody's with
     CAP_NET_BIND_SERVICE kept for the API's add_hostfwd (a port below
     net.ipv4.ip_unprivileged_port_start); an unprivileged caller keeps its ids and has
     none to keep. The API socket's file is then out of reach: the janitor started here
-    removes it once this process has exited. ConfinementError if it could not be done."""
+    removes it once this process has exited (none is started without an API socket:
+    nothing to remove). ConfinementError if it could not be done."""
     from relaynat.cli.main import TRACE_ENV, LoopThreads
     from relaynat.confinement import confine
     from relaynat.confinement.janitor import Janitor
 
     threads: LoopThreads = args.loop_threads
     threads.stop()  # open_joined_tap's executor thread: confinement takes one thread
-    janitor = Janitor.start([args.api_socket] if args.api_socket else [])
+    janitor = Janitor.start([args.api_socket]) if args.api_socket else None
     keep = ["CAP_NET_BIND_SERVICE"] if os.geteuid() == 0 and args.api_socket else []
     done = confine(relay, keep=keep,
                    on_violation="log" if os.environ.get(TRACE_ENV) else "kill")
