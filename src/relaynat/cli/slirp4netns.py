@@ -7,7 +7,7 @@ guest 10.0.2.100, gateway 10.0.2.2 (standing for the host's loopback unless
 `--disable-host-loopback`), DNS 10.0.2.3; `--cidr` moves them to .100, .2 and .3 of
 that network. `--ready-fd` gets "1" once the guest can be served, `--exit-fd` ends it
 when it becomes readable (written to or closed), and `--api-socket` speaks slirp4netns'
-API (control/server.py `Slirp4netnsApi`).
+API (control/slirp4netns_api.py `Slirp4netnsApi`).
 
 `--enable-sandbox` and `--enable-seccomp` both turn on relaynat's confinement
 (relaynat.confinement, docs/confinement.md) once the TAP is served and before
@@ -204,7 +204,7 @@ def _confine(args: argparse.Namespace, relay: Relay) -> Janitor | None:
 
 async def serve(config: RelayConfig, args: argparse.Namespace, target: JoinTarget) -> int:
     from relaynat.cli.event_loop import stop_on_signals, until_stopped
-    from relaynat.control.server import Slirp4netnsApi
+    from relaynat.control.slirp4netns_api import Slirp4netnsApi
     from relaynat.netns.guest import NamespaceSetupError, open_joined_tap
     from relaynat.relay import Relay
 
