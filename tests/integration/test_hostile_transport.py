@@ -258,23 +258,48 @@ def _hwm_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def _control(path: str, request: dict[str, object], timeout: float) -> tuple[object, float]:
-    """One request on a connection of its own: the answer and how long it took."""
+def _control(path: str, request: dict[str, object], timeout: float,
+             fd: int | None = None) -> tuple[object, float]:
+    """One request on a connection of its own: the answer and how long it took. With
+    `fd`, the request says so and the descriptor follows the relay's send_fd answer,
+    as `relaynat ctl` passes the file it opened (docs/cli.md, passing a descriptor)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
         start = time.monotonic()
+        if fd is not None:
+            request = {**request, "arguments": {**request["arguments"], "fd": True}}
         sock.sendall(json.dumps(request).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            assert chunk, "the relay closed the control connection"
-            buf += chunk
-        return json.loads(buf), time.monotonic() - start
+        lines = sock.makefile("rb")
+        answer = json.loads(lines.readline() or b"null")
+        if fd is not None and answer == {"send_fd": True}:
+            socket.send_fds(sock, [b"\0"], [fd])
+            answer = json.loads(lines.readline() or b"null")
+        assert answer is not None, "the relay closed the control connection"
+        return answer, time.monotonic() - start
 
 
+#: How the flows file reaches the relay: by path (an unconfined relay opens it: the path
+#: form older clients send) or as a descriptor `relaynat ctl` opened (any relay,
+#: confined by default).
+FORMS = ["path", "fd"]
+
+
+def _relay_options(form: str) -> list[str]:
+    return ["--no-confine"] if form == "path" else ["--confine"]
+
+
+def _open_for(form: str, path: str) -> int | None:
+    """What the client passes for `path`: nothing (path form) or a descriptor of it, a
+    FIFO opened without waiting for a writer."""
+    if form == "path":
+        return None
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK if path.endswith("fifo") else os.O_RDONLY)
+
+
+@pytest.mark.parametrize("form", FORMS)
 def test_import_flows_of_a_device_a_fifo_or_a_huge_file_is_refused_with_the_loop_free(
-        tmp_path: Path) -> None:
+        tmp_path: Path, form: str) -> None:
     """/dev/zero (the issue's case: 1 GiB read on the loop, 6.5 s, +2.3 GiB), a FIFO
     nobody writes (would block forever), a file past MAX_DOCUMENT: refused unread. A
     file of 128 MiB of zeros (a second's read here) is read off the loop and refused
@@ -288,20 +313,29 @@ def test_import_flows_of_a_device_a_fifo_or_a_huge_file_is_refused_with_the_loop
     zeros = tmp_path / "zeros.json"
     with open(zeros, "wb") as out:
         out.truncate(ZEROS)
-    cases = [("/dev/zero", "is not a regular file"), (str(fifo), "is not a regular file"),
-             (str(huge), f"more than a flows document may be ({MAX_DOCUMENT})"),
-             (str(zeros), "is not JSON")]
+    # A descriptor that is no regular file is refused at its fstat, before any read.
+    passed = "the descriptor passed for " if form == "fd" else ""
+    cases = [("/dev/zero", passed, "is not a regular file"),
+             (str(fifo), passed, "is not a regular file"),
+             (str(huge), "", f"more than a flows document may be ({MAX_DOCUMENT})"),
+             (str(zeros), "", "is not JSON")]
     answers: list[tuple[str, float]] = []
-    with hostile_relay(tmp_path) as relay:
+    with hostile_relay(tmp_path, _relay_options(form)) as relay:
         hwm_before = _hwm_kib(relay.pid)
         with ControlProbe(relay.control, seconds=4) as probe:
             time.sleep(0.3)
-            for path, error in cases:
-                answer, seconds = _control(relay.control, {"execute": "import_flows",
-                                                           "arguments": {"file": path}}, 20)
+            for path, prefix, error in cases:
+                fd = _open_for(form, path)
+                try:
+                    answer, seconds = _control(
+                        relay.control, {"execute": "import_flows",
+                                        "arguments": {"file": path}}, 20, fd)
+                finally:
+                    if fd is not None:
+                        os.close(fd)
                 assert isinstance(answer, dict) and "error" in answer, answer
                 desc = answer["error"]["desc"]
-                assert desc.startswith(f"import_flows: {path}") and error in desc, desc
+                assert desc.startswith(f"import_flows: {prefix}{path}") and error in desc, desc
                 assert "nothing imported" in desc, desc
                 answers.append((path, seconds))
         grew_kib = _hwm_kib(relay.pid) - hwm_before
@@ -315,7 +349,8 @@ def test_import_flows_of_a_device_a_fifo_or_a_huge_file_is_refused_with_the_loop
     assert not result.timed_out and result.p99 < P99_BUDGET_S, result.summary()
 
 
-def test_a_real_import_still_answers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_a_real_import_still_answers(tmp_path: Path, form: str) -> None:
     """The threaded read serves real documents: one with no flows imports nothing, and
     an unknown key is refused by the document's checks, as before."""
     empty = tmp_path / "empty.json"
@@ -324,11 +359,17 @@ def test_a_real_import_still_answers(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "relaynat-flows", "version": 2, "flows": [],
                                "not_moved": [], "extra": 1}))
-    with hostile_relay(tmp_path) as relay:
-        answer, _ = _control(relay.control, {"execute": "import_flows",
-                                             "arguments": {"file": str(empty)}}, 10)
-        assert answer == {"return": {"file": str(empty), "imported": []}}, answer
-        answer, _ = _control(relay.control, {"execute": "import_flows",
-                                             "arguments": {"file": str(bad)}}, 10)
-        assert isinstance(answer, dict) and "nothing imported" in answer["error"]["desc"]
+    with hostile_relay(tmp_path, _relay_options(form)) as relay:
+        for doc in (empty, bad):
+            fd = _open_for(form, str(doc))
+            try:
+                answer, _ = _control(relay.control, {"execute": "import_flows",
+                                                     "arguments": {"file": str(doc)}}, 10, fd)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            if doc is empty:
+                assert answer == {"return": {"file": str(empty), "imported": []}}, answer
+            else:
+                assert isinstance(answer, dict) and "nothing imported" in answer["error"]["desc"]
 
