@@ -24,6 +24,7 @@ import shutil
 import socket
 import socketserver
 import sys
+from collections.abc import Callable
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -47,17 +48,42 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             shutil.copyfileobj(f, self.wfile, 1 << 20)
 
-    def do_PUT(self) -> None:
-        remaining = int(self.headers.get("Content-Length", "0"))
-        digest = hashlib.sha256()
+    def _read_into(self, update: Callable[[bytes], object], remaining: int) -> int:
+        """Read `remaining` bytes of the body into `update`; what is still missing."""
         while remaining > 0:
             chunk = self.rfile.read(min(remaining, 1 << 20))
             if not chunk:
                 break
-            digest.update(chunk)
+            update(chunk)
             remaining -= len(chunk)
+        return remaining
+
+    def _read_chunked(self, update: Callable[[bytes], object]) -> bool:
+        """A chunked body (RFC 9112 §7.1: curl -T - sends one, having no length to
+        give); whether it was whole."""
+        while True:
+            size_line = self.rfile.readline(1024)
+            try:
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                return False
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailer fields
+                return True
+            if self._read_into(update, size) or self.rfile.readline(1024) not in (
+                    b"\r\n", b"\n"):
+                return False
+
+    def do_PUT(self) -> None:
+        digest = hashlib.sha256()
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            whole = self._read_chunked(digest.update)
+        else:
+            length = int(self.headers.get("Content-Length", "0"))
+            whole = self._read_into(digest.update, length) == 0
         body = (digest.hexdigest() + "\n").encode()
-        self.send_response(200 if remaining == 0 else 400)
+        self.send_response(200 if whole else 400)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
