@@ -16,7 +16,9 @@ What one flow's entry decided is carried out by host/flow_executor.py (guest seg
 a flow's turn in a flush, the end of its connect(), its deadlines, the actions); the data
 on the host socket both ways (guest data written, peeks toward the guest within each
 wakeup's share, SACK resends, dropping acknowledged bytes) is host/pump.py. A flow's
-record and the calls on its host socket are in host/tcp_flow.py.
+record and the calls on its host socket are in host/tcp_flow.py. A flow whose first
+flight is held for its name to be read (first_flight.py) is in host/first_flight_hold.py's
+hands until its host connect begins.
 """
 
 from __future__ import annotations
@@ -42,16 +44,15 @@ from relaynat.events import (
     endpoint,
     sockaddr_endpoint,
 )
-from relaynat.first_flight import FirstFlight, Outcome
 from relaynat.flow_state import relink
 from relaynat.guest_log import guest_logger
+from relaynat.host.first_flight_hold import FirstFlightHolds
 from relaynat.host.flow_executor import TURN_AGAIN, TURN_WAIT, FlowExecutor, SendToGuest
 from relaynat.host.flow_timers import FlowTimers
 from relaynat.host.flow_turns import FlowTurns
 from relaynat.host.flowinfo import FlowInfo, describe_tcp
 from relaynat.host.sockets import count_socket_failure
 from relaynat.host.tcp_flow import (
-    FirstFlightHold,
     FlowKey,
     TcpFlow,
     close_with_reset,
@@ -69,8 +70,7 @@ from relaynat.syn_backlog import (
     SynBacklog,
 )
 from relaynat.tcp_actions import rst_for_unknown
-from relaynat.tcp_state import GUEST_SENDING
-from relaynat.wire import ACK, FIN, IPPROTO_TCP, RST, SYN
+from relaynat.wire import ACK, IPPROTO_TCP, RST, SYN
 
 if TYPE_CHECKING:
     from relaynat.config import RelayConfig
@@ -85,19 +85,6 @@ log = guest_logger("relaynat.tcp")
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
 T = TypeVar("T")
-
-#: The counter of each reason a flow's first flight is refused for
-#: (first_flight.DENY_REASONS).
-_DENIED_COUNTER = {
-    "name_mismatch": "policy_denied_name_mismatch",
-    "no_sni": "policy_denied_no_sni",
-    "no_host": "policy_denied_no_host",
-    "ech": "policy_denied_ech",
-    "unknown_protocol": "policy_denied_unknown_protocol",
-    "first_flight_timeout": "policy_denied_first_flight_timeout",
-    "first_flight_too_big": "policy_denied_first_flight_too_big",
-}
-
 
 class _Executor(FlowExecutor[TcpFlow]):
     """The relay's `FlowExecutor`, which also notes how each flow ended (events.py's
@@ -166,9 +153,9 @@ class TcpRelay:
         self._connect_watch: dict[tuple[str, int], Callable[[socket.socket], None]] = {}
         #: Where flows opening and closing are told (set by the relay).
         self.events: EventSink = SILENT
-        #: Guest bytes the flows whose first flight is read before their connect hold
-        #: now (`tcp_first_flight_bytes`, a gauge: not a counter a handover carries).
-        self.first_flight_bytes = 0
+        #: The flows whose first flight is held before their host connect.
+        self._holds = FirstFlightHolds(config, stats, self._exec, self._timers, self._turns,
+                                       self)
 
     def watch_connects(self, host_addr: tuple[str, int],
                        callback: Callable[[socket.socket], None]) -> None:
@@ -215,7 +202,7 @@ class TcpRelay:
         key = (seg.sport, seg.dst, seg.dport, seg.src)
         flow = self.flows.get(key)
         if flow is not None and flow.first is not None:
-            self._first_segment(flow, flow.first, seg, self._loop.time())
+            self._holds.segment(flow, flow.first, seg, self._loop.time())
             return
         if flow is None:
             now = self._loop.time()
@@ -238,7 +225,7 @@ class TcpRelay:
         if flow is None:
             return False
         if flow.first is not None:
-            self._first_segment(flow, flow.first, seg, self._loop.time())
+            self._holds.segment(flow, flow.first, seg, self._loop.time())
             return True
         self._exec.segment(flow, seg, self._loop.time())
         return True
@@ -249,7 +236,7 @@ class TcpRelay:
             flow = self.flows.get(key)
             if flow is not None:  # the guest sent its SYN again while the first waited
                 if flow.first is not None:
-                    self._first_segment(flow, flow.first, seg, self._loop.time())
+                    self._holds.segment(flow, flow.first, seg, self._loop.time())
                 else:
                     self._exec.segment(flow, seg, self._loop.time())
             else:
@@ -304,7 +291,7 @@ class TcpRelay:
         flow = TcpFlow(key, entry, sock, host_addr=(host_ip, host_port),
                        peek_offset_supported=peek_offset, opened_at=now)
         if verdict is not None and verdict.inspect and gate is not None:
-            self._hold_first_flight(flow, gate, verdict, now)
+            self._holds.hold(flow, gate, verdict, now)
             return
         err = sock.connect_ex(flow.host_addr)
         if err not in (0, errno.EINPROGRESS):
@@ -336,82 +323,30 @@ class TcpRelay:
             return
         self._timers.schedule(flow)
 
-    # -- flows whose name is checked on the wire (first_flight.py) -------------------------
+    # -- flows whose name is checked on the wire (host/first_flight_hold.py) -------------
 
-    def _hold_first_flight(self, flow: TcpFlow, gate: EgressGate, verdict: Verdict,
-                           now: float) -> None:
-        """A domain rule allowed `flow` on one of its inspected ports: answer the guest's
-        handshake now, before any host connect, and hold its first flight until it names
-        the server (`_first_segment`). The flow counts as a pending connect meanwhile, so
-        `max_pending_connects` bounds the bytes held by the relay's flows together
-        (`FIRST_FLIGHT_MAX` each)."""
-        deadline = now + self._config.first_flight_timeout_s
-        flow.first = FirstFlightHold(gate, verdict, FirstFlight(), deadline)
+    @property
+    def first_flight_bytes(self) -> int:
+        """Guest bytes the flows whose first flight is read before their connect hold
+        now (`tcp_first_flight_bytes`, a gauge: not a counter a handover carries)."""
+        return self._holds.held_bytes
+
+    def track_held(self, flow: TcpFlow) -> None:
+        """`flow`'s first flight is held before its host connect: in the table, not yet
+        in the epoll set (an unconnected TCP socket polls as hung up), and counted as a
+        pending connect."""
         self._track(flow, register=False)
         self._pending_connects += 1
-        self.stats["tcp_first_flights"] += 1
-        flow.entry.answer_before_connect(now, deadline)
-        self._exec.execute(flow)
-        self._timers.schedule(flow)
 
-    def _first_segment(self, flow: TcpFlow, hold: FirstFlightHold, seg: TcpSegment,
-                       now: float) -> None:
-        """A guest segment of a flow whose first flight is held: its payload is held (and
-        acknowledged) until the name is read; once decided, nothing more is taken (the
-        guest sends it again) until the held bytes are in the host socket."""
-        entry = flow.entry
-        if hold.decided and seg.flags & FIN and not seg.payload:
-            # A bare FIN after the first flight, while the host connect or the write of
-            # the held bytes is under way: refused as data is. Taken now, its
-            # shutdown(SHUT_WR) would reach the host socket first, and in SYN-SENT
-            # that ends the connect (tcp_shutdown: SYN-SENT closes without a FIN).
-            entry.hold_back()
-            return
-        data = entry.on_guest_segment(seg, now)
-        if data is not None:
-            taken = 0 if hold.decided else hold.flight.feed(data)
-            self.first_flight_bytes += taken
-            entry.on_host_accepted(taken, now)
-        if not hold.decided and entry.state not in GUEST_SENDING:
-            hold.flight.feed(b"", final=True)  # its FIN: nothing more will come
-        outcome = hold.flight.outcome()
-        if hold.decided or outcome is None:
-            # The ACK of what was held (the rest of a split hello is on its way), or
-            # of what was refused while the host connects. A first flight that decides
-            # here is acknowledged once the host took it (one frame less a flow on a
-            # connect that ends at once, the usual case; CRR benchmark), or now if the
-            # connect takes longer (`_decide`).
-            entry.flush(None, now)
-        self._exec.execute(flow)
-        if not hold.decided and outcome is not None and not entry.closed:
-            self._decide(flow, hold, outcome, now)
-
-    def _decide(self, flow: TcpFlow, hold: FirstFlightHold, outcome: Outcome,
-                now: float) -> None:
-        """The first flight named its server (or cannot): connect and write it, or reset
-        the guest and say why."""
-        hold.decided = True
-        hold.wire_name = outcome.name
-        dst = flow.key[1]
-        reason = outcome.reason
-        if reason is None and not hold.gate.name_ok(hold.verdict, dst, outcome.name, now):
-            reason = "name_mismatch"
-        if reason is not None:
-            self.stats[_DENIED_COUNTER[reason]] += 1
-            verdict = hold.verdict
-            self.events.denied(IPPROTO_TCP, dst, flow.key[2], verdict.rule, verdict.comment,
-                               reason=reason, names=verdict.names, wire_name=outcome.name)
-            flow.end_how = "policy_cut"
-            flow.entry.on_cut(now)  # a RST to the guest, and the close
-            self._close(flow, abortive=True, counter="tcp_first_flights_denied")
-            self._exec.execute(flow)
-            return
+    def connect_held(self, flow: TcpFlow, verdict: Verdict, wire_name: str | None,
+                     now: float) -> None:
+        """The first flight held for `flow` named a server its `verdict` allows: begin
+        its host connect (then the held bytes are written first)."""
         sock = flow.sock
         err = sock.connect_ex(flow.host_addr)
-        hold.announced = True
         self.stats["tcp_flows_opened"] += 1
         if self.events.listening:
-            self._opened(flow, hold.verdict, outcome.name)
+            self._opened(flow, verdict, wire_name)
         if err not in (0, errno.EINPROGRESS):
             self.stats["tcp_connect_failed"] += 1
             flow.end_how = "refused"
@@ -433,42 +368,6 @@ class TcpRelay:
         flow.entry.flush(None, now)  # the first flight's ACK, not held up by the connect
         self._exec.execute(flow)
         self._timers.schedule(flow)
-
-    def _first_connected(self, flow: TcpFlow, hold: FirstFlightHold, ok: bool,
-                         now: float) -> None:
-        """The host connect of a flow whose first flight is held ended: write it first."""
-        flow.entry.on_late_connect(ok, now)
-        if ok:
-            hold.unsent = memoryview(hold.flight.take())
-            self._write_first(flow, hold, now)
-        self._exec.execute(flow)
-
-    def _write_first(self, flow: TcpFlow, hold: FirstFlightHold, now: float) -> None:
-        """Write the held first flight (what is left of it); once all of it is in the
-        host socket, the flow goes on as any other."""
-        unsent = hold.unsent
-        assert unsent is not None
-        entry = flow.entry
-        try:
-            sent = flow.sock.send(unsent) if unsent else 0
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.stats["tcp_host_errors"] += 1
-            flow.end_how = "reset_by_host"
-            entry.on_host_reset(now)
-            return
-        self.first_flight_bytes -= sent
-        hold.unsent = unsent = unsent[sent:]
-        if unsent:
-            return  # the rest when the socket has room (EPOLLOUT, `_host_event`)
-        flow.first = None
-        if entry.state not in GUEST_SENDING and not entry.closed:
-            with contextlib.suppress(OSError):
-                flow.sock.shutdown(socket.SHUT_WR)  # the guest's FIN came with it
-        # What the guest sent after the first flight was not taken: it sends it again.
-        entry.on_host_writable(now)
-        self._turns.mark(flow)
 
     def open_inbound(self, sock: socket.socket, guest_ip: bytes, guest_port: int,
                      src_ip: bytes, src_port: int) -> bool:
@@ -556,7 +455,7 @@ class TcpRelay:
         if ev & select.EPOLLOUT:
             hold = flow.first
             if hold is not None and hold.unsent is not None:
-                self._write_first(flow, hold, now)
+                self._holds.write(flow, hold, now)
                 self._exec.execute(flow)
                 if entry.closed:
                     return
@@ -577,7 +476,7 @@ class TcpRelay:
             flow.end_how = "refused"
         hold = flow.first
         if hold is not None:
-            self._first_connected(flow, hold, not err, now)
+            self._holds.connected(flow, hold, not err, now)
         else:
             self._exec.connected(flow, not err, now, facts)
         return not err
@@ -668,8 +567,7 @@ class TcpRelay:
         self.stats["tcp_bytes_to_guest"] += entry.bytes_to_guest
         hold = flow.first
         if hold is not None:
-            self.first_flight_bytes -= hold.held_bytes()
-            flow.first = None
+            self._holds.release(flow, hold)
         if self.events.listening and (hold is None or hold.announced):
             self._ended(flow)
         return True
@@ -725,8 +623,7 @@ class TcpRelay:
                 if entry.closed:  # closed by an earlier flow's handling in this run
                     continue
                 hold = flow.first
-                if hold is not None and not hold.decided and hold.deadline <= now:
-                    self._decide(flow, hold, hold.flight.expire(), now)
+                if hold is not None and self._holds.expire(flow, hold, now):
                     continue
                 try:
                     acted = executor.timer(flow, now)
