@@ -18,7 +18,8 @@ on the host socket both ways (guest data written, peeks toward the guest within 
 wakeup's share, SACK resends, dropping acknowledged bytes) is host/pump.py. A flow's
 record and the calls on its host socket are in host/tcp_flow.py. A flow whose first
 flight is held for its name to be read (first_flight.py) is in host/first_flight_hold.py's
-hands until its host connect begins.
+hands until its host connect begins. What a flow's opening and end tell the relay's
+events, and how it ended, is host/tcp_events.py.
 """
 
 from __future__ import annotations
@@ -29,29 +30,21 @@ import errno
 import random
 import select
 import socket
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from relaynat.addressing import inbound_flow_key
-from relaynat.events import (
-    SILENT,
-    Endpoint,
-    EventSink,
-    FlowClosed,
-    FlowOpened,
-    endpoint,
-    sockaddr_endpoint,
-)
+from relaynat.events import SILENT, EventSink
 from relaynat.flow_state import relink
 from relaynat.guest_log import guest_logger
 from relaynat.host.first_flight_hold import FirstFlightHolds
-from relaynat.host.flow_executor import TURN_AGAIN, TURN_WAIT, FlowExecutor, SendToGuest
+from relaynat.host.flow_executor import TURN_AGAIN, TURN_WAIT, SendToGuest
 from relaynat.host.flow_timers import FlowTimers
 from relaynat.host.flow_turns import FlowTurns
 from relaynat.host.flowinfo import FlowInfo, describe_tcp
 from relaynat.host.sockets import count_socket_failure
+from relaynat.host.tcp_events import EndNotingExecutor, flow_closed, flow_opened
 from relaynat.host.tcp_flow import (
     FlowKey,
     TcpFlow,
@@ -86,31 +79,6 @@ _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPO
 
 T = TypeVar("T")
 
-class _Executor(FlowExecutor[TcpFlow]):
-    """The relay's `FlowExecutor`, which also notes how each flow ended (events.py's
-    `FlowClosed.how`) as it closes. `cause` is what a close means while the relay runs
-    the flows' deadlines ("timeout"); None otherwise."""
-
-    cause: str | None = None
-
-    def close(self, flow: TcpFlow, abortive: bool, counter: str = "tcp_flows_closed") -> None:
-        if flow.end_how is None:
-            flow.end_how = self._how(flow, abortive)
-        super().close(flow, abortive, counter)
-
-    def _how(self, flow: TcpFlow, abortive: bool) -> str:
-        """How the entry ended `flow` on its own. Its aborts that spare the host peer a
-        RST (`abortive` False) are a host reset, a refused connect and the connect
-        deadline; the others reset it: the guest's RST, and the idle, SYN and data
-        timeouts. The relay names the refused connect itself (`_connect_done`); a
-        socket that failed under a deadline's resend is the host's reset."""
-        if self.cause is not None:
-            return "reset_by_host" if not abortive and not flow.connecting else self.cause
-        if abortive:
-            return "reset_by_guest"
-        # A graceful close needs our FIN acknowledged; a host reset before that did not.
-        return "closed" if flow.entry.fin_acked else "reset_by_host"
-
 
 class TcpRelay:
     """All TCP flows of one guest."""
@@ -131,7 +99,7 @@ class TcpRelay:
         self._turns = FlowTurns(loop, self.flush)
         self._backlog = SynBacklog(stats, config.syn_rate)
         self._backlog_timer: asyncio.TimerHandle | None = None
-        self._exec = _Executor(stats, send_to_guest, self._turns, self._untrack,
+        self._exec = EndNotingExecutor(stats, send_to_guest, self._turns, self._untrack,
                                self._fail_flow)
         self._vnet_hdr_len = 0
         self._offload = False
@@ -299,13 +267,13 @@ class TcpRelay:
             self._exec.connected(flow, False, now)
             sock.close()
             if self.events.listening:  # never in the table: opened and refused at once
-                self._opened(flow, verdict)
+                flow_opened(self.events, flow, verdict)
                 flow.end_how = "refused"
-                self._ended(flow)
+                flow_closed(self.events, flow, self._loop.time())
             return
         self._track(flow)
         if self.events.listening:
-            self._opened(flow, verdict)
+            flow_opened(self.events, flow, verdict)
         if self._connect_watch and (watch := self._connect_watch.get(flow.host_addr)):
             watch(sock)
         self._pending_connects += 1
@@ -346,7 +314,7 @@ class TcpRelay:
         err = sock.connect_ex(flow.host_addr)
         self.stats["tcp_flows_opened"] += 1
         if self.events.listening:
-            self._opened(flow, verdict, wire_name)
+            flow_opened(self.events, flow, verdict, wire_name)
         if err not in (0, errno.EINPROGRESS):
             self.stats["tcp_connect_failed"] += 1
             flow.end_how = "refused"
@@ -395,7 +363,7 @@ class TcpRelay:
                        peek_offset_supported=peek_offset, opened_at=now)
         self._track(flow)
         if self.events.listening:
-            self._opened(flow)
+            flow_opened(self.events, flow)
         self._syn_unheard[flow] = None
         self.stats["tcp_inbound_opened"] += 1
         self._exec.execute(flow)
@@ -569,35 +537,8 @@ class TcpRelay:
         if hold is not None:
             self._holds.release(flow, hold)
         if self.events.listening and (hold is None or hold.announced):
-            self._ended(flow)
+            flow_closed(self.events, flow, self._loop.time())
         return True
-
-    def _opened(self, flow: TcpFlow, verdict: Verdict | None = None,
-                wire_name: str | None = None) -> None:
-        """Tell `events` that `flow` opened: an outbound one once its connect() began,
-        an inbound one once the forward accepted its client; with the policy's
-        `verdict` on it, and the name its first flight carried."""
-        guest_port, far, far_port, guest = flow.key
-        peer = (sockaddr_endpoint(flow.host_addr) if flow.inbound
-                else Endpoint(*flow.host_addr))
-        names: tuple[str, ...] = ()
-        rule, comment = -1, ""
-        if verdict is not None:
-            names, rule, comment = verdict.names, verdict.rule, verdict.comment
-        self.events.emit(FlowOpened(time.time(), self.events.guest, "tcp",
-                                    "inbound" if flow.inbound else "outbound",
-                                    endpoint(guest, guest_port), endpoint(far, far_port), peer,
-                                    names, wire_name, rule, comment))
-
-    def _ended(self, flow: TcpFlow) -> None:
-        """Tell `events` that `flow` left the table, with its bytes and how it ended."""
-        guest_port, far, far_port, guest = flow.key
-        entry = flow.entry
-        self.events.emit(FlowClosed(
-            time.time(), self.events.guest, "tcp", "inbound" if flow.inbound else "outbound",
-            endpoint(guest, guest_port), endpoint(far, far_port), entry.bytes_from_guest,
-            entry.bytes_to_guest, max(0.0, self._loop.time() - flow.opened_at),
-            flow.end_how or "closed"))
 
     def open_bytes(self) -> tuple[int, int]:
         """Payload bytes (from the guest, to the guest) of the flows open now; the closed
@@ -691,7 +632,7 @@ class TcpRelay:
         flow.opened_at = self._loop.time()
         self._track(flow)
         if self.events.listening:
-            self._opened(flow)
+            flow_opened(self.events, flow)
         self.stats["tcp_flows_imported"] += 1
         self._turns.mark(flow)
         self._timers.schedule(flow)
