@@ -235,7 +235,7 @@ class EventHub:
                wire_name: str | None = None) -> None:
         """The egress policy refused a new guest flow (`egress_gate.EgressGate`), or a flow a
         domain rule allowed failed the name check of its first flight (`reason`,
-        host/tcp_relay.py): a `FlowDenied` event, and a rate-limited log line."""
+        host/first_flight_hold.py): a `FlowDenied` event, and a rate-limited log line."""
         name = _PROTO_NAMES.get(proto, str(proto))
         far: Endpoint | None = None
         if self._denial_log.allow(time.monotonic()):

@@ -292,7 +292,7 @@ class TcpNatEntry(TcpHandshake):
 
     def hold_back(self) -> None:
         """The shell cannot take the guest's data or FIN now (a flow whose first flight
-        is not in the host socket yet, host/tcp_relay.py): as with a full socket,
+        is not in the host socket yet, host/first_flight_hold.py): as with a full socket,
         nothing of it is acknowledged, and `on_host_writable` asks the guest to send it
         again."""
         self.write_blocked = True
