@@ -53,7 +53,7 @@ from relaynat.host.tcp_relay import TcpRelay
 from relaynat.host.udp_relay import UdpRelay
 from relaynat.link.dns import (
     FileVersion,
-    ResolvConfDirs,
+    HeldResolvConf,
     ResolvConfWatch,
     read_resolv_conf,
     resolv_conf_version,
@@ -142,7 +142,7 @@ class Relay(RelayDispatch, RelayMoving):
         #: The host's resolv.conf, followed unless `dns_upstream` is set (link/dns.py).
         self._resolv = ResolvConfWatch() if c.dns_upstream is None else None
         #: resolv.conf's directories as descriptors, once prepare_confinement ran.
-        self._resolv_dir: ResolvConfDirs | None = None
+        self._resolv_dir: HeldResolvConf | None = None
         if self._resolv is not None:
             with guest_scope(name):
                 self._resolv_conf_read(self._resolv, resolv_conf_version(c.resolv_conf), True)
@@ -598,18 +598,11 @@ class Relay(RelayDispatch, RelayMoving):
         host's resolv.conf, looked at again when that is due (link/dns.py)."""
         watch = self._resolv
         if watch is not None and self._loop is not None and watch.due(self._loop.time()):
-            at = self._resolv_at()
-            version = resolv_conf_version(*at) if at is not None else FileVersion(None, None)
+            version = (self._resolv_dir.version() if self._resolv_dir is not None
+                       else resolv_conf_version(self.config.resolv_conf))
             if watch.changed(version):
                 self._resolv_conf_read(watch, version)
         return self._addr.dns_upstream
-
-    def _resolv_at(self) -> tuple[str, int | None] | None:
-        """Where resolv.conf is read: its path, or its name in one of the directories
-        `prepare_confinement` opened; None when its link leads out of those."""
-        if self._resolv_dir is not None:
-            return self._resolv_dir.where()
-        return self.config.resolv_conf, None
 
     def prepare_confinement(self) -> list[int]:
         """Ready this relay for a process that is about to leave the filesystem and
@@ -617,14 +610,15 @@ class Relay(RelayDispatch, RelayMoving):
         `dns_upstream` is set) is read from now on through a descriptor of the
         directories of the path and of the file its link leads to now (a file or link
         replaced there, as network managers do by rename, is still followed; a link
-        pointed at another directory later is not: link/dns.py ResolvConfDirs).
+        pointed at another directory later is not; a file mounted there is held open:
+        link/dns.py HeldResolvConf).
         Returns the directory descriptors (the relay's, closed with it), for the
         Landlock rule that lets them be read."""
         self._check_open("prepare_confinement")
         if self._resolv is None:
             return []
         if self._resolv_dir is None:
-            self._resolv_dir = ResolvConfDirs(self.config.resolv_conf)
+            self._resolv_dir = HeldResolvConf(self.config.resolv_conf)
         return self._resolv_dir.descriptors()
 
     def prepare_raw_icmp(self) -> bool:
@@ -637,11 +631,11 @@ class Relay(RelayDispatch, RelayMoving):
     def _resolv_conf_read(self, watch: ResolvConfWatch, version: FileVersion,
                           at_start: bool = False) -> None:
         path = self.config.resolv_conf
-        at = self._resolv_at()
-        if at is None and not at_start:
+        held = self._resolv_dir
+        if held is not None and not held.reachable() and not at_start:
             log.warning("%s now leads to a directory this confined relay did not open "
                         "before it left the filesystem: it cannot be read", path)
-        text = read_resolv_conf(*at) if at is not None else None
+        text = held.read() if held is not None else read_resolv_conf(path)
         outcome = watch.read(version, text, time.time_ns())
         if outcome == "changed":
             self._addr.dns_upstream = str(watch.upstream)

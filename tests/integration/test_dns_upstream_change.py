@@ -147,6 +147,38 @@ def test_relaynat_run_follows_a_symlink_pointed_at_another_file(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("confine", ["--confine", "--no-confine"])
+def test_relaynat_run_follows_a_file_mounted_on_the_path(
+        resolvers: dict[str, Path], tmp_path: Path, confine: str) -> None:
+    # ip netns exec binds /etc/netns/NAME/resolv.conf on /etc/resolv.conf, container
+    # runtimes their own file: a confined relay, in a mount namespace of its own, does
+    # not see that mount through the directory it holds (it would read the file beneath,
+    # another resolver's), so it holds the mounted file itself. Rewritten in place: a
+    # mounted file cannot be renamed over.
+    source = tmp_path / "mounted.conf"
+    source.write_text(_names(OLD))
+    tmp_path.chmod(0o755)  # nobody, the confined relay, reads it, as /etc is read
+    target = tmp_path / "etc-resolv.conf"  # stands for /etc/resolv.conf
+    target.write_text(_names("127.0.0.99"))  # what a relay reading beneath would use
+    script = ('mount --bind "$1" "$2" && shift 2 && exec "$@"')
+    proc = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(source),
+         str(target), sys.executable, "-m", "relaynat", "run", confine, "--stats",
+         "--resolv-conf", str(target), "--", guest_python(), TIMELINE, "10.0.2.3",
+         f"{NAME}@0", f"{NAME}@2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        asyncio.run(_logged(resolvers[OLD], f"udp {NAME} 1", timeout=30))
+        source.write_text(_names(NEW))  # in place, through the mount's source
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out.splitlines() == [f"{NAME} {OLD_ADDR}", f"{NAME} {NEW_ADDR}"], err
+    assert parse_stats(err)["dns_upstream_changes"] == 1
+
+
+@pytest.mark.integration
 def test_a_fixed_dns_upstream_ignores_the_file(resolvers: dict[str, Path],
                                                tmp_path: Path,
                                                capfd: pytest.CaptureFixture[str]) -> None:

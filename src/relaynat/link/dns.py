@@ -191,16 +191,51 @@ def resolv_conf_version(path: str, dir_fd: int | None = None) -> FileVersion:
                               st.st_ctime_ns))
 
 
-class ResolvConfDirs:
-    """resolv.conf reached through descriptors of directories opened before the process
-    left the filesystem (relaynat.confine): the directory of the path itself and that
-    of the file its symbolic link leads to now.
+def _mount_id(fd: int) -> int | None:
+    """The id of the mount the descriptor `fd` is on (proc(5), /proc/PID/fdinfo)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "mnt_id":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _is_mount_point(path: str) -> bool:
+    """Whether the file at `path` is mounted on its directory (a bind-mounted file)."""
+    fds = []
+    try:
+        for where in (path, os.path.dirname(path)):
+            fds.append(os.open(where, os.O_PATH | os.O_CLOEXEC))
+        ids = [_mount_id(fd) for fd in fds]
+    except OSError:
+        return False
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return None not in ids and ids[0] != ids[1]
+
+
+class HeldResolvConf:
+    """resolv.conf as a process holds it once it has left the filesystem
+    (relaynat.confine): descriptors of the directory of the path itself and of that of
+    the file its symbolic link leads to now, or of the file itself when it is a mount.
 
     A network manager that switches resolvers replaces the file, or the link, by
     rename(2); the link is read again each time, so a switch between files of these
     directories is followed. One to a file of a directory not held (NetworkManager's
     /run/NetworkManager to systemd-resolved's /run/systemd/resolve, say) cannot be: no
-    path leads there any more, and `where` says so with None."""
+    path leads there any more, and `reachable` says so.
+
+    A file mounted on the path (`ip netns exec` binds /etc/netns/NAME/resolv.conf there,
+    container runtimes their own) is not seen through the directory's descriptor once
+    the process is in a mount namespace of its own: a lookup does not cross into another
+    namespace's mounts, and would read the file beneath it, another resolver's. Such a
+    file is held open instead; it cannot be renamed over while it is mounted, so it is
+    written in place, and a re-read sees that."""
 
     #: Links followed at most (the kernel gives up after 40, MAXSYMLINKS).
     MAX_LINKS = 8
@@ -210,7 +245,10 @@ class ResolvConfDirs:
         self.link_dir = os.path.realpath(os.path.dirname(full))
         self.name = os.path.basename(full)
         self.dirs: dict[str, int] = {}
-        for directory in (self.link_dir, os.path.dirname(os.path.realpath(full))):
+        real = os.path.realpath(full)
+        self.pinned = (os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+                       if _is_mount_point(real) else None)
+        for directory in (self.link_dir, os.path.dirname(real)):
             if directory not in self.dirs:
                 self.dirs[directory] = os.open(
                     directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -234,10 +272,39 @@ class ResolvConfDirs:
             directory, name = os.path.split(os.path.normpath(os.path.join(directory, target)))
         return None
 
+    def reachable(self) -> bool:
+        """Whether the file can be read now."""
+        return self.pinned is not None or self.where() is not None
+
+    def version(self) -> FileVersion:
+        """As `resolv_conf_version`, of the file held or reached now."""
+        if self.pinned is not None:
+            try:
+                st = os.fstat(self.pinned)
+            except OSError:
+                return FileVersion(None, None)
+            return FileVersion(None, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                      st.st_ctime_ns))
+        at = self.where()
+        return resolv_conf_version(*at) if at is not None else FileVersion(None, None)
+
+    def read(self) -> str | None:
+        """As `read_resolv_conf`, of the file held or reached now."""
+        if self.pinned is not None:
+            try:
+                return os.pread(self.pinned, 1 << 20, 0).decode("utf-8", "replace")
+            except OSError:
+                return None
+        at = self.where()
+        return read_resolv_conf(*at) if at is not None else None
+
     def close(self) -> None:
         for fd in self.dirs.values():
             os.close(fd)
         self.dirs.clear()
+        if self.pinned is not None:
+            os.close(self.pinned)
+            self.pinned = None
 
 
 def read_resolv_conf(path: str, dir_fd: int | None = None) -> str | None:

@@ -1,4 +1,4 @@
-"""ResolvConfDirs (link/dns.py): resolv.conf read through directory descriptors, as a
+"""HeldResolvConf (link/dns.py): resolv.conf read through directory descriptors, as a
 confined relay reads it, its links followed within the directories it holds."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from relaynat.link.dns import ResolvConfDirs, read_resolv_conf
+from relaynat.link.dns import HeldResolvConf, read_resolv_conf
 
 
-def _text(dirs: ResolvConfDirs) -> str | None:
+def _text(dirs: HeldResolvConf) -> str | None:
     at = dirs.where()
     return read_resolv_conf(*at) if at is not None else None
 
@@ -36,7 +36,7 @@ def _relink(link: Path, target: str) -> None:
 
 def test_a_link_is_followed_within_the_directories_held(tree: Path) -> None:
     link = tree / "etc/resolv.conf"
-    dirs = ResolvConfDirs(str(link))
+    dirs = HeldResolvConf(str(link))
     try:
         assert sorted(dirs.dirs) == [str(tree / "etc"), str(tree / "run/a")]
         assert _text(dirs) == "nameserver 192.0.2.1\n"
@@ -61,7 +61,7 @@ def test_a_loop_of_links_ends(tree: Path) -> None:
     link = tree / "etc/resolv.conf"
     _relink(link, "loop")
     (tree / "etc/loop").symlink_to("resolv.conf")
-    dirs = ResolvConfDirs(str(link))
+    dirs = HeldResolvConf(str(link))
     try:
         assert dirs.where() is None
     finally:
@@ -71,7 +71,7 @@ def test_a_loop_of_links_ends(tree: Path) -> None:
 def test_reading_needs_no_path_from_the_root(tree: Path) -> None:
     """The descriptors are opened once; later reads go through them (openat), not
     through the path given, which a confined relay could not open."""
-    dirs = ResolvConfDirs(str(tree / "etc/resolv.conf"))
+    dirs = HeldResolvConf(str(tree / "etc/resolv.conf"))
     try:
         os.rename(tree, str(tree) + ".moved")  # every path given before is gone now
         assert _text(dirs) == "nameserver 192.0.2.1\n"
