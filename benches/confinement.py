@@ -120,7 +120,7 @@ def status(pid: int) -> dict[str, str]:
 
 
 def confinement_matches(arm: str, st: dict[str, str]) -> bool:
-    uid = st["Uid"].split()[0] if st["Uid"] != "?" else "?"
+    uid = st["Uid"].split(",")[0]  # real, effective, saved, filesystem: "?" if none
     if arm == "confine":
         return st["Seccomp"] == "2" and st["NoNewPrivs"] == "1" and uid not in ("0", "?")
     return st["Seccomp"] == "0" and uid == "0"
