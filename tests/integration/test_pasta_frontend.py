@@ -100,6 +100,10 @@ fi
 set -e
 echo "status $status"
 [ $status = 0 ] || { echo "$out" >&2; exit 1; }
+# The relay is pasta's background child: the process listening on the forwarded port.
+relay=$(ss -Hltnp "sport = :$FWD" | sed -n 's/.*pid=\([0-9]*\),.*/\1/p' | head -n 1)
+echo "relay $(awk '/^(Uid|CapEff|NoNewPrivs|Seccomp):/ {printf "%s%s ", $1, $2}' \
+    /proc/$relay/status)root $(ls -A /proc/$relay/root | wc -l)"
 ns="ip netns exec ctr"
 $ns ip -o -4 addr show tap0 | awk '{print "addr", $2, $4}'
 $ns ip route show default | sed 's/ *$//; s/^/route /'
@@ -145,7 +149,10 @@ def _scenario(template: list[str], dns_addrs: str) -> list[str]:
     return done.stdout.splitlines()
 
 
-_SERVED = ["addr tap0 10.0.2.15/24", "route default via 10.0.2.2 dev tap0"]
+#: Confined as pasta isolates itself: nobody, no capability, no_new_privs, the seccomp
+#: filter (2: SECCOMP_MODE_FILTER), an empty root.
+_CONFINED = "relay Uid:65534 CapEff:0000000000000000 NoNewPrivs:1 Seccomp:2 root 0"
+_SERVED = [_CONFINED, "addr tap0 10.0.2.15/24", "route default via 10.0.2.2 dev tap0"]
 _TAIL = ["out from host", "gateway refused", "in from inside", "ended"]
 
 
@@ -194,6 +201,12 @@ def test_podman_5_3_map_gw_reaches_host_loopback() -> None:
     (["--quiet=1", "--netns", "/run/netns/x"], "option '--quiet' doesn't allow an argument"),
     (["-t", "99999", "--netns", "/run/netns/x"], "99999"),
     (["--netns", "/run/netns/relaynat-no-such-namespace"], "does not exist"),
+    (["--runas", "0", "--netns", "/run/netns/x"], "--runas: a confined relay does not "
+                                                  "stay root"),
+    (["--runas", "relaynat-no-such-user", "--netns", "/run/netns/x"],
+     "--runas: no user named 'relaynat-no-such-user'"),
+    (["--runas", "nobody", "--no-confine", "--netns", "/run/netns/x"],
+     "--runas: the user a confined relay becomes; not with --no-confine"),
 ])
 def test_refused_naming_the_option(argv: list[str], message: str) -> None:
     done = subprocess.run([PASTA, *argv], capture_output=True, text=True, timeout=30)
@@ -205,7 +218,8 @@ def test_refused_naming_the_option(argv: list[str], message: str) -> None:
 def test_help_lists_what_is_taken() -> None:
     done = subprocess.run([PASTA, "--help"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0
-    for option in ("--config-net", "--dns-forward", "--no-map-gw", "--netns", "--tcp-ports"):
+    for option in ("--config-net", "--dns-forward", "--no-map-gw", "--netns", "--tcp-ports",
+                   "--runas", "--no-confine"):
         assert option in done.stdout
 
 
@@ -213,8 +227,9 @@ def test_foreground_addressing_loopback_forward_pid_file_and_sigterm(tmp_path: P
     """-f stays in the foreground; -a/-n/-g/-m/-I/-4 address the interface as asked (an
     off-link --dns-forward address taken beside them; the DNS scenarios above query
     theirs), the gateway stands for the host's loopback (pasta's default), -T PORT
-    makes the namespace's loopback port the host's, -P names the process and goes away
-    with it."""
+    makes the namespace's loopback port the host's; with --no-confine (relaynat's own:
+    tests/integration/test_pasta_confined.py has the confined relay) the relay keeps
+    its privileges and -P names the process and goes away with it."""
     name = f"pasta-{os.getpid()}-{time.monotonic_ns() % 100000}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     pid_file = tmp_path / "pasta.pid"
@@ -226,7 +241,8 @@ def test_foreground_addressing_loopback_forward_pid_file_and_sigterm(tmp_path: P
     proc = subprocess.Popen(
         [PASTA, "--config-net", "-f", "-a", "192.168.77.10", "-n", "255.255.255.0", "-g",
          "192.168.77.1", "-m", "1500", "-I", "eth0", "-4", "--dns-forward", "192.168.77.53",
-         "-P", str(pid_file), "-T", str(port), "--netns", name], stderr=subprocess.PIPE,
+         "-P", str(pid_file), "-T", str(port), "--no-confine", "--netns", name],
+        stderr=subprocess.PIPE,
         text=True)
     try:
         ns = ["ip", "-n", name]
@@ -237,6 +253,8 @@ def test_foreground_addressing_loopback_forward_pid_file_and_sigterm(tmp_path: P
                 proc.stderr.read() if proc.stderr else "")
             time.sleep(0.05)
         assert pid_file.read_text().strip() == str(proc.pid)
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        assert "\nSeccomp:\t0\n" in status and "\nUid:\t0\t" in status, status
         link = subprocess.run([*ns, "-o", "link", "show", "eth0"], capture_output=True,
                               text=True, check=True).stdout
         assert "mtu 1500" in link
@@ -286,9 +304,20 @@ done
 env PYTHONPATH="$RELAYNAT_PATH" "$GUEST_PYTHON" -m relaynat.cli.pasta --config-net -t none \
     -u none -T none -U none --quiet --netns /proc/$target/ns/net
 echo "status $?"
+relay=$(pgrep -f "netns /proc/$target/ns/net")
+echo "relay $(awk '/^(Uid|CapEff|NoNewPrivs|Seccomp):/ {printf "%s%s ", $1, $2}' \
+    /proc/$relay/status)root $(ls -A /proc/$relay/root | wc -l)"
 nsenter -t $target -n ip -o -4 addr show tap0 | awk '{print "addr", $4}'
 nsenter -t $target -n curl -sS --max-time 10 http://10.0.2.2:$PORT/hello.txt
 kill $target
+# The relay ends with the process whose namespace it serves (its /proc entry gone); it
+# stays a zombie where nothing reaps orphans.
+for _ in $(seq 100); do
+    state=$(awk '/^State:/ {print $2}' /proc/$relay/status 2>/dev/null || echo gone)
+    [ "$state" = Z ] || [ "$state" = gone ] && break
+    sleep 0.1
+done
+echo "relay ${state:-gone}" | sed 's/ Z$/ ended/; s/ gone$/ ended/'
 INNER
 cd /
 setpriv --reuid=65534 --regid=65534 --clear-groups unshare -Ur sh "$dev/inner.sh"
@@ -298,12 +327,16 @@ setpriv --reuid=65534 --regid=65534 --clear-groups unshare -Ur sh "$dev/inner.sh
 def test_rootless_as_podman_runs_it() -> None:
     """podman's rootless shape: as an unprivileged user, inside a user namespace of its
     own (root there), a network namespace that user namespace owns, pasta run in the
-    same user namespace; /dev/net/tun 0666 as Debian ships it (a bind mount here)."""
+    same user namespace; /dev/net/tun 0666 as Debian ships it (a bind mount here).
+    Confined there: that user namespace maps no other user, so the relay stays its root
+    (the unprivileged user outside) with no capability, leaves the filesystem and runs
+    under the seccomp filter; it still ends with the namespace's process."""
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **nobody_env()}
     done = run_scenario(_ROOTLESS, env=env, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.splitlines() == ["status 0", "addr 10.0.2.15/24",
-                                        "from host loopback"], done.stdout + done.stderr
+    assert done.stdout.splitlines() == [
+        "status 0", "relay Uid:0 CapEff:0000000000000000 NoNewPrivs:1 Seccomp:2 root 0",
+        "addr 10.0.2.15/24", "from host loopback", "relay ended"], done.stdout + done.stderr
 
 
 def _translated(*argv: str) -> Any:

@@ -21,10 +21,12 @@ def new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_to_end(prog: str, main: Coroutine[Any, Any, int]) -> int:
-    """`main` on a new loop, closed after: its exit status, or 1 for an OSError it
-    raised (the message under `prog`'s name)."""
-    loop = new_loop()
+def run_to_end(prog: str, main: Coroutine[Any, Any, int],
+               loop: asyncio.AbstractEventLoop | None = None) -> int:
+    """`main` on `loop` (by default a new one), closed after: its exit status, or 1 for
+    an OSError it raised (the message under `prog`'s name)."""
+    if loop is None:
+        loop = new_loop()
     try:
         return loop.run_until_complete(main)
     except OSError as exc:

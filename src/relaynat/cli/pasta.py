@@ -8,6 +8,17 @@ background once the namespace is served, and ends when PATH goes away (podman un
 and removes it when the container stops). This does the same. With `-f` (or `-d`) it
 stays in the foreground.
 
+Once the TAP is open in the namespace, the splice factory started and the forwards
+bound, and before it reports ready (the parent's exit, in the background), the relay
+confines itself as pasta isolates itself (passt's isolation.c) and as `relaynat run`
+does (relaynat.confinement, docs/confinement.md): an empty read-only root, `--runas`'s
+user (`nobody` as root; root of a user namespace that maps no other user, as rootless
+podman's without subordinate ids, stays that user), no capability, no_new_privs, the
+seccomp allowlist. pasta has no option to leave its sandbox off; relaynat's own
+`--no-confine` does. The namespace's path is then looked up through a descriptor of
+its directory opened before (pasta's own fallback to inotify), and the `-P` file is
+left in place at exit, as pasta leaves it: the confined relay has no path to it.
+
 The command line, what it takes and what each option becomes, is cli/pasta_options.py's.
 """
 
@@ -35,7 +46,9 @@ from relaynat.config import ConfigError
 from relaynat.netns.join import JoinTarget, resolve_target
 
 if TYPE_CHECKING:
+    from relaynat.cli.main import LoopThreads
     from relaynat.netns.ns_sockets import NamespaceSockets
+    from relaynat.relay import Relay
 
 log = logging.getLogger("relaynat.pasta")
 
@@ -44,19 +57,36 @@ log = logging.getLogger("relaynat.pasta")
 _PATH_POLL_S = 0.5
 
 
-def _same_file(path: str, fd: int) -> bool:
-    """`path` still names the namespace open as `fd` (podman unmounts and removes it
-    when the container stops)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    own = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+class _NamespacePath:
+    """The namespace's path, looked up through a descriptor of its directory opened
+    while the process still has the filesystem: a confined relay has no path left, as
+    pasta, which looks its namespace up the same way where inotify is not enough."""
+
+    def __init__(self, path: str, netns_fd: int) -> None:
+        self.base = os.path.basename(path)
+        self.netns_fd = netns_fd
+        self.dir_fd = os.open(os.path.dirname(path) or ".",
+                              os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def present(self) -> bool:
+        """Whether the path still names the namespace (podman unmounts and removes it
+        when the container stops). EACCES: the entry is there, closed to the user the
+        relay became (/proc/PID/ns of another user's live process, as pasta reads it)."""
+        try:
+            st = os.stat(self.base, dir_fd=self.dir_fd)
+        except PermissionError:
+            return True
+        except OSError:
+            return False
+        own = os.fstat(self.netns_fd)
+        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+    def close(self) -> None:
+        os.close(self.dir_fd)
 
 
-async def _watch_path(path: str, fd: int, stop: asyncio.Event) -> None:
-    while _same_file(path, fd):
+async def _watch_path(path: _NamespacePath, stop: asyncio.Event) -> None:
+    while path.present():
         await asyncio.sleep(_PATH_POLL_S)
     stop.set()
 
@@ -102,13 +132,31 @@ def _start_splicing(translated: Translated, target: JoinTarget,
     return open_splice_factory(PROG, start, bool(translated.loopback))
 
 
+def _confine(opts: PastaOptions, relay: Relay, threads: LoopThreads) -> None:
+    """Confine this process now that the TAP, the splice factory and the forwards are
+    set up (relaynat.confinement): no capability is kept, as for `relaynat run --netns`
+    without a control socket (the forwards are bound already; no command to signal).
+    ConfinementError if it could not be done."""
+    from relaynat.cli.main import TRACE_ENV
+    from relaynat.confinement import confine
+
+    threads.stop()  # open_joined_tap's executor thread: confinement takes one thread
+    done = confine(relay, runas=opts.runas, keep=[],
+                   on_violation="log" if os.environ.get(TRACE_ENV) else "kill")
+    log.info("%s", done.describe())
+
+
 async def serve(translated: Translated, opts: PastaOptions, target: JoinTarget,
-                ready: Callable[[], None], detached: bool = False) -> int:
+                ready: Callable[[], None], detached: bool = False,
+                threads: LoopThreads | None = None) -> int:
     """Serve the TAP in the target namespace; `ready` is called once the guest can be
-    served. Ends on SIGINT/SIGTERM, the target process's exit, or its path's removal.
-    `detached`: in the background, where no helper may inherit the caller's output."""
+    served, after the relay confined itself when `threads` (the loop's, made for a
+    confined relay) are given. Ends on SIGINT/SIGTERM, the target process's exit, or
+    its path's removal. `detached`: in the background, where no helper may inherit the
+    caller's output."""
     from relaynat.cli.event_loop import stop_on_signals, until_stopped
     from relaynat.cli.main import add_forwards
+    from relaynat.confinement import ConfinementError
     from relaynat.host.forward import ForwardError
     from relaynat.netns.guest import NamespaceSetupError, open_joined_tap
     from relaynat.netns.ns_sockets import GuestListener
@@ -132,11 +180,20 @@ async def serve(translated: Translated, opts: PastaOptions, target: JoinTarget,
         transport.close()
         return 1
     watchers: list[asyncio.Future[None]] = []
+    path: _NamespacePath | None = None
     if target.pidfd is not None:
         loop.add_reader(target.pidfd, stop.set)
     elif opts.netns is not None:
-        path = opts.netns if "/" in opts.netns else os.path.join("/run/netns", opts.netns)
-        watchers.append(asyncio.ensure_future(_watch_path(path, target.netns_fd, stop)))
+        name = opts.netns if "/" in opts.netns else os.path.join("/run/netns", opts.netns)
+        try:
+            path = _NamespacePath(name, target.netns_fd)
+        except OSError as exc:
+            print(f"{PROG}: --netns {opts.netns}: {exc.strerror}", file=sys.stderr)
+            transport.close()
+            if factory is not None:
+                factory.close()
+            return 1
+        watchers.append(asyncio.ensure_future(_watch_path(path, stop)))
     try:
         async with Relay(config, None) as relay:
             relay.attach(transport)
@@ -149,6 +206,12 @@ async def serve(translated: Translated, opts: PastaOptions, target: JoinTarget,
             except (OSError, ForwardError) as exc:
                 print(f"{PROG}: {exc}", file=sys.stderr)
                 return 1
+            if threads is not None:
+                try:
+                    _confine(opts, relay, threads)
+                except (ConfinementError, ConfigError) as exc:
+                    print(f"{PROG}: {exc}", file=sys.stderr)
+                    return 1
             ready()
             await until_stopped(relay, stop)
     finally:
@@ -156,14 +219,16 @@ async def serve(translated: Translated, opts: PastaOptions, target: JoinTarget,
             watcher.cancel()
         if target.pidfd is not None:
             loop.remove_reader(target.pidfd)
+        if path is not None:
+            path.close()
         if factory is not None:
             factory.close()
     return 0
 
 
-def _detach_stdio() -> None:
-    """Leave the caller's output: podman reads pasta's until it is closed."""
-    null = os.open(os.devnull, os.O_RDWR)
+def _detach_stdio(null: int) -> None:
+    """Leave the caller's output: podman reads pasta's until it is closed. `null`:
+    /dev/null, opened before confinement (no path leads to it after)."""
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
@@ -172,10 +237,12 @@ def _detach_stdio() -> None:
 def _background() -> Callable[[], None]:
     """Fork as pasta does: the parent exits once the child is ready (status 0) or has
     failed (its status); the child gets the `ready` that tells the parent."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
         os.close(write_end)
+        os.close(null)
         with os.fdopen(read_end, "rb") as pipe:
             if pipe.read(1) == b"1":
                 sys.exit(0)
@@ -188,7 +255,7 @@ def _background() -> Callable[[], None]:
         with contextlib.suppress(OSError):
             os.write(write_end, b"1")
         os.close(write_end)
-        _detach_stdio()
+        _detach_stdio(null)
 
     return ready
 
@@ -207,6 +274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "podman runs it")
             return 0
         translated = translate(opts)
+        if opts.runas is not None:
+            if opts.no_confine:
+                raise PastaUsageError("--runas: the user a confined relay becomes; not "
+                                      "with --no-confine")
+            from relaynat.confinement.privileges import runas_ids
+
+            runas_ids(opts.runas)
         target = resolve_target(target_text(opts))
     except PastaUsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
@@ -232,13 +306,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: -P {opts.pid_file}: {exc.strerror}", file=sys.stderr)
             target.close()
             return 1
-    from relaynat.cli.event_loop import run_to_end
+    from relaynat.cli.event_loop import new_loop, run_to_end
 
+    threads: LoopThreads | None = None
+    if opts.no_confine:
+        loop = new_loop()
+    else:
+        from relaynat.cli.main import LoopThreads
+        from relaynat.confinement.seccomp_filter import without_io_uring
+
+        loop = without_io_uring(new_loop)
+        threads = LoopThreads(loop)
     try:
-        return run_to_end(PROG, serve(translated, opts, target, ready, detached))
+        return run_to_end(PROG, serve(translated, opts, target, ready, detached, threads),
+                          loop)
     finally:
         target.close()
-        if opts.pid_file is not None:
+        # Confined, the relay has no path to the file: it stays, as pasta leaves it.
+        if opts.pid_file is not None and opts.no_confine:
             with contextlib.suppress(OSError):
                 os.unlink(opts.pid_file)
 

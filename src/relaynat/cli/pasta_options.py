@@ -20,7 +20,11 @@ Taken, and what they become:
 - `--no-map-gw`: the gateway no longer stands for the host's loopback (pasta maps it by
   default, as relaynat does); `--map-gw` and `--map-host-loopback ADDR` as pasta's;
 - `-4`/`--ipv4-only`, `-6`/`--ipv6-only`; `-f`, `-q`/`--quiet`, `-d`/`--debug`,
-  `-P`/`--pid FILE`.
+  `-P`/`--pid FILE`;
+- `--runas UID|UID:GID|LOGIN|LOGIN:GROUP`: the user the relay becomes once confined
+  (`nobody` as root by default, as pasta);
+- `--no-confine`, relaynat's own (pasta has no way out of its sandbox): the relay is
+  not confined (cli/pasta.py says what confinement is here).
 
 Every other option is refused, naming it, with exit status 1. An option pasta has and
 relaynat does not honour reads "unrecognized option '--NAME'" as pasta's getopt says
@@ -52,6 +56,7 @@ _TAKEN = {
     "netns": ("", True), "foreground": ("f", False), "quiet": ("q", False),
     "debug": ("d", False), "ipv4-only": ("4", False), "ipv6-only": ("6", False),
     "pid": ("P", True), "help": ("h", False), "version": ("", False),
+    "runas": ("", True), "no-confine": ("", False),
 }
 _SHORT = {short: long for long, (short, _) in _TAKEN.items() if short}
 
@@ -102,6 +107,8 @@ class PastaOptions:
     ipv4_only: bool = False
     ipv6_only: bool = False
     pid_file: str | None = None
+    runas: str | None = None
+    no_confine: bool = False
     help: bool = False
     version: bool = False
     operands: list[str] = dataclasses.field(default_factory=list)
@@ -122,7 +129,7 @@ def _store(opts: PastaOptions, name: str, value: str | None) -> None:
         return
     flags = {"config-net": "config_net", "foreground": "foreground", "debug": "debug",
              "ipv4-only": "ipv4_only", "ipv6-only": "ipv6_only", "help": "help",
-             "version": "version"}
+             "version": "version", "no-confine": "no_confine"}
     if name in flags:
         setattr(opts, flags[name], True)
     elif name in ("map-gw", "no-map-gw"):
@@ -131,7 +138,8 @@ def _store(opts: PastaOptions, name: str, value: str | None) -> None:
         pass  # relaynat says nothing but warnings and errors already
     else:
         attr = {"map-host-loopback": "map_host_loopback", "netmask": "netmask",
-                "mtu": "mtu", "ns-ifname": "ifname", "netns": "netns", "pid": "pid_file"}
+                "mtu": "mtu", "ns-ifname": "ifname", "netns": "netns", "pid": "pid_file",
+                "runas": "runas"}
         setattr(opts, attr[name], value)
 
 
@@ -355,5 +363,10 @@ pasta's command line as podman 4.4 to 5.x runs it, served by relaynat:
   -4, --ipv4-only        -6, --ipv6-only
   --netns PATH|NAME      the network namespace; or a PID operand
   -f, --foreground       -d, --debug (implies -f)   -q, --quiet   -P, --pid FILE
+  --runas UID|UID:GID|LOGIN|LOGIN:GROUP
+                         the user the relay becomes once set up (nobody as root)
+  --no-confine           relaynat's own: do not confine the relay (weaker); by
+                         default it leaves the filesystem, drops to --runas, keeps
+                         no capability and runs under a seccomp allowlist, as pasta
 Anything else is refused, naming the option.
 """

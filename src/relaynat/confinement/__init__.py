@@ -97,6 +97,18 @@ def _relays_of(targets: Iterable[Relay | Guests]) -> list[Relay]:
     return relays
 
 
+def _mapped(ids: tuple[int, int]) -> bool:
+    """Whether this process's user namespace maps `ids` (uid, gid): a user namespace
+    made with one mapping (`unshare -r`, a rootless container engine without
+    subordinate ids) has no `nobody` to become (setresuid(2): EINVAL)."""
+    for name, wanted in (("uid_map", ids[0]), ("gid_map", ids[1])):
+        with open(f"/proc/self/{name}") as f:
+            ranges = [tuple(int(n) for n in line.split()) for line in f if line.strip()]
+        if not any(inside <= wanted < inside + count for inside, _, count in ranges):
+            return False
+    return True
+
+
 def _keep_numbers(keep: Iterable[str]) -> set[int]:
     numbers = set()
     for name in keep:
@@ -128,6 +140,12 @@ def confine(*targets: Relay | Guests, runas: str | tuple[int, int] | None = None
         raise ConfinementError(f"on_violation: {on_violation!r} is not kill or log")
     keep_set = _keep_numbers(keep)
     ids = privileges.runas_ids(runas)
+    if runas is None and ids is not None and not _mapped(ids):
+        # Root of a user namespace that does not map `nobody` (one mapping root alone)
+        # cannot become it, and is an unprivileged user outside: it keeps its ids, as
+        # passt keeps them in any user namespace but the initial one, and drops every
+        # capability it holds there all the same.
+        ids = None
     threads = _threads()
     if len(threads) > 1:
         raise ConfinementError(f"confine: the process runs {len(threads)} threads; "
