@@ -28,6 +28,7 @@ from support.dropin_kit import (
     DNSMASQ,
     RESOLV_LOOPBACK,
     SCRATCH,
+    SUBIDS_NOBODY,
     TUN_0666,
     WAIT_PORT,
     free_port,
@@ -285,7 +286,7 @@ def test_foreground_addressing_loopback_forward_pid_file_and_sigterm(tmp_path: P
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-_ROOTLESS = SCRATCH + TUN_0666 + r"""
+_ROOTLESS = SCRATCH + TUN_0666 + SUBIDS_NOBODY + r"""
 ip link set lo up
 mkdir "$dev/www"
 echo "from host loopback" > "$dev/www/hello.txt"
@@ -320,22 +321,29 @@ done
 echo "relay ${state:-gone}" | sed 's/ Z$/ ended/; s/ gone$/ ended/'
 INNER
 cd /
-setpriv --reuid=65534 --regid=65534 --clear-groups unshare -Ur sh "$dev/inner.sh"
+# $USERNS: root alone mapped (-Ur), or root and nobody's subordinate ids (newuidmap).
+setpriv --reuid=65534 --regid=65534 --clear-groups unshare $USERNS sh "$dev/inner.sh"
 """
 
 
-def test_rootless_as_podman_runs_it() -> None:
+@pytest.mark.parametrize(("userns", "uid"), [
+    ("-Ur", "0"),
+    # util-linux 2.38's order: outer, inner, count.
+    ("--map-root-user --map-users=200000,1,65536 --map-groups=200000,1,65536", "65534"),
+], ids=["root-alone", "subordinate-ids"])
+def test_rootless_as_podman_runs_it(userns: str, uid: str) -> None:
     """podman's rootless shape: as an unprivileged user, inside a user namespace of its
     own (root there), a network namespace that user namespace owns, pasta run in the
     same user namespace; /dev/net/tun 0666 as Debian ships it (a bind mount here).
-    Confined there: that user namespace maps no other user, so the relay stays its root
-    (the unprivileged user outside) with no capability, leaves the filesystem and runs
-    under the seccomp filter; it still ends with the namespace's process."""
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **nobody_env()}
+    Confined there: where the user namespace maps subordinate ids the relay becomes
+    its nobody; where it maps root alone (no subordinate ids) it stays that root, the
+    unprivileged user outside. Either way with no capability, no filesystem and the
+    seccomp filter; it still ends with the namespace's process."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "USERNS": userns, **nobody_env()}
     done = run_scenario(_ROOTLESS, env=env, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == [
-        "status 0", "relay Uid:0 CapEff:0000000000000000 NoNewPrivs:1 Seccomp:2 root 0",
+        "status 0", f"relay Uid:{uid} CapEff:0000000000000000 NoNewPrivs:1 Seccomp:2 root 0",
         "addr 10.0.2.15/24", "from host loopback", "relay ended"], done.stdout + done.stderr
 
 
