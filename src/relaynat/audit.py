@@ -10,7 +10,7 @@ answered or forwarded (`dns_query`), and the guest's readiness and transport los
 The subscriber runs in the relay's data path and only appends the event to a bounded
 queue; the writing (turning events into lines, write, flush) runs in the event loop's
 default executor, one batch at a time. Those threads are what `relaynat run`/`serve`
-stop before confining the process and let start again after (cli/main.py): an audit
+stop before confining the process and let start again after (cli/confining.py): an audit
 log keeps no thread of its own. When the queue is full (the disk or the executor
 fell behind) the event is dropped and counted: `dropped` here, and `audit_dropped` in
 the stats of a `Relay` it is attached to. A batch is flushed when written, so a

@@ -17,9 +17,9 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from relaynat.cli.confining import LoopThreads, confine_relay, register_taken, unlink_on_close
 from relaynat.cli.event_loop import new_loop, stop_on_signals, until_stopped
 from relaynat.cli.options import (
     UNIXGRAM_UNCONFINED,
@@ -42,7 +42,6 @@ from relaynat.transports.interface import InterfaceError, InterfaceTransport
 if TYPE_CHECKING:
     from relaynat.audit import AuditLog
     from relaynat.confinement.janitor import Janitor
-    from relaynat.moving.handover_receive import Taken
     from relaynat.netns.join import JoinTarget
     from relaynat.netns.ns_sockets import NamespaceSockets
     from relaynat.relay import Relay
@@ -94,126 +93,6 @@ def add_forwards(relay: Relay, forwards: list[PortForward]) -> None:
                       f"to guest port {guest_port}", file=sys.stderr, flush=True)
 
 
-#: Test-only (tests/integration/test_confinement.py): this many seconds after a relay
-#: confined itself, it makes a call its seccomp filter forbids (a netlink socket, what
-#: a hijacked relay would open to rewrite the host's routes), to show the filter ends it.
-FORBIDDEN_CALL_ENV = "RELAYNAT_TEST_FORBIDDEN_CALL_S"
-
-
-#: Set (to anything), the seccomp filter logs a call outside its list instead of killing
-#: the process: how the list is traced (confinement/seccomp_filter.py); not confinement.
-TRACE_ENV = "RELAYNAT_CONFINE_TRACE"
-
-
-class LoopThreads:
-    """The loop's default executor, replaceable: asyncio's executor threads outlive
-    their work, and confinement applies to a process of one thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.pool = ThreadPoolExecutor()
-        loop.set_default_executor(self.pool)
-
-    def stop(self) -> None:
-        """End the idle threads; later work starts new ones, confined as the process."""
-        self.pool.shutdown(wait=True)
-        self.pool = ThreadPoolExecutor()
-        self.loop.set_default_executor(self.pool)
-
-
-def _kept_capabilities(args: argparse.Namespace) -> list[str]:
-    """The capabilities a confined relay keeps for the features its options ask for
-    (docs/confinement.md has the table); an unprivileged relay has none to keep."""
-    if os.geteuid() != 0:
-        return []
-    keep = []
-    if (args.control_socket or getattr(args, "incoming", False)
-            or getattr(args, "receive_handover", None)):
-        # ctl export/import (and serve --incoming) put sockets in TCP_REPAIR mode;
-        # ctl add_hostfwd may bind a port below net.ipv4.ip_unprivileged_port_start.
-        # A relay that receives a handover confines itself before it learns whether a
-        # control socket comes with it, and capabilities cannot be had back after.
-        keep += ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"]
-    if (args.cmd == "run" and args.command) or getattr(args, "receive_handover", None):
-        # The namespace's outer process (netns/child.py) runs as root: passing signals
-        # on to it and ending the guest need CAP_KILL, for the relay that started it
-        # and for one a handover gave the command to.
-        keep.append("CAP_KILL")
-    return keep
-
-
-def _forbidden_call() -> None:
-    log.warning("%s: making a call the seccomp filter forbids", FORBIDDEN_CALL_ENV)
-    socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close()
-
-
-def _socket_paths(args: argparse.Namespace) -> list[str]:
-    """The socket files the options had this process bind."""
-    paths = (args.control_socket, getattr(args, "socket", None),
-             getattr(args, "unixgram", None), getattr(args, "receive_handover", None))
-    return [path for path in paths if path]
-
-
-def confine_relay(args: argparse.Namespace, *relays: Relay) -> None:
-    """Confine this process (relaynat.confinement) now that the relays' guests,
-    sockets and files are set up, if --confine; ConfinementError if it could not be
-    done (the relay must not serve then). A confined relay cannot remove its socket
-    files: the janitor started first (confinement/janitor.py) removes them once this
-    process has exited (`args.janitor`)."""
-    if not args.confine:
-        return
-    from relaynat.confinement import confine
-    from relaynat.confinement.janitor import Janitor
-
-    threads: LoopThreads | None = getattr(args, "loop_threads", None)
-    if threads is not None:
-        threads.stop()
-    # Started while the process still has its privileges and the paths.
-    args.confined = True
-    paths = _socket_paths(args)
-    try:
-        # None without a socket file: later ones come only with --receive-handover's.
-        args.janitor = Janitor.start(paths) if paths else None
-    except OSError as exc:  # no reason not to serve: the files stay, as before
-        log.warning("cannot start the socket file janitor (%s): the socket files stay "
-                    "after the relay exits", exc)
-    # Tracing the allowlist: the kernel logs a call outside it and lets it run.
-    action = "log" if os.environ.get(TRACE_ENV) else "kill"
-    done = confine(*relays, runas=args.runas, keep=_kept_capabilities(args),
-                   on_violation=action)
-    log.info("%s", done.describe())
-    delay = os.environ.get(FORBIDDEN_CALL_ENV)
-    if delay:
-        asyncio.get_running_loop().call_later(float(delay), _forbidden_call)
-
-
-def _unlink_on_close(args: argparse.Namespace, path: str, handed: bool) -> bool:
-    """Whether closing the socket bound at `path` removes its file here: not after a
-    handover (the path is the new relay's), and never confined (the filesystem is out
-    of reach: the janitor removes it at exit, and is told to leave it if handed)."""
-    janitor: Janitor | None = getattr(args, "janitor", None)
-    if janitor is None:
-        return not handed and not getattr(args, "confined", False)
-    if handed:
-        janitor.release(path)
-    return False
-
-
-def _register_taken(args: argparse.Namespace, relay: Relay, taken: Taken) -> None:
-    """The socket files a handover gave this relay are removed at its exit too: its
-    janitor is sent each bound socket with its path (it checks they match)."""
-    janitor: Janitor | None = getattr(args, "janitor", None)
-    if janitor is None:
-        return
-    if taken.control is not None:
-        janitor.register(taken.control.path, taken.control.sock)
-    stream = relay.stream_server
-    if taken.stream_path is not None and stream is not None:
-        janitor.register(taken.stream_path, stream.sock)
-    if taken.unixgram is not None:
-        janitor.register(taken.unixgram.path, taken.unixgram.sock)
-
-
 async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
                              policy: Policy | None) -> int:
     """`serve --receive-handover PATH`: wait for a relay's handover, then serve what it
@@ -240,17 +119,17 @@ async def _serve_handed_over(config: RelayConfig, args: argparse.Namespace,
             taking.cancel()
         else:
             taken = taking.result()
-            _register_taken(args, relay, taken)
+            register_taken(args, relay, taken)
             handed = (await serve_taken(relay, taken, stop)).done
             if taken.control is not None:
-                taken.control.close(unlink=_unlink_on_close(args, taken.control.path,
+                taken.control.close(unlink=unlink_on_close(args, taken.control.path,
                                                             handed))
             if (taken.stream_path is not None
-                    and _unlink_on_close(args, taken.stream_path, handed)):
+                    and unlink_on_close(args, taken.stream_path, handed)):
                 with contextlib.suppress(OSError):
                     os.unlink(taken.stream_path)
             if taken.unixgram is not None:
-                taken.unixgram.close(unlink=_unlink_on_close(args, taken.unixgram.path,
+                taken.unixgram.close(unlink=unlink_on_close(args, taken.unixgram.path,
                                                              handed))
             transport_stats = taken.transport_stats
         if args.stats:
@@ -285,7 +164,7 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
             log.info("listening on %s", args.socket)
             confine_relay(args, relay)
             await stop.wait()
-            if (_unlink_on_close(args, args.socket, handed.is_set())
+            if (unlink_on_close(args, args.socket, handed.is_set())
                     and os.path.exists(args.socket)):
                 os.unlink(args.socket)
         elif args.unixgram:
@@ -295,7 +174,7 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
             confine_relay(args, relay)
             await stop.wait()
             # After a handover the path is the new relay's.
-            server.close(unlink=_unlink_on_close(args, args.unixgram, handed.is_set()))
+            server.close(unlink=unlink_on_close(args, args.unixgram, handed.is_set()))
         else:
             attached: list[Callable[[], dict[str, int]]] = []
 
@@ -314,7 +193,7 @@ async def _serve(config: RelayConfig, args: argparse.Namespace,
             extra_stats = attached[0] if attached else dict
         watch.cancel()
         if control is not None:
-            control.close(unlink=_unlink_on_close(args, control.path, handed.is_set()))
+            control.close(unlink=unlink_on_close(args, control.path, handed.is_set()))
         if args.stats:
             _print_stats({**relay.stats(), **extra_stats()})
     return 0
@@ -501,7 +380,7 @@ async def _run(config: RelayConfig, args: argparse.Namespace, policy: Policy | N
             if handed:  # the command is the new relay's: the handover was answered
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(control.handed_over.wait(), 5)
-            control.close(unlink=_unlink_on_close(args, control.path, bool(handed)))
+            control.close(unlink=unlink_on_close(args, control.path, bool(handed)))
     if args.stats and holder:
         _print_stats(holder[0].stats())
     return code
@@ -560,7 +439,7 @@ async def _run_joined(config: RelayConfig, args: argparse.Namespace, policy: Pol
             await until_stopped(relay, stop)
             watch.cancel()
             if control is not None:
-                control.close(unlink=_unlink_on_close(args, control.path,
+                control.close(unlink=unlink_on_close(args, control.path,
                                                       handed.is_set()))
             if args.stats:
                 _print_stats(relay.stats())

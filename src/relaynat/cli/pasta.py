@@ -46,7 +46,7 @@ from relaynat.config import ConfigError
 from relaynat.netns.join import JoinTarget, resolve_target
 
 if TYPE_CHECKING:
-    from relaynat.cli.main import LoopThreads
+    from relaynat.cli.confining import LoopThreads
     from relaynat.netns.ns_sockets import NamespaceSockets
     from relaynat.relay import Relay
 
@@ -137,13 +137,10 @@ def _confine(opts: PastaOptions, relay: Relay, threads: LoopThreads) -> None:
     set up (relaynat.confinement): no capability is kept, as for `relaynat run --netns`
     without a control socket (the forwards are bound already; no command to signal).
     ConfinementError if it could not be done."""
-    from relaynat.cli.main import TRACE_ENV
-    from relaynat.confinement import confine
+    from relaynat.cli.confining import confine_now
 
-    threads.stop()  # open_joined_tap's executor thread: confinement takes one thread
-    done = confine(relay, runas=opts.runas, keep=[],
-                   on_violation="log" if os.environ.get(TRACE_ENV) else "kill")
-    log.info("%s", done.describe())
+    # open_joined_tap's executor thread ends first: confinement takes one thread.
+    confine_now([relay], runas=opts.runas, keep=[], threads=threads)
 
 
 async def serve(translated: Translated, opts: PastaOptions, target: JoinTarget,
@@ -312,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.no_confine:
         loop = new_loop()
     else:
-        from relaynat.cli.main import LoopThreads
+        from relaynat.cli.confining import LoopThreads
         from relaynat.confinement.seccomp_filter import without_io_uring
 
         loop = without_io_uring(new_loop)

@@ -188,17 +188,13 @@ def _confine(args: argparse.Namespace, relay: Relay) -> Janitor | None:
     none to keep. The API socket's file is then out of reach: the janitor started here
     removes it once this process has exited (none is started without an API socket:
     nothing to remove). ConfinementError if it could not be done."""
-    from relaynat.cli.main import TRACE_ENV, LoopThreads
-    from relaynat.confinement import confine
+    from relaynat.cli.confining import confine_now
     from relaynat.confinement.janitor import Janitor
 
-    threads: LoopThreads = args.loop_threads
-    threads.stop()  # open_joined_tap's executor thread: confinement takes one thread
     janitor = Janitor.start([args.api_socket]) if args.api_socket else None
     keep = ["CAP_NET_BIND_SERVICE"] if os.geteuid() == 0 and args.api_socket else []
-    done = confine(relay, keep=keep,
-                   on_violation="log" if os.environ.get(TRACE_ENV) else "kill")
-    log.info("%s", done.describe())
+    # open_joined_tap's executor thread ends first: confinement takes one thread.
+    confine_now([relay], runas=None, keep=keep, threads=args.loop_threads)
     return janitor
 
 
@@ -279,12 +275,12 @@ def _run(args: argparse.Namespace, main: Callable[[], Coroutine[Any, Any, int]],
     """`main()` on a new loop, closed after: its exit status, or 1 for an OSError or a
     confinement that failed (the message under PROG's name). A loop of a relay that
     confines itself is made without libuv's io_uring and with a default executor
-    whose threads can be ended (confinement/seccomp_filter.py, cli/main.py)."""
+    whose threads can be ended (confinement/seccomp_filter.py, cli/confining.py)."""
     from relaynat.cli.event_loop import new_loop
     from relaynat.confinement import ConfinementError
 
     if args.confine:
-        from relaynat.cli.main import LoopThreads
+        from relaynat.cli.confining import LoopThreads
         from relaynat.confinement.seccomp_filter import without_io_uring
 
         loop = without_io_uring(new_loop)
