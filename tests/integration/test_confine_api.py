@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confinement starts as
 EMBEDDER = textwrap.dedent('''
     import asyncio, json, sys
     from concurrent.futures import ThreadPoolExecutor
-    from relaynat import Guests, NamespaceGuest, RelayConfig, confine
+    from relaynat import Guests, NamespaceGuest, NamespaceSetupError, RelayConfig, confine
 
     async def main(url: str, confined: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -45,6 +45,10 @@ EMBEDDER = textwrap.dedent('''
             loop.set_default_executor(ThreadPoolExecutor())
             if confined:
                 print(confine(guests, keep=["CAP_KILL"]).describe(), file=sys.stderr)
+                try:  # a process now would be killed by the filter: refused instead
+                    await NamespaceGuest.spawn(RelayConfig(), ["true"])
+                except NamespaceSetupError as exc:
+                    print(f"refused: {exc}", file=sys.stderr)
             print("set up", flush=True)
             await loop.run_in_executor(None, sys.stdin.readline)
             for ns in spawned:
@@ -94,6 +98,8 @@ def test_two_guests_of_one_process_download_confined(
     assert result["codes"] == [0, 0], log
     assert result["opened"] == [1, 1], result
     assert log.count(digest) == 2, log
+    # A guest spawned after confine() is refused with a message, the process serving on.
+    assert ("refused: this process is confined" in log) == confined, log
     # What the guests downloaded through was a confined process (the check the
     # not-confined arm must fail, so that it is the confinement that passes it).
     is_confined = (st["Uid"].split() == ["65534"] * 4 and st["Seccomp"] == "2"

@@ -171,6 +171,7 @@ def confine(*targets: Relay | Guests, runas: str | tuple[int, int] | None = None
         syscalls.set_no_new_privs()
         abi = landlock.restrict(readable)
         seccomp_filter.install(on_violation)
+        syscalls.mark_confined()
     except OSError as exc:
         raise ConfinementError(f"confinement failed: {exc}") from None
     kept = privileges.permitted()

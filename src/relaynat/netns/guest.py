@@ -45,7 +45,7 @@ from relaynat.config import ConfigError, RelayConfig
 from relaynat.netns.child import END_SIGNAL
 from relaynat.netns.child import NamespaceSetupError as NamespaceSetupError
 from relaynat.netns.join import JoinTarget
-from relaynat.netns.syscalls import CAPABILITIES, map_root
+from relaynat.netns.syscalls import CAPABILITIES, map_root, may_start_processes
 from relaynat.policy import Policy
 from relaynat.relay import Relay
 from relaynat.transports.tap import TapTransport
@@ -462,6 +462,11 @@ class NamespaceGuest:
         Raises ConfigError (a ValueError) for a bad value before anything starts, and
         NamespaceSetupError saying what failed (a `cwd` the command may not enter,
         say)."""
+        if not may_start_processes():
+            raise NamespaceSetupError("this process is confined (relaynat.confine): its "
+                                      "seccomp filter would end it at the namespace's "
+                                      "first process; spawn namespace guests before "
+                                      "confine()")
         if isinstance(command, str) or not command:
             raise ConfigError("command: give the program and its arguments as a list, "
                               f"not {command!r}")

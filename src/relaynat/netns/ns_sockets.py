@@ -42,6 +42,7 @@ from relaynat.netns.syscalls import (
     CLONE_NEWNET,
     CLONE_NEWUSER,
     drop_capabilities,
+    may_start_processes,
     set_no_new_privs,
     set_parent_death_signal,
     set_undumpable,
@@ -98,6 +99,9 @@ class NamespaceSockets:
         """Start the factory in the network namespace of `netns_fd` (entering the user
         namespace of `userns_fd` first, if given), binding `listen` there. Raises
         NamespaceSocketsError saying why it could not."""
+        if not may_start_processes():
+            raise NamespaceSocketsError("this process is confined (relaynat.confine): "
+                                        "start the socket factory before confine()")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         spec = {"netns": netns_fd, "userns": userns_fd,
                 "listen": [[x.proto, x.family, x.port] for x in listen]}

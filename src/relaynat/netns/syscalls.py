@@ -92,6 +92,23 @@ def capset(data: ctypes.Array[CapSets]) -> None:
         raise OSError(err, f"capset: {os.strerror(err)}")
 
 
+#: Set once this process is confined (relaynat.confine): its seccomp filter kills it at
+#: the first new process (clone(2) without CLONE_THREAD), so what would start one asks
+#: `may_start_processes` first and refuses with a message instead.
+_confined = False
+
+
+def mark_confined() -> None:
+    """Note that this process is confined from now on (relaynat.confine)."""
+    global _confined
+    _confined = True
+
+
+def may_start_processes() -> bool:
+    """False once the process is confined: starting a process would end it."""
+    return not _confined
+
+
 def unshare(flags: int) -> None:
     """unshare(2); raises OSError with the errno on failure."""
     if _libc.unshare(ctypes.c_int(flags)) != 0:
