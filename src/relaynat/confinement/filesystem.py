@@ -22,10 +22,10 @@ import ctypes
 import ctypes.util
 import os
 
+from relaynat.netns.syscalls import CLONE_NEWNS, CLONE_NEWUSER, map_ids, unshare
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -56,12 +56,9 @@ def _mount(source: str, target: str, fstype: str | None, flags: int,
 def _own_user_namespace() -> None:
     """A user namespace mapping this process's ids to themselves (the one map an
     unprivileged process may write), in which it may make a mount namespace."""
-    uid, gid = os.getuid(), os.getgid()
-    _check(_libc.unshare(ctypes.c_int(CLONE_NEWUSER)), "unshare(CLONE_NEWUSER)")
-    for name, line in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
-                       ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(line)
+    ids = (os.getuid(), os.getgid())
+    unshare(CLONE_NEWUSER)
+    map_ids("self", ids, ids)
 
 
 def leave_filesystem(privileged: bool) -> None:
@@ -71,7 +68,7 @@ def leave_filesystem(privileged: bool) -> None:
     namespace refuses otherwise, and a mount namespace is per thread)."""
     if not privileged:
         _own_user_namespace()
-    _check(_libc.unshare(ctypes.c_int(CLONE_NEWNS)), "unshare(CLONE_NEWNS)")
+    unshare(CLONE_NEWNS)
     _mount("", "/", None, MS_UNBINDABLE | MS_REC)
     _mount("", _MOUNT_POINT, "tmpfs", MS_NODEV | MS_NOEXEC | MS_NOSUID | MS_RDONLY,
            "nr_inodes=2,nr_blocks=0")
