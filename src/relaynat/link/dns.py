@@ -187,8 +187,12 @@ def resolv_conf_version(path: str, dir_fd: int | None = None) -> FileVersion:
         st = os.stat(path, dir_fd=dir_fd)
     except OSError:
         return FileVersion(link, None)
-    return FileVersion(link, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                              st.st_ctime_ns))
+    return FileVersion(link, _identity(st))
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """`FileVersion.identity` of a file's stat."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _mount_id(fd: int) -> int | None:
@@ -280,11 +284,9 @@ class HeldResolvConf:
         """As `resolv_conf_version`, of the file held or reached now."""
         if self.pinned is not None:
             try:
-                st = os.fstat(self.pinned)
+                return FileVersion(None, _identity(os.fstat(self.pinned)))
             except OSError:
                 return FileVersion(None, None)
-            return FileVersion(None, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                      st.st_ctime_ns))
         at = self.where()
         return resolv_conf_version(*at) if at is not None else FileVersion(None, None)
 
