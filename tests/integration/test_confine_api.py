@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from support.procfs import status
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confinement starts as root")
 
@@ -62,11 +63,6 @@ EMBEDDER = textwrap.dedent('''
 ''')
 
 
-def _status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as f:
-        return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
-
-
 @pytest.mark.parametrize("confined", [True, False], ids=["confined", "not-confined"])
 def test_two_guests_of_one_process_download_confined(
         start_peer, big_file: tuple[Path, str], tmp_path: Path, confined: bool) -> None:
@@ -83,7 +79,7 @@ def test_two_guests_of_one_process_download_confined(
     try:
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline().strip() == "set up", out_log.read_text()
-        st = _status(proc.pid)
+        st = status(proc.pid)
         root_entries = os.listdir(f"/proc/{proc.pid}/root")
         proc.stdin.write("go\n")
         proc.stdin.flush()

@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 from support import SUPPORT
 from support.faultkit import wait_until
+from support.procfs import status, wait_confined
 from support.relaynat_cli import guest_python
 
 from integration.test_handover import (
@@ -79,13 +80,6 @@ def hosts(tmp_path: Path) -> Iterator[Hosts]:
 
 
 NOBODY = 65534
-
-
-def status(pid: int) -> dict[str, str]:
-    """/proc/PID/status as a dict."""
-    with open(f"/proc/{pid}/status") as f:
-        return {key: value.strip() for key, _, value in
-                (line.partition(":") for line in f)}
 
 
 def _confined(pid: int) -> None:
@@ -215,7 +209,7 @@ def _take_over(hosts: Hosts, relay: subprocess.Popen[str], control: Path
                           "--receive-handover", str(to), "--confine", "--stats",
                           "--log-level", "info", stderr=err)
     wait_until(to.exists, 20, "the receiving relay's socket", new)
-    wait_until(lambda: status(new.pid).get("Seccomp") == "2", 20, "its confinement", new)
+    wait_confined(new, 20)
     answer = json.loads(ctl_ok(control, "--json", "handover", "--to", str(to)))["return"]
     assert answer["moved_tcp"] == 2 and answer["not_moved"] == [], answer
     assert relay.wait(20) == 0
@@ -256,8 +250,7 @@ def test_bad_descriptors_are_refused_and_the_confined_relay_serves_on(tmp_path: 
              str(tmp_path / "guest.sock"), "--control-socket", str(control)],
             stderr=err, text=True)
     try:
-        wait_until(lambda: status(relay.pid).get("Seccomp") == "2", 30,
-                   "the relay's seccomp filter", relay)
+        wait_confined(relay)
         _confined(relay.pid)
         doc = tmp_path / "flows.json"
         export = {"execute": "export_flows", "arguments": {"file": str(doc), "fd": True}}

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 from support import SUPPORT
 from support.faultkit import wait_until
+from support.procfs import status, wait_confined
 from support.relaynat_cli import parse_stats
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confinement starts as root")
@@ -44,20 +45,6 @@ FORBIDDEN = "RELAYNAT_TEST_FORBIDDEN_CALL_S"
 TRACE = "RELAYNAT_CONFINE_TRACE"
 #: socket(2) on x86_64, the forbidden call the hook makes (a netlink socket).
 SYS_SOCKET = 41
-
-
-def status(pid: int) -> dict[str, str]:
-    """/proc/PID/status as a dict."""
-    with open(f"/proc/{pid}/status") as f:
-        return {key: value.strip() for key, _, value in
-                (line.partition(":") for line in f)}
-
-
-def wait_confined(proc: subprocess.Popen[str], timeout_s: float = 30) -> dict[str, str]:
-    """The relay's status once its seccomp filter is on."""
-    wait_until(lambda: status(proc.pid).get("Seccomp") == "2", timeout_s,
-               "the relay's seccomp filter", proc)
-    return status(proc.pid)
 
 
 def check_confined(proc: subprocess.Popen[str], caps: int) -> None:

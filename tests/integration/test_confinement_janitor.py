@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 from support.faultkit import wait_until
+from support.procfs import seccomp_mode
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(os.geteuid() != 0, reason="confinement starts as root")]
@@ -66,18 +67,10 @@ def _relaynat(procs: list[subprocess.Popen[str]], log: Path,
     return proc
 
 
-def _seccomp(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((line.split()[1] for line in f if line.startswith("Seccomp:")), "")
-    except OSError:
-        return ""
-
-
 def _wait_confined(proc: subprocess.Popen[str], *paths: Path) -> None:
     """Until the relay's seccomp filter is on (its janitor was started before) and
     `paths` are bound."""
-    wait_until(lambda: _seccomp(proc.pid) == "2" and all(p.exists() for p in paths), 30,
+    wait_until(lambda: seccomp_mode(proc.pid) == "2" and all(p.exists() for p in paths), 30,
                "the relay confined with its socket files", proc)
 
 

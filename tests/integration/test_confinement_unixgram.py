@@ -14,16 +14,12 @@ from pathlib import Path
 
 import pytest
 from support.faultkit import wait_until
+from support.procfs import seccomp_mode, wait_confined
 
 from relaynat.cli.options import CONFINE_BY_DEFAULT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confinement starts as root")
 RELAYNAT = [sys.executable, "-m", "relaynat"]
-
-
-def _seccomp(pid: int) -> str:
-    with open(f"/proc/{pid}/status") as f:
-        return next(line.split()[1] for line in f if line.startswith("Seccomp:"))
 
 
 def test_confine_with_unixgram_is_refused_and_says_why(tmp_path: Path) -> None:
@@ -44,7 +40,7 @@ def test_unixgram_by_default_runs_unconfined_and_says_so(tmp_path: Path) -> None
     try:
         wait_until(path.exists, 30, "the unixgram socket", proc)
         time.sleep(1)  # confinement, were it to come, comes right after the bind
-        assert _seccomp(proc.pid) == "0"
+        assert seccomp_mode(proc.pid) == "0"
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
@@ -61,7 +57,7 @@ def test_a_confined_receiver_refuses_a_unixgram_guest_and_the_old_relay_serves_o
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: control.exists() and to.exists(), 30, "both relays", old)
-        wait_until(lambda: _seccomp(new.pid) == "2", 30, "the receiver's confinement", new)
+        wait_confined(new)
         done = subprocess.run([*RELAYNAT, "ctl", "-s", str(control), "handover", "--to",
                                str(to)], capture_output=True, text=True, timeout=60)
         assert done.returncode != 0, done

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from support.dropin_kit import free_port, greeting_through
+from support.procfs import wait_confined
 
 pytestmark = pytest.mark.integration
 
@@ -41,11 +42,6 @@ conn, _ = t.accept()
 conn.sendall(b"inside tcp")
 conn.close()
 """
-
-
-def _status(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
 
 
 def _udp_through(port: int, payload: bytes) -> bytes:
@@ -82,13 +78,12 @@ def test_confined_relay_forwards_both_ways_and_keeps_its_pid_file(tmp_path: Path
     enter = ["ip", "netns", "exec", name]
     inside: subprocess.Popen[str] | None = None
     try:
-        deadline = time.monotonic() + 20
-        while _status(proc.pid)["Seccomp"] != "2":
-            if proc.poll() is not None:
-                raise AssertionError(proc.stderr.read() if proc.stderr else proc.returncode)
-            assert time.monotonic() < deadline, f"not confined: {_status(proc.pid)}"
-            time.sleep(0.05)
-        status = _status(proc.pid)
+        try:
+            status = wait_confined(proc, 20)
+        except AssertionError:
+            if proc.poll() is not None and proc.stderr is not None:
+                raise AssertionError(proc.stderr.read()) from None
+            raise
         assert (status["Uid"].split()[0], status["Gid"].split()[0]) == ("12345", "12346")
         assert status["CapEff"] == status["CapPrm"] == "0000000000000000", status
         assert status["NoNewPrivs"] == "1", status

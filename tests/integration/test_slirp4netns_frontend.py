@@ -33,6 +33,7 @@ from support.dropin_kit import (
     netns_sleeper,
     nobody_env,
 )
+from support.procfs import status
 
 pytestmark = pytest.mark.integration
 
@@ -237,11 +238,6 @@ def test_help_lists_no_refused_option() -> None:
         assert refused not in out
 
 
-def _status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as f:
-        return {key: value.strip() for key, _, value in (line.partition(":") for line in f)}
-
-
 #: CAP_NET_BIND_SERVICE: what a confined relay started as root keeps for the API's
 #: add_hostfwd (a port below net.ipv4.ip_unprivileged_port_start).
 _BIND_SERVICE = 1 << 10
@@ -263,7 +259,7 @@ def test_sandbox_and_seccomp_confine_the_relay(
     slirp = Slirp(SCRIPT, sleeper.pid, api, *flags)
     try:
         assert slirp.ready == b"1"
-        st = _status(slirp.proc.pid)  # ready is written once confined
+        st = status(slirp.proc.pid)  # ready is written once confined
         root = os.listdir(f"/proc/{slirp.proc.pid}/root")
         if flags == ["--no-confine"]:
             assert st["Seccomp"] == "0" and st["Uid"].split()[0] == "0"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from support import SUPPORT
 from support.netshim import GATEWAY_IP, GUEST_IP, LossyGuest
+from support.procfs import wait_confined
 from support.relaynat_cli import parse_stats
 
 MIB = 1 << 20
@@ -134,6 +135,10 @@ def serve_relay(work: Path, options: Sequence[str] = ()) -> Iterator[RelayProc]:
     try:
         wait_for(lambda: os.path.exists(sock) or proc.poll() is not None, 10, "relay socket")
         assert proc.poll() is None, log.read_text()
+        if "--no-confine" not in options:
+            # The socket is bound before the relay confines itself: what a test
+            # measures of it (its descriptors, for one) is the serving relay's only after.
+            wait_confined(proc)
         yield r
     finally:
         stop_proc(proc)
