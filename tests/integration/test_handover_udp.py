@@ -81,21 +81,28 @@ class EchoServer:
     addr: tuple[str, int]
     seen: list[tuple[bytes, tuple[str, int]]] = field(default_factory=list)
     sock: socket.socket | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
 
     def start(self) -> EchoServer:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(self.addr)
+        # A receive that wakes now and then to see whether to stop: close() joins the
+        # thread before it closes the socket, which closing under a blocked recvfrom
+        # (it does not wake it) would turn into an EBADF at the thread's next send.
+        self.sock.settimeout(0.1)
         self.addr = self.sock.getsockname()
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
         return self
 
     def _serve(self) -> None:
         assert self.sock is not None
-        while True:
+        while not self._stop.is_set():
             try:
                 data, peer = self.sock.recvfrom(65536)
-            except OSError:
-                return
+            except TimeoutError:
+                continue
             self.seen.append((data, peer))
             self.sock.sendto(b"echo:" + data, peer)
 
@@ -103,6 +110,9 @@ class EchoServer:
         return {peer for _, peer in self.seen}
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
         if self.sock is not None:
             self.sock.close()
 
