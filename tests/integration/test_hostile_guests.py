@@ -75,7 +75,9 @@ async def _serve_guests(work: Path) -> None:
         b_guest.go()
         control = ControlServer(str(work / "control.sock"))
         await control.start(guests["b"])
-        (work / "b.pid").write_text(str(b_guest.proc.pid))
+        # Renamed into place: the test reads the file as soon as it exists.
+        (work / "b.pid.tmp").write_text(str(b_guest.proc.pid))
+        (work / "b.pid.tmp").rename(work / "b.pid")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 900)
         control.close()
