@@ -68,8 +68,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "descriptors": (
         "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev",
         "close", "close_range", "dup", "dup2", "dup3", "fcntl", "lseek", "fstat",
-        "fsync", "fdatasync", "ftruncate", "pipe", "pipe2", "eventfd2", "ioctl",
-        "splice",
+        "fsync", "fdatasync", "ftruncate", "pipe", "pipe2", "eventfd2", "splice",
     ),
     # The event loop: uvloop's (libuv) epoll, asyncio's selectors, the nested
     # edge-triggered epoll of the TCP relay, timers.
@@ -80,7 +79,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     ),
     # Sockets: host sockets of flows and forwards (bound, connected, accepted), ping
     # and raw ICMP sockets, the control socket's clients, a handover's SCM_RIGHTS,
-    # TCP_REPAIR's socket options, SIOCOUTQ/SIOCINQ (ioctl above). socket(2) is
+    # TCP_REPAIR's socket options, the queue sizes (IOCTLS below). socket(2) is
     # limited to AF_UNIX, AF_INET and AF_INET6 (below): no netlink or packet socket is
     # made after confinement (the --interface one exists before).
     "sockets": (
@@ -105,6 +104,28 @@ GROUPS: dict[str, tuple[str, ...]] = {
 #: socket(2) address families allowed after confinement.
 _FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6
 
+#: ioctl(2) requests allowed after confinement, each with what makes it: any other
+#: request kills. An ioctl is a call into whatever driver holds the descriptor, and
+#: the relay holds some that must not be driven: the terminal `run` was started from
+#: (TIOCSTI types into the shell that started the relay, with dev.tty.legacy_tiocsti
+#: at its default of 1) and, with CAP_NET_ADMIN kept for TCP_REPAIR, any AF_INET
+#: socket (SIOCSIFFLAGS, SIOCSIFADDR, SIOCADDRT reconfigure the host's interfaces
+#: and routes).
+IOCTLS: dict[int, str] = {
+    0x541B: "FIONREAD (SIOCINQ): a socket's queued bytes (host/tcp_repair.py)",
+    0x5411: "TIOCOUTQ (SIOCOUTQ): a host socket's unacknowledged bytes (host/tcp_flow.py)",
+    0x894B: "SIOCOUTQNSD: the unsent part of them, for an export (host/tcp_repair.py)",
+    0x5421: "FIONBIO: CPython's socket.setblocking, libuv's non-blocking descriptors",
+    0x5451: "FIOCLEX: CPython's os.set_inheritable(False), libuv",
+    0x5450: "FIONCLEX: CPython's os.set_inheritable(True)",
+    0x5401: "TCGETS: isatty(3), which Python's open() and stdio ask",
+    0x540F: "TIOCGPGRP: run's ^C check, tcgetpgrp(3) of its terminal (cli/main.py)",
+    0x800454D2: "TUNGETIFF: a handed-over TAP checked (moving/handover_transport.py)",
+}
+#: The kernel reads an ioctl's request as an unsigned int (fs/ioctl.c): the upper half
+#: of the register is not compared, as it is not used.
+_REQUEST_MASK = 0xFFFF_FFFF
+
 
 def allowed() -> list[str]:
     """Every allowed call name, in group order."""
@@ -128,6 +149,9 @@ def install(action: str = "kill", extra: Collection[str] = ()) -> None:
     flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
     for family in _FAMILIES:
         flt.add_rule(pyseccomp.ALLOW, "socket", pyseccomp.Arg(0, pyseccomp.EQ, family))
+    for request in IOCTLS:
+        flt.add_rule(pyseccomp.ALLOW, "ioctl",
+                     pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _REQUEST_MASK, request))
     flt.load()
 
 
