@@ -2,10 +2,9 @@
 
 The list is traced with the filter's default action set to SECCOMP_RET_LOG
 (RELAYNAT_CONFINE_TRACE), so that the kernel logs every system call made outside it
-(`audit: type=1326 ... syscall=N`) and lets it run; so far `relaynat run` (downloads
-both ways, ctl, a forward added at runtime, a policy replaced, pcap) and `serve
---socket`/`--unixgram` were traced, not yet the whole integration suite and the
-benchmarks. Every group below says what needs it.
+(`audit: type=1326 ... syscall=N`) and lets it run; the whole integration and VM
+suites ran so (docs/confinement.md, How the list was made). Every group, ioctl request
+and socket option below says what needs it.
 Architectures other than the native one are refused (libseccomp's bad-arch action),
 so the x32 and i386 numberings cannot be used to slip past the list.
 
@@ -79,12 +78,12 @@ GROUPS: dict[str, tuple[str, ...]] = {
     ),
     # Sockets: host sockets of flows and forwards (bound, connected, accepted), ping
     # and raw ICMP sockets, the control socket's clients, a handover's SCM_RIGHTS,
-    # TCP_REPAIR's socket options, the queue sizes (IOCTLS below). socket(2) is
+    # the queue sizes (IOCTLS below), socket options (SOCKOPTS below). socket(2) is
     # limited to AF_UNIX, AF_INET and AF_INET6 (below): no netlink or packet socket is
     # made after confinement (the --interface one exists before).
     "sockets": (
         "socketpair", "bind", "listen", "connect", "accept", "accept4", "getsockname",
-        "getpeername", "setsockopt", "getsockopt", "sendto", "recvfrom", "sendmsg",
+        "getpeername", "getsockopt", "sendto", "recvfrom", "sendmsg",
         "recvmsg", "sendmmsg", "recvmmsg", "shutdown",
     ),
     # Paths (see the module docstring): they find an empty root; resolv.conf is read
@@ -95,9 +94,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "unlinkat", "fstatfs", "statfs",
     ),
     # The command of `relaynat run` and a handed-over command: signals passed on and
-    # the namespace ended (kill, pidfd_send_signal with CAP_KILL), a handover's pidfd,
+    # the namespace ended (kill, below: one process; pidfd_send_signal), a handover's pidfd,
     # and reaping it (uvloop's SIGCHLD handler waits with wait4).
-    "processes": ("kill", "tgkill", "tkill", "pidfd_open", "pidfd_send_signal", "wait4",
+    "processes": ("tgkill", "tkill", "pidfd_open", "pidfd_send_signal", "wait4",
                   "waitid"),
 }
 
@@ -121,9 +120,42 @@ IOCTLS: dict[int, str] = {
     0x5401: "TCGETS: isatty(3), which Python's open() and stdio ask",
     0x540F: "TIOCGPGRP: run's ^C check, tcgetpgrp(3) of its terminal (cli/main.py)",
     0x800454D2: "TUNGETIFF: a handed-over TAP checked (moving/handover_transport.py)",
+    0x8910: "SIOCGIFNAME: CPython's getsockname() of a packet socket names its interface "
+            "(a handed-over --interface checked, moving/handover_transport.py)",
 }
-#: The kernel reads an ioctl's request as an unsigned int (fs/ioctl.c): the upper half
-#: of the register is not compared, as it is not used.
+#: setsockopt(2) (level, option) pairs allowed after confinement, each with what sets
+#: it: any other kills. Most options touch the socket alone, but with CAP_NET_ADMIN
+#: (kept for TCP_REPAIR) some reach the host: IPPROTO_IP's netfilter range
+#: (IPT_SO_SET_REPLACE 64, ARPT 96, EBT 128, IP_VS 1024: on any IPv4 socket) replaces
+#: its firewall tables, IP_TRANSPARENT binds to any address (a spoofed source),
+#: SO_MARK slips past mark-based routing and firewall rules, TCP_ULP and
+#: TCP_CONGESTION load kernel modules.
+SOCKOPTS: dict[tuple[int, int], str] = {
+    (1, 2): "SO_REUSEADDR: forwards' and the control socket's listeners (asyncio, libuv)",
+    (1, 7): "SO_SNDBUF: a unixgram guest's socket (transports/unixgram.py)",
+    (1, 8): "SO_RCVBUF: host sockets' receive buffers (host/pump.py, host/sockets.py)",
+    (1, 32): "SO_SNDBUFFORCE: as SO_SNDBUF, with CAP_NET_ADMIN (transports/unixgram.py)",
+    (1, 33): "SO_RCVBUFFORCE: as SO_RCVBUF, with CAP_NET_ADMIN (host/pump.py)",
+    (1, 13): "SO_LINGER: a flow reset toward its host peer (host/tcp_flow.py)",
+    (1, 25): "SO_BINDTODEVICE: a forward's ADDR%IF (host/forward.py)",
+    (1, 42): "SO_PEEK_OFF: host TCP sockets read by peeking (host/tcp_flow.py)",
+    (6, 1): "TCP_NODELAY: host flows, the relay's own connections (asyncio, libuv)",
+    (6, 19): "TCP_REPAIR: ctl export/import, handover (host/tcp_repair.py)",
+    (6, 20): "TCP_REPAIR_QUEUE: the same",
+    (6, 21): "TCP_QUEUE_SEQ: the same",
+    (6, 22): "TCP_REPAIR_OPTIONS: the same",
+    (6, 24): "TCP_TIMESTAMP: the same",
+    (6, 29): "TCP_REPAIR_WINDOW: the same",
+    (41, 26): "IPV6_V6ONLY: forwards' IPv6 listeners (host/forward.py, asyncio, libuv)",
+}
+#: kill(2)'s pid: one process (0 < pid < 2**31; or 0, the relay's own process group),
+#: never -1 (every process the caller may signal: with CAP_KILL, kept for a joined
+#: namespace's command, every process of the host) nor a group (-PGID). A register
+#: whose lower half is negative fails the mask however its upper half is set.
+_ONE_PROCESS = (0xFFFF_FFFF_8000_0000, 0)
+#: The kernel reads an ioctl's request as an unsigned int (fs/ioctl.c), and a socket
+#: option's level and name as ints (net/socket.c): the upper half of the register is
+#: not compared, as it is not used.
 _REQUEST_MASK = 0xFFFF_FFFF
 
 
@@ -152,6 +184,11 @@ def install(action: str = "kill", extra: Collection[str] = ()) -> None:
     for request in IOCTLS:
         flt.add_rule(pyseccomp.ALLOW, "ioctl",
                      pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _REQUEST_MASK, request))
+    flt.add_rule(pyseccomp.ALLOW, "kill", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, *_ONE_PROCESS))
+    for level, option in SOCKOPTS:
+        flt.add_rule(pyseccomp.ALLOW, "setsockopt",
+                     pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _REQUEST_MASK, level),
+                     pyseccomp.Arg(2, pyseccomp.MASKED_EQ, _REQUEST_MASK, option))
     flt.load()
 
 

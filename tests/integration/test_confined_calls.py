@@ -1,20 +1,29 @@
-"""The ioctl(2) requests a confined process may make (confinement/seccomp_filter.py's
-IOCTLS): two that would reach past the confinement, made after `relaynat.confine()`.
+"""Calls that would reach past the confinement, made after `relaynat.confine()`: the
+ioctl(2) requests and socket options a confined process may use are listed
+(confinement/seccomp_filter.py's IOCTLS and SOCKOPTS), and these are not.
 
+- With CAP_KILL kept (as `run --netns TARGET -- CMD` keeps it for its command),
+  kill(2) of a process group, or of -1 (every process of the host), which is not
+  made here: the group of a `sleep` of the test's own stands for it.
 - TIOCSTI on the terminal the relay was started from types into the shell that
   started it (as root, when `run` is started from a root shell): a process may do so
   on its controlling terminal without any capability (dev.tty.legacy_tiocsti).
-- SIOCSIFFLAGS on an AF_INET socket, with CAP_NET_ADMIN kept (as a relay with a
-  control socket keeps it for TCP_REPAIR), takes one of the host's interfaces down.
+- With CAP_NET_ADMIN kept (as a relay with a control socket keeps it for TCP_REPAIR):
+  SIOCSIFFLAGS on an AF_INET socket takes one of the host's interfaces down;
+  IP_TRANSPARENT lets a socket bind to an address the host does not have (a spoofed
+  source); SO_MARK marks its packets for the host's mark-based routing and firewall
+  rules; IPT_SO_SET_REPLACE on any IPv4 socket replaces a firewall table.
 
 Each runs in a fresh process that confines itself through the public API, then makes
 the call: confined, the seccomp filter kills it (SIGSYS) and nothing happened; the
-same process unconfined makes it and it takes effect, which shows the test sees the
-effect it checks for.
+same process unconfined makes it and it takes effect (the firewall table's
+replacement, given a malformed table, is answered by netfilter instead), which shows
+the test sees the effect it checks for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -37,7 +46,8 @@ PROBE = textwrap.dedent('''
 
     confined, call = sys.argv[1] == "1", sys.argv[2]
     if confined:
-        confine(keep=["CAP_NET_ADMIN"] if call == "ifdown" else [])
+        keep = {"tiocsti": [], "killgroup": ["CAP_KILL"]}.get(call, ["CAP_NET_ADMIN"])
+        confine(keep=keep)
     print("ready", flush=True)
     if call == "tiocsti":
         # Typed into the controlling terminal (fd 0 is it), as if at its keyboard.
@@ -46,6 +56,23 @@ PROBE = textwrap.dedent('''
     elif call == "ifdown":
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             fcntl.ioctl(sock.fileno(), 0x8914, struct.pack("16sH14x", b"probe0", 0))
+    elif call == "killgroup":
+        os.kill(-int(sys.argv[3]), 15)  # the process group given, SIGTERM
+    elif call == "transparent":
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+            sock.bind(("198.51.100.7", 0))  # no interface of the host has it
+            print(sock.getsockname()[0], flush=True)
+    elif call == "mark":
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 7)
+            print(sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK), flush=True)
+    elif call == "iptables":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:  # IPT_SO_SET_REPLACE with a struct ipt_replace of zeros
+                sock.setsockopt(socket.SOL_IP, 64, bytes(96))
+            except OSError as exc:
+                print(exc.errno, flush=True)
     print("made", flush=True)
 ''')
 
@@ -53,9 +80,9 @@ SIGSYS = int(signal.SIGSYS)
 
 
 def _probe(script: Path, confined: bool, call: str, prefix: tuple[str, ...] = (),
-           **kwargs: object) -> subprocess.CompletedProcess[str]:
+           args: tuple[str, ...] = (), **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*prefix, sys.executable, str(script), "1" if confined else "0",
-                           call], capture_output=True, text=True, timeout=60,
+                           call, *args], capture_output=True, text=True, timeout=60,
                           **kwargs)  # type: ignore[call-overload]
 
 
@@ -126,3 +153,43 @@ def test_a_confined_process_keeping_net_admin_cannot_take_an_interface_down(
     else:
         assert done.returncode == 0 and done.stdout == "ready\nmade\n", done
         assert not _is_up(netns)
+
+
+#: What each socket option's call prints unconfined: its effect, or netfilter's answer
+#: to a malformed table (EINVAL, or ENOPROTOOPT without the ip_tables module).
+EFFECTS = {"transparent": {"198.51.100.7"}, "mark": {"7"}, "iptables": {"22", "92"}}
+
+
+@pytest.mark.parametrize("call", sorted(EFFECTS))
+@pytest.mark.parametrize("confined", [True, False], ids=["confined", "not-confined"])
+def test_a_confined_process_keeping_net_admin_cannot_set_host_reaching_options(
+        script: Path, netns: str, call: str, confined: bool) -> None:
+    done = _probe(script, confined, call, ("ip", "netns", "exec", netns))
+    if confined:
+        assert done.returncode == -SIGSYS, done
+        assert done.stdout == "ready\n", done
+    else:
+        assert done.returncode == 0, done
+        ready, effect, made = done.stdout.splitlines()
+        assert (ready, made) == ("ready", "made"), done
+        assert effect in EFFECTS[call], done
+
+
+@pytest.mark.parametrize("confined", [True, False], ids=["confined", "not-confined"])
+def test_a_confined_process_keeping_cap_kill_cannot_signal_a_process_group(
+        script: Path, confined: bool) -> None:
+    target = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        done = _probe(script, confined, "killgroup", args=(str(target.pid),))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            target.wait(timeout=2)
+    finally:
+        target.kill()
+        target.wait()
+    if confined:
+        assert done.returncode == -SIGSYS, done
+        assert done.stdout == "ready\n", done
+        assert target.returncode == -signal.SIGKILL  # alive until the test ended it
+    else:
+        assert done.returncode == 0 and done.stdout == "ready\nmade\n", done
+        assert target.returncode == -signal.SIGTERM
