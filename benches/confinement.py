@@ -23,8 +23,8 @@ median (min-max) of the per-round ratios (the two runs of a round are seconds ap
 which is what the verdict "costs under 3 %" is read from.
 
 A confined relay confines itself once its guest is up, so an arm is only measured once
-/proc/PID/status says so: Seccomp 2, NoNewPrivs 1 and a uid other than root in the
-confined arm, Seccomp 0 and uid 0 in the other; checked again after every measurement
+/proc/PID/status says so: Seccomp 2, NoNewPrivs 1, a uid other than root and no
+capability in the confined arm, Seccomp 0 and uid 0 in the other; checked again after every measurement
 (a relay killed by its filter, or one that never confined, fails the run with exit
 status 1: an A/B of two identical arms would be worthless). Hence root.
 
@@ -122,7 +122,8 @@ def status(pid: int) -> dict[str, str]:
 def confinement_matches(arm: str, st: dict[str, str]) -> bool:
     uid = st["Uid"].split(",")[0]  # real, effective, saved, filesystem: "?" if none
     if arm == "confine":
-        return st["Seccomp"] == "2" and st["NoNewPrivs"] == "1" and uid not in ("0", "?")
+        return (st["Seccomp"] == "2" and st["NoNewPrivs"] == "1" and uid not in ("0", "?")
+                and st["CapEff"] == "0000000000000000")
     return st["Seccomp"] == "0" and uid == "0"
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 from support import SUPPORT
+from support.dropin_kit import netns_sleeper
 from support.faultkit import wait_until
 from support.procfs import status, wait_confined
 from support.relaynat_cli import parse_stats
@@ -194,7 +195,8 @@ def test_run_confined_transfers_ctl_pcap_and_stats(
         tmp_path: Path, guest_dir: Path, http_peer: tuple[int, Path], confine: bool,
         splice: bool) -> None:
     """`relaynat run --confine --control-socket --pcap` as root: the relay's /proc status
-    is confined with CAP_KILL (the command) and the control socket's capabilities, and
+    is confined with the control socket's capabilities alone (its command's namespace
+    is the relay's own user outside: signalled without CAP_KILL), and
     it still carries 16 MiB each way intact, a forward added with ctl, a policy
     replaced with ctl (the forward spliced, or through the relay's own TCP with
     --no-splice); the pcap file is written and the counters printed on exit.
@@ -213,7 +215,7 @@ def test_run_confined_transfers_ctl_pcap_and_stats(
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if confine:
-            check_confined(proc, CAP_KILL | CONTROL_CAPS)
+            check_confined(proc, CONTROL_CAPS)
         else:
             check_unconfined(proc)
         wait_until((guest_dir / "listening").exists, 120, "the guest's transfers", proc)
@@ -448,13 +450,13 @@ CONFINED_PING = ('ip link set lo up && cat /proc/sys/net/ipv4/ping_group_range &
 
 def test_confined_pings_answered_with_the_default_ping_group_range() -> None:
     """Ping sockets are refused to nobody (the range is "1 0"), so a confined relay
-    opens raw ICMP sockets while it still holds CAP_NET_RAW, before keeping only
-    CAP_KILL: the command's pings to 10.0.2.2 and fd00::2 (the gateways) are answered."""
+    opens raw ICMP sockets while it still holds CAP_NET_RAW, before dropping every
+    capability: the command's pings to 10.0.2.2 and fd00::2 (the gateways) are answered."""
     proc = subprocess.Popen(["unshare", "--net", "sh", "-c", CONFINED_PING, sys.executable],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         st = wait_confined(proc)  # `unshare` and `sh` exec'd: this pid is the relay
-        assert st["Uid"].split()[0] == str(NOBODY) and int(st["CapEff"], 16) == CAP_KILL
+        assert st["Uid"].split()[0] == str(NOBODY) and int(st["CapEff"], 16) == 0
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -467,3 +469,26 @@ def test_confined_pings_answered_with_the_default_ping_group_range() -> None:
     stats = parse_stats(err)
     assert stats["icmp_raw_sockets_opened"] == 2  # one per family
     assert stats["icmp_echo_replies"] == 6 and "drop_icmp_not_permitted" not in stats
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["own-namespace", "netns"])
+def test_run_keeps_cap_kill_only_for_a_command_it_cannot_signal_otherwise(
+        joined: bool) -> None:
+    """`run -- CMD` drops every capability: its command's namespace is the relay's own
+    user outside (nobody), which kill(2) lets it signal. `run --netns TARGET -- CMD`
+    keeps CAP_KILL: the command has the ids of whoever started the relay (root). Either
+    way a SIGTERM to the relay reaches the command, which ends, and the relay with it."""
+    with netns_sleeper() as target:
+        where = ["--netns", str(target.pid)] if joined else []
+        proc = subprocess.Popen([sys.executable, "-m", "relaynat", "run", *where, "--",
+                                 "sleep", "300"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            check_confined(proc, CAP_KILL if joined else 0)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err

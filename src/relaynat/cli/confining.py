@@ -64,10 +64,13 @@ def kept_capabilities(args: argparse.Namespace) -> list[str]:
         # A relay that receives a handover confines itself before it learns whether a
         # control socket comes with it, and capabilities cannot be had back after.
         keep += ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"]
-    if (args.cmd == "run" and args.command) or getattr(args, "receive_handover", None):
-        # The namespace's outer process (netns/child.py) runs as root: passing signals
-        # on to it and ending the guest need CAP_KILL, for the relay that started it
-        # and for one a handover gave the command to.
+    if (getattr(args, "receive_handover", None)
+            or (args.cmd == "run" and args.command and args.netns is not None)):
+        # A command run in a joined namespace (--netns) has the ids of whoever started
+        # the relay, root: passing signals on to it and ending it need CAP_KILL once the
+        # relay is nobody; so may a command a handover brings. A namespace of the
+        # command's own needs none: its outer process's ids outside are the relay's
+        # own (netns/guest.py, command_ids: --runas or nobody), which kill(2) allows.
         keep.append("CAP_KILL")
     return keep
 
