@@ -228,8 +228,10 @@ $as_nobody env PYTHONPATH="$RELAYNAT_PATH" "$GUEST_PYTHON" -m relaynat run --net
 echo "command-status $?"
 $as_nobody env PYTHONPATH="$RELAYNAT_PATH" "$GUEST_PYTHON" -m relaynat run --netns $target &
 relay=$!
+# Until the relay has configured the link (its default route), not merely made tap0:
+# a connect before that meets a namespace with no route.
 for _ in $(seq 100); do
-    nsenter -t $target -n ip link show tap0 >/dev/null 2>&1 && break
+    [ -n "$(nsenter -t $target -n ip -4 route show default dev tap0 2>/dev/null)" ] && break
     sleep 0.1
 done
 nsenter -t $target -U -n --preserve-credentials curl -sS --fail http://10.0.2.2:$PORT/f.txt
