@@ -24,9 +24,9 @@ which is what the verdict "costs under 3 %" is read from.
 
 A confined relay confines itself once its guest is up, so an arm is only measured once
 /proc/PID/status says so: Seccomp 2, NoNewPrivs 1, a uid other than root and no
-capability in the confined arm, Seccomp 0 and uid 0 in the other; checked again after every measurement
-(a relay killed by its filter, or one that never confined, fails the run with exit
-status 1: an A/B of two identical arms would be worthless). Hence root.
+capability in the confined arm, Seccomp 0 and uid 0 in the other; checked again after
+every measurement (a relay killed by its filter, or one that never confined, fails the
+run with exit status 1: an A/B of two identical arms would be worthless). Hence root.
 
 `--syscalls` counts the relay's system calls during every measurement
 (`perf stat -e raw_syscalls:sys_enter -p PID`) and prints them per GiB and per
