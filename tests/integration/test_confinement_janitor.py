@@ -21,15 +21,18 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.dropin_kit import nobody_env
 from support.faultkit import wait_until
 from support.procfs import seccomp_mode
 
@@ -38,6 +41,7 @@ pytestmark = [pytest.mark.integration,
 
 #: How long the janitor may take to remove the files once the relay was killed.
 KILLED_WAIT_S = 10.0
+NOBODY = 65534
 
 
 @pytest.fixture
@@ -405,3 +409,50 @@ def test_the_janitor_cleans_up_when_the_relay_is_gone_though_a_child_holds_its_e
             os.kill(child, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.kill(janitor, signal.SIGKILL)
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A directory of nobody's, 0700, that nobody can reach (/tmp, not the test's own
+    tmp_path, which is under root's 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="relaynat-nobody-", dir="/tmp"))
+    os.chown(path, NOBODY, NOBODY)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("confined", [True, False], ids=["confined", "not-confined"])
+def test_an_unprivileged_relay_s_socket_files_go_when_it_is_killed(
+        nobody_dir: Path, tmp_path: Path, procs: list[subprocess.Popen[str]],
+        confined: bool) -> None:
+    """`serve` started as nobody (a rootless container tool's relay): its janitor holds
+    no capability, and needs none to remove files in nobody's own directory. Killed,
+    the confined relay's files go; the unconfined one has no janitor and its files stay
+    (a SIGKILLed process removes nothing), which shows the check sees them."""
+    env = {**os.environ, **nobody_env()}
+    sock, ctl, log = nobody_dir / "vm.sock", nobody_dir / "ctl.sock", tmp_path / "relay.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "env",
+             f"PYTHONPATH={env['RELAYNAT_PATH']}", env["GUEST_PYTHON"], "-m", "relaynat",
+             "serve", "--confine" if confined else "--no-confine", "--socket", str(sock),
+             "--control-socket", str(ctl)], stdout=out, stderr=out, text=True, cwd="/")
+    procs.append(proc)
+    if confined:
+        _wait_confined(proc, sock, ctl)
+        janitor = _janitor_of(proc.pid)
+        assert Path(f"/proc/{janitor}").stat().st_uid == NOBODY
+    else:
+        wait_until(lambda: sock.exists() and ctl.exists(), 30, "the relay's sockets", proc)
+    proc.kill()
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    if confined:
+        wait_until(lambda: not sock.exists() and not ctl.exists(), KILLED_WAIT_S,
+                   "the killed relay's socket files removed")
+        _wait_gone(janitor)
+    else:
+        time.sleep(KILLED_WAIT_S / 5)
+        assert sock.exists() and ctl.exists()
+    assert "Traceback" not in log.read_text(), log.read_text()

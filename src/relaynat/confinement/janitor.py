@@ -169,8 +169,10 @@ def _file_of(path: str) -> Recorded | None:
 
 #: The janitor's program: this module's `main`, in a fresh interpreter (`-I`: no
 #: PYTHON* variable of the environment steers a root process) that imports this
-#: package from where the relay imported it.
-_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+#: package and its dependencies from where the relay imported them: the relay's own
+#: import path, which `-I` would otherwise leave out where it came from PYTHONPATH
+#: (pyseccomp not found: the janitor died at start and the files stayed).
+_BOOT = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
          "from relaynat.confinement.janitor import main; main(sys.argv[2:])")
 
 
@@ -201,6 +203,7 @@ class Janitor:
         pidfd = os.pidfd_open(os.getpid())
         package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
             __file__))))
+        path = [package, *(entry for entry in sys.path if entry and entry != package)]
         # Blocked from before the janitor exists until it ignores them (the mask is
         # inherited across fork and execve, signal(7)): one sent to the relay's group
         # while the interpreter starts must not end it. Here they wait for the
@@ -208,7 +211,7 @@ class Janitor:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, IGNORED)
         try:
             process = subprocess.Popen(
-                [sys.executable, "-I", "-c", _BOOT, package, str(theirs.fileno()),
+                [sys.executable, "-I", "-c", _BOOT, json.dumps(path), str(theirs.fileno()),
                  str(pidfd), json.dumps(recorded)],
                 pass_fds=(theirs.fileno(), pidfd), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL)
