@@ -5,6 +5,8 @@ ioctl(2) requests and socket options a confined process may use are listed
 - With CAP_KILL kept (as `run --netns TARGET -- CMD` keeps it for its command),
   kill(2) of a process group, or of -1 (every process of the host), which is not
   made here: the group of a `sleep` of the test's own stands for it.
+- A unix socket made after confinement, bound to an abstract name (one a host daemon
+  expects would be squatted) or connected to one: none is needed after setup.
 - TIOCSTI on the terminal the relay was started from types into the shell that
   started it (as root, when `run` is started from a root shell): a process may do so
   on its controlling terminal without any capability (dev.tty.legacy_tiocsti).
@@ -58,6 +60,10 @@ PROBE = textwrap.dedent('''
             fcntl.ioctl(sock.fileno(), 0x8914, struct.pack("16sH14x", b"probe0", 0))
     elif call == "killgroup":
         os.kill(-int(sys.argv[3]), 15)  # the process group given, SIGTERM
+    elif call == "abstract":
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind("\\0relaynat-test-squat-" + sys.argv[3])
+            print(sock.getsockname()[1:].decode(), flush=True)
     elif call == "transparent":
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
@@ -193,3 +199,15 @@ def test_a_confined_process_keeping_cap_kill_cannot_signal_a_process_group(
     else:
         assert done.returncode == 0 and done.stdout == "ready\nmade\n", done
         assert target.returncode == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("confined", [True, False], ids=["confined", "not-confined"])
+def test_a_confined_process_cannot_make_a_unix_socket(script: Path, confined: bool) -> None:
+    tag = uuid.uuid4().hex[:8]
+    done = _probe(script, confined, "abstract", args=(tag,))
+    if confined:
+        assert done.returncode == -SIGSYS, done
+        assert done.stdout == "ready\n", done
+    else:
+        assert done.returncode == 0, done
+        assert done.stdout.splitlines() == ["ready", f"relaynat-test-squat-{tag}", "made"]

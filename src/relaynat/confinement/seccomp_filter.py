@@ -79,8 +79,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     # Sockets: host sockets of flows and forwards (bound, connected, accepted), ping
     # and raw ICMP sockets, the control socket's clients, a handover's SCM_RIGHTS,
     # the queue sizes (IOCTLS below), socket options (SOCKOPTS below). socket(2) is
-    # limited to AF_UNIX, AF_INET and AF_INET6 (below): no netlink or packet socket is
-    # made after confinement (the --interface one exists before).
+    # limited to AF_INET and AF_INET6 (_FAMILIES below): no netlink, packet or unix
+    # socket is made after confinement (the --interface one exists before).
     "sockets": (
         "socketpair", "bind", "listen", "connect", "accept", "accept4", "getsockname",
         "getpeername", "getsockopt", "sendto", "recvfrom", "sendmsg",
@@ -100,8 +100,13 @@ GROUPS: dict[str, tuple[str, ...]] = {
                   "waitid"),
 }
 
-#: socket(2) address families allowed after confinement.
-_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6
+#: socket(2) address families allowed after confinement: AF_INET and AF_INET6. Every
+#: unix socket a confined relay uses exists before (the control socket, a stream
+#: guest's listener, the janitor's pair) or comes accepted or passed (SCM_RIGHTS), and
+#: socketpair(2) stays; a new AF_UNIX socket could only reach abstract names (a path
+#: leads nowhere from the empty root): bind one a host daemon expects, or connect to
+#: one, which Landlock refuses only from ABI 6.
+_FAMILIES = (2, 10)
 
 #: ioctl(2) requests allowed after confinement, each with what makes it: any other
 #: request kills. An ioctl is a call into whatever driver holds the descriptor, and
