@@ -44,6 +44,16 @@ class LoopThreads:
         self.pool = ThreadPoolExecutor()
         loop.set_default_executor(self.pool)
 
+    @classmethod
+    def confining(cls) -> LoopThreads:
+        """A new loop, with its executor, for a relay that will confine itself: made
+        without libuv's io_uring, which the seccomp filter refuses
+        (confinement/seccomp_filter.py, without_io_uring)."""
+        from relaynat.cli.event_loop import new_loop
+        from relaynat.confinement.seccomp_filter import without_io_uring
+
+        return cls(without_io_uring(new_loop))
+
     def stop(self) -> None:
         """End the idle threads; later work starts new ones, confined as the process."""
         self.pool.shutdown(wait=True)

@@ -578,13 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.audit_log = AuditLog(args.audit)
         except OSError as exc:
             parser.error(f"--audit {args.audit}: {exc.strerror}")
-    if args.cmd not in ("run", "serve") or not args.confine:
-        loop = new_loop()
-    else:
-        from relaynat.confinement.seccomp_filter import without_io_uring
-
-        loop = without_io_uring(new_loop)
-    args.loop_threads = LoopThreads(loop)
+    confining = args.cmd in ("run", "serve") and args.confine
+    threads = LoopThreads.confining() if confining else LoopThreads(new_loop())
+    args.loop_threads, loop = threads, threads.loop
     try:
         if target is not None and not args.command:
             coro = _run_joined(config, args, policy, forwards, target, loopback)

@@ -310,10 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop = new_loop()
     else:
         from relaynat.cli.confining import LoopThreads
-        from relaynat.confinement.seccomp_filter import without_io_uring
 
-        loop = without_io_uring(new_loop)
-        threads = LoopThreads(loop)
+        threads = LoopThreads.confining()
+        loop = threads.loop
     try:
         return run_to_end(PROG, serve(translated, opts, target, ready, detached, threads),
                           loop)

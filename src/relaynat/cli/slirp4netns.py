@@ -281,10 +281,9 @@ def _run(args: argparse.Namespace, main: Callable[[], Coroutine[Any, Any, int]],
 
     if args.confine:
         from relaynat.cli.confining import LoopThreads
-        from relaynat.confinement.seccomp_filter import without_io_uring
 
-        loop = without_io_uring(new_loop)
-        args.loop_threads = LoopThreads(loop)
+        threads = LoopThreads.confining()
+        args.loop_threads, loop = threads, threads.loop
     else:
         loop = new_loop()
     try:
