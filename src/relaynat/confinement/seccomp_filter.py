@@ -161,7 +161,7 @@ _ONE_PROCESS = (0xFFFF_FFFF_8000_0000, 0)
 #: The kernel reads an ioctl's request as an unsigned int (fs/ioctl.c), and a socket
 #: option's level and name as ints (net/socket.c): the upper half of the register is
 #: not compared, as it is not used.
-_REQUEST_MASK = 0xFFFF_FFFF
+_LOWER_32 = 0xFFFF_FFFF
 
 
 def allowed() -> list[str]:
@@ -188,12 +188,12 @@ def install(action: str = "kill", extra: Collection[str] = ()) -> None:
         flt.add_rule(pyseccomp.ALLOW, "socket", pyseccomp.Arg(0, pyseccomp.EQ, family))
     for request in IOCTLS:
         flt.add_rule(pyseccomp.ALLOW, "ioctl",
-                     pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _REQUEST_MASK, request))
+                     pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _LOWER_32, request))
     flt.add_rule(pyseccomp.ALLOW, "kill", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, *_ONE_PROCESS))
     for level, option in SOCKOPTS:
         flt.add_rule(pyseccomp.ALLOW, "setsockopt",
-                     pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _REQUEST_MASK, level),
-                     pyseccomp.Arg(2, pyseccomp.MASKED_EQ, _REQUEST_MASK, option))
+                     pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _LOWER_32, level),
+                     pyseccomp.Arg(2, pyseccomp.MASKED_EQ, _LOWER_32, option))
     flt.load()
 
 
