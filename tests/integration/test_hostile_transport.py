@@ -25,11 +25,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.hostile_kit import ControlProbe, RawGuest, hostile_relay
 from support.lossy_harness import serve_relay
 
+from relaynat.control.client import call
 from relaynat.control.flows_file import MAX_DOCUMENT
 from relaynat.testing import frames as f
 from relaynat.transports.base import FrameTransport
@@ -258,25 +260,17 @@ def _hwm_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def _control(path: str, request: dict[str, object], timeout: float,
-             fd: int | None = None) -> tuple[object, float]:
-    """One request on a connection of its own: the answer and how long it took. With
-    `fd`, the request says so and the descriptor follows the relay's send_fd answer,
-    as `relaynat ctl` passes the file it opened (docs/cli.md, passing a descriptor)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        start = time.monotonic()
-        if fd is not None:
-            request = {**request, "arguments": {**request["arguments"], "fd": True}}
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        lines = sock.makefile("rb")
-        answer = json.loads(lines.readline() or b"null")
-        if fd is not None and answer == {"send_fd": True}:
-            socket.send_fds(sock, [b"\0"], [fd])
-            answer = json.loads(lines.readline() or b"null")
-        assert answer is not None, "the relay closed the control connection"
-        return answer, time.monotonic() - start
+def _control(path: str, request: dict[str, Any], timeout: float,
+             fd: int | None = None) -> tuple[dict[str, Any], float]:
+    """One request on a connection of its own, through `relaynat ctl`'s client: the
+    answer and how long it took. With `fd`, the request says so and (a copy of) the
+    descriptor follows the relay's send_fd answer, as `relaynat ctl` passes the file it
+    opened (docs/cli.md, passing a descriptor)."""
+    if fd is not None:
+        request = {**request, "arguments": {**request["arguments"], "fd": True}}
+    start = time.monotonic()
+    answer = call(path, request, timeout, None if fd is None else (lambda: os.dup(fd)))
+    return answer, time.monotonic() - start
 
 
 #: How the flows file reaches the relay: by path (an unconfined relay opens it: the path
